@@ -1,0 +1,64 @@
+//! `tessera bench <suite>`: runs a benchmark suite and prints one result per line.
+//!
+//! With `--json` each line is `{"bench": "<suite>/<case>", "value": <number>,
+//! "unit": "<unit>", "higher_is_better": <bool>}`, the format the benchmarking CI reads.
+
+use anyhow::{bail, Result};
+use clap::Args;
+use serde::Serialize;
+
+#[derive(Args)]
+pub(crate) struct BenchArgs {
+    /// The suite to run: tasks.
+    suite: String,
+    /// Print one JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// One measured figure of a suite.
+#[derive(Serialize)]
+pub(crate) struct BenchLine {
+    pub(crate) bench: String,
+    pub(crate) value: f64,
+    pub(crate) unit: &'static str,
+    pub(crate) higher_is_better: bool,
+}
+
+/// Prints results as they are measured, so that long suites show progress.
+pub(crate) struct Reporter {
+    json: bool,
+}
+
+impl Reporter {
+    pub(crate) fn report(&self, bench: &str, value: f64, unit: &'static str, higher_is_better: bool) {
+        let line = BenchLine { bench: bench.to_string(), value, unit, higher_is_better };
+        if self.json {
+            println!("{}", serde_json::to_string(&line).expect("bench line serializes"));
+        } else {
+            let better = if higher_is_better { "higher is better" } else { "lower is better" };
+            println!("{:<36} {:>14.3} {:<10} ({better})", line.bench, line.value, line.unit);
+        }
+    }
+}
+
+pub(crate) fn run(args: BenchArgs) -> Result<()> {
+    let reporter = Reporter { json: args.json };
+    match args.suite.as_str() {
+        other => bail!("unknown bench suite `{other}`; known suites: none yet"),
+    }
+}
+
+/// The median of a set of samples (sorted in place).
+pub(crate) fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(|a, b| a.total_cmp(b));
+    let n = samples.len();
+    if n == 0 {
+        return f64::NAN;
+    }
+    if n % 2 == 1 {
+        samples[n / 2]
+    } else {
+        (samples[n / 2 - 1] + samples[n / 2]) / 2.0
+    }
+}

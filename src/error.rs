@@ -1,0 +1,108 @@
+//! The runtime's error type: what a failed task, a lost value or a stopped runtime reports.
+use std::fmt;
+use std::sync::Arc;
+
+/// A `Result` whose error is the runtime's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a runtime operation or a task failed.
+///
+/// Errors are cheap to clone: one failed value may be reported to many waiters.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A task returned an error.
+    #[error("task `{task}` failed: {message}")]
+    TaskFailed {
+        /// The registered name of the task.
+        task: String,
+        /// The error the task returned, as text.
+        message: String,
+    },
+    /// A task panicked; the runtime caught the panic and kept running.
+    #[error("task `{task}` panicked: {message}")]
+    TaskPanicked {
+        /// The registered name of the task.
+        task: String,
+        /// The panic payload, as text.
+        message: String,
+    },
+    /// A task did not run because one of its inputs failed.
+    #[error("task `{task}` did not run: input failed: {cause}")]
+    DependencyFailed {
+        /// The registered name of the task that did not run.
+        task: String,
+        /// The failure of the input.
+        #[source]
+        cause: Arc<Error>,
+    },
+    /// An actor method failed or the actor stopped.
+    #[error("actor `{actor}` failed: {message}")]
+    ActorFailed {
+        /// The actor's type name.
+        actor: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The runtime was shut down before the value was produced.
+    #[error("the runtime shut down before the value was produced")]
+    Shutdown,
+    /// A wait ran past its deadline.
+    #[error("timed out after {0:?}")]
+    Timeout(std::time::Duration),
+    /// A value's bytes could not be encoded or decoded.
+    #[error("codec error for `{type_name}`: {message}")]
+    Codec {
+        /// The Rust type involved.
+        type_name: &'static str,
+        /// What the codec reported.
+        message: String,
+    },
+    /// The runtime could not start.
+    #[error("runtime failed to start: {0}")]
+    Startup(String),
+}
+
+impl Error {
+    /// The chain of causes, outermost first, as one line of text per cause.
+    pub fn chain(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(err) = current {
+            out.push(err.to_string());
+            current = err.source();
+        }
+        out
+    }
+
+    /// The innermost cause: the failure that started a chain of dependency failures.
+    pub fn root_cause(&self) -> &Error {
+        let mut current = self;
+        while let Error::DependencyFailed { cause, .. } = current {
+            current = cause;
+        }
+        current
+    }
+}
+
+/// Formats a caught panic payload as text.
+#[allow(dead_code)]
+pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_string()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}
+
+/// Wraps `Display` errors returned by task bodies.
+#[allow(dead_code)]
+pub(crate) struct DisplayError<'a>(pub(crate) &'a dyn fmt::Display);
+
+impl fmt::Display for DisplayError<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}

@@ -1,0 +1,18 @@
+//! Tessera: an embeddable actor-model runtime for distributed, data-parallel computing
+//! and model training.
+//!
+//! Every worker, node process, device, array shard and storage node is an actor that
+//! exchanges [`Ref`]s: typed, futures-like references to values that may not exist yet.
+//! See `ARCHITECTURE.md` in the repository for the picture and the message flows.
+#![deny(missing_docs)]
+#![warn(unreachable_pub)]
+
+mod error;
+
+pub use error::{Error, Result};
+
+#[doc(hidden)]
+pub mod __private {
+    //! Items used by the exported macros; not part of the public API.
+    pub use inventory;
+}
