@@ -58,6 +58,20 @@ pub enum Error {
         /// What the codec reported.
         message: String,
     },
+    /// A value is gone: freed, or held by a node that was lost.
+    #[error("value obj#{object} is lost: {reason}")]
+    ObjectLost {
+        /// The raw id of the lost value.
+        object: u64,
+        /// Why it is gone.
+        reason: String,
+    },
+    /// A stored value does not have the type the `Ref` names.
+    #[error("type mismatch: expected `{expected}`")]
+    TypeMismatch {
+        /// The type the reader asked for.
+        expected: &'static str,
+    },
     /// The runtime could not start.
     #[error("runtime failed to start: {0}")]
     Startup(String),

@@ -7,12 +7,15 @@
 #![deny(missing_docs)]
 #![warn(unreachable_pub)]
 
+mod actors;
 mod error;
 
+pub use actors::*;
 pub use error::{Error, Result};
 
 #[doc(hidden)]
 pub mod __private {
     //! Items used by the exported macros; not part of the public API.
+    pub use crate::actors::__decode_args as decode_args;
     pub use inventory;
 }

@@ -2,6 +2,7 @@
 //!
 //! With `--json` each line is `{"bench": "<suite>/<case>", "value": <number>,
 //! "unit": "<unit>", "higher_is_better": <bool>}`, the format the benchmarking CI reads.
+mod tasks;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -45,7 +46,8 @@ impl Reporter {
 pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let reporter = Reporter { json: args.json };
     match args.suite.as_str() {
-        other => bail!("unknown bench suite `{other}`; known suites: none yet"),
+        "tasks" => tasks::run(&reporter),
+        other => bail!("unknown bench suite `{other}`; known suites: tasks"),
     }
 }
 

@@ -1,0 +1,35 @@
+//! The in-process runtime: workers, the object table, `Ref`s, named tasks and user actors.
+//!
+//! A [`Runtime`] owns a pool of worker threads that run tasks, an object table that holds
+//! every value a [`Ref`] names, and an actix system whose arbiters host user actors.
+//!
+//! # Ordering
+//! Calls to one actor run one at a time, in arrival order per caller. Tasks run when their
+//! `Ref` inputs are ready; independent tasks run in no particular order.
+//!
+//! # Shutdown
+//! [`Runtime::shutdown`] (or dropping the last handle made by the builder) refuses new
+//! work, lets running tasks and actor calls finish, fails every queued or waiting task and
+//! every value not yet produced with [`Error::Shutdown`](crate::Error::Shutdown), and joins
+//! every thread it started.
+mod object;
+mod pool;
+mod reference;
+mod runtime;
+mod sched;
+mod stats;
+mod task;
+mod user_actor;
+
+pub use object::ObjectId;
+pub use reference::{Arg, Payload, Ref};
+pub use runtime::{Builder, Runtime};
+pub use sched::{Fifo, Locality, Placement, PlacementRequest, RoundRobin, SchedulingPolicy};
+pub use stats::RuntimeStats;
+pub use task::{EncodedRunner, TaskEntry, TaskOptions};
+pub use user_actor::{Actor, ActorHandle};
+
+#[doc(hidden)]
+pub use reference::Dependency as __Dependency;
+#[doc(hidden)]
+pub use task::{decode_args as __decode_args, spawn_task as __spawn_task, TaskOutput as __TaskOutput};

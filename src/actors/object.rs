@@ -1,0 +1,254 @@
+//! The object table: every value a `Ref` can name, whether it is ready, and who waits for it.
+//!
+//! Invariants:
+//! 1. An entry exists from the moment its first `Ref` is made until the last `Ref` drops.
+//! 2. An entry moves from pending to done once; a second completion is ignored.
+//! 3. Waiters run exactly once, outside the shard lock, on the thread that completed the
+//!    entry (or on the subscriber's thread when the entry was already done).
+//! 4. Waiters that complete further entries do not recurse: completions started while
+//!    another completion runs on the same thread are queued and run in a loop, so chains
+//!    of any length (forwarded results, long dependency chains) use constant stack.
+use std::any::Any;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::reference::Payload;
+use super::stats::Stats;
+use crate::Error;
+
+/// The identity of a value in the runtime's object table.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ObjectId(u64);
+
+impl ObjectId {
+    /// The raw number of this id.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Debug for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "obj#{}", self.0)
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "obj#{}", self.0)
+    }
+}
+
+/// A value in the table: readable as its own type, and encodable for other processes.
+pub(crate) trait StoredValue: Send + Sync + 'static {
+    fn as_any(&self) -> &dyn Any;
+    fn encode(&self) -> Result<Vec<u8>, Error>;
+}
+
+impl<T: Payload> StoredValue for T {
+    fn as_any(&self) -> &dyn Any {
+        self
+    }
+    fn encode(&self) -> Result<Vec<u8>, Error> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard())
+            .map_err(|e| Error::Codec { type_name: std::any::type_name::<T>(), message: e.to_string() })
+    }
+}
+
+/// A stored value, shared by every reader.
+pub(crate) type Value = Arc<dyn StoredValue>;
+
+/// What a finished entry holds.
+#[derive(Clone)]
+pub(crate) enum Outcome {
+    Ready(Value),
+    Failed(Arc<Error>),
+}
+
+/// A callback run once when an entry is done.
+pub(crate) type Waiter = Box<dyn FnOnce(&Outcome) + Send>;
+
+enum Slot {
+    Pending(Vec<Waiter>),
+    Done(Outcome),
+}
+
+struct Entry {
+    slot: Slot,
+    bytes: usize,
+}
+
+/// A fast hasher for sequential object ids.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(5) ^ u64::from(b)).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+type Shard = Mutex<HashMap<u64, Entry, BuildHasherDefault<IdHasher>>>;
+
+const SHARDS: usize = 64;
+
+/// The table of all values known to one runtime.
+pub(crate) struct ObjectTable {
+    shards: Box<[Shard]>,
+    next_id: AtomicU64,
+    stats: Arc<Stats>,
+}
+
+thread_local! {
+    static COMPLETING: Cell<bool> = const { Cell::new(false) };
+    static DEFERRED: RefCell<VecDeque<(Vec<Waiter>, Outcome)>> = const { RefCell::new(VecDeque::new()) };
+}
+
+impl ObjectTable {
+    pub(crate) fn new(stats: Arc<Stats>) -> Self {
+        let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect();
+        ObjectTable { shards, next_id: AtomicU64::new(1), stats }
+    }
+
+    fn shard(&self, id: ObjectId) -> &Shard {
+        &self.shards[(id.0 as usize) % SHARDS]
+    }
+
+    /// Makes a new entry whose value is not produced yet.
+    pub(crate) fn create_pending(&self) -> ObjectId {
+        let id = ObjectId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.shard(id).lock().insert(id.0, Entry { slot: Slot::Pending(Vec::new()), bytes: 0 });
+        self.stats.object_created();
+        id
+    }
+
+    /// Makes a new entry holding a value.
+    pub(crate) fn create_ready(&self, value: Value, bytes: usize) -> ObjectId {
+        let id = ObjectId(self.next_id.fetch_add(1, Ordering::Relaxed));
+        self.shard(id).lock().insert(id.0, Entry { slot: Slot::Done(Outcome::Ready(value)), bytes });
+        self.stats.object_created();
+        self.stats.bytes_added(bytes);
+        id
+    }
+
+    /// The outcome of an entry, if it is done.
+    pub(crate) fn outcome(&self, id: ObjectId) -> Option<Outcome> {
+        match self.shard(id).lock().get(&id.0) {
+            Some(Entry { slot: Slot::Done(outcome), .. }) => Some(outcome.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether the entry is done (ready or failed).
+    pub(crate) fn is_done(&self, id: ObjectId) -> bool {
+        matches!(self.shard(id).lock().get(&id.0), Some(Entry { slot: Slot::Done(_), .. }))
+    }
+
+    /// Runs `waiter` once the entry is done: now, if it already is.
+    pub(crate) fn subscribe(&self, id: ObjectId, waiter: Waiter) {
+        let outcome = {
+            let mut shard = self.shard(id).lock();
+            match shard.get_mut(&id.0) {
+                Some(Entry { slot: Slot::Pending(waiters), .. }) => {
+                    waiters.push(waiter);
+                    return;
+                }
+                Some(Entry { slot: Slot::Done(outcome), .. }) => outcome.clone(),
+                None => Outcome::Failed(Arc::new(Error::ObjectLost {
+                    object: id.0,
+                    reason: "the value was freed".into(),
+                })),
+            }
+        };
+        run_waiters(vec![waiter], outcome);
+    }
+
+    /// Finishes an entry and wakes its waiters. Returns false if it was already done or freed.
+    pub(crate) fn complete(&self, id: ObjectId, outcome: Outcome, bytes: usize) -> bool {
+        let waiters = {
+            let mut shard = self.shard(id).lock();
+            let Some(entry) = shard.get_mut(&id.0) else {
+                return false;
+            };
+            let Slot::Pending(waiters) = &mut entry.slot else {
+                return false;
+            };
+            let waiters = std::mem::take(waiters);
+            entry.slot = Slot::Done(outcome.clone());
+            entry.bytes = bytes;
+            waiters
+        };
+        self.stats.bytes_added(bytes);
+        if !waiters.is_empty() {
+            run_waiters(waiters, outcome);
+        }
+        true
+    }
+
+    /// Removes an entry: its last `Ref` is gone.
+    pub(crate) fn release(&self, id: ObjectId) {
+        let removed = self.shard(id).lock().remove(&id.0);
+        if let Some(entry) = removed {
+            self.stats.object_freed(entry.bytes);
+            // Waiters and the value drop here, outside the lock.
+            drop(entry);
+        }
+    }
+
+    /// Fails every entry that is not done yet (used at shutdown).
+    pub(crate) fn fail_all_pending(&self, error: Error) {
+        let error = Arc::new(error);
+        for shard in self.shards.iter() {
+            let mut woken = Vec::new();
+            {
+                let mut shard = shard.lock();
+                for entry in shard.values_mut() {
+                    if let Slot::Pending(waiters) = &mut entry.slot {
+                        woken.push(std::mem::take(waiters));
+                        entry.slot = Slot::Done(Outcome::Failed(error.clone()));
+                    }
+                }
+            }
+            for waiters in woken {
+                run_waiters(waiters, Outcome::Failed(error.clone()));
+            }
+        }
+    }
+}
+
+/// Runs waiters without recursion: nested completions on this thread are queued.
+fn run_waiters(waiters: Vec<Waiter>, outcome: Outcome) {
+    if COMPLETING.with(|c| c.get()) {
+        DEFERRED.with(|d| d.borrow_mut().push_back((waiters, outcome)));
+        return;
+    }
+    COMPLETING.with(|c| c.set(true));
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            COMPLETING.with(|c| c.set(false));
+        }
+    }
+    let _reset = Reset;
+    let mut next = Some((waiters, outcome));
+    while let Some((waiters, outcome)) = next {
+        for waiter in waiters {
+            waiter(&outcome);
+        }
+        next = DEFERRED.with(|d| d.borrow_mut().pop_front());
+    }
+}

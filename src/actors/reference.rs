@@ -1,0 +1,319 @@
+//! `Ref<T>`: a typed, cloneable reference to a value that may not exist yet, and `Arg<T>`,
+//! a task argument that is either a value or a `Ref` (a graph edge).
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::object::{ObjectId, ObjectTable, Outcome, Value};
+use super::pool;
+use crate::{Error, Result};
+
+/// What a `Ref` can hold: a value that can be encoded, shared and sent between threads.
+///
+/// Implemented for every type with these bounds.
+pub trait Payload: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {}
+
+impl<T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static> Payload for T {}
+
+/// The shared part of every clone of one `Ref`: the last one to go frees the value.
+pub(crate) struct RefInner {
+    pub(crate) id: ObjectId,
+    pub(crate) table: Arc<ObjectTable>,
+}
+
+impl Drop for RefInner {
+    fn drop(&mut self) {
+        self.table.release(self.id);
+    }
+}
+
+/// A typed reference to a value that may not exist yet.
+///
+/// Cloning is cheap. The value is freed when the last clone (held by user code or by a
+/// pending task) is dropped.
+pub struct Ref<T> {
+    pub(crate) inner: Arc<RefInner>,
+    _type: PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Ref<T> {
+    fn clone(&self) -> Self {
+        Ref { inner: self.inner.clone(), _type: PhantomData }
+    }
+}
+
+impl<T> std::fmt::Debug for Ref<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Ref<{}>({})", std::any::type_name::<T>(), self.inner.id)
+    }
+}
+
+impl<T: Payload> Ref<T> {
+    pub(crate) fn from_inner(inner: Arc<RefInner>) -> Self {
+        Ref { inner, _type: PhantomData }
+    }
+
+    /// The id of the value in the object table.
+    pub fn id(&self) -> ObjectId {
+        self.inner.id
+    }
+
+    /// Whether the value (or its failure) is there.
+    pub fn is_ready(&self) -> bool {
+        self.inner.table.is_done(self.inner.id)
+    }
+
+    /// Waits for the value and returns a copy of it.
+    ///
+    /// # Errors
+    /// The error of the task that should have produced the value (with its cause chain when
+    /// an input failed), or [`Error::Shutdown`] if the runtime stopped first.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future only stops waiting.
+    ///
+    /// # Examples
+    /// ```
+    /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+    /// let rt = tessera::Runtime::local()?;
+    /// let r = rt.put(41_u32);
+    /// assert_eq!(r.get().await?, 41);
+    /// # rt.shutdown();
+    /// # Ok::<(), tessera::Error>(())
+    /// # }).unwrap();
+    /// ```
+    pub async fn get(&self) -> Result<T> {
+        if let Some(outcome) = self.inner.table.outcome(self.inner.id) {
+            return read(&outcome);
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.inner.table.subscribe(
+            self.inner.id,
+            Box::new(move |outcome| {
+                let _ = tx.send(outcome.clone());
+            }),
+        );
+        let outcome = rx.await.map_err(|_| Error::Shutdown)?;
+        read(&outcome)
+    }
+
+    /// Blocks the thread until the value is there and returns a copy of it.
+    ///
+    /// Called inside a task, the worker runs other queued tasks while it waits, so nested
+    /// waits do not starve the pool.
+    ///
+    /// # Errors
+    /// As [`Ref::get`].
+    pub fn blocking_get(&self) -> Result<T> {
+        let outcome = self.blocking_outcome(None)?;
+        read(&outcome)
+    }
+
+    /// Like [`Ref::blocking_get`], giving up after `timeout` with [`Error::Timeout`].
+    ///
+    /// # Errors
+    /// As [`Ref::get`], or [`Error::Timeout`].
+    pub fn blocking_get_timeout(&self, timeout: Duration) -> Result<T> {
+        let outcome = self.blocking_outcome(Some(timeout))?;
+        read(&outcome)
+    }
+
+    fn blocking_outcome(&self, timeout: Option<Duration>) -> Result<Outcome> {
+        if let Some(outcome) = self.inner.table.outcome(self.inner.id) {
+            return Ok(outcome);
+        }
+        let signal = Arc::new(Signal::new());
+        let slot = Arc::new(parking_lot::Mutex::new(None::<Outcome>));
+        {
+            let signal = signal.clone();
+            let slot = slot.clone();
+            self.inner.table.subscribe(
+                self.inner.id,
+                Box::new(move |outcome| {
+                    *slot.lock() = Some(outcome.clone());
+                    signal.set();
+                }),
+            );
+        }
+        if !signal.wait(timeout) {
+            return Err(Error::Timeout(timeout.unwrap_or_default()));
+        }
+        let outcome = slot.lock().take();
+        outcome.ok_or(Error::Shutdown)
+    }
+}
+
+/// A one-shot flag a thread can block on; helps the worker pool while it waits.
+pub(crate) struct Signal {
+    done: AtomicBool,
+    thread: std::thread::Thread,
+}
+
+impl Signal {
+    pub(crate) fn new() -> Self {
+        Signal { done: AtomicBool::new(false), thread: std::thread::current() }
+    }
+
+    pub(crate) fn set(&self) {
+        self.done.store(true, Ordering::Release);
+        self.thread.unpark();
+    }
+
+    pub(crate) fn is_set(&self) -> bool {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Waits until set; false on timeout. Must be called on the thread that made it.
+    pub(crate) fn wait(&self, timeout: Option<Duration>) -> bool {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        // A short spin catches quick answers without a sleep/wake round trip.
+        for i in 0..200 {
+            if self.is_set() {
+                return true;
+            }
+            if i < 50 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        let on_worker = pool::is_worker_thread();
+        loop {
+            if self.is_set() {
+                return true;
+            }
+            let now = Instant::now();
+            if let Some(deadline) = deadline {
+                if now >= deadline {
+                    return self.is_set();
+                }
+            }
+            if on_worker && pool::help_one() {
+                continue;
+            }
+            let mut nap = if on_worker { Duration::from_micros(500) } else { Duration::from_millis(50) };
+            if let Some(deadline) = deadline {
+                nap = nap.min(deadline - now);
+            }
+            std::thread::park_timeout(nap);
+        }
+    }
+}
+
+pub(crate) fn read<T: Payload>(outcome: &Outcome) -> Result<T> {
+    match outcome {
+        Outcome::Ready(value) => value
+            .as_any()
+            .downcast_ref::<T>()
+            .cloned()
+            .ok_or(Error::TypeMismatch { expected: std::any::type_name::<T>() }),
+        Outcome::Failed(error) => Err((**error).clone()),
+    }
+}
+
+/// The encoded size of a value in bytes (bincode, standard configuration).
+pub(crate) fn encoded_size<T: Serialize>(value: &T) -> usize {
+    let mut writer = bincode::enc::write::SizeWriter::default();
+    match bincode::serde::encode_into_writer(value, &mut writer, bincode::config::standard()) {
+        Ok(()) => writer.bytes_written,
+        Err(_) => 0,
+    }
+}
+
+/// Wraps a value for the object table.
+pub(crate) fn store<T: Payload>(value: T) -> (Value, usize) {
+    let bytes = encoded_size(&value);
+    (Arc::new(value), bytes)
+}
+
+/// An input a task waits for (used by the `task!` macro).
+#[doc(hidden)]
+pub struct Dependency(pub(crate) Arc<RefInner>);
+
+/// A task argument: a plain value, or a `Ref` whose value the task waits for.
+pub enum Arg<T> {
+    /// A value passed as is.
+    Value(Option<T>),
+    /// A value produced elsewhere: the task runs once it is ready.
+    Ref(Ref<T>),
+}
+
+impl<T: Payload> Arg<T> {
+    /// The `Ref` this argument waits for, if any.
+    #[doc(hidden)]
+    pub fn dependency(&self) -> Option<Dependency> {
+        match self {
+            Arg::Value(_) => None,
+            Arg::Ref(r) => Some(Dependency(r.inner.clone())),
+        }
+    }
+
+    /// The argument's value. With `last` the value is moved out, otherwise copied (so that
+    /// a retried task gets its arguments again).
+    ///
+    /// # Errors
+    /// The failure of the input, if it failed.
+    pub fn resolve(&mut self, last: bool) -> Result<T> {
+        match self {
+            Arg::Value(slot) => {
+                let value = if last { slot.take() } else { slot.clone() };
+                value.ok_or(Error::TypeMismatch { expected: std::any::type_name::<T>() })
+            }
+            Arg::Ref(r) => match r.inner.table.outcome(r.inner.id) {
+                Some(outcome) => read(&outcome),
+                None => Err(Error::ObjectLost {
+                    object: r.inner.id.as_u64(),
+                    reason: "input not ready when the task started".into(),
+                }),
+            },
+        }
+    }
+}
+
+impl<T: Payload> From<T> for Arg<T> {
+    fn from(value: T) -> Self {
+        Arg::Value(Some(value))
+    }
+}
+
+impl<T: Payload> From<Ref<T>> for Arg<T> {
+    fn from(r: Ref<T>) -> Self {
+        Arg::Ref(r)
+    }
+}
+
+impl<T: Payload> From<&Ref<T>> for Arg<T> {
+    fn from(r: &Ref<T>) -> Self {
+        Arg::Ref(r.clone())
+    }
+}
+
+/// Counts how many of a set of values are done; used by `wait`.
+pub(crate) struct ReadyCounter {
+    pub(crate) count: AtomicUsize,
+    pub(crate) notify: tokio::sync::Notify,
+    pub(crate) lock: parking_lot::Mutex<()>,
+    pub(crate) cond: parking_lot::Condvar,
+}
+
+impl ReadyCounter {
+    pub(crate) fn new() -> Self {
+        ReadyCounter {
+            count: AtomicUsize::new(0),
+            notify: tokio::sync::Notify::new(),
+            lock: parking_lot::Mutex::new(()),
+            cond: parking_lot::Condvar::new(),
+        }
+    }
+
+    pub(crate) fn bump(&self) {
+        self.count.fetch_add(1, Ordering::AcqRel);
+        self.notify.notify_one();
+        let _guard = self.lock.lock();
+        self.cond.notify_all();
+    }
+}

@@ -1,0 +1,375 @@
+//! Named tasks: the `task!` macro, task options and registration, spawning with `Ref`
+//! inputs as graph edges, and running a task on a worker (panics caught, retries).
+//!
+//! Invariants:
+//! 1. A task runs only when every input is ready; if an input fails, the task does not run
+//!    and its output fails with `Error::DependencyFailed` carrying the input's error.
+//! 2. A job holds its inputs' `Ref`s until it has run, so inputs stay alive for it.
+//! 3. A task's output is completed exactly once: with its value, with the value of the
+//!    `Ref` it returned (forwarding), or with its final error after its retries.
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use super::object::{ObjectId, Outcome, Value};
+use super::reference::{store, Dependency, Payload, Ref};
+use super::runtime::{Core, Runtime};
+use crate::error::panic_message;
+use crate::{Error, Result};
+
+/// Per-task options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TaskOptions {
+    /// How many times a task that returned an error or panicked is run again before its
+    /// error is final. Default 0.
+    pub retries: u32,
+}
+
+impl TaskOptions {
+    /// Default options: no retries.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Sets the number of retries.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+}
+
+/// A task registered by the `task!` macro: its stable name, and how to run it from
+/// encoded arguments (as a node process of the same binary does).
+pub struct TaskEntry {
+    /// The stable name: `module::path::function`.
+    pub name: &'static str,
+    /// Runs the task on bincode-encoded arguments and returns the encoded result; `None`
+    /// for tasks that return a `Ref` (they run where they were spawned).
+    #[doc(hidden)]
+    pub run_encoded: Option<EncodedRunner>,
+}
+
+/// Runs a task from bincode-encoded arguments, returning its encoded result.
+#[doc(hidden)]
+pub type EncodedRunner = fn(&[u8]) -> Result<Vec<u8>>;
+
+inventory::collect!(TaskEntry);
+
+impl TaskEntry {
+    /// Every task registered in this binary.
+    pub fn all() -> impl Iterator<Item = &'static TaskEntry> {
+        inventory::iter::<TaskEntry>.into_iter()
+    }
+
+    /// The task registered under `name`, if any.
+    pub fn find(name: &str) -> Option<&'static TaskEntry> {
+        Self::all().find(|entry| entry.name == name)
+    }
+}
+
+/// What a task body produced.
+#[doc(hidden)]
+pub struct TaskOutput(Produced);
+
+enum Produced {
+    /// A value, with its encoded size.
+    Value(Value, usize),
+    /// A `Ref` whose value becomes the task's value.
+    Forward(Dependency),
+}
+
+impl TaskOutput {
+    /// Wraps a plain return value.
+    pub fn value<T: Payload>(value: T) -> Result<TaskOutput> {
+        let (value, bytes) = store(value);
+        Ok(TaskOutput(Produced::Value(value, bytes)))
+    }
+
+    /// Wraps a `Result` return value; the error becomes the task's error.
+    pub fn fallible<T: Payload, E: std::fmt::Display>(
+        task: &'static str,
+        result: std::result::Result<T, E>,
+    ) -> Result<TaskOutput> {
+        match result {
+            Ok(value) => Self::value(value),
+            Err(error) => Err(Error::TaskFailed { task: task.to_string(), message: error.to_string() }),
+        }
+    }
+
+    /// Wraps a returned `Ref`: the task's output forwards to it.
+    pub fn forward<T: Payload>(r: Ref<T>) -> Result<TaskOutput> {
+        Ok(TaskOutput(Produced::Forward(Dependency(r.inner))))
+    }
+
+    /// Encodes the value for another process.
+    pub fn encode(self) -> Result<Vec<u8>> {
+        match self.0 {
+            Produced::Value(value, _) => value.encode(),
+            Produced::Forward(_) => Err(Error::Codec {
+                type_name: "Ref",
+                message: "a task returning a Ref cannot run from encoded arguments".into(),
+            }),
+        }
+    }
+}
+
+/// Decodes a task's argument tuple (used by the `task!` macro).
+#[doc(hidden)]
+pub fn decode_args<A: serde::de::DeserializeOwned>(task: &'static str, bytes: &[u8]) -> Result<A> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(args, _)| args)
+        .map_err(|e| Error::Codec { type_name: task, message: e.to_string() })
+}
+
+type Body = Box<dyn FnMut(bool) -> Result<TaskOutput> + Send>;
+
+/// A task ready to run, or waiting in a queue.
+pub(crate) struct Job {
+    core: Arc<Core>,
+    name: &'static str,
+    output: ObjectId,
+    body: Body,
+    attempt: u32,
+    retries: u32,
+    _inputs: Vec<Dependency>,
+}
+
+impl Job {
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
+    pub(crate) fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Fails the job's output without running it.
+    #[allow(clippy::boxed_local)] // jobs are always boxed; unboxing would copy them
+    pub(crate) fn fail(self: Box<Self>, error: Error) {
+        self.core.stats.task_failed();
+        self.core.table.complete(self.output, Outcome::Failed(Arc::new(error)), 0);
+    }
+}
+
+/// Waits for a job's inputs.
+struct Gate {
+    remaining: AtomicUsize,
+    job: Mutex<Option<Box<Job>>>,
+}
+
+/// Spawns a task (used by the `task!` macro).
+#[doc(hidden)]
+pub fn spawn_task<T: Payload>(
+    rt: &Runtime,
+    name: &'static str,
+    options: TaskOptions,
+    inputs: Vec<Dependency>,
+    body: impl FnMut(bool) -> Result<TaskOutput> + Send + 'static,
+) -> Ref<T> {
+    let core = rt.core();
+    let output = core.new_pending::<T>();
+    if core.is_shutting_down() {
+        core.table.complete(output.inner.id, Outcome::Failed(Arc::new(Error::Shutdown)), 0);
+        return output;
+    }
+    core.stats.task_submitted();
+    let waiting_on: Vec<ObjectId> = inputs.iter().map(|d| d.0.id).collect();
+    let job = Box::new(Job {
+        core: core.clone(),
+        name,
+        output: output.inner.id,
+        body: Box::new(body),
+        attempt: 0,
+        retries: options.retries,
+        _inputs: inputs,
+    });
+    if waiting_on.is_empty() {
+        core.dispatch(job);
+        return output;
+    }
+    let gate = Arc::new(Gate { remaining: AtomicUsize::new(waiting_on.len()), job: Mutex::new(Some(job)) });
+    for id in waiting_on {
+        let gate = gate.clone();
+        core.table.subscribe(
+            id,
+            Box::new(move |outcome| match outcome {
+                Outcome::Ready(_) => {
+                    if gate.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        let job = gate.job.lock().take();
+                        if let Some(job) = job {
+                            let core = job.core.clone();
+                            core.dispatch(job);
+                        }
+                    }
+                }
+                Outcome::Failed(cause) => {
+                    let job = gate.job.lock().take();
+                    if let Some(job) = job {
+                        let error =
+                            Error::DependencyFailed { task: job.name.to_string(), cause: cause.clone() };
+                        job.fail(error);
+                    }
+                }
+            }),
+        );
+    }
+    output
+}
+
+/// Runs one job on the current worker thread (the pool's runner).
+pub(crate) fn run_job(mut job: Box<Job>) {
+    let core = job.core.clone();
+    core.stats.task_dequeued();
+    if core.is_shutting_down() {
+        job.fail(Error::Shutdown);
+        return;
+    }
+    core.stats.task_started();
+    let last = job.attempt >= job.retries;
+    let result = catch_unwind(AssertUnwindSafe(|| (job.body)(last)));
+    core.stats.task_stopped();
+    let result = result.unwrap_or_else(|payload| {
+        Err(Error::TaskPanicked { task: job.name.to_string(), message: panic_message(&*payload) })
+    });
+    match result {
+        Ok(TaskOutput(Produced::Value(value, bytes))) => {
+            core.stats.task_finished();
+            core.table.complete(job.output, Outcome::Ready(value), bytes);
+        }
+        Ok(TaskOutput(Produced::Forward(inner))) => {
+            core.stats.task_finished();
+            let table = core.table.clone();
+            let output = job.output;
+            let id = inner.0.id;
+            core.table.subscribe(
+                id,
+                Box::new(move |outcome| {
+                    // The forwarded value is shared, so its bytes are counted once.
+                    table.complete(output, outcome.clone(), 0);
+                    drop(inner);
+                }),
+            );
+        }
+        Err(error) if !last && is_retryable(&error) => {
+            tracing::debug!(task = job.name, attempt = job.attempt, %error, "task failed; retrying");
+            job.attempt += 1;
+            core.dispatch(job);
+        }
+        Err(error) => {
+            tracing::debug!(task = job.name, %error, "task failed");
+            job.fail(error);
+        }
+    }
+}
+
+fn is_retryable(error: &Error) -> bool {
+    matches!(error, Error::TaskFailed { .. } | Error::TaskPanicked { .. })
+}
+
+/// Defines a task: a plain Rust function registered under a stable name, plus a module of
+/// the same name whose `spawn` runs it on a runtime.
+///
+/// Arguments are [`Payload`](crate::Payload) values; at the call site each may be given as
+/// a value or as a `Ref` to one (a graph edge: the task waits for it). The return type may
+/// be a value `T`, `Result<T, E>` with `E: Display` (the error becomes the task's error),
+/// or `Ref<T>` (the task's output becomes that `Ref`'s value: nested graphs).
+///
+/// # Examples
+/// ```
+/// tessera::task! {
+///     /// Adds two numbers.
+///     pub fn add(a: u64, b: u64) -> u64 { a + b }
+/// }
+///
+/// fn main() -> Result<(), tessera::Error> {
+///     let rt = tessera::Runtime::local()?;
+///     let x = add::spawn(&rt, 1, 2);
+///     let y = add::spawn(&rt, &x, 10); // waits for x
+///     assert_eq!(y.blocking_get()?, 13);
+///     rt.shutdown();
+///     Ok(())
+/// }
+/// ```
+///
+/// Invoke it at module level (not inside a function body): the generated module refers
+/// to the function through `super`.
+#[macro_export]
+macro_rules! task {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),* $(,)?) -> Result<$ok:ty, $err:ty> $body:block) => {
+        $(#[$meta])* $vis fn $name($($arg: $ty),*) -> Result<$ok, $err> $body
+        $crate::__task_module!($vis $name ($($arg : $ty),*) -> $ok,
+            |name, result| $crate::__TaskOutput::fallible::<$ok, $err>(name, result), encoded);
+    };
+    ($(#[$meta:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),* $(,)?) -> Ref<$ok:ty> $body:block) => {
+        $(#[$meta])* $vis fn $name($($arg: $ty),*) -> $crate::Ref<$ok> $body
+        $crate::__task_module!($vis $name ($($arg : $ty),*) -> $ok,
+            |_name, result| $crate::__TaskOutput::forward::<$ok>(result), local);
+    };
+    ($(#[$meta:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
+        $(#[$meta])* $vis fn $name($($arg: $ty),*) -> $ret $body
+        $crate::__task_module!($vis $name ($($arg : $ty),*) -> $ret,
+            |_name, result| $crate::__TaskOutput::value::<$ret>(result), encoded);
+    };
+    ($(#[$meta:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])* $vis fn $name($($arg: $ty),*) $body
+        $crate::__task_module!($vis $name ($($arg : $ty),*) -> (),
+            |_name, result| $crate::__TaskOutput::value::<()>(result), encoded);
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __task_module {
+    ($vis:vis $name:ident ($($arg:ident : $ty:ty),*) -> $out:ty, |$n:ident, $r:ident| $convert:expr, $mode:ident) => {
+        #[doc = concat!("Spawning of the task [`", stringify!($name), "`](fn@", stringify!($name), ").")]
+        #[allow(unused_imports, clippy::too_many_arguments)]
+        $vis mod $name {
+            use super::*;
+
+            /// The task's stable name.
+            pub const NAME: &str = module_path!();
+
+            /// Spawns the task with default options; arguments are values or `Ref`s.
+            #[allow(clippy::too_many_arguments)]
+            pub fn spawn(rt: &$crate::Runtime $(, $arg: impl Into<$crate::Arg<$ty>>)*) -> $crate::Ref<$out> {
+                spawn_with(rt, $crate::TaskOptions::default() $(, $arg)*)
+            }
+
+            /// Spawns the task with the given options.
+            #[allow(clippy::too_many_arguments, unused_mut)]
+            pub fn spawn_with(rt: &$crate::Runtime, options: $crate::TaskOptions $(, $arg: impl Into<$crate::Arg<$ty>>)*) -> $crate::Ref<$out> {
+                $(let mut $arg: $crate::Arg<$ty> = $arg.into();)*
+                #[allow(unused_mut)]
+                let mut inputs: Vec<$crate::__Dependency> = Vec::new();
+                $(inputs.extend($arg.dependency());)*
+                $crate::__spawn_task::<$out>(rt, NAME, options, inputs, move |last| {
+                    $(let $arg = $arg.resolve(last)?;)*
+                    let $n = NAME;
+                    let $r = super::$name($($arg),*);
+                    $convert
+                })
+            }
+
+            $crate::__task_module!(@register $mode $name ($($arg : $ty),*), |$n, $r| $convert);
+        }
+    };
+    (@register encoded $name:ident ($($arg:ident : $ty:ty),*), |$n:ident, $r:ident| $convert:expr) => {
+        fn run_encoded(bytes: &[u8]) -> $crate::Result<Vec<u8>> {
+            let ($($arg,)*): ($($ty,)*) = $crate::__private::decode_args(NAME, bytes)?;
+            let $n = NAME;
+            let $r = super::$name($($arg),*);
+            let output: $crate::Result<$crate::__TaskOutput> = $convert;
+            output?.encode()
+        }
+        $crate::__private::inventory::submit! {
+            $crate::TaskEntry { name: NAME, run_encoded: Some(run_encoded) }
+        }
+    };
+    (@register local $name:ident ($($arg:ident : $ty:ty),*), |$n:ident, $r:ident| $convert:expr) => {
+        $crate::__private::inventory::submit! {
+            $crate::TaskEntry { name: NAME, run_encoded: None }
+        }
+    };
+}
