@@ -12,13 +12,13 @@
 //! work, lets running tasks and actor calls finish, fails every queued or waiting task and
 //! every value not yet produced with [`Error::Shutdown`](crate::Error::Shutdown), and joins
 //! every thread it started.
-mod object;
+pub(crate) mod object;
 mod pool;
-mod reference;
-mod runtime;
+pub(crate) mod reference;
+pub(crate) mod runtime;
 mod sched;
 mod stats;
-mod task;
+pub(crate) mod task;
 mod user_actor;
 
 pub use object::ObjectId;
@@ -32,4 +32,9 @@ pub use user_actor::{Actor, ActorHandle};
 #[doc(hidden)]
 pub use reference::Dependency as __Dependency;
 #[doc(hidden)]
-pub use task::{decode_args as __decode_args, spawn_task as __spawn_task, TaskOutput as __TaskOutput};
+pub use reference::RemoteArg as __RemoteArg;
+#[doc(hidden)]
+pub use task::{
+    decode_args as __decode_args, spawn_task as __spawn_task, wants_remote as __wants_remote,
+    TaskOutput as __TaskOutput,
+};

@@ -72,6 +72,27 @@ pub enum Error {
         /// The type the reader asked for.
         expected: &'static str,
     },
+    /// A value's bytes could not be pulled from the node holding them.
+    #[error("cannot fetch obj#{object} from {holder}: {message}")]
+    Transfer {
+        /// The raw id of the value.
+        object: u64,
+        /// The holder's address.
+        holder: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// A task was running on nodes that were lost, more often than its retries allow.
+    #[error("task `{task}` lost: node `{node}` died while running it, and no retries are left")]
+    NodeLost {
+        /// The registered name of the task.
+        task: String,
+        /// The node lost last.
+        node: String,
+    },
+    /// The cluster could not be set up or reached.
+    #[error("cluster error: {0}")]
+    Cluster(String),
     /// The runtime could not start.
     #[error("runtime failed to start: {0}")]
     Startup(String),

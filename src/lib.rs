@@ -9,9 +9,11 @@
 
 mod actors;
 mod error;
+mod net;
 
 pub use actors::*;
 pub use error::{Error, Result};
+pub use net::*;
 
 #[doc(hidden)]
 pub mod __private {

@@ -2,7 +2,9 @@
 //!
 //! Invariants:
 //! 1. An entry exists from the moment its first `Ref` is made until the last `Ref` drops.
-//! 2. An entry moves from pending to done once; a second completion is ignored.
+//! 2. An entry moves from pending to done once; a second completion is ignored. The one
+//!    exception is recovery: a value lost with its node goes back to pending while the task
+//!    that made it runs again (`reset_pending`), or is replaced by an error.
 //! 3. Waiters run exactly once, outside the shard lock, on the thread that completed the
 //!    entry (or on the subscriber's thread when the entry was already done).
 //! 4. Waiters that complete further entries do not recurse: completions started while
@@ -12,9 +14,13 @@ use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::future::Future;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::OnceLock;
 
 use parking_lot::Mutex;
 
@@ -27,6 +33,10 @@ use crate::Error;
 pub struct ObjectId(u64);
 
 impl ObjectId {
+    pub(crate) fn from_raw(raw: u64) -> Self {
+        ObjectId(raw)
+    }
+
     /// The raw number of this id.
     pub fn as_u64(self) -> u64 {
         self.0
@@ -45,15 +55,83 @@ impl fmt::Display for ObjectId {
     }
 }
 
+/// How a stored value can be read.
+pub(crate) enum View<'a> {
+    /// The value itself, in this process.
+    Typed(&'a dyn Any),
+    /// Its bincode encoding, in this process.
+    Encoded(&'a [u8]),
+    /// Held by another node.
+    Remote(&'a RemoteLocation),
+}
+
+/// Where a value held by another node is.
+#[derive(Debug, Clone)]
+pub(crate) struct RemoteLocation {
+    pub(crate) node: u64,
+    pub(crate) node_name: String,
+    pub(crate) addr: SocketAddr,
+    pub(crate) id: u64,
+    pub(crate) len: u64,
+}
+
 /// A value in the table: readable as its own type, and encodable for other processes.
 pub(crate) trait StoredValue: Send + Sync + 'static {
-    fn as_any(&self) -> &dyn Any;
+    fn view(&self) -> View<'_>;
     fn encode(&self) -> Result<Vec<u8>, Error>;
 }
 
+/// A value that arrived encoded from another node.
+pub(crate) struct EncodedValue(pub(crate) Vec<u8>);
+
+impl StoredValue for EncodedValue {
+    fn view(&self) -> View<'_> {
+        View::Encoded(&self.0)
+    }
+    fn encode(&self) -> Result<Vec<u8>, Error> {
+        Ok(self.0.clone())
+    }
+}
+
+/// A value held by another node.
+pub(crate) struct RemoteValue(pub(crate) RemoteLocation);
+
+impl StoredValue for RemoteValue {
+    fn view(&self) -> View<'_> {
+        View::Remote(&self.0)
+    }
+    fn encode(&self) -> Result<Vec<u8>, Error> {
+        Err(Error::ObjectLost { object: self.0.id, reason: format!("held by node `{}`", self.0.node_name) })
+    }
+}
+
+/// A value's encoding pulled from another node: its first bytes (a length prefix, for
+/// byte vectors) apart from the rest, so that a byte vector can be adopted without a copy.
+pub(crate) struct Fetched {
+    pub(crate) head: Vec<u8>,
+    pub(crate) body: Vec<u8>,
+}
+
+impl Fetched {
+    /// The whole encoding in one buffer.
+    pub(crate) fn into_bytes(self) -> Vec<u8> {
+        let mut bytes = self.head;
+        bytes.extend_from_slice(&self.body);
+        bytes
+    }
+}
+
+/// Access to values held by other nodes (provided by the cluster, if one is attached).
+pub(crate) trait RemoteAccess: Send + Sync + 'static {
+    fn fetch_blocking(&self, location: &RemoteLocation) -> Result<Fetched, Error>;
+    fn fetch(&self, location: RemoteLocation)
+        -> Pin<Box<dyn Future<Output = Result<Fetched, Error>> + Send>>;
+    fn released(&self, id: ObjectId, location: &RemoteLocation);
+}
+
 impl<T: Payload> StoredValue for T {
-    fn as_any(&self) -> &dyn Any {
-        self
+    fn view(&self) -> View<'_> {
+        View::Typed(self)
     }
     fn encode(&self) -> Result<Vec<u8>, Error> {
         bincode::serde::encode_to_vec(self, bincode::config::standard())
@@ -111,6 +189,7 @@ pub(crate) struct ObjectTable {
     shards: Box<[Shard]>,
     next_id: AtomicU64,
     stats: Arc<Stats>,
+    remote: OnceLock<Arc<dyn RemoteAccess>>,
 }
 
 thread_local! {
@@ -121,11 +200,56 @@ thread_local! {
 impl ObjectTable {
     pub(crate) fn new(stats: Arc<Stats>) -> Self {
         let shards = (0..SHARDS).map(|_| Mutex::new(HashMap::default())).collect();
-        ObjectTable { shards, next_id: AtomicU64::new(1), stats }
+        ObjectTable { shards, next_id: AtomicU64::new(1), stats, remote: OnceLock::new() }
     }
 
     fn shard(&self, id: ObjectId) -> &Shard {
         &self.shards[(id.0 as usize) % SHARDS]
+    }
+
+    /// Attaches the cluster's access to remote values (once).
+    pub(crate) fn set_remote(&self, remote: Arc<dyn RemoteAccess>) -> bool {
+        self.remote.set(remote).is_ok()
+    }
+
+    pub(crate) fn remote(&self) -> Option<&Arc<dyn RemoteAccess>> {
+        self.remote.get()
+    }
+
+    /// Whether the entry still exists (some `Ref` to it is alive).
+    pub(crate) fn contains(&self, id: ObjectId) -> bool {
+        self.shard(id).lock().contains_key(&id.0)
+    }
+
+    /// Puts a done entry back to pending, to be produced again (lineage re-execution after
+    /// the node holding it was lost). Returns false if it is gone or not done.
+    pub(crate) fn reset_pending(&self, id: ObjectId) -> bool {
+        let mut shard = self.shard(id).lock();
+        match shard.get_mut(&id.0) {
+            Some(entry) if matches!(entry.slot, Slot::Done(_)) => {
+                let old = std::mem::replace(&mut entry.slot, Slot::Pending(Vec::new()));
+                let bytes = std::mem::take(&mut entry.bytes);
+                drop(shard);
+                self.stats.bytes_removed(bytes);
+                drop(old);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Replaces a done entry's outcome (a value lost with its node becomes an error).
+    pub(crate) fn replace_done(&self, id: ObjectId, outcome: Outcome) {
+        let mut shard = self.shard(id).lock();
+        if let Some(entry) = shard.get_mut(&id.0) {
+            if matches!(entry.slot, Slot::Done(_)) {
+                let old = std::mem::replace(&mut entry.slot, Slot::Done(outcome));
+                let bytes = std::mem::take(&mut entry.bytes);
+                drop(shard);
+                self.stats.bytes_removed(bytes);
+                drop(old);
+            }
+        }
     }
 
     /// Makes a new entry whose value is not produced yet.
@@ -204,6 +328,11 @@ impl ObjectTable {
         let removed = self.shard(id).lock().remove(&id.0);
         if let Some(entry) = removed {
             self.stats.object_freed(entry.bytes);
+            if let (Slot::Done(Outcome::Ready(value)), Some(remote)) = (&entry.slot, self.remote.get()) {
+                if let View::Remote(location) = value.view() {
+                    remote.released(id, location);
+                }
+            }
             // Waiters and the value drop here, outside the lock.
             drop(entry);
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use super::object::{ObjectId, ObjectTable, Outcome, Value};
+use super::object::{Fetched, ObjectId, ObjectTable, Outcome, RemoteAccess, RemoteLocation, Value, View};
 use super::pool;
 use crate::{Error, Result};
 
@@ -87,18 +87,36 @@ impl<T: Payload> Ref<T> {
     /// # }).unwrap();
     /// ```
     pub async fn get(&self) -> Result<T> {
-        if let Some(outcome) = self.inner.table.outcome(self.inner.id) {
-            return read(&outcome);
+        let mut gave_up_at = None;
+        loop {
+            let outcome = match self.inner.table.outcome(self.inner.id) {
+                Some(outcome) => outcome,
+                None => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    self.inner.table.subscribe(
+                        self.inner.id,
+                        Box::new(move |outcome| {
+                            let _ = tx.send(outcome.clone());
+                        }),
+                    );
+                    rx.await.map_err(|_| Error::Shutdown)?
+                }
+            };
+            let location = match read_here::<T>(&outcome)? {
+                Readable::Value(value) => return Ok(value),
+                Readable::Remote(location) => location,
+            };
+            let remote = remote_access(&self.inner)?;
+            match remote.fetch(location).await {
+                Ok(fetched) => return decode_fetched(fetched),
+                Err(error) => {
+                    if !retry_transfer(&mut gave_up_at) {
+                        return Err(error);
+                    }
+                    tokio::time::sleep(TRANSFER_RETRY_PAUSE).await;
+                }
+            }
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.inner.table.subscribe(
-            self.inner.id,
-            Box::new(move |outcome| {
-                let _ = tx.send(outcome.clone());
-            }),
-        );
-        let outcome = rx.await.map_err(|_| Error::Shutdown)?;
-        read(&outcome)
     }
 
     /// Blocks the thread until the value is there and returns a copy of it.
@@ -109,8 +127,7 @@ impl<T: Payload> Ref<T> {
     /// # Errors
     /// As [`Ref::get`].
     pub fn blocking_get(&self) -> Result<T> {
-        let outcome = self.blocking_outcome(None)?;
-        read(&outcome)
+        blocking_read(&self.inner, None)
     }
 
     /// Like [`Ref::blocking_get`], giving up after `timeout` with [`Error::Timeout`].
@@ -118,33 +135,69 @@ impl<T: Payload> Ref<T> {
     /// # Errors
     /// As [`Ref::get`], or [`Error::Timeout`].
     pub fn blocking_get_timeout(&self, timeout: Duration) -> Result<T> {
-        let outcome = self.blocking_outcome(Some(timeout))?;
-        read(&outcome)
+        blocking_read(&self.inner, Some(timeout))
     }
+}
 
-    fn blocking_outcome(&self, timeout: Option<Duration>) -> Result<Outcome> {
-        if let Some(outcome) = self.inner.table.outcome(self.inner.id) {
-            return Ok(outcome);
+/// How long a reader keeps retrying transfers from a holder that stopped answering: long
+/// enough for the head to notice a lost node and re-run the task that made the value.
+const TRANSFER_RETRY_WINDOW: Duration = Duration::from_secs(20);
+const TRANSFER_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+fn retry_transfer(gave_up_at: &mut Option<Instant>) -> bool {
+    Instant::now() < *gave_up_at.get_or_insert_with(|| Instant::now() + TRANSFER_RETRY_WINDOW)
+}
+
+fn remote_access(inner: &RefInner) -> Result<&Arc<dyn RemoteAccess>> {
+    inner.table.remote().ok_or(Error::ObjectLost {
+        object: inner.id.as_u64(),
+        reason: "held by another node, but no cluster is attached".into(),
+    })
+}
+
+/// Reads a value, waiting for it and pulling it from its holder if needed.
+pub(crate) fn blocking_read<T: Payload>(inner: &RefInner, timeout: Option<Duration>) -> Result<T> {
+    let mut gave_up_at = None;
+    loop {
+        let outcome = blocking_outcome(inner, timeout)?;
+        let location = match read_here::<T>(&outcome)? {
+            Readable::Value(value) => return Ok(value),
+            Readable::Remote(location) => location,
+        };
+        match remote_access(inner)?.fetch_blocking(&location) {
+            Ok(fetched) => return decode_fetched(fetched),
+            Err(error) => {
+                if !retry_transfer(&mut gave_up_at) {
+                    return Err(error);
+                }
+                std::thread::sleep(TRANSFER_RETRY_PAUSE);
+            }
         }
-        let signal = Arc::new(Signal::new());
-        let slot = Arc::new(parking_lot::Mutex::new(None::<Outcome>));
-        {
-            let signal = signal.clone();
-            let slot = slot.clone();
-            self.inner.table.subscribe(
-                self.inner.id,
-                Box::new(move |outcome| {
-                    *slot.lock() = Some(outcome.clone());
-                    signal.set();
-                }),
-            );
-        }
-        if !signal.wait(timeout) {
-            return Err(Error::Timeout(timeout.unwrap_or_default()));
-        }
-        let outcome = slot.lock().take();
-        outcome.ok_or(Error::Shutdown)
     }
+}
+
+fn blocking_outcome(inner: &RefInner, timeout: Option<Duration>) -> Result<Outcome> {
+    if let Some(outcome) = inner.table.outcome(inner.id) {
+        return Ok(outcome);
+    }
+    let signal = Arc::new(Signal::new());
+    let slot = Arc::new(parking_lot::Mutex::new(None::<Outcome>));
+    {
+        let signal = signal.clone();
+        let slot = slot.clone();
+        inner.table.subscribe(
+            inner.id,
+            Box::new(move |outcome| {
+                *slot.lock() = Some(outcome.clone());
+                signal.set();
+            }),
+        );
+    }
+    if !signal.wait(timeout) {
+        return Err(Error::Timeout(timeout.unwrap_or_default()));
+    }
+    let outcome = slot.lock().take();
+    outcome.ok_or(Error::Shutdown)
 }
 
 /// A one-shot flag a thread can block on; helps the worker pool while it waits.
@@ -204,14 +257,70 @@ impl Signal {
     }
 }
 
-pub(crate) fn read<T: Payload>(outcome: &Outcome) -> Result<T> {
+/// A value read in this process, or where to pull it from.
+enum Readable<T> {
+    Value(T),
+    Remote(RemoteLocation),
+}
+
+fn read_here<T: Payload>(outcome: &Outcome) -> Result<Readable<T>> {
     match outcome {
-        Outcome::Ready(value) => value
-            .as_any()
-            .downcast_ref::<T>()
-            .cloned()
-            .ok_or(Error::TypeMismatch { expected: std::any::type_name::<T>() }),
         Outcome::Failed(error) => Err((**error).clone()),
+        Outcome::Ready(value) => match value.view() {
+            View::Typed(any) => any
+                .downcast_ref::<T>()
+                .cloned()
+                .map(Readable::Value)
+                .ok_or(Error::TypeMismatch { expected: std::any::type_name::<T>() }),
+            View::Encoded(bytes) => decode_value(bytes).map(Readable::Value),
+            View::Remote(location) => Ok(Readable::Remote(location.clone())),
+        },
+    }
+}
+
+/// Decodes a value pulled from another node. Byte vectors (`Vec<u8>`, `serde_bytes::ByteBuf`)
+/// take the received buffer as it is; other types decode from the two parts in one pass.
+pub(crate) fn decode_fetched<T: Payload>(fetched: Fetched) -> Result<T> {
+    use std::any::{Any, TypeId};
+    let is_bytes = TypeId::of::<T>() == TypeId::of::<Vec<u8>>()
+        || TypeId::of::<T>() == TypeId::of::<serde_bytes::ByteBuf>();
+    if is_bytes && varint_len(&fetched.head) == Some(fetched.body.len() as u64) {
+        let body = fetched.body;
+        let boxed: Box<dyn Any> = if TypeId::of::<T>() == TypeId::of::<Vec<u8>>() {
+            Box::new(body)
+        } else {
+            Box::new(serde_bytes::ByteBuf::from(body))
+        };
+        if let Ok(value) = boxed.downcast::<T>() {
+            return Ok(*value);
+        }
+        return Err(Error::TypeMismatch { expected: std::any::type_name::<T>() });
+    }
+    let mut reader = std::io::Read::chain(&fetched.head[..], &fetched.body[..]);
+    bincode::serde::decode_from_std_read::<T, _, _>(&mut reader, bincode::config::standard())
+        .map_err(|e| Error::Codec { type_name: std::any::type_name::<T>(), message: e.to_string() })
+}
+
+/// Reads a bincode varint that fills `bytes` exactly.
+fn varint_len(bytes: &[u8]) -> Option<u64> {
+    match bytes {
+        [b] if *b < 251 => Some(u64::from(*b)),
+        [251, rest @ ..] if rest.len() == 2 => Some(u64::from(u16::from_le_bytes(rest.try_into().ok()?))),
+        [252, rest @ ..] if rest.len() == 4 => Some(u64::from(u32::from_le_bytes(rest.try_into().ok()?))),
+        [253, rest @ ..] if rest.len() == 8 => Some(u64::from_le_bytes(rest.try_into().ok()?)),
+        _ => None,
+    }
+}
+
+/// Decodes a value from its bincode encoding.
+pub(crate) fn decode_value<T: Payload>(bytes: &[u8]) -> Result<T> {
+    let config = bincode::config::standard();
+    match bincode::serde::decode_from_slice::<T, _>(bytes, config) {
+        Ok((value, used)) if used == bytes.len() => Ok(value),
+        Ok(_) => {
+            Err(Error::Codec { type_name: std::any::type_name::<T>(), message: "trailing bytes".into() })
+        }
+        Err(e) => Err(Error::Codec { type_name: std::any::type_name::<T>(), message: e.to_string() }),
     }
 }
 
@@ -263,13 +372,33 @@ impl<T: Payload> Arg<T> {
                 let value = if last { slot.take() } else { slot.clone() };
                 value.ok_or(Error::TypeMismatch { expected: std::any::type_name::<T>() })
             }
-            Arg::Ref(r) => match r.inner.table.outcome(r.inner.id) {
-                Some(outcome) => read(&outcome),
-                None => Err(Error::ObjectLost {
-                    object: r.inner.id.as_u64(),
-                    reason: "input not ready when the task started".into(),
-                }),
-            },
+            Arg::Ref(r) => blocking_read(&r.inner, None),
+        }
+    }
+}
+
+/// An argument as a node process will receive it (used by the `task!` macro).
+#[doc(hidden)]
+pub struct RemoteArg(pub(crate) RemoteArgKind);
+
+pub(crate) enum RemoteArgKind {
+    /// The encoded value.
+    Value(Vec<u8>),
+    /// A value in the object table.
+    Ref(ObjectId),
+}
+
+impl<T: Payload> Arg<T> {
+    /// The argument in the form a node process receives; `None` if it cannot be encoded
+    /// (the task then runs in this process).
+    #[doc(hidden)]
+    pub fn remote_arg(&self) -> Option<RemoteArg> {
+        match self {
+            Arg::Value(Some(value)) => bincode::serde::encode_to_vec(value, bincode::config::standard())
+                .ok()
+                .map(|bytes| RemoteArg(RemoteArgKind::Value(bytes))),
+            Arg::Value(None) => None,
+            Arg::Ref(r) => Some(RemoteArg(RemoteArgKind::Ref(r.inner.id))),
         }
     }
 }

@@ -10,7 +10,7 @@
 use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -43,12 +43,31 @@ pub(crate) struct Core {
     stopped: Mutex<bool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
     publisher: (Mutex<bool>, Condvar),
+    cluster: OnceLock<Arc<dyn RemoteScheduler>>,
     id: u64,
+}
+
+/// The seam between the runtime and a cluster head: runs ready tasks on node processes.
+pub(crate) trait RemoteScheduler: Send + Sync + 'static {
+    /// Takes a ready task that can run remotely; gives it back if no node can take it.
+    #[allow(clippy::result_large_err)]
+    fn submit(&self, job: Box<Job>) -> std::result::Result<(), Box<Job>>;
+    /// Stops the cluster: nodes are told to exit; tasks running remotely fail.
+    fn stop(&self);
 }
 
 impl Core {
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn has_cluster(&self) -> bool {
+        self.cluster.get().is_some()
+    }
+
+    /// Attaches a cluster head; false if one is attached already.
+    pub(crate) fn set_cluster(&self, cluster: Arc<dyn RemoteScheduler>) -> bool {
+        self.cluster.set(cluster).is_ok()
     }
 
     pub(crate) fn new_pending<T: Payload>(&self) -> Ref<T> {
@@ -58,6 +77,13 @@ impl Core {
 
     /// Sends a ready job to a worker, as the policy says.
     pub(crate) fn dispatch(&self, job: Box<Job>) {
+        let job = match self.cluster.get() {
+            Some(cluster) if job.remote_args().is_some() => match cluster.submit(job) {
+                Ok(()) => return,
+                Err(job) => job,
+            },
+            _ => job,
+        };
         let placement = self.policy.place(&PlacementRequest {
             task: job.name(),
             current_worker: pool::current_worker(&self.pool),
@@ -92,6 +118,9 @@ impl Core {
         }
         self.shutting_down.store(true, Ordering::Release);
         tracing::debug!(runtime = self.id, "shutting down");
+        if let Some(cluster) = self.cluster.get() {
+            cluster.stop();
+        }
         self.actors.stop();
         self.pool.stop();
         *self.publisher.0.lock() = true;
@@ -226,6 +255,7 @@ impl Builder {
                 stopped: Mutex::new(false),
                 threads: Mutex::new(Vec::new()),
                 publisher: (Mutex::new(false), Condvar::new()),
+                cluster: OnceLock::new(),
                 id,
             }
         });

@@ -68,6 +68,12 @@ impl Stats {
         }
     }
 
+    pub(crate) fn bytes_removed(&self, bytes: usize) {
+        if bytes > 0 {
+            self.live_bytes.fetch_sub(bytes as i64, Relaxed);
+        }
+    }
+
     pub(crate) fn snapshot(&self) -> RuntimeStats {
         let non_negative = |v: i64| v.max(0) as u64;
         RuntimeStats {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 
 use super::object::{ObjectId, Outcome, Value};
-use super::reference::{store, Dependency, Payload, Ref};
+use super::reference::{store, Dependency, Payload, Ref, RemoteArg};
 use super::runtime::{Core, Runtime};
 use crate::error::panic_message;
 use crate::{Error, Result};
@@ -134,7 +134,11 @@ pub(crate) struct Job {
     body: Body,
     attempt: u32,
     retries: u32,
-    _inputs: Vec<Dependency>,
+    /// How many times a node running this task was lost.
+    node_losses: u32,
+    /// The arguments in the form a node process receives, if the task can run remotely.
+    remote: Option<Vec<RemoteArg>>,
+    inputs: Vec<Dependency>,
 }
 
 impl Job {
@@ -143,6 +147,31 @@ impl Job {
     }
     pub(crate) fn attempt(&self) -> u32 {
         self.attempt
+    }
+    pub(crate) fn output(&self) -> ObjectId {
+        self.output
+    }
+    pub(crate) fn remote_args(&self) -> Option<&[RemoteArg]> {
+        self.remote.as_deref()
+    }
+    /// Counts a retry after a task error; false when no retries are left.
+    pub(crate) fn retry_after_error(&mut self) -> bool {
+        if self.attempt >= self.retries {
+            return false;
+        }
+        self.attempt += 1;
+        true
+    }
+    /// Counts a lost node; false when the limit is reached.
+    pub(crate) fn retry_after_node_loss(&mut self, limit: u32) -> bool {
+        self.node_losses += 1;
+        self.node_losses <= limit
+    }
+
+    /// Completes the output with `outcome` and counts the task as finished.
+    pub(crate) fn complete(&self, outcome: Outcome, bytes: usize) {
+        self.core.stats.task_finished();
+        self.core.table.complete(self.output, outcome, bytes);
     }
 
     /// Fails the job's output without running it.
@@ -159,6 +188,13 @@ struct Gate {
     job: Mutex<Option<Box<Job>>>,
 }
 
+/// Whether tasks spawned on `rt` should carry their arguments in encoded form, so that
+/// node processes can run them (used by the `task!` macro).
+#[doc(hidden)]
+pub fn wants_remote(rt: &Runtime) -> bool {
+    rt.core().has_cluster()
+}
+
 /// Spawns a task (used by the `task!` macro).
 #[doc(hidden)]
 pub fn spawn_task<T: Payload>(
@@ -166,6 +202,7 @@ pub fn spawn_task<T: Payload>(
     name: &'static str,
     options: TaskOptions,
     inputs: Vec<Dependency>,
+    remote: Option<Vec<RemoteArg>>,
     body: impl FnMut(bool) -> Result<TaskOutput> + Send + 'static,
 ) -> Ref<T> {
     let core = rt.core();
@@ -175,7 +212,6 @@ pub fn spawn_task<T: Payload>(
         return output;
     }
     core.stats.task_submitted();
-    let waiting_on: Vec<ObjectId> = inputs.iter().map(|d| d.0.id).collect();
     let job = Box::new(Job {
         core: core.clone(),
         name,
@@ -183,11 +219,22 @@ pub fn spawn_task<T: Payload>(
         body: Box::new(body),
         attempt: 0,
         retries: options.retries,
-        _inputs: inputs,
+        node_losses: 0,
+        remote,
+        inputs,
     });
+    submit_when_ready(job);
+    output
+}
+
+/// Dispatches `job` once all its inputs are ready (now, if they are); fails it if one
+/// fails. Also used to re-run a task whose node was lost: its inputs may be being rebuilt.
+pub(crate) fn submit_when_ready(job: Box<Job>) {
+    let waiting_on: Vec<ObjectId> = job.inputs.iter().map(|d| d.0.id).collect();
+    let core = job.core.clone();
     if waiting_on.is_empty() {
         core.dispatch(job);
-        return output;
+        return;
     }
     let gate = Arc::new(Gate { remaining: AtomicUsize::new(waiting_on.len()), job: Mutex::new(Some(job)) });
     for id in waiting_on {
@@ -215,7 +262,6 @@ pub fn spawn_task<T: Payload>(
             }),
         );
     }
-    output
 }
 
 /// Runs one job on the current worker thread (the pool's runner).
@@ -344,7 +390,8 @@ macro_rules! __task_module {
                 #[allow(unused_mut)]
                 let mut inputs: Vec<$crate::__Dependency> = Vec::new();
                 $(inputs.extend($arg.dependency());)*
-                $crate::__spawn_task::<$out>(rt, NAME, options, inputs, move |last| {
+                let remote = $crate::__task_module!(@remote $mode rt $($arg)*);
+                $crate::__spawn_task::<$out>(rt, NAME, options, inputs, remote, move |last| {
                     $(let $arg = $arg.resolve(last)?;)*
                     let $n = NAME;
                     let $r = super::$name($($arg),*);
@@ -354,6 +401,17 @@ macro_rules! __task_module {
 
             $crate::__task_module!(@register $mode $name ($($arg : $ty),*), |$n, $r| $convert);
         }
+    };
+    (@remote encoded $rt:ident $($arg:ident)*) => {
+        if $crate::__wants_remote($rt) {
+            let args: Option<Vec<$crate::__RemoteArg>> = [$($arg.remote_arg()),*].into_iter().collect();
+            args
+        } else {
+            None
+        }
+    };
+    (@remote local $rt:ident $($arg:ident)*) => {
+        None
     };
     (@register encoded $name:ident ($($arg:ident : $ty:ty),*), |$n:ident, $r:ident| $convert:expr) => {
         fn run_encoded(bytes: &[u8]) -> $crate::Result<Vec<u8>> {

@@ -2,6 +2,7 @@
 //!
 //! With `--json` each line is `{"bench": "<suite>/<case>", "value": <number>,
 //! "unit": "<unit>", "higher_is_better": <bool>}`, the format the benchmarking CI reads.
+mod cluster;
 mod tasks;
 
 use anyhow::{bail, Result};
@@ -10,7 +11,7 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks.
+    /// The suite to run: tasks, cluster.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -47,7 +48,8 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let reporter = Reporter { json: args.json };
     match args.suite.as_str() {
         "tasks" => tasks::run(&reporter),
-        other => bail!("unknown bench suite `{other}`; known suites: tasks"),
+        "cluster" => cluster::run(&reporter),
+        other => bail!("unknown bench suite `{other}`; known suites: tasks, cluster"),
     }
 }
 

@@ -1,0 +1,97 @@
+//! The `cluster` suite: remote task throughput and node-to-head transfer with two local
+//! node processes, beside the loopback TCP limit measured here with plain sockets.
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use serde_bytes::ByteBuf;
+use tessera::{Cluster, ClusterConfig, LocalProcesses, Runtime};
+
+use super::{median, Reporter};
+
+tessera::task! {
+    /// An empty remote task.
+    fn noop() {}
+}
+
+tessera::task! {
+    /// Makes `len` bytes on the node that runs it.
+    fn make_bytes(len: usize) -> ByteBuf {
+        let mut bytes = vec![0u8; len];
+        for (i, chunk) in bytes.chunks_mut(4096).enumerate() {
+            chunk[0] = i as u8;
+        }
+        ByteBuf::from(bytes)
+    }
+}
+
+const TRANSFER: usize = 256 << 20;
+const RUNS: usize = 5;
+
+pub(crate) fn run(reporter: &Reporter) -> Result<()> {
+    let rt = Runtime::local()?;
+    let cluster = Cluster::start(&rt, ClusterConfig::default())?;
+    cluster.launch(&LocalProcesses::new(2))?;
+    cluster.wait_for_nodes(2, Duration::from_secs(30))?;
+
+    let mut samples = Vec::new();
+    for _ in 0..RUNS {
+        const N: usize = 100_000;
+        let start = Instant::now();
+        let refs: Vec<_> = (0..N).map(|_| noop::spawn(&rt)).collect();
+        for r in &refs {
+            r.blocking_get()?;
+        }
+        samples.push(N as f64 / start.elapsed().as_secs_f64());
+    }
+    let per_node: Vec<String> =
+        cluster.nodes().iter().map(|n| format!("{}={}", n.name, n.tasks_run)).collect();
+    eprintln!("remote tasks per node: {}", per_node.join(", "));
+    reporter.report("cluster/remote_tasks", median(&mut samples), "tasks/s", true);
+
+    // Transfer and the plain-socket limit alternate, so that load on the machine affects
+    // both alike.
+    samples.clear();
+    let mut limits = Vec::new();
+    for _ in 0..RUNS {
+        limits.push(tcp_loopback_gbps(TRANSFER)?);
+        let made = make_bytes::spawn(&rt, TRANSFER);
+        rt.blocking_wait(std::slice::from_ref(&made), 1, None);
+        let start = Instant::now();
+        let bytes = made.blocking_get()?;
+        let seconds = start.elapsed().as_secs_f64();
+        ensure!(bytes.len() == TRANSFER && bytes[4096] == 1, "transfer corrupted");
+        samples.push(TRANSFER as f64 / seconds / 1e9);
+    }
+    reporter.report("cluster/transfer_256MiB", median(&mut samples), "GB/s", true);
+    reporter.report("cluster/tcp_loopback_limit", median(&mut limits), "GB/s", true);
+    rt.shutdown();
+    Ok(())
+}
+
+/// One TCP stream over loopback: `len` bytes written in 4 MiB pieces, read into one buffer.
+fn tcp_loopback_gbps(len: usize) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let writer = std::thread::spawn(move || -> Result<()> {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let chunk = vec![1u8; 4 << 20];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            stream.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        Ok(())
+    });
+    let (mut stream, _) = listener.accept()?;
+    let mut buf = Vec::with_capacity(len);
+    let start = Instant::now();
+    let read = (&mut stream).take(len as u64).read_to_end(&mut buf)?;
+    let seconds = start.elapsed().as_secs_f64();
+    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    ensure!(read == len, "short read");
+    Ok(len as f64 / seconds / 1e9)
+}

@@ -1,0 +1,793 @@
+//! The cluster head: accepts node processes, runs ready tasks on them, tracks where values
+//! are held and the lineage that rebuilds them, and recovers from lost nodes.
+//!
+//! Invariants:
+//! 1. A task sent to a node is in exactly one node's `in_flight` map until its reply
+//!    arrives or the node is lost.
+//! 2. A value held by a node is in that node's `held` set and, if a task made it, its job is
+//!    in `lineage` (keeping the task's inputs alive) until the value's last `Ref` drops.
+//! 3. The state lock is never held while completing values, dispatching or dropping jobs:
+//!    those run user waiters and may re-enter the head.
+//!
+//! Recovery from a lost node (control connection closed, or heartbeats missing):
+//! 1. Remove the node; forget pooled data connections to it.
+//! 2. Every value it held goes back to pending and its task is re-run (gated on its own
+//!    inputs, which may be being rebuilt too); values without lineage fail with
+//!    `Error::ObjectLost` naming the node.
+//! 3. Every task it was running is re-run elsewhere, at most `max_node_losses` times.
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::auth::{server_handshake, ClusterKey};
+use super::data::{serve_data, DataClient, ObjectSource};
+use super::frame::{read_frame, write_frame};
+use super::manager::{ClusterManager, JoinInfo, LaunchedNode};
+use super::wire::{ArgSource, Message, RemoteTaskError, ReplyValue, Role, TaskReply, TaskRequest};
+use crate::actors::object::{
+    EncodedValue, Fetched, ObjectId, ObjectTable, Outcome, RemoteAccess, RemoteLocation, RemoteValue, View,
+};
+use crate::actors::reference::RemoteArgKind;
+use crate::actors::runtime::{Core, RemoteScheduler};
+use crate::actors::task::{submit_when_ready, Job};
+use crate::{Error, Payload, Ref, Result, Runtime};
+
+/// Values up to this size travel inline in task messages and replies.
+pub(crate) const INLINE_LIMIT: usize = 64 << 10;
+
+/// The identity of a node process in a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct NodeId(pub u64);
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node#{}", self.0)
+    }
+}
+
+/// What the head knows about a node.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NodeInfo {
+    /// The node's id in this cluster.
+    pub id: NodeId,
+    /// The name it joined with.
+    pub name: String,
+    /// Its process id (on its own machine).
+    pub pid: u32,
+    /// Where it serves the values it holds.
+    pub data_addr: SocketAddr,
+    /// How many tasks it can run at once.
+    pub slots: u32,
+    /// Tasks it has finished.
+    pub tasks_run: u64,
+    /// Tasks it is running now.
+    pub in_flight: usize,
+    /// Values it holds for the head.
+    pub values_held: usize,
+}
+
+/// Settings of a cluster head.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// Where the head listens for nodes (default `127.0.0.1:0`: loopback, any free port).
+    pub listen: SocketAddr,
+    /// The cluster secret every node must prove (default: a fresh random one).
+    pub secret: Option<String>,
+    /// How often nodes send heartbeats (default 500 ms).
+    pub heartbeat_interval: Duration,
+    /// A node silent this long is declared lost (default 3 s).
+    pub heartbeat_timeout: Duration,
+    /// How many lost nodes a task survives before it fails (default 3).
+    pub max_node_losses: u32,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            secret: None,
+            heartbeat_interval: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(3),
+            max_node_losses: 3,
+        }
+    }
+}
+
+struct NodeEntry {
+    name: String,
+    pid: u32,
+    data_addr: SocketAddr,
+    slots: u32,
+    sender: mpsc::UnboundedSender<Message>,
+    in_flight: HashMap<u64, Box<Job>>,
+    held: HashSet<u64>,
+    tasks_run: u64,
+    dispatched: u64,
+    last_seen: Instant,
+}
+
+impl NodeEntry {
+    fn info(&self, id: u64) -> NodeInfo {
+        NodeInfo {
+            id: NodeId(id),
+            name: self.name.clone(),
+            pid: self.pid,
+            data_addr: self.data_addr,
+            slots: self.slots,
+            tasks_run: self.tasks_run,
+            in_flight: self.in_flight.len(),
+            values_held: self.held.len(),
+        }
+    }
+
+    fn load(&self) -> f64 {
+        self.in_flight.len() as f64 / f64::from(self.slots.max(1))
+    }
+}
+
+#[derive(Default)]
+struct HeadState {
+    nodes: BTreeMap<u64, NodeEntry>,
+    next_node: u64,
+    /// The job that made each value held by a node.
+    lineage: HashMap<ObjectId, Box<Job>>,
+    /// Values put on a node directly (no lineage).
+    puts: HashSet<ObjectId>,
+    /// Names of nodes lost so far, in order.
+    lost: Vec<String>,
+}
+
+/// The shared state of a cluster head.
+struct Head {
+    config: ClusterConfig,
+    key: ClusterKey,
+    secret: String,
+    addr: SocketAddr,
+    handle: tokio::runtime::Handle,
+    tokio: Mutex<Option<tokio::runtime::Runtime>>,
+    core: Weak<Core>,
+    table: Arc<ObjectTable>,
+    state: Mutex<HeadState>,
+    changed: Condvar,
+    data: Arc<DataClient>,
+    children: Mutex<Vec<LaunchedNode>>,
+    stopped: AtomicBool,
+    refused: AtomicU64,
+}
+
+/// A cluster head attached to a runtime: node processes join it and run its tasks.
+///
+/// # Shutdown
+/// When the runtime shuts down, every node is told to exit, node processes started by a
+/// cluster manager are waited for (then killed), and tasks still running remotely fail
+/// with [`Error::Shutdown`].
+#[derive(Clone)]
+pub struct Cluster {
+    head: Arc<Head>,
+}
+
+impl Cluster {
+    /// Makes `rt` the head of a new cluster, listening for nodes.
+    ///
+    /// # Errors
+    /// [`Error::Cluster`] if the address cannot be bound or the runtime already heads a
+    /// cluster.
+    pub fn start(rt: &Runtime, config: ClusterConfig) -> Result<Cluster> {
+        let core = rt.core().clone();
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tessera-net")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::Cluster(format!("cannot start the network runtime: {e}")))?;
+        let listener = tokio
+            .block_on(TcpListener::bind(config.listen))
+            .map_err(|e| Error::Cluster(format!("cannot listen on {}: {e}", config.listen)))?;
+        let addr = listener.local_addr().map_err(|e| Error::Cluster(e.to_string()))?;
+        let secret = config.secret.clone().unwrap_or_else(|| {
+            let nonce = super::auth::random_nonce();
+            nonce.iter().map(|b| format!("{b:02x}")).collect()
+        });
+        let key = ClusterKey::from_secret(&secret);
+        let head = Arc::new(Head {
+            config,
+            data: Arc::new(DataClient::new(key.clone(), "head".into())),
+            key,
+            secret,
+            addr,
+            handle: tokio.handle().clone(),
+            tokio: Mutex::new(Some(tokio)),
+            core: Arc::downgrade(&core),
+            table: core.table.clone(),
+            state: Mutex::new(HeadState::default()),
+            changed: Condvar::new(),
+            children: Mutex::new(Vec::new()),
+            stopped: AtomicBool::new(false),
+            refused: AtomicU64::new(0),
+        });
+        if !core.set_cluster(head.clone()) || !core.table.set_remote(head.clone()) {
+            head.shutdown_network();
+            return Err(Error::Cluster("this runtime already heads a cluster".into()));
+        }
+        head.handle.spawn(accept_loop(head.clone(), listener));
+        head.handle.spawn(watch_heartbeats(Arc::downgrade(&head)));
+        tracing::info!(%addr, "cluster head listening");
+        Ok(Cluster { head })
+    }
+
+    /// Where nodes join.
+    pub fn addr(&self) -> SocketAddr {
+        self.head.addr
+    }
+
+    /// The cluster secret (give it to nodes started by hand).
+    pub fn secret(&self) -> &str {
+        &self.head.secret
+    }
+
+    /// What a node needs to join this cluster, running `program` with `args`.
+    pub fn join_info(&self, program: std::path::PathBuf, args: Vec<String>) -> JoinInfo {
+        JoinInfo { addr: self.head.addr, secret: self.head.secret.clone(), program, args }
+    }
+
+    /// Starts nodes with `manager`, running this same executable (which must call
+    /// [`crate::init`] at the top of `main`). Returns how many processes it started.
+    ///
+    /// # Errors
+    /// What the manager reports.
+    pub fn launch(&self, manager: &dyn ClusterManager) -> Result<usize> {
+        let program = std::env::current_exe()
+            .map_err(|e| Error::Cluster(format!("cannot find this executable: {e}")))?;
+        self.launch_program(manager, program, Vec::new())
+    }
+
+    /// Starts nodes with `manager`, running `program args` (for example the `tessera`
+    /// binary with `node`).
+    ///
+    /// # Errors
+    /// What the manager reports.
+    pub fn launch_program(
+        &self,
+        manager: &dyn ClusterManager,
+        program: std::path::PathBuf,
+        args: Vec<String>,
+    ) -> Result<usize> {
+        let join = self.join_info(program, args);
+        let launched = manager.launch(&join)?;
+        let count = launched.len();
+        tracing::info!(manager = manager.name(), count, "launched node processes");
+        self.head.children.lock().extend(launched);
+        Ok(count)
+    }
+
+    /// Waits until at least `count` nodes have joined, printing progress to stderr.
+    ///
+    /// # Errors
+    /// [`Error::Timeout`] if they have not joined in time.
+    pub fn wait_for_nodes(&self, count: usize, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.head.state.lock();
+        let mut reported = usize::MAX;
+        while state.nodes.len() < count {
+            if state.nodes.len() != reported {
+                reported = state.nodes.len();
+                eprintln!("cluster: {reported}/{count} nodes joined");
+            }
+            if self.head.changed.wait_until(&mut state, deadline).timed_out() {
+                return Err(Error::Timeout(timeout));
+            }
+        }
+        if reported != usize::MAX {
+            eprintln!("cluster: {}/{count} nodes joined", state.nodes.len());
+        }
+        Ok(())
+    }
+
+    /// The nodes in the cluster now.
+    pub fn nodes(&self) -> Vec<NodeInfo> {
+        self.head.state.lock().nodes.iter().map(|(id, node)| node.info(*id)).collect()
+    }
+
+    /// Names of the nodes lost so far.
+    pub fn lost_nodes(&self) -> Vec<String> {
+        self.head.state.lock().lost.clone()
+    }
+
+    /// How many connections were refused (wrong secret, bad handshake).
+    pub fn refused_connections(&self) -> u64 {
+        self.head.refused.load(Ordering::Relaxed)
+    }
+
+    /// Stores `value` on `node` (it has no lineage: if the node is lost, so is the value).
+    ///
+    /// # Errors
+    /// [`Error::Cluster`] if the node is not in the cluster; [`Error::Codec`] if the value
+    /// cannot be encoded.
+    pub fn put_on<T: Payload>(&self, node: NodeId, value: &T) -> Result<Ref<T>> {
+        let bytes = bincode::serde::encode_to_vec(value, bincode::config::standard())
+            .map_err(|e| Error::Codec { type_name: std::any::type_name::<T>(), message: e.to_string() })?;
+        if bytes.len() > super::frame::MAX_FRAME_LEN - 1024 {
+            return Err(Error::Cluster(format!(
+                "put_on takes values up to {} bytes (this one encodes to {}); make larger values with a task on the node",
+                super::frame::MAX_FRAME_LEN - 1024,
+                bytes.len()
+            )));
+        }
+        let core = self.head.core.upgrade().ok_or(Error::Shutdown)?;
+        let r: Ref<T> = core.new_pending();
+        let id = r.id();
+        let len = bytes.len() as u64;
+        let location = {
+            let mut state = self.head.state.lock();
+            let entry = state
+                .nodes
+                .get_mut(&node.0)
+                .ok_or_else(|| Error::Cluster(format!("{node} is not in the cluster")))?;
+            entry.held.insert(id.as_u64());
+            let location = RemoteLocation {
+                node: node.0,
+                node_name: entry.name.clone(),
+                addr: entry.data_addr,
+                id: id.as_u64(),
+                len,
+            };
+            let _ = entry.sender.send(Message::Store { id: id.as_u64(), bytes });
+            state.puts.insert(id);
+            location
+        };
+        self.head.table.complete(id, Outcome::Ready(Arc::new(RemoteValue(location))), len as usize);
+        Ok(r)
+    }
+}
+
+impl Head {
+    /// Builds the arguments of a task as a node receives them.
+    fn task_request(&self, job: &Job) -> Option<(TaskRequest, Option<u64>)> {
+        let mut args = Vec::new();
+        let mut biggest: Option<(u64, u64)> = None; // (len, node)
+        for arg in job.remote_args()? {
+            match &arg.0 {
+                RemoteArgKind::Value(bytes) => args.push(ArgSource::Inline(bytes.clone())),
+                RemoteArgKind::Ref(id) => {
+                    let Some(Outcome::Ready(value)) = self.table.outcome(*id) else {
+                        return None;
+                    };
+                    match value.view() {
+                        View::Remote(location) => {
+                            if biggest.is_none_or(|(len, _)| location.len > len) {
+                                biggest = Some((location.len, location.node));
+                            }
+                            args.push(ArgSource::Fetch { addr: location.addr, id: location.id });
+                        }
+                        _ => {
+                            let bytes = value.encode().ok()?;
+                            if bytes.len() <= INLINE_LIMIT {
+                                args.push(ArgSource::Inline(bytes));
+                            } else {
+                                args.push(ArgSource::Fetch { addr: self.addr, id: id.as_u64() });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let preferred = biggest.filter(|(len, _)| *len >= 1 << 20).map(|(_, node)| node);
+        Some((TaskRequest { task_id: job.output().as_u64(), name: job.name().to_string(), args }, preferred))
+    }
+
+    fn handle_replies(self: &Arc<Self>, node_id: u64, replies: Vec<TaskReply>) {
+        let mut finished = Vec::with_capacity(replies.len());
+        let (name, addr) = {
+            let mut state = self.state.lock();
+            let Some(node) = state.nodes.get_mut(&node_id) else {
+                return;
+            };
+            for reply in replies {
+                if let Some(job) = node.in_flight.remove(&reply.task_id) {
+                    node.tasks_run += 1;
+                    finished.push((job, reply.result));
+                }
+            }
+            (node.name.clone(), node.data_addr)
+        };
+        for (mut job, result) in finished {
+            match result {
+                Ok(ReplyValue::Inline(bytes)) => {
+                    let len = bytes.len();
+                    job.complete(Outcome::Ready(Arc::new(EncodedValue(bytes))), len);
+                }
+                Ok(ReplyValue::Stored { len }) => {
+                    let output = job.output();
+                    let location = RemoteLocation {
+                        node: node_id,
+                        node_name: name.clone(),
+                        addr,
+                        id: output.as_u64(),
+                        len,
+                    };
+                    job.complete(Outcome::Ready(Arc::new(RemoteValue(location))), len as usize);
+                    self.keep_lineage(node_id, job);
+                }
+                Err(RemoteTaskError { kind, message }) => {
+                    use super::wire::RemoteErrorKind::*;
+                    let task = job.name().to_string();
+                    match kind {
+                        InputUnavailable => {
+                            // An input's holder is gone; the head will notice and rebuild it.
+                            if job.retry_after_node_loss(self.config.max_node_losses) {
+                                self.handle.spawn(async move {
+                                    tokio::time::sleep(Duration::from_millis(200)).await;
+                                    let _ = tokio::task::spawn_blocking(move || submit_when_ready(job)).await;
+                                });
+                            } else {
+                                job.fail(Error::Transfer { object: 0, holder: name.clone(), message });
+                            }
+                        }
+                        Failed | Panicked => {
+                            let error = if matches!(kind, Panicked) {
+                                Error::TaskPanicked { task, message }
+                            } else {
+                                Error::TaskFailed { task, message }
+                            };
+                            if job.retry_after_error() {
+                                submit_when_ready(job);
+                            } else {
+                                job.fail(error);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records that `node` holds the output of `job`, keeping the job as its lineage.
+    fn keep_lineage(&self, node_id: u64, job: Box<Job>) {
+        let output = job.output();
+        let mut state = self.state.lock();
+        let alive = match state.nodes.get_mut(&node_id) {
+            Some(node) => {
+                node.held.insert(output.as_u64());
+                true
+            }
+            None => false,
+        };
+        if !alive {
+            drop(state);
+            // The node was lost between its reply and now: rebuild the value.
+            if self.table.reset_pending(output) {
+                submit_when_ready(job);
+            }
+            return;
+        }
+        if !self.table.contains(output) {
+            // Every Ref dropped already: free it on the node.
+            if let Some(node) = state.nodes.get_mut(&node_id) {
+                node.held.remove(&output.as_u64());
+                let _ = node.sender.send(Message::Free(vec![output.as_u64()]));
+            }
+            drop(state);
+            drop(job);
+            return;
+        }
+        state.lineage.insert(output, job);
+    }
+
+    fn node_lost(self: &Arc<Self>, node_id: u64, reason: &str) {
+        let (node, lineage_jobs, no_lineage) = {
+            let mut state = self.state.lock();
+            let Some(node) = state.nodes.remove(&node_id) else {
+                return;
+            };
+            state.lost.push(node.name.clone());
+            let mut lineage_jobs = Vec::new();
+            let mut no_lineage = Vec::new();
+            for raw in &node.held {
+                let id = ObjectId::from_raw(*raw);
+                if let Some(job) = state.lineage.remove(&id) {
+                    lineage_jobs.push(job);
+                } else if state.puts.remove(&id) {
+                    no_lineage.push(id);
+                }
+            }
+            self.changed.notify_all();
+            (node, lineage_jobs, no_lineage)
+        };
+        if self.stopped.load(Ordering::Acquire) {
+            return;
+        }
+        tracing::warn!(node = %node.name, %reason, running = node.in_flight.len(), held = node.held.len(), "node lost");
+        self.data.forget(node.data_addr);
+        let _ = node.sender.send(Message::Shutdown);
+        for id in no_lineage {
+            let error = Error::ObjectLost {
+                object: id.as_u64(),
+                reason: format!(
+                    "held by node `{}`, which was lost ({reason}); a put value has no lineage to rebuild it",
+                    node.name
+                ),
+            };
+            self.table.replace_done(id, Outcome::Failed(Arc::new(error)));
+        }
+        // First put every lost value back to pending, so that re-run tasks wait for them.
+        let mut rebuild = Vec::new();
+        for job in lineage_jobs {
+            if self.table.reset_pending(job.output()) {
+                rebuild.push(job);
+            }
+        }
+        for job in rebuild {
+            submit_when_ready(job);
+        }
+        for (_, mut job) in node.in_flight {
+            if job.retry_after_node_loss(self.config.max_node_losses) {
+                submit_when_ready(job);
+            } else {
+                let task = job.name().to_string();
+                job.fail(Error::NodeLost { task, node: node.name.clone() });
+            }
+        }
+    }
+
+    fn shutdown_network(&self) {
+        if let Some(tokio) = self.tokio.lock().take() {
+            tokio.shutdown_timeout(Duration::from_secs(1));
+        }
+    }
+}
+
+impl RemoteScheduler for Head {
+    fn submit(&self, job: Box<Job>) -> std::result::Result<(), Box<Job>> {
+        if self.stopped.load(Ordering::Acquire) {
+            return Err(job);
+        }
+        let Some((request, preferred)) = self.task_request(&job) else {
+            return Err(job);
+        };
+        let mut state = self.state.lock();
+        let least_loaded = state
+            .nodes
+            .iter()
+            .min_by(|a, b| a.1.load().total_cmp(&b.1.load()).then(a.1.dispatched.cmp(&b.1.dispatched)))
+            .map(|(id, node)| (*id, node.load()));
+        let Some((mut target, least_load)) = least_loaded else {
+            return Err(job);
+        };
+        if let Some(node) = preferred.and_then(|id| state.nodes.get(&id).map(|n| (id, n))) {
+            if node.1.load() <= least_load * 2.0 + 1.0 {
+                target = node.0;
+            }
+        }
+        let Some(node) = state.nodes.get_mut(&target) else {
+            return Err(job);
+        };
+        node.dispatched += 1;
+        node.in_flight.insert(request.task_id, job);
+        let _ = node.sender.send(Message::RunTasks(vec![request]));
+        Ok(())
+    }
+
+    fn stop(&self) {
+        if self.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (in_flight, lineage) = {
+            let mut state = self.state.lock();
+            let mut in_flight = Vec::new();
+            for node in state.nodes.values_mut() {
+                let _ = node.sender.send(Message::Shutdown);
+                in_flight.extend(node.in_flight.drain().map(|(_, job)| job));
+            }
+            (in_flight, std::mem::take(&mut state.lineage))
+        };
+        for job in in_flight {
+            job.fail(Error::Shutdown);
+        }
+        drop(lineage);
+        let children = std::mem::take(&mut *self.children.lock());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        for mut child in children {
+            child.wait_or_kill(deadline);
+        }
+        self.shutdown_network();
+    }
+}
+
+impl RemoteAccess for Head {
+    fn fetch_blocking(&self, location: &RemoteLocation) -> Result<Fetched> {
+        self.data.fetch_blocking(location.addr, location.id)
+    }
+
+    fn fetch(&self, location: RemoteLocation) -> Pin<Box<dyn Future<Output = Result<Fetched>> + Send>> {
+        let data = self.data.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("tessera-fetch".into()).spawn(move || {
+            let _ = tx.send(data.fetch_blocking(location.addr, location.id));
+        });
+        Box::pin(async move {
+            spawned.map_err(|e| Error::Cluster(format!("cannot start a fetch thread: {e}")))?;
+            rx.await.unwrap_or(Err(Error::Shutdown))
+        })
+    }
+
+    fn released(&self, id: ObjectId, location: &RemoteLocation) {
+        let job = {
+            let mut state = self.state.lock();
+            state.puts.remove(&id);
+            if let Some(node) = state.nodes.get_mut(&location.node) {
+                node.held.remove(&location.id);
+                let _ = node.sender.send(Message::Free(vec![location.id]));
+            }
+            state.lineage.remove(&id)
+        };
+        drop(job);
+    }
+}
+
+impl ObjectSource for Head {
+    fn object_bytes(&self, id: u64) -> std::result::Result<Arc<Vec<u8>>, String> {
+        match self.table.outcome(ObjectId::from_raw(id)) {
+            Some(Outcome::Ready(value)) => match value.view() {
+                View::Remote(location) => Err(format!("held by node `{}`", location.node_name)),
+                _ => value.encode().map(Arc::new).map_err(|e| e.to_string()),
+            },
+            Some(Outcome::Failed(error)) => Err(error.to_string()),
+            None => Err("no such value".into()),
+        }
+    }
+}
+
+async fn accept_loop(head: Arc<Head>, listener: TcpListener) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let head = head.clone();
+        tokio::spawn(async move {
+            let mut stream = stream;
+            let _ = stream.set_nodelay(true);
+            let handshake =
+                tokio::time::timeout(Duration::from_secs(10), server_handshake(&mut stream, &head.key)).await;
+            match handshake {
+                Ok(Ok((Role::Node, name))) => serve_node(head, stream, name).await,
+                Ok(Ok((Role::Data, _))) => {
+                    let source: Arc<dyn ObjectSource> = head.clone();
+                    if let Err(e) = serve_data(stream, source).await {
+                        tracing::debug!(%peer, error = %e, "data connection closed");
+                    }
+                }
+                Ok(Err(e)) => {
+                    head.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, error = %e, "refused connection");
+                }
+                Err(_) => {
+                    head.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%peer, "refused connection: handshake timed out");
+                }
+            }
+        });
+    }
+}
+
+async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
+    let (reader, writer) = stream.into_split();
+    let mut reader = BufReader::with_capacity(1 << 16, reader);
+    let (data_addr, slots, pid) = match read_frame::<Message, _>(&mut reader).await {
+        Ok(Message::Register { data_addr, slots, pid }) => (data_addr, slots, pid),
+        Ok(other) => {
+            tracing::warn!(node = %name, "expected Register, got {other:?}; closing");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(node = %name, error = %e, "node closed before registering");
+            return;
+        }
+    };
+    let (sender, receiver) = mpsc::unbounded_channel();
+    let node_id = {
+        let mut state = head.state.lock();
+        state.next_node += 1;
+        let id = state.next_node;
+        let _ = sender.send(Message::Registered { node: id });
+        state.nodes.insert(
+            id,
+            NodeEntry {
+                name: name.clone(),
+                pid,
+                data_addr,
+                slots,
+                sender,
+                in_flight: HashMap::new(),
+                held: HashSet::new(),
+                tasks_run: 0,
+                dispatched: 0,
+                last_seen: Instant::now(),
+            },
+        );
+        head.changed.notify_all();
+        id
+    };
+    tracing::info!(node = %name, id = node_id, %data_addr, slots, "node joined");
+    tokio::spawn(write_loop(receiver, writer));
+    let reason = loop {
+        match read_frame::<Message, _>(&mut reader).await {
+            Ok(Message::Heartbeat) => {
+                if let Some(node) = head.state.lock().nodes.get_mut(&node_id) {
+                    node.last_seen = Instant::now();
+                }
+            }
+            Ok(Message::TasksDone(replies)) => {
+                if let Some(node) = head.state.lock().nodes.get_mut(&node_id) {
+                    node.last_seen = Instant::now();
+                }
+                let head = head.clone();
+                // Completing values runs user waiters: keep them off the reader.
+                tokio::task::spawn_blocking(move || head.handle_replies(node_id, replies));
+            }
+            Ok(other) => break format!("protocol violation: unexpected {other:?}"),
+            Err(e) => break format!("connection closed: {e}"),
+        }
+    };
+    head.node_lost(node_id, &reason);
+}
+
+/// Writes queued messages, coalescing bursts into one flush.
+pub(crate) async fn write_loop(
+    mut receiver: mpsc::UnboundedReceiver<Message>,
+    writer: tokio::net::tcp::OwnedWriteHalf,
+) {
+    let mut writer = BufWriter::with_capacity(1 << 18, writer);
+    while let Some(message) = receiver.recv().await {
+        let shutdown = matches!(message, Message::Shutdown);
+        if write_frame(&mut writer, &message).await.is_err() {
+            return;
+        }
+        while let Ok(message) = receiver.try_recv() {
+            if write_frame(&mut writer, &message).await.is_err() {
+                return;
+            }
+        }
+        if writer.flush().await.is_err() || shutdown {
+            return;
+        }
+    }
+}
+
+async fn watch_heartbeats(head: Weak<Head>) {
+    loop {
+        let Some(h) = head.upgrade() else { return };
+        let interval = h.config.heartbeat_interval;
+        let timeout = h.config.heartbeat_timeout;
+        let silent: Vec<(u64, Duration)> = h
+            .state
+            .lock()
+            .nodes
+            .iter()
+            .filter(|(_, node)| node.last_seen.elapsed() > timeout)
+            .map(|(id, node)| (*id, node.last_seen.elapsed()))
+            .collect();
+        for (id, silence) in silent {
+            let h = h.clone();
+            tokio::task::spawn_blocking(move || {
+                h.node_lost(id, &format!("no heartbeat for {:.1} s", silence.as_secs_f64()))
+            });
+        }
+        drop(h);
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,343 @@
+//! A node process: joins a head, runs the tasks it is sent on its own threads, keeps large
+//! results and serves them to peers, and sends heartbeats.
+//!
+//! # Shutdown
+//! The node exits when the head says so or its connection to the head closes: a node never
+//! outlives its head.
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncWriteExt, BufReader};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use super::auth::{client_handshake, server_handshake, ClusterKey};
+use super::data::{serve_data, DataClient, ObjectSource};
+use super::frame::{read_frame, write_frame};
+use super::head::{write_loop, INLINE_LIMIT};
+use super::wire::{
+    ArgSource, Message, RemoteErrorKind, RemoteTaskError, ReplyValue, Role, TaskReply, TaskRequest,
+};
+use crate::error::panic_message;
+use crate::{Error, Result, TaskEntry};
+
+/// Settings of a node process.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// The head's address.
+    pub join: SocketAddr,
+    /// The cluster secret.
+    pub secret: String,
+    /// The name this node reports.
+    pub name: String,
+    /// Where to serve held values to peers (default `127.0.0.1:0`).
+    pub listen: SocketAddr,
+    /// How many tasks run at once (default: the number of cores).
+    pub slots: usize,
+    /// How often to send heartbeats (default 500 ms).
+    pub heartbeat_interval: Duration,
+}
+
+impl NodeConfig {
+    /// A node joining `join` with `secret`, other settings default.
+    pub fn new(join: SocketAddr, secret: impl Into<String>) -> Self {
+        NodeConfig {
+            join,
+            secret: secret.into(),
+            name: format!("node-{}", std::process::id()),
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            slots: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            heartbeat_interval: Duration::from_millis(500),
+        }
+    }
+
+    /// Reads the settings that a cluster manager passes to a node process:
+    /// `TESSERA_JOIN`, `TESSERA_SECRET`, and optionally `TESSERA_NODE_NAME`,
+    /// `TESSERA_LISTEN`, `TESSERA_SLOTS`.
+    ///
+    /// # Errors
+    /// [`Error::Cluster`] naming the variable that is missing or malformed.
+    pub fn from_env() -> Result<Self> {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let join = var("TESSERA_JOIN").ok_or_else(|| Error::Cluster("TESSERA_JOIN is not set".into()))?;
+        let join = join.parse().map_err(|e| Error::Cluster(format!("TESSERA_JOIN=`{join}`: {e}")))?;
+        let secret =
+            var("TESSERA_SECRET").ok_or_else(|| Error::Cluster("TESSERA_SECRET is not set".into()))?;
+        let mut config = NodeConfig::new(join, secret);
+        if let Some(name) = var("TESSERA_NODE_NAME") {
+            config.name = name;
+        }
+        if let Some(listen) = var("TESSERA_LISTEN") {
+            config.listen =
+                listen.parse().map_err(|e| Error::Cluster(format!("TESSERA_LISTEN=`{listen}`: {e}")))?;
+        }
+        if let Some(slots) = var("TESSERA_SLOTS") {
+            config.slots = slots
+                .parse::<usize>()
+                .map_err(|e| Error::Cluster(format!("TESSERA_SLOTS=`{slots}`: {e}")))?
+                .max(1);
+        }
+        Ok(config)
+    }
+}
+
+/// Call first in `main` of a program that starts node processes of itself: in a process
+/// started as a node (`TESSERA_ROLE=worker`), it runs the node until the head lets it go
+/// and then exits the process; otherwise it returns at once.
+pub fn init() {
+    if std::env::var("TESSERA_ROLE").as_deref() != Ok("worker") {
+        return;
+    }
+    let result = NodeConfig::from_env().and_then(run_node);
+    match result {
+        Ok(()) => std::process::exit(0),
+        Err(error) => {
+            eprintln!("tessera node: {error}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Values this node holds for the head.
+#[derive(Default)]
+struct NodeStore {
+    objects: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+}
+
+impl ObjectSource for NodeStore {
+    fn object_bytes(&self, id: u64) -> std::result::Result<Arc<Vec<u8>>, String> {
+        self.objects.lock().get(&id).cloned().ok_or_else(|| format!("obj#{id} is not held here"))
+    }
+}
+
+/// Runs a node until the head tells it to stop or goes away.
+///
+/// # Errors
+/// [`Error::Cluster`] if the head cannot be reached or refuses this node (for example a
+/// wrong secret).
+pub fn run_node(config: NodeConfig) -> Result<()> {
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("tessera-node-net")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Cluster(format!("cannot start the network runtime: {e}")))?;
+    let key = ClusterKey::from_secret(&config.secret);
+    let store = Arc::new(NodeStore::default());
+    let listener = tokio
+        .block_on(TcpListener::bind(config.listen))
+        .map_err(|e| Error::Cluster(format!("cannot listen on {}: {e}", config.listen)))?;
+    let data_addr = listener.local_addr().map_err(|e| Error::Cluster(e.to_string()))?;
+    tokio.spawn(accept_data(listener, key.clone(), store.clone()));
+
+    let stream = tokio.block_on(connect_head(&config, &key))?;
+    let (reader, writer) = stream.into_split();
+    let mut reader = BufReader::with_capacity(1 << 16, reader);
+    let (sender, receiver) = mpsc::unbounded_channel::<Message>();
+    let _ = sender.send(Message::Register { data_addr, slots: config.slots as u32, pid: std::process::id() });
+    tokio.spawn(write_loop(receiver, writer));
+    let node_id = tokio.block_on(async {
+        match read_frame::<Message, _>(&mut reader).await {
+            Ok(Message::Registered { node }) => Ok(node),
+            Ok(other) => Err(Error::Cluster(format!("head answered {other:?} to Register"))),
+            Err(e) => Err(Error::Cluster(format!("head closed the connection: {e}"))),
+        }
+    })?;
+    tracing::info!(name = %config.name, node = node_id, %data_addr, "joined the cluster");
+
+    let heartbeat = sender.clone();
+    let interval = config.heartbeat_interval;
+    tokio.spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            if heartbeat.send(Message::Heartbeat).is_err() {
+                return;
+            }
+        }
+    });
+
+    let (task_tx, task_rx) = std::sync::mpsc::channel::<TaskRequest>();
+    let task_rx = Arc::new(Mutex::new(task_rx));
+    let data = Arc::new(DataClient::new(key, config.name.clone()));
+    let mut executors = Vec::new();
+    for i in 0..config.slots {
+        let context = Executor {
+            tasks: task_rx.clone(),
+            replies: sender.clone(),
+            store: store.clone(),
+            data: data.clone(),
+            data_addr,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("tessera-exec-{i}"))
+            .spawn(move || context.run())
+            .map_err(|e| Error::Cluster(format!("cannot start executor thread: {e}")))?;
+        executors.push(thread);
+    }
+
+    let reason = tokio.block_on(async {
+        loop {
+            match read_frame::<Message, _>(&mut reader).await {
+                Ok(Message::RunTasks(tasks)) => {
+                    for task in tasks {
+                        if task_tx.send(task).is_err() {
+                            return "executors stopped".to_string();
+                        }
+                    }
+                }
+                Ok(Message::Store { id, bytes }) => {
+                    store.objects.lock().insert(id, Arc::new(bytes));
+                }
+                Ok(Message::Free(ids)) => {
+                    let mut objects = store.objects.lock();
+                    for id in ids {
+                        objects.remove(&id);
+                    }
+                }
+                Ok(Message::Shutdown) => return "the head asked to stop".to_string(),
+                Ok(other) => return format!("protocol violation from the head: {other:?}"),
+                Err(e) => return format!("connection to the head closed: {e}"),
+            }
+        }
+    });
+    tracing::info!(name = %config.name, %reason, "node stopping");
+    drop(task_tx);
+    for thread in executors {
+        let _ = thread.join();
+    }
+    drop(sender);
+    tokio.shutdown_timeout(Duration::from_secs(1));
+    Ok(())
+}
+
+async fn connect_head(config: &NodeConfig, key: &ClusterKey) -> Result<TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut stream = loop {
+        match TcpStream::connect(config.join).await {
+            Ok(stream) => break stream,
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "head not reachable yet; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(Error::Cluster(format!("cannot reach the head at {}: {e}", config.join))),
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    client_handshake(&mut stream, key, Role::Node, &config.name)
+        .await
+        .map_err(|e| Error::Cluster(format!("the head at {} refused this node: {e}", config.join)))?;
+    Ok(stream)
+}
+
+async fn accept_data(listener: TcpListener, key: ClusterKey, store: Arc<NodeStore>) {
+    loop {
+        let Ok((mut stream, peer)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let key = key.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            let _ = stream.set_nodelay(true);
+            match tokio::time::timeout(Duration::from_secs(10), server_handshake(&mut stream, &key)).await {
+                Ok(Ok((Role::Data, _))) => {
+                    let source: Arc<dyn ObjectSource> = store;
+                    let _ = serve_data(stream, source).await;
+                }
+                Ok(Ok((Role::Node, name))) => {
+                    tracing::warn!(%peer, %name, "refused: nodes join the head, not other nodes");
+                    let _ = write_frame(&mut stream, &Message::Refused { reason: "not a head".into() }).await;
+                    let _ = stream.flush().await;
+                }
+                Ok(Err(e)) => tracing::warn!(%peer, error = %e, "refused data connection"),
+                Err(_) => tracing::warn!(%peer, "refused data connection: handshake timed out"),
+            }
+        });
+    }
+}
+
+/// One task-running thread of a node.
+struct Executor {
+    tasks: Arc<Mutex<std::sync::mpsc::Receiver<TaskRequest>>>,
+    replies: mpsc::UnboundedSender<Message>,
+    store: Arc<NodeStore>,
+    data: Arc<DataClient>,
+    data_addr: SocketAddr,
+}
+
+impl Executor {
+    fn run(self) {
+        loop {
+            let task = self.tasks.lock().recv();
+            let Ok(task) = task else { return };
+            let reply = self.execute(task);
+            if self.replies.send(Message::TasksDone(vec![reply])).is_err() {
+                return;
+            }
+        }
+    }
+
+    fn execute(&self, task: TaskRequest) -> TaskReply {
+        let task_id = task.task_id;
+        let fail =
+            |kind, message: String| TaskReply { task_id, result: Err(RemoteTaskError { kind, message }) };
+        let mut args = Vec::new();
+        for source in task.args {
+            match source {
+                ArgSource::Inline(bytes) => {
+                    if args.is_empty() {
+                        args = bytes;
+                    } else {
+                        args.extend_from_slice(&bytes);
+                    }
+                }
+                ArgSource::Fetch { addr, id } if addr == self.data_addr => {
+                    match self.store.object_bytes(id) {
+                        Ok(bytes) => args.extend_from_slice(&bytes),
+                        Err(reason) => return fail(RemoteErrorKind::InputUnavailable, reason),
+                    }
+                }
+                ArgSource::Fetch { addr, id } => match self.data.fetch_blocking(addr, id) {
+                    Ok(fetched) => {
+                        if args.is_empty() {
+                            args = fetched.into_bytes();
+                        } else {
+                            args.extend_from_slice(&fetched.head);
+                            args.extend_from_slice(&fetched.body);
+                        }
+                    }
+                    Err(error) => {
+                        self.data.forget(addr);
+                        return fail(RemoteErrorKind::InputUnavailable, error.to_string());
+                    }
+                },
+            }
+        }
+        let Some(entry) = TaskEntry::find(&task.name) else {
+            return fail(
+                RemoteErrorKind::Failed,
+                format!("task `{}` is not registered in this node's binary", task.name),
+            );
+        };
+        let Some(run) = entry.run_encoded else {
+            return fail(RemoteErrorKind::Failed, format!("task `{}` cannot run on a node", task.name));
+        };
+        match catch_unwind(AssertUnwindSafe(|| run(&args))) {
+            Ok(Ok(bytes)) if bytes.len() <= INLINE_LIMIT => {
+                TaskReply { task_id, result: Ok(ReplyValue::Inline(bytes)) }
+            }
+            Ok(Ok(bytes)) => {
+                let len = bytes.len() as u64;
+                self.store.objects.lock().insert(task_id, Arc::new(bytes));
+                TaskReply { task_id, result: Ok(ReplyValue::Stored { len }) }
+            }
+            Ok(Err(Error::TaskFailed { message, .. })) => fail(RemoteErrorKind::Failed, message),
+            Ok(Err(error)) => fail(RemoteErrorKind::Failed, error.to_string()),
+            Err(payload) => fail(RemoteErrorKind::Panicked, panic_message(&*payload)),
+        }
+    }
+}

@@ -1,0 +1,126 @@
+//! The wire protocol: every message that crosses a connection, in one enum.
+//!
+//! Connection life: `Hello` → `Challenge` → `Proof` → `Welcome` (or `Refused` and close);
+//! then a control connection (role `Node`) starts with `Register`, and a data connection
+//! (role `Data`) carries `Fetch` requests answered by `FetchHeader` + raw bytes.
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// First field of every `Hello`: "TSRA".
+pub(crate) const MAGIC: u32 = 0x5453_5241;
+/// Bumped on any incompatible change of [`Message`].
+pub(crate) const PROTOCOL_VERSION: u16 = 1;
+
+/// What a connecting peer wants to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Role {
+    /// A node process joining the cluster (control connection to the head).
+    Node,
+    /// A peer that pulls objects.
+    Data,
+}
+
+/// Where a task argument's bytes come from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum ArgSource {
+    /// The encoded value itself.
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Pull the value `id` from the holder at `addr`.
+    Fetch { addr: SocketAddr, id: u64 },
+}
+
+/// One task sent to a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TaskRequest {
+    pub(crate) task_id: u64,
+    pub(crate) name: String,
+    pub(crate) args: Vec<ArgSource>,
+}
+
+/// Where a finished task's value is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum ReplyValue {
+    /// Small values come back inline.
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Large values stay on the node, under the task's id.
+    Stored { len: u64 },
+}
+
+/// How a task failed on a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum RemoteErrorKind {
+    /// The task returned an error.
+    Failed,
+    /// The task panicked.
+    Panicked,
+    /// An input could not be pulled from its holder (the task did not run).
+    InputUnavailable,
+}
+
+/// A task's failure on a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RemoteTaskError {
+    pub(crate) kind: RemoteErrorKind,
+    pub(crate) message: String,
+}
+
+/// One finished task.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct TaskReply {
+    pub(crate) task_id: u64,
+    pub(crate) result: Result<ReplyValue, RemoteTaskError>,
+}
+
+/// Every message of the protocol.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum Message {
+    Hello {
+        magic: u32,
+        version: u16,
+        role: Role,
+        name: String,
+    },
+    Challenge {
+        nonce: [u8; 32],
+    },
+    Proof {
+        client_nonce: [u8; 32],
+        mac: [u8; 32],
+    },
+    Welcome {
+        mac: [u8; 32],
+    },
+    Refused {
+        reason: String,
+    },
+    Register {
+        data_addr: SocketAddr,
+        slots: u32,
+        pid: u32,
+    },
+    Registered {
+        node: u64,
+    },
+    Heartbeat,
+    RunTasks(Vec<TaskRequest>),
+    TasksDone(Vec<TaskReply>),
+    Store {
+        id: u64,
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+    },
+    Free(Vec<u64>),
+    Fetch {
+        id: u64,
+    },
+    FetchHeader {
+        id: u64,
+        len: u64,
+    },
+    FetchMissing {
+        id: u64,
+        reason: String,
+    },
+    Shutdown,
+}

@@ -1,0 +1,335 @@
+//! Cluster integration tests with real node processes on 127.0.0.1.
+//!
+//! This test binary has its own `main` (`harness = false`): node processes are this same
+//! binary re-executed, and `tessera::init()` at the top of `main` turns them into nodes.
+use std::io::Write;
+use std::net::TcpStream;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use serde_bytes::ByteBuf;
+use tessera::{Cluster, ClusterConfig, Error, LocalProcesses, Ref, Runtime};
+
+tessera::task! {
+    fn square(x: u64) -> u64 { x * x }
+}
+
+tessera::task! {
+    fn add(a: u64, b: u64) -> u64 { a + b }
+}
+
+tessera::task! {
+    /// Which node ran this task.
+    fn node_name(_i: u64) -> String {
+        std::env::var("TESSERA_NODE_NAME").unwrap_or_else(|_| "head".into())
+    }
+}
+
+tessera::task! {
+    /// Deterministic bytes: `len` of them from `seed`.
+    fn make_blob(len: usize, seed: u64) -> ByteBuf { ByteBuf::from(blob(len, seed)) }
+}
+
+tessera::task! {
+    fn checksum(data: ByteBuf) -> String { blake3::hash(&data).to_hex().to_string() }
+}
+
+tessera::task! {
+    /// A slow map step with a large (held, not inlined) result.
+    fn slow_block(i: u64, ms: u64) -> ByteBuf {
+        std::thread::sleep(Duration::from_millis(ms));
+        ByteBuf::from(vec![(i % 251) as u8; 100_000])
+    }
+}
+
+tessera::task! {
+    /// Sums the bytes of a block.
+    fn block_sum(block: ByteBuf) -> u64 { block.iter().map(|&b| u64::from(b)).sum() }
+}
+
+tessera::task! {
+    fn slow_square(x: u64, ms: u64) -> u64 {
+        std::thread::sleep(Duration::from_millis(ms));
+        x * x
+    }
+}
+
+tessera::task! {
+    fn parse(text: String) -> Result<u64, std::num::ParseIntError> { text.parse() }
+}
+
+fn blob(len: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
+}
+
+struct TestCluster {
+    rt: Runtime,
+    cluster: Cluster,
+}
+
+impl TestCluster {
+    fn start(nodes: usize, config: ClusterConfig) -> Result<Self> {
+        let rt = Runtime::builder().workers(2).build()?;
+        let cluster = Cluster::start(&rt, config)?;
+        cluster.launch(&LocalProcesses { count: nodes, slots: Some(2) })?;
+        cluster.wait_for_nodes(nodes, Duration::from_secs(30))?;
+        Ok(TestCluster { rt, cluster })
+    }
+
+    fn node_names(&self) -> Vec<String> {
+        self.cluster.nodes().into_iter().map(|n| n.name).collect()
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.rt.shutdown();
+    }
+}
+
+fn kill9(pid: u32) -> Result<()> {
+    let status = Command::new("kill").args(["-9", &pid.to_string()]).status()?;
+    ensure!(status.success(), "kill -9 {pid} failed");
+    Ok(())
+}
+
+fn remote_tasks_give_correct_results() -> Result<()> {
+    let c = TestCluster::start(2, ClusterConfig::default())?;
+    let squares: Vec<Ref<u64>> = (0..2000).map(|i| square::spawn(&c.rt, i)).collect();
+    let mut total = 0;
+    for r in &squares {
+        total += r.blocking_get()?;
+    }
+    ensure!(total == (0..2000u64).map(|i| i * i).sum::<u64>(), "wrong sum {total}");
+    // Dependent remote tasks: a reduction tree over remote results.
+    let mut level = squares;
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|p| if p.len() == 2 { add::spawn(&c.rt, &p[0], &p[1]) } else { p[0].clone() })
+            .collect();
+    }
+    ensure!(level[0].blocking_get()? == total, "reduction tree disagrees");
+    let spawned: Vec<_> = (0..200).map(|i| node_name::spawn(&c.rt, i)).collect();
+    let names: std::collections::BTreeSet<String> =
+        spawned.iter().map(|r| r.blocking_get()).collect::<Result<_, _>>()?;
+    ensure!(names.iter().all(|n| n.starts_with("local-")), "tasks ran outside the nodes: {names:?}");
+    ensure!(names.len() == 2, "expected both nodes to run tasks, got {names:?}");
+    for node in c.cluster.nodes() {
+        ensure!(node.tasks_run > 0, "node {} ran nothing", node.name);
+    }
+    // Errors cross the wire with the task's name.
+    match parse::spawn(&c.rt, "x1".to_string()).blocking_get() {
+        Err(Error::TaskFailed { task, message }) => {
+            ensure!(task.ends_with("::parse") && message.contains("invalid digit"), "{task}: {message}")
+        }
+        other => bail!("expected a remote task failure, got {other:?}"),
+    }
+    Ok(())
+}
+
+fn a_64_mib_object_crosses_nodes_intact() -> Result<()> {
+    let c = TestCluster::start(2, ClusterConfig::default())?;
+    const LEN: usize = 64 << 20;
+    let expected = blake3::hash(&blob(LEN, 42)).to_hex().to_string();
+    let made = make_blob::spawn(&c.rt, LEN, 42);
+    let remote_sum = checksum::spawn(&c.rt, &made).blocking_get()?;
+    ensure!(remote_sum == expected, "checksum computed on a node differs");
+    let held: usize = c.cluster.nodes().iter().map(|n| n.values_held).sum();
+    ensure!(held >= 1, "the 64 MiB value should stay on the node that made it");
+    let start = Instant::now();
+    let local = made.blocking_get()?;
+    let took = start.elapsed();
+    ensure!(local.len() == LEN, "got {} bytes", local.len());
+    ensure!(blake3::hash(&local).to_hex().to_string() == expected, "bytes differ after crossing to the head");
+    println!("    64 MiB node -> head in {:.1} ms", took.as_secs_f64() * 1e3);
+    // A head-held value larger than a frame goes to a node and back.
+    let head_value = c.rt.put(ByteBuf::from(blob(20 << 20, 7)));
+    let sum_there = checksum::spawn(&c.rt, &head_value).blocking_get()?;
+    ensure!(
+        sum_there == blake3::hash(&blob(20 << 20, 7)).to_hex().to_string(),
+        "head -> node transfer corrupted"
+    );
+    drop(made);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.cluster.nodes().iter().map(|n| n.values_held).sum::<usize>() > 0 {
+        ensure!(Instant::now() < deadline, "nodes still hold values after their last Ref dropped");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn a_sigkilled_node_mid_job_does_not_stop_the_job() -> Result<()> {
+    let config = ClusterConfig { heartbeat_timeout: Duration::from_secs(2), ..ClusterConfig::default() };
+    let c = TestCluster::start(3, config)?;
+    // Map: 48 slow tasks with large results held on the nodes; reduce: sums over them.
+    let blocks: Vec<_> = (0..48).map(|i| slow_block::spawn(&c.rt, i, 60)).collect();
+    let sums: Vec<_> = blocks.iter().map(|b| block_sum::spawn(&c.rt, b)).collect();
+    std::thread::sleep(Duration::from_millis(400));
+    let victim = c
+        .cluster
+        .nodes()
+        .into_iter()
+        .find(|n| n.in_flight > 0 || n.values_held > 0)
+        .context("a busy node")?;
+    println!(
+        "    killing {} (pid {}) with {} running, {} held",
+        victim.name, victim.pid, victim.in_flight, victim.values_held
+    );
+    kill9(victim.pid)?;
+    let mut total = 0;
+    for s in &sums {
+        total += s.blocking_get_timeout(Duration::from_secs(60))?;
+    }
+    let expected: u64 = (0..48u64).map(|i| (i % 251) * 100_000).sum();
+    ensure!(total == expected, "wrong total {total}, expected {expected}");
+    // Values that lived on the dead node are rebuilt from lineage when read again.
+    for (i, b) in blocks.iter().enumerate() {
+        let block = b.blocking_get_timeout(Duration::from_secs(60))?;
+        ensure!(block.len() == 100_000 && block[0] == (i % 251) as u8, "block {i} wrong after recovery");
+    }
+    ensure!(c.cluster.lost_nodes() == vec![victim.name.clone()], "lost: {:?}", c.cluster.lost_nodes());
+    ensure!(c.cluster.nodes().len() == 2, "two nodes should remain");
+    Ok(())
+}
+
+fn a_put_on_a_lost_node_fails_naming_the_node() -> Result<()> {
+    let c = TestCluster::start(2, ClusterConfig::default())?;
+    let node = c.cluster.nodes().into_iter().next().context("a node")?;
+    let value = c.cluster.put_on(node.id, &ByteBuf::from(vec![9u8; 200_000]))?;
+    ensure!(value.blocking_get()?.len() == 200_000, "put_on value readable while the node lives");
+    kill9(node.pid)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        match value.blocking_get() {
+            Err(Error::ObjectLost { reason, .. }) => {
+                ensure!(reason.contains(&node.name), "error does not name the node: {reason}");
+                break;
+            }
+            Err(Error::Transfer { .. }) | Ok(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(100))
+            }
+            other => bail!("expected the value to be lost, got {other:?}"),
+        }
+    }
+    ensure!(square::spawn(&c.rt, 5).blocking_get()? == 25, "the head keeps running");
+    Ok(())
+}
+
+fn a_wrong_secret_is_refused() -> Result<()> {
+    let c =
+        TestCluster::start(1, ClusterConfig { secret: Some("right".into()), ..ClusterConfig::default() })?;
+    let output = Command::new(std::env::current_exe()?)
+        .env("TESSERA_ROLE", "worker")
+        .env("TESSERA_JOIN", c.cluster.addr().to_string())
+        .env("TESSERA_SECRET", "wrong")
+        .env("TESSERA_NODE_NAME", "intruder")
+        .output()?;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    ensure!(!output.status.success(), "a node with a wrong secret must exit with an error");
+    ensure!(stderr.contains("refused") && stderr.contains("wrong cluster secret"), "stderr: {stderr}");
+    ensure!(c.cluster.refused_connections() >= 1, "the head must count the refusal");
+    ensure!(c.node_names() == vec!["local-0".to_string()], "intruder joined: {:?}", c.node_names());
+    ensure!(square::spawn(&c.rt, 3).blocking_get()? == 9, "cluster still serves");
+    Ok(())
+}
+
+fn garbage_and_oversized_frames_leave_nodes_serving() -> Result<()> {
+    let c = TestCluster::start(1, ClusterConfig::default())?;
+    let node = c.cluster.nodes().into_iter().next().context("a node")?;
+    let targets = [c.cluster.addr(), node.data_addr];
+    let mut seed = 12345u64;
+    for target in targets {
+        for round in 0..20 {
+            let mut stream = TcpStream::connect(target)?;
+            stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let payload: Vec<u8> = match round % 4 {
+                0 => blob(1 + (seed % 4096) as usize, seed), // random bytes
+                1 => (u32::MAX - 1).to_le_bytes().to_vec(),  // oversized frame
+                2 => [&(17u32 << 20).to_le_bytes()[..], &[0u8; 64]].concat(), // just over the limit
+                _ => [&8u32.to_le_bytes()[..], &[0xff; 8]].concat(), // malformed message
+            };
+            let _ = stream.write_all(&payload);
+            drop(stream);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    ensure!(c.cluster.nodes().len() == 1, "the node must still be in the cluster");
+    let big = make_blob::spawn(&c.rt, 1 << 20, 3);
+    ensure!(big.blocking_get()?.len() == 1 << 20, "data port still serves");
+    ensure!(square::spawn(&c.rt, 12).blocking_get()? == 144, "head still runs tasks");
+    ensure!(c.cluster.refused_connections() >= 20, "refusals counted: {}", c.cluster.refused_connections());
+    Ok(())
+}
+
+fn a_node_joining_mid_job_gets_work() -> Result<()> {
+    let c = TestCluster::start(1, ClusterConfig::default())?;
+    let first: Vec<_> = (0..40).map(|i| slow_square::spawn(&c.rt, i, 25)).collect();
+    c.cluster.launch(&LocalProcesses { count: 1, slots: Some(2) })?;
+    c.cluster.wait_for_nodes(2, Duration::from_secs(30))?;
+    let second: Vec<_> = (40..200).map(|i| slow_square::spawn(&c.rt, i, 25)).collect();
+    for (i, r) in first.iter().chain(&second).enumerate() {
+        ensure!(r.blocking_get()? == (i * i) as u64, "wrong result {i}");
+    }
+    let nodes = c.cluster.nodes();
+    ensure!(nodes.len() == 2, "{nodes:?}");
+    for node in &nodes {
+        ensure!(node.tasks_run >= 20, "node {} ran only {} tasks", node.name, node.tasks_run);
+    }
+    Ok(())
+}
+
+type TestFn = fn() -> Result<()>;
+
+fn main() {
+    tessera::init();
+    let tests: &[(&str, TestFn)] = &[
+        ("remote_tasks_give_correct_results", remote_tasks_give_correct_results),
+        ("a_64_mib_object_crosses_nodes_intact", a_64_mib_object_crosses_nodes_intact),
+        ("a_sigkilled_node_mid_job_does_not_stop_the_job", a_sigkilled_node_mid_job_does_not_stop_the_job),
+        ("a_put_on_a_lost_node_fails_naming_the_node", a_put_on_a_lost_node_fails_naming_the_node),
+        ("a_wrong_secret_is_refused", a_wrong_secret_is_refused),
+        (
+            "garbage_and_oversized_frames_leave_nodes_serving",
+            garbage_and_oversized_frames_leave_nodes_serving,
+        ),
+        ("a_node_joining_mid_job_gets_work", a_node_joining_mid_job_gets_work),
+    ];
+    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    println!("\nrunning {} tests", tests.len());
+    let (mut passed, mut failed, mut filtered) = (0, 0, 0);
+    let start = Instant::now();
+    for (name, test) in tests {
+        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
+            filtered += 1;
+            continue;
+        }
+        let t = Instant::now();
+        match test() {
+            Ok(()) => {
+                passed += 1;
+                println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
+            }
+            Err(e) => {
+                failed += 1;
+                println!("test {name} ... FAILED: {e:#}");
+            }
+        }
+    }
+    let verdict = if failed == 0 { "ok" } else { "FAILED" };
+    println!(
+        "\ntest result: {verdict}. {passed} passed; {failed} failed; 0 ignored; 0 measured; {filtered} filtered out; finished in {:.2}s\n",
+        start.elapsed().as_secs_f64()
+    );
+    std::process::exit(if failed == 0 { 0 } else { 1 });
+}
