@@ -8,10 +8,12 @@
 #![warn(unreachable_pub)]
 
 mod actors;
+mod devices;
 mod error;
 mod net;
 
 pub use actors::*;
+pub use devices::*;
 pub use error::{Error, Result};
 pub use net::*;
 

@@ -26,3 +26,8 @@ pub use frame::{decode_frame, FrameError, MAX_FRAME_LEN};
 pub use head::{Cluster, ClusterConfig, NodeId, NodeInfo};
 pub use manager::{ClusterManager, JoinInfo, LaunchedNode, LocalProcesses, ManualJoin, Slurm, Ssh};
 pub use node::{init, run_node, NodeConfig};
+
+/// A fresh random 32-byte nonce (for handshakes in other subsystems).
+pub(crate) fn random_nonce_pub() -> [u8; 32] {
+    auth::random_nonce()
+}

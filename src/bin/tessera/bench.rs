@@ -3,15 +3,20 @@
 //! With `--json` each line is `{"bench": "<suite>/<case>", "value": <number>,
 //! "unit": "<unit>", "higher_is_better": <bool>}`, the format the benchmarking CI reads.
 mod cluster;
+pub(crate) mod collectives;
 mod tasks;
 
-use anyhow::{bail, Result};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::Instant;
+
+use anyhow::{bail, ensure, Result};
 use clap::Args;
 use serde::Serialize;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks, cluster.
+    /// The suite to run: tasks, cluster, collectives.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -49,7 +54,8 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     match args.suite.as_str() {
         "tasks" => tasks::run(&reporter),
         "cluster" => cluster::run(&reporter),
-        other => bail!("unknown bench suite `{other}`; known suites: tasks, cluster"),
+        "collectives" => collectives::run(&reporter),
+        other => bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives"),
     }
 }
 
@@ -65,4 +71,31 @@ pub(crate) fn median(samples: &mut [f64]) -> f64 {
     } else {
         (samples[n / 2 - 1] + samples[n / 2]) / 2.0
     }
+}
+
+/// One TCP stream over loopback: `len` bytes written in 4 MiB pieces, read into one buffer.
+/// The limit that transfers over the node transport are compared with.
+pub(crate) fn tcp_loopback_gbps(len: usize) -> Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let writer = std::thread::spawn(move || -> Result<()> {
+        let mut stream = TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let chunk = vec![1u8; 4 << 20];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            stream.write_all(&chunk[..n])?;
+            left -= n;
+        }
+        Ok(())
+    });
+    let (mut stream, _) = listener.accept()?;
+    let mut buf = Vec::with_capacity(len);
+    let start = Instant::now();
+    let read = (&mut stream).take(len as u64).read_to_end(&mut buf)?;
+    let seconds = start.elapsed().as_secs_f64();
+    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    ensure!(read == len, "short read");
+    Ok(len as f64 / seconds / 1e9)
 }

@@ -17,6 +17,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Run a node process that joins a cluster head (the secret comes from TESSERA_SECRET).
     Node(NodeArgs),
+    /// A member of the `collectives` benchmark (started by `tessera bench collectives`).
+    #[command(hide = true)]
+    CollectiveMember(bench::collectives::MemberArgs),
 }
 
 #[derive(clap::Args)]
@@ -65,5 +68,6 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Bench(args) => bench::run(args),
         Command::Node(args) => run_node(args),
+        Command::CollectiveMember(args) => bench::collectives::member(args),
     }
 }

@@ -1,14 +1,12 @@
 //! The `cluster` suite: remote task throughput and node-to-head transfer with two local
 //! node processes, beside the loopback TCP limit measured here with plain sockets.
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use serde_bytes::ByteBuf;
 use tessera::{Cluster, ClusterConfig, LocalProcesses, Runtime};
 
-use super::{median, Reporter};
+use super::{median, tcp_loopback_gbps, Reporter};
 
 tessera::task! {
     /// An empty remote task.
@@ -68,30 +66,4 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     reporter.report("cluster/tcp_loopback_limit", median(&mut limits), "GB/s", true);
     rt.shutdown();
     Ok(())
-}
-
-/// One TCP stream over loopback: `len` bytes written in 4 MiB pieces, read into one buffer.
-fn tcp_loopback_gbps(len: usize) -> Result<f64> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let writer = std::thread::spawn(move || -> Result<()> {
-        let mut stream = TcpStream::connect(addr)?;
-        stream.set_nodelay(true)?;
-        let chunk = vec![1u8; 4 << 20];
-        let mut left = len;
-        while left > 0 {
-            let n = left.min(chunk.len());
-            stream.write_all(&chunk[..n])?;
-            left -= n;
-        }
-        Ok(())
-    });
-    let (mut stream, _) = listener.accept()?;
-    let mut buf = Vec::with_capacity(len);
-    let start = Instant::now();
-    let read = (&mut stream).take(len as u64).read_to_end(&mut buf)?;
-    let seconds = start.elapsed().as_secs_f64();
-    writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
-    ensure!(read == len, "short read");
-    Ok(len as f64 / seconds / 1e9)
 }
