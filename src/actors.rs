@@ -19,7 +19,7 @@ pub(crate) mod runtime;
 mod sched;
 mod stats;
 pub(crate) mod task;
-mod user_actor;
+pub(crate) mod user_actor;
 
 pub use object::ObjectId;
 pub use reference::{Arg, Payload, Ref};
@@ -27,7 +27,9 @@ pub use runtime::{Builder, Runtime};
 pub use sched::{Fifo, Locality, Placement, PlacementRequest, RoundRobin, SchedulingPolicy};
 pub use stats::RuntimeStats;
 pub use task::{EncodedRunner, TaskEntry, TaskOptions};
-pub use user_actor::{Actor, ActorHandle};
+#[doc(hidden)]
+pub use user_actor::{create_actor as __create_actor, ActorEntry as __ActorEntry, CreateActor, ErasedActor};
+pub use user_actor::{Actor, ActorHandle, RemoteActor};
 
 #[doc(hidden)]
 pub use reference::Dependency as __Dependency;

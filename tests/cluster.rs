@@ -59,6 +59,28 @@ tessera::task! {
     fn parse(text: String) -> Result<u64, std::num::ParseIntError> { text.parse() }
 }
 
+/// Records the calls it gets, and where it runs.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Recorder {
+    seen: Vec<(u32, u32)>,
+}
+
+impl tessera::Actor for Recorder {
+    type Message = Option<(u32, u32)>;
+    type Reply = (String, Vec<(u32, u32)>);
+    fn handle(&mut self, message: Self::Message) -> Self::Reply {
+        match message {
+            Some(call) => {
+                self.seen.push(call);
+                (String::new(), Vec::new())
+            }
+            None => (std::env::var("TESSERA_NODE_NAME").unwrap_or_else(|_| "head".into()), self.seen.clone()),
+        }
+    }
+}
+
+tessera::remote_actor!(Recorder);
+
 fn blob(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
     (0..len)
@@ -291,6 +313,52 @@ fn a_node_joining_mid_job_gets_work() -> Result<()> {
 
 type TestFn = fn() -> Result<()>;
 
+fn actors_run_on_nodes_in_arrival_order_per_caller() -> Result<()> {
+    let c = TestCluster::start(2, ClusterConfig::default())?;
+    let node = c.cluster.nodes().into_iter().nth(1).context("two nodes")?;
+    let recorder = c.cluster.actor_on(node.id, &Recorder { seen: vec![(99, 0)] })?;
+    const CALLERS: u32 = 8;
+    const CALLS: u32 = 300;
+    std::thread::scope(|scope| {
+        for caller in 0..CALLERS {
+            let recorder = recorder.clone();
+            scope.spawn(move || {
+                let replies: Vec<_> = (0..CALLS).map(|seq| recorder.call(Some((caller, seq)))).collect();
+                for reply in replies {
+                    reply.blocking_get().expect("call handled");
+                }
+            });
+        }
+    });
+    let (host, seen) = recorder.call(None).blocking_get()?;
+    ensure!(host == node.name, "the actor ran on `{host}`, not on {}", node.name);
+    ensure!(
+        seen.len() == (CALLERS * CALLS) as usize + 1 && seen[0] == (99, 0),
+        "state or calls lost: {}",
+        seen.len()
+    );
+    let mut next = [0u32; CALLERS as usize];
+    for &(caller, seq) in &seen[1..] {
+        ensure!(seq == next[caller as usize], "caller {caller} out of order");
+        next[caller as usize] += 1;
+    }
+    // A call to an actor whose node is lost fails with the node named.
+    kill9(node.pid)?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match recorder.call(None).blocking_get_timeout(Duration::from_secs(10)) {
+            Err(Error::ActorFailed { message, .. })
+                if message.contains(&node.name) || message.contains("not in the cluster") =>
+            {
+                break
+            }
+            Ok(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+            other => bail!("expected the actor's node to be reported lost, got {other:?}"),
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     tessera::init();
     let tests: &[(&str, TestFn)] = &[
@@ -304,6 +372,7 @@ fn main() {
             garbage_and_oversized_frames_leave_nodes_serving,
         ),
         ("a_node_joining_mid_job_gets_work", a_node_joining_mid_job_gets_work),
+        ("actors_run_on_nodes_in_arrival_order_per_caller", actors_run_on_nodes_in_arrival_order_per_caller),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     println!("\nrunning {} tests", tests.len());

@@ -15,7 +15,10 @@ use std::sync::Arc;
 
 use actix::{Actor as ActixActor, ActorContext, Addr, Arbiter, ArbiterHandle, Context, Handler};
 use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
 
+use super::object::StoredValue;
 use super::object::{ObjectId, ObjectTable, Outcome};
 use super::reference::{store, Payload, Ref, RefInner};
 use crate::error::panic_message;
@@ -52,27 +55,171 @@ pub trait Actor: Send + 'static {
     fn handle(&mut self, message: Self::Message) -> Self::Reply;
 }
 
-/// A handle to a running user actor. Cheap to clone.
+/// An actor that can live on a node process: its state and messages travel encoded, and
+/// its type is registered by name with [`remote_actor!`](crate::remote_actor).
+pub trait RemoteActor: Actor + Serialize + DeserializeOwned
+where
+    Self::Message: Serialize + DeserializeOwned,
+{
+    /// The stable name the type is registered under.
+    const NAME: &'static str;
+}
+
+/// A hosted actor of a registered type, driven with encoded messages (on a node process).
+#[doc(hidden)]
+pub trait ErasedActor: Send {
+    /// Handles one encoded message, returning the encoded reply.
+    fn handle_encoded(&mut self, message: &[u8]) -> Result<Vec<u8>, Error>;
+}
+
+impl<A: RemoteActor> ErasedActor for A
+where
+    A::Message: Serialize + DeserializeOwned,
+{
+    fn handle_encoded(&mut self, message: &[u8]) -> Result<Vec<u8>, Error> {
+        let message: A::Message = decode_value_bytes(message)?;
+        let reply = self.handle(message);
+        reply.encode()
+    }
+}
+
+/// An actor type registered for node processes (by [`remote_actor!`](crate::remote_actor)).
+#[doc(hidden)]
+pub struct ActorEntry {
+    /// The stable name.
+    pub name: &'static str,
+    /// Makes the actor from its encoded state.
+    pub create: CreateActor,
+}
+
+/// Makes a hosted actor from its encoded state.
+#[doc(hidden)]
+pub type CreateActor = fn(&[u8]) -> Result<Box<dyn ErasedActor>, Error>;
+
+inventory::collect!(ActorEntry);
+
+impl ActorEntry {
+    /// The actor type registered under `name`, if any.
+    pub fn find(name: &str) -> Option<&'static ActorEntry> {
+        inventory::iter::<ActorEntry>.into_iter().find(|entry| entry.name == name)
+    }
+}
+
+/// Makes an actor from its encoded state (used by `remote_actor!`).
+#[doc(hidden)]
+pub fn create_actor<A: RemoteActor>(state: &[u8]) -> Result<Box<dyn ErasedActor>, Error>
+where
+    A::Message: Serialize + DeserializeOwned,
+{
+    let actor: A = decode_value_bytes(state)?;
+    Ok(Box::new(actor))
+}
+
+fn decode_value_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
+    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+        .map(|(value, _)| value)
+        .map_err(|e| Error::Codec { type_name: std::any::type_name::<T>(), message: e.to_string() })
+}
+
+/// Registers an actor type so that node processes can host it: the type must implement
+/// [`Actor`] and serde's traits, and so must its message type.
+///
+/// # Examples
+/// ```
+/// #[derive(serde::Serialize, serde::Deserialize)]
+/// struct Counter(u64);
+///
+/// impl tessera::Actor for Counter {
+///     type Message = u64;
+///     type Reply = u64;
+///     fn handle(&mut self, add: u64) -> u64 {
+///         self.0 += add;
+///         self.0
+///     }
+/// }
+///
+/// tessera::remote_actor!(Counter);
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! remote_actor {
+    ($actor:ty) => {
+        impl $crate::RemoteActor for $actor {
+            const NAME: &'static str = concat!(module_path!(), "::", stringify!($actor));
+        }
+        $crate::__private::inventory::submit! {
+            $crate::__ActorEntry {
+                name: concat!(module_path!(), "::", stringify!($actor)),
+                create: $crate::__create_actor::<$actor>,
+            }
+        }
+    };
+}
+
+/// Where a remote actor lives: sends its calls (implemented by the cluster head).
+pub(crate) trait RemoteActorLink: Send + Sync + 'static {
+    /// Sends one encoded call whose reply completes `output`.
+    fn call(&self, output: ObjectId, message: Vec<u8>);
+}
+
+enum Target<A: Actor> {
+    Local(Option<Addr<Shell<A>>>),
+    Remote { link: Arc<dyn RemoteActorLink>, encode: fn(A::Message) -> Result<Vec<u8>, Error> },
+}
+
+impl<A: Actor> Clone for Target<A> {
+    fn clone(&self) -> Self {
+        match self {
+            Target::Local(addr) => Target::Local(addr.clone()),
+            Target::Remote { link, encode } => Target::Remote { link: link.clone(), encode: *encode },
+        }
+    }
+}
+
+/// A handle to a running user actor, in this process or on a node. Cheap to clone.
 pub struct ActorHandle<A: Actor> {
-    addr: Option<Addr<Shell<A>>>,
+    target: Target<A>,
     table: Arc<ObjectTable>,
 }
 
 impl<A: Actor> Clone for ActorHandle<A> {
     fn clone(&self) -> Self {
-        ActorHandle { addr: self.addr.clone(), table: self.table.clone() }
+        ActorHandle { target: self.target.clone(), table: self.table.clone() }
     }
 }
 
 impl<A: Actor> ActorHandle<A> {
+    /// A handle to an actor hosted on a node.
+    pub(crate) fn remote(table: Arc<ObjectTable>, link: Arc<dyn RemoteActorLink>) -> Self
+    where
+        A: RemoteActor,
+        A::Message: Serialize + DeserializeOwned,
+    {
+        fn encode<M: Serialize>(message: M) -> Result<Vec<u8>, Error> {
+            bincode::serde::encode_to_vec(&message, bincode::config::standard())
+                .map_err(|e| Error::Codec { type_name: std::any::type_name::<M>(), message: e.to_string() })
+        }
+        ActorHandle { target: Target::Remote { link, encode: encode::<A::Message> }, table }
+    }
+
     /// Sends one call; the `Ref` holds the reply once the actor has handled it.
     pub fn call(&self, message: A::Message) -> Ref<A::Reply> {
         let id = self.table.create_pending();
         let reply = Ref::from_inner(Arc::new(RefInner { id, table: self.table.clone() }));
-        let call = Call::<A> { message: Some(message), output: Some(id), table: self.table.clone() };
-        match &self.addr {
-            Some(addr) => addr.do_send(call),
-            None => drop(call), // fails the reply: the actor never started
+        match &self.target {
+            Target::Local(addr) => {
+                let call = Call::<A> { message: Some(message), output: Some(id), table: self.table.clone() };
+                match addr {
+                    Some(addr) => addr.do_send(call),
+                    None => drop(call), // fails the reply: the actor never started
+                }
+            }
+            Target::Remote { link, encode } => match encode(message) {
+                Ok(bytes) => link.call(id, bytes),
+                Err(error) => {
+                    self.table.complete(id, Outcome::Failed(Arc::new(error)), 0);
+                }
+            },
         }
         reply
     }
@@ -206,12 +353,12 @@ impl ActorSystem {
         refused: bool,
     ) -> ActorHandle<A> {
         if refused || self.arbiters.is_empty() || self.control.lock().is_none() {
-            return ActorHandle { addr: None, table };
+            return ActorHandle { target: Target::Local(None), table };
         }
         let index = self.next.fetch_add(1, Ordering::Relaxed) % self.arbiters.len();
         let shell = Shell { state: Some(Box::new(state)) };
         let addr = Shell::start_in_arbiter(&self.arbiters[index], move |_| shell);
-        ActorHandle { addr: Some(addr), table }
+        ActorHandle { target: Target::Local(Some(addr)), table }
     }
 
     /// Stops every arbiter and the system, and joins their threads.

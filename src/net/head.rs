@@ -39,7 +39,8 @@ use crate::actors::object::{
 use crate::actors::reference::RemoteArgKind;
 use crate::actors::runtime::{Core, RemoteScheduler};
 use crate::actors::task::{submit_when_ready, Job};
-use crate::{Error, Payload, Ref, Result, Runtime};
+use crate::actors::user_actor::RemoteActorLink;
+use crate::{ActorHandle, Error, Payload, Ref, RemoteActor, Result, Runtime};
 
 /// Values up to this size travel inline in task messages and replies.
 pub(crate) const INLINE_LIMIT: usize = 64 << 10;
@@ -114,6 +115,9 @@ struct NodeEntry {
     tasks_run: u64,
     dispatched: u64,
     last_seen: Instant,
+    /// Actor calls waiting for a reply: call id → actor type name.
+    pending_calls: HashMap<u64, &'static str>,
+    actors: usize,
 }
 
 impl NodeEntry {
@@ -163,6 +167,7 @@ struct Head {
     children: Mutex<Vec<LaunchedNode>>,
     stopped: AtomicBool,
     refused: AtomicU64,
+    next_actor: AtomicU64,
 }
 
 /// A cluster head attached to a runtime: node processes join it and run its tasks.
@@ -214,6 +219,7 @@ impl Cluster {
             children: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             refused: AtomicU64::new(0),
+            next_actor: AtomicU64::new(1),
         });
         if !core.set_cluster(head.clone()) || !core.table.set_remote(head.clone()) {
             head.shutdown_network();
@@ -293,6 +299,39 @@ impl Cluster {
         Ok(())
     }
 
+    /// Starts an actor of a registered type (see [`remote_actor!`](crate::remote_actor)) on
+    /// `node`; its calls run there, one at a time, in arrival order.
+    ///
+    /// # Errors
+    /// [`Error::Cluster`] if the node is not in the cluster; [`Error::Codec`] if the state
+    /// cannot be encoded.
+    pub fn actor_on<A>(&self, node: NodeId, state: &A) -> Result<ActorHandle<A>>
+    where
+        A: RemoteActor,
+        A::Message: serde::Serialize + serde::de::DeserializeOwned,
+    {
+        let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
+            .map_err(|e| Error::Codec { type_name: std::any::type_name::<A>(), message: e.to_string() })?;
+        let actor_id = self.head.next_actor.fetch_add(1, Ordering::Relaxed);
+        {
+            let mut state = self.head.state.lock();
+            let entry = state
+                .nodes
+                .get_mut(&node.0)
+                .ok_or_else(|| Error::Cluster(format!("{node} is not in the cluster")))?;
+            entry.actors += 1;
+            let _ =
+                entry.sender.send(Message::ActorCreate { actor_id, name: A::NAME.to_string(), state: bytes });
+        }
+        let link = Arc::new(RemoteActorOnNode {
+            head: Arc::downgrade(&self.head),
+            node: node.0,
+            actor_id,
+            actor: A::NAME,
+        });
+        Ok(ActorHandle::remote(self.head.table.clone(), link))
+    }
+
     /// The nodes in the cluster now.
     pub fn nodes(&self) -> Vec<NodeInfo> {
         self.head.state.lock().nodes.iter().map(|(id, node)| node.info(*id)).collect()
@@ -350,7 +389,76 @@ impl Cluster {
     }
 }
 
+/// Sends calls to an actor hosted on a node; tells the node to stop it when dropped.
+struct RemoteActorOnNode {
+    head: Weak<Head>,
+    node: u64,
+    actor_id: u64,
+    actor: &'static str,
+}
+
+impl RemoteActorLink for RemoteActorOnNode {
+    fn call(&self, output: ObjectId, message: Vec<u8>) {
+        let failure = match self.head.upgrade() {
+            None => Some("the cluster is stopped".to_string()),
+            Some(head) => {
+                let mut state = head.state.lock();
+                match state.nodes.get_mut(&self.node) {
+                    Some(node) => {
+                        node.pending_calls.insert(output.as_u64(), self.actor);
+                        let call =
+                            Message::ActorCall { actor_id: self.actor_id, call_id: output.as_u64(), message };
+                        let _ = node.sender.send(call);
+                        None
+                    }
+                    None => Some(format!("its node ({}) is not in the cluster", NodeId(self.node))),
+                }
+            }
+        };
+        if let (Some(message), Some(head)) = (failure, self.head.upgrade()) {
+            let error = Error::ActorFailed { actor: self.actor.to_string(), message };
+            head.table.complete(output, Outcome::Failed(Arc::new(error)), 0);
+        }
+    }
+}
+
+impl Drop for RemoteActorOnNode {
+    fn drop(&mut self) {
+        if let Some(head) = self.head.upgrade() {
+            if let Some(node) = head.state.lock().nodes.get_mut(&self.node) {
+                node.actors = node.actors.saturating_sub(1);
+                let _ = node.sender.send(Message::ActorStop { actor_id: self.actor_id });
+            }
+        }
+    }
+}
+
 impl Head {
+    fn actor_replied(
+        &self,
+        node_id: u64,
+        call_id: u64,
+        result: std::result::Result<serde_bytes::ByteBuf, String>,
+    ) {
+        let actor = {
+            let mut state = self.state.lock();
+            state.nodes.get_mut(&node_id).and_then(|node| node.pending_calls.remove(&call_id))
+        };
+        let Some(actor) = actor else { return };
+        let output = ObjectId::from_raw(call_id);
+        match result {
+            Ok(bytes) => {
+                let bytes = bytes.into_vec();
+                let len = bytes.len();
+                self.table.complete(output, Outcome::Ready(Arc::new(EncodedValue(bytes))), len);
+            }
+            Err(message) => {
+                let error = Error::ActorFailed { actor: actor.to_string(), message };
+                self.table.complete(output, Outcome::Failed(Arc::new(error)), 0);
+            }
+        }
+    }
+
     /// Builds the arguments of a task as a node receives them.
     fn task_request(&self, job: &Job) -> Option<(TaskRequest, Option<u64>)> {
         let mut args = Vec::new();
@@ -528,6 +636,13 @@ impl Head {
         }
         for job in rebuild {
             submit_when_ready(job);
+        }
+        for (call_id, actor) in node.pending_calls {
+            let error = Error::ActorFailed {
+                actor: actor.to_string(),
+                message: format!("its node `{}` was lost ({reason})", node.name),
+            };
+            self.table.complete(ObjectId::from_raw(call_id), Outcome::Failed(Arc::new(error)), 0);
         }
         for (_, mut job) in node.in_flight {
             if job.retry_after_node_loss(self.config.max_node_losses) {
@@ -717,6 +832,8 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
                 tasks_run: 0,
                 dispatched: 0,
                 last_seen: Instant::now(),
+                pending_calls: HashMap::new(),
+                actors: 0,
             },
         );
         head.changed.notify_all();
@@ -726,6 +843,10 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
     tokio::spawn(write_loop(receiver, writer));
     let reason = loop {
         match read_frame::<Message, _>(&mut reader).await {
+            Ok(Message::ActorReply { call_id, result }) => {
+                let head = head.clone();
+                tokio::task::spawn_blocking(move || head.actor_replied(node_id, call_id, result));
+            }
             Ok(Message::Heartbeat) => {
                 if let Some(node) = head.state.lock().nodes.get_mut(&node_id) {
                     node.last_seen = Instant::now();

@@ -22,6 +22,7 @@ use super::head::{write_loop, INLINE_LIMIT};
 use super::wire::{
     ArgSource, Message, RemoteErrorKind, RemoteTaskError, ReplyValue, Role, TaskReply, TaskRequest,
 };
+use crate::actors::user_actor::ActorEntry;
 use crate::error::panic_message;
 use crate::{Error, Result, TaskEntry};
 
@@ -179,6 +180,7 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
         executors.push(thread);
     }
 
+    let mut actors = HostedActors::default();
     let reason = tokio.block_on(async {
         loop {
             match read_frame::<Message, _>(&mut reader).await {
@@ -192,6 +194,13 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
                 Ok(Message::Store { id, bytes }) => {
                     store.objects.lock().insert(id, Arc::new(bytes));
                 }
+                Ok(Message::ActorCreate { actor_id, name, state }) => {
+                    actors.create(actor_id, &name, &state, &sender);
+                }
+                Ok(Message::ActorCall { actor_id, call_id, message }) => {
+                    actors.call(actor_id, call_id, message, &sender);
+                }
+                Ok(Message::ActorStop { actor_id }) => actors.stop(actor_id),
                 Ok(Message::Free(ids)) => {
                     let mut objects = store.objects.lock();
                     for id in ids {
@@ -206,6 +215,7 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
     });
     tracing::info!(name = %config.name, %reason, "node stopping");
     drop(task_tx);
+    actors.stop_all();
     for thread in executors {
         let _ = thread.join();
     }
@@ -257,6 +267,90 @@ async fn accept_data(listener: TcpListener, key: ClusterKey, store: Arc<NodeStor
                 Err(_) => tracing::warn!(%peer, "refused data connection: handshake timed out"),
             }
         });
+    }
+}
+
+/// Actors hosted on this node: each runs on its own thread and handles its calls in order.
+#[derive(Default)]
+struct HostedActors {
+    mailboxes: HashMap<u64, (std::sync::mpsc::Sender<(u64, Vec<u8>)>, std::thread::JoinHandle<()>)>,
+}
+
+impl HostedActors {
+    fn create(&mut self, actor_id: u64, name: &str, state: &[u8], replies: &mpsc::UnboundedSender<Message>) {
+        let Some(entry) = ActorEntry::find(name) else {
+            tracing::warn!(%name, "actor type is not registered in this node's binary");
+            return;
+        };
+        let mut actor = match (entry.create)(state) {
+            Ok(actor) => Some(actor),
+            Err(error) => {
+                tracing::warn!(%name, %error, "cannot create actor");
+                None
+            }
+        };
+        let (mailbox, inbox) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
+        let replies = replies.clone();
+        let name = name.to_string();
+        let spawned =
+            std::thread::Builder::new().name(format!("tessera-actor-{actor_id}")).spawn(move || {
+                while let Ok((call_id, message)) = inbox.recv() {
+                    let result = match actor.as_mut() {
+                        None => Err(format!("actor `{name}` is not running on this node")),
+                        Some(state) => {
+                            match catch_unwind(AssertUnwindSafe(|| state.handle_encoded(&message))) {
+                                Ok(Ok(reply)) => Ok(serde_bytes::ByteBuf::from(reply)),
+                                Ok(Err(error)) => Err(error.to_string()),
+                                Err(payload) => {
+                                    actor = None;
+                                    Err(format!("panicked: {}", panic_message(&*payload)))
+                                }
+                            }
+                        }
+                    };
+                    if replies.send(Message::ActorReply { call_id, result }).is_err() {
+                        return;
+                    }
+                }
+            });
+        match spawned {
+            Ok(thread) => {
+                self.mailboxes.insert(actor_id, (mailbox, thread));
+            }
+            Err(error) => tracing::warn!(%error, "cannot start an actor thread"),
+        }
+    }
+
+    fn call(
+        &mut self,
+        actor_id: u64,
+        call_id: u64,
+        message: Vec<u8>,
+        replies: &mpsc::UnboundedSender<Message>,
+    ) {
+        let delivered = self
+            .mailboxes
+            .get(&actor_id)
+            .is_some_and(|(mailbox, _)| mailbox.send((call_id, message)).is_ok());
+        if !delivered {
+            let result = Err(format!("no actor #{actor_id} on this node"));
+            let _ = replies.send(Message::ActorReply { call_id, result });
+        }
+    }
+
+    fn stop(&mut self, actor_id: u64) {
+        if let Some((mailbox, thread)) = self.mailboxes.remove(&actor_id) {
+            drop(mailbox);
+            // The actor finishes the calls it has, then its thread ends; no need to wait.
+            drop(thread);
+        }
+    }
+
+    fn stop_all(&mut self) {
+        for (_, (mailbox, thread)) in self.mailboxes.drain() {
+            drop(mailbox);
+            let _ = thread.join();
+        }
     }
 }
 

@@ -111,6 +111,25 @@ pub(crate) enum Message {
         bytes: Vec<u8>,
     },
     Free(Vec<u64>),
+    ActorCreate {
+        actor_id: u64,
+        name: String,
+        #[serde(with = "serde_bytes")]
+        state: Vec<u8>,
+    },
+    ActorCall {
+        actor_id: u64,
+        call_id: u64,
+        #[serde(with = "serde_bytes")]
+        message: Vec<u8>,
+    },
+    ActorReply {
+        call_id: u64,
+        result: Result<serde_bytes::ByteBuf, String>,
+    },
+    ActorStop {
+        actor_id: u64,
+    },
     Fetch {
         id: u64,
     },
