@@ -273,8 +273,13 @@ async fn accept_data(listener: TcpListener, key: ClusterKey, store: Arc<NodeStor
 /// Actors hosted on this node: each runs on its own thread and handles its calls in order.
 #[derive(Default)]
 struct HostedActors {
-    mailboxes: HashMap<u64, (std::sync::mpsc::Sender<(u64, Vec<u8>)>, std::thread::JoinHandle<()>)>,
+    mailboxes: HashMap<u64, Mailbox>,
 }
+
+/// An encoded call: (call id, message).
+type ActorCall = (u64, Vec<u8>);
+/// A hosted actor's queue and thread.
+type Mailbox = (std::sync::mpsc::Sender<ActorCall>, std::thread::JoinHandle<()>);
 
 impl HostedActors {
     fn create(&mut self, actor_id: u64, name: &str, state: &[u8], replies: &mpsc::UnboundedSender<Message>) {
@@ -289,7 +294,7 @@ impl HostedActors {
                 None
             }
         };
-        let (mailbox, inbox) = std::sync::mpsc::channel::<(u64, Vec<u8>)>();
+        let (mailbox, inbox) = std::sync::mpsc::channel::<ActorCall>();
         let replies = replies.clone();
         let name = name.to_string();
         let spawned =
