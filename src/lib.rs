@@ -8,6 +8,7 @@
 #![warn(unreachable_pub)]
 
 mod error;
+pub mod nn;
 
 pub use error::{Error, Result};
 

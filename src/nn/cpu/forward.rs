@@ -1,0 +1,346 @@
+//! Forward kernels: one arm per [`Op`], writing into the node's preallocated buffers.
+use super::{gemm_rm, Ctx, MatRef};
+use crate::nn::cpu::gemm::gemm;
+use crate::nn::{Activation, Node, NnError, Op, Rng};
+
+/// The node's own buffers, taken out of the executor while its kernel runs.
+pub(crate) struct Out<'a> {
+    pub(crate) val: &'a mut Vec<f32>,
+    pub(crate) ids: &'a mut Vec<i32>,
+    pub(crate) aux: &'a mut Vec<f32>,
+    pub(crate) idx: &'a mut Vec<u32>,
+}
+
+pub(crate) const GELU_C: f32 = 0.797_884_6; // sqrt(2 / pi)
+
+pub(crate) fn apply_act(act: Activation, y: &mut [f32]) {
+    match act {
+        Activation::Identity => {}
+        Activation::Relu => y.iter_mut().for_each(|v| *v = v.max(0.0)),
+        Activation::Sigmoid => y.iter_mut().for_each(|v| *v = sigmoid(*v)),
+        Activation::Tanh => y.iter_mut().for_each(|v| *v = v.tanh()),
+    }
+}
+
+pub(crate) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Fills each row of `out` (rows of `bias.len()`) with `bias`.
+fn broadcast_rows(out: &mut [f32], bias: &[f32]) {
+    for row in out.chunks_exact_mut(bias.len().max(1)) {
+        row.copy_from_slice(bias);
+    }
+}
+
+/// Softmax of each row of `x` (rows of `d`), in place.
+pub(crate) fn softmax_rows(x: &mut [f32], d: usize) {
+    for row in x.chunks_exact_mut(d) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0.0;
+        for v in row.iter_mut() {
+            *v = (*v - max).exp();
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+    }
+}
+
+pub(crate) fn run(ctx: &Ctx<'_>, node: &Node, out: Out<'_>, rng: &mut Rng, training: bool) -> Result<(), NnError> {
+    let y = out.val.as_mut_slice();
+    let inp = &node.inputs;
+    match node.op {
+        Op::Input | Op::Param { .. } => {}
+        Op::Constant { value } => y.fill(value),
+        Op::MatMul => {
+            let (a, b) = (ctx.shape(inp[0]), ctx.shape(inp[1]));
+            let (m, k, n) = (a[0], a[1], b[1]);
+            gemm_rm(m, k, n, MatRef::rows(ctx.val(inp[0]), k), MatRef::rows(ctx.val(inp[1]), n), 0.0, y);
+        }
+        Op::Linear { act } => {
+            let w = ctx.shape(inp[1]);
+            let (k, n) = (w[0], w[1]);
+            let m = y.len() / n.max(1);
+            broadcast_rows(y, ctx.val(inp[2]));
+            gemm_rm(m, k, n, MatRef::rows(ctx.val(inp[0]), k), MatRef::rows(ctx.val(inp[1]), n), 1.0, y);
+            apply_act(act, y);
+        }
+        Op::Conv2d { stride, pad, act } => {
+            let x = ctx.shape(inp[0]);
+            let w = ctx.shape(inp[1]);
+            let geo = ConvGeometry::new(x, w, &node.shape, stride, pad);
+            let (xv, wv, bv) = (ctx.val(inp[0]), ctx.val(inp[1]), ctx.val(inp[2]));
+            let cols = out.aux.as_mut_slice();
+            let (ckk, ohw, o) = (geo.ckk(), geo.ohw(), w[0]);
+            for b in 0..x[0] {
+                let col = &mut cols[b * ckk * ohw..(b + 1) * ckk * ohw];
+                geo.im2col(&xv[b * geo.chw()..(b + 1) * geo.chw()], col);
+                let yb = &mut y[b * o * ohw..(b + 1) * o * ohw];
+                for (row, &bias) in yb.chunks_exact_mut(ohw).zip(bv) {
+                    row.fill(bias);
+                }
+                gemm_rm(o, ckk, ohw, MatRef::rows(wv, ckk), MatRef::rows(col, ohw), 1.0, yb);
+            }
+            apply_act(act, y);
+        }
+        Op::MaxPool2d { size, stride } => {
+            let x = ctx.shape(inp[0]);
+            let (h, w) = (x[2], x[3]);
+            let (oh, ow) = (node.shape[2], node.shape[3]);
+            let xv = ctx.val(inp[0]);
+            let idx = out.idx.as_mut_slice();
+            for plane in 0..x[0] * x[1] {
+                let xp = &xv[plane * h * w..(plane + 1) * h * w];
+                for i in 0..oh {
+                    for j in 0..ow {
+                        let mut best = f32::NEG_INFINITY;
+                        let mut arg = 0;
+                        for di in 0..size {
+                            for dj in 0..size {
+                                let p = (i * stride + di) * w + j * stride + dj;
+                                if xp[p] > best {
+                                    best = xp[p];
+                                    arg = p;
+                                }
+                            }
+                        }
+                        let o = plane * oh * ow + i * ow + j;
+                        y[o] = best;
+                        idx[o] = arg as u32;
+                    }
+                }
+            }
+        }
+        Op::Add => {
+            let (a, b) = (ctx.val(inp[0]), ctx.val(inp[1]));
+            for (yc, ac) in y.chunks_exact_mut(b.len().max(1)).zip(a.chunks_exact(b.len().max(1))) {
+                for ((yv, av), bv) in yc.iter_mut().zip(ac).zip(b) {
+                    *yv = av + bv;
+                }
+            }
+        }
+        Op::Sub | Op::Mul | Op::Mse => {
+            let (a, b) = (ctx.val(inp[0]), ctx.val(inp[1]));
+            match node.op {
+                Op::Sub => y.iter_mut().zip(a.iter().zip(b)).for_each(|(y, (a, b))| *y = a - b),
+                Op::Mul => y.iter_mut().zip(a.iter().zip(b)).for_each(|(y, (a, b))| *y = a * b),
+                _ => {
+                    let sum: f64 = a.iter().zip(b).map(|(a, b)| ((a - b) * (a - b)) as f64).sum();
+                    y[0] = (sum / a.len().max(1) as f64) as f32;
+                }
+            }
+        }
+        Op::Act(act) => {
+            y.copy_from_slice(ctx.val(inp[0]));
+            apply_act(act, y);
+        }
+        Op::Gelu => {
+            for (yv, &x) in y.iter_mut().zip(ctx.val(inp[0])) {
+                *yv = 0.5 * x * (1.0 + (GELU_C * (x + 0.044715 * x * x * x)).tanh());
+            }
+        }
+        Op::Reshape => {
+            if node.dtype == crate::nn::DType::I32 {
+                out.ids.copy_from_slice(ctx.ids(inp[0]));
+            } else {
+                y.copy_from_slice(ctx.val(inp[0]));
+            }
+        }
+        Op::LayerNorm { eps } => {
+            let d = *node.shape.last().unwrap_or(&1);
+            let (xv, gamma, beta) = (ctx.val(inp[0]), ctx.val(inp[1]), ctx.val(inp[2]));
+            let stats = out.aux.as_mut_slice();
+            for (r, (yr, xr)) in y.chunks_exact_mut(d).zip(xv.chunks_exact(d)).enumerate() {
+                let mean = xr.iter().sum::<f32>() / d as f32;
+                let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+                let rstd = 1.0 / (var + eps).sqrt();
+                stats[2 * r] = mean;
+                stats[2 * r + 1] = rstd;
+                for i in 0..d {
+                    yr[i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
+                }
+            }
+        }
+        Op::Dropout { p } => {
+            let xv = ctx.val(inp[0]);
+            if training && p > 0.0 {
+                let keep = 1.0 / (1.0 - p);
+                for ((yv, m), &x) in y.iter_mut().zip(out.aux.iter_mut()).zip(xv) {
+                    *m = if rng.uniform() < p { 0.0 } else { keep };
+                    *yv = x * *m;
+                }
+            } else {
+                y.copy_from_slice(xv);
+            }
+        }
+        Op::Embedding => {
+            let ids = ctx.ids(inp[0]);
+            let table = ctx.val(inp[1]);
+            let t = ctx.shape(inp[1]);
+            let (v, d) = (t[0], t[1]);
+            for (position, (&id, yr)) in ids.iter().zip(y.chunks_exact_mut(d.max(1))).enumerate() {
+                if id < 0 || id as usize >= v {
+                    return Err(NnError::IdOutOfRange { op: "embedding", id, position, limit: v });
+                }
+                let id = id as usize;
+                yr.copy_from_slice(&table[id * d..(id + 1) * d]);
+            }
+        }
+        Op::Softmax => {
+            y.copy_from_slice(ctx.val(inp[0]));
+            softmax_rows(y, *node.shape.last().unwrap_or(&1));
+        }
+        Op::SoftmaxCrossEntropy => {
+            let l = ctx.shape(inp[0]);
+            let c = l[1];
+            let probs = out.aux.as_mut_slice();
+            probs.copy_from_slice(ctx.val(inp[0]));
+            softmax_rows(probs, c);
+            let labels = ctx.ids(inp[1]);
+            let mut total = 0.0f64;
+            for (position, (&label, row)) in labels.iter().zip(probs.chunks_exact(c)).enumerate() {
+                if label < 0 || label as usize >= c {
+                    return Err(NnError::IdOutOfRange { op: "softmax_cross_entropy", id: label, position, limit: c });
+                }
+                total -= (row[label as usize].max(1e-30) as f64).ln();
+            }
+            y[0] = (total / labels.len().max(1) as f64) as f32;
+        }
+        Op::Attention { heads, causal } => {
+            let (b, t, d) = (node.shape[0], node.shape[1], node.shape[2]);
+            let dh = d / heads;
+            let scale = 1.0 / (dh as f32).sqrt();
+            let (q, k, v) = (ctx.val(inp[0]), ctx.val(inp[1]), ctx.val(inp[2]));
+            let probs = out.aux.as_mut_slice();
+            for bi in 0..b {
+                for h in 0..heads {
+                    let off = bi * t * d + h * dh;
+                    let p = &mut probs[(bi * heads + h) * t * t..(bi * heads + h + 1) * t * t];
+                    let qm = MatRef::strided(&q[off..], d, 1);
+                    let km = MatRef::strided(&k[off..], 1, d);
+                    gemm(t, dh, t, scale, qm, km, 0.0, p, t, 1);
+                    if causal {
+                        for i in 0..t {
+                            p[i * t + i + 1..(i + 1) * t].fill(f32::NEG_INFINITY);
+                        }
+                    }
+                    softmax_rows(p, t);
+                    let vm = MatRef::strided(&v[off..], d, 1);
+                    gemm(t, t, dh, 1.0, MatRef::rows(p, t), vm, 0.0, &mut y[off..], d, 1);
+                }
+            }
+        }
+        Op::SelectStep { step } => {
+            let x = ctx.shape(inp[0]);
+            let (t, d) = (x[1], x[2]);
+            let xv = ctx.val(inp[0]);
+            for (bi, yr) in y.chunks_exact_mut(d).enumerate() {
+                yr.copy_from_slice(&xv[(bi * t + step) * d..(bi * t + step + 1) * d]);
+            }
+        }
+        Op::StackSteps => {
+            let (b, t, d) = (node.shape[0], node.shape[1], node.shape[2]);
+            for (s, &input) in inp.iter().enumerate() {
+                let xv = ctx.val(input);
+                for bi in 0..b {
+                    y[(bi * t + s) * d..(bi * t + s + 1) * d].copy_from_slice(&xv[bi * d..(bi + 1) * d]);
+                }
+            }
+        }
+        Op::GruCell => {
+            let (b, h) = (node.shape[0], node.shape[1]);
+            let (gx, hv, wh, bh) = (ctx.val(inp[0]), ctx.val(inp[1]), ctx.val(inp[2]), ctx.val(inp[3]));
+            let (gh, gates) = out.aux.split_at_mut(b * 3 * h);
+            broadcast_rows(gh, bh);
+            gemm_rm(b, h, 3 * h, MatRef::rows(hv, h), MatRef::rows(wh, 3 * h), 1.0, gh);
+            // gates: [r | z | n], each [B, H].
+            let (r, rest) = gates.split_at_mut(b * h);
+            let (z, n) = rest.split_at_mut(b * h);
+            for bi in 0..b {
+                let gxr = &gx[bi * 3 * h..(bi + 1) * 3 * h];
+                let ghr = &gh[bi * 3 * h..(bi + 1) * 3 * h];
+                for j in 0..h {
+                    let o = bi * h + j;
+                    let rv = sigmoid(gxr[j] + ghr[j]);
+                    let zv = sigmoid(gxr[h + j] + ghr[h + j]);
+                    let nv = (gxr[2 * h + j] + rv * ghr[2 * h + j]).tanh();
+                    r[o] = rv;
+                    z[o] = zv;
+                    n[o] = nv;
+                    y[o] = (1.0 - zv) * nv + zv * hv[o];
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The index arithmetic of one convolution, shared by im2col and col2im.
+pub(crate) struct ConvGeometry {
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    oh: usize,
+    ow: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl ConvGeometry {
+    pub(crate) fn new(x: &[usize], w: &[usize], y: &[usize], stride: usize, pad: usize) -> Self {
+        ConvGeometry { c: x[1], h: x[2], w: x[3], kh: w[2], kw: w[3], oh: y[2], ow: y[3], stride, pad }
+    }
+
+    pub(crate) fn ckk(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    pub(crate) fn ohw(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    pub(crate) fn chw(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// For each column row `(c, ki, kj)` and output `(i, j)`, calls `f(col_index, x_index)`
+    /// for positions inside the image (padding positions are skipped).
+    #[inline]
+    fn for_each(&self, mut f: impl FnMut(usize, Option<usize>)) {
+        let ohw = self.ohw();
+        for c in 0..self.c {
+            for ki in 0..self.kh {
+                for kj in 0..self.kw {
+                    let row = (c * self.kh + ki) * self.kw + kj;
+                    for i in 0..self.oh {
+                        let yi = (i * self.stride + ki) as isize - self.pad as isize;
+                        for j in 0..self.ow {
+                            let xj = (j * self.stride + kj) as isize - self.pad as isize;
+                            let col = row * ohw + i * self.ow + j;
+                            let inside = yi >= 0 && (yi as usize) < self.h && xj >= 0 && (xj as usize) < self.w;
+                            let src = inside.then(|| (c * self.h + yi as usize) * self.w + xj as usize);
+                            f(col, src);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Unfolds one image `[C, H, W]` into `col [C·KH·KW, OH·OW]`.
+    pub(crate) fn im2col(&self, x: &[f32], col: &mut [f32]) {
+        self.for_each(|ci, xi| col[ci] = xi.map_or(0.0, |i| x[i]));
+    }
+
+    /// Folds `col` back, adding into `dx [C, H, W]`.
+    pub(crate) fn col2im_add(&self, col: &[f32], dx: &mut [f32]) {
+        self.for_each(|ci, xi| {
+            if let Some(i) = xi {
+                dx[i] += col[ci];
+            }
+        });
+    }
+}
