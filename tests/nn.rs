@@ -4,12 +4,14 @@
 use std::path::PathBuf;
 
 use tessera::nn::{
-    char_gru, lenet, mlp, resume, save_checkpoint, window_count, Activation, CpuExecutor, DType, Dataset, DirStore,
-    Evaluator, Executor, Graph, Init, NnError, NodeId, OptimizerConfig, Params, Rng, TextCorpus, TrainState, Trainer,
+    char_gru, lenet, mlp, resume, save_checkpoint, window_count, Activation, CpuExecutor, DType,
+    Dataset, DirStore, Evaluator, Executor, Graph, Init, NnError, NodeId, OptimizerConfig, Params,
+    Rng, TextCorpus, TrainState, Trainer,
 };
 
 fn digits() -> Dataset {
-    Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv")).expect("digits.csv is committed")
+    Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))
+        .expect("digits.csv is committed")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -64,12 +66,18 @@ fn gradcheck(name: &str, seed: u64, build: impl Fn(&mut Graph, &mut Rng) -> Case
     };
     eval(&mut exec, &params);
     exec.backward_from(&params, loss).unwrap();
-    let analytic: Vec<Vec<f32>> = (0..params.tensors.len()).map(|i| exec.param_grad(i).to_vec()).collect();
+    let analytic: Vec<Vec<f32>> = (0..params.tensors.len())
+        .map(|i| exec.param_grad(i).to_vec())
+        .collect();
     let eps = 1e-2f32;
     let mut checked = 0;
     for p in 0..params.tensors.len() {
         let len = params.tensors[p].len();
-        let picks: Vec<usize> = if len <= 12 { (0..len).collect() } else { (0..12).map(|_| rng.below(len)).collect() };
+        let picks: Vec<usize> = if len <= 12 {
+            (0..len).collect()
+        } else {
+            (0..12).map(|_| rng.below(len)).collect()
+        };
         for i in picks {
             let orig = params.tensors[p].data[i];
             params.tensors[p].data[i] = orig + eps;
@@ -93,7 +101,11 @@ fn gradcheck(name: &str, seed: u64, build: impl Fn(&mut Graph, &mut Rng) -> Case
 }
 
 fn plain(out: NodeId) -> Case {
-    Case { out, ids: vec![], training: false }
+    Case {
+        out,
+        ids: vec![],
+        training: false,
+    }
 }
 
 #[test]
@@ -105,7 +117,12 @@ fn gradients_match_finite_differences() {
             let b = param(g, "b", &[k, n]);
             plain(g.matmul(a, b).unwrap())
         });
-        for act in [Activation::Identity, Activation::Relu, Activation::Sigmoid, Activation::Tanh] {
+        for act in [
+            Activation::Identity,
+            Activation::Relu,
+            Activation::Sigmoid,
+            Activation::Tanh,
+        ] {
             gradcheck("linear", seed, |g, r| {
                 let (m, k, n) = (dim(r, 1, 6), dim(r, 1, 7), dim(r, 1, 5));
                 let x = param(g, "x", &[2, m, k]);
@@ -129,7 +146,11 @@ fn gradients_match_finite_differences() {
             });
         }
         gradcheck("max_pool2d", seed, |g, r| {
-            let x = param(g, "x", &[dim(r, 1, 2), dim(r, 1, 3), dim(r, 2, 6), dim(r, 2, 6)]);
+            let x = param(
+                g,
+                "x",
+                &[dim(r, 1, 2), dim(r, 1, 3), dim(r, 2, 6), dim(r, 2, 6)],
+            );
             plain(g.max_pool2d(x, 2, 2).unwrap())
         });
         gradcheck("add_broadcast", seed, |g, r| {
@@ -162,14 +183,22 @@ fn gradients_match_finite_differences() {
         });
         gradcheck("dropout", seed, |g, r| {
             let x = param(g, "x", &[dim(r, 2, 5), dim(r, 2, 6)]);
-            Case { out: g.dropout(x, 0.3).unwrap(), ids: vec![], training: true }
+            Case {
+                out: g.dropout(x, 0.3).unwrap(),
+                ids: vec![],
+                training: true,
+            }
         });
         gradcheck("embedding", seed, |g, r| {
             let (v, d, n) = (dim(r, 2, 6), dim(r, 1, 4), dim(r, 1, 7));
             let ids = g.input("ids", &[n], DType::I32);
             let table = param(g, "table", &[v, d]);
             let values = (0..n).map(|_| r.below(v) as i32).collect();
-            Case { out: g.embedding(ids, table).unwrap(), ids: vec![(ids, values)], training: false }
+            Case {
+                out: g.embedding(ids, table).unwrap(),
+                ids: vec![(ids, values)],
+                training: false,
+            }
         });
         gradcheck("softmax", seed, |g, r| {
             let x = param(g, "x", &[dim(r, 1, 4), dim(r, 2, 6)]);
@@ -180,7 +209,11 @@ fn gradients_match_finite_differences() {
             let logits = param(g, "logits", &[n, c]);
             let labels = g.input("labels", &[n], DType::I32);
             let values = (0..n).map(|_| r.below(c) as i32).collect();
-            Case { out: g.softmax_cross_entropy(logits, labels).unwrap(), ids: vec![(labels, values)], training: false }
+            Case {
+                out: g.softmax_cross_entropy(logits, labels).unwrap(),
+                ids: vec![(labels, values)],
+                training: false,
+            }
         });
         for causal in [false, true] {
             gradcheck("attention", seed, |g, r| {
@@ -222,29 +255,62 @@ fn shape_errors_are_typed_and_caught_at_build_time() {
     let w = g.param("w", &[32, 10], Init::Zeros).unwrap();
     let b = g.param("b", &[10], Init::Zeros).unwrap();
     match g.linear(x, w, b, Activation::Relu) {
-        Err(NnError::Shape { op: "linear", input: "weight", got, .. }) => assert_eq!(got, vec![32, 10]),
+        Err(NnError::Shape {
+            op: "linear",
+            input: "weight",
+            got,
+            ..
+        }) => assert_eq!(got, vec![32, 10]),
         other => panic!("expected a shape error, got {other:?}"),
     }
     let labels = g.input("labels", &[8], DType::F32);
-    assert!(matches!(g.softmax_cross_entropy(x, labels), Err(NnError::DType { input: "labels", .. })));
-    assert!(matches!(g.attention(x, x, x, 2, false), Err(NnError::Shape { op: "attention", .. })));
-    assert!(matches!(g.param("w", &[1], Init::Zeros), Err(NnError::Argument { .. })));
+    assert!(matches!(
+        g.softmax_cross_entropy(x, labels),
+        Err(NnError::DType {
+            input: "labels",
+            ..
+        })
+    ));
+    assert!(matches!(
+        g.attention(x, x, x, 2, false),
+        Err(NnError::Shape {
+            op: "attention",
+            ..
+        })
+    ));
+    assert!(matches!(
+        g.param("w", &[1], Init::Zeros),
+        Err(NnError::Argument { .. })
+    ));
     let img = g.reshape(x, &[8, 1, 8, 8]).unwrap();
     let cw = g.param("cw", &[4, 2, 3, 3], Init::Zeros).unwrap();
     let cb = g.param("cb", &[4], Init::Zeros).unwrap();
-    assert!(matches!(g.conv2d(img, cw, cb, 1, 1, Activation::Relu), Err(NnError::Shape { op: "conv2d", .. })));
-    assert!(matches!(g.reshape(x, &[7, 64]), Err(NnError::Shape { op: "reshape", .. })));
+    assert!(matches!(
+        g.conv2d(img, cw, cb, 1, 1, Activation::Relu),
+        Err(NnError::Shape { op: "conv2d", .. })
+    ));
+    assert!(matches!(
+        g.reshape(x, &[7, 64]),
+        Err(NnError::Shape { op: "reshape", .. })
+    ));
     // Running without setting an input is an error, not a panic.
     let mut g = Graph::new();
     let x = g.input("x", &[2, 3], DType::F32);
     let y = g.relu(x).unwrap();
     let mut exec = CpuExecutor::new(&g);
     let params = Params { tensors: vec![] };
-    assert!(matches!(exec.forward_all(&params), Err(NnError::MissingValue { .. })));
-    exec.set_value(x, &[1.0, -1.0, 2.0, -2.0, 0.5, 3.0]).unwrap();
+    assert!(matches!(
+        exec.forward_all(&params),
+        Err(NnError::MissingValue { .. })
+    ));
+    exec.set_value(x, &[1.0, -1.0, 2.0, -2.0, 0.5, 3.0])
+        .unwrap();
     exec.forward_all(&params).unwrap();
     assert_eq!(exec.value(y).unwrap(), &[1.0, 0.0, 2.0, 0.0, 0.5, 3.0]);
-    assert!(matches!(exec.set_value(x, &[1.0]), Err(NnError::Length { .. })));
+    assert!(matches!(
+        exec.set_value(x, &[1.0]),
+        Err(NnError::Length { .. })
+    ));
 }
 
 #[test]
@@ -265,7 +331,13 @@ fn pipeline_stages_reproduce_the_whole_graph() {
     whole.backward_from(&params, model.loss).unwrap();
 
     // Stage 1: everything up to and including the first hidden layer's output.
-    let fc2 = g.params().iter().find(|p| p.name == "fc2.weight").unwrap().node.index();
+    let fc2 = g
+        .params()
+        .iter()
+        .find(|p| p.name == "fc2.weight")
+        .unwrap()
+        .node
+        .index();
     let cut = fc2; // first node of stage 2
     let boundary = g.stage_outputs(0..cut);
     assert_eq!(g.stage_inputs(cut..g.len()), boundary);
@@ -278,14 +350,26 @@ fn pipeline_stages_reproduce_the_whole_graph() {
     }
     s2.set_ids(model.target, &y).unwrap();
     s2.forward(&params, cut..g.len()).unwrap();
-    assert_eq!(s2.scalar(model.loss).unwrap().to_bits(), whole.scalar(model.loss).unwrap().to_bits());
-    s2.backward(&params, cut..g.len(), &[(model.loss, &[1.0])]).unwrap();
-    let seeds: Vec<(NodeId, Vec<f32>)> = boundary.iter().map(|&b| (b, s2.grad(b).unwrap().to_vec())).collect();
+    assert_eq!(
+        s2.scalar(model.loss).unwrap().to_bits(),
+        whole.scalar(model.loss).unwrap().to_bits()
+    );
+    s2.backward(&params, cut..g.len(), &[(model.loss, &[1.0])])
+        .unwrap();
+    let seeds: Vec<(NodeId, Vec<f32>)> = boundary
+        .iter()
+        .map(|&b| (b, s2.grad(b).unwrap().to_vec()))
+        .collect();
     let seeds: Vec<(NodeId, &[f32])> = seeds.iter().map(|(b, v)| (*b, v.as_slice())).collect();
     s1.backward(&params, 0..cut, &seeds).unwrap();
     for (i, spec) in g.params().iter().enumerate() {
         let stage = if spec.node.index() < cut { &s1 } else { &s2 };
-        assert_eq!(stage.param_grad(i), whole.param_grad(i), "gradient of {}", spec.name);
+        assert_eq!(
+            stage.param_grad(i),
+            whole.param_grad(i),
+            "gradient of {}",
+            spec.name
+        );
     }
 }
 
@@ -295,7 +379,11 @@ fn pipeline_stages_reproduce_the_whole_graph() {
 
 /// Trains on the seeded 80/20 split with a cosine learning-rate decay; returns the final
 /// test accuracy.
-fn train_classifier(model_for: impl Fn(usize) -> tessera::nn::Model, config: OptimizerConfig, epochs: usize) -> f32 {
+fn train_classifier(
+    model_for: impl Fn(usize) -> tessera::nn::Model,
+    config: OptimizerConfig,
+    epochs: usize,
+) -> f32 {
     let (train, test) = digits().split(0.2, 42);
     let model = model_for(64);
     let peak = config.lr();
@@ -304,10 +392,17 @@ fn train_classifier(model_for: impl Fn(usize) -> tessera::nn::Model, config: Opt
     let mut eval = Evaluator::new(model_for(test.len()));
     let mut last = 0.0;
     for epoch in 0..epochs {
-        state.optimizer.set_lr(peak * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / epochs as f32).cos()));
+        state.optimizer.set_lr(
+            peak * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / epochs as f32).cos()),
+        );
         let stats = trainer.train_epoch(&mut state, &train).unwrap();
         let e = eval.classify(&state.params, &test).unwrap();
-        println!("epoch {epoch}: loss {:.4} test acc {:.4} ({:.0} samples/s)", stats.loss, e.accuracy, stats.samples_per_second());
+        println!(
+            "epoch {epoch}: loss {:.4} test acc {:.4} ({:.0} samples/s)",
+            stats.loss,
+            e.accuracy,
+            stats.samples_per_second()
+        );
         last = e.accuracy;
     }
     last
@@ -315,35 +410,56 @@ fn train_classifier(model_for: impl Fn(usize) -> tessera::nn::Model, config: Opt
 
 #[test]
 fn mlp_reaches_97_percent_on_digits() {
-    let acc = train_classifier(|b| mlp(b, &[64, 128, 64, 10]).unwrap(), OptimizerConfig::adam(2e-3), 40);
+    let acc = train_classifier(
+        |b| mlp(b, &[64, 128, 64, 10]).unwrap(),
+        OptimizerConfig::adam(2e-3),
+        40,
+    );
     assert!(acc >= 0.97, "MLP test accuracy {acc}");
 }
 
 #[test]
 fn cnn_reaches_98_percent_on_digits() {
-    let acc = train_classifier(|b| lenet(b, 8, 10).unwrap(), OptimizerConfig::adamw(3e-3, 1e-4), 30);
+    let acc = train_classifier(
+        |b| lenet(b, 8, 10).unwrap(),
+        OptimizerConfig::adamw(3e-3, 1e-4),
+        30,
+    );
     assert!(acc >= 0.98, "CNN test accuracy {acc}");
 }
 
 #[test]
 fn char_gru_beats_the_unigram_baseline() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let corpus = TextCorpus::from_files(&[root.join("README.md"), root.join("src/nn/graph.rs")]).unwrap();
+    let corpus =
+        TextCorpus::from_files(&[root.join("README.md"), root.join("src/nn/graph.rs")]).unwrap();
     let split = corpus.ids.len() * 9 / 10;
     let (train, valid) = corpus.ids.split_at(split);
     let baseline = corpus.unigram_cross_entropy(train, valid);
     let (batch, steps) = (16, 32);
     let model = char_gru(batch, steps, corpus.vocab_size(), 32, 64).unwrap();
-    let mut state = TrainState::new(&model, OptimizerConfig::adam(5e-3), window_count(train.len(), steps), batch, 3);
+    let mut state = TrainState::new(
+        &model,
+        OptimizerConfig::adam(5e-3),
+        window_count(train.len(), steps),
+        batch,
+        3,
+    );
     let mut trainer = Trainer::new(model);
     let mut eval = Evaluator::new(char_gru(batch, steps, corpus.vocab_size(), 32, 64).unwrap());
     let mut loss = f32::INFINITY;
     for epoch in 0..4 {
         let stats = trainer.train_epoch_text(&mut state, train, steps).unwrap();
         loss = eval.text(&state.params, valid, steps).unwrap().loss;
-        println!("epoch {epoch}: train {:.3} valid {loss:.3} unigram {baseline:.3}", stats.loss);
+        println!(
+            "epoch {epoch}: train {:.3} valid {loss:.3} unigram {baseline:.3}",
+            stats.loss
+        );
     }
-    assert!(loss < baseline, "validation loss {loss} did not beat the unigram baseline {baseline}");
+    assert!(
+        loss < baseline,
+        "validation loss {loss} did not beat the unigram baseline {baseline}"
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -355,7 +471,9 @@ fn run_steps(trainer: &mut Trainer, state: &mut TrainState, data: &Dataset, step
     let (input, target) = (trainer.model().input, trainer.model().target);
     let mut done = 0;
     while done < steps {
-        let Some(idx) = state.loader.next_batch() else { continue };
+        let Some(idx) = state.loader.next_batch() else {
+            continue;
+        };
         let idx = idx.to_vec();
         let mut x = vec![0.0; idx.len() * data.dim];
         let mut y = vec![0; idx.len()];
@@ -392,9 +510,14 @@ fn resumed_training_is_bit_identical() {
 
     assert_eq!(resumed.step, straight.step);
     for (a, b) in resumed.params.tensors.iter().zip(&straight.params.tensors) {
-        let (a, b): (Vec<u32>, Vec<u32>) =
-            (a.data.iter().map(|v| v.to_bits()).collect(), b.data.iter().map(|v| v.to_bits()).collect());
+        let (a, b): (Vec<u32>, Vec<u32>) = (
+            a.data.iter().map(|v| v.to_bits()).collect(),
+            b.data.iter().map(|v| v.to_bits()).collect(),
+        );
         assert_eq!(a, b);
     }
-    assert_eq!(resumed, straight, "optimizer, RNG and loader state must match too");
+    assert_eq!(
+        resumed, straight,
+        "optimizer, RNG and loader state must match too"
+    );
 }

@@ -88,16 +88,31 @@ impl CpuExecutor {
         for (i, node) in nodes.iter().enumerate() {
             let len = node.len();
             let is_param = matches!(node.op, Op::Param { .. });
-            vals.push(if node.dtype == DType::F32 && !is_param { vec![0.0; len] } else { Vec::new() });
-            ids.push(if node.dtype == DType::I32 { vec![0; len] } else { Vec::new() });
-            grads.push(if requires_grad[i] { vec![0.0; len] } else { Vec::new() });
+            vals.push(if node.dtype == DType::F32 && !is_param {
+                vec![0.0; len]
+            } else {
+                Vec::new()
+            });
+            ids.push(if node.dtype == DType::I32 {
+                vec![0; len]
+            } else {
+                Vec::new()
+            });
+            grads.push(if requires_grad[i] {
+                vec![0.0; len]
+            } else {
+                Vec::new()
+            });
             let sizes = buffer_sizes(graph, node);
             aux.push(vec![0.0; sizes.aux]);
             idx.push(vec![0; sizes.idx]);
             scratch = scratch.max(sizes.scratch);
             scratch2 = scratch2.max(sizes.scratch2);
         }
-        let filled = nodes.iter().map(|n| matches!(n.op, Op::Param { .. })).collect();
+        let filled = nodes
+            .iter()
+            .map(|n| matches!(n.op, Op::Param { .. }))
+            .collect();
         CpuExecutor {
             graph: graph.clone(),
             vals,
@@ -122,7 +137,12 @@ impl CpuExecutor {
     fn check_len(&self, node: NodeId, got: usize) -> Result<(), NnError> {
         let n = self.graph.node(node)?;
         if n.len() != got {
-            return Err(NnError::Length { node: node.0, name: n.name.clone(), expected: n.len(), got });
+            return Err(NnError::Length {
+                node: node.0,
+                name: n.name.clone(),
+                expected: n.len(),
+                got,
+            });
         }
         Ok(())
     }
@@ -135,7 +155,12 @@ impl CpuExecutor {
     pub fn value_mut(&mut self, node: NodeId) -> Result<&mut [f32], NnError> {
         let n = self.graph.node(node)?;
         if n.dtype != DType::F32 || matches!(n.op, Op::Param { .. }) {
-            return Err(NnError::DType { op: "set_value", input: "node", got: n.dtype, expected: DType::F32 });
+            return Err(NnError::DType {
+                op: "set_value",
+                input: "node",
+                got: n.dtype,
+                expected: DType::F32,
+            });
         }
         self.filled[node.0] = true;
         Ok(&mut self.vals[node.0])
@@ -148,7 +173,12 @@ impl CpuExecutor {
     pub fn ids_mut(&mut self, node: NodeId) -> Result<&mut [i32], NnError> {
         let n = self.graph.node(node)?;
         if n.dtype != DType::I32 {
-            return Err(NnError::DType { op: "set_ids", input: "node", got: n.dtype, expected: DType::I32 });
+            return Err(NnError::DType {
+                op: "set_ids",
+                input: "node",
+                got: n.dtype,
+                expected: DType::I32,
+            });
         }
         self.filled[node.0] = true;
         Ok(&mut self.ids[node.0])
@@ -181,7 +211,10 @@ impl CpuExecutor {
     }
 
     fn missing(&self, node: NodeId) -> NnError {
-        NnError::MissingValue { node: node.0, name: self.graph.nodes()[node.0].name.clone() }
+        NnError::MissingValue {
+            node: node.0,
+            name: self.graph.nodes()[node.0].name.clone(),
+        }
     }
 }
 
@@ -194,7 +227,12 @@ struct Sizes {
 }
 
 fn buffer_sizes(graph: &Graph, node: &crate::nn::Node) -> Sizes {
-    let mut s = Sizes { aux: 0, idx: 0, scratch: 0, scratch2: 0 };
+    let mut s = Sizes {
+        aux: 0,
+        idx: 0,
+        scratch: 0,
+        scratch2: 0,
+    };
     let shape_of = |i: usize| &graph.nodes()[node.inputs[i].0].shape;
     let len = node.len();
     match node.op {
@@ -258,7 +296,10 @@ impl Executor for CpuExecutor {
     fn forward(&mut self, params: &Params, range: Range<usize>) -> Result<(), NnError> {
         let len = self.graph.len();
         if range.end > len {
-            return Err(NnError::UnknownNode { node: range.end.saturating_sub(1), len });
+            return Err(NnError::UnknownNode {
+                node: range.end.saturating_sub(1),
+                len,
+            });
         }
         params.check(&self.graph)?;
         self.forward_trained = self.training;
@@ -281,11 +322,21 @@ impl Executor for CpuExecutor {
             let mut out_ids = std::mem::take(&mut self.ids[n]);
             let mut aux = std::mem::take(&mut self.aux[n]);
             let mut idx = std::mem::take(&mut self.idx[n]);
-            let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
+            let ctx = Ctx {
+                graph: &self.graph,
+                vals: &self.vals,
+                ids: &self.ids,
+                params,
+            };
             let result = forward::run(
                 &ctx,
                 node,
-                forward::Out { val: &mut out, ids: &mut out_ids, aux: &mut aux, idx: &mut idx },
+                forward::Out {
+                    val: &mut out,
+                    ids: &mut out_ids,
+                    aux: &mut aux,
+                    idx: &mut idx,
+                },
                 &mut self.rng,
                 self.training,
             );
@@ -299,10 +350,18 @@ impl Executor for CpuExecutor {
         Ok(())
     }
 
-    fn backward(&mut self, params: &Params, range: Range<usize>, seeds: &[(NodeId, &[f32])]) -> Result<(), NnError> {
+    fn backward(
+        &mut self,
+        params: &Params,
+        range: Range<usize>,
+        seeds: &[(NodeId, &[f32])],
+    ) -> Result<(), NnError> {
         let len = self.graph.len();
         if range.end > len {
-            return Err(NnError::UnknownNode { node: range.end.saturating_sub(1), len });
+            return Err(NnError::UnknownNode {
+                node: range.end.saturating_sub(1),
+                len,
+            });
         }
         params.check(&self.graph)?;
         for n in range.clone() {
@@ -336,16 +395,40 @@ impl Executor for CpuExecutor {
                 return Err(self.missing(NodeId(n)));
             }
             let g = std::mem::take(&mut self.grads[n]);
-            let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
-            let saved = backward::Saved { aux: &self.aux[n], idx: &self.idx[n], trained: self.forward_trained };
+            let ctx = Ctx {
+                graph: &self.graph,
+                vals: &self.vals,
+                ids: &self.ids,
+                params,
+            };
+            let saved = backward::Saved {
+                aux: &self.aux[n],
+                idx: &self.idx[n],
+                trained: self.forward_trained,
+            };
             backward::prepare(&ctx, node, n, &g, &saved, &mut self.scratch);
             for (pos, &input) in node.inputs.iter().enumerate() {
                 if !self.requires_grad[input.0] {
                     continue;
                 }
                 let mut gin = std::mem::take(&mut self.grads[input.0]);
-                let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
-                backward::accumulate(&ctx, node, n, pos, &g, &saved, &self.scratch, &mut self.scratch2, &mut gin);
+                let ctx = Ctx {
+                    graph: &self.graph,
+                    vals: &self.vals,
+                    ids: &self.ids,
+                    params,
+                };
+                backward::accumulate(
+                    &ctx,
+                    node,
+                    n,
+                    pos,
+                    &g,
+                    &saved,
+                    &self.scratch,
+                    &mut self.scratch2,
+                    &mut gin,
+                );
                 self.grads[input.0] = gin;
             }
             self.grads[n] = g;
@@ -356,7 +439,12 @@ impl Executor for CpuExecutor {
     fn value(&self, node: NodeId) -> Result<&[f32], NnError> {
         let n = self.graph.node(node)?;
         if n.dtype != DType::F32 {
-            return Err(NnError::DType { op: "value", input: "node", got: n.dtype, expected: DType::F32 });
+            return Err(NnError::DType {
+                op: "value",
+                input: "node",
+                got: n.dtype,
+                expected: DType::F32,
+            });
         }
         if !self.filled[node.0] {
             return Err(self.missing(node));

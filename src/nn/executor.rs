@@ -45,7 +45,12 @@ pub trait Executor {
     /// # Errors
     /// [`NnError::MissingValue`] if `range` was not run forward; [`NnError::Length`] for a
     /// seed of the wrong size.
-    fn backward(&mut self, params: &Params, range: Range<usize>, seeds: &[(NodeId, &[f32])]) -> Result<(), NnError>;
+    fn backward(
+        &mut self,
+        params: &Params,
+        range: Range<usize>,
+        seeds: &[(NodeId, &[f32])],
+    ) -> Result<(), NnError>;
 
     /// A computed or set f32 value.
     ///

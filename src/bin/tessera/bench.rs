@@ -3,13 +3,15 @@
 //! With `--json` each line is `{"bench": "<suite>/<case>", "value": <number>,
 //! "unit": "<unit>", "higher_is_better": <bool>}`, the format the benchmarking CI reads.
 
+mod nn;
+
 use anyhow::{bail, Result};
 use clap::Args;
 use serde::Serialize;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks.
+    /// The suite to run: nn.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -31,13 +33,34 @@ pub(crate) struct Reporter {
 }
 
 impl Reporter {
-    pub(crate) fn report(&self, bench: &str, value: f64, unit: &'static str, higher_is_better: bool) {
-        let line = BenchLine { bench: bench.to_string(), value, unit, higher_is_better };
+    pub(crate) fn report(
+        &self,
+        bench: &str,
+        value: f64,
+        unit: &'static str,
+        higher_is_better: bool,
+    ) {
+        let line = BenchLine {
+            bench: bench.to_string(),
+            value,
+            unit,
+            higher_is_better,
+        };
         if self.json {
-            println!("{}", serde_json::to_string(&line).expect("bench line serializes"));
+            println!(
+                "{}",
+                serde_json::to_string(&line).expect("bench line serializes")
+            );
         } else {
-            let better = if higher_is_better { "higher is better" } else { "lower is better" };
-            println!("{:<36} {:>14.3} {:<10} ({better})", line.bench, line.value, line.unit);
+            let better = if higher_is_better {
+                "higher is better"
+            } else {
+                "lower is better"
+            };
+            println!(
+                "{:<36} {:>14.3} {:<10} ({better})",
+                line.bench, line.value, line.unit
+            );
         }
     }
 }
@@ -45,7 +68,8 @@ impl Reporter {
 pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let reporter = Reporter { json: args.json };
     match args.suite.as_str() {
-        other => bail!("unknown bench suite `{other}`; known suites: none yet"),
+        "nn" => nn::run(&reporter),
+        other => bail!("unknown bench suite `{other}`; known suites: nn"),
     }
 }
 

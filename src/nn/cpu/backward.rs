@@ -47,7 +47,14 @@ fn add_col_sums(dst: &mut [f32], m: &[f32]) {
     }
 }
 
-pub(crate) fn prepare(ctx: &Ctx<'_>, node: &Node, n: usize, g: &[f32], saved: &Saved<'_>, scratch: &mut [f32]) {
+pub(crate) fn prepare(
+    ctx: &Ctx<'_>,
+    node: &Node,
+    n: usize,
+    g: &[f32],
+    saved: &Saved<'_>,
+    scratch: &mut [f32],
+) {
     let y = &ctx.vals[n];
     match node.op {
         Op::Linear { act } | Op::Conv2d { act, .. } => act_grad(act, y, g, &mut scratch[..g.len()]),
@@ -60,7 +67,18 @@ pub(crate) fn prepare(ctx: &Ctx<'_>, node: &Node, n: usize, g: &[f32], saved: &S
                 let off = (bh / heads) * t * d + (bh % heads) * dh;
                 let ds = &mut scratch[bh * t * t..(bh + 1) * t * t];
                 let p = &saved.aux[bh * t * t..(bh + 1) * t * t];
-                gemm(t, dh, t, 1.0, MatRef::strided(&g[off..], d, 1), MatRef::strided(&v[off..], 1, d), 0.0, ds, t, 1);
+                gemm(
+                    t,
+                    dh,
+                    t,
+                    1.0,
+                    MatRef::strided(&g[off..], d, 1),
+                    MatRef::strided(&v[off..], 1, d),
+                    0.0,
+                    ds,
+                    t,
+                    1,
+                );
                 for (dr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
                     let s: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
                     for (dv, &pv) in dr.iter_mut().zip(pr) {
@@ -121,9 +139,25 @@ pub(crate) fn accumulate(
             let (a, b) = (ctx.shape(inp[0]), ctx.shape(inp[1]));
             let (m, k, nn) = (a[0], a[1], b[1]);
             if pos == 0 {
-                gemm_rm(m, nn, k, MatRef::rows(g, nn), MatRef::trans(val(1), nn), 1.0, gin);
+                gemm_rm(
+                    m,
+                    nn,
+                    k,
+                    MatRef::rows(g, nn),
+                    MatRef::trans(val(1), nn),
+                    1.0,
+                    gin,
+                );
             } else {
-                gemm_rm(k, m, nn, MatRef::trans(val(0), k), MatRef::rows(g, nn), 1.0, gin);
+                gemm_rm(
+                    k,
+                    m,
+                    nn,
+                    MatRef::trans(val(0), k),
+                    MatRef::rows(g, nn),
+                    1.0,
+                    gin,
+                );
             }
         }
         Op::Linear { .. } => {
@@ -132,8 +166,24 @@ pub(crate) fn accumulate(
             let m = g.len() / nn.max(1);
             let dz = &scratch[..g.len()];
             match pos {
-                0 => gemm_rm(m, nn, k, MatRef::rows(dz, nn), MatRef::trans(val(1), nn), 1.0, gin),
-                1 => gemm_rm(k, m, nn, MatRef::trans(val(0), k), MatRef::rows(dz, nn), 1.0, gin),
+                0 => gemm_rm(
+                    m,
+                    nn,
+                    k,
+                    MatRef::rows(dz, nn),
+                    MatRef::trans(val(1), nn),
+                    1.0,
+                    gin,
+                ),
+                1 => gemm_rm(
+                    k,
+                    m,
+                    nn,
+                    MatRef::trans(val(0), k),
+                    MatRef::rows(dz, nn),
+                    1.0,
+                    gin,
+                ),
                 _ => add_col_sums(gin, dz),
             }
         }
@@ -147,12 +197,28 @@ pub(crate) fn accumulate(
                 match pos {
                     0 => {
                         let dcol = &mut scratch2[..ckk * ohw];
-                        gemm_rm(ckk, o, ohw, MatRef::trans(val(1), ckk), MatRef::rows(dzb, ohw), 0.0, dcol);
+                        gemm_rm(
+                            ckk,
+                            o,
+                            ohw,
+                            MatRef::trans(val(1), ckk),
+                            MatRef::rows(dzb, ohw),
+                            0.0,
+                            dcol,
+                        );
                         geo.col2im_add(dcol, &mut gin[b * geo.chw()..(b + 1) * geo.chw()]);
                     }
                     1 => {
                         let col = &saved.aux[b * ckk * ohw..(b + 1) * ckk * ohw];
-                        gemm_rm(o, ohw, ckk, MatRef::rows(dzb, ohw), MatRef::trans(col, ohw), 1.0, gin);
+                        gemm_rm(
+                            o,
+                            ohw,
+                            ckk,
+                            MatRef::rows(dzb, ohw),
+                            MatRef::trans(col, ohw),
+                            1.0,
+                            gin,
+                        );
                     }
                     _ => {
                         for (gb, row) in gin.iter_mut().zip(dzb.chunks_exact(ohw)) {
@@ -198,28 +264,26 @@ pub(crate) fn accumulate(
                 *d += scale * (av - bv);
             }
         }
-        Op::Act(act) => {
-            match act {
-                Activation::Identity => add_into(gin, g),
-                Activation::Relu => {
-                    for ((d, &yv), &gv) in gin.iter_mut().zip(y).zip(g) {
-                        if yv > 0.0 {
-                            *d += gv;
-                        }
-                    }
-                }
-                Activation::Sigmoid => {
-                    for ((d, &yv), &gv) in gin.iter_mut().zip(y).zip(g) {
-                        *d += gv * yv * (1.0 - yv);
-                    }
-                }
-                Activation::Tanh => {
-                    for ((d, &yv), &gv) in gin.iter_mut().zip(y).zip(g) {
-                        *d += gv * (1.0 - yv * yv);
+        Op::Act(act) => match act {
+            Activation::Identity => add_into(gin, g),
+            Activation::Relu => {
+                for ((d, &yv), &gv) in gin.iter_mut().zip(y).zip(g) {
+                    if yv > 0.0 {
+                        *d += gv;
                     }
                 }
             }
-        }
+            Activation::Sigmoid => {
+                for ((d, &yv), &gv) in gin.iter_mut().zip(y).zip(g) {
+                    *d += gv * yv * (1.0 - yv);
+                }
+            }
+            Activation::Tanh => {
+                for ((d, &yv), &gv) in gin.iter_mut().zip(y).zip(g) {
+                    *d += gv * (1.0 - yv * yv);
+                }
+            }
+        },
         Op::Gelu => {
             for ((d, &x), &gv) in gin.iter_mut().zip(val(0)).zip(g) {
                 let t = (GELU_C * (x + 0.044715 * x * x * x)).tanh();
@@ -280,7 +344,11 @@ pub(crate) fn accumulate(
         }
         Op::Softmax => {
             let d = *node.shape.last().unwrap_or(&1);
-            for ((dr, yr), gr) in gin.chunks_exact_mut(d).zip(y.chunks_exact(d)).zip(g.chunks_exact(d)) {
+            for ((dr, yr), gr) in gin
+                .chunks_exact_mut(d)
+                .zip(y.chunks_exact(d))
+                .zip(g.chunks_exact(d))
+            {
                 let s: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
                 for ((dv, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
                     *dv += yv * (gv - s);
@@ -292,7 +360,11 @@ pub(crate) fn accumulate(
                 let c = ctx.shape(inp[0])[1];
                 let labels = ctx.ids(inp[1]);
                 let scale = g[0] / labels.len().max(1) as f32;
-                for ((dr, pr), &label) in gin.chunks_exact_mut(c).zip(saved.aux.chunks_exact(c)).zip(labels) {
+                for ((dr, pr), &label) in gin
+                    .chunks_exact_mut(c)
+                    .zip(saved.aux.chunks_exact(c))
+                    .zip(labels)
+                {
                     for (dv, &pv) in dr.iter_mut().zip(pr) {
                         *dv += scale * pv;
                     }
@@ -334,7 +406,10 @@ pub(crate) fn accumulate(
         Op::StackSteps => {
             let (b, t, d) = (node.shape[0], node.shape[1], node.shape[2]);
             for bi in 0..b {
-                add_into(&mut gin[bi * d..(bi + 1) * d], &g[(bi * t + pos) * d..(bi * t + pos + 1) * d]);
+                add_into(
+                    &mut gin[bi * d..(bi + 1) * d],
+                    &g[(bi * t + pos) * d..(bi * t + pos + 1) * d],
+                );
             }
         }
         Op::GruCell => {
@@ -347,9 +422,25 @@ pub(crate) fn accumulate(
                     for ((d, &gv), &zv) in gin.iter_mut().zip(g).zip(z) {
                         *d += gv * zv;
                     }
-                    gemm_rm(b, 3 * h, h, MatRef::rows(dgh, 3 * h), MatRef::trans(val(2), 3 * h), 1.0, gin);
+                    gemm_rm(
+                        b,
+                        3 * h,
+                        h,
+                        MatRef::rows(dgh, 3 * h),
+                        MatRef::trans(val(2), 3 * h),
+                        1.0,
+                        gin,
+                    );
                 }
-                2 => gemm_rm(h, b, 3 * h, MatRef::trans(val(1), h), MatRef::rows(dgh, 3 * h), 1.0, gin),
+                2 => gemm_rm(
+                    h,
+                    b,
+                    3 * h,
+                    MatRef::trans(val(1), h),
+                    MatRef::rows(dgh, 3 * h),
+                    1.0,
+                    gin,
+                ),
                 _ => add_col_sums(gin, dgh),
             }
         }

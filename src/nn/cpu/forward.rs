@@ -1,7 +1,7 @@
 //! Forward kernels: one arm per [`Op`], writing into the node's preallocated buffers.
 use super::{gemm_rm, Ctx, MatRef};
 use crate::nn::cpu::gemm::gemm;
-use crate::nn::{Activation, Node, NnError, Op, Rng};
+use crate::nn::{Activation, NnError, Node, Op, Rng};
 
 /// The node's own buffers, taken out of the executor while its kernel runs.
 pub(crate) struct Out<'a> {
@@ -47,7 +47,13 @@ pub(crate) fn softmax_rows(x: &mut [f32], d: usize) {
     }
 }
 
-pub(crate) fn run(ctx: &Ctx<'_>, node: &Node, out: Out<'_>, rng: &mut Rng, training: bool) -> Result<(), NnError> {
+pub(crate) fn run(
+    ctx: &Ctx<'_>,
+    node: &Node,
+    out: Out<'_>,
+    rng: &mut Rng,
+    training: bool,
+) -> Result<(), NnError> {
     let y = out.val.as_mut_slice();
     let inp = &node.inputs;
     match node.op {
@@ -56,14 +62,30 @@ pub(crate) fn run(ctx: &Ctx<'_>, node: &Node, out: Out<'_>, rng: &mut Rng, train
         Op::MatMul => {
             let (a, b) = (ctx.shape(inp[0]), ctx.shape(inp[1]));
             let (m, k, n) = (a[0], a[1], b[1]);
-            gemm_rm(m, k, n, MatRef::rows(ctx.val(inp[0]), k), MatRef::rows(ctx.val(inp[1]), n), 0.0, y);
+            gemm_rm(
+                m,
+                k,
+                n,
+                MatRef::rows(ctx.val(inp[0]), k),
+                MatRef::rows(ctx.val(inp[1]), n),
+                0.0,
+                y,
+            );
         }
         Op::Linear { act } => {
             let w = ctx.shape(inp[1]);
             let (k, n) = (w[0], w[1]);
             let m = y.len() / n.max(1);
             broadcast_rows(y, ctx.val(inp[2]));
-            gemm_rm(m, k, n, MatRef::rows(ctx.val(inp[0]), k), MatRef::rows(ctx.val(inp[1]), n), 1.0, y);
+            gemm_rm(
+                m,
+                k,
+                n,
+                MatRef::rows(ctx.val(inp[0]), k),
+                MatRef::rows(ctx.val(inp[1]), n),
+                1.0,
+                y,
+            );
             apply_act(act, y);
         }
         Op::Conv2d { stride, pad, act } => {
@@ -80,7 +102,15 @@ pub(crate) fn run(ctx: &Ctx<'_>, node: &Node, out: Out<'_>, rng: &mut Rng, train
                 for (row, &bias) in yb.chunks_exact_mut(ohw).zip(bv) {
                     row.fill(bias);
                 }
-                gemm_rm(o, ckk, ohw, MatRef::rows(wv, ckk), MatRef::rows(col, ohw), 1.0, yb);
+                gemm_rm(
+                    o,
+                    ckk,
+                    ohw,
+                    MatRef::rows(wv, ckk),
+                    MatRef::rows(col, ohw),
+                    1.0,
+                    yb,
+                );
             }
             apply_act(act, y);
         }
@@ -114,7 +144,10 @@ pub(crate) fn run(ctx: &Ctx<'_>, node: &Node, out: Out<'_>, rng: &mut Rng, train
         }
         Op::Add => {
             let (a, b) = (ctx.val(inp[0]), ctx.val(inp[1]));
-            for (yc, ac) in y.chunks_exact_mut(b.len().max(1)).zip(a.chunks_exact(b.len().max(1))) {
+            for (yc, ac) in y
+                .chunks_exact_mut(b.len().max(1))
+                .zip(a.chunks_exact(b.len().max(1)))
+            {
                 for ((yv, av), bv) in yc.iter_mut().zip(ac).zip(b) {
                     *yv = av + bv;
                 }
@@ -123,10 +156,20 @@ pub(crate) fn run(ctx: &Ctx<'_>, node: &Node, out: Out<'_>, rng: &mut Rng, train
         Op::Sub | Op::Mul | Op::Mse => {
             let (a, b) = (ctx.val(inp[0]), ctx.val(inp[1]));
             match node.op {
-                Op::Sub => y.iter_mut().zip(a.iter().zip(b)).for_each(|(y, (a, b))| *y = a - b),
-                Op::Mul => y.iter_mut().zip(a.iter().zip(b)).for_each(|(y, (a, b))| *y = a * b),
+                Op::Sub => y
+                    .iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(y, (a, b))| *y = a - b),
+                Op::Mul => y
+                    .iter_mut()
+                    .zip(a.iter().zip(b))
+                    .for_each(|(y, (a, b))| *y = a * b),
                 _ => {
-                    let sum: f64 = a.iter().zip(b).map(|(a, b)| ((a - b) * (a - b)) as f64).sum();
+                    let sum: f64 = a
+                        .iter()
+                        .zip(b)
+                        .map(|(a, b)| ((a - b) * (a - b)) as f64)
+                        .sum();
                     y[0] = (sum / a.len().max(1) as f64) as f32;
                 }
             }
@@ -181,7 +224,12 @@ pub(crate) fn run(ctx: &Ctx<'_>, node: &Node, out: Out<'_>, rng: &mut Rng, train
             let (v, d) = (t[0], t[1]);
             for (position, (&id, yr)) in ids.iter().zip(y.chunks_exact_mut(d.max(1))).enumerate() {
                 if id < 0 || id as usize >= v {
-                    return Err(NnError::IdOutOfRange { op: "embedding", id, position, limit: v });
+                    return Err(NnError::IdOutOfRange {
+                        op: "embedding",
+                        id,
+                        position,
+                        limit: v,
+                    });
                 }
                 let id = id as usize;
                 yr.copy_from_slice(&table[id * d..(id + 1) * d]);
@@ -201,7 +249,12 @@ pub(crate) fn run(ctx: &Ctx<'_>, node: &Node, out: Out<'_>, rng: &mut Rng, train
             let mut total = 0.0f64;
             for (position, (&label, row)) in labels.iter().zip(probs.chunks_exact(c)).enumerate() {
                 if label < 0 || label as usize >= c {
-                    return Err(NnError::IdOutOfRange { op: "softmax_cross_entropy", id: label, position, limit: c });
+                    return Err(NnError::IdOutOfRange {
+                        op: "softmax_cross_entropy",
+                        id: label,
+                        position,
+                        limit: c,
+                    });
                 }
                 total -= (row[label as usize].max(1e-30) as f64).ln();
             }
@@ -227,7 +280,18 @@ pub(crate) fn run(ctx: &Ctx<'_>, node: &Node, out: Out<'_>, rng: &mut Rng, train
                     }
                     softmax_rows(p, t);
                     let vm = MatRef::strided(&v[off..], d, 1);
-                    gemm(t, t, dh, 1.0, MatRef::rows(p, t), vm, 0.0, &mut y[off..], d, 1);
+                    gemm(
+                        t,
+                        t,
+                        dh,
+                        1.0,
+                        MatRef::rows(p, t),
+                        vm,
+                        0.0,
+                        &mut y[off..],
+                        d,
+                        1,
+                    );
                 }
             }
         }
@@ -244,16 +308,30 @@ pub(crate) fn run(ctx: &Ctx<'_>, node: &Node, out: Out<'_>, rng: &mut Rng, train
             for (s, &input) in inp.iter().enumerate() {
                 let xv = ctx.val(input);
                 for bi in 0..b {
-                    y[(bi * t + s) * d..(bi * t + s + 1) * d].copy_from_slice(&xv[bi * d..(bi + 1) * d]);
+                    y[(bi * t + s) * d..(bi * t + s + 1) * d]
+                        .copy_from_slice(&xv[bi * d..(bi + 1) * d]);
                 }
             }
         }
         Op::GruCell => {
             let (b, h) = (node.shape[0], node.shape[1]);
-            let (gx, hv, wh, bh) = (ctx.val(inp[0]), ctx.val(inp[1]), ctx.val(inp[2]), ctx.val(inp[3]));
+            let (gx, hv, wh, bh) = (
+                ctx.val(inp[0]),
+                ctx.val(inp[1]),
+                ctx.val(inp[2]),
+                ctx.val(inp[3]),
+            );
             let (gh, gates) = out.aux.split_at_mut(b * 3 * h);
             broadcast_rows(gh, bh);
-            gemm_rm(b, h, 3 * h, MatRef::rows(hv, h), MatRef::rows(wh, 3 * h), 1.0, gh);
+            gemm_rm(
+                b,
+                h,
+                3 * h,
+                MatRef::rows(hv, h),
+                MatRef::rows(wh, 3 * h),
+                1.0,
+                gh,
+            );
             // gates: [r | z | n], each [B, H].
             let (r, rest) = gates.split_at_mut(b * h);
             let (z, n) = rest.split_at_mut(b * h);
@@ -291,7 +369,17 @@ pub(crate) struct ConvGeometry {
 
 impl ConvGeometry {
     pub(crate) fn new(x: &[usize], w: &[usize], y: &[usize], stride: usize, pad: usize) -> Self {
-        ConvGeometry { c: x[1], h: x[2], w: x[3], kh: w[2], kw: w[3], oh: y[2], ow: y[3], stride, pad }
+        ConvGeometry {
+            c: x[1],
+            h: x[2],
+            w: x[3],
+            kh: w[2],
+            kw: w[3],
+            oh: y[2],
+            ow: y[3],
+            stride,
+            pad,
+        }
     }
 
     pub(crate) fn ckk(&self) -> usize {
@@ -320,8 +408,12 @@ impl ConvGeometry {
                         for j in 0..self.ow {
                             let xj = (j * self.stride + kj) as isize - self.pad as isize;
                             let col = row * ohw + i * self.ow + j;
-                            let inside = yi >= 0 && (yi as usize) < self.h && xj >= 0 && (xj as usize) < self.w;
-                            let src = inside.then(|| (c * self.h + yi as usize) * self.w + xj as usize);
+                            let inside = yi >= 0
+                                && (yi as usize) < self.h
+                                && xj >= 0
+                                && (xj as usize) < self.w;
+                            let src =
+                                inside.then(|| (c * self.h + yi as usize) * self.w + xj as usize);
                             f(col, src);
                         }
                     }
