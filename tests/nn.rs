@@ -521,3 +521,138 @@ fn resumed_training_is_bit_identical() {
         "optimizer, RNG and loader state must match too"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Steady state: no allocation per step; the graph is data
+// ---------------------------------------------------------------------------------------
+
+mod counting {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static COUNTING: Cell<bool> = const { Cell::new(false) };
+        static COUNT: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Counts allocations made by the current thread while counting is on.
+    pub struct Counting;
+
+    // SAFETY: forwards every call to the system allocator unchanged.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            if COUNTING.with(Cell::get) {
+                COUNT.with(|c| c.set(c.get() + 1));
+            }
+            // SAFETY: same contract as the caller's.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: same contract as the caller's.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            if COUNTING.with(Cell::get) {
+                COUNT.with(|c| c.set(c.get() + 1));
+            }
+            // SAFETY: same contract as the caller's.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    /// Allocations `f` makes on this thread.
+    pub fn allocations(f: impl FnOnce()) -> usize {
+        COUNT.with(|c| c.set(0));
+        COUNTING.with(|c| c.set(true));
+        f();
+        COUNTING.with(|c| c.set(false));
+        COUNT.with(Cell::get)
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: counting::Counting = counting::Counting;
+
+/// The executor allocates nothing per step: every buffer is made in `CpuExecutor::new`.
+/// The one allocation left is inside `matrixmultiply`, which allocates its packing buffer
+/// once per matrix product; the MLP's step makes exactly 8 products (3 forward, 5
+/// backward: the input needs no gradient), so it may allocate at most 8 times, and every
+/// model's per-step count must be constant (no growth with steps).
+#[test]
+fn training_steps_do_not_allocate() {
+    let data = digits();
+    let models = [
+        (mlp(64, &[64, 128, 64, 10]).unwrap(), Some(8)),
+        (lenet(64, 8, 10).unwrap(), None),
+        (char_gru(4, 8, 20, 8, 16).unwrap(), None),
+        (
+            tessera::nn::tiny_transformer(
+                2,
+                8,
+                20,
+                tessera::nn::TransformerConfig {
+                    width: 16,
+                    heads: 2,
+                    layers: 1,
+                    ff: 32,
+                },
+            )
+            .unwrap(),
+            None,
+        ),
+    ];
+    for (model, gemm_calls) in models {
+        let mut state = TrainState::new(&model, OptimizerConfig::adamw(1e-3, 1e-2), 100, 4, 1);
+        let mut trainer = Trainer::new(model.clone());
+        let shape = model.graph.shape(model.input).unwrap().to_vec();
+        let n: usize = shape.iter().product();
+        if model.graph.node(model.input).unwrap().dtype == DType::F32 {
+            trainer
+                .executor()
+                .set_value(model.input, &data.features[..n])
+                .unwrap();
+            trainer
+                .executor()
+                .set_ids(model.target, &data.labels[..shape[0]])
+                .unwrap();
+        } else {
+            let ids: Vec<i32> = (0..n as i32).map(|i| i % 20).collect();
+            trainer.executor().set_ids(model.input, &ids).unwrap();
+            trainer.executor().set_ids(model.target, &ids).unwrap();
+        }
+        trainer.step(&mut state).unwrap();
+        let one = counting::allocations(|| {
+            trainer.step(&mut state).unwrap();
+        });
+        let five = counting::allocations(|| {
+            for _ in 0..5 {
+                trainer.step(&mut state).unwrap();
+            }
+        });
+        assert_eq!(
+            five,
+            5 * one,
+            "{} nodes: allocations grow with steps",
+            model.graph.len()
+        );
+        if let Some(limit) = gemm_calls {
+            assert!(
+                one <= limit,
+                "MLP step allocated {one} times; only the {limit} GEMM packing buffers may"
+            );
+        }
+    }
+}
+
+#[test]
+fn graphs_serialize_as_data() {
+    let model = lenet(8, 8, 10).unwrap();
+    let bytes = bincode::serde::encode_to_vec(&model.graph, bincode::config::standard()).unwrap();
+    let (back, _): (Graph, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+    assert_eq!(back, model.graph);
+    assert!(back
+        .nodes()
+        .iter()
+        .any(|n| matches!(n.op, tessera::nn::Op::Conv2d { .. })));
+}

@@ -40,16 +40,16 @@ impl Params {
     pub fn check(&self, graph: &Graph) -> Result<(), NnError> {
         let specs = graph.params();
         for (index, spec) in specs.iter().enumerate() {
-            let got = self
-                .tensors
-                .get(index)
-                .map(|t| t.shape.clone())
-                .unwrap_or_default();
-            let ok = self
+            let fits = self
                 .tensors
                 .get(index)
                 .is_some_and(|t| t.shape == spec.shape && t.data.len() == t.shape.iter().product());
-            if !ok {
+            if !fits {
+                let got = self
+                    .tensors
+                    .get(index)
+                    .map(|t| t.shape.clone())
+                    .unwrap_or_default();
                 return Err(NnError::ParamMismatch {
                     index,
                     name: spec.name.clone(),

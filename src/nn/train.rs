@@ -370,9 +370,7 @@ impl Evaluator {
         for chunk in indices.chunks(batch) {
             let x = self.exec.value_mut(self.model.input)?;
             x.fill(0.0);
-            let mut y = vec![0i32; chunk.len()];
-            data.gather(chunk, x, &mut y);
-            labels[..chunk.len()].copy_from_slice(&y);
+            data.gather(chunk, x, &mut labels[..chunk.len()]);
             self.exec.forward(params, 0..logits.index() + 1)?;
             self.score(batch, chunk.len(), &labels, &mut acc)?;
         }
