@@ -240,10 +240,11 @@ fn buffer_sizes(graph: &Graph, node: &crate::nn::Node) -> Sizes {
         Op::Conv2d { .. } => {
             let (x, w) = (shape_of(0), shape_of(1));
             let ckk = w[1] * w[2] * w[3];
-            let ohw = node.shape[2] * node.shape[3];
-            s.aux = x[0] * ckk * ohw;
+            let nohw = x[0] * node.shape[2] * node.shape[3];
+            // Columns [CKK, N·OHW], then the product [O, N·OHW].
+            s.aux = ckk * nohw + len;
             s.scratch = len;
-            s.scratch2 = ckk * ohw;
+            s.scratch2 = ckk * nohw;
         }
         Op::MaxPool2d { .. } => s.idx = len,
         Op::LayerNorm { .. } => {

@@ -43,7 +43,7 @@ impl Params {
             let fits = self
                 .tensors
                 .get(index)
-                .is_some_and(|t| t.shape == spec.shape && t.data.len() == t.shape.iter().product());
+                .is_some_and(|t| t.shape == spec.shape && t.data.len() == t.shape.iter().product::<usize>());
             if !fits {
                 let got = self
                     .tensors

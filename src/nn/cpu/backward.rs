@@ -57,7 +57,19 @@ pub(crate) fn prepare(
 ) {
     let y = &ctx.vals[n];
     match node.op {
-        Op::Linear { act } | Op::Conv2d { act, .. } => act_grad(act, y, g, &mut scratch[..g.len()]),
+        Op::Linear { act } => act_grad(act, y, g, &mut scratch[..g.len()]),
+        Op::Conv2d { act, .. } => {
+            // dz = g·act'(y), transposed from [N, O, OHW] to [O, N·OHW] for batched GEMMs.
+            let (n, o) = (node.shape[0], node.shape[1]);
+            let ohw = node.shape[2] * node.shape[3];
+            for b in 0..n {
+                for oc in 0..o {
+                    let at = (b * o + oc) * ohw;
+                    let to = oc * n * ohw + b * ohw;
+                    act_grad(act, &y[at..at + ohw], &g[at..at + ohw], &mut scratch[to..to + ohw]);
+                }
+            }
+        }
         Op::Attention { heads, .. } => {
             let (b, t, d) = (node.shape[0], node.shape[1], node.shape[2]);
             let dh = d / heads;
@@ -190,40 +202,21 @@ pub(crate) fn accumulate(
         Op::Conv2d { stride, pad, .. } => {
             let (x, w) = (ctx.shape(inp[0]), ctx.shape(inp[1]));
             let geo = ConvGeometry::new(x, w, &node.shape, stride, pad);
-            let (ckk, ohw, o) = (geo.ckk(), geo.ohw(), w[0]);
+            let (ckk, ohw, o, n) = (geo.ckk(), geo.ohw(), w[0], x[0]);
             let dz = &scratch[..g.len()];
-            for b in 0..x[0] {
-                let dzb = &dz[b * o * ohw..(b + 1) * o * ohw];
-                match pos {
-                    0 => {
-                        let dcol = &mut scratch2[..ckk * ohw];
-                        gemm_rm(
-                            ckk,
-                            o,
-                            ohw,
-                            MatRef::trans(val(1), ckk),
-                            MatRef::rows(dzb, ohw),
-                            0.0,
-                            dcol,
-                        );
-                        geo.col2im_add(dcol, &mut gin[b * geo.chw()..(b + 1) * geo.chw()]);
+            let cols = &saved.aux[..ckk * n * ohw];
+            match pos {
+                0 => {
+                    let dcol = &mut scratch2[..ckk * n * ohw];
+                    gemm_rm(ckk, o, n * ohw, MatRef::trans(val(1), ckk), MatRef::rows(dz, n * ohw), 0.0, dcol);
+                    for b in 0..n {
+                        geo.col2im_add(dcol, b, n, &mut gin[b * geo.chw()..(b + 1) * geo.chw()]);
                     }
-                    1 => {
-                        let col = &saved.aux[b * ckk * ohw..(b + 1) * ckk * ohw];
-                        gemm_rm(
-                            o,
-                            ohw,
-                            ckk,
-                            MatRef::rows(dzb, ohw),
-                            MatRef::trans(col, ohw),
-                            1.0,
-                            gin,
-                        );
-                    }
-                    _ => {
-                        for (gb, row) in gin.iter_mut().zip(dzb.chunks_exact(ohw)) {
-                            *gb += row.iter().sum::<f32>();
-                        }
+                }
+                1 => gemm_rm(o, n * ohw, ckk, MatRef::rows(dz, n * ohw), MatRef::trans(cols, n * ohw), 1.0, gin),
+                _ => {
+                    for (gb, row) in gin.iter_mut().zip(dz.chunks_exact(n * ohw)) {
+                        *gb += row.iter().sum::<f32>();
                     }
                 }
             }

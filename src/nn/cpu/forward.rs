@@ -93,24 +93,23 @@ pub(crate) fn run(
             let w = ctx.shape(inp[1]);
             let geo = ConvGeometry::new(x, w, &node.shape, stride, pad);
             let (xv, wv, bv) = (ctx.val(inp[0]), ctx.val(inp[1]), ctx.val(inp[2]));
-            let cols = out.aux.as_mut_slice();
-            let (ckk, ohw, o) = (geo.ckk(), geo.ohw(), w[0]);
-            for b in 0..x[0] {
-                let col = &mut cols[b * ckk * ohw..(b + 1) * ckk * ohw];
-                geo.im2col(&xv[b * geo.chw()..(b + 1) * geo.chw()], col);
-                let yb = &mut y[b * o * ohw..(b + 1) * o * ohw];
-                for (row, &bias) in yb.chunks_exact_mut(ohw).zip(bv) {
-                    row.fill(bias);
+            // One GEMM for the whole batch: out [O, N·OHW] = W [O, CKK] · cols [CKK, N·OHW],
+            // then a transposing copy to [N, O, OHW] with the bias fused.
+            let (ckk, ohw, o, n) = (geo.ckk(), geo.ohw(), w[0], x[0]);
+            let (cols, prod) = out.aux.split_at_mut(ckk * n * ohw);
+            for b in 0..n {
+                geo.im2col(&xv[b * geo.chw()..(b + 1) * geo.chw()], b, n, cols);
+            }
+            let (wm, cm) = (MatRef::rows(wv, ckk), MatRef::rows(cols, n * ohw));
+            gemm_rm(o, ckk, n * ohw, wm, cm, 0.0, prod);
+            for b in 0..n {
+                for (oc, &bias) in bv.iter().enumerate() {
+                    let src = &prod[oc * n * ohw + b * ohw..oc * n * ohw + (b + 1) * ohw];
+                    let dst = &mut y[(b * o + oc) * ohw..(b * o + oc + 1) * ohw];
+                    for (d, s) in dst.iter_mut().zip(src) {
+                        *d = s + bias;
+                    }
                 }
-                gemm_rm(
-                    o,
-                    ckk,
-                    ohw,
-                    MatRef::rows(wv, ckk),
-                    MatRef::rows(col, ohw),
-                    1.0,
-                    yb,
-                );
             }
             apply_act(act, y);
         }
@@ -397,8 +396,7 @@ impl ConvGeometry {
     /// For each column row `(c, ki, kj)` and output `(i, j)`, calls `f(col_index, x_index)`
     /// for positions inside the image (padding positions are skipped).
     #[inline]
-    fn for_each(&self, mut f: impl FnMut(usize, Option<usize>)) {
-        let ohw = self.ohw();
+    fn for_each(&self, row_stride: usize, offset: usize, mut f: impl FnMut(usize, Option<usize>)) {
         for c in 0..self.c {
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
@@ -407,7 +405,7 @@ impl ConvGeometry {
                         let yi = (i * self.stride + ki) as isize - self.pad as isize;
                         for j in 0..self.ow {
                             let xj = (j * self.stride + kj) as isize - self.pad as isize;
-                            let col = row * ohw + i * self.ow + j;
+                            let col = row * row_stride + offset + i * self.ow + j;
                             let inside = yi >= 0
                                 && (yi as usize) < self.h
                                 && xj >= 0
@@ -422,16 +420,19 @@ impl ConvGeometry {
         }
     }
 
-    /// Unfolds one image `[C, H, W]` into `col [C·KH·KW, OH·OW]`.
-    pub(crate) fn im2col(&self, x: &[f32], col: &mut [f32]) {
-        self.for_each(|ci, xi| col[ci] = xi.map_or(0.0, |i| x[i]));
+    /// Unfolds image `b` `[C, H, W]` of a batch of `n` into its column block of
+    /// `cols [C·KH·KW, n·OH·OW]`.
+    pub(crate) fn im2col(&self, x: &[f32], b: usize, n: usize, cols: &mut [f32]) {
+        let ohw = self.ohw();
+        self.for_each(n * ohw, b * ohw, |ci, xi| cols[ci] = xi.map_or(0.0, |i| x[i]));
     }
 
-    /// Folds `col` back, adding into `dx [C, H, W]`.
-    pub(crate) fn col2im_add(&self, col: &[f32], dx: &mut [f32]) {
-        self.for_each(|ci, xi| {
+    /// Folds image `b`'s column block of `cols` back, adding into `dx [C, H, W]`.
+    pub(crate) fn col2im_add(&self, cols: &[f32], b: usize, n: usize, dx: &mut [f32]) {
+        let ohw = self.ohw();
+        self.for_each(n * ohw, b * ohw, |ci, xi| {
             if let Some(i) = xi {
-                dx[i] += col[ci];
+                dx[i] += cols[ci];
             }
         });
     }
