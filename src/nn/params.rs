@@ -40,10 +40,9 @@ impl Params {
     pub fn check(&self, graph: &Graph) -> Result<(), NnError> {
         let specs = graph.params();
         for (index, spec) in specs.iter().enumerate() {
-            let fits = self
-                .tensors
-                .get(index)
-                .is_some_and(|t| t.shape == spec.shape && t.data.len() == t.shape.iter().product::<usize>());
+            let fits = self.tensors.get(index).is_some_and(|t| {
+                t.shape == spec.shape && t.data.len() == t.shape.iter().product::<usize>()
+            });
             if !fits {
                 let got = self
                     .tensors

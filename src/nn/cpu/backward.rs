@@ -66,7 +66,12 @@ pub(crate) fn prepare(
                 for oc in 0..o {
                     let at = (b * o + oc) * ohw;
                     let to = oc * n * ohw + b * ohw;
-                    act_grad(act, &y[at..at + ohw], &g[at..at + ohw], &mut scratch[to..to + ohw]);
+                    act_grad(
+                        act,
+                        &y[at..at + ohw],
+                        &g[at..at + ohw],
+                        &mut scratch[to..to + ohw],
+                    );
                 }
             }
         }
@@ -208,12 +213,28 @@ pub(crate) fn accumulate(
             match pos {
                 0 => {
                     let dcol = &mut scratch2[..ckk * n * ohw];
-                    gemm_rm(ckk, o, n * ohw, MatRef::trans(val(1), ckk), MatRef::rows(dz, n * ohw), 0.0, dcol);
+                    gemm_rm(
+                        ckk,
+                        o,
+                        n * ohw,
+                        MatRef::trans(val(1), ckk),
+                        MatRef::rows(dz, n * ohw),
+                        0.0,
+                        dcol,
+                    );
                     for b in 0..n {
                         geo.col2im_add(dcol, b, n, &mut gin[b * geo.chw()..(b + 1) * geo.chw()]);
                     }
                 }
-                1 => gemm_rm(o, n * ohw, ckk, MatRef::rows(dz, n * ohw), MatRef::trans(cols, n * ohw), 1.0, gin),
+                1 => gemm_rm(
+                    o,
+                    n * ohw,
+                    ckk,
+                    MatRef::rows(dz, n * ohw),
+                    MatRef::trans(cols, n * ohw),
+                    1.0,
+                    gin,
+                ),
                 _ => {
                     for (gb, row) in gin.iter_mut().zip(dz.chunks_exact(n * ohw)) {
                         *gb += row.iter().sum::<f32>();

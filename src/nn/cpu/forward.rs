@@ -393,26 +393,45 @@ impl ConvGeometry {
         self.c * self.h * self.w
     }
 
-    /// For each column row `(c, ki, kj)` and output `(i, j)`, calls `f(col_index, x_index)`
-    /// for positions inside the image (padding positions are skipped).
+    /// The outputs `j` whose input column `j·stride + kj - pad` lies inside the image.
+    fn valid_columns(&self, kj: usize) -> (usize, usize) {
+        let (s, pad, w) = (self.stride as isize, self.pad as isize, self.w as isize);
+        let kj = kj as isize;
+        let lo = if pad > kj { (pad - kj + s - 1) / s } else { 0 };
+        let hi = if w - 1 + pad - kj >= 0 {
+            (w - 1 + pad - kj) / s + 1
+        } else {
+            0
+        };
+        let lo = (lo as usize).min(self.ow);
+        (lo, (hi as usize).clamp(lo, self.ow))
+    }
+
+    /// Calls `f(column_segment_start, x_row_start, j_lo, j_hi)` for each row `(c, ki, kj)`
+    /// and output row `i` whose input row is inside the image; other segments get
+    /// `f(start, None, ..)`.
     #[inline]
-    fn for_each(&self, row_stride: usize, offset: usize, mut f: impl FnMut(usize, Option<usize>)) {
+    fn rows(
+        &self,
+        row_stride: usize,
+        offset: usize,
+        mut f: impl FnMut(usize, Option<isize>, usize, usize),
+    ) {
         for c in 0..self.c {
             for ki in 0..self.kh {
                 for kj in 0..self.kw {
                     let row = (c * self.kh + ki) * self.kw + kj;
+                    let (lo, hi) = self.valid_columns(kj);
                     for i in 0..self.oh {
+                        let start = row * row_stride + offset + i * self.ow;
                         let yi = (i * self.stride + ki) as isize - self.pad as isize;
-                        for j in 0..self.ow {
-                            let xj = (j * self.stride + kj) as isize - self.pad as isize;
-                            let col = row * row_stride + offset + i * self.ow + j;
-                            let inside = yi >= 0
-                                && (yi as usize) < self.h
-                                && xj >= 0
-                                && (xj as usize) < self.w;
-                            let src =
-                                inside.then(|| (c * self.h + yi as usize) * self.w + xj as usize);
-                            f(col, src);
+                        if yi < 0 || yi as usize >= self.h {
+                            f(start, None, lo, hi);
+                        } else {
+                            // Index in x of output column 0 (may be negative: only lo.. is read).
+                            let x0 = ((c * self.h + yi as usize) * self.w) as isize + kj as isize
+                                - self.pad as isize;
+                            f(start, Some(x0), lo, hi);
                         }
                     }
                 }
@@ -423,16 +442,43 @@ impl ConvGeometry {
     /// Unfolds image `b` `[C, H, W]` of a batch of `n` into its column block of
     /// `cols [C·KH·KW, n·OH·OW]`.
     pub(crate) fn im2col(&self, x: &[f32], b: usize, n: usize, cols: &mut [f32]) {
-        let ohw = self.ohw();
-        self.for_each(n * ohw, b * ohw, |ci, xi| cols[ci] = xi.map_or(0.0, |i| x[i]));
+        let (ohw, ow, s) = (self.ohw(), self.ow, self.stride);
+        self.rows(n * ohw, b * ohw, |start, x0, lo, hi| {
+            let dst = &mut cols[start..start + ow];
+            match x0 {
+                None => dst.fill(0.0),
+                Some(x0) => {
+                    dst[..lo].fill(0.0);
+                    dst[hi..].fill(0.0);
+                    if s == 1 {
+                        let from = (x0 + lo as isize) as usize;
+                        dst[lo..hi].copy_from_slice(&x[from..from + (hi - lo)]);
+                    } else {
+                        for (j, d) in dst.iter_mut().enumerate().take(hi).skip(lo) {
+                            *d = x[(x0 + (j * s) as isize) as usize];
+                        }
+                    }
+                }
+            }
+        });
     }
 
     /// Folds image `b`'s column block of `cols` back, adding into `dx [C, H, W]`.
     pub(crate) fn col2im_add(&self, cols: &[f32], b: usize, n: usize, dx: &mut [f32]) {
-        let ohw = self.ohw();
-        self.for_each(n * ohw, b * ohw, |ci, xi| {
-            if let Some(i) = xi {
-                dx[i] += cols[ci];
+        let (ohw, ow, s) = (self.ohw(), self.ow, self.stride);
+        self.rows(n * ohw, b * ohw, |start, x0, lo, hi| {
+            if let Some(x0) = x0 {
+                let src = &cols[start..start + ow];
+                if s == 1 {
+                    let from = (x0 + lo as isize) as usize;
+                    for (d, v) in dx[from..from + (hi - lo)].iter_mut().zip(&src[lo..hi]) {
+                        *d += v;
+                    }
+                } else {
+                    for (j, v) in src.iter().enumerate().take(hi).skip(lo) {
+                        dx[(x0 + (j * s) as isize) as usize] += v;
+                    }
+                }
             }
         });
     }
