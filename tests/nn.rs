@@ -656,3 +656,52 @@ fn graphs_serialize_as_data() {
         .iter()
         .any(|n| matches!(n.op, tessera::nn::Op::Conv2d { .. })));
 }
+
+// ---------------------------------------------------------------------------------------
+// Data loading and checkpoint errors
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn loader_shuffles_deterministically_and_covers_every_example() {
+    let mut a = tessera::nn::DataLoader::new(100, 16, 7);
+    let mut b = tessera::nn::DataLoader::new(100, 16, 7);
+    assert_eq!(a.batches_per_epoch(), 6);
+    let mut epochs = Vec::new();
+    for _ in 0..2 {
+        let mut seen = Vec::new();
+        while let Some(batch) = a.next_batch() {
+            assert_eq!(batch, b.next_batch().unwrap());
+            assert_eq!(batch.len(), 16);
+            seen.extend_from_slice(batch);
+        }
+        assert!(b.next_batch().is_none());
+        let mut sorted = seen.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 96, "a full epoch hands out distinct examples");
+        epochs.push(seen);
+    }
+    assert_ne!(epochs[0], epochs[1], "each epoch is reshuffled");
+    assert_eq!(a.epoch(), 2);
+    let (train, test) = digits().split(0.2, 42);
+    let (train2, test2) = digits().split(0.2, 42);
+    assert_eq!((train.len(), test.len()), (1438, 359));
+    assert_eq!(train, train2);
+    assert_eq!(test, test2);
+}
+
+#[test]
+fn bad_data_and_bad_checkpoints_are_typed_errors() {
+    let dir = std::env::temp_dir().join(format!("tessera-nn-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let csv = dir.join("bad.csv");
+    std::fs::write(&csv, "0,1,2\n").unwrap();
+    assert!(matches!(Dataset::digits(&csv), Err(NnError::Data { line: 1, .. })));
+    assert!(matches!(Dataset::digits(dir.join("missing.csv")), Err(NnError::Io { .. })));
+    let store = DirStore::open(&dir).unwrap();
+    use tessera::nn::CheckpointStore;
+    store.save_bytes("junk", &[1, 2, 3]).unwrap();
+    assert!(matches!(resume(&store, "junk"), Err(NnError::Checkpoint { .. })));
+    assert!(matches!(resume(&store, "absent"), Err(NnError::Io { .. })));
+    std::fs::remove_dir_all(&dir).ok();
+}
