@@ -341,10 +341,18 @@ fn pipeline_stages_reproduce_the_whole_graph() {
     let cut = fc2; // first node of stage 2
     let boundary = g.stage_outputs(0..cut);
     assert_eq!(g.stage_inputs(cut..g.len()), boundary);
-    let mut s1 = CpuExecutor::new(g);
+    let mut s1 = CpuExecutor::for_stage(g, 0..cut);
     s1.set_value(model.input, &x).unwrap();
     s1.forward(&params, 0..cut).unwrap();
-    let mut s2 = CpuExecutor::new(g);
+    let mut s2 = CpuExecutor::for_stage(g, cut..g.len());
+    assert!(matches!(
+        s2.forward(&params, 0..cut),
+        Err(NnError::OutsideStage { .. })
+    ));
+    assert!(matches!(
+        s2.set_value(model.input, &x),
+        Err(NnError::OutsideStage { .. })
+    ));
     for &b in &boundary {
         s2.set_value(b, s1.value(b).unwrap()).unwrap();
     }
@@ -362,8 +370,11 @@ fn pipeline_stages_reproduce_the_whole_graph() {
         .collect();
     let seeds: Vec<(NodeId, &[f32])> = seeds.iter().map(|(b, v)| (*b, v.as_slice())).collect();
     s1.backward(&params, 0..cut, &seeds).unwrap();
+    // Each parameter's gradient lives in the stage that reads it, in the fixed order.
     for (i, spec) in g.params().iter().enumerate() {
         let stage = if spec.node.index() < cut { &s1 } else { &s2 };
+        let other = if spec.node.index() < cut { &s2 } else { &s1 };
+        assert!(other.param_grad(i).is_empty());
         assert_eq!(
             stage.param_grad(i),
             whole.param_grad(i),
@@ -696,12 +707,21 @@ fn bad_data_and_bad_checkpoints_are_typed_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     let csv = dir.join("bad.csv");
     std::fs::write(&csv, "0,1,2\n").unwrap();
-    assert!(matches!(Dataset::digits(&csv), Err(NnError::Data { line: 1, .. })));
-    assert!(matches!(Dataset::digits(dir.join("missing.csv")), Err(NnError::Io { .. })));
+    assert!(matches!(
+        Dataset::digits(&csv),
+        Err(NnError::Data { line: 1, .. })
+    ));
+    assert!(matches!(
+        Dataset::digits(dir.join("missing.csv")),
+        Err(NnError::Io { .. })
+    ));
     let store = DirStore::open(&dir).unwrap();
     use tessera::nn::CheckpointStore;
     store.save_bytes("junk", &[1, 2, 3]).unwrap();
-    assert!(matches!(resume(&store, "junk"), Err(NnError::Checkpoint { .. })));
+    assert!(matches!(
+        resume(&store, "junk"),
+        Err(NnError::Checkpoint { .. })
+    ));
     assert!(matches!(resume(&store, "absent"), Err(NnError::Io { .. })));
     std::fs::remove_dir_all(&dir).ok();
 }

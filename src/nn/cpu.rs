@@ -61,6 +61,7 @@ pub struct CpuExecutor {
     scratch2: Vec<f32>,
     filled: Vec<bool>,
     requires_grad: Vec<bool>,
+    stage: Range<usize>,
     rng: Rng,
     training: bool,
     forward_trained: bool,
@@ -69,7 +70,22 @@ pub struct CpuExecutor {
 impl CpuExecutor {
     /// An executor for `graph`, with every buffer it will need allocated now.
     pub fn new(graph: &Graph) -> Self {
+        Self::for_stage(graph, 0..graph.len())
+    }
+
+    /// An executor for one pipeline stage: it can run only nodes in `stage`, and holds
+    /// buffers only for those nodes, the stage's inputs ([`Graph::stage_inputs`]) and the
+    /// parameters it reads. (`stage` is clamped to the graph.)
+    pub fn for_stage(graph: &Graph, stage: Range<usize>) -> Self {
         let nodes = graph.nodes();
+        let stage = stage.start.min(nodes.len())..stage.end.min(nodes.len());
+        let mut held = vec![false; nodes.len()];
+        for i in stage.clone() {
+            held[i] = true;
+            for j in &nodes[i].inputs {
+                held[j.0] = true;
+            }
+        }
         let n = nodes.len();
         let mut requires_grad = vec![false; n];
         for (i, node) in nodes.iter().enumerate() {
@@ -86,7 +102,7 @@ impl CpuExecutor {
         let mut idx = Vec::with_capacity(n);
         let (mut scratch, mut scratch2) = (0usize, 0usize);
         for (i, node) in nodes.iter().enumerate() {
-            let len = node.len();
+            let len = if held[i] { node.len() } else { 0 };
             let is_param = matches!(node.op, Op::Param { .. });
             vals.push(if node.dtype == DType::F32 && !is_param {
                 vec![0.0; len]
@@ -103,7 +119,16 @@ impl CpuExecutor {
             } else {
                 Vec::new()
             });
-            let sizes = buffer_sizes(graph, node);
+            let sizes = if stage.contains(&i) {
+                buffer_sizes(graph, node)
+            } else {
+                Sizes {
+                    aux: 0,
+                    idx: 0,
+                    scratch: 0,
+                    scratch2: 0,
+                }
+            };
             aux.push(vec![0.0; sizes.aux]);
             idx.push(vec![0; sizes.idx]);
             scratch = scratch.max(sizes.scratch);
@@ -124,6 +149,7 @@ impl CpuExecutor {
             scratch2: vec![0.0; scratch2],
             filled,
             requires_grad,
+            stage,
             rng: Rng::seed(0),
             training: false,
             forward_trained: false,
@@ -132,6 +158,43 @@ impl CpuExecutor {
 
     fn check_node(&self, node: NodeId) -> Result<(), NnError> {
         self.graph.node(node).map(|_| ())
+    }
+
+    /// Errors unless the node has buffers in this executor (is in the stage or read by it).
+    fn check_held(&self, node: NodeId) -> Result<(), NnError> {
+        let n = self.graph.node(node)?;
+        let held = match n.dtype {
+            DType::I32 => self.ids[node.0].len() == n.len(),
+            _ => self.vals[node.0].len() == n.len() || matches!(n.op, Op::Param { .. }),
+        };
+        if held {
+            Ok(())
+        } else {
+            Err(self.outside(node.0..node.0 + 1))
+        }
+    }
+
+    fn outside(&self, range: Range<usize>) -> NnError {
+        NnError::OutsideStage {
+            start: range.start,
+            end: range.end,
+            stage_start: self.stage.start,
+            stage_end: self.stage.end,
+        }
+    }
+
+    fn check_range(&self, range: &Range<usize>) -> Result<(), NnError> {
+        let len = self.graph.len();
+        if range.end > len {
+            return Err(NnError::UnknownNode {
+                node: range.end.saturating_sub(1),
+                len,
+            });
+        }
+        if !range.is_empty() && (range.start < self.stage.start || range.end > self.stage.end) {
+            return Err(self.outside(range.clone()));
+        }
+        Ok(())
     }
 
     fn check_len(&self, node: NodeId, got: usize) -> Result<(), NnError> {
@@ -154,6 +217,7 @@ impl CpuExecutor {
     /// [`NnError::UnknownNode`]; [`NnError::DType`] for an i32 node or a parameter.
     pub fn value_mut(&mut self, node: NodeId) -> Result<&mut [f32], NnError> {
         let n = self.graph.node(node)?;
+        self.check_held(node)?;
         if n.dtype != DType::F32 || matches!(n.op, Op::Param { .. }) {
             return Err(NnError::DType {
                 op: "set_value",
@@ -172,6 +236,7 @@ impl CpuExecutor {
     /// [`NnError::UnknownNode`]; [`NnError::DType`] for an f32 node.
     pub fn ids_mut(&mut self, node: NodeId) -> Result<&mut [i32], NnError> {
         let n = self.graph.node(node)?;
+        self.check_held(node)?;
         if n.dtype != DType::I32 {
             return Err(NnError::DType {
                 op: "set_ids",
@@ -295,13 +360,7 @@ impl Executor for CpuExecutor {
     }
 
     fn forward(&mut self, params: &Params, range: Range<usize>) -> Result<(), NnError> {
-        let len = self.graph.len();
-        if range.end > len {
-            return Err(NnError::UnknownNode {
-                node: range.end.saturating_sub(1),
-                len,
-            });
-        }
+        self.check_range(&range)?;
         params.check(&self.graph)?;
         self.forward_trained = self.training;
         for n in range {
@@ -357,13 +416,7 @@ impl Executor for CpuExecutor {
         range: Range<usize>,
         seeds: &[(NodeId, &[f32])],
     ) -> Result<(), NnError> {
-        let len = self.graph.len();
-        if range.end > len {
-            return Err(NnError::UnknownNode {
-                node: range.end.saturating_sub(1),
-                len,
-            });
-        }
+        self.check_range(&range)?;
         params.check(&self.graph)?;
         for n in range.clone() {
             if self.requires_grad[n] {
@@ -377,6 +430,7 @@ impl Executor for CpuExecutor {
         }
         for &(node, seed) in seeds {
             self.check_len(node, seed.len())?;
+            self.check_held(node)?;
             if !self.requires_grad[node.0] {
                 continue;
             }
@@ -454,7 +508,7 @@ impl Executor for CpuExecutor {
     }
 
     fn grad(&self, node: NodeId) -> Result<&[f32], NnError> {
-        self.check_node(node)?;
+        self.check_held(node)?;
         if !self.requires_grad[node.0] {
             return Err(self.missing(node));
         }

@@ -65,6 +65,18 @@ pub enum NnError {
         /// Its name.
         name: String,
     },
+    /// A node range or node lies outside the pipeline stage this executor was made for.
+    #[error("nodes {start}..{end} are outside this executor's stage {stage_start}..{stage_end}")]
+    OutsideStage {
+        /// First node asked for.
+        start: usize,
+        /// One past the last node asked for.
+        end: usize,
+        /// First node of the stage.
+        stage_start: usize,
+        /// One past the last node of the stage.
+        stage_end: usize,
+    },
     /// The parameters do not match the graph's parameter list.
     #[error("parameter {index} (`{name}`): expected shape {expected:?}, got {got:?}")]
     ParamMismatch {

@@ -64,7 +64,8 @@ pub trait Executor {
     /// [`NnError::MissingValue`] if no gradient flows to the node.
     fn grad(&self, node: NodeId) -> Result<&[f32], NnError>;
 
-    /// The gradient of parameter `index` (in the graph's fixed parameter order).
+    /// The gradient of parameter `index` (in the graph's fixed parameter order); empty for
+    /// a parameter that a pipeline stage's executor does not read.
     fn param_grad(&self, index: usize) -> &[f32];
 
     /// Runs the whole graph forward.
