@@ -1,7 +1,7 @@
 //! Backward kernels: for each [`Op`], `prepare` computes what all input gradients share
 //! (e.g. the gradient before a fused activation) into scratch, then `accumulate` adds one
 //! input's gradient into that input's gradient buffer.
-use super::forward::{ConvGeometry, GELU_C};
+use super::forward::{tanh, ConvGeometry, GELU_C};
 use super::gemm::gemm;
 use super::{gemm_rm, Ctx, MatRef};
 use crate::nn::{Activation, Node, Op};
@@ -300,7 +300,7 @@ pub(crate) fn accumulate(
         },
         Op::Gelu => {
             for ((d, &x), &gv) in gin.iter_mut().zip(val(0)).zip(g) {
-                let t = (GELU_C * (x + 0.044715 * x * x * x)).tanh();
+                let t = tanh(GELU_C * (x + 0.044715 * x * x * x));
                 let dt = (1.0 - t * t) * GELU_C * (1.0 + 3.0 * 0.044715 * x * x);
                 *d += gv * (0.5 * (1.0 + t) + 0.5 * x * dt);
             }
