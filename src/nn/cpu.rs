@@ -62,6 +62,8 @@ pub struct CpuExecutor {
     filled: Vec<bool>,
     requires_grad: Vec<bool>,
     stage: Range<usize>,
+    /// Marks used while zeroing gradients (all false between calls).
+    zeroed: Vec<bool>,
     rng: Rng,
     training: bool,
     forward_trained: bool,
@@ -150,6 +152,7 @@ impl CpuExecutor {
             filled,
             requires_grad,
             stage,
+            zeroed: vec![false; nodes.len()],
             rng: Rng::seed(0),
             training: false,
             forward_trained: false,
@@ -418,16 +421,22 @@ impl Executor for CpuExecutor {
     ) -> Result<(), NnError> {
         self.check_range(&range)?;
         params.check(&self.graph)?;
+        // Zero each gradient once: the range's own nodes, then the nodes before the range
+        // that it reads (parameters, stage inputs), which may be read many times.
         for n in range.clone() {
             if self.requires_grad[n] {
                 self.grads[n].fill(0.0);
             }
+        }
+        for n in range.clone() {
             for &i in &self.graph.nodes()[n].inputs {
-                if self.requires_grad[i.0] {
+                if i.0 < range.start && self.requires_grad[i.0] && !self.zeroed[i.0] {
                     self.grads[i.0].fill(0.0);
+                    self.zeroed[i.0] = true;
                 }
             }
         }
+        self.zeroed.fill(false);
         for &(node, seed) in seeds {
             self.check_len(node, seed.len())?;
             self.check_held(node)?;
