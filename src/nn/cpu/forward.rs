@@ -134,22 +134,25 @@ pub(crate) fn run(
             let idx = out.idx.as_mut_slice();
             for plane in 0..x[0] * x[1] {
                 let xp = &xv[plane * h * w..(plane + 1) * h * w];
+                let yp = &mut y[plane * oh * ow..(plane + 1) * oh * ow];
+                let ip = &mut idx[plane * oh * ow..(plane + 1) * oh * ow];
                 for i in 0..oh {
                     for j in 0..ow {
-                        let mut best = f32::NEG_INFINITY;
-                        let mut arg = 0;
+                        // The window's first element starts the scan; later ones replace it
+                        // only when strictly greater (first maximum wins).
+                        let first = i * stride * w + j * stride;
+                        let (mut best, mut arg) = (xp[first], first);
                         for di in 0..size {
-                            for dj in 0..size {
-                                let p = (i * stride + di) * w + j * stride + dj;
-                                if xp[p] > best {
-                                    best = xp[p];
-                                    arg = p;
+                            let row = &xp[first + di * w..first + di * w + size];
+                            for (dj, &v) in row.iter().enumerate() {
+                                if v > best {
+                                    best = v;
+                                    arg = first + di * w + dj;
                                 }
                             }
                         }
-                        let o = plane * oh * ow + i * ow + j;
-                        y[o] = best;
-                        idx[o] = arg as u32;
+                        yp[i * ow + j] = best;
+                        ip[i * ow + j] = arg as u32;
                     }
                 }
             }
