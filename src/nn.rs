@@ -17,6 +17,26 @@
 //! # Training and checkpoints
 //! [`TrainState`] holds everything a run depends on and serializes with serde;
 //! [`save_checkpoint`] and [`resume`] move it through a [`CheckpointStore`].
+//!
+//! # Examples
+//! Build a small classifier, run one training step, and read the gradients in the fixed
+//! parameter order that gradient all-reduce buckets follow:
+//! ```
+//! use tessera::nn::{mlp, Executor, OptimizerConfig, TrainState, Trainer};
+//!
+//! let model = mlp(4, &[3, 8, 2])?; // batch 4, 3 features, 2 classes
+//! let mut state = TrainState::new(&model, OptimizerConfig::adam(1e-2), 4, 4, 7);
+//! let (input, target) = (model.input, model.target);
+//! let mut trainer = Trainer::new(model);
+//! trainer.executor().set_value(input, &[0.5; 12])?;
+//! trainer.executor().set_ids(target, &[0, 1, 0, 1])?;
+//! let loss = trainer.step(&mut state)?;
+//! assert!(loss.is_finite());
+//! let names: Vec<&str> = trainer.model().graph.params().iter().map(|p| p.name.as_str()).collect();
+//! assert_eq!(names, ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]);
+//! assert_eq!(trainer.executor().param_grad(0).len(), 3 * 8);
+//! Ok::<(), tessera::nn::NnError>(())
+//! ```
 mod cpu;
 mod data;
 mod error;
