@@ -725,3 +725,52 @@ fn bad_data_and_bad_checkpoints_are_typed_errors() {
     assert!(matches!(resume(&store, "absent"), Err(NnError::Io { .. })));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+// ---------------------------------------------------------------------------------------
+// Seams for the parallel trainers
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn public_handles_are_send_and_sync() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<Graph>();
+    send_sync::<CpuExecutor>();
+    send_sync::<Trainer>();
+    send_sync::<TrainState>();
+    send_sync::<Params>();
+}
+
+/// Data parallelism through the fixed parameter order: two replicas on half batches,
+/// gradients averaged bucket by bucket, equal the gradients of one full batch.
+#[test]
+fn averaged_replica_gradients_equal_the_full_batch_gradient() {
+    let data = digits();
+    let full = mlp(64, &[64, 32, 10]).unwrap();
+    let half = mlp(32, &[64, 32, 10]).unwrap();
+    let params = Params::init(&full.graph, &mut Rng::seed(9));
+    let run = |model: &tessera::nn::Model, range: std::ops::Range<usize>| {
+        let idx: Vec<usize> = range.collect();
+        let mut x = vec![0.0; idx.len() * 64];
+        let mut y = vec![0; idx.len()];
+        data.gather(&idx, &mut x, &mut y);
+        let mut exec = CpuExecutor::new(&model.graph);
+        exec.set_value(model.input, &x).unwrap();
+        exec.set_ids(model.target, &y).unwrap();
+        exec.forward_all(&params).unwrap();
+        exec.backward_from(&params, model.loss).unwrap();
+        (0..params.tensors.len())
+            .map(|i| exec.param_grad(i).to_vec())
+            .collect::<Vec<_>>()
+    };
+    let whole = run(&full, 0..64);
+    let (a, b) = (run(&half, 0..32), run(&half, 32..64));
+    for (i, w) in whole.iter().enumerate() {
+        for (k, &wv) in w.iter().enumerate() {
+            let avg = 0.5 * (a[i][k] + b[i][k]);
+            assert!(
+                (avg - wv).abs() <= 1e-5 + 1e-4 * wv.abs(),
+                "param {i} element {k}: {avg} vs {wv}"
+            );
+        }
+    }
+}
