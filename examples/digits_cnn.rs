@@ -2,7 +2,7 @@
 //! on the digits data set (8×8 images) with AdamW and a cosine learning-rate schedule, and
 //! prints loss, accuracy and samples/s per epoch.
 //!
-//! `cargo run --release --example digits_cnn -- --epochs 30`
+//! `cargo run --release --example digits_cnn -- --epochs 60`
 use anyhow::Result;
 use clap::Parser;
 use tessera::nn::{lenet, Dataset, Evaluator, OptimizerConfig, TrainState, Trainer};
@@ -10,7 +10,7 @@ use tessera::nn::{lenet, Dataset, Evaluator, OptimizerConfig, TrainState, Traine
 #[derive(Parser)]
 struct Args {
     /// Training epochs.
-    #[arg(long, default_value_t = 30)]
+    #[arg(long, default_value_t = 45)]
     epochs: usize,
     /// Batch size.
     #[arg(long, default_value_t = 64)]

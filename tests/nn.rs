@@ -434,7 +434,7 @@ fn cnn_reaches_98_percent_on_digits() {
     let acc = train_classifier(
         |b| lenet(b, 8, 10).unwrap(),
         OptimizerConfig::adamw(3e-3, 1e-4),
-        30,
+        45,
     );
     assert!(acc >= 0.98, "CNN test accuracy {acc}");
 }
