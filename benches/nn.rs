@@ -2,13 +2,12 @@
 //! each zoo model on the CPU executor, with preallocated buffers and a fixed batch.
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use tessera::nn::{
-    char_gru, lenet, mlp, tiny_transformer, Dataset, Executor, Model, OptimizerConfig, Rng,
-    TrainState, Trainer, TransformerConfig,
+    char_gru, lenet, mlp, tiny_transformer, Dataset, Executor, Model, OptimizerConfig, Rng, TrainState,
+    Trainer, TransformerConfig,
 };
 
 fn digits() -> Dataset {
-    Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))
-        .expect("data/digits.csv")
+    Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv")).expect("data/digits.csv")
 }
 
 fn classifier_step(c: &mut Criterion, name: &str, model: Model) {
@@ -46,30 +45,11 @@ fn text_step(c: &mut Criterion, name: &str, model: Model, vocab: usize) {
 }
 
 fn benches(c: &mut Criterion) {
-    classifier_step(
-        c,
-        "mlp_64_128_64_10_step_b64",
-        mlp(64, &[64, 128, 64, 10]).unwrap(),
-    );
+    classifier_step(c, "mlp_64_128_64_10_step_b64", mlp(64, &[64, 128, 64, 10]).unwrap());
     classifier_step(c, "lenet_step_b64", lenet(64, 8, 10).unwrap());
-    text_step(
-        c,
-        "char_gru_step_b32_t32",
-        char_gru(32, 32, 96, 32, 128).unwrap(),
-        96,
-    );
-    let cfg = TransformerConfig {
-        width: 64,
-        heads: 4,
-        layers: 2,
-        ff: 256,
-    };
-    text_step(
-        c,
-        "tiny_transformer_step_b16_t64",
-        tiny_transformer(16, 64, 96, cfg).unwrap(),
-        96,
-    );
+    text_step(c, "char_gru_step_b32_t32", char_gru(32, 32, 96, 32, 128).unwrap(), 96);
+    let cfg = TransformerConfig { width: 64, heads: 4, layers: 2, ff: 256 };
+    text_step(c, "tiny_transformer_step_b16_t64", tiny_transformer(16, 64, 96, cfg).unwrap(), 96);
 }
 
 criterion_group!(nn_benches, benches);

@@ -10,9 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Parser;
-use tessera::nn::{
-    char_gru, window_count, Evaluator, OptimizerConfig, TextCorpus, TrainState, Trainer,
-};
+use tessera::nn::{char_gru, window_count, Evaluator, OptimizerConfig, TextCorpus, TrainState, Trainer};
 
 #[derive(Parser)]
 struct Args {
@@ -57,13 +55,7 @@ fn main() -> Result<()> {
     let (v, e, h) = (corpus.vocab_size(), args.embed, args.hidden);
     let model = char_gru(args.batch, args.steps, v, e, h)?;
     let windows = window_count(train.len(), args.steps);
-    let mut state = TrainState::new(
-        &model,
-        OptimizerConfig::adam(args.lr),
-        windows,
-        args.batch,
-        args.seed,
-    );
+    let mut state = TrainState::new(&model, OptimizerConfig::adam(args.lr), windows, args.batch, args.seed);
     let mut trainer = Trainer::new(model);
     let mut eval = Evaluator::new(char_gru(args.batch, args.steps, v, e, h)?);
     for epoch in 1..=args.epochs {
@@ -78,15 +70,7 @@ fn main() -> Result<()> {
         );
     }
     let sampler = char_gru(1, args.steps, v, e, h)?;
-    let out = text::sample(
-        &sampler,
-        &state.params,
-        &corpus,
-        "pub fn ",
-        200,
-        0.8,
-        args.seed,
-    )?;
+    let out = text::sample(&sampler, &state.params, &corpus, "pub fn ", 200, 0.8, args.seed)?;
     println!("--- sample ---\npub fn {out}");
     Ok(())
 }

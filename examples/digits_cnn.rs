@@ -36,9 +36,7 @@ fn main() -> Result<()> {
     let mut trainer = Trainer::new(model);
     let mut eval = Evaluator::new(lenet(test.len(), 8, 10)?);
     for epoch in 0..args.epochs {
-        let lr = args.lr
-            * 0.5
-            * (1.0 + (std::f32::consts::PI * epoch as f32 / args.epochs as f32).cos());
+        let lr = args.lr * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / args.epochs as f32).cos());
         state.optimizer.set_lr(lr);
         let stats = trainer.train_epoch(&mut state, &train)?;
         let e = eval.classify(&state.params, &test)?;

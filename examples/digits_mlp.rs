@@ -31,13 +31,8 @@ fn main() -> Result<()> {
     println!("digits: {} train, {} test", train.len(), test.len());
     let sizes = [64, 128, 64, 10];
     let model = mlp(args.batch, &sizes)?;
-    let mut state = TrainState::new(
-        &model,
-        OptimizerConfig::adam(args.lr),
-        train.len(),
-        args.batch,
-        args.seed,
-    );
+    let mut state =
+        TrainState::new(&model, OptimizerConfig::adam(args.lr), train.len(), args.batch, args.seed);
     let mut trainer = Trainer::new(model);
     let mut eval = Evaluator::new(mlp(test.len(), &sizes)?);
     for epoch in 1..=args.epochs {

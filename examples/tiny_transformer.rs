@@ -58,22 +58,13 @@ fn main() -> Result<()> {
         corpus.ids.len(),
         corpus.vocab_size()
     );
-    let cfg = TransformerConfig {
-        width: args.width,
-        heads: args.heads,
-        layers: args.layers,
-        ff: 4 * args.width,
-    };
+    let cfg =
+        TransformerConfig { width: args.width, heads: args.heads, layers: args.layers, ff: 4 * args.width };
     let v = corpus.vocab_size();
     let model = tiny_transformer(args.batch, args.steps, v, cfg)?;
     let windows = window_count(train.len(), args.steps);
-    let mut state = TrainState::new(
-        &model,
-        OptimizerConfig::adamw(args.lr, 1e-2),
-        windows,
-        args.batch,
-        args.seed,
-    );
+    let mut state =
+        TrainState::new(&model, OptimizerConfig::adamw(args.lr, 1e-2), windows, args.batch, args.seed);
     println!("{} parameters", state.params.count());
     let mut trainer = Trainer::new(model);
     let mut eval = Evaluator::new(tiny_transformer(args.batch, args.steps, v, cfg)?);
@@ -89,15 +80,7 @@ fn main() -> Result<()> {
         );
     }
     let sampler = tiny_transformer(1, args.steps, v, cfg)?;
-    let out = text::sample(
-        &sampler,
-        &state.params,
-        &corpus,
-        "pub fn ",
-        200,
-        0.8,
-        args.seed,
-    )?;
+    let out = text::sample(&sampler, &state.params, &corpus, "pub fn ", 200, 0.8, args.seed)?;
     println!("--- sample ---\npub fn {out}");
     Ok(())
 }

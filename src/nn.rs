@@ -55,17 +55,13 @@ pub use data::{fill_windows, gather_windows, window_count, DataLoader, Dataset, 
 pub use error::NnError;
 pub use executor::Executor;
 pub use graph::{Activation, Graph, Init, Node, NodeId, Op, ParamSpec};
-pub use layers::{
-    Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d, MultiHeadSelfAttention,
-};
+pub use layers::{Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d, MultiHeadSelfAttention};
 pub use optim::{Optimizer, OptimizerConfig};
 pub use params::Params;
 pub use rng::Rng;
 pub use tensor::{DType, Tensor};
 pub use train::{
-    resume, save_checkpoint, CheckpointStore, DirStore, EpochStats, Evaluation, Evaluator,
-    TrainState, Trainer,
+    resume, save_checkpoint, CheckpointStore, DirStore, EpochStats, Evaluation, Evaluator, TrainState,
+    Trainer,
 };
-pub use zoo::{
-    char_gru, lenet, logistic_regression, mlp, tiny_transformer, Model, TransformerConfig,
-};
+pub use zoo::{char_gru, lenet, logistic_regression, mlp, tiny_transformer, Model, TransformerConfig};

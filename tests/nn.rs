@@ -4,14 +4,13 @@
 use std::path::PathBuf;
 
 use tessera::nn::{
-    char_gru, lenet, mlp, resume, save_checkpoint, window_count, Activation, CpuExecutor, DType,
-    Dataset, DirStore, Evaluator, Executor, Graph, Init, NnError, NodeId, OptimizerConfig, Params,
-    Rng, TextCorpus, TrainState, Trainer,
+    char_gru, lenet, mlp, resume, save_checkpoint, window_count, Activation, CpuExecutor, DType, Dataset,
+    DirStore, Evaluator, Executor, Graph, Init, NnError, NodeId, OptimizerConfig, Params, Rng, TextCorpus,
+    TrainState, Trainer,
 };
 
 fn digits() -> Dataset {
-    Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))
-        .expect("digits.csv is committed")
+    Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv")).expect("digits.csv is committed")
 }
 
 // ---------------------------------------------------------------------------------------
@@ -66,18 +65,13 @@ fn gradcheck(name: &str, seed: u64, build: impl Fn(&mut Graph, &mut Rng) -> Case
     };
     eval(&mut exec, &params);
     exec.backward_from(&params, loss).unwrap();
-    let analytic: Vec<Vec<f32>> = (0..params.tensors.len())
-        .map(|i| exec.param_grad(i).to_vec())
-        .collect();
+    let analytic: Vec<Vec<f32>> = (0..params.tensors.len()).map(|i| exec.param_grad(i).to_vec()).collect();
     let eps = 1e-2f32;
     let mut checked = 0;
     for (p, grad) in analytic.iter().enumerate() {
         let len = params.tensors[p].len();
-        let picks: Vec<usize> = if len <= 12 {
-            (0..len).collect()
-        } else {
-            (0..12).map(|_| rng.below(len)).collect()
-        };
+        let picks: Vec<usize> =
+            if len <= 12 { (0..len).collect() } else { (0..12).map(|_| rng.below(len)).collect() };
         for i in picks {
             let orig = params.tensors[p].data[i];
             params.tensors[p].data[i] = orig + eps;
@@ -101,11 +95,7 @@ fn gradcheck(name: &str, seed: u64, build: impl Fn(&mut Graph, &mut Rng) -> Case
 }
 
 fn plain(out: NodeId) -> Case {
-    Case {
-        out,
-        ids: vec![],
-        training: false,
-    }
+    Case { out, ids: vec![], training: false }
 }
 
 #[test]
@@ -117,12 +107,7 @@ fn gradients_match_finite_differences() {
             let b = param(g, "b", &[k, n]);
             plain(g.matmul(a, b).unwrap())
         });
-        for act in [
-            Activation::Identity,
-            Activation::Relu,
-            Activation::Sigmoid,
-            Activation::Tanh,
-        ] {
+        for act in [Activation::Identity, Activation::Relu, Activation::Sigmoid, Activation::Tanh] {
             gradcheck("linear", seed, |g, r| {
                 let (m, k, n) = (dim(r, 1, 6), dim(r, 1, 7), dim(r, 1, 5));
                 let x = param(g, "x", &[2, m, k]);
@@ -146,11 +131,7 @@ fn gradients_match_finite_differences() {
             });
         }
         gradcheck("max_pool2d", seed, |g, r| {
-            let x = param(
-                g,
-                "x",
-                &[dim(r, 1, 2), dim(r, 1, 3), dim(r, 2, 6), dim(r, 2, 6)],
-            );
+            let x = param(g, "x", &[dim(r, 1, 2), dim(r, 1, 3), dim(r, 2, 6), dim(r, 2, 6)]);
             plain(g.max_pool2d(x, 2, 2).unwrap())
         });
         gradcheck("add_broadcast", seed, |g, r| {
@@ -183,22 +164,14 @@ fn gradients_match_finite_differences() {
         });
         gradcheck("dropout", seed, |g, r| {
             let x = param(g, "x", &[dim(r, 2, 5), dim(r, 2, 6)]);
-            Case {
-                out: g.dropout(x, 0.3).unwrap(),
-                ids: vec![],
-                training: true,
-            }
+            Case { out: g.dropout(x, 0.3).unwrap(), ids: vec![], training: true }
         });
         gradcheck("embedding", seed, |g, r| {
             let (v, d, n) = (dim(r, 2, 6), dim(r, 1, 4), dim(r, 1, 7));
             let ids = g.input("ids", &[n], DType::I32);
             let table = param(g, "table", &[v, d]);
             let values = (0..n).map(|_| r.below(v) as i32).collect();
-            Case {
-                out: g.embedding(ids, table).unwrap(),
-                ids: vec![(ids, values)],
-                training: false,
-            }
+            Case { out: g.embedding(ids, table).unwrap(), ids: vec![(ids, values)], training: false }
         });
         gradcheck("softmax", seed, |g, r| {
             let x = param(g, "x", &[dim(r, 1, 4), dim(r, 2, 6)]);
@@ -255,33 +228,13 @@ fn shape_errors_are_typed_and_caught_at_build_time() {
     let w = g.param("w", &[32, 10], Init::Zeros).unwrap();
     let b = g.param("b", &[10], Init::Zeros).unwrap();
     match g.linear(x, w, b, Activation::Relu) {
-        Err(NnError::Shape {
-            op: "linear",
-            input: "weight",
-            got,
-            ..
-        }) => assert_eq!(got, vec![32, 10]),
+        Err(NnError::Shape { op: "linear", input: "weight", got, .. }) => assert_eq!(got, vec![32, 10]),
         other => panic!("expected a shape error, got {other:?}"),
     }
     let labels = g.input("labels", &[8], DType::F32);
-    assert!(matches!(
-        g.softmax_cross_entropy(x, labels),
-        Err(NnError::DType {
-            input: "labels",
-            ..
-        })
-    ));
-    assert!(matches!(
-        g.attention(x, x, x, 2, false),
-        Err(NnError::Shape {
-            op: "attention",
-            ..
-        })
-    ));
-    assert!(matches!(
-        g.param("w", &[1], Init::Zeros),
-        Err(NnError::Argument { .. })
-    ));
+    assert!(matches!(g.softmax_cross_entropy(x, labels), Err(NnError::DType { input: "labels", .. })));
+    assert!(matches!(g.attention(x, x, x, 2, false), Err(NnError::Shape { op: "attention", .. })));
+    assert!(matches!(g.param("w", &[1], Init::Zeros), Err(NnError::Argument { .. })));
     let img = g.reshape(x, &[8, 1, 8, 8]).unwrap();
     let cw = g.param("cw", &[4, 2, 3, 3], Init::Zeros).unwrap();
     let cb = g.param("cb", &[4], Init::Zeros).unwrap();
@@ -289,28 +242,18 @@ fn shape_errors_are_typed_and_caught_at_build_time() {
         g.conv2d(img, cw, cb, 1, 1, Activation::Relu),
         Err(NnError::Shape { op: "conv2d", .. })
     ));
-    assert!(matches!(
-        g.reshape(x, &[7, 64]),
-        Err(NnError::Shape { op: "reshape", .. })
-    ));
+    assert!(matches!(g.reshape(x, &[7, 64]), Err(NnError::Shape { op: "reshape", .. })));
     // Running without setting an input is an error, not a panic.
     let mut g = Graph::new();
     let x = g.input("x", &[2, 3], DType::F32);
     let y = g.relu(x).unwrap();
     let mut exec = CpuExecutor::new(&g);
     let params = Params { tensors: vec![] };
-    assert!(matches!(
-        exec.forward_all(&params),
-        Err(NnError::MissingValue { .. })
-    ));
-    exec.set_value(x, &[1.0, -1.0, 2.0, -2.0, 0.5, 3.0])
-        .unwrap();
+    assert!(matches!(exec.forward_all(&params), Err(NnError::MissingValue { .. })));
+    exec.set_value(x, &[1.0, -1.0, 2.0, -2.0, 0.5, 3.0]).unwrap();
     exec.forward_all(&params).unwrap();
     assert_eq!(exec.value(y).unwrap(), &[1.0, 0.0, 2.0, 0.0, 0.5, 3.0]);
-    assert!(matches!(
-        exec.set_value(x, &[1.0]),
-        Err(NnError::Length { .. })
-    ));
+    assert!(matches!(exec.set_value(x, &[1.0]), Err(NnError::Length { .. })));
 }
 
 #[test]
@@ -331,13 +274,7 @@ fn pipeline_stages_reproduce_the_whole_graph() {
     whole.backward_from(&params, model.loss).unwrap();
 
     // Stage 1: everything up to and including the first hidden layer's output.
-    let fc2 = g
-        .params()
-        .iter()
-        .find(|p| p.name == "fc2.weight")
-        .unwrap()
-        .node
-        .index();
+    let fc2 = g.params().iter().find(|p| p.name == "fc2.weight").unwrap().node.index();
     let cut = fc2; // first node of stage 2
     let boundary = g.stage_outputs(0..cut);
     assert_eq!(g.stage_inputs(cut..g.len()), boundary);
@@ -345,29 +282,17 @@ fn pipeline_stages_reproduce_the_whole_graph() {
     s1.set_value(model.input, &x).unwrap();
     s1.forward(&params, 0..cut).unwrap();
     let mut s2 = CpuExecutor::for_stage(g, cut..g.len());
-    assert!(matches!(
-        s2.forward(&params, 0..cut),
-        Err(NnError::OutsideStage { .. })
-    ));
-    assert!(matches!(
-        s2.set_value(model.input, &x),
-        Err(NnError::OutsideStage { .. })
-    ));
+    assert!(matches!(s2.forward(&params, 0..cut), Err(NnError::OutsideStage { .. })));
+    assert!(matches!(s2.set_value(model.input, &x), Err(NnError::OutsideStage { .. })));
     for &b in &boundary {
         s2.set_value(b, s1.value(b).unwrap()).unwrap();
     }
     s2.set_ids(model.target, &y).unwrap();
     s2.forward(&params, cut..g.len()).unwrap();
-    assert_eq!(
-        s2.scalar(model.loss).unwrap().to_bits(),
-        whole.scalar(model.loss).unwrap().to_bits()
-    );
-    s2.backward(&params, cut..g.len(), &[(model.loss, &[1.0])])
-        .unwrap();
-    let seeds: Vec<(NodeId, Vec<f32>)> = boundary
-        .iter()
-        .map(|&b| (b, s2.grad(b).unwrap().to_vec()))
-        .collect();
+    assert_eq!(s2.scalar(model.loss).unwrap().to_bits(), whole.scalar(model.loss).unwrap().to_bits());
+    s2.backward(&params, cut..g.len(), &[(model.loss, &[1.0])]).unwrap();
+    let seeds: Vec<(NodeId, Vec<f32>)> =
+        boundary.iter().map(|&b| (b, s2.grad(b).unwrap().to_vec())).collect();
     let seeds: Vec<(NodeId, &[f32])> = seeds.iter().map(|(b, v)| (*b, v.as_slice())).collect();
     s1.backward(&params, 0..cut, &seeds).unwrap();
     // Each parameter's gradient lives in the stage that reads it, in the fixed order.
@@ -375,12 +300,7 @@ fn pipeline_stages_reproduce_the_whole_graph() {
         let stage = if spec.node.index() < cut { &s1 } else { &s2 };
         let other = if spec.node.index() < cut { &s2 } else { &s1 };
         assert!(other.param_grad(i).is_empty());
-        assert_eq!(
-            stage.param_grad(i),
-            whole.param_grad(i),
-            "gradient of {}",
-            spec.name
-        );
+        assert_eq!(stage.param_grad(i), whole.param_grad(i), "gradient of {}", spec.name);
     }
 }
 
@@ -403,9 +323,9 @@ fn train_classifier(
     let mut eval = Evaluator::new(model_for(test.len()));
     let mut last = 0.0;
     for epoch in 0..epochs {
-        state.optimizer.set_lr(
-            peak * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / epochs as f32).cos()),
-        );
+        state
+            .optimizer
+            .set_lr(peak * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / epochs as f32).cos()));
         let stats = trainer.train_epoch(&mut state, &train).unwrap();
         let e = eval.classify(&state.params, &test).unwrap();
         println!(
@@ -421,56 +341,36 @@ fn train_classifier(
 
 #[test]
 fn mlp_reaches_97_percent_on_digits() {
-    let acc = train_classifier(
-        |b| mlp(b, &[64, 128, 64, 10]).unwrap(),
-        OptimizerConfig::adam(2e-3),
-        40,
-    );
+    let acc = train_classifier(|b| mlp(b, &[64, 128, 64, 10]).unwrap(), OptimizerConfig::adam(2e-3), 40);
     assert!(acc >= 0.97, "MLP test accuracy {acc}");
 }
 
 #[test]
 fn cnn_reaches_98_percent_on_digits() {
-    let acc = train_classifier(
-        |b| lenet(b, 8, 10).unwrap(),
-        OptimizerConfig::adamw(3e-3, 1e-4),
-        45,
-    );
+    let acc = train_classifier(|b| lenet(b, 8, 10).unwrap(), OptimizerConfig::adamw(3e-3, 1e-4), 45);
     assert!(acc >= 0.98, "CNN test accuracy {acc}");
 }
 
 #[test]
 fn char_gru_beats_the_unigram_baseline() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let corpus =
-        TextCorpus::from_files(&[root.join("README.md"), root.join("src/nn/graph.rs")]).unwrap();
+    let corpus = TextCorpus::from_files(&[root.join("README.md"), root.join("src/nn/graph.rs")]).unwrap();
     let split = corpus.ids.len() * 9 / 10;
     let (train, valid) = corpus.ids.split_at(split);
     let baseline = corpus.unigram_cross_entropy(train, valid);
     let (batch, steps) = (16, 32);
     let model = char_gru(batch, steps, corpus.vocab_size(), 32, 64).unwrap();
-    let mut state = TrainState::new(
-        &model,
-        OptimizerConfig::adam(5e-3),
-        window_count(train.len(), steps),
-        batch,
-        3,
-    );
+    let mut state =
+        TrainState::new(&model, OptimizerConfig::adam(5e-3), window_count(train.len(), steps), batch, 3);
     let mut trainer = Trainer::new(model);
     let mut eval = Evaluator::new(char_gru(batch, steps, corpus.vocab_size(), 32, 64).unwrap());
     let mut loss = f32::INFINITY;
     for epoch in 0..4 {
         let stats = trainer.train_epoch_text(&mut state, train, steps).unwrap();
         loss = eval.text(&state.params, valid, steps).unwrap().loss;
-        println!(
-            "epoch {epoch}: train {:.3} valid {loss:.3} unigram {baseline:.3}",
-            stats.loss
-        );
+        println!("epoch {epoch}: train {:.3} valid {loss:.3} unigram {baseline:.3}", stats.loss);
     }
-    assert!(
-        loss < baseline,
-        "validation loss {loss} did not beat the unigram baseline {baseline}"
-    );
+    assert!(loss < baseline, "validation loss {loss} did not beat the unigram baseline {baseline}");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -521,16 +421,11 @@ fn resumed_training_is_bit_identical() {
 
     assert_eq!(resumed.step, straight.step);
     for (a, b) in resumed.params.tensors.iter().zip(&straight.params.tensors) {
-        let (a, b): (Vec<u32>, Vec<u32>) = (
-            a.data.iter().map(|v| v.to_bits()).collect(),
-            b.data.iter().map(|v| v.to_bits()).collect(),
-        );
+        let (a, b): (Vec<u32>, Vec<u32>) =
+            (a.data.iter().map(|v| v.to_bits()).collect(), b.data.iter().map(|v| v.to_bits()).collect());
         assert_eq!(a, b);
     }
-    assert_eq!(
-        resumed, straight,
-        "optimizer, RNG and loader state must match too"
-    );
+    assert_eq!(resumed, straight, "optimizer, RNG and loader state must match too");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -601,12 +496,7 @@ fn training_steps_do_not_allocate() {
                 2,
                 8,
                 20,
-                tessera::nn::TransformerConfig {
-                    width: 16,
-                    heads: 2,
-                    layers: 1,
-                    ff: 32,
-                },
+                tessera::nn::TransformerConfig { width: 16, heads: 2, layers: 1, ff: 32 },
             )
             .unwrap(),
             None,
@@ -618,14 +508,8 @@ fn training_steps_do_not_allocate() {
         let shape = model.graph.shape(model.input).unwrap().to_vec();
         let n: usize = shape.iter().product();
         if model.graph.node(model.input).unwrap().dtype == DType::F32 {
-            trainer
-                .executor()
-                .set_value(model.input, &data.features[..n])
-                .unwrap();
-            trainer
-                .executor()
-                .set_ids(model.target, &data.labels[..shape[0]])
-                .unwrap();
+            trainer.executor().set_value(model.input, &data.features[..n]).unwrap();
+            trainer.executor().set_ids(model.target, &data.labels[..shape[0]]).unwrap();
         } else {
             let ids: Vec<i32> = (0..n as i32).map(|i| i % 20).collect();
             trainer.executor().set_ids(model.input, &ids).unwrap();
@@ -640,12 +524,7 @@ fn training_steps_do_not_allocate() {
                 trainer.step(&mut state).unwrap();
             }
         });
-        assert_eq!(
-            five,
-            5 * one,
-            "{} nodes: allocations grow with steps",
-            model.graph.len()
-        );
+        assert_eq!(five, 5 * one, "{} nodes: allocations grow with steps", model.graph.len());
         if let Some(limit) = gemm_calls {
             assert!(
                 one <= limit,
@@ -662,10 +541,7 @@ fn graphs_serialize_as_data() {
     let (back, _): (Graph, usize) =
         bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
     assert_eq!(back, model.graph);
-    assert!(back
-        .nodes()
-        .iter()
-        .any(|n| matches!(n.op, tessera::nn::Op::Conv2d { .. })));
+    assert!(back.nodes().iter().any(|n| matches!(n.op, tessera::nn::Op::Conv2d { .. })));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -707,21 +583,12 @@ fn bad_data_and_bad_checkpoints_are_typed_errors() {
     std::fs::create_dir_all(&dir).unwrap();
     let csv = dir.join("bad.csv");
     std::fs::write(&csv, "0,1,2\n").unwrap();
-    assert!(matches!(
-        Dataset::digits(&csv),
-        Err(NnError::Data { line: 1, .. })
-    ));
-    assert!(matches!(
-        Dataset::digits(dir.join("missing.csv")),
-        Err(NnError::Io { .. })
-    ));
+    assert!(matches!(Dataset::digits(&csv), Err(NnError::Data { line: 1, .. })));
+    assert!(matches!(Dataset::digits(dir.join("missing.csv")), Err(NnError::Io { .. })));
     let store = DirStore::open(&dir).unwrap();
     use tessera::nn::CheckpointStore;
     store.save_bytes("junk", &[1, 2, 3]).unwrap();
-    assert!(matches!(
-        resume(&store, "junk"),
-        Err(NnError::Checkpoint { .. })
-    ));
+    assert!(matches!(resume(&store, "junk"), Err(NnError::Checkpoint { .. })));
     assert!(matches!(resume(&store, "absent"), Err(NnError::Io { .. })));
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -758,19 +625,14 @@ fn averaged_replica_gradients_equal_the_full_batch_gradient() {
         exec.set_ids(model.target, &y).unwrap();
         exec.forward_all(&params).unwrap();
         exec.backward_from(&params, model.loss).unwrap();
-        (0..params.tensors.len())
-            .map(|i| exec.param_grad(i).to_vec())
-            .collect::<Vec<_>>()
+        (0..params.tensors.len()).map(|i| exec.param_grad(i).to_vec()).collect::<Vec<_>>()
     };
     let whole = run(&full, 0..64);
     let (a, b) = (run(&half, 0..32), run(&half, 32..64));
     for (i, w) in whole.iter().enumerate() {
         for (k, &wv) in w.iter().enumerate() {
             let avg = 0.5 * (a[i][k] + b[i][k]);
-            assert!(
-                (avg - wv).abs() <= 1e-5 + 1e-4 * wv.abs(),
-                "param {i} element {k}: {avg} vs {wv}"
-            );
+            assert!((avg - wv).abs() <= 1e-5 + 1e-4 * wv.abs(), "param {i} element {k}: {avg} vs {wv}");
         }
     }
 }

@@ -24,9 +24,8 @@ pub fn corpus_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
 }
 
 fn collect_rs(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?
-        .map(|e| e.map(|e| e.path()))
-        .collect::<Result<_, _>>()?;
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
     entries.sort();
     for p in entries {
         if p.is_dir() {
@@ -52,11 +51,8 @@ pub fn sample(
     let steps = model.graph.shape(model.input)?[1];
     let mut exec = CpuExecutor::new(&model.graph);
     let mut rng = Rng::seed(seed);
-    let mut ids: Vec<i32> = prompt
-        .chars()
-        .filter_map(|c| corpus.vocab.binary_search(&c).ok())
-        .map(|i| i as i32)
-        .collect();
+    let mut ids: Vec<i32> =
+        prompt.chars().filter_map(|c| corpus.vocab.binary_search(&c).ok()).map(|i| i as i32).collect();
     let start = ids.len();
     let mut window = vec![0i32; steps];
     let vocab = corpus.vocab_size();
@@ -69,10 +65,7 @@ pub fn sample(
         let at = ctx.len().max(1) - 1;
         let row = &exec.value(model.logits)?[at * vocab..(at + 1) * vocab];
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let weights: Vec<f32> = row
-            .iter()
-            .map(|v| ((v - max) / temperature).exp())
-            .collect();
+        let weights: Vec<f32> = row.iter().map(|v| ((v - max) / temperature).exp()).collect();
         let mut pick = rng.uniform() * weights.iter().sum::<f32>();
         let mut next = vocab - 1;
         for (i, w) in weights.iter().enumerate() {

@@ -106,40 +106,20 @@ impl CpuExecutor {
         for (i, node) in nodes.iter().enumerate() {
             let len = if held[i] { node.len() } else { 0 };
             let is_param = matches!(node.op, Op::Param { .. });
-            vals.push(if node.dtype == DType::F32 && !is_param {
-                vec![0.0; len]
-            } else {
-                Vec::new()
-            });
-            ids.push(if node.dtype == DType::I32 {
-                vec![0; len]
-            } else {
-                Vec::new()
-            });
-            grads.push(if requires_grad[i] {
-                vec![0.0; len]
-            } else {
-                Vec::new()
-            });
+            vals.push(if node.dtype == DType::F32 && !is_param { vec![0.0; len] } else { Vec::new() });
+            ids.push(if node.dtype == DType::I32 { vec![0; len] } else { Vec::new() });
+            grads.push(if requires_grad[i] { vec![0.0; len] } else { Vec::new() });
             let sizes = if stage.contains(&i) {
                 buffer_sizes(graph, node)
             } else {
-                Sizes {
-                    aux: 0,
-                    idx: 0,
-                    scratch: 0,
-                    scratch2: 0,
-                }
+                Sizes { aux: 0, idx: 0, scratch: 0, scratch2: 0 }
             };
             aux.push(vec![0.0; sizes.aux]);
             idx.push(vec![0; sizes.idx]);
             scratch = scratch.max(sizes.scratch);
             scratch2 = scratch2.max(sizes.scratch2);
         }
-        let filled = nodes
-            .iter()
-            .map(|n| matches!(n.op, Op::Param { .. }))
-            .collect();
+        let filled = nodes.iter().map(|n| matches!(n.op, Op::Param { .. })).collect();
         CpuExecutor {
             graph: graph.clone(),
             vals,
@@ -189,10 +169,7 @@ impl CpuExecutor {
     fn check_range(&self, range: &Range<usize>) -> Result<(), NnError> {
         let len = self.graph.len();
         if range.end > len {
-            return Err(NnError::UnknownNode {
-                node: range.end.saturating_sub(1),
-                len,
-            });
+            return Err(NnError::UnknownNode { node: range.end.saturating_sub(1), len });
         }
         if !range.is_empty() && (range.start < self.stage.start || range.end > self.stage.end) {
             return Err(self.outside(range.clone()));
@@ -203,12 +180,7 @@ impl CpuExecutor {
     fn check_len(&self, node: NodeId, got: usize) -> Result<(), NnError> {
         let n = self.graph.node(node)?;
         if n.len() != got {
-            return Err(NnError::Length {
-                node: node.0,
-                name: n.name.clone(),
-                expected: n.len(),
-                got,
-            });
+            return Err(NnError::Length { node: node.0, name: n.name.clone(), expected: n.len(), got });
         }
         Ok(())
     }
@@ -241,12 +213,7 @@ impl CpuExecutor {
         let n = self.graph.node(node)?;
         self.check_held(node)?;
         if n.dtype != DType::I32 {
-            return Err(NnError::DType {
-                op: "set_ids",
-                input: "node",
-                got: n.dtype,
-                expected: DType::I32,
-            });
+            return Err(NnError::DType { op: "set_ids", input: "node", got: n.dtype, expected: DType::I32 });
         }
         self.filled[node.0] = true;
         Ok(&mut self.ids[node.0])
@@ -279,10 +246,7 @@ impl CpuExecutor {
     }
 
     fn missing(&self, node: NodeId) -> NnError {
-        NnError::MissingValue {
-            node: node.0,
-            name: self.graph.nodes()[node.0].name.clone(),
-        }
+        NnError::MissingValue { node: node.0, name: self.graph.nodes()[node.0].name.clone() }
     }
 }
 
@@ -295,12 +259,7 @@ struct Sizes {
 }
 
 fn buffer_sizes(graph: &Graph, node: &crate::nn::Node) -> Sizes {
-    let mut s = Sizes {
-        aux: 0,
-        idx: 0,
-        scratch: 0,
-        scratch2: 0,
-    };
+    let mut s = Sizes { aux: 0, idx: 0, scratch: 0, scratch2: 0 };
     let shape_of = |i: usize| &graph.nodes()[node.inputs[i].0].shape;
     let len = node.len();
     match node.op {
@@ -385,21 +344,11 @@ impl Executor for CpuExecutor {
             let mut out_ids = std::mem::take(&mut self.ids[n]);
             let mut aux = std::mem::take(&mut self.aux[n]);
             let mut idx = std::mem::take(&mut self.idx[n]);
-            let ctx = Ctx {
-                graph: &self.graph,
-                vals: &self.vals,
-                ids: &self.ids,
-                params,
-            };
+            let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
             let result = forward::run(
                 &ctx,
                 node,
-                forward::Out {
-                    val: &mut out,
-                    ids: &mut out_ids,
-                    aux: &mut aux,
-                    idx: &mut idx,
-                },
+                forward::Out { val: &mut out, ids: &mut out_ids, aux: &mut aux, idx: &mut idx },
                 &mut self.rng,
                 self.training,
             );
@@ -459,29 +408,16 @@ impl Executor for CpuExecutor {
                 return Err(self.missing(NodeId(n)));
             }
             let g = std::mem::take(&mut self.grads[n]);
-            let ctx = Ctx {
-                graph: &self.graph,
-                vals: &self.vals,
-                ids: &self.ids,
-                params,
-            };
-            let saved = backward::Saved {
-                aux: &self.aux[n],
-                idx: &self.idx[n],
-                trained: self.forward_trained,
-            };
+            let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
+            let saved =
+                backward::Saved { aux: &self.aux[n], idx: &self.idx[n], trained: self.forward_trained };
             backward::prepare(&ctx, node, n, &g, &saved, &mut self.scratch);
             for (pos, &input) in node.inputs.iter().enumerate() {
                 if !self.requires_grad[input.0] {
                     continue;
                 }
                 let mut gin = std::mem::take(&mut self.grads[input.0]);
-                let ctx = Ctx {
-                    graph: &self.graph,
-                    vals: &self.vals,
-                    ids: &self.ids,
-                    params,
-                };
+                let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
                 backward::accumulate(
                     &ctx,
                     node,
@@ -503,12 +439,7 @@ impl Executor for CpuExecutor {
     fn value(&self, node: NodeId) -> Result<&[f32], NnError> {
         let n = self.graph.node(node)?;
         if n.dtype != DType::F32 {
-            return Err(NnError::DType {
-                op: "value",
-                input: "node",
-                got: n.dtype,
-                expected: DType::F32,
-            });
+            return Err(NnError::DType { op: "value", input: "node", got: n.dtype, expected: DType::F32 });
         }
         if !self.filled[node.0] {
             return Err(self.missing(node));

@@ -29,44 +29,24 @@ impl Dataset {
         let text = std::fs::read_to_string(path).map_err(|e| NnError::io(path, e))?;
         let mut features = Vec::new();
         let mut labels = Vec::new();
-        let bad = |line: usize, what: String| NnError::Data {
-            path: path.to_path_buf(),
-            line,
-            what,
-        };
-        for (i, line) in text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| !l.trim().is_empty())
-        {
+        let bad = |line: usize, what: String| NnError::Data { path: path.to_path_buf(), line, what };
+        for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
             let fields: Vec<&str> = line.trim().split(',').collect();
             if fields.len() != 65 {
-                return Err(bad(
-                    i + 1,
-                    format!("expected 65 fields, found {}", fields.len()),
-                ));
+                return Err(bad(i + 1, format!("expected 65 fields, found {}", fields.len())));
             }
             for f in &fields[..64] {
-                let v: f32 = f
-                    .trim()
-                    .parse()
-                    .map_err(|_| bad(i + 1, format!("bad pixel `{f}`")))?;
+                let v: f32 = f.trim().parse().map_err(|_| bad(i + 1, format!("bad pixel `{f}`")))?;
                 features.push(v / 16.0);
             }
-            let label: i32 = fields[64]
-                .trim()
-                .parse()
-                .map_err(|_| bad(i + 1, format!("bad label `{}`", fields[64])))?;
+            let label: i32 =
+                fields[64].trim().parse().map_err(|_| bad(i + 1, format!("bad label `{}`", fields[64])))?;
             if !(0..10).contains(&label) {
                 return Err(bad(i + 1, format!("label {label} outside 0..10")));
             }
             labels.push(label);
         }
-        Ok(Dataset {
-            features,
-            labels,
-            dim: 64,
-        })
+        Ok(Dataset { features, labels, dim: 64 })
     }
 
     /// The number of examples.
@@ -87,11 +67,7 @@ impl Dataset {
             features.extend_from_slice(&self.features[i * self.dim..(i + 1) * self.dim]);
             labels.push(self.labels[i]);
         }
-        Dataset {
-            features,
-            labels,
-            dim: self.dim,
-        }
+        Dataset { features, labels, dim: self.dim }
     }
 
     /// A seeded random split into `(train, test)` with `test_fraction` of the examples in
@@ -132,13 +108,7 @@ impl DataLoader {
         let mut rng = Rng::seed(seed);
         let mut order: Vec<usize> = (0..len).collect();
         rng.shuffle(&mut order);
-        DataLoader {
-            batch: batch.max(1),
-            order,
-            pos: 0,
-            epoch: 0,
-            rng,
-        }
+        DataLoader { batch: batch.max(1), order, pos: 0, epoch: 0, rng }
     }
 
     /// Full batches per epoch.
@@ -191,10 +161,7 @@ impl TextCorpus {
         let mut vocab: Vec<char> = text.chars().collect();
         vocab.sort_unstable();
         vocab.dedup();
-        let ids = text
-            .chars()
-            .map(|c| vocab.binary_search(&c).expect("in vocab") as i32)
-            .collect();
+        let ids = text.chars().map(|c| vocab.binary_search(&c).expect("in vocab") as i32).collect();
         TextCorpus { vocab, ids }
     }
 
@@ -218,9 +185,7 @@ impl TextCorpus {
 
     /// Text for ids (ids outside the vocabulary become `?`).
     pub fn decode(&self, ids: &[i32]) -> String {
-        ids.iter()
-            .map(|&i| self.vocab.get(i as usize).copied().unwrap_or('?'))
-            .collect()
+        ids.iter().map(|&i| self.vocab.get(i as usize).copied().unwrap_or('?')).collect()
     }
 
     /// Cross-entropy (nats per character) of `eval` under a unigram model fitted to
@@ -232,10 +197,7 @@ impl TextCorpus {
             counts[i as usize] += 1.0;
         }
         let total: f64 = counts.iter().sum();
-        let nll: f64 = eval
-            .iter()
-            .map(|&i| -(counts[i as usize] / total).ln())
-            .sum();
+        let nll: f64 = eval.iter().map(|&i| -(counts[i as usize] / total).ln()).sum();
         (nll / eval.len().max(1) as f64) as f32
     }
 }

@@ -132,9 +132,6 @@ pub enum NnError {
 
 impl NnError {
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        NnError::Io {
-            path: path.into(),
-            source,
-        }
+        NnError::Io { path: path.into(), source }
     }
 }

@@ -64,16 +64,12 @@ pub enum Init {
 impl Init {
     /// He/Kaiming uniform for a layer with `fan_in` inputs feeding a ReLU.
     pub fn kaiming_uniform(fan_in: usize) -> Init {
-        Init::Uniform {
-            bound: (6.0 / fan_in.max(1) as f32).sqrt(),
-        }
+        Init::Uniform { bound: (6.0 / fan_in.max(1) as f32).sqrt() }
     }
 
     /// Glorot/Xavier uniform for a layer with `fan_in` inputs and `fan_out` outputs.
     pub fn xavier_uniform(fan_in: usize, fan_out: usize) -> Init {
-        Init::Uniform {
-            bound: (6.0 / (fan_in + fan_out).max(1) as f32).sqrt(),
-        }
+        Init::Uniform { bound: (6.0 / (fan_in + fan_out).max(1) as f32).sqrt() }
     }
 }
 
@@ -260,10 +256,7 @@ impl Graph {
     /// # Errors
     /// [`NnError::UnknownNode`] if `id` is not from this graph.
     pub fn node(&self, id: NodeId) -> Result<&Node, NnError> {
-        self.nodes.get(id.0).ok_or(NnError::UnknownNode {
-            node: id.0,
-            len: self.nodes.len(),
-        })
+        self.nodes.get(id.0).ok_or(NnError::UnknownNode { node: id.0, len: self.nodes.len() })
     }
 
     /// The number of nodes.
@@ -321,13 +314,7 @@ impl Graph {
         out
     }
 
-    pub(crate) fn push(
-        &mut self,
-        op: Op,
-        inputs: Vec<NodeId>,
-        shape: Vec<usize>,
-        dtype: DType,
-    ) -> NodeId {
+    pub(crate) fn push(&mut self, op: Op, inputs: Vec<NodeId>, shape: Vec<usize>, dtype: DType) -> NodeId {
         let name = op.name().to_string();
         self.push_named(op, inputs, shape, dtype, name)
     }
@@ -341,13 +328,7 @@ impl Graph {
         name: String,
     ) -> NodeId {
         let id = NodeId(self.nodes.len());
-        self.nodes.push(Node {
-            op,
-            inputs,
-            shape,
-            dtype,
-            name,
-        });
+        self.nodes.push(Node { op, inputs, shape, dtype, name });
         id
     }
 }

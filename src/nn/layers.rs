@@ -16,11 +16,7 @@ impl Linear {
     /// # Errors
     /// [`NnError::Argument`] if the names are taken.
     pub fn new(g: &mut Graph, name: &str, inputs: usize, outputs: usize) -> Result<Self, NnError> {
-        let weight = g.param(
-            &format!("{name}.weight"),
-            &[inputs, outputs],
-            Init::kaiming_uniform(inputs),
-        )?;
+        let weight = g.param(&format!("{name}.weight"), &[inputs, outputs], Init::kaiming_uniform(inputs))?;
         let bias = g.param(&format!("{name}.bias"), &[outputs], Init::Zeros)?;
         Ok(Linear { weight, bias })
     }
@@ -68,12 +64,7 @@ impl Conv2d {
             Init::kaiming_uniform(fan_in),
         )?;
         let bias = g.param(&format!("{name}.bias"), &[outputs], Init::Zeros)?;
-        Ok(Conv2d {
-            weight,
-            bias,
-            stride,
-            pad,
-        })
+        Ok(Conv2d { weight, bias, stride, pad })
     }
 
     /// Applies the convolution to `x [N, C, H, W]` with a fused activation.
@@ -123,11 +114,7 @@ impl LayerNorm {
     pub fn new(g: &mut Graph, name: &str, d: usize) -> Result<Self, NnError> {
         let gamma = g.param(&format!("{name}.gamma"), &[d], Init::Ones)?;
         let beta = g.param(&format!("{name}.beta"), &[d], Init::Zeros)?;
-        Ok(LayerNorm {
-            gamma,
-            beta,
-            eps: 1e-5,
-        })
+        Ok(LayerNorm { gamma, beta, eps: 1e-5 })
     }
 
     /// Normalizes the last axis of `x`.
@@ -170,13 +157,7 @@ impl Embedding {
     /// [`NnError::Argument`] if the name is taken.
     pub fn new(g: &mut Graph, name: &str, vocab: usize, dim: usize) -> Result<Self, NnError> {
         let std = 1.0 / (dim.max(1) as f32).sqrt();
-        Ok(Embedding {
-            table: g.param(
-                &format!("{name}.table"),
-                &[vocab, dim],
-                Init::Normal { std },
-            )?,
-        })
+        Ok(Embedding { table: g.param(&format!("{name}.table"), &[vocab, dim], Init::Normal { std })? })
     }
 
     /// Looks up `ids`.
@@ -209,18 +190,9 @@ impl Gru {
     pub fn new(g: &mut Graph, name: &str, inputs: usize, hidden: usize) -> Result<Self, NnError> {
         let input = Linear::new(g, &format!("{name}.input"), inputs, 3 * hidden)?;
         let bound = 1.0 / (hidden.max(1) as f32).sqrt();
-        let wh = g.param(
-            &format!("{name}.wh"),
-            &[hidden, 3 * hidden],
-            Init::Uniform { bound },
-        )?;
+        let wh = g.param(&format!("{name}.wh"), &[hidden, 3 * hidden], Init::Uniform { bound })?;
         let bh = g.param(&format!("{name}.bh"), &[3 * hidden], Init::Zeros)?;
-        Ok(Gru {
-            input,
-            wh,
-            bh,
-            hidden,
-        })
+        Ok(Gru { input, wh, bh, hidden })
     }
 
     /// Runs the GRU over `x [B, T, E]` from a zero state; returns the hidden states
@@ -231,12 +203,7 @@ impl Gru {
     pub fn forward(&self, g: &mut Graph, x: NodeId) -> Result<NodeId, NnError> {
         let shape = g.shape(x)?.to_vec();
         if shape.len() != 3 {
-            return Err(NnError::Shape {
-                op: "gru",
-                input: "x",
-                got: shape,
-                expected: "[B, T, E]".into(),
-            });
+            return Err(NnError::Shape { op: "gru", input: "x", got: shape, expected: "[B, T, E]".into() });
         }
         let (b, t) = (shape[0], shape[1]);
         let gx_all = self.input.forward(g, x, Activation::Identity)?;
@@ -274,13 +241,7 @@ impl MultiHeadSelfAttention {
     ///
     /// # Errors
     /// [`NnError::Argument`] if the names are taken or `heads` does not divide `d`.
-    pub fn new(
-        g: &mut Graph,
-        name: &str,
-        d: usize,
-        heads: usize,
-        causal: bool,
-    ) -> Result<Self, NnError> {
+    pub fn new(g: &mut Graph, name: &str, d: usize, heads: usize, causal: bool) -> Result<Self, NnError> {
         if heads == 0 || d % heads != 0 {
             return Err(NnError::Argument {
                 op: "attention",
@@ -292,14 +253,7 @@ impl MultiHeadSelfAttention {
             Ok(l)
         };
         let (q, k, v, out) = (lin("q")?, lin("k")?, lin("v")?, lin("out")?);
-        Ok(MultiHeadSelfAttention {
-            q,
-            k,
-            v,
-            out,
-            heads,
-            causal,
-        })
+        Ok(MultiHeadSelfAttention { q, k, v, out, heads, causal })
     }
 
     /// Applies attention to `x [B, T, D]`.

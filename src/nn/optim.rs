@@ -68,33 +68,17 @@ pub enum OptimizerConfig {
 impl OptimizerConfig {
     /// SGD with momentum.
     pub fn sgd(lr: f32, momentum: f32) -> Self {
-        OptimizerConfig::Sgd {
-            lr,
-            momentum,
-            weight_decay: 0.0,
-        }
+        OptimizerConfig::Sgd { lr, momentum, weight_decay: 0.0 }
     }
 
     /// Adam with the usual betas (0.9, 0.999) and eps 1e-8.
     pub fn adam(lr: f32) -> Self {
-        OptimizerConfig::Adam {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.0,
-        }
+        OptimizerConfig::Adam { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 }
     }
 
     /// AdamW with the usual betas and the given decoupled weight decay.
     pub fn adamw(lr: f32, weight_decay: f32) -> Self {
-        OptimizerConfig::AdamW {
-            lr,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay,
-        }
+        OptimizerConfig::AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
     }
 
     /// The learning rate.
@@ -121,23 +105,12 @@ pub struct Optimizer {
 impl Optimizer {
     /// A fresh optimizer for parameters shaped like `params`.
     pub fn new(config: OptimizerConfig, params: &Params) -> Self {
-        let zeros = || {
-            params
-                .tensors
-                .iter()
-                .map(|t| vec![0.0; t.len()])
-                .collect::<Vec<_>>()
-        };
+        let zeros = || params.tensors.iter().map(|t| vec![0.0; t.len()]).collect::<Vec<_>>();
         let v = match config {
             OptimizerConfig::Sgd { .. } => Vec::new(),
             _ => zeros(),
         };
-        Optimizer {
-            config,
-            steps: 0,
-            m: zeros(),
-            v,
-        }
+        Optimizer { config, steps: 0, m: zeros(), v }
     }
 
     /// Changes the learning rate (for schedules).
@@ -155,18 +128,10 @@ impl Optimizer {
     /// If `params` has a different layout from the one the optimizer was made for, or a
     /// gradient has the wrong length (both are programming errors).
     pub fn step<'g>(&mut self, params: &mut Params, grad: impl Fn(usize) -> &'g [f32]) {
-        assert_eq!(
-            params.tensors.len(),
-            self.m.len(),
-            "optimizer state does not fit the parameters"
-        );
+        assert_eq!(params.tensors.len(), self.m.len(), "optimizer state does not fit the parameters");
         self.steps += 1;
         match self.config {
-            OptimizerConfig::Sgd {
-                lr,
-                momentum,
-                weight_decay,
-            } => {
+            OptimizerConfig::Sgd { lr, momentum, weight_decay } => {
                 for (i, (p, m)) in params.tensors.iter_mut().zip(&mut self.m).enumerate() {
                     let g = grad(i);
                     assert_eq!(g.len(), p.data.len(), "gradient length");
@@ -176,48 +141,20 @@ impl Optimizer {
                     }
                 }
             }
-            OptimizerConfig::Adam {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            }
-            | OptimizerConfig::AdamW {
-                lr,
-                beta1,
-                beta2,
-                eps,
-                weight_decay,
-            } => {
+            OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay }
+            | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay } => {
                 let decoupled = matches!(self.config, OptimizerConfig::AdamW { .. });
                 let t = self.steps as i32;
                 let c1 = 1.0 / (1.0 - (beta1 as f64).powi(t)) as f32;
                 let c2 = 1.0 / (1.0 - (beta2 as f64).powi(t)) as f32;
-                let (l2, decay) = if decoupled {
-                    (0.0, 1.0 - lr * weight_decay)
-                } else {
-                    (weight_decay, 1.0)
-                };
-                for (i, ((p, m), v)) in params
-                    .tensors
-                    .iter_mut()
-                    .zip(&mut self.m)
-                    .zip(&mut self.v)
-                    .enumerate()
+                let (l2, decay) =
+                    if decoupled { (0.0, 1.0 - lr * weight_decay) } else { (weight_decay, 1.0) };
+                for (i, ((p, m), v)) in
+                    params.tensors.iter_mut().zip(&mut self.m).zip(&mut self.v).enumerate()
                 {
                     let g = grad(i);
                     assert_eq!(g.len(), p.data.len(), "gradient length");
-                    let k = AdamStep {
-                        lr,
-                        beta1,
-                        beta2,
-                        eps,
-                        l2,
-                        decay,
-                        c1,
-                        c2,
-                    };
+                    let k = AdamStep { lr, beta1, beta2, eps, l2, decay, c1, c2 };
                     adam_update(&mut p.data, m, v, g, &k);
                 }
             }

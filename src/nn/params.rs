@@ -21,10 +21,9 @@ impl Params {
                 match spec.init {
                     Init::Zeros => {}
                     Init::Ones => t.data.fill(1.0),
-                    Init::Uniform { bound } => t
-                        .data
-                        .iter_mut()
-                        .for_each(|v| *v = (rng.uniform() * 2.0 - 1.0) * bound),
+                    Init::Uniform { bound } => {
+                        t.data.iter_mut().for_each(|v| *v = (rng.uniform() * 2.0 - 1.0) * bound)
+                    }
                     Init::Normal { std } => t.data.iter_mut().for_each(|v| *v = rng.normal() * std),
                 }
                 t
@@ -40,15 +39,12 @@ impl Params {
     pub fn check(&self, graph: &Graph) -> Result<(), NnError> {
         let specs = graph.params();
         for (index, spec) in specs.iter().enumerate() {
-            let fits = self.tensors.get(index).is_some_and(|t| {
-                t.shape == spec.shape && t.data.len() == t.shape.iter().product::<usize>()
-            });
+            let fits = self
+                .tensors
+                .get(index)
+                .is_some_and(|t| t.shape == spec.shape && t.data.len() == t.shape.iter().product::<usize>());
             if !fits {
-                let got = self
-                    .tensors
-                    .get(index)
-                    .map(|t| t.shape.clone())
-                    .unwrap_or_default();
+                let got = self.tensors.get(index).map(|t| t.shape.clone()).unwrap_or_default();
                 return Err(NnError::ParamMismatch {
                     index,
                     name: spec.name.clone(),

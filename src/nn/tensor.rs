@@ -23,10 +23,7 @@ pub struct Tensor {
 impl Tensor {
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize]) -> Self {
-        Tensor {
-            shape: shape.to_vec(),
-            data: vec![0.0; numel(shape)],
-        }
+        Tensor { shape: shape.to_vec(), data: vec![0.0; numel(shape)] }
     }
 
     /// The number of elements.

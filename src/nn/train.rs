@@ -15,8 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::nn::data::{fill_windows, gather_windows};
 use crate::nn::{
-    CpuExecutor, DataLoader, Dataset, Executor, Model, NnError, Optimizer, OptimizerConfig, Params,
-    Rng,
+    CpuExecutor, DataLoader, Dataset, Executor, Model, NnError, Optimizer, OptimizerConfig, Params, Rng,
 };
 
 /// The whole state of a training run.
@@ -39,25 +38,12 @@ pub struct TrainState {
 impl TrainState {
     /// A fresh run: parameters drawn from the graph's initializers with `seed`, a fresh
     /// optimizer, and a loader over `examples` in batches of `batch`.
-    pub fn new(
-        model: &Model,
-        config: OptimizerConfig,
-        examples: usize,
-        batch: usize,
-        seed: u64,
-    ) -> Self {
+    pub fn new(model: &Model, config: OptimizerConfig, examples: usize, batch: usize, seed: u64) -> Self {
         let mut rng = Rng::seed(seed);
         let params = Params::init(&model.graph, &mut rng);
         let optimizer = Optimizer::new(config, &params);
         let loader = DataLoader::new(examples, batch, rng.next_u64());
-        TrainState {
-            params,
-            optimizer,
-            epoch: 0,
-            step: 0,
-            rng,
-            loader,
-        }
+        TrainState { params, optimizer, epoch: 0, step: 0, rng, loader }
     }
 }
 
@@ -97,13 +83,7 @@ impl DirStore {
     fn path(&self, name: &str) -> PathBuf {
         let safe: String = name
             .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                    c
-                } else {
-                    '_'
-                }
-            })
+            .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
             .collect();
         self.root.join(format!("{safe}.ckpt"))
     }
@@ -127,17 +107,9 @@ impl CheckpointStore for DirStore {
 ///
 /// # Errors
 /// [`NnError::Checkpoint`] if encoding fails; the store's errors.
-pub fn save_checkpoint(
-    store: &dyn CheckpointStore,
-    name: &str,
-    state: &TrainState,
-) -> Result<(), NnError> {
-    let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard()).map_err(|e| {
-        NnError::Checkpoint {
-            name: name.into(),
-            what: e.to_string(),
-        }
-    })?;
+pub fn save_checkpoint(store: &dyn CheckpointStore, name: &str, state: &TrainState) -> Result<(), NnError> {
+    let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
+        .map_err(|e| NnError::Checkpoint { name: name.into(), what: e.to_string() })?;
     store.save_bytes(name, &bytes)
 }
 
@@ -148,10 +120,7 @@ pub fn save_checkpoint(
 pub fn resume(store: &dyn CheckpointStore, name: &str) -> Result<TrainState, NnError> {
     let bytes = store.load_bytes(name)?;
     let (state, _) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
-        .map_err(|e| NnError::Checkpoint {
-            name: name.into(),
-            what: e.to_string(),
-        })?;
+        .map_err(|e| NnError::Checkpoint { name: name.into(), what: e.to_string() })?;
     Ok(state)
 }
 
@@ -222,9 +191,7 @@ impl Trainer {
         self.exec.forward(&state.params, 0..loss.index() + 1)?;
         self.exec.backward_from(&state.params, loss)?;
         let exec = &self.exec;
-        state
-            .optimizer
-            .step(&mut state.params, |i| exec.param_grad(i));
+        state.optimizer.step(&mut state.params, |i| exec.param_grad(i));
         state.step += 1;
         exec.scalar(loss)
     }
@@ -245,11 +212,7 @@ impl Trainer {
     ///
     /// # Errors
     /// As [`Trainer::step`].
-    pub fn train_epoch(
-        &mut self,
-        state: &mut TrainState,
-        data: &Dataset,
-    ) -> Result<EpochStats, NnError> {
+    pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
         let start = Instant::now();
         let (mut total, mut batches, mut correct, mut samples) = (0.0f64, 0usize, 0usize, 0usize);
         let (input, target, logits) = (self.model.input, self.model.target, self.model.logits);
@@ -385,12 +348,7 @@ impl Evaluator {
     ///
     /// # Errors
     /// As [`Executor::forward`].
-    pub fn text(
-        &mut self,
-        params: &Params,
-        ids: &[i32],
-        steps: usize,
-    ) -> Result<Evaluation, NnError> {
+    pub fn text(&mut self, params: &Params, ids: &[i32], steps: usize) -> Result<Evaluation, NnError> {
         self.exec.set_training(false);
         let batch = self.model.graph.shape(self.model.input)?[0];
         let logits = self.model.logits;

@@ -5,8 +5,7 @@
 //! gives graphs with the same parameter list, so one [`Params`](crate::nn::Params) serves
 //! a training graph and an evaluation graph.
 use crate::nn::layers::{
-    ids_input, Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d,
-    MultiHeadSelfAttention,
+    ids_input, Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d, MultiHeadSelfAttention,
 };
 use crate::nn::{Activation, DType, Graph, Init, NnError, NodeId};
 
@@ -25,32 +24,17 @@ pub struct Model {
     pub loss: NodeId,
 }
 
-fn classifier_head(
-    mut g: Graph,
-    input: NodeId,
-    logits: NodeId,
-    rows: usize,
-) -> Result<Model, NnError> {
+fn classifier_head(mut g: Graph, input: NodeId, logits: NodeId, rows: usize) -> Result<Model, NnError> {
     let target = ids_input(&mut g, "target", &[rows]);
     let loss = g.softmax_cross_entropy(logits, target)?;
-    Ok(Model {
-        graph: g,
-        input,
-        target,
-        logits,
-        loss,
-    })
+    Ok(Model { graph: g, input, target, logits, loss })
 }
 
 /// Multinomial logistic regression on `features`-wide inputs.
 ///
 /// # Errors
 /// Only on internal inconsistency (shapes are fixed here).
-pub fn logistic_regression(
-    batch: usize,
-    features: usize,
-    classes: usize,
-) -> Result<Model, NnError> {
+pub fn logistic_regression(batch: usize, features: usize, classes: usize) -> Result<Model, NnError> {
     let mut g = Graph::new();
     let x = g.input("x", &[batch, features], DType::F32);
     let fc = Linear::new(&mut g, "fc", features, classes)?;
@@ -64,10 +48,7 @@ pub fn logistic_regression(
 /// [`NnError::Argument`] with fewer than two sizes.
 pub fn mlp(batch: usize, sizes: &[usize]) -> Result<Model, NnError> {
     if sizes.len() < 2 {
-        return Err(NnError::Argument {
-            op: "mlp",
-            what: "needs at least input and output sizes".into(),
-        });
+        return Err(NnError::Argument { op: "mlp", what: "needs at least input and output sizes".into() });
     }
     let mut g = Graph::new();
     let x = g.input("x", &[batch, sizes[0]], DType::F32);
@@ -75,11 +56,7 @@ pub fn mlp(batch: usize, sizes: &[usize]) -> Result<Model, NnError> {
     let last = sizes.len() - 2;
     for (i, pair) in sizes.windows(2).enumerate() {
         let fc = Linear::new(&mut g, &format!("fc{}", i + 1), pair[0], pair[1])?;
-        let act = if i == last {
-            Activation::Identity
-        } else {
-            Activation::Relu
-        };
+        let act = if i == last { Activation::Identity } else { Activation::Relu };
         h = fc.forward(&mut g, h, act)?;
     }
     classifier_head(g, x, h, batch)
@@ -166,13 +143,8 @@ pub fn tiny_transformer(
     let mut x = g.add(x, pos)?;
     for l in 0..cfg.layers {
         let ln1 = LayerNorm::new(&mut g, &format!("block{l}.ln1"), cfg.width)?;
-        let attn = MultiHeadSelfAttention::new(
-            &mut g,
-            &format!("block{l}.attn"),
-            cfg.width,
-            cfg.heads,
-            true,
-        )?;
+        let attn =
+            MultiHeadSelfAttention::new(&mut g, &format!("block{l}.attn"), cfg.width, cfg.heads, true)?;
         let h = ln1.forward(&mut g, x)?;
         let h = attn.forward(&mut g, h)?;
         x = g.add(x, h)?;

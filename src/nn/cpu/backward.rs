@@ -66,12 +66,7 @@ pub(crate) fn prepare(
                 for oc in 0..o {
                     let at = (b * o + oc) * ohw;
                     let to = oc * n * ohw + b * ohw;
-                    act_grad(
-                        act,
-                        &y[at..at + ohw],
-                        &g[at..at + ohw],
-                        &mut scratch[to..to + ohw],
-                    );
+                    act_grad(act, &y[at..at + ohw], &g[at..at + ohw], &mut scratch[to..to + ohw]);
                 }
             }
         }
@@ -156,25 +151,9 @@ pub(crate) fn accumulate(
             let (a, b) = (ctx.shape(inp[0]), ctx.shape(inp[1]));
             let (m, k, nn) = (a[0], a[1], b[1]);
             if pos == 0 {
-                gemm_rm(
-                    m,
-                    nn,
-                    k,
-                    MatRef::rows(g, nn),
-                    MatRef::trans(val(1), nn),
-                    1.0,
-                    gin,
-                );
+                gemm_rm(m, nn, k, MatRef::rows(g, nn), MatRef::trans(val(1), nn), 1.0, gin);
             } else {
-                gemm_rm(
-                    k,
-                    m,
-                    nn,
-                    MatRef::trans(val(0), k),
-                    MatRef::rows(g, nn),
-                    1.0,
-                    gin,
-                );
+                gemm_rm(k, m, nn, MatRef::trans(val(0), k), MatRef::rows(g, nn), 1.0, gin);
             }
         }
         Op::Linear { .. } => {
@@ -183,24 +162,8 @@ pub(crate) fn accumulate(
             let m = g.len() / nn.max(1);
             let dz = &scratch[..g.len()];
             match pos {
-                0 => gemm_rm(
-                    m,
-                    nn,
-                    k,
-                    MatRef::rows(dz, nn),
-                    MatRef::trans(val(1), nn),
-                    1.0,
-                    gin,
-                ),
-                1 => gemm_rm(
-                    k,
-                    m,
-                    nn,
-                    MatRef::trans(val(0), k),
-                    MatRef::rows(dz, nn),
-                    1.0,
-                    gin,
-                ),
+                0 => gemm_rm(m, nn, k, MatRef::rows(dz, nn), MatRef::trans(val(1), nn), 1.0, gin),
+                1 => gemm_rm(k, m, nn, MatRef::trans(val(0), k), MatRef::rows(dz, nn), 1.0, gin),
                 _ => add_col_sums(gin, dz),
             }
         }
@@ -358,11 +321,7 @@ pub(crate) fn accumulate(
         }
         Op::Softmax => {
             let d = *node.shape.last().unwrap_or(&1);
-            for ((dr, yr), gr) in gin
-                .chunks_exact_mut(d)
-                .zip(y.chunks_exact(d))
-                .zip(g.chunks_exact(d))
-            {
+            for ((dr, yr), gr) in gin.chunks_exact_mut(d).zip(y.chunks_exact(d)).zip(g.chunks_exact(d)) {
                 let s: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
                 for ((dv, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
                     *dv += yv * (gv - s);
@@ -374,11 +333,7 @@ pub(crate) fn accumulate(
                 let c = ctx.shape(inp[0])[1];
                 let labels = ctx.ids(inp[1]);
                 let scale = g[0] / labels.len().max(1) as f32;
-                for ((dr, pr), &label) in gin
-                    .chunks_exact_mut(c)
-                    .zip(saved.aux.chunks_exact(c))
-                    .zip(labels)
-                {
+                for ((dr, pr), &label) in gin.chunks_exact_mut(c).zip(saved.aux.chunks_exact(c)).zip(labels) {
                     for (dv, &pv) in dr.iter_mut().zip(pr) {
                         *dv += scale * pv;
                     }
@@ -420,10 +375,7 @@ pub(crate) fn accumulate(
         Op::StackSteps => {
             let (b, t, d) = (node.shape[0], node.shape[1], node.shape[2]);
             for bi in 0..b {
-                add_into(
-                    &mut gin[bi * d..(bi + 1) * d],
-                    &g[(bi * t + pos) * d..(bi * t + pos + 1) * d],
-                );
+                add_into(&mut gin[bi * d..(bi + 1) * d], &g[(bi * t + pos) * d..(bi * t + pos + 1) * d]);
             }
         }
         Op::GruCell => {
@@ -436,25 +388,9 @@ pub(crate) fn accumulate(
                     for ((d, &gv), &zv) in gin.iter_mut().zip(g).zip(z) {
                         *d += gv * zv;
                     }
-                    gemm_rm(
-                        b,
-                        3 * h,
-                        h,
-                        MatRef::rows(dgh, 3 * h),
-                        MatRef::trans(val(2), 3 * h),
-                        1.0,
-                        gin,
-                    );
+                    gemm_rm(b, 3 * h, h, MatRef::rows(dgh, 3 * h), MatRef::trans(val(2), 3 * h), 1.0, gin);
                 }
-                2 => gemm_rm(
-                    h,
-                    b,
-                    3 * h,
-                    MatRef::trans(val(1), h),
-                    MatRef::rows(dgh, 3 * h),
-                    1.0,
-                    gin,
-                ),
+                2 => gemm_rm(h, b, 3 * h, MatRef::trans(val(1), h), MatRef::rows(dgh, 3 * h), 1.0, gin),
                 _ => add_col_sums(gin, dgh),
             }
         }

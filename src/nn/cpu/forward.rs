@@ -75,30 +75,14 @@ pub(crate) fn run(
         Op::MatMul => {
             let (a, b) = (ctx.shape(inp[0]), ctx.shape(inp[1]));
             let (m, k, n) = (a[0], a[1], b[1]);
-            gemm_rm(
-                m,
-                k,
-                n,
-                MatRef::rows(ctx.val(inp[0]), k),
-                MatRef::rows(ctx.val(inp[1]), n),
-                0.0,
-                y,
-            );
+            gemm_rm(m, k, n, MatRef::rows(ctx.val(inp[0]), k), MatRef::rows(ctx.val(inp[1]), n), 0.0, y);
         }
         Op::Linear { act } => {
             let w = ctx.shape(inp[1]);
             let (k, n) = (w[0], w[1]);
             let m = y.len() / n.max(1);
             broadcast_rows(y, ctx.val(inp[2]));
-            gemm_rm(
-                m,
-                k,
-                n,
-                MatRef::rows(ctx.val(inp[0]), k),
-                MatRef::rows(ctx.val(inp[1]), n),
-                1.0,
-                y,
-            );
+            gemm_rm(m, k, n, MatRef::rows(ctx.val(inp[0]), k), MatRef::rows(ctx.val(inp[1]), n), 1.0, y);
             apply_act(act, y);
         }
         Op::Conv2d { stride, pad, act } => {
@@ -159,10 +143,7 @@ pub(crate) fn run(
         }
         Op::Add => {
             let (a, b) = (ctx.val(inp[0]), ctx.val(inp[1]));
-            for (yc, ac) in y
-                .chunks_exact_mut(b.len().max(1))
-                .zip(a.chunks_exact(b.len().max(1)))
-            {
+            for (yc, ac) in y.chunks_exact_mut(b.len().max(1)).zip(a.chunks_exact(b.len().max(1))) {
                 for ((yv, av), bv) in yc.iter_mut().zip(ac).zip(b) {
                     *yv = av + bv;
                 }
@@ -171,20 +152,10 @@ pub(crate) fn run(
         Op::Sub | Op::Mul | Op::Mse => {
             let (a, b) = (ctx.val(inp[0]), ctx.val(inp[1]));
             match node.op {
-                Op::Sub => y
-                    .iter_mut()
-                    .zip(a.iter().zip(b))
-                    .for_each(|(y, (a, b))| *y = a - b),
-                Op::Mul => y
-                    .iter_mut()
-                    .zip(a.iter().zip(b))
-                    .for_each(|(y, (a, b))| *y = a * b),
+                Op::Sub => y.iter_mut().zip(a.iter().zip(b)).for_each(|(y, (a, b))| *y = a - b),
+                Op::Mul => y.iter_mut().zip(a.iter().zip(b)).for_each(|(y, (a, b))| *y = a * b),
                 _ => {
-                    let sum: f64 = a
-                        .iter()
-                        .zip(b)
-                        .map(|(a, b)| ((a - b) * (a - b)) as f64)
-                        .sum();
+                    let sum: f64 = a.iter().zip(b).map(|(a, b)| ((a - b) * (a - b)) as f64).sum();
                     y[0] = (sum / a.len().max(1) as f64) as f32;
                 }
             }
@@ -239,12 +210,7 @@ pub(crate) fn run(
             let (v, d) = (t[0], t[1]);
             for (position, (&id, yr)) in ids.iter().zip(y.chunks_exact_mut(d.max(1))).enumerate() {
                 if id < 0 || id as usize >= v {
-                    return Err(NnError::IdOutOfRange {
-                        op: "embedding",
-                        id,
-                        position,
-                        limit: v,
-                    });
+                    return Err(NnError::IdOutOfRange { op: "embedding", id, position, limit: v });
                 }
                 let id = id as usize;
                 yr.copy_from_slice(&table[id * d..(id + 1) * d]);
@@ -295,18 +261,7 @@ pub(crate) fn run(
                     }
                     softmax_rows(p, t);
                     let vm = MatRef::strided(&v[off..], d, 1);
-                    gemm(
-                        t,
-                        t,
-                        dh,
-                        1.0,
-                        MatRef::rows(p, t),
-                        vm,
-                        0.0,
-                        &mut y[off..],
-                        d,
-                        1,
-                    );
+                    gemm(t, t, dh, 1.0, MatRef::rows(p, t), vm, 0.0, &mut y[off..], d, 1);
                 }
             }
         }
@@ -323,30 +278,16 @@ pub(crate) fn run(
             for (s, &input) in inp.iter().enumerate() {
                 let xv = ctx.val(input);
                 for bi in 0..b {
-                    y[(bi * t + s) * d..(bi * t + s + 1) * d]
-                        .copy_from_slice(&xv[bi * d..(bi + 1) * d]);
+                    y[(bi * t + s) * d..(bi * t + s + 1) * d].copy_from_slice(&xv[bi * d..(bi + 1) * d]);
                 }
             }
         }
         Op::GruCell => {
             let (b, h) = (node.shape[0], node.shape[1]);
-            let (gx, hv, wh, bh) = (
-                ctx.val(inp[0]),
-                ctx.val(inp[1]),
-                ctx.val(inp[2]),
-                ctx.val(inp[3]),
-            );
+            let (gx, hv, wh, bh) = (ctx.val(inp[0]), ctx.val(inp[1]), ctx.val(inp[2]), ctx.val(inp[3]));
             let (gh, gates) = out.aux.split_at_mut(b * 3 * h);
             broadcast_rows(gh, bh);
-            gemm_rm(
-                b,
-                h,
-                3 * h,
-                MatRef::rows(hv, h),
-                MatRef::rows(wh, 3 * h),
-                1.0,
-                gh,
-            );
+            gemm_rm(b, h, 3 * h, MatRef::rows(hv, h), MatRef::rows(wh, 3 * h), 1.0, gh);
             // gates: [r | z | n], each [B, H].
             let (r, rest) = gates.split_at_mut(b * h);
             let (z, n) = rest.split_at_mut(b * h);
@@ -384,17 +325,7 @@ pub(crate) struct ConvGeometry {
 
 impl ConvGeometry {
     pub(crate) fn new(x: &[usize], w: &[usize], y: &[usize], stride: usize, pad: usize) -> Self {
-        ConvGeometry {
-            c: x[1],
-            h: x[2],
-            w: x[3],
-            kh: w[2],
-            kw: w[3],
-            oh: y[2],
-            ow: y[3],
-            stride,
-            pad,
-        }
+        ConvGeometry { c: x[1], h: x[2], w: x[3], kh: w[2], kw: w[3], oh: y[2], ow: y[3], stride, pad }
     }
 
     pub(crate) fn ckk(&self) -> usize {
@@ -414,11 +345,7 @@ impl ConvGeometry {
         let (s, pad, w) = (self.stride as isize, self.pad as isize, self.w as isize);
         let kj = kj as isize;
         let lo = if pad > kj { (pad - kj + s - 1) / s } else { 0 };
-        let hi = if w - 1 + pad - kj >= 0 {
-            (w - 1 + pad - kj) / s + 1
-        } else {
-            0
-        };
+        let hi = if w - 1 + pad - kj >= 0 { (w - 1 + pad - kj) / s + 1 } else { 0 };
         let lo = (lo as usize).min(self.ow);
         (lo, (hi as usize).clamp(lo, self.ow))
     }
@@ -427,12 +354,7 @@ impl ConvGeometry {
     /// and output row `i` whose input row is inside the image; other segments get
     /// `f(start, None, ..)`.
     #[inline]
-    fn rows(
-        &self,
-        row_stride: usize,
-        offset: usize,
-        mut f: impl FnMut(usize, Option<isize>, usize, usize),
-    ) {
+    fn rows(&self, row_stride: usize, offset: usize, mut f: impl FnMut(usize, Option<isize>, usize, usize)) {
         for c in 0..self.c {
             for ki in 0..self.kh {
                 for kj in 0..self.kw {

@@ -11,20 +11,12 @@ pub(crate) struct MatRef<'a> {
 impl<'a> MatRef<'a> {
     /// A row-major `rows × cols` matrix, read as stored.
     pub(crate) fn rows(data: &'a [f32], cols: usize) -> Self {
-        MatRef {
-            data,
-            rs: cols,
-            cs: 1,
-        }
+        MatRef { data, rs: cols, cs: 1 }
     }
 
     /// A row-major matrix with `cols` columns, read transposed.
     pub(crate) fn trans(data: &'a [f32], cols: usize) -> Self {
-        MatRef {
-            data,
-            rs: 1,
-            cs: cols,
-        }
+        MatRef { data, rs: 1, cs: cols }
     }
 
     /// Strided view.
@@ -87,14 +79,6 @@ pub(crate) fn gemm(
 }
 
 /// `c[m × n] (row-major) = a · b + beta · c`.
-pub(crate) fn gemm_rm(
-    m: usize,
-    k: usize,
-    n: usize,
-    a: MatRef<'_>,
-    b: MatRef<'_>,
-    beta: f32,
-    c: &mut [f32],
-) {
+pub(crate) fn gemm_rm(m: usize, k: usize, n: usize, a: MatRef<'_>, b: MatRef<'_>, beta: f32, c: &mut [f32]) {
     gemm(m, k, n, 1.0, a, b, beta, c, n, 1);
 }

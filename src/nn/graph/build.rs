@@ -4,25 +4,12 @@ use super::{Activation, Graph, Init, Node, NodeId, Op, ParamSpec};
 use crate::nn::tensor::numel;
 use crate::nn::{DType, NnError};
 
-fn shape_err(
-    op: &'static str,
-    input: &'static str,
-    node: &Node,
-    expected: impl Into<String>,
-) -> NnError {
-    NnError::Shape {
-        op,
-        input,
-        got: node.shape.clone(),
-        expected: expected.into(),
-    }
+fn shape_err(op: &'static str, input: &'static str, node: &Node, expected: impl Into<String>) -> NnError {
+    NnError::Shape { op, input, got: node.shape.clone(), expected: expected.into() }
 }
 
 fn arg_err(op: &'static str, what: impl Into<String>) -> NnError {
-    NnError::Argument {
-        op,
-        what: what.into(),
-    }
+    NnError::Argument { op, what: what.into() }
 }
 
 impl Graph {
@@ -35,12 +22,7 @@ impl Graph {
     ) -> Result<&Node, NnError> {
         let node = self.node(id)?;
         if node.dtype != dtype {
-            return Err(NnError::DType {
-                op,
-                input,
-                got: node.dtype,
-                expected: dtype,
-            });
+            return Err(NnError::DType { op, input, got: node.dtype, expected: dtype });
         }
         Ok(node)
     }
@@ -56,25 +38,11 @@ impl Graph {
     /// [`NnError::Argument`] if another parameter already has this name.
     pub fn param(&mut self, name: &str, shape: &[usize], init: Init) -> Result<NodeId, NnError> {
         if self.params.iter().any(|p| p.name == name) {
-            return Err(arg_err(
-                "param",
-                format!("a parameter named `{name}` already exists"),
-            ));
+            return Err(arg_err("param", format!("a parameter named `{name}` already exists")));
         }
         let index = self.params.len();
-        let node = self.push_named(
-            Op::Param { index },
-            vec![],
-            shape.to_vec(),
-            DType::F32,
-            name.to_string(),
-        );
-        self.params.push(ParamSpec {
-            name: name.to_string(),
-            shape: shape.to_vec(),
-            init,
-            node,
-        });
+        let node = self.push_named(Op::Param { index }, vec![], shape.to_vec(), DType::F32, name.to_string());
+        self.params.push(ParamSpec { name: name.to_string(), shape: shape.to_vec(), init, node });
         Ok(node)
     }
 
@@ -95,12 +63,7 @@ impl Graph {
             return Err(shape_err(OP, "a", an, "a matrix [m, k]"));
         }
         if bn.shape.len() != 2 || bn.shape[0] != an.shape[1] {
-            return Err(shape_err(
-                OP,
-                "b",
-                bn,
-                format!("[k, n] with k = {}", an.shape[1]),
-            ));
+            return Err(shape_err(OP, "b", bn, format!("[k, n] with k = {}", an.shape[1])));
         }
         let shape = vec![an.shape[0], bn.shape[1]];
         Ok(self.push(Op::MatMul, vec![a, b], shape, DType::F32))
@@ -111,13 +74,7 @@ impl Graph {
     /// # Errors
     /// [`NnError::Shape`] unless `w` is `[in, out]` with `in` = `x`'s last extent and `b`
     /// is `[out]`.
-    pub fn linear(
-        &mut self,
-        x: NodeId,
-        w: NodeId,
-        b: NodeId,
-        act: Activation,
-    ) -> Result<NodeId, NnError> {
+    pub fn linear(&mut self, x: NodeId, w: NodeId, b: NodeId, act: Activation) -> Result<NodeId, NnError> {
         const OP: &str = "linear";
         let xn = self.checked(OP, "x", x, DType::F32)?;
         let wn = self.checked(OP, "weight", w, DType::F32)?;
@@ -126,12 +83,7 @@ impl Graph {
             return Err(shape_err(OP, "x", xn, "at least one axis"));
         };
         if wn.shape.len() != 2 || wn.shape[0] != inner {
-            return Err(shape_err(
-                OP,
-                "weight",
-                wn,
-                format!("[in, out] with in = {inner}"),
-            ));
+            return Err(shape_err(OP, "weight", wn, format!("[in, out] with in = {inner}")));
         }
         let out = wn.shape[1];
         if bn.shape != [out] {
@@ -169,12 +121,7 @@ impl Graph {
         }
         let (n, c, h, wd) = (xn.shape[0], xn.shape[1], xn.shape[2], xn.shape[3]);
         if wn.shape.len() != 4 || wn.shape[1] != c {
-            return Err(shape_err(
-                OP,
-                "weight",
-                wn,
-                format!("[O, C, KH, KW] with C = {c}"),
-            ));
+            return Err(shape_err(OP, "weight", wn, format!("[O, C, KH, KW] with C = {c}")));
         }
         let (o, kh, kw) = (wn.shape[0], wn.shape[2], wn.shape[3]);
         if bn.shape != [o] {
@@ -191,12 +138,7 @@ impl Graph {
         }
         let oh = (h + 2 * pad - kh) / stride + 1;
         let ow = (wd + 2 * pad - kw) / stride + 1;
-        Ok(self.push(
-            Op::Conv2d { stride, pad, act },
-            vec![x, w, b],
-            vec![n, o, oh, ow],
-            DType::F32,
-        ))
+        Ok(self.push(Op::Conv2d { stride, pad, act }, vec![x, w, b], vec![n, o, oh, ow], DType::F32))
     }
 
     /// Max pooling over `size × size` windows with the given stride.
@@ -211,20 +153,10 @@ impl Graph {
         }
         let xn = self.checked(OP, "x", x, DType::F32)?;
         if xn.shape.len() != 4 || xn.shape[2] < size || xn.shape[3] < size {
-            return Err(shape_err(
-                OP,
-                "x",
-                xn,
-                format!("[N, C, H, W] with H, W >= {size}"),
-            ));
+            return Err(shape_err(OP, "x", xn, format!("[N, C, H, W] with H, W >= {size}")));
         }
         let s = &xn.shape;
-        let shape = vec![
-            s[0],
-            s[1],
-            (s[2] - size) / stride + 1,
-            (s[3] - size) / stride + 1,
-        ];
+        let shape = vec![s[0], s[1], (s[2] - size) / stride + 1, (s[3] - size) / stride + 1];
         Ok(self.push(Op::MaxPool2d { size, stride }, vec![x], shape, DType::F32))
     }
 
@@ -238,12 +170,7 @@ impl Graph {
         let an = self.checked(OP, "a", a, DType::F32)?;
         let bn = self.checked(OP, "b", b, DType::F32)?;
         if !an.shape.ends_with(&bn.shape) {
-            return Err(shape_err(
-                OP,
-                "b",
-                bn,
-                format!("a suffix of {:?}", an.shape),
-            ));
+            return Err(shape_err(OP, "b", bn, format!("a suffix of {:?}", an.shape)));
         }
         let shape = an.shape.clone();
         Ok(self.push(Op::Add, vec![a, b], shape, DType::F32))
@@ -254,12 +181,7 @@ impl Graph {
         let an = self.checked(name, "a", a, DType::F32)?;
         let bn = self.checked(name, "b", b, DType::F32)?;
         if an.shape != bn.shape {
-            return Err(shape_err(
-                name,
-                "b",
-                bn,
-                format!("{:?} (the shape of a)", an.shape),
-            ));
+            return Err(shape_err(name, "b", bn, format!("{:?} (the shape of a)", an.shape)));
         }
         let shape = an.shape.clone();
         Ok(self.push(op, vec![a, b], shape, DType::F32))
@@ -330,12 +252,7 @@ impl Graph {
     pub fn reshape(&mut self, x: NodeId, shape: &[usize]) -> Result<NodeId, NnError> {
         let xn = self.node(x)?;
         if xn.len() != numel(shape) {
-            return Err(shape_err(
-                "reshape",
-                "x",
-                xn,
-                format!("{} elements to fit {shape:?}", numel(shape)),
-            ));
+            return Err(shape_err("reshape", "x", xn, format!("{} elements to fit {shape:?}", numel(shape))));
         }
         let dtype = xn.dtype;
         Ok(self.push(Op::Reshape, vec![x], shape.to_vec(), dtype))
@@ -367,12 +284,7 @@ impl Graph {
         if eps.is_nan() || eps <= 0.0 {
             return Err(arg_err(OP, format!("eps must be positive, got {eps}")));
         }
-        Ok(self.push(
-            Op::LayerNorm { eps },
-            vec![x, gamma, beta],
-            shape,
-            DType::F32,
-        ))
+        Ok(self.push(Op::LayerNorm { eps }, vec![x, gamma, beta], shape, DType::F32))
     }
 
     /// Dropout with drop probability `p` (active only when the executor trains).
@@ -406,11 +318,7 @@ impl Graph {
     ///
     /// # Errors
     /// [`NnError::Shape`] / [`NnError::DType`] on mismatched inputs.
-    pub fn softmax_cross_entropy(
-        &mut self,
-        logits: NodeId,
-        labels: NodeId,
-    ) -> Result<NodeId, NnError> {
+    pub fn softmax_cross_entropy(&mut self, logits: NodeId, labels: NodeId) -> Result<NodeId, NnError> {
         const OP: &str = "softmax_cross_entropy";
         let ln = self.checked(OP, "logits", logits, DType::F32)?;
         if ln.shape.len() != 2 || ln.shape[1] == 0 {
@@ -421,12 +329,7 @@ impl Graph {
         if yn.shape != [rows] {
             return Err(shape_err(OP, "labels", yn, format!("[{rows}]")));
         }
-        Ok(self.push(
-            Op::SoftmaxCrossEntropy,
-            vec![logits, labels],
-            vec![],
-            DType::F32,
-        ))
+        Ok(self.push(Op::SoftmaxCrossEntropy, vec![logits, labels], vec![], DType::F32))
     }
 
     /// Mean squared error between `pred` and `target` (same shapes).
@@ -461,26 +364,13 @@ impl Graph {
         for (role, id) in [("k", k), ("v", v)] {
             let n = self.checked(OP, role, id, DType::F32)?;
             if n.shape != shape {
-                return Err(shape_err(
-                    OP,
-                    role,
-                    n,
-                    format!("{shape:?} (the shape of q)"),
-                ));
+                return Err(shape_err(OP, role, n, format!("{shape:?} (the shape of q)")));
             }
         }
         if heads == 0 || shape[2] % heads != 0 {
-            return Err(arg_err(
-                OP,
-                format!("{heads} heads do not divide model width {}", shape[2]),
-            ));
+            return Err(arg_err(OP, format!("{heads} heads do not divide model width {}", shape[2])));
         }
-        Ok(self.push(
-            Op::Attention { heads, causal },
-            vec![q, k, v],
-            shape,
-            DType::F32,
-        ))
+        Ok(self.push(Op::Attention { heads, causal }, vec![q, k, v], shape, DType::F32))
     }
 
     /// Time step `step` of `x [B, T, D]`.
@@ -490,12 +380,7 @@ impl Graph {
     pub fn select_step(&mut self, x: NodeId, step: usize) -> Result<NodeId, NnError> {
         let xn = self.checked("select_step", "x", x, DType::F32)?;
         if xn.shape.len() != 3 || step >= xn.shape[1] {
-            return Err(shape_err(
-                "select_step",
-                "x",
-                xn,
-                format!("[B, T, D] with T > {step}"),
-            ));
+            return Err(shape_err("select_step", "x", xn, format!("[B, T, D] with T > {step}")));
         }
         let shape = vec![xn.shape[0], xn.shape[2]];
         Ok(self.push(Op::SelectStep { step }, vec![x], shape, DType::F32))
@@ -510,17 +395,9 @@ impl Graph {
         let Some(&first) = steps.first() else {
             return Err(arg_err("stack_steps", "needs at least one step"));
         };
-        let shape0 = self
-            .checked("stack_steps", "step", first, DType::F32)?
-            .shape
-            .clone();
+        let shape0 = self.checked("stack_steps", "step", first, DType::F32)?.shape.clone();
         if shape0.len() != 2 {
-            return Err(shape_err(
-                "stack_steps",
-                "step",
-                self.node(first)?,
-                "[B, D]",
-            ));
+            return Err(shape_err("stack_steps", "step", self.node(first)?, "[B, D]"));
         }
         for &s in steps {
             let n = self.checked("stack_steps", "step", s, DType::F32)?;
@@ -537,24 +414,15 @@ impl Graph {
     /// # Errors
     /// [`NnError::Shape`] unless `gx` is `[B, 3H]`, `h` is `[B, H]`, `wh` is `[H, 3H]` and
     /// `bh` is `[3H]`.
-    pub fn gru_cell(
-        &mut self,
-        gx: NodeId,
-        h: NodeId,
-        wh: NodeId,
-        bh: NodeId,
-    ) -> Result<NodeId, NnError> {
+    pub fn gru_cell(&mut self, gx: NodeId, h: NodeId, wh: NodeId, bh: NodeId) -> Result<NodeId, NnError> {
         const OP: &str = "gru_cell";
         let hn = self.checked(OP, "h", h, DType::F32)?;
         if hn.shape.len() != 2 {
             return Err(shape_err(OP, "h", hn, "[B, H]"));
         }
         let (b, hid) = (hn.shape[0], hn.shape[1]);
-        let checks = [
-            ("gx", gx, vec![b, 3 * hid]),
-            ("wh", wh, vec![hid, 3 * hid]),
-            ("bh", bh, vec![3 * hid]),
-        ];
+        let checks =
+            [("gx", gx, vec![b, 3 * hid]), ("wh", wh, vec![hid, 3 * hid]), ("bh", bh, vec![3 * hid])];
         for (role, id, want) in checks {
             let n = self.checked(OP, role, id, DType::F32)?;
             if n.shape != want {

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tessera::nn::{
-    char_gru, lenet, mlp, tiny_transformer, window_count, Dataset, Evaluator, Model,
-    OptimizerConfig, TextCorpus, TrainState, Trainer, TransformerConfig,
+    char_gru, lenet, mlp, tiny_transformer, window_count, Dataset, Evaluator, Model, OptimizerConfig,
+    TextCorpus, TrainState, Trainer, TransformerConfig,
 };
 
 use super::{median, Reporter};
@@ -41,9 +41,7 @@ fn train_digits(
         samples += stats.samples;
         seconds += stats.seconds;
     }
-    let accuracy = Evaluator::new(build(test.len())?)
-        .classify(&state.params, test)?
-        .accuracy;
+    let accuracy = Evaluator::new(build(test.len())?).classify(&state.params, test)?.accuracy;
     Ok((samples as f64 / seconds, 100.0 * accuracy as f64))
 }
 
@@ -63,12 +61,7 @@ fn digits_case(
         rates.push(rate);
         accuracy = acc;
     }
-    reporter.report(
-        &format!("nn/{name}_train_samples_per_s"),
-        median(&mut rates),
-        "samples/s",
-        true,
-    );
+    reporter.report(&format!("nn/{name}_train_samples_per_s"), median(&mut rates), "samples/s", true);
     reporter.report(&format!("nn/{name}_test_accuracy"), accuracy, "%", true);
     Ok(())
 }
@@ -82,13 +75,8 @@ fn text_case(
 ) -> Result<()> {
     let model = build()?;
     let batch = model.graph.shape(model.input)?[0];
-    let mut state = TrainState::new(
-        &model,
-        OptimizerConfig::adam(3e-3),
-        window_count(ids.len(), steps),
-        batch,
-        1,
-    );
+    let mut state =
+        TrainState::new(&model, OptimizerConfig::adam(3e-3), window_count(ids.len(), steps), batch, 1);
     let mut trainer = Trainer::new(model);
     let start = Instant::now();
     let mut tokens = 0;
@@ -106,46 +94,15 @@ fn text_case(
 
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     let sizes = [64, 128, 64, 10];
-    digits_case(
-        reporter,
-        "mlp",
-        &|b| Ok(mlp(b, &sizes)?),
-        OptimizerConfig::adam(2e-3),
-        40,
-        7,
-    )?;
-    digits_case(
-        reporter,
-        "cnn",
-        &|b| Ok(lenet(b, 8, 10)?),
-        OptimizerConfig::adamw(3e-3, 1e-4),
-        45,
-        3,
-    )?;
+    digits_case(reporter, "mlp", &|b| Ok(mlp(b, &sizes)?), OptimizerConfig::adam(2e-3), 40, 7)?;
+    digits_case(reporter, "cnn", &|b| Ok(lenet(b, 8, 10)?), OptimizerConfig::adamw(3e-3, 1e-4), 45, 3)?;
 
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let corpus = TextCorpus::from_files(&[root.join("README.md"), root.join("src/nn/graph.rs")])
         .context("reading the text corpus")?;
     let vocab = corpus.vocab_size();
-    text_case(
-        reporter,
-        "char_gru",
-        &|| Ok(char_gru(32, 32, vocab, 32, 128)?),
-        32,
-        &corpus.ids,
-    )?;
-    let cfg = TransformerConfig {
-        width: 64,
-        heads: 4,
-        layers: 2,
-        ff: 256,
-    };
-    text_case(
-        reporter,
-        "tiny_transformer",
-        &|| Ok(tiny_transformer(16, 64, vocab, cfg)?),
-        64,
-        &corpus.ids,
-    )?;
+    text_case(reporter, "char_gru", &|| Ok(char_gru(32, 32, vocab, 32, 128)?), 32, &corpus.ids)?;
+    let cfg = TransformerConfig { width: 64, heads: 4, layers: 2, ff: 256 };
+    text_case(reporter, "tiny_transformer", &|| Ok(tiny_transformer(16, 64, vocab, cfg)?), 64, &corpus.ids)?;
     Ok(())
 }
