@@ -636,3 +636,56 @@ fn averaged_replica_gradients_equal_the_full_batch_gradient() {
         }
     }
 }
+
+/// Two replicas stepping with `step_reduced`, averaging gradients in the fixed order, stay
+/// identical to each other and match one replica stepping on the whole batch.
+#[test]
+fn replicas_with_reduced_gradients_stay_in_lockstep() {
+    let data = digits();
+    let sizes = [64, 32, 10];
+    let half = mlp(32, &sizes).unwrap();
+    let full = mlp(64, &sizes).unwrap();
+    let fresh = |m: &tessera::nn::Model| TrainState::new(m, OptimizerConfig::sgd(0.1, 0.9), 64, 32, 4);
+    let feed = |trainer: &mut Trainer, range: std::ops::Range<usize>| {
+        let idx: Vec<usize> = range.collect();
+        let mut x = vec![0.0; idx.len() * 64];
+        let mut y = vec![0; idx.len()];
+        data.gather(&idx, &mut x, &mut y);
+        let (input, target) = (trainer.model().input, trainer.model().target);
+        trainer.executor().set_value(input, &x).unwrap();
+        trainer.executor().set_ids(target, &y).unwrap();
+    };
+    let (mut a, mut b, mut whole) =
+        (Trainer::new(half.clone()), Trainer::new(half.clone()), Trainer::new(full.clone()));
+    let (mut sa, mut sb, mut sw) = (fresh(&half), fresh(&half), fresh(&full));
+    for _ in 0..3 {
+        // Replica b's gradients first (a plain forward/backward), then a steps averaging
+        // with them, then b steps averaging with a's pre-update gradients.
+        feed(&mut b, 32..64);
+        b.executor().forward_all(&sb.params).unwrap();
+        b.executor().backward_from(&sb.params, half.loss).unwrap();
+        let grads_b: Vec<Vec<f32>> =
+            (0..sb.params.tensors.len()).map(|i| b.executor().param_grad(i).to_vec()).collect();
+        feed(&mut a, 0..32);
+        let mut grads_a = vec![Vec::new(); grads_b.len()];
+        a.step_reduced(&mut sa, |i, g| {
+            grads_a[i] = g.to_vec();
+            g.iter_mut().zip(&grads_b[i]).for_each(|(g, o)| *g = 0.5 * (*g + o));
+            Ok(())
+        })
+        .unwrap();
+        b.step_reduced(&mut sb, |i, g| {
+            g.iter_mut().zip(&grads_a[i]).for_each(|(g, o)| *g = 0.5 * (o + *g));
+            Ok(())
+        })
+        .unwrap();
+        feed(&mut whole, 0..64);
+        whole.step(&mut sw).unwrap();
+    }
+    assert_eq!(sa.params, sb.params, "replicas diverged");
+    for (r, w) in sa.params.tensors.iter().zip(&sw.params.tensors) {
+        for (&rv, &wv) in r.data.iter().zip(&w.data) {
+            assert!((rv - wv).abs() <= 1e-5 + 1e-4 * wv.abs(), "replica {rv} vs full batch {wv}");
+        }
+    }
+}

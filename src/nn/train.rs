@@ -185,11 +185,28 @@ impl Trainer {
     /// # Errors
     /// As [`Executor::forward`] and [`Executor::backward`].
     pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
+        self.step_reduced(state, |_, _| Ok(()))
+    }
+
+    /// As [`Trainer::step`], but between backward and the update hands each parameter's
+    /// gradient to `reduce`, in the graph's fixed parameter order, to be changed in place:
+    /// the hook where a data-parallel trainer all-reduces gradient buckets.
+    ///
+    /// # Errors
+    /// As [`Trainer::step`], and whatever `reduce` returns (the update is then skipped).
+    pub fn step_reduced(
+        &mut self,
+        state: &mut TrainState,
+        mut reduce: impl FnMut(usize, &mut [f32]) -> Result<(), NnError>,
+    ) -> Result<f32, NnError> {
         let loss = self.model.loss;
         self.exec.set_training(true);
         self.exec.set_seed(state.rng.next_u64());
         self.exec.forward(&state.params, 0..loss.index() + 1)?;
         self.exec.backward_from(&state.params, loss)?;
+        for i in 0..state.params.tensors.len() {
+            reduce(i, self.exec.param_grad_mut(i))?;
+        }
         let exec = &self.exec;
         state.optimizer.step(&mut state.params, |i| exec.param_grad(i));
         state.step += 1;
