@@ -17,7 +17,7 @@ struct Args {
     /// Text files to train on (default: README.md, design docs and src/**/*.rs).
     files: Vec<PathBuf>,
     /// Training epochs.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 10)]
     epochs: usize,
     /// Windows per batch.
     #[arg(long, default_value_t = 32)]

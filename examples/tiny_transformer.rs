@@ -20,7 +20,7 @@ struct Args {
     /// Text files to train on (default: README.md, design docs and src/**/*.rs).
     files: Vec<PathBuf>,
     /// Training epochs.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 8)]
     epochs: usize,
     /// Windows per batch.
     #[arg(long, default_value_t = 16)]
