@@ -11,6 +11,7 @@ mod actors;
 mod devices;
 mod error;
 mod net;
+pub mod nn;
 
 pub use actors::*;
 pub use devices::*;

@@ -6,6 +6,8 @@ mod cluster;
 pub(crate) mod collectives;
 mod tasks;
 
+mod nn;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::time::Instant;
@@ -16,7 +18,7 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks, cluster, collectives.
+    /// The suite to run: tasks, cluster, collectives, nn.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -55,7 +57,8 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "tasks" => tasks::run(&reporter),
         "cluster" => cluster::run(&reporter),
         "collectives" => collectives::run(&reporter),
-        other => bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives"),
+        "nn" => nn::run(&reporter),
+        other => bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives, nn"),
     }
 }
 

@@ -1,0 +1,81 @@
+//! Shared by the text examples: the default corpus (the project's own docs and sources)
+//! and sampling from a trained language model.
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use tessera::nn::{CpuExecutor, Executor, Model, Params, Rng, TextCorpus};
+
+/// The files given, or by default README.md, the design docs and `src/**/*.rs`.
+pub fn corpus_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    if !given.is_empty() {
+        return Ok(given.to_vec());
+    }
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let mut files: Vec<PathBuf> = ["README.md", "ARCHITECTURE.md", "DESIGN.md"]
+        .iter()
+        .map(|f| root.join(f))
+        .filter(|p| p.exists())
+        .collect();
+    collect_rs(&root.join("src"), &mut files)?;
+    if files.is_empty() {
+        bail!("no text files found under {}", root.display());
+    }
+    Ok(files)
+}
+
+fn collect_rs(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<PathBuf> =
+        std::fs::read_dir(dir)?.map(|e| e.map(|e| e.path())).collect::<Result<_, _>>()?;
+    entries.sort();
+    for p in entries {
+        if p.is_dir() {
+            collect_rs(&p, out)?;
+        } else if p.extension().is_some_and(|e| e == "rs") {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+/// Generates `len` characters after `prompt` from a model built with batch 1, sampling
+/// with the given temperature.
+pub fn sample(
+    model: &Model,
+    params: &Params,
+    corpus: &TextCorpus,
+    prompt: &str,
+    len: usize,
+    temperature: f32,
+    seed: u64,
+) -> Result<String> {
+    let steps = model.graph.shape(model.input)?[1];
+    let mut exec = CpuExecutor::new(&model.graph);
+    let mut rng = Rng::seed(seed);
+    let mut ids: Vec<i32> =
+        prompt.chars().filter_map(|c| corpus.vocab.binary_search(&c).ok()).map(|i| i as i32).collect();
+    let start = ids.len();
+    let mut window = vec![0i32; steps];
+    let vocab = corpus.vocab_size();
+    for _ in 0..len {
+        let ctx = &ids[ids.len().saturating_sub(steps)..];
+        window.fill(0);
+        window[..ctx.len()].copy_from_slice(ctx);
+        exec.set_ids(model.input, &window)?;
+        exec.forward(params, 0..model.logits.index() + 1)?;
+        let at = ctx.len().max(1) - 1;
+        let row = &exec.value(model.logits)?[at * vocab..(at + 1) * vocab];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let weights: Vec<f32> = row.iter().map(|v| ((v - max) / temperature).exp()).collect();
+        let mut pick = rng.uniform() * weights.iter().sum::<f32>();
+        let mut next = vocab - 1;
+        for (i, w) in weights.iter().enumerate() {
+            if pick < *w {
+                next = i;
+                break;
+            }
+            pick -= w;
+        }
+        ids.push(next as i32);
+    }
+    Ok(corpus.decode(&ids[start..]))
+}

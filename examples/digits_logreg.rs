@@ -1,0 +1,53 @@
+//! Trains multinomial logistic regression on the digits data set with SGD + momentum and
+//! prints loss, accuracy and samples/s per epoch.
+//!
+//! `cargo run --release --example digits_logreg -- --epochs 30`
+use anyhow::Result;
+use clap::Parser;
+use tessera::nn::{logistic_regression, Dataset, Evaluator, OptimizerConfig, TrainState, Trainer};
+
+#[derive(Parser)]
+struct Args {
+    /// Training epochs.
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    /// Batch size.
+    #[arg(long, default_value_t = 32)]
+    batch: usize,
+    /// SGD learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    lr: f32,
+    /// SGD momentum.
+    #[arg(long, default_value_t = 0.9)]
+    momentum: f32,
+    /// Seed for initialization and shuffling.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The digits CSV.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))]
+    data: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
+    println!("digits: {} train, {} test", train.len(), test.len());
+    let model = logistic_regression(args.batch, 64, 10)?;
+    let config = OptimizerConfig::sgd(args.lr, args.momentum);
+    let mut state = TrainState::new(&model, config, train.len(), args.batch, args.seed);
+    let mut trainer = Trainer::new(model);
+    let mut eval = Evaluator::new(logistic_regression(test.len(), 64, 10)?);
+    for epoch in 1..=args.epochs {
+        let stats = trainer.train_epoch(&mut state, &train)?;
+        let e = eval.classify(&state.params, &test)?;
+        println!(
+            "epoch {epoch:3}  loss {:.4}  train acc {:.2}%  test loss {:.4}  test acc {:.2}%  {:.0} samples/s",
+            stats.loss,
+            100.0 * stats.accuracy,
+            e.loss,
+            100.0 * e.accuracy,
+            stats.samples_per_second()
+        );
+    }
+    Ok(())
+}

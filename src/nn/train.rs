@@ -1,0 +1,390 @@
+//! Training: the serializable [`TrainState`], checkpoints through a [`CheckpointStore`],
+//! and the [`Trainer`] / [`Evaluator`] loops over a model's graph.
+//!
+//! # Checkpoint and resume
+//! 1. Everything that decides the rest of a run is in [`TrainState`]: parameters,
+//!    optimizer moments and step count, epoch and step, the RNG (dropout seeds) and the
+//!    data loader (shuffle order, position, its own RNG).
+//! 2. [`save_checkpoint`] encodes the state with bincode (f32 bits exactly) and hands the
+//!    bytes to the store; [`resume`] decodes them. A resumed run therefore continues with
+//!    bit-identical parameters to a run that never stopped.
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+use crate::nn::data::{fill_windows, gather_windows};
+use crate::nn::{
+    CpuExecutor, DataLoader, Dataset, Executor, Model, NnError, Optimizer, OptimizerConfig, Params, Rng,
+};
+
+/// The whole state of a training run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Parameter values.
+    pub params: Params,
+    /// Optimizer and its moments.
+    pub optimizer: Optimizer,
+    /// Completed epochs.
+    pub epoch: u64,
+    /// Completed optimizer steps.
+    pub step: u64,
+    /// Source of per-step seeds (dropout).
+    pub rng: Rng,
+    /// The data loader: shuffle order and position.
+    pub loader: DataLoader,
+}
+
+impl TrainState {
+    /// A fresh run: parameters drawn from the graph's initializers with `seed`, a fresh
+    /// optimizer, and a loader over `examples` in batches of `batch`.
+    pub fn new(model: &Model, config: OptimizerConfig, examples: usize, batch: usize, seed: u64) -> Self {
+        let mut rng = Rng::seed(seed);
+        let params = Params::init(&model.graph, &mut rng);
+        let optimizer = Optimizer::new(config, &params);
+        let loader = DataLoader::new(examples, batch, rng.next_u64());
+        TrainState { params, optimizer, epoch: 0, step: 0, rng, loader }
+    }
+}
+
+/// Where checkpoints go: named byte blobs. (The project's `Stash` implements this at merge.)
+pub trait CheckpointStore {
+    /// Stores `bytes` under `name`, replacing an older blob of that name.
+    ///
+    /// # Errors
+    /// [`NnError::Io`] if the blob cannot be written.
+    fn save_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), NnError>;
+
+    /// The bytes last stored under `name`.
+    ///
+    /// # Errors
+    /// [`NnError::Io`] if there is no such blob or it cannot be read.
+    fn load_bytes(&self, name: &str) -> Result<Vec<u8>, NnError>;
+}
+
+/// A [`CheckpointStore`] keeping one file per name in a directory (written atomically:
+/// temporary file, then rename).
+#[derive(Debug, Clone)]
+pub struct DirStore {
+    root: PathBuf,
+}
+
+impl DirStore {
+    /// Opens (creating if needed) the directory.
+    ///
+    /// # Errors
+    /// [`NnError::Io`] if it cannot be created.
+    pub fn open(root: impl AsRef<Path>) -> Result<Self, NnError> {
+        let root = root.as_ref().to_path_buf();
+        std::fs::create_dir_all(&root).map_err(|e| NnError::io(&root, e))?;
+        Ok(DirStore { root })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        let safe: String = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() || "-_.".contains(c) { c } else { '_' })
+            .collect();
+        self.root.join(format!("{safe}.ckpt"))
+    }
+}
+
+impl CheckpointStore for DirStore {
+    fn save_bytes(&self, name: &str, bytes: &[u8]) -> Result<(), NnError> {
+        let path = self.path(name);
+        let tmp = path.with_extension("ckpt.tmp");
+        std::fs::write(&tmp, bytes).map_err(|e| NnError::io(&tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| NnError::io(&path, e))
+    }
+
+    fn load_bytes(&self, name: &str) -> Result<Vec<u8>, NnError> {
+        let path = self.path(name);
+        std::fs::read(&path).map_err(|e| NnError::io(&path, e))
+    }
+}
+
+/// Saves the whole training state under `name`.
+///
+/// # Errors
+/// [`NnError::Checkpoint`] if encoding fails; the store's errors.
+pub fn save_checkpoint(store: &dyn CheckpointStore, name: &str, state: &TrainState) -> Result<(), NnError> {
+    let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
+        .map_err(|e| NnError::Checkpoint { name: name.into(), what: e.to_string() })?;
+    store.save_bytes(name, &bytes)
+}
+
+/// Loads the training state saved under `name`.
+///
+/// # Errors
+/// The store's errors; [`NnError::Checkpoint`] if the bytes do not decode.
+pub fn resume(store: &dyn CheckpointStore, name: &str) -> Result<TrainState, NnError> {
+    let bytes = store.load_bytes(name)?;
+    let (state, _) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+        .map_err(|e| NnError::Checkpoint { name: name.into(), what: e.to_string() })?;
+    Ok(state)
+}
+
+/// What one epoch of training did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EpochStats {
+    /// Mean training loss over the epoch's batches.
+    pub loss: f32,
+    /// Fraction of training predictions that were right (0 for language models).
+    pub accuracy: f32,
+    /// Examples (or predicted tokens) processed.
+    pub samples: usize,
+    /// Wall-clock seconds.
+    pub seconds: f64,
+}
+
+impl EpochStats {
+    /// Training throughput.
+    pub fn samples_per_second(&self) -> f64 {
+        self.samples as f64 / self.seconds.max(1e-9)
+    }
+}
+
+fn argmax(row: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in row.iter().enumerate() {
+        if v > row[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Runs training steps of one model on a [`CpuExecutor`] with buffers made once.
+#[derive(Debug)]
+pub struct Trainer {
+    model: Model,
+    exec: CpuExecutor,
+    batch: Vec<usize>,
+}
+
+impl Trainer {
+    /// A trainer for `model` (allocates all buffers now).
+    pub fn new(model: Model) -> Self {
+        let exec = CpuExecutor::new(&model.graph);
+        let batch = Vec::with_capacity(model.graph.shape(model.input).map_or(0, |s| s[0]));
+        Trainer { model, exec, batch }
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The executor (to fill inputs or read values and gradients).
+    pub fn executor(&mut self) -> &mut CpuExecutor {
+        &mut self.exec
+    }
+
+    /// One optimizer step on the batch currently set in the executor; returns the loss.
+    ///
+    /// # Errors
+    /// As [`Executor::forward`] and [`Executor::backward`].
+    pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
+        self.step_reduced(state, |_, _| Ok(()))
+    }
+
+    /// As [`Trainer::step`], but between backward and the update hands each parameter's
+    /// gradient to `reduce`, in the graph's fixed parameter order, to be changed in place:
+    /// the hook where a data-parallel trainer all-reduces gradient buckets.
+    ///
+    /// # Errors
+    /// As [`Trainer::step`], and whatever `reduce` returns (the update is then skipped).
+    pub fn step_reduced(
+        &mut self,
+        state: &mut TrainState,
+        mut reduce: impl FnMut(usize, &mut [f32]) -> Result<(), NnError>,
+    ) -> Result<f32, NnError> {
+        let loss = self.model.loss;
+        self.exec.set_training(true);
+        self.exec.set_seed(state.rng.next_u64());
+        self.exec.forward(&state.params, 0..loss.index() + 1)?;
+        self.exec.backward_from(&state.params, loss)?;
+        for i in 0..state.params.tensors.len() {
+            reduce(i, self.exec.param_grad_mut(i))?;
+        }
+        let exec = &self.exec;
+        state.optimizer.step(&mut state.params, |i| exec.param_grad(i));
+        state.step += 1;
+        exec.scalar(loss)
+    }
+
+    /// Copies the loader's next batch into `self.batch`; false at the end of an epoch.
+    fn next_batch(&mut self, loader: &mut DataLoader) -> bool {
+        match loader.next_batch() {
+            Some(idx) => {
+                self.batch.clear();
+                self.batch.extend_from_slice(idx);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// One epoch of a classifier over `data` (full batches from the state's loader).
+    ///
+    /// # Errors
+    /// As [`Trainer::step`].
+    pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
+        let start = Instant::now();
+        let (mut total, mut batches, mut correct, mut samples) = (0.0f64, 0usize, 0usize, 0usize);
+        let (input, target, logits) = (self.model.input, self.model.target, self.model.logits);
+        let classes = self.model.graph.shape(logits)?[1];
+        while self.next_batch(&mut state.loader) {
+            // Fill the preallocated input buffers in place.
+            let dim = data.dim;
+            let x = self.exec.value_mut(input)?;
+            for (k, &i) in self.batch.iter().enumerate() {
+                x[k * dim..(k + 1) * dim].copy_from_slice(&data.features[i * dim..(i + 1) * dim]);
+            }
+            let y = self.exec.ids_mut(target)?;
+            for (k, &i) in self.batch.iter().enumerate() {
+                y[k] = data.labels[i];
+            }
+            samples += self.batch.len();
+            total += self.step(state)? as f64;
+            batches += 1;
+            let lv = self.exec.value(logits)?;
+            for (k, row) in lv.chunks_exact(classes).enumerate() {
+                correct += usize::from(argmax(row) == data.labels[self.batch[k]] as usize);
+            }
+        }
+        state.epoch += 1;
+        Ok(EpochStats {
+            loss: (total / batches.max(1) as f64) as f32,
+            accuracy: correct as f32 / samples.max(1) as f32,
+            samples,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One epoch of a language model over windows of `ids` (the loader indexes windows of
+    /// `steps` characters; see [`window_count`](crate::nn::window_count)).
+    ///
+    /// # Errors
+    /// As [`Trainer::step`].
+    pub fn train_epoch_text(
+        &mut self,
+        state: &mut TrainState,
+        ids: &[i32],
+        steps: usize,
+    ) -> Result<EpochStats, NnError> {
+        let start = Instant::now();
+        let (mut total, mut batches, mut samples) = (0.0f64, 0usize, 0usize);
+        let (input, target) = (self.model.input, self.model.target);
+        while self.next_batch(&mut state.loader) {
+            fill_windows(ids, &self.batch, steps, 0, self.exec.ids_mut(input)?);
+            fill_windows(ids, &self.batch, steps, 1, self.exec.ids_mut(target)?);
+            samples += self.batch.len() * steps;
+            total += self.step(state)? as f64;
+            batches += 1;
+        }
+        state.epoch += 1;
+        Ok(EpochStats {
+            loss: (total / batches.max(1) as f64) as f32,
+            accuracy: 0.0,
+            samples,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
+
+/// Loss and accuracy of a model on held-out data.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Evaluation {
+    /// Mean cross-entropy (nats).
+    pub loss: f32,
+    /// Fraction of right predictions.
+    pub accuracy: f32,
+}
+
+/// Evaluates a model built for some batch size over data of any size (the last partial
+/// batch is padded, and padded rows are not counted).
+#[derive(Debug)]
+pub struct Evaluator {
+    model: Model,
+    exec: CpuExecutor,
+}
+
+impl Evaluator {
+    /// An evaluator for `model` (usually built with a larger batch than training).
+    pub fn new(model: Model) -> Self {
+        let exec = CpuExecutor::new(&model.graph);
+        Evaluator { model, exec }
+    }
+
+    fn score(
+        &mut self,
+        rows: usize,
+        valid: usize,
+        targets: &[i32],
+        acc: &mut (f64, usize, usize),
+    ) -> Result<(), NnError> {
+        let logits = self.exec.value(self.model.logits)?;
+        let classes = logits.len() / rows.max(1);
+        for (row, &t) in logits.chunks_exact(classes).zip(targets).take(valid) {
+            let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+            acc.0 += (lse - row[t as usize]) as f64;
+            acc.1 += usize::from(argmax(row) == t as usize);
+            acc.2 += 1;
+        }
+        Ok(())
+    }
+
+    /// Classifier loss and accuracy on `data`.
+    ///
+    /// # Errors
+    /// As [`Executor::forward`].
+    pub fn classify(&mut self, params: &Params, data: &Dataset) -> Result<Evaluation, NnError> {
+        self.exec.set_training(false);
+        let batch = self.model.graph.shape(self.model.input)?[0];
+        let logits = self.model.logits;
+        let mut acc = (0.0, 0, 0);
+        let indices: Vec<usize> = (0..data.len()).collect();
+        let mut labels = vec![0i32; batch];
+        for chunk in indices.chunks(batch) {
+            let x = self.exec.value_mut(self.model.input)?;
+            x.fill(0.0);
+            data.gather(chunk, x, &mut labels[..chunk.len()]);
+            self.exec.forward(params, 0..logits.index() + 1)?;
+            self.score(batch, chunk.len(), &labels, &mut acc)?;
+        }
+        Ok(Evaluation {
+            loss: (acc.0 / acc.2.max(1) as f64) as f32,
+            accuracy: acc.1 as f32 / acc.2.max(1) as f32,
+        })
+    }
+
+    /// Language-model loss (nats per character) and next-character accuracy over every
+    /// whole window of `steps` characters in `ids`.
+    ///
+    /// # Errors
+    /// As [`Executor::forward`].
+    pub fn text(&mut self, params: &Params, ids: &[i32], steps: usize) -> Result<Evaluation, NnError> {
+        self.exec.set_training(false);
+        let batch = self.model.graph.shape(self.model.input)?[0];
+        let logits = self.model.logits;
+        let windows = crate::nn::data::window_count(ids.len(), steps);
+        let starts: Vec<usize> = (0..windows).collect();
+        let mut acc = (0.0, 0, 0);
+        let mut x = vec![0i32; batch * steps];
+        let mut y = vec![0i32; batch * steps];
+        for chunk in starts.chunks(batch) {
+            x.fill(0);
+            y.fill(0);
+            gather_windows(ids, chunk, steps, &mut x, &mut y);
+            self.exec.set_ids(self.model.input, &x)?;
+            self.exec.forward(params, 0..logits.index() + 1)?;
+            self.score(batch * steps, chunk.len() * steps, &y, &mut acc)?;
+        }
+        Ok(Evaluation {
+            loss: (acc.0 / acc.2.max(1) as f64) as f32,
+            accuracy: acc.1 as f32 / acc.2.max(1) as f32,
+        })
+    }
+}

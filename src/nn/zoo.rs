@@ -1,0 +1,166 @@
+//! The model zoo: functions that build a model's graph for a given batch size.
+//!
+//! Every model has the same interface ([`Model`]): one input, one i32 target, logits and a
+//! scalar mean cross-entropy loss. Building the same model twice with different batch sizes
+//! gives graphs with the same parameter list, so one [`Params`](crate::nn::Params) serves
+//! a training graph and an evaluation graph.
+use crate::nn::layers::{
+    ids_input, Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d, MultiHeadSelfAttention,
+};
+use crate::nn::{Activation, DType, Graph, Init, NnError, NodeId};
+
+/// A built model: its graph and the nodes a trainer feeds and reads.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// The op graph.
+    pub graph: Graph,
+    /// The input node (features f32, or token ids i32).
+    pub input: NodeId,
+    /// The i32 targets (`[N]` class labels, or `[B·T]` next-token ids).
+    pub target: NodeId,
+    /// The logits `[N, classes]`.
+    pub logits: NodeId,
+    /// The scalar mean cross-entropy.
+    pub loss: NodeId,
+}
+
+fn classifier_head(mut g: Graph, input: NodeId, logits: NodeId, rows: usize) -> Result<Model, NnError> {
+    let target = ids_input(&mut g, "target", &[rows]);
+    let loss = g.softmax_cross_entropy(logits, target)?;
+    Ok(Model { graph: g, input, target, logits, loss })
+}
+
+/// Multinomial logistic regression on `features`-wide inputs.
+///
+/// # Errors
+/// Only on internal inconsistency (shapes are fixed here).
+pub fn logistic_regression(batch: usize, features: usize, classes: usize) -> Result<Model, NnError> {
+    let mut g = Graph::new();
+    let x = g.input("x", &[batch, features], DType::F32);
+    let fc = Linear::new(&mut g, "fc", features, classes)?;
+    let logits = fc.forward(&mut g, x, Activation::Identity)?;
+    classifier_head(g, x, logits, batch)
+}
+
+/// A multilayer perceptron with ReLU hidden layers: `sizes = [in, hidden.., classes]`.
+///
+/// # Errors
+/// [`NnError::Argument`] with fewer than two sizes.
+pub fn mlp(batch: usize, sizes: &[usize]) -> Result<Model, NnError> {
+    if sizes.len() < 2 {
+        return Err(NnError::Argument { op: "mlp", what: "needs at least input and output sizes".into() });
+    }
+    let mut g = Graph::new();
+    let x = g.input("x", &[batch, sizes[0]], DType::F32);
+    let mut h = x;
+    let last = sizes.len() - 2;
+    for (i, pair) in sizes.windows(2).enumerate() {
+        let fc = Linear::new(&mut g, &format!("fc{}", i + 1), pair[0], pair[1])?;
+        let act = if i == last { Activation::Identity } else { Activation::Relu };
+        h = fc.forward(&mut g, h, act)?;
+    }
+    classifier_head(g, x, h, batch)
+}
+
+/// A LeNet-style CNN for `side × side` single-channel images (side divisible by 4):
+/// conv 3×3 (16) → pool → conv 3×3 (32) → pool → fc 64 → dropout → fc classes.
+///
+/// # Errors
+/// [`NnError::Shape`] if `side` is too small.
+pub fn lenet(batch: usize, side: usize, classes: usize) -> Result<Model, NnError> {
+    let mut g = Graph::new();
+    let x = g.input("x", &[batch, side * side], DType::F32);
+    let img = g.reshape(x, &[batch, 1, side, side])?;
+    let conv1 = Conv2d::new(&mut g, "conv1", 1, 16, 3, 1, 1)?;
+    let pool = MaxPool2d { size: 2, stride: 2 };
+    let h = conv1.forward(&mut g, img, Activation::Relu)?;
+    let h = pool.forward(&mut g, h)?;
+    let conv2 = Conv2d::new(&mut g, "conv2", 16, 32, 3, 1, 1)?;
+    let h = conv2.forward(&mut g, h, Activation::Relu)?;
+    let h = pool.forward(&mut g, h)?;
+    let flat: usize = g.shape(h)?[1..].iter().product();
+    let h = g.reshape(h, &[batch, flat])?;
+    let fc1 = Linear::new(&mut g, "fc1", flat, 64)?;
+    let h = fc1.forward(&mut g, h, Activation::Relu)?;
+    let h = Dropout { p: 0.25 }.forward(&mut g, h)?;
+    let fc2 = Linear::new(&mut g, "fc2", 64, classes)?;
+    let logits = fc2.forward(&mut g, h, Activation::Identity)?;
+    classifier_head(g, x, logits, batch)
+}
+
+/// A character-level GRU language model: embedding → GRU → linear to the vocabulary,
+/// predicting each next character of `[batch, steps]` windows.
+///
+/// # Errors
+/// Only on internal inconsistency.
+pub fn char_gru(
+    batch: usize,
+    steps: usize,
+    vocab: usize,
+    embed: usize,
+    hidden: usize,
+) -> Result<Model, NnError> {
+    let mut g = Graph::new();
+    let tokens = ids_input(&mut g, "tokens", &[batch, steps]);
+    let emb = Embedding::new(&mut g, "embed", vocab, embed)?;
+    let x = emb.forward(&mut g, tokens)?;
+    let gru = Gru::new(&mut g, "gru", embed, hidden)?;
+    let h = gru.forward(&mut g, x)?;
+    let h = g.reshape(h, &[batch * steps, hidden])?;
+    let head = Linear::new(&mut g, "head", hidden, vocab)?;
+    let logits = head.forward(&mut g, h, Activation::Identity)?;
+    classifier_head(g, tokens, logits, batch * steps)
+}
+
+/// Sizes of [`tiny_transformer`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TransformerConfig {
+    /// Model width.
+    pub width: usize,
+    /// Attention heads (divide `width`).
+    pub heads: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Hidden width of the feed-forward part.
+    pub ff: usize,
+}
+
+/// A decoder-only (causal) pre-norm transformer language model over characters.
+///
+/// # Errors
+/// [`NnError::Argument`] if `heads` does not divide `width`.
+pub fn tiny_transformer(
+    batch: usize,
+    steps: usize,
+    vocab: usize,
+    cfg: TransformerConfig,
+) -> Result<Model, NnError> {
+    let mut g = Graph::new();
+    let tokens = ids_input(&mut g, "tokens", &[batch, steps]);
+    let emb = Embedding::new(&mut g, "embed", vocab, cfg.width)?;
+    let pos = g.param("pos", &[steps, cfg.width], Init::Normal { std: 0.02 })?;
+    let x = emb.forward(&mut g, tokens)?;
+    let mut x = g.add(x, pos)?;
+    for l in 0..cfg.layers {
+        let ln1 = LayerNorm::new(&mut g, &format!("block{l}.ln1"), cfg.width)?;
+        let attn =
+            MultiHeadSelfAttention::new(&mut g, &format!("block{l}.attn"), cfg.width, cfg.heads, true)?;
+        let h = ln1.forward(&mut g, x)?;
+        let h = attn.forward(&mut g, h)?;
+        x = g.add(x, h)?;
+        let ln2 = LayerNorm::new(&mut g, &format!("block{l}.ln2"), cfg.width)?;
+        let ff1 = Linear::new(&mut g, &format!("block{l}.ff1"), cfg.width, cfg.ff)?;
+        let ff2 = Linear::new(&mut g, &format!("block{l}.ff2"), cfg.ff, cfg.width)?;
+        let h = ln2.forward(&mut g, x)?;
+        let h = ff1.forward(&mut g, h, Activation::Identity)?;
+        let h = g.gelu(h)?;
+        let h = ff2.forward(&mut g, h, Activation::Identity)?;
+        x = g.add(x, h)?;
+    }
+    let lnf = LayerNorm::new(&mut g, "ln_f", cfg.width)?;
+    let x = lnf.forward(&mut g, x)?;
+    let x = g.reshape(x, &[batch * steps, cfg.width])?;
+    let head = Linear::new(&mut g, "head", cfg.width, vocab)?;
+    let logits = head.forward(&mut g, x, Activation::Identity)?;
+    classifier_head(g, tokens, logits, batch * steps)
+}
