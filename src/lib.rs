@@ -8,8 +8,13 @@
 #![warn(unreachable_pub)]
 
 mod error;
+mod store;
 
 pub use error::{Error, Result};
+pub use store::{
+    ArrayElement, BlobStore, Dtype, GcReport, Layout, ObjectMeta, Stash, StoreError, StoreStats, VerifyReport, Version,
+    VersionInfo, CHUNK_SIZE, DEFAULT_GC_GRACE,
+};
 
 #[doc(hidden)]
 pub mod __private {

@@ -1,0 +1,211 @@
+//! The embedded blob store: one file per blob under a directory, written by temporary
+//! file, fsync, and rename.
+//!
+//! # Invariants
+//! 1. A blob file under its final name is complete and fsynced: it is written as
+//!    `.tmp-*` in the same directory, fsynced, then renamed.
+//! 2. Temporary files never show in [`list`](BlobStore::list); after a crash they are
+//!    removed by `remove_temporaries` (called by the stash's gc).
+//! 3. Directory entries become durable at [`sync`](BlobStore::sync), which fsyncs the
+//!    directory; the stash calls it before it commits a record that points at them.
+use std::fs::{self, File};
+use std::io::{ErrorKind, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use super::blob::{BlobStore, ObjectMeta};
+use super::StoreError;
+
+const TMP_PREFIX: &str = ".tmp-";
+
+/// Blobs as files under a root directory.
+#[derive(Debug)]
+pub(crate) struct LocalStore {
+    root: PathBuf,
+    tmp_counter: AtomicU64,
+}
+
+impl LocalStore {
+    pub(crate) fn new(root: PathBuf) -> LocalStore {
+        LocalStore { root, tmp_counter: AtomicU64::new(0) }
+    }
+
+    fn path(&self, key: &str) -> PathBuf {
+        self.root.join(key)
+    }
+
+    fn tmp_path(&self, dir: &Path) -> PathBuf {
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        dir.join(format!("{TMP_PREFIX}{}-{n}-{nanos:x}", std::process::id()))
+    }
+
+    fn write_new(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+        let dir = path.parent().unwrap_or(&self.root);
+        let tmp = self.tmp_path(dir);
+        let result = (|| {
+            let mut file = match File::create(&tmp) {
+                Err(e) if e.kind() == ErrorKind::NotFound => {
+                    create_dir_durable(dir)?;
+                    File::create(&tmp)
+                }
+                other => other,
+            }
+            .map_err(|e| StoreError::io("create", &tmp, e))?;
+            file.write_all(bytes).map_err(|e| StoreError::io("write", &tmp, e))?;
+            file.sync_all().map_err(|e| StoreError::io("fsync", &tmp, e))?;
+            fs::rename(&tmp, path).map_err(|e| StoreError::io("rename", path, e))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result
+    }
+
+    fn list_dir(&self, dir: &Path, key_prefix: &str, out: &mut Vec<ObjectMeta>) -> Result<(), StoreError> {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(StoreError::io("list", dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("list", dir, e))?;
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str() else { continue };
+            if name.starts_with(TMP_PREFIX) {
+                continue;
+            }
+            let meta = entry.metadata().map_err(|e| StoreError::io("stat", &entry.path(), e))?;
+            let key = format!("{key_prefix}{name}");
+            if meta.is_dir() {
+                self.list_dir(&entry.path(), &format!("{key}/"), out)?;
+            } else {
+                out.push(ObjectMeta::new(key, meta.len(), meta.modified().ok()));
+            }
+        }
+        Ok(())
+    }
+
+    fn remove_tmp_in(&self, dir: &Path, older_than: SystemTime) -> Result<usize, StoreError> {
+        let entries = match fs::read_dir(dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(StoreError::io("list", dir, e)),
+        };
+        let mut removed = 0;
+        for entry in entries {
+            let entry = entry.map_err(|e| StoreError::io("list", dir, e))?;
+            let meta = entry.metadata().map_err(|e| StoreError::io("stat", &entry.path(), e))?;
+            let is_tmp = entry.file_name().to_str().is_some_and(|n| n.starts_with(TMP_PREFIX));
+            if meta.is_dir() {
+                removed += self.remove_tmp_in(&entry.path(), older_than)?;
+            } else if is_tmp && meta.modified().map(|m| m < older_than).unwrap_or(false) {
+                fs::remove_file(entry.path()).map_err(|e| StoreError::io("remove", &entry.path(), e))?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}
+
+/// Creates `dir` (and parents) and fsyncs its parent so that the new entry survives a crash.
+fn create_dir_durable(dir: &Path) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).map_err(|e| StoreError::io("mkdir", dir, e))?;
+    if let Some(parent) = dir.parent() {
+        fsync_dir(parent)?;
+    }
+    Ok(())
+}
+
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io("fsync", dir, e))
+}
+
+impl BlobStore for LocalStore {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.write_new(&self.path(key), bytes)
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.path(key);
+        match fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(StoreError::io("read", &path, e)),
+        }
+    }
+
+    fn get_into(&self, key: &str, buf: &mut [u8]) -> Result<Option<u64>, StoreError> {
+        let path = self.path(key);
+        let mut file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(StoreError::io("open", &path, e)),
+        };
+        let len = file.metadata().map_err(|e| StoreError::io("stat", &path, e))?.len();
+        if len == buf.len() as u64 {
+            file.read_exact(buf).map_err(|e| StoreError::io("read", &path, e))?;
+        }
+        Ok(Some(len))
+    }
+
+    fn has(&self, key: &str, len: u64) -> Result<bool, StoreError> {
+        let path = self.path(key);
+        match fs::metadata(&path) {
+            Ok(meta) => Ok(meta.len() == len),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io("stat", &path, e)),
+        }
+    }
+
+    fn touch(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key);
+        File::options()
+            .write(true)
+            .open(&path)
+            .and_then(|f| f.set_modified(SystemTime::now()))
+            .map_err(|e| StoreError::io("touch", &path, e))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let mut out = Vec::new();
+        let dir = prefix.trim_end_matches('/');
+        self.list_dir(&self.path(dir), prefix, &mut out)?;
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let path = self.path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(StoreError::io("remove", &path, e)),
+        }
+    }
+
+    fn sync(&self, prefix: &str) -> Result<(), StoreError> {
+        let dir = self.path(prefix.trim_end_matches('/'));
+        match fsync_dir(&dir) {
+            Err(StoreError::Io { source, .. }) if source.kind() == ErrorKind::NotFound => Ok(()),
+            other => other,
+        }
+    }
+
+    fn remove_temporaries(&self, older_than: SystemTime) -> Result<usize, StoreError> {
+        self.remove_tmp_in(&self.root, older_than)
+    }
+
+    fn parallelism(&self) -> usize {
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8) * 2
+    }
+
+    fn location(&self) -> String {
+        self.root.display().to_string()
+    }
+}
