@@ -60,6 +60,7 @@ impl S3Store {
         if let Some(s) = secret {
             builder = builder.secret_access_key(&s);
         }
+        opendal::install_default();
         let blocking = Blocking::new("s3")?;
         let operator = {
             let _guard = blocking.handle().enter();

@@ -2,6 +2,7 @@
 //!
 //! With `--json` each line is `{"bench": "<suite>/<case>", "value": <number>,
 //! "unit": "<unit>", "higher_is_better": <bool>}`, the format the benchmarking CI reads.
+mod store;
 
 use anyhow::{bail, Result};
 use clap::Args;
@@ -9,7 +10,7 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks.
+    /// The suite to run: store.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -45,7 +46,8 @@ impl Reporter {
 pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let reporter = Reporter { json: args.json };
     match args.suite.as_str() {
-        other => bail!("unknown bench suite `{other}`; known suites: none yet"),
+        "store" => store::run(&reporter),
+        other => bail!("unknown bench suite `{other}`; known suites: store"),
     }
 }
 

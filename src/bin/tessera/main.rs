@@ -1,5 +1,6 @@
 //! The `tessera` command line: node processes, the stash, and benchmark suites.
 mod bench;
+mod stash;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -15,6 +16,8 @@ struct Cli {
 enum Command {
     /// Run a benchmark suite and print its results.
     Bench(bench::BenchArgs),
+    /// Inspect and maintain a stash (versioned value storage).
+    Stash(stash::StashArgs),
 }
 
 fn main() -> Result<()> {
@@ -28,5 +31,6 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Stash(args) => stash::run(args),
     }
 }
