@@ -37,7 +37,9 @@ impl Dtype {
 
     fn from_code(code: u8) -> Option<Dtype> {
         use Dtype::*;
-        [F32, F64, I8, I16, I32, I64, U8, U16, U32, U64].get(code as usize).copied()
+        [F32, F64, I8, I16, I32, I64, U8, U16, U32, U64]
+            .get(code as usize)
+            .copied()
     }
 
     /// Bytes per element.
@@ -103,10 +105,15 @@ pub(crate) fn decode_header(bytes: &[u8]) -> Result<(Dtype, Vec<u64>), String> {
     if bytes[4] != FORMAT {
         return Err(format!("unknown array format {}", bytes[4]));
     }
-    let dtype = Dtype::from_code(bytes[5]).ok_or_else(|| format!("unknown dtype code {}", bytes[5]))?;
+    let dtype =
+        Dtype::from_code(bytes[5]).ok_or_else(|| format!("unknown dtype code {}", bytes[5]))?;
     let ndim = u16::from_le_bytes([bytes[6], bytes[7]]) as usize;
     if bytes.len() != 8 + 8 * ndim {
-        return Err(format!("array header is {} bytes, {ndim} dims need {}", bytes.len(), 8 + 8 * ndim));
+        return Err(format!(
+            "array header is {} bytes, {ndim} dims need {}",
+            bytes.len(),
+            8 + 8 * ndim
+        ));
     }
     let shape = bytes[8..]
         .chunks_exact(8)
@@ -135,14 +142,21 @@ where
         None => Cow::Owned(array.iter().copied().collect()),
     };
     let body: Cow<'_, [u8]> = match body {
-        Cow::Borrowed(slice) if cfg!(target_endian = "little") => Cow::Borrowed(bytemuck::cast_slice(slice)),
+        Cow::Borrowed(slice) if cfg!(target_endian = "little") => {
+            Cow::Borrowed(bytemuck::cast_slice(slice))
+        }
         other => {
             let mut bytes = bytemuck::cast_slice::<A, u8>(&other).to_vec();
             to_little_endian::<A>(&mut bytes);
             Cow::Owned(bytes)
         }
     };
-    ArrayBytes { dtype: A::DTYPE, header: encode_header(A::DTYPE, &shape), shape, body }
+    ArrayBytes {
+        dtype: A::DTYPE,
+        header: encode_header(A::DTYPE, &shape),
+        shape,
+        body,
+    }
 }
 
 /// Converts native-endian element bytes to little-endian in place (and back: it is an involution).
@@ -242,7 +256,10 @@ mod tests {
         assert_eq!(bytes.body.len(), 24);
         assert!(detect_array(&vec![1.0f32]).is_none());
         assert_eq!(array_kind::<ndarray::ArrayD<u8>>(), Some((Dtype::U8, None)));
-        assert_eq!(array_kind::<ndarray::Array3<i64>>(), Some((Dtype::I64, Some(3))));
+        assert_eq!(
+            array_kind::<ndarray::Array3<i64>>(),
+            Some((Dtype::I64, Some(3)))
+        );
         assert_eq!(array_kind::<Vec<f32>>(), None);
     }
 }

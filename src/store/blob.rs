@@ -23,7 +23,11 @@ pub struct ObjectMeta {
 impl ObjectMeta {
     /// Describes one object.
     pub fn new(key: String, size: u64, modified: Option<SystemTime>) -> ObjectMeta {
-        ObjectMeta { key, size, modified }
+        ObjectMeta {
+            key,
+            size,
+            modified,
+        }
     }
 }
 
@@ -55,6 +59,24 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
         }))
     }
 
+    /// [`get_into`](BlobStore::get_into), also returning the BLAKE3 hash of the bytes read
+    /// (valid when the length matches). Backends may hash while reading, when the bytes
+    /// are still in the CPU cache.
+    fn get_into_hashed(
+        &self,
+        key: &str,
+        buf: &mut [u8],
+    ) -> Result<Option<(u64, [u8; 32])>, StoreError> {
+        Ok(self.get_into(key, buf)?.map(|len| {
+            let hash = if len == buf.len() as u64 {
+                *blake3::hash(buf).as_bytes()
+            } else {
+                [0; 32]
+            };
+            (len, hash)
+        }))
+    }
+
     /// Whether a blob of exactly `len` bytes is stored under `key`.
     fn has(&self, key: &str, len: u64) -> Result<bool, StoreError>;
 
@@ -76,6 +98,12 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
         Ok(())
     }
 
+    /// Starts a batch of puts whose durability is paid once, at
+    /// [`PutBatch::commit`]. The default batch puts each blob at once.
+    fn batch(&self) -> Box<dyn PutBatch + '_> {
+        Box::new(ImmediateBatch(self))
+    }
+
     /// Removes leftovers of interrupted writes older than `older_than`; returns how many.
     fn remove_temporaries(&self, _older_than: SystemTime) -> Result<usize, StoreError> {
         Ok(0)
@@ -88,4 +116,29 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
 
     /// Where the store is, for messages (`/path`, `s3://bucket/prefix`, ...).
     fn location(&self) -> String;
+}
+
+/// A group of puts made durable together (see [`BlobStore::batch`]).
+///
+/// Blobs put through a batch may stay invisible until [`commit`](PutBatch::commit)
+/// returns; after that they are durable and visible. A batch dropped without commit
+/// leaves no visible blob behind (temporaries are removed, or reclaimed by gc).
+pub trait PutBatch: Send + Sync {
+    /// Adds a blob to the batch; may be called from several threads at once.
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError>;
+
+    /// Makes every blob of the batch durable and visible.
+    fn commit(self: Box<Self>) -> Result<(), StoreError>;
+}
+
+struct ImmediateBatch<'a, S: BlobStore + ?Sized>(&'a S);
+
+impl<S: BlobStore + ?Sized> PutBatch for ImmediateBatch<'_, S> {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        self.0.put(key, bytes)
+    }
+
+    fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        Ok(())
+    }
 }

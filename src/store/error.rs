@@ -174,6 +174,10 @@ pub enum StoreError {
 
 impl StoreError {
     pub(crate) fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
-        StoreError::Io { op, path: path.display().to_string(), source }
+        StoreError::Io {
+            op,
+            path: path.display().to_string(),
+            source,
+        }
     }
 }

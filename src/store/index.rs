@@ -26,22 +26,41 @@ pub(crate) struct RecordIndex {
 
 impl std::fmt::Debug for RecordIndex {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RecordIndex").field("path", &self.path).finish()
+        f.debug_struct("RecordIndex")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
 impl RecordIndex {
     /// Opens the index, or `Ok(None)` when another process holds it.
     pub(crate) fn open(path: &Path) -> Result<Option<RecordIndex>, StoreError> {
-        let corrupt = |reason: String| StoreError::IndexCorrupt { path: path.display().to_string(), reason };
-        let config = sled::Config::new().path(path).cache_capacity(16 << 20).flush_every_ms(Some(1000));
+        let corrupt = |reason: String| StoreError::IndexCorrupt {
+            path: path.display().to_string(),
+            reason,
+        };
+        let config = sled::Config::new()
+            .path(path)
+            .cache_capacity(16 << 20)
+            .flush_every_ms(Some(1000));
         // sled may panic on some garbled files instead of returning an error.
         let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| config.open()))
-            .map_err(|payload| corrupt(format!("sled panicked: {}", crate::error::panic_message(&*payload))))?;
+            .map_err(|payload| {
+                corrupt(format!(
+                    "sled panicked: {}",
+                    crate::error::panic_message(&*payload)
+                ))
+            })?;
         match opened {
-            Ok(db) => Ok(Some(RecordIndex { db, path: path.to_path_buf() })),
+            Ok(db) => Ok(Some(RecordIndex {
+                db,
+                path: path.to_path_buf(),
+            })),
             Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                tracing::debug!("stash index {} is held by another process; running without it", path.display());
+                tracing::debug!(
+                    "stash index {} is held by another process; running without it",
+                    path.display()
+                );
                 Ok(None)
             }
             Err(e) => Err(corrupt(e.to_string())),
@@ -49,12 +68,19 @@ impl RecordIndex {
     }
 
     fn corrupt(&self, reason: String) -> StoreError {
-        StoreError::IndexCorrupt { path: self.path.display().to_string(), reason }
+        StoreError::IndexCorrupt {
+            path: self.path.display().to_string(),
+            reason,
+        }
     }
 
     /// The cached record for `meta`, if the cache holds it with the same stamp.
     pub(crate) fn get(&self, meta: &ObjectMeta) -> Result<Option<Record>, StoreError> {
-        let Some(value) = self.db.get(meta.key.as_bytes()).map_err(|e| self.corrupt(e.to_string()))? else {
+        let Some(value) = self
+            .db
+            .get(meta.key.as_bytes())
+            .map_err(|e| self.corrupt(e.to_string()))?
+        else {
             return Ok(None);
         };
         if value.len() < 16 {
@@ -73,12 +99,16 @@ impl RecordIndex {
         let mut value = Vec::with_capacity(16 + bytes.len());
         value.extend_from_slice(&stamp(meta));
         value.extend_from_slice(bytes);
-        self.db.insert(meta.key.as_bytes(), value).map_err(|e| self.corrupt(e.to_string()))?;
+        self.db
+            .insert(meta.key.as_bytes(), value)
+            .map_err(|e| self.corrupt(e.to_string()))?;
         Ok(())
     }
 
     pub(crate) fn remove(&self, key: &str) -> Result<(), StoreError> {
-        self.db.remove(key.as_bytes()).map_err(|e| self.corrupt(e.to_string()))?;
+        self.db
+            .remove(key.as_bytes())
+            .map_err(|e| self.corrupt(e.to_string()))?;
         Ok(())
     }
 }

@@ -34,12 +34,20 @@ fn backend_error(op: &'static str, key: &str, e: tokio_postgres::Error) -> Store
         Some(source) => format!("{e}: {source}"),
         None => e.to_string(),
     };
-    StoreError::Backend { backend: "postgres", op, key: key.to_string(), message }
+    StoreError::Backend {
+        backend: "postgres",
+        op,
+        key: key.to_string(),
+        message,
+    }
 }
 
 impl PostgresStore {
     pub(crate) fn open(url: &str) -> Result<PostgresStore, StoreError> {
-        let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
+        let invalid = |reason: String| StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason,
+        };
         let (base, query) = split_query(url)?;
         let mut table = "tessera_stash".to_string();
         let mut passthrough = Vec::new();
@@ -50,11 +58,23 @@ impl PostgresStore {
                 passthrough.push(format!("{k}={v}"));
             }
         }
-        if table.is_empty() || !table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-            return Err(invalid(format!("table name `{table}` must be [A-Za-z0-9_]+")));
+        if table.is_empty()
+            || !table
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        {
+            return Err(invalid(format!(
+                "table name `{table}` must be [A-Za-z0-9_]+"
+            )));
         }
-        let conn_url = if passthrough.is_empty() { base.to_string() } else { format!("{base}?{}", passthrough.join("&")) };
-        let config: tokio_postgres::Config = conn_url.parse().map_err(|e: tokio_postgres::Error| invalid(e.to_string()))?;
+        let conn_url = if passthrough.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", passthrough.join("&"))
+        };
+        let config: tokio_postgres::Config = conn_url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| invalid(e.to_string()))?;
         let blocking = Blocking::new("postgres")?;
         let handle = blocking.handle().clone();
         let client = blocking.block_on(async {
@@ -74,7 +94,12 @@ impl PostgresStore {
             Ok::<_, StoreError>(client)
         })?;
         let location = format!("{}#{table}", redact(base));
-        Ok(PostgresStore { client, table, location, blocking })
+        Ok(PostgresStore {
+            client,
+            table,
+            location,
+            blocking,
+        })
     }
 }
 
@@ -113,7 +138,10 @@ impl BlobStore for PostgresStore {
     }
 
     fn has(&self, key: &str, len: u64) -> Result<bool, StoreError> {
-        let sql = format!("SELECT octet_length(value)::BIGINT FROM \"{}\" WHERE key = $1", self.table);
+        let sql = format!(
+            "SELECT octet_length(value)::BIGINT FROM \"{}\" WHERE key = $1",
+            self.table
+        );
         let row = self
             .blocking
             .block_on(self.client.query_opt(&sql, &[&key]))
@@ -122,7 +150,10 @@ impl BlobStore for PostgresStore {
     }
 
     fn touch(&self, key: &str) -> Result<(), StoreError> {
-        let sql = format!("UPDATE \"{}\" SET modified = now() WHERE key = $1", self.table);
+        let sql = format!(
+            "UPDATE \"{}\" SET modified = now() WHERE key = $1",
+            self.table
+        );
         self.blocking
             .block_on(self.client.execute(&sql, &[&key]))
             .map(|_| ())
@@ -140,7 +171,13 @@ impl BlobStore for PostgresStore {
             .map_err(|e| backend_error("list", prefix, e))?;
         Ok(rows
             .iter()
-            .map(|r| ObjectMeta::new(r.get(0), r.get::<_, i64>(1) as u64, Some(r.get::<_, SystemTime>(2))))
+            .map(|r| {
+                ObjectMeta::new(
+                    r.get(0),
+                    r.get::<_, i64>(1) as u64,
+                    Some(r.get::<_, SystemTime>(2)),
+                )
+            })
             .collect())
     }
 

@@ -102,15 +102,24 @@ impl Record {
     }
 
     pub(crate) fn decode(key: &str, bytes: &[u8]) -> Result<Record, StoreError> {
-        let corrupt = |reason: String| StoreError::CorruptRecord { key: key.to_string(), reason };
+        let corrupt = |reason: String| StoreError::CorruptRecord {
+            key: key.to_string(),
+            reason,
+        };
         if bytes.len() < HEADER_LEN {
-            return Err(corrupt(format!("truncated: {} bytes, header needs {HEADER_LEN}", bytes.len())));
+            return Err(corrupt(format!(
+                "truncated: {} bytes, header needs {HEADER_LEN}",
+                bytes.len()
+            )));
         }
         if &bytes[..MAGIC.len()] != MAGIC {
             return Err(corrupt("bad magic (not a stash record)".into()));
         }
         if bytes[MAGIC.len()] != FORMAT {
-            return Err(corrupt(format!("unknown record format {}", bytes[MAGIC.len()])));
+            return Err(corrupt(format!(
+                "unknown record format {}",
+                bytes[MAGIC.len()]
+            )));
         }
         let body = &bytes[HEADER_LEN..];
         if blake3::hash(body).as_bytes() != &bytes[MAGIC.len() + 1..HEADER_LEN] {
@@ -232,7 +241,10 @@ mod tests {
             checksum: [2; 32],
             tags: BTreeMap::from([("k".to_string(), "v".to_string())]),
             layout: Layout::Bincode,
-            chunks: vec![ChunkRef { hash: [3; 32], len: 4 }],
+            chunks: vec![ChunkRef {
+                hash: [3; 32],
+                len: 4,
+            }],
         }
     }
 
@@ -244,12 +256,21 @@ mod tests {
         assert_eq!(back.name, rec.name);
         assert_eq!(back.chunks, rec.chunks);
         for cut in [0, 3, HEADER_LEN, bytes.len() - 1] {
-            assert!(matches!(Record::decode("k", &bytes[..cut]), Err(StoreError::CorruptRecord { .. })));
+            assert!(matches!(
+                Record::decode("k", &bytes[..cut]),
+                Err(StoreError::CorruptRecord { .. })
+            ));
         }
         for i in 0..bytes.len() {
             let mut bad = bytes.clone();
             bad[i] ^= 0x40;
-            assert!(matches!(Record::decode("k", &bad), Err(StoreError::CorruptRecord { .. })), "byte {i}");
+            assert!(
+                matches!(
+                    Record::decode("k", &bad),
+                    Err(StoreError::CorruptRecord { .. })
+                ),
+                "byte {i}"
+            );
         }
     }
 

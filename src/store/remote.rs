@@ -29,12 +29,22 @@ impl Blocking {
             .thread_name(format!("tessera-{backend}"))
             .enable_all()
             .build()
-            .map_err(|e| StoreError::Backend { backend, op: "start runtime", key: String::new(), message: e.to_string() })?;
-        Ok(Blocking { runtime: Some(runtime) })
+            .map_err(|e| StoreError::Backend {
+                backend,
+                op: "start runtime",
+                key: String::new(),
+                message: e.to_string(),
+            })?;
+        Ok(Blocking {
+            runtime: Some(runtime),
+        })
     }
 
     pub(crate) fn handle(&self) -> &tokio::runtime::Handle {
-        self.runtime.as_ref().expect("runtime lives until drop").handle()
+        self.runtime
+            .as_ref()
+            .expect("runtime lives until drop")
+            .handle()
     }
 
     pub(crate) fn block_on<F>(&self, future: F) -> F::Output
@@ -64,9 +74,12 @@ impl Drop for Blocking {
     }
 }
 
+/// Decoded `key=value` pairs of a URL query, in order.
+pub(crate) type QueryPairs = Vec<(String, String)>;
+
 /// Splits `?a=b&c=d` off a URL: returns the URL without the query and the pairs
 /// (percent-decoded).
-pub(crate) fn split_query(url: &str) -> Result<(&str, Vec<(String, String)>), StoreError> {
+pub(crate) fn split_query(url: &str) -> Result<(&str, QueryPairs), StoreError> {
     let Some((base, query)) = url.split_once('?') else {
         return Ok((url, Vec::new()));
     };

@@ -28,19 +28,31 @@ pub(crate) struct S3Store {
 }
 
 fn backend_error(op: &'static str, key: &str, e: opendal::Error) -> StoreError {
-    StoreError::Backend { backend: "s3", op, key: key.to_string(), message: e.to_string() }
+    StoreError::Backend {
+        backend: "s3",
+        op,
+        key: key.to_string(),
+        message: e.to_string(),
+    }
 }
 
 impl S3Store {
     pub(crate) fn open(url: &str) -> Result<S3Store, StoreError> {
-        let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
+        let invalid = |reason: String| StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason,
+        };
         let (base, query) = split_query(url)?;
-        let rest = base.strip_prefix("s3://").ok_or_else(|| invalid("expected s3://".into()))?;
+        let rest = base
+            .strip_prefix("s3://")
+            .ok_or_else(|| invalid("expected s3://".into()))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
             return Err(invalid("no bucket".into()));
         }
-        let mut builder = opendal::services::S3::default().bucket(bucket).root(&format!("/{prefix}"));
+        let mut builder = opendal::services::S3::default()
+            .bucket(bucket)
+            .root(&format!("/{prefix}"));
         let mut region = std::env::var("AWS_REGION").unwrap_or_else(|_| "us-east-1".to_string());
         let mut key_id = std::env::var("AWS_ACCESS_KEY_ID").ok();
         let mut secret = std::env::var("AWS_SECRET_ACCESS_KEY").ok();
@@ -53,7 +65,10 @@ impl S3Store {
                 other => return Err(invalid(format!("unknown parameter `{other}`"))),
             }
         }
-        builder = builder.region(&region).disable_config_load().disable_ec2_metadata();
+        builder = builder
+            .region(&region)
+            .disable_config_load()
+            .disable_ec2_metadata();
         if let Some(k) = key_id {
             builder = builder.access_key_id(&k);
         }
@@ -67,7 +82,11 @@ impl S3Store {
             Operator::new(builder).map_err(|e| backend_error("configure", "", e))?
         };
         let location = format!("s3://{bucket}/{prefix}");
-        Ok(S3Store { operator, location, blocking })
+        Ok(S3Store {
+            operator,
+            location,
+            blocking,
+        })
     }
 }
 
@@ -97,7 +116,12 @@ impl BlobStore for S3Store {
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
-        let entries = match self.blocking.block_on(self.operator.list_with(prefix).recursive(true).into_future()) {
+        let entries = match self.blocking.block_on(
+            self.operator
+                .list_with(prefix)
+                .recursive(true)
+                .into_future(),
+        ) {
             Ok(entries) => entries,
             Err(e) if e.kind() == ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(backend_error("list", prefix, e)),
@@ -107,7 +131,11 @@ impl BlobStore for S3Store {
             .filter(|e| !e.metadata().is_dir())
             .map(|e| {
                 let modified = e.metadata().last_modified().map(SystemTime::from);
-                ObjectMeta::new(e.path().to_string(), e.metadata().content_length(), modified)
+                ObjectMeta::new(
+                    e.path().to_string(),
+                    e.metadata().content_length(),
+                    modified,
+                )
             })
             .collect())
     }

@@ -120,7 +120,9 @@ impl Stash {
             match std::fs::read_dir(root) {
                 Ok(mut entries) => {
                     if entries.next().is_some() {
-                        return Err(StoreError::NotAStash { path: root.display().to_string() });
+                        return Err(StoreError::NotAStash {
+                            path: root.display().to_string(),
+                        });
                     }
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -133,7 +135,10 @@ impl Stash {
             store.sync("")?;
         }
         let index = RecordIndex::open(&root.join("index"))?;
-        Ok(Stash::from_parts(Box::new(LocalStore::new(root.to_path_buf())), index))
+        Ok(Stash::from_parts(
+            Box::new(LocalStore::new(root.to_path_buf())),
+            index,
+        ))
     }
 
     /// Opens a stash by URL: `file:///path` or a plain path (the embedded store),
@@ -162,13 +167,19 @@ impl Stash {
             #[cfg(feature = "s3")]
             "s3" => Ok(Stash::with_store(Box::new(super::s3::S3Store::open(url)?))),
             #[cfg(not(feature = "s3"))]
-            "s3" => Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "s3" }),
+            "s3" => Err(StoreError::BackendNotCompiled {
+                scheme: scheme.into(),
+                feature: "s3",
+            }),
             #[cfg(feature = "postgres")]
-            "postgres" | "postgresql" => Ok(Stash::with_store(Box::new(super::postgres::PostgresStore::open(url)?))),
+            "postgres" | "postgresql" => Ok(Stash::with_store(Box::new(
+                super::postgres::PostgresStore::open(url)?,
+            ))),
             #[cfg(not(feature = "postgres"))]
-            "postgres" | "postgresql" => {
-                Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "postgres" })
-            }
+            "postgres" | "postgresql" => Err(StoreError::BackendNotCompiled {
+                scheme: scheme.into(),
+                feature: "postgres",
+            }),
             other => Err(StoreError::InvalidUrl {
                 url: url.to_string(),
                 reason: format!("unknown scheme `{other}` (known: file, s3, postgres)"),
@@ -182,7 +193,9 @@ impl Stash {
     }
 
     fn from_parts(blobs: Box<dyn BlobStore>, index: Option<RecordIndex>) -> Stash {
-        Stash { inner: Arc::new(Inner { blobs, index }) }
+        Stash {
+            inner: Arc::new(Inner { blobs, index }),
+        }
     }
 
     /// Where the stash keeps its bytes.
@@ -204,23 +217,45 @@ impl Stash {
     /// # Errors
     /// [`StoreError::Invalid`] for a bad name or tag, [`StoreError::Encode`] if serde
     /// fails, or the backend's I/O error. On error no version is listed.
-    pub fn save<T: Serialize + 'static>(&self, name: &str, value: &T, tags: &[(&str, &str)]) -> Result<Version, StoreError> {
+    pub fn save<T: Serialize + 'static>(
+        &self,
+        name: &str,
+        value: &T,
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError> {
         if let Some(bytes) = array::detect_array(value as &dyn Any) {
             return self.save_array_bytes(name, bytes, tags);
         }
         let type_name = std::any::type_name::<T>();
         validate(name, tags)?;
-        let payload = bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
-            StoreError::Encode { name: name.to_string(), type_name: type_name.to_string(), message: e.to_string() }
-        })?;
-        self.save_payload(name, type_name.to_string(), Layout::Bincode, &[], &payload, tags)
+        let payload =
+            bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
+                StoreError::Encode {
+                    name: name.to_string(),
+                    type_name: type_name.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+        self.save_payload(
+            name,
+            type_name.to_string(),
+            Layout::Bincode,
+            &[],
+            &payload,
+            tags,
+        )
     }
 
     /// Saves an array (any ndarray storage, any layout) in the compact array layout.
     ///
     /// # Errors
     /// As [`save`](Stash::save).
-    pub fn save_array<A, S, D>(&self, name: &str, array: &ArrayBase<S, D>, tags: &[(&str, &str)]) -> Result<Version, StoreError>
+    pub fn save_array<A, S, D>(
+        &self,
+        name: &str,
+        array: &ArrayBase<S, D>,
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError>
     where
         A: ArrayElement,
         S: Data<Elem = A>,
@@ -229,14 +264,26 @@ impl Stash {
         self.save_array_bytes(name, array::array_bytes(array), tags)
     }
 
-    fn save_array_bytes(&self, name: &str, bytes: array::ArrayBytes<'_>, tags: &[(&str, &str)]) -> Result<Version, StoreError> {
+    fn save_array_bytes(
+        &self,
+        name: &str,
+        bytes: array::ArrayBytes<'_>,
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError> {
         validate(name, tags)?;
         let layout = Layout::Array {
             dtype: bytes.dtype,
             shape: bytes.shape.iter().map(|&d| d as u64).collect(),
             header_len: bytes.header.len() as u32,
         };
-        self.save_payload(name, array::array_type_name(bytes.dtype), layout, &bytes.header, &bytes.body, tags)
+        self.save_payload(
+            name,
+            array::array_type_name(bytes.dtype),
+            layout,
+            &bytes.header,
+            &bytes.body,
+            tags,
+        )
     }
 
     fn save_payload(
@@ -251,7 +298,6 @@ impl Stash {
         let version = Version::now();
         let size = (head.len() + body.len()) as u64;
         let chunks = self.write_chunks(head, body)?;
-        self.blobs().sync("chunks/")?;
         let record = Record {
             name: name.to_string(),
             version,
@@ -259,12 +305,16 @@ impl Stash {
             type_name,
             size,
             checksum: Record::checksum_of(size, &chunks),
-            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            tags: tags
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             layout,
             chunks,
         };
         let prefix = record::record_prefix(name);
-        self.blobs().put(&format!("{prefix}{version}"), &record.encode())?;
+        self.blobs()
+            .put(&format!("{prefix}{version}"), &record.encode())?;
         self.blobs().sync(&prefix)?;
         Ok(version)
     }
@@ -278,6 +328,7 @@ impl Stash {
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<StoreError>> = Mutex::new(None);
         let threads = self.blobs().parallelism().min(count).max(1);
+        let batch = self.blobs().batch();
         let work = || {
             while !failed.load(Ordering::Relaxed) {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -286,15 +337,21 @@ impl Stash {
                 }
                 let start = i * CHUNK_SIZE;
                 let bytes = slice_of(head, body, start, (start + CHUNK_SIZE).min(total));
-                let chunk = ChunkRef { hash: *blake3::hash(&bytes).as_bytes(), len: bytes.len() as u32 };
+                let chunk = ChunkRef {
+                    hash: *blake3::hash(&bytes).as_bytes(),
+                    len: bytes.len() as u32,
+                };
                 let key = chunk.key();
-                let stored = self.blobs().has(&key, bytes.len() as u64).and_then(|present| {
-                    if present {
-                        self.blobs().touch(&key)
-                    } else {
-                        self.blobs().put(&key, &bytes)
-                    }
-                });
+                let stored = self
+                    .blobs()
+                    .has(&key, bytes.len() as u64)
+                    .and_then(|present| {
+                        if present {
+                            self.blobs().touch(&key)
+                        } else {
+                            batch.put(&key, &bytes)
+                        }
+                    });
                 match stored {
                     Ok(()) => lock(&results)[i] = Some(chunk),
                     Err(e) => {
@@ -313,8 +370,13 @@ impl Stash {
         if let Some(e) = lock(&first_error).take() {
             return Err(e);
         }
+        batch.commit()?;
+        self.blobs().sync("chunks/")?;
         let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-        Ok(results.into_iter().map(|c| c.expect("every chunk index was processed")).collect())
+        Ok(results
+            .into_iter()
+            .map(|c| c.expect("every chunk index was processed"))
+            .collect())
     }
 
     // ---------------------------------------------------------------- loading
@@ -335,7 +397,11 @@ impl Stash {
     ///
     /// # Errors
     /// As [`load`](Stash::load).
-    pub fn load_version<T: DeserializeOwned + 'static>(&self, name: &str, version: Version) -> Result<T, StoreError> {
+    pub fn load_version<T: DeserializeOwned + 'static>(
+        &self,
+        name: &str,
+        version: Version,
+    ) -> Result<T, StoreError> {
         let record = self.record(name, version)?;
         self.decode_record(&record)
     }
@@ -344,7 +410,12 @@ impl Stash {
     ///
     /// # Errors
     /// [`StoreError::TagNotFound`], or as [`load`](Stash::load).
-    pub fn load_tagged<T: DeserializeOwned + 'static>(&self, name: &str, key: &str, value: &str) -> Result<T, StoreError> {
+    pub fn load_tagged<T: DeserializeOwned + 'static>(
+        &self,
+        name: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<T, StoreError> {
         let record = self.tagged_record(name, key, value)?;
         self.decode_record(&record)
     }
@@ -354,7 +425,10 @@ impl Stash {
     /// # Errors
     /// [`StoreError::TypeMismatch`] if it is not an array of `A` with `D`'s number of
     /// dimensions, or as [`load`](Stash::load).
-    pub fn load_array<A: ArrayElement, D: Dimension>(&self, name: &str) -> Result<Array<A, D>, StoreError> {
+    pub fn load_array<A: ArrayElement, D: Dimension>(
+        &self,
+        name: &str,
+    ) -> Result<Array<A, D>, StoreError> {
         let record = self.latest_record(name)?;
         self.read_array(&record)
     }
@@ -363,12 +437,19 @@ impl Stash {
     ///
     /// # Errors
     /// As [`load_array`](Stash::load_array).
-    pub fn load_array_version<A: ArrayElement, D: Dimension>(&self, name: &str, version: Version) -> Result<Array<A, D>, StoreError> {
+    pub fn load_array_version<A: ArrayElement, D: Dimension>(
+        &self,
+        name: &str,
+        version: Version,
+    ) -> Result<Array<A, D>, StoreError> {
         let record = self.record(name, version)?;
         self.read_array(&record)
     }
 
-    fn decode_record<T: DeserializeOwned + 'static>(&self, record: &Record) -> Result<T, StoreError> {
+    fn decode_record<T: DeserializeOwned + 'static>(
+        &self,
+        record: &Record,
+    ) -> Result<T, StoreError> {
         if array::array_kind::<T>().is_some() {
             return self.load_detected_array::<T>(record);
         }
@@ -378,14 +459,13 @@ impl Stash {
         }
         let mut bytes = vec![0u8; record.size as usize];
         self.read_payload(record, &mut [], &mut bytes)?;
-        let (value, _) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).map_err(|e| {
-            StoreError::Decode {
+        let (value, _) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+            .map_err(|e| StoreError::Decode {
                 name: record.name.clone(),
                 version: record.version,
                 type_name: requested.to_string(),
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         Ok(value)
     }
 
@@ -409,12 +489,20 @@ impl Stash {
         Err(mismatch(record, std::any::type_name::<T>().to_string()))
     }
 
-    fn read_array<A: ArrayElement, D: Dimension>(&self, record: &Record) -> Result<Array<A, D>, StoreError> {
+    fn read_array<A: ArrayElement, D: Dimension>(
+        &self,
+        record: &Record,
+    ) -> Result<Array<A, D>, StoreError> {
         let requested = || match D::NDIM {
             Some(n) => format!("{}, {n}-d", array::array_type_name(A::DTYPE)),
             None => array::array_type_name(A::DTYPE),
         };
-        let Layout::Array { dtype, shape, header_len } = &record.layout else {
+        let Layout::Array {
+            dtype,
+            shape,
+            header_len,
+        } = &record.layout
+        else {
             return Err(mismatch(record, requested()));
         };
         if *dtype != A::DTYPE || D::NDIM.is_some_and(|n| n != shape.len()) {
@@ -422,26 +510,43 @@ impl Stash {
         }
         let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let body_len = record.size.checked_sub(u64::from(*header_len));
-        let corrupt = |reason: String| StoreError::CorruptRecord { key: record::record_key(&record.name, record.version), reason };
+        let corrupt = |reason: String| StoreError::CorruptRecord {
+            key: record::record_key(&record.name, record.version),
+            reason,
+        };
         let count = match (elements, body_len) {
             (Some(n), Some(len)) if n.checked_mul(dtype.size() as u64) == Some(len) => n as usize,
-            _ => return Err(corrupt(format!("shape {shape:?} of {dtype} does not match size {}", record.size))),
+            _ => {
+                return Err(corrupt(format!(
+                    "shape {shape:?} of {dtype} does not match size {}",
+                    record.size
+                )))
+            }
         };
         let mut header = vec![0u8; *header_len as usize];
         let mut elements: Vec<A> = vec![A::zeroed(); count];
         self.read_payload(record, &mut header, bytemuck::cast_slice_mut(&mut elements))?;
         match array::decode_header(&header) {
             Ok((d, s)) if d == *dtype && s == *shape => {}
-            Ok((d, s)) => return Err(corrupt(format!("array header says {d} {s:?}, record says {dtype} {shape:?}"))),
+            Ok((d, s)) => {
+                return Err(corrupt(format!(
+                    "array header says {d} {s:?}, record says {dtype} {shape:?}"
+                )))
+            }
             Err(reason) => return Err(corrupt(reason)),
         }
         array::to_little_endian::<A>(bytemuck::cast_slice_mut(&mut elements));
-        array::build_array(shape, elements).map_err(|e| corrupt(e))
+        array::build_array(shape, elements).map_err(corrupt)
     }
 
     /// Reads a version's bytes into `head ++ body` (whose lengths sum to its size),
     /// checking every chunk's hash, on several threads.
-    fn read_payload(&self, record: &Record, head: &mut [u8], body: &mut [u8]) -> Result<(), StoreError> {
+    fn read_payload(
+        &self,
+        record: &Record,
+        head: &mut [u8],
+        body: &mut [u8],
+    ) -> Result<(), StoreError> {
         let total: u64 = record.chunks.iter().map(|c| u64::from(c.len)).sum();
         if total != record.size || (head.len() + body.len()) as u64 != record.size {
             return Err(StoreError::CorruptRecord {
@@ -463,7 +568,11 @@ impl Stash {
             let (b, br) = std::mem::take(&mut body_rest).split_at_mut(len - from_head);
             head_rest = hr;
             body_rest = br;
-            tasks.push(Task { chunk: *chunk, head: h, body: b });
+            tasks.push(Task {
+                chunk: *chunk,
+                head: h,
+                body: b,
+            });
         }
         let threads = self.blobs().parallelism().min(tasks.len()).max(1);
         let queue = Mutex::new(tasks.into_iter());
@@ -472,7 +581,9 @@ impl Stash {
             if lock(&first_error).is_some() {
                 break;
             }
-            let Some(task) = lock(&queue).next() else { break };
+            let Some(task) = lock(&queue).next() else {
+                break;
+            };
             let result = if task.head.is_empty() {
                 self.read_chunk(record, &task.chunk, task.body)
             } else {
@@ -497,28 +608,32 @@ impl Stash {
         first_error.map_or(Ok(()), Err)
     }
 
-    fn read_chunk(&self, record: &Record, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), StoreError> {
-        match self.blobs().get_into(&chunk.key(), out)? {
-            None => Err(StoreError::MissingChunk { name: record.name.clone(), version: record.version, chunk: chunk.hex() }),
-            Some(len) if len != out.len() as u64 => Err(StoreError::ChunkLength {
+    fn read_chunk(
+        &self,
+        record: &Record,
+        chunk: &ChunkRef,
+        out: &mut [u8],
+    ) -> Result<(), StoreError> {
+        match self.blobs().get_into_hashed(&chunk.key(), out)? {
+            None => Err(StoreError::MissingChunk {
+                name: record.name.clone(),
+                version: record.version,
+                chunk: chunk.hex(),
+            }),
+            Some((len, _)) if len != out.len() as u64 => Err(StoreError::ChunkLength {
                 name: record.name.clone(),
                 version: record.version,
                 chunk: chunk.hex(),
                 expected: out.len() as u64,
                 actual: len,
             }),
-            Some(_) => {
-                let actual = blake3::hash(out);
-                if actual.as_bytes() != &chunk.hash {
-                    return Err(StoreError::Checksum {
-                        name: record.name.clone(),
-                        version: record.version,
-                        chunk: chunk.hex(),
-                        actual: actual.to_hex().to_string(),
-                    });
-                }
-                Ok(())
-            }
+            Some((_, actual)) if actual != chunk.hash => Err(StoreError::Checksum {
+                name: record.name.clone(),
+                version: record.version,
+                chunk: chunk.hex(),
+                actual: record::hex(&actual),
+            }),
+            Some(_) => Ok(()),
         }
     }
 
@@ -530,10 +645,13 @@ impl Stash {
                 return Ok(record);
             }
         }
-        let bytes = self.blobs().get(&meta.key)?.ok_or_else(|| StoreError::CorruptRecord {
-            key: meta.key.clone(),
-            reason: "listed but vanished (deleted concurrently?)".into(),
-        })?;
+        let bytes = self
+            .blobs()
+            .get(&meta.key)?
+            .ok_or_else(|| StoreError::CorruptRecord {
+                key: meta.key.clone(),
+                reason: "listed but vanished (deleted concurrently?)".into(),
+            })?;
         let record = Record::decode(&meta.key, &bytes)?;
         if let Some(index) = &self.inner.index {
             index.insert(meta, &bytes)?;
@@ -557,7 +675,10 @@ impl Stash {
     fn latest_record(&self, name: &str) -> Result<Record, StoreError> {
         let versions = self.versions_of(name)?;
         let Some((_, meta)) = versions.last() else {
-            return Err(StoreError::NotFound { name: name.to_string(), version: None });
+            return Err(StoreError::NotFound {
+                name: name.to_string(),
+                version: None,
+            });
         };
         self.read_record(meta)
     }
@@ -568,7 +689,10 @@ impl Stash {
         let bytes = self
             .blobs()
             .get(&key)?
-            .ok_or_else(|| StoreError::NotFound { name: name.to_string(), version: Some(version) })?;
+            .ok_or_else(|| StoreError::NotFound {
+                name: name.to_string(),
+                version: Some(version),
+            })?;
         Record::decode(&key, &bytes)
     }
 
@@ -579,7 +703,11 @@ impl Stash {
                 return Ok(record);
             }
         }
-        Err(StoreError::TagNotFound { name: name.to_string(), key: key.to_string(), value: value.to_string() })
+        Err(StoreError::TagNotFound {
+            name: name.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+        })
     }
 
     /// Describes one version of `name`, or its latest when `version` is `None`.
@@ -598,7 +726,12 @@ impl Stash {
     ///
     /// # Errors
     /// [`StoreError::TagNotFound`] or [`StoreError::CorruptRecord`].
-    pub fn info_tagged(&self, name: &str, key: &str, value: &str) -> Result<VersionInfo, StoreError> {
+    pub fn info_tagged(
+        &self,
+        name: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<VersionInfo, StoreError> {
         self.tagged_record(name, key, value).map(|r| r.info())
     }
 
@@ -607,7 +740,10 @@ impl Stash {
     /// # Errors
     /// [`StoreError::CorruptRecord`] if a record is damaged.
     pub fn history(&self, name: &str) -> Result<Vec<VersionInfo>, StoreError> {
-        self.versions_of(name)?.iter().map(|(_, meta)| self.read_record(meta).map(|r| r.info())).collect()
+        self.versions_of(name)?
+            .iter()
+            .map(|(_, meta)| self.read_record(meta).map(|r| r.info()))
+            .collect()
     }
 
     /// The names that start with `prefix`, sorted.
@@ -615,7 +751,11 @@ impl Stash {
     /// # Errors
     /// The backend's listing error.
     pub fn names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self.all_records()?.into_keys().filter(|n| n.starts_with(prefix)).collect())
+        Ok(self
+            .all_records()?
+            .into_keys()
+            .filter(|n| n.starts_with(prefix))
+            .collect())
     }
 
     /// The latest version of every name that starts with `prefix`, sorted by name.
@@ -641,9 +781,15 @@ impl Stash {
         let mut out: BTreeMap<String, Vec<(Version, ObjectMeta)>> = BTreeMap::new();
         for meta in self.blobs().list("records/")? {
             let rest = &meta.key["records/".len()..];
-            let bad = |reason: &str| StoreError::CorruptRecord { key: meta.key.clone(), reason: reason.to_string() };
-            let (segment, version) = rest.split_once('/').ok_or_else(|| bad("key has no version part"))?;
-            let name = record::unescape_name(segment).ok_or_else(|| bad("key has a malformed name part"))?;
+            let bad = |reason: &str| StoreError::CorruptRecord {
+                key: meta.key.clone(),
+                reason: reason.to_string(),
+            };
+            let (segment, version) = rest
+                .split_once('/')
+                .ok_or_else(|| bad("key has no version part"))?;
+            let name = record::unescape_name(segment)
+                .ok_or_else(|| bad("key has a malformed name part"))?;
             let version = parse_version(version, &meta.key)?;
             out.entry(name).or_default().push((version, meta));
         }
@@ -659,12 +805,19 @@ impl Stash {
     ///
     /// # Errors
     /// [`StoreError::NotFound`], [`StoreError::Invalid`] for a bad tag, or I/O errors.
-    pub fn tag(&self, name: &str, version: Version, key: &str, value: &str) -> Result<(), StoreError> {
+    pub fn tag(
+        &self,
+        name: &str,
+        version: Version,
+        key: &str,
+        value: &str,
+    ) -> Result<(), StoreError> {
         validate(name, &[(key, value)])?;
         let mut record = self.record(name, version)?;
         record.tags.insert(key.to_string(), value.to_string());
         let prefix = record::record_prefix(name);
-        self.blobs().put(&format!("{prefix}{version}"), &record.encode())?;
+        self.blobs()
+            .put(&format!("{prefix}{version}"), &record.encode())?;
         self.blobs().sync(&prefix)
     }
 
@@ -679,14 +832,24 @@ impl Stash {
                 let key = record::record_key(name, v);
                 validate(name, &[])?;
                 if self.blobs().get(&key)?.is_none() {
-                    return Err(StoreError::NotFound { name: name.to_string(), version: Some(v) });
+                    return Err(StoreError::NotFound {
+                        name: name.to_string(),
+                        version: Some(v),
+                    });
                 }
                 vec![key]
             }
-            None => self.versions_of(name)?.into_iter().map(|(_, m)| m.key).collect(),
+            None => self
+                .versions_of(name)?
+                .into_iter()
+                .map(|(_, m)| m.key)
+                .collect(),
         };
         if keys.is_empty() {
-            return Err(StoreError::NotFound { name: name.to_string(), version: None });
+            return Err(StoreError::NotFound {
+                name: name.to_string(),
+                version: None,
+            });
         }
         for key in &keys {
             self.blobs().delete(key)?;
@@ -714,15 +877,25 @@ impl Stash {
     /// # Errors
     /// As [`gc`](Stash::gc).
     pub fn gc_with_grace(&self, grace: Duration) -> Result<GcReport, StoreError> {
-        let cutoff = SystemTime::now().checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
-        let mut report = GcReport { temporaries_removed: self.blobs().remove_temporaries(cutoff)?, ..GcReport::default() };
+        let cutoff = SystemTime::now()
+            .checked_sub(grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut report = GcReport {
+            temporaries_removed: self.blobs().remove_temporaries(cutoff)?,
+            ..GcReport::default()
+        };
         let mut live = HashSet::new();
         for versions in self.all_records()?.values() {
             for (_, meta) in versions {
                 let bytes = self.blobs().get(&meta.key)?;
                 // A record deleted since the listing references nothing.
                 let Some(bytes) = bytes else { continue };
-                live.extend(Record::decode(&meta.key, &bytes)?.chunks.iter().map(|c| c.hash));
+                live.extend(
+                    Record::decode(&meta.key, &bytes)?
+                        .chunks
+                        .iter()
+                        .map(|c| c.hash),
+                );
             }
         }
         for meta in self.blobs().list("chunks/")? {
@@ -806,15 +979,24 @@ impl Stash {
     /// # Cancel safety
     /// Dropping the future does not stop the save; it completes (or fails) in the
     /// background and its version is listed if it completes.
-    pub async fn save_async<T>(&self, name: &str, value: T, tags: &[(&str, &str)]) -> Result<Version, StoreError>
+    pub async fn save_async<T>(
+        &self,
+        name: &str,
+        value: T,
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError>
     where
         T: Serialize + Send + 'static,
     {
         let this = self.clone();
         let name = name.to_string();
-        let tags: Vec<(String, String)> = tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let tags: Vec<(String, String)> = tags
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         blocking(move || {
-            let tags: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let tags: Vec<(&str, &str)> =
+                tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
             this.save(&name, &value, &tags)
         })
         .await
@@ -837,7 +1019,9 @@ impl Stash {
     }
 }
 
-async fn blocking<R: Send + 'static>(f: impl FnOnce() -> Result<R, StoreError> + Send + 'static) -> Result<R, StoreError> {
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, StoreError> {
     let handle = tokio::runtime::Handle::try_current().map_err(|_| StoreError::NoRuntime)?;
     match handle.spawn_blocking(f).await {
         Ok(result) => result,
@@ -880,15 +1064,24 @@ fn fingerprint(type_name: &str, layout: &Layout) -> [u8; 16] {
 
 fn mismatch(record: &Record, requested: String) -> StoreError {
     let stored = match &record.layout {
-        Layout::Array { shape, .. } => format!("{}, {}-d, shape {shape:?}", record.type_name, shape.len()),
+        Layout::Array { shape, .. } => {
+            format!("{}, {}-d, shape {shape:?}", record.type_name, shape.len())
+        }
         _ => record.type_name.clone(),
     };
-    StoreError::TypeMismatch { name: record.name.clone(), version: record.version, stored, requested }
+    StoreError::TypeMismatch {
+        name: record.name.clone(),
+        version: record.version,
+        stored,
+        requested,
+    }
 }
 
 fn parse_version(text: &str, key: &str) -> Result<Version, StoreError> {
-    text.parse()
-        .map_err(|_| StoreError::CorruptRecord { key: key.to_string(), reason: "key does not end in a version id".into() })
+    text.parse().map_err(|_| StoreError::CorruptRecord {
+        key: key.to_string(),
+        reason: "key does not end in a version id".into(),
+    })
 }
 
 fn parse_hash(hex: &str) -> Option<[u8; 32]> {
@@ -903,7 +1096,13 @@ fn parse_hash(hex: &str) -> Option<[u8; 32]> {
 }
 
 fn validate(name: &str, tags: &[(&str, &str)]) -> Result<(), StoreError> {
-    let invalid = |what, value: &str, reason| Err(StoreError::Invalid { what, value: value.to_string(), reason });
+    let invalid = |what, value: &str, reason| {
+        Err(StoreError::Invalid {
+            what,
+            value: value.to_string(),
+            reason,
+        })
+    };
     if name.is_empty() {
         return invalid("name", name, "names cannot be empty");
     }
@@ -915,10 +1114,18 @@ fn validate(name: &str, tags: &[(&str, &str)]) -> Result<(), StoreError> {
     }
     for (key, value) in tags {
         if key.is_empty() || key.contains('=') || key.chars().any(char::is_control) {
-            return invalid("tag key", key, "tag keys are non-empty, without `=` or control characters");
+            return invalid(
+                "tag key",
+                key,
+                "tag keys are non-empty, without `=` or control characters",
+            );
         }
         if value.chars().any(char::is_control) {
-            return invalid("tag value", value, "tag values cannot hold control characters");
+            return invalid(
+                "tag value",
+                value,
+                "tag values cannot hold control characters",
+            );
         }
     }
     Ok(())

@@ -33,12 +33,20 @@ impl Version {
         let mut last = LAST_TIME_NS.load(Ordering::Relaxed);
         let time_ns = loop {
             let next = now.max(last + 1);
-            match LAST_TIME_NS.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            match LAST_TIME_NS.compare_exchange_weak(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
                 Ok(_) => break next,
                 Err(seen) => last = seen,
             }
         };
-        Version { time_ns, nonce: random_u32(time_ns) }
+        Version {
+            time_ns,
+            nonce: random_u32(time_ns),
+        }
     }
 
     /// When the version was created.
@@ -67,7 +75,11 @@ impl FromStr for Version {
     type Err = StoreError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |reason| StoreError::Invalid { what: "version", value: s.to_string(), reason };
+        let bad = |reason| StoreError::Invalid {
+            what: "version",
+            value: s.to_string(),
+            reason,
+        };
         if s.len() != 24 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
             return Err(bad("expected 24 hex digits"));
         }

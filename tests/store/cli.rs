@@ -33,15 +33,26 @@ fn cli_lists_shows_tags_removes_gcs_and_verifies() {
     let stash = Stash::open(&root).unwrap();
     let a = Array1::from_iter((0..100_000).map(|i| i as f32));
     let v1 = stash.save("weights", &a, &[("epoch", "1")]).unwrap();
-    let v2 = stash.save("weights", &(&a * 3.0), &[("epoch", "2")]).unwrap();
+    let v2 = stash
+        .save("weights", &(&a * 3.0), &[("epoch", "2")])
+        .unwrap();
     stash.save("config", &vec!["x".to_string()], &[]).unwrap();
     drop(stash); // release the index, as another process would find it
 
     let list = ok(&root, &["list"]);
-    assert!(list.contains("weights") && list.contains("config"), "{list}");
-    assert!(list.contains(&v2.to_string()) && list.contains("ndarray<f32>"), "{list}");
+    assert!(
+        list.contains("weights") && list.contains("config"),
+        "{list}"
+    );
+    assert!(
+        list.contains(&v2.to_string()) && list.contains("ndarray<f32>"),
+        "{list}"
+    );
     let list = ok(&root, &["list", "conf"]);
-    assert!(list.contains("config") && !list.contains("weights"), "{list}");
+    assert!(
+        list.contains("config") && !list.contains("weights"),
+        "{list}"
+    );
 
     let log = ok(&root, &["log", "weights"]);
     let first = log.find(&v2.to_string()).unwrap();
@@ -50,10 +61,18 @@ fn cli_lists_shows_tags_removes_gcs_and_verifies() {
     assert!(log.contains("epoch=1") && log.contains("epoch=2"));
 
     let show = ok(&root, &["show", "weights", "--version", &v1.to_string()]);
-    assert!(show.contains(&v1.to_string()) && show.contains("array f32 [100000]") && show.contains("blake3:"), "{show}");
+    assert!(
+        show.contains(&v1.to_string())
+            && show.contains("array f32 [100000]")
+            && show.contains("blake3:"),
+        "{show}"
+    );
     ok(&root, &["tag", "weights", &v1.to_string(), "best=yes"]);
     let show = ok(&root, &["show", "weights", "--tag", "best=yes"]);
-    assert!(show.contains(&v1.to_string()) && show.contains("best=yes"), "{show}");
+    assert!(
+        show.contains(&v1.to_string()) && show.contains("best=yes"),
+        "{show}"
+    );
 
     let verify = ok(&root, &["verify"]);
     assert!(verify.contains("ok"), "{verify}");
@@ -78,7 +97,10 @@ fn cli_lists_shows_tags_removes_gcs_and_verifies() {
     let out = tessera(&root, &["verify"]);
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("DAMAGED") && text.contains("weights"), "{text}");
+    assert!(
+        text.contains("DAMAGED") && text.contains("weights"),
+        "{text}"
+    );
 
     // Errors are clear and non-zero.
     let out = tessera(&root, &["log", "nothing"]);

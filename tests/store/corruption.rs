@@ -16,7 +16,10 @@ fn setup() -> (tempfile::TempDir, PathBuf, Stash, Array1<f32>) {
 }
 
 fn files(dir: &Path) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     out.sort();
     out
 }
@@ -29,12 +32,18 @@ fn chunk_files(root: &Path, stash: &Stash, name: &str) -> Vec<PathBuf> {
     // Chunks of `name` are the ones the other entry does not use: `other` is one small chunk.
     let other = stash.info("other", None).unwrap();
     assert_eq!(other.chunks, 1);
-    let other_chunk = before.iter().find(|p| std::fs::metadata(p).unwrap().len() == other.size).cloned().unwrap();
+    let other_chunk = before
+        .iter()
+        .find(|p| std::fs::metadata(p).unwrap().len() == other.size)
+        .cloned()
+        .unwrap();
     before.into_iter().filter(|p| *p != other_chunk).collect()
 }
 
 fn record_file(root: &Path, name_segment: &str) -> PathBuf {
-    files(&root.join("records").join(name_segment)).pop().unwrap()
+    files(&root.join("records").join(name_segment))
+        .pop()
+        .unwrap()
 }
 
 #[test]
@@ -47,7 +56,10 @@ fn flipped_byte_in_a_chunk_is_a_checksum_error_naming_the_entry() {
     let err = stash.load::<Array1<f32>>("weights/layer1").unwrap_err();
     assert!(matches!(err, StoreError::Checksum { .. }), "{err:?}");
     let message = err.to_string();
-    assert!(message.contains("weights/layer1") && message.contains("checksum"), "{message}");
+    assert!(
+        message.contains("weights/layer1") && message.contains("checksum"),
+        "{message}"
+    );
     let report = stash.verify().unwrap();
     assert_eq!(report.problems.len(), 1, "{:?}", report.problems);
     assert!(report.problems[0].to_string().contains("weights/layer1"));
@@ -60,7 +72,12 @@ fn truncated_and_missing_chunks_are_reported() {
     let (_dir, root, stash, _) = setup();
     let chunks = chunk_files(&root, &stash, "weights/layer1");
     let len = std::fs::metadata(&chunks[0]).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&chunks[0]).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&chunks[0])
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     let err = stash.load::<Array1<f32>>("weights/layer1").unwrap_err();
     assert!(matches!(err, StoreError::ChunkLength { .. }), "{err:?}");
     assert!(err.to_string().contains("weights/layer1"));
@@ -78,26 +95,48 @@ fn truncated_or_garbled_records_are_clear_errors() {
     stash.save("weights/layer1", &(&a + 1.0), &[]).unwrap();
     let record = record_file(&root, "weights%2Flayer1");
     let bytes = std::fs::read(&record).unwrap();
-    for damaged in [bytes[..bytes.len() / 2].to_vec(), Vec::new(), b"garbage garbage garbage garbage garbage!!".to_vec(), {
-        let mut b = bytes.clone();
-        let last = b.len() - 3;
-        b[last] ^= 0xff;
-        b
-    }] {
+    for damaged in [
+        bytes[..bytes.len() / 2].to_vec(),
+        Vec::new(),
+        b"garbage garbage garbage garbage garbage!!".to_vec(),
+        {
+            let mut b = bytes.clone();
+            let last = b.len() - 3;
+            b[last] ^= 0xff;
+            b
+        },
+    ] {
         std::fs::write(&record, &damaged).unwrap();
         let err = stash.load::<Array1<f32>>("weights/layer1").unwrap_err();
         assert!(matches!(err, StoreError::CorruptRecord { .. }), "{err:?}");
-        assert!(err.to_string().contains("weights%2Flayer1") && err.to_string().contains("corrupt"), "{err}");
-        assert!(matches!(stash.history("weights/layer1"), Err(StoreError::CorruptRecord { .. })));
+        assert!(
+            err.to_string().contains("weights%2Flayer1") && err.to_string().contains("corrupt"),
+            "{err}"
+        );
+        assert!(matches!(
+            stash.history("weights/layer1"),
+            Err(StoreError::CorruptRecord { .. })
+        ));
         // gc refuses to guess what a damaged record referenced.
-        assert!(matches!(stash.gc_with_grace(std::time::Duration::ZERO), Err(StoreError::CorruptRecord { .. })));
+        assert!(matches!(
+            stash.gc_with_grace(std::time::Duration::ZERO),
+            Err(StoreError::CorruptRecord { .. })
+        ));
         assert_eq!(stash.verify().unwrap().problems.len(), 1);
         // The older version is still readable by id.
-        assert_eq!(stash.load_version::<Array1<f32>>("weights/layer1", v1).unwrap(), a);
+        assert_eq!(
+            stash
+                .load_version::<Array1<f32>>("weights/layer1", v1)
+                .unwrap(),
+            a
+        );
     }
     // A stray file in the records directory is reported too, not ignored or panicked on.
     std::fs::write(root.join("records/other/not-a-version"), b"x").unwrap();
-    assert!(matches!(stash.list(""), Err(StoreError::CorruptRecord { .. })));
+    assert!(matches!(
+        stash.list(""),
+        Err(StoreError::CorruptRecord { .. })
+    ));
 }
 
 #[test]
@@ -112,7 +151,10 @@ fn garbled_index_is_a_clear_error_not_a_panic() {
         let mut damaged = 0;
         for file in files(&index) {
             let name = file.file_name().unwrap().to_string_lossy().to_string();
-            if !file.is_file() || std::fs::metadata(&file).unwrap().len() == 0 || (mode != "all" && name != "db") {
+            if !file.is_file()
+                || std::fs::metadata(&file).unwrap().len() == 0
+                || (mode != "all" && name != "db")
+            {
                 continue;
             }
             let mut bytes = std::fs::read(&file).unwrap();
@@ -127,7 +169,9 @@ fn garbled_index_is_a_clear_error_not_a_panic() {
             damaged += 1;
         }
         assert!(damaged > 0, "the index holds no files to damage ({mode})");
-        let result = std::panic::catch_unwind(|| Stash::open(&root).and_then(|s| s.load::<Array1<f32>>("weights/layer1")));
+        let result = std::panic::catch_unwind(|| {
+            Stash::open(&root).and_then(|s| s.load::<Array1<f32>>("weights/layer1"))
+        });
         let result = result.unwrap_or_else(|_| panic!("opening a garbled index panicked ({mode})"));
         match result {
             Err(err @ StoreError::IndexCorrupt { .. }) => {
@@ -162,9 +206,15 @@ fn second_version_differing_in_one_chunk_adds_about_one_chunk() {
     let v2 = stash.save("big", &a, &[]).unwrap();
     let second = stash.stats().unwrap();
     let added = second.chunk_bytes - first.chunk_bytes;
-    eprintln!("second version added {added} bytes ({} chunk(s))", second.chunks - first.chunks);
+    eprintln!(
+        "second version added {added} bytes ({} chunk(s))",
+        second.chunks - first.chunks
+    );
     assert_eq!(second.chunks - first.chunks, 1);
-    assert!(added <= tessera::CHUNK_SIZE as u64, "added {added} bytes, more than one chunk");
+    assert!(
+        added <= tessera::CHUNK_SIZE as u64,
+        "added {added} bytes, more than one chunk"
+    );
     assert!(added >= tessera::CHUNK_SIZE as u64 / 2);
     assert_eq!(stash.load_version::<Array1<f32>>("big", v2).unwrap(), a);
 }

@@ -7,7 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn wait_for_port(port: u16, what: &str, child: &mut Child) {
@@ -26,7 +30,9 @@ fn wait_for_port(port: u16, what: &str, child: &mut Child) {
 
 /// Finds a program on PATH or in cargo's bin directory.
 fn find_program(name: &str) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")));
@@ -49,14 +55,27 @@ impl S3Server {
         std::fs::create_dir(dir.path().join(bucket)).unwrap();
         let port = free_port();
         let mut child = Command::new(program)
-            .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--access-key", "AKTEST", "--secret-key", "SKTEST"])
+            .args([
+                "--host",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--access-key",
+                "AKTEST",
+                "--secret-key",
+                "SKTEST",
+            ])
             .arg(dir.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start s3s-fs");
         wait_for_port(port, "s3s-fs", &mut child);
-        S3Server { child, _dir: dir, port }
+        S3Server {
+            child,
+            _dir: dir,
+            port,
+        }
     }
 
     pub(crate) fn url(&self, bucket: &str, prefix: &str) -> String {
@@ -85,7 +104,12 @@ pub(crate) struct PgServer {
 
 fn pg_bin_dir() -> PathBuf {
     let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).filter(|p| p.join("initdb").is_file()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path().join("bin"))
+                .filter(|p| p.join("initdb").is_file())
+                .collect()
+        })
         .unwrap_or_default();
     versions.sort();
     versions
@@ -94,7 +118,11 @@ fn pg_bin_dir() -> PathBuf {
 }
 
 fn is_root() -> bool {
-    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
 }
 
 impl PgServer {
@@ -102,19 +130,57 @@ impl PgServer {
         let bin = pg_bin_dir();
         let as_postgres = is_root();
         // PostgreSQL refuses to run as root: the cluster belongs to the `postgres` user.
-        let dir = std::env::temp_dir().join(format!("tessera-pg-{}-{}", std::process::id(), free_port()));
+        let dir =
+            std::env::temp_dir().join(format!("tessera-pg-{}-{}", std::process::id(), free_port()));
         std::fs::create_dir_all(&dir).unwrap();
         if as_postgres {
-            let status = Command::new("chown").args(["postgres:postgres"]).arg(&dir).status().unwrap();
-            assert!(status.success(), "chown {} to postgres failed", dir.display());
+            let status = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(
+                status.success(),
+                "chown {} to postgres failed",
+                dir.display()
+            );
         }
         let data = dir.join("data");
-        let server = PgServer { bin, data, dir, as_postgres, port: free_port() };
-        server.run("initdb", &["-D", &server.data.display().to_string(), "--auth=trust", "-U", "postgres", "--no-sync"]);
-        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on", server.port, server.dir.display());
+        let server = PgServer {
+            bin,
+            data,
+            dir,
+            as_postgres,
+            port: free_port(),
+        };
+        server.run(
+            "initdb",
+            &[
+                "-D",
+                &server.data.display().to_string(),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=on",
+            server.port,
+            server.dir.display()
+        );
         server.run(
             "pg_ctl",
-            &["-D", &server.data.display().to_string(), "-l", &server.dir.join("log").display().to_string(), "-o", &options, "-w", "start"],
+            &[
+                "-D",
+                &server.data.display().to_string(),
+                "-l",
+                &server.dir.join("log").display().to_string(),
+                "-o",
+                &options,
+                "-w",
+                "start",
+            ],
         );
         server
     }
@@ -122,9 +188,17 @@ impl PgServer {
     fn run(&self, program: &str, args: &[&str]) {
         let program = self.bin.join(program);
         let output = if self.as_postgres {
-            Command::new("runuser").args(["-u", "postgres", "--"]).arg(&program).args(args).current_dir(&self.dir).output()
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .current_dir(&self.dir)
+                .output()
         } else {
-            Command::new(&program).args(args).current_dir(&self.dir).output()
+            Command::new(&program)
+                .args(args)
+                .current_dir(&self.dir)
+                .output()
         }
         .unwrap_or_else(|e| panic!("run {}: {e}", program.display()));
         assert!(
@@ -137,7 +211,10 @@ impl PgServer {
     }
 
     pub(crate) fn url(&self, table: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres?table={table}", self.port)
+        format!(
+            "postgres://postgres@127.0.0.1:{}/postgres?table={table}",
+            self.port
+        )
     }
 
     pub(crate) fn dir(&self) -> &Path {
@@ -151,7 +228,11 @@ impl Drop for PgServer {
         let program = self.bin.join("pg_ctl");
         let args = ["-D", data.as_str(), "-m", "immediate", "-w", "stop"];
         let _ = if self.as_postgres {
-            Command::new("runuser").args(["-u", "postgres", "--"]).arg(&program).args(args).output()
+            Command::new("runuser")
+                .args(["-u", "postgres", "--"])
+                .arg(&program)
+                .args(args)
+                .output()
         } else {
             Command::new(&program).args(args).output()
         };

@@ -32,13 +32,34 @@ pub(crate) struct Reporter {
 }
 
 impl Reporter {
-    pub(crate) fn report(&self, bench: &str, value: f64, unit: &'static str, higher_is_better: bool) {
-        let line = BenchLine { bench: bench.to_string(), value, unit, higher_is_better };
+    pub(crate) fn report(
+        &self,
+        bench: &str,
+        value: f64,
+        unit: &'static str,
+        higher_is_better: bool,
+    ) {
+        let line = BenchLine {
+            bench: bench.to_string(),
+            value,
+            unit,
+            higher_is_better,
+        };
         if self.json {
-            println!("{}", serde_json::to_string(&line).expect("bench line serializes"));
+            println!(
+                "{}",
+                serde_json::to_string(&line).expect("bench line serializes")
+            );
         } else {
-            let better = if higher_is_better { "higher is better" } else { "lower is better" };
-            println!("{:<36} {:>14.3} {:<10} ({better})", line.bench, line.value, line.unit);
+            let better = if higher_is_better {
+                "higher is better"
+            } else {
+                "lower is better"
+            };
+            println!(
+                "{:<36} {:>14.3} {:<10} ({better})",
+                line.bench, line.value, line.unit
+            );
         }
     }
 }

@@ -73,7 +73,10 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
     match args.command {
         StashCommand::List { prefix } => {
             let entries = stash.list(prefix.as_deref().unwrap_or(""))?;
-            println!("{:<32} {:<24} {:>12} {:>8}  {:<24} TAGS", "NAME", "LATEST", "SIZE", "VERSIONS", "TYPE");
+            println!(
+                "{:<32} {:<24} {:>12} {:>8}  {:<24} TAGS",
+                "NAME", "LATEST", "SIZE", "VERSIONS", "TYPE"
+            );
             for info in entries {
                 let count = stash.history(&info.name)?.len();
                 println!(
@@ -93,7 +96,14 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
                 bail!("no entry `{name}` in {}", stash.location());
             }
             for info in history.iter().rev() {
-                println!("{}  {}  {:>10}  {}  {}", info.version, timestamp(&info), human_size(info.size), info.type_name, tags(&info));
+                println!(
+                    "{}  {}  {:>10}  {}  {}",
+                    info.version,
+                    timestamp(info),
+                    human_size(info.size),
+                    info.type_name,
+                    tags(info)
+                );
             }
         }
         StashCommand::Show { name, version, tag } => {
@@ -111,7 +121,11 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
             println!("type:        {}", info.type_name);
             println!("fingerprint: {}", info.fingerprint);
             println!("layout:      {}", info.layout);
-            println!("size:        {} ({} bytes)", human_size(info.size), info.size);
+            println!(
+                "size:        {} ({} bytes)",
+                human_size(info.size),
+                info.size
+            );
             println!("chunks:      {}", info.chunks);
             println!("checksum:    blake3:{}", info.checksum);
             println!("tags:        {}", tags(&info));
@@ -147,7 +161,11 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
                 r.versions,
                 r.chunks,
                 human_size(r.bytes),
-                if r.problems.is_empty() { "ok".to_string() } else { format!("{} problem(s)", r.problems.len()) }
+                if r.problems.is_empty() {
+                    "ok".to_string()
+                } else {
+                    format!("{} problem(s)", r.problems.len())
+                }
             );
             if !r.problems.is_empty() {
                 std::process::exit(1);
@@ -158,20 +176,30 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
 }
 
 fn parse_version(text: &str) -> Result<Version> {
-    text.parse::<Version>().with_context(|| format!("bad version `{text}`"))
+    text.parse::<Version>()
+        .with_context(|| format!("bad version `{text}`"))
 }
 
 fn split_tag(text: &str) -> Result<(&str, &str)> {
-    text.split_once('=').with_context(|| format!("tag `{text}` is not key=value"))
+    text.split_once('=')
+        .with_context(|| format!("tag `{text}` is not key=value"))
 }
 
 fn tags(info: &VersionInfo) -> String {
-    info.tags.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    info.tags
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The version's creation time as UTC `YYYY-MM-DD hh:mm:ss`.
 fn timestamp(info: &VersionInfo) -> String {
-    let secs = info.created.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = info
+        .created
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days as i64 + 719_468;
@@ -183,7 +211,12 @@ fn timestamp(info: &VersionInfo) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 fn human_size(bytes: u64) -> String {
