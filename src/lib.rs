@@ -12,8 +12,8 @@ mod store;
 
 pub use error::{Error, Result};
 pub use store::{
-    ArrayElement, BlobStore, Dtype, GcReport, Layout, ObjectMeta, Stash, StoreError, StoreStats,
-    VerifyReport, Version, VersionInfo, CHUNK_SIZE, DEFAULT_GC_GRACE,
+    ArrayElement, BlobStore, Dtype, GcReport, Layout, ObjectMeta, PutBatch, Stash, StoreError,
+    StoreStats, VerifyReport, Version, VersionInfo, CHUNK_SIZE, DEFAULT_GC_GRACE,
 };
 
 #[doc(hidden)]

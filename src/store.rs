@@ -47,7 +47,7 @@ mod stash;
 mod version;
 
 pub use array::{ArrayElement, Dtype};
-pub use blob::{BlobStore, ObjectMeta};
+pub use blob::{BlobStore, ObjectMeta, PutBatch};
 pub use error::StoreError;
 pub use record::{Layout, VersionInfo};
 pub use stash::{GcReport, Stash, StoreStats, VerifyReport, CHUNK_SIZE, DEFAULT_GC_GRACE};

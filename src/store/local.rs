@@ -149,11 +149,23 @@ impl LocalStore {
     }
 }
 
-/// Creates `dir` (and parents) and fsyncs its parent so that the new entry survives a crash.
+/// Creates `dir` and its missing ancestors, fsyncing the parent of each directory it
+/// created so that the new entries survive a crash.
 fn create_dir_durable(dir: &Path) -> Result<(), StoreError> {
+    let mut missing = Vec::new();
+    let mut current = Some(dir);
+    while let Some(d) = current {
+        if d.as_os_str().is_empty() || d.exists() {
+            break;
+        }
+        missing.push(d);
+        current = d.parent();
+    }
     fs::create_dir_all(dir).map_err(|e| StoreError::io("mkdir", dir, e))?;
-    if let Some(parent) = dir.parent() {
-        fsync_dir(parent)?;
+    for created in missing.iter().rev() {
+        if let Some(parent) = created.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fsync_dir(parent)?;
+        }
     }
     Ok(())
 }
