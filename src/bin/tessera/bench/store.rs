@@ -73,12 +73,15 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     let (mut write, mut read, mut save, mut load) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for rep in 0..REPEATS {
+        // Both writes start from the same page-cache state: empty.
+        drop_caches();
         let start = Instant::now();
         raw_write(&raw_path, raw)?;
         write.push(gbps(bytes, start.elapsed().as_secs_f64()));
 
         let dir = scratch.0.join(format!("stash-{rep}"));
         let stash = Stash::open(&dir)?;
+        drop_caches();
         let start = Instant::now();
         stash.save("weights", &array, &[("bench", "store")])?;
         save.push(gbps(bytes, start.elapsed().as_secs_f64()));
