@@ -89,6 +89,12 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Every object whose key starts with `prefix`.
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError>;
 
+    /// The keys that start with `prefix`, without sizes or times (cheaper on some
+    /// backends).
+    fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self.list(prefix)?.into_iter().map(|m| m.key).collect())
+    }
+
     /// Deletes `key`; deleting a missing key is not an error.
     fn delete(&self, key: &str) -> Result<(), StoreError>;
 

@@ -88,10 +88,13 @@ impl LocalStore {
         }
     }
 
+    /// Walks `dir`, pushing one entry per file; `stat` says whether to read sizes and
+    /// times (otherwise they are 0 and `None`, and only directory entries are read).
     fn list_dir(
         &self,
         dir: &Path,
         key_prefix: &str,
+        stat: bool,
         out: &mut Vec<ObjectMeta>,
     ) -> Result<(), StoreError> {
         let entries = match fs::read_dir(dir) {
@@ -108,14 +111,20 @@ impl LocalStore {
             if name.starts_with(TMP_PREFIX) {
                 continue;
             }
-            let meta = entry
-                .metadata()
-                .map_err(|e| StoreError::io("stat", &entry.path(), e))?;
             let key = format!("{key_prefix}{name}");
-            if meta.is_dir() {
-                self.list_dir(&entry.path(), &format!("{key}/"), out)?;
-            } else {
+            let is_dir = entry
+                .file_type()
+                .map_err(|e| StoreError::io("stat", &entry.path(), e))?
+                .is_dir();
+            if is_dir {
+                self.list_dir(&entry.path(), &format!("{key}/"), stat, out)?;
+            } else if stat {
+                let meta = entry
+                    .metadata()
+                    .map_err(|e| StoreError::io("stat", &entry.path(), e))?;
                 out.push(ObjectMeta::new(key, meta.len(), meta.modified().ok()));
+            } else {
+                out.push(ObjectMeta::new(key, 0, None));
             }
         }
         Ok(())
@@ -256,8 +265,15 @@ impl BlobStore for LocalStore {
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
         let mut out = Vec::new();
         let dir = prefix.trim_end_matches('/');
-        self.list_dir(&self.path(dir), prefix, &mut out)?;
+        self.list_dir(&self.path(dir), prefix, true, &mut out)?;
         Ok(out)
+    }
+
+    fn list_keys(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        let mut out = Vec::new();
+        let dir = prefix.trim_end_matches('/');
+        self.list_dir(&self.path(dir), prefix, false, &mut out)?;
+        Ok(out.into_iter().map(|m| m.key).collect())
     }
 
     fn delete(&self, key: &str) -> Result<(), StoreError> {

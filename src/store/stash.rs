@@ -672,15 +672,29 @@ impl Stash {
         Ok(out)
     }
 
+    /// The latest record of `name`: lists only the keys (no per-version metadata), then
+    /// reads that one record.
     fn latest_record(&self, name: &str) -> Result<Record, StoreError> {
-        let versions = self.versions_of(name)?;
-        let Some((_, meta)) = versions.last() else {
+        validate(name, &[])?;
+        let prefix = record::record_prefix(name);
+        let mut latest: Option<(Version, String)> = None;
+        for key in self.blobs().list_keys(&prefix)? {
+            let version = parse_version(&key[prefix.len()..], &key)?;
+            if latest.as_ref().is_none_or(|(v, _)| version > *v) {
+                latest = Some((version, key));
+            }
+        }
+        let Some((version, key)) = latest else {
             return Err(StoreError::NotFound {
                 name: name.to_string(),
                 version: None,
             });
         };
-        self.read_record(meta)
+        let bytes = self.blobs().get(&key)?.ok_or(StoreError::NotFound {
+            name: name.to_string(),
+            version: Some(version),
+        })?;
+        Record::decode(&key, &bytes)
     }
 
     fn record(&self, name: &str, version: Version) -> Result<Record, StoreError> {
