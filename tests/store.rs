@@ -5,5 +5,6 @@ mod store {
     pub(crate) mod conformance;
     pub(crate) mod corruption;
     pub(crate) mod crash;
+    pub(crate) mod model;
     pub(crate) mod servers;
 }
