@@ -5,6 +5,10 @@ set -euo pipefail
 
 need_apt=()
 # (packages are added here by the subsystems that need them)
+# store: PostgreSQL server for the stash's postgres backend tests.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    need_apt+=(postgresql)
+fi
 
 if ((${#need_apt[@]})); then
     echo "install-deps: apt-get install ${need_apt[*]}"
@@ -13,3 +17,9 @@ if ((${#need_apt[@]})); then
     apt-get install -y -qq "${need_apt[@]}" >/dev/null
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+
+# store: a local S3-compatible server for the stash's s3 backend tests.
+if ! command -v s3s-fs >/dev/null 2>&1 && [[ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]]; then
+    echo "install-deps: cargo install s3s-fs 0.14.1 (about 1.5 min)"
+    cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary
+fi

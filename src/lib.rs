@@ -12,11 +12,16 @@ mod devices;
 mod error;
 mod net;
 pub mod nn;
+mod store;
 
 pub use actors::*;
 pub use devices::*;
 pub use error::{Error, Result};
 pub use net::*;
+pub use store::{
+    ArrayElement, BlobStore, Dtype, GcReport, Layout, ObjectMeta, PutBatch, Stash, StoreError, StoreStats,
+    VerifyReport, Version, VersionInfo, CHUNK_SIZE, DEFAULT_GC_GRACE,
+};
 
 #[doc(hidden)]
 pub mod __private {

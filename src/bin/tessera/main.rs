@@ -1,5 +1,6 @@
 //! The `tessera` command line: node processes, the stash, and benchmark suites.
 mod bench;
+mod stash;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -20,6 +21,8 @@ enum Command {
     /// A member of the `collectives` benchmark (started by `tessera bench collectives`).
     #[command(hide = true)]
     CollectiveMember(bench::collectives::MemberArgs),
+    /// Inspect and maintain a stash (versioned value storage).
+    Stash(stash::StashArgs),
 }
 
 #[derive(clap::Args)]
@@ -69,5 +72,6 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Node(args) => run_node(args),
         Command::CollectiveMember(args) => bench::collectives::member(args),
+        Command::Stash(args) => stash::run(args),
     }
 }

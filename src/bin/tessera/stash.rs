@@ -1,0 +1,213 @@
+//! `tessera stash list|log|show|tag|rm|gc|verify --store PATH_OR_URL`: inspect and
+//! maintain a stash from the command line.
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use tessera::{Stash, Version, VersionInfo};
+
+#[derive(Args)]
+pub(crate) struct StashArgs {
+    /// The stash: a directory, file:///dir, s3://bucket/prefix?..., or postgres://...
+    #[arg(long, global = true)]
+    store: Option<String>,
+    #[command(subcommand)]
+    command: StashCommand,
+}
+
+#[derive(Subcommand)]
+enum StashCommand {
+    /// List entries (latest version of each name), optionally only names with a prefix.
+    List {
+        /// Only names that start with this.
+        prefix: Option<String>,
+    },
+    /// Show every version of an entry, oldest first.
+    Log {
+        /// The entry's name.
+        name: String,
+    },
+    /// Show one version of an entry in detail (the latest by default).
+    Show {
+        /// The entry's name.
+        name: String,
+        /// A version id (24 hex digits).
+        #[arg(long, conflicts_with = "tag")]
+        version: Option<String>,
+        /// The latest version carrying this tag, as key=value.
+        #[arg(long)]
+        tag: Option<String>,
+    },
+    /// Set a tag (key=value) on a version.
+    Tag {
+        /// The entry's name.
+        name: String,
+        /// The version id.
+        version: String,
+        /// The tag, as key=value.
+        tag: String,
+    },
+    /// Delete one version of an entry, or all its versions.
+    Rm {
+        /// The entry's name.
+        name: String,
+        /// Only this version (otherwise every version).
+        #[arg(long)]
+        version: Option<String>,
+    },
+    /// Delete chunks no version references.
+    Gc {
+        /// Keep unreferenced chunks younger than this many seconds (saves in flight).
+        #[arg(long, default_value_t = tessera::DEFAULT_GC_GRACE.as_secs())]
+        grace_secs: u64,
+    },
+    /// Read every chunk and check its hash; exits with status 1 if anything is damaged.
+    Verify,
+}
+
+pub(crate) fn run(args: StashArgs) -> Result<()> {
+    let Some(url) = args.store else {
+        bail!("no stash given: pass --store PATH_OR_URL");
+    };
+    let stash = Stash::open_url(&url).with_context(|| format!("opening stash {url}"))?;
+    match args.command {
+        StashCommand::List { prefix } => {
+            let entries = stash.list(prefix.as_deref().unwrap_or(""))?;
+            println!("{:<32} {:<24} {:>12} {:>8}  {:<24} TAGS", "NAME", "LATEST", "SIZE", "VERSIONS", "TYPE");
+            for info in entries {
+                let count = stash.history(&info.name)?.len();
+                println!(
+                    "{:<32} {:<24} {:>12} {:>8}  {:<24} {}",
+                    info.name,
+                    info.version,
+                    human_size(info.size),
+                    count,
+                    info.type_name,
+                    tags(&info)
+                );
+            }
+        }
+        StashCommand::Log { name } => {
+            let history = stash.history(&name)?;
+            if history.is_empty() {
+                bail!("no entry `{name}` in {}", stash.location());
+            }
+            for info in history.iter().rev() {
+                println!(
+                    "{}  {}  {:>10}  {}  {}",
+                    info.version,
+                    timestamp(info),
+                    human_size(info.size),
+                    info.type_name,
+                    tags(info)
+                );
+            }
+        }
+        StashCommand::Show { name, version, tag } => {
+            let info = match (version, tag) {
+                (Some(v), _) => stash.info(&name, Some(parse_version(&v)?))?,
+                (None, Some(t)) => {
+                    let (k, v) = split_tag(&t)?;
+                    stash.info_tagged(&name, k, v)?
+                }
+                (None, None) => stash.info(&name, None)?,
+            };
+            println!("name:        {}", info.name);
+            println!("version:     {}", info.version);
+            println!("created:     {}", timestamp(&info));
+            println!("type:        {}", info.type_name);
+            println!("fingerprint: {}", info.fingerprint);
+            println!("layout:      {}", info.layout);
+            println!("size:        {} ({} bytes)", human_size(info.size), info.size);
+            println!("chunks:      {}", info.chunks);
+            println!("checksum:    blake3:{}", info.checksum);
+            println!("tags:        {}", tags(&info));
+        }
+        StashCommand::Tag { name, version, tag } => {
+            let (k, v) = split_tag(&tag)?;
+            stash.tag(&name, parse_version(&version)?, k, v)?;
+            println!("tagged {name} {version} {k}={v}");
+        }
+        StashCommand::Rm { name, version } => {
+            let version = version.as_deref().map(parse_version).transpose()?;
+            let n = stash.delete(&name, version)?;
+            println!("deleted {n} version(s) of {name}; run `tessera stash gc` to reclaim space");
+        }
+        StashCommand::Gc { grace_secs } => {
+            let r = stash.gc_with_grace(Duration::from_secs(grace_secs))?;
+            println!(
+                "deleted {} chunks ({}), kept {} live and {} younger than {grace_secs} s, removed {} temporary files",
+                r.chunks_deleted,
+                human_size(r.bytes_freed),
+                r.chunks_live,
+                r.chunks_young,
+                r.temporaries_removed
+            );
+        }
+        StashCommand::Verify => {
+            let r = stash.verify()?;
+            for problem in &r.problems {
+                println!("DAMAGED: {problem}");
+            }
+            println!(
+                "checked {} versions, {} chunks, {}: {}",
+                r.versions,
+                r.chunks,
+                human_size(r.bytes),
+                if r.problems.is_empty() {
+                    "ok".to_string()
+                } else {
+                    format!("{} problem(s)", r.problems.len())
+                }
+            );
+            if !r.problems.is_empty() {
+                std::process::exit(1);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn parse_version(text: &str) -> Result<Version> {
+    text.parse::<Version>().with_context(|| format!("bad version `{text}`"))
+}
+
+fn split_tag(text: &str) -> Result<(&str, &str)> {
+    text.split_once('=').with_context(|| format!("tag `{text}` is not key=value"))
+}
+
+fn tags(info: &VersionInfo) -> String {
+    info.tags.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+/// The version's creation time as UTC `YYYY-MM-DD hh:mm:ss`.
+fn timestamp(info: &VersionInfo) -> String {
+    let secs = info.created.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}

@@ -1,0 +1,168 @@
+//! The PostgreSQL backend: blobs as rows of one table, through tokio-postgres.
+//!
+//! URL: `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE?table=NAME` (default table
+//! `tessera_stash`; other query parameters go to tokio-postgres). The table is created if
+//! missing: `(key TEXT PRIMARY KEY, value BYTEA NOT NULL, modified TIMESTAMPTZ)`.
+//! Connections are unencrypted (`NoTls`): use a loopback server or an SSH/VPN tunnel.
+//!
+//! Why tokio-postgres and not opendal's `postgresql` service: opendal 0.59's service
+//! neither lists keys (the stash lists records and chunks) nor creates its table.
+//!
+//! # Durability
+//! Each `put` is one autocommitted upsert, durable when it returns (with PostgreSQL's
+//! default `synchronous_commit = on`), so `sync` does nothing.
+use std::time::SystemTime;
+
+use tokio_postgres::{Client, NoTls};
+
+use super::blob::{BlobStore, ObjectMeta};
+use super::remote::{split_query, Blocking};
+use super::StoreError;
+
+/// Blobs in a PostgreSQL table.
+#[derive(Debug)]
+pub(crate) struct PostgresStore {
+    client: Client,
+    table: String,
+    location: String,
+    blocking: Blocking,
+}
+
+fn backend_error(op: &'static str, key: &str, e: tokio_postgres::Error) -> StoreError {
+    // The Display of a server error is only "db error"; the source carries the message.
+    let message = match std::error::Error::source(&e) {
+        Some(source) => format!("{e}: {source}"),
+        None => e.to_string(),
+    };
+    StoreError::Backend { backend: "postgres", op, key: key.to_string(), message }
+}
+
+impl PostgresStore {
+    pub(crate) fn open(url: &str) -> Result<PostgresStore, StoreError> {
+        let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
+        let (base, query) = split_query(url)?;
+        let mut table = "tessera_stash".to_string();
+        let mut passthrough = Vec::new();
+        for (k, v) in query {
+            if k == "table" {
+                table = v;
+            } else {
+                passthrough.push(format!("{k}={v}"));
+            }
+        }
+        if table.is_empty() || !table.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(invalid(format!("table name `{table}` must be [A-Za-z0-9_]+")));
+        }
+        let conn_url = if passthrough.is_empty() {
+            base.to_string()
+        } else {
+            format!("{base}?{}", passthrough.join("&"))
+        };
+        let config: tokio_postgres::Config =
+            conn_url.parse().map_err(|e: tokio_postgres::Error| invalid(e.to_string()))?;
+        let blocking = Blocking::new("postgres")?;
+        let handle = blocking.handle().clone();
+        let client = blocking.block_on(async {
+            let (client, connection) =
+                config.connect(NoTls).await.map_err(|e| backend_error("connect", "", e))?;
+            handle.spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!("postgres stash connection ended: {e}");
+                }
+            });
+            client
+                .batch_execute(&format!(
+                    "CREATE TABLE IF NOT EXISTS \"{table}\" (key TEXT PRIMARY KEY, value BYTEA NOT NULL, \
+                     modified TIMESTAMPTZ NOT NULL DEFAULT now())"
+                ))
+                .await
+                .map_err(|e| backend_error("create table", &table, e))?;
+            Ok::<_, StoreError>(client)
+        })?;
+        let location = format!("{}#{table}", redact(base));
+        Ok(PostgresStore { client, table, location, blocking })
+    }
+}
+
+/// The URL without its password.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{}{user}{}", &url[..s + 3], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}
+
+impl BlobStore for PostgresStore {
+    fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let sql = format!(
+            "INSERT INTO \"{}\" (key, value, modified) VALUES ($1, $2, now()) \
+             ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, modified = now()",
+            self.table
+        );
+        self.blocking
+            .block_on(self.client.execute(&sql, &[&key, &bytes]))
+            .map(|_| ())
+            .map_err(|e| backend_error("put", key, e))
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        let sql = format!("SELECT value FROM \"{}\" WHERE key = $1", self.table);
+        let row = self
+            .blocking
+            .block_on(self.client.query_opt(&sql, &[&key]))
+            .map_err(|e| backend_error("get", key, e))?;
+        Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
+    }
+
+    fn has(&self, key: &str, len: u64) -> Result<bool, StoreError> {
+        let sql = format!("SELECT octet_length(value)::BIGINT FROM \"{}\" WHERE key = $1", self.table);
+        let row = self
+            .blocking
+            .block_on(self.client.query_opt(&sql, &[&key]))
+            .map_err(|e| backend_error("stat", key, e))?;
+        Ok(row.is_some_and(|r| r.get::<_, i64>(0) as u64 == len))
+    }
+
+    fn touch(&self, key: &str) -> Result<(), StoreError> {
+        let sql = format!("UPDATE \"{}\" SET modified = now() WHERE key = $1", self.table);
+        self.blocking
+            .block_on(self.client.execute(&sql, &[&key]))
+            .map(|_| ())
+            .map_err(|e| backend_error("touch", key, e))
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+        let sql = format!(
+            "SELECT key, octet_length(value)::BIGINT, modified FROM \"{}\" WHERE starts_with(key, $1) ORDER BY key",
+            self.table
+        );
+        let rows = self
+            .blocking
+            .block_on(self.client.query(&sql, &[&prefix]))
+            .map_err(|e| backend_error("list", prefix, e))?;
+        Ok(rows
+            .iter()
+            .map(|r| ObjectMeta::new(r.get(0), r.get::<_, i64>(1) as u64, Some(r.get::<_, SystemTime>(2))))
+            .collect())
+    }
+
+    fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let sql = format!("DELETE FROM \"{}\" WHERE key = $1", self.table);
+        self.blocking
+            .block_on(self.client.execute(&sql, &[&key]))
+            .map(|_| ())
+            .map_err(|e| backend_error("delete", key, e))
+    }
+
+    fn parallelism(&self) -> usize {
+        4
+    }
+
+    fn location(&self) -> String {
+        self.location.clone()
+    }
+}

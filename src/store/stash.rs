@@ -1,0 +1,1012 @@
+//! `Stash`: versioned, typed, tagged storage of named values over a [`BlobStore`].
+//!
+//! # Invariants
+//! 1. A value's bytes are split into fixed-size chunks named by their BLAKE3 hash
+//!    (`chunks/<hex>`); a chunk already stored with the same length is not written again.
+//! 2. A version exists exactly when its record (`records/<escaped name>/<version>`)
+//!    exists. The record is written last, after every chunk it names is durable
+//!    (chunk files fsynced, chunk directory fsynced), so a crash mid-save leaves at most
+//!    unreferenced chunks, never a listed partial version.
+//! 3. Version ids are unique across processes (time + random nonce) and every save
+//!    writes a new record key, so concurrent saves of one name all land.
+//! 4. Every chunk is hashed again when read; a mismatch is an error naming the entry.
+//! 5. gc deletes only chunks that no record names and that were not written or reused
+//!    within the grace period, so saves in flight keep their chunks.
+use std::any::{Any, TypeId};
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use ndarray::{Array, ArrayBase, Data, Dimension};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::array::{self, ArrayElement};
+use super::blob::{BlobStore, ObjectMeta};
+use super::index::RecordIndex;
+use super::local::LocalStore;
+use super::record::{self, ChunkRef, Layout, Record, VersionInfo};
+use super::{StoreError, Version};
+
+/// Bytes per chunk: large enough that per-file costs (open, fsync, rename) stay small
+/// next to the data, small enough that a local change re-stores little.
+pub const CHUNK_SIZE: usize = 4 << 20;
+
+/// How long gc leaves unreferenced chunks alone by default (saves in flight use them).
+pub const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
+
+const MARKER_FILE: &str = "STASH";
+const MARKER_TEXT: &str = "tessera stash, format 1\n";
+const MAX_NAME_LEN: usize = 1024;
+
+/// A handle on a stash: cheap to clone, usable from any thread.
+///
+/// Blocking methods do their I/O on the calling thread (and a few scoped helper threads
+/// for parallel chunk transfer); the `_async` variants run them on tokio's blocking pool.
+#[derive(Clone)]
+pub struct Stash {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    blobs: Box<dyn BlobStore>,
+    index: Option<RecordIndex>,
+}
+
+impl std::fmt::Debug for Stash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stash")
+            .field("location", &self.inner.blobs.location())
+            .field("index", &self.inner.index.is_some())
+            .finish()
+    }
+}
+
+/// What [`Stash::gc`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct GcReport {
+    /// Chunks deleted.
+    pub chunks_deleted: usize,
+    /// Bytes those chunks held.
+    pub bytes_freed: u64,
+    /// Chunks still named by some version.
+    pub chunks_live: usize,
+    /// Unreferenced chunks kept because they are younger than the grace period.
+    pub chunks_young: usize,
+    /// Leftover temporary files of interrupted writes removed.
+    pub temporaries_removed: usize,
+}
+
+/// What [`Stash::verify`] found.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct VerifyReport {
+    /// Versions whose record could be read.
+    pub versions: usize,
+    /// Chunk reads checked (a chunk shared by versions is checked once).
+    pub chunks: usize,
+    /// Bytes read and hashed.
+    pub bytes: u64,
+    /// Every problem found: corrupt records, missing, truncated or damaged chunks.
+    pub problems: Vec<StoreError>,
+}
+
+/// Size of what a stash holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct StoreStats {
+    /// Version records.
+    pub versions: usize,
+    /// Chunks.
+    pub chunks: usize,
+    /// Bytes in chunks.
+    pub chunk_bytes: u64,
+}
+
+impl Stash {
+    /// Opens (creating if needed) the embedded stash in directory `path`.
+    ///
+    /// # Errors
+    /// [`StoreError::NotAStash`] if the directory holds other files; [`StoreError::Io`]
+    /// if it cannot be created; [`StoreError::IndexCorrupt`] if its index is damaged.
+    pub fn open(path: impl AsRef<Path>) -> Result<Stash, StoreError> {
+        let root = path.as_ref();
+        let marker = root.join(MARKER_FILE);
+        if !marker.exists() {
+            match std::fs::read_dir(root) {
+                Ok(mut entries) => {
+                    if entries.next().is_some() {
+                        return Err(StoreError::NotAStash { path: root.display().to_string() });
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(root).map_err(|e| StoreError::io("mkdir", root, e))?;
+                }
+                Err(e) => return Err(StoreError::io("list", root, e)),
+            }
+            let store = LocalStore::new(root.to_path_buf());
+            store.put(MARKER_FILE, MARKER_TEXT.as_bytes())?;
+            store.sync("")?;
+        }
+        let index = RecordIndex::open(&root.join("index"))?;
+        Ok(Stash::from_parts(Box::new(LocalStore::new(root.to_path_buf())), index))
+    }
+
+    /// Opens a stash by URL: `file:///path` or a plain path (the embedded store),
+    /// `s3://bucket/prefix?endpoint=URL&region=R&access_key_id=K&secret_access_key=S`
+    /// (feature `s3`; credentials may also come from `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY`), or `postgres://user@host:port/db?table=NAME`
+    /// (feature `postgres`).
+    ///
+    /// # Errors
+    /// [`StoreError::InvalidUrl`], [`StoreError::BackendNotCompiled`], or what opening
+    /// the backend reports.
+    pub fn open_url(url: &str) -> Result<Stash, StoreError> {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Stash::open(url);
+        };
+        match scheme {
+            "file" => {
+                if !rest.starts_with('/') {
+                    return Err(StoreError::InvalidUrl {
+                        url: url.to_string(),
+                        reason: "file URLs need an absolute path (file:///dir)".into(),
+                    });
+                }
+                Stash::open(rest)
+            }
+            #[cfg(feature = "s3")]
+            "s3" => Ok(Stash::with_store(Box::new(super::s3::S3Store::open(url)?))),
+            #[cfg(not(feature = "s3"))]
+            "s3" => Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "s3" }),
+            #[cfg(feature = "postgres")]
+            "postgres" | "postgresql" => {
+                Ok(Stash::with_store(Box::new(super::postgres::PostgresStore::open(url)?)))
+            }
+            #[cfg(not(feature = "postgres"))]
+            "postgres" | "postgresql" => {
+                Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "postgres" })
+            }
+            other => Err(StoreError::InvalidUrl {
+                url: url.to_string(),
+                reason: format!("unknown scheme `{other}` (known: file, s3, postgres)"),
+            }),
+        }
+    }
+
+    /// A stash over any [`BlobStore`].
+    pub fn with_store(blobs: Box<dyn BlobStore>) -> Stash {
+        Stash::from_parts(blobs, None)
+    }
+
+    fn from_parts(blobs: Box<dyn BlobStore>, index: Option<RecordIndex>) -> Stash {
+        Stash { inner: Arc::new(Inner { blobs, index }) }
+    }
+
+    /// Where the stash keeps its bytes.
+    pub fn location(&self) -> String {
+        self.inner.blobs.location()
+    }
+
+    fn blobs(&self) -> &dyn BlobStore {
+        &*self.inner.blobs
+    }
+
+    // ---------------------------------------------------------------- saving
+
+    /// Saves `value` as a new version of `name`, with `tags` (`key=value` pairs).
+    ///
+    /// Owned ndarray arrays (`Array<A, D>` for the element types of [`ArrayElement`])
+    /// are stored in the compact array layout; other values with bincode.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for a bad name or tag, [`StoreError::Encode`] if serde
+    /// fails, or the backend's I/O error. On error no version is listed.
+    pub fn save<T: Serialize + 'static>(
+        &self,
+        name: &str,
+        value: &T,
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError> {
+        if let Some(bytes) = array::detect_array(value as &dyn Any) {
+            return self.save_array_bytes(name, bytes, tags);
+        }
+        let type_name = std::any::type_name::<T>();
+        validate(name, tags)?;
+        let payload = bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
+            StoreError::Encode {
+                name: name.to_string(),
+                type_name: type_name.to_string(),
+                message: e.to_string(),
+            }
+        })?;
+        self.save_payload(name, type_name.to_string(), Layout::Bincode, &[], &payload, tags)
+    }
+
+    /// Saves an array (any ndarray storage, any layout) in the compact array layout.
+    ///
+    /// # Errors
+    /// As [`save`](Stash::save).
+    pub fn save_array<A, S, D>(
+        &self,
+        name: &str,
+        array: &ArrayBase<S, D>,
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError>
+    where
+        A: ArrayElement,
+        S: Data<Elem = A>,
+        D: Dimension,
+    {
+        self.save_array_bytes(name, array::array_bytes(array), tags)
+    }
+
+    fn save_array_bytes(
+        &self,
+        name: &str,
+        bytes: array::ArrayBytes<'_>,
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError> {
+        validate(name, tags)?;
+        let layout = Layout::Array {
+            dtype: bytes.dtype,
+            shape: bytes.shape.iter().map(|&d| d as u64).collect(),
+            header_len: bytes.header.len() as u32,
+        };
+        self.save_payload(name, array::array_type_name(bytes.dtype), layout, &bytes.header, &bytes.body, tags)
+    }
+
+    fn save_payload(
+        &self,
+        name: &str,
+        type_name: String,
+        layout: Layout,
+        head: &[u8],
+        body: &[u8],
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError> {
+        let version = Version::now();
+        let size = (head.len() + body.len()) as u64;
+        let chunks = self.write_chunks(head, body)?;
+        let record = Record {
+            name: name.to_string(),
+            version,
+            fingerprint: fingerprint(&type_name, &layout),
+            type_name,
+            size,
+            checksum: Record::checksum_of(size, &chunks),
+            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            layout,
+            chunks,
+        };
+        let prefix = record::record_prefix(name);
+        self.blobs().put(&format!("{prefix}{version}"), &record.encode())?;
+        self.blobs().sync(&prefix)?;
+        Ok(version)
+    }
+
+    /// Hashes and stores the chunks of `head ++ body` on several threads.
+    fn write_chunks(&self, head: &[u8], body: &[u8]) -> Result<Vec<ChunkRef>, StoreError> {
+        let total = head.len() + body.len();
+        let count = total.div_ceil(CHUNK_SIZE);
+        let results: Mutex<Vec<Option<ChunkRef>>> = Mutex::new(vec![None; count]);
+        let next = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let first_error: Mutex<Option<StoreError>> = Mutex::new(None);
+        let threads = self.blobs().parallelism().min(count).max(1);
+        let batch = self.blobs().batch();
+        let work = || {
+            while !failed.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= count {
+                    break;
+                }
+                let start = i * CHUNK_SIZE;
+                let bytes = slice_of(head, body, start, (start + CHUNK_SIZE).min(total));
+                let chunk = ChunkRef { hash: *blake3::hash(&bytes).as_bytes(), len: bytes.len() as u32 };
+                let key = chunk.key();
+                let stored = self.blobs().has(&key, bytes.len() as u64).and_then(|present| {
+                    if present {
+                        self.blobs().touch(&key)
+                    } else {
+                        batch.put(&key, &bytes)
+                    }
+                });
+                match stored {
+                    Ok(()) => lock(&results)[i] = Some(chunk),
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        lock(&first_error).get_or_insert(e);
+                    }
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(work);
+            }
+            work();
+        });
+        if let Some(e) = lock(&first_error).take() {
+            return Err(e);
+        }
+        batch.commit()?;
+        self.blobs().sync("chunks/")?;
+        let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
+        Ok(results.into_iter().map(|c| c.expect("every chunk index was processed")).collect())
+    }
+
+    // ---------------------------------------------------------------- loading
+
+    /// Loads the latest version of `name` as a `T`.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; [`StoreError::TypeMismatch`] (naming the stored type)
+    /// if it was saved as another type; [`StoreError::Checksum`],
+    /// [`StoreError::MissingChunk`] or [`StoreError::ChunkLength`] if its bytes are
+    /// damaged; [`StoreError::CorruptRecord`] if its record is.
+    pub fn load<T: DeserializeOwned + 'static>(&self, name: &str) -> Result<T, StoreError> {
+        let record = self.latest_record(name)?;
+        self.decode_record(&record)
+    }
+
+    /// Loads one version of `name`.
+    ///
+    /// # Errors
+    /// As [`load`](Stash::load).
+    pub fn load_version<T: DeserializeOwned + 'static>(
+        &self,
+        name: &str,
+        version: Version,
+    ) -> Result<T, StoreError> {
+        let record = self.record(name, version)?;
+        self.decode_record(&record)
+    }
+
+    /// Loads the latest version of `name` tagged `key=value`.
+    ///
+    /// # Errors
+    /// [`StoreError::TagNotFound`], or as [`load`](Stash::load).
+    pub fn load_tagged<T: DeserializeOwned + 'static>(
+        &self,
+        name: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<T, StoreError> {
+        let record = self.tagged_record(name, key, value)?;
+        self.decode_record(&record)
+    }
+
+    /// Loads the latest version of `name` as an array.
+    ///
+    /// # Errors
+    /// [`StoreError::TypeMismatch`] if it is not an array of `A` with `D`'s number of
+    /// dimensions, or as [`load`](Stash::load).
+    pub fn load_array<A: ArrayElement, D: Dimension>(&self, name: &str) -> Result<Array<A, D>, StoreError> {
+        let record = self.latest_record(name)?;
+        self.read_array(&record)
+    }
+
+    /// Loads one version of `name` as an array.
+    ///
+    /// # Errors
+    /// As [`load_array`](Stash::load_array).
+    pub fn load_array_version<A: ArrayElement, D: Dimension>(
+        &self,
+        name: &str,
+        version: Version,
+    ) -> Result<Array<A, D>, StoreError> {
+        let record = self.record(name, version)?;
+        self.read_array(&record)
+    }
+
+    fn decode_record<T: DeserializeOwned + 'static>(&self, record: &Record) -> Result<T, StoreError> {
+        if array::array_kind::<T>().is_some() {
+            return self.load_detected_array::<T>(record);
+        }
+        let requested = std::any::type_name::<T>();
+        if record.layout != Layout::Bincode || record.type_name != requested {
+            return Err(mismatch(record, requested.to_string()));
+        }
+        let mut bytes = vec![0u8; record.size as usize];
+        self.read_payload(record, &mut [], &mut bytes)?;
+        let (value, _) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).map_err(|e| {
+                StoreError::Decode {
+                    name: record.name.clone(),
+                    version: record.version,
+                    type_name: requested.to_string(),
+                    message: e.to_string(),
+                }
+            })?;
+        Ok(value)
+    }
+
+    /// `T` is `Array<A, D>` for a supported `A` and `D`: read it and hand it back as `T`.
+    fn load_detected_array<T: 'static>(&self, record: &Record) -> Result<T, StoreError> {
+        macro_rules! try_types {
+            ($($a:ty),*) => {$(
+                try_dims!($a; ndarray::IxDyn, ndarray::Ix0, ndarray::Ix1, ndarray::Ix2,
+                          ndarray::Ix3, ndarray::Ix4, ndarray::Ix5, ndarray::Ix6);
+            )*};
+        }
+        macro_rules! try_dims {
+            ($a:ty; $($d:ty),*) => {$(
+                if TypeId::of::<T>() == TypeId::of::<Array<$a, $d>>() {
+                    let array: Box<dyn Any> = Box::new(self.read_array::<$a, $d>(record)?);
+                    return Ok(*array.downcast::<T>().expect("TypeId matched"));
+                }
+            )*};
+        }
+        try_types!(f32, f64, i8, i16, i32, i64, u8, u16, u32, u64);
+        Err(mismatch(record, std::any::type_name::<T>().to_string()))
+    }
+
+    fn read_array<A: ArrayElement, D: Dimension>(&self, record: &Record) -> Result<Array<A, D>, StoreError> {
+        let requested = || match D::NDIM {
+            Some(n) => format!("{}, {n}-d", array::array_type_name(A::DTYPE)),
+            None => array::array_type_name(A::DTYPE),
+        };
+        let Layout::Array { dtype, shape, header_len } = &record.layout else {
+            return Err(mismatch(record, requested()));
+        };
+        if *dtype != A::DTYPE || D::NDIM.is_some_and(|n| n != shape.len()) {
+            return Err(mismatch(record, requested()));
+        }
+        let elements = shape.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
+        let body_len = record.size.checked_sub(u64::from(*header_len));
+        let corrupt = |reason: String| StoreError::CorruptRecord {
+            key: record::record_key(&record.name, record.version),
+            reason,
+        };
+        let count = match (elements, body_len) {
+            (Some(n), Some(len)) if n.checked_mul(dtype.size() as u64) == Some(len) => n as usize,
+            _ => {
+                return Err(corrupt(format!(
+                    "shape {shape:?} of {dtype} does not match size {}",
+                    record.size
+                )))
+            }
+        };
+        let mut header = vec![0u8; *header_len as usize];
+        let mut elements: Vec<A> = vec![A::zeroed(); count];
+        self.read_payload(record, &mut header, bytemuck::cast_slice_mut(&mut elements))?;
+        match array::decode_header(&header) {
+            Ok((d, s)) if d == *dtype && s == *shape => {}
+            Ok((d, s)) => {
+                return Err(corrupt(format!("array header says {d} {s:?}, record says {dtype} {shape:?}")))
+            }
+            Err(reason) => return Err(corrupt(reason)),
+        }
+        array::to_little_endian::<A>(bytemuck::cast_slice_mut(&mut elements));
+        array::build_array(shape, elements).map_err(corrupt)
+    }
+
+    /// Reads a version's bytes into `head ++ body` (whose lengths sum to its size),
+    /// checking every chunk's hash, on several threads.
+    fn read_payload(&self, record: &Record, head: &mut [u8], body: &mut [u8]) -> Result<(), StoreError> {
+        let total: u64 = record.chunks.iter().map(|c| u64::from(c.len)).sum();
+        if total != record.size || (head.len() + body.len()) as u64 != record.size {
+            return Err(StoreError::CorruptRecord {
+                key: record::record_key(&record.name, record.version),
+                reason: format!("chunks hold {total} bytes, record says {}", record.size),
+            });
+        }
+        struct Task<'a> {
+            chunk: ChunkRef,
+            head: &'a mut [u8],
+            body: &'a mut [u8],
+        }
+        let mut tasks = Vec::with_capacity(record.chunks.len());
+        let (mut head_rest, mut body_rest) = (head, body);
+        for chunk in &record.chunks {
+            let len = chunk.len as usize;
+            let from_head = len.min(head_rest.len());
+            let (h, hr) = std::mem::take(&mut head_rest).split_at_mut(from_head);
+            let (b, br) = std::mem::take(&mut body_rest).split_at_mut(len - from_head);
+            head_rest = hr;
+            body_rest = br;
+            tasks.push(Task { chunk: *chunk, head: h, body: b });
+        }
+        let threads = self.blobs().parallelism().min(tasks.len()).max(1);
+        let queue = Mutex::new(tasks.into_iter());
+        let first_error: Mutex<Option<StoreError>> = Mutex::new(None);
+        let work = || loop {
+            if lock(&first_error).is_some() {
+                break;
+            }
+            let Some(task) = lock(&queue).next() else {
+                break;
+            };
+            let result = if task.head.is_empty() {
+                self.read_chunk(record, &task.chunk, task.body)
+            } else {
+                let mut staged = vec![0u8; task.chunk.len as usize];
+                self.read_chunk(record, &task.chunk, &mut staged).map(|()| {
+                    let (h, b) = staged.split_at(task.head.len());
+                    task.head.copy_from_slice(h);
+                    task.body.copy_from_slice(b);
+                })
+            };
+            if let Err(e) = result {
+                lock(&first_error).get_or_insert(e);
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(work);
+            }
+            work();
+        });
+        let first_error = first_error.into_inner().unwrap_or_else(|p| p.into_inner());
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn read_chunk(&self, record: &Record, chunk: &ChunkRef, out: &mut [u8]) -> Result<(), StoreError> {
+        match self.blobs().get_into_hashed(&chunk.key(), out)? {
+            None => Err(StoreError::MissingChunk {
+                name: record.name.clone(),
+                version: record.version,
+                chunk: chunk.hex(),
+            }),
+            Some((len, _)) if len != out.len() as u64 => Err(StoreError::ChunkLength {
+                name: record.name.clone(),
+                version: record.version,
+                chunk: chunk.hex(),
+                expected: out.len() as u64,
+                actual: len,
+            }),
+            Some((_, actual)) if actual != chunk.hash => Err(StoreError::Checksum {
+                name: record.name.clone(),
+                version: record.version,
+                chunk: chunk.hex(),
+                actual: record::hex(&actual),
+            }),
+            Some(_) => Ok(()),
+        }
+    }
+
+    // ---------------------------------------------------------------- records
+
+    fn read_record(&self, meta: &ObjectMeta) -> Result<Record, StoreError> {
+        if let Some(index) = &self.inner.index {
+            if let Some(record) = index.get(meta)? {
+                return Ok(record);
+            }
+        }
+        let bytes = self.blobs().get(&meta.key)?.ok_or_else(|| StoreError::CorruptRecord {
+            key: meta.key.clone(),
+            reason: "listed but vanished (deleted concurrently?)".into(),
+        })?;
+        let record = Record::decode(&meta.key, &bytes)?;
+        if let Some(index) = &self.inner.index {
+            index.insert(meta, &bytes)?;
+        }
+        Ok(record)
+    }
+
+    /// The record keys of `name`, oldest first, with their versions.
+    fn versions_of(&self, name: &str) -> Result<Vec<(Version, ObjectMeta)>, StoreError> {
+        validate(name, &[])?;
+        let prefix = record::record_prefix(name);
+        let mut out = Vec::new();
+        for meta in self.blobs().list(&prefix)? {
+            let version = parse_version(&meta.key[prefix.len()..], &meta.key)?;
+            out.push((version, meta));
+        }
+        out.sort_by_key(|(v, _)| *v);
+        Ok(out)
+    }
+
+    /// The latest record of `name`: lists only the keys (no per-version metadata), then
+    /// reads that one record.
+    fn latest_record(&self, name: &str) -> Result<Record, StoreError> {
+        validate(name, &[])?;
+        let prefix = record::record_prefix(name);
+        let mut latest: Option<(Version, String)> = None;
+        for key in self.blobs().list_keys(&prefix)? {
+            let version = parse_version(&key[prefix.len()..], &key)?;
+            if latest.as_ref().is_none_or(|(v, _)| version > *v) {
+                latest = Some((version, key));
+            }
+        }
+        let Some((version, key)) = latest else {
+            return Err(StoreError::NotFound { name: name.to_string(), version: None });
+        };
+        let bytes = self
+            .blobs()
+            .get(&key)?
+            .ok_or(StoreError::NotFound { name: name.to_string(), version: Some(version) })?;
+        Record::decode(&key, &bytes)
+    }
+
+    fn record(&self, name: &str, version: Version) -> Result<Record, StoreError> {
+        validate(name, &[])?;
+        let key = record::record_key(name, version);
+        let bytes = self
+            .blobs()
+            .get(&key)?
+            .ok_or_else(|| StoreError::NotFound { name: name.to_string(), version: Some(version) })?;
+        Record::decode(&key, &bytes)
+    }
+
+    fn tagged_record(&self, name: &str, key: &str, value: &str) -> Result<Record, StoreError> {
+        for (_, meta) in self.versions_of(name)?.iter().rev() {
+            let record = self.read_record(meta)?;
+            if record.tags.get(key).map(String::as_str) == Some(value) {
+                return Ok(record);
+            }
+        }
+        Err(StoreError::TagNotFound {
+            name: name.to_string(),
+            key: key.to_string(),
+            value: value.to_string(),
+        })
+    }
+
+    /// Describes one version of `name`, or its latest when `version` is `None`.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] or [`StoreError::CorruptRecord`].
+    pub fn info(&self, name: &str, version: Option<Version>) -> Result<VersionInfo, StoreError> {
+        match version {
+            Some(v) => self.record(name, v),
+            None => self.latest_record(name),
+        }
+        .map(|r| r.info())
+    }
+
+    /// Describes the latest version of `name` tagged `key=value`.
+    ///
+    /// # Errors
+    /// [`StoreError::TagNotFound`] or [`StoreError::CorruptRecord`].
+    pub fn info_tagged(&self, name: &str, key: &str, value: &str) -> Result<VersionInfo, StoreError> {
+        self.tagged_record(name, key, value).map(|r| r.info())
+    }
+
+    /// Every version of `name`, oldest first (empty if there is none).
+    ///
+    /// # Errors
+    /// [`StoreError::CorruptRecord`] if a record is damaged.
+    pub fn history(&self, name: &str) -> Result<Vec<VersionInfo>, StoreError> {
+        self.versions_of(name)?.iter().map(|(_, meta)| self.read_record(meta).map(|r| r.info())).collect()
+    }
+
+    /// The names that start with `prefix`, sorted.
+    ///
+    /// # Errors
+    /// The backend's listing error.
+    pub fn names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
+        Ok(self.all_records()?.into_keys().filter(|n| n.starts_with(prefix)).collect())
+    }
+
+    /// The latest version of every name that starts with `prefix`, sorted by name.
+    ///
+    /// # Errors
+    /// [`StoreError::CorruptRecord`] if a latest record is damaged.
+    pub fn list(&self, prefix: &str) -> Result<Vec<VersionInfo>, StoreError> {
+        let mut out = Vec::new();
+        for (name, mut versions) in self.all_records()? {
+            if !name.starts_with(prefix) {
+                continue;
+            }
+            versions.sort_by_key(|(v, _)| *v);
+            if let Some((_, meta)) = versions.last() {
+                out.push(self.read_record(meta)?.info());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Every record key, grouped by entry name.
+    fn all_records(&self) -> Result<BTreeMap<String, Vec<(Version, ObjectMeta)>>, StoreError> {
+        let mut out: BTreeMap<String, Vec<(Version, ObjectMeta)>> = BTreeMap::new();
+        for meta in self.blobs().list("records/")? {
+            let rest = &meta.key["records/".len()..];
+            let bad = |reason: &str| StoreError::CorruptRecord {
+                key: meta.key.clone(),
+                reason: reason.to_string(),
+            };
+            let (segment, version) = rest.split_once('/').ok_or_else(|| bad("key has no version part"))?;
+            let name = record::unescape_name(segment).ok_or_else(|| bad("key has a malformed name part"))?;
+            let version = parse_version(version, &meta.key)?;
+            out.entry(name).or_default().push((version, meta));
+        }
+        Ok(out)
+    }
+
+    // ---------------------------------------------------------------- changing
+
+    /// Sets tag `key=value` on one version (replacing that key's old value).
+    ///
+    /// Tagging rewrites the version's record atomically. Two processes tagging the same
+    /// version at the same moment may lose one of the two tags (last writer wins).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`], [`StoreError::Invalid`] for a bad tag, or I/O errors.
+    pub fn tag(&self, name: &str, version: Version, key: &str, value: &str) -> Result<(), StoreError> {
+        validate(name, &[(key, value)])?;
+        let mut record = self.record(name, version)?;
+        record.tags.insert(key.to_string(), value.to_string());
+        let prefix = record::record_prefix(name);
+        self.blobs().put(&format!("{prefix}{version}"), &record.encode())?;
+        self.blobs().sync(&prefix)
+    }
+
+    /// Deletes one version of `name`, or all of them when `version` is `None`; returns
+    /// how many versions were deleted. Their chunks are reclaimed by [`gc`](Stash::gc).
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`] if there is nothing to delete.
+    pub fn delete(&self, name: &str, version: Option<Version>) -> Result<usize, StoreError> {
+        let keys: Vec<String> = match version {
+            Some(v) => {
+                let key = record::record_key(name, v);
+                validate(name, &[])?;
+                if self.blobs().get(&key)?.is_none() {
+                    return Err(StoreError::NotFound { name: name.to_string(), version: Some(v) });
+                }
+                vec![key]
+            }
+            None => self.versions_of(name)?.into_iter().map(|(_, m)| m.key).collect(),
+        };
+        if keys.is_empty() {
+            return Err(StoreError::NotFound { name: name.to_string(), version: None });
+        }
+        for key in &keys {
+            self.blobs().delete(key)?;
+            if let Some(index) = &self.inner.index {
+                index.remove(key)?;
+            }
+        }
+        self.blobs().sync(&record::record_prefix(name))?;
+        Ok(keys.len())
+    }
+
+    /// Deletes chunks that no version names, keeping those written or reused within the
+    /// last [`DEFAULT_GC_GRACE`] (a save in flight may be using them).
+    ///
+    /// # Errors
+    /// [`StoreError::CorruptRecord`] if any record is damaged: gc deletes nothing then,
+    /// since it cannot know what that record references.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        self.gc_with_grace(DEFAULT_GC_GRACE)
+    }
+
+    /// [`gc`](Stash::gc) with another grace period; `Duration::ZERO` reclaims every
+    /// unreferenced chunk at once (safe only when no save is running).
+    ///
+    /// # Errors
+    /// As [`gc`](Stash::gc).
+    pub fn gc_with_grace(&self, grace: Duration) -> Result<GcReport, StoreError> {
+        let cutoff = SystemTime::now().checked_sub(grace).unwrap_or(SystemTime::UNIX_EPOCH);
+        let mut report =
+            GcReport { temporaries_removed: self.blobs().remove_temporaries(cutoff)?, ..GcReport::default() };
+        let mut live = HashSet::new();
+        for versions in self.all_records()?.values() {
+            for (_, meta) in versions {
+                let bytes = self.blobs().get(&meta.key)?;
+                // A record deleted since the listing references nothing.
+                let Some(bytes) = bytes else { continue };
+                live.extend(Record::decode(&meta.key, &bytes)?.chunks.iter().map(|c| c.hash));
+            }
+        }
+        for meta in self.blobs().list("chunks/")? {
+            let hash = parse_hash(&meta.key["chunks/".len()..]);
+            if hash.is_some_and(|h| live.contains(&h)) {
+                report.chunks_live += 1;
+            } else if meta.modified.is_some_and(|m| m > cutoff) {
+                report.chunks_young += 1;
+            } else {
+                self.blobs().delete(&meta.key)?;
+                report.chunks_deleted += 1;
+                report.bytes_freed += meta.size;
+            }
+        }
+        self.blobs().sync("chunks/")?;
+        Ok(report)
+    }
+
+    /// Reads every version's chunks and checks their hashes; reports every problem
+    /// instead of stopping at the first.
+    ///
+    /// # Errors
+    /// Only when the store cannot be listed; damage goes into the report.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let mut report = VerifyReport::default();
+        let mut good: HashSet<[u8; 32]> = HashSet::new();
+        let mut buf = Vec::new();
+        for versions in self.all_records()?.values() {
+            for (_, meta) in versions {
+                let record = match self.blobs().get(&meta.key).and_then(|bytes| match bytes {
+                    Some(bytes) => Record::decode(&meta.key, &bytes).map(Some),
+                    None => Ok(None),
+                }) {
+                    Ok(Some(record)) => record,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        report.problems.push(e);
+                        continue;
+                    }
+                };
+                report.versions += 1;
+                for chunk in &record.chunks {
+                    if good.contains(&chunk.hash) {
+                        continue;
+                    }
+                    buf.resize(chunk.len as usize, 0);
+                    report.chunks += 1;
+                    report.bytes += u64::from(chunk.len);
+                    match self.read_chunk(&record, chunk, &mut buf) {
+                        Ok(()) => {
+                            good.insert(chunk.hash);
+                        }
+                        Err(e) => report.problems.push(e),
+                    }
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Counts versions and chunks.
+    ///
+    /// # Errors
+    /// The backend's listing error.
+    pub fn stats(&self) -> Result<StoreStats, StoreError> {
+        let chunks = self.blobs().list("chunks/")?;
+        Ok(StoreStats {
+            versions: self.blobs().list("records/")?.len(),
+            chunks: chunks.len(),
+            chunk_bytes: chunks.iter().map(|m| m.size).sum(),
+        })
+    }
+
+    // ---------------------------------------------------------------- async
+
+    /// [`save`](Stash::save) on tokio's blocking pool.
+    ///
+    /// # Errors
+    /// [`StoreError::NoRuntime`] outside a tokio runtime, or as [`save`](Stash::save).
+    ///
+    /// # Cancel safety
+    /// Dropping the future does not stop the save; it completes (or fails) in the
+    /// background and its version is listed if it completes.
+    pub async fn save_async<T>(
+        &self,
+        name: &str,
+        value: T,
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError>
+    where
+        T: Serialize + Send + 'static,
+    {
+        let this = self.clone();
+        let name = name.to_string();
+        let tags: Vec<(String, String)> = tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        blocking(move || {
+            let tags: Vec<(&str, &str)> = tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            this.save(&name, &value, &tags)
+        })
+        .await
+    }
+
+    /// [`load`](Stash::load) on tokio's blocking pool.
+    ///
+    /// # Errors
+    /// [`StoreError::NoRuntime`] outside a tokio runtime, or as [`load`](Stash::load).
+    ///
+    /// # Cancel safety
+    /// Cancel safe: dropping the future only discards the value.
+    pub async fn load_async<T>(&self, name: &str) -> Result<T, StoreError>
+    where
+        T: DeserializeOwned + Send + 'static,
+    {
+        let this = self.clone();
+        let name = name.to_string();
+        blocking(move || this.load::<T>(&name)).await
+    }
+}
+
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, StoreError> {
+    let handle = tokio::runtime::Handle::try_current().map_err(|_| StoreError::NoRuntime)?;
+    match handle.spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(_) => Err(StoreError::NoRuntime),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bytes `start..end` of `head ++ body`, borrowed unless the range spans both.
+fn slice_of<'a>(head: &'a [u8], body: &'a [u8], start: usize, end: usize) -> Cow<'a, [u8]> {
+    let h = head.len();
+    if start >= h {
+        Cow::Borrowed(&body[start - h..end - h])
+    } else if end <= h {
+        Cow::Borrowed(&head[start..end])
+    } else {
+        let mut bytes = Vec::with_capacity(end - start);
+        bytes.extend_from_slice(&head[start..]);
+        bytes.extend_from_slice(&body[..end - h]);
+        Cow::Owned(bytes)
+    }
+}
+
+/// BLAKE3 of the type name and layout kind, truncated to 128 bits.
+fn fingerprint(type_name: &str, layout: &Layout) -> [u8; 16] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(type_name.as_bytes());
+    match layout {
+        Layout::Bincode => hasher.update(b"\0bincode2-standard"),
+        Layout::Array { dtype, .. } => hasher.update(format!("\0array1-{dtype}").as_bytes()),
+    };
+    let mut out = [0; 16];
+    out.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    out
+}
+
+fn mismatch(record: &Record, requested: String) -> StoreError {
+    let stored = match &record.layout {
+        Layout::Array { shape, .. } => {
+            format!("{}, {}-d, shape {shape:?}", record.type_name, shape.len())
+        }
+        _ => record.type_name.clone(),
+    };
+    StoreError::TypeMismatch { name: record.name.clone(), version: record.version, stored, requested }
+}
+
+fn parse_version(text: &str, key: &str) -> Result<Version, StoreError> {
+    text.parse().map_err(|_| StoreError::CorruptRecord {
+        key: key.to_string(),
+        reason: "key does not end in a version id".into(),
+    })
+}
+
+fn parse_hash(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+fn validate(name: &str, tags: &[(&str, &str)]) -> Result<(), StoreError> {
+    let invalid =
+        |what, value: &str, reason| Err(StoreError::Invalid { what, value: value.to_string(), reason });
+    if name.is_empty() {
+        return invalid("name", name, "names cannot be empty");
+    }
+    if name.len() > MAX_NAME_LEN {
+        return invalid("name", name, "names are at most 1024 bytes");
+    }
+    if name.chars().any(char::is_control) {
+        return invalid("name", name, "names cannot hold control characters");
+    }
+    for (key, value) in tags {
+        if key.is_empty() || key.contains('=') || key.chars().any(char::is_control) {
+            return invalid("tag key", key, "tag keys are non-empty, without `=` or control characters");
+        }
+        if value.chars().any(char::is_control) {
+            return invalid("tag value", value, "tag values cannot hold control characters");
+        }
+    }
+    Ok(())
+}
+
+const _: () = {
+    const fn assert_send_sync<T: Send + Sync + Clone>() {}
+    assert_send_sync::<Stash>();
+};

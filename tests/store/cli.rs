@@ -1,0 +1,92 @@
+//! `tessera stash list|log|show|tag|rm|gc|verify` against a real store directory.
+use std::path::Path;
+use std::process::Output;
+
+use ndarray::Array1;
+use tessera::Stash;
+
+fn tessera(store: &Path, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .arg("stash")
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .unwrap()
+}
+
+fn ok(store: &Path, args: &[&str]) -> String {
+    let out = tessera(store, args);
+    assert!(
+        out.status.success(),
+        "tessera stash {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn cli_lists_shows_tags_removes_gcs_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stash");
+    let stash = Stash::open(&root).unwrap();
+    let a = Array1::from_iter((0..100_000).map(|i| i as f32));
+    let v1 = stash.save("weights", &a, &[("epoch", "1")]).unwrap();
+    let v2 = stash.save("weights", &(&a * 3.0), &[("epoch", "2")]).unwrap();
+    stash.save("config", &vec!["x".to_string()], &[]).unwrap();
+    drop(stash); // release the index, as another process would find it
+
+    let list = ok(&root, &["list"]);
+    assert!(list.contains("weights") && list.contains("config"), "{list}");
+    assert!(list.contains(&v2.to_string()) && list.contains("ndarray<f32>"), "{list}");
+    let list = ok(&root, &["list", "conf"]);
+    assert!(list.contains("config") && !list.contains("weights"), "{list}");
+
+    let log = ok(&root, &["log", "weights"]);
+    let first = log.find(&v2.to_string()).unwrap();
+    let second = log.find(&v1.to_string()).unwrap();
+    assert!(first < second, "log lists newest first: {log}");
+    assert!(log.contains("epoch=1") && log.contains("epoch=2"));
+
+    let show = ok(&root, &["show", "weights", "--version", &v1.to_string()]);
+    assert!(
+        show.contains(&v1.to_string()) && show.contains("array f32 [100000]") && show.contains("blake3:"),
+        "{show}"
+    );
+    ok(&root, &["tag", "weights", &v1.to_string(), "best=yes"]);
+    let show = ok(&root, &["show", "weights", "--tag", "best=yes"]);
+    assert!(show.contains(&v1.to_string()) && show.contains("best=yes"), "{show}");
+
+    let verify = ok(&root, &["verify"]);
+    assert!(verify.contains("ok"), "{verify}");
+
+    ok(&root, &["rm", "weights", "--version", &v1.to_string()]);
+    let gc = ok(&root, &["gc", "--grace-secs", "0"]);
+    assert!(gc.contains("deleted 1 chunks"), "{gc}");
+    let stash = Stash::open(&root).unwrap();
+    assert_eq!(stash.history("weights").unwrap().len(), 1);
+    assert_eq!(stash.load::<Array1<f32>>("weights").unwrap(), &a * 3.0);
+    drop(stash);
+
+    // Damage makes verify fail with a message naming the entry.
+    for chunk in std::fs::read_dir(root.join("chunks")).unwrap() {
+        let path = chunk.unwrap().path();
+        let mut bytes = std::fs::read(&path).unwrap();
+        if bytes.len() > 1000 {
+            bytes[500] ^= 0x10;
+            std::fs::write(&path, bytes).unwrap();
+        }
+    }
+    let out = tessera(&root, &["verify"]);
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("DAMAGED") && text.contains("weights"), "{text}");
+
+    // Errors are clear and non-zero.
+    let out = tessera(&root, &["log", "nothing"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no entry `nothing`"));
+    ok(&root, &["rm", "weights"]);
+    assert!(!ok(&root, &["list"]).contains("weights"));
+}
