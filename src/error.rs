@@ -90,6 +90,9 @@ pub enum Error {
         /// The node lost last.
         node: String,
     },
+    /// The stash failed.
+    #[error("stash: {0}")]
+    Store(#[source] Arc<crate::StoreError>),
     /// The cluster could not be set up or reached.
     #[error("cluster error: {0}")]
     Cluster(String),
@@ -139,5 +142,11 @@ pub(crate) struct DisplayError<'a>(pub(crate) &'a dyn fmt::Display);
 impl fmt::Display for DisplayError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.0.fmt(f)
+    }
+}
+
+impl From<crate::StoreError> for Error {
+    fn from(error: crate::StoreError) -> Self {
+        Error::Store(Arc::new(error))
     }
 }

@@ -16,7 +16,9 @@
 //!
 //! # Training and checkpoints
 //! [`TrainState`] holds everything a run depends on and serializes with serde;
-//! [`save_checkpoint`] and [`resume`] move it through a [`CheckpointStore`].
+//! [`save_to_stash`] and [`resume_from_stash`] keep versioned checkpoints in a
+//! [`Stash`](crate::Stash); [`save_checkpoint`] and [`resume`] move it through any
+//! [`CheckpointStore`].
 //!
 //! # Examples
 //! Build a small classifier, run one training step, and read the gradients in the fixed
@@ -61,7 +63,7 @@ pub use params::Params;
 pub use rng::Rng;
 pub use tensor::{DType, Tensor};
 pub use train::{
-    resume, save_checkpoint, CheckpointStore, DirStore, EpochStats, Evaluation, Evaluator, TrainState,
-    Trainer,
+    resume, resume_from_stash, save_checkpoint, save_to_stash, CheckpointStore, DirStore, EpochStats,
+    Evaluation, Evaluator, TrainState, Trainer,
 };
 pub use zoo::{char_gru, lenet, logistic_regression, mlp, tiny_transformer, Model, TransformerConfig};

@@ -359,6 +359,32 @@ fn actors_run_on_nodes_in_arrival_order_per_caller() -> Result<()> {
     Ok(())
 }
 
+fn the_store_actor_saves_a_value_from_the_node_that_holds_it() -> Result<()> {
+    let c = TestCluster::start(2, ClusterConfig::default())?;
+    let dir = tempfile::tempdir()?;
+    let stash = tessera::Stash::open(dir.path())?;
+    const LEN: usize = 6 << 20;
+    let made = make_blob::spawn(&c.rt, LEN, 11);
+    c.rt.blocking_wait(std::slice::from_ref(&made), 1, None);
+    let holders: Vec<_> = c.cluster.nodes().into_iter().filter(|n| n.values_held > 0).collect();
+    ensure!(holders.len() == 1, "the blob should be held by one node: {holders:?}");
+    let version = c.cluster.save_ref(&stash, "blob", &made, &[("source", "node")])?;
+    let info = stash.info("blob", Some(version))?;
+    ensure!(info.type_name.contains("ByteBuf"), "recorded type {}", info.type_name);
+    ensure!(info.tags.iter().any(|(k, v)| k == "source" && v == "node"), "tags {:?}", info.tags);
+    let loaded: ByteBuf = stash.load("blob")?;
+    ensure!(loaded.len() == LEN && loaded.as_slice() == blob(LEN, 11).as_slice(), "saved bytes differ");
+    // A value the head holds is saved by the head.
+    let local = c.rt.put(vec![1u64, 2, 3]);
+    let v2 = c.cluster.save_ref(&stash, "small", &local, &[])?;
+    ensure!(stash.load_version::<Vec<u64>>("small", v2)? == vec![1, 2, 3], "head-held value");
+    // A failed value is not saved.
+    let failed = parse::spawn(&c.rt, "nope".to_string());
+    ensure!(c.cluster.save_ref(&stash, "failed", &failed, &[]).is_err(), "a failed value must not be saved");
+    ensure!(stash.history("failed").map(|h| h.is_empty()).unwrap_or(true), "no version for a failed value");
+    Ok(())
+}
+
 fn main() {
     tessera::init();
     let tests: &[(&str, TestFn)] = &[
@@ -373,6 +399,10 @@ fn main() {
         ),
         ("a_node_joining_mid_job_gets_work", a_node_joining_mid_job_gets_work),
         ("actors_run_on_nodes_in_arrival_order_per_caller", actors_run_on_nodes_in_arrival_order_per_caller),
+        (
+            "the_store_actor_saves_a_value_from_the_node_that_holds_it",
+            the_store_actor_saves_a_value_from_the_node_that_holds_it,
+        ),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     println!("\nrunning {} tests", tests.len());

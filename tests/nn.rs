@@ -4,9 +4,9 @@
 use std::path::PathBuf;
 
 use tessera::nn::{
-    char_gru, lenet, mlp, resume, save_checkpoint, window_count, Activation, CpuExecutor, DType, Dataset,
-    DirStore, Evaluator, Executor, Graph, Init, NnError, NodeId, OptimizerConfig, Params, Rng, TextCorpus,
-    TrainState, Trainer,
+    char_gru, lenet, mlp, resume, resume_from_stash, save_checkpoint, save_to_stash, window_count,
+    Activation, CpuExecutor, DType, Dataset, DirStore, Evaluator, Executor, Graph, Init, NnError, NodeId,
+    OptimizerConfig, Params, Rng, TextCorpus, TrainState, Trainer,
 };
 
 fn digits() -> Dataset {
@@ -410,17 +410,27 @@ fn resumed_training_is_bit_identical() {
     let mut straight = fresh();
     run_steps(&mut Trainer::new(build()), &mut straight, &train, 50);
 
-    // Interrupted mid-epoch at step 30, saved, resumed in a new trainer, 20 more steps.
-    let dir = std::env::temp_dir().join(format!("tessera-nn-ckpt-{}", std::process::id()));
-    let store = DirStore::open(&dir).unwrap();
+    // Interrupted mid-epoch at step 30, saved to the stash, resumed in a new trainer from
+    // the stash (a fresh handle, as a restarted process would open it), 20 more steps.
+    let dir = tempfile::tempdir().unwrap();
     let mut first = fresh();
-    run_steps(&mut Trainer::new(build()), &mut first, &train, 30);
-    save_checkpoint(&store, "lenet", &first).unwrap();
+    run_steps(&mut Trainer::new(build()), &mut first, &train, 10);
+    let early = save_to_stash(&tessera::Stash::open(dir.path()).unwrap(), "lenet", &first, &[("step", "10")])
+        .unwrap();
+    run_steps(&mut Trainer::new(build()), &mut first, &train, 20);
+    save_to_stash(&tessera::Stash::open(dir.path()).unwrap(), "lenet", &first, &[("step", "30")]).unwrap();
     drop(first);
-    let mut resumed = resume(&store, "lenet").unwrap();
+    let stash = tessera::Stash::open(dir.path()).unwrap();
+    assert_eq!(stash.history("lenet").unwrap().len(), 2, "every checkpoint is a version");
+    assert_eq!(resume_from_stash(&stash, "lenet", Some(early)).unwrap().step, 10);
+    let mut resumed = resume_from_stash(&stash, "lenet", None).unwrap();
     assert_eq!(resumed.step, 30);
     run_steps(&mut Trainer::new(build()), &mut resumed, &train, 20);
-    std::fs::remove_dir_all(&dir).ok();
+
+    // The same through a plain directory store.
+    let plain = DirStore::open(dir.path().join("plain")).unwrap();
+    save_checkpoint(&plain, "lenet", &resumed).unwrap();
+    assert_eq!(resume(&plain, "lenet").unwrap(), resumed);
 
     assert_eq!(resumed.step, straight.step);
     for (a, b) in resumed.params.tensors.iter().zip(&straight.params.tensors) {

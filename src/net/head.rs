@@ -42,6 +42,9 @@ use crate::actors::task::{submit_when_ready, Job};
 use crate::actors::user_actor::RemoteActorLink;
 use crate::{ActorHandle, Error, Payload, Ref, RemoteActor, Result, Runtime};
 
+/// Where a node's answer to a save request goes: the version, or why it failed.
+type SaveWaiter = std::sync::mpsc::Sender<std::result::Result<String, String>>;
+
 /// Values up to this size travel inline in task messages and replies.
 pub(crate) const INLINE_LIMIT: usize = 64 << 10;
 
@@ -168,6 +171,8 @@ struct Head {
     stopped: AtomicBool,
     refused: AtomicU64,
     next_actor: AtomicU64,
+    /// Saves that nodes are doing for the head, by request id.
+    saves: Mutex<HashMap<u64, (u64, SaveWaiter)>>,
 }
 
 /// A cluster head attached to a runtime: node processes join it and run its tasks.
@@ -220,6 +225,7 @@ impl Cluster {
             stopped: AtomicBool::new(false),
             refused: AtomicU64::new(0),
             next_actor: AtomicU64::new(1),
+            saves: Mutex::new(HashMap::new()),
         });
         if !core.set_cluster(head.clone()) || !core.table.set_remote(head.clone()) {
             head.shutdown_network();
@@ -330,6 +336,76 @@ impl Cluster {
             actor: A::NAME,
         });
         Ok(ActorHandle::remote(self.head.table.clone(), link))
+    }
+
+    /// Saves the value of `r` as a new version of `name` in `stash`, from wherever the value
+    /// is: a value held by a node is written to the stash by that node (its store actor),
+    /// so its bytes never pass through the head. The node must reach the same stash (the
+    /// same directory, or the same S3 or PostgreSQL URL).
+    ///
+    /// # Errors
+    /// The value's own error if it failed; [`Error::Store`] if the save fails;
+    /// [`Error::Cluster`] if the holder is lost during the save, or for ndarray values held
+    /// by a node (save those with [`Stash::save`](crate::Stash::save) in a task there).
+    pub fn save_ref<T: Payload + serde::Serialize>(
+        &self,
+        stash: &crate::Stash,
+        name: &str,
+        r: &Ref<T>,
+        tags: &[(&str, &str)],
+    ) -> Result<crate::Version> {
+        let outcome = loop {
+            if let Some(outcome) = self.head.table.outcome(r.id()) {
+                break outcome;
+            }
+            r.blocking_get_timeout(Duration::from_secs(3600))?;
+        };
+        let value = match outcome {
+            Outcome::Failed(error) => return Err((*error).clone()),
+            Outcome::Ready(value) => value,
+        };
+        let location = match value.view() {
+            View::Remote(location) => location.clone(),
+            _ => return Ok(stash.save(name, &r.blocking_get()?, tags)?),
+        };
+        if crate::Stash::uses_array_layout::<T>() {
+            return Err(Error::Cluster(format!(
+                "`{name}`: arrays held by a node are saved with Stash::save in a task on that node"
+            )));
+        }
+        let request = self.head.next_actor.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.head.saves.lock().insert(request, (location.node, tx));
+        let message = Message::SaveValue {
+            request,
+            id: location.id,
+            store: stash.location(),
+            name: name.to_string(),
+            type_name: std::any::type_name::<T>().to_string(),
+            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let sent = match self.head.state.lock().nodes.get(&location.node) {
+            Some(node) => node.sender.send(message).is_ok(),
+            None => false,
+        };
+        let reply = if sent {
+            // Wait while the holder lives; a lost holder drops the sender (see `node_lost`).
+            rx.recv().map_err(|_| {
+                Error::Cluster(format!("node `{}` was lost during the save", location.node_name))
+            })
+        } else {
+            Err(Error::Cluster(format!("node `{}` is not in the cluster", location.node_name)))
+        };
+        self.head.saves.lock().remove(&request);
+        match reply? {
+            Ok(version) => {
+                version.parse().map_err(|_| Error::Cluster(format!("node sent a bad version `{version}`")))
+            }
+            Err(message) => Err(Error::Cluster(format!(
+                "node `{}` could not save `{name}`: {message}",
+                location.node_name
+            ))),
+        }
     }
 
     /// The nodes in the cluster now.
@@ -637,6 +713,8 @@ impl Head {
         for job in rebuild {
             submit_when_ready(job);
         }
+        // Saves in flight on the lost node: dropping their senders wakes the waiters.
+        self.saves.lock().retain(|_, (holder, _)| *holder != node_id);
         for (call_id, actor) in node.pending_calls {
             let error = Error::ActorFailed {
                 actor: actor.to_string(),
@@ -846,6 +924,11 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
             Ok(Message::ActorReply { call_id, result }) => {
                 let head = head.clone();
                 tokio::task::spawn_blocking(move || head.actor_replied(node_id, call_id, result));
+            }
+            Ok(Message::Saved { request, result }) => {
+                if let Some((_, waiter)) = head.saves.lock().remove(&request) {
+                    let _ = waiter.send(result);
+                }
             }
             Ok(Message::Heartbeat) => {
                 if let Some(node) = head.state.lock().nodes.get_mut(&node_id) {

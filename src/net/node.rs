@@ -181,6 +181,7 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
     }
 
     let mut actors = HostedActors::default();
+    let stashes: Arc<Mutex<HashMap<String, crate::Stash>>> = Arc::default();
     let reason = tokio.block_on(async {
         loop {
             match read_frame::<Message, _>(&mut reader).await {
@@ -201,6 +202,17 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
                     actors.call(actor_id, call_id, message, &sender);
                 }
                 Ok(Message::ActorStop { actor_id }) => actors.stop(actor_id),
+                Ok(Message::SaveValue { request, id, store: location, name, type_name, tags }) => {
+                    let save = SaveRequest { id, location, name, type_name, tags };
+                    let objects = store.clone();
+                    let stashes = stashes.clone();
+                    let replies = sender.clone();
+                    // Writing to the stash is blocking I/O: keep it off the reader.
+                    tokio::task::spawn_blocking(move || {
+                        let result = save.run(&objects, &stashes);
+                        let _ = replies.send(Message::Saved { request, result });
+                    });
+                }
                 Ok(Message::Free(ids)) => {
                     let mut objects = store.objects.lock();
                     for id in ids {
@@ -267,6 +279,41 @@ async fn accept_data(listener: TcpListener, key: ClusterKey, store: Arc<NodeStor
                 Err(_) => tracing::warn!(%peer, "refused data connection: handshake timed out"),
             }
         });
+    }
+}
+
+/// The store actor's job: save a value this node holds into a stash.
+struct SaveRequest {
+    id: u64,
+    location: String,
+    name: String,
+    type_name: String,
+    tags: Vec<(String, String)>,
+}
+
+impl SaveRequest {
+    fn run(
+        &self,
+        objects: &NodeStore,
+        stashes: &Mutex<HashMap<String, crate::Stash>>,
+    ) -> Result<String, String> {
+        let bytes = objects.object_bytes(self.id)?;
+        let stash = {
+            let mut stashes = stashes.lock();
+            match stashes.get(&self.location) {
+                Some(stash) => stash.clone(),
+                None => {
+                    let stash = crate::Stash::open_url(&self.location).map_err(|e| e.to_string())?;
+                    stashes.insert(self.location.clone(), stash.clone());
+                    stash
+                }
+            }
+        };
+        let tags: Vec<(&str, &str)> = self.tags.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        stash
+            .save_encoded(&self.name, &self.type_name, &bytes, &tags)
+            .map(|v| v.to_string())
+            .map_err(|e| e.to_string())
     }
 }
 

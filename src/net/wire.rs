@@ -130,6 +130,18 @@ pub(crate) enum Message {
     ActorStop {
         actor_id: u64,
     },
+    SaveValue {
+        request: u64,
+        id: u64,
+        store: String,
+        name: String,
+        type_name: String,
+        tags: Vec<(String, String)>,
+    },
+    Saved {
+        request: u64,
+        result: Result<String, String>,
+    },
     Fetch {
         id: u64,
     },

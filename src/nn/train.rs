@@ -47,7 +47,38 @@ impl TrainState {
     }
 }
 
-/// Where checkpoints go: named byte blobs. (The project's `Stash` implements this at merge.)
+/// Saves the whole training state as a new version of `name` in the stash (type
+/// `TrainState`, with `tags`); every checkpoint stays loadable by version or tag.
+///
+/// # Errors
+/// [`NnError::Checkpoint`] naming the checkpoint if the stash fails.
+pub fn save_to_stash(
+    stash: &crate::Stash,
+    name: &str,
+    state: &TrainState,
+    tags: &[(&str, &str)],
+) -> Result<crate::Version, NnError> {
+    stash.save(name, state, tags).map_err(|e| NnError::Checkpoint { name: name.into(), what: e.to_string() })
+}
+
+/// Loads the latest training state saved under `name` in the stash (or the given version).
+///
+/// # Errors
+/// [`NnError::Checkpoint`] naming the checkpoint if there is none, it is damaged, or it is
+/// not a `TrainState`.
+pub fn resume_from_stash(
+    stash: &crate::Stash,
+    name: &str,
+    version: Option<crate::Version>,
+) -> Result<TrainState, NnError> {
+    let loaded = match version {
+        Some(version) => stash.load_version(name, version),
+        None => stash.load(name),
+    };
+    loaded.map_err(|e| NnError::Checkpoint { name: name.into(), what: e.to_string() })
+}
+
+/// Where checkpoints go as named byte blobs, when not in a stash (see [`save_to_stash`]).
 pub trait CheckpointStore {
     /// Stores `bytes` under `name`, replacing an older blob of that name.
     ///

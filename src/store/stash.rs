@@ -245,6 +245,24 @@ impl Stash {
         self.save_array_bytes(name, array::array_bytes(array), tags)
     }
 
+    /// Saves a value that is already bincode-encoded, recording `type_name` (the store
+    /// actor on a node saves values it holds this way, without decoding them).
+    pub(crate) fn save_encoded(
+        &self,
+        name: &str,
+        type_name: &str,
+        payload: &[u8],
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError> {
+        validate(name, tags)?;
+        self.save_payload(name, type_name.to_string(), Layout::Bincode, &[], payload, tags)
+    }
+
+    /// Whether values of type `T` are stored in the array layout.
+    pub(crate) fn uses_array_layout<T: 'static>() -> bool {
+        array::array_kind::<T>().is_some()
+    }
+
     fn save_array_bytes(
         &self,
         name: &str,
