@@ -224,6 +224,35 @@ fn a_sigkilled_node_mid_job_does_not_stop_the_job() -> Result<()> {
     Ok(())
 }
 
+fn a_hung_node_is_detected_by_missing_heartbeats() -> Result<()> {
+    let config = ClusterConfig {
+        heartbeat_interval: Duration::from_millis(200),
+        heartbeat_timeout: Duration::from_millis(1500),
+        ..ClusterConfig::default()
+    };
+    let c = TestCluster::start(2, config)?;
+    let work: Vec<_> = (0..40).map(|i| slow_square::spawn(&c.rt, i, 50)).collect();
+    std::thread::sleep(Duration::from_millis(150));
+    let victim = c.cluster.nodes().into_iter().find(|n| n.in_flight > 0).context("a busy node")?;
+    // SIGSTOP: the process hangs, its sockets stay open; only heartbeats tell.
+    let stopped = Instant::now();
+    let status = Command::new("kill").args(["-STOP", &victim.pid.to_string()]).status()?;
+    ensure!(status.success(), "kill -STOP failed");
+    while c.cluster.lost_nodes().is_empty() {
+        ensure!(stopped.elapsed() < Duration::from_secs(10), "the hung node was never declared lost");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let detected = stopped.elapsed();
+    for (i, r) in work.iter().enumerate() {
+        ensure!(r.blocking_get_timeout(Duration::from_secs(30))? == (i * i) as u64, "wrong result {i}");
+    }
+    let _ = Command::new("kill").args(["-KILL", &victim.pid.to_string()]).status();
+    println!("    hung node declared lost after {:.1} s", detected.as_secs_f64());
+    ensure!(detected < Duration::from_secs(5), "detection took {detected:?}");
+    ensure!(c.cluster.lost_nodes() == vec![victim.name], "lost: {:?}", c.cluster.lost_nodes());
+    Ok(())
+}
+
 fn a_put_on_a_lost_node_fails_naming_the_node() -> Result<()> {
     let c = TestCluster::start(2, ClusterConfig::default())?;
     let node = c.cluster.nodes().into_iter().next().context("a node")?;
@@ -391,6 +420,7 @@ fn main() {
         ("remote_tasks_give_correct_results", remote_tasks_give_correct_results),
         ("a_64_mib_object_crosses_nodes_intact", a_64_mib_object_crosses_nodes_intact),
         ("a_sigkilled_node_mid_job_does_not_stop_the_job", a_sigkilled_node_mid_job_does_not_stop_the_job),
+        ("a_hung_node_is_detected_by_missing_heartbeats", a_hung_node_is_detected_by_missing_heartbeats),
         ("a_put_on_a_lost_node_fails_naming_the_node", a_put_on_a_lost_node_fails_naming_the_node),
         ("a_wrong_secret_is_refused", a_wrong_secret_is_refused),
         (
