@@ -2,6 +2,8 @@
 //!
 //! This test binary has its own `main` (`harness = false`): node processes are this same
 //! binary re-executed, and `tessera::init()` at the top of `main` turns them into nodes.
+mod support;
+
 use std::io::Write;
 use std::net::TcpStream;
 use std::process::Command;
@@ -340,8 +342,6 @@ fn a_node_joining_mid_job_gets_work() -> Result<()> {
     Ok(())
 }
 
-type TestFn = fn() -> Result<()>;
-
 fn actors_run_on_nodes_in_arrival_order_per_caller() -> Result<()> {
     let c = TestCluster::start(2, ClusterConfig::default())?;
     let node = c.cluster.nodes().into_iter().nth(1).context("two nodes")?;
@@ -416,7 +416,7 @@ fn the_store_actor_saves_a_value_from_the_node_that_holds_it() -> Result<()> {
 
 fn main() {
     tessera::init();
-    let tests: &[(&str, TestFn)] = &[
+    let tests: &[(&str, support::TestFn)] = &[
         ("remote_tasks_give_correct_results", remote_tasks_give_correct_results),
         ("a_64_mib_object_crosses_nodes_intact", a_64_mib_object_crosses_nodes_intact),
         ("a_sigkilled_node_mid_job_does_not_stop_the_job", a_sigkilled_node_mid_job_does_not_stop_the_job),
@@ -434,31 +434,5 @@ fn main() {
             the_store_actor_saves_a_value_from_the_node_that_holds_it,
         ),
     ];
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    println!("\nrunning {} tests", tests.len());
-    let (mut passed, mut failed, mut filtered) = (0, 0, 0);
-    let start = Instant::now();
-    for (name, test) in tests {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            filtered += 1;
-            continue;
-        }
-        let t = Instant::now();
-        match test() {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
-            }
-            Err(e) => {
-                failed += 1;
-                println!("test {name} ... FAILED: {e:#}");
-            }
-        }
-    }
-    let verdict = if failed == 0 { "ok" } else { "FAILED" };
-    println!(
-        "\ntest result: {verdict}. {passed} passed; {failed} failed; 0 ignored; 0 measured; {filtered} filtered out; finished in {:.2}s\n",
-        start.elapsed().as_secs_f64()
-    );
-    std::process::exit(if failed == 0 { 0 } else { 1 });
+    support::run(tests);
 }

@@ -3,6 +3,8 @@
 //! every rank, and a dead or stalled member failing the others with its rank named.
 //!
 //! `harness = false`: the members are this binary re-executed with `COLL_*` variables.
+mod support;
+
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -214,8 +216,6 @@ fn a_stalled_member_times_out_naming_its_rank() -> Result<()> {
     Ok(())
 }
 
-type TestFn = fn() -> Result<()>;
-
 fn main() {
     if std::env::var("COLL_RANK").is_ok() {
         if let Err(error) = member() {
@@ -224,36 +224,10 @@ fn main() {
         }
         return;
     }
-    let tests: &[(&str, TestFn)] = &[
+    let tests: &[(&str, support::TestFn)] = &[
         ("every_collective_matches_the_serial_reference", every_collective_matches_the_serial_reference),
         ("a_dead_member_fails_the_others_naming_its_rank", a_dead_member_fails_the_others_naming_its_rank),
         ("a_stalled_member_times_out_naming_its_rank", a_stalled_member_times_out_naming_its_rank),
     ];
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
-    println!("\nrunning {} tests", tests.len());
-    let (mut passed, mut failed, mut filtered) = (0, 0, 0);
-    let start = Instant::now();
-    for (name, test) in tests {
-        if !filter.is_empty() && !filter.iter().any(|f| name.contains(f.as_str())) {
-            filtered += 1;
-            continue;
-        }
-        let t = Instant::now();
-        match test() {
-            Ok(()) => {
-                passed += 1;
-                println!("test {name} ... ok ({:.1} s)", t.elapsed().as_secs_f64());
-            }
-            Err(e) => {
-                failed += 1;
-                println!("test {name} ... FAILED: {e:#}");
-            }
-        }
-    }
-    let verdict = if failed == 0 { "ok" } else { "FAILED" };
-    println!(
-        "\ntest result: {verdict}. {passed} passed; {failed} failed; 0 ignored; 0 measured; {filtered} filtered out; finished in {:.2}s\n",
-        start.elapsed().as_secs_f64()
-    );
-    std::process::exit(if failed == 0 { 0 } else { 1 });
+    support::run(tests);
 }
