@@ -23,3 +23,11 @@ if ! command -v s3s-fs >/dev/null 2>&1 && [[ ! -x "${CARGO_HOME:-$HOME/.cargo}/b
     echo "install-deps: cargo install s3s-fs 0.14.1 (about 1.5 min)"
     cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary
 fi
+
+# cuda: NVRTC from PyPI, so that the CUDA kernels are compiled (to PTX) in CI without a GPU.
+nvrtc_dir=/opt/tessera-nvrtc
+if [[ ! -e $nvrtc_dir/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 ]]; then
+    echo "install-deps: pip install nvidia-cuda-nvrtc-cu12 into $nvrtc_dir"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        --target "$nvrtc_dir" nvidia-cuda-nvrtc-cu12
+fi

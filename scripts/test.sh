@@ -9,3 +9,7 @@ scripts/install-deps.sh
 # run against the local servers that install-deps provides.
 cargo test --release --all-targets --features s3,postgres "$@"
 cargo test --release --doc --features s3,postgres "$@"
+# The CUDA feature without a GPU: discovery must say so, and every kernel must compile
+# (NVRTC from PyPI, installed by install-deps).
+LD_LIBRARY_PATH=/opt/tessera-nvrtc/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+    TESSERA_EXPECT_NVRTC=1 cargo test --release --features cuda --test gpu "$@"

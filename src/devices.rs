@@ -1,5 +1,9 @@
 //! Devices and the collectives that connect them: the `Communicator` trait that gradient
 //! all-reduce uses, with a TCP backend for CPUs (and an NCCL backend for GPUs later).
 mod collective;
+#[cfg(feature = "cuda")]
+mod cuda;
 
 pub use collective::{segment, CollectiveError, Communicator, GroupConfig, Rendezvous, TcpGroup};
+#[cfg(feature = "cuda")]
+pub use cuda::{compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, KERNELS};
