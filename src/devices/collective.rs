@@ -309,6 +309,32 @@ fn writer_loop(mut stream: TcpStream, queue: mpsc::Receiver<Outgoing>) {
 
 /// Messages up to this size are exchanged whole between all ranks; larger ones use the ring.
 const SMALL_MESSAGE: usize = 256 << 10;
+/// Send and receive buffer size asked of the kernel for group sockets. Both ends' buffers
+/// together hold far more than a small message, so small messages are written directly
+/// from the calling thread before it reads: no peer can block such a write.
+const SOCKET_BUFFER: usize = 4 << 20;
+
+/// Sets a socket's kernel send and receive buffer sizes.
+fn set_socket_buffers(stream: &TcpStream, bytes: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    for option in [libc::SO_SNDBUF, libc::SO_RCVBUF] {
+        // SAFETY: a valid socket descriptor, a pointer to a c_int and its exact size.
+        let result = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if result != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
 /// Received ring segments are reduced in pieces of this many bytes, overlapping the receive.
 const PIECE: usize = 1 << 20;
 
@@ -386,6 +412,7 @@ impl TcpGroup {
             };
             stream.set_nodelay(true).map_err(setup)?;
             stream.set_write_timeout(Some(timeout)).map_err(setup)?;
+            set_socket_buffers(&stream, SOCKET_BUFFER).map_err(setup)?;
             let write_half = stream.try_clone().map_err(setup)?;
             let (outgoing, queue) = mpsc::channel();
             let writer = std::thread::Builder::new()
@@ -418,8 +445,15 @@ impl TcpGroup {
     /// `received[r]` holds rank `r`'s bytes.
     fn exchange_all(&mut self, op: &'static str, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
         let mut sends = Vec::with_capacity(self.size);
-        for peer in self.peers.iter().flatten() {
-            sends.push((peer.rank, peer.send(bytes)));
+        if bytes.len() <= SMALL_MESSAGE {
+            // Fits in the socket buffers: write directly, no hop through the writer threads.
+            for peer in self.peers.iter().flatten() {
+                (&peer.reader).write_all(bytes).map_err(|e| self.lost(peer.rank, op, e))?;
+            }
+        } else {
+            for peer in self.peers.iter().flatten() {
+                sends.push((peer.rank, peer.send(bytes)));
+            }
         }
         let mut received = vec![Vec::new(); self.size];
         for (rank, slot) in received.iter_mut().enumerate() {
