@@ -11,12 +11,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
 build)
-    cargo build --release --features cuda --example gpu
+    cargo build --release --features cuda --example gpu --bin tessera
     test_bin=$(cargo test --release --features cuda --test gpu --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys; print([json.loads(l)["executable"] for l in sys.stdin if "\"executable\":\"" in l][-1])')
     mkdir -p gpu-carry
     cp "$test_bin" gpu-carry/gpu-tests
     cp target/release/examples/gpu gpu-carry/gpu-example
+    cp target/release/tessera gpu-carry/tessera
     echo "built: $(ls gpu-carry)"
     ;;
 run)
@@ -38,6 +39,22 @@ PY
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     TESSERA_EXPECT_GPU=1 gpu-carry/gpu-tests --test-threads=1
     gpu-carry/gpu-example
+    echo "--- tessera bench cuda --json"
+    gpu-carry/tessera bench cuda --json
+    echo "--- PyTorch on the same GPU, for comparison (if installed)"
+    python3 - <<'PY' || echo "(PyTorch not available)"
+import time, torch
+for dtype in (torch.float32, torch.bfloat16):
+    a = torch.ones(8192, 8192, device="cuda", dtype=dtype)
+    b = torch.ones(8192, 8192, device="cuda", dtype=dtype)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    a @ b; torch.cuda.synchronize()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter(); a @ b; torch.cuda.synchronize(); times.append(time.perf_counter() - t)
+    times.sort()
+    print(f"torch gemm {dtype} 8192^3: {2 * 8192**3 / times[5] / 1e12:.1f} TFLOP/s")
+PY
     ;;
 *)
     echo "usage: $0 build|run" >&2

@@ -6,4 +6,4 @@ mod cuda;
 
 pub use collective::{segment, CollectiveError, Communicator, GroupConfig, Rendezvous, TcpGroup};
 #[cfg(feature = "cuda")]
-pub use cuda::{compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, KERNELS};
+pub use cuda::{compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr, KERNELS};

@@ -98,3 +98,47 @@ fn kernels_compute_the_right_values() {
     let p = gpu.download(&logits).unwrap();
     assert!((p[..3].iter().sum::<f32>() - 1.0).abs() < 1e-6 && (p[3] - 1.0 / 3.0).abs() < 1e-6, "{p:?}");
 }
+
+/// A 2-D Poisson (5-point Laplacian) matrix on an `n × n` grid.
+fn poisson(n: usize) -> sprs::CsMat<f32> {
+    let mut triplets = sprs::TriMat::new((n * n, n * n));
+    for i in 0..n {
+        for j in 0..n {
+            let row = i * n + j;
+            triplets.add_triplet(row, row, 4.0);
+            if i > 0 {
+                triplets.add_triplet(row, row - n, -1.0);
+            }
+            if i + 1 < n {
+                triplets.add_triplet(row, row + n, -1.0);
+            }
+            if j > 0 {
+                triplets.add_triplet(row, row - 1, -1.0);
+            }
+            if j + 1 < n {
+                triplets.add_triplet(row, row + 1, -1.0);
+            }
+        }
+    }
+    triplets.to_csr()
+}
+
+#[test]
+fn spmv_matches_sprs_and_csr_round_trips() {
+    let Some(gpu) = gpu() else { return };
+    let a = poisson(64);
+    let x: Vec<f32> = (0..a.cols()).map(|i| (i % 5) as f32 - 2.0).collect();
+    let mut expected = vec![0f32; a.rows()];
+    for (row, vec) in a.outer_iterator().enumerate() {
+        expected[row] = vec.iter().map(|(col, v)| v * x[col]).sum();
+    }
+    let da = gpu.upload_csr(&a).unwrap();
+    assert_eq!((da.shape(), da.nnz()), ((a.rows(), a.cols()), a.nnz()));
+    let dx = gpu.upload(&x).unwrap();
+    let mut dy = gpu.zeros(a.rows()).unwrap();
+    gpu.spmv(&da, &dx, &mut dy).unwrap();
+    assert_eq!(gpu.download(&dy).unwrap(), expected);
+    assert_eq!(gpu.download_csr(&da).unwrap(), a);
+    let mut short = gpu.zeros(3).unwrap();
+    assert!(matches!(gpu.spmv(&da, &dx, &mut short), Err(DeviceError::Shape { .. })));
+}

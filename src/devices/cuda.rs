@@ -2,13 +2,18 @@
 //! time, so building needs no CUDA): discovery that reports a missing driver as an error,
 //! never a panic; cuBLAS matrix products; NVRTC-compiled kernels kept in a cache.
 //!
-//! Status: the device actor, device-resident `Ref`s, cuSPARSE, NCCL and the model-graph
-//! ops are not here yet; this module is what they build on.
+//! Sparse matrices (CSR, from and to `sprs`) multiply dense vectors through cuSPARSE.
+//!
+//! Status: the device actor, device-resident `Ref`s, SpMM, NCCL and the model-graph ops
+//! are not here yet; this module is what they build on.
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::cusparse;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+};
 use parking_lot::Mutex;
 
 /// Why a CUDA operation failed.
@@ -169,13 +174,48 @@ fn compile(name: &'static str, source: &str) -> Result<cudarc::nvrtc::Ptx> {
         .map_err(|e| DeviceError::Compile { kernel: name, message: e.to_string() })
 }
 
-/// One GPU: its context, a stream, cuBLAS (made on first use) and compiled kernels.
+/// One GPU: its context, a stream, cuBLAS and cuSPARSE (made on first use) and compiled
+/// kernels.
 pub struct Gpu {
     ordinal: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: Mutex<Option<Arc<CudaBlas>>>,
+    sparse: Mutex<Option<SparseHandle>>,
     kernels: Mutex<HashMap<&'static str, CudaFunction>>,
+}
+
+/// A cuSPARSE handle, destroyed on drop.
+struct SparseHandle(cusparse::sys::cusparseHandle_t);
+
+// SAFETY: the handle is only used under the `Gpu::sparse` mutex, one call at a time.
+unsafe impl Send for SparseHandle {}
+
+impl Drop for SparseHandle {
+    fn drop(&mut self) {
+        // SAFETY: the handle was made by `create` and is destroyed once.
+        let _ = unsafe { cusparse::result::destroy(self.0) };
+    }
+}
+
+/// A CSR matrix in device memory (32-bit indices, f32 values).
+pub struct GpuCsr {
+    rows: usize,
+    cols: usize,
+    offsets: CudaSlice<i32>,
+    columns: CudaSlice<i32>,
+    values: CudaSlice<f32>,
+}
+
+impl GpuCsr {
+    /// (rows, columns).
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    /// Stored entries.
+    pub fn nnz(&self) -> usize {
+        self.values.len()
+    }
 }
 
 impl std::fmt::Debug for Gpu {
@@ -200,7 +240,14 @@ impl Gpu {
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| DeviceError::Driver { device: ordinal, message: e.to_string() })?;
         let stream = ctx.default_stream();
-        Ok(Gpu { ordinal, ctx, stream, blas: Mutex::new(None), kernels: Mutex::new(HashMap::new()) })
+        Ok(Gpu {
+            ordinal,
+            ctx,
+            stream,
+            blas: Mutex::new(None),
+            sparse: Mutex::new(None),
+            kernels: Mutex::new(HashMap::new()),
+        })
     }
 
     fn driver(&self, e: cudarc::driver::DriverError) -> DeviceError {
@@ -229,6 +276,20 @@ impl Gpu {
     /// [`DeviceError::Driver`] (for example out of memory).
     pub fn zeros(&self, len: usize) -> Result<CudaSlice<f32>> {
         self.stream.alloc_zeros(len).map_err(|e| self.driver(e))
+    }
+
+    /// Copies `src` into `dst` on the device (both of the same length).
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`], [`DeviceError::Driver`].
+    pub fn copy(&self, src: &CudaSlice<f32>, dst: &mut CudaSlice<f32>) -> Result<()> {
+        if src.len() != dst.len() {
+            return Err(DeviceError::Shape {
+                op: "copy",
+                message: format!("{} vs {} elements", src.len(), dst.len()),
+            });
+        }
+        self.stream.memcpy_dtod(src, dst).map_err(|e| self.driver(e))
     }
 
     /// Waits for all work queued on the device.
@@ -380,6 +441,181 @@ impl Gpu {
         launch.arg(x).arg(&r).arg(&c);
         // SAFETY: the kernel touches rows × cols elements, which `x` holds.
         unsafe { launch.launch(LaunchConfig::for_num_elems(r)) }.map(|_| ()).map_err(|e| self.driver(e))
+    }
+}
+
+impl Gpu {
+    /// Copies a `sprs` matrix to the device as CSR (CSC input is converted).
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`] beyond 32-bit indices; [`DeviceError::Driver`].
+    pub fn upload_csr(&self, matrix: &sprs::CsMat<f32>) -> Result<GpuCsr> {
+        let csr = if matrix.is_csr() { matrix.view().to_owned() } else { matrix.to_csr() };
+        let index = |v: usize| {
+            i32::try_from(v).map_err(|_| DeviceError::Shape {
+                op: "upload_csr",
+                message: format!("index {v} exceeds i32"),
+            })
+        };
+        let offsets: Vec<i32> =
+            csr.indptr().raw_storage().iter().map(|&v| index(v)).collect::<Result<_>>()?;
+        let columns: Vec<i32> = csr.indices().iter().map(|&v| index(v)).collect::<Result<_>>()?;
+        let upload_i32 = |v: &[i32]| self.stream.clone_htod(v).map_err(|e| self.driver(e));
+        Ok(GpuCsr {
+            rows: csr.rows(),
+            cols: csr.cols(),
+            offsets: upload_i32(&offsets)?,
+            columns: upload_i32(&columns)?,
+            values: self.upload(csr.data())?,
+        })
+    }
+
+    /// Copies a device CSR matrix back into a `sprs` matrix.
+    ///
+    /// # Errors
+    /// [`DeviceError::Driver`]; [`DeviceError::Shape`] if the device data is not a valid CSR.
+    pub fn download_csr(&self, matrix: &GpuCsr) -> Result<sprs::CsMat<f32>> {
+        let to_usize = |v: Vec<i32>| v.into_iter().map(|x| x.max(0) as usize).collect::<Vec<_>>();
+        let offsets = to_usize(self.stream.clone_dtoh(&matrix.offsets).map_err(|e| self.driver(e))?);
+        let columns = to_usize(self.stream.clone_dtoh(&matrix.columns).map_err(|e| self.driver(e))?);
+        let values = self.download(&matrix.values)?;
+        sprs::CsMat::try_new((matrix.rows, matrix.cols), offsets, columns, values)
+            .map_err(|(_, _, _, e)| DeviceError::Shape { op: "download_csr", message: e.to_string() })
+    }
+
+    /// `y = A · x` with cuSPARSE (CSR SpMV, f32).
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`] if the lengths do not match the matrix;
+    /// [`DeviceError::MissingLibrary`] without cuSPARSE; [`DeviceError::Blas`] for a cuSPARSE
+    /// failure.
+    pub fn spmv(&self, a: &GpuCsr, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+        use cusparse::sys as sp;
+        if x.len() != a.cols || y.len() != a.rows {
+            return Err(DeviceError::Shape {
+                op: "spmv",
+                message: format!("{}×{} matrix, x of {}, y of {}", a.rows, a.cols, x.len(), y.len()),
+            });
+        }
+        let failed = |what: &str, status: sp::cusparseStatus_t| DeviceError::Blas {
+            op: "spmv",
+            message: format!("{what}: {status:?}"),
+        };
+        let check = |what: &str, status: sp::cusparseStatus_t| {
+            if status == sp::cusparseStatus_t::CUSPARSE_STATUS_SUCCESS {
+                Ok(())
+            } else {
+                Err(failed(what, status))
+            }
+        };
+        let mut sparse = self.sparse.lock();
+        if sparse.is_none() {
+            // SAFETY: only tries to load the cuSPARSE library.
+            if !unsafe { sp::is_culib_present() } {
+                return Err(DeviceError::MissingLibrary {
+                    library: "libcusparse",
+                    needed_for: "sparse products",
+                });
+            }
+            self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
+            let handle = cusparse::result::create().map_err(|e| failed("create handle", e.0))?;
+            // SAFETY: a fresh handle and this device's stream.
+            check("set stream", unsafe { sp::cusparseSetStream(handle, self.stream.cu_stream() as _) })?;
+            *sparse = Some(SparseHandle(handle));
+        }
+        let handle = sparse.as_ref().map(|h| h.0).ok_or(DeviceError::NoDevice("cuSPARSE handle".into()))?;
+        let (rows, cols, nnz) = (a.rows as i64, a.cols as i64, a.values.len() as i64);
+        let (offsets, _g1) = a.offsets.device_ptr(&self.stream);
+        let (columns, _g2) = a.columns.device_ptr(&self.stream);
+        let (values, _g3) = a.values.device_ptr(&self.stream);
+        let (x_ptr, _g4) = x.device_ptr(&self.stream);
+        let (y_ptr, _g5) = y.device_ptr_mut(&self.stream);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        let mut mat: sp::cusparseSpMatDescr_t = std::ptr::null_mut();
+        let mut vx: sp::cusparseDnVecDescr_t = std::ptr::null_mut();
+        let mut vy: sp::cusparseDnVecDescr_t = std::ptr::null_mut();
+        // SAFETY: every pointer is a live device allocation of the stated length (checked
+        // above and by construction of `GpuCsr`); descriptors are destroyed below.
+        let result = unsafe {
+            check(
+                "create CSR",
+                sp::cusparseCreateCsr(
+                    &mut mat,
+                    rows,
+                    cols,
+                    nnz,
+                    offsets as *mut _,
+                    columns as *mut _,
+                    values as *mut _,
+                    sp::cusparseIndexType_t::CUSPARSE_INDEX_32I,
+                    sp::cusparseIndexType_t::CUSPARSE_INDEX_32I,
+                    sp::cusparseIndexBase_t::CUSPARSE_INDEX_BASE_ZERO,
+                    sp::cudaDataType::CUDA_R_32F,
+                ),
+            )
+            .and_then(|()| {
+                check(
+                    "create x",
+                    sp::cusparseCreateDnVec(&mut vx, cols, x_ptr as *mut _, sp::cudaDataType::CUDA_R_32F),
+                )
+            })
+            .and_then(|()| {
+                check(
+                    "create y",
+                    sp::cusparseCreateDnVec(&mut vy, rows, y_ptr as *mut _, sp::cudaDataType::CUDA_R_32F),
+                )
+            })
+            .and_then(|()| {
+                let mut size = 0usize;
+                check(
+                    "buffer size",
+                    sp::cusparseSpMV_bufferSize(
+                        handle,
+                        sp::cusparseOperation_t::CUSPARSE_OPERATION_NON_TRANSPOSE,
+                        (&alpha as *const f32).cast(),
+                        mat as _,
+                        vx as _,
+                        (&beta as *const f32).cast(),
+                        vy,
+                        sp::cudaDataType::CUDA_R_32F,
+                        sp::cusparseSpMVAlg_t::CUSPARSE_SPMV_ALG_DEFAULT,
+                        &mut size,
+                    ),
+                )?;
+                let mut buffer = self.stream.alloc_zeros::<u8>(size.max(1)).map_err(|e| self.driver(e))?;
+                let (buffer_ptr, _g6) = buffer.device_ptr_mut(&self.stream);
+                check(
+                    "SpMV",
+                    sp::cusparseSpMV(
+                        handle,
+                        sp::cusparseOperation_t::CUSPARSE_OPERATION_NON_TRANSPOSE,
+                        (&alpha as *const f32).cast(),
+                        mat as _,
+                        vx as _,
+                        (&beta as *const f32).cast(),
+                        vy,
+                        sp::cudaDataType::CUDA_R_32F,
+                        sp::cusparseSpMVAlg_t::CUSPARSE_SPMV_ALG_DEFAULT,
+                        buffer_ptr as *mut _,
+                    ),
+                )?;
+                // The work buffer must outlive the asynchronous SpMV.
+                self.stream.synchronize().map_err(|e| self.driver(e))
+            })
+        };
+        // SAFETY: destroying the descriptors made above (null ones are skipped).
+        unsafe {
+            if !vy.is_null() {
+                sp::cusparseDestroyDnVec(vy as _);
+            }
+            if !vx.is_null() {
+                sp::cusparseDestroyDnVec(vx as _);
+            }
+            if !mat.is_null() {
+                sp::cusparseDestroySpMat(mat as _);
+            }
+        }
+        result
     }
 }
 

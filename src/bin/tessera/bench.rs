@@ -4,6 +4,8 @@
 //! "unit": "<unit>", "higher_is_better": <bool>}`, the format the benchmarking CI reads.
 mod cluster;
 pub(crate) mod collectives;
+#[cfg(feature = "cuda")]
+mod cuda;
 mod store;
 mod tasks;
 
@@ -19,7 +21,7 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks, cluster, collectives, nn, store.
+    /// The suite to run: tasks, cluster, collectives, nn, store, cuda.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -60,7 +62,13 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "collectives" => collectives::run(&reporter),
         "nn" => nn::run(&reporter),
         "store" => store::run(&reporter),
-        other => bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives, nn, store"),
+        #[cfg(feature = "cuda")]
+        "cuda" => cuda::run(&reporter),
+        #[cfg(not(feature = "cuda"))]
+        "cuda" => bail!("the cuda suite needs a build with `--features cuda`"),
+        other => {
+            bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives, nn, store, cuda")
+        }
     }
 }
 

@@ -1,0 +1,131 @@
+//! The `cuda` suite (feature `cuda`, on a machine with a GPU): SGEMM at 8192³ in TFLOP/s,
+//! CSR SpMV on a 2-D Poisson matrix and a random matrix (10⁷ rows each) in GB/s, beside
+//! the device's copy bandwidth measured by the same command. Without a GPU it says so and
+//! reports nothing.
+use std::time::Instant;
+
+use anyhow::Result;
+use tessera::{cuda_devices, Gpu};
+
+use super::{median, Reporter};
+
+pub(crate) fn run(reporter: &Reporter) -> Result<()> {
+    let devices = match cuda_devices() {
+        Ok(devices) => devices,
+        Err(error) => {
+            eprintln!("cuda suite skipped: {error}");
+            return Ok(());
+        }
+    };
+    eprintln!("device 0: {}", devices[0].name);
+    let gpu = Gpu::open(0)?;
+
+    // Copy bandwidth: device-to-device, counted as bytes read plus bytes written.
+    let len = 256 << 20; // floats: 1 GiB
+    let src = gpu.zeros(len)?;
+    let mut dst = gpu.zeros(len)?;
+    gpu.copy(&src, &mut dst)?;
+    gpu.synchronize()?;
+    let mut samples = Vec::new();
+    for _ in 0..10 {
+        let start = Instant::now();
+        gpu.copy(&src, &mut dst)?;
+        gpu.synchronize()?;
+        samples.push(2.0 * (len * 4) as f64 / start.elapsed().as_secs_f64() / 1e9);
+    }
+    let copy_gbps = median(&mut samples);
+    reporter.report("cuda/copy_bandwidth", copy_gbps, "GB/s", true);
+    drop((src, dst));
+
+    let n = 8192;
+    let a = gpu.upload(&vec![1.0f32; n * n])?;
+    let b = gpu.upload(&vec![1.0f32; n * n])?;
+    let mut c = gpu.zeros(n * n)?;
+    gpu.sgemm((n, n, n), &a, &b, &mut c)?;
+    gpu.synchronize()?;
+    samples.clear();
+    for _ in 0..10 {
+        let start = Instant::now();
+        gpu.sgemm((n, n, n), &a, &b, &mut c)?;
+        gpu.synchronize()?;
+        samples.push(2.0 * (n as f64).powi(3) / start.elapsed().as_secs_f64() / 1e12);
+    }
+    reporter.report("cuda/gemm_f32_8192", median(&mut samples), "TFLOP/s", true);
+    drop((a, b, c));
+
+    for (label, matrix) in [("poisson_1e7", poisson(3163)), ("random_1e7_nnz10", random(10_000_000, 10))] {
+        let rows = matrix.rows();
+        let bytes = (matrix.nnz() * 8 + (rows + 1) * 4 + matrix.cols() * 4 + rows * 4) as f64;
+        let da = gpu.upload_csr(&matrix)?;
+        drop(matrix);
+        let x = gpu.upload(&vec![1.0f32; da.shape().1])?;
+        let mut y = gpu.zeros(rows)?;
+        gpu.spmv(&da, &x, &mut y)?;
+        samples.clear();
+        for _ in 0..20 {
+            let start = Instant::now();
+            gpu.spmv(&da, &x, &mut y)?;
+            samples.push(bytes / start.elapsed().as_secs_f64() / 1e9);
+        }
+        let gbps = median(&mut samples);
+        reporter.report(&format!("cuda/spmv_{label}"), gbps, "GB/s", true);
+        eprintln!("spmv {label}: {:.0} % of the copy bandwidth", 100.0 * gbps / copy_gbps);
+    }
+    Ok(())
+}
+
+/// The 5-point Laplacian on an `n × n` grid.
+fn poisson(n: usize) -> sprs::CsMat<f32> {
+    let mut indptr = Vec::with_capacity(n * n + 1);
+    let mut indices = Vec::with_capacity(5 * n * n);
+    let mut data = Vec::with_capacity(5 * n * n);
+    indptr.push(0);
+    for i in 0..n {
+        for j in 0..n {
+            let row = i * n + j;
+            let mut push = |col: usize, v: f32| {
+                indices.push(col);
+                data.push(v);
+            };
+            if i > 0 {
+                push(row - n, -1.0);
+            }
+            if j > 0 {
+                push(row - 1, -1.0);
+            }
+            push(row, 4.0);
+            if j + 1 < n {
+                push(row + 1, -1.0);
+            }
+            if i + 1 < n {
+                push(row + n, -1.0);
+            }
+            indptr.push(indices.len());
+        }
+    }
+    sprs::CsMat::new((n * n, n * n), indptr, indices, data)
+}
+
+/// A square matrix with `per_row` entries at pseudo-random sorted columns in each row.
+fn random(rows: usize, per_row: usize) -> sprs::CsMat<f32> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut indptr = Vec::with_capacity(rows + 1);
+    let mut indices = Vec::with_capacity(rows * per_row);
+    indptr.push(0);
+    for _ in 0..rows {
+        let start = indices.len();
+        while indices.len() - start < per_row {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let col = (state % rows as u64) as usize;
+            if !indices[start..].contains(&col) {
+                indices.push(col);
+            }
+        }
+        indices[start..].sort_unstable();
+        indptr.push(indices.len());
+    }
+    let data = vec![1.0f32; indices.len()];
+    sprs::CsMat::new((rows, rows), indptr, indices, data)
+}
