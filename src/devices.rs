@@ -3,7 +3,11 @@
 mod collective;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod nccl;
 
 pub use collective::{segment, CollectiveError, Communicator, GroupConfig, Rendezvous, TcpGroup};
 #[cfg(feature = "cuda")]
 pub use cuda::{compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr, KERNELS};
+#[cfg(feature = "cuda")]
+pub use nccl::NcclGroup;

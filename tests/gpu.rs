@@ -142,3 +142,26 @@ fn spmv_matches_sprs_and_csr_round_trips() {
     let mut short = gpu.zeros(3).unwrap();
     assert!(matches!(gpu.spmv(&da, &dx, &mut short), Err(DeviceError::Shape { .. })));
 }
+
+#[test]
+fn nccl_with_one_rank_per_gpu() {
+    use std::sync::Arc;
+    use tessera::{Communicator, GroupConfig, NcclGroup, Rendezvous, TcpGroup};
+    let Some(gpu) = gpu() else { return };
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let meet =
+        std::thread::spawn(move || Rendezvous::serve(listener, 1, "s", std::time::Duration::from_secs(10)));
+    let mut bootstrap = TcpGroup::join(GroupConfig::new(0, 1, addr, "s")).unwrap();
+    meet.join().unwrap().unwrap();
+    let mut nccl = NcclGroup::join(Arc::new(gpu), &mut bootstrap).unwrap();
+    let mut data: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+    let before = data.clone();
+    nccl.all_reduce(&mut data).unwrap();
+    assert_eq!(data, before, "one rank: the sum is the input");
+    let mut gathered = vec![0f32; 1000];
+    nccl.all_gather(&before, &mut gathered).unwrap();
+    assert_eq!(gathered, before);
+    nccl.broadcast(&mut data, 0).unwrap();
+    nccl.barrier().unwrap();
+}

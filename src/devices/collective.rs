@@ -57,6 +57,14 @@ pub enum CollectiveError {
     /// The group could not be formed.
     #[error("cannot form the group: {0}")]
     Setup(String),
+    /// The backend (NCCL, the device) failed.
+    #[error("{op} failed in the backend: {message}")]
+    Backend {
+        /// The operation.
+        op: &'static str,
+        /// What the backend reported.
+        message: String,
+    },
 }
 
 type Result<T, E = CollectiveError> = std::result::Result<T, E>;

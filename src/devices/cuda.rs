@@ -4,8 +4,8 @@
 //!
 //! Sparse matrices (CSR, from and to `sprs`) multiply dense vectors through cuSPARSE.
 //!
-//! Status: the device actor, device-resident `Ref`s, SpMM, NCCL and the model-graph ops
-//! are not here yet; this module is what they build on.
+//! Status: the device actor, device-resident `Ref`s, bf16 GEMM, SpMM and the model-graph
+//! ops are not here yet; this module is what they build on. NCCL is in `nccl.rs`.
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -248,6 +248,11 @@ impl Gpu {
             sparse: Mutex::new(None),
             kernels: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The stream this device's work is queued on.
+    pub(crate) fn stream(&self) -> Arc<CudaStream> {
+        self.stream.clone()
     }
 
     fn driver(&self, e: cudarc::driver::DriverError) -> DeviceError {
