@@ -5,6 +5,7 @@
 mod cluster;
 pub(crate) mod collectives;
 mod tasks;
+pub(crate) mod train;
 
 mod nn;
 
@@ -18,7 +19,7 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks, cluster, collectives, nn.
+    /// The suite to run: tasks, cluster, collectives, nn, train.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -58,7 +59,8 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "cluster" => cluster::run(&reporter),
         "collectives" => collectives::run(&reporter),
         "nn" => nn::run(&reporter),
-        other => bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives, nn"),
+        "train" => train::run(&reporter),
+        other => bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives, nn, train"),
     }
 }
 

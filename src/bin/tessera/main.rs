@@ -20,6 +20,9 @@ enum Command {
     /// A member of the `collectives` benchmark (started by `tessera bench collectives`).
     #[command(hide = true)]
     CollectiveMember(bench::collectives::MemberArgs),
+    /// A replica of the `train` benchmark (started by `tessera bench train`).
+    #[command(hide = true)]
+    TrainMember(bench::train::MemberArgs),
 }
 
 #[derive(clap::Args)]
@@ -69,5 +72,6 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Node(args) => run_node(args),
         Command::CollectiveMember(args) => bench::collectives::member(args),
+        Command::TrainMember(args) => bench::train::member(args),
     }
 }

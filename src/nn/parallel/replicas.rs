@@ -76,9 +76,9 @@ enum Job {
     Broadcast(Vec<f32>, usize),
 }
 
-/// What the communication thread answers: the job's index (bucket, or `usize::MAX`) and
-/// its buffer, reduced.
-type Done = Result<(usize, Vec<f32>), crate::devices::CollectiveError>;
+/// What the communication thread answers: the job's index (bucket, or `usize::MAX`), its
+/// buffer, reduced, and the seconds the collective took.
+type Done = Result<(usize, Vec<f32>, f64), crate::devices::CollectiveError>;
 
 fn communicate(mut comm: Box<dyn Communicator>, buckets: usize, jobs: Receiver<Job>, done: Sender<Done>) {
     let mut pending: Vec<Option<Vec<f32>>> = (0..buckets).map(|_| None).collect();
@@ -89,7 +89,9 @@ fn communicate(mut comm: Box<dyn Communicator>, buckets: usize, jobs: Receiver<J
                 pending[index] = Some(data);
                 // Reduce every bucket that is next in the fixed order.
                 while let Some(mut data) = pending.get_mut(next).and_then(Option::take) {
-                    let reply = comm.all_reduce(&mut data).map(|()| (next, data));
+                    let start = Instant::now();
+                    let reply =
+                        comm.all_reduce(&mut data).map(|()| (next, data, start.elapsed().as_secs_f64()));
                     next = (next + 1) % buckets.max(1);
                     let failed = reply.is_err();
                     if done.send(reply).is_err() || failed {
@@ -98,8 +100,10 @@ fn communicate(mut comm: Box<dyn Communicator>, buckets: usize, jobs: Receiver<J
                 }
                 continue;
             }
-            Job::AllReduce(mut data) => comm.all_reduce(&mut data).map(|()| (usize::MAX, data)),
-            Job::Broadcast(mut data, root) => comm.broadcast(&mut data, root).map(|()| (usize::MAX, data)),
+            Job::AllReduce(mut data) => comm.all_reduce(&mut data).map(|()| (usize::MAX, data, 0.0)),
+            Job::Broadcast(mut data, root) => {
+                comm.broadcast(&mut data, root).map(|()| (usize::MAX, data, 0.0))
+            }
         };
         let failed = answer.is_err();
         if done.send(answer).is_err() || failed {
@@ -116,8 +120,12 @@ pub struct CommStats {
     /// Seconds of forward and backward (gradient buckets were reduced during backward).
     pub compute_seconds: f64,
     /// Seconds the replica waited after backward for the last buckets to come back: the
-    /// communication that did not overlap with backward.
+    /// communication that did not overlap with backward (including waiting for a slower
+    /// replica).
     pub wait_seconds: f64,
+    /// Seconds the communication thread spent inside bucket all-reduces (overlapped or not;
+    /// includes waiting for the peers' buckets).
+    pub reduce_seconds: f64,
 }
 
 /// One replica of a data-parallel training group.
@@ -273,7 +281,7 @@ impl DataParallel {
         self.gone()
     }
 
-    fn receive(&self) -> Result<(usize, Vec<f32>), NnError> {
+    fn receive(&self) -> Result<(usize, Vec<f32>, f64), NnError> {
         Ok(self.done.recv().map_err(|_| self.gone())??)
     }
 
@@ -285,7 +293,7 @@ impl DataParallel {
     pub fn sync(&mut self, state: &mut TrainState) -> Result<(), NnError> {
         let flat: Vec<f32> = state.params.tensors.iter().flat_map(|t| t.data.iter().copied()).collect();
         self.send(Job::Broadcast(flat, 0))?;
-        let (_, flat) = self.receive()?;
+        let (_, flat, _) = self.receive()?;
         let mut at = 0;
         for t in &mut state.params.tensors {
             let n = t.data.len();
@@ -355,7 +363,8 @@ impl DataParallel {
         let computed = Instant::now();
         let scale = 1.0 / self.size as f32;
         for _ in 0..self.buckets.slots.len() {
-            let (b, data) = self.receive()?;
+            let (b, data, seconds) = self.receive()?;
+            self.stats.reduce_seconds += seconds;
             for slot in &self.buckets.slots[b] {
                 let grad = self.exec.param_grad_mut(slot.param);
                 for (g, &r) in grad.iter_mut().zip(&data[slot.offset..slot.offset + slot.len]) {
