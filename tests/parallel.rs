@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use tessera::nn::{
-    lenet, mlp, Activation, Conv2d, DType, DataParallel, Dataset, Graph, Linear, MaxPool2d, Model, NnError,
-    OptimizerConfig, Params, Pipeline, TrainState, Trainer,
+    is_peer_lost, lenet, mlp, resume, save_checkpoint, supervise, Activation, Conv2d, DType, DataParallel,
+    Dataset, DirStore, ElasticConfig, Graph, Linear, MaxPool2d, Model, NnError, OptimizerConfig, Params,
+    Pipeline, TrainState, Trainer, PEER_LOST_EXIT_CODE,
 };
 use tessera::{CollectiveError, GroupConfig, Rendezvous, TcpGroup};
 
@@ -119,8 +120,45 @@ fn member() -> Result<()> {
                 Err(other) => bail!("unexpected error: {other}"),
             }
         }
+        "elastic" => elastic_replica(rank, size, group, &data),
         other => bail!("unknown mode {other}"),
     }
+}
+
+/// A replica of the elastic run: resumes from the last checkpoint if there is one; on the
+/// first attempt the last rank kills itself (SIGKILL) after 3 epochs.
+fn elastic_replica(rank: usize, size: usize, group: TcpGroup, data: &Dataset) -> Result<()> {
+    let attempt: usize = std::env::var("PAR_ATTEMPT")?.parse()?;
+    let store = DirStore::open(std::env::var("PAR_CHECKPOINTS")?)?;
+    let global = 48;
+    let model = lenet(global / size, 8, 10)?;
+    let (mut state, from) = match resume(&store, "elastic") {
+        Ok(state) => (state, "the checkpoint"),
+        Err(_) => (TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), global, SEED), "scratch"),
+    };
+    println!("attempt {attempt}: {size} replicas from {from} at epoch {}", state.epoch);
+    let mut replica = DataParallel::new(model, Box::new(group), 0.01)?;
+    replica.sync(&mut state)?;
+    while state.epoch < 6 {
+        if attempt == 0 && rank == size - 1 && state.epoch == 3 {
+            Command::new("kill").args(["-9", &std::process::id().to_string()]).status()?;
+            std::thread::sleep(Duration::from_secs(10));
+            bail!("still alive after kill -9");
+        }
+        match replica.train_epoch(&mut state, data) {
+            Ok(_) => {}
+            Err(error) if is_peer_lost(&error) => {
+                println!("rank {rank}: {error}");
+                std::process::exit(PEER_LOST_EXIT_CODE);
+            }
+            Err(error) => return Err(error.into()),
+        }
+        if rank == 0 {
+            save_checkpoint(&store, "elastic", &state)?;
+        }
+        println!("epoch {} {}", state.epoch, hash(&state.params));
+    }
+    Ok(())
 }
 
 fn run_group(size: usize, mode: &str) -> Result<Vec<String>> {
@@ -178,6 +216,49 @@ fn replicas_hold_bit_identical_parameters_after_every_epoch() -> Result<()> {
 fn replicas_match_single_worker_training() -> Result<()> {
     let outputs = run_group(2, "mlp")?;
     ensure!(outputs[0] == outputs[1] && outputs[0].contains("matches"), "{outputs:?}");
+    Ok(())
+}
+
+fn a_dead_replica_makes_the_survivors_resume_from_the_checkpoint() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("tessera-elastic-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe()?;
+    let out = |attempt: usize, rank: usize| dir.join(format!("attempt{attempt}-rank{rank}.txt"));
+    let mut said = Vec::new();
+    let report = supervise(
+        &ElasticConfig::new(3, SECRET),
+        |launch| {
+            Command::new(&exe)
+                .env("PAR_RANK", launch.rank.to_string())
+                .env("PAR_SIZE", launch.size.to_string())
+                .env("PAR_ADDR", launch.rendezvous.to_string())
+                .env("PAR_MODE", "elastic")
+                .env("PAR_ATTEMPT", launch.attempt.to_string())
+                .env("PAR_CHECKPOINTS", &dir)
+                .stdout(std::fs::File::create(out(launch.attempt, launch.rank))?)
+                .stderr(Stdio::null())
+                .spawn()
+        },
+        |message| said.push(message.to_string()),
+    )?;
+    let read = |attempt, rank| std::fs::read_to_string(out(attempt, rank)).unwrap_or_default();
+    ensure!(report.sizes == [3, 2] && report.dead == [vec![2]], "{report:?}; {said:?}");
+    ensure!(said.len() == 1, "{said:?}");
+    ensure!(
+        said[0].contains("replica 2 of 3 killed by signal 9") && said[0].contains("remaining 2 replicas"),
+        "{said:?}"
+    );
+    for rank in 0..2 {
+        let first = read(0, rank);
+        ensure!(first.contains("epoch 3 ") && !first.contains("epoch 4 "), "attempt 0, rank {rank}: {first}");
+        ensure!(first.contains("rank 2"), "attempt 0, rank {rank} did not name the dead rank: {first}");
+    }
+    let (a, b) = (read(1, 0), read(1, 1));
+    ensure!(a.starts_with("attempt 1: 2 replicas from the checkpoint at epoch 3"), "{a}");
+    ensure!(a == b && a.contains("epoch 6 "), "survivors differ or did not finish:\n{a}\nvs\n{b}");
+    println!("    {}", said[0]);
+    std::fs::remove_dir_all(&dir)?;
     Ok(())
 }
 
@@ -272,6 +353,10 @@ fn main() {
         ),
         ("replicas_match_single_worker_training", replicas_match_single_worker_training),
         ("a_dead_replica_fails_the_others_naming_its_rank", a_dead_replica_fails_the_others_naming_its_rank),
+        (
+            "a_dead_replica_makes_the_survivors_resume_from_the_checkpoint",
+            a_dead_replica_makes_the_survivors_resume_from_the_checkpoint,
+        ),
         ("pipelines_match_single_worker_training", pipelines_match_single_worker_training),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();

@@ -143,6 +143,13 @@ pub enum NnError {
         /// Its error.
         source: Box<NnError>,
     },
+    /// Supervising elastic training failed (too few replicas left, a process could not
+    /// start, too many restarts).
+    #[error("elastic training: {what}")]
+    Elastic {
+        /// What happened.
+        what: String,
+    },
     /// A training worker thread (communication thread or pipeline stage) is gone.
     #[error("{worker} stopped unexpectedly")]
     WorkerGone {

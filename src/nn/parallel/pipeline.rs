@@ -341,6 +341,12 @@ impl Pipeline {
     /// As [`Pipeline::new`]; [`NnError::Argument`] if the graph has fewer nodes than stages.
     pub fn balanced(model: Model, stages: usize, micro_batches: usize) -> Result<Self, NnError> {
         let cuts = balanced_cuts(&model.graph, model.loss.index() + 1, stages);
+        if cuts.len() + 1 != stages {
+            return Err(NnError::Argument {
+                op: "Pipeline::balanced",
+                what: format!("the graph has compute for at most {} stages, not {stages}", cuts.len() + 1),
+            });
+        }
         Self::new(model, &cuts, micro_batches)
     }
 
@@ -538,17 +544,31 @@ fn node_cost(graph: &Graph, n: usize) -> f64 {
     }
 }
 
+/// Cuts before compute nodes (never leaving a stage without work), each as close as
+/// possible to an equal share of the estimated total cost.
 fn balanced_cuts(graph: &Graph, end: usize, stages: usize) -> Vec<usize> {
     let costs: Vec<f64> = (0..end).map(|n| node_cost(graph, n)).collect();
     let total: f64 = costs.iter().sum();
-    let mut cuts = Vec::new();
-    let mut acc = 0.0;
-    for (n, c) in costs.iter().enumerate() {
-        acc += c;
-        let want = cuts.len() + 1;
-        if want < stages && acc >= total * want as f64 / stages as f64 && n + 1 < end {
-            cuts.push(n + 1);
+    // Candidate cut positions: the start of each compute node but the first.
+    let mut before = 0.0;
+    let mut candidates: Vec<(usize, f64)> = Vec::new();
+    for (n, &c) in costs.iter().enumerate() {
+        if c > 0.0 && before > 0.0 {
+            candidates.push((n, before));
         }
+        before += c;
+    }
+    let mut cuts: Vec<usize> = Vec::new();
+    let mut from = 0;
+    for k in 1..stages {
+        let target = total * k as f64 / stages as f64;
+        // Leave enough candidates for the remaining cuts.
+        let last = candidates.len().saturating_sub(stages - 1 - k);
+        let best = (from..last)
+            .min_by(|&a, &b| (candidates[a].1 - target).abs().total_cmp(&(candidates[b].1 - target).abs()));
+        let Some(best) = best else { break };
+        cuts.push(candidates[best].0);
+        from = best + 1;
     }
     cuts
 }
