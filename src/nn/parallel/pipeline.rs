@@ -338,7 +338,8 @@ impl Pipeline {
     /// [`Pipeline::new`].
     ///
     /// # Errors
-    /// As [`Pipeline::new`]; [`NnError::Argument`] if the graph has fewer nodes than stages.
+    /// As [`Pipeline::new`]; [`NnError::Argument`] if the graph has compute nodes for fewer
+    /// stages than `stages`.
     pub fn balanced(model: Model, stages: usize, micro_batches: usize) -> Result<Self, NnError> {
         let cuts = balanced_cuts(&model.graph, model.loss.index() + 1, stages);
         if cuts.len() + 1 != stages {
