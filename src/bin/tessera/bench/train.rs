@@ -3,7 +3,8 @@
 //! all-reduce over the TCP communicator), at two global batch sizes; plus how long each
 //! replica computed and how long it waited for gradient buckets after backward, against
 //! one bucket reduced after backward (no overlap) and two independent processes (how much
-//! CPU two processes get on this machine right now).
+//! CPU two processes get on this machine right now); and a 2-stage pipeline (2 threads,
+//! 4 micro-batches).
 use std::io::{BufRead, BufReader};
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tessera::nn::{lenet, DataParallel, Dataset, OptimizerConfig, TrainState, Trainer};
+use tessera::nn::{lenet, DataParallel, Dataset, OptimizerConfig, Pipeline, TrainState, Trainer};
 use tessera::{GroupConfig, Rendezvous, TcpGroup};
 
 use super::{median, Reporter};
@@ -117,6 +118,22 @@ fn single(batch: usize) -> Result<f64> {
     Ok(median(&mut rates))
 }
 
+/// A 2-stage pipeline (two worker threads) over 4 micro-batches of `batch / 4` rows.
+fn pipeline(batch: usize) -> Result<f64> {
+    let train = data()?;
+    let model = lenet(batch / 4, 8, 10)?;
+    let mut state = TrainState::new(&model, OptimizerConfig::adamw(1e-3, 1e-4), train.len(), batch, 1);
+    let mut pipeline = Pipeline::balanced(model, 2, 4)?;
+    for _ in 0..WARMUP_EPOCHS {
+        pipeline.train_epoch(&mut state, &train)?;
+    }
+    let mut rates = Vec::new();
+    for _ in 0..TIMED_EPOCHS {
+        rates.push(pipeline.train_epoch(&mut state, &train)?.samples_per_second());
+    }
+    Ok(median(&mut rates))
+}
+
 /// Aggregate samples/s of `count` independent single-process trainers run at once.
 fn concurrent_solos(count: usize, batch: usize) -> Result<f64> {
     let exe = std::env::current_exe()?;
@@ -214,6 +231,9 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         let solos = concurrent_solos(2, batch)?;
         reporter.report(&format!("train/cnn_b{batch}_2_independent_processes"), solos, "samples/s", true);
         reporter.report(&format!("train/cnn_b{batch}_2_independent_speedup"), solos / one, "x", true);
+        let staged = pipeline(batch)?;
+        reporter.report(&format!("train/cnn_b{batch}_pipeline_2_stages"), staged, "samples/s", true);
+        reporter.report(&format!("train/cnn_b{batch}_pipeline_2_stages_speedup"), staged / one, "x", true);
     }
     tracing::info!("train suite took {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
