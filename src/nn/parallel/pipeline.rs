@@ -100,8 +100,8 @@ impl Stage {
                     self.grads.iter_mut().for_each(|(_, g)| g.fill(0.0));
                     Ok(())
                 }
-                ToStage::Forward(mb, values) => self.forward(mb, values),
-                ToStage::Backward(mb, grads) => self.backward(mb, grads),
+                ToStage::Forward(mb, values) => self.guarded(|stage| stage.forward(mb, values)),
+                ToStage::Backward(mb, grads) => self.guarded(|stage| stage.backward(mb, grads)),
                 ToStage::Stop => return,
             };
             if let Err(error) = result {
@@ -109,6 +109,14 @@ impl Stage {
                 return;
             }
         }
+    }
+
+    /// Runs `work`, turning a panic into an error so the coordinator never waits forever.
+    fn guarded(&mut self, work: impl FnOnce(&mut Self) -> Result<(), NnError>) -> Result<(), NnError> {
+        let index = self.plan.index;
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| work(self))).unwrap_or_else(|_| {
+            Err(NnError::WorkerGone { worker: format!("pipeline stage {index} (panicked)") })
+        })
     }
 
     fn load(&mut self, mb: usize) -> Result<(), NnError> {

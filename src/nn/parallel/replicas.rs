@@ -184,6 +184,8 @@ pub struct DataParallel {
     thread: Option<JoinHandle<()>>,
     stats: CommStats,
     batch: Vec<usize>,
+    /// Set when a step failed after buckets were handed out: the group is out of step.
+    failed: bool,
 }
 
 impl DataParallel {
@@ -226,6 +228,7 @@ impl DataParallel {
             thread: Some(thread),
             stats: CommStats::default(),
             batch,
+            failed: false,
         })
     }
 
@@ -320,6 +323,17 @@ impl DataParallel {
     /// As [`Executor::forward`] and [`Executor::backward`]; [`NnError::Collective`] if a
     /// replica died or stalled (the update is then skipped and this replica is unusable).
     pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
+        if self.failed {
+            return Err(NnError::WorkerGone {
+                worker: format!("replica {} (a step failed earlier)", self.rank),
+            });
+        }
+        let result = self.try_step(state);
+        self.failed = result.is_err();
+        result
+    }
+
+    fn try_step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
         let start = Instant::now();
         let loss = self.model.loss;
         self.exec.set_training(true);
