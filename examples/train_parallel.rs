@@ -4,17 +4,21 @@
 //! split into a 2-stage pipeline (one worker thread per stage) over 4 micro-batches.
 //! Prints loss, accuracy and samples/s per epoch for both.
 //!
-//! `cargo run --release --example train_parallel -- --epochs 20`
-use std::net::{SocketAddr, TcpListener};
+//! The replicas run under elastic supervision: rank 0 checkpoints after every epoch, and
+//! with `--kill-replica-at-epoch N` replica 1 kills itself (SIGKILL) after N epochs; the
+//! survivor then resumes from the last checkpoint alone, and the supervisor says so.
+//!
+//! `cargo run --release --example train_parallel -- --epochs 20 [--kill-replica-at-epoch 5]`
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use clap::Parser;
 use tessera::nn::{
-    lenet, DataParallel, Dataset, EpochStats, Evaluator, OptimizerConfig, Pipeline, TrainState,
+    is_peer_lost, lenet, resume, save_checkpoint, supervise, DataParallel, Dataset, DirStore, ElasticConfig,
+    EpochStats, Evaluator, Launch, OptimizerConfig, Pipeline, TrainState, PEER_LOST_EXIT_CODE,
 };
-use tessera::{GroupConfig, Rendezvous, TcpGroup};
+use tessera::{GroupConfig, TcpGroup};
 
 #[derive(Parser, Clone)]
 struct Args {
@@ -36,8 +40,12 @@ struct Args {
     /// The digits CSV.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))]
     data: String,
-    /// (Internal) this process is replica RANK, joining the group at RENDEZVOUS.
-    #[arg(long, hide = true, num_args = 2, value_names = ["RANK", "RENDEZVOUS"])]
+    /// Demonstrate elasticity: replica 1 dies after this many epochs.
+    #[arg(long)]
+    kill_replica_at_epoch: Option<u64>,
+    /// (Internal) this process is replica RANK of SIZE, attempt ATTEMPT, joining the group
+    /// at RENDEZVOUS and checkpointing into DIR.
+    #[arg(long, hide = true, num_args = 5, value_names = ["RANK", "SIZE", "ATTEMPT", "RENDEZVOUS", "DIR"])]
     replica: Option<Vec<String>>,
 }
 
@@ -59,30 +67,51 @@ fn print_epoch(epoch: usize, stats: &EpochStats, test_accuracy: f32) {
     );
 }
 
-/// One replica process: trains on its shard of every batch; rank 0 prints.
-fn replica(args: &Args, rank: usize, rendezvous: SocketAddr) -> Result<()> {
+/// One replica process: resumes from the last checkpoint if there is one, trains on its
+/// shard of every batch; rank 0 prints and checkpoints.
+fn replica(args: &Args, launch: &Launch, checkpoints: &str) -> Result<()> {
+    let (rank, size) = (launch.rank, launch.size);
     let secret = std::env::var(SECRET_VAR).context("TESSERA_SECRET not set")?;
-    let group = TcpGroup::join(GroupConfig::new(rank, REPLICAS, rendezvous, secret))?;
+    let group = TcpGroup::join(GroupConfig::new(rank, size, launch.rendezvous, secret))?;
+    let store = DirStore::open(checkpoints)?;
     let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
-    let model = lenet(args.batch / REPLICAS, 8, 10)?;
-    let mut state =
-        TrainState::new(&model, OptimizerConfig::adamw(args.lr, 1e-4), train.len(), args.batch, args.seed);
+    let model = lenet(args.batch / size, 8, 10)?;
+    let mut state = match resume(&store, "train_parallel") {
+        Ok(state) => state,
+        Err(_) => {
+            TrainState::new(&model, OptimizerConfig::adamw(args.lr, 1e-4), train.len(), args.batch, args.seed)
+        }
+    };
     let mut replica = DataParallel::new(model, Box::new(group), args.bucket_mib)?;
     replica.sync(&mut state)?;
     let mut eval = Evaluator::new(lenet(test.len(), 8, 10)?);
     if rank == 0 {
         println!(
-            "data parallel: {REPLICAS} replica processes, {} rows each, {} gradient buckets",
-            args.batch / REPLICAS,
-            replica.bucket_params().len()
+            "data parallel: {size} replica processes, {} rows each, {} gradient buckets, from epoch {}",
+            args.batch / size,
+            replica.bucket_params().len(),
+            state.epoch
         );
     }
-    for epoch in 0..args.epochs {
-        state.optimizer.set_lr(lr_at(args, epoch));
-        let stats = replica.train_epoch(&mut state, &train)?;
+    while (state.epoch as usize) < args.epochs {
+        if launch.attempt == 0 && rank == 1 && Some(state.epoch) == args.kill_replica_at_epoch {
+            println!("  (replica 1 kills itself now)");
+            Command::new("kill").args(["-9", &std::process::id().to_string()]).status()?;
+            std::thread::sleep(Duration::from_secs(30));
+        }
+        state.optimizer.set_lr(lr_at(args, state.epoch as usize));
+        let stats = match replica.train_epoch(&mut state, &train) {
+            Ok(stats) => stats,
+            Err(error) if is_peer_lost(&error) => {
+                println!("  replica {rank}: {error}");
+                std::process::exit(PEER_LOST_EXIT_CODE);
+            }
+            Err(error) => return Err(error.into()),
+        };
         if rank == 0 {
+            save_checkpoint(&store, "train_parallel", &state)?;
             let e = eval.classify(&state.params, &test)?;
-            print_epoch(epoch, &stats, e.accuracy);
+            print_epoch(state.epoch as usize - 1, &stats, e.accuracy);
         }
     }
     if rank == 0 {
@@ -96,30 +125,30 @@ fn replica(args: &Args, rank: usize, rendezvous: SocketAddr) -> Result<()> {
 }
 
 fn data_parallel(args: &Args) -> Result<()> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
     let secret = format!("train-parallel-{}", std::process::id());
-    let rendezvous = {
-        let secret = secret.clone();
-        std::thread::spawn(move || Rendezvous::serve(listener, REPLICAS, &secret, Duration::from_secs(60)))
-    };
+    let checkpoints = std::env::temp_dir().join(format!("tessera-train-parallel-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&checkpoints);
     let exe = std::env::current_exe()?;
-    let children: Vec<_> = (0..REPLICAS)
-        .map(|rank| {
+    let dir = checkpoints.to_string_lossy().into_owned();
+    let report = supervise(
+        &ElasticConfig::new(REPLICAS, secret.clone()),
+        |launch| {
             Command::new(&exe)
                 .args(["--epochs", &args.epochs.to_string(), "--batch", &args.batch.to_string()])
                 .args(["--bucket-mib", &args.bucket_mib.to_string(), "--lr", &args.lr.to_string()])
                 .args(["--seed", &args.seed.to_string(), "--data", &args.data])
-                .args(["--replica", &rank.to_string(), &addr.to_string()])
+                .args(["--replica", &launch.rank.to_string(), &launch.size.to_string()])
+                .args([&launch.attempt.to_string(), &launch.rendezvous.to_string(), &dir])
+                .args(args.kill_replica_at_epoch.map(|e| format!("--kill-replica-at-epoch={e}")))
                 .env(SECRET_VAR, &secret)
                 .spawn()
-                .context("starting a replica process")
-        })
-        .collect::<Result<_>>()?;
-    for (rank, mut child) in children.into_iter().enumerate() {
-        ensure!(child.wait()?.success(), "replica {rank} failed");
+        },
+        |message| println!("supervisor: {message}"),
+    )?;
+    if report.sizes.len() > 1 {
+        println!("supervisor: finished with group sizes {:?} (dead ranks {:?})", report.sizes, report.dead);
     }
-    rendezvous.join().map_err(|_| anyhow::anyhow!("rendezvous panicked"))??;
+    let _ = std::fs::remove_dir_all(&checkpoints);
     Ok(())
 }
 
@@ -153,10 +182,14 @@ fn pipeline(args: &Args) -> Result<()> {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    if let Some(replica_args) = &args.replica {
-        let rank = replica_args[0].parse()?;
-        let addr = replica_args[1].parse()?;
-        return replica(&args, rank, addr);
+    if let Some(r) = &args.replica {
+        let launch = Launch {
+            rank: r[0].parse()?,
+            size: r[1].parse()?,
+            attempt: r[2].parse()?,
+            rendezvous: r[3].parse()?,
+        };
+        return replica(&args, &launch, &r[4]);
     }
     ensure!(args.batch % REPLICAS == 0 && args.batch % 4 == 0, "--batch must be a multiple of 4");
     data_parallel(&args)?;
