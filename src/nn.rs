@@ -46,6 +46,7 @@ mod executor;
 mod graph;
 mod layers;
 mod optim;
+mod parallel;
 mod params;
 mod rng;
 mod tensor;
@@ -59,6 +60,10 @@ pub use executor::Executor;
 pub use graph::{Activation, Graph, Init, Node, NodeId, Op, ParamSpec};
 pub use layers::{Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d, MultiHeadSelfAttention};
 pub use optim::{Optimizer, OptimizerConfig};
+pub use parallel::{
+    is_peer_lost, supervise, CommStats, DataParallel, ElasticConfig, ElasticReport, Launch, Pipeline,
+    PEER_LOST_EXIT_CODE,
+};
 pub use params::Params;
 pub use rng::Rng;
 pub use tensor::{DType, Tensor};

@@ -10,7 +10,10 @@
 //!    every node they read (parameters and stage inputs included), then adds the seeds,
 //!    then runs the nodes of `range` in reverse. Gradients only flow to nodes that depend on
 //!    a parameter (`requires_grad`).
-//! 4. Matrix products go through `matrixmultiply` single-threaded; transposed operands are
+//! 4. A parameter's gradient is final once backward has run its first reader (the
+//!    lowest-numbered node that reads it); [`CpuExecutor::backward_observed`] reports it
+//!    right then, which is where data-parallel training starts reducing a bucket.
+//! 5. Matrix products go through `matrixmultiply` single-threaded; transposed operands are
 //!    read through strides, never copied.
 use std::ops::Range;
 
@@ -22,6 +25,9 @@ mod forward;
 mod gemm;
 
 pub(crate) use gemm::{gemm_rm, MatRef};
+
+/// Called with a parameter's index and final gradient during backward.
+pub(crate) type ParamReady<'a> = dyn FnMut(usize, &[f32]) -> Result<(), NnError> + 'a;
 
 /// Read-only views the kernels need: the graph, node values, ids, saved intermediates.
 pub(crate) struct Ctx<'a> {
@@ -67,6 +73,8 @@ pub struct CpuExecutor {
     rng: Rng,
     training: bool,
     forward_trained: bool,
+    /// For each parameter, the lowest node id that reads it (`usize::MAX` if none does).
+    first_reader: Vec<usize>,
 }
 
 impl CpuExecutor {
@@ -120,6 +128,14 @@ impl CpuExecutor {
             scratch2 = scratch2.max(sizes.scratch2);
         }
         let filled = nodes.iter().map(|n| matches!(n.op, Op::Param { .. })).collect();
+        let mut first_reader = vec![usize::MAX; graph.params().len()];
+        for (i, node) in nodes.iter().enumerate().rev() {
+            for &j in &node.inputs {
+                if let Op::Param { index } = nodes[j.0].op {
+                    first_reader[index] = i;
+                }
+            }
+        }
         CpuExecutor {
             graph: graph.clone(),
             vals,
@@ -136,6 +152,7 @@ impl CpuExecutor {
             rng: Rng::seed(0),
             training: false,
             forward_trained: false,
+            first_reader,
         }
     }
 
@@ -243,6 +260,109 @@ impl CpuExecutor {
     /// Whether gradients flow to `node` (it depends on a parameter).
     pub fn requires_grad(&self, node: NodeId) -> bool {
         self.requires_grad.get(node.0).copied().unwrap_or(false)
+    }
+
+    /// As [`Executor::backward`], but calls `ready(index, gradient)` for each parameter as
+    /// soon as its gradient is final (right after its first reader ran backward), while
+    /// the rest of the range continues: the hook where data parallelism overlaps gradient
+    /// reduction with backward. Parameters that no node of `range` reads first are reported
+    /// after the walk. Every parameter is reported exactly once.
+    ///
+    /// # Errors
+    /// As [`Executor::backward`], and the first error `ready` returns (backward stops).
+    pub(crate) fn backward_observed(
+        &mut self,
+        params: &Params,
+        range: Range<usize>,
+        seeds: &[(NodeId, &[f32])],
+        ready: &mut ParamReady<'_>,
+    ) -> Result<(), NnError> {
+        // (A hook error may have left marks from an earlier call.)
+        self.zeroed.fill(false);
+        self.check_range(&range)?;
+        params.check(&self.graph)?;
+        // Zero each gradient once: the range's own nodes, then the nodes before the range
+        // that it reads (parameters, stage inputs), which may be read many times.
+        for n in range.clone() {
+            if self.requires_grad[n] {
+                self.grads[n].fill(0.0);
+            }
+        }
+        for n in range.clone() {
+            for &i in &self.graph.nodes()[n].inputs {
+                if i.0 < range.start && self.requires_grad[i.0] && !self.zeroed[i.0] {
+                    self.grads[i.0].fill(0.0);
+                    self.zeroed[i.0] = true;
+                }
+            }
+        }
+        self.zeroed.fill(false);
+        for &(node, seed) in seeds {
+            self.check_len(node, seed.len())?;
+            self.check_held(node)?;
+            if !self.requires_grad[node.0] {
+                continue;
+            }
+            for (g, s) in self.grads[node.0].iter_mut().zip(seed) {
+                *g += s;
+            }
+        }
+        for n in range.clone().rev() {
+            if !self.requires_grad[n] {
+                continue;
+            }
+            let node = &self.graph.nodes()[n];
+            if matches!(node.op, Op::Param { .. }) {
+                continue;
+            }
+            if !self.filled[n] {
+                return Err(self.missing(NodeId(n)));
+            }
+            let g = std::mem::take(&mut self.grads[n]);
+            let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
+            let saved =
+                backward::Saved { aux: &self.aux[n], idx: &self.idx[n], trained: self.forward_trained };
+            backward::prepare(&ctx, node, n, &g, &saved, &mut self.scratch);
+            for (pos, &input) in node.inputs.iter().enumerate() {
+                if !self.requires_grad[input.0] {
+                    continue;
+                }
+                let mut gin = std::mem::take(&mut self.grads[input.0]);
+                let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
+                backward::accumulate(
+                    &ctx,
+                    node,
+                    n,
+                    pos,
+                    &g,
+                    &saved,
+                    &self.scratch,
+                    &mut self.scratch2,
+                    &mut gin,
+                );
+                self.grads[input.0] = gin;
+            }
+            self.grads[n] = g;
+            for &input in &self.graph.nodes()[n].inputs {
+                if let Op::Param { index } = self.graph.nodes()[input.0].op {
+                    // A node may read the same parameter twice: report it once.
+                    if self.first_reader[index] == n && !self.zeroed[input.0] {
+                        self.zeroed[input.0] = true;
+                        ready(index, &self.grads[input.0])?;
+                    }
+                }
+            }
+        }
+        // Parameters not reported in the walk (no reader in `range`), in their order.
+        for index in 0..self.graph.params().len() {
+            let node = self.graph.params()[index].node.0;
+            if !self.zeroed[node] {
+                self.zeroed[node] = true;
+                ready(index, &self.grads[node])?;
+            }
+        }
+        self.zeroed.fill(false);
+        Ok(())
     }
 
     fn missing(&self, node: NodeId) -> NnError {
@@ -368,72 +488,7 @@ impl Executor for CpuExecutor {
         range: Range<usize>,
         seeds: &[(NodeId, &[f32])],
     ) -> Result<(), NnError> {
-        self.check_range(&range)?;
-        params.check(&self.graph)?;
-        // Zero each gradient once: the range's own nodes, then the nodes before the range
-        // that it reads (parameters, stage inputs), which may be read many times.
-        for n in range.clone() {
-            if self.requires_grad[n] {
-                self.grads[n].fill(0.0);
-            }
-        }
-        for n in range.clone() {
-            for &i in &self.graph.nodes()[n].inputs {
-                if i.0 < range.start && self.requires_grad[i.0] && !self.zeroed[i.0] {
-                    self.grads[i.0].fill(0.0);
-                    self.zeroed[i.0] = true;
-                }
-            }
-        }
-        self.zeroed.fill(false);
-        for &(node, seed) in seeds {
-            self.check_len(node, seed.len())?;
-            self.check_held(node)?;
-            if !self.requires_grad[node.0] {
-                continue;
-            }
-            for (g, s) in self.grads[node.0].iter_mut().zip(seed) {
-                *g += s;
-            }
-        }
-        for n in range.rev() {
-            if !self.requires_grad[n] {
-                continue;
-            }
-            let node = &self.graph.nodes()[n];
-            if matches!(node.op, Op::Param { .. }) {
-                continue;
-            }
-            if !self.filled[n] {
-                return Err(self.missing(NodeId(n)));
-            }
-            let g = std::mem::take(&mut self.grads[n]);
-            let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
-            let saved =
-                backward::Saved { aux: &self.aux[n], idx: &self.idx[n], trained: self.forward_trained };
-            backward::prepare(&ctx, node, n, &g, &saved, &mut self.scratch);
-            for (pos, &input) in node.inputs.iter().enumerate() {
-                if !self.requires_grad[input.0] {
-                    continue;
-                }
-                let mut gin = std::mem::take(&mut self.grads[input.0]);
-                let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
-                backward::accumulate(
-                    &ctx,
-                    node,
-                    n,
-                    pos,
-                    &g,
-                    &saved,
-                    &self.scratch,
-                    &mut self.scratch2,
-                    &mut gin,
-                );
-                self.grads[input.0] = gin;
-            }
-            self.grads[n] = g;
-        }
-        Ok(())
+        self.backward_observed(params, range, seeds, &mut |_, _| Ok(()))
     }
 
     fn value(&self, node: NodeId) -> Result<&[f32], NnError> {

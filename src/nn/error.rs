@@ -128,6 +128,34 @@ pub enum NnError {
         /// What the codec reported.
         what: String,
     },
+    /// A collective operation of data-parallel training failed (a replica died or stalled).
+    #[error("gradient all-reduce failed: {source}")]
+    Collective {
+        /// What the communicator reported (names the missing rank).
+        #[from]
+        source: crate::devices::CollectiveError,
+    },
+    /// A pipeline stage failed while running a micro-batch.
+    #[error("pipeline stage {stage} failed: {source}")]
+    Stage {
+        /// The stage (0 is the first).
+        stage: usize,
+        /// Its error.
+        source: Box<NnError>,
+    },
+    /// Supervising elastic training failed (too few replicas left, a process could not
+    /// start, too many restarts).
+    #[error("elastic training: {what}")]
+    Elastic {
+        /// What happened.
+        what: String,
+    },
+    /// A training worker thread (communication thread or pipeline stage) is gone.
+    #[error("{worker} stopped unexpectedly")]
+    WorkerGone {
+        /// Which worker, in words (e.g. "pipeline stage 1").
+        worker: String,
+    },
 }
 
 impl NnError {

@@ -107,6 +107,18 @@ pub struct StoreStats {
     pub chunk_bytes: u64,
 }
 
+/// Waits up to `limit` for `path` to exist.
+fn wait_for(path: &Path, limit: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + limit;
+    while std::time::Instant::now() < deadline {
+        if path.exists() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    path.exists()
+}
+
 impl Stash {
     /// Opens (creating if needed) the embedded stash in directory `path`.
     ///
@@ -119,7 +131,9 @@ impl Stash {
         if !marker.exists() {
             match std::fs::read_dir(root) {
                 Ok(mut entries) => {
-                    if entries.next().is_some() {
+                    // Another process may be creating this stash right now: give its marker
+                    // a moment to appear before calling the directory foreign.
+                    if entries.next().is_some() && !wait_for(&marker, std::time::Duration::from_secs(2)) {
                         return Err(StoreError::NotAStash { path: root.display().to_string() });
                     }
                 }

@@ -8,6 +8,7 @@ pub(crate) mod collectives;
 mod cuda;
 mod store;
 mod tasks;
+pub(crate) mod train;
 
 mod nn;
 
@@ -21,7 +22,7 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks, cluster, collectives, nn, store, cuda.
+    /// The suite to run: tasks, cluster, collectives, nn, train, store, cuda.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -61,13 +62,14 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "cluster" => cluster::run(&reporter),
         "collectives" => collectives::run(&reporter),
         "nn" => nn::run(&reporter),
+        "train" => train::run(&reporter),
         "store" => store::run(&reporter),
         #[cfg(feature = "cuda")]
         "cuda" => cuda::run(&reporter),
         #[cfg(not(feature = "cuda"))]
         "cuda" => bail!("the cuda suite needs a build with `--features cuda`"),
         other => {
-            bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives, nn, store, cuda")
+            bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives, nn, train, store, cuda")
         }
     }
 }

@@ -23,6 +23,9 @@ enum Command {
     CollectiveMember(bench::collectives::MemberArgs),
     /// Inspect and maintain a stash (versioned value storage).
     Stash(stash::StashArgs),
+    /// A replica of the `train` benchmark (started by `tessera bench train`).
+    #[command(hide = true)]
+    TrainMember(bench::train::MemberArgs),
 }
 
 #[derive(clap::Args)]
@@ -73,5 +76,6 @@ fn main() -> Result<()> {
         Command::Node(args) => run_node(args),
         Command::CollectiveMember(args) => bench::collectives::member(args),
         Command::Stash(args) => stash::run(args),
+        Command::TrainMember(args) => bench::train::member(args),
     }
 }

@@ -1,0 +1,364 @@
+//! Parallel training tests: data-parallel replicas in real processes (2 and 3) holding
+//! bit-identical parameters after every step, replicas matching single-worker training on
+//! the whole batch, a dead replica failing the others with its rank named, and pipelines
+//! (2 and 3 stages over micro-batches) matching single-worker training.
+//!
+//! `harness = false`: the replicas are this binary re-executed with `PAR_*` variables.
+
+mod support;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use tessera::nn::{
+    is_peer_lost, lenet, mlp, resume_from_stash, save_to_stash, supervise, Activation, Conv2d, DType,
+    DataParallel, Dataset, ElasticConfig, Graph, Linear, MaxPool2d, Model, NnError, OptimizerConfig, Params,
+    Pipeline, TrainState, Trainer, PEER_LOST_EXIT_CODE,
+};
+use tessera::{CollectiveError, GroupConfig, Rendezvous, TcpGroup};
+
+const SECRET: &str = "parallel-test-secret";
+const SEED: u64 = 11;
+
+fn digits() -> Dataset {
+    Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv")).expect("digits.csv is committed")
+}
+
+fn hash(params: &Params) -> String {
+    let mut h = blake3::Hasher::new();
+    for t in &params.tensors {
+        for v in &t.data {
+            h.update(&v.to_le_bytes());
+        }
+    }
+    h.finalize().to_hex().to_string()
+}
+
+fn close(a: &Params, b: &Params, what: &str) -> Result<()> {
+    for (x, y) in a.tensors.iter().zip(&b.tensors) {
+        for (&u, &v) in x.data.iter().zip(&y.data) {
+            ensure!((u - v).abs() <= 2e-5 + 2e-4 * v.abs(), "{what}: {u} vs {v}");
+        }
+    }
+    Ok(())
+}
+
+fn member() -> Result<()> {
+    let var = |name: &str| std::env::var(name).with_context(|| format!("{name} not set"));
+    let rank: usize = var("PAR_RANK")?.parse()?;
+    let size: usize = var("PAR_SIZE")?.parse()?;
+    let addr = var("PAR_ADDR")?.parse()?;
+    let mode = var("PAR_MODE")?;
+    let mut config = GroupConfig::new(rank, size, addr, SECRET);
+    config.timeout = Duration::from_secs(3);
+    let group = TcpGroup::join(config)?;
+    let data = digits().subset(&(0..288).collect::<Vec<_>>());
+    let global = 48;
+    match mode.as_str() {
+        "lenet" => {
+            let model = lenet(global / size, 8, 10)?;
+            let mut state =
+                TrainState::new(&model, OptimizerConfig::adamw(3e-3, 1e-4), data.len(), global, SEED);
+            // Different initial parameters on each rank: sync must make them rank 0's.
+            if rank > 0 {
+                state.params.tensors[0].data[0] += 1.0;
+            }
+            // Small buckets: several all-reduces per step.
+            let mut replica = DataParallel::new(model, Box::new(group), 0.01)?;
+            ensure!(replica.bucket_params().len() >= 3, "buckets {:?}", replica.bucket_params());
+            replica.sync(&mut state)?;
+            println!("sync {}", hash(&state.params));
+            for epoch in 0..2 {
+                let stats = replica.train_epoch(&mut state, &data)?;
+                ensure!(stats.loss.is_finite() && stats.samples == 288, "epoch {epoch}: {stats:?}");
+                println!("epoch {epoch} step {} {}", state.step, hash(&state.params));
+            }
+            let stats = replica.stats();
+            eprintln!(
+                "rank {rank}: {} steps, {:.3} s compute, {:.3} s waiting for buckets",
+                stats.steps, stats.compute_seconds, stats.wait_seconds
+            );
+            Ok(())
+        }
+        "mlp" => {
+            // Replicas on shards equal single-worker training on the whole batch (no
+            // dropout in an MLP, so the two compute the same function).
+            let sizes = [64, 32, 10];
+            let model = mlp(global / size, &sizes)?;
+            let config = OptimizerConfig::sgd(0.1, 0.9);
+            let mut state = TrainState::new(&model, config.clone(), data.len(), global, SEED);
+            let mut replica = DataParallel::new(model, Box::new(group), 0.001)?;
+            replica.sync(&mut state)?;
+            let whole_model = mlp(global, &sizes)?;
+            let mut whole_state = TrainState::new(&whole_model, config, data.len(), global, SEED);
+            let mut whole = Trainer::new(whole_model);
+            replica.train_epoch(&mut state, &data)?;
+            whole.train_epoch(&mut whole_state, &data)?;
+            close(&state.params, &whole_state.params, "replica vs whole batch")?;
+            println!("mlp {} matches the whole batch", hash(&state.params));
+            Ok(())
+        }
+        "dead" => {
+            let model = lenet(global / size, 8, 10)?;
+            let mut state = TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), global, SEED);
+            let mut replica = DataParallel::new(model, Box::new(group), 0.02)?;
+            replica.sync(&mut state)?;
+            if rank == size - 1 {
+                std::process::exit(0); // dies without a word
+            }
+            let start = Instant::now();
+            match replica.train_epoch(&mut state, &data) {
+                Ok(_) => bail!("an epoch finished without rank {}", size - 1),
+                Err(NnError::Collective {
+                    source:
+                        CollectiveError::PeerLost { rank: r, .. } | CollectiveError::Timeout { rank: r, .. },
+                }) => {
+                    ensure!(r == size - 1, "error names rank {r}");
+                    ensure!(start.elapsed() < Duration::from_secs(10), "took {:?}", start.elapsed());
+                    println!("rank {rank}: replica {r} is gone");
+                    Ok(())
+                }
+                Err(other) => bail!("unexpected error: {other}"),
+            }
+        }
+        "elastic" => elastic_replica(rank, size, group, &data),
+        other => bail!("unknown mode {other}"),
+    }
+}
+
+/// A replica of the elastic run: resumes from the last checkpoint if there is one; on the
+/// first attempt the last rank kills itself (SIGKILL) after 3 epochs.
+fn elastic_replica(rank: usize, size: usize, group: TcpGroup, data: &Dataset) -> Result<()> {
+    let attempt: usize = std::env::var("PAR_ATTEMPT")?.parse()?;
+    let stash = tessera::Stash::open(std::env::var("PAR_CHECKPOINTS")?)?;
+    let global = 48;
+    let model = lenet(global / size, 8, 10)?;
+    let (mut state, from) = if stash.history("elastic")?.is_empty() {
+        (TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), global, SEED), "scratch")
+    } else {
+        (resume_from_stash(&stash, "elastic", None)?, "the stash checkpoint")
+    };
+    println!("attempt {attempt}: {size} replicas from {from} at epoch {}", state.epoch);
+    let mut replica = DataParallel::new(model, Box::new(group), 0.01)?;
+    replica.sync(&mut state)?;
+    while state.epoch < 6 {
+        if attempt == 0 && rank == size - 1 && state.epoch == 3 {
+            Command::new("kill").args(["-9", &std::process::id().to_string()]).status()?;
+            std::thread::sleep(Duration::from_secs(10));
+            bail!("still alive after kill -9");
+        }
+        match replica.train_epoch(&mut state, data) {
+            Ok(_) => {}
+            Err(error) if is_peer_lost(&error) => {
+                println!("rank {rank}: {error}");
+                std::process::exit(PEER_LOST_EXIT_CODE);
+            }
+            Err(error) => return Err(error.into()),
+        }
+        if rank == 0 {
+            save_to_stash(&stash, "elastic", &state, &[("epoch", &state.epoch.to_string())])?;
+        }
+        println!("epoch {} {}", state.epoch, hash(&state.params));
+    }
+    Ok(())
+}
+
+fn run_group(size: usize, mode: &str) -> Result<Vec<String>> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let rendezvous =
+        std::thread::spawn(move || Rendezvous::serve(listener, size, SECRET, Duration::from_secs(60)));
+    let children: Vec<_> = (0..size)
+        .map(|rank| {
+            Command::new(std::env::current_exe()?)
+                .env("PAR_RANK", rank.to_string())
+                .env("PAR_SIZE", size.to_string())
+                .env("PAR_ADDR", addr.to_string())
+                .env("PAR_MODE", mode)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("spawning a replica")
+        })
+        .collect::<Result<_>>()?;
+    let mut outputs = Vec::new();
+    for (rank, child) in children.into_iter().enumerate() {
+        let output = child.wait_with_output()?;
+        let (out, err) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        ensure!(output.status.success(), "rank {rank} of {size} ({mode}) failed: {out}{err}");
+        if !err.is_empty() {
+            println!("    {}", err.trim());
+        }
+        outputs.push(out.into_owned());
+    }
+    rendezvous.join().map_err(|_| anyhow::anyhow!("rendezvous panicked"))??;
+    Ok(outputs)
+}
+
+fn replicas_hold_bit_identical_parameters_after_every_epoch() -> Result<()> {
+    for size in [2, 3] {
+        let outputs = run_group(size, "lenet")?;
+        let lines = outputs[0].lines().count();
+        ensure!(lines == 3, "rank 0 printed {lines} lines: {}", outputs[0]);
+        for (rank, output) in outputs.iter().enumerate() {
+            ensure!(
+                output == &outputs[0],
+                "rank {rank} of {size} differs:\n{output}\nvs rank 0:\n{}",
+                outputs[0]
+            );
+        }
+        // Parameters changed: the three hashes differ.
+        let hashes: Vec<&str> = outputs[0].lines().map(|l| l.rsplit(' ').next().unwrap_or("")).collect();
+        ensure!(hashes[0] != hashes[1] && hashes[1] != hashes[2], "parameters did not change: {hashes:?}");
+        println!("    {size} replicas: identical parameter hashes after sync and 2 epochs ({} steps)", 2 * 6);
+    }
+    Ok(())
+}
+
+fn replicas_match_single_worker_training() -> Result<()> {
+    let outputs = run_group(2, "mlp")?;
+    ensure!(outputs[0] == outputs[1] && outputs[0].contains("matches"), "{outputs:?}");
+    Ok(())
+}
+
+fn a_dead_replica_makes_the_survivors_resume_from_the_checkpoint() -> Result<()> {
+    let dir = std::env::temp_dir().join(format!("tessera-elastic-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let exe = std::env::current_exe()?;
+    let out = |attempt: usize, rank: usize| dir.join(format!("attempt{attempt}-rank{rank}.txt"));
+    let mut said = Vec::new();
+    let report = supervise(
+        &ElasticConfig::new(3, SECRET),
+        |launch| {
+            Command::new(&exe)
+                .env("PAR_RANK", launch.rank.to_string())
+                .env("PAR_SIZE", launch.size.to_string())
+                .env("PAR_ADDR", launch.rendezvous.to_string())
+                .env("PAR_MODE", "elastic")
+                .env("PAR_ATTEMPT", launch.attempt.to_string())
+                .env("PAR_CHECKPOINTS", dir.join("stash"))
+                .stdout(std::fs::File::create(out(launch.attempt, launch.rank))?)
+                .stderr(Stdio::null())
+                .spawn()
+        },
+        |message| said.push(message.to_string()),
+    )?;
+    let read = |attempt, rank| std::fs::read_to_string(out(attempt, rank)).unwrap_or_default();
+    ensure!(report.sizes == [3, 2] && report.dead == [vec![2]], "{report:?}; {said:?}");
+    ensure!(said.len() == 1, "{said:?}");
+    ensure!(
+        said[0].contains("replica 2 of 3 killed by signal 9") && said[0].contains("remaining 2 replicas"),
+        "{said:?}"
+    );
+    for rank in 0..2 {
+        let first = read(0, rank);
+        ensure!(first.contains("epoch 3 ") && !first.contains("epoch 4 "), "attempt 0, rank {rank}: {first}");
+        ensure!(first.contains("rank 2"), "attempt 0, rank {rank} did not name the dead rank: {first}");
+    }
+    let (a, b) = (read(1, 0), read(1, 1));
+    ensure!(a.starts_with("attempt 1: 2 replicas from the stash checkpoint at epoch 3"), "{a}");
+    ensure!(a == b && a.contains("epoch 6 "), "survivors differ or did not finish:\n{a}\nvs\n{b}");
+    println!("    {}", said[0]);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+fn a_dead_replica_fails_the_others_naming_its_rank() -> Result<()> {
+    let outputs = run_group(3, "dead")?;
+    for output in &outputs[..2] {
+        ensure!(output.contains("replica 2 is gone"), "{output}");
+    }
+    Ok(())
+}
+
+/// A small CNN without dropout (the pipeline and the single worker draw dropout masks
+/// for different batch shapes, so they are compared on a deterministic model).
+fn small_cnn(batch: usize) -> Result<Model> {
+    let mut g = Graph::new();
+    let x = g.input("x", &[batch, 64], DType::F32);
+    let img = g.reshape(x, &[batch, 1, 8, 8])?;
+    let conv = Conv2d::new(&mut g, "conv", 1, 8, 3, 1, 1)?;
+    let h = conv.forward(&mut g, img, Activation::Relu)?;
+    let h = MaxPool2d { size: 2, stride: 2 }.forward(&mut g, h)?;
+    let h = g.reshape(h, &[batch, 8 * 4 * 4])?;
+    let fc1 = Linear::new(&mut g, "fc1", 128, 32)?;
+    let h = fc1.forward(&mut g, h, Activation::Relu)?;
+    let fc2 = Linear::new(&mut g, "fc2", 32, 10)?;
+    let logits = fc2.forward(&mut g, h, Activation::Identity)?;
+    let target = g.input("target", &[batch], DType::I32);
+    let loss = g.softmax_cross_entropy(logits, target)?;
+    Ok(Model { graph: g, input: x, target, logits, loss })
+}
+
+fn pipelines_match_single_worker_training() -> Result<()> {
+    let data = digits().subset(&(0..256).collect::<Vec<_>>());
+    let (micro, micro_batches) = (8, 4);
+    let batch = micro * micro_batches;
+    type Build = fn(usize) -> Result<Model>;
+    let builders: [(&str, Build); 2] = [("mlp", |b| Ok(mlp(b, &[64, 48, 32, 10])?)), ("cnn", small_cnn)];
+    for (name, build) in builders {
+        for stages in [2, 3] {
+            let config = OptimizerConfig::adam(1e-2);
+            let model = build(micro)?;
+            let mut state = TrainState::new(&model, config.clone(), data.len(), batch, SEED);
+            let mut pipeline = Pipeline::balanced(model, stages, micro_batches)?;
+            let ranges = pipeline.stage_ranges();
+            ensure!(ranges.len() == stages, "{name}: stages {ranges:?}");
+            let whole_model = build(batch)?;
+            let mut whole_state = TrainState::new(&whole_model, config, data.len(), batch, SEED);
+            let mut whole = Trainer::new(whole_model);
+            for epoch in 0..2 {
+                let p = pipeline.train_epoch(&mut state, &data)?;
+                let w = whole.train_epoch(&mut whole_state, &data)?;
+                ensure!(
+                    (p.loss - w.loss).abs() < 1e-4 * w.loss.abs().max(1.0),
+                    "{name} epoch {epoch}: {p:?} vs {w:?}"
+                );
+                ensure!(p.accuracy == w.accuracy, "{name} epoch {epoch}: {p:?} vs {w:?}");
+            }
+            ensure!(state.step == 16 && whole_state.step == 16);
+            close(&state.params, &whole_state.params, &format!("{name}, {stages} stages"))?;
+            println!("    {name}: {stages} stages {ranges:?} x {micro_batches} micro-batches match 16 whole-batch steps");
+        }
+    }
+    // Lenet (with dropout) runs through a 2-stage pipeline and learns.
+    let model = lenet(micro, 8, 10)?;
+    let mut state = TrainState::new(&model, OptimizerConfig::adamw(3e-3, 1e-4), data.len(), batch, SEED);
+    let mut pipeline = Pipeline::balanced(model, 2, micro_batches)?;
+    let first = pipeline.train_epoch(&mut state, &data)?;
+    let mut last = first;
+    for _ in 0..4 {
+        last = pipeline.train_epoch(&mut state, &data)?;
+    }
+    ensure!(last.loss < first.loss, "lenet pipeline did not learn: {first:?} then {last:?}");
+    // Bad inputs are errors, not panics.
+    ensure!(pipeline.step(&mut state, &[0.0; 3], &[0; 3]).is_err());
+    ensure!(Pipeline::new(lenet(4, 8, 10)?, &[5, 3], 2).is_err());
+    Ok(())
+}
+
+fn main() {
+    if std::env::var("PAR_RANK").is_ok() {
+        if let Err(error) = member() {
+            eprintln!("replica failed: {error:#}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    let tests: &[(&str, support::TestFn)] = &[
+        (
+            "replicas_hold_bit_identical_parameters_after_every_epoch",
+            replicas_hold_bit_identical_parameters_after_every_epoch,
+        ),
+        ("replicas_match_single_worker_training", replicas_match_single_worker_training),
+        ("a_dead_replica_fails_the_others_naming_its_rank", a_dead_replica_fails_the_others_naming_its_rank),
+        (
+            "a_dead_replica_makes_the_survivors_resume_from_the_checkpoint",
+            a_dead_replica_makes_the_survivors_resume_from_the_checkpoint,
+        ),
+        ("pipelines_match_single_worker_training", pipelines_match_single_worker_training),
+    ];
+    support::run(tests);
+}
