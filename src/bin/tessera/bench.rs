@@ -114,3 +114,39 @@ pub(crate) fn tcp_loopback_gbps(len: usize) -> Result<f64> {
     ensure!(read == len, "short read");
     Ok(len as f64 / seconds / 1e9)
 }
+
+/// Starts `size` member processes of this binary around a rendezvous:
+/// `tessera <subcommand> --rank R --size N --rendezvous ADDR <extra…>`, with a fresh secret
+/// in `TESSERA_SECRET`. Rank 0's standard output is piped; returns once all have met.
+pub(crate) fn start_group(
+    subcommand: &str,
+    size: usize,
+    extra: &[String],
+) -> Result<Vec<std::process::Child>> {
+    use anyhow::Context;
+    use std::process::{Command, Stdio};
+    let secret = format!("bench-{subcommand}-{}", std::process::id());
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let rendezvous = {
+        let secret = secret.clone();
+        std::thread::spawn(move || {
+            tessera::Rendezvous::serve(listener, size, &secret, std::time::Duration::from_secs(30))
+        })
+    };
+    let exe = std::env::current_exe()?;
+    let mut members = Vec::new();
+    for rank in 0..size {
+        let child = Command::new(&exe)
+            .args([subcommand, "--rank", &rank.to_string(), "--size", &size.to_string()])
+            .args(["--rendezvous", &addr.to_string()])
+            .args(extra)
+            .env("TESSERA_SECRET", &secret)
+            .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
+            .spawn()
+            .with_context(|| format!("starting {subcommand} process {rank}"))?;
+        members.push(child);
+    }
+    rendezvous.join().map_err(|_| anyhow::anyhow!("rendezvous panicked"))??;
+    Ok(members)
+}

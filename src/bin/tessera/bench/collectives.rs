@@ -2,15 +2,14 @@
 //! as time per operation and bus bandwidth (nccl-tests' definition:
 //! busbw = size / time × 2(n−1)/n), beside the loopback TCP limit.
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::net::SocketAddr;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tessera::{Communicator, GroupConfig, Rendezvous, TcpGroup};
+use tessera::{Communicator, GroupConfig, TcpGroup};
 
-use super::{median, tcp_loopback_gbps, Reporter};
+use super::{median, start_group, tcp_loopback_gbps, Reporter};
 
 const SECRET_VAR: &str = "TESSERA_SECRET";
 const SIZES: [(usize, &str); 5] =
@@ -69,26 +68,7 @@ pub(crate) fn member(args: MemberArgs) -> Result<()> {
 }
 
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
-    let secret = format!("bench-{}", std::process::id());
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let rendezvous = {
-        let secret = secret.clone();
-        std::thread::spawn(move || Rendezvous::serve(listener, RANKS, &secret, Duration::from_secs(30)))
-    };
-    let exe = std::env::current_exe()?;
-    let mut members = Vec::new();
-    for rank in 0..RANKS {
-        let child = Command::new(&exe)
-            .args(["collective-member", "--rank", &rank.to_string(), "--size", &RANKS.to_string()])
-            .args(["--rendezvous", &addr.to_string()])
-            .env(SECRET_VAR, &secret)
-            .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
-            .spawn()
-            .context("starting a member process")?;
-        members.push(child);
-    }
-    rendezvous.join().map_err(|_| anyhow::anyhow!("rendezvous panicked"))??;
+    let mut members = start_group("collective-member", RANKS, &[])?;
     let stdout = members[0].stdout.take().context("rank 0 output")?;
     let labels: std::collections::HashMap<usize, &str> = SIZES.into_iter().collect();
     for line in BufReader::new(stdout).lines() {

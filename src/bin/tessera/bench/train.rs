@@ -6,16 +6,16 @@
 //! CPU two processes get on this machine right now); and a 2-stage pipeline (2 threads,
 //! 4 micro-batches).
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use tessera::nn::{lenet, DataParallel, Dataset, OptimizerConfig, Pipeline, TrainState, Trainer};
-use tessera::{GroupConfig, Rendezvous, TcpGroup};
+use tessera::{GroupConfig, TcpGroup};
 
-use super::{median, Reporter};
+use super::{median, start_group, Reporter};
 
 const SECRET_VAR: &str = "TESSERA_SECRET";
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv");
@@ -160,27 +160,9 @@ fn concurrent_solos(count: usize, batch: usize) -> Result<f64> {
 }
 
 fn replicas(size: usize, batch: usize, bucket_mib: f64) -> Result<Measured> {
-    let secret = format!("bench-train-{}", std::process::id());
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let rendezvous = {
-        let secret = secret.clone();
-        std::thread::spawn(move || Rendezvous::serve(listener, size, &secret, Duration::from_secs(30)))
-    };
-    let exe = std::env::current_exe()?;
-    let mut members = Vec::new();
-    for rank in 0..size {
-        let child = Command::new(&exe)
-            .args(["train-member", "--rank", &rank.to_string(), "--size", &size.to_string()])
-            .args(["--rendezvous", &addr.to_string(), "--batch", &batch.to_string()])
-            .args(["--bucket-mib", &bucket_mib.to_string()])
-            .env(SECRET_VAR, &secret)
-            .stdout(if rank == 0 { Stdio::piped() } else { Stdio::null() })
-            .spawn()
-            .context("starting a replica process")?;
-        members.push(child);
-    }
-    rendezvous.join().map_err(|_| anyhow::anyhow!("rendezvous panicked"))??;
+    let extra =
+        ["--batch".to_string(), batch.to_string(), "--bucket-mib".to_string(), bucket_mib.to_string()];
+    let mut members = start_group("train-member", size, &extra)?;
     let stdout = members[0].stdout.take().context("rank 0 output")?;
     let line = BufReader::new(stdout).lines().next().context("rank 0 printed nothing")??;
     let measured: Measured = serde_json::from_str(&line)?;
