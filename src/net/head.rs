@@ -599,6 +599,10 @@ impl Head {
                         id: output.as_u64(),
                         len,
                     };
+                    // Record the holder before completing: whoever wakes on the value sees it.
+                    if let Some(node) = self.state.lock().nodes.get_mut(&node_id) {
+                        node.held.insert(output.as_u64());
+                    }
                     job.complete(Outcome::Ready(Arc::new(RemoteValue(location))), len as usize);
                     self.keep_lineage(node_id, job);
                 }
