@@ -1,5 +1,4 @@
 //! The runtime's error type: what a failed task, a lost value or a stopped runtime reports.
-use std::fmt;
 use std::sync::Arc;
 
 /// A `Result` whose error is the runtime's [`Error`].
@@ -124,7 +123,6 @@ impl Error {
 }
 
 /// Formats a caught panic payload as text.
-#[allow(dead_code)]
 pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = payload.downcast_ref::<&str>() {
         (*s).to_string()
@@ -132,16 +130,6 @@ pub(crate) fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         s.clone()
     } else {
         "non-string panic payload".to_string()
-    }
-}
-
-/// Wraps `Display` errors returned by task bodies.
-#[allow(dead_code)]
-pub(crate) struct DisplayError<'a>(pub(crate) &'a dyn fmt::Display);
-
-impl fmt::Display for DisplayError<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
     }
 }
 

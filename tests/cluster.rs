@@ -403,6 +403,11 @@ fn the_store_actor_saves_a_value_from_the_node_that_holds_it() -> Result<()> {
     ensure!(info.tags.iter().any(|(k, v)| k == "source" && v == "node"), "tags {:?}", info.tags);
     let loaded: ByteBuf = stash.load("blob")?;
     ensure!(loaded.len() == LEN && loaded.as_slice() == blob(LEN, 11).as_slice(), "saved bytes differ");
+    // A value not produced yet: the save waits for it, then the node that made it saves it.
+    let pending = make_blob::spawn(&c.rt, LEN, 12);
+    let v_pending = c.cluster.save_ref(&stash, "pending", &pending, &[])?;
+    let loaded: ByteBuf = stash.load_version("pending", v_pending)?;
+    ensure!(loaded.as_slice() == blob(LEN, 12).as_slice(), "saved pending bytes differ");
     // A value the head holds is saved by the head.
     let local = c.rt.put(vec![1u64, 2, 3]);
     let v2 = c.cluster.save_ref(&stash, "small", &local, &[])?;

@@ -176,7 +176,9 @@ pub(crate) fn blocking_read<T: Payload>(inner: &RefInner, timeout: Option<Durati
     }
 }
 
-fn blocking_outcome(inner: &RefInner, timeout: Option<Duration>) -> Result<Outcome> {
+/// Blocks until the value is done (ready or failed) and returns its outcome, without
+/// reading it: a value held by another node stays where it is.
+pub(crate) fn blocking_outcome(inner: &RefInner, timeout: Option<Duration>) -> Result<Outcome> {
     if let Some(outcome) = inner.table.outcome(inner.id) {
         return Ok(outcome);
     }

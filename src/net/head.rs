@@ -36,7 +36,7 @@ use super::wire::{ArgSource, Message, RemoteTaskError, ReplyValue, Role, TaskRep
 use crate::actors::object::{
     EncodedValue, Fetched, ObjectId, ObjectTable, Outcome, RemoteAccess, RemoteLocation, RemoteValue, View,
 };
-use crate::actors::reference::RemoteArgKind;
+use crate::actors::reference::{blocking_outcome, RemoteArgKind};
 use crate::actors::runtime::{Core, RemoteScheduler};
 use crate::actors::task::{submit_when_ready, Job};
 use crate::actors::user_actor::RemoteActorLink;
@@ -170,7 +170,8 @@ struct Head {
     children: Mutex<Vec<LaunchedNode>>,
     stopped: AtomicBool,
     refused: AtomicU64,
-    next_actor: AtomicU64,
+    /// Numbers remote actors and save requests.
+    next_id: AtomicU64,
     /// Saves that nodes are doing for the head, by request id.
     saves: Mutex<HashMap<u64, (u64, SaveWaiter)>>,
 }
@@ -224,7 +225,7 @@ impl Cluster {
             children: Mutex::new(Vec::new()),
             stopped: AtomicBool::new(false),
             refused: AtomicU64::new(0),
-            next_actor: AtomicU64::new(1),
+            next_id: AtomicU64::new(1),
             saves: Mutex::new(HashMap::new()),
         });
         if !core.set_cluster(head.clone()) || !core.table.set_remote(head.clone()) {
@@ -318,7 +319,7 @@ impl Cluster {
     {
         let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
             .map_err(|e| Error::Codec { type_name: std::any::type_name::<A>(), message: e.to_string() })?;
-        let actor_id = self.head.next_actor.fetch_add(1, Ordering::Relaxed);
+        let actor_id = self.head.next_id.fetch_add(1, Ordering::Relaxed);
         {
             let mut state = self.head.state.lock();
             let entry = state
@@ -354,13 +355,8 @@ impl Cluster {
         r: &Ref<T>,
         tags: &[(&str, &str)],
     ) -> Result<crate::Version> {
-        let outcome = loop {
-            if let Some(outcome) = self.head.table.outcome(r.id()) {
-                break outcome;
-            }
-            r.blocking_get_timeout(Duration::from_secs(3600))?;
-        };
-        let value = match outcome {
+        // Wait for the value without reading it: a node-held value must stay on its node.
+        let value = match blocking_outcome(&r.inner, None)? {
             Outcome::Failed(error) => return Err((*error).clone()),
             Outcome::Ready(value) => value,
         };
@@ -373,7 +369,7 @@ impl Cluster {
                 "`{name}`: arrays held by a node are saved with Stash::save in a task on that node"
             )));
         }
-        let request = self.head.next_actor.fetch_add(1, Ordering::Relaxed);
+        let request = self.head.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = std::sync::mpsc::channel();
         self.head.saves.lock().insert(request, (location.node, tx));
         let message = Message::SaveValue {
@@ -618,7 +614,11 @@ impl Head {
                                     let _ = tokio::task::spawn_blocking(move || submit_when_ready(job)).await;
                                 });
                             } else {
-                                job.fail(Error::Transfer { object: 0, holder: name.clone(), message });
+                                let task = job.name().to_string();
+                                job.fail(Error::TaskFailed {
+                                    task,
+                                    message: format!("an input stayed unavailable after retries: {message}"),
+                                });
                             }
                         }
                         Failed | Panicked => {
