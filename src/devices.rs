@@ -6,7 +6,9 @@ mod cuda;
 #[cfg(feature = "cuda")]
 mod nccl;
 
-pub use collective::{segment, CollectiveError, Communicator, GroupConfig, Rendezvous, TcpGroup};
+pub use collective::{
+    segment, CollectiveError, Communicator, GroupConfig, GroupListener, Rendezvous, TcpGroup,
+};
 #[cfg(feature = "cuda")]
 pub use cuda::{compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr, KERNELS};
 #[cfg(feature = "cuda")]

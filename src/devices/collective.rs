@@ -14,7 +14,7 @@
 //! A peer that closes its connection, or sends nothing for longer than the group's timeout,
 //! fails the operation on every other rank with an error naming that rank — never a hang.
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -346,46 +346,87 @@ fn set_socket_buffers(stream: &TcpStream, bytes: usize) -> std::io::Result<()> {
 /// Received ring segments are reduced in pieces of this many bytes, overlapping the receive.
 const PIECE: usize = 1 << 20;
 
-/// A collective group over TCP connections between every pair of ranks.
-pub struct TcpGroup {
+/// The first half of joining a group without a rendezvous server: a member binds its
+/// listener, someone (a cluster head, through actor messages) collects every member's
+/// [`addr`](GroupListener::addr) and hands the full table to each member's
+/// [`connect`](GroupListener::connect).
+///
+/// # Examples
+/// ```
+/// use std::time::Duration;
+/// use tessera::{Communicator, GroupListener};
+///
+/// let ip = std::net::IpAddr::from([127, 0, 0, 1]);
+/// let members: Vec<GroupListener> = (0..2)
+///     .map(|rank| GroupListener::bind(rank, 2, ip, "secret", Duration::from_secs(5)))
+///     .collect::<Result<_, _>>()?;
+/// let table: Vec<_> = members.iter().map(GroupListener::addr).collect();
+/// let threads: Vec<_> = members
+///     .into_iter()
+///     .map(|m| {
+///         let table = table.clone();
+///         std::thread::spawn(move || -> Result<f32, tessera::CollectiveError> {
+///             let mut group = m.connect(&table)?;
+///             let mut data = [group.rank() as f32 + 1.0];
+///             group.all_reduce(&mut data)?;
+///             Ok(data[0])
+///         })
+///     })
+///     .collect();
+/// for t in threads {
+///     assert_eq!(t.join().unwrap()?, 3.0);
+/// }
+/// # Ok::<(), tessera::CollectiveError>(())
+/// ```
+#[derive(Debug)]
+pub struct GroupListener {
     rank: usize,
     size: usize,
+    key: [u8; 32],
     timeout: Duration,
-    /// Peers by rank (`None` at this rank's own index).
-    peers: Vec<Option<Peer>>,
-    scratch: Vec<u8>,
+    listener: TcpListener,
+    addr: SocketAddr,
 }
 
-impl std::fmt::Debug for TcpGroup {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TcpGroup").field("rank", &self.rank).field("size", &self.size).finish()
-    }
-}
-
-impl TcpGroup {
-    /// Joins a group: meets the others at the rendezvous, then connects to each of them.
+impl GroupListener {
+    /// Rank `rank` of `size` listens for its peers on `ip` (an ephemeral port), proving
+    /// `secret`; a peer silent for `timeout` fails an operation.
     ///
     /// # Errors
-    /// [`CollectiveError::Setup`] if the rendezvous or a peer cannot be reached or refuses.
-    pub fn join(config: GroupConfig) -> Result<TcpGroup> {
-        let GroupConfig { rank, size, rendezvous, secret, timeout } = config;
+    /// [`CollectiveError::InvalidArgument`] for a rank outside the group;
+    /// [`CollectiveError::Setup`] if it cannot listen.
+    pub fn bind(rank: usize, size: usize, ip: IpAddr, secret: &str, timeout: Duration) -> Result<Self> {
         if size == 0 || rank >= size {
             return Err(CollectiveError::InvalidArgument {
                 op: "join",
                 message: format!("rank {rank} of {size}"),
             });
         }
-        let key = auth_key(&secret);
-        let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(setup)?;
-        let listen = listener.local_addr().map_err(setup)?;
-        let mut meet = connect_retrying(rendezvous, timeout)?;
-        meet.set_read_timeout(Some(timeout.max(Duration::from_secs(30)))).map_err(setup)?;
-        prove_client(&mut meet, &key).map_err(setup)?;
-        write_meet(&mut meet, &Meet::Join { rank: rank as u32, size: size as u32, listen }).map_err(setup)?;
-        let addrs = match read_meet(&mut meet).map_err(CollectiveError::Setup)? {
-            Meet::Table { addrs } if addrs.len() == size => addrs,
-            other => return Err(CollectiveError::Setup(format!("unexpected rendezvous reply {other:?}"))),
-        };
+        let listener = TcpListener::bind((ip, 0)).map_err(setup)?;
+        let addr = listener.local_addr().map_err(setup)?;
+        Ok(GroupListener { rank, size, key: auth_key(secret), timeout, listener, addr })
+    }
+
+    /// Where the peers reach this member.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Connects to every other member (`addrs[r]` is rank r's [`addr`](Self::addr)): dials
+    /// the lower ranks, accepts the higher ones. Every member must call it at about the same
+    /// time (within the timeout).
+    ///
+    /// # Errors
+    /// [`CollectiveError::InvalidArgument`] if the table's length is not the group size;
+    /// [`CollectiveError::Setup`] if a peer cannot be reached, refuses, or does not come.
+    pub fn connect(self, addrs: &[SocketAddr]) -> Result<TcpGroup> {
+        let GroupListener { rank, size, key, timeout, listener, .. } = self;
+        if addrs.len() != size {
+            return Err(CollectiveError::InvalidArgument {
+                op: "connect",
+                message: format!("{} addresses for a group of {size}", addrs.len()),
+            });
+        }
         let mut streams: Vec<Option<TcpStream>> = (0..size).map(|_| None).collect();
         // Connect to lower ranks; accept higher ranks.
         for (peer, addr) in addrs.iter().enumerate().take(rank) {
@@ -395,9 +436,26 @@ impl TcpGroup {
             write_meet(&mut stream, &Meet::Hello { rank: rank as u32 }).map_err(setup)?;
             streams[peer] = Some(stream);
         }
+        let deadline = std::time::Instant::now() + timeout.max(Duration::from_secs(30));
+        listener.set_nonblocking(true).map_err(setup)?;
         let mut expected = size - rank - 1;
         while expected > 0 {
-            let (mut stream, _) = listener.accept().map_err(setup)?;
+            let mut stream = match listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if std::time::Instant::now() > deadline {
+                        let missing: Vec<usize> =
+                            (rank + 1..size).filter(|&r| streams[r].is_none()).collect();
+                        return Err(CollectiveError::Setup(format!(
+                            "rank {rank}: ranks {missing:?} did not connect in time"
+                        )));
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                    continue;
+                }
+                Err(e) => return Err(setup(e)),
+            };
+            stream.set_nonblocking(false).map_err(setup)?;
             stream.set_read_timeout(Some(timeout)).map_err(setup)?;
             if prove_server(&mut stream, &key).is_err() {
                 tracing::warn!(rank, "refused a group connection: wrong secret");
@@ -430,6 +488,43 @@ impl TcpGroup {
             peers.push(Some(Peer { rank: peer, reader: stream, outgoing, writer: Some(writer) }));
         }
         Ok(TcpGroup { rank, size, timeout, peers, scratch: Vec::new() })
+    }
+}
+
+/// A collective group over TCP connections between every pair of ranks.
+pub struct TcpGroup {
+    rank: usize,
+    size: usize,
+    timeout: Duration,
+    /// Peers by rank (`None` at this rank's own index).
+    peers: Vec<Option<Peer>>,
+    scratch: Vec<u8>,
+}
+
+impl std::fmt::Debug for TcpGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TcpGroup").field("rank", &self.rank).field("size", &self.size).finish()
+    }
+}
+
+impl TcpGroup {
+    /// Joins a group: meets the others at the rendezvous, then connects to each of them.
+    ///
+    /// # Errors
+    /// [`CollectiveError::Setup`] if the rendezvous or a peer cannot be reached or refuses.
+    pub fn join(config: GroupConfig) -> Result<TcpGroup> {
+        let GroupConfig { rank, size, rendezvous, secret, timeout } = config;
+        let listener = GroupListener::bind(rank, size, IpAddr::from([127, 0, 0, 1]), &secret, timeout)?;
+        let mut meet = connect_retrying(rendezvous, timeout)?;
+        meet.set_read_timeout(Some(timeout.max(Duration::from_secs(30)))).map_err(setup)?;
+        prove_client(&mut meet, &listener.key).map_err(setup)?;
+        let join = Meet::Join { rank: rank as u32, size: size as u32, listen: listener.addr };
+        write_meet(&mut meet, &join).map_err(setup)?;
+        let addrs = match read_meet(&mut meet).map_err(CollectiveError::Setup)? {
+            Meet::Table { addrs } if addrs.len() == size => addrs,
+            other => return Err(CollectiveError::Setup(format!("unexpected rendezvous reply {other:?}"))),
+        };
+        listener.connect(&addrs)
     }
 
     fn peer(&self, rank: usize) -> &Peer {
