@@ -25,6 +25,7 @@ mod wire;
 pub use frame::{decode_frame, FrameError, MAX_FRAME_LEN};
 pub use head::{Cluster, ClusterConfig, NodeId, NodeInfo};
 pub use manager::{ClusterManager, JoinInfo, LaunchedNode, LocalProcesses, ManualJoin, Slurm, Ssh};
+pub(crate) use node::derived_node_secret;
 pub use node::{init, run_node, NodeConfig};
 
 /// A fresh random 32-byte nonce (for handshakes in other subsystems).

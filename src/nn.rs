@@ -61,7 +61,8 @@ pub use graph::{Activation, Graph, Init, Node, NodeId, Op, ParamSpec};
 pub use layers::{Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d, MultiHeadSelfAttention};
 pub use optim::{Optimizer, OptimizerConfig};
 pub use parallel::{
-    is_peer_lost, supervise, CommStats, DataParallel, ElasticConfig, ElasticReport, Launch, Pipeline,
+    is_peer_lost, supervise, train_on_cluster, ClusterReplicas, ClusterTrainingReport, CommStats,
+    DataParallel, ElasticConfig, ElasticReport, ElasticTraining, EpochReport, Launch, Pipeline, ReplicaJob,
     PEER_LOST_EXIT_CODE,
 };
 pub use params::Params;
@@ -71,4 +72,6 @@ pub use train::{
     resume, resume_from_stash, save_checkpoint, save_to_stash, CheckpointStore, DirStore, EpochStats,
     Evaluation, Evaluator, TrainState, Trainer,
 };
-pub use zoo::{char_gru, lenet, logistic_regression, mlp, tiny_transformer, Model, TransformerConfig};
+pub use zoo::{
+    char_gru, lenet, logistic_regression, mlp, tiny_transformer, Model, ModelSpec, TransformerConfig,
+};

@@ -16,7 +16,10 @@ use tessera::nn::{
     DataParallel, Dataset, ElasticConfig, Graph, Linear, MaxPool2d, Model, NnError, OptimizerConfig, Params,
     Pipeline, TrainState, Trainer, PEER_LOST_EXIT_CODE,
 };
-use tessera::{CollectiveError, GroupConfig, Rendezvous, TcpGroup};
+use tessera::nn::{train_on_cluster, ClusterReplicas, ElasticTraining, ModelSpec, ReplicaJob};
+use tessera::{
+    Cluster, ClusterConfig, CollectiveError, GroupConfig, LocalProcesses, Rendezvous, Runtime, TcpGroup,
+};
 
 const SECRET: &str = "parallel-test-secret";
 const SEED: u64 = 11;
@@ -339,7 +342,141 @@ fn pipelines_match_single_worker_training() -> Result<()> {
     Ok(())
 }
 
+/// A head with `nodes` local node processes (this binary re-executed).
+struct TestCluster {
+    rt: Runtime,
+    cluster: Cluster,
+}
+
+impl TestCluster {
+    fn start(nodes: usize) -> Result<Self> {
+        let rt = Runtime::builder().workers(2).build()?;
+        let config = ClusterConfig { heartbeat_timeout: Duration::from_secs(2), ..ClusterConfig::default() };
+        let cluster = Cluster::start(&rt, config)?;
+        cluster.launch(&LocalProcesses { count: nodes, slots: Some(1) })?;
+        cluster.wait_for_nodes(nodes, Duration::from_secs(30))?;
+        Ok(TestCluster { rt, cluster })
+    }
+
+    fn node_ids(&self) -> Vec<tessera::NodeId> {
+        let mut ids: Vec<_> = self.cluster.nodes().iter().map(|n| n.id).collect();
+        ids.sort();
+        ids
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        self.rt.shutdown();
+    }
+}
+
+fn replica_actors_on_node_processes_stay_bit_identical() -> Result<()> {
+    let c = TestCluster::start(3)?;
+    let data = digits().subset(&(0..288).collect::<Vec<_>>());
+    let mut job =
+        ReplicaJob::new(ModelSpec::Lenet { side: 8, classes: 10 }, OptimizerConfig::adam(1e-3), 48, data);
+    job.bucket_mib = 0.01;
+    job.seed = SEED;
+    for size in [2, 3] {
+        let nodes = &c.node_ids()[..size];
+        let mut group = ClusterReplicas::start(&c.cluster, nodes, &job)?;
+        ensure!(group.size() == size && group.nodes() == nodes && group.start_epoch() == 0);
+        let before = hash(&group.state()?.params);
+        let mut hashes = vec![before];
+        for epoch in 1..=2 {
+            // Every replica's parameter hash is compared by the head after each epoch.
+            let report = group.train_epoch(1e-3)?;
+            ensure!(report.epoch == epoch && report.replicas == size, "{report:?}");
+            ensure!(report.stats.samples == 288 && report.stats.loss.is_finite(), "{report:?}");
+            ensure!(report.comm.steps == 6 * epoch, "{report:?}");
+            hashes.push(hash(&group.state()?.params));
+        }
+        ensure!(hashes[0] != hashes[1] && hashes[1] != hashes[2], "parameters did not change: {hashes:?}");
+        println!(
+            "    {size} replica actors on {size} nodes: identical parameter bits after each of 2 epochs"
+        );
+    }
+    Ok(())
+}
+
+fn replica_actors_match_single_worker_training() -> Result<()> {
+    let c = TestCluster::start(2)?;
+    let data = digits().subset(&(0..288).collect::<Vec<_>>());
+    let sizes = vec![64, 32, 10];
+    let config = OptimizerConfig::sgd(0.1, 0.9);
+    let mut job = ReplicaJob::new(ModelSpec::Mlp { sizes: sizes.clone() }, config.clone(), 48, data.clone());
+    job.seed = SEED;
+    job.bucket_mib = 0.001;
+    let mut group = ClusterReplicas::start(&c.cluster, &c.node_ids(), &job)?;
+    group.train_epoch(0.1)?;
+    let whole_model = mlp(48, &sizes)?;
+    let mut whole_state = TrainState::new(&whole_model, config, data.len(), 48, SEED);
+    Trainer::new(whole_model).train_epoch(&mut whole_state, &data)?;
+    let state = group.state()?;
+    ensure!(state.step == 6 && whole_state.step == 6);
+    close(&state.params, &whole_state.params, "replica actors vs whole batch")?;
+    Ok(())
+}
+
+fn a_lost_node_makes_the_replica_actors_resume_from_the_stash_checkpoint() -> Result<()> {
+    let c = TestCluster::start(3)?;
+    let dir = std::env::temp_dir().join(format!("tessera-cluster-elastic-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let stash = tessera::Stash::open(&dir)?;
+    // 20 steps per epoch, so that the node dies while an epoch runs.
+    let data = digits().subset(&(0..960).collect::<Vec<_>>());
+    let mut job =
+        ReplicaJob::new(ModelSpec::Lenet { side: 8, classes: 10 }, OptimizerConfig::adam(1e-3), 48, data)
+            .checkpoint_to(&stash, "elastic");
+    job.seed = SEED;
+    job.timeout = Duration::from_secs(3);
+    let nodes = c.node_ids();
+    let victim = c.cluster.nodes().into_iter().find(|n| n.id == nodes[2]).context("third node")?;
+    let (mut said, mut epochs) = (Vec::new(), Vec::new());
+    let start = Instant::now();
+    let report = train_on_cluster(
+        &c.cluster,
+        &nodes,
+        &job,
+        ElasticTraining::new(6),
+        |_| 1e-3,
+        |r| {
+            epochs.push((r.epoch, r.replicas));
+            if r.epoch == 3 && r.replicas == 3 {
+                // The third replica's node dies while the 4th epoch runs.
+                let pid = victim.pid.to_string();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(15));
+                    let _ = Command::new("kill").args(["-9", &pid]).status();
+                });
+            }
+        },
+        |m| said.push(m.to_string()),
+    )?;
+    ensure!(report.sizes == [3, 2] && report.lost == [victim.name.clone()], "{report:?}; {said:?}");
+    ensure!(
+        report.state.epoch == 6 && report.state.step == 120,
+        "epoch {} step {}",
+        report.state.epoch,
+        report.state.step
+    );
+    ensure!(epochs == [(1, 3), (2, 3), (3, 3), (4, 2), (5, 2), (6, 2)], "{epochs:?}");
+    ensure!(said.len() == 2, "{said:?}");
+    ensure!(said[0].contains(&victim.name) && said[0].contains("remaining 2 replicas"), "{said:?}");
+    ensure!(said[1].contains("resumed from the checkpoint after epoch 3"), "{said:?}");
+    ensure!(start.elapsed() < Duration::from_secs(60), "took {:?}", start.elapsed());
+    let history = stash.history("elastic")?;
+    ensure!(history.len() == 6, "{} checkpoints", history.len());
+    let saved = resume_from_stash(&stash, "elastic", None)?;
+    ensure!(hash(&saved.params) == hash(&report.state.params), "the last checkpoint is not the final state");
+    println!("    {}", said[0]);
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
 fn main() {
+    tessera::init();
     if std::env::var("PAR_RANK").is_ok() {
         if let Err(error) = member() {
             eprintln!("replica failed: {error:#}");
@@ -359,6 +496,15 @@ fn main() {
             a_dead_replica_makes_the_survivors_resume_from_the_checkpoint,
         ),
         ("pipelines_match_single_worker_training", pipelines_match_single_worker_training),
+        (
+            "replica_actors_on_node_processes_stay_bit_identical",
+            replica_actors_on_node_processes_stay_bit_identical,
+        ),
+        ("replica_actors_match_single_worker_training", replica_actors_match_single_worker_training),
+        (
+            "a_lost_node_makes_the_replica_actors_resume_from_the_stash_checkpoint",
+            a_lost_node_makes_the_replica_actors_resume_from_the_stash_checkpoint,
+        ),
     ];
     support::run(tests);
 }

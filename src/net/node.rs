@@ -121,6 +121,8 @@ impl ObjectSource for NodeStore {
 /// [`Error::Cluster`] if the head cannot be reached or refuses this node (for example a
 /// wrong secret).
 pub fn run_node(config: NodeConfig) -> Result<()> {
+    // The first node run in a process names the secret its hosted actors derive keys from.
+    let _ = NODE_SECRET.set(config.secret.clone());
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("tessera-node-net")
@@ -315,6 +317,17 @@ impl SaveRequest {
             .map(|v| v.to_string())
             .map_err(|e| e.to_string())
     }
+}
+
+/// The cluster secret of the node running in this process, if one is.
+static NODE_SECRET: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// A key for `purpose` derived from this node's cluster secret, for actors hosted here that
+/// open their own authenticated connections (collective groups); `None` outside a node.
+pub(crate) fn derived_node_secret(purpose: &str) -> Option<String> {
+    let secret = NODE_SECRET.get()?;
+    let key = blake3::derive_key("tessera derived node secret v1", secret.as_bytes());
+    Some(blake3::keyed_hash(&key, purpose.as_bytes()).to_hex().to_string())
 }
 
 /// Actors hosted on this node: each runs on its own thread and handles its calls in order.

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::nn::{NnError, Rng};
 
 /// A classification data set held in memory: one feature row and one label per example.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Dataset {
     /// `len() × dim` features, row-major.
     pub features: Vec<f32>,

@@ -150,6 +150,19 @@ pub enum NnError {
         /// What happened.
         what: String,
     },
+    /// A data-parallel replica hosted on a cluster node failed: its node was lost, a peer
+    /// replica was lost (`peer_lost`), or its own step failed.
+    #[error("replica {rank} on node `{node}`: {what}")]
+    Replica {
+        /// Its rank in the group.
+        rank: usize,
+        /// Its node's name.
+        node: String,
+        /// What happened.
+        what: String,
+        /// Whether it failed only because a peer is gone.
+        peer_lost: bool,
+    },
     /// A training worker thread (communication thread or pipeline stage) is gone.
     #[error("{worker} stopped unexpectedly")]
     WorkerGone {

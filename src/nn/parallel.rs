@@ -10,10 +10,14 @@
 //! [`Communicator`](crate::devices::Communicator). A pipeline splits a model that is too
 //! large (or too slow) for one worker across several, at the price of a pipeline bubble.
 mod elastic;
+mod on_cluster;
 mod pipeline;
 mod replicas;
 
 pub use elastic::{is_peer_lost, supervise, ElasticConfig, ElasticReport, Launch, PEER_LOST_EXIT_CODE};
+pub use on_cluster::{
+    train_on_cluster, ClusterReplicas, ClusterTrainingReport, ElasticTraining, EpochReport, ReplicaJob,
+};
 pub use pipeline::Pipeline;
 pub use replicas::{CommStats, DataParallel};
 

@@ -156,7 +156,7 @@ pub fn resume(store: &dyn CheckpointStore, name: &str) -> Result<TrainState, NnE
 }
 
 /// What one epoch of training did.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct EpochStats {
     /// Mean training loss over the epoch's batches.
     pub loss: f32,

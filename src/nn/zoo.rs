@@ -88,6 +88,58 @@ pub fn lenet(batch: usize, side: usize, classes: usize) -> Result<Model, NnError
     classifier_head(g, x, logits, batch)
 }
 
+/// A classifier of the zoo without its batch size: what a node process needs to build the
+/// same model for the rows it trains on (a data-parallel group that shrinks changes every
+/// replica's rows).
+///
+/// # Examples
+/// ```
+/// use tessera::nn::ModelSpec;
+/// let spec = ModelSpec::Lenet { side: 8, classes: 10 };
+/// let (a, b) = (spec.build(32)?, spec.build(64)?);
+/// assert_eq!(a.graph.params(), b.graph.params());
+/// # Ok::<(), tessera::nn::NnError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum ModelSpec {
+    /// [`logistic_regression`].
+    LogisticRegression {
+        /// Input features.
+        features: usize,
+        /// Classes.
+        classes: usize,
+    },
+    /// [`mlp`].
+    Mlp {
+        /// `[in, hidden.., classes]`.
+        sizes: Vec<usize>,
+    },
+    /// [`lenet`].
+    Lenet {
+        /// Image side (divisible by 4).
+        side: usize,
+        /// Classes.
+        classes: usize,
+    },
+}
+
+impl ModelSpec {
+    /// Builds the model for `batch` rows.
+    ///
+    /// # Errors
+    /// As the zoo function it names.
+    pub fn build(&self, batch: usize) -> Result<Model, NnError> {
+        match self {
+            ModelSpec::LogisticRegression { features, classes } => {
+                logistic_regression(batch, *features, *classes)
+            }
+            ModelSpec::Mlp { sizes } => mlp(batch, sizes),
+            ModelSpec::Lenet { side, classes } => lenet(batch, *side, *classes),
+        }
+    }
+}
+
 /// A character-level GRU language model: embedding → GRU → linear to the vocabulary,
 /// predicting each next character of `[batch, steps]` windows.
 ///

@@ -113,7 +113,7 @@ fn communicate(mut comm: Box<dyn Communicator>, buckets: usize, jobs: Receiver<J
 }
 
 /// Time spent on gradient communication since the replica was made.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CommStats {
     /// Optimizer steps taken.
     pub steps: u64,
