@@ -1,24 +1,24 @@
 //! Trains the LeNet-style CNN on the digits data set twice: first data-parallel, with 2
-//! replicas in 2 processes (this program re-executed) joined by a TCP collective group,
-//! all-reducing gradient buckets while backward runs; then model-parallel, with the graph
-//! split into a 2-stage pipeline (one worker thread per stage) over 4 micro-batches.
+//! replicas as actors on 2 node processes (this program re-executed, joined to a cluster
+//! head), all-reducing gradient buckets while backward runs; then model-parallel, with the
+//! graph split into a 2-stage pipeline (one worker thread per stage) over 4 micro-batches.
 //! Prints loss, accuracy and samples/s per epoch for both.
 //!
-//! The replicas run under elastic supervision: rank 0 checkpoints after every epoch, and
-//! with `--kill-replica-at-epoch N` replica 1 kills itself (SIGKILL) after N epochs; the
-//! survivor then resumes from the last checkpoint alone, and the supervisor says so.
+//! The replicas are elastic: rank 0 checkpoints into a stash after every epoch, and with
+//! `--kill-node-at-epoch N` the second node is killed (SIGKILL) while epoch N+1 runs; the
+//! surviving replica then resumes from the last checkpoint alone, and says so.
 //!
-//! `cargo run --release --example train_parallel -- --epochs 20 [--kill-replica-at-epoch 5]`
+//! `cargo run --release --example train_parallel -- --epochs 20 [--kill-node-at-epoch 5]`
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use clap::Parser;
 use tessera::nn::{
-    is_peer_lost, lenet, resume_from_stash, save_to_stash, supervise, DataParallel, Dataset, ElasticConfig,
-    EpochStats, Evaluator, Launch, OptimizerConfig, Pipeline, TrainState, PEER_LOST_EXIT_CODE,
+    lenet, train_on_cluster, Dataset, ElasticTraining, EpochReport, EpochStats, Evaluator, ModelSpec,
+    OptimizerConfig, Pipeline, ReplicaJob, TrainState,
 };
-use tessera::{GroupConfig, TcpGroup};
+use tessera::{Cluster, ClusterConfig, LocalProcesses, Runtime};
 
 #[derive(Parser, Clone)]
 struct Args {
@@ -40,17 +40,12 @@ struct Args {
     /// The digits CSV.
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))]
     data: String,
-    /// Demonstrate elasticity: replica 1 dies after this many epochs.
+    /// Demonstrate elasticity: the second node dies while this epoch + 1 runs.
     #[arg(long)]
-    kill_replica_at_epoch: Option<u64>,
-    /// (Internal) this process is replica RANK of SIZE, attempt ATTEMPT, joining the group
-    /// at RENDEZVOUS and checkpointing into DIR.
-    #[arg(long, hide = true, num_args = 5, value_names = ["RANK", "SIZE", "ATTEMPT", "RENDEZVOUS", "DIR"])]
-    replica: Option<Vec<String>>,
+    kill_node_at_epoch: Option<u64>,
 }
 
 const REPLICAS: usize = 2;
-const SECRET_VAR: &str = "TESSERA_SECRET";
 
 fn lr_at(args: &Args, epoch: usize) -> f32 {
     args.lr * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / args.epochs as f32).cos())
@@ -67,86 +62,57 @@ fn print_epoch(epoch: usize, stats: &EpochStats, test_accuracy: f32) {
     );
 }
 
-/// One replica process: resumes from the last checkpoint if there is one, trains on its
-/// shard of every batch; rank 0 prints and checkpoints.
-fn replica(args: &Args, launch: &Launch, checkpoints: &str) -> Result<()> {
-    let (rank, size) = (launch.rank, launch.size);
-    let secret = std::env::var(SECRET_VAR).context("TESSERA_SECRET not set")?;
-    let group = TcpGroup::join(GroupConfig::new(rank, size, launch.rendezvous, secret))?;
-    let stash = tessera::Stash::open(checkpoints)?;
-    let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
-    let model = lenet(args.batch / size, 8, 10)?;
-    let mut state = if stash.history("train_parallel")?.is_empty() {
-        TrainState::new(&model, OptimizerConfig::adamw(args.lr, 1e-4), train.len(), args.batch, args.seed)
-    } else {
-        resume_from_stash(&stash, "train_parallel", None)?
-    };
-    let mut replica = DataParallel::new(model, Box::new(group), args.bucket_mib)?;
-    replica.sync(&mut state)?;
-    let mut eval = Evaluator::new(lenet(test.len(), 8, 10)?);
-    if rank == 0 {
-        println!(
-            "data parallel: {size} replica processes, {} rows each, {} gradient buckets, from epoch {}",
-            args.batch / size,
-            replica.bucket_params().len(),
-            state.epoch
-        );
-    }
-    while (state.epoch as usize) < args.epochs {
-        if launch.attempt == 0 && rank == 1 && Some(state.epoch) == args.kill_replica_at_epoch {
-            println!("  (replica 1 kills itself now)");
-            Command::new("kill").args(["-9", &std::process::id().to_string()]).status()?;
-            std::thread::sleep(Duration::from_secs(30));
-        }
-        state.optimizer.set_lr(lr_at(args, state.epoch as usize));
-        let stats = match replica.train_epoch(&mut state, &train) {
-            Ok(stats) => stats,
-            Err(error) if is_peer_lost(&error) => {
-                println!("  replica {rank}: {error}");
-                std::process::exit(PEER_LOST_EXIT_CODE);
-            }
-            Err(error) => return Err(error.into()),
-        };
-        if rank == 0 {
-            save_to_stash(&stash, "train_parallel", &state, &[("epoch", &state.epoch.to_string())])?;
-            let e = eval.classify(&state.params, &test)?;
-            print_epoch(state.epoch as usize - 1, &stats, e.accuracy);
-        }
-    }
-    if rank == 0 {
-        let s = replica.stats();
-        println!(
-            "  communication: {:.2} s of forward+backward, {:.2} s waiting for buckets after backward",
-            s.compute_seconds, s.wait_seconds
-        );
-    }
-    Ok(())
-}
-
 fn data_parallel(args: &Args) -> Result<()> {
-    let secret = format!("train-parallel-{}", std::process::id());
+    let rt = Runtime::builder().workers(2).build()?;
+    let cluster = Cluster::start(&rt, ClusterConfig::default())?;
+    cluster.launch(&LocalProcesses { count: REPLICAS, slots: Some(1) })?;
+    cluster.wait_for_nodes(REPLICAS, Duration::from_secs(30))?;
+    let mut nodes = cluster.nodes();
+    nodes.sort_by_key(|n| n.id);
     let checkpoints = std::env::temp_dir().join(format!("tessera-train-parallel-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&checkpoints);
-    let exe = std::env::current_exe()?;
-    let dir = checkpoints.to_string_lossy().into_owned();
-    let report = supervise(
-        &ElasticConfig::new(REPLICAS, secret.clone()),
-        |launch| {
-            Command::new(&exe)
-                .args(["--epochs", &args.epochs.to_string(), "--batch", &args.batch.to_string()])
-                .args(["--bucket-mib", &args.bucket_mib.to_string(), "--lr", &args.lr.to_string()])
-                .args(["--seed", &args.seed.to_string(), "--data", &args.data])
-                .args(["--replica", &launch.rank.to_string(), &launch.size.to_string()])
-                .args([&launch.attempt.to_string(), &launch.rendezvous.to_string(), &dir])
-                .args(args.kill_replica_at_epoch.map(|e| format!("--kill-replica-at-epoch={e}")))
-                .env(SECRET_VAR, &secret)
-                .spawn()
+    let stash = tessera::Stash::open(&checkpoints)?;
+    let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
+    let mut job = ReplicaJob::new(
+        ModelSpec::Lenet { side: 8, classes: 10 },
+        OptimizerConfig::adamw(args.lr, 1e-4),
+        args.batch,
+        train,
+    )
+    .checkpoint_to(&stash, "train_parallel");
+    job.test = Some(test);
+    job.bucket_mib = args.bucket_mib;
+    job.seed = args.seed;
+    let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    println!(
+        "data parallel: {REPLICAS} replica actors on node processes {names:?}, {} rows each, checkpoints in {}",
+        args.batch / REPLICAS,
+        checkpoints.display()
+    );
+    let victim = nodes[1].pid.to_string();
+    let report = train_on_cluster(
+        &cluster,
+        &nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
+        &job,
+        ElasticTraining::new(args.epochs as u64),
+        |epoch| lr_at(args, epoch as usize),
+        |r: &EpochReport| {
+            print_epoch(r.epoch as usize - 1, &r.stats, r.test_accuracy.unwrap_or(f32::NAN));
+            if Some(r.epoch) == args.kill_node_at_epoch && r.replicas == REPLICAS {
+                println!("  (killing the second node while the next epoch runs)");
+                let victim = victim.clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(20));
+                    let _ = Command::new("kill").args(["-9", &victim]).status();
+                });
+            }
         },
-        |message| println!("supervisor: {message}"),
+        |message| println!("elastic: {message}"),
     )?;
     if report.sizes.len() > 1 {
-        println!("supervisor: finished with group sizes {:?} (dead ranks {:?})", report.sizes, report.dead);
+        println!("elastic: finished with group sizes {:?} (lost nodes {:?})", report.sizes, report.lost);
     }
+    rt.shutdown();
     let _ = std::fs::remove_dir_all(&checkpoints);
     Ok(())
 }
@@ -180,16 +146,8 @@ fn pipeline(args: &Args) -> Result<()> {
 }
 
 fn main() -> Result<()> {
+    tessera::init();
     let args = Args::parse();
-    if let Some(r) = &args.replica {
-        let launch = Launch {
-            rank: r[0].parse()?,
-            size: r[1].parse()?,
-            attempt: r[2].parse()?,
-            rendezvous: r[3].parse()?,
-        };
-        return replica(&args, &launch, &r[4]);
-    }
     ensure!(args.batch % REPLICAS == 0 && args.batch % 4 == 0, "--batch must be a multiple of 4");
     data_parallel(&args)?;
     pipeline(&args)

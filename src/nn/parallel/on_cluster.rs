@@ -404,12 +404,14 @@ impl ClusterReplicas {
             };
             match &first {
                 None => first = Some((params, report)),
-                Some((hash, _)) if *hash != params => return Err(NnError::Elastic {
-                    what: format!(
+                Some((hash, _)) if *hash != params => {
+                    return Err(NnError::Elastic {
+                        what: format!(
                         "replica {rank} on node `{}` has different parameters than replica 0 after epoch {}",
                         self.members[rank].name, report.epoch
                     ),
-                }),
+                    })
+                }
                 Some(_) => {}
             }
         }
@@ -612,7 +614,7 @@ pub fn train_on_cluster(
         }
         restarts += 1;
         say(&format!(
-            "lost node(s) {} mid-training ({error}); resuming from the last checkpoint with the remaining {size} replicas",
+            "lost node(s) {} mid-training ({error}); resuming from the last checkpoint with the remaining {size} replica(s)",
             gone.join(", ")
         ));
         survivors.truncate(size);

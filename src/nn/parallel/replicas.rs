@@ -112,6 +112,11 @@ fn communicate(mut comm: Box<dyn Communicator>, buckets: usize, jobs: Receiver<J
     }
 }
 
+/// Whether a training error means a peer replica is gone (rather than a local failure).
+pub fn is_peer_lost(error: &NnError) -> bool {
+    matches!(error, NnError::Collective { .. })
+}
+
 /// Time spent on gradient communication since the replica was made.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CommStats {

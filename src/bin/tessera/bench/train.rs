@@ -1,23 +1,22 @@
 //! The `train` suite: CNN (LeNet on digits) training throughput with 1 replica (a plain
-//! single-process trainer) and with 2 data-parallel replicas in 2 processes (bucketed
-//! all-reduce over the TCP communicator), at two global batch sizes; plus how long each
-//! replica computed and how long it waited for gradient buckets after backward, against
-//! one bucket reduced after backward (no overlap) and two independent processes (how much
-//! CPU two processes get on this machine right now); and a 2-stage pipeline (2 threads,
-//! 4 micro-batches).
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+//! single-process trainer) and with 2 data-parallel replicas as actors on 2 node processes
+//! (bucketed all-reduce over the TCP communicator), at two global batch sizes; plus how
+//! long each replica computed and how long it waited for gradient buckets after backward,
+//! against one bucket reduced after backward (no overlap) and two independent processes
+//! (how much CPU two processes get on this machine right now); and a 2-stage pipeline (2
+//! threads, 4 micro-batches).
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use tessera::nn::{lenet, DataParallel, Dataset, OptimizerConfig, Pipeline, TrainState, Trainer};
-use tessera::{GroupConfig, TcpGroup};
+use tessera::nn::{
+    lenet, ClusterReplicas, Dataset, ModelSpec, OptimizerConfig, Pipeline, ReplicaJob, TrainState, Trainer,
+};
+use tessera::{Cluster, ClusterConfig, LocalProcesses, Runtime};
 
-use super::{median, start_group, Reporter};
+use super::{median, Reporter};
 
-const SECRET_VAR: &str = "TESSERA_SECRET";
 const DATA: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv");
 const BATCHES: [usize; 2] = [64, 256];
 const WARMUP_EPOCHS: usize = 3;
@@ -25,8 +24,7 @@ const TIMED_EPOCHS: usize = 40;
 const BUCKET_MIB: f64 = 0.025;
 const DEFAULT_BUCKET_MIB: f64 = 25.0;
 
-/// What rank 0 of a replica group measured, printed as one JSON line.
-#[derive(Serialize, Deserialize)]
+/// What a replica group measured.
 struct Measured {
     samples_per_second: f64,
     compute_seconds: f64,
@@ -35,71 +33,29 @@ struct Measured {
     steps: u64,
 }
 
-/// Arguments of the hidden `train-member` command.
+/// What a solo trainer process prints, as one JSON line.
+#[derive(Serialize, Deserialize)]
+struct Solo {
+    samples_per_second: f64,
+}
+
+/// Arguments of the hidden `train-member` command: a solo trainer process.
 #[derive(clap::Args)]
 pub(crate) struct MemberArgs {
-    #[arg(long)]
-    rank: usize,
-    #[arg(long)]
-    size: usize,
-    #[arg(long)]
-    rendezvous: SocketAddr,
-    /// Global batch size.
+    /// Batch size.
     #[arg(long)]
     batch: usize,
-    /// Train alone with a plain trainer on the whole batch (no group; a calibration of
-    /// how much CPU several concurrent processes get).
-    #[arg(long)]
-    solo: bool,
-    /// Gradient bucket size in MiB.
-    #[arg(long, default_value_t = BUCKET_MIB)]
-    bucket_mib: f64,
 }
 
 fn data() -> Result<Dataset> {
     Ok(Dataset::digits(DATA)?.split(0.2, 42).0)
 }
 
-/// A replica process: warm-up epochs, then timed epochs; rank 0 prints the median.
+/// A solo trainer process (a calibration of how much CPU several concurrent processes
+/// get): warm-up epochs, then timed epochs; prints the median rate.
 pub(crate) fn member(args: MemberArgs) -> Result<()> {
-    if args.solo {
-        let rate = single(args.batch)?;
-        let line = Measured {
-            samples_per_second: rate,
-            compute_seconds: 0.0,
-            wait_seconds: 0.0,
-            reduce_seconds: 0.0,
-            steps: 0,
-        };
-        println!("{}", serde_json::to_string(&line)?);
-        return Ok(());
-    }
-    let secret = std::env::var(SECRET_VAR).context("TESSERA_SECRET not set")?;
-    let group = TcpGroup::join(GroupConfig::new(args.rank, args.size, args.rendezvous, secret))?;
-    let train = data()?;
-    let model = lenet(args.batch / args.size, 8, 10)?;
-    let mut state = TrainState::new(&model, OptimizerConfig::adamw(1e-3, 1e-4), train.len(), args.batch, 1);
-    let mut replica = DataParallel::new(model, Box::new(group), args.bucket_mib)?;
-    replica.sync(&mut state)?;
-    for _ in 0..WARMUP_EPOCHS {
-        replica.train_epoch(&mut state, &train)?;
-    }
-    let before = replica.stats();
-    let mut rates = Vec::new();
-    for _ in 0..TIMED_EPOCHS {
-        rates.push(replica.train_epoch(&mut state, &train)?.samples_per_second());
-    }
-    let after = replica.stats();
-    if args.rank == 0 {
-        let line = Measured {
-            samples_per_second: median(&mut rates),
-            compute_seconds: after.compute_seconds - before.compute_seconds,
-            wait_seconds: after.wait_seconds - before.wait_seconds,
-            reduce_seconds: after.reduce_seconds - before.reduce_seconds,
-            steps: after.steps - before.steps,
-        };
-        println!("{}", serde_json::to_string(&line)?);
-    }
+    let line = Solo { samples_per_second: single(args.batch)? };
+    println!("{}", serde_json::to_string(&line)?);
     Ok(())
 }
 
@@ -140,8 +96,7 @@ fn concurrent_solos(count: usize, batch: usize) -> Result<f64> {
     let children: Vec<_> = (0..count)
         .map(|_| {
             Command::new(&exe)
-                .args(["train-member", "--solo", "--rank", "0", "--size", "1"])
-                .args(["--rendezvous", "127.0.0.1:1", "--batch", &batch.to_string()])
+                .args(["train-member", "--batch", &batch.to_string()])
                 .stdout(Stdio::piped())
                 .spawn()
                 .context("starting a solo trainer")
@@ -153,30 +108,54 @@ fn concurrent_solos(count: usize, batch: usize) -> Result<f64> {
         if !output.status.success() {
             bail!("a solo trainer failed: {}", output.status);
         }
-        let measured: Measured = serde_json::from_slice(&output.stdout)?;
+        let measured: Solo = serde_json::from_slice(&output.stdout)?;
         total += measured.samples_per_second;
     }
     Ok(total)
 }
 
-fn replicas(size: usize, batch: usize, bucket_mib: f64) -> Result<Measured> {
-    let extra =
-        ["--batch".to_string(), batch.to_string(), "--bucket-mib".to_string(), bucket_mib.to_string()];
-    let mut members = start_group("train-member", size, &extra)?;
-    let stdout = members[0].stdout.take().context("rank 0 output")?;
-    let line = BufReader::new(stdout).lines().next().context("rank 0 printed nothing")??;
-    let measured: Measured = serde_json::from_str(&line)?;
-    for (rank, mut child) in members.into_iter().enumerate() {
-        let status = child.wait()?;
-        if !status.success() {
-            bail!("replica {rank} failed: {status}");
+/// Replica actors on the cluster's nodes: warm-up epochs, then timed epochs (rank 0's
+/// per-epoch rate, median).
+fn replicas(cluster: &Cluster, batch: usize, bucket_mib: f64) -> Result<Measured> {
+    let mut nodes: Vec<_> = cluster.nodes().iter().map(|n| n.id).collect();
+    nodes.sort();
+    let mut job = ReplicaJob::new(
+        ModelSpec::Lenet { side: 8, classes: 10 },
+        OptimizerConfig::adamw(1e-3, 1e-4),
+        batch,
+        data()?,
+    );
+    job.bucket_mib = bucket_mib;
+    let mut group = ClusterReplicas::start(cluster, &nodes, &job)?;
+    let mut before = None;
+    let mut rates = Vec::new();
+    for epoch in 0..WARMUP_EPOCHS + TIMED_EPOCHS {
+        let report = group.train_epoch(1e-3)?;
+        if epoch < WARMUP_EPOCHS {
+            before = Some(report.comm);
+        } else {
+            rates.push(report.stats.samples_per_second());
+        }
+        if epoch + 1 == WARMUP_EPOCHS + TIMED_EPOCHS {
+            let before = before.unwrap_or_default();
+            return Ok(Measured {
+                samples_per_second: median(&mut rates),
+                compute_seconds: report.comm.compute_seconds - before.compute_seconds,
+                wait_seconds: report.comm.wait_seconds - before.wait_seconds,
+                reduce_seconds: report.comm.reduce_seconds - before.reduce_seconds,
+                steps: report.comm.steps - before.steps,
+            });
         }
     }
-    Ok(measured)
+    bail!("no epochs were timed")
 }
 
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     let start = Instant::now();
+    let rt = Runtime::builder().workers(1).build()?;
+    let cluster = Cluster::start(&rt, ClusterConfig::default())?;
+    cluster.launch(&LocalProcesses { count: 2, slots: Some(1) })?;
+    cluster.wait_for_nodes(2, Duration::from_secs(30))?;
     for batch in BATCHES {
         let one = single(batch)?;
         reporter.report(&format!("train/cnn_b{batch}_1_replica"), one, "samples/s", true);
@@ -186,7 +165,7 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         for (case, bucket_mib) in
             [("2_replicas", DEFAULT_BUCKET_MIB), ("2_replicas_small_buckets", BUCKET_MIB)]
         {
-            let two = replicas(2, batch, bucket_mib)?;
+            let two = replicas(&cluster, batch, bucket_mib)?;
             let steps = two.steps.max(1) as f64;
             let name = format!("train/cnn_b{batch}_{case}");
             reporter.report(&name, two.samples_per_second, "samples/s", true);
@@ -217,6 +196,7 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         reporter.report(&format!("train/cnn_b{batch}_pipeline_2_stages"), staged, "samples/s", true);
         reporter.report(&format!("train/cnn_b{batch}_pipeline_2_stages_speedup"), staged / one, "x", true);
     }
+    rt.shutdown();
     tracing::info!("train suite took {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
