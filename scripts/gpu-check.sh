@@ -21,6 +21,8 @@ build)
     cp "$test_bin" gpu-carry/gpu-tests
     cp target/release/examples/gpu gpu-carry/gpu-example
     cp target/release/tessera gpu-carry/tessera
+    # Without debug symbols the three fit the device tool's 64 MiB carry limit (~10 MB).
+    strip gpu-carry/gpu-tests gpu-carry/gpu-example gpu-carry/tessera
     echo "built: $(ls gpu-carry)"
     ;;
 run)
@@ -40,6 +42,8 @@ PY
     # cudarc (built for CUDA 12.8) loads `libX.so`, `libX.so.12`, `libX.so.11`, ... but not
     # `.so.13` (CUDA 13 wheels) or NCCL's `.so.2`: give each library an unversioned name.
     links=$(mktemp -d)
+    bench=$(mktemp)
+    trap 'rm -rf "$links" "$bench"' EXIT
     for lib in cublas cublasLt cusparse nvrtc nccl; do
         for dir in "${libs[@]}"; do
             found=$(ls "$dir"/lib$lib.so.* 2>/dev/null | grep -v alt | sort -V | tail -1 || true)
@@ -58,7 +62,6 @@ PY
     TESSERA_EXPECT_GPU=1 gpu-carry/gpu-tests --test-threads=1 || status=$?
     gpu-carry/gpu-example || status=$?
     echo "--- tessera bench cuda --json"
-    bench=$(mktemp)
     gpu-carry/tessera bench cuda --json | tee "$bench" || status=$?
     echo "--- PyTorch on the same GPU, for comparison (if installed)"
     BENCH="$bench" python3 - <<'PY' || echo "(PyTorch not available)"

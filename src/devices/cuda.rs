@@ -324,6 +324,8 @@ impl Gpu {
             ldc: ni,
         };
         let blas = self.blas()?;
+        // cuBLAS runs in the calling thread's current context: make it this device's.
+        self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
         // SAFETY: the lengths were checked above against m, n and k, and the leading
         // dimensions are those of the stored row-major matrices.
         unsafe { blas.gemm(config, b, a, c) }
@@ -396,6 +398,7 @@ impl Gpu {
             });
         }
         let lt = self.blaslt()?;
+        self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
         // Column-major C^T (n×m) = B^T (n×k) · A^T (k×m), as in `gemm_rm`.
         let config = MatmulConfig {
             transa: false,

@@ -141,6 +141,8 @@ impl Gpu {
     /// The cuSPARSE handle (made on first use, bound to this device's stream), locked.
     fn sparse_handle(&self, op: &'static str) -> Result<parking_lot::MutexGuard<'_, Option<SparseHandle>>> {
         let mut sparse = self.sparse.lock();
+        // cuSPARSE runs in the calling thread's current context: make it this device's.
+        self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
         if sparse.is_none() {
             // SAFETY: only tries to load the cuSPARSE library.
             if !unsafe { sp::is_culib_present() } {
@@ -149,7 +151,6 @@ impl Gpu {
                     needed_for: "sparse products",
                 });
             }
-            self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
             let handle = cusparse::result::create().map_err(|e| DeviceError::Blas {
                 op,
                 message: format!("cuSPARSE create handle: {:?}", e.0),

@@ -189,6 +189,7 @@ impl GpuTrainer {
         let gpu = self.exec.gpu().clone();
         let gpu = &*gpu;
         let driver = |e| gpu.driver(e);
+        order.push(0); // never empty (a zero-byte allocation is an error); the last is unused
         let order = gpu.stream_ref().clone_htod(&order).map_err(driver)?;
         let mut loss_sum = gpu.zeros(1)?;
         let mut correct = gpu.stream_ref().alloc_zeros::<u32>(1).map_err(driver)?;
