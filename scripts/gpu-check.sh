@@ -6,7 +6,10 @@
 #
 # `run` finds the CUDA libraries (the toolkit, or the wheels of PyTorch's installation),
 # runs the GPU tests with TESSERA_EXPECT_GPU=1 (a missing GPU is then a failure), then the
-# GPU example, and prints everything to record in BENCHMARKS.md.
+# GPU example and `tessera bench cuda --json`, then the same GEMMs in PyTorch with the
+# ratio, and prints everything to record in BENCHMARKS.md; it exits non-zero if any step
+# failed. With the device tool: build here, then run with `carry: ["gpu-carry"]` and the
+# command `scripts/gpu-check.sh run 2>&1 | tee $OUT/gpu-check.log`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -18,6 +21,8 @@ build)
     cp "$test_bin" gpu-carry/gpu-tests
     cp target/release/examples/gpu gpu-carry/gpu-example
     cp target/release/tessera gpu-carry/tessera
+    # Without debug symbols the three fit the device tool's 64 MiB carry limit (~10 MB).
+    strip gpu-carry/gpu-tests gpu-carry/gpu-example gpu-carry/tessera
     echo "built: $(ls gpu-carry)"
     ;;
 run)
@@ -34,27 +39,57 @@ for root in roots:
         print(lib)
 PY
     )
+    # cudarc (built for CUDA 12.8) loads `libX.so`, `libX.so.12`, `libX.so.11`, ... but not
+    # `.so.13` (CUDA 13 wheels) or NCCL's `.so.2`: give each library an unversioned name.
+    links=$(mktemp -d)
+    bench=$(mktemp)
+    trap 'rm -rf "$links" "$bench"' EXIT
+    for lib in cublas cublasLt cusparse nvrtc nccl; do
+        for dir in "${libs[@]}"; do
+            found=$(ls "$dir"/lib$lib.so.* 2>/dev/null | grep -v alt | sort -V | tail -1 || true)
+            if [[ -n $found ]]; then
+                ln -sf "$found" "$links/lib$lib.so"
+                echo "lib$lib.so -> $found"
+                break
+            fi
+        done
+    done
+    libs=("$links" "${libs[@]}")
     export LD_LIBRARY_PATH="$(IFS=:; echo "${libs[*]:-}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-    TESSERA_EXPECT_GPU=1 gpu-carry/gpu-tests --test-threads=1
-    gpu-carry/gpu-example
+    status=0
+    TESSERA_EXPECT_GPU=1 gpu-carry/gpu-tests --test-threads=1 || status=$?
+    gpu-carry/gpu-example || status=$?
     echo "--- tessera bench cuda --json"
-    gpu-carry/tessera bench cuda --json
+    gpu-carry/tessera bench cuda --json | tee "$bench" || status=$?
     echo "--- PyTorch on the same GPU, for comparison (if installed)"
-    python3 - <<'PY' || echo "(PyTorch not available)"
-import time, torch
-for dtype in (torch.float32, torch.bfloat16):
+    BENCH="$bench" python3 - <<'PY' || echo "(PyTorch not available)"
+import json, os, time, torch
+ours = {}
+for line in open(os.environ["BENCH"]):
+    try:
+        row = json.loads(line)
+        ours[row["bench"]] = row["value"]
+    except (ValueError, KeyError):
+        pass
+torch.backends.cuda.matmul.allow_tf32 = False
+for dtype, name in ((torch.float32, "cuda/gemm_f32_8192"), (torch.bfloat16, "cuda/gemm_bf16_8192")):
     a = torch.ones(8192, 8192, device="cuda", dtype=dtype)
     b = torch.ones(8192, 8192, device="cuda", dtype=dtype)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    a @ b; torch.cuda.synchronize()
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
     times = []
     for _ in range(10):
         t = time.perf_counter(); a @ b; torch.cuda.synchronize(); times.append(time.perf_counter() - t)
     times.sort()
-    print(f"torch gemm {dtype} 8192^3: {2 * 8192**3 / times[5] / 1e12:.1f} TFLOP/s")
+    theirs = 2 * 8192**3 / times[5] / 1e12
+    mine = ours.get(name)
+    ratio = f", tessera {mine:.1f} = {100 * mine / theirs:.1f} % of torch" if mine else ""
+    print(f"torch gemm {dtype} 8192^3: {theirs:.1f} TFLOP/s{ratio}")
 PY
+    exit $status
     ;;
 *)
     echo "usage: $0 build|run" >&2

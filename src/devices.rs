@@ -12,4 +12,6 @@ pub use collective::{
 #[cfg(feature = "cuda")]
 pub use cuda::{compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr, KERNELS};
 #[cfg(feature = "cuda")]
+pub(crate) use cuda::{grid, len_u32, Gemm32};
+#[cfg(feature = "cuda")]
 pub use nccl::NcclGroup;

@@ -43,6 +43,8 @@ mod cpu;
 mod data;
 mod error;
 mod executor;
+#[cfg(feature = "cuda")]
+mod gpu;
 mod graph;
 mod layers;
 mod optim;
@@ -57,6 +59,8 @@ pub use cpu::CpuExecutor;
 pub use data::{fill_windows, gather_windows, window_count, DataLoader, Dataset, TextCorpus};
 pub use error::NnError;
 pub use executor::Executor;
+#[cfg(feature = "cuda")]
+pub use gpu::{GpuDataset, GpuExecutor, GpuTrainer};
 pub use graph::{Activation, Graph, Init, Node, NodeId, Op, ParamSpec};
 pub use layers::{Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d, MultiHeadSelfAttention};
 pub use optim::{Optimizer, OptimizerConfig};

@@ -165,3 +165,317 @@ fn nccl_with_one_rank_per_gpu() {
     nccl.broadcast(&mut data, 0).unwrap();
     nccl.barrier().unwrap();
 }
+
+#[test]
+fn bf16_gemm_matches_the_cpu() {
+    let Some(gpu) = gpu() else { return };
+    let (m, n, k) = (67, 45, 129);
+    let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32 - 6.0) / 8.0).collect();
+    let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32 - 5.0) / 8.0).collect();
+    // The inputs are exact in bf16 (multiples of 1/8 below 1), so only the output rounds.
+    let (da, db) = (gpu.upload_bf16(&a).unwrap(), gpu.upload_bf16(&b).unwrap());
+    assert_eq!(gpu.download_bf16(&da).unwrap(), a);
+    let mut dc = gpu.zeros_bf16(m * n).unwrap();
+    gpu.gemm_bf16((m, n, k), &da, &db, &mut dc).unwrap();
+    let got = gpu.download_bf16(&dc).unwrap();
+    for i in 0..m {
+        for j in 0..n {
+            let e: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+            let g = got[i * n + j];
+            assert!((g - e).abs() <= 1e-2 * (1.0 + e.abs()), "c[{i}][{j}] = {g}, expected {e}");
+        }
+    }
+    assert!(matches!(gpu.gemm_bf16((m, n, k + 1), &da, &db, &mut dc), Err(DeviceError::Shape { .. })));
+}
+
+#[test]
+fn spmm_matches_sprs() {
+    let Some(gpu) = gpu() else { return };
+    // A non-square matrix: the Poisson rows of a 12 × 12 grid, every third column dropped.
+    let full = poisson(12);
+    let mut triplets = sprs::TriMat::new((full.rows(), full.cols() / 3 + 1));
+    for (row, vec) in full.outer_iterator().enumerate() {
+        for (col, &v) in vec.iter() {
+            if col % 3 == 0 {
+                triplets.add_triplet(row, col / 3, v + col as f32 / 100.0);
+            }
+        }
+    }
+    let a: sprs::CsMat<f32> = triplets.to_csr();
+    let n = 7;
+    let b: Vec<f32> = (0..a.cols() * n).map(|i| ((i * 3 % 17) as f32 - 8.0) / 4.0).collect();
+    let mut expected = vec![0f32; a.rows() * n];
+    for (row, vec) in a.outer_iterator().enumerate() {
+        for (col, &v) in vec.iter() {
+            for j in 0..n {
+                expected[row * n + j] += v * b[col * n + j];
+            }
+        }
+    }
+    let da = gpu.upload_csr(&a).unwrap();
+    let db = gpu.upload(&b).unwrap();
+    let mut dc = gpu.zeros(a.rows() * n).unwrap();
+    gpu.spmm(&da, &db, n, &mut dc).unwrap();
+    for (g, e) in gpu.download(&dc).unwrap().iter().zip(&expected) {
+        assert!((g - e).abs() <= 1e-4 * (1.0 + e.abs()), "{g} vs {e}");
+    }
+    let mut short = gpu.zeros(a.rows() * n - 1).unwrap();
+    assert!(matches!(gpu.spmm(&da, &db, n, &mut short), Err(DeviceError::Shape { .. })));
+}
+
+mod executor {
+    use std::sync::Arc;
+
+    use tessera::nn::{
+        lenet, mlp, Activation, CpuExecutor, DType, Dataset, Evaluator, Executor, GpuDataset, GpuExecutor,
+        GpuTrainer, Graph, Init, NodeId, OptimizerConfig, Params, Rng, TrainState, Trainer,
+    };
+
+    fn close(what: &str, got: &[f32], expected: &[f32]) {
+        assert_eq!(got.len(), expected.len(), "{what}: lengths");
+        for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+            assert!((g - e).abs() <= 1e-4 + 1e-3 * e.abs(), "{what}[{i}]: GPU {g}, CPU {e}");
+        }
+    }
+
+    /// Runs forward and backward from `loss` on both executors with the same inputs, and
+    /// compares every f32 value, every gradient that flows, and every parameter gradient.
+    fn compare(graph: &Graph, loss: NodeId, training: bool, seed: u64) {
+        let Some(gpu) = super::gpu() else { return };
+        let mut rng = Rng::seed(seed);
+        let params = Params::init(graph, &mut rng);
+        let mut cpu = CpuExecutor::new(graph);
+        let mut dev = GpuExecutor::new(Arc::new(gpu), graph).unwrap();
+        // Every node's id, from the nodes that read it (and the loss itself).
+        let mut ids: Vec<NodeId> = graph.nodes().iter().flat_map(|n| n.inputs.iter().copied()).collect();
+        ids.push(loss);
+        ids.sort();
+        ids.dedup();
+        for &id in &ids {
+            let node = &graph.nodes()[id.index()];
+            if !matches!(node.op, tessera::nn::Op::Input) {
+                continue;
+            }
+            match node.dtype {
+                DType::I32 => {
+                    let classes = graph.nodes().iter().find_map(|n| {
+                        (matches!(n.op, tessera::nn::Op::SoftmaxCrossEntropy) && n.inputs[1] == id)
+                            .then(|| graph.nodes()[n.inputs[0].index()].shape[1])
+                    });
+                    let labels: Vec<i32> =
+                        (0..node.len()).map(|k| (k * 7 % classes.unwrap_or(1)) as i32).collect();
+                    cpu.set_ids(id, &labels).unwrap();
+                    dev.set_ids(id, &labels).unwrap();
+                }
+                _ => {
+                    let x: Vec<f32> = (0..node.len()).map(|_| rng.normal()).collect();
+                    cpu.set_value(id, &x).unwrap();
+                    dev.set_value(id, &x).unwrap();
+                }
+            }
+        }
+        for exec in [&mut cpu as &mut dyn Executor, &mut dev] {
+            exec.set_training(training);
+            exec.forward(&params, 0..loss.index() + 1).unwrap();
+            exec.backward_from(&params, loss).unwrap();
+        }
+        assert_eq!(ids.len(), loss.index() + 1, "every node is compared");
+        for &id in &ids {
+            let node = &graph.nodes()[id.index()];
+            let what = format!("node {} ({})", id.index(), node.name);
+            if node.dtype == DType::F32 && !matches!(node.op, tessera::nn::Op::Param { .. }) {
+                close(&format!("{what} value"), dev.value(id).unwrap(), cpu.value(id).unwrap());
+            }
+            if let Ok(expected) = cpu.grad(id) {
+                close(&format!("{what} gradient"), dev.grad(id).unwrap(), expected);
+            }
+        }
+        for (index, spec) in graph.params().iter().enumerate() {
+            close(&format!("{} gradient", spec.name), dev.param_grad(index), cpu.param_grad(index));
+        }
+    }
+
+    #[test]
+    fn mlp_matches_the_cpu() {
+        let model = mlp(8, &[12, 16, 5]).unwrap();
+        compare(&model.graph, model.loss, true, 1);
+    }
+
+    #[test]
+    fn lenet_matches_the_cpu_in_evaluation_mode() {
+        let model = lenet(4, 8, 10).unwrap();
+        compare(&model.graph, model.loss, false, 2);
+    }
+
+    /// Every other op the GPU executor runs: constant, matmul, broadcast add, sigmoid and
+    /// tanh activations, softmax, reshape, a strided padded convolution with a fused tanh,
+    /// overlapping max-pool windows, a linear layer with a fused sigmoid.
+    #[test]
+    fn every_op_matches_the_cpu() {
+        let mut g = Graph::new();
+        let x = g.input("x", &[2, 3, 7, 7], DType::F32);
+        let w = g.param("w", &[4, 3, 3, 3], Init::Normal { std: 0.3 }).unwrap();
+        let b = g.param("b", &[4], Init::Normal { std: 0.1 }).unwrap();
+        let h = g.conv2d(x, w, b, 2, 1, Activation::Tanh).unwrap(); // [2, 4, 4, 4]
+        let h = g.max_pool2d(h, 2, 1).unwrap(); // [2, 4, 3, 3]
+        let h = g.reshape(h, &[2, 36]).unwrap();
+        let c = g.constant(&[36], 0.25);
+        let h = g.add(h, c).unwrap();
+        let m = g.param("m", &[36, 6], Init::Normal { std: 0.2 }).unwrap();
+        let h = g.matmul(h, m).unwrap();
+        let bias = g.param("bias", &[6], Init::Normal { std: 0.2 }).unwrap();
+        let h = g.add(h, bias).unwrap();
+        let h = g.act(h, Activation::Sigmoid).unwrap();
+        let h = g.softmax(h).unwrap();
+        let w2 = g.param("w2", &[6, 5], Init::Normal { std: 0.5 }).unwrap();
+        let b2 = g.param("b2", &[5], Init::Zeros).unwrap();
+        let h = g.linear(h, w2, b2, Activation::Sigmoid).unwrap();
+        let h = g.act(h, Activation::Tanh).unwrap();
+        let h = g.dropout(h, 0.5).unwrap();
+        let labels = g.input("labels", &[2], DType::I32);
+        let loss = g.softmax_cross_entropy(h, labels).unwrap();
+        compare(&g, loss, false, 3);
+    }
+
+    #[test]
+    fn dropout_masks_and_scales_on_the_gpu() {
+        let Some(gpu) = super::gpu() else { return };
+        let mut g = Graph::new();
+        let x = g.input("x", &[100, 100], DType::F32);
+        let s = g.param("s", &[100], Init::Ones).unwrap();
+        let h = g.add(x, s).unwrap();
+        let y = g.dropout(h, 0.25).unwrap();
+        let params = Params::init(&g, &mut Rng::seed(0));
+        let mut dev = GpuExecutor::new(Arc::new(gpu), &g).unwrap();
+        dev.set_value(x, &[1.0; 10_000]).unwrap();
+        dev.set_training(true);
+        dev.set_seed(9);
+        dev.forward_all(&params).unwrap();
+        let out = dev.value(y).unwrap().to_vec();
+        let dropped = out.iter().filter(|&&v| v == 0.0).count();
+        assert!(
+            out.iter().all(|&v| v == 0.0 || (v - 2.0 / 0.75).abs() < 1e-5),
+            "values other than 0 and 2/(1-p)"
+        );
+        assert!((2_200..2_800).contains(&dropped), "{dropped} of 10000 dropped at p = 0.25");
+        dev.backward(&params, 0..y.index() + 1, &[(y, &[1.0; 10_000])]).unwrap();
+        let kept_per_column: Vec<f32> =
+            (0..100).map(|j| (0..100).filter(|i| out[i * 100 + j] != 0.0).count() as f32 / 0.75).collect();
+        close("dropout gradient", dev.param_grad(0), &kept_per_column);
+        // The same seed gives the same mask; another seed another.
+        dev.set_seed(9);
+        dev.forward_all(&params).unwrap();
+        assert_eq!(dev.value(y).unwrap(), out.as_slice());
+        dev.set_seed(10);
+        dev.forward_all(&params).unwrap();
+        assert_ne!(dev.value(y).unwrap(), out.as_slice());
+    }
+
+    #[test]
+    fn unsupported_ops_and_bad_labels_are_errors() {
+        let Some(gpu) = super::gpu() else { return };
+        let gpu = Arc::new(gpu);
+        let mut g = Graph::new();
+        let x = g.input("x", &[2, 4], DType::F32);
+        g.gelu(x).unwrap();
+        assert!(matches!(GpuExecutor::new(gpu.clone(), &g), Err(tessera::nn::NnError::Unsupported { .. })));
+        let model = mlp(2, &[3, 4]).unwrap();
+        let mut dev = GpuExecutor::new(gpu, &model.graph).unwrap();
+        assert!(matches!(
+            dev.set_ids(model.target, &[0, 4]),
+            Err(tessera::nn::NnError::IdOutOfRange { id: 4, .. })
+        ));
+    }
+
+    /// The digits data: from the working directory when it has it (`scripts/gpu-check.sh`
+    /// runs this binary, built elsewhere, in a copy of the repository), else from the
+    /// source tree.
+    fn digits() -> Dataset {
+        let local = std::path::Path::new("data/digits.csv");
+        let source = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"));
+        Dataset::digits(if local.exists() { local } else { source }).unwrap()
+    }
+
+    /// One optimizer step on the GPU gives the CPU's parameters (SGD with momentum, Adam,
+    /// AdamW with weight decay).
+    #[test]
+    fn one_step_matches_the_cpu_trainer() {
+        let Some(gpu) = super::gpu() else { return };
+        let gpu = Arc::new(gpu);
+        let data = digits();
+        for config in
+            [OptimizerConfig::sgd(0.1, 0.9), OptimizerConfig::adam(1e-2), OptimizerConfig::adamw(1e-2, 0.1)]
+        {
+            let model = mlp(32, &[64, 32, 10]).unwrap();
+            let mut cpu_state = TrainState::new(&model, config.clone(), data.len(), 32, 5);
+            let mut gpu_state = cpu_state.clone();
+            let indices: Vec<usize> = (0..32).collect();
+            let (mut x, mut y) = (vec![0f32; 32 * 64], vec![0i32; 32]);
+            data.gather(&indices, &mut x, &mut y);
+            let mut cpu = Trainer::new(model.clone());
+            let mut dev = GpuTrainer::new(gpu.clone(), model.clone(), &gpu_state).unwrap();
+            for _ in 0..3 {
+                cpu.executor().set_value(model.input, &x).unwrap();
+                cpu.executor().set_ids(model.target, &y).unwrap();
+                let cpu_loss = cpu.step(&mut cpu_state).unwrap();
+                dev.executor().set_value(model.input, &x).unwrap();
+                dev.executor().set_ids(model.target, &y).unwrap();
+                let gpu_loss = dev.step(&mut gpu_state).unwrap();
+                assert!((cpu_loss - gpu_loss).abs() < 1e-4, "{config:?}: loss {gpu_loss} vs {cpu_loss}");
+            }
+            dev.sync_state(&mut gpu_state).unwrap();
+            assert_eq!(
+                (gpu_state.step, gpu_state.optimizer.steps),
+                (cpu_state.step, cpu_state.optimizer.steps)
+            );
+            // Adam moves each parameter by about ±lr whatever the gradient's size, so an
+            // element whose gradient is rounding noise on one device may move the other way
+            // on the other: allow one element in a thousand to differ (SGD: none).
+            let allowed = if matches!(config, OptimizerConfig::Sgd { .. }) {
+                0
+            } else {
+                gpu_state.params.count() / 1000
+            };
+            let mut differ = 0;
+            for (t, (g, c)) in gpu_state.params.tensors.iter().zip(&cpu_state.params.tensors).enumerate() {
+                for (i, (g, c)) in g.data.iter().zip(&c.data).enumerate() {
+                    if (g - c).abs() > 1e-4 + 1e-3 * c.abs() {
+                        differ += 1;
+                        eprintln!("{config:?}: parameter {t}[{i}]: GPU {g}, CPU {c}");
+                    }
+                }
+            }
+            assert!(differ <= allowed, "{config:?}: {differ} parameter elements differ (allowed {allowed})");
+        }
+    }
+
+    /// The MLP and the CNN train on digits on the GPU to the accuracy the CPU reaches.
+    #[test]
+    fn mlp_and_cnn_train_on_digits() {
+        let Some(gpu) = super::gpu() else { return };
+        let gpu = Arc::new(gpu);
+        let (train, test) = digits().split(0.2, 42);
+        for (name, model, eval, epochs) in [
+            ("mlp", mlp(32, &[64, 128, 64, 10]).unwrap(), mlp(test.len(), &[64, 128, 64, 10]).unwrap(), 15),
+            ("cnn", lenet(32, 8, 10).unwrap(), lenet(test.len(), 8, 10).unwrap(), 10),
+        ] {
+            let config = OptimizerConfig::adam(3e-3);
+            let mut cpu_state = TrainState::new(&model, config.clone(), train.len(), 32, 1);
+            let mut gpu_state = cpu_state.clone();
+            let mut cpu = Trainer::new(model.clone());
+            let mut dev = GpuTrainer::new(gpu.clone(), model.clone(), &gpu_state).unwrap();
+            let data = GpuDataset::upload(&gpu, &train, 10).unwrap();
+            for _ in 0..epochs {
+                cpu.train_epoch(&mut cpu_state, &train).unwrap();
+                let stats = dev.train_epoch(&mut gpu_state, &data).unwrap();
+                assert!(stats.loss.is_finite() && stats.samples > 0, "{stats:?}");
+            }
+            let mut evaluator = Evaluator::new(eval);
+            let cpu_acc = evaluator.classify(&cpu_state.params, &test).unwrap().accuracy;
+            let gpu_acc = evaluator.classify(&gpu_state.params, &test).unwrap().accuracy;
+            eprintln!("{name}: test accuracy CPU {cpu_acc:.4}, GPU {gpu_acc:.4}");
+            assert!(gpu_acc > 0.9, "{name}: GPU-trained accuracy {gpu_acc}");
+            assert!((gpu_acc - cpu_acc).abs() < 0.03, "{name}: GPU {gpu_acc} vs CPU {cpu_acc}");
+        }
+    }
+}

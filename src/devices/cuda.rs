@@ -2,19 +2,30 @@
 //! time, so building needs no CUDA): discovery that reports a missing driver as an error,
 //! never a panic; cuBLAS matrix products; NVRTC-compiled kernels kept in a cache.
 //!
-//! Sparse matrices (CSR, from and to `sprs`) multiply dense vectors through cuSPARSE.
+//! bf16 matrix products (f32 accumulation) go through cuBLASLt. Sparse matrices (CSR, from
+//! and to `sprs`) multiply dense vectors and matrices through cuSPARSE (`sparse.rs`). The
+//! kernel sources are in `kernels.rs`; the model graph's GPU executor, which uses them, is
+//! `nn::GpuExecutor`.
 //!
-//! Status: the device actor, device-resident `Ref`s, bf16 GEMM, SpMM and the model-graph
-//! ops are not here yet; this module is what they build on. NCCL is in `nccl.rs`.
+//! Status: the device actor and device-resident `Ref`s are not here yet; this module is what
+//! they build on. NCCL is in `nccl.rs`.
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
-use cudarc::cusparse;
+use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
 };
+use half::bf16;
 use parking_lot::Mutex;
+
+mod kernels;
+mod sparse;
+
+pub use kernels::KERNELS;
+pub use sparse::GpuCsr;
+use sparse::SparseHandle;
 
 /// Why a CUDA operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -110,53 +121,6 @@ pub fn cuda_devices() -> Result<Vec<CudaDeviceInfo>> {
         .collect()
 }
 
-/// Elementwise, reduction and softmax kernels, compiled by NVRTC on first use.
-pub const KERNELS: &[(&str, &str)] = &[
-    (
-        "relu_f32",
-        r#"extern "C" __global__ void relu_f32(float* x, unsigned int n) {
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n && x[i] < 0.0f) { x[i] = 0.0f; }
-}"#,
-    ),
-    (
-        "axpy_f32",
-        r#"extern "C" __global__ void axpy_f32(float a, const float* x, float* y, unsigned int n) {
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) { y[i] += a * x[i]; }
-}"#,
-    ),
-    (
-        "sum_f32",
-        r#"extern "C" __global__ void sum_f32(const float* x, float* out, unsigned int n) {
-    __shared__ float partial[1024];
-    unsigned int t = threadIdx.x;
-    float acc = 0.0f;
-    for (unsigned int i = blockIdx.x * blockDim.x + t; i < n; i += blockDim.x * gridDim.x) { acc += x[i]; }
-    partial[t] = acc;
-    __syncthreads();
-    for (unsigned int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (t < s) { partial[t] += partial[t + s]; }
-        __syncthreads();
-    }
-    if (t == 0) { atomicAdd(out, partial[0]); }
-}"#,
-    ),
-    (
-        "softmax_rows_f32",
-        r#"extern "C" __global__ void softmax_rows_f32(float* x, unsigned int rows, unsigned int cols) {
-    unsigned int r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= rows) { return; }
-    float* row = x + (size_t)r * cols;
-    float m = row[0];
-    for (unsigned int j = 1; j < cols; ++j) { m = fmaxf(m, row[j]); }
-    float s = 0.0f;
-    for (unsigned int j = 0; j < cols; ++j) { row[j] = expf(row[j] - m); s += row[j]; }
-    for (unsigned int j = 0; j < cols; ++j) { row[j] /= s; }
-}"#,
-    ),
-];
-
 /// Compiles every kernel of [`KERNELS`] to PTX (needs only NVRTC, no GPU): the check CI runs.
 ///
 /// # Errors
@@ -170,7 +134,7 @@ fn compile(name: &'static str, source: &str) -> Result<cudarc::nvrtc::Ptx> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(DeviceError::MissingLibrary { library: "libnvrtc", needed_for: "compiling kernels" });
     }
-    cudarc::nvrtc::compile_ptx(source)
+    cudarc::nvrtc::compile_ptx(format!("{}{source}", kernels::PRELUDE))
         .map_err(|e| DeviceError::Compile { kernel: name, message: e.to_string() })
 }
 
@@ -181,41 +145,9 @@ pub struct Gpu {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: Mutex<Option<Arc<CudaBlas>>>,
+    blaslt: Mutex<Option<Arc<CudaBlasLT>>>,
     sparse: Mutex<Option<SparseHandle>>,
     kernels: Mutex<HashMap<&'static str, CudaFunction>>,
-}
-
-/// A cuSPARSE handle, destroyed on drop.
-struct SparseHandle(cusparse::sys::cusparseHandle_t);
-
-// SAFETY: the handle is only used under the `Gpu::sparse` mutex, one call at a time.
-unsafe impl Send for SparseHandle {}
-
-impl Drop for SparseHandle {
-    fn drop(&mut self) {
-        // SAFETY: the handle was made by `create` and is destroyed once.
-        let _ = unsafe { cusparse::result::destroy(self.0) };
-    }
-}
-
-/// A CSR matrix in device memory (32-bit indices, f32 values).
-pub struct GpuCsr {
-    rows: usize,
-    cols: usize,
-    offsets: CudaSlice<i32>,
-    columns: CudaSlice<i32>,
-    values: CudaSlice<f32>,
-}
-
-impl GpuCsr {
-    /// (rows, columns).
-    pub fn shape(&self) -> (usize, usize) {
-        (self.rows, self.cols)
-    }
-    /// Stored entries.
-    pub fn nnz(&self) -> usize {
-        self.values.len()
-    }
 }
 
 impl std::fmt::Debug for Gpu {
@@ -245,6 +177,7 @@ impl Gpu {
             ctx,
             stream,
             blas: Mutex::new(None),
+            blaslt: Mutex::new(None),
             sparse: Mutex::new(None),
             kernels: Mutex::new(HashMap::new()),
         })
@@ -255,7 +188,17 @@ impl Gpu {
         self.stream.clone()
     }
 
-    fn driver(&self, e: cudarc::driver::DriverError) -> DeviceError {
+    /// The stream, borrowed (for launch builders).
+    pub(crate) fn stream_ref(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// This device's ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+
+    pub(crate) fn driver(&self, e: cudarc::driver::DriverError) -> DeviceError {
         DeviceError::Driver { device: self.ordinal, message: e.to_string() }
     }
 
@@ -333,38 +276,155 @@ impl Gpu {
         b: &CudaSlice<f32>,
         c: &mut CudaSlice<f32>,
     ) -> Result<()> {
+        self.gemm_rm(Gemm32 { m, n, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }, a, b, c)
+    }
+
+    /// Row-major `c (m×n) = alpha · op(a) · op(b) + beta · c` with cuBLAS (f32), where
+    /// `op(a)` is `m×k` (stored `k×m` when `trans_a`) and `op(b)` is `k×n` (stored `n×k` when
+    /// `trans_b`). Buffers may be longer than the matrices; views work too.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`] if a buffer is too short or a dimension exceeds i32;
+    /// [`DeviceError::Blas`].
+    pub(crate) fn gemm_rm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
+        &self,
+        g: Gemm32,
+        a: &A,
+        b: &B,
+        c: &mut C,
+    ) -> Result<()> {
+        let Gemm32 { m, n, k, trans_a, trans_b, alpha, beta } = g;
         if a.len() < m * k || b.len() < k * n || c.len() < m * n {
             return Err(DeviceError::Shape {
                 op: "sgemm",
                 message: format!("{m}×{k} · {k}×{n} with buffers of {}, {}, {}", a.len(), b.len(), c.len()),
             });
         }
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
         let dim = |x: usize| {
-            i32::try_from(x)
+            i32::try_from(x.max(1))
                 .map_err(|_| DeviceError::Shape { op: "sgemm", message: format!("dimension {x} too large") })
         };
         let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
-        // cuBLAS is column-major: C^T (n×m) = B^T (n×k) · A^T (k×m), with the row-major
-        // buffers read as their transposes.
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        // cuBLAS is column-major: C^T (n×m) = op(B)^T (n×k) · op(A)^T (k×m), with each
+        // row-major buffer read as the transpose of what it stores.
         let config = GemmConfig {
-            transa: cublasOperation_t::CUBLAS_OP_N,
-            transb: cublasOperation_t::CUBLAS_OP_N,
+            transa: op(trans_b),
+            transb: op(trans_a),
             m: ni,
             n: mi,
             k: ki,
-            alpha: 1.0f32,
-            lda: ni,
-            ldb: ki,
-            beta: 0.0f32,
+            alpha,
+            lda: if trans_b { ki } else { ni },
+            ldb: if trans_a { mi } else { ki },
+            beta,
             ldc: ni,
         };
         let blas = self.blas()?;
-        // SAFETY: the lengths were checked above against m, n and k.
+        // cuBLAS runs in the calling thread's current context: make it this device's.
+        self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
+        // SAFETY: the lengths were checked above against m, n and k, and the leading
+        // dimensions are those of the stored row-major matrices.
         unsafe { blas.gemm(config, b, a, c) }
             .map_err(|e| DeviceError::Blas { op: "sgemm", message: e.to_string() })
     }
 
-    fn kernel(&self, name: &'static str) -> Result<CudaFunction> {
+    fn blaslt(&self) -> Result<Arc<CudaBlasLT>> {
+        let mut lt = self.blaslt.lock();
+        if let Some(lt) = lt.as_ref() {
+            return Ok(lt.clone());
+        }
+        // SAFETY: only tries to load the cuBLASLt library.
+        if !unsafe { cudarc::cublaslt::sys::is_culib_present() } {
+            return Err(DeviceError::MissingLibrary {
+                library: "libcublasLt",
+                needed_for: "bf16 matrix products",
+            });
+        }
+        let made = Arc::new(
+            CudaBlasLT::new(self.stream.clone())
+                .map_err(|e| DeviceError::Blas { op: "create cuBLASLt handle", message: e.to_string() })?,
+        );
+        *lt = Some(made.clone());
+        Ok(made)
+    }
+
+    /// Copies `data` to the device as bf16 (rounded to nearest even).
+    ///
+    /// # Errors
+    /// [`DeviceError::Driver`].
+    pub fn upload_bf16(&self, data: &[f32]) -> Result<CudaSlice<bf16>> {
+        let host: Vec<bf16> = data.iter().map(|&v| bf16::from_f32(v)).collect();
+        self.stream.clone_htod(&host).map_err(|e| self.driver(e))
+    }
+
+    /// Copies a bf16 device buffer back to the host as f32.
+    ///
+    /// # Errors
+    /// [`DeviceError::Driver`].
+    pub fn download_bf16(&self, buffer: &CudaSlice<bf16>) -> Result<Vec<f32>> {
+        let host = self.stream.clone_dtoh(buffer).map_err(|e| self.driver(e))?;
+        Ok(host.into_iter().map(bf16::to_f32).collect())
+    }
+
+    /// A zeroed bf16 device buffer of `len` elements.
+    ///
+    /// # Errors
+    /// [`DeviceError::Driver`] (for example out of memory).
+    pub fn zeros_bf16(&self, len: usize) -> Result<CudaSlice<bf16>> {
+        self.stream.alloc_zeros(len).map_err(|e| self.driver(e))
+    }
+
+    /// Row-major `c (m×n) = a (m×k) · b (k×n)` in bf16 with f32 accumulation, through
+    /// cuBLASLt (its heuristic picks the kernel; tensor cores where the device has them).
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`] if a buffer is too short; [`DeviceError::MissingLibrary`]
+    /// without cuBLASLt; [`DeviceError::Blas`].
+    pub fn gemm_bf16(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        a: &CudaSlice<bf16>,
+        b: &CudaSlice<bf16>,
+        c: &mut CudaSlice<bf16>,
+    ) -> Result<()> {
+        if a.len() < m * k || b.len() < k * n || c.len() < m * n || m == 0 || n == 0 || k == 0 {
+            return Err(DeviceError::Shape {
+                op: "gemm_bf16",
+                message: format!("{m}×{k} · {k}×{n} with buffers of {}, {}, {}", a.len(), b.len(), c.len()),
+            });
+        }
+        let lt = self.blaslt()?;
+        self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
+        // Column-major C^T (n×m) = B^T (n×k) · A^T (k×m), as in `gemm_rm`.
+        let config = MatmulConfig {
+            transa: false,
+            transb: false,
+            transc: false,
+            m: n as u64,
+            n: m as u64,
+            k: k as u64,
+            alpha: 1.0,
+            lda: n as i64,
+            ldb: k as i64,
+            beta: 0.0,
+            ldc: n as i64,
+            stride_a: None,
+            stride_b: None,
+            stride_c: None,
+            stride_bias: None,
+            batch_size: None,
+        };
+        // SAFETY: the lengths were checked above against m, n and k; no bias, no epilogue.
+        unsafe { lt.matmul(config, b, a, c, None, None) }
+            .map_err(|e| DeviceError::Blas { op: "gemm_bf16", message: e.to_string() })
+    }
+
+    /// The compiled kernel `name` of [`KERNELS`] (compiled and loaded on first use).
+    pub(crate) fn kernel(&self, name: &'static str) -> Result<CudaFunction> {
         if let Some(function) = self.kernels.lock().get(name) {
             return Ok(function.clone());
         }
@@ -449,181 +509,27 @@ impl Gpu {
     }
 }
 
-impl Gpu {
-    /// Copies a `sprs` matrix to the device as CSR (CSC input is converted).
-    ///
-    /// # Errors
-    /// [`DeviceError::Shape`] beyond 32-bit indices; [`DeviceError::Driver`].
-    pub fn upload_csr(&self, matrix: &sprs::CsMat<f32>) -> Result<GpuCsr> {
-        let csr = if matrix.is_csr() { matrix.view().to_owned() } else { matrix.to_csr() };
-        let index = |v: usize| {
-            i32::try_from(v).map_err(|_| DeviceError::Shape {
-                op: "upload_csr",
-                message: format!("index {v} exceeds i32"),
-            })
-        };
-        let offsets: Vec<i32> =
-            csr.indptr().raw_storage().iter().map(|&v| index(v)).collect::<Result<_>>()?;
-        let columns: Vec<i32> = csr.indices().iter().map(|&v| index(v)).collect::<Result<_>>()?;
-        let upload_i32 = |v: &[i32]| self.stream.clone_htod(v).map_err(|e| self.driver(e));
-        Ok(GpuCsr {
-            rows: csr.rows(),
-            cols: csr.cols(),
-            offsets: upload_i32(&offsets)?,
-            columns: upload_i32(&columns)?,
-            values: self.upload(csr.data())?,
-        })
-    }
+/// The shape and scalars of one f32 GEMM (see [`Gpu::gemm_rm`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Gemm32 {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    pub(crate) trans_a: bool,
+    pub(crate) trans_b: bool,
+    pub(crate) alpha: f32,
+    pub(crate) beta: f32,
+}
 
-    /// Copies a device CSR matrix back into a `sprs` matrix.
-    ///
-    /// # Errors
-    /// [`DeviceError::Driver`]; [`DeviceError::Shape`] if the device data is not a valid CSR.
-    pub fn download_csr(&self, matrix: &GpuCsr) -> Result<sprs::CsMat<f32>> {
-        let to_usize = |v: Vec<i32>| v.into_iter().map(|x| x.max(0) as usize).collect::<Vec<_>>();
-        let offsets = to_usize(self.stream.clone_dtoh(&matrix.offsets).map_err(|e| self.driver(e))?);
-        let columns = to_usize(self.stream.clone_dtoh(&matrix.columns).map_err(|e| self.driver(e))?);
-        let values = self.download(&matrix.values)?;
-        sprs::CsMat::try_new((matrix.rows, matrix.cols), offsets, columns, values)
-            .map_err(|(_, _, _, e)| DeviceError::Shape { op: "download_csr", message: e.to_string() })
-    }
-
-    /// `y = A · x` with cuSPARSE (CSR SpMV, f32).
-    ///
-    /// # Errors
-    /// [`DeviceError::Shape`] if the lengths do not match the matrix;
-    /// [`DeviceError::MissingLibrary`] without cuSPARSE; [`DeviceError::Blas`] for a cuSPARSE
-    /// failure.
-    pub fn spmv(&self, a: &GpuCsr, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
-        use cusparse::sys as sp;
-        if x.len() != a.cols || y.len() != a.rows {
-            return Err(DeviceError::Shape {
-                op: "spmv",
-                message: format!("{}×{} matrix, x of {}, y of {}", a.rows, a.cols, x.len(), y.len()),
-            });
-        }
-        let failed = |what: &str, status: sp::cusparseStatus_t| DeviceError::Blas {
-            op: "spmv",
-            message: format!("{what}: {status:?}"),
-        };
-        let check = |what: &str, status: sp::cusparseStatus_t| {
-            if status == sp::cusparseStatus_t::CUSPARSE_STATUS_SUCCESS {
-                Ok(())
-            } else {
-                Err(failed(what, status))
-            }
-        };
-        let mut sparse = self.sparse.lock();
-        if sparse.is_none() {
-            // SAFETY: only tries to load the cuSPARSE library.
-            if !unsafe { sp::is_culib_present() } {
-                return Err(DeviceError::MissingLibrary {
-                    library: "libcusparse",
-                    needed_for: "sparse products",
-                });
-            }
-            self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
-            let handle = cusparse::result::create().map_err(|e| failed("create handle", e.0))?;
-            // SAFETY: a fresh handle and this device's stream.
-            check("set stream", unsafe { sp::cusparseSetStream(handle, self.stream.cu_stream() as _) })?;
-            *sparse = Some(SparseHandle(handle));
-        }
-        let handle = sparse.as_ref().map(|h| h.0).ok_or(DeviceError::NoDevice("cuSPARSE handle".into()))?;
-        let (rows, cols, nnz) = (a.rows as i64, a.cols as i64, a.values.len() as i64);
-        let (offsets, _g1) = a.offsets.device_ptr(&self.stream);
-        let (columns, _g2) = a.columns.device_ptr(&self.stream);
-        let (values, _g3) = a.values.device_ptr(&self.stream);
-        let (x_ptr, _g4) = x.device_ptr(&self.stream);
-        let (y_ptr, _g5) = y.device_ptr_mut(&self.stream);
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let mut mat: sp::cusparseSpMatDescr_t = std::ptr::null_mut();
-        let mut vx: sp::cusparseDnVecDescr_t = std::ptr::null_mut();
-        let mut vy: sp::cusparseDnVecDescr_t = std::ptr::null_mut();
-        // SAFETY: every pointer is a live device allocation of the stated length (checked
-        // above and by construction of `GpuCsr`); descriptors are destroyed below.
-        let result = unsafe {
-            check(
-                "create CSR",
-                sp::cusparseCreateCsr(
-                    &mut mat,
-                    rows,
-                    cols,
-                    nnz,
-                    offsets as *mut _,
-                    columns as *mut _,
-                    values as *mut _,
-                    sp::cusparseIndexType_t::CUSPARSE_INDEX_32I,
-                    sp::cusparseIndexType_t::CUSPARSE_INDEX_32I,
-                    sp::cusparseIndexBase_t::CUSPARSE_INDEX_BASE_ZERO,
-                    sp::cudaDataType::CUDA_R_32F,
-                ),
-            )
-            .and_then(|()| {
-                check(
-                    "create x",
-                    sp::cusparseCreateDnVec(&mut vx, cols, x_ptr as *mut _, sp::cudaDataType::CUDA_R_32F),
-                )
-            })
-            .and_then(|()| {
-                check(
-                    "create y",
-                    sp::cusparseCreateDnVec(&mut vy, rows, y_ptr as *mut _, sp::cudaDataType::CUDA_R_32F),
-                )
-            })
-            .and_then(|()| {
-                let mut size = 0usize;
-                check(
-                    "buffer size",
-                    sp::cusparseSpMV_bufferSize(
-                        handle,
-                        sp::cusparseOperation_t::CUSPARSE_OPERATION_NON_TRANSPOSE,
-                        (&alpha as *const f32).cast(),
-                        mat as _,
-                        vx as _,
-                        (&beta as *const f32).cast(),
-                        vy,
-                        sp::cudaDataType::CUDA_R_32F,
-                        sp::cusparseSpMVAlg_t::CUSPARSE_SPMV_ALG_DEFAULT,
-                        &mut size,
-                    ),
-                )?;
-                let mut buffer = self.stream.alloc_zeros::<u8>(size.max(1)).map_err(|e| self.driver(e))?;
-                let (buffer_ptr, _g6) = buffer.device_ptr_mut(&self.stream);
-                check(
-                    "SpMV",
-                    sp::cusparseSpMV(
-                        handle,
-                        sp::cusparseOperation_t::CUSPARSE_OPERATION_NON_TRANSPOSE,
-                        (&alpha as *const f32).cast(),
-                        mat as _,
-                        vx as _,
-                        (&beta as *const f32).cast(),
-                        vy,
-                        sp::cudaDataType::CUDA_R_32F,
-                        sp::cusparseSpMVAlg_t::CUSPARSE_SPMV_ALG_DEFAULT,
-                        buffer_ptr as *mut _,
-                    ),
-                )?;
-                // The work buffer must outlive the asynchronous SpMV.
-                self.stream.synchronize().map_err(|e| self.driver(e))
-            })
-        };
-        // SAFETY: destroying the descriptors made above (null ones are skipped).
-        unsafe {
-            if !vy.is_null() {
-                sp::cusparseDestroyDnVec(vy as _);
-            }
-            if !vx.is_null() {
-                sp::cusparseDestroyDnVec(vx as _);
-            }
-            if !mat.is_null() {
-                sp::cusparseDestroySpMat(mat as _);
-            }
-        }
-        result
+/// A launch configuration for a grid-stride kernel over `n` elements (256 threads a block).
+pub(crate) fn grid(n: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(256).clamp(1, 65_535 * 16), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
     }
 }
 
-fn len_u32(len: usize, op: &'static str) -> Result<u32> {
+pub(crate) fn len_u32(len: usize, op: &'static str) -> Result<u32> {
     u32::try_from(len).map_err(|_| DeviceError::Shape { op, message: format!("{len} elements exceed u32") })
 }

@@ -163,6 +163,24 @@ pub enum NnError {
         /// Whether it failed only because a peer is gone.
         peer_lost: bool,
     },
+    /// A GPU operation failed (feature `cuda`).
+    #[cfg(feature = "cuda")]
+    #[error("GPU: {source}")]
+    Device {
+        /// What the device reported.
+        #[from]
+        source: crate::devices::DeviceError,
+    },
+    /// An executor cannot run one of the graph's ops.
+    #[error("the {backend} executor cannot run op `{op}` (node {node})")]
+    Unsupported {
+        /// The executor (e.g. "GPU").
+        backend: &'static str,
+        /// The op's name.
+        op: &'static str,
+        /// The node.
+        node: usize,
+    },
     /// A training worker thread (communication thread or pipeline stage) is gone.
     #[error("{worker} stopped unexpectedly")]
     WorkerGone {

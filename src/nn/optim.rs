@@ -122,6 +122,19 @@ impl Optimizer {
         }
     }
 
+    /// The first and second moments, one vector per parameter (no second moments for
+    /// SGD): what a device-side optimizer copies in and back.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn moments(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
+        (&self.m, &self.v)
+    }
+
+    /// As [`Optimizer::moments`], mutable.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn moments_mut(&mut self) -> (&mut [Vec<f32>], &mut [Vec<f32>]) {
+        (&mut self.m, &mut self.v)
+    }
+
     /// Applies one update; `grad(i)` is parameter `i`'s gradient.
     ///
     /// # Panics

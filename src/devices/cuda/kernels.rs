@@ -1,0 +1,370 @@
+//! The CUDA C sources of every NVRTC kernel: the elementwise, reduction and softmax
+//! kernels of [`Gpu`](super::Gpu), and the forward, backward and optimizer kernels of the
+//! model graph's GPU executor. Each source is compiled with [`PRELUDE`] in front of it.
+//!
+//! CI compiles every one of them to PTX (`tests/gpu.rs`, NVRTC from PyPI), so a kernel that
+//! does not compile fails the build's tests even on a machine without a GPU.
+
+/// Helpers every kernel may use: the grid-stride loop, activations by code
+/// (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their derivatives from the output, and a
+/// counter-based uniform random number (SplitMix64 of seed and index).
+pub(super) const PRELUDE: &str = r#"
+#define TESSERA_LOOP(i, n) for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
+static __device__ __forceinline__ float tessera_act(int act, float x) {
+    switch (act) {
+    case 1: return x > 0.0f ? x : 0.0f;
+    case 2: return 1.0f / (1.0f + expf(-x));
+    case 3: return tanhf(x);
+    default: return x;
+    }
+}
+static __device__ __forceinline__ float tessera_act_grad(int act, float y, float g) {
+    switch (act) {
+    case 1: return y > 0.0f ? g : 0.0f;
+    case 2: return g * y * (1.0f - y);
+    case 3: return g * (1.0f - y * y);
+    default: return g;
+    }
+}
+static __device__ __forceinline__ float tessera_uniform(unsigned long long seed, unsigned int i) {
+    unsigned long long z = seed + 0x9E3779B97F4A7C15ULL * ((unsigned long long)i + 1ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    z = z ^ (z >> 31);
+    return (float)(z >> 40) * (1.0f / 16777216.0f);
+}
+"#;
+
+/// Every kernel: its name (the `extern "C"` entry point) and its CUDA C source.
+pub const KERNELS: &[(&str, &str)] = &[
+    (
+        "relu_f32",
+        r#"extern "C" __global__ void relu_f32(float* x, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n && x[i] < 0.0f) { x[i] = 0.0f; }
+}"#,
+    ),
+    (
+        "axpy_f32",
+        r#"extern "C" __global__ void axpy_f32(float a, const float* x, float* y, unsigned int n) {
+    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) { y[i] += a * x[i]; }
+}"#,
+    ),
+    (
+        "sum_f32",
+        r#"extern "C" __global__ void sum_f32(const float* x, float* out, unsigned int n) {
+    __shared__ float partial[1024];
+    unsigned int t = threadIdx.x;
+    float acc = 0.0f;
+    for (unsigned int i = blockIdx.x * blockDim.x + t; i < n; i += blockDim.x * gridDim.x) { acc += x[i]; }
+    partial[t] = acc;
+    __syncthreads();
+    for (unsigned int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) { partial[t] += partial[t + s]; }
+        __syncthreads();
+    }
+    if (t == 0) { atomicAdd(out, partial[0]); }
+}"#,
+    ),
+    (
+        "softmax_rows_f32",
+        r#"extern "C" __global__ void softmax_rows_f32(float* x, unsigned int rows, unsigned int cols) {
+    unsigned int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= rows) { return; }
+    float* row = x + (size_t)r * cols;
+    float m = row[0];
+    for (unsigned int j = 1; j < cols; ++j) { m = fmaxf(m, row[j]); }
+    float s = 0.0f;
+    for (unsigned int j = 0; j < cols; ++j) { row[j] = expf(row[j] - m); s += row[j]; }
+    for (unsigned int j = 0; j < cols; ++j) { row[j] /= s; }
+}"#,
+    ),
+    (
+        "fill_f32",
+        r#"extern "C" __global__ void fill_f32(float* x, float value, unsigned int n) {
+    TESSERA_LOOP(i, n) { x[i] = value; }
+}"#,
+    ),
+    (
+        "bias_act_f32",
+        r#"extern "C" __global__ void bias_act_f32(float* y, const float* bias, unsigned int n, unsigned int cols, int act) {
+    TESSERA_LOOP(i, n) { y[i] = tessera_act(act, y[i] + bias[i % cols]); }
+}"#,
+    ),
+    (
+        "act_f32",
+        r#"extern "C" __global__ void act_f32(const float* x, float* y, unsigned int n, int act) {
+    TESSERA_LOOP(i, n) { y[i] = tessera_act(act, x[i]); }
+}"#,
+    ),
+    (
+        "act_grad_f32",
+        r#"extern "C" __global__ void act_grad_f32(const float* y, const float* g, float* dz, unsigned int n, int act) {
+    TESSERA_LOOP(i, n) { dz[i] = tessera_act_grad(act, y[i], g[i]); }
+}"#,
+    ),
+    (
+        "act_grad_add_f32",
+        r#"extern "C" __global__ void act_grad_add_f32(const float* y, const float* g, float* dx, unsigned int n, int act) {
+    TESSERA_LOOP(i, n) { dx[i] += tessera_act_grad(act, y[i], g[i]); }
+}"#,
+    ),
+    (
+        "add_bcast_f32",
+        r#"extern "C" __global__ void add_bcast_f32(const float* a, const float* b, float* y, unsigned int n, unsigned int bn) {
+    TESSERA_LOOP(i, n) { y[i] = a[i] + b[i % bn]; }
+}"#,
+    ),
+    (
+        "mul_add_f32",
+        r#"extern "C" __global__ void mul_add_f32(const float* a, const float* b, float* dst, unsigned int n) {
+    TESSERA_LOOP(i, n) { dst[i] += a[i] * b[i]; }
+}"#,
+    ),
+    (
+        "col_sums_add_f32",
+        r#"extern "C" __global__ void col_sums_add_f32(const float* m, float* dst, unsigned int rows, unsigned int cols) {
+    TESSERA_LOOP(j, cols) {
+        float s = 0.0f;
+        for (unsigned int r = 0; r < rows; ++r) { s += m[(size_t)r * cols + j]; }
+        dst[j] += s;
+    }
+}"#,
+    ),
+    (
+        "row_sums_add_f32",
+        r#"extern "C" __global__ void row_sums_add_f32(const float* m, float* dst, unsigned int rows, unsigned int cols) {
+    __shared__ float partial[256];
+    for (unsigned int row = blockIdx.x; row < rows; row += gridDim.x) {
+        float s = 0.0f;
+        for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) { s += m[(size_t)row * cols + j]; }
+        partial[threadIdx.x] = s;
+        __syncthreads();
+        for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
+            if (threadIdx.x < k) { partial[threadIdx.x] += partial[threadIdx.x + k]; }
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) { dst[row] += partial[0]; }
+        __syncthreads();
+    }
+}"#,
+    ),
+    (
+        "im2col_f32",
+        r#"extern "C" __global__ void im2col_f32(const float* x, float* cols, unsigned int n, unsigned int c,
+        unsigned int h, unsigned int w, unsigned int kh, unsigned int kw, unsigned int oh, unsigned int ow,
+        unsigned int stride, unsigned int pad) {
+    unsigned int ohw = oh * ow, ncols = n * ohw;
+    TESSERA_LOOP(idx, c * kh * kw * ncols) {
+        unsigned int row = idx / ncols, col = idx % ncols;
+        unsigned int b = col / ohw, p = col % ohw, i = p / ow, j = p % ow;
+        unsigned int kj = row % kw, ki = (row / kw) % kh, ch = row / (kw * kh);
+        int yi = (int)(i * stride + ki) - (int)pad, xj = (int)(j * stride + kj) - (int)pad;
+        float v = 0.0f;
+        if (yi >= 0 && yi < (int)h && xj >= 0 && xj < (int)w) { v = x[(((size_t)b * c + ch) * h + yi) * w + xj]; }
+        cols[idx] = v;
+    }
+}"#,
+    ),
+    (
+        "col2im_add_f32",
+        r#"extern "C" __global__ void col2im_add_f32(const float* cols, float* dx, unsigned int n, unsigned int c,
+        unsigned int h, unsigned int w, unsigned int kh, unsigned int kw, unsigned int oh, unsigned int ow,
+        unsigned int stride, unsigned int pad) {
+    unsigned int ohw = oh * ow, ncols = n * ohw;
+    TESSERA_LOOP(idx, n * c * h * w) {
+        unsigned int xx = idx % w, yy = (idx / w) % h, ch = (idx / (w * h)) % c, b = idx / (w * h * c);
+        float s = 0.0f;
+        for (unsigned int ki = 0; ki < kh; ++ki) {
+            int ty = (int)(yy + pad) - (int)ki;
+            if (ty < 0 || ty % (int)stride != 0) { continue; }
+            unsigned int i = (unsigned int)ty / stride;
+            if (i >= oh) { continue; }
+            for (unsigned int kj = 0; kj < kw; ++kj) {
+                int tx = (int)(xx + pad) - (int)kj;
+                if (tx < 0 || tx % (int)stride != 0) { continue; }
+                unsigned int j = (unsigned int)tx / stride;
+                if (j >= ow) { continue; }
+                unsigned int row = (ch * kh + ki) * kw + kj;
+                s += cols[(size_t)row * ncols + b * ohw + i * ow + j];
+            }
+        }
+        dx[idx] += s;
+    }
+}"#,
+    ),
+    (
+        "conv_out_f32",
+        r#"extern "C" __global__ void conv_out_f32(const float* prod, const float* bias, float* y, unsigned int n,
+        unsigned int o, unsigned int ohw, int act) {
+    TESSERA_LOOP(idx, n * o * ohw) {
+        unsigned int b = idx / (o * ohw), oc = (idx / ohw) % o, p = idx % ohw;
+        y[idx] = tessera_act(act, prod[((size_t)oc * n + b) * ohw + p] + bias[oc]);
+    }
+}"#,
+    ),
+    (
+        "conv_grad_out_f32",
+        r#"extern "C" __global__ void conv_grad_out_f32(const float* y, const float* g, float* dz, unsigned int n,
+        unsigned int o, unsigned int ohw, int act) {
+    TESSERA_LOOP(idx, n * o * ohw) {
+        unsigned int b = idx / (o * ohw), oc = (idx / ohw) % o, p = idx % ohw;
+        dz[((size_t)oc * n + b) * ohw + p] = tessera_act_grad(act, y[idx], g[idx]);
+    }
+}"#,
+    ),
+    (
+        "maxpool_f32",
+        r#"extern "C" __global__ void maxpool_f32(const float* x, float* y, int* arg, unsigned int planes, unsigned int h,
+        unsigned int w, unsigned int oh, unsigned int ow, unsigned int size, unsigned int stride) {
+    TESSERA_LOOP(idx, planes * oh * ow) {
+        unsigned int plane = idx / (oh * ow), q = idx % (oh * ow), i = q / ow, j = q % ow;
+        const float* xp = x + (size_t)plane * h * w;
+        unsigned int first = i * stride * w + j * stride;
+        float best = xp[first];
+        unsigned int at = first;
+        for (unsigned int di = 0; di < size; ++di) {
+            for (unsigned int dj = 0; dj < size; ++dj) {
+                unsigned int k = first + di * w + dj;
+                if (xp[k] > best) { best = xp[k]; at = k; }
+            }
+        }
+        y[idx] = best;
+        arg[idx] = (int)at;
+    }
+}"#,
+    ),
+    (
+        "maxpool_grad_add_f32",
+        r#"extern "C" __global__ void maxpool_grad_add_f32(const float* g, const int* arg, float* dx, unsigned int n_out,
+        unsigned int plane_in, unsigned int plane_out) {
+    TESSERA_LOOP(o, n_out) { atomicAdd(&dx[(size_t)(o / plane_out) * plane_in + arg[o]], g[o]); }
+}"#,
+    ),
+    (
+        "dropout_f32",
+        r#"extern "C" __global__ void dropout_f32(const float* x, float* y, float* mask, unsigned int n, float p,
+        unsigned long long seed) {
+    float keep = 1.0f / (1.0f - p);
+    TESSERA_LOOP(i, n) {
+        float m = tessera_uniform(seed, i) < p ? 0.0f : keep;
+        mask[i] = m;
+        y[i] = x[i] * m;
+    }
+}"#,
+    ),
+    (
+        "softmax_xent_f32",
+        r#"extern "C" __global__ void softmax_xent_f32(const float* logits, const int* labels, float* probs,
+        float* row_loss, unsigned int rows, unsigned int cols) {
+    TESSERA_LOOP(r, rows) {
+        const float* l = logits + (size_t)r * cols;
+        float* p = probs + (size_t)r * cols;
+        float m = l[0];
+        for (unsigned int j = 1; j < cols; ++j) { m = fmaxf(m, l[j]); }
+        float s = 0.0f;
+        for (unsigned int j = 0; j < cols; ++j) { p[j] = expf(l[j] - m); s += p[j]; }
+        float inv = 1.0f / s;
+        for (unsigned int j = 0; j < cols; ++j) { p[j] *= inv; }
+        int label = labels[r];
+        row_loss[r] = (label >= 0 && label < (int)cols) ? -logf(fmaxf(p[label], 1e-30f)) : __int_as_float(0x7fc00000);
+    }
+}"#,
+    ),
+    (
+        "mean_f32",
+        r#"extern "C" __global__ void mean_f32(const float* x, float* out, unsigned int n) {
+    __shared__ double partial[256];
+    double s = 0.0;
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) { s += (double)x[i]; }
+    partial[threadIdx.x] = s;
+    __syncthreads();
+    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) { partial[threadIdx.x] += partial[threadIdx.x + k]; }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) { out[0] = (float)(partial[0] / (double)(n > 0 ? n : 1)); }
+}"#,
+    ),
+    (
+        "xent_grad_add_f32",
+        r#"extern "C" __global__ void xent_grad_add_f32(const float* probs, const int* labels, const float* g, float* dx,
+        unsigned int rows, unsigned int cols) {
+    float scale = g[0] / (float)(rows > 0 ? rows : 1);
+    TESSERA_LOOP(idx, rows * cols) {
+        unsigned int r = idx / cols, j = idx % cols;
+        float v = scale * probs[idx];
+        if ((int)j == labels[r]) { v -= scale; }
+        dx[idx] += v;
+    }
+}"#,
+    ),
+    (
+        "softmax_grad_add_f32",
+        r#"extern "C" __global__ void softmax_grad_add_f32(const float* y, const float* g, float* dx, unsigned int rows,
+        unsigned int cols) {
+    TESSERA_LOOP(r, rows) {
+        const float* yr = y + (size_t)r * cols;
+        const float* gr = g + (size_t)r * cols;
+        float s = 0.0f;
+        for (unsigned int j = 0; j < cols; ++j) { s += yr[j] * gr[j]; }
+        for (unsigned int j = 0; j < cols; ++j) { dx[(size_t)r * cols + j] += yr[j] * (gr[j] - s); }
+    }
+}"#,
+    ),
+    (
+        "sgd_f32",
+        r#"extern "C" __global__ void sgd_f32(float* p, float* m, const float* g, unsigned int n, float lr, float momentum,
+        float weight_decay) {
+    TESSERA_LOOP(i, n) {
+        float mi = momentum * m[i] + g[i] + weight_decay * p[i];
+        mi = fabsf(mi) < 1e-30f ? 0.0f : mi;
+        m[i] = mi;
+        p[i] -= lr * mi;
+    }
+}"#,
+    ),
+    (
+        "adam_f32",
+        r#"extern "C" __global__ void adam_f32(float* p, float* m, float* v, const float* g, unsigned int n, float lr,
+        float beta1, float beta2, float eps, float l2, float decay, float c1, float c2) {
+    TESSERA_LOOP(i, n) {
+        float gi = g[i] + l2 * p[i];
+        gi = fabsf(gi) < 1e-15f ? 0.0f : gi;
+        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        mi = fabsf(mi) < 1e-30f ? 0.0f : mi;
+        vi = fabsf(vi) < 1e-30f ? 0.0f : vi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = p[i] * decay - lr * ((mi * c1) / (sqrtf(vi * c2) + eps));
+    }
+}"#,
+    ),
+    (
+        "gather_rows_f32",
+        r#"extern "C" __global__ void gather_rows_f32(const float* src, const unsigned int* idx, float* dst,
+        unsigned int rows, unsigned int dim) {
+    TESSERA_LOOP(k, rows * dim) { dst[k] = src[(size_t)idx[k / dim] * dim + k % dim]; }
+}"#,
+    ),
+    (
+        "gather_i32",
+        r#"extern "C" __global__ void gather_i32(const int* src, const unsigned int* idx, int* dst, unsigned int n) {
+    TESSERA_LOOP(k, n) { dst[k] = src[idx[k]]; }
+}"#,
+    ),
+    (
+        "count_correct_f32",
+        r#"extern "C" __global__ void count_correct_f32(const float* logits, const int* labels, unsigned int rows,
+        unsigned int cols, unsigned int* count) {
+    TESSERA_LOOP(r, rows) {
+        const float* l = logits + (size_t)r * cols;
+        unsigned int best = 0;
+        for (unsigned int j = 1; j < cols; ++j) { if (l[j] > l[best]) { best = j; } }
+        if ((int)best == labels[r]) { atomicAdd(count, 1u); }
+    }
+}"#,
+    ),
+];

@@ -1,0 +1,936 @@
+//! `GpuExecutor`: runs a [`Graph`] forward and backward on a CUDA device (feature `cuda`),
+//! with the same semantics as [`CpuExecutor`](crate::nn::CpuExecutor), so the same model
+//! definition trains on either. [`GpuTrainer`] keeps parameters, optimizer moments and the
+//! data set on the device and runs whole epochs without a host round trip per step.
+//!
+//! # Invariants
+//! 1. Every device buffer (values, gradients, parameters, saved intermediates, scratch) is
+//!    allocated in [`GpuExecutor::new`]; `forward` and `backward` allocate only the few
+//!    bytes of backward's seeds.
+//! 2. Matrix products go through cuBLAS (row-major, transposes as operations, never
+//!    copies); convolutions are im2col + one GEMM for the whole batch, then a kernel that
+//!    transposes to `[N, O, OH, OW]` with bias and activation fused; every other op is an
+//!    NVRTC kernel of [`KERNELS`](crate::KERNELS).
+//! 3. Gradients follow the CPU executor's rules: `backward(range, seeds)` zeroes the
+//!    gradients of the range's nodes and of the nodes they read, adds the seeds, then walks
+//!    the range in reverse; gradients flow only to nodes that depend on a parameter.
+//! 4. Host copies are made only when asked: [`Executor::value`], [`Executor::grad`] and
+//!    [`Executor::param_grad`] download on first read after a change and keep the copy
+//!    until the next `set_value`, `forward` or `backward`.
+//! 5. Parameters live on the device. [`Executor::forward`] uploads the `Params` it is given;
+//!    [`GpuExecutor::forward_resident`] runs on the device copies as they are (after
+//!    [`GpuExecutor::load_params`] or device-side optimizer steps). Backward uses the
+//!    parameters of the last forward.
+//! 6. Dropout draws its mask on the device from a counter-based generator seeded by the
+//!    executor's [`Rng`] (one draw per forward), so masks differ from the CPU executor's
+//!    but follow the same seeds deterministically.
+use std::cell::OnceCell;
+use std::ops::Range;
+use std::sync::Arc;
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+
+use crate::devices::{grid, len_u32, DeviceError, Gemm32, Gpu};
+use crate::nn::{Activation, DType, Executor, Graph, NnError, Node, NodeId, Op, Params, Rng};
+
+mod train;
+
+pub use train::{GpuDataset, GpuTrainer};
+
+/// Launches kernel `$name` of `KERNELS` on `$gpu`'s stream over `$n` elements (or with an
+/// explicit `cfg`), with the given arguments; evaluates to `Result<(), DeviceError>`.
+macro_rules! launch {
+    ($gpu:expr, $name:literal, cfg = $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let gpu: &Gpu = $gpu;
+        let function = gpu.kernel($name)?;
+        let stream = gpu.stream_ref();
+        let mut builder = stream.launch_builder(&function);
+        $( builder.arg($arg); )*
+        // SAFETY: every call site passes buffers holding at least the elements the kernel
+        // indexes for the sizes it passes (the kernels' sources are in `KERNELS`); the
+        // buffers are borrowed until the launch is queued, and the stream orders later
+        // uses and frees after it.
+        let launched = unsafe { builder.launch($cfg) };
+        launched.map(|_| ()).map_err(|e| gpu.driver(e))
+    }};
+    ($gpu:expr, $name:literal, $n:expr; $($arg:expr),* $(,)?) => {{
+        let count: u32 = $n;
+        launch!($gpu, $name, cfg = grid(count); $($arg),*)
+    }};
+}
+pub(crate) use launch;
+
+/// The kernels' activation codes (see the kernels' prelude).
+fn act_code(act: Activation) -> i32 {
+    match act {
+        Activation::Identity => 0,
+        Activation::Relu => 1,
+        Activation::Sigmoid => 2,
+        Activation::Tanh => 3,
+    }
+}
+
+/// Whether the GPU executor runs `op`.
+fn supported(op: &Op) -> bool {
+    matches!(
+        op,
+        Op::Input
+            | Op::Param { .. }
+            | Op::Constant { .. }
+            | Op::MatMul
+            | Op::Linear { .. }
+            | Op::Conv2d { .. }
+            | Op::MaxPool2d { .. }
+            | Op::Add
+            | Op::Act(_)
+            | Op::Reshape
+            | Op::Dropout { .. }
+            | Op::Softmax
+            | Op::SoftmaxCrossEntropy
+    )
+}
+
+/// Runs a graph on one GPU with buffers allocated once.
+pub struct GpuExecutor {
+    gpu: Arc<Gpu>,
+    graph: Graph,
+    /// Values of f32 nodes other than parameters.
+    vals: Vec<Option<CudaSlice<f32>>>,
+    /// Values of i32 nodes.
+    ids: Vec<Option<CudaSlice<i32>>>,
+    /// Parameter values, by parameter index.
+    params: Vec<CudaSlice<f32>>,
+    /// Gradients of nodes that depend on a parameter (parameters included).
+    grads: Vec<Option<CudaSlice<f32>>>,
+    /// Saved for backward: im2col columns (conv), mask (dropout), probabilities then
+    /// per-row losses (softmax cross-entropy).
+    aux: Vec<Option<CudaSlice<f32>>>,
+    /// Saved for backward: the argmax of each max-pool window.
+    idx: Vec<Option<CudaSlice<i32>>>,
+    /// Shared scratch: conv products, the gradient before a fused activation.
+    scratch: Option<CudaSlice<f32>>,
+    /// Shared scratch: conv input-column gradients.
+    scratch2: Option<CudaSlice<f32>>,
+    /// A one-element buffer standing in for a value that is not there (never read: every
+    /// f32 node has its buffer while others read it).
+    empty: CudaSlice<f32>,
+    filled: Vec<bool>,
+    requires_grad: Vec<bool>,
+    rng: Rng,
+    training: bool,
+    forward_trained: bool,
+    host_vals: Vec<OnceCell<Vec<f32>>>,
+    host_grads: Vec<OnceCell<Vec<f32>>>,
+}
+
+impl std::fmt::Debug for GpuExecutor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuExecutor").field("gpu", &self.gpu).field("nodes", &self.graph.len()).finish()
+    }
+}
+
+impl GpuExecutor {
+    /// An executor for `graph` on `gpu`, with every device buffer it will need allocated
+    /// now and the parameters zeroed (they are uploaded by `forward` or
+    /// [`GpuExecutor::load_params`]).
+    ///
+    /// # Errors
+    /// [`NnError::Unsupported`] for an op the GPU executor does not run (today: layer norm,
+    /// embedding, attention, GRU cells, time-step ops, sub, mul, GELU, MSE);
+    /// [`NnError::Device`] if allocation fails.
+    pub fn new(gpu: Arc<Gpu>, graph: &Graph) -> Result<Self, NnError> {
+        let nodes = graph.nodes();
+        if let Some((n, node)) = nodes.iter().enumerate().find(|(_, node)| !supported(&node.op)) {
+            return Err(NnError::Unsupported { backend: "GPU", op: node.op.name(), node: n });
+        }
+        let n = nodes.len();
+        let mut requires_grad = vec![false; n];
+        for (i, node) in nodes.iter().enumerate() {
+            requires_grad[i] = match node.op {
+                Op::Param { .. } => true,
+                Op::Input | Op::Constant { .. } => false,
+                _ => node.dtype == DType::F32 && node.inputs.iter().any(|j| requires_grad[j.0]),
+            };
+        }
+        let zeros = |len: usize| gpu.zeros(len.max(1));
+        let (mut vals, mut ids, mut grads, mut aux, mut idx) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut scratch, mut scratch2) = (1usize, 1usize);
+        for (i, node) in nodes.iter().enumerate() {
+            let len = node.len();
+            let is_param = matches!(node.op, Op::Param { .. });
+            vals.push(if node.dtype == DType::F32 && !is_param { Some(zeros(len)?) } else { None });
+            ids.push(if node.dtype == DType::I32 {
+                Some(gpu.stream_ref().alloc_zeros::<i32>(len.max(1)).map_err(|e| gpu.driver(e))?)
+            } else {
+                None
+            });
+            grads.push(if requires_grad[i] { Some(zeros(len)?) } else { None });
+            let input_shape = |k: usize| &nodes[node.inputs[k].0].shape;
+            let (aux_len, idx_len) = match node.op {
+                Op::Conv2d { .. } => {
+                    let (x, w) = (input_shape(0), input_shape(1));
+                    let ckk = w[1] * w[2] * w[3];
+                    let nohw = x[0] * node.shape[2] * node.shape[3];
+                    scratch = scratch.max(len);
+                    scratch2 = scratch2.max(ckk * nohw);
+                    (ckk * nohw, 0)
+                }
+                Op::Linear { .. } => {
+                    scratch = scratch.max(len);
+                    (0, 0)
+                }
+                Op::MaxPool2d { .. } => (0, len),
+                Op::Dropout { .. } => (len, 0),
+                Op::SoftmaxCrossEntropy => {
+                    let l = input_shape(0);
+                    (l[0] * l[1] + l[0], 0)
+                }
+                _ => (0, 0),
+            };
+            aux.push(if aux_len > 0 { Some(zeros(aux_len)?) } else { None });
+            idx.push(if idx_len > 0 {
+                Some(gpu.stream_ref().alloc_zeros::<i32>(idx_len).map_err(|e| gpu.driver(e))?)
+            } else {
+                None
+            });
+        }
+        let params =
+            graph.params().iter().map(|p| zeros(p.shape.iter().product())).collect::<Result<_, _>>()?;
+        Ok(GpuExecutor {
+            scratch: Some(zeros(scratch)?),
+            scratch2: Some(zeros(scratch2)?),
+            empty: zeros(1)?,
+            gpu,
+            graph: graph.clone(),
+            vals,
+            ids,
+            params,
+            grads,
+            aux,
+            idx,
+            filled: nodes.iter().map(|n| matches!(n.op, Op::Param { .. })).collect(),
+            requires_grad,
+            rng: Rng::seed(0),
+            training: false,
+            forward_trained: false,
+            host_vals: (0..n).map(|_| OnceCell::new()).collect(),
+            host_grads: (0..n).map(|_| OnceCell::new()).collect(),
+        })
+    }
+
+    /// The device.
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    /// Copies `params` to the device copies the executor runs on.
+    ///
+    /// # Errors
+    /// [`NnError::ParamMismatch`] if they do not fit the graph; [`NnError::Device`].
+    pub fn load_params(&mut self, params: &Params) -> Result<(), NnError> {
+        params.check(&self.graph)?;
+        for (device, host) in self.params.iter_mut().zip(&params.tensors) {
+            self.gpu.stream_ref().memcpy_htod(&host.data, device).map_err(|e| self.gpu.driver(e))?;
+        }
+        self.invalidate();
+        Ok(())
+    }
+
+    /// Copies the device parameters back into `params` (which must fit the graph).
+    ///
+    /// # Errors
+    /// [`NnError::ParamMismatch`]; [`NnError::Device`].
+    pub fn download_params(&self, params: &mut Params) -> Result<(), NnError> {
+        params.check(&self.graph)?;
+        for (device, host) in self.params.iter().zip(&mut params.tensors) {
+            let len = host.data.len();
+            self.gpu
+                .stream_ref()
+                .memcpy_dtoh(&device.slice(0..len), &mut host.data)
+                .map_err(|e| self.gpu.driver(e))?;
+        }
+        Ok(())
+    }
+
+    /// As [`Executor::forward`], on the parameters already on the device.
+    ///
+    /// # Errors
+    /// As [`Executor::forward`].
+    pub fn forward_resident(&mut self, range: Range<usize>) -> Result<(), NnError> {
+        self.check_range(&range)?;
+        self.invalidate();
+        self.forward_trained = self.training;
+        for n in range {
+            let node = &self.graph.nodes()[n];
+            match node.op {
+                Op::Param { .. } => continue,
+                Op::Input => {
+                    if !self.filled[n] {
+                        return Err(self.missing(NodeId(n)));
+                    }
+                    continue;
+                }
+                _ => {}
+            }
+            if let Some(&i) = node.inputs.iter().find(|i| !self.filled[i.0]) {
+                return Err(self.missing(i));
+            }
+            self.forward_node(n)?;
+            self.filled[n] = true;
+        }
+        Ok(())
+    }
+
+    /// A node's device value buffer, to fill an input on the device (marks it as set).
+    pub(crate) fn value_buffer_mut(&mut self, node: NodeId) -> Result<&mut CudaSlice<f32>, NnError> {
+        let n = self.graph.node(node)?;
+        if n.dtype != DType::F32 || matches!(n.op, Op::Param { .. }) {
+            return Err(NnError::DType {
+                op: "set_value",
+                input: "node",
+                got: n.dtype,
+                expected: DType::F32,
+            });
+        }
+        self.filled[node.0] = true;
+        self.host_vals[node.0].take();
+        let missing = self.missing(node);
+        self.vals[node.0].as_mut().ok_or(missing)
+    }
+
+    /// A node's device id buffer (labels), to fill on the device (marks it as set).
+    pub(crate) fn ids_buffer_mut(&mut self, node: NodeId) -> Result<&mut CudaSlice<i32>, NnError> {
+        let n = self.graph.node(node)?;
+        if n.dtype != DType::I32 {
+            return Err(NnError::DType { op: "set_ids", input: "node", got: n.dtype, expected: DType::I32 });
+        }
+        self.filled[node.0] = true;
+        let missing = self.missing(node);
+        self.ids[node.0].as_mut().ok_or(missing)
+    }
+
+    /// A computed f32 value, on the device.
+    pub(crate) fn value_buffer(&self, node: NodeId) -> Result<&CudaSlice<f32>, NnError> {
+        self.graph.node(node)?;
+        if !self.filled[node.0] {
+            return Err(self.missing(node));
+        }
+        Ok(self.val(node))
+    }
+
+    /// An i32 node's device buffer.
+    pub(crate) fn ids_buffer(&self, node: NodeId) -> Result<&CudaSlice<i32>, NnError> {
+        self.graph.node(node)?;
+        self.ids[node.0].as_ref().ok_or(self.missing(node))
+    }
+
+    /// Parameter `index`'s device value (mutable) and gradient, for a device optimizer.
+    pub(crate) fn param_and_grad(&mut self, index: usize) -> (&mut CudaSlice<f32>, Option<&CudaSlice<f32>>) {
+        let node = self.graph.params()[index].node;
+        self.host_vals[node.0].take();
+        (&mut self.params[index], self.grads[node.0].as_ref())
+    }
+
+    fn invalidate(&mut self) {
+        self.host_vals.iter_mut().for_each(|c| drop(c.take()));
+        self.host_grads.iter_mut().for_each(|c| drop(c.take()));
+    }
+
+    fn missing(&self, node: NodeId) -> NnError {
+        NnError::MissingValue { node: node.0, name: self.graph.nodes()[node.0].name.clone() }
+    }
+
+    fn check_range(&self, range: &Range<usize>) -> Result<(), NnError> {
+        let len = self.graph.len();
+        if range.end > len {
+            return Err(NnError::UnknownNode { node: range.end.saturating_sub(1), len });
+        }
+        Ok(())
+    }
+
+    fn check_len(&self, node: NodeId, got: usize) -> Result<(), NnError> {
+        let n = self.graph.node(node)?;
+        if n.len() != got {
+            return Err(NnError::Length { node: node.0, name: n.name.clone(), expected: n.len(), got });
+        }
+        Ok(())
+    }
+
+    /// The value a node reads from `id` (parameters from their device copies).
+    fn val(&self, id: NodeId) -> &CudaSlice<f32> {
+        match self.graph.nodes()[id.0].op {
+            Op::Param { index } => &self.params[index],
+            // Every f32 non-parameter node has a buffer (allocated in `new`).
+            _ => self.vals[id.0].as_ref().unwrap_or(&self.empty),
+        }
+    }
+
+    fn shape(&self, id: NodeId) -> &[usize] {
+        &self.graph.nodes()[id.0].shape
+    }
+
+    fn u32(len: usize, op: &'static str) -> Result<u32, NnError> {
+        Ok(len_u32(len, op)?)
+    }
+
+    /// Runs node `n`'s forward kernel into its (taken-out) buffers.
+    fn forward_node(&mut self, n: usize) -> Result<(), NnError> {
+        let node = self.graph.nodes()[n].clone();
+        let mut out = self.vals[n].take();
+        let mut out_ids = self.ids[n].take();
+        let mut aux = self.aux[n].take();
+        let mut idx = self.idx[n].take();
+        let mut scratch = self.scratch.take();
+        let seed =
+            if self.training && matches!(node.op, Op::Dropout { .. }) { self.rng.next_u64() } else { 0 };
+        let result =
+            self.forward_op(n, &node, &mut out, &mut out_ids, &mut aux, &mut idx, &mut scratch, seed);
+        self.vals[n] = out;
+        self.ids[n] = out_ids;
+        self.aux[n] = aux;
+        self.idx[n] = idx;
+        self.scratch = scratch;
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_op(
+        &self,
+        n: usize,
+        node: &Node,
+        out: &mut Option<CudaSlice<f32>>,
+        out_ids: &mut Option<CudaSlice<i32>>,
+        aux: &mut Option<CudaSlice<f32>>,
+        idx: &mut Option<CudaSlice<i32>>,
+        scratch: &mut Option<CudaSlice<f32>>,
+        seed: u64,
+    ) -> Result<(), NnError> {
+        let gpu = &*self.gpu;
+        let inp = &node.inputs;
+        let name = node.op.name();
+        let internal =
+            || DeviceError::Shape { op: "gpu executor", message: format!("{name}: missing buffer") };
+        if let (Op::Reshape, DType::I32) = (&node.op, node.dtype) {
+            let dst = out_ids.as_mut().ok_or_else(internal)?;
+            let src = self.ids[inp[0].0].as_ref().ok_or_else(internal)?;
+            gpu.stream_ref().memcpy_dtod(src, dst).map_err(|e| gpu.driver(e))?;
+            return Ok(());
+        }
+        let y = out.as_mut().ok_or_else(internal)?;
+        let len = Self::u32(node.len(), name)?;
+        match node.op {
+            Op::Input | Op::Param { .. } => {}
+            Op::Constant { value } => launch!(gpu, "fill_f32", len; y, &value, &len)?,
+            Op::MatMul => {
+                let (a, b) = (self.shape(inp[0]), self.shape(inp[1]));
+                let (m, k, n) = (a[0], a[1], b[1]);
+                let g = Gemm32 { m, n, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
+                gpu.gemm_rm(g, self.val(inp[0]), self.val(inp[1]), y)?;
+            }
+            Op::Linear { act } => {
+                let w = self.shape(inp[1]);
+                let (k, n) = (w[0], w[1]);
+                let m = node.len() / n.max(1);
+                let g = Gemm32 { m, n, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
+                gpu.gemm_rm(g, self.val(inp[0]), self.val(inp[1]), y)?;
+                let (cols, act) = (Self::u32(n, name)?, act_code(act));
+                launch!(gpu, "bias_act_f32", len; y, self.val(inp[2]), &len, &cols, &act)?;
+            }
+            Op::Conv2d { stride, pad, act } => {
+                let geo =
+                    Geometry::new(self.shape(inp[0]), self.shape(inp[1]), &node.shape, stride, pad, name)?;
+                let cols = aux.as_mut().ok_or_else(internal)?;
+                let prod = scratch.as_mut().ok_or_else(internal)?;
+                let total = Self::u32(geo.ckk as usize * geo.nohw as usize, name)?;
+                let Geometry { n, c, h, w, kh, kw, oh, ow, stride, pad, o, .. } = geo;
+                launch!(gpu, "im2col_f32", total; self.val(inp[0]), &mut *cols, &n, &c, &h, &w, &kh, &kw, &oh, &ow, &stride, &pad)?;
+                let g = Gemm32 {
+                    m: o as usize,
+                    n: geo.nohw as usize,
+                    k: geo.ckk as usize,
+                    trans_a: false,
+                    trans_b: false,
+                    alpha: 1.0,
+                    beta: 0.0,
+                };
+                gpu.gemm_rm(g, self.val(inp[1]), &*cols, prod)?;
+                let (ohw, act) = (oh * ow, act_code(act));
+                launch!(gpu, "conv_out_f32", len; &*prod, self.val(inp[2]), y, &n, &o, &ohw, &act)?;
+            }
+            Op::MaxPool2d { size, stride } => {
+                let x = self.shape(inp[0]);
+                let planes = Self::u32(x[0] * x[1], name)?;
+                let (h, w) = (Self::u32(x[2], name)?, Self::u32(x[3], name)?);
+                let (oh, ow) = (Self::u32(node.shape[2], name)?, Self::u32(node.shape[3], name)?);
+                let (size, stride) = (Self::u32(size, name)?, Self::u32(stride, name)?);
+                let arg = idx.as_mut().ok_or_else(internal)?;
+                launch!(gpu, "maxpool_f32", len; self.val(inp[0]), y, arg, &planes, &h, &w, &oh, &ow, &size, &stride)?;
+            }
+            Op::Add => {
+                let bn = Self::u32(self.graph.nodes()[inp[1].0].len().max(1), name)?;
+                launch!(gpu, "add_bcast_f32", len; self.val(inp[0]), self.val(inp[1]), y, &len, &bn)?;
+            }
+            Op::Act(act) => {
+                let act = act_code(act);
+                launch!(gpu, "act_f32", len; self.val(inp[0]), y, &len, &act)?;
+            }
+            Op::Reshape => gpu.stream_ref().memcpy_dtod(self.val(inp[0]), y).map_err(|e| gpu.driver(e))?,
+            Op::Dropout { p } => {
+                if self.training && p > 0.0 {
+                    let mask = aux.as_mut().ok_or_else(internal)?;
+                    launch!(gpu, "dropout_f32", len; self.val(inp[0]), y, mask, &len, &p, &seed)?;
+                } else {
+                    gpu.stream_ref().memcpy_dtod(self.val(inp[0]), y).map_err(|e| gpu.driver(e))?;
+                }
+            }
+            Op::Softmax => {
+                gpu.stream_ref().memcpy_dtod(self.val(inp[0]), y).map_err(|e| gpu.driver(e))?;
+                let d = *node.shape.last().unwrap_or(&1);
+                gpu.softmax_rows(y, node.len() / d.max(1), d)?;
+            }
+            Op::SoftmaxCrossEntropy => {
+                let l = self.shape(inp[0]);
+                let (rows, cols) = (Self::u32(l[0], name)?, Self::u32(l[1], name)?);
+                let saved = aux.as_mut().ok_or_else(internal)?;
+                let (mut probs, mut row_loss) = saved.split_at_mut(l[0] * l[1]);
+                let labels = self.ids[inp[1].0].as_ref().ok_or_else(internal)?;
+                launch!(gpu, "softmax_xent_f32", rows; self.val(inp[0]), labels, &mut probs, &mut row_loss, &rows, &cols)?;
+                let one_block =
+                    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                launch!(gpu, "mean_f32", cfg = one_block; &mut row_loss, y, &rows)?;
+            }
+            _ => return Err(NnError::Unsupported { backend: "GPU", op: name, node: n }),
+        }
+        Ok(())
+    }
+
+    /// Back-propagates node `n` into the gradients of its inputs.
+    fn backward_node(&mut self, n: usize) -> Result<(), NnError> {
+        let node = self.graph.nodes()[n].clone();
+        let Some(g) = self.grads[n].take() else { return Ok(()) };
+        let mut scratch = self.scratch.take();
+        let mut scratch2 = self.scratch2.take();
+        let result = self.backward_op(n, &node, &g, &mut scratch, &mut scratch2);
+        self.grads[n] = Some(g);
+        self.scratch = scratch;
+        self.scratch2 = scratch2;
+        result
+    }
+
+    fn backward_op(
+        &mut self,
+        n: usize,
+        node: &Node,
+        g: &CudaSlice<f32>,
+        scratch: &mut Option<CudaSlice<f32>>,
+        scratch2: &mut Option<CudaSlice<f32>>,
+    ) -> Result<(), NnError> {
+        let gpu = self.gpu.clone();
+        let gpu = &*gpu;
+        let name = node.op.name();
+        let internal =
+            || DeviceError::Shape { op: "gpu executor", message: format!("{name}: missing buffer") };
+        let len = Self::u32(node.len(), name)?;
+        // What every input's gradient needs: the gradient before a fused activation.
+        match node.op {
+            Op::Linear { act } => {
+                let dz = scratch.as_mut().ok_or_else(internal)?;
+                let act = act_code(act);
+                launch!(gpu, "act_grad_f32", len; self.val(NodeId(n)), g, dz, &len, &act)?;
+            }
+            Op::Conv2d { act, .. } => {
+                let dz = scratch.as_mut().ok_or_else(internal)?;
+                let (bn, o) = (Self::u32(node.shape[0], name)?, Self::u32(node.shape[1], name)?);
+                let ohw = Self::u32(node.shape[2] * node.shape[3], name)?;
+                let act = act_code(act);
+                launch!(gpu, "conv_grad_out_f32", len; self.val(NodeId(n)), g, dz, &bn, &o, &ohw, &act)?;
+            }
+            _ => {}
+        }
+        for (pos, &input) in node.inputs.iter().enumerate() {
+            if !self.requires_grad[input.0] {
+                continue;
+            }
+            let Some(mut gin) = self.grads[input.0].take() else { continue };
+            self.host_grads[input.0].take();
+            let result = self.accumulate(n, node, pos, g, scratch, scratch2, &mut gin);
+            self.grads[input.0] = Some(gin);
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Adds input `pos`'s gradient contribution of node `n` into `gin`.
+    #[allow(clippy::too_many_arguments)]
+    fn accumulate(
+        &self,
+        n: usize,
+        node: &Node,
+        pos: usize,
+        g: &CudaSlice<f32>,
+        scratch: &mut Option<CudaSlice<f32>>,
+        scratch2: &mut Option<CudaSlice<f32>>,
+        gin: &mut CudaSlice<f32>,
+    ) -> Result<(), NnError> {
+        let gpu = &*self.gpu;
+        let inp = &node.inputs;
+        let name = node.op.name();
+        let internal =
+            || DeviceError::Shape { op: "gpu executor", message: format!("{name}: missing buffer") };
+        let len = Self::u32(node.len(), name)?;
+        let y = self.val(NodeId(n));
+        match node.op {
+            Op::Input | Op::Param { .. } | Op::Constant { .. } => {}
+            Op::MatMul => {
+                let (a, b) = (self.shape(inp[0]), self.shape(inp[1]));
+                let (m, k, nn) = (a[0], a[1], b[1]);
+                let gm = if pos == 0 {
+                    // da (m×k) += g (m×n) · bᵀ
+                    gpu.gemm_rm(
+                        Gemm32 { m, n: k, k: nn, trans_a: false, trans_b: true, alpha: 1.0, beta: 1.0 },
+                        g,
+                        self.val(inp[1]),
+                        gin,
+                    )
+                } else {
+                    // db (k×n) += aᵀ · g
+                    gpu.gemm_rm(
+                        Gemm32 { m: k, n: nn, k: m, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 },
+                        self.val(inp[0]),
+                        g,
+                        gin,
+                    )
+                };
+                gm?;
+            }
+            Op::Linear { .. } => {
+                let w = self.shape(inp[1]);
+                let (k, nn) = (w[0], w[1]);
+                let m = node.len() / nn.max(1);
+                let dz = scratch.as_ref().ok_or_else(internal)?;
+                match pos {
+                    0 => gpu.gemm_rm(
+                        Gemm32 { m, n: k, k: nn, trans_a: false, trans_b: true, alpha: 1.0, beta: 1.0 },
+                        dz,
+                        self.val(inp[1]),
+                        gin,
+                    )?,
+                    1 => gpu.gemm_rm(
+                        Gemm32 { m: k, n: nn, k: m, trans_a: true, trans_b: false, alpha: 1.0, beta: 1.0 },
+                        self.val(inp[0]),
+                        dz,
+                        gin,
+                    )?,
+                    _ => {
+                        let (rows, cols) = (Self::u32(m, name)?, Self::u32(nn, name)?);
+                        launch!(gpu, "col_sums_add_f32", cols; dz, gin, &rows, &cols)?;
+                    }
+                }
+            }
+            Op::Conv2d { stride, pad, .. } => {
+                let geo =
+                    Geometry::new(self.shape(inp[0]), self.shape(inp[1]), &node.shape, stride, pad, name)?;
+                let dz = scratch.as_ref().ok_or_else(internal)?;
+                let cols = self.aux[n].as_ref().ok_or_else(internal)?;
+                let (o, ckk, nohw) = (geo.o as usize, geo.ckk as usize, geo.nohw as usize);
+                match pos {
+                    0 => {
+                        let dcol = scratch2.as_mut().ok_or_else(internal)?;
+                        // dcol (CKK × N·OHW) = wᵀ · dz, folded back into the image.
+                        let gm = Gemm32 {
+                            m: ckk,
+                            n: nohw,
+                            k: o,
+                            trans_a: true,
+                            trans_b: false,
+                            alpha: 1.0,
+                            beta: 0.0,
+                        };
+                        gpu.gemm_rm(gm, self.val(inp[1]), dz, dcol)?;
+                        let total = Self::u32(self.graph.nodes()[inp[0].0].len(), name)?;
+                        let Geometry { n, c, h, w, kh, kw, oh, ow, stride, pad, .. } = geo;
+                        launch!(gpu, "col2im_add_f32", total; &*dcol, gin, &n, &c, &h, &w, &kh, &kw, &oh, &ow, &stride, &pad)?;
+                    }
+                    1 => {
+                        // dw (O × CKK) += dz · colsᵀ
+                        let gm = Gemm32 {
+                            m: o,
+                            n: ckk,
+                            k: nohw,
+                            trans_a: false,
+                            trans_b: true,
+                            alpha: 1.0,
+                            beta: 1.0,
+                        };
+                        gpu.gemm_rm(gm, dz, cols, gin)?;
+                    }
+                    _ => {
+                        let rows = geo.o;
+                        let blocks = LaunchConfig {
+                            grid_dim: (rows.clamp(1, 65_535), 1, 1),
+                            block_dim: (256, 1, 1),
+                            shared_mem_bytes: 0,
+                        };
+                        launch!(gpu, "row_sums_add_f32", cfg = blocks; dz, gin, &rows, &geo.nohw)?;
+                    }
+                }
+            }
+            Op::MaxPool2d { .. } => {
+                let x = self.shape(inp[0]);
+                let plane_in = Self::u32(x[2] * x[3], name)?;
+                let plane_out = Self::u32(node.shape[2] * node.shape[3], name)?;
+                let arg = self.idx[n].as_ref().ok_or_else(internal)?;
+                launch!(gpu, "maxpool_grad_add_f32", len; g, arg, gin, &len, &plane_in, &plane_out)?;
+            }
+            Op::Add => {
+                if pos == 0 {
+                    gpu.axpy(1.0, g, gin)?;
+                } else {
+                    let bn = self.graph.nodes()[inp[1].0].len().max(1);
+                    let (rows, cols) = (Self::u32(node.len() / bn, name)?, Self::u32(bn, name)?);
+                    launch!(gpu, "col_sums_add_f32", cols; g, gin, &rows, &cols)?;
+                }
+            }
+            Op::Act(act) => {
+                let act = act_code(act);
+                launch!(gpu, "act_grad_add_f32", len; y, g, gin, &len, &act)?;
+            }
+            Op::Reshape => gpu.axpy(1.0, g, gin)?,
+            Op::Dropout { p } => {
+                if self.forward_trained && p > 0.0 {
+                    let mask = self.aux[n].as_ref().ok_or_else(internal)?;
+                    launch!(gpu, "mul_add_f32", len; g, mask, gin, &len)?;
+                } else {
+                    gpu.axpy(1.0, g, gin)?;
+                }
+            }
+            Op::Softmax => {
+                let d = *node.shape.last().unwrap_or(&1);
+                let (rows, cols) = (Self::u32(node.len() / d.max(1), name)?, Self::u32(d, name)?);
+                launch!(gpu, "softmax_grad_add_f32", rows; y, g, gin, &rows, &cols)?;
+            }
+            Op::SoftmaxCrossEntropy => {
+                if pos == 0 {
+                    let l = self.shape(inp[0]);
+                    let (rows, cols) = (Self::u32(l[0], name)?, Self::u32(l[1], name)?);
+                    let total = Self::u32(l[0] * l[1], name)?;
+                    let saved = self.aux[n].as_ref().ok_or_else(internal)?;
+                    let probs = saved.slice(0..l[0] * l[1]);
+                    let labels = self.ids[inp[1].0].as_ref().ok_or_else(internal)?;
+                    launch!(gpu, "xent_grad_add_f32", total; &probs, labels, g, gin, &rows, &cols)?;
+                }
+            }
+            _ => return Err(NnError::Unsupported { backend: "GPU", op: name, node: n }),
+        }
+        Ok(())
+    }
+
+    /// Checks labels fed to a softmax cross-entropy against its class count.
+    fn check_labels(&self, node: NodeId, data: &[i32]) -> Result<(), NnError> {
+        for reader in self.graph.nodes() {
+            if matches!(reader.op, Op::SoftmaxCrossEntropy) && reader.inputs.get(1) == Some(&node) {
+                let classes = self.graph.nodes()[reader.inputs[0].0].shape[1];
+                if let Some((position, &id)) =
+                    data.iter().enumerate().find(|(_, &v)| v < 0 || v as usize >= classes)
+                {
+                    return Err(NnError::IdOutOfRange {
+                        op: "softmax_cross_entropy",
+                        id,
+                        position,
+                        limit: classes,
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A convolution's sizes, as the kernels take them.
+#[derive(Clone, Copy)]
+struct Geometry {
+    n: u32,
+    c: u32,
+    h: u32,
+    w: u32,
+    o: u32,
+    kh: u32,
+    kw: u32,
+    oh: u32,
+    ow: u32,
+    stride: u32,
+    pad: u32,
+    ckk: u32,
+    nohw: u32,
+}
+
+impl Geometry {
+    fn new(
+        x: &[usize],
+        w: &[usize],
+        y: &[usize],
+        stride: usize,
+        pad: usize,
+        op: &'static str,
+    ) -> Result<Self, NnError> {
+        let u = |v: usize| GpuExecutor::u32(v, op);
+        // Bound the largest index a kernel computes.
+        u(w[1] * w[2] * w[3] * x[0] * y[2] * y[3])?;
+        u(x.iter().product())?;
+        Ok(Geometry {
+            n: u(x[0])?,
+            c: u(x[1])?,
+            h: u(x[2])?,
+            w: u(x[3])?,
+            o: u(w[0])?,
+            kh: u(w[2])?,
+            kw: u(w[3])?,
+            oh: u(y[2])?,
+            ow: u(y[3])?,
+            stride: u(stride)?,
+            pad: u(pad)?,
+            ckk: u(w[1] * w[2] * w[3])?,
+            nohw: u(x[0] * y[2] * y[3])?,
+        })
+    }
+}
+
+impl Executor for GpuExecutor {
+    fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    fn set_seed(&mut self, seed: u64) {
+        self.rng = Rng::seed(seed);
+    }
+
+    fn set_value(&mut self, node: NodeId, data: &[f32]) -> Result<(), NnError> {
+        self.check_len(node, data.len())?;
+        let gpu = self.gpu.clone();
+        let buffer = self.value_buffer_mut(node)?;
+        gpu.stream_ref().memcpy_htod(data, buffer).map_err(|e| gpu.driver(e))?;
+        Ok(())
+    }
+
+    fn set_ids(&mut self, node: NodeId, data: &[i32]) -> Result<(), NnError> {
+        self.check_len(node, data.len())?;
+        self.check_labels(node, data)?;
+        let gpu = self.gpu.clone();
+        let buffer = self.ids_buffer_mut(node)?;
+        gpu.stream_ref().memcpy_htod(data, buffer).map_err(|e| gpu.driver(e))?;
+        Ok(())
+    }
+
+    fn forward(&mut self, params: &Params, range: Range<usize>) -> Result<(), NnError> {
+        self.check_range(&range)?;
+        self.load_params(params)?;
+        self.forward_resident(range)
+    }
+
+    fn backward(
+        &mut self,
+        params: &Params,
+        range: Range<usize>,
+        seeds: &[(NodeId, &[f32])],
+    ) -> Result<(), NnError> {
+        self.check_range(&range)?;
+        params.check(&self.graph)?;
+        self.invalidate();
+        let gpu = self.gpu.clone();
+        let stream = gpu.stream_ref().clone();
+        let driver = |e| gpu.driver(e);
+        let mut zeroed = vec![false; self.graph.len()];
+        for n in range.clone() {
+            let mut zero = |i: usize, grads: &mut Vec<Option<CudaSlice<f32>>>| -> Result<(), NnError> {
+                if !zeroed[i] {
+                    if let Some(g) = grads[i].as_mut() {
+                        stream.memset_zeros(g).map_err(driver)?;
+                    }
+                    zeroed[i] = true;
+                }
+                Ok(())
+            };
+            if self.requires_grad[n] {
+                zero(n, &mut self.grads)?;
+            }
+            for &i in &self.graph.nodes()[n].inputs {
+                if i.0 < range.start && self.requires_grad[i.0] {
+                    zero(i.0, &mut self.grads)?;
+                }
+            }
+        }
+        for &(node, seed) in seeds {
+            self.check_len(node, seed.len())?;
+            if !self.requires_grad[node.0] {
+                continue;
+            }
+            let upload = self.gpu.upload(seed)?;
+            if let Some(g) = self.grads[node.0].as_mut() {
+                self.gpu.axpy(1.0, &upload, g)?;
+            }
+        }
+        for n in range.rev() {
+            if !self.requires_grad[n] || matches!(self.graph.nodes()[n].op, Op::Param { .. }) {
+                continue;
+            }
+            if !self.filled[n] {
+                return Err(self.missing(NodeId(n)));
+            }
+            self.backward_node(n)?;
+        }
+        Ok(())
+    }
+
+    fn value(&self, node: NodeId) -> Result<&[f32], NnError> {
+        let n = self.graph.node(node)?;
+        if n.dtype != DType::F32 {
+            return Err(NnError::DType { op: "value", input: "node", got: n.dtype, expected: DType::F32 });
+        }
+        if !self.filled[node.0] {
+            return Err(self.missing(node));
+        }
+        let cell = &self.host_vals[node.0];
+        if let Some(v) = cell.get() {
+            return Ok(v);
+        }
+        let data = self.gpu.download(self.val(node))?;
+        let mut data = data;
+        data.truncate(n.len());
+        Ok(cell.get_or_init(|| data))
+    }
+
+    fn grad(&self, node: NodeId) -> Result<&[f32], NnError> {
+        let n = self.graph.node(node)?;
+        let Some(g) = self.grads[node.0].as_ref().filter(|_| self.requires_grad[node.0]) else {
+            return Err(self.missing(node));
+        };
+        let cell = &self.host_grads[node.0];
+        if let Some(v) = cell.get() {
+            return Ok(v);
+        }
+        let mut data = self.gpu.download(g)?;
+        data.truncate(n.len());
+        Ok(cell.get_or_init(|| data))
+    }
+
+    fn param_grad(&self, index: usize) -> &[f32] {
+        let Some(spec) = self.graph.params().get(index) else { return &[] };
+        match self.grad(spec.node) {
+            Ok(g) => g,
+            Err(error) => {
+                tracing::error!(%error, index, "could not read a parameter gradient from the GPU");
+                &[]
+            }
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! `GpuTrainer`: training steps and epochs with everything on the device — parameters,
+//! optimizer moments, the data set and the batch gathering — so a step queues work
+//! without waiting for the GPU; the host reads the loss and accuracy once per epoch.
+//!
+//! The [`TrainState`] stays the record of the run: the trainer draws batches from its
+//! loader and dropout seeds from its RNG exactly as [`Trainer`](crate::nn::Trainer) does,
+//! counts its steps, and [`GpuTrainer::sync_state`] (run at the end of every epoch) copies
+//! the parameters and optimizer moments back into it, so checkpoints and CPU evaluation
+//! work unchanged.
+use std::sync::Arc;
+use std::time::Instant;
+
+use cudarc::driver::{CudaSlice, PushKernelArg};
+
+use super::{launch, GpuExecutor};
+use crate::devices::{grid, Gpu};
+use crate::nn::{Dataset, EpochStats, Executor, Model, NnError, OptimizerConfig, TrainState};
+
+/// A classification data set copied to the device once.
+#[derive(Debug)]
+pub struct GpuDataset {
+    features: CudaSlice<f32>,
+    labels: CudaSlice<i32>,
+    len: usize,
+    dim: usize,
+}
+
+impl GpuDataset {
+    /// Copies `data` to `gpu`, checking that every label is below `classes`.
+    ///
+    /// # Errors
+    /// [`NnError::IdOutOfRange`] for a bad label; [`NnError::Device`].
+    pub fn upload(gpu: &Gpu, data: &Dataset, classes: usize) -> Result<Self, NnError> {
+        if let Some((position, &id)) =
+            data.labels.iter().enumerate().find(|(_, &v)| v < 0 || v as usize >= classes)
+        {
+            return Err(NnError::IdOutOfRange { op: "GpuDataset::upload", id, position, limit: classes });
+        }
+        let labels = gpu.stream_ref().clone_htod(&data.labels).map_err(|e| gpu.driver(e))?;
+        Ok(GpuDataset { features: gpu.upload(&data.features)?, labels, len: data.len(), dim: data.dim })
+    }
+
+    /// Examples.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no examples.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+/// Trains one model on one GPU with parameters and optimizer state kept on the device.
+#[derive(Debug)]
+pub struct GpuTrainer {
+    model: Model,
+    exec: GpuExecutor,
+    /// First moments (momentum for SGD), by parameter.
+    m: Vec<CudaSlice<f32>>,
+    /// Second moments (Adam, AdamW), by parameter; empty for SGD.
+    v: Vec<CudaSlice<f32>>,
+}
+
+impl GpuTrainer {
+    /// A trainer for `model` on `gpu`, starting from `state` (parameters and optimizer
+    /// moments are copied to the device).
+    ///
+    /// # Errors
+    /// As [`GpuExecutor::new`]; [`NnError::ParamMismatch`] if `state` does not fit the model.
+    pub fn new(gpu: Arc<Gpu>, model: Model, state: &TrainState) -> Result<Self, NnError> {
+        let mut exec = GpuExecutor::new(gpu.clone(), &model.graph)?;
+        exec.load_params(&state.params)?;
+        let (m, v) = state.optimizer.moments();
+        let upload = |host: &[Vec<f32>]| host.iter().map(|x| gpu.upload(x)).collect::<Result<Vec<_>, _>>();
+        let (m, v) = (upload(m)?, upload(v)?);
+        Ok(GpuTrainer { model, exec, m, v })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The executor (to set a batch, or read values and gradients).
+    pub fn executor(&mut self) -> &mut GpuExecutor {
+        &mut self.exec
+    }
+
+    /// One optimizer step on the batch currently set in the executor; returns the loss
+    /// (which waits for the step). The parameters in `state` are not updated until
+    /// [`GpuTrainer::sync_state`].
+    ///
+    /// # Errors
+    /// As [`Executor::forward`] and [`Executor::backward`]; [`NnError::Device`].
+    pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
+        self.queue_step(state)?;
+        self.exec.scalar(self.model.loss)
+    }
+
+    /// Forward, backward and the optimizer update, queued on the device.
+    fn queue_step(&mut self, state: &mut TrainState) -> Result<(), NnError> {
+        let loss = self.model.loss;
+        self.exec.set_training(true);
+        self.exec.set_seed(state.rng.next_u64());
+        self.exec.forward_resident(0..loss.index() + 1)?;
+        let params = &state.params;
+        self.exec.backward(params, 0..loss.index() + 1, &[(loss, &[1.0])])?;
+        self.update(state)?;
+        state.step += 1;
+        Ok(())
+    }
+
+    /// The optimizer update on the device: the same rule and constants as
+    /// [`Optimizer::step`](crate::nn::Optimizer::step).
+    fn update(&mut self, state: &mut TrainState) -> Result<(), NnError> {
+        let optimizer = &mut state.optimizer;
+        optimizer.steps += 1;
+        let gpu = self.exec.gpu().clone();
+        let gpu = &*gpu;
+        for i in 0..self.m.len() {
+            let (p, g) = self.exec.param_and_grad(i);
+            let Some(g) = g else { continue };
+            let n = crate::devices::len_u32(p.len(), "optimizer")?;
+            match optimizer.config {
+                OptimizerConfig::Sgd { lr, momentum, weight_decay } => {
+                    launch!(gpu, "sgd_f32", n; p, &mut self.m[i], g, &n, &lr, &momentum, &weight_decay)?;
+                }
+                OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay }
+                | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay } => {
+                    let decoupled = matches!(optimizer.config, OptimizerConfig::AdamW { .. });
+                    let t = optimizer.steps as i32;
+                    let c1 = 1.0 / (1.0 - (beta1 as f64).powi(t)) as f32;
+                    let c2 = 1.0 / (1.0 - (beta2 as f64).powi(t)) as f32;
+                    let (l2, decay) =
+                        if decoupled { (0.0f32, 1.0 - lr * weight_decay) } else { (weight_decay, 1.0) };
+                    let v = self.v.get_mut(i).ok_or(NnError::Argument {
+                        op: "GpuTrainer",
+                        what: "Adam needs second moments; the optimizer state has none".into(),
+                    })?;
+                    launch!(gpu, "adam_f32", n; p, &mut self.m[i], v, g, &n, &lr, &beta1, &beta2, &eps, &l2, &decay, &c1, &c2)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Copies the device parameters and optimizer moments into `state`.
+    ///
+    /// # Errors
+    /// [`NnError::Device`]; [`NnError::ParamMismatch`] if `state` does not fit the model.
+    pub fn sync_state(&self, state: &mut TrainState) -> Result<(), NnError> {
+        self.exec.download_params(&mut state.params)?;
+        let gpu = self.exec.gpu();
+        let (m, v) = state.optimizer.moments_mut();
+        for (host, device) in m.iter_mut().zip(&self.m).chain(v.iter_mut().zip(&self.v)) {
+            gpu.stream_ref().memcpy_dtoh(device, host.as_mut_slice()).map_err(|e| gpu.driver(e))?;
+        }
+        Ok(())
+    }
+
+    /// One epoch of a classifier over `data` (full batches from the state's loader, as
+    /// [`Trainer::train_epoch`](crate::nn::Trainer::train_epoch)); batches are gathered on
+    /// the device, and loss and accuracy are read once at the end. Ends with
+    /// [`GpuTrainer::sync_state`].
+    ///
+    /// # Errors
+    /// As [`GpuTrainer::step`]; [`NnError::Shape`] if `data` rows do not fit the model's
+    /// input.
+    pub fn train_epoch(&mut self, state: &mut TrainState, data: &GpuDataset) -> Result<EpochStats, NnError> {
+        let start = Instant::now();
+        let (input, target, logits) = (self.model.input, self.model.target, self.model.logits);
+        let shape = self.model.graph.shape(input)?.to_vec();
+        let (batch, classes) = (shape[0], self.model.graph.shape(logits)?[1]);
+        if shape.iter().skip(1).product::<usize>() != data.dim {
+            return Err(NnError::Shape {
+                op: "GpuTrainer::train_epoch",
+                input: "data",
+                got: vec![data.len, data.dim],
+                expected: format!("rows of {} features", shape.iter().skip(1).product::<usize>()),
+            });
+        }
+        let mut order: Vec<u32> = Vec::new();
+        let mut batches = 0usize;
+        while let Some(idx) = state.loader.next_batch() {
+            order.extend(idx.iter().map(|&i| i as u32));
+            batches += 1;
+        }
+        let gpu = self.exec.gpu().clone();
+        let gpu = &*gpu;
+        let driver = |e| gpu.driver(e);
+        order.push(0); // never empty (a zero-byte allocation is an error); the last is unused
+        let order = gpu.stream_ref().clone_htod(&order).map_err(driver)?;
+        let mut loss_sum = gpu.zeros(1)?;
+        let mut correct = gpu.stream_ref().alloc_zeros::<u32>(1).map_err(driver)?;
+        let (rows, dim, cols) = (batch as u32, data.dim as u32, classes as u32);
+        let (xlen, ylen) = (rows * dim, rows);
+        for b in 0..batches {
+            let idx = order.slice(b * batch..(b + 1) * batch);
+            let x = self.exec.value_buffer_mut(input)?;
+            launch!(gpu, "gather_rows_f32", xlen; &data.features, &idx, x, &rows, &dim)?;
+            let y = self.exec.ids_buffer_mut(target)?;
+            launch!(gpu, "gather_i32", ylen; &data.labels, &idx, y, &ylen)?;
+            self.queue_step(state)?;
+            gpu.axpy(1.0, self.exec.value_buffer(self.model.loss)?, &mut loss_sum)?;
+            let (lv, labels) = (self.exec.value_buffer(logits)?, self.exec.ids_buffer(target)?);
+            launch!(gpu, "count_correct_f32", rows; lv, labels, &rows, &cols, &mut correct)?;
+        }
+        let total = gpu.download(&loss_sum)?[0];
+        let correct = gpu.stream_ref().clone_dtoh(&correct).map_err(driver)?[0];
+        state.epoch += 1;
+        self.sync_state(state)?;
+        let samples = batches * batch;
+        Ok(EpochStats {
+            loss: total / batches.max(1) as f32,
+            accuracy: correct as f32 / samples.max(1) as f32,
+            samples,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+}
