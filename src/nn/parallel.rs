@@ -14,7 +14,7 @@ mod pipeline;
 mod replicas;
 
 pub use elastic::{is_peer_lost, supervise, ElasticConfig, ElasticReport, Launch, PEER_LOST_EXIT_CODE};
-pub use pipeline::Pipeline;
+pub use pipeline::{ClusterPipeline, Pipeline};
 pub use replicas::{CommStats, DataParallel};
 
 /// The index of the largest value (the first on ties).
