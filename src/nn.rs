@@ -61,8 +61,8 @@ pub use graph::{Activation, Graph, Init, Node, NodeId, Op, ParamSpec};
 pub use layers::{Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d, MultiHeadSelfAttention};
 pub use optim::{Optimizer, OptimizerConfig};
 pub use parallel::{
-    is_peer_lost, supervise, ClusterPipeline, CommStats, DataParallel, ElasticConfig, ElasticReport, Launch, Pipeline,
-    PEER_LOST_EXIT_CODE,
+    is_peer_lost, supervise, ClusterPipeline, CommStats, DataParallel, ElasticConfig, ElasticReport, Launch,
+    Pipeline, PEER_LOST_EXIT_CODE,
 };
 pub use params::Params;
 pub use rng::Rng;

@@ -170,7 +170,8 @@ impl Pipeline {
         let mut bounds: Vec<usize> = plans.iter().map(|p| p.range.start).collect();
         bounds.extend(plans.last().map(|p| p.range.end));
         let (result_tx, results) = mpsc::channel();
-        let channels: Vec<(Sender<ToStage>, Receiver<ToStage>)> = plans.iter().map(|_| mpsc::channel()).collect();
+        let channels: Vec<(Sender<ToStage>, Receiver<ToStage>)> =
+            plans.iter().map(|_| mpsc::channel()).collect();
         let senders: Vec<Sender<ToStage>> = channels.iter().map(|(s, _)| s.clone()).collect();
         let mut threads = Vec::new();
         for (plan, (_, inbox)) in plans.into_iter().zip(channels) {

@@ -56,13 +56,26 @@ struct StageActor {
 #[derive(Debug, Serialize, Deserialize)]
 enum StageCall {
     /// Start of a training step.
-    Begin { seed: u64 },
-    Forward { mb: usize, values: Values },
-    Backward { mb: usize, grads: Grads },
+    Begin {
+        seed: u64,
+    },
+    Forward {
+        mb: usize,
+        values: Values,
+    },
+    Backward {
+        mb: usize,
+        grads: Grads,
+    },
     /// Apply the averaged gradients with learning rate `lr`.
-    Step { lr: f32 },
+    Step {
+        lr: f32,
+    },
     GetState,
-    SetState { params: Vec<(usize, Tensor)>, optimizer: Optimizer },
+    SetState {
+        params: Vec<(usize, Tensor)>,
+        optimizer: Optimizer,
+    },
 }
 
 /// A stage actor's answer.
@@ -72,10 +85,16 @@ enum StageReply {
     /// The values the next stage needs.
     Forward(Values),
     /// The last stage's loss and logits.
-    Loss { loss: f32, logits: Vec<f32> },
+    Loss {
+        loss: f32,
+        logits: Vec<f32>,
+    },
     /// Gradients for the previous stage's outputs.
     Backward(Grads),
-    State { params: Vec<(usize, Tensor)>, optimizer: Optimizer },
+    State {
+        params: Vec<(usize, Tensor)>,
+        optimizer: Optimizer,
+    },
 }
 
 impl Actor for StageActor {
@@ -102,7 +121,9 @@ impl StageActor {
                 Forwarded::Next(values) => StageReply::Forward(values),
                 Forwarded::Loss(loss, logits) => StageReply::Loss { loss, logits },
             },
-            StageCall::Backward { mb, grads } => StageReply::Backward(work.backward(&self.params, mb, grads)?),
+            StageCall::Backward { mb, grads } => {
+                StageReply::Backward(work.backward(&self.params, mb, grads)?)
+            }
             StageCall::Step { lr } => {
                 let mut by_param: Vec<&[f32]> = vec![&[]; self.params.tensors.len()];
                 for (p, g) in work.average_grads() {
@@ -233,7 +254,12 @@ impl ClusterPipeline {
         let bad = |what: String| NnError::Argument { op, what };
         let plans = stage::plan_stages(&model, cuts, micro_batches, op)?;
         if nodes.len() != plans.len() {
-            return Err(bad(format!("{} stages need {} nodes, got {}", plans.len(), plans.len(), nodes.len())));
+            return Err(bad(format!(
+                "{} stages need {} nodes, got {}",
+                plans.len(),
+                plans.len(),
+                nodes.len()
+            )));
         }
         state.params.check(&model.graph)?;
         let specs = model.graph.params();
@@ -284,11 +310,15 @@ impl ClusterPipeline {
                 .map_err(|e| bad(format!("stage {index} cannot be encoded: {e}")))?
                 .len();
             if size > MAX_FRAME_LEN - FRAME_MARGIN {
-                return Err(bad(format!("stage {index} encodes to {size} bytes, more than one message holds")));
+                return Err(bad(format!(
+                    "stage {index} encodes to {size} bytes, more than one message holds"
+                )));
             }
-            let handle = cluster
-                .actor_on(node, &actor)
-                .map_err(|e| NnError::StageOnNode { stage: index, node: name.clone(), what: e.to_string() })?;
+            let handle = cluster.actor_on(node, &actor).map_err(|e| NnError::StageOnNode {
+                stage: index,
+                node: name.clone(),
+                what: e.to_string(),
+            })?;
             stages.push(RemoteStage { handle, node: name, params: owned });
         }
         let waiter = tokio::runtime::Builder::new_current_thread()
@@ -369,9 +399,10 @@ impl ClusterPipeline {
     /// [`ClusterPipeline::step`].
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
         let (rows, classes) = (self.batch_rows(), super::classes(&self.model));
-        let stats = super::run_epoch("ClusterPipeline::train_epoch", rows, classes, state, data, |s, x, y, l| {
-            self.step_with_logits(s, x, y, Some(l))
-        })?;
+        let stats =
+            super::run_epoch("ClusterPipeline::train_epoch", rows, classes, state, data, |s, x, y, l| {
+                self.step_with_logits(s, x, y, Some(l))
+            })?;
         self.fetch_state(state)?;
         Ok(stats)
     }
@@ -478,7 +509,9 @@ impl ClusterPipeline {
                     }
                 }
                 (_, Tag::Begin | Tag::Step, StageReply::Done) => {}
-                (k, tag, reply) => return Err(self.fail(k, format!("unexpected answer {reply:?} to {tag:?}"))),
+                (k, tag, reply) => {
+                    return Err(self.fail(k, format!("unexpected answer {reply:?} to {tag:?}")))
+                }
             }
         }
         state.step += 1;
@@ -523,7 +556,9 @@ impl ClusterPipeline {
         while !step.pending.is_empty() {
             match self.next(step)? {
                 (_, _, StageReply::Done) => {}
-                (k, tag, reply) => return Err(self.fail(k, format!("unexpected answer {reply:?} to {tag:?}"))),
+                (k, tag, reply) => {
+                    return Err(self.fail(k, format!("unexpected answer {reply:?} to {tag:?}")))
+                }
             }
         }
         Ok(())
@@ -579,7 +614,9 @@ fn part_of(params: &Params, owned: &[usize]) -> Params {
         .tensors
         .iter()
         .enumerate()
-        .map(|(i, t)| if owned.contains(&i) { t.clone() } else { Tensor { shape: vec![0], data: Vec::new() } })
+        .map(
+            |(i, t)| if owned.contains(&i) { t.clone() } else { Tensor { shape: vec![0], data: Vec::new() } },
+        )
         .collect();
     Params { tensors }
 }

@@ -83,7 +83,8 @@ pub(super) fn plan_stages(
     let inputs: Vec<Vec<usize>> = ranges
         .iter()
         .map(|r| {
-            let mut reads: Vec<usize> = graph.stage_inputs(r.clone()).into_iter().map(NodeId::index).collect();
+            let mut reads: Vec<usize> =
+                graph.stage_inputs(r.clone()).into_iter().map(NodeId::index).collect();
             reads.extend(r.clone().filter(|&n| matches!(graph.nodes()[n].op, Op::Input)));
             reads.sort_unstable();
             reads
@@ -236,7 +237,12 @@ impl StageWork {
     }
 
     /// Runs micro-batch `mb` forward from its boundary `values`.
-    pub(super) fn forward(&mut self, params: &Params, mb: usize, mut values: Values) -> Result<Forwarded, NnError> {
+    pub(super) fn forward(
+        &mut self,
+        params: &Params,
+        mb: usize,
+        mut values: Values,
+    ) -> Result<Forwarded, NnError> {
         self.check_mb(mb)?;
         self.saved[mb] = values
             .iter()
@@ -263,7 +269,12 @@ impl StageWork {
     /// Runs micro-batch `mb` backward from the gradients of the values this stage handed
     /// on (none for the last stage, which seeds its loss); adds its parameter gradients to
     /// the sums and returns the gradients the previous stage needs.
-    pub(super) fn backward(&mut self, params: &Params, mb: usize, mut grads: Grads) -> Result<Grads, NnError> {
+    pub(super) fn backward(
+        &mut self,
+        params: &Params,
+        mb: usize,
+        mut grads: Grads,
+    ) -> Result<Grads, NnError> {
         self.check_mb(mb)?;
         if self.loaded != Some(mb) {
             self.load(params, mb)?;
