@@ -10,7 +10,7 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use clap::Parser;
 use tessera::nn::{
-    lenet, ClusterPipeline, Dataset, EpochStats, Evaluator, OptimizerConfig, Pipeline, TrainState,
+    lenet, ClusterPipeline, Dataset, EpochStats, Evaluator, NnError, OptimizerConfig, Pipeline, TrainState,
 };
 use tessera::{Cluster, ClusterConfig, LocalProcesses, Runtime};
 
@@ -73,22 +73,22 @@ fn main() -> Result<()> {
             .collect();
         parts.join(", ")
     };
-    let mut total = (0usize, 0.0f64);
-    if args.threads {
+    // Either kind of pipeline trains an epoch the same way; keep the cluster's runtime
+    // alive for as long as its pipeline.
+    type TrainEpoch = Box<dyn FnMut(&mut TrainState, &Dataset) -> Result<EpochStats, NnError>>;
+    let mut runtime = None;
+    let mut train_epoch: TrainEpoch = if args.threads {
         let mut pipeline = Pipeline::balanced(model.clone(), STAGES, args.micro_batches)?;
         println!(
             "pipeline: {STAGES} stages on threads [{}], {} micro-batches of {micro} rows",
             describe(pipeline.stage_ranges()),
             args.micro_batches
         );
-        for epoch in 0..args.epochs {
-            let stats = pipeline.train_epoch(&mut state, &train)?;
-            total = (total.0 + stats.samples, total.1 + stats.seconds);
-            print_epoch(epoch, &stats, eval.classify(&state.params, &test)?.accuracy);
-        }
+        Box::new(move |state, data| pipeline.train_epoch(state, data))
     } else {
         let rt = Runtime::builder().workers(2).build()?;
         let cluster = Cluster::start(&rt, ClusterConfig::default())?;
+        runtime = Some(rt);
         cluster.launch(&LocalProcesses { count: STAGES, slots: Some(1) })?;
         cluster.wait_for_nodes(STAGES, Duration::from_secs(30))?;
         let nodes: Vec<_> = cluster.nodes().into_iter().map(|n| n.id).collect();
@@ -100,13 +100,17 @@ fn main() -> Result<()> {
             describe(pipeline.stage_ranges()),
             args.micro_batches
         );
-        for epoch in 0..args.epochs {
-            // train_epoch ends by fetching the stages' parameters into the state.
-            let stats = pipeline.train_epoch(&mut state, &train)?;
-            total = (total.0 + stats.samples, total.1 + stats.seconds);
-            print_epoch(epoch, &stats, eval.classify(&state.params, &test)?.accuracy);
-        }
-        drop(pipeline);
+        // train_epoch ends by fetching the stages' parameters into the state.
+        Box::new(move |state, data| pipeline.train_epoch(state, data))
+    };
+    let mut total = (0usize, 0.0f64);
+    for epoch in 0..args.epochs {
+        let stats = train_epoch(&mut state, &train)?;
+        total = (total.0 + stats.samples, total.1 + stats.seconds);
+        print_epoch(epoch, &stats, eval.classify(&state.params, &test)?.accuracy);
+    }
+    drop(train_epoch);
+    if let Some(rt) = runtime {
         rt.shutdown();
     }
     println!("  overall {:.0} samples/s", total.0 as f64 / total.1.max(1e-9));
