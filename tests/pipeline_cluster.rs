@@ -188,11 +188,50 @@ fn a_dead_stage_node_fails_the_step_naming_it() -> Result<()> {
     Ok(())
 }
 
+fn signal(sig: &str, pid: u32) -> Result<()> {
+    let status = Command::new("kill").args([sig, &pid.to_string()]).status()?;
+    ensure!(status.success(), "kill {sig} {pid} failed");
+    Ok(())
+}
+
+fn a_frozen_stage_node_times_out_naming_it() -> Result<()> {
+    let data = digits()?;
+    let (micro, micro_batches) = (8, 4);
+    let test = TestCluster::start(2)?;
+    let model = lenet(micro, 8, 10)?;
+    let mut state =
+        TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), micro * micro_batches, SEED);
+    let mut pipeline = ClusterPipeline::balanced(&test.cluster, model, &test.nodes, micro_batches, &state)?;
+    let rows = pipeline.batch_rows();
+    let (mut x, mut y) = (vec![0.0; rows * data.dim], vec![0; rows]);
+    data.gather(&(0..rows).collect::<Vec<_>>(), &mut x, &mut y);
+    pipeline.step(&mut state, &x, &y)?;
+    // Stopped, not dead: its connection stays open, and the head would notice the missing
+    // heartbeats only after 3 s; the driver's own timeout is shorter.
+    let victim = test.cluster.nodes().into_iter().find(|n| n.id == test.nodes[1]).expect("node 1 is there");
+    pipeline.set_timeout(Duration::from_secs(1));
+    signal("-STOP", victim.pid)?;
+    let start = Instant::now();
+    let late = pipeline.step(&mut state, &x, &y);
+    let took = start.elapsed();
+    signal("-KILL", victim.pid)?;
+    match late {
+        Err(NnError::StageOnNode { stage: 1, node, what }) if what.starts_with("no answer in 1.0 s") => {
+            ensure!(node == victim.name, "named `{node}`, not `{}`", victim.name);
+            ensure!(took < Duration::from_secs(3), "took {took:?}");
+            println!("    stage 1 on `{node}` failed after {took:?}: {what}");
+        }
+        other => bail!("unexpected result: {other:?}"),
+    }
+    Ok(())
+}
+
 fn main() {
     tessera::init();
     let tests: &[(&str, support::TestFn)] = &[
         ("cluster_pipeline_matches_single_worker_training", cluster_pipeline_matches_single_worker_training),
         ("a_dead_stage_node_fails_the_step_naming_it", a_dead_stage_node_fails_the_step_naming_it),
+        ("a_frozen_stage_node_times_out_naming_it", a_frozen_stage_node_times_out_naming_it),
     ];
     support::run(tests);
 }

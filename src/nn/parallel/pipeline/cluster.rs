@@ -578,8 +578,11 @@ impl ClusterPipeline {
         let timeout = self.timeout;
         let answered = self.waiter.block_on(async { tokio::time::timeout(timeout, any).await });
         let Ok((i, result)) = answered else {
-            let stage = step.pending.first().map_or(0, |p| p.stage);
-            return Err(self.fail(stage, format!("no answer in {:.1} s", timeout.as_secs_f64())));
+            let mut waiting: Vec<usize> = step.pending.iter().map(|p| p.stage).collect();
+            waiting.sort_unstable();
+            waiting.dedup();
+            let what = format!("no answer in {:.1} s (waiting on stages {waiting:?})", timeout.as_secs_f64());
+            return Err(self.fail(waiting.first().copied().unwrap_or(0), what));
         };
         let call = step.pending.swap_remove(i);
         match result {
