@@ -14,7 +14,7 @@ use anyhow::{bail, ensure, Result};
 use tessera::nn::{
     lenet, mlp, ClusterPipeline, Dataset, NnError, OptimizerConfig, Params, Pipeline, TrainState, Trainer,
 };
-use tessera::{Cluster, ClusterConfig, LocalProcesses, NodeId, Runtime};
+use tessera::{Cluster, ClusterConfig, LocalProcesses, NodeId, NodeInfo, Runtime};
 
 const SEED: u64 = 11;
 
@@ -137,25 +137,44 @@ fn cluster_pipeline_matches_single_worker_training() -> Result<()> {
     Ok(())
 }
 
+/// A LeNet pipeline on 2 nodes that has made one step, with a batch to step on and the
+/// node of stage 1.
+struct Running {
+    test: TestCluster,
+    pipeline: ClusterPipeline,
+    state: TrainState,
+    x: Vec<f32>,
+    y: Vec<i32>,
+    victim: NodeInfo,
+}
+
+impl Running {
+    fn start() -> Result<Self> {
+        let data = digits()?;
+        let (micro, micro_batches) = (8, 4);
+        let test = TestCluster::start(2)?;
+        let model = lenet(micro, 8, 10)?;
+        let mut state =
+            TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), micro * micro_batches, SEED);
+        let mut pipeline =
+            ClusterPipeline::balanced(&test.cluster, model, &test.nodes, micro_batches, &state)?;
+        let rows = pipeline.batch_rows();
+        let (mut x, mut y) = (vec![0.0; rows * data.dim], vec![0; rows]);
+        data.gather(&(0..rows).collect::<Vec<_>>(), &mut x, &mut y);
+        pipeline.step(&mut state, &x, &y)?;
+        let victim = test.cluster.nodes().into_iter().find(|n| n.id == test.nodes[1]);
+        let victim = victim.ok_or_else(|| anyhow::anyhow!("stage 1's node left"))?;
+        Ok(Running { test, pipeline, state, x, y, victim })
+    }
+}
+
 fn a_dead_stage_node_fails_the_step_naming_it() -> Result<()> {
-    let data = digits()?;
-    let (micro, micro_batches) = (8, 4);
-    let test = TestCluster::start(2)?;
-    let model = lenet(micro, 8, 10)?;
-    let mut state =
-        TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), micro * micro_batches, SEED);
-    let mut pipeline = ClusterPipeline::balanced(&test.cluster, model, &test.nodes, micro_batches, &state)?;
-    let rows = pipeline.batch_rows();
-    let (mut x, mut y) = (vec![0.0; rows * data.dim], vec![0; rows]);
-    data.gather(&(0..rows).collect::<Vec<_>>(), &mut x, &mut y);
-    pipeline.step(&mut state, &x, &y)?;
+    let Running { test: _test, mut pipeline, mut state, x, y, victim } = Running::start()?;
     // Kill stage 1's node while steps run.
-    let victim = test.cluster.nodes().into_iter().find(|n| n.id == test.nodes[1]).expect("node 1 is there");
     let pid = victim.pid;
     let killer = std::thread::spawn(move || -> Result<Instant> {
         std::thread::sleep(Duration::from_millis(200));
-        let status = Command::new("kill").args(["-9", &pid.to_string()]).status()?;
-        ensure!(status.success(), "kill -9 {pid} failed");
+        signal("-KILL", pid)?;
         Ok(Instant::now())
     });
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -195,20 +214,9 @@ fn signal(sig: &str, pid: u32) -> Result<()> {
 }
 
 fn a_frozen_stage_node_times_out_naming_it() -> Result<()> {
-    let data = digits()?;
-    let (micro, micro_batches) = (8, 4);
-    let test = TestCluster::start(2)?;
-    let model = lenet(micro, 8, 10)?;
-    let mut state =
-        TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), micro * micro_batches, SEED);
-    let mut pipeline = ClusterPipeline::balanced(&test.cluster, model, &test.nodes, micro_batches, &state)?;
-    let rows = pipeline.batch_rows();
-    let (mut x, mut y) = (vec![0.0; rows * data.dim], vec![0; rows]);
-    data.gather(&(0..rows).collect::<Vec<_>>(), &mut x, &mut y);
-    pipeline.step(&mut state, &x, &y)?;
+    let Running { test: _test, mut pipeline, mut state, x, y, victim } = Running::start()?;
     // Stopped, not dead: its connection stays open, and the head would notice the missing
     // heartbeats only after 3 s; the driver's own timeout is shorter.
-    let victim = test.cluster.nodes().into_iter().find(|n| n.id == test.nodes[1]).expect("node 1 is there");
     pipeline.set_timeout(Duration::from_secs(1));
     signal("-STOP", victim.pid)?;
     let start = Instant::now();
