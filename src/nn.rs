@@ -65,8 +65,8 @@ pub use graph::{Activation, Graph, Init, Node, NodeId, Op, ParamSpec};
 pub use layers::{Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d, MultiHeadSelfAttention};
 pub use optim::{Optimizer, OptimizerConfig};
 pub use parallel::{
-    is_peer_lost, train_on_cluster, ClusterReplicas, ClusterTrainingReport, CommStats, DataParallel,
-    ElasticTraining, EpochReport, Pipeline, ReplicaJob,
+    is_peer_lost, train_on_cluster, ClusterPipeline, ClusterReplicas, ClusterTrainingReport, CommStats,
+    DataParallel, ElasticTraining, EpochReport, Pipeline, ReplicaJob,
 };
 pub use params::Params;
 pub use rng::Rng;

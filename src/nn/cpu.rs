@@ -75,6 +75,8 @@ pub struct CpuExecutor {
     forward_trained: bool,
     /// For each parameter, the lowest node id that reads it (`usize::MAX` if none does).
     first_reader: Vec<usize>,
+    /// Whether nodes of the stage read each parameter (the others may be left empty).
+    reads: Vec<bool>,
 }
 
 impl CpuExecutor {
@@ -136,6 +138,8 @@ impl CpuExecutor {
                 }
             }
         }
+        let mut reads = vec![false; graph.params().len()];
+        graph.stage_params(stage.clone()).into_iter().for_each(|p| reads[p] = true);
         CpuExecutor {
             graph: graph.clone(),
             vals,
@@ -153,6 +157,7 @@ impl CpuExecutor {
             training: false,
             forward_trained: false,
             first_reader,
+            reads,
         }
     }
 
@@ -280,7 +285,7 @@ impl CpuExecutor {
         // (A hook error may have left marks from an earlier call.)
         self.zeroed.fill(false);
         self.check_range(&range)?;
-        params.check(&self.graph)?;
+        params.check_some(&self.graph, |p| self.reads[p])?;
         // Zero each gradient once: the range's own nodes, then the nodes before the range
         // that it reads (parameters, stage inputs), which may be read many times.
         for n in range.clone() {
@@ -443,7 +448,7 @@ impl Executor for CpuExecutor {
 
     fn forward(&mut self, params: &Params, range: Range<usize>) -> Result<(), NnError> {
         self.check_range(&range)?;
-        params.check(&self.graph)?;
+        params.check_some(&self.graph, |p| self.reads[p])?;
         self.forward_trained = self.training;
         for n in range {
             let node = &self.graph.nodes()[n];

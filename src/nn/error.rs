@@ -143,6 +143,17 @@ pub enum NnError {
         /// Its error.
         source: Box<NnError>,
     },
+    /// A pipeline stage hosted on a cluster node failed there, did not answer in time, or
+    /// its node was lost.
+    #[error("pipeline stage {stage} on node `{node}`: {what}")]
+    StageOnNode {
+        /// The stage (0 is the first).
+        stage: usize,
+        /// The name of the node that hosts it.
+        node: String,
+        /// What happened (the stage's error, or why the node could not answer).
+        what: String,
+    },
     /// Supervising elastic training failed (too few replicas left, a process could not
     /// start, too many restarts).
     #[error("elastic training: {what}")]

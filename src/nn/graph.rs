@@ -299,6 +299,23 @@ impl Graph {
         out
     }
 
+    /// Indices of the parameters that nodes inside `range` read: the parameters a pipeline
+    /// stage running `range` uses (and computes gradients for), in increasing order.
+    pub fn stage_params(&self, range: std::ops::Range<usize>) -> Vec<usize> {
+        let end = range.end.min(self.nodes.len());
+        let mut out: Vec<usize> = Vec::new();
+        for node in &self.nodes[range.start.min(end)..end] {
+            for &i in &node.inputs {
+                if let Op::Param { index } = self.nodes[i.0].op {
+                    out.push(index);
+                }
+            }
+        }
+        out.sort_unstable();
+        out.dedup();
+        out
+    }
+
     /// Nodes inside `range` whose values nodes after `range` read: the activations a
     /// pipeline stage running `range` hands on (and receives gradients for in backward).
     pub fn stage_outputs(&self, range: std::ops::Range<usize>) -> Vec<NodeId> {

@@ -135,6 +135,33 @@ impl Optimizer {
         (&mut self.m, &mut self.v)
     }
 
+    /// How many parameters the state has slots for.
+    pub(crate) fn slots(&self) -> usize {
+        self.m.len()
+    }
+
+    /// A copy holding the state of only the parameters for which `keep` holds (the others'
+    /// slots left empty): the part a pipeline stage owns.
+    pub(crate) fn part(&self, keep: impl Fn(usize) -> bool) -> Optimizer {
+        let select = |slots: &Vec<Vec<f32>>| {
+            slots.iter().enumerate().map(|(i, s)| if keep(i) { s.clone() } else { Vec::new() }).collect()
+        };
+        Optimizer { config: self.config.clone(), steps: self.steps, m: select(&self.m), v: select(&self.v) }
+    }
+
+    /// Takes over `part`'s state (and step count) for the parameters for which `keep`
+    /// holds; the inverse of [`Optimizer::part`].
+    pub(crate) fn absorb(&mut self, part: &Optimizer, keep: impl Fn(usize) -> bool) {
+        self.steps = part.steps;
+        for (mine, theirs) in [(&mut self.m, &part.m), (&mut self.v, &part.v)] {
+            for (i, (slot, value)) in mine.iter_mut().zip(theirs).enumerate() {
+                if keep(i) {
+                    slot.clone_from(value);
+                }
+            }
+        }
+    }
+
     /// Applies one update; `grad(i)` is parameter `i`'s gradient.
     ///
     /// # Panics

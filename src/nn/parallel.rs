@@ -16,7 +16,7 @@ mod replicas;
 pub use on_cluster::{
     train_on_cluster, ClusterReplicas, ClusterTrainingReport, ElasticTraining, EpochReport, ReplicaJob,
 };
-pub use pipeline::Pipeline;
+pub use pipeline::{ClusterPipeline, Pipeline};
 pub use replicas::{is_peer_lost, CommStats, DataParallel};
 
 /// The index of the largest value (the first on ties).

@@ -37,8 +37,17 @@ impl Params {
     /// # Errors
     /// [`NnError::ParamMismatch`] naming the first parameter that does not fit.
     pub fn check(&self, graph: &Graph) -> Result<(), NnError> {
+        self.check_some(graph, |_| true)
+    }
+
+    /// As [`Params::check`], but only the parameters for which `used` holds must fit; the
+    /// others may be empty (a pipeline stage holds only the parameters it reads).
+    pub(crate) fn check_some(&self, graph: &Graph, used: impl Fn(usize) -> bool) -> Result<(), NnError> {
         let specs = graph.params();
         for (index, spec) in specs.iter().enumerate() {
+            if !used(index) && self.tensors.get(index).is_some_and(|t| t.data.is_empty()) {
+                continue;
+            }
             let fits = self
                 .tensors
                 .get(index)

@@ -11,6 +11,7 @@ mod tasks;
 pub(crate) mod train;
 
 mod nn;
+mod pipeline;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -22,7 +23,7 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks, cluster, collectives, nn, train, store, cuda.
+    /// The suite to run: tasks, cluster, collectives, nn, train, pipeline, store, cuda.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -63,13 +64,14 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "collectives" => collectives::run(&reporter),
         "nn" => nn::run(&reporter),
         "train" => train::run(&reporter),
+        "pipeline" => pipeline::run(&reporter),
         "store" => store::run(&reporter),
         #[cfg(feature = "cuda")]
         "cuda" => cuda::run(&reporter),
         #[cfg(not(feature = "cuda"))]
         "cuda" => bail!("the cuda suite needs a build with `--features cuda`"),
         other => {
-            bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives, nn, train, store, cuda")
+            bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives, nn, train, pipeline, store, cuda")
         }
     }
 }
