@@ -1,12 +1,13 @@
 //! Trains the LeNet-style CNN on the digits data set twice: first data-parallel, with 2
 //! replicas as actors on 2 node processes (this program re-executed, joined to a cluster
 //! head), all-reducing gradient buckets while backward runs; then model-parallel, with the
-//! graph split into a 2-stage pipeline (one worker thread per stage) over 4 micro-batches.
-//! Prints loss, accuracy and samples/s per epoch for both.
+//! graph split into a 2-stage pipeline whose stages are actors on the same 2 node
+//! processes, over 4 micro-batches. Prints loss, accuracy and samples/s per epoch for both.
 //!
 //! The replicas are elastic: rank 0 checkpoints into a stash after every epoch, and with
 //! `--kill-node-at-epoch N` the second node is killed (SIGKILL) while epoch N+1 runs; the
-//! surviving replica then resumes from the last checkpoint alone, and says so.
+//! surviving replica then resumes from the last checkpoint alone, and says so (a fresh node
+//! then replaces the lost one for the pipeline).
 //!
 //! `cargo run --release --example train_parallel -- --epochs 20 [--kill-node-at-epoch 5]`
 use std::process::Command;
@@ -15,8 +16,8 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 use clap::Parser;
 use tessera::nn::{
-    lenet, train_on_cluster, Dataset, ElasticTraining, EpochReport, EpochStats, Evaluator, ModelSpec,
-    OptimizerConfig, Pipeline, ReplicaJob, TrainState,
+    lenet, train_on_cluster, ClusterPipeline, Dataset, ElasticTraining, EpochReport, EpochStats, Evaluator,
+    ModelSpec, OptimizerConfig, ReplicaJob, TrainState,
 };
 use tessera::{Cluster, ClusterConfig, LocalProcesses, Runtime};
 
@@ -62,11 +63,7 @@ fn print_epoch(epoch: usize, stats: &EpochStats, test_accuracy: f32) {
     );
 }
 
-fn data_parallel(args: &Args) -> Result<()> {
-    let rt = Runtime::builder().workers(2).build()?;
-    let cluster = Cluster::start(&rt, ClusterConfig::default())?;
-    cluster.launch(&LocalProcesses { count: REPLICAS, slots: Some(1) })?;
-    cluster.wait_for_nodes(REPLICAS, Duration::from_secs(30))?;
+fn data_parallel(args: &Args, cluster: &Cluster) -> Result<()> {
     let mut nodes = cluster.nodes();
     nodes.sort_by_key(|n| n.id);
     let checkpoints = std::env::temp_dir().join(format!("tessera-train-parallel-{}", std::process::id()));
@@ -91,7 +88,7 @@ fn data_parallel(args: &Args) -> Result<()> {
     );
     let victim = nodes[1].pid.to_string();
     let report = train_on_cluster(
-        &cluster,
+        cluster,
         &nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
         &job,
         ElasticTraining::new(args.epochs as u64),
@@ -112,25 +109,32 @@ fn data_parallel(args: &Args) -> Result<()> {
     if report.sizes.len() > 1 {
         println!("elastic: finished with group sizes {:?} (lost nodes {:?})", report.sizes, report.lost);
     }
-    rt.shutdown();
     let _ = std::fs::remove_dir_all(&checkpoints);
     Ok(())
 }
 
-fn pipeline(args: &Args) -> Result<()> {
+fn pipeline(args: &Args, cluster: &Cluster) -> Result<()> {
     const MICRO_BATCHES: usize = 4;
+    if cluster.nodes().len() < 2 {
+        println!("pipeline: starting a node to replace the lost one");
+        cluster.launch(&LocalProcesses { count: 1, slots: Some(1) })?;
+        cluster.wait_for_nodes(2, Duration::from_secs(30))?;
+    }
+    let mut nodes: Vec<_> = cluster.nodes().iter().map(|n| n.id).collect();
+    nodes.sort();
     let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
     let model = lenet(args.batch / MICRO_BATCHES, 8, 10)?;
     let mut state =
         TrainState::new(&model, OptimizerConfig::adamw(args.lr, 1e-4), train.len(), args.batch, args.seed);
-    let mut pipeline = Pipeline::balanced(model, 2, MICRO_BATCHES)?;
+    let mut pipeline = ClusterPipeline::balanced(cluster, model, &nodes[..2], MICRO_BATCHES, &state)?;
     let ranges = pipeline.stage_ranges();
     let names = |r: &std::ops::Range<usize>| {
         let nodes = pipeline.model().graph.nodes();
         format!("{}..{} ({} → {})", r.start, r.end, nodes[r.start].name, nodes[r.end - 1].name)
     };
     println!(
-        "pipeline: 2 stages [{}], [{}], {MICRO_BATCHES} micro-batches of {} rows",
+        "pipeline: 2 stages as actors on node processes {:?}: [{}], [{}], {MICRO_BATCHES} micro-batches of {} rows",
+        pipeline.stage_nodes(),
         names(&ranges[0]),
         names(&ranges[1]),
         args.batch / MICRO_BATCHES
@@ -138,6 +142,7 @@ fn pipeline(args: &Args) -> Result<()> {
     let mut eval = Evaluator::new(lenet(test.len(), 8, 10)?);
     for epoch in 0..args.epochs {
         state.optimizer.set_lr(lr_at(args, epoch));
+        // Ends by fetching the stages' parameters into `state`.
         let stats = pipeline.train_epoch(&mut state, &train)?;
         let e = eval.classify(&state.params, &test)?;
         print_epoch(epoch, &stats, e.accuracy);
@@ -149,6 +154,11 @@ fn main() -> Result<()> {
     tessera::init();
     let args = Args::parse();
     ensure!(args.batch % REPLICAS == 0 && args.batch % 4 == 0, "--batch must be a multiple of 4");
-    data_parallel(&args)?;
-    pipeline(&args)
+    let rt = Runtime::builder().workers(2).build()?;
+    let cluster = Cluster::start(&rt, ClusterConfig::default())?;
+    cluster.launch(&LocalProcesses { count: REPLICAS, slots: Some(1) })?;
+    cluster.wait_for_nodes(REPLICAS, Duration::from_secs(30))?;
+    let result = data_parallel(&args, &cluster).and_then(|()| pipeline(&args, &cluster));
+    rt.shutdown();
+    result
 }

@@ -896,10 +896,14 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
         }
     };
     let (sender, receiver) = mpsc::unbounded_channel();
-    let node_id = {
+    let (node_id, name) = {
         let mut state = head.state.lock();
         state.next_node += 1;
         let id = state.next_node;
+        // Names identify nodes in messages: a name already used (by a node here or one
+        // lost earlier, e.g. a replacement started by the same manager) gets the id added.
+        let taken = state.nodes.values().any(|n| n.name == name) || state.lost.contains(&name);
+        let name = if taken { format!("{name}#{id}") } else { name };
         let _ = sender.send(Message::Registered { node: id });
         state.nodes.insert(
             id,
@@ -919,7 +923,7 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
             },
         );
         head.changed.notify_all();
-        id
+        (id, name)
     };
     tracing::info!(node = %name, id = node_id, %data_addr, slots, "node joined");
     tokio::spawn(write_loop(receiver, writer));
