@@ -89,6 +89,18 @@ pub enum Error {
         /// The node lost last.
         node: String,
     },
+    /// A task asked for a GPU and neither a cluster node nor this process has one.
+    #[error(
+        "task `{task}` asks for a GPU, but no node has one ({nodes} node(s) in the cluster, none with a CUDA device; this process: {local})"
+    )]
+    NoGpu {
+        /// The registered name of the task.
+        task: String,
+        /// How many nodes the cluster had when the task was placed (0 without a cluster).
+        nodes: usize,
+        /// Why this process has no GPU either.
+        local: String,
+    },
     /// The stash failed.
     #[error("stash: {0}")]
     Store(#[source] Arc<crate::StoreError>),
