@@ -16,6 +16,12 @@ tessera::task! {
     fn double(x: u64) -> u64 { x * 2 }
 }
 
+/// Whether this machine should have a GPU (set by `scripts/gpu-check.sh`): then a missing
+/// device is a failure, not a skip.
+fn gpu_expected() -> bool {
+    std::env::var("TESSERA_EXPECT_GPU").is_ok_and(|v| v == "1")
+}
+
 fn cluster(nodes: usize) -> Result<(Runtime, Cluster)> {
     let rt = Runtime::builder().workers(2).build()?;
     let cluster = Cluster::start(&rt, ClusterConfig::default())?;
@@ -35,6 +41,7 @@ fn nodes_report_their_gpus_when_they_join() -> Result<()> {
         ensure!(node.gpus == here, "node {} reported {:?}, this machine has {here:?}", node.name, node.gpus);
     }
     let gpu_nodes = cluster.gpu_nodes();
+    ensure!(!(gpu_expected() && here.is_empty()), "a GPU was expected: {:?}", tessera::gpu_absence_reason());
     if here.is_empty() {
         ensure!(gpu_nodes.is_empty(), "{gpu_nodes:?}");
         eprintln!("no GPU here: {}", tessera::gpu_absence_reason().unwrap_or("?"));
@@ -89,12 +96,31 @@ fn a_gpu_task_without_a_cluster_fails_at_once() -> Result<()> {
     Ok(())
 }
 
+/// Where there is a GPU, a task that asks for one runs on a node that reported it.
+fn a_gpu_task_runs_on_a_node_with_a_gpu() -> Result<()> {
+    if local_gpus().is_empty() {
+        ensure!(!gpu_expected(), "a GPU was expected: {:?}", tessera::gpu_absence_reason());
+        eprintln!("skipped: no GPU here");
+        return Ok(());
+    }
+    let (rt, cluster) = cluster(2)?;
+    let refs: Vec<_> = (0..8_u64).map(|i| double::spawn_with(&rt, TaskOptions::new().on_gpu(), i)).collect();
+    for (i, r) in refs.iter().enumerate() {
+        ensure!(r.blocking_get_timeout(Duration::from_secs(20))? == 2 * i as u64);
+    }
+    let ran: u64 = cluster.nodes().iter().filter(|n| !n.gpus.is_empty()).map(|n| n.tasks_run).sum();
+    ensure!(ran == 8, "GPU nodes ran {ran} of 8 tasks");
+    rt.shutdown();
+    Ok(())
+}
+
 fn main() {
     tessera::init();
     let tests: &[(&str, support::TestFn)] = &[
         ("nodes_report_their_gpus_when_they_join", nodes_report_their_gpus_when_they_join),
         ("a_gpu_task_without_gpus_fails_at_once_naming_it", a_gpu_task_without_gpus_fails_at_once_naming_it),
         ("a_gpu_task_without_a_cluster_fails_at_once", a_gpu_task_without_a_cluster_fails_at_once),
+        ("a_gpu_task_runs_on_a_node_with_a_gpu", a_gpu_task_runs_on_a_node_with_a_gpu),
     ];
     support::run(tests);
 }
