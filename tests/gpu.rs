@@ -540,7 +540,7 @@ fn work_on_the_device_gets_its_inputs_without_a_copy() {
     assert_eq!(x_handle.device(), Some(0));
     assert!(x_handle.same_buffer(&x.blocking_get().unwrap()), "get() made a copy");
     let expected_input = x_handle.clone();
-    let y = actor.run(&[x.clone()], move |scope, inputs| {
+    let y = actor.run(std::slice::from_ref(&x), move |scope, inputs| {
         assert!(inputs[0].same_buffer(&expected_input), "the input was copied");
         let mut out = scope.gpu().zeros(inputs[0].len())?;
         scope.gpu().copy(inputs[0].slice().expect("on the device"), &mut out)?;
@@ -574,7 +574,7 @@ fn host_inputs_are_uploaded_once_and_failures_propagate() {
 
     let failing =
         actor.run(&[], |_scope, _| Err(DeviceError::Shape { op: "test", message: "deliberate".into() }));
-    let after = actor.run(&[failing.clone()], |_scope, inputs| Ok(inputs[0].clone()));
+    let after = actor.run(std::slice::from_ref(&failing), |_scope, inputs| Ok(inputs[0].clone()));
     assert!(matches!(failing.blocking_get(), Err(Error::TaskFailed { .. })));
     match after.blocking_get_timeout(Duration::from_secs(30)) {
         Err(Error::DependencyFailed { cause, .. }) => {

@@ -21,9 +21,10 @@
 //!    handle to it drops: the last `Ref`, and every array read from it.
 //!
 //! Shutdown:
-//! 1. When the last handle to an actor drops, its queue closes.
-//! 2. Its thread finishes the queued work and exits; the drop joins it (unless the drop
-//!    happens on that thread).
+//! 1. When the last handle to an actor drops, its queue closes; work still waiting for
+//!    inputs then fails with `Error::Shutdown` when they are ready.
+//! 2. Its thread finishes the work already queued and exits; the drop joins it (unless the
+//!    drop happens on that thread).
 //! 3. Arrays still alive keep their `Gpu` (and so the context) alive until they drop.
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -431,13 +432,7 @@ impl DeviceActor {
             };
             job_table.complete(out_id, Outcome::Failed(Arc::new(error)), 0);
         });
-        let queue = self.shared.queue.lock().clone();
-        match queue {
-            Some(queue) => when_ready(&table, out_id, task, ids, job, queue),
-            None => {
-                table.complete(out_id, Outcome::Failed(Arc::new(Error::Shutdown)), 0);
-            }
-        }
+        when_ready(&table, out_id, task, ids, job, Arc::downgrade(&self.shared));
         output
     }
 }
@@ -469,22 +464,25 @@ fn when_ready(
     task: String,
     ids: Vec<ObjectId>,
     job: Work,
-    queue: std::sync::mpsc::Sender<Work>,
+    actor: Weak<ActorShared>,
 ) {
-    let send = move |table: &ObjectTable, job: Work, queue: std::sync::mpsc::Sender<Work>| {
-        if queue.send(job).is_err() {
+    // Waiting work holds the actor weakly, so that dropping the last handle never waits
+    // for inputs; work whose actor is gone fails with `Error::Shutdown`.
+    let send = move |table: &ObjectTable, job: Work, actor: Weak<ActorShared>| {
+        let queue = actor.upgrade().and_then(|shared| shared.queue.lock().clone());
+        if queue.is_none_or(|queue| queue.send(job).is_err()) {
             table.complete(out_id, Outcome::Failed(Arc::new(Error::Shutdown)), 0);
         }
     };
     if ids.is_empty() {
-        send(table, job, queue);
+        send(table, job, actor);
         return;
     }
     struct Gate {
         remaining: AtomicUsize,
-        job: Mutex<Option<(Work, std::sync::mpsc::Sender<Work>)>>,
+        job: Mutex<Option<(Work, Weak<ActorShared>)>>,
     }
-    let gate = Arc::new(Gate { remaining: AtomicUsize::new(ids.len()), job: Mutex::new(Some((job, queue))) });
+    let gate = Arc::new(Gate { remaining: AtomicUsize::new(ids.len()), job: Mutex::new(Some((job, actor))) });
     for id in ids {
         let gate = gate.clone();
         let waiter_table = table.clone();
@@ -495,8 +493,8 @@ fn when_ready(
                 Outcome::Ready(_) => {
                     if gate.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
                         let queued = gate.job.lock().take();
-                        if let Some((job, queue)) = queued {
-                            send(&waiter_table, job, queue);
+                        if let Some((job, actor)) = queued {
+                            send(&waiter_table, job, actor);
                         }
                     }
                 }
