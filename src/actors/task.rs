@@ -44,7 +44,7 @@ impl TaskOptions {
         self
     }
 
-    /// Asks for a GPU (see [`TaskOptions::gpu`](struct@TaskOptions#structfield.gpu)).
+    /// Asks for a GPU: sets [`gpu`](Self::gpu).
     pub fn on_gpu(mut self) -> Self {
         self.gpu = true;
         self
