@@ -65,12 +65,16 @@ fn a_gpu_task_without_gpus_fails_at_once_naming_it() -> Result<()> {
     let input = double::spawn(&rt, 1);
     let on_gpu = double::spawn_with(&rt, TaskOptions::new().on_gpu(), &input);
     match on_gpu.blocking_get_timeout(Duration::from_secs(20)) {
-        Err(Error::NoGpu { task, nodes, local }) => {
+        Err(error @ Error::NoGpu { .. }) => {
+            let message = error.to_string();
+            let Error::NoGpu { task, nodes, gpu_nodes, local } = error else { unreachable!() };
             ensure!(task.ends_with("::double"), "{task}");
-            ensure!(nodes == 2, "nodes = {nodes}");
+            ensure!((nodes, gpu_nodes) == (2, 0), "nodes = {nodes}, gpu_nodes = {gpu_nodes}");
             ensure!(!local.is_empty());
-            let message = Error::NoGpu { task, nodes, local }.to_string();
-            ensure!(message.contains("asks for a GPU") && message.contains("2 node(s)"), "{message}");
+            ensure!(
+                message.contains("asks for a GPU") && message.contains("0 of 2 cluster node(s)"),
+                "{message}"
+            );
         }
         other => bail!("expected NoGpu, got {other:?}"),
     }
@@ -88,7 +92,7 @@ fn a_gpu_task_without_a_cluster_fails_at_once() -> Result<()> {
     let rt = Runtime::builder().workers(2).build()?;
     let r = double::spawn_with(&rt, TaskOptions::new().on_gpu(), 4);
     match r.blocking_get_timeout(Duration::from_secs(5)) {
-        Err(Error::NoGpu { nodes: 0, .. }) => {}
+        Err(Error::NoGpu { nodes: 0, gpu_nodes: 0, .. }) => {}
         other => bail!("expected NoGpu with 0 nodes, got {other:?}"),
     }
     ensure!(double::spawn(&rt, 4).blocking_get()? == 8);

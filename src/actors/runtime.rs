@@ -53,8 +53,8 @@ pub(crate) trait RemoteScheduler: Send + Sync + 'static {
     /// A job that needs a GPU goes only to a node that reported one.
     #[allow(clippy::result_large_err)]
     fn submit(&self, job: Box<Job>) -> std::result::Result<(), Box<Job>>;
-    /// How many nodes are in the cluster now.
-    fn node_count(&self) -> usize;
+    /// How many nodes are in the cluster now, and how many of them reported a GPU.
+    fn node_counts(&self) -> (usize, usize);
     /// Stops the cluster: nodes are told to exit; tasks running remotely fail.
     fn stop(&self);
 }
@@ -93,8 +93,8 @@ impl Core {
         if job.needs_gpu() {
             if let Some(local) = crate::devices::gpu_absence_reason() {
                 let task = job.name().to_string();
-                let nodes = self.cluster.get().map_or(0, |cluster| cluster.node_count());
-                job.fail(Error::NoGpu { task, nodes, local: local.to_string() });
+                let (nodes, gpu_nodes) = self.cluster.get().map_or((0, 0), |cluster| cluster.node_counts());
+                job.fail(Error::NoGpu { task, nodes, gpu_nodes, local: local.to_string() });
                 return;
             }
         }

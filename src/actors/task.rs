@@ -28,7 +28,8 @@ pub struct TaskOptions {
     pub retries: u32,
     /// Whether the task needs a GPU: it runs only on a node that reported a CUDA device
     /// (or in this process, if it has one); with none anywhere its output fails at once
-    /// with [`Error::NoGpu`]. Default false.
+    /// with [`Error::NoGpu`]. A task that returns a `Ref` runs where it was spawned, so for
+    /// it only this process's GPUs count. Default false.
     pub gpu: bool,
 }
 

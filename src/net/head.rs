@@ -795,8 +795,9 @@ impl RemoteScheduler for Head {
         Ok(())
     }
 
-    fn node_count(&self) -> usize {
-        self.state.lock().nodes.len()
+    fn node_counts(&self) -> (usize, usize) {
+        let state = self.state.lock();
+        (state.nodes.len(), state.nodes.values().filter(|node| !node.gpus.is_empty()).count())
     }
 
     fn stop(&self) {

@@ -19,6 +19,11 @@ crate::task! {
     fn triple(x: u64) -> u64 { x * 3 }
 }
 
+crate::task! {
+    /// Returns a `Ref`, so it runs where it was spawned, never on a node.
+    fn triple_here(x: u64) -> Ref<u64> { Runtime::current().expect("in a task").put(x * 3) }
+}
+
 const SECRET: &str = "placement-test";
 
 fn test_gpu() -> GpuInfo {
@@ -115,6 +120,15 @@ fn gpu_tasks_go_only_to_nodes_that_reported_a_gpu() {
     for (i, r) in refs.iter().enumerate() {
         assert_eq!(r.blocking_get_timeout(Duration::from_secs(10)).expect("value"), i as u64 * 3);
     }
+    // A GPU task that cannot run on a node fails at once here, where there is no GPU,
+    // and the error says that a node did have one.
+    if crate::devices::gpu_absence_reason().is_some() {
+        let here = triple_here::spawn_with(&rt, TaskOptions::new().on_gpu(), 1);
+        match here.blocking_get_timeout(Duration::from_secs(5)) {
+            Err(Error::NoGpu { nodes: 2, gpu_nodes: 1, .. }) => {}
+            other => panic!("expected NoGpu with 1 of 2 GPU nodes, got {other:?}"),
+        }
+    }
     rt.shutdown();
 }
 
@@ -137,9 +151,9 @@ fn a_gpu_task_fails_at_once_when_no_node_has_a_gpu() {
     let start = Instant::now();
     let r = triple::spawn_with(&rt, TaskOptions::new().on_gpu(), 5);
     match r.blocking_get_timeout(Duration::from_secs(10)) {
-        Err(Error::NoGpu { task, nodes, local }) => {
+        Err(Error::NoGpu { task, nodes, gpu_nodes, local }) => {
             assert!(task.ends_with("::triple"), "{task}");
-            assert_eq!(nodes, 2);
+            assert_eq!((nodes, gpu_nodes), (2, 0));
             assert!(!local.is_empty());
         }
         other => panic!("expected NoGpu, got {other:?}"),
