@@ -17,12 +17,15 @@ build)
     cargo build --release --features cuda --example gpu --bin tessera
     test_bin=$(cargo test --release --features cuda --test gpu --no-run --message-format=json 2>/dev/null |
         python3 -c 'import json,sys; print([json.loads(l)["executable"] for l in sys.stdin if "\"executable\":\"" in l][-1])')
+    placement_bin=$(cargo test --release --features cuda --test placement --no-run --message-format=json 2>/dev/null |
+        python3 -c 'import json,sys; print([json.loads(l)["executable"] for l in sys.stdin if "\"executable\":\"" in l][-1])')
     mkdir -p gpu-carry
     cp "$test_bin" gpu-carry/gpu-tests
+    cp "$placement_bin" gpu-carry/placement-tests
     cp target/release/examples/gpu gpu-carry/gpu-example
     cp target/release/tessera gpu-carry/tessera
-    # Without debug symbols the three fit the device tool's 64 MiB carry limit (~10 MB).
-    strip gpu-carry/gpu-tests gpu-carry/gpu-example gpu-carry/tessera
+    # Without debug symbols the four fit the device tool's 64 MiB carry limit (~10 MB).
+    strip gpu-carry/gpu-tests gpu-carry/placement-tests gpu-carry/gpu-example gpu-carry/tessera
     echo "built: $(ls gpu-carry)"
     ;;
 run)
@@ -60,6 +63,8 @@ PY
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
     status=0
     TESSERA_EXPECT_GPU=1 gpu-carry/gpu-tests --test-threads=1 || status=$?
+    # Real node processes on this machine report its GPU; GPU tasks run on them.
+    TESSERA_EXPECT_GPU=1 gpu-carry/placement-tests || status=$?
     gpu-carry/gpu-example || status=$?
     echo "--- tessera bench cuda --json"
     gpu-carry/tessera bench cuda --json | tee "$bench" || status=$?

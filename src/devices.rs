@@ -1,8 +1,13 @@
 //! Devices and the collectives that connect them: the `Communicator` trait that gradient
-//! all-reduce uses, with a TCP backend for CPUs (and an NCCL backend for GPUs later).
+//! all-reduce uses, with a TCP backend for CPUs (and an NCCL backend for GPUs later); GPU
+//! discovery (every build); CUDA devices, device actors and device-resident arrays
+//! (feature `cuda`).
 mod collective;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+mod device_actor;
+mod discovery;
 #[cfg(feature = "cuda")]
 mod nccl;
 
@@ -13,5 +18,8 @@ pub use collective::{
 pub use cuda::{compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr, KERNELS};
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{grid, len_u32, Gemm32};
+#[cfg(feature = "cuda")]
+pub use device_actor::{DeviceActor, DeviceArray};
+pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};
 #[cfg(feature = "cuda")]
 pub use nccl::NcclGroup;

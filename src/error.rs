@@ -89,6 +89,21 @@ pub enum Error {
         /// The node lost last.
         node: String,
     },
+    /// A task asked for a GPU and no place that can run it has one.
+    #[error(
+        "task `{task}` asks for a GPU, but none can run it: {gpu_nodes} of {nodes} cluster node(s) reported a CUDA device, and this process has none ({local})"
+    )]
+    NoGpu {
+        /// The registered name of the task.
+        task: String,
+        /// How many nodes the cluster had when the task was placed (0 without a cluster).
+        nodes: usize,
+        /// How many of them reported a GPU: more than 0 only for a task that cannot run on a
+        /// node (one that returns a `Ref` runs where it was spawned).
+        gpu_nodes: usize,
+        /// Why this process has no GPU either.
+        local: String,
+    },
     /// The stash failed.
     #[error("stash: {0}")]
     Store(#[source] Arc<crate::StoreError>),

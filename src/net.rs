@@ -20,6 +20,8 @@ mod frame;
 mod head;
 mod manager;
 mod node;
+#[cfg(test)]
+mod placement_tests;
 mod wire;
 
 pub use frame::{decode_frame, FrameError, MAX_FRAME_LEN};

@@ -3,7 +3,12 @@
 //! that every kernel compiles; `scripts/gpu-check.sh` runs them where a GPU is.
 #![cfg(feature = "cuda")]
 
-use tessera::{compile_all_kernels, cuda_devices, DeviceError, Gpu, KERNELS};
+use std::time::Duration;
+
+use tessera::{
+    compile_all_kernels, cuda_devices, DeviceActor, DeviceArray, DeviceError, Error, Gpu, Ref, Runtime,
+    KERNELS,
+};
 
 /// Whether this machine should have a GPU (set by `scripts/gpu-check.sh`): then a missing
 /// device is a failure, not a skip.
@@ -478,4 +483,134 @@ mod executor {
             assert!((gpu_acc - cpu_acc).abs() < 0.03, "{name}: GPU {gpu_acc} vs CPU {cpu_acc}");
         }
     }
+}
+
+/// The device actor of GPU 0 for `rt`, or `None` (a skip) where there is no GPU.
+fn device_actor(rt: &Runtime) -> Option<DeviceActor> {
+    match DeviceActor::get(rt, 0) {
+        Ok(actor) => Some(actor),
+        Err(error) => {
+            assert!(!gpu_expected(), "a GPU was expected: {error}");
+            assert!(matches!(error, DeviceError::NoDevice(_)), "{error}");
+            eprintln!("skipped: {error}");
+            None
+        }
+    }
+}
+
+#[test]
+fn a_device_actor_for_a_missing_device_is_a_clear_error() {
+    let rt = Runtime::builder().workers(1).build().unwrap();
+    // No GPU: device 0 is missing; with GPUs: device 4096 is.
+    let ordinal = if cuda_devices().is_ok() { 4096 } else { 0 };
+    match DeviceActor::get(&rt, ordinal) {
+        Err(DeviceError::NoDevice(reason)) => assert!(!reason.is_empty()),
+        other => panic!("expected NoDevice, got {other:?}"),
+    }
+    rt.shutdown();
+}
+
+#[test]
+fn a_device_array_encodes_as_its_host_copy() {
+    let array = DeviceArray::from_host(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0], vec![2, 3]).unwrap();
+    assert_eq!(array.device(), None);
+    let bytes = bincode::serde::encode_to_vec(&array, bincode::config::standard()).unwrap();
+    let (back, _): (DeviceArray, usize) =
+        bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+    assert_eq!((back.shape(), back.to_host().unwrap()), (&[2, 3][..], array.to_host().unwrap()));
+    assert!(matches!(DeviceArray::from_host(vec![1.0; 5], vec![2, 3]), Err(DeviceError::Shape { .. })));
+}
+
+#[test]
+fn one_device_actor_per_gpu_and_runtime() {
+    let rt = Runtime::builder().workers(1).build().unwrap();
+    let Some(actor) = device_actor(&rt) else { return };
+    let again = DeviceActor::get(&rt, 0).unwrap();
+    assert!(std::sync::Arc::ptr_eq(actor.gpu(), again.gpu()));
+    rt.shutdown();
+}
+
+#[test]
+fn work_on_the_device_gets_its_inputs_without_a_copy() {
+    let rt = Runtime::builder().workers(2).build().unwrap();
+    let Some(actor) = device_actor(&rt) else { return };
+    let x: Ref<DeviceArray> = actor.upload(vec![1.0, -2.0, 3.0, -4.0], vec![2, 2]);
+    // The handle a reader gets is the device buffer itself.
+    let x_handle = x.blocking_get().unwrap();
+    assert_eq!(x_handle.device(), Some(0));
+    assert!(x_handle.same_buffer(&x.blocking_get().unwrap()), "get() made a copy");
+    let expected_input = x_handle.clone();
+    let y = actor.run(std::slice::from_ref(&x), move |scope, inputs| {
+        assert!(inputs[0].same_buffer(&expected_input), "the input was copied");
+        let mut out = scope.gpu().zeros(inputs[0].len())?;
+        scope.gpu().copy(inputs[0].slice().expect("on the device"), &mut out)?;
+        scope.gpu().relu(&mut out)?;
+        scope.array(out, inputs[0].shape().to_vec())
+    });
+    let z = actor.run(&[y.clone(), x.clone()], |scope, inputs| {
+        let mut out = scope.gpu().zeros(inputs[0].len())?;
+        scope.gpu().copy(inputs[0].slice().expect("on the device"), &mut out)?;
+        scope.gpu().axpy(1.0, inputs[1].slice().expect("on the device"), &mut out)?;
+        scope.array(out, vec![4])
+    });
+    let z_array = z.blocking_get_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(z_array.device(), Some(0));
+    assert_eq!(z_array.to_host().unwrap(), vec![2.0, -2.0, 6.0, -4.0]);
+    assert_eq!(y.blocking_get().unwrap().to_host().unwrap(), vec![1.0, 0.0, 3.0, 0.0]);
+    assert_eq!(actor.copies_in(), 0, "inputs on the device were copied");
+    rt.shutdown();
+}
+
+#[test]
+fn host_inputs_are_uploaded_once_and_failures_propagate() {
+    let rt = Runtime::builder().workers(2).build().unwrap();
+    let Some(actor) = device_actor(&rt) else { return };
+    let before = actor.copies_in();
+    let staged = rt.put(DeviceArray::from_host(vec![1.0, 2.0], vec![2]).unwrap());
+    let y = actor.run(&[staged], |_scope, inputs| Ok(inputs[0].clone()));
+    let y_array = y.blocking_get_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!((y_array.device(), y_array.to_host().unwrap()), (Some(0), vec![1.0, 2.0]));
+    assert_eq!(actor.copies_in(), before + 1);
+
+    let failing =
+        actor.run(&[], |_scope, _| Err(DeviceError::Shape { op: "test", message: "deliberate".into() }));
+    let after = actor.run(std::slice::from_ref(&failing), |_scope, inputs| Ok(inputs[0].clone()));
+    assert!(matches!(failing.blocking_get(), Err(Error::TaskFailed { .. })));
+    match after.blocking_get_timeout(Duration::from_secs(30)) {
+        Err(Error::DependencyFailed { cause, .. }) => {
+            assert!(cause.to_string().contains("deliberate"), "{cause}")
+        }
+        other => panic!("expected DependencyFailed, got {other:?}"),
+    }
+    let panicked = actor.run(&[], |_scope, _| panic!("deliberate panic"));
+    assert!(matches!(panicked.blocking_get(), Err(Error::TaskPanicked { .. })));
+    // The actor still works after a failure and a panic.
+    let ok = actor.upload(vec![5.0], vec![1]);
+    assert_eq!(ok.blocking_get().unwrap().to_host().unwrap(), vec![5.0]);
+    rt.shutdown();
+}
+
+#[test]
+fn device_memory_is_freed_when_the_last_handle_drops() {
+    let rt = Runtime::builder().workers(1).build().unwrap();
+    let Some(actor) = device_actor(&rt) else { return };
+    const LEN: usize = 64 << 20; // 256 MiB of f32
+    let live_before = actor.live_bytes();
+    let (free_before, _) = actor.gpu().memory_info().unwrap();
+    let x = actor.run(&[], |scope, _| scope.zeros(vec![LEN]));
+    let handle = x.blocking_get_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(actor.live_bytes(), live_before + LEN * 4);
+    actor.gpu().synchronize().unwrap();
+    let (free_held, _) = actor.gpu().memory_info().unwrap();
+    drop(x);
+    // A handle read from the Ref keeps the buffer alive.
+    assert_eq!(actor.live_bytes(), live_before + LEN * 4);
+    drop(handle);
+    assert_eq!(actor.live_bytes(), live_before);
+    actor.gpu().synchronize().unwrap();
+    let (free_after, _) = actor.gpu().memory_info().unwrap();
+    eprintln!("free device memory: {free_before} before, {free_held} held, {free_after} after the drop");
+    // The stream-ordered pool gives memory back at synchronization (release threshold 0).
+    assert!(free_after >= free_held + LEN * 2, "{free_held} -> {free_after}: the buffer was not freed");
+    rt.shutdown();
 }

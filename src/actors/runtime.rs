@@ -50,8 +50,11 @@ pub(crate) struct Core {
 /// The seam between the runtime and a cluster head: runs ready tasks on node processes.
 pub(crate) trait RemoteScheduler: Send + Sync + 'static {
     /// Takes a ready task that can run remotely; gives it back if no node can take it.
+    /// A job that needs a GPU goes only to a node that reported one.
     #[allow(clippy::result_large_err)]
     fn submit(&self, job: Box<Job>) -> std::result::Result<(), Box<Job>>;
+    /// How many nodes are in the cluster now, and how many of them reported a GPU.
+    fn node_counts(&self) -> (usize, usize);
     /// Stops the cluster: nodes are told to exit; tasks running remotely fail.
     fn stop(&self);
 }
@@ -76,6 +79,9 @@ impl Core {
     }
 
     /// Sends a ready job to a worker, as the policy says.
+    ///
+    /// A job that needs a GPU goes to a node that has one; failing that it runs here if
+    /// this process has a GPU, else its output fails at once with `Error::NoGpu`.
     pub(crate) fn dispatch(&self, job: Box<Job>) {
         let job = match self.cluster.get() {
             Some(cluster) if job.remote_args().is_some() => match cluster.submit(job) {
@@ -84,6 +90,14 @@ impl Core {
             },
             _ => job,
         };
+        if job.needs_gpu() {
+            if let Some(local) = crate::devices::gpu_absence_reason() {
+                let task = job.name().to_string();
+                let (nodes, gpu_nodes) = self.cluster.get().map_or((0, 0), |cluster| cluster.node_counts());
+                job.fail(Error::NoGpu { task, nodes, gpu_nodes, local: local.to_string() });
+                return;
+            }
+        }
         let placement = self.policy.place(&PlacementRequest {
             task: job.name(),
             current_worker: pool::current_worker(&self.pool),

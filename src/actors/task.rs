@@ -26,6 +26,11 @@ pub struct TaskOptions {
     /// How many times a task that returned an error or panicked is run again before its
     /// error is final. Default 0.
     pub retries: u32,
+    /// Whether the task needs a GPU: it runs only on a node that reported a CUDA device
+    /// (or in this process, if it has one); with none anywhere its output fails at once
+    /// with [`Error::NoGpu`]. A task that returns a `Ref` runs where it was spawned, so for
+    /// it only this process's GPUs count. Default false.
+    pub gpu: bool,
 }
 
 impl TaskOptions {
@@ -37,6 +42,12 @@ impl TaskOptions {
     /// Sets the number of retries.
     pub fn retries(mut self, retries: u32) -> Self {
         self.retries = retries;
+        self
+    }
+
+    /// Asks for a GPU: sets [`gpu`](Self::gpu).
+    pub fn on_gpu(mut self) -> Self {
+        self.gpu = true;
         self
     }
 }
@@ -136,6 +147,8 @@ pub(crate) struct Job {
     retries: u32,
     /// How many times a node running this task was lost.
     node_losses: u32,
+    /// Whether the task must run where a GPU is.
+    needs_gpu: bool,
     /// The arguments in the form a node process receives, if the task can run remotely.
     remote: Option<Vec<RemoteArg>>,
     inputs: Vec<Dependency>,
@@ -153,6 +166,9 @@ impl Job {
     }
     pub(crate) fn remote_args(&self) -> Option<&[RemoteArg]> {
         self.remote.as_deref()
+    }
+    pub(crate) fn needs_gpu(&self) -> bool {
+        self.needs_gpu
     }
     /// Counts a retry after a task error; false when no retries are left.
     pub(crate) fn retry_after_error(&mut self) -> bool {
@@ -220,6 +236,7 @@ pub fn spawn_task<T: Payload>(
         attempt: 0,
         retries: options.retries,
         node_losses: 0,
+        needs_gpu: options.gpu,
         remote,
         inputs,
     });

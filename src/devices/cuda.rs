@@ -7,8 +7,8 @@
 //! kernel sources are in `kernels.rs`; the model graph's GPU executor, which uses them, is
 //! `nn::GpuExecutor`.
 //!
-//! Status: the device actor and device-resident `Ref`s are not here yet; this module is what
-//! they build on. NCCL is in `nccl.rs`.
+//! The device actor that owns a `Gpu` on its own thread, and the device-resident arrays that
+//! `Ref`s point to, are in `device_actor.rs`. NCCL is in `nccl.rs`.
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -191,6 +191,20 @@ impl Gpu {
     /// The stream, borrowed (for launch builders).
     pub(crate) fn stream_ref(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// Makes this device's context current on the calling thread (device actors do it once
+    /// on their own thread).
+    pub(crate) fn bind_to_thread(&self) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| self.driver(e))
+    }
+
+    /// Free and total device memory, in bytes.
+    ///
+    /// # Errors
+    /// [`DeviceError::Driver`].
+    pub fn memory_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(|e| self.driver(e))
     }
 
     /// This device's ordinal.

@@ -40,6 +40,7 @@ use crate::actors::reference::{blocking_outcome, RemoteArgKind};
 use crate::actors::runtime::{Core, RemoteScheduler};
 use crate::actors::task::{submit_when_ready, Job};
 use crate::actors::user_actor::RemoteActorLink;
+use crate::devices::GpuInfo;
 use crate::{ActorHandle, Error, Payload, Ref, RemoteActor, Result, Runtime};
 
 /// Where a node's answer to a save request goes: the version, or why it failed.
@@ -78,6 +79,8 @@ pub struct NodeInfo {
     pub in_flight: usize,
     /// Values it holds for the head.
     pub values_held: usize,
+    /// The CUDA devices it reported when it joined (empty: no GPU there).
+    pub gpus: Vec<GpuInfo>,
 }
 
 /// Settings of a cluster head.
@@ -112,6 +115,7 @@ struct NodeEntry {
     pid: u32,
     data_addr: SocketAddr,
     slots: u32,
+    gpus: Vec<GpuInfo>,
     sender: mpsc::UnboundedSender<Message>,
     in_flight: HashMap<u64, Box<Job>>,
     held: HashSet<u64>,
@@ -134,6 +138,7 @@ impl NodeEntry {
             tasks_run: self.tasks_run,
             in_flight: self.in_flight.len(),
             values_held: self.held.len(),
+            gpus: self.gpus.clone(),
         }
     }
 
@@ -407,6 +412,18 @@ impl Cluster {
     /// The nodes in the cluster now.
     pub fn nodes(&self) -> Vec<NodeInfo> {
         self.head.state.lock().nodes.iter().map(|(id, node)| node.info(*id)).collect()
+    }
+
+    /// The nodes that reported at least one CUDA device, with their devices: where tasks
+    /// spawned with [`TaskOptions::on_gpu`](crate::TaskOptions::on_gpu) run.
+    pub fn gpu_nodes(&self) -> Vec<(NodeId, Vec<GpuInfo>)> {
+        let state = self.head.state.lock();
+        state
+            .nodes
+            .iter()
+            .filter(|(_, node)| !node.gpus.is_empty())
+            .map(|(id, node)| (NodeId(*id), node.gpus.clone()))
+            .collect()
     }
 
     /// Names of the nodes lost so far.
@@ -752,15 +769,19 @@ impl RemoteScheduler for Head {
             return Err(job);
         };
         let mut state = self.state.lock();
+        // A task that needs a GPU only goes to nodes that reported one.
+        let gpu = job.needs_gpu();
         let least_loaded = state
             .nodes
             .iter()
+            .filter(|(_, node)| !gpu || !node.gpus.is_empty())
             .min_by(|a, b| a.1.load().total_cmp(&b.1.load()).then(a.1.dispatched.cmp(&b.1.dispatched)))
             .map(|(id, node)| (*id, node.load()));
         let Some((mut target, least_load)) = least_loaded else {
             return Err(job);
         };
-        if let Some(node) = preferred.and_then(|id| state.nodes.get(&id).map(|n| (id, n))) {
+        let preferred = preferred.and_then(|id| state.nodes.get(&id).map(|n| (id, n)));
+        if let Some(node) = preferred.filter(|(_, n)| !gpu || !n.gpus.is_empty()) {
             if node.1.load() <= least_load * 2.0 + 1.0 {
                 target = node.0;
             }
@@ -772,6 +793,11 @@ impl RemoteScheduler for Head {
         node.in_flight.insert(request.task_id, job);
         let _ = node.sender.send(Message::RunTasks(vec![request]));
         Ok(())
+    }
+
+    fn node_counts(&self) -> (usize, usize) {
+        let state = self.state.lock();
+        (state.nodes.len(), state.nodes.values().filter(|node| !node.gpus.is_empty()).count())
     }
 
     fn stop(&self) {
@@ -884,8 +910,8 @@ async fn accept_loop(head: Arc<Head>, listener: TcpListener) {
 async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
     let (reader, writer) = stream.into_split();
     let mut reader = BufReader::with_capacity(1 << 16, reader);
-    let (data_addr, slots, pid) = match read_frame::<Message, _>(&mut reader).await {
-        Ok(Message::Register { data_addr, slots, pid }) => (data_addr, slots, pid),
+    let (data_addr, slots, pid, gpus) = match read_frame::<Message, _>(&mut reader).await {
+        Ok(Message::Register { data_addr, slots, pid, gpus }) => (data_addr, slots, pid, gpus),
         Ok(other) => {
             tracing::warn!(node = %name, "expected Register, got {other:?}; closing");
             return;
@@ -912,6 +938,7 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
                 pid,
                 data_addr,
                 slots,
+                gpus: gpus.clone(),
                 sender,
                 in_flight: HashMap::new(),
                 held: HashSet::new(),
@@ -925,7 +952,7 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
         head.changed.notify_all();
         (id, name)
     };
-    tracing::info!(node = %name, id = node_id, %data_addr, slots, "node joined");
+    tracing::info!(node = %name, id = node_id, %data_addr, slots, gpus = gpus.len(), "node joined");
     tokio::spawn(write_loop(receiver, writer));
     let reason = loop {
         match read_frame::<Message, _>(&mut reader).await {

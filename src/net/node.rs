@@ -141,7 +141,16 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
     let (reader, writer) = stream.into_split();
     let mut reader = BufReader::with_capacity(1 << 16, reader);
     let (sender, receiver) = mpsc::unbounded_channel::<Message>();
-    let _ = sender.send(Message::Register { data_addr, slots: config.slots as u32, pid: std::process::id() });
+    let gpus = crate::devices::local_gpus();
+    if let Some(reason) = crate::devices::gpu_absence_reason() {
+        tracing::info!(name = %config.name, %reason, "this node has no GPU");
+    }
+    let _ = sender.send(Message::Register {
+        data_addr,
+        slots: config.slots as u32,
+        pid: std::process::id(),
+        gpus,
+    });
     tokio.spawn(write_loop(receiver, writer));
     let node_id = tokio.block_on(async {
         match read_frame::<Message, _>(&mut reader).await {

@@ -7,6 +7,8 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::GpuInfo;
+
 /// First field of every `Hello`: "TSRA".
 pub(crate) const MAGIC: u32 = 0x5453_5241;
 /// Bumped on any incompatible change of [`Message`].
@@ -98,6 +100,8 @@ pub(crate) enum Message {
         data_addr: SocketAddr,
         slots: u32,
         pid: u32,
+        /// The node's CUDA devices (empty without feature `cuda` or without a GPU).
+        gpus: Vec<GpuInfo>,
     },
     Registered {
         node: u64,

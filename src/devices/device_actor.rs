@@ -1,0 +1,510 @@
+//! Device actors and device-resident arrays (feature `cuda`).
+//!
+//! A [`DeviceActor`] owns one GPU ([`Gpu`]: its context, its stream, and through the
+//! stream-ordered allocator the device's memory pool) on a thread of its own, and runs the
+//! work sent to it there, one item at a time, in arrival order. A [`DeviceArray`] is an f32
+//! array that lives in that device's memory; a `Ref<DeviceArray>` names one like any other
+//! value.
+//!
+//! Invariants:
+//! 1. Work given to [`DeviceActor::run`] runs on the actor's thread once every input `Ref` is
+//!    ready; if an input failed, the work does not run and its output fails with
+//!    `Error::DependencyFailed`.
+//! 2. An input already on the actor's device reaches the work as the same device buffer (a
+//!    shared handle, no copy). Only an input held on the host (one that crossed a process
+//!    boundary) or on another device is copied onto this device, and each such copy is
+//!    counted ([`DeviceActor::copies_in`]).
+//! 3. Reading a `Ref<DeviceArray>` (`get`, `blocking_get`) yields another handle to the same
+//!    device buffer; bytes move to the host only through [`DeviceArray::to_host`], or when
+//!    the value is encoded to cross a process boundary (the encoding is the host copy).
+//! 4. A device buffer is freed (`cuMemFreeAsync` on the device's stream) when the last
+//!    handle to it drops: the last `Ref`, and every array read from it.
+//!
+//! Shutdown:
+//! 1. When the last handle to an actor drops, its queue closes; work still waiting for
+//!    inputs then fails with `Error::Shutdown` when they are ready.
+//! 2. Its thread finishes the work already queued and exits; the drop joins it (unless the
+//!    drop happens on that thread).
+//! 3. Arrays still alive keep their `Gpu` (and so the context) alive until they drop.
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::JoinHandle;
+
+use cudarc::driver::CudaSlice;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use super::cuda::{DeviceError, Gpu};
+use crate::actors::object::{ObjectId, ObjectTable, Outcome, Value};
+use crate::actors::reference::{blocking_read, RefInner};
+use crate::error::panic_message;
+use crate::{Error, Ref, Runtime};
+
+/// Device memory owned by one array handle family; freed when the last handle drops.
+struct DeviceBuffer {
+    gpu: Arc<Gpu>,
+    slice: CudaSlice<f32>,
+    /// The owning actor's count of live device bytes.
+    live: Arc<AtomicUsize>,
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        self.live.fetch_sub(self.slice.len() * 4, Ordering::Relaxed);
+        // `slice` drops after this: cudarc frees it on the device's stream.
+    }
+}
+
+#[derive(Clone)]
+enum Storage {
+    /// In a device's memory.
+    Device(Arc<DeviceBuffer>),
+    /// On the host: made by [`DeviceArray::from_host`] or decoded after crossing a process
+    /// boundary; the first device actor that uses it uploads it.
+    Host(Arc<Vec<f32>>),
+}
+
+/// An f32 array in a GPU's memory (or staged on the host until a device actor uploads it).
+///
+/// Cloning shares the buffer. Encoding it (to send it to another process) copies it to the
+/// host; decoding gives a host-staged array.
+#[derive(Clone)]
+pub struct DeviceArray {
+    shape: Vec<usize>,
+    storage: Storage,
+}
+
+impl std::fmt::Debug for DeviceArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceArray").field("shape", &self.shape).field("device", &self.device()).finish()
+    }
+}
+
+fn elements(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1_usize, |n, &d| n.checked_mul(d))
+}
+
+impl DeviceArray {
+    /// A host-staged array; a device actor uploads it when it first uses it.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`] if `data` does not hold `shape`'s number of elements.
+    pub fn from_host(data: Vec<f32>, shape: Vec<usize>) -> Result<DeviceArray, DeviceError> {
+        if elements(&shape) != Some(data.len()) {
+            return Err(DeviceError::Shape {
+                op: "DeviceArray::from_host",
+                message: format!("shape {shape:?} vs {} elements", data.len()),
+            });
+        }
+        Ok(DeviceArray { shape, storage: Storage::Host(Arc::new(data)) })
+    }
+
+    /// The array's shape.
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    /// The number of elements.
+    pub fn len(&self) -> usize {
+        match &self.storage {
+            Storage::Device(buffer) => buffer.slice.len(),
+            Storage::Host(data) => data.len(),
+        }
+    }
+
+    /// Whether it has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The ordinal of the device holding it, or `None` while it is staged on the host.
+    pub fn device(&self) -> Option<usize> {
+        match &self.storage {
+            Storage::Device(buffer) => Some(buffer.gpu.ordinal()),
+            Storage::Host(_) => None,
+        }
+    }
+
+    /// The device buffer, if it is on a device (for kernels run in [`DeviceActor::run`]).
+    pub fn slice(&self) -> Option<&CudaSlice<f32>> {
+        match &self.storage {
+            Storage::Device(buffer) => Some(&buffer.slice),
+            Storage::Host(_) => None,
+        }
+    }
+
+    /// Whether `self` and `other` are handles to the same buffer (no copy between them).
+    pub fn same_buffer(&self, other: &DeviceArray) -> bool {
+        match (&self.storage, &other.storage) {
+            (Storage::Device(a), Storage::Device(b)) => Arc::ptr_eq(a, b),
+            (Storage::Host(a), Storage::Host(b)) => Arc::ptr_eq(a, b),
+            _ => false,
+        }
+    }
+
+    /// Copies the array to the host. The copy is queued on the device's stream, after all
+    /// work queued there before, and waited for.
+    ///
+    /// # Errors
+    /// [`DeviceError::Driver`].
+    pub fn to_host(&self) -> Result<Vec<f32>, DeviceError> {
+        match &self.storage {
+            Storage::Device(buffer) => buffer.gpu.download(&buffer.slice),
+            Storage::Host(data) => Ok(data.as_ref().clone()),
+        }
+    }
+
+    /// The size of its data in bytes.
+    pub(crate) fn byte_len(&self) -> usize {
+        self.len() * 4
+    }
+}
+
+/// The encoded form: the host copy.
+#[derive(Serialize, Deserialize)]
+struct HostForm {
+    shape: Vec<usize>,
+    data: Vec<f32>,
+}
+
+impl Serialize for DeviceArray {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let data = self.to_host().map_err(serde::ser::Error::custom)?;
+        HostForm { shape: self.shape.clone(), data }.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceArray {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let HostForm { shape, data } = HostForm::deserialize(deserializer)?;
+        DeviceArray::from_host(data, shape).map_err(serde::de::Error::custom)
+    }
+}
+
+/// What work run by a device actor gets: its device, and a way to wrap new buffers as
+/// arrays (counted against the actor's live memory).
+pub struct DeviceScope<'a> {
+    gpu: &'a Arc<Gpu>,
+    live: &'a Arc<AtomicUsize>,
+}
+
+impl std::fmt::Debug for DeviceScope<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceScope").field("device", &self.gpu.ordinal()).finish()
+    }
+}
+
+impl DeviceScope<'_> {
+    /// The device.
+    pub fn gpu(&self) -> &Gpu {
+        self.gpu
+    }
+
+    /// Wraps a buffer made on this device as an array of `shape`.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`] if the buffer does not hold `shape`'s number of elements.
+    pub fn array(&self, slice: CudaSlice<f32>, shape: Vec<usize>) -> Result<DeviceArray, DeviceError> {
+        if elements(&shape) != Some(slice.len()) {
+            return Err(DeviceError::Shape {
+                op: "DeviceScope::array",
+                message: format!("shape {shape:?} vs {} elements", slice.len()),
+            });
+        }
+        self.live.fetch_add(slice.len() * 4, Ordering::Relaxed);
+        let buffer = DeviceBuffer { gpu: self.gpu.clone(), slice, live: self.live.clone() };
+        Ok(DeviceArray { shape, storage: Storage::Device(Arc::new(buffer)) })
+    }
+
+    /// A zeroed array of `shape` on this device.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`] if the size overflows; [`DeviceError::Driver`] (out of memory).
+    pub fn zeros(&self, shape: Vec<usize>) -> Result<DeviceArray, DeviceError> {
+        let len = elements(&shape).ok_or_else(|| DeviceError::Shape {
+            op: "zeros",
+            message: format!("shape {shape:?} overflows"),
+        })?;
+        self.array(self.gpu.zeros(len)?, shape)
+    }
+
+    /// Copies host data to this device.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`], [`DeviceError::Driver`].
+    pub fn upload(&self, data: &[f32], shape: Vec<usize>) -> Result<DeviceArray, DeviceError> {
+        self.array(self.gpu.upload(data)?, shape)
+    }
+}
+
+type Work = Box<dyn FnOnce(&DeviceScope<'_>) + Send>;
+
+struct ActorShared {
+    ordinal: usize,
+    gpu: Arc<Gpu>,
+    live: Arc<AtomicUsize>,
+    copies_in: Arc<AtomicU64>,
+    table: Arc<ObjectTable>,
+    queue: Mutex<Option<std::sync::mpsc::Sender<Work>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for ActorShared {
+    fn drop(&mut self) {
+        drop(self.queue.lock().take());
+        if let Some(thread) = self.thread.lock().take() {
+            if thread.thread().id() != std::thread::current().id() {
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// The actor that owns one GPU for a runtime: its context, stream and memory, on a thread
+/// of its own. Cheap to clone; the thread stops when the last clone drops.
+///
+/// # Examples
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let rt = tessera::Runtime::local()?;
+/// let gpu = tessera::DeviceActor::get(&rt, 0)?; // fails with NoDevice where there is none
+/// let x = gpu.upload(vec![1.0, -2.0, 3.0], vec![3]);
+/// let y = gpu.run(&[x.clone()], |scope, inputs| {
+///     let mut out = scope.gpu().zeros(3)?;
+///     let input = inputs[0].slice().expect("on the device");
+///     scope.gpu().copy(input, &mut out)?;
+///     scope.gpu().relu(&mut out)?;
+///     scope.array(out, vec![3])
+/// });
+/// assert_eq!(y.blocking_get()?.to_host()?, vec![1.0, 0.0, 3.0]);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct DeviceActor {
+    shared: Arc<ActorShared>,
+}
+
+impl std::fmt::Debug for DeviceActor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceActor").field("ordinal", &self.shared.ordinal).finish()
+    }
+}
+
+/// The live device actors of this process, by device ordinal (one per GPU and runtime).
+static ACTORS: Mutex<Vec<(usize, Weak<ActorShared>)>> = Mutex::new(Vec::new());
+
+impl DeviceActor {
+    /// The device actor of GPU `ordinal` for `rt`: the running one, or a new one (which
+    /// opens the device and starts its thread).
+    ///
+    /// # Errors
+    /// [`DeviceError::NoDevice`] without a driver or without such a device (never a panic);
+    /// [`DeviceError::Driver`] if the context cannot be made current on the actor's thread.
+    pub fn get(rt: &Runtime, ordinal: usize) -> Result<DeviceActor, DeviceError> {
+        let table = rt.core().table.clone();
+        let mut actors = ACTORS.lock();
+        actors.retain(|(_, weak)| weak.strong_count() > 0);
+        let running = actors
+            .iter()
+            .filter(|(o, _)| *o == ordinal)
+            .filter_map(|(_, weak)| weak.upgrade())
+            .find(|shared| Arc::ptr_eq(&shared.table, &table));
+        if let Some(shared) = running {
+            return Ok(DeviceActor { shared });
+        }
+        let actor = DeviceActor::start(table, ordinal)?;
+        actors.push((ordinal, Arc::downgrade(&actor.shared)));
+        Ok(actor)
+    }
+
+    fn start(table: Arc<ObjectTable>, ordinal: usize) -> Result<DeviceActor, DeviceError> {
+        let gpu = Arc::new(Gpu::open(ordinal)?);
+        let live = Arc::new(AtomicUsize::new(0));
+        let (queue, receiver) = std::sync::mpsc::channel::<Work>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = {
+            let gpu = gpu.clone();
+            let live = live.clone();
+            std::thread::Builder::new()
+                .name(format!("tessera-gpu-{ordinal}"))
+                .spawn(move || {
+                    let bound = gpu.bind_to_thread();
+                    let ok = bound.is_ok();
+                    let _ = ready_tx.send(bound);
+                    if !ok {
+                        return;
+                    }
+                    let scope = DeviceScope { gpu: &gpu, live: &live };
+                    while let Ok(work) = receiver.recv() {
+                        work(&scope);
+                    }
+                })
+                .map_err(|e| DeviceError::Driver {
+                    device: ordinal,
+                    message: format!("cannot start the device thread: {e}"),
+                })?
+        };
+        let bound = ready_rx.recv().unwrap_or_else(|_| {
+            Err(DeviceError::Driver { device: ordinal, message: "the device thread exited".into() })
+        });
+        if let Err(error) = bound {
+            let _ = thread.join();
+            return Err(error);
+        }
+        let shared = ActorShared {
+            ordinal,
+            gpu,
+            live,
+            copies_in: Arc::new(AtomicU64::new(0)),
+            table,
+            queue: Mutex::new(Some(queue)),
+            thread: Mutex::new(Some(thread)),
+        };
+        Ok(DeviceActor { shared: Arc::new(shared) })
+    }
+
+    /// The device ordinal.
+    pub fn ordinal(&self) -> usize {
+        self.shared.ordinal
+    }
+
+    /// The device, for direct use (its stream is the one the actor's work is queued on).
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.shared.gpu
+    }
+
+    /// Bytes of device memory held now by arrays this actor made (freed as their last
+    /// handles drop).
+    pub fn live_bytes(&self) -> usize {
+        self.shared.live.load(Ordering::Relaxed)
+    }
+
+    /// How many inputs so far had to be copied onto this device (they were on the host or
+    /// another device); inputs already here are never copied.
+    pub fn copies_in(&self) -> u64 {
+        self.shared.copies_in.load(Ordering::Relaxed)
+    }
+
+    /// Uploads `data` (of `shape`) to the device; the `Ref` names the device-resident array.
+    pub fn upload(&self, data: Vec<f32>, shape: Vec<usize>) -> Ref<DeviceArray> {
+        self.run(&[], move |scope, _| scope.upload(&data, shape))
+    }
+
+    /// Runs `work` on the actor's thread once every input is ready, giving it the inputs as
+    /// arrays on this device (those already here are the same buffers, not copies); the
+    /// returned `Ref` names the array it makes. Errors and panics of `work` fail the `Ref`
+    /// (`Error::TaskFailed`, `Error::TaskPanicked`, task name `device#<ordinal>`).
+    pub fn run<F>(&self, inputs: &[Ref<DeviceArray>], work: F) -> Ref<DeviceArray>
+    where
+        F: FnOnce(&DeviceScope<'_>, &[DeviceArray]) -> Result<DeviceArray, DeviceError> + Send + 'static,
+    {
+        let table = self.shared.table.clone();
+        let output: Ref<DeviceArray> =
+            Ref::from_inner(Arc::new(RefInner { id: table.create_pending(), table: table.clone() }));
+        let out_id = output.id();
+        let task = format!("device#{}", self.shared.ordinal);
+        let inputs: Vec<Ref<DeviceArray>> = inputs.to_vec();
+        let ids: Vec<ObjectId> = inputs.iter().map(Ref::id).collect();
+        let copies_in = self.shared.copies_in.clone();
+        let job_table = table.clone();
+        let job_task = task.clone();
+        let job: Work = Box::new(move |scope| {
+            let run = || -> Result<DeviceArray, Error> {
+                let mut arrays = Vec::with_capacity(inputs.len());
+                for input in &inputs {
+                    let array = blocking_read::<DeviceArray>(&input.inner, None)?;
+                    arrays.push(adopt(scope, array, &copies_in).map_err(|e| device_failed(&job_task, e))?);
+                }
+                drop(inputs);
+                work(scope, &arrays).map_err(|e| device_failed(&job_task, e))
+            };
+            let error = match catch_unwind(AssertUnwindSafe(run)) {
+                Ok(Ok(array)) => {
+                    let bytes = array.byte_len();
+                    let value: Value = Arc::new(array);
+                    job_table.complete(out_id, Outcome::Ready(value), bytes);
+                    return;
+                }
+                Ok(Err(error)) => error,
+                Err(payload) => Error::TaskPanicked { task: job_task, message: panic_message(&*payload) },
+            };
+            job_table.complete(out_id, Outcome::Failed(Arc::new(error)), 0);
+        });
+        when_ready(&table, out_id, task, ids, job, Arc::downgrade(&self.shared));
+        output
+    }
+}
+
+fn device_failed(task: &str, error: DeviceError) -> Error {
+    Error::TaskFailed { task: task.to_string(), message: error.to_string() }
+}
+
+/// An input as an array on the scope's device: the same buffer if it is there already,
+/// else a counted copy (host → device, or device → host → device).
+fn adopt(
+    scope: &DeviceScope<'_>,
+    array: DeviceArray,
+    copies_in: &AtomicU64,
+) -> Result<DeviceArray, DeviceError> {
+    if array.device() == Some(scope.gpu.ordinal()) {
+        return Ok(array);
+    }
+    copies_in.fetch_add(1, Ordering::Relaxed);
+    let data = array.to_host()?;
+    scope.upload(&data, array.shape)
+}
+
+/// Queues `job` on the actor once every input in `ids` is ready; fails the output at once
+/// if an input fails.
+fn when_ready(
+    table: &Arc<ObjectTable>,
+    out_id: ObjectId,
+    task: String,
+    ids: Vec<ObjectId>,
+    job: Work,
+    actor: Weak<ActorShared>,
+) {
+    // Waiting work holds the actor weakly, so that dropping the last handle never waits
+    // for inputs; work whose actor is gone fails with `Error::Shutdown`.
+    let send = move |table: &ObjectTable, job: Work, actor: Weak<ActorShared>| {
+        let queue = actor.upgrade().and_then(|shared| shared.queue.lock().clone());
+        if queue.is_none_or(|queue| queue.send(job).is_err()) {
+            table.complete(out_id, Outcome::Failed(Arc::new(Error::Shutdown)), 0);
+        }
+    };
+    if ids.is_empty() {
+        send(table, job, actor);
+        return;
+    }
+    struct Gate {
+        remaining: AtomicUsize,
+        job: Mutex<Option<(Work, Weak<ActorShared>)>>,
+    }
+    let gate = Arc::new(Gate { remaining: AtomicUsize::new(ids.len()), job: Mutex::new(Some((job, actor))) });
+    for id in ids {
+        let gate = gate.clone();
+        let waiter_table = table.clone();
+        let task = task.clone();
+        table.subscribe(
+            id,
+            Box::new(move |outcome| match outcome {
+                Outcome::Ready(_) => {
+                    if gate.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                        let queued = gate.job.lock().take();
+                        if let Some((job, actor)) = queued {
+                            send(&waiter_table, job, actor);
+                        }
+                    }
+                }
+                Outcome::Failed(cause) => {
+                    if gate.job.lock().take().is_some() {
+                        let error = Error::DependencyFailed { task, cause: cause.clone() };
+                        waiter_table.complete(out_id, Outcome::Failed(Arc::new(error)), 0);
+                    }
+                }
+            }),
+        );
+    }
+}
