@@ -2,13 +2,15 @@
 //! all-gather, reduce-scatter and barrier, behind one [`Communicator`] trait.
 //!
 //! The TCP backend ([`TcpGroup`]) connects every pair of ranks once (authenticated with the
-//! cluster secret) and keeps one writer thread per peer, so sends and receives overlap.
+//! cluster secret). The calling thread drives every connection itself: small messages with
+//! blocking writes then reads, large ones with non-blocking sends and receives multiplexed by
+//! `poll(2)`, so a rank sends and receives at once without helper threads.
 //!
 //! # Ordering and determinism
 //! Every rank reduces in one fixed order, so all ranks hold bit-identical results: small
 //! messages are exchanged whole and summed in rank order 0, 1, …; large ones use a ring
-//! (reduce-scatter then all-gather), where each segment is summed along the ring once and
-//! then copied.
+//! (reduce-scatter then all-gather, pipelined so that both phases stream together), where
+//! each segment is summed along the ring once and then copied.
 //!
 //! # Failure
 //! A peer that closes its connection, or sends nothing for longer than the group's timeout,
