@@ -2,20 +2,21 @@
 //! all-gather, reduce-scatter and barrier, behind one [`Communicator`] trait.
 //!
 //! The TCP backend ([`TcpGroup`]) connects every pair of ranks once (authenticated with the
-//! cluster secret) and keeps one writer thread per peer, so sends and receives overlap.
+//! cluster secret). The calling thread drives every connection itself: small messages with
+//! blocking writes then reads, large ones with non-blocking sends and receives multiplexed by
+//! `poll(2)`, so a rank sends and receives at once without helper threads.
 //!
 //! # Ordering and determinism
 //! Every rank reduces in one fixed order, so all ranks hold bit-identical results: small
 //! messages are exchanged whole and summed in rank order 0, 1, …; large ones use a ring
-//! (reduce-scatter then all-gather), where each segment is summed along the ring once and
-//! then copied.
+//! (reduce-scatter then all-gather, pipelined so that both phases stream together), where
+//! each segment is summed along the ring once and then copied.
 //!
 //! # Failure
 //! A peer that closes its connection, or sends nothing for longer than the group's timeout,
 //! fails the operation on every other rank with an error naming that rank — never a hang.
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -242,76 +243,69 @@ fn read_meet(stream: &mut TcpStream) -> std::result::Result<Meet, String> {
     decode_frame(&payload).map_err(|e| e.to_string())
 }
 
-/// A borrowed buffer handed to a writer thread; the sender waits for the writer to finish
-/// with it before the borrow ends.
-struct Outgoing {
-    ptr: *const u8,
-    len: usize,
-    done: mpsc::SyncSender<std::io::Result<()>>,
-}
-
-// SAFETY: `Outgoing` is only created by `Peer::send`, which blocks until the writer thread
-// has signalled `done`; the pointed-to bytes outlive every use on the writer thread.
-unsafe impl Send for Outgoing {}
-
+/// One connection to a peer. Every collective drives its connections from the calling
+/// thread: small messages with blocking writes and reads, large ones with non-blocking calls
+/// multiplexed by `poll(2)`, so a rank sends and receives at once without helper threads
+/// (on a machine with few cores, one busy thread per rank is what keeps every core working).
 struct Peer {
     rank: usize,
-    reader: TcpStream,
-    outgoing: mpsc::Sender<Outgoing>,
-    writer: Option<std::thread::JoinHandle<()>>,
+    stream: TcpStream,
 }
 
 impl Drop for Peer {
     fn drop(&mut self) {
-        let _ = self.reader.shutdown(std::net::Shutdown::Both);
-        let (tx, _) = mpsc::channel();
-        self.outgoing = tx; // closes the writer's queue
-        if let Some(writer) = self.writer.take() {
-            let _ = writer.join();
-        }
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
     }
 }
 
-/// A send in progress; `wait` returns once the bytes are written.
-struct Sending<'a> {
-    done: mpsc::Receiver<std::io::Result<()>>,
-    _bytes: std::marker::PhantomData<&'a [u8]>,
-}
-
-impl Peer {
-    fn send<'a>(&self, bytes: &'a [u8]) -> Sending<'a> {
-        let (done, wait) = mpsc::sync_channel(1);
-        let outgoing = Outgoing { ptr: bytes.as_ptr(), len: bytes.len(), done };
-        if let Err(mpsc::SendError(outgoing)) = self.outgoing.send(outgoing) {
-            let _ = outgoing
-                .done
-                .send(Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer stopped")));
-        }
-        Sending { done: wait, _bytes: std::marker::PhantomData }
+/// Maps a non-blocking call's return value: the byte count, 0 if the call would block or was
+/// interrupted, or the error.
+fn nonblocking_result(returned: isize) -> std::io::Result<usize> {
+    if let Ok(count) = usize::try_from(returned) {
+        return Ok(count);
+    }
+    let error = std::io::Error::last_os_error();
+    match error.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => Ok(0),
+        _ => Err(error),
     }
 }
 
-impl Sending<'_> {
-    fn wait(self) -> std::io::Result<()> {
-        self.done
-            .recv()
-            .unwrap_or_else(|_| Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "writer stopped")))
-    }
+/// Writes what the socket takes now of `bytes`, without blocking.
+fn send_some(stream: &TcpStream, bytes: &[u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid socket descriptor and a readable buffer of exactly `bytes.len()` bytes.
+    let sent = unsafe {
+        libc::send(
+            stream.as_raw_fd(),
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    nonblocking_result(sent)
 }
 
-impl Drop for Sending<'_> {
-    fn drop(&mut self) {
-        // The writer may still read the borrowed bytes: wait until it is done with them.
-        let _ = self.done.recv();
+/// Reads what the socket has now into `buf`, without blocking; a closed connection is an error.
+fn recv_some(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    if buf.is_empty() {
+        return Ok(0);
     }
+    // SAFETY: a valid socket descriptor and a writable buffer of exactly `buf.len()` bytes.
+    let received =
+        unsafe { libc::recv(stream.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+    if received == 0 {
+        return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+    }
+    nonblocking_result(received)
 }
 
-fn writer_loop(mut stream: TcpStream, queue: mpsc::Receiver<Outgoing>) {
-    while let Ok(outgoing) = queue.recv() {
-        // SAFETY: see `Outgoing`: the sender keeps the buffer alive until `done` is sent.
-        let bytes = unsafe { std::slice::from_raw_parts(outgoing.ptr, outgoing.len) };
-        let result = stream.write_all(bytes);
-        let _ = outgoing.done.send(result);
+/// Adds `incoming` to `target` element by element (`target[i] + incoming[i]`, the order every
+/// rank uses); a plain loop over equal-length slices, which the compiler vectorizes.
+fn add_into(target: &mut [f32], incoming: &[f32]) {
+    for (x, y) in target.iter_mut().zip(incoming) {
+        *x += *y;
     }
 }
 
@@ -343,8 +337,9 @@ fn set_socket_buffers(stream: &TcpStream, bytes: usize) -> std::io::Result<()> {
     }
     Ok(())
 }
-/// Received ring segments are reduced in pieces of this many bytes, overlapping the receive.
-const PIECE: usize = 1 << 20;
+/// The most bytes one non-blocking read takes into the reduce buffer; whatever whole floats a
+/// read brings are reduced and forwarded at once.
+const PIECE: usize = 256 << 10;
 
 /// The first half of joining a group without a rendezvous server: a member binds its
 /// listener, someone (a cluster head, through actor messages) collects every member's
@@ -479,13 +474,7 @@ impl GroupListener {
             stream.set_nodelay(true).map_err(setup)?;
             stream.set_write_timeout(Some(timeout)).map_err(setup)?;
             set_socket_buffers(&stream, SOCKET_BUFFER).map_err(setup)?;
-            let write_half = stream.try_clone().map_err(setup)?;
-            let (outgoing, queue) = mpsc::channel();
-            let writer = std::thread::Builder::new()
-                .name(format!("tessera-coll-{rank}-{peer}"))
-                .spawn(move || writer_loop(write_half, queue))
-                .map_err(setup)?;
-            peers.push(Some(Peer { rank: peer, reader: stream, outgoing, writer: Some(writer) }));
+            peers.push(Some(Peer { rank: peer, stream }));
         }
         Ok(TcpGroup { rank, size, timeout, peers, scratch: Vec::new() })
     }
@@ -498,7 +487,8 @@ pub struct TcpGroup {
     timeout: Duration,
     /// Peers by rank (`None` at this rank's own index).
     peers: Vec<Option<Peer>>,
-    scratch: Vec<u8>,
+    /// The reduce buffer of the ring, kept between operations.
+    scratch: Vec<f32>,
 }
 
 impl std::fmt::Debug for TcpGroup {
@@ -541,84 +531,222 @@ impl TcpGroup {
     }
 
     fn recv_exact(&self, rank: usize, op: &'static str, buf: &mut [u8]) -> Result<()> {
-        (&self.peer(rank).reader).read_exact(buf).map_err(|e| self.lost(rank, op, e))
+        (&self.peer(rank).stream).read_exact(buf).map_err(|e| self.lost(rank, op, e))
+    }
+
+    /// Waits until one of `fds` is ready; `blame` is the rank named if none is within the
+    /// timeout.
+    fn poll(&self, op: &'static str, fds: &mut [libc::pollfd], blame: usize) -> Result<()> {
+        let timeout_ms = libc::c_int::try_from(self.timeout.as_millis()).unwrap_or(libc::c_int::MAX);
+        loop {
+            // SAFETY: `fds` is a valid array of `fds.len()` pollfd structures.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+            match ready {
+                0 => return Err(CollectiveError::Timeout { rank: blame, op, timeout: self.timeout }),
+                r if r > 0 => return Ok(()),
+                _ => {
+                    let error = std::io::Error::last_os_error();
+                    if error.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(CollectiveError::Backend { op, message: format!("poll: {error}") });
+                    }
+                }
+            }
+        }
+    }
+
+    fn pollfd(&self, rank: usize, events: libc::c_short) -> libc::pollfd {
+        use std::os::fd::AsRawFd;
+        libc::pollfd { fd: self.peer(rank).stream.as_raw_fd(), events, revents: 0 }
+    }
+
+    /// Sends `sends[i].1` to rank `sends[i].0` and fills each `recvs[j].1` from rank
+    /// `recvs[j].0`, all at once from this thread.
+    fn transfer(
+        &self,
+        op: &'static str,
+        sends: &[(usize, &[u8])],
+        recvs: &mut [(usize, &mut [u8])],
+    ) -> Result<()> {
+        let mut sent = vec![0usize; sends.len()];
+        let mut got = vec![0usize; recvs.len()];
+        let mut fds = Vec::with_capacity(sends.len() + recvs.len());
+        // For each entry of `fds`: a send (true) or a receive, and its index.
+        let mut which = Vec::with_capacity(sends.len() + recvs.len());
+        loop {
+            fds.clear();
+            which.clear();
+            for (j, (rank, buf)) in recvs.iter().enumerate() {
+                if got[j] < buf.len() {
+                    fds.push(self.pollfd(*rank, libc::POLLIN));
+                    which.push((false, j));
+                }
+            }
+            for (i, (rank, bytes)) in sends.iter().enumerate() {
+                if sent[i] < bytes.len() {
+                    fds.push(self.pollfd(*rank, libc::POLLOUT));
+                    which.push((true, i));
+                }
+            }
+            let Some(&(is_send, index)) = which.first() else {
+                return Ok(());
+            };
+            // A missing receive is blamed on its sender; else on the peer not taking our bytes.
+            let blame = if is_send { sends[index].0 } else { recvs[index].0 };
+            self.poll(op, &mut fds, blame)?;
+            for (fd, &(is_send, index)) in fds.iter().zip(&which) {
+                if fd.revents == 0 {
+                    continue;
+                }
+                if is_send {
+                    let (rank, bytes) = sends[index];
+                    sent[index] += send_some(&self.peer(rank).stream, &bytes[sent[index]..])
+                        .map_err(|e| self.lost(rank, op, e))?;
+                } else {
+                    let (rank, buf) = &mut recvs[index];
+                    got[index] += recv_some(&self.peer(*rank).stream, &mut buf[got[index]..])
+                        .map_err(|e| self.lost(*rank, op, e))?;
+                }
+            }
+        }
     }
 
     /// Sends `bytes` to every peer and receives each peer's message of the same length;
     /// `received[r]` holds rank `r`'s bytes.
     fn exchange_all(&mut self, op: &'static str, bytes: &[u8]) -> Result<Vec<Vec<u8>>> {
-        let mut sends = Vec::with_capacity(self.size);
-        if bytes.len() <= SMALL_MESSAGE {
-            // Fits in the socket buffers: write directly, no hop through the writer threads.
-            for peer in self.peers.iter().flatten() {
-                (&peer.reader).write_all(bytes).map_err(|e| self.lost(peer.rank, op, e))?;
-            }
-        } else {
-            for peer in self.peers.iter().flatten() {
-                sends.push((peer.rank, peer.send(bytes)));
-            }
-        }
         let mut received = vec![Vec::new(); self.size];
-        for (rank, slot) in received.iter_mut().enumerate() {
-            if rank == self.rank {
-                continue;
+        if bytes.len() <= SMALL_MESSAGE {
+            // Fits in the socket buffers: blocking writes cannot wait on a peer, then read.
+            for peer in self.peers.iter().flatten() {
+                (&peer.stream).write_all(bytes).map_err(|e| self.lost(peer.rank, op, e))?;
             }
-            *slot = vec![0u8; bytes.len()];
-            self.recv_exact(rank, op, slot)?;
+            for (rank, slot) in received.iter_mut().enumerate() {
+                if rank != self.rank {
+                    *slot = vec![0u8; bytes.len()];
+                    self.recv_exact(rank, op, slot)?;
+                }
+            }
+            return Ok(received);
         }
-        for (rank, sending) in sends {
-            sending.wait().map_err(|e| self.lost(rank, op, e))?;
+        let sends: Vec<(usize, &[u8])> = self.peers.iter().flatten().map(|p| (p.rank, bytes)).collect();
+        for (rank, slot) in received.iter_mut().enumerate() {
+            if rank != self.rank {
+                *slot = vec![0u8; bytes.len()];
+            }
         }
+        let mut recvs: Vec<(usize, &mut [u8])> = received
+            .iter_mut()
+            .enumerate()
+            .filter(|(rank, _)| *rank != self.rank)
+            .map(|(rank, slot)| (rank, slot.as_mut_slice()))
+            .collect();
+        self.transfer(op, &sends, &mut recvs)?;
         Ok(received)
     }
 
-    /// Ring reduce-scatter: afterwards segment `rank` of `data` holds the sum over ranks.
-    fn ring_reduce_scatter(&mut self, op: &'static str, data: &mut [f32]) -> Result<()> {
+    /// The ring, pipelined: reduce-scatter (afterwards segment `rank` of `data` holds the sum
+    /// over ranks) and, with `gather`, all-gather after it (afterwards every segment does).
+    ///
+    /// At step `s` a rank sends one segment to its right and receives one from its left, which
+    /// it adds in (reduce-scatter) or stores (all-gather); the segment received at step `s` is
+    /// the one sent at step `s + 1`. Rather than running the steps one after another, every
+    /// received float is reduced and becomes sendable at once, so all steps of both phases
+    /// stream together. Each element is still summed along the ring in the same order.
+    fn ring(&mut self, op: &'static str, data: &mut [f32], gather: bool) -> Result<()> {
         let (n, r, len) = (self.size, self.rank, data.len());
         let (right, left) = ((r + 1) % n, (r + n - 1) % n);
-        for step in 0..n - 1 {
-            let send_index = (r + 2 * n - step - 1) % n;
-            let recv_index = (r + 2 * n - step - 2) % n;
-            let (send_range, recv_range) = (segment(len, n, send_index), segment(len, n, recv_index));
-            let (send, recv) = disjoint(data, send_range, recv_range);
-            let sending = self.peer(right).send(as_bytes(send));
-            self.recv_reduce(left, op, recv)?;
-            sending.wait().map_err(|e| self.lost(right, op, e))?;
-        }
-        Ok(())
-    }
-
-    /// Ring all-gather: segment `rank` of `data` is copied to every rank.
-    fn ring_all_gather(&mut self, op: &'static str, data: &mut [f32]) -> Result<()> {
-        let (n, r, len) = (self.size, self.rank, data.len());
-        let (right, left) = ((r + 1) % n, (r + n - 1) % n);
-        for step in 0..n - 1 {
-            let send_index = (r + n - step) % n;
-            let recv_index = (r + 2 * n - step - 1) % n;
-            let (send, recv) = disjoint(data, segment(len, n, send_index), segment(len, n, recv_index));
-            let sending = self.peer(right).send(as_bytes(send));
-            self.recv_exact(left, op, as_bytes_mut(recv))?;
-            sending.wait().map_err(|e| self.lost(right, op, e))?;
-        }
-        Ok(())
-    }
-
-    /// Receives `target.len()` floats from `rank` and adds them in, piece by piece.
-    fn recv_reduce(&mut self, rank: usize, op: &'static str, target: &mut [f32]) -> Result<()> {
+        let steps = if gather { 2 * (n - 1) } else { n - 1 };
+        // Reduce-scatter step s sends segment r−s−1 and receives r−s−2 (mod n); all-gather
+        // step t sends r−t and receives r−t−1.
+        let sent_segment = |s: usize| {
+            if s < n - 1 {
+                segment(len, n, (r + 2 * n - s - 1) % n)
+            } else {
+                segment(len, n, (r + 2 * n - (s - (n - 1))) % n)
+            }
+        };
+        let received_segment = |s: usize| sent_segment(s + 1);
         let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize(PIECE, 0);
-        let floats_per_piece = PIECE / 4;
-        let mut result = Ok(());
-        for piece in target.chunks_mut(floats_per_piece) {
-            let bytes = &mut scratch[..piece.len() * 4];
-            if let Err(e) = self.recv_exact(rank, op, bytes) {
-                result = Err(e);
-                break;
+        scratch.resize(PIECE / 4, 0.0);
+        let base = data.as_mut_ptr();
+        // SAFETY (for every slice made from `base` below): `data` is exclusively borrowed for
+        // this call and used only through `base`; each slice lies inside `data` and lives for
+        // one statement, so no two are alive at once. (Values stay right too: a rank receives
+        // a float of a segment only after its own send of that float, since the sum that comes
+        // back depends on it.)
+        let floats = |range: std::ops::Range<usize>| unsafe {
+            std::slice::from_raw_parts_mut(base.add(range.start), range.len())
+        };
+        let (mut send_step, mut sent) = (0usize, 0usize); // bytes of the current send step
+        let (mut recv_step, mut got, mut done) = (0usize, 0usize, 0usize); // bytes received, bytes reduced
+        let result = loop {
+            while send_step < steps && sent == 4 * sent_segment(send_step).len() {
+                (send_step, sent) = (send_step + 1, 0);
             }
-            for (x, b) in piece.iter_mut().zip(bytes.chunks_exact(4)) {
-                *x += f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+            while recv_step < steps && done == 4 * received_segment(recv_step).len() {
+                (recv_step, got, done) = (recv_step + 1, 0, 0);
             }
-        }
+            if send_step == steps && recv_step == steps {
+                break Ok(());
+            }
+            // How much of the current send step is final: all of step 0, all of a step whose
+            // source was fully received, else what has been reduced of it so far.
+            let sendable = match send_step {
+                0 => 4 * sent_segment(0).len(),
+                s if s - 1 < recv_step => 4 * sent_segment(s).len(),
+                s if s - 1 == recv_step => done,
+                _ => 0,
+            };
+            let want_send = send_step < steps && sent < sendable;
+            let want_recv = recv_step < steps;
+            let mut fds = [libc::pollfd { fd: -1, events: 0, revents: 0 }; 2];
+            if want_recv {
+                fds[0] = self.pollfd(left, libc::POLLIN);
+            }
+            if want_send {
+                fds[1] = self.pollfd(right, libc::POLLOUT);
+            }
+            if let Err(e) = self.poll(op, &mut fds, if want_recv { left } else { right }) {
+                break Err(e);
+            }
+            if fds[1].revents != 0 {
+                let range = sent_segment(send_step);
+                let bytes = &as_bytes(floats(range))[sent..sendable];
+                match send_some(&self.peer(right).stream, bytes) {
+                    Ok(count) => sent += count,
+                    Err(e) => break Err(self.lost(right, op, e)),
+                }
+            }
+            if fds[0].revents != 0 {
+                let range = received_segment(recv_step);
+                let total = 4 * range.len();
+                if recv_step < n - 1 {
+                    // Reduce: read into the scratch after the partial float kept from before,
+                    // add the whole floats, keep the rest.
+                    let kept = got - done;
+                    let want = (PIECE - kept).min(total - got);
+                    let count = match recv_some(
+                        &self.peer(left).stream,
+                        &mut as_bytes_mut(&mut scratch)[kept..kept + want],
+                    ) {
+                        Ok(count) => count,
+                        Err(e) => break Err(self.lost(left, op, e)),
+                    };
+                    got += count;
+                    let whole = (got - done) / 4;
+                    let start = range.start + done / 4;
+                    add_into(floats(start..start + whole), &scratch[..whole]);
+                    done += 4 * whole;
+                    as_bytes_mut(&mut scratch).copy_within(4 * whole..4 * whole + (got - done), 0);
+                } else {
+                    let target = &mut as_bytes_mut(floats(range))[got..];
+                    match recv_some(&self.peer(left).stream, target) {
+                        Ok(count) => got += count,
+                        Err(e) => break Err(self.lost(left, op, e)),
+                    }
+                    done = got;
+                }
+            }
+        };
         self.scratch = scratch;
         result
     }
@@ -635,22 +763,6 @@ fn connect_retrying(addr: SocketAddr, timeout: Duration) -> Result<TcpStream> {
             }
             Err(e) => return Err(CollectiveError::Setup(format!("cannot reach {addr}: {e}"))),
         }
-    }
-}
-
-/// Two disjoint sub-slices of `data` (either may be empty).
-fn disjoint(
-    data: &mut [f32],
-    first: std::ops::Range<usize>,
-    second: std::ops::Range<usize>,
-) -> (&mut [f32], &mut [f32]) {
-    if first.end <= second.start {
-        let (a, b) = data.split_at_mut(second.start);
-        (&mut a[first], &mut b[..second.end - second.start])
-    } else {
-        let (a, b) = data.split_at_mut(first.start);
-        let (first_len, second) = (first.end - first.start, second);
-        (&mut b[..first_len], &mut a[second])
     }
 }
 
@@ -696,8 +808,7 @@ impl Communicator for TcpGroup {
             data.copy_from_slice(&sum);
             return Ok(());
         }
-        self.ring_reduce_scatter("all_reduce", data)?;
-        self.ring_all_gather("all_reduce", data)
+        self.ring("all_reduce", data, true)
     }
 
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<()> {
@@ -712,13 +823,10 @@ impl Communicator for TcpGroup {
         }
         if self.rank == root {
             let bytes = as_bytes(data);
-            let sends: Vec<_> = self.peers.iter().flatten().map(|p| (p.rank, p.send(bytes))).collect();
-            for (rank, sending) in sends {
-                sending.wait().map_err(|e| self.lost(rank, "broadcast", e))?;
-            }
-            Ok(())
+            let sends: Vec<(usize, &[u8])> = self.peers.iter().flatten().map(|p| (p.rank, bytes)).collect();
+            self.transfer("broadcast", &sends, &mut [])
         } else {
-            self.recv_exact(root, "broadcast", as_bytes_mut(data))
+            self.transfer("broadcast", &[], &mut [(root, as_bytes_mut(data))])
         }
     }
 
@@ -752,7 +860,7 @@ impl Communicator for TcpGroup {
             });
         }
         if self.size > 1 && !data.is_empty() {
-            self.ring_reduce_scatter("reduce_scatter", data)?;
+            self.ring("reduce_scatter", data, false)?;
         }
         out.copy_from_slice(&data[mine]);
         Ok(())
@@ -783,18 +891,5 @@ mod tests {
                 assert_eq!(next, len);
             }
         }
-    }
-
-    #[test]
-    fn disjoint_slices_in_either_order() {
-        let mut data: Vec<f32> = (0..10).map(|x| x as f32).collect();
-        let (a, b) = disjoint(&mut data, 0..3, 5..10);
-        assert_eq!((a[0], b[0]), (0.0, 5.0));
-        let (a, b) = disjoint(&mut data, 6..8, 1..4);
-        assert_eq!((a.len(), a[0], b.len(), b[0]), (2, 6.0, 3, 1.0));
-        let (a, b) = disjoint(&mut data, 0..1, 0..0);
-        assert_eq!((a.len(), b.len()), (1, 0));
-        let (a, b) = disjoint(&mut data, 0..0, 0..1);
-        assert_eq!((a.len(), b.len()), (0, 1));
     }
 }
