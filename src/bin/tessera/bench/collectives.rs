@@ -89,7 +89,72 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
             bail!("member {rank} failed: {status}");
         }
     }
-    let mut limits: Vec<f64> = (0..3).map(|_| tcp_loopback_gbps(256 << 20)).collect::<Result<_>>()?;
-    reporter.report("collectives/tcp_loopback_limit", median(&mut limits), "GB/s", true);
+    // The limits an all-reduce works against: one stream into a fresh buffer (as a value
+    // transfer), one stream into a reused buffer (as the ring), and two such streams at once
+    // (as the two ranks of a 2-rank ring, each sending while it receives).
+    let mut fresh: Vec<f64> = (0..3).map(|_| tcp_loopback_gbps(256 << 20)).collect::<Result<_>>()?;
+    reporter.report("collectives/tcp_loopback_limit", median(&mut fresh), "GB/s", true);
+    let mut reused: Vec<f64> = (0..3).map(|_| tcp_stream_gbps(256 << 20, false)).collect::<Result<_>>()?;
+    reporter.report("collectives/tcp_loopback_limit_reused_buffer", median(&mut reused), "GB/s", true);
+    let mut duplex: Vec<f64> = (0..3).map(|_| tcp_stream_gbps(256 << 20, true)).collect::<Result<_>>()?;
+    reporter.report("collectives/tcp_loopback_limit_two_streams_each", median(&mut duplex), "GB/s", true);
     Ok(())
+}
+
+/// GB/s of `len` bytes streamed over loopback TCP from a reused 4 MiB buffer into a reused
+/// 4 MiB buffer (no page faults); with `duplex`, a second stream runs at the same time and
+/// the figure is per stream (`len` each over the time both took).
+fn tcp_stream_gbps(len: usize, duplex: bool) -> Result<f64> {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    const CHUNK: usize = 4 << 20;
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let streams = if duplex { 2 } else { 1 };
+    let writers: Vec<_> = (0..streams)
+        .map(|_| {
+            std::thread::spawn(move || -> Result<()> {
+                let mut stream = TcpStream::connect(addr)?;
+                let chunk = vec![1u8; CHUNK];
+                let mut left = len;
+                while left > 0 {
+                    let n = left.min(CHUNK);
+                    stream.write_all(&chunk[..n])?;
+                    left -= n;
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    let accepted: Vec<TcpStream> =
+        (0..streams).map(|_| listener.accept().map(|(s, _)| s)).collect::<Result<_, _>>()?;
+    let start = Instant::now();
+    let readers: Vec<_> = accepted
+        .into_iter()
+        .map(|mut stream| {
+            std::thread::spawn(move || -> Result<usize> {
+                let mut buf = vec![0u8; CHUNK];
+                let mut read = 0;
+                while read < len {
+                    let n = stream.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    read += n;
+                }
+                Ok(read)
+            })
+        })
+        .collect();
+    for reader in readers {
+        let read = reader.join().map_err(|_| anyhow::anyhow!("reader panicked"))??;
+        if read != len {
+            bail!("short read: {read} of {len}");
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    for writer in writers {
+        writer.join().map_err(|_| anyhow::anyhow!("writer panicked"))??;
+    }
+    Ok(len as f64 / seconds / 1e9)
 }
