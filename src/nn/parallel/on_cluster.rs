@@ -64,11 +64,17 @@ pub struct ReplicaJob {
     pub checkpoint: Option<(String, String)>,
     /// A peer silent this long fails a collective.
     pub timeout: Duration,
+    /// Pin each replica's training and communication threads to core `rank` (modulo the
+    /// cores of its machine; Linux only). Helps when the replicas share one machine and
+    /// nothing else runs there (on a 2-core machine it roughly halves the time spent
+    /// waiting in all-reduce); leave it off on shared or multi-machine clusters.
+    pub pin_to_core: bool,
 }
 
 impl ReplicaJob {
     /// `model` trained with `optimizer` on `train` in global batches of `global_batch`:
-    /// 0.05 MiB buckets, seed 1, no evaluation, no checkpoints, a 10 s collective timeout.
+    /// 0.05 MiB buckets, seed 1, no evaluation, no checkpoints, a 10 s collective timeout,
+    /// threads not pinned.
     pub fn new(model: ModelSpec, optimizer: OptimizerConfig, global_batch: usize, train: Dataset) -> Self {
         ReplicaJob {
             model,
@@ -80,6 +86,7 @@ impl ReplicaJob {
             test: None,
             checkpoint: None,
             timeout: Duration::from_secs(10),
+            pin_to_core: false,
         }
     }
 
@@ -210,6 +217,10 @@ impl ReplicaActor {
             });
         }
         let group = listener.connect(addrs)?;
+        if job.pin_to_core {
+            // Before the communication thread starts, so that it shares the core.
+            pin_this_thread(self.live.rank);
+        }
         let model = job.model.build(rows)?;
         let stash = match &job.checkpoint {
             Some((location, name)) => {
@@ -264,6 +275,28 @@ impl ReplicaActor {
         };
         Ok(ReplicaAnswer::Epoch { report, params: params_hash(&state.params) })
     }
+}
+
+/// Pins the calling thread (and the threads it starts later) to core `index` modulo the
+/// cores this process may use; a refusal by the OS is only logged (pinning is an
+/// optimization).
+fn pin_this_thread(index: usize) {
+    #[cfg(target_os = "linux")]
+    {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // SAFETY: `set` is a plain bit set owned here; sched_setaffinity reads exactly
+        // `size_of::<cpu_set_t>()` bytes of it and affects only the calling thread (pid 0).
+        let status = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(index % cores, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if status != 0 {
+            tracing::warn!(core = index % cores, error = %std::io::Error::last_os_error(), "cannot pin a replica");
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = index;
 }
 
 /// BLAKE3 of every parameter's bits, in order.
