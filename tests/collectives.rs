@@ -47,6 +47,7 @@ fn member() -> Result<()> {
     let mut group = TcpGroup::join(config)?;
     match mode.as_str() {
         "verify" => verify(&mut group),
+        "small" => verify_small(&mut group),
         "dead" | "stall" => {
             if rank == size - 1 {
                 if mode == "stall" {
@@ -134,6 +135,40 @@ fn verify(group: &mut TcpGroup) -> Result<()> {
     Ok(())
 }
 
+/// All-reduce of small messages (the recursive-doubling path in groups over 4): the exact
+/// sum, and the same bits on every rank where the order of additions matters.
+fn verify_small(group: &mut TcpGroup) -> Result<()> {
+    let (rank, size) = (group.rank(), group.size());
+    for count in [1, 7, 1000, 16 << 10] {
+        let mut reference = vec![0f32; count];
+        for r in 0..size {
+            reference.iter_mut().zip(exact_data(r, count)).for_each(|(s, x)| *s += x);
+        }
+        let mut data = exact_data(rank, count);
+        group.all_reduce(&mut data)?;
+        ensure!(data == reference, "all_reduce of {count} differs from the serial reference");
+        let mut data = rough_data(rank, count);
+        group.all_reduce(&mut data)?;
+        let hash = blake3::hash(&data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+        let digest: Vec<f32> = hash
+            .as_bytes()
+            .chunks(4)
+            .map(|b| f32::from_bits(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x3fff_ffff))
+            .collect();
+        let mut all = vec![0f32; digest.len() * size];
+        group.all_gather(&digest, &mut all)?;
+        for r in 0..size {
+            ensure!(
+                all[r * 8..(r + 1) * 8] == digest[..],
+                "rank {r} holds different bits after all_reduce of {count}"
+            );
+        }
+    }
+    group.barrier()?;
+    println!("rank {rank}: small all-reduces match");
+    Ok(())
+}
+
 /// Runs a group of `size` member processes in `mode`; returns their outputs.
 fn run_group(size: usize, mode: &str) -> Result<Vec<String>> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -170,6 +205,16 @@ fn every_collective_matches_the_serial_reference() -> Result<()> {
         let t = Instant::now();
         let outputs = run_group(size, "verify")?;
         ensure!(outputs.iter().all(|o| o.contains("all collectives match")), "{outputs:?}");
+        println!("    group of {size}: ok in {:.1} s", t.elapsed().as_secs_f64());
+    }
+    Ok(())
+}
+
+fn small_all_reduces_in_larger_groups_match_the_serial_reference() -> Result<()> {
+    for size in [5, 8] {
+        let t = Instant::now();
+        let outputs = run_group(size, "small")?;
+        ensure!(outputs.iter().all(|o| o.contains("small all-reduces match")), "{outputs:?}");
         println!("    group of {size}: ok in {:.1} s", t.elapsed().as_secs_f64());
     }
     Ok(())
@@ -226,6 +271,10 @@ fn main() {
     }
     let tests: &[(&str, support::TestFn)] = &[
         ("every_collective_matches_the_serial_reference", every_collective_matches_the_serial_reference),
+        (
+            "small_all_reduces_in_larger_groups_match_the_serial_reference",
+            small_all_reduces_in_larger_groups_match_the_serial_reference,
+        ),
         ("a_dead_member_fails_the_others_naming_its_rank", a_dead_member_fails_the_others_naming_its_rank),
         ("a_stalled_member_times_out_naming_its_rank", a_stalled_member_times_out_naming_its_rank),
     ];

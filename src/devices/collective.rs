@@ -311,6 +311,10 @@ fn add_into(target: &mut [f32], incoming: &[f32]) {
 
 /// Messages up to this size are exchanged whole between all ranks; larger ones use the ring.
 const SMALL_MESSAGE: usize = 256 << 10;
+/// Groups up to this size reduce small messages in one direct exchange (one round, every
+/// rank sends to every other); larger groups use recursive doubling (⌈log2 n⌉ rounds, one
+/// partner per round), so the messages per rank grow with log n rather than n.
+const DIRECT_EXCHANGE_MAX_RANKS: usize = 4;
 /// Send and receive buffer size asked of the kernel for group sockets. Both ends' buffers
 /// together hold far more than a small message, so small messages are written directly
 /// from the calling thread before it reads: no peer can block such a write.
@@ -515,6 +519,43 @@ impl TcpGroup {
             other => return Err(CollectiveError::Setup(format!("unexpected rendezvous reply {other:?}"))),
         };
         listener.connect(&addrs)
+    }
+
+    /// Sums a small `data` over the group by recursive doubling. With p the largest power
+    /// of two ≤ n, rank p + i first folds its data into rank i (and gets the result back at
+    /// the end); the first p ranks then exchange with the partner `rank ^ d` for d = 1, 2,
+    /// 4, …. Partners add the same two values (in either order: the same bits), so every
+    /// rank ends with the same bits. Messages fit the socket buffers,
+    /// so each round's blocking write cannot wait on the partner's read.
+    fn recursive_doubling(&mut self, op: &'static str, data: &mut [f32]) -> Result<()> {
+        let (rank, size) = (self.rank, self.size);
+        let p = 1usize << (usize::BITS - 1 - size.leading_zeros());
+        let send = |group: &Self, to: usize, data: &[f32]| {
+            (&group.peer(to).stream).write_all(as_bytes(data)).map_err(|e| group.lost(to, op, e))
+        };
+        if rank >= p {
+            send(self, rank - p, data)?;
+            return self.recv_exact(rank - p, op, as_bytes_mut(data));
+        }
+        let mut theirs = vec![0f32; data.len()];
+        if rank + p < size {
+            self.recv_exact(rank + p, op, as_bytes_mut(&mut theirs))?;
+            data.iter_mut().zip(&theirs).for_each(|(mine, their)| *mine += *their);
+        }
+        let mut distance = 1;
+        while distance < p {
+            let partner = rank ^ distance;
+            send(self, partner, data)?;
+            self.recv_exact(partner, op, as_bytes_mut(&mut theirs))?;
+            // a + b and b + a are the same bits (IEEE addition commutes), so both partners
+            // hold the same sums after every round.
+            data.iter_mut().zip(&theirs).for_each(|(mine, their)| *mine += *their);
+            distance <<= 1;
+        }
+        if rank + p < size {
+            send(self, rank + p, data)?;
+        }
+        Ok(())
     }
 
     fn peer(&self, rank: usize) -> &Peer {
@@ -794,7 +835,11 @@ impl Communicator for TcpGroup {
         if self.size == 1 || data.is_empty() {
             return Ok(());
         }
-        if std::mem::size_of_val(data) <= SMALL_MESSAGE || data.len() < self.size {
+        let small = std::mem::size_of_val(data) <= SMALL_MESSAGE || data.len() < self.size;
+        if small && self.size > DIRECT_EXCHANGE_MAX_RANKS && std::mem::size_of_val(data) <= SMALL_MESSAGE {
+            return self.recursive_doubling("all_reduce", data);
+        }
+        if small {
             let received = self.exchange_all("all_reduce", as_bytes(data))?;
             // Sum in rank order on every rank: identical bits everywhere.
             let mut sum = vec![0f32; data.len()];
