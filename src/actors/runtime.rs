@@ -423,22 +423,7 @@ impl Runtime {
         num_ready: usize,
         timeout: Option<Duration>,
     ) -> (Vec<Ref<T>>, Vec<Ref<T>>) {
-        let target = num_ready.min(refs.len());
-        let counter = watch_all(refs);
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut guard = counter.lock.lock();
-        while counter.count.load(Ordering::Acquire) < target {
-            match deadline {
-                Some(deadline) => {
-                    if counter.cond.wait_until(&mut guard, deadline).timed_out() {
-                        break;
-                    }
-                }
-                None => counter.cond.wait(&mut guard),
-            }
-        }
-        drop(guard);
-        partition(refs)
+        wait_blocking(refs, num_ready, timeout)
     }
 
     /// Starts a user actor holding `state`; its methods run one call at a time.
@@ -472,6 +457,30 @@ impl Runtime {
     pub fn shutdown(&self) {
         self.core.shutdown();
     }
+}
+
+/// [`Runtime::blocking_wait`], for callers that hold `Ref`s but no runtime handle.
+pub(crate) fn wait_blocking<T: Payload>(
+    refs: &[Ref<T>],
+    num_ready: usize,
+    timeout: Option<Duration>,
+) -> (Vec<Ref<T>>, Vec<Ref<T>>) {
+    let target = num_ready.min(refs.len());
+    let counter = watch_all(refs);
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let mut guard = counter.lock.lock();
+    while counter.count.load(Ordering::Acquire) < target {
+        match deadline {
+            Some(deadline) => {
+                if counter.cond.wait_until(&mut guard, deadline).timed_out() {
+                    break;
+                }
+            }
+            None => counter.cond.wait(&mut guard),
+        }
+    }
+    drop(guard);
+    partition(refs)
 }
 
 fn watch_all<T: Payload>(refs: &[Ref<T>]) -> Arc<ReadyCounter> {

@@ -20,10 +20,7 @@
 //! the node) or no answer within the timeout ends the step with
 //! [`NnError::StageOnNode`] naming the stage and its node; the pipeline then refuses
 //! further steps.
-use std::future::Future;
 use std::ops::Range;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -178,13 +175,13 @@ enum Tag {
     State,
 }
 
-type ReplyFuture = Pin<Box<dyn Future<Output = crate::Result<Result<StageReply, String>>> + Send>>;
+type Reply = crate::Ref<Result<StageReply, String>>;
 
 /// A call sent to a stage whose answer has not been read yet.
 struct Pending {
     stage: usize,
     tag: Tag,
-    reply: ReplyFuture,
+    reply: Reply,
 }
 
 /// The calls of one training step in flight, and how far each stage is.
@@ -207,14 +204,13 @@ struct StepState {
 /// back into the state, for evaluation and checkpoints. Changes to the state's learning
 /// rate reach the stages with the next step.
 ///
-/// The driver waits with a small tokio runtime of its own: do not call it from inside an
-/// async runtime.
+/// The driver blocks its thread while it waits for the stages: do not call it from inside
+/// an async runtime.
 pub struct ClusterPipeline {
     model: Model,
     ranges: Vec<Range<usize>>,
     micro_batches: usize,
     stages: Vec<RemoteStage>,
-    waiter: tokio::runtime::Runtime,
     timeout: Duration,
     /// The first failure (stage and what happened), after which steps are refused.
     failed: Option<(usize, String)>,
@@ -321,19 +317,7 @@ impl ClusterPipeline {
             })?;
             stages.push(RemoteStage { handle, node: name, params: owned });
         }
-        let waiter = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-            .map_err(|e| NnError::WorkerGone { worker: format!("the pipeline driver's runtime ({e})") })?;
-        Ok(ClusterPipeline {
-            model,
-            ranges,
-            micro_batches,
-            stages,
-            waiter,
-            timeout: DEFAULT_TIMEOUT,
-            failed: None,
-        })
+        Ok(ClusterPipeline { model, ranges, micro_batches, stages, timeout: DEFAULT_TIMEOUT, failed: None })
     }
 
     /// Cuts `model` into one stage per node of about equal estimated work (as
@@ -548,7 +532,7 @@ impl ClusterPipeline {
 
     fn call(&self, step: &mut StepState, stage: usize, tag: Tag, message: StageCall) {
         let reply = self.stages[stage].handle.call(message);
-        step.pending.push(Pending { stage, tag, reply: Box::pin(async move { reply.get().await }) });
+        step.pending.push(Pending { stage, tag, reply });
     }
 
     /// Waits for every pending call, expecting `Done`.
@@ -566,18 +550,11 @@ impl ClusterPipeline {
 
     /// The next answer of any pending call: its stage, what it was for and the reply.
     fn next(&mut self, step: &mut StepState) -> Result<(usize, Tag, StageReply), NnError> {
-        let pending = &mut step.pending;
-        let any = std::future::poll_fn(|cx| {
-            for (i, call) in pending.iter_mut().enumerate() {
-                if let Poll::Ready(result) = call.reply.as_mut().poll(cx) {
-                    return Poll::Ready((i, result));
-                }
-            }
-            Poll::Pending
-        });
-        let timeout = self.timeout;
-        let answered = self.waiter.block_on(async { tokio::time::timeout(timeout, any).await });
-        let Ok((i, result)) = answered else {
+        let replies: Vec<Reply> = step.pending.iter().map(|p| p.reply.clone()).collect();
+        let (ready, _) = crate::actors::runtime::wait_blocking(&replies, 1, Some(self.timeout));
+        let answered = ready.first().and_then(|r| step.pending.iter().position(|p| p.reply.id() == r.id()));
+        let Some(i) = answered else {
+            let timeout = self.timeout;
             let mut waiting: Vec<usize> = step.pending.iter().map(|p| p.stage).collect();
             waiting.sort_unstable();
             waiting.dedup();
@@ -585,7 +562,8 @@ impl ClusterPipeline {
             return Err(self.fail(waiting.first().copied().unwrap_or(0), what));
         };
         let call = step.pending.swap_remove(i);
-        match result {
+        // Ready: this does not wait.
+        match call.reply.blocking_get() {
             Ok(Ok(reply)) => Ok((call.stage, call.tag, reply)),
             Ok(Err(what)) => Err(self.fail(call.stage, what)),
             Err(error) => Err(self.fail(call.stage, error.to_string())),
