@@ -113,25 +113,33 @@ fn verify(group: &mut TcpGroup) -> Result<()> {
         ensure!(out == reference[mine], "reduce_scatter of {count} differs");
 
         // Bit-identical on every rank, even where the order of additions matters.
-        let mut data = rough_data(rank, count);
-        group.all_reduce(&mut data)?;
-        let hash = blake3::hash(&data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
-        let digest: Vec<f32> = hash
-            .as_bytes()
-            .chunks(4)
-            .map(|b| f32::from_bits(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x3fff_ffff))
-            .collect();
-        let mut all = vec![0f32; digest.len() * size];
-        group.all_gather(&digest, &mut all)?;
-        for r in 0..size {
-            ensure!(
-                all[r * 8..(r + 1) * 8] == digest[..],
-                "rank {r} holds different bits after all_reduce of {count}"
-            );
-        }
+        same_bits_everywhere(group, count)?;
         group.barrier()?;
     }
     println!("rank {rank}: all collectives match for {} sizes", COUNTS.len());
+    Ok(())
+}
+
+/// All-reduces `count` values whose sum depends on the order of additions and checks that
+/// every rank holds the same bits (each rank's hash, gathered).
+fn same_bits_everywhere(group: &mut TcpGroup, count: usize) -> Result<()> {
+    let (rank, size) = (group.rank(), group.size());
+    let mut data = rough_data(rank, count);
+    group.all_reduce(&mut data)?;
+    let hash = blake3::hash(&data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
+    let digest: Vec<f32> = hash
+        .as_bytes()
+        .chunks(4)
+        .map(|b| f32::from_bits(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x3fff_ffff))
+        .collect();
+    let mut all = vec![0f32; digest.len() * size];
+    group.all_gather(&digest, &mut all)?;
+    for r in 0..size {
+        ensure!(
+            all[r * 8..(r + 1) * 8] == digest[..],
+            "rank {r} holds different bits after all_reduce of {count}"
+        );
+    }
     Ok(())
 }
 
@@ -147,22 +155,7 @@ fn verify_small(group: &mut TcpGroup) -> Result<()> {
         let mut data = exact_data(rank, count);
         group.all_reduce(&mut data)?;
         ensure!(data == reference, "all_reduce of {count} differs from the serial reference");
-        let mut data = rough_data(rank, count);
-        group.all_reduce(&mut data)?;
-        let hash = blake3::hash(&data.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>());
-        let digest: Vec<f32> = hash
-            .as_bytes()
-            .chunks(4)
-            .map(|b| f32::from_bits(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) & 0x3fff_ffff))
-            .collect();
-        let mut all = vec![0f32; digest.len() * size];
-        group.all_gather(&digest, &mut all)?;
-        for r in 0..size {
-            ensure!(
-                all[r * 8..(r + 1) * 8] == digest[..],
-                "rank {r} holds different bits after all_reduce of {count}"
-            );
-        }
+        same_bits_everywhere(group, count)?;
     }
     group.barrier()?;
     println!("rank {rank}: small all-reduces match");
