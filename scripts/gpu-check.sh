@@ -43,7 +43,11 @@ for root in roots:
 PY
     )
     # cudarc (built for CUDA 12.8) loads `libX.so`, `libX.so.12`, `libX.so.11`, ... but not
-    # `.so.13` (CUDA 13 wheels) or NCCL's `.so.2`: give each library an unversioned name.
+    # `.so.13` (CUDA 13 wheels, in nvidia/cu13/lib) or NCCL's `.so.2`: give each library an
+    # unversioned name. Checked on a machine without a GPU (2026-11-25): every cuBLAS,
+    # cuBLASLt, cuSPARSE, NVRTC and NCCL function Tessera calls is exported by the CUDA 13.5
+    # wheels (cuBLAS 13.10, cuSPARSE 12.9, NVRTC 13.5, NCCL 2.32 for CUDA 13), and NVRTC 13.0
+    # and 13.5 compile every kernel (scripts/test.sh checks 13.0 in CI).
     links=$(mktemp -d)
     bench=$(mktemp)
     trap 'rm -rf "$links" "$bench"' EXIT

@@ -31,3 +31,14 @@ if [[ ! -e $nvrtc_dir/nvidia/cuda_nvrtc/lib/libnvrtc.so.12 ]]; then
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
         --target "$nvrtc_dir" nvidia-cuda-nvrtc-cu12
 fi
+# The GPU machines run CUDA 13, whose NVRTC drops the pre-Turing targets: compile every
+# kernel with it too. cudarc (built for 12.8) looks for `libnvrtc.so` and `.so.12`, not
+# `.so.13`, so give it the unversioned name.
+nvrtc13_dir=/opt/tessera-nvrtc13
+if [[ ! -e $nvrtc13_dir/nvidia/cu13/lib/libnvrtc.so.13 ]]; then
+    echo "install-deps: pip install nvidia-cuda-nvrtc 13.0 into $nvrtc13_dir"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+        --target "$nvrtc13_dir" "nvidia-cuda-nvrtc==13.0.*"
+fi
+mkdir -p "$nvrtc13_dir/links"
+ln -sf "$nvrtc13_dir/nvidia/cu13/lib/libnvrtc.so.13" "$nvrtc13_dir/links/libnvrtc.so"

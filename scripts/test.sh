@@ -12,4 +12,8 @@ cargo test --release --doc --features s3,postgres "$@"
 # The CUDA feature without a GPU: discovery must say so, and every kernel must compile
 # (NVRTC from PyPI, installed by install-deps).
 LD_LIBRARY_PATH=/opt/tessera-nvrtc/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
-    TESSERA_EXPECT_NVRTC=1 cargo test --release --features cuda --test gpu "$@"
+    TESSERA_EXPECT_NVRTC=1 TESSERA_EXPECT_NVRTC_RELEASE=12 cargo test --release --features cuda --test gpu "$@"
+# The same kernels with CUDA 13's NVRTC, the version on the GPU machines.
+LD_LIBRARY_PATH=/opt/tessera-nvrtc13/links:/opt/tessera-nvrtc13/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+    TESSERA_EXPECT_NVRTC=1 TESSERA_EXPECT_NVRTC_RELEASE=13.0 \
+    cargo test --release --features cuda --test gpu "$@" every_kernel_compiles

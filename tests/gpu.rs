@@ -48,12 +48,25 @@ fn discovery_reports_devices_or_a_clear_error() {
 #[test]
 fn every_kernel_compiles() {
     let nvrtc_expected = std::env::var("TESSERA_EXPECT_NVRTC").is_ok_and(|v| v == "1") || gpu_expected();
+    // With TESSERA_EXPECT_NVRTC_RELEASE=13.0 (or 13, or 12.8), the PTX must come from an NVRTC
+    // release starting so, so that a run meant for one CUDA version cannot pass on another's.
+    let release = std::env::var("TESSERA_EXPECT_NVRTC_RELEASE").ok();
     match compile_all_kernels() {
         Ok(compiled) => {
             assert_eq!(compiled.len(), KERNELS.len());
             for (name, ptx) in compiled {
                 let text = ptx.to_src();
                 assert!(text.contains(&format!(".entry {name}")), "PTX of {name} lacks its entry point");
+                if let Some(release) = &release {
+                    let header = text.lines().find(|l| l.contains("Cuda compilation tools")).unwrap_or("");
+                    let found = header.split("release ").nth(1).and_then(|r| r.split(',').next());
+                    assert!(
+                        found.is_some_and(
+                            |found| found == release || found.starts_with(&format!("{release}."))
+                        ),
+                        "PTX of {name} is not from NVRTC {release}: {header:?}"
+                    );
+                }
             }
         }
         Err(DeviceError::MissingLibrary { library, .. }) if !nvrtc_expected => {

@@ -358,8 +358,27 @@ impl Gpu {
                 needed_for: "bf16 matrix products",
             });
         }
+        // cudarc allocates the handle's workspace (32 MiB on Hopper, 4 MiB before) with an
+        // `unwrap`: check the room first, and turn a failure that slips past the check into
+        // an error rather than a panic in the caller.
+        const WORKSPACE_BYTES: usize = 32 << 20;
+        let (free, _) = self.memory_info()?;
+        if free < WORKSPACE_BYTES {
+            return Err(DeviceError::Blas {
+                op: "create cuBLASLt handle",
+                message: format!(
+                    "{free} bytes free on the device, {WORKSPACE_BYTES} needed for the workspace"
+                ),
+            });
+        }
+        let stream = self.stream.clone();
+        let created = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| CudaBlasLT::new(stream)))
+            .map_err(|_| DeviceError::Blas {
+                op: "create cuBLASLt handle",
+                message: "allocating its workspace failed".into(),
+            })?;
         let made = Arc::new(
-            CudaBlasLT::new(self.stream.clone())
+            created
                 .map_err(|e| DeviceError::Blas { op: "create cuBLASLt handle", message: e.to_string() })?,
         );
         *lt = Some(made.clone());
