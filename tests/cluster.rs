@@ -83,6 +83,36 @@ impl tessera::Actor for Recorder {
 
 tessera::remote_actor!(Recorder);
 
+tessera::task! {
+    /// Where a (large) argument arrived, and its digest.
+    fn digest_where(data: ByteBuf) -> (String, String) {
+        let node = std::env::var("TESSERA_NODE_NAME").unwrap_or_else(|_| "head".into());
+        (node, blake3::hash(&data).to_hex().to_string())
+    }
+}
+
+/// Holds a large byte string: a call may append to it, and gets back where the actor runs,
+/// the digest of everything held, and the first `n` bytes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Hoard {
+    data: ByteBuf,
+}
+
+impl tessera::Actor for Hoard {
+    type Message = (Option<ByteBuf>, usize);
+    type Reply = (String, String, ByteBuf);
+    fn handle(&mut self, (extra, n): Self::Message) -> Self::Reply {
+        if let Some(extra) = extra {
+            self.data.extend_from_slice(&extra);
+        }
+        let node = std::env::var("TESSERA_NODE_NAME").unwrap_or_else(|_| "head".into());
+        let head = ByteBuf::from(self.data[..n.min(self.data.len())].to_vec());
+        (node, blake3::hash(&self.data).to_hex().to_string(), head)
+    }
+}
+
+tessera::remote_actor!(Hoard);
+
 fn blob(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
     (0..len)
@@ -419,6 +449,49 @@ fn the_store_actor_saves_a_value_from_the_node_that_holds_it() -> Result<()> {
     Ok(())
 }
 
+/// A task argument, an actor's state, a call and a reply each larger than a frame (16 MiB)
+/// travel through the data plane; the node stays in the cluster throughout.
+fn values_larger_than_a_frame_reach_nodes_and_come_back() -> Result<()> {
+    let c = TestCluster::start(1, ClusterConfig::default())?;
+    let node = c.cluster.nodes().into_iter().next().context("one node")?;
+    const BIG: usize = 20 << 20;
+    let arg = blob(BIG, 31);
+    let (ran_on, digest) = digest_where::spawn(&c.rt, ByteBuf::from(arg.clone())).blocking_get()?;
+    ensure!(ran_on == node.name, "the task ran on `{ran_on}`, not on the node {}", node.name);
+    ensure!(digest == blake3::hash(&arg).to_hex().to_string(), "the task saw other bytes");
+
+    let before = c.rt.stats().live_bytes;
+    let state = blob(BIG + 3, 32);
+    let hoard = c.cluster.actor_on(node.id, &Hoard { data: ByteBuf::from(state.clone()) })?;
+    let waiting = c.rt.stats().live_bytes - before;
+    ensure!(waiting >= BIG as u64, "the state should wait on the head for the node: {waiting} bytes");
+    let extra = blob(BIG - 5, 33);
+    let wanted = BIG + 1000;
+    let (ran_on, digest, head) = hoard
+        .call((Some(ByteBuf::from(extra.clone())), wanted))
+        .blocking_get_timeout(Duration::from_secs(60))?;
+    // Once answered, the head holds neither the state, nor the message, nor (its Ref gone) the reply.
+    let left = c.rt.stats().live_bytes.saturating_sub(before);
+    ensure!(left < 4096, "{left} bytes still held on the head after the first call");
+    // The large reply was kept on the node; with its Ref gone the node frees it.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.cluster.nodes()[0].values_held > 0 {
+        ensure!(Instant::now() < deadline, "the node still holds the reply: {:?}", c.cluster.nodes());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut all = state;
+    all.extend_from_slice(&extra);
+    ensure!(ran_on == node.name, "the actor ran on `{ran_on}`");
+    ensure!(digest == blake3::hash(&all).to_hex().to_string(), "the actor holds other bytes");
+    ensure!(head.len() == wanted && head.as_slice() == &all[..wanted], "the large reply differs");
+    // Small calls still work, and the node never left.
+    let (_, digest, head) = hoard.call((None, 4)).blocking_get()?;
+    ensure!(head.as_slice() == &all[..4] && digest == blake3::hash(&all).to_hex().to_string(), "small call");
+    ensure!(c.cluster.nodes().len() == 1, "the node left the cluster: {:?}", c.node_names());
+    ensure!(square::spawn(&c.rt, 12).blocking_get()? == 144, "a task after the large transfers");
+    Ok(())
+}
+
 fn main() {
     tessera::init();
     let tests: &[(&str, support::TestFn)] = &[
@@ -437,6 +510,10 @@ fn main() {
         (
             "the_store_actor_saves_a_value_from_the_node_that_holds_it",
             the_store_actor_saves_a_value_from_the_node_that_holds_it,
+        ),
+        (
+            "values_larger_than_a_frame_reach_nodes_and_come_back",
+            values_larger_than_a_frame_reach_nodes_and_come_back,
         ),
     ];
     support::run(tests);

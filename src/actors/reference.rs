@@ -399,12 +399,24 @@ pub(crate) enum RemoteArgKind {
 impl<T: Payload> Arg<T> {
     /// The argument in the form a node process receives; `None` if it cannot be encoded
     /// (the task then runs in this process).
+    ///
+    /// A value too large to ride in the task's message is put in `rt`'s object table first
+    /// (this argument becomes a `Ref` to it), so that the node pulls it through the data
+    /// plane: no control frame outgrows the frame limit.
     #[doc(hidden)]
-    pub fn remote_arg(&self) -> Option<RemoteArg> {
+    pub fn remote_arg(&mut self, rt: &crate::Runtime) -> Option<RemoteArg> {
         match self {
-            Arg::Value(Some(value)) => bincode::serde::encode_to_vec(value, bincode::config::standard())
-                .ok()
-                .map(|bytes| RemoteArg(RemoteArgKind::Value(bytes))),
+            Arg::Value(slot @ Some(_)) => {
+                let bytes =
+                    bincode::serde::encode_to_vec(slot.as_ref()?, bincode::config::standard()).ok()?;
+                if bytes.len() <= crate::net::INLINE_LIMIT {
+                    return Some(RemoteArg(RemoteArgKind::Value(bytes)));
+                }
+                let shared = rt.put(slot.take()?);
+                let id = shared.inner.id;
+                *self = Arg::Ref(shared);
+                Some(RemoteArg(RemoteArgKind::Ref(id)))
+            }
             Arg::Value(None) => None,
             Arg::Ref(r) => Some(RemoteArg(RemoteArgKind::Ref(r.inner.id))),
         }

@@ -421,7 +421,7 @@ macro_rules! __task_module {
     };
     (@remote encoded $rt:ident $($arg:ident)*) => {
         if $crate::__wants_remote($rt) {
-            let args: Option<Vec<$crate::__RemoteArg>> = [$($arg.remote_arg()),*].into_iter().collect();
+            let args: Option<Vec<$crate::__RemoteArg>> = [$($arg.remote_arg($rt)),*].into_iter().collect();
             args
         } else {
             None

@@ -30,13 +30,13 @@ use tokio::sync::mpsc;
 
 use super::auth::{server_handshake, ClusterKey};
 use super::data::{serve_data, DataClient, ObjectSource};
-use super::frame::{read_frame, write_frame};
+use super::frame::{read_frame, write_frame, FrameError};
 use super::manager::{ClusterManager, JoinInfo, LaunchedNode};
 use super::wire::{ArgSource, Message, RemoteTaskError, ReplyValue, Role, TaskReply, TaskRequest};
 use crate::actors::object::{
     EncodedValue, Fetched, ObjectId, ObjectTable, Outcome, RemoteAccess, RemoteLocation, RemoteValue, View,
 };
-use crate::actors::reference::{blocking_outcome, RemoteArgKind};
+use crate::actors::reference::{blocking_outcome, RefInner, RemoteArgKind};
 use crate::actors::runtime::{Core, RemoteScheduler};
 use crate::actors::task::{submit_when_ready, Job};
 use crate::actors::user_actor::RemoteActorLink;
@@ -122,9 +122,18 @@ struct NodeEntry {
     tasks_run: u64,
     dispatched: u64,
     last_seen: Instant,
-    /// Actor calls waiting for a reply: call id → actor type name.
-    pending_calls: HashMap<u64, &'static str>,
+    /// Actor calls waiting for a reply, by call id.
+    pending_calls: HashMap<u64, PendingCall>,
     actors: usize,
+}
+
+/// An actor call sent to a node and not answered yet.
+struct PendingCall {
+    /// The actor's type name, for errors.
+    actor: &'static str,
+    /// Keeps a large message (or the actor's initial state) in this process's object table
+    /// until the node has pulled it.
+    _held: Vec<Arc<RefInner>>,
 }
 
 impl NodeEntry {
@@ -325,6 +334,7 @@ impl Cluster {
         let bytes = bincode::serde::encode_to_vec(state, bincode::config::standard())
             .map_err(|e| Error::Codec { type_name: std::any::type_name::<A>(), message: e.to_string() })?;
         let actor_id = self.head.next_id.fetch_add(1, Ordering::Relaxed);
+        let (state_source, state_holder) = self.head.outgoing(bytes);
         {
             let mut state = self.head.state.lock();
             let entry = state
@@ -332,14 +342,18 @@ impl Cluster {
                 .get_mut(&node.0)
                 .ok_or_else(|| Error::Cluster(format!("{node} is not in the cluster")))?;
             entry.actors += 1;
-            let _ =
-                entry.sender.send(Message::ActorCreate { actor_id, name: A::NAME.to_string(), state: bytes });
+            let _ = entry.sender.send(Message::ActorCreate {
+                actor_id,
+                name: A::NAME.to_string(),
+                state: state_source,
+            });
         }
         let link = Arc::new(RemoteActorOnNode {
             head: Arc::downgrade(&self.head),
             node: node.0,
             actor_id,
             actor: A::NAME,
+            state: Mutex::new(state_holder),
         });
         Ok(ActorHandle::remote(self.head.table.clone(), link))
     }
@@ -484,6 +498,9 @@ struct RemoteActorOnNode {
     node: u64,
     actor_id: u64,
     actor: &'static str,
+    /// Keeps a large initial state pullable by the node until the reply to the first call:
+    /// the node builds the actor from it before handling any call.
+    state: Mutex<Option<Arc<RefInner>>>,
 }
 
 impl RemoteActorLink for RemoteActorOnNode {
@@ -494,7 +511,10 @@ impl RemoteActorLink for RemoteActorOnNode {
                 let mut state = head.state.lock();
                 match state.nodes.get_mut(&self.node) {
                     Some(node) => {
-                        node.pending_calls.insert(output.as_u64(), self.actor);
+                        let (message, holder) = head.outgoing(message);
+                        let held = [holder, self.state.lock().take()].into_iter().flatten().collect();
+                        let pending = PendingCall { actor: self.actor, _held: held };
+                        node.pending_calls.insert(output.as_u64(), pending);
                         let call =
                             Message::ActorCall { actor_id: self.actor_id, call_id: output.as_u64(), message };
                         let _ = node.sender.send(call);
@@ -523,27 +543,57 @@ impl Drop for RemoteActorOnNode {
 }
 
 impl Head {
-    fn actor_replied(
-        &self,
-        node_id: u64,
-        call_id: u64,
-        result: std::result::Result<serde_bytes::ByteBuf, String>,
-    ) {
-        let actor = {
-            let mut state = self.state.lock();
-            state.nodes.get_mut(&node_id).and_then(|node| node.pending_calls.remove(&call_id))
-        };
-        let Some(actor) = actor else { return };
+    /// How `bytes` travel to a node: inline when small; larger ones wait in this process's
+    /// object table, from which the node pulls them, for as long as the returned holder
+    /// lives. No control frame then outgrows the frame limit, whatever the value's size.
+    fn outgoing(&self, bytes: Vec<u8>) -> (ArgSource, Option<Arc<RefInner>>) {
+        if bytes.len() <= INLINE_LIMIT {
+            return (ArgSource::Inline(bytes), None);
+        }
+        let len = bytes.len();
+        let id = self.table.create_ready(Arc::new(EncodedValue(bytes)), len);
+        let holder = Arc::new(RefInner { id, table: self.table.clone() });
+        (ArgSource::Fetch { addr: self.addr, id: id.as_u64() }, Some(holder))
+    }
+
+    fn actor_replied(&self, node_id: u64, call_id: u64, result: std::result::Result<ReplyValue, String>) {
         let output = ObjectId::from_raw(call_id);
-        match result {
-            Ok(bytes) => {
-                let bytes = bytes.into_vec();
-                let len = bytes.len();
-                self.table.complete(output, Outcome::Ready(Arc::new(EncodedValue(bytes))), len);
+        let (outcome, len) = {
+            let mut state = self.state.lock();
+            let Some(node) = state.nodes.get_mut(&node_id) else { return };
+            let Some(call) = node.pending_calls.remove(&call_id) else { return };
+            match result {
+                Ok(ReplyValue::Inline(bytes)) => {
+                    let len = bytes.len();
+                    (Outcome::Ready(Arc::new(EncodedValue(bytes))), len)
+                }
+                Ok(ReplyValue::Stored { len }) => {
+                    node.held.insert(call_id);
+                    let location = RemoteLocation {
+                        node: node_id,
+                        node_name: node.name.clone(),
+                        addr: node.data_addr,
+                        id: call_id,
+                        len,
+                    };
+                    // Like a put value: an actor's reply has no lineage to rebuild it from.
+                    state.puts.insert(output);
+                    (Outcome::Ready(Arc::new(RemoteValue(location))), len as usize)
+                }
+                Err(message) => {
+                    let error = Error::ActorFailed { actor: call.actor.to_string(), message };
+                    (Outcome::Failed(Arc::new(error)), 0)
+                }
             }
-            Err(message) => {
-                let error = Error::ActorFailed { actor: actor.to_string(), message };
-                self.table.complete(output, Outcome::Failed(Arc::new(error)), 0);
+        };
+        if !self.table.complete(output, outcome, len) {
+            // Every Ref to the reply dropped already: free it where it is held.
+            let mut state = self.state.lock();
+            if state.puts.remove(&output) {
+                if let Some(node) = state.nodes.get_mut(&node_id) {
+                    node.held.remove(&call_id);
+                    let _ = node.sender.send(Message::Free(vec![call_id]));
+                }
             }
         }
     }
@@ -736,9 +786,9 @@ impl Head {
         }
         // Saves in flight on the lost node: dropping their senders wakes the waiters.
         self.saves.lock().retain(|_, (holder, _)| *holder != node_id);
-        for (call_id, actor) in node.pending_calls {
+        for (call_id, call) in node.pending_calls {
             let error = Error::ActorFailed {
-                actor: actor.to_string(),
+                actor: call.actor.to_string(),
                 message: format!("its node `{}` was lost ({reason})", node.name),
             };
             self.table.complete(ObjectId::from_raw(call_id), Outcome::Failed(Arc::new(error)), 0);
@@ -993,17 +1043,34 @@ pub(crate) async fn write_loop(
     let mut writer = BufWriter::with_capacity(1 << 18, writer);
     while let Some(message) = receiver.recv().await {
         let shutdown = matches!(message, Message::Shutdown);
-        if write_frame(&mut writer, &message).await.is_err() {
+        if write_message(&mut writer, &message).await.is_err() {
             return;
         }
         while let Ok(message) = receiver.try_recv() {
-            if write_frame(&mut writer, &message).await.is_err() {
+            if write_message(&mut writer, &message).await.is_err() {
                 return;
             }
         }
         if writer.flush().await.is_err() || shutdown {
             return;
         }
+    }
+}
+
+/// Writes one message. One that cannot be encoded (too large for a frame, say) is dropped
+/// with an error in the log: nothing of it was written, so the connection stays in step,
+/// and the peer is not lost over one message. Senders keep their payloads small (large
+/// values travel through the data plane), so this is a last line of defence.
+async fn write_message<W: tokio::io::AsyncWrite + Unpin>(
+    writer: &mut W,
+    message: &Message,
+) -> std::result::Result<(), FrameError> {
+    match write_frame(writer, message).await {
+        Err(error @ (FrameError::Oversized { .. } | FrameError::Malformed(_))) => {
+            tracing::error!(%error, message = message.kind(), "message not sent: it cannot be framed");
+            Ok(())
+        }
+        other => other,
     }
 }
 

@@ -175,15 +175,10 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
     let (task_tx, task_rx) = std::sync::mpsc::channel::<TaskRequest>();
     let task_rx = Arc::new(Mutex::new(task_rx));
     let data = Arc::new(DataClient::new(key, config.name.clone()));
+    let puller = Puller { store: store.clone(), data, data_addr };
     let mut executors = Vec::new();
     for i in 0..config.slots {
-        let context = Executor {
-            tasks: task_rx.clone(),
-            replies: sender.clone(),
-            store: store.clone(),
-            data: data.clone(),
-            data_addr,
-        };
+        let context = Executor { tasks: task_rx.clone(), replies: sender.clone(), puller: puller.clone() };
         let thread = std::thread::Builder::new()
             .name(format!("tessera-exec-{i}"))
             .spawn(move || context.run())
@@ -191,7 +186,7 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
         executors.push(thread);
     }
 
-    let mut actors = HostedActors::default();
+    let mut actors = HostedActors { mailboxes: HashMap::new(), puller };
     let stashes: Arc<Mutex<HashMap<String, crate::Stash>>> = Arc::default();
     let reason = tokio.block_on(async {
         loop {
@@ -207,7 +202,7 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
                     store.objects.lock().insert(id, Arc::new(bytes));
                 }
                 Ok(Message::ActorCreate { actor_id, name, state }) => {
-                    actors.create(actor_id, &name, &state, &sender);
+                    actors.create(actor_id, name, state, &sender);
                 }
                 Ok(Message::ActorCall { actor_id, call_id, message }) => {
                     actors.call(actor_id, call_id, message, &sender);
@@ -339,41 +334,102 @@ pub(crate) fn derived_node_secret(purpose: &str) -> Option<String> {
     Some(blake3::keyed_hash(&key, purpose.as_bytes()).to_hex().to_string())
 }
 
-/// Actors hosted on this node: each runs on its own thread and handles its calls in order.
-#[derive(Default)]
-struct HostedActors {
-    mailboxes: HashMap<u64, Mailbox>,
+/// Pulls the bytes that an [`ArgSource`] names: inline, held by this node, or from a peer.
+#[derive(Clone)]
+struct Puller {
+    store: Arc<NodeStore>,
+    data: Arc<DataClient>,
+    data_addr: SocketAddr,
 }
 
-/// An encoded call: (call id, message).
-type ActorCall = (u64, Vec<u8>);
+impl Puller {
+    /// Appends the bytes of `source` to `out` (moving them in when `out` is empty).
+    fn append(&self, source: ArgSource, out: &mut Vec<u8>) -> std::result::Result<(), String> {
+        match source {
+            ArgSource::Inline(bytes) if out.is_empty() => *out = bytes,
+            ArgSource::Inline(bytes) => out.extend_from_slice(&bytes),
+            ArgSource::Fetch { addr, id } if addr == self.data_addr => {
+                out.extend_from_slice(&self.store.object_bytes(id)?);
+            }
+            ArgSource::Fetch { addr, id } => match self.data.fetch_blocking(addr, id) {
+                Ok(fetched) if out.is_empty() => *out = fetched.into_bytes(),
+                Ok(fetched) => {
+                    out.extend_from_slice(&fetched.head);
+                    out.extend_from_slice(&fetched.body);
+                }
+                Err(error) => {
+                    self.data.forget(addr);
+                    return Err(error.to_string());
+                }
+            },
+        }
+        Ok(())
+    }
+
+    fn pull(&self, source: ArgSource) -> std::result::Result<Vec<u8>, String> {
+        let mut bytes = Vec::new();
+        self.append(source, &mut bytes)?;
+        Ok(bytes)
+    }
+
+    /// How a result of `call_id` goes back: inline when small, else kept here under its id
+    /// for the head and peers to pull, so that no reply frame outgrows the frame limit.
+    fn reply_value(&self, call_id: u64, bytes: Vec<u8>) -> ReplyValue {
+        if bytes.len() <= INLINE_LIMIT {
+            return ReplyValue::Inline(bytes);
+        }
+        let len = bytes.len() as u64;
+        self.store.objects.lock().insert(call_id, Arc::new(bytes));
+        ReplyValue::Stored { len }
+    }
+}
+
+/// Actors hosted on this node: each runs on its own thread and handles its calls in order.
+struct HostedActors {
+    mailboxes: HashMap<u64, Mailbox>,
+    puller: Puller,
+}
+
+/// A call waiting for its actor: (call id, where its message is).
+type ActorCall = (u64, ArgSource);
 /// A hosted actor's queue and thread.
 type Mailbox = (std::sync::mpsc::Sender<ActorCall>, std::thread::JoinHandle<()>);
 
 impl HostedActors {
-    fn create(&mut self, actor_id: u64, name: &str, state: &[u8], replies: &mpsc::UnboundedSender<Message>) {
-        let Some(entry) = ActorEntry::find(name) else {
+    /// Starts the actor's thread, which pulls its state (off the connection's reader: a large
+    /// state streams from the head) and builds it, then handles calls in order.
+    fn create(
+        &mut self,
+        actor_id: u64,
+        name: String,
+        state: ArgSource,
+        replies: &mpsc::UnboundedSender<Message>,
+    ) {
+        let Some(entry) = ActorEntry::find(&name) else {
             tracing::warn!(%name, "actor type is not registered in this node's binary");
             return;
         };
-        let mut actor = match (entry.create)(state) {
-            Ok(actor) => Some(actor),
-            Err(error) => {
-                tracing::warn!(%name, %error, "cannot create actor");
-                None
-            }
-        };
         let (mailbox, inbox) = std::sync::mpsc::channel::<ActorCall>();
         let replies = replies.clone();
-        let name = name.to_string();
+        let puller = self.puller.clone();
         let spawned =
             std::thread::Builder::new().name(format!("tessera-actor-{actor_id}")).spawn(move || {
+                let created =
+                    puller.pull(state).and_then(|state| (entry.create)(&state).map_err(|e| e.to_string()));
+                let mut actor = match created {
+                    Ok(actor) => Some(actor),
+                    Err(error) => {
+                        tracing::warn!(%name, %error, "cannot create actor");
+                        None
+                    }
+                };
                 while let Ok((call_id, message)) = inbox.recv() {
-                    let result = match actor.as_mut() {
-                        None => Err(format!("actor `{name}` is not running on this node")),
-                        Some(state) => {
+                    let result = match (actor.as_mut(), puller.pull(message)) {
+                        (None, _) => Err(format!("actor `{name}` is not running on this node")),
+                        (Some(_), Err(error)) => Err(format!("cannot pull the call's message: {error}")),
+                        (Some(state), Ok(message)) => {
                             match catch_unwind(AssertUnwindSafe(|| state.handle_encoded(&message))) {
-                                Ok(Ok(reply)) => Ok(serde_bytes::ByteBuf::from(reply)),
+                                Ok(Ok(reply)) => Ok(puller.reply_value(call_id, reply)),
                                 Ok(Err(error)) => Err(error.to_string()),
                                 Err(payload) => {
                                     actor = None;
@@ -399,7 +455,7 @@ impl HostedActors {
         &mut self,
         actor_id: u64,
         call_id: u64,
-        message: Vec<u8>,
+        message: ArgSource,
         replies: &mpsc::UnboundedSender<Message>,
     ) {
         let delivered = self
@@ -432,9 +488,7 @@ impl HostedActors {
 struct Executor {
     tasks: Arc<Mutex<std::sync::mpsc::Receiver<TaskRequest>>>,
     replies: mpsc::UnboundedSender<Message>,
-    store: Arc<NodeStore>,
-    data: Arc<DataClient>,
-    data_addr: SocketAddr,
+    puller: Puller,
 }
 
 impl Executor {
@@ -455,34 +509,8 @@ impl Executor {
             |kind, message: String| TaskReply { task_id, result: Err(RemoteTaskError { kind, message }) };
         let mut args = Vec::new();
         for source in task.args {
-            match source {
-                ArgSource::Inline(bytes) => {
-                    if args.is_empty() {
-                        args = bytes;
-                    } else {
-                        args.extend_from_slice(&bytes);
-                    }
-                }
-                ArgSource::Fetch { addr, id } if addr == self.data_addr => {
-                    match self.store.object_bytes(id) {
-                        Ok(bytes) => args.extend_from_slice(&bytes),
-                        Err(reason) => return fail(RemoteErrorKind::InputUnavailable, reason),
-                    }
-                }
-                ArgSource::Fetch { addr, id } => match self.data.fetch_blocking(addr, id) {
-                    Ok(fetched) => {
-                        if args.is_empty() {
-                            args = fetched.into_bytes();
-                        } else {
-                            args.extend_from_slice(&fetched.head);
-                            args.extend_from_slice(&fetched.body);
-                        }
-                    }
-                    Err(error) => {
-                        self.data.forget(addr);
-                        return fail(RemoteErrorKind::InputUnavailable, error.to_string());
-                    }
-                },
+            if let Err(reason) = self.puller.append(source, &mut args) {
+                return fail(RemoteErrorKind::InputUnavailable, reason);
             }
         }
         let Some(entry) = TaskEntry::find(&task.name) else {
@@ -495,14 +523,7 @@ impl Executor {
             return fail(RemoteErrorKind::Failed, format!("task `{}` cannot run on a node", task.name));
         };
         match catch_unwind(AssertUnwindSafe(|| run(&args))) {
-            Ok(Ok(bytes)) if bytes.len() <= INLINE_LIMIT => {
-                TaskReply { task_id, result: Ok(ReplyValue::Inline(bytes)) }
-            }
-            Ok(Ok(bytes)) => {
-                let len = bytes.len() as u64;
-                self.store.objects.lock().insert(task_id, Arc::new(bytes));
-                TaskReply { task_id, result: Ok(ReplyValue::Stored { len }) }
-            }
+            Ok(Ok(bytes)) => TaskReply { task_id, result: Ok(self.puller.reply_value(task_id, bytes)) },
             Ok(Err(Error::TaskFailed { message, .. })) => fail(RemoteErrorKind::Failed, message),
             Ok(Err(error)) => fail(RemoteErrorKind::Failed, error.to_string()),
             Err(payload) => fail(RemoteErrorKind::Panicked, panic_message(&*payload)),

@@ -12,7 +12,7 @@ use crate::devices::GpuInfo;
 /// First field of every `Hello`: "TSRA".
 pub(crate) const MAGIC: u32 = 0x5453_5241;
 /// Bumped on any incompatible change of [`Message`].
-pub(crate) const PROTOCOL_VERSION: u16 = 1;
+pub(crate) const PROTOCOL_VERSION: u16 = 2;
 
 /// What a connecting peer wants to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -23,7 +23,9 @@ pub(crate) enum Role {
     Data,
 }
 
-/// Where a task argument's bytes come from.
+/// Where the bytes of a task argument, an actor's state or an actor call come from: inline
+/// when small, else pulled from the data server of the process that holds them, so that no
+/// control frame outgrows [`MAX_FRAME_LEN`](super::frame::MAX_FRAME_LEN).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum ArgSource {
     /// The encoded value itself.
@@ -40,7 +42,7 @@ pub(crate) struct TaskRequest {
     pub(crate) args: Vec<ArgSource>,
 }
 
-/// Where a finished task's value is.
+/// Where a finished task's value (or an actor's reply) is.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) enum ReplyValue {
     /// Small values come back inline.
@@ -118,18 +120,17 @@ pub(crate) enum Message {
     ActorCreate {
         actor_id: u64,
         name: String,
-        #[serde(with = "serde_bytes")]
-        state: Vec<u8>,
+        state: ArgSource,
     },
     ActorCall {
         actor_id: u64,
         call_id: u64,
-        #[serde(with = "serde_bytes")]
-        message: Vec<u8>,
+        message: ArgSource,
     },
+    /// A large reply stays on the node under `call_id`, like a large task result.
     ActorReply {
         call_id: u64,
-        result: Result<serde_bytes::ByteBuf, String>,
+        result: Result<ReplyValue, String>,
     },
     ActorStop {
         actor_id: u64,
@@ -158,4 +159,34 @@ pub(crate) enum Message {
         reason: String,
     },
     Shutdown,
+}
+
+impl Message {
+    /// The variant's name, for logs (never the payload, which may be large or secret).
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Message::Hello { .. } => "Hello",
+            Message::Challenge { .. } => "Challenge",
+            Message::Proof { .. } => "Proof",
+            Message::Welcome { .. } => "Welcome",
+            Message::Refused { .. } => "Refused",
+            Message::Register { .. } => "Register",
+            Message::Registered { .. } => "Registered",
+            Message::Heartbeat => "Heartbeat",
+            Message::RunTasks { .. } => "RunTasks",
+            Message::TasksDone { .. } => "TasksDone",
+            Message::Store { .. } => "Store",
+            Message::Free { .. } => "Free",
+            Message::ActorCreate { .. } => "ActorCreate",
+            Message::ActorCall { .. } => "ActorCall",
+            Message::ActorReply { .. } => "ActorReply",
+            Message::ActorStop { .. } => "ActorStop",
+            Message::SaveValue { .. } => "SaveValue",
+            Message::Saved { .. } => "Saved",
+            Message::Fetch { .. } => "Fetch",
+            Message::FetchHeader { .. } => "FetchHeader",
+            Message::FetchMissing { .. } => "FetchMissing",
+            Message::Shutdown => "Shutdown",
+        }
+    }
 }
