@@ -27,13 +27,10 @@ use serde::{Deserialize, Serialize};
 
 use super::stage::{self, Forwarded, Grads, StagePlan, StageWork, Values};
 use crate::nn::{Dataset, EpochStats, Graph, Model, NnError, Optimizer, Params, Tensor, TrainState};
-use crate::{Actor, ActorHandle, Cluster, NodeId, MAX_FRAME_LEN};
+use crate::{Actor, ActorHandle, Cluster, NodeId};
 
 /// How long the driver waits for any answer before it gives up on a step.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
-
-/// Room left in a frame for everything but the values.
-const FRAME_MARGIN: usize = 64 << 10;
 
 /// One pipeline stage hosted on a node: its part of the model and of the training state.
 #[derive(Serialize, Deserialize)]
@@ -235,8 +232,9 @@ impl ClusterPipeline {
     ///
     /// # Errors
     /// [`NnError::Argument`] for bad cuts, zero micro-batches, a node count that is not the
-    /// stage count, a parameter read by two stages, a state that does not fit the model, or
-    /// a stage (or its boundary values) too large for one message;
+    /// stage count, a parameter read by two stages, or a state that does not fit the model
+    /// (a stage's state and boundary values may be of any size: large ones travel through
+    /// the data plane);
     /// [`NnError::StageOnNode`] if a node is not in the cluster.
     pub fn new(
         cluster: &Cluster,
@@ -276,13 +274,6 @@ impl ClusterPipeline {
                     )));
                 }
             }
-            let boundary: usize = plan.needed_later.iter().map(|&n| model.graph.nodes()[n].len() * 5).sum();
-            if boundary > MAX_FRAME_LEN - FRAME_MARGIN {
-                return Err(bad(format!(
-                    "stage {} hands on {boundary} bytes per micro-batch, more than one message holds",
-                    plan.index
-                )));
-            }
         }
         let known = cluster.nodes();
         let ranges = plans.iter().map(|p| p.range.clone()).collect();
@@ -302,14 +293,6 @@ impl ClusterPipeline {
                 plan,
                 work: None,
             };
-            let size = bincode::serde::encode_to_vec(&actor, bincode::config::standard())
-                .map_err(|e| bad(format!("stage {index} cannot be encoded: {e}")))?
-                .len();
-            if size > MAX_FRAME_LEN - FRAME_MARGIN {
-                return Err(bad(format!(
-                    "stage {index} encodes to {size} bytes, more than one message holds"
-                )));
-            }
             let handle = cluster.actor_on(node, &actor).map_err(|e| NnError::StageOnNode {
                 stage: index,
                 node: name.clone(),
