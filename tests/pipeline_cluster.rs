@@ -1,7 +1,8 @@
 //! Pipeline stages as actors on cluster nodes: a 2-stage [`ClusterPipeline`] on 2 node
 //! processes matches single-worker training on the whole batch (an MLP) and the thread
 //! pipeline (LeNet, with dropout), moves its state in and out of the stages, and fails a
-//! step naming the stage's node within seconds when that node is killed.
+//! step naming the stage's node within seconds when that node is killed, after which a
+//! restart on a fresh node from a checkpoint resumes training where it was.
 //!
 //! `harness = false`: node processes are this binary re-executed; `tessera::init()` at the
 //! top of `main` turns them into nodes.
@@ -168,8 +169,15 @@ impl Running {
     }
 }
 
-fn a_dead_stage_node_fails_the_step_naming_it() -> Result<()> {
-    let Running { test: _test, mut pipeline, mut state, x, y, victim } = Running::start()?;
+fn a_dead_stage_node_fails_the_step_naming_it_and_a_restart_resumes() -> Result<()> {
+    let Running { test, mut pipeline, mut state, x, y, victim } = Running::start()?;
+    // A checkpoint, and the step that follows it, to compare the resumed run with.
+    let mut checkpoint = state.clone();
+    pipeline.fetch_state(&mut checkpoint)?;
+    let mut reference = checkpoint.clone();
+    pipeline.step(&mut reference, &x, &y)?;
+    pipeline.fetch_state(&mut reference)?;
+    pipeline.load_state(&checkpoint)?;
     // Kill stage 1's node while steps run.
     let pid = victim.pid;
     let killer = std::thread::spawn(move || -> Result<Instant> {
@@ -204,6 +212,21 @@ fn a_dead_stage_node_fails_the_step_naming_it() -> Result<()> {
     let again = pipeline.step(&mut state, &x, &y);
     ensure!(matches!(&again, Err(NnError::StageOnNode { stage: 1, .. })), "{again:?}");
     ensure!(start.elapsed() < Duration::from_secs(1), "took {:?}", start.elapsed());
+
+    // A fresh node takes stage 1; restarted from the checkpoint, the pipeline makes the same
+    // step as before the loss.
+    test.cluster.launch(&LocalProcesses { count: 1, slots: Some(1) })?;
+    test.cluster.wait_for_nodes(2, Duration::from_secs(30))?;
+    let fresh = test.cluster.nodes().into_iter().find(|n| n.id != test.nodes[0] && n.id != victim.id);
+    let fresh = fresh.ok_or_else(|| anyhow::anyhow!("no fresh node joined"))?;
+    pipeline.restart(&test.cluster, &[test.nodes[0], fresh.id], &checkpoint)?;
+    ensure!(pipeline.stage_nodes()[1] == fresh.name, "stage 1 is on {:?}", pipeline.stage_nodes());
+    let mut resumed = checkpoint.clone();
+    pipeline.step(&mut resumed, &x, &y)?;
+    pipeline.fetch_state(&mut resumed)?;
+    close(&resumed.params, &reference.params, "the step after a restart")?;
+    ensure!(resumed.step == reference.step, "steps {} and {}", resumed.step, reference.step);
+    println!("    restarted with stage 1 on `{}`: the next step matches the one before the loss", fresh.name);
     Ok(())
 }
 
@@ -238,7 +261,10 @@ fn main() {
     tessera::init();
     let tests: &[(&str, support::TestFn)] = &[
         ("cluster_pipeline_matches_single_worker_training", cluster_pipeline_matches_single_worker_training),
-        ("a_dead_stage_node_fails_the_step_naming_it", a_dead_stage_node_fails_the_step_naming_it),
+        (
+            "a_dead_stage_node_fails_the_step_naming_it_and_a_restart_resumes",
+            a_dead_stage_node_fails_the_step_naming_it_and_a_restart_resumes,
+        ),
         ("a_frozen_stage_node_times_out_naming_it", a_frozen_stage_node_times_out_naming_it),
     ];
     support::run(tests);

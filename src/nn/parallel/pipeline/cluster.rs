@@ -321,6 +321,28 @@ impl ClusterPipeline {
         Self::new(cluster, model, &cuts, nodes, micro_batches, state)
     }
 
+    /// Starts every stage again, on `nodes` (one per stage, as in [`ClusterPipeline::new`]),
+    /// from `state`, keeping the cuts, the micro-batch count and the timeout: the way on
+    /// after a stage failed or its node was lost. `state` is a checkpoint, say a clone of
+    /// the state taken after the last good [`ClusterPipeline::train_epoch`] (or after
+    /// [`ClusterPipeline::fetch_state`]): training goes on from it exactly as it would
+    /// have from that point. The old stages are stopped where their nodes still run.
+    ///
+    /// # Errors
+    /// As [`ClusterPipeline::new`]; on error the pipeline stays as it was.
+    pub fn restart(
+        &mut self,
+        cluster: &Cluster,
+        nodes: &[NodeId],
+        state: &TrainState,
+    ) -> Result<(), NnError> {
+        let cuts: Vec<usize> = self.ranges[1..].iter().map(|range| range.start).collect();
+        let mut fresh = Self::new(cluster, self.model.clone(), &cuts, nodes, self.micro_batches, state)?;
+        fresh.timeout = self.timeout;
+        *self = fresh;
+        Ok(())
+    }
+
     /// The model (built for one micro-batch).
     pub fn model(&self) -> &Model {
         &self.model
