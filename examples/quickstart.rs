@@ -1,13 +1,22 @@
-//! Quick start: a small dynamic task graph on the in-process runtime.
+//! Quick start: Tessera's main job end to end, on the embedded defaults.
 //!
-//! Runs Monte-Carlo π over many tasks, a recursive divide-and-conquer sum whose tasks spawn
-//! tasks, and an actor counter, printing what each computed and how long it took.
+//! On the in-process runtime: Monte-Carlo π over many tasks, a recursive divide-and-conquer
+//! sum whose tasks spawn tasks, and an actor counter. Then the same runtime heads a cluster
+//! of 2 node processes on 127.0.0.1 (this program, started again): π tasks run on the
+//! nodes, a small CNN trains data-parallel on the digits data set with one replica actor
+//! per node (gradients all-reduced between the nodes), checkpointing every epoch into the
+//! embedded stash, and the final model is loaded back from the stash by name and
+//! evaluated. Each part prints what it computed and how long it took.
 //!
 //! Run it: `cargo run --release --example quickstart`
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use tessera::{Actor, Ref, Runtime};
+use anyhow::{ensure, Result};
+use tessera::nn::{
+    lenet, resume_from_stash, train_on_cluster, Dataset, ElasticTraining, EpochReport, Evaluator, ModelSpec,
+    OptimizerConfig, ReplicaJob,
+};
+use tessera::{Actor, Cluster, ClusterConfig, LocalProcesses, Ref, Runtime, Stash};
 
 tessera::task! {
     /// Throws `samples` darts at the unit square; returns how many fell inside the circle.
@@ -64,6 +73,8 @@ impl Actor for Counter {
 }
 
 fn main() -> Result<()> {
+    // A copy of this program started as a cluster node runs as one and exits here.
+    tessera::init();
     let started = Instant::now();
     let rt = Runtime::local()?;
     println!("tessera quickstart: {} workers, policy {}", rt.workers(), rt.policy_name());
@@ -122,7 +133,100 @@ fn main() -> Result<()> {
         "runtime: {} tasks submitted, {} finished, {} failed; {} live objects",
         stats.tasks_submitted, stats.tasks_finished, stats.tasks_failed, stats.live_objects
     );
+
+    let result = on_a_cluster(&rt);
     rt.shutdown();
+    result?;
     println!("done in {:.1} ms", started.elapsed().as_secs_f64() * 1e3);
+    Ok(())
+}
+
+/// Part 4: the runtime heads a cluster of node processes; tasks, training and the stash.
+fn on_a_cluster(rt: &Runtime) -> Result<()> {
+    const NODES: usize = 2;
+    let t = Instant::now();
+    let cluster = Cluster::start(rt, ClusterConfig::default())?; // 127.0.0.1, a random secret
+    cluster.launch(&LocalProcesses { count: NODES, slots: Some(1) })?;
+    cluster.wait_for_nodes(NODES, Duration::from_secs(30))?;
+    println!("cluster: {NODES} node processes joined in {:.1} ms", t.elapsed().as_secs_f64() * 1e3);
+
+    // Tasks now run on the nodes; only their counts come back.
+    let t = Instant::now();
+    const TASKS: u64 = 40;
+    const SAMPLES: u64 = 100_000;
+    let throws: Vec<Ref<u64>> = (0..TASKS).map(|seed| darts::spawn(rt, seed, SAMPLES)).collect();
+    let inside: u64 = throws.iter().map(|r| r.blocking_get()).sum::<tessera::Result<u64>>()?;
+    let pi = 4.0 * inside as f64 / (TASKS * SAMPLES) as f64;
+    let per_node: Vec<String> =
+        cluster.nodes().iter().map(|n| format!("{} ran {}", n.name, n.tasks_run)).collect();
+    println!(
+        "Monte-Carlo pi  = {pi:.5} on the nodes ({}), {:.1} ms",
+        per_node.join(", "),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+
+    // Data-parallel training: one replica actor per node, checkpoints in the embedded stash.
+    let stash_dir = std::env::temp_dir().join(format!("tessera-quickstart-{}", std::process::id()));
+    let stash = Stash::open(&stash_dir)?;
+    let (train, test) =
+        Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))?.split(0.2, 42);
+    let test_rows = test.len();
+    let name = "quickstart/lenet";
+    let mut job = ReplicaJob::new(
+        ModelSpec::Lenet { side: 8, classes: 10 },
+        OptimizerConfig::adamw(3e-3, 1e-4),
+        64,
+        train,
+    )
+    .checkpoint_to(&stash, name);
+    job.test = Some(test.clone());
+    const EPOCHS: u64 = 6;
+    println!(
+        "training a LeNet-style CNN on digits: {NODES} replica actors, global batch 64, {EPOCHS} epochs"
+    );
+    let nodes: Vec<_> = cluster.nodes().iter().map(|n| n.id).collect();
+    let report = train_on_cluster(
+        &cluster,
+        &nodes,
+        &job,
+        ElasticTraining::new(EPOCHS),
+        // A cosine learning-rate schedule.
+        |epoch| 3e-3 * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / EPOCHS as f32).cos()),
+        |r: &EpochReport| {
+            println!(
+                "  epoch {}  loss {:.4}  train acc {:5.1}%  test acc {:5.1}%  {:6.0} samples/s",
+                r.epoch,
+                r.stats.loss,
+                100.0 * r.stats.accuracy,
+                100.0 * r.test_accuracy.unwrap_or(f32::NAN),
+                r.stats.samples_per_second()
+            )
+        },
+        |message| println!("  elastic: {message}"),
+    )?;
+
+    // The stash keeps every checkpoint as a version of one name, with its type and tags.
+    let history = stash.history(name)?;
+    let last = history.last().ok_or_else(|| anyhow::anyhow!("no checkpoint in the stash"))?;
+    println!(
+        "stash {}: {} versions of `{name}` ({}), the last one {} bytes, tags {:?}",
+        stash_dir.display(),
+        history.len(),
+        last.type_name,
+        last.size,
+        last.tags
+    );
+    let loaded = resume_from_stash(&stash, name, None)?;
+    ensure!(
+        loaded.params == report.state.params,
+        "the stash holds other parameters than training ended with"
+    );
+    let accuracy = Evaluator::new(lenet(test_rows, 8, 10)?).classify(&loaded.params, &test)?.accuracy;
+    println!(
+        "loaded `{name}` back from the stash: test accuracy {:.1}% on {test_rows} digits",
+        100.0 * accuracy
+    );
+    drop(stash);
+    let _ = std::fs::remove_dir_all(&stash_dir);
     Ok(())
 }
