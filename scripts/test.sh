@@ -9,6 +9,9 @@ scripts/install-deps.sh
 # run against the local servers that install-deps provides.
 cargo test --release --all-targets --features s3,postgres "$@"
 cargo test --release --doc --features s3,postgres "$@"
+# README's first command, Tessera's main job end to end, must keep working (same features as
+# above, so nothing is rebuilt).
+cargo run --release --features s3,postgres --example quickstart
 # The CUDA feature without a GPU: discovery must say so, and every kernel must compile
 # (NVRTC from PyPI, installed by install-deps).
 LD_LIBRARY_PATH=/opt/tessera-nvrtc/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
