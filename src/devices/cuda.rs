@@ -105,17 +105,22 @@ pub fn cuda_devices() -> Result<Vec<CudaDeviceInfo>> {
     if count <= 0 {
         return Err(DeviceError::NoDevice("the CUDA driver sees no device".into()));
     }
-    (0..count as usize)
-        .map(|ordinal| {
+    // Device queries need no context: discovery (which every node runs when it joins)
+    // neither takes GPU memory nor the time to make a context on each device.
+    use cudarc::driver::result::device;
+    (0..count)
+        .map(|index| {
+            let ordinal = index as usize;
             let driver = |e: cudarc::driver::DriverError| DeviceError::Driver {
                 device: ordinal,
                 message: e.to_string(),
             };
-            let ctx = CudaContext::new(ordinal).map_err(driver)?;
+            let dev = device::get(index).map_err(driver)?;
             Ok(CudaDeviceInfo {
                 ordinal,
-                name: ctx.name().map_err(driver)?,
-                total_memory: ctx.total_mem().map_err(driver)?,
+                name: device::get_name(dev).map_err(driver)?,
+                // SAFETY: `dev` is a device handle the driver just gave for this ordinal.
+                total_memory: unsafe { device::total_mem(dev) }.map_err(driver)?,
             })
         })
         .collect()
