@@ -7,7 +7,8 @@ use anyhow::Result;
 use clap::Args;
 use tessera::nn::{Dataset, EpochStats, Evaluation};
 
-/// `--data`: where the digits CSV is.
+// `--data`: where the digits CSV is (a plain comment: a doc comment would become the
+// examples' `--help` description).
 #[derive(Args, Clone)]
 pub struct DataArg {
     /// The digits CSV.
