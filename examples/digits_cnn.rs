@@ -3,9 +3,12 @@
 //! prints loss, accuracy and samples/s per epoch.
 //!
 //! `cargo run --release --example digits_cnn -- --epochs 60`
+#[path = "common/digits.rs"]
+mod digits;
+
 use anyhow::Result;
 use clap::Parser;
-use tessera::nn::{lenet, Dataset, Evaluator, OptimizerConfig, TrainState, Trainer};
+use tessera::nn::{lenet, Evaluator, OptimizerConfig, TrainState, Trainer};
 
 #[derive(Parser)]
 struct Args {
@@ -21,14 +24,13 @@ struct Args {
     /// Seed for initialization, shuffling and dropout.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// The digits CSV.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))]
-    data: String,
+    #[command(flatten)]
+    data: digits::DataArg,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
+    let (train, test) = digits::load(&args.data)?;
     println!("digits: {} train, {} test", train.len(), test.len());
     let model = lenet(args.batch, 8, 10)?;
     let config = OptimizerConfig::adamw(args.lr, 1e-4);
@@ -36,19 +38,11 @@ fn main() -> Result<()> {
     let mut trainer = Trainer::new(model);
     let mut eval = Evaluator::new(lenet(test.len(), 8, 10)?);
     for epoch in 0..args.epochs {
-        let lr = args.lr * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / args.epochs as f32).cos());
+        let lr = digits::cosine_lr(args.lr, epoch, args.epochs);
         state.optimizer.set_lr(lr);
         let stats = trainer.train_epoch(&mut state, &train)?;
         let e = eval.classify(&state.params, &test)?;
-        println!(
-            "epoch {:3}  lr {lr:.5}  loss {:.4}  train acc {:.2}%  test loss {:.4}  test acc {:.2}%  {:.0} samples/s",
-            epoch + 1,
-            stats.loss,
-            100.0 * stats.accuracy,
-            e.loss,
-            100.0 * e.accuracy,
-            stats.samples_per_second()
-        );
+        println!("epoch {:3}  lr {lr:.5}  {}", epoch + 1, digits::summary(&stats, &e));
     }
     Ok(())
 }

@@ -2,9 +2,12 @@
 //! prints loss, accuracy and samples/s per epoch.
 //!
 //! `cargo run --release --example digits_logreg -- --epochs 30`
+#[path = "common/digits.rs"]
+mod digits;
+
 use anyhow::Result;
 use clap::Parser;
-use tessera::nn::{logistic_regression, Dataset, Evaluator, OptimizerConfig, TrainState, Trainer};
+use tessera::nn::{logistic_regression, Evaluator, OptimizerConfig, TrainState, Trainer};
 
 #[derive(Parser)]
 struct Args {
@@ -23,14 +26,13 @@ struct Args {
     /// Seed for initialization and shuffling.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// The digits CSV.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))]
-    data: String,
+    #[command(flatten)]
+    data: digits::DataArg,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
+    let (train, test) = digits::load(&args.data)?;
     println!("digits: {} train, {} test", train.len(), test.len());
     let model = logistic_regression(args.batch, 64, 10)?;
     let config = OptimizerConfig::sgd(args.lr, args.momentum);
@@ -40,14 +42,7 @@ fn main() -> Result<()> {
     for epoch in 1..=args.epochs {
         let stats = trainer.train_epoch(&mut state, &train)?;
         let e = eval.classify(&state.params, &test)?;
-        println!(
-            "epoch {epoch:3}  loss {:.4}  train acc {:.2}%  test loss {:.4}  test acc {:.2}%  {:.0} samples/s",
-            stats.loss,
-            100.0 * stats.accuracy,
-            e.loss,
-            100.0 * e.accuracy,
-            stats.samples_per_second()
-        );
+        println!("epoch {epoch:3}  {}", digits::summary(&stats, &e));
     }
     Ok(())
 }

@@ -2,9 +2,12 @@
 //! accuracy and samples/s per epoch.
 //!
 //! `cargo run --release --example digits_mlp -- --epochs 40`
+#[path = "common/digits.rs"]
+mod digits;
+
 use anyhow::Result;
 use clap::Parser;
-use tessera::nn::{mlp, Dataset, Evaluator, OptimizerConfig, TrainState, Trainer};
+use tessera::nn::{mlp, Evaluator, OptimizerConfig, TrainState, Trainer};
 
 #[derive(Parser)]
 struct Args {
@@ -20,14 +23,13 @@ struct Args {
     /// Seed for initialization and shuffling.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// The digits CSV.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))]
-    data: String,
+    #[command(flatten)]
+    data: digits::DataArg,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
+    let (train, test) = digits::load(&args.data)?;
     println!("digits: {} train, {} test", train.len(), test.len());
     let sizes = [64, 128, 64, 10];
     let model = mlp(args.batch, &sizes)?;
@@ -38,14 +40,7 @@ fn main() -> Result<()> {
     for epoch in 1..=args.epochs {
         let stats = trainer.train_epoch(&mut state, &train)?;
         let e = eval.classify(&state.params, &test)?;
-        println!(
-            "epoch {epoch:3}  loss {:.4}  train acc {:.2}%  test loss {:.4}  test acc {:.2}%  {:.0} samples/s",
-            stats.loss,
-            100.0 * stats.accuracy,
-            e.loss,
-            100.0 * e.accuracy,
-            stats.samples_per_second()
-        );
+        println!("epoch {epoch:3}  {}", digits::summary(&stats, &e));
     }
     Ok(())
 }

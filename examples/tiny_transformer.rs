@@ -11,8 +11,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Parser;
 use tessera::nn::{
-    tiny_transformer, window_count, Evaluator, OptimizerConfig, TextCorpus, TrainState, Trainer,
-    TransformerConfig,
+    tiny_transformer, window_count, Evaluator, OptimizerConfig, TrainState, Trainer, TransformerConfig,
 };
 
 #[derive(Parser)]
@@ -47,20 +46,11 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
-    let files = text::corpus_files(&args.files)?;
-    let corpus = TextCorpus::from_files(&files)?;
-    let split = corpus.ids.len() * 9 / 10;
-    let (train, valid) = corpus.ids.split_at(split);
-    let baseline = corpus.unigram_cross_entropy(train, valid);
-    println!(
-        "{} files, {} characters, vocabulary {}; unigram baseline {baseline:.3} nats/char",
-        files.len(),
-        corpus.ids.len(),
-        corpus.vocab_size()
-    );
+    let text = text::Text::load(&args.files)?;
+    let (train, valid) = (text.train(), text.valid());
     let cfg =
         TransformerConfig { width: args.width, heads: args.heads, layers: args.layers, ff: 4 * args.width };
-    let v = corpus.vocab_size();
+    let v = text.corpus.vocab_size();
     let model = tiny_transformer(args.batch, args.steps, v, cfg)?;
     let windows = window_count(train.len(), args.steps);
     let mut state =
@@ -71,16 +61,9 @@ fn main() -> Result<()> {
     for epoch in 1..=args.epochs {
         let stats = trainer.train_epoch_text(&mut state, train, args.steps)?;
         let ev = eval.text(&state.params, valid, args.steps)?;
-        println!(
-            "epoch {epoch:3}  train loss {:.3}  valid loss {:.3} (unigram {baseline:.3})  valid acc {:.1}%  {:.0} tokens/s",
-            stats.loss,
-            ev.loss,
-            100.0 * ev.accuracy,
-            stats.samples_per_second()
-        );
+        text.print_epoch(epoch, &stats, &ev);
     }
     let sampler = tiny_transformer(1, args.steps, v, cfg)?;
-    let out = text::sample(&sampler, &state.params, &corpus, "pub fn ", 200, 0.8, args.seed)?;
-    println!("--- sample ---\npub fn {out}");
+    text.print_sample(&sampler, &state.params, args.seed)?;
     Ok(())
 }

@@ -10,14 +10,17 @@
 //! then replaces the lost one for the pipeline).
 //!
 //! `cargo run --release --example train_parallel -- --epochs 20 [--kill-node-at-epoch 5]`
+#[path = "common/digits.rs"]
+mod digits;
+
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use clap::Parser;
 use tessera::nn::{
-    lenet, train_on_cluster, ClusterPipeline, Dataset, ElasticTraining, EpochReport, EpochStats, Evaluator,
-    ModelSpec, OptimizerConfig, ReplicaJob, TrainState,
+    lenet, train_on_cluster, ClusterPipeline, ElasticTraining, EpochReport, Evaluator, ModelSpec,
+    OptimizerConfig, ReplicaJob, TrainState,
 };
 use tessera::{Cluster, ClusterConfig, LocalProcesses, Runtime};
 
@@ -38,9 +41,8 @@ struct Args {
     /// Seed for initialization, shuffling and dropout.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// The digits CSV.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))]
-    data: String,
+    #[command(flatten)]
+    data: digits::DataArg,
     /// Demonstrate elasticity: the second node dies while this epoch + 1 runs.
     #[arg(long)]
     kill_node_at_epoch: Option<u64>,
@@ -48,28 +50,13 @@ struct Args {
 
 const REPLICAS: usize = 2;
 
-fn lr_at(args: &Args, epoch: usize) -> f32 {
-    args.lr * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / args.epochs as f32).cos())
-}
-
-fn print_epoch(epoch: usize, stats: &EpochStats, test_accuracy: f32) {
-    println!(
-        "  epoch {:3}  loss {:.4}  train acc {:6.2}%  test acc {:6.2}%  {:7.0} samples/s",
-        epoch + 1,
-        stats.loss,
-        100.0 * stats.accuracy,
-        100.0 * test_accuracy,
-        stats.samples_per_second()
-    );
-}
-
 fn data_parallel(args: &Args, cluster: &Cluster) -> Result<()> {
     let mut nodes = cluster.nodes();
     nodes.sort_by_key(|n| n.id);
     let checkpoints = std::env::temp_dir().join(format!("tessera-train-parallel-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&checkpoints);
     let stash = tessera::Stash::open(&checkpoints)?;
-    let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
+    let (train, test) = digits::load(&args.data)?;
     let mut job = ReplicaJob::new(
         ModelSpec::Lenet { side: 8, classes: 10 },
         OptimizerConfig::adamw(args.lr, 1e-4),
@@ -92,9 +79,9 @@ fn data_parallel(args: &Args, cluster: &Cluster) -> Result<()> {
         &nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
         &job,
         ElasticTraining::new(args.epochs as u64),
-        |epoch| lr_at(args, epoch as usize),
+        |epoch| digits::cosine_lr(args.lr, epoch as usize, args.epochs),
         |r: &EpochReport| {
-            print_epoch(r.epoch as usize - 1, &r.stats, r.test_accuracy.unwrap_or(f32::NAN));
+            digits::print_epoch(r.epoch as usize - 1, &r.stats, r.test_accuracy.unwrap_or(f32::NAN));
             if Some(r.epoch) == args.kill_node_at_epoch && r.replicas == REPLICAS {
                 println!("  (killing the second node while the next epoch runs)");
                 let victim = victim.clone();
@@ -122,7 +109,7 @@ fn pipeline(args: &Args, cluster: &Cluster) -> Result<()> {
     }
     let mut nodes: Vec<_> = cluster.nodes().iter().map(|n| n.id).collect();
     nodes.sort();
-    let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
+    let (train, test) = digits::load(&args.data)?;
     let model = lenet(args.batch / MICRO_BATCHES, 8, 10)?;
     let mut state =
         TrainState::new(&model, OptimizerConfig::adamw(args.lr, 1e-4), train.len(), args.batch, args.seed);
@@ -141,11 +128,11 @@ fn pipeline(args: &Args, cluster: &Cluster) -> Result<()> {
     );
     let mut eval = Evaluator::new(lenet(test.len(), 8, 10)?);
     for epoch in 0..args.epochs {
-        state.optimizer.set_lr(lr_at(args, epoch));
+        state.optimizer.set_lr(digits::cosine_lr(args.lr, epoch, args.epochs));
         // Ends by fetching the stages' parameters into `state`.
         let stats = pipeline.train_epoch(&mut state, &train)?;
         let e = eval.classify(&state.params, &test)?;
-        print_epoch(epoch, &stats, e.accuracy);
+        digits::print_epoch(epoch, &stats, e.accuracy);
     }
     Ok(())
 }

@@ -5,6 +5,9 @@
 //! this process instead (for comparison).
 //!
 //! `cargo run --release --example train_pipeline -- --epochs 10 [--threads]`
+#[path = "common/digits.rs"]
+mod digits;
+
 use std::time::Duration;
 
 use anyhow::{ensure, Result};
@@ -31,26 +34,14 @@ struct Args {
     /// Seed for initialization, shuffling and dropout.
     #[arg(long, default_value_t = 1)]
     seed: u64,
-    /// The digits CSV.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))]
-    data: String,
+    #[command(flatten)]
+    data: digits::DataArg,
     /// Run the stages on threads of this process instead of node processes.
     #[arg(long)]
     threads: bool,
 }
 
 const STAGES: usize = 2;
-
-fn print_epoch(epoch: usize, stats: &EpochStats, test_accuracy: f32) {
-    println!(
-        "  epoch {:3}  loss {:.4}  train acc {:6.2}%  test acc {:6.2}%  {:7.0} samples/s",
-        epoch + 1,
-        stats.loss,
-        100.0 * stats.accuracy,
-        100.0 * test_accuracy,
-        stats.samples_per_second()
-    );
-}
 
 fn main() -> Result<()> {
     tessera::init();
@@ -59,7 +50,7 @@ fn main() -> Result<()> {
         args.micro_batches > 0 && args.batch % args.micro_batches == 0,
         "--batch must split into micro-batches"
     );
-    let (train, test) = Dataset::digits(&args.data)?.split(0.2, 42);
+    let (train, test) = digits::load(&args.data)?;
     let micro = args.batch / args.micro_batches;
     let model = lenet(micro, 8, 10)?;
     let mut state =
@@ -107,7 +98,7 @@ fn main() -> Result<()> {
     for epoch in 0..args.epochs {
         let stats = train_epoch(&mut state, &train)?;
         total = (total.0 + stats.samples, total.1 + stats.seconds);
-        print_epoch(epoch, &stats, eval.classify(&state.params, &test)?.accuracy);
+        digits::print_epoch(epoch, &stats, eval.classify(&state.params, &test)?.accuracy);
     }
     drop(train_epoch);
     if let Some(rt) = runtime {

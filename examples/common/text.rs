@@ -1,12 +1,68 @@
-//! Shared by the text examples: the default corpus (the project's own docs and sources)
-//! and sampling from a trained language model.
+//! Shared by the text examples: the default corpus (the project's own docs and sources),
+//! its train/validation split, the per-epoch report line, and sampling from a trained
+//! language model.
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
-use tessera::nn::{CpuExecutor, Executor, Model, Params, Rng, TextCorpus};
+use tessera::nn::{CpuExecutor, EpochStats, Evaluation, Executor, Model, Params, Rng, TextCorpus};
+
+/// A corpus split 90/10 into training and validation text.
+pub struct Text {
+    pub corpus: TextCorpus,
+    split: usize,
+    /// Validation cross-entropy of the training text's character frequencies (nats/char).
+    pub baseline: f32,
+}
+
+impl Text {
+    /// Reads the files given (default: see [`corpus_files`]) and prints what it read.
+    pub fn load(given: &[PathBuf]) -> Result<Self> {
+        let files = corpus_files(given)?;
+        let corpus = TextCorpus::from_files(&files)?;
+        let split = corpus.ids.len() * 9 / 10;
+        let (train, valid) = corpus.ids.split_at(split);
+        let baseline = corpus.unigram_cross_entropy(train, valid);
+        println!(
+            "{} files, {} characters, vocabulary {}; unigram baseline {baseline:.3} nats/char",
+            files.len(),
+            corpus.ids.len(),
+            corpus.vocab_size()
+        );
+        Ok(Text { corpus, split, baseline })
+    }
+
+    /// The training ids.
+    pub fn train(&self) -> &[i32] {
+        &self.corpus.ids[..self.split]
+    }
+
+    /// The validation ids.
+    pub fn valid(&self) -> &[i32] {
+        &self.corpus.ids[self.split..]
+    }
+
+    /// Prints one epoch's training and validation figures.
+    pub fn print_epoch(&self, epoch: usize, stats: &EpochStats, valid: &Evaluation) {
+        println!(
+            "epoch {epoch:3}  train loss {:.3}  valid loss {:.3} (unigram {:.3})  valid acc {:.1}%  {:.0} tokens/s",
+            stats.loss,
+            valid.loss,
+            self.baseline,
+            100.0 * valid.accuracy,
+            stats.samples_per_second()
+        );
+    }
+
+    /// Prints 200 characters that `model` (built with batch 1) writes after "pub fn ".
+    pub fn print_sample(&self, model: &Model, params: &Params, seed: u64) -> Result<()> {
+        let out = sample(model, params, &self.corpus, "pub fn ", 200, 0.8, seed)?;
+        println!("--- sample ---\npub fn {out}");
+        Ok(())
+    }
+}
 
 /// The files given, or by default README.md, the design docs and `src/**/*.rs`.
-pub fn corpus_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
+fn corpus_files(given: &[PathBuf]) -> Result<Vec<PathBuf>> {
     if !given.is_empty() {
         return Ok(given.to_vec());
     }
@@ -39,7 +95,7 @@ fn collect_rs(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
 
 /// Generates `len` characters after `prompt` from a model built with batch 1, sampling
 /// with the given temperature.
-pub fn sample(
+fn sample(
     model: &Model,
     params: &Params,
     corpus: &TextCorpus,

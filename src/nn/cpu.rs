@@ -17,6 +17,7 @@
 //!    read through strides, never copied.
 use std::ops::Range;
 
+use crate::nn::executor::rules;
 use crate::nn::tensor::numel;
 use crate::nn::{DType, Executor, Graph, NnError, NodeId, Op, Params, Rng};
 
@@ -99,14 +100,7 @@ impl CpuExecutor {
             }
         }
         let n = nodes.len();
-        let mut requires_grad = vec![false; n];
-        for (i, node) in nodes.iter().enumerate() {
-            requires_grad[i] = match node.op {
-                Op::Param { .. } => true,
-                Op::Input | Op::Constant { .. } => false,
-                _ => node.dtype == DType::F32 && node.inputs.iter().any(|j| requires_grad[j.0]),
-            };
-        }
+        let requires_grad = rules::requires_grad(graph);
         let mut vals = Vec::with_capacity(n);
         let mut ids = Vec::with_capacity(n);
         let mut grads = Vec::with_capacity(n);
@@ -189,20 +183,9 @@ impl CpuExecutor {
     }
 
     fn check_range(&self, range: &Range<usize>) -> Result<(), NnError> {
-        let len = self.graph.len();
-        if range.end > len {
-            return Err(NnError::UnknownNode { node: range.end.saturating_sub(1), len });
-        }
+        rules::check_in_graph(&self.graph, range)?;
         if !range.is_empty() && (range.start < self.stage.start || range.end > self.stage.end) {
             return Err(self.outside(range.clone()));
-        }
-        Ok(())
-    }
-
-    fn check_len(&self, node: NodeId, got: usize) -> Result<(), NnError> {
-        let n = self.graph.node(node)?;
-        if n.len() != got {
-            return Err(NnError::Length { node: node.0, name: n.name.clone(), expected: n.len(), got });
         }
         Ok(())
     }
@@ -213,16 +196,8 @@ impl CpuExecutor {
     /// # Errors
     /// [`NnError::UnknownNode`]; [`NnError::DType`] for an i32 node or a parameter.
     pub fn value_mut(&mut self, node: NodeId) -> Result<&mut [f32], NnError> {
-        let n = self.graph.node(node)?;
         self.check_held(node)?;
-        if n.dtype != DType::F32 || matches!(n.op, Op::Param { .. }) {
-            return Err(NnError::DType {
-                op: "set_value",
-                input: "node",
-                got: n.dtype,
-                expected: DType::F32,
-            });
-        }
+        rules::check_settable(&self.graph, node, DType::F32)?;
         self.filled[node.0] = true;
         Ok(&mut self.vals[node.0])
     }
@@ -232,11 +207,8 @@ impl CpuExecutor {
     /// # Errors
     /// [`NnError::UnknownNode`]; [`NnError::DType`] for an f32 node.
     pub fn ids_mut(&mut self, node: NodeId) -> Result<&mut [i32], NnError> {
-        let n = self.graph.node(node)?;
         self.check_held(node)?;
-        if n.dtype != DType::I32 {
-            return Err(NnError::DType { op: "set_ids", input: "node", got: n.dtype, expected: DType::I32 });
-        }
+        rules::check_settable(&self.graph, node, DType::I32)?;
         self.filled[node.0] = true;
         Ok(&mut self.ids[node.0])
     }
@@ -286,24 +258,13 @@ impl CpuExecutor {
         self.zeroed.fill(false);
         self.check_range(&range)?;
         params.check_some(&self.graph, |p| self.reads[p])?;
-        // Zero each gradient once: the range's own nodes, then the nodes before the range
-        // that it reads (parameters, stage inputs), which may be read many times.
-        for n in range.clone() {
-            if self.requires_grad[n] {
-                self.grads[n].fill(0.0);
-            }
-        }
-        for n in range.clone() {
-            for &i in &self.graph.nodes()[n].inputs {
-                if i.0 < range.start && self.requires_grad[i.0] && !self.zeroed[i.0] {
-                    self.grads[i.0].fill(0.0);
-                    self.zeroed[i.0] = true;
-                }
-            }
-        }
-        self.zeroed.fill(false);
+        let grads = &mut self.grads;
+        rules::zero_grads(&self.graph, &self.requires_grad, &range, &mut self.zeroed, |i| {
+            grads[i].fill(0.0);
+            Ok(())
+        })?;
         for &(node, seed) in seeds {
-            self.check_len(node, seed.len())?;
+            rules::check_len(&self.graph, node, seed.len())?;
             self.check_held(node)?;
             if !self.requires_grad[node.0] {
                 continue;
@@ -313,16 +274,10 @@ impl CpuExecutor {
             }
         }
         for n in range.clone().rev() {
-            if !self.requires_grad[n] {
+            if !rules::backward_runs(&self.graph, &self.requires_grad, &self.filled, n)? {
                 continue;
             }
             let node = &self.graph.nodes()[n];
-            if matches!(node.op, Op::Param { .. }) {
-                continue;
-            }
-            if !self.filled[n] {
-                return Err(self.missing(NodeId(n)));
-            }
             let g = std::mem::take(&mut self.grads[n]);
             let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
             let saved =
@@ -371,7 +326,29 @@ impl CpuExecutor {
     }
 
     fn missing(&self, node: NodeId) -> NnError {
-        NnError::MissingValue { node: node.0, name: self.graph.nodes()[node.0].name.clone() }
+        rules::missing(&self.graph, node)
+    }
+
+    /// Runs node `n`'s forward kernel into its (taken-out) buffers.
+    fn forward_node(&mut self, params: &Params, n: usize) -> Result<(), NnError> {
+        let node = &self.graph.nodes()[n];
+        let mut out = std::mem::take(&mut self.vals[n]);
+        let mut out_ids = std::mem::take(&mut self.ids[n]);
+        let mut aux = std::mem::take(&mut self.aux[n]);
+        let mut idx = std::mem::take(&mut self.idx[n]);
+        let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
+        let result = forward::run(
+            &ctx,
+            node,
+            forward::Out { val: &mut out, ids: &mut out_ids, aux: &mut aux, idx: &mut idx },
+            &mut self.rng,
+            self.training,
+        );
+        self.vals[n] = out;
+        self.ids[n] = out_ids;
+        self.aux[n] = aux;
+        self.idx[n] = idx;
+        result
     }
 }
 
@@ -435,13 +412,13 @@ impl Executor for CpuExecutor {
     }
 
     fn set_value(&mut self, node: NodeId, data: &[f32]) -> Result<(), NnError> {
-        self.check_len(node, data.len())?;
+        rules::check_len(&self.graph, node, data.len())?;
         self.value_mut(node)?.copy_from_slice(data);
         Ok(())
     }
 
     fn set_ids(&mut self, node: NodeId, data: &[i32]) -> Result<(), NnError> {
-        self.check_len(node, data.len())?;
+        rules::check_len(&self.graph, node, data.len())?;
         self.ids_mut(node)?.copy_from_slice(data);
         Ok(())
     }
@@ -451,38 +428,10 @@ impl Executor for CpuExecutor {
         params.check_some(&self.graph, |p| self.reads[p])?;
         self.forward_trained = self.training;
         for n in range {
-            let node = &self.graph.nodes()[n];
-            match node.op {
-                Op::Param { .. } => continue,
-                Op::Input => {
-                    if !self.filled[n] {
-                        return Err(self.missing(NodeId(n)));
-                    }
-                    continue;
-                }
-                _ => {}
+            if rules::forward_computes(&self.graph, &self.filled, n)? {
+                self.forward_node(params, n)?;
+                self.filled[n] = true;
             }
-            if let Some(&i) = node.inputs.iter().find(|i| !self.filled[i.0]) {
-                return Err(self.missing(i));
-            }
-            let mut out = std::mem::take(&mut self.vals[n]);
-            let mut out_ids = std::mem::take(&mut self.ids[n]);
-            let mut aux = std::mem::take(&mut self.aux[n]);
-            let mut idx = std::mem::take(&mut self.idx[n]);
-            let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
-            let result = forward::run(
-                &ctx,
-                node,
-                forward::Out { val: &mut out, ids: &mut out_ids, aux: &mut aux, idx: &mut idx },
-                &mut self.rng,
-                self.training,
-            );
-            self.vals[n] = out;
-            self.ids[n] = out_ids;
-            self.aux[n] = aux;
-            self.idx[n] = idx;
-            result?;
-            self.filled[n] = true;
         }
         Ok(())
     }
@@ -497,13 +446,7 @@ impl Executor for CpuExecutor {
     }
 
     fn value(&self, node: NodeId) -> Result<&[f32], NnError> {
-        let n = self.graph.node(node)?;
-        if n.dtype != DType::F32 {
-            return Err(NnError::DType { op: "value", input: "node", got: n.dtype, expected: DType::F32 });
-        }
-        if !self.filled[node.0] {
-            return Err(self.missing(node));
-        }
+        rules::check_readable(&self.graph, &self.filled, node)?;
         Ok(&self.vals[node.0])
     }
 

@@ -82,9 +82,21 @@ impl Dataset {
 
     /// Copies the examples at `indices` into `x` (`indices.len() × dim`) and `y`.
     pub fn gather(&self, indices: &[usize], x: &mut [f32], y: &mut [i32]) {
+        self.gather_features(indices, x);
+        self.gather_labels(indices, y);
+    }
+
+    /// Copies the features of the examples at `indices` into `x` (`indices.len() × dim`).
+    pub(crate) fn gather_features(&self, indices: &[usize], x: &mut [f32]) {
+        let dim = self.dim;
         for (k, &i) in indices.iter().enumerate() {
-            x[k * self.dim..(k + 1) * self.dim]
-                .copy_from_slice(&self.features[i * self.dim..(i + 1) * self.dim]);
+            x[k * dim..(k + 1) * dim].copy_from_slice(&self.features[i * dim..(i + 1) * dim]);
+        }
+    }
+
+    /// Copies the labels of the examples at `indices` into `y`.
+    pub(crate) fn gather_labels(&self, indices: &[usize], y: &mut [i32]) {
+        for (k, &i) in indices.iter().enumerate() {
             y[k] = self.labels[i];
         }
     }

@@ -4,9 +4,14 @@
 //! same graph and implements every op's forward and backward kernel. A pipeline stage runs
 //! a sub-range of node ids: its inputs are set with [`Executor::set_value`], and in
 //! backward its output gradients are passed as seeds.
+//!
+//! The bookkeeping every backend follows (which nodes a walk runs, which gradients backward
+//! zeroes, the errors for missing or ill-fitting values) lives once, in `rules`.
 use std::ops::Range;
 
 use crate::nn::{Graph, NnError, NodeId, Params};
+
+pub(crate) mod rules;
 
 /// Runs a graph's nodes forward and backward over some device's buffers.
 pub trait Executor {

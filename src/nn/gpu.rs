@@ -31,6 +31,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
 
 use crate::devices::{grid, len_u32, DeviceError, Gemm32, Gpu};
+use crate::nn::executor::rules;
 use crate::nn::{Activation, DType, Executor, Graph, NnError, Node, NodeId, Op, Params, Rng};
 
 mod train;
@@ -68,6 +69,11 @@ fn act_code(act: Activation) -> i32 {
         Activation::Sigmoid => 2,
         Activation::Tanh => 3,
     }
+}
+
+/// The error for a buffer of op `name` that [`GpuExecutor::new`] should have allocated.
+fn missing_buffer(name: &'static str) -> impl Fn() -> DeviceError + Copy {
+    move || DeviceError::Shape { op: "gpu executor", message: format!("{name}: missing buffer") }
 }
 
 /// Whether the GPU executor runs `op`.
@@ -144,14 +150,7 @@ impl GpuExecutor {
             return Err(NnError::Unsupported { backend: "GPU", op: node.op.name(), node: n });
         }
         let n = nodes.len();
-        let mut requires_grad = vec![false; n];
-        for (i, node) in nodes.iter().enumerate() {
-            requires_grad[i] = match node.op {
-                Op::Param { .. } => true,
-                Op::Input | Op::Constant { .. } => false,
-                _ => node.dtype == DType::F32 && node.inputs.iter().any(|j| requires_grad[j.0]),
-            };
-        }
+        let requires_grad = rules::requires_grad(graph);
         let zeros = |len: usize| gpu.zeros(len.max(1));
         let (mut vals, mut ids, mut grads, mut aux, mut idx) = (
             Vec::with_capacity(n),
@@ -267,37 +266,17 @@ impl GpuExecutor {
         self.invalidate();
         self.forward_trained = self.training;
         for n in range {
-            let node = &self.graph.nodes()[n];
-            match node.op {
-                Op::Param { .. } => continue,
-                Op::Input => {
-                    if !self.filled[n] {
-                        return Err(self.missing(NodeId(n)));
-                    }
-                    continue;
-                }
-                _ => {}
+            if rules::forward_computes(&self.graph, &self.filled, n)? {
+                self.forward_node(n)?;
+                self.filled[n] = true;
             }
-            if let Some(&i) = node.inputs.iter().find(|i| !self.filled[i.0]) {
-                return Err(self.missing(i));
-            }
-            self.forward_node(n)?;
-            self.filled[n] = true;
         }
         Ok(())
     }
 
     /// A node's device value buffer, to fill an input on the device (marks it as set).
     pub(crate) fn value_buffer_mut(&mut self, node: NodeId) -> Result<&mut CudaSlice<f32>, NnError> {
-        let n = self.graph.node(node)?;
-        if n.dtype != DType::F32 || matches!(n.op, Op::Param { .. }) {
-            return Err(NnError::DType {
-                op: "set_value",
-                input: "node",
-                got: n.dtype,
-                expected: DType::F32,
-            });
-        }
+        rules::check_settable(&self.graph, node, DType::F32)?;
         self.filled[node.0] = true;
         self.host_vals[node.0].take();
         let missing = self.missing(node);
@@ -306,10 +285,7 @@ impl GpuExecutor {
 
     /// A node's device id buffer (labels), to fill on the device (marks it as set).
     pub(crate) fn ids_buffer_mut(&mut self, node: NodeId) -> Result<&mut CudaSlice<i32>, NnError> {
-        let n = self.graph.node(node)?;
-        if n.dtype != DType::I32 {
-            return Err(NnError::DType { op: "set_ids", input: "node", got: n.dtype, expected: DType::I32 });
-        }
+        rules::check_settable(&self.graph, node, DType::I32)?;
         self.filled[node.0] = true;
         let missing = self.missing(node);
         self.ids[node.0].as_mut().ok_or(missing)
@@ -343,23 +319,15 @@ impl GpuExecutor {
     }
 
     fn missing(&self, node: NodeId) -> NnError {
-        NnError::MissingValue { node: node.0, name: self.graph.nodes()[node.0].name.clone() }
+        rules::missing(&self.graph, node)
     }
 
     fn check_range(&self, range: &Range<usize>) -> Result<(), NnError> {
-        let len = self.graph.len();
-        if range.end > len {
-            return Err(NnError::UnknownNode { node: range.end.saturating_sub(1), len });
-        }
-        Ok(())
+        rules::check_in_graph(&self.graph, range)
     }
 
     fn check_len(&self, node: NodeId, got: usize) -> Result<(), NnError> {
-        let n = self.graph.node(node)?;
-        if n.len() != got {
-            return Err(NnError::Length { node: node.0, name: n.name.clone(), expected: n.len(), got });
-        }
-        Ok(())
+        rules::check_len(&self.graph, node, got)
     }
 
     /// The value a node reads from `id` (parameters from their device copies).
@@ -414,8 +382,7 @@ impl GpuExecutor {
         let gpu = &*self.gpu;
         let inp = &node.inputs;
         let name = node.op.name();
-        let internal =
-            || DeviceError::Shape { op: "gpu executor", message: format!("{name}: missing buffer") };
+        let internal = missing_buffer(name);
         if let (Op::Reshape, DType::I32) = (&node.op, node.dtype) {
             let dst = out_ids.as_mut().ok_or_else(internal)?;
             let src = self.ids[inp[0].0].as_ref().ok_or_else(internal)?;
@@ -534,8 +501,7 @@ impl GpuExecutor {
         let gpu = self.gpu.clone();
         let gpu = &*gpu;
         let name = node.op.name();
-        let internal =
-            || DeviceError::Shape { op: "gpu executor", message: format!("{name}: missing buffer") };
+        let internal = missing_buffer(name);
         let len = Self::u32(node.len(), name)?;
         // What every input's gradient needs: the gradient before a fused activation.
         match node.op {
@@ -581,8 +547,7 @@ impl GpuExecutor {
         let gpu = &*self.gpu;
         let inp = &node.inputs;
         let name = node.op.name();
-        let internal =
-            || DeviceError::Shape { op: "gpu executor", message: format!("{name}: missing buffer") };
+        let internal = missing_buffer(name);
         let len = Self::u32(node.len(), name)?;
         let y = self.val(NodeId(n));
         match node.op {
@@ -848,27 +813,14 @@ impl Executor for GpuExecutor {
         self.invalidate();
         let gpu = self.gpu.clone();
         let stream = gpu.stream_ref().clone();
-        let driver = |e| gpu.driver(e);
-        let mut zeroed = vec![false; self.graph.len()];
-        for n in range.clone() {
-            let mut zero = |i: usize, grads: &mut Vec<Option<CudaSlice<f32>>>| -> Result<(), NnError> {
-                if !zeroed[i] {
-                    if let Some(g) = grads[i].as_mut() {
-                        stream.memset_zeros(g).map_err(driver)?;
-                    }
-                    zeroed[i] = true;
-                }
-                Ok(())
-            };
-            if self.requires_grad[n] {
-                zero(n, &mut self.grads)?;
+        let mut seen = vec![false; self.graph.len()];
+        let grads = &mut self.grads;
+        rules::zero_grads(&self.graph, &self.requires_grad, &range, &mut seen, |i| {
+            if let Some(g) = grads[i].as_mut() {
+                stream.memset_zeros(g).map_err(|e| gpu.driver(e))?;
             }
-            for &i in &self.graph.nodes()[n].inputs {
-                if i.0 < range.start && self.requires_grad[i.0] {
-                    zero(i.0, &mut self.grads)?;
-                }
-            }
-        }
+            Ok(())
+        })?;
         for &(node, seed) in seeds {
             self.check_len(node, seed.len())?;
             if !self.requires_grad[node.0] {
@@ -880,25 +832,15 @@ impl Executor for GpuExecutor {
             }
         }
         for n in range.rev() {
-            if !self.requires_grad[n] || matches!(self.graph.nodes()[n].op, Op::Param { .. }) {
-                continue;
+            if rules::backward_runs(&self.graph, &self.requires_grad, &self.filled, n)? {
+                self.backward_node(n)?;
             }
-            if !self.filled[n] {
-                return Err(self.missing(NodeId(n)));
-            }
-            self.backward_node(n)?;
         }
         Ok(())
     }
 
     fn value(&self, node: NodeId) -> Result<&[f32], NnError> {
-        let n = self.graph.node(node)?;
-        if n.dtype != DType::F32 {
-            return Err(NnError::DType { op: "value", input: "node", got: n.dtype, expected: DType::F32 });
-        }
-        if !self.filled[node.0] {
-            return Err(self.missing(node));
-        }
+        let n = rules::check_readable(&self.graph, &self.filled, node)?;
         let cell = &self.host_vals[node.0];
         if let Some(v) = cell.get() {
             return Ok(v);

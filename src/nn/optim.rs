@@ -184,22 +184,38 @@ impl Optimizer {
             OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay }
             | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay } => {
                 let decoupled = matches!(self.config, OptimizerConfig::AdamW { .. });
-                let t = self.steps as i32;
-                let c1 = 1.0 / (1.0 - (beta1 as f64).powi(t)) as f32;
-                let c2 = 1.0 / (1.0 - (beta2 as f64).powi(t)) as f32;
-                let (l2, decay) =
-                    if decoupled { (0.0, 1.0 - lr * weight_decay) } else { (weight_decay, 1.0) };
+                let (l2, decay, c1, c2) =
+                    adam_constants(lr, beta1, beta2, weight_decay, decoupled, self.steps);
+                let k = AdamStep { lr, beta1, beta2, eps, l2, decay, c1, c2 };
                 for (i, ((p, m), v)) in
                     params.tensors.iter_mut().zip(&mut self.m).zip(&mut self.v).enumerate()
                 {
                     let g = grad(i);
                     assert_eq!(g.len(), p.data.len(), "gradient length");
-                    let k = AdamStep { lr, beta1, beta2, eps, l2, decay, c1, c2 };
                     adam_update(&mut p.data, m, v, g, &k);
                 }
             }
         }
     }
+}
+
+/// The constants step `t` (counted from 1) of Adam, or with `decoupled` of AdamW, derives
+/// from its configuration, as the CPU update and the GPU kernel take them: `(l2, decay, c1,
+/// c2)`, the L2 penalty added to the gradient (Adam), the factor the weights are decayed by
+/// (AdamW), and the bias corrections of the first and second moments.
+pub(crate) fn adam_constants(
+    lr: f32,
+    beta1: f32,
+    beta2: f32,
+    weight_decay: f32,
+    decoupled: bool,
+    t: u64,
+) -> (f32, f32, f32, f32) {
+    let t = t as i32;
+    let c1 = 1.0 / (1.0 - (beta1 as f64).powi(t)) as f32;
+    let c2 = 1.0 / (1.0 - (beta2 as f64).powi(t)) as f32;
+    let (l2, decay) = if decoupled { (0.0, 1.0 - lr * weight_decay) } else { (weight_decay, 1.0) };
+    (l2, decay, c1, c2)
 }
 
 /// The constants of one Adam/AdamW step.

@@ -18,14 +18,3 @@ pub use on_cluster::{
 };
 pub use pipeline::{ClusterPipeline, Pipeline};
 pub use replicas::{is_peer_lost, CommStats, DataParallel};
-
-/// The index of the largest value (the first on ties).
-fn argmax(row: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &v) in row.iter().enumerate() {
-        if v > row[best] {
-            best = i;
-        }
-    }
-    best
-}

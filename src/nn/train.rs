@@ -175,6 +175,7 @@ impl EpochStats {
     }
 }
 
+/// The index of the largest value (the first on ties).
 fn argmax(row: &[f32]) -> usize {
     let mut best = 0;
     for (i, &v) in row.iter().enumerate() {
@@ -183,6 +184,73 @@ fn argmax(row: &[f32]) -> usize {
         }
     }
     best
+}
+
+/// Copies the examples at `batch` of `data` into the (preallocated) input and target
+/// buffers of `model` in `exec`.
+pub(crate) fn set_examples(
+    exec: &mut CpuExecutor,
+    model: &Model,
+    data: &Dataset,
+    batch: &[usize],
+) -> Result<(), NnError> {
+    data.gather_features(batch, exec.value_mut(model.input)?);
+    data.gather_labels(batch, exec.ids_mut(model.target)?);
+    Ok(())
+}
+
+/// Sums over one epoch's batches, made into [`EpochStats`] at its end: the single-process
+/// trainers, the pipelines and the data-parallel replicas all count the same way.
+pub(crate) struct EpochTally {
+    start: Instant,
+    /// Sum of the batches' mean losses.
+    pub(crate) loss: f64,
+    pub(crate) batches: usize,
+    /// Rows classified right.
+    pub(crate) correct: usize,
+    pub(crate) samples: usize,
+}
+
+impl EpochTally {
+    /// Starts the epoch's clock.
+    pub(crate) fn start() -> Self {
+        EpochTally { start: Instant::now(), loss: 0.0, batches: 0, correct: 0, samples: 0 }
+    }
+
+    /// Counts one batch of `samples` examples (or predicted tokens) with mean loss `loss`.
+    pub(crate) fn batch(&mut self, loss: f32, samples: usize) {
+        self.loss += loss as f64;
+        self.batches += 1;
+        self.samples += samples;
+    }
+
+    /// Counts the rows of `logits` (`classes` wide) whose largest value is at their label.
+    pub(crate) fn classified(
+        &mut self,
+        logits: &[f32],
+        classes: usize,
+        labels: impl IntoIterator<Item = i32>,
+    ) {
+        for (row, label) in logits.chunks_exact(classes).zip(labels) {
+            self.correct += usize::from(argmax(row) == label as usize);
+        }
+    }
+
+    /// Seconds since the epoch started.
+    pub(crate) fn seconds(&self) -> f64 {
+        self.start.elapsed().as_secs_f64()
+    }
+
+    /// The epoch's mean batch loss, accuracy (0 when nothing was classified), samples and
+    /// time.
+    pub(crate) fn finish(&self) -> EpochStats {
+        EpochStats {
+            loss: (self.loss / self.batches.max(1) as f64) as f32,
+            accuracy: self.correct as f32 / self.samples.max(1) as f32,
+            samples: self.samples,
+            seconds: self.seconds(),
+        }
+    }
 }
 
 /// Runs training steps of one model on a [`CpuExecutor`] with buffers made once.
@@ -261,36 +329,18 @@ impl Trainer {
     /// # Errors
     /// As [`Trainer::step`].
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
-        let start = Instant::now();
-        let (mut total, mut batches, mut correct, mut samples) = (0.0f64, 0usize, 0usize, 0usize);
-        let (input, target, logits) = (self.model.input, self.model.target, self.model.logits);
+        let mut tally = EpochTally::start();
+        let logits = self.model.logits;
         let classes = self.model.graph.shape(logits)?[1];
         while self.next_batch(&mut state.loader) {
-            // Fill the preallocated input buffers in place.
-            let dim = data.dim;
-            let x = self.exec.value_mut(input)?;
-            for (k, &i) in self.batch.iter().enumerate() {
-                x[k * dim..(k + 1) * dim].copy_from_slice(&data.features[i * dim..(i + 1) * dim]);
-            }
-            let y = self.exec.ids_mut(target)?;
-            for (k, &i) in self.batch.iter().enumerate() {
-                y[k] = data.labels[i];
-            }
-            samples += self.batch.len();
-            total += self.step(state)? as f64;
-            batches += 1;
-            let lv = self.exec.value(logits)?;
-            for (k, row) in lv.chunks_exact(classes).enumerate() {
-                correct += usize::from(argmax(row) == data.labels[self.batch[k]] as usize);
-            }
+            set_examples(&mut self.exec, &self.model, data, &self.batch)?;
+            let loss = self.step(state)?;
+            tally.batch(loss, self.batch.len());
+            let labels = self.batch.iter().map(|&i| data.labels[i]);
+            tally.classified(self.exec.value(logits)?, classes, labels);
         }
         state.epoch += 1;
-        Ok(EpochStats {
-            loss: (total / batches.max(1) as f64) as f32,
-            accuracy: correct as f32 / samples.max(1) as f32,
-            samples,
-            seconds: start.elapsed().as_secs_f64(),
-        })
+        Ok(tally.finish())
     }
 
     /// One epoch of a language model over windows of `ids` (the loader indexes windows of
@@ -304,23 +354,16 @@ impl Trainer {
         ids: &[i32],
         steps: usize,
     ) -> Result<EpochStats, NnError> {
-        let start = Instant::now();
-        let (mut total, mut batches, mut samples) = (0.0f64, 0usize, 0usize);
+        let mut tally = EpochTally::start();
         let (input, target) = (self.model.input, self.model.target);
         while self.next_batch(&mut state.loader) {
             fill_windows(ids, &self.batch, steps, 0, self.exec.ids_mut(input)?);
             fill_windows(ids, &self.batch, steps, 1, self.exec.ids_mut(target)?);
-            samples += self.batch.len() * steps;
-            total += self.step(state)? as f64;
-            batches += 1;
+            let loss = self.step(state)?;
+            tally.batch(loss, self.batch.len() * steps);
         }
         state.epoch += 1;
-        Ok(EpochStats {
-            loss: (total / batches.max(1) as f64) as f32,
-            accuracy: 0.0,
-            samples,
-            seconds: start.elapsed().as_secs_f64(),
-        })
+        Ok(tally.finish())
     }
 }
 

@@ -166,6 +166,17 @@ pub(crate) fn fsync_dir(dir: &Path) -> Result<(), StoreError> {
     File::open(dir).and_then(|d| d.sync_all()).map_err(|e| StoreError::io("fsync", dir, e))
 }
 
+/// The blob file at `path`, opened, with its length; `None` if there is none.
+fn open_blob(path: &Path) -> Result<Option<(File, u64)>, StoreError> {
+    let file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(StoreError::io("open", path, e)),
+    };
+    let len = file.metadata().map_err(|e| StoreError::io("stat", path, e))?.len();
+    Ok(Some((file, len)))
+}
+
 impl BlobStore for LocalStore {
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.write_new(&self.path(key), bytes)
@@ -182,12 +193,7 @@ impl BlobStore for LocalStore {
 
     fn get_into(&self, key: &str, buf: &mut [u8]) -> Result<Option<u64>, StoreError> {
         let path = self.path(key);
-        let mut file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io("open", &path, e)),
-        };
-        let len = file.metadata().map_err(|e| StoreError::io("stat", &path, e))?.len();
+        let Some((mut file, len)) = open_blob(&path)? else { return Ok(None) };
         if len == buf.len() as u64 {
             file.read_exact(buf).map_err(|e| StoreError::io("read", &path, e))?;
         }
@@ -196,12 +202,7 @@ impl BlobStore for LocalStore {
 
     fn get_into_hashed(&self, key: &str, buf: &mut [u8]) -> Result<Option<(u64, [u8; 32])>, StoreError> {
         let path = self.path(key);
-        let mut file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(StoreError::io("open", &path, e)),
-        };
-        let len = file.metadata().map_err(|e| StoreError::io("stat", &path, e))?.len();
+        let Some((mut file, len)) = open_blob(&path)? else { return Ok(None) };
         let mut hasher = blake3::Hasher::new();
         if len == buf.len() as u64 {
             // Hash each piece right after reading it, while it is in the CPU cache.

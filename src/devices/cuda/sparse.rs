@@ -4,7 +4,10 @@
 //!
 //! Every cuSPARSE descriptor is owned by a guard that destroys it on drop, so an error
 //! half-way through a product leaks nothing.
+use std::ffi::c_void;
+
 use cudarc::cusparse::{self, sys as sp};
+use cudarc::driver::sys::CUdeviceptr;
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{DeviceError, Gpu, Result};
@@ -53,6 +56,13 @@ impl GpuCsr {
     }
 }
 
+/// Descriptors and products here are all f32 and non-transposed.
+const F32: sp::cudaDataType = sp::cudaDataType::CUDA_R_32F;
+const NON_TRANSPOSE: sp::cusparseOperation_t = sp::cusparseOperation_t::CUSPARSE_OPERATION_NON_TRANSPOSE;
+/// The host scalars of `alpha = 1, beta = 0` (statics, so their addresses stay valid).
+static ONE: f32 = 1.0;
+static ZERO: f32 = 0.0;
+
 fn check(op: &'static str, what: &str, status: sp::cusparseStatus_t) -> Result<()> {
     if status == sp::cusparseStatus_t::CUSPARSE_STATUS_SUCCESS {
         Ok(())
@@ -61,40 +71,117 @@ fn check(op: &'static str, what: &str, status: sp::cusparseStatus_t) -> Result<(
     }
 }
 
-/// A sparse-matrix descriptor, destroyed on drop.
-struct SpMat(sp::cusparseSpMatDescr_t);
+/// Declares a guard type owning one cuSPARSE descriptor: made by `create` (from an empty
+/// guard, so a descriptor half-made by a failing call is still destroyed) and destroyed by
+/// `$destroy` on drop.
+macro_rules! descriptor_guard {
+    ($(#[$doc:meta])* $name:ident($raw:ty), $destroy:ident) => {
+        $(#[$doc])*
+        struct $name($raw);
 
-impl Drop for SpMat {
-    fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: made by `cusparseCreateCsr`, destroyed once.
-            unsafe { sp::cusparseDestroySpMat(self.0 as _) };
+        impl $name {
+            /// Runs `make` (a cuSPARSE create call) into an empty guard.
+            fn create(
+                op: &'static str,
+                what: &str,
+                make: impl FnOnce(&mut $raw) -> sp::cusparseStatus_t,
+            ) -> Result<Self> {
+                let mut guard = $name(std::ptr::null_mut());
+                check(op, what, make(&mut guard.0))?;
+                Ok(guard)
+            }
         }
+
+        impl Drop for $name {
+            fn drop(&mut self) {
+                if !self.0.is_null() {
+                    // SAFETY: a non-null descriptor was made in `create`, whose callers pass
+                    // this type's cuSPARSE create call; the guard alone owns it and this
+                    // destroys it once.
+                    unsafe { sp::$destroy(self.0 as _) };
+                }
+            }
+        }
+    };
+}
+
+descriptor_guard!(
+    /// A sparse-matrix descriptor, destroyed on drop.
+    SpMat(sp::cusparseSpMatDescr_t),
+    cusparseDestroySpMat
+);
+descriptor_guard!(
+    /// A dense-vector descriptor, destroyed on drop.
+    DnVec(sp::cusparseDnVecDescr_t),
+    cusparseDestroyDnVec
+);
+descriptor_guard!(
+    /// A dense-matrix descriptor, destroyed on drop.
+    DnMat(sp::cusparseDnMatDescr_t),
+    cusparseDestroyDnMat
+);
+
+impl DnVec {
+    /// A descriptor over `len` f32 values at device address `ptr`.
+    ///
+    /// # Safety
+    /// `ptr` must be a live device allocation of at least `len` f32 values that outlives
+    /// the descriptor.
+    unsafe fn over(op: &'static str, what: &str, len: usize, ptr: CUdeviceptr) -> Result<Self> {
+        // SAFETY: the caller vouches for the memory; cuSPARSE only records the pointer.
+        Self::create(op, what, |raw| unsafe { sp::cusparseCreateDnVec(raw, len as i64, ptr as *mut _, F32) })
     }
 }
 
-/// A dense-vector descriptor, destroyed on drop.
-struct DnVec(sp::cusparseDnVecDescr_t);
-
-impl Drop for DnVec {
-    fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: made by `cusparseCreateDnVec`, destroyed once.
-            unsafe { sp::cusparseDestroyDnVec(self.0 as _) };
-        }
+impl DnMat {
+    /// A descriptor over a row-major `rows × cols` f32 matrix at device address `ptr`
+    /// (leading dimension `cols`).
+    ///
+    /// # Safety
+    /// `ptr` must be a live device allocation of at least `rows · cols` f32 values that
+    /// outlives the descriptor.
+    unsafe fn row_major(
+        op: &'static str,
+        what: &str,
+        rows: usize,
+        cols: usize,
+        ptr: CUdeviceptr,
+    ) -> Result<Self> {
+        // SAFETY: the caller vouches for the memory; cuSPARSE only records the pointer.
+        Self::create(op, what, |raw| unsafe {
+            sp::cusparseCreateDnMat(
+                raw,
+                rows as i64,
+                cols as i64,
+                cols as i64,
+                ptr as *mut _,
+                F32,
+                sp::cusparseOrder_t::CUSPARSE_ORDER_ROW,
+            )
+        })
     }
 }
 
-/// A dense-matrix descriptor, destroyed on drop.
-struct DnMat(sp::cusparseDnMatDescr_t);
+/// Runs a cuSPARSE two-phase product through `Gpu::with_work_buffer`: the size query
+/// `$size` and the product `$run` get the same arguments `[..]` (cuSPARSE requires it: the
+/// size holds only for them), then `&mut size` and the work buffer. The expansion calls both
+/// unsafe functions, so it goes inside an `unsafe` block whose SAFETY comment covers the
+/// arguments.
+macro_rules! two_phase {
+    ($gpu:expr, $op:expr, $what:literal, $size:path, $run:path, [$($arg:expr),+ $(,)?]) => {
+        $gpu.with_work_buffer($op, $what, |size| $size($($arg),+, size), |buffer| $run($($arg),+, buffer))
+    };
+}
 
-impl Drop for DnMat {
-    fn drop(&mut self) {
-        if !self.0.is_null() {
-            // SAFETY: made by `cusparseCreateDnMat`, destroyed once.
-            unsafe { sp::cusparseDestroyDnMat(self.0 as _) };
-        }
-    }
+/// What a product holds while it runs: the locked cuSPARSE handle, the sparse operand's
+/// descriptor (destroyed before the lock is released: fields drop in order), and the
+/// scalars of `1 · A · x + 0 · y`.
+struct SparseProduct<'g> {
+    handle: sp::cusparseHandle_t,
+    mat: SpMat,
+    alpha: *const c_void,
+    beta: *const c_void,
+    _lock: parking_lot::MutexGuard<'g, Option<SparseHandle>>,
 }
 
 impl Gpu {
@@ -171,12 +258,11 @@ impl Gpu {
         let (offsets, _g1) = a.offsets.device_ptr(&self.stream);
         let (columns, _g2) = a.columns.device_ptr(&self.stream);
         let (values, _g3) = a.values.device_ptr(&self.stream);
-        let mut mat = SpMat(std::ptr::null_mut());
         // SAFETY: the three arrays are live device allocations of rows + 1, nnz and nnz
         // elements (by construction of `GpuCsr`); cuSPARSE only records the pointers.
-        check(op, "create CSR", unsafe {
+        SpMat::create(op, "create CSR", |raw| unsafe {
             sp::cusparseCreateCsr(
-                &mut mat.0,
+                raw,
                 a.rows as i64,
                 a.cols as i64,
                 a.values.len() as i64,
@@ -186,10 +272,39 @@ impl Gpu {
                 sp::cusparseIndexType_t::CUSPARSE_INDEX_32I,
                 sp::cusparseIndexType_t::CUSPARSE_INDEX_32I,
                 sp::cusparseIndexBase_t::CUSPARSE_INDEX_BASE_ZERO,
-                sp::cudaDataType::CUDA_R_32F,
+                F32,
             )
-        })?;
-        Ok(mat)
+        })
+    }
+
+    /// What every product starts with: the locked cuSPARSE handle and a CSR descriptor
+    /// over `a` (made after the handle, so a missing cuSPARSE is reported before any
+    /// cuSPARSE call).
+    fn sparse_product<'g>(&'g self, op: &'static str, a: &GpuCsr) -> Result<SparseProduct<'g>> {
+        let lock = self.sparse_handle(op)?;
+        let handle = lock.as_ref().map(|h| h.0).ok_or(DeviceError::NoDevice("cuSPARSE handle".into()))?;
+        let mat = self.csr_descriptor(op, a)?;
+        let (alpha, beta) = (std::ptr::from_ref(&ONE).cast(), std::ptr::from_ref(&ZERO).cast());
+        Ok(SparseProduct { handle, mat, alpha, beta, _lock: lock })
+    }
+
+    /// Runs one cuSPARSE product that needs a work buffer (through `two_phase!`):
+    /// `buffer_size` writes the bytes it needs, `compute` runs the product with a buffer of
+    /// that size; then waits for the stream, because the buffer is freed on return and the
+    /// product is asynchronous.
+    fn with_work_buffer(
+        &self,
+        op: &'static str,
+        what: &str,
+        buffer_size: impl FnOnce(&mut usize) -> sp::cusparseStatus_t,
+        compute: impl FnOnce(*mut c_void) -> sp::cusparseStatus_t,
+    ) -> Result<()> {
+        let mut size = 0usize;
+        check(op, "buffer size", buffer_size(&mut size))?;
+        let mut buffer = self.stream.alloc_zeros::<u8>(size.max(1)).map_err(|e| self.driver(e))?;
+        let (buffer_ptr, _guard) = buffer.device_ptr_mut(&self.stream);
+        check(op, what, compute(buffer_ptr as *mut c_void))?;
+        self.stream.synchronize().map_err(|e| self.driver(e))
     }
 
     /// `y = A · x` with cuSPARSE (CSR SpMV, f32).
@@ -206,76 +321,37 @@ impl Gpu {
                 message: format!("{}×{} matrix, x of {}, y of {}", a.rows, a.cols, x.len(), y.len()),
             });
         }
-        let sparse = self.sparse_handle(OP)?;
-        let handle = sparse.as_ref().map(|h| h.0).ok_or(DeviceError::NoDevice("cuSPARSE handle".into()))?;
-        let mat = self.csr_descriptor(OP, a)?;
-        let (x_ptr, _g4) = x.device_ptr(&self.stream);
-        let (y_ptr, _g5) = y.device_ptr_mut(&self.stream);
-        let (mut vx, mut vy) = (DnVec(std::ptr::null_mut()), DnVec(std::ptr::null_mut()));
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let non_transpose = sp::cusparseOperation_t::CUSPARSE_OPERATION_NON_TRANSPOSE;
-        let alg = sp::cusparseSpMVAlg_t::CUSPARSE_SPMV_ALG_DEFAULT;
+        let product = self.sparse_product(OP, a)?;
+        let (x_ptr, _gx) = x.device_ptr(&self.stream);
+        let (y_ptr, _gy) = y.device_ptr_mut(&self.stream);
         // SAFETY: x and y are live device allocations of cols and rows elements (checked
-        // above); the descriptors are destroyed by their guards after the work is done.
+        // above), borrowed until the end of this function, after the descriptors' guards
+        // have destroyed them.
+        let vx = unsafe { DnVec::over(OP, "create x", a.cols, x_ptr)? };
+        // SAFETY: as for x.
+        let vy = unsafe { DnVec::over(OP, "create y", a.rows, y_ptr)? };
+        let alg = sp::cusparseSpMVAlg_t::CUSPARSE_SPMV_ALG_DEFAULT;
+        // SAFETY: a live handle, descriptors over live device arrays (see above), alpha and
+        // beta pointing to f32 statics, and a work buffer of the size the query asked for.
         unsafe {
-            check(
-                OP,
-                "create x",
-                sp::cusparseCreateDnVec(
-                    &mut vx.0,
-                    a.cols as i64,
-                    x_ptr as *mut _,
-                    sp::cudaDataType::CUDA_R_32F,
-                ),
-            )?;
-            check(
-                OP,
-                "create y",
-                sp::cusparseCreateDnVec(
-                    &mut vy.0,
-                    a.rows as i64,
-                    y_ptr as *mut _,
-                    sp::cudaDataType::CUDA_R_32F,
-                ),
-            )?;
-            let mut size = 0usize;
-            check(
-                OP,
-                "buffer size",
-                sp::cusparseSpMV_bufferSize(
-                    handle,
-                    non_transpose,
-                    (&alpha as *const f32).cast(),
-                    mat.0 as _,
-                    vx.0 as _,
-                    (&beta as *const f32).cast(),
-                    vy.0,
-                    sp::cudaDataType::CUDA_R_32F,
-                    alg,
-                    &mut size,
-                ),
-            )?;
-            let mut buffer = self.stream.alloc_zeros::<u8>(size.max(1)).map_err(|e| self.driver(e))?;
-            let (buffer_ptr, _g6) = buffer.device_ptr_mut(&self.stream);
-            check(
+            two_phase!(
+                self,
                 OP,
                 "SpMV",
-                sp::cusparseSpMV(
-                    handle,
-                    non_transpose,
-                    (&alpha as *const f32).cast(),
-                    mat.0 as _,
+                sp::cusparseSpMV_bufferSize,
+                sp::cusparseSpMV,
+                [
+                    product.handle,
+                    NON_TRANSPOSE,
+                    product.alpha,
+                    product.mat.0 as _,
                     vx.0 as _,
-                    (&beta as *const f32).cast(),
+                    product.beta,
                     vy.0,
-                    sp::cudaDataType::CUDA_R_32F,
-                    alg,
-                    buffer_ptr as *mut _,
-                ),
-            )?;
-            // The work buffer (freed at the end of this block) must outlive the
-            // asynchronous SpMV.
-            self.stream.synchronize().map_err(|e| self.driver(e))
+                    F32,
+                    alg
+                ]
+            )
         }
     }
 
@@ -302,87 +378,38 @@ impl Gpu {
                 ),
             });
         }
-        let sparse = self.sparse_handle(OP)?;
-        let handle = sparse.as_ref().map(|h| h.0).ok_or(DeviceError::NoDevice("cuSPARSE handle".into()))?;
-        let mat = self.csr_descriptor(OP, a)?;
-        let (b_ptr, _g4) = b.device_ptr(&self.stream);
-        let (c_ptr, _g5) = c.device_ptr_mut(&self.stream);
-        let (mut mb, mut mc) = (DnMat(std::ptr::null_mut()), DnMat(std::ptr::null_mut()));
-        let (alpha, beta) = (1.0f32, 0.0f32);
-        let non_transpose = sp::cusparseOperation_t::CUSPARSE_OPERATION_NON_TRANSPOSE;
+        let product = self.sparse_product(OP, a)?;
+        let (b_ptr, _gb) = b.device_ptr(&self.stream);
+        let (c_ptr, _gc) = c.device_ptr_mut(&self.stream);
+        // SAFETY: B and C are live device allocations of cols·n and rows·n elements (checked
+        // above), row-major with leading dimension n, borrowed until the end of this
+        // function, after the descriptors' guards have destroyed them.
+        let mb = unsafe { DnMat::row_major(OP, "create B", a.cols, n, b_ptr)? };
+        // SAFETY: as for B.
+        let mc = unsafe { DnMat::row_major(OP, "create C", a.rows, n, c_ptr)? };
         let alg = sp::cusparseSpMMAlg_t::CUSPARSE_SPMM_ALG_DEFAULT;
-        let row_major = sp::cusparseOrder_t::CUSPARSE_ORDER_ROW;
-        let n64 = n as i64;
-        // SAFETY: B and C are live device allocations of cols·n and rows·n elements
-        // (checked above), row-major with leading dimension n; the descriptors are destroyed
-        // by their guards after the work is done.
+        // SAFETY: a live handle, descriptors over live device arrays (see above), alpha and
+        // beta pointing to f32 statics, and a work buffer of the size the query asked for.
         unsafe {
-            check(
-                OP,
-                "create B",
-                sp::cusparseCreateDnMat(
-                    &mut mb.0,
-                    a.cols as i64,
-                    n64,
-                    n64,
-                    b_ptr as *mut _,
-                    sp::cudaDataType::CUDA_R_32F,
-                    row_major,
-                ),
-            )?;
-            check(
-                OP,
-                "create C",
-                sp::cusparseCreateDnMat(
-                    &mut mc.0,
-                    a.rows as i64,
-                    n64,
-                    n64,
-                    c_ptr as *mut _,
-                    sp::cudaDataType::CUDA_R_32F,
-                    row_major,
-                ),
-            )?;
-            let mut size = 0usize;
-            check(
-                OP,
-                "buffer size",
-                sp::cusparseSpMM_bufferSize(
-                    handle,
-                    non_transpose,
-                    non_transpose,
-                    (&alpha as *const f32).cast(),
-                    mat.0 as _,
-                    mb.0 as _,
-                    (&beta as *const f32).cast(),
-                    mc.0,
-                    sp::cudaDataType::CUDA_R_32F,
-                    alg,
-                    &mut size,
-                ),
-            )?;
-            let mut buffer = self.stream.alloc_zeros::<u8>(size.max(1)).map_err(|e| self.driver(e))?;
-            let (buffer_ptr, _g6) = buffer.device_ptr_mut(&self.stream);
-            check(
+            two_phase!(
+                self,
                 OP,
                 "SpMM",
-                sp::cusparseSpMM(
-                    handle,
-                    non_transpose,
-                    non_transpose,
-                    (&alpha as *const f32).cast(),
-                    mat.0 as _,
+                sp::cusparseSpMM_bufferSize,
+                sp::cusparseSpMM,
+                [
+                    product.handle,
+                    NON_TRANSPOSE,
+                    NON_TRANSPOSE,
+                    product.alpha,
+                    product.mat.0 as _,
                     mb.0 as _,
-                    (&beta as *const f32).cast(),
+                    product.beta,
                     mc.0,
-                    sp::cudaDataType::CUDA_R_32F,
-                    alg,
-                    buffer_ptr as *mut _,
-                ),
-            )?;
-            // The work buffer (freed at the end of this block) must outlive the
-            // asynchronous SpMM.
-            self.stream.synchronize().map_err(|e| self.driver(e))
+                    F32,
+                    alg
+                ]
+            )
         }
     }
 }

@@ -14,6 +14,7 @@ use cudarc::driver::{CudaSlice, PushKernelArg};
 
 use super::{launch, GpuExecutor};
 use crate::devices::{grid, Gpu};
+use crate::nn::optim::adam_constants;
 use crate::nn::{Dataset, EpochStats, Executor, Model, NnError, OptimizerConfig, TrainState};
 
 /// A classification data set copied to the device once.
@@ -129,11 +130,8 @@ impl GpuTrainer {
                 OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay }
                 | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay } => {
                     let decoupled = matches!(optimizer.config, OptimizerConfig::AdamW { .. });
-                    let t = optimizer.steps as i32;
-                    let c1 = 1.0 / (1.0 - (beta1 as f64).powi(t)) as f32;
-                    let c2 = 1.0 / (1.0 - (beta2 as f64).powi(t)) as f32;
-                    let (l2, decay) =
-                        if decoupled { (0.0f32, 1.0 - lr * weight_decay) } else { (weight_decay, 1.0) };
+                    let (l2, decay, c1, c2) =
+                        adam_constants(lr, beta1, beta2, weight_decay, decoupled, optimizer.steps);
                     let v = self.v.get_mut(i).ok_or(NnError::Argument {
                         op: "GpuTrainer",
                         what: "Adam needs second moments; the optimizer state has none".into(),

@@ -24,11 +24,11 @@ use std::ops::Range;
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 pub use cluster::ClusterPipeline;
 use stage::{Forwarded, Grads, StageWork, Values};
 
+use crate::nn::train::EpochTally;
 use crate::nn::{Dataset, EpochStats, Model, NnError, Params, TrainState};
 
 enum ToStage {
@@ -358,7 +358,7 @@ fn run_epoch(
     data: &Dataset,
     mut step: impl FnMut(&mut TrainState, &[f32], &[i32], &mut Vec<f32>) -> Result<f32, NnError>,
 ) -> Result<EpochStats, NnError> {
-    let start = Instant::now();
+    let mut tally = EpochTally::start();
     if state.loader.batch_size() != rows {
         return Err(NnError::Argument {
             op,
@@ -368,22 +368,13 @@ fn run_epoch(
     let mut x = vec![0.0; rows * data.dim];
     let mut y = vec![0; rows];
     let mut logits = Vec::new();
-    let (mut total, mut batches, mut correct, mut samples) = (0.0f64, 0usize, 0usize, 0usize);
     while let Some(idx) = state.loader.next_batch() {
         let idx = idx.to_vec();
         data.gather(&idx, &mut x, &mut y);
-        total += step(state, &x, &y, &mut logits)? as f64;
-        batches += 1;
-        samples += rows;
-        for (row, &label) in logits.chunks_exact(classes).zip(&y) {
-            correct += usize::from(super::argmax(row) == label as usize);
-        }
+        let loss = step(state, &x, &y, &mut logits)?;
+        tally.batch(loss, rows);
+        tally.classified(&logits, classes, y.iter().copied());
     }
     state.epoch += 1;
-    Ok(EpochStats {
-        loss: (total / batches.max(1) as f64) as f32,
-        accuracy: correct as f32 / samples.max(1) as f32,
-        samples,
-        seconds: start.elapsed().as_secs_f64(),
-    })
+    Ok(tally.finish())
 }

@@ -21,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::devices::{segment, Communicator};
+use crate::nn::train::{set_examples, EpochTally};
 use crate::nn::{CpuExecutor, Dataset, EpochStats, Executor, Model, NnError, TrainState};
 
 /// Where one parameter sits in a bucket.
@@ -410,8 +411,8 @@ impl DataParallel {
     /// [`NnError::Argument`] if the loader's batch is not `size` × the model's batch; as
     /// [`DataParallel::step`].
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
-        let start = Instant::now();
-        let (input, target, logits) = (self.model.input, self.model.target, self.model.logits);
+        let mut tally = EpochTally::start();
+        let (input, logits) = (self.model.input, self.model.logits);
         let local = self.model.graph.shape(input)?[0];
         let global = state.loader.batch_size();
         if global != local * self.size {
@@ -424,35 +425,23 @@ impl DataParallel {
             });
         }
         let classes = self.model.graph.shape(logits)?[1];
-        let (mut total, mut batches, mut correct, mut samples) = (0.0f64, 0usize, 0usize, 0usize);
         while let Some(idx) = state.loader.next_batch() {
             self.batch.clear();
             self.batch.extend_from_slice(&idx[segment(global, self.size, self.rank)]);
-            let dim = data.dim;
-            let x = self.exec.value_mut(input)?;
-            for (k, &i) in self.batch.iter().enumerate() {
-                x[k * dim..(k + 1) * dim].copy_from_slice(&data.features[i * dim..(i + 1) * dim]);
-            }
-            let y = self.exec.ids_mut(target)?;
-            for (k, &i) in self.batch.iter().enumerate() {
-                y[k] = data.labels[i];
-            }
-            total += self.step(state)? as f64;
-            batches += 1;
-            samples += self.batch.len();
-            let lv = self.exec.value(logits)?;
-            for (k, row) in lv.chunks_exact(classes).enumerate() {
-                correct += usize::from(super::argmax(row) == data.labels[self.batch[k]] as usize);
-            }
+            set_examples(&mut self.exec, &self.model, data, &self.batch)?;
+            let loss = self.step(state)?;
+            tally.batch(loss, self.batch.len());
+            let labels = self.batch.iter().map(|&i| data.labels[i]);
+            tally.classified(self.exec.value(logits)?, classes, labels);
         }
         state.epoch += 1;
-        let sums = self.all_reduce(&[total as f32, correct as f32, samples as f32])?;
-        let batches = (batches * self.size).max(1);
+        let sums = self.all_reduce(&[tally.loss as f32, tally.correct as f32, tally.samples as f32])?;
+        let batches = (tally.batches * self.size).max(1);
         Ok(EpochStats {
             loss: sums[0] / batches as f32,
             accuracy: sums[1] / sums[2].max(1.0),
             samples: sums[2] as usize,
-            seconds: start.elapsed().as_secs_f64(),
+            seconds: tally.seconds(),
         })
     }
 }
