@@ -4,10 +4,13 @@
 //! graph split into a 2-stage pipeline whose stages are actors on the same 2 node
 //! processes, over 4 micro-batches. Prints loss, accuracy and samples/s per epoch for both.
 //!
-//! The replicas are elastic: rank 0 checkpoints into a stash after every epoch, and with
-//! `--kill-node-at-epoch N` the second node is killed (SIGKILL) while epoch N+1 runs; the
-//! surviving replica then resumes from the last checkpoint alone, and says so (a fresh node
-//! then replaces the lost one for the pipeline).
+//! Both survive a lost node. The replicas are elastic: rank 0 checkpoints into a stash after
+//! every epoch, and with `--kill-node-at-epoch N` the second node is killed (SIGKILL) while
+//! epoch N+1 runs; the surviving replica then resumes from the last checkpoint alone, and
+//! says so. A fresh node then replaces the lost one for the pipeline, and the same epoch's
+//! kill hits stage 1's node: the pipeline restarts its stages (`ClusterPipeline::restart`)
+//! with another fresh node, from the state after the last good epoch, and runs the epoch
+//! again.
 //!
 //! `cargo run --release --example train_parallel -- --epochs 20 [--kill-node-at-epoch 5]`
 #[path = "common/digits.rs"]
@@ -73,7 +76,7 @@ fn data_parallel(args: &Args, cluster: &Cluster) -> Result<()> {
         args.batch / REPLICAS,
         checkpoints.display()
     );
-    let victim = nodes[1].pid.to_string();
+    let victim = nodes[1].pid;
     let report = train_on_cluster(
         cluster,
         &nodes.iter().map(|n| n.id).collect::<Vec<_>>(),
@@ -84,11 +87,7 @@ fn data_parallel(args: &Args, cluster: &Cluster) -> Result<()> {
             digits::print_epoch(r.epoch as usize - 1, &r.stats, r.test_accuracy.unwrap_or(f32::NAN));
             if Some(r.epoch) == args.kill_node_at_epoch && r.replicas == REPLICAS {
                 println!("  (killing the second node while the next epoch runs)");
-                let victim = victim.clone();
-                std::thread::spawn(move || {
-                    std::thread::sleep(Duration::from_millis(20));
-                    let _ = Command::new("kill").args(["-9", &victim]).status();
-                });
+                kill_soon(victim);
             }
         },
         |message| println!("elastic: {message}"),
@@ -127,14 +126,57 @@ fn pipeline(args: &Args, cluster: &Cluster) -> Result<()> {
         args.batch / MICRO_BATCHES
     );
     let mut eval = Evaluator::new(lenet(test.len(), 8, 10)?);
-    for epoch in 0..args.epochs {
+    let mut kill_at = args.kill_node_at_epoch;
+    let mut epoch = 0;
+    while epoch < args.epochs {
+        // The state after the last good epoch: where a restart resumes from.
+        let checkpoint = state.clone();
+        if kill_at == Some(epoch as u64) {
+            kill_at = None;
+            let victim = cluster.nodes().into_iter().find(|n| pipeline.stage_nodes()[1] == n.name);
+            if let Some(victim) = victim {
+                println!("  (killing stage 1's node `{}` while the next epoch runs)", victim.name);
+                kill_soon(victim.pid);
+            }
+        }
         state.optimizer.set_lr(digits::cosine_lr(args.lr, epoch, args.epochs));
         // Ends by fetching the stages' parameters into `state`.
-        let stats = pipeline.train_epoch(&mut state, &train)?;
+        let stats = match pipeline.train_epoch(&mut state, &train) {
+            Ok(stats) => stats,
+            Err(tessera::nn::NnError::StageOnNode { stage, node, what }) => {
+                println!("pipeline: stage {stage} on `{node}` lost ({what})");
+                let survivors: Vec<_> = cluster.nodes().iter().map(|n| n.id).collect();
+                cluster.launch(&LocalProcesses { count: 1, slots: Some(1) })?;
+                cluster.wait_for_nodes(survivors.len() + 1, Duration::from_secs(30))?;
+                let fresh = cluster.nodes().into_iter().find(|n| !survivors.contains(&n.id));
+                let fresh = fresh.ok_or_else(|| anyhow::anyhow!("no fresh node joined"))?;
+                let mut placed = nodes[..2].to_vec();
+                placed[stage] = fresh.id;
+                pipeline.restart(cluster, &placed, &checkpoint)?;
+                nodes[..2].copy_from_slice(&placed);
+                state = checkpoint;
+                println!(
+                    "pipeline: restarted on {:?} from the state after epoch {epoch}; running epoch {} again",
+                    pipeline.stage_nodes(),
+                    epoch + 1
+                );
+                continue;
+            }
+            Err(other) => return Err(other.into()),
+        };
         let e = eval.classify(&state.params, &test)?;
         digits::print_epoch(epoch, &stats, e.accuracy);
+        epoch += 1;
     }
     Ok(())
+}
+
+/// Kills process `pid` (SIGKILL) 20 ms from now, from another thread.
+fn kill_soon(pid: u32) {
+    std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(20));
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    });
 }
 
 fn main() -> Result<()> {
