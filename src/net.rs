@@ -25,7 +25,7 @@ mod placement_tests;
 mod wire;
 
 pub use frame::{decode_frame, FrameError, MAX_FRAME_LEN};
-pub(crate) use head::INLINE_LIMIT;
+pub(crate) use head::MESSAGE_INLINE_LIMIT;
 pub use head::{Cluster, ClusterConfig, NodeId, NodeInfo};
 pub use manager::{ClusterManager, JoinInfo, LaunchedNode, LocalProcesses, ManualJoin, Slurm, Ssh};
 pub(crate) use node::derived_node_secret;

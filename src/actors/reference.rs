@@ -409,7 +409,7 @@ impl<T: Payload> Arg<T> {
             Arg::Value(slot @ Some(_)) => {
                 let bytes =
                     bincode::serde::encode_to_vec(slot.as_ref()?, bincode::config::standard()).ok()?;
-                if bytes.len() <= crate::net::INLINE_LIMIT {
+                if bytes.len() <= crate::net::MESSAGE_INLINE_LIMIT {
                     return Some(RemoteArg(RemoteArgKind::Value(bytes)));
                 }
                 let shared = rt.put(slot.take()?);

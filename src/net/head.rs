@@ -46,8 +46,17 @@ use crate::{ActorHandle, Error, Payload, Ref, RemoteActor, Result, Runtime};
 /// Where a node's answer to a save request goes: the version, or why it failed.
 type SaveWaiter = std::sync::mpsc::Sender<std::result::Result<String, String>>;
 
-/// Values up to this size travel inline in task messages and replies.
+/// Task results up to this size travel inline in replies; larger ones stay on the node
+/// that made them (where the tasks that read them are likely to run), as do task
+/// arguments held in the object table.
 pub(crate) const INLINE_LIMIT: usize = 64 << 10;
+
+/// Actor states, calls and replies, and task arguments given by value, travel inline up to
+/// this size (a pull's extra round trip would cost more than the copy); larger ones go
+/// through the data plane, so that no control frame comes near [`MAX_FRAME_LEN`].
+///
+/// [`MAX_FRAME_LEN`]: super::frame::MAX_FRAME_LEN
+pub(crate) const MESSAGE_INLINE_LIMIT: usize = 4 << 20;
 
 /// The identity of a node process in a cluster.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -547,7 +556,7 @@ impl Head {
     /// object table, from which the node pulls them, for as long as the returned holder
     /// lives. No control frame then outgrows the frame limit, whatever the value's size.
     fn outgoing(&self, bytes: Vec<u8>) -> (ArgSource, Option<Arc<RefInner>>) {
-        if bytes.len() <= INLINE_LIMIT {
+        if bytes.len() <= MESSAGE_INLINE_LIMIT {
             return (ArgSource::Inline(bytes), None);
         }
         let len = bytes.len();

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use super::auth::{client_handshake, server_handshake, ClusterKey};
 use super::data::{serve_data, DataClient, ObjectSource};
 use super::frame::{read_frame, write_frame};
-use super::head::{write_loop, INLINE_LIMIT};
+use super::head::{write_loop, INLINE_LIMIT, MESSAGE_INLINE_LIMIT};
 use super::wire::{
     ArgSource, Message, RemoteErrorKind, RemoteTaskError, ReplyValue, Role, TaskReply, TaskRequest,
 };
@@ -372,10 +372,11 @@ impl Puller {
         Ok(bytes)
     }
 
-    /// How a result of `call_id` goes back: inline when small, else kept here under its id
-    /// for the head and peers to pull, so that no reply frame outgrows the frame limit.
-    fn reply_value(&self, call_id: u64, bytes: Vec<u8>) -> ReplyValue {
-        if bytes.len() <= INLINE_LIMIT {
+    /// How a result of `call_id` goes back: inline up to `inline_limit` bytes, else kept
+    /// here under its id for the head and peers to pull, so that no reply frame outgrows
+    /// the frame limit.
+    fn reply_value(&self, call_id: u64, bytes: Vec<u8>, inline_limit: usize) -> ReplyValue {
+        if bytes.len() <= inline_limit {
             return ReplyValue::Inline(bytes);
         }
         let len = bytes.len() as u64;
@@ -429,7 +430,7 @@ impl HostedActors {
                         (Some(_), Err(error)) => Err(format!("cannot pull the call's message: {error}")),
                         (Some(state), Ok(message)) => {
                             match catch_unwind(AssertUnwindSafe(|| state.handle_encoded(&message))) {
-                                Ok(Ok(reply)) => Ok(puller.reply_value(call_id, reply)),
+                                Ok(Ok(reply)) => Ok(puller.reply_value(call_id, reply, MESSAGE_INLINE_LIMIT)),
                                 Ok(Err(error)) => Err(error.to_string()),
                                 Err(payload) => {
                                     actor = None;
@@ -523,7 +524,9 @@ impl Executor {
             return fail(RemoteErrorKind::Failed, format!("task `{}` cannot run on a node", task.name));
         };
         match catch_unwind(AssertUnwindSafe(|| run(&args))) {
-            Ok(Ok(bytes)) => TaskReply { task_id, result: Ok(self.puller.reply_value(task_id, bytes)) },
+            Ok(Ok(bytes)) => {
+                TaskReply { task_id, result: Ok(self.puller.reply_value(task_id, bytes, INLINE_LIMIT)) }
+            }
             Ok(Err(Error::TaskFailed { message, .. })) => fail(RemoteErrorKind::Failed, message),
             Ok(Err(error)) => fail(RemoteErrorKind::Failed, error.to_string()),
             Err(payload) => fail(RemoteErrorKind::Panicked, panic_message(&*payload)),
