@@ -20,7 +20,7 @@ pub use error::{Error, Result};
 pub use net::*;
 pub use store::{
     ArrayElement, BlobStore, Dtype, GcReport, Layout, ObjectMeta, PutBatch, Stash, StoreError, StoreStats,
-    VerifyReport, Version, VersionInfo, CHUNK_SIZE, DEFAULT_GC_GRACE,
+    TransferKind, TransferProgress, VerifyReport, Version, VersionInfo, CHUNK_SIZE, DEFAULT_GC_GRACE,
 };
 
 #[doc(hidden)]

@@ -50,5 +50,7 @@ pub use array::{ArrayElement, Dtype};
 pub use blob::{BlobStore, ObjectMeta, PutBatch};
 pub use error::StoreError;
 pub use record::{Layout, VersionInfo};
-pub use stash::{GcReport, Stash, StoreStats, VerifyReport, CHUNK_SIZE, DEFAULT_GC_GRACE};
+pub use stash::{
+    GcReport, Stash, StoreStats, TransferKind, TransferProgress, VerifyReport, CHUNK_SIZE, DEFAULT_GC_GRACE,
+};
 pub use version::Version;

@@ -16,7 +16,7 @@ use std::any::{Any, TypeId};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -49,6 +49,35 @@ const MAX_NAME_LEN: usize = 1024;
 #[derive(Clone)]
 pub struct Stash {
     inner: Arc<Inner>,
+    progress: Option<Arc<ProgressObserver>>,
+}
+
+/// What a [`Stash::with_progress`] observer is called with.
+type ProgressObserver = dyn Fn(TransferProgress<'_>) + Send + Sync;
+
+/// Whether a transfer saves or loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransferKind {
+    /// Chunks hashed and written.
+    Save,
+    /// Chunks read and checked.
+    Load,
+}
+
+/// How far one save or load of a value has got: reported to a
+/// [`Stash::with_progress`] observer after every chunk.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct TransferProgress<'a> {
+    /// Saving or loading.
+    pub kind: TransferKind,
+    /// The entry's name.
+    pub name: &'a str,
+    /// Bytes done so far (chunks finish in any order, on several threads).
+    pub done: u64,
+    /// Bytes in all.
+    pub total: u64,
 }
 
 struct Inner {
@@ -198,7 +227,25 @@ impl Stash {
     }
 
     fn from_parts(blobs: Box<dyn BlobStore>, index: Option<RecordIndex>) -> Stash {
-        Stash { inner: Arc::new(Inner { blobs, index }) }
+        Stash { inner: Arc::new(Inner { blobs, index }), progress: None }
+    }
+
+    /// This stash with `observer` told how every save and load of a value goes, after each
+    /// chunk ([`CHUNK_SIZE`] bytes), from the threads that move them: for progress bars
+    /// and logs on large values. Clones made after this share the observer; the stash's
+    /// data is shared with the handle this was called on.
+    #[must_use]
+    pub fn with_progress(mut self, observer: impl Fn(TransferProgress<'_>) + Send + Sync + 'static) -> Stash {
+        self.progress = Some(Arc::new(observer));
+        self
+    }
+
+    /// Counts `len` more bytes done of a transfer and tells the observer, if there is one.
+    fn advance(&self, kind: TransferKind, name: &str, done: &AtomicU64, len: usize, total: u64) {
+        let done = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
+        if let Some(observer) = &self.progress {
+            observer(TransferProgress { kind, name, done, total });
+        }
     }
 
     /// Where the stash keeps its bytes.
@@ -303,7 +350,7 @@ impl Stash {
     ) -> Result<Version, StoreError> {
         let version = Version::now();
         let size = (head.len() + body.len()) as u64;
-        let chunks = self.write_chunks(head, body)?;
+        let chunks = self.write_chunks(name, head, body)?;
         let record = Record {
             name: name.to_string(),
             version,
@@ -322,8 +369,9 @@ impl Stash {
     }
 
     /// Hashes and stores the chunks of `head ++ body` on several threads.
-    fn write_chunks(&self, head: &[u8], body: &[u8]) -> Result<Vec<ChunkRef>, StoreError> {
+    fn write_chunks(&self, name: &str, head: &[u8], body: &[u8]) -> Result<Vec<ChunkRef>, StoreError> {
         let total = head.len() + body.len();
+        let done = AtomicU64::new(0);
         let count = total.div_ceil(CHUNK_SIZE);
         let results: Mutex<Vec<Option<ChunkRef>>> = Mutex::new(vec![None; count]);
         let next = AtomicUsize::new(0);
@@ -349,7 +397,10 @@ impl Stash {
                     }
                 });
                 match stored {
-                    Ok(()) => lock(&results)[i] = Some(chunk),
+                    Ok(()) => {
+                        lock(&results)[i] = Some(chunk);
+                        self.advance(TransferKind::Save, name, &done, bytes.len(), total as u64);
+                    }
                     Err(e) => {
                         failed.store(true, Ordering::Relaxed);
                         lock(&first_error).get_or_insert(e);
@@ -546,6 +597,7 @@ impl Stash {
         }
         let threads = self.blobs().parallelism().min(tasks.len()).max(1);
         let queue = Mutex::new(tasks.into_iter());
+        let done = AtomicU64::new(0);
         let first_error: Mutex<Option<StoreError>> = Mutex::new(None);
         let work = || loop {
             if lock(&first_error).is_some() {
@@ -564,8 +616,14 @@ impl Stash {
                     task.body.copy_from_slice(b);
                 })
             };
-            if let Err(e) = result {
-                lock(&first_error).get_or_insert(e);
+            match result {
+                Ok(()) => {
+                    let len = task.chunk.len as usize;
+                    self.advance(TransferKind::Load, &record.name, &done, len, record.size);
+                }
+                Err(e) => {
+                    lock(&first_error).get_or_insert(e);
+                }
             }
         };
         std::thread::scope(|scope| {
@@ -1042,3 +1100,37 @@ const _: () = {
     const fn assert_send_sync<T: Send + Sync + Clone>() {}
     assert_send_sync::<Stash>();
 };
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The observer sees every chunk of a save and a load once, with the totals of the value.
+    #[test]
+    fn progress_counts_every_chunk_of_saves_and_loads() {
+        let dir = std::env::temp_dir().join(format!("tessera-progress-{}", std::process::id()));
+        /// (kind, name, done, total) of each report.
+        type Seen = Vec<(TransferKind, String, u64, u64)>;
+        let seen: Arc<Mutex<Seen>> = Arc::default();
+        let record = seen.clone();
+        let stash = Stash::open(&dir).unwrap().with_progress(move |p| {
+            lock(&record).push((p.kind, p.name.to_string(), p.done, p.total));
+        });
+        let value: Vec<u32> = (0..(5 * CHUNK_SIZE / 4) as u32 / 2).collect(); // 2.5 chunks
+        stash.save("numbers", &value, &[]).unwrap();
+        let total = stash.info("numbers", None).unwrap().size;
+        let loaded: Vec<u32> = stash.load("numbers").unwrap();
+        assert_eq!(loaded, value);
+        let seen = lock(&seen).clone();
+        for kind in [TransferKind::Save, TransferKind::Load] {
+            let mut done: Vec<u64> =
+                seen.iter().filter(|s| s.0 == kind && s.1 == "numbers").map(|s| s.2).collect();
+            done.sort_unstable();
+            assert_eq!(done.len(), total.div_ceil(CHUNK_SIZE as u64) as usize, "{kind:?}: {seen:?}");
+            assert_eq!(done.last(), Some(&total), "{kind:?}: {seen:?}");
+            assert!(seen.iter().all(|s| s.3 == total), "{seen:?}");
+        }
+        drop(stash);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

@@ -1,4 +1,4 @@
-//! `tessera stash list|log|show|tag|rm|gc|verify` against a real store directory.
+//! `tessera stash put|get|list|log|show|tag|rm|gc|verify` against a real store directory.
 use std::path::Path;
 use std::process::Output;
 
@@ -89,4 +89,53 @@ fn cli_lists_shows_tags_removes_gcs_and_verifies() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("no entry `nothing`"));
     ok(&root, &["rm", "weights"]);
     assert!(!ok(&root, &["list"]).contains("weights"));
+}
+
+#[test]
+fn cli_puts_and_gets_files_by_name_version_and_tag_with_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stash");
+    // 70 MiB: large enough for progress lines (over 64 MiB), in 18 chunks.
+    let first: Vec<u8> = (0..70u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let second = b"a small second version".to_vec();
+    std::fs::write(dir.path().join("first.bin"), &first).unwrap();
+    std::fs::write(dir.path().join("second.bin"), &second).unwrap();
+    let put = |file: &str, tag: &str| {
+        let file = dir.path().join(file);
+        let out = tessera(&root, &["put", "data/blob", file.to_str().unwrap(), "--tag", tag]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8(out.stdout).unwrap().trim().to_string(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (v1, progress) = put("first.bin", "kind=big");
+    assert!(progress.contains("saving data/blob") && progress.contains("(100 %)"), "{progress}");
+    let (v2, progress) = put("second.bin", "kind=small");
+    assert!(!progress.contains("saving"), "no progress for a small file: {progress}");
+    assert_ne!(v1, v2);
+
+    let get = |args: &[&str], out: &str| {
+        let path = dir.path().join(out);
+        let mut all = vec!["get", "data/blob", "-o", path.to_str().unwrap()];
+        all.extend_from_slice(args);
+        let output = tessera(&root, &all);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        (std::fs::read(path).unwrap(), String::from_utf8(output.stderr).unwrap())
+    };
+    let (latest, _) = get(&[], "latest.bin");
+    assert_eq!(latest, second);
+    let (by_version, progress) = get(&["--version", &v1], "v1.bin");
+    assert!(by_version == first, "the first version came back different");
+    assert!(progress.contains("loading data/blob"), "{progress}");
+    let (by_tag, _) = get(&["--tag", "kind=big"], "tagged.bin");
+    assert!(by_tag == first, "the tagged version came back different");
+    let log = ok(&root, &["log", "data/blob"]);
+    assert!(log.contains("kind=big") && log.contains("kind=small") && log.contains("ByteBuf"), "{log}");
+
+    // A missing name fails clearly and writes no file.
+    let missing = dir.path().join("missing.bin");
+    let out = tessera(&root, &["get", "nothing", "-o", missing.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no entry `nothing`"));
+    assert!(!missing.exists());
+    let out = tessera(&root, &["put", "x", dir.path().join("absent.bin").to_str().unwrap()]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("absent.bin"));
 }

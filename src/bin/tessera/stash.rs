@@ -1,10 +1,13 @@
-//! `tessera stash list|log|show|tag|rm|gc|verify --store PATH_OR_URL`: inspect and
-//! maintain a stash from the command line.
-use std::time::{Duration, UNIX_EPOCH};
+//! `tessera stash put|get|list|log|show|tag|rm|gc|verify --store PATH_OR_URL`: keep files
+//! as versioned, tagged entries of a stash, and inspect and maintain it, from the command
+//! line. Saves and loads of large files print their progress to stderr.
+use std::sync::Mutex;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use tessera::{Stash, Version, VersionInfo};
+use serde_bytes::ByteBuf;
+use tessera::{Stash, TransferKind, TransferProgress, Version, VersionInfo};
 
 #[derive(Args)]
 pub(crate) struct StashArgs {
@@ -17,6 +20,30 @@ pub(crate) struct StashArgs {
 
 #[derive(Subcommand)]
 enum StashCommand {
+    /// Save a file's bytes as a new version of NAME (like `git stash` for blobs).
+    Put {
+        /// The entry's name.
+        name: String,
+        /// The file to save.
+        file: std::path::PathBuf,
+        /// A tag for the new version, as key=value (repeatable).
+        #[arg(long = "tag")]
+        tags: Vec<String>,
+    },
+    /// Write a version of NAME (saved by `put`, or any byte vector) to a file.
+    Get {
+        /// The entry's name.
+        name: String,
+        /// Where to write the bytes (`-` for standard output).
+        #[arg(short, long)]
+        output: std::path::PathBuf,
+        /// A version id (24 hex digits); the latest by default.
+        #[arg(long, conflicts_with = "tag")]
+        version: Option<String>,
+        /// The latest version carrying this tag, as key=value.
+        #[arg(long)]
+        tag: Option<String>,
+    },
     /// List entries (latest version of each name), optionally only names with a prefix.
     List {
         /// Only names that start with this.
@@ -70,7 +97,38 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
         bail!("no stash given: pass --store PATH_OR_URL");
     };
     let stash = Stash::open_url(&url).with_context(|| format!("opening stash {url}"))?;
+    let stash = stash.with_progress(progress_printer());
     match args.command {
+        StashCommand::Put { name, file, tags } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
+            let pairs = tags.iter().map(|t| split_tag(t)).collect::<Result<Vec<_>>>()?;
+            let size = bytes.len() as u64;
+            let started = Instant::now();
+            let version = stash.save(&name, &ByteBuf::from(bytes), &pairs)?;
+            eprintln!(
+                "saved {} as {name} {version} in {:.1} s",
+                human_size(size),
+                started.elapsed().as_secs_f64()
+            );
+            println!("{version}");
+        }
+        StashCommand::Get { name, output, version, tag } => {
+            let bytes: ByteBuf = match (version, tag) {
+                (Some(v), _) => stash.load_version(&name, parse_version(&v)?)?,
+                (None, Some(t)) => {
+                    let (k, v) = split_tag(&t)?;
+                    stash.load_tagged(&name, k, v)?
+                }
+                (None, None) => stash.load(&name)?,
+            };
+            if output.as_os_str() == "-" {
+                use std::io::Write;
+                std::io::stdout().write_all(&bytes)?;
+            } else {
+                write_atomically(&output, &bytes)?;
+                eprintln!("wrote {} of {name} to {}", human_size(bytes.len() as u64), output.display());
+            }
+        }
         StashCommand::List { prefix } => {
             let entries = stash.list(prefix.as_deref().unwrap_or(""))?;
             println!("{:<32} {:<24} {:>12} {:>8}  {:<24} TAGS", "NAME", "LATEST", "SIZE", "VERSIONS", "TYPE");
@@ -209,5 +267,62 @@ fn human_size(bytes: u64) -> String {
         format!("{bytes} B")
     } else {
         format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Writes `bytes` to `path` through a temporary file beside it, so that a failed or
+/// interrupted write never leaves a truncated file under the final name.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    let file_name = path.file_name().with_context(|| format!("{} names no file", path.display()))?;
+    let mut temp_name = file_name.to_os_string();
+    temp_name.push(format!(".partial-{}", std::process::id()));
+    let temp = path.with_file_name(temp_name);
+    let written = (|| -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&temp)?;
+        std::io::Write::write_all(&mut file, bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&temp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
+    Ok(())
+}
+
+/// Prints how a transfer of more than 64 MiB goes, to stderr, at most twice a second and
+/// once at the end.
+fn progress_printer() -> impl Fn(TransferProgress<'_>) + Send + Sync + 'static {
+    const WORTH_SHOWING: u64 = 64 << 20;
+    let last: Mutex<Option<(Instant, Instant)>> = Mutex::new(None); // (started, last printed)
+    move |p: TransferProgress<'_>| {
+        if p.total < WORTH_SHOWING {
+            return;
+        }
+        let now = Instant::now();
+        let mut last = last.lock().unwrap_or_else(|e| e.into_inner());
+        let (started, printed) = last.get_or_insert((now, now));
+        let finished = p.done >= p.total;
+        if !finished && now.duration_since(*printed) < Duration::from_millis(500) {
+            return;
+        }
+        *printed = now;
+        let seconds = now.duration_since(*started).as_secs_f64().max(1e-9);
+        let verb = match p.kind {
+            TransferKind::Save => "saving",
+            TransferKind::Load => "loading",
+            _ => "moving",
+        };
+        eprintln!(
+            "{verb} {}: {} of {} ({:.0} %), {}/s",
+            p.name,
+            human_size(p.done),
+            human_size(p.total),
+            100.0 * p.done as f64 / p.total as f64,
+            human_size((p.done as f64 / seconds) as u64)
+        );
+        if finished {
+            *last = None;
+        }
     }
 }
