@@ -12,6 +12,7 @@ pub(crate) mod train;
 
 mod nn;
 mod pipeline;
+mod sched;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -23,7 +24,7 @@ use serde::Serialize;
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks, cluster, collectives, nn, train, pipeline, store, cuda.
+    /// The suite to run: tasks, sched, cluster, collectives, nn, train, pipeline, store, cuda.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -60,6 +61,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
     let reporter = Reporter { json: args.json };
     match args.suite.as_str() {
         "tasks" => tasks::run(&reporter),
+        "sched" => sched::run(&reporter),
         "cluster" => cluster::run(&reporter),
         "collectives" => collectives::run(&reporter),
         "nn" => nn::run(&reporter),
