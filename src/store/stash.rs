@@ -52,6 +52,9 @@ pub struct Stash {
     progress: Option<Arc<ProgressObserver>>,
 }
 
+/// Hands out the chunks of a value being saved: index and bytes, then `None`.
+type ChunkSource<'a> = dyn Fn() -> Result<Option<(usize, Cow<'a, [u8]>)>, StoreError> + Sync + 'a;
+
 /// What a [`Stash::with_progress`] observer is called with.
 type ProgressObserver = dyn Fn(TransferProgress<'_>) + Send + Sync;
 
@@ -348,9 +351,31 @@ impl Stash {
         body: &[u8],
         tags: &[(&str, &str)],
     ) -> Result<Version, StoreError> {
+        let total = head.len() + body.len();
+        let count = total.div_ceil(CHUNK_SIZE);
+        let next = AtomicUsize::new(0);
+        let chunks = self.write_chunks(name, total as u64, count, &|| {
+            let i = next.fetch_add(1, Ordering::Relaxed);
+            if i >= count {
+                return Ok(None);
+            }
+            let start = i * CHUNK_SIZE;
+            Ok(Some((i, slice_of(head, body, start, (start + CHUNK_SIZE).min(total)))))
+        })?;
+        self.commit_record(name, type_name, layout, total as u64, chunks, tags)
+    }
+
+    /// Writes the record of a new version whose chunks are stored.
+    fn commit_record(
+        &self,
+        name: &str,
+        type_name: String,
+        layout: Layout,
+        size: u64,
+        chunks: Vec<ChunkRef>,
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError> {
         let version = Version::now();
-        let size = (head.len() + body.len()) as u64;
-        let chunks = self.write_chunks(name, head, body)?;
         let record = Record {
             name: name.to_string(),
             version,
@@ -368,25 +393,98 @@ impl Stash {
         Ok(version)
     }
 
-    /// Hashes and stores the chunks of `head ++ body` on several threads.
-    fn write_chunks(&self, name: &str, head: &[u8], body: &[u8]) -> Result<Vec<ChunkRef>, StoreError> {
-        let total = head.len() + body.len();
+    /// Saves the bytes of the file at `path` as a new version of `name`, streamed: at most
+    /// a chunk per transfer thread is in memory, whatever the file's size. The version is
+    /// a byte string (`serde_bytes::ByteBuf`): load it with [`load`](Stash::load) as
+    /// `ByteBuf`, or back into a file with [`load_to_file`](Stash::load_to_file).
+    ///
+    /// # Errors
+    /// [`StoreError::Io`] if the file cannot be read or changes size while it is read;
+    /// as [`save`](Stash::save).
+    pub fn save_file(
+        &self,
+        name: &str,
+        path: impl AsRef<Path>,
+        tags: &[(&str, &str)],
+    ) -> Result<Version, StoreError> {
+        use std::io::Read;
+        let path = path.as_ref();
+        validate(name, tags)?;
+        let file = std::fs::File::open(path).map_err(|e| StoreError::io("open", path, e))?;
+        let len = file.metadata().map_err(|e| StoreError::io("stat", path, e))?.len();
+        // The value is a byte string: its bincode length prefix, then the file's bytes.
+        let head = bincode::serde::encode_to_vec(len, bincode::config::standard()).map_err(|e| {
+            StoreError::Encode {
+                name: name.to_string(),
+                type_name: bytes_type().to_string(),
+                message: e.to_string(),
+            }
+        })?;
+        let total = head.len() as u64 + len;
+        let count = usize::try_from(total.div_ceil(CHUNK_SIZE as u64)).unwrap_or(usize::MAX);
+        // The chunks are read in order under the lock; hashing and storing run in parallel.
+        let stream = Mutex::new((0usize, std::io::Cursor::new(head).chain(file)));
+        let changed = || {
+            let e = std::io::Error::other(format!("the file is no longer {len} bytes long"));
+            StoreError::io("read", path, e)
+        };
+        let chunks = self.write_chunks(name, total, count, &|| {
+            let mut stream = lock(&stream);
+            let (index, reader) = &mut *stream;
+            let mut chunk = Vec::with_capacity(CHUNK_SIZE);
+            let read = reader
+                .take(CHUNK_SIZE as u64)
+                .read_to_end(&mut chunk)
+                .map_err(|e| StoreError::io("read", path, e))?;
+            let expected = (total - (*index as u64 * CHUNK_SIZE as u64).min(total)).min(CHUNK_SIZE as u64);
+            if read as u64 != expected {
+                return Err(changed());
+            }
+            if read == 0 {
+                // Past the end: the file must not have grown.
+                let mut probe = [0u8; 1];
+                return match reader.read(&mut probe) {
+                    Ok(0) => Ok(None),
+                    Ok(_) => Err(changed()),
+                    Err(e) => Err(StoreError::io("read", path, e)),
+                };
+            }
+            let i = *index;
+            *index += 1;
+            Ok(Some((i, Cow::Owned(chunk))))
+        })?;
+        self.commit_record(name, bytes_type().to_string(), Layout::Bincode, total, chunks, tags)
+    }
+
+    /// Hashes and stores the chunks that `next` hands out (index and bytes, every index
+    /// below `count` once, then `None`) on several threads; `total` is their size in all.
+    fn write_chunks<'a>(
+        &self,
+        name: &str,
+        total: u64,
+        count: usize,
+        next: &ChunkSource<'a>,
+    ) -> Result<Vec<ChunkRef>, StoreError> {
         let done = AtomicU64::new(0);
-        let count = total.div_ceil(CHUNK_SIZE);
         let results: Mutex<Vec<Option<ChunkRef>>> = Mutex::new(vec![None; count]);
-        let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
         let first_error: Mutex<Option<StoreError>> = Mutex::new(None);
         let threads = self.blobs().parallelism().min(count).max(1);
         let batch = self.blobs().batch();
+        let fail = |e: StoreError| {
+            failed.store(true, Ordering::Relaxed);
+            lock(&first_error).get_or_insert(e);
+        };
         let work = || {
             while !failed.load(Ordering::Relaxed) {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= count {
-                    break;
-                }
-                let start = i * CHUNK_SIZE;
-                let bytes = slice_of(head, body, start, (start + CHUNK_SIZE).min(total));
+                let (i, bytes) = match next() {
+                    Ok(Some(chunk)) => chunk,
+                    Ok(None) => break,
+                    Err(e) => {
+                        fail(e);
+                        break;
+                    }
+                };
                 let chunk = ChunkRef { hash: *blake3::hash(&bytes).as_bytes(), len: bytes.len() as u32 };
                 let key = chunk.key();
                 let stored = self.blobs().has(&key, bytes.len() as u64).and_then(|present| {
@@ -398,13 +496,12 @@ impl Stash {
                 });
                 match stored {
                     Ok(()) => {
-                        lock(&results)[i] = Some(chunk);
-                        self.advance(TransferKind::Save, name, &done, bytes.len(), total as u64);
+                        if let Some(slot) = lock(&results).get_mut(i) {
+                            *slot = Some(chunk);
+                        }
+                        self.advance(TransferKind::Save, name, &done, bytes.len(), total);
                     }
-                    Err(e) => {
-                        failed.store(true, Ordering::Relaxed);
-                        lock(&first_error).get_or_insert(e);
-                    }
+                    Err(e) => fail(e),
                 }
             }
         };
@@ -420,7 +517,17 @@ impl Stash {
         batch.commit()?;
         self.blobs().sync("chunks/")?;
         let results = results.into_inner().unwrap_or_else(|p| p.into_inner());
-        Ok(results.into_iter().map(|c| c.expect("every chunk index was processed")).collect())
+        results
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| {
+                c.ok_or_else(|| StoreError::Invalid {
+                    what: "save",
+                    value: format!("{name} (chunk {i} of {count})"),
+                    reason: "the chunk was never produced",
+                })
+            })
+            .collect()
     }
 
     // ---------------------------------------------------------------- loading
@@ -462,6 +569,123 @@ impl Stash {
     ) -> Result<T, StoreError> {
         let record = self.tagged_record(name, key, value)?;
         self.decode_record(&record)
+    }
+
+    /// Writes a byte-string version of `name` (the latest, or `version`), such as one made
+    /// by [`save_file`](Stash::save_file), to the file at `path`, streamed: a chunk per
+    /// transfer thread is in memory, whatever the size. The bytes go to a temporary file
+    /// beside `path` that is renamed over it only once every chunk has been checked, so a
+    /// damaged version or a failed write never leaves a partial file. Returns the number
+    /// of bytes written.
+    ///
+    /// # Errors
+    /// [`StoreError::TypeMismatch`] if the version is not a byte string;
+    /// [`StoreError::Io`] if the file cannot be written; as [`load`](Stash::load).
+    pub fn load_to_file(
+        &self,
+        name: &str,
+        version: Option<Version>,
+        path: impl AsRef<Path>,
+    ) -> Result<u64, StoreError> {
+        let path = path.as_ref();
+        let record = match version {
+            Some(version) => self.record(name, version)?,
+            None => self.latest_record(name)?,
+        };
+        if record.layout != Layout::Bincode || record.type_name != bytes_type() {
+            return Err(mismatch(&record, bytes_type().to_string()));
+        }
+        let corrupt = |reason: String| StoreError::CorruptRecord {
+            key: record::record_key(&record.name, record.version),
+            reason,
+        };
+        let chunked: u64 = record.chunks.iter().map(|c| u64::from(c.len)).sum();
+        if chunked != record.size || record.chunks.is_empty() {
+            return Err(corrupt(format!("chunks hold {chunked} bytes, record says {}", record.size)));
+        }
+        // The first chunk starts with the byte string's length prefix.
+        let mut first = vec![0u8; record.chunks[0].len as usize];
+        self.read_chunk(&record, &record.chunks[0], &mut first)?;
+        let (len, prefix): (u64, usize) =
+            bincode::serde::decode_from_slice(&first, bincode::config::standard())
+                .map_err(|e| corrupt(format!("no byte-string length at the start: {e}")))?;
+        if prefix as u64 + len != record.size {
+            return Err(corrupt(format!("a {len}-byte string in {} bytes", record.size)));
+        }
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| StoreError::io("write", path, std::io::Error::other("the path names no file")))?;
+        let mut temp_name = file_name.to_os_string();
+        temp_name.push(format!(".partial-{}", std::process::id()));
+        let temp = path.with_file_name(temp_name);
+        let written = self.write_chunks_to(&record, &temp, first, prefix);
+        let finished = written
+            .and_then(|()| std::fs::rename(&temp, path).map_err(|e| StoreError::io("rename", path, e)));
+        if finished.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        finished.map(|()| len)
+    }
+
+    /// Reads every chunk of `record` (the first one already read: `first`) and writes the
+    /// bytes after the first `skip` of the stream to a new file at `temp`, then syncs it.
+    fn write_chunks_to(
+        &self,
+        record: &Record,
+        temp: &Path,
+        first: Vec<u8>,
+        skip: usize,
+    ) -> Result<(), StoreError> {
+        use std::io::{Seek, SeekFrom, Write};
+        let file = std::fs::File::create(temp).map_err(|e| StoreError::io("create", temp, e))?;
+        let file = Mutex::new(file);
+        let write_at = |offset: u64, bytes: &[u8]| -> Result<(), StoreError> {
+            let mut file = lock(&file);
+            file.seek(SeekFrom::Start(offset)).map_err(|e| StoreError::io("seek", temp, e))?;
+            file.write_all(bytes).map_err(|e| StoreError::io("write", temp, e))
+        };
+        let done = AtomicU64::new(0);
+        write_at(0, &first[skip..])?;
+        self.advance(TransferKind::Load, &record.name, &done, first.len(), record.size);
+        let mut starts = Vec::with_capacity(record.chunks.len());
+        let mut offset = 0u64;
+        for chunk in &record.chunks {
+            starts.push(offset);
+            offset += u64::from(chunk.len);
+        }
+        let next = AtomicUsize::new(1);
+        let first_error: Mutex<Option<StoreError>> = Mutex::new(None);
+        let threads = self.blobs().parallelism().min(record.chunks.len()).max(1);
+        let work = || {
+            let mut buffer = Vec::new();
+            while lock(&first_error).is_none() {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(chunk) = record.chunks.get(i) else { break };
+                buffer.resize(chunk.len as usize, 0);
+                let result = self
+                    .read_chunk(record, chunk, &mut buffer)
+                    .and_then(|()| write_at(starts[i] - skip as u64, &buffer));
+                match result {
+                    Ok(()) => {
+                        self.advance(TransferKind::Load, &record.name, &done, buffer.len(), record.size)
+                    }
+                    Err(e) => {
+                        lock(&first_error).get_or_insert(e);
+                    }
+                }
+            }
+        };
+        std::thread::scope(|scope| {
+            for _ in 1..threads {
+                scope.spawn(work);
+            }
+            work();
+        });
+        if let Some(e) = lock(&first_error).take() {
+            return Err(e);
+        }
+        let file = file.into_inner().unwrap_or_else(|p| p.into_inner());
+        file.sync_all().map_err(|e| StoreError::io("fsync", temp, e))
     }
 
     /// Loads the latest version of `name` as an array.
@@ -1018,6 +1242,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Bytes `start..end` of `head ++ body`, borrowed unless the range spans both.
+/// The type a byte string is saved as by [`Stash::save_file`] and read as by
+/// [`Stash::load_to_file`].
+fn bytes_type() -> &'static str {
+    std::any::type_name::<serde_bytes::ByteBuf>()
+}
+
 fn slice_of<'a>(head: &'a [u8], body: &'a [u8], start: usize, end: usize) -> Cow<'a, [u8]> {
     let h = head.len();
     if start >= h {
@@ -1130,6 +1360,47 @@ mod tests {
             assert_eq!(done.last(), Some(&total), "{kind:?}: {seen:?}");
             assert!(seen.iter().all(|s| s.3 == total), "{seen:?}");
         }
+        drop(stash);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Files stream in and out as byte strings, interchangeable with saved `ByteBuf`s; a
+    /// version that is not a byte string, or one with a damaged chunk, leaves no file.
+    #[test]
+    fn files_stream_in_and_out_as_byte_strings() {
+        let dir = std::env::temp_dir().join(format!("tessera-files-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let stash = Stash::open(dir.join("stash")).unwrap();
+        for len in [0usize, 1, 250, CHUNK_SIZE - 3, CHUNK_SIZE, 2 * CHUNK_SIZE + 17] {
+            let bytes: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+            let file = dir.join("in.bin");
+            std::fs::write(&file, &bytes).unwrap();
+            let version = stash.save_file("file", &file, &[("len", &len.to_string())]).unwrap();
+            let loaded: serde_bytes::ByteBuf = stash.load_version("file", version).unwrap();
+            assert!(loaded.as_slice() == bytes.as_slice(), "save_file then load, {len} bytes");
+            let out = dir.join("out.bin");
+            assert_eq!(stash.load_to_file("file", None, &out).unwrap(), len as u64);
+            assert!(std::fs::read(&out).unwrap() == bytes, "save_file then load_to_file, {len} bytes");
+            let saved = stash.save("buf", &serde_bytes::ByteBuf::from(bytes.clone()), &[]).unwrap();
+            stash.load_to_file("buf", Some(saved), &out).unwrap();
+            assert!(std::fs::read(&out).unwrap() == bytes, "save then load_to_file, {len} bytes");
+        }
+        let out = dir.join("never.bin");
+        stash.save("numbers", &vec![1u32, 2, 3], &[]).unwrap();
+        let wrong = stash.load_to_file("numbers", None, &out);
+        assert!(matches!(wrong, Err(StoreError::TypeMismatch { .. })), "{wrong:?}");
+        // Damage the middle chunk of the largest file: the load fails and leaves nothing.
+        let record = stash.latest_record("file").unwrap();
+        let key = record.chunks[1].key();
+        let damaged = dir.join("stash").join(&key);
+        let mut bytes = std::fs::read(&damaged).unwrap();
+        bytes[100] ^= 1;
+        std::fs::write(&damaged, bytes).unwrap();
+        let broken = stash.load_to_file("file", None, &out);
+        assert!(matches!(broken, Err(StoreError::Checksum { .. })), "{broken:?}");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert!(!out.exists() && left.iter().all(|n| !n.to_string_lossy().contains("partial")), "{left:?}");
         drop(stash);
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -100,11 +100,10 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
     let stash = stash.with_progress(progress_printer());
     match args.command {
         StashCommand::Put { name, file, tags } => {
-            let bytes = std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?;
             let pairs = tags.iter().map(|t| split_tag(t)).collect::<Result<Vec<_>>>()?;
-            let size = bytes.len() as u64;
             let started = Instant::now();
-            let version = stash.save(&name, &ByteBuf::from(bytes), &pairs)?;
+            let version = stash.save_file(&name, &file, &pairs)?;
+            let size = stash.info(&name, Some(version))?.size;
             eprintln!(
                 "saved {} as {name} {version} in {:.1} s",
                 human_size(size),
@@ -113,20 +112,24 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
             println!("{version}");
         }
         StashCommand::Get { name, output, version, tag } => {
-            let bytes: ByteBuf = match (version, tag) {
-                (Some(v), _) => stash.load_version(&name, parse_version(&v)?)?,
+            let version = match (version, tag) {
+                (Some(v), _) => Some(parse_version(&v)?),
                 (None, Some(t)) => {
                     let (k, v) = split_tag(&t)?;
-                    stash.load_tagged(&name, k, v)?
+                    Some(stash.info_tagged(&name, k, v)?.version)
                 }
-                (None, None) => stash.load(&name)?,
+                (None, None) => None,
             };
             if output.as_os_str() == "-" {
                 use std::io::Write;
+                let bytes: ByteBuf = match version {
+                    Some(version) => stash.load_version(&name, version)?,
+                    None => stash.load(&name)?,
+                };
                 std::io::stdout().write_all(&bytes)?;
             } else {
-                write_atomically(&output, &bytes)?;
-                eprintln!("wrote {} of {name} to {}", human_size(bytes.len() as u64), output.display());
+                let written = stash.load_to_file(&name, version, &output)?;
+                eprintln!("wrote {} of {name} to {}", human_size(written), output.display());
             }
         }
         StashCommand::List { prefix } => {
@@ -268,26 +271,6 @@ fn human_size(bytes: u64) -> String {
     } else {
         format!("{value:.1} {}", UNITS[unit])
     }
-}
-
-/// Writes `bytes` to `path` through a temporary file beside it, so that a failed or
-/// interrupted write never leaves a truncated file under the final name.
-fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
-    let file_name = path.file_name().with_context(|| format!("{} names no file", path.display()))?;
-    let mut temp_name = file_name.to_os_string();
-    temp_name.push(format!(".partial-{}", std::process::id()));
-    let temp = path.with_file_name(temp_name);
-    let written = (|| -> std::io::Result<()> {
-        let mut file = std::fs::File::create(&temp)?;
-        std::io::Write::write_all(&mut file, bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&temp);
-        return Err(e).with_context(|| format!("writing {}", path.display()));
-    }
-    Ok(())
 }
 
 /// Prints how a transfer of more than 64 MiB goes, to stderr, at most twice a second and
