@@ -9,6 +9,10 @@ need_apt=()
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
     need_apt+=(postgresql)
 fi
+# cuda: a C++20 compiler runs the NVRTC kernels on the host (tests/kernels_on_host.rs).
+if ! command -v c++ >/dev/null 2>&1; then
+    need_apt+=(g++)
+fi
 
 if ((${#need_apt[@]})); then
     echo "install-deps: apt-get install ${need_apt[*]}"

@@ -15,7 +15,9 @@ pub use collective::{
     segment, CollectiveError, Communicator, GroupConfig, GroupListener, Rendezvous, TcpGroup,
 };
 #[cfg(feature = "cuda")]
-pub use cuda::{compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr, KERNELS};
+pub use cuda::{
+    compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr, KERNELS, KERNEL_PRELUDE,
+};
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{grid, len_u32, Gemm32};
 #[cfg(feature = "cuda")]

@@ -23,7 +23,7 @@ use parking_lot::Mutex;
 mod kernels;
 mod sparse;
 
-pub use kernels::KERNELS;
+pub use kernels::{KERNELS, KERNEL_PRELUDE};
 pub use sparse::GpuCsr;
 use sparse::SparseHandle;
 
@@ -139,7 +139,7 @@ fn compile(name: &'static str, source: &str) -> Result<cudarc::nvrtc::Ptx> {
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
         return Err(DeviceError::MissingLibrary { library: "libnvrtc", needed_for: "compiling kernels" });
     }
-    cudarc::nvrtc::compile_ptx(format!("{}{source}", kernels::PRELUDE))
+    cudarc::nvrtc::compile_ptx(format!("{KERNEL_PRELUDE}{source}"))
         .map_err(|e| DeviceError::Compile { kernel: name, message: e.to_string() })
 }
 
@@ -488,7 +488,7 @@ impl Gpu {
         let mut launch = self.stream.launch_builder(&function);
         launch.arg(x).arg(&n);
         // SAFETY: the kernel reads and writes `n` elements of `x`, which holds `n`.
-        unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }.map(|_| ()).map_err(|e| self.driver(e))
+        unsafe { launch.launch(grid(n)) }.map(|_| ()).map_err(|e| self.driver(e))
     }
 
     /// `y += a · x`.
@@ -507,7 +507,7 @@ impl Gpu {
         let mut launch = self.stream.launch_builder(&function);
         launch.arg(&a).arg(x).arg(y).arg(&n);
         // SAFETY: both buffers hold `n` elements.
-        unsafe { launch.launch(LaunchConfig::for_num_elems(n)) }.map(|_| ()).map_err(|e| self.driver(e))
+        unsafe { launch.launch(grid(n)) }.map(|_| ()).map_err(|e| self.driver(e))
     }
 
     /// The sum of `x`.
@@ -543,7 +543,7 @@ impl Gpu {
         let mut launch = self.stream.launch_builder(&function);
         launch.arg(x).arg(&r).arg(&c);
         // SAFETY: the kernel touches rows × cols elements, which `x` holds.
-        unsafe { launch.launch(LaunchConfig::for_num_elems(r)) }.map(|_| ()).map_err(|e| self.driver(e))
+        unsafe { launch.launch(grid(r)) }.map(|_| ()).map_err(|e| self.driver(e))
     }
 }
 

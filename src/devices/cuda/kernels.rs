@@ -1,6 +1,6 @@
 //! The CUDA C sources of every NVRTC kernel: the elementwise, reduction and softmax
 //! kernels of [`Gpu`](super::Gpu), and the forward, backward and optimizer kernels of the
-//! model graph's GPU executor. Each source is compiled with [`PRELUDE`] in front of it.
+//! model graph's GPU executor. Each source is compiled with [`KERNEL_PRELUDE`] in front of it.
 //!
 //! CI compiles every one of them to PTX (`tests/gpu.rs`, NVRTC from PyPI), so a kernel that
 //! does not compile fails the build's tests even on a machine without a GPU.
@@ -8,7 +8,7 @@
 /// Helpers every kernel may use: the grid-stride loop, activations by code
 /// (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their derivatives from the output, and a
 /// counter-based uniform random number (SplitMix64 of seed and index).
-pub(super) const PRELUDE: &str = r#"
+pub const KERNEL_PRELUDE: &str = r#"
 #define TESSERA_LOOP(i, n) for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
 static __device__ __forceinline__ float tessera_act(int act, float x) {
     switch (act) {
@@ -40,15 +40,13 @@ pub const KERNELS: &[(&str, &str)] = &[
     (
         "relu_f32",
         r#"extern "C" __global__ void relu_f32(float* x, unsigned int n) {
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n && x[i] < 0.0f) { x[i] = 0.0f; }
+    TESSERA_LOOP(i, n) { if (x[i] < 0.0f) { x[i] = 0.0f; } }
 }"#,
     ),
     (
         "axpy_f32",
         r#"extern "C" __global__ void axpy_f32(float a, const float* x, float* y, unsigned int n) {
-    unsigned int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) { y[i] += a * x[i]; }
+    TESSERA_LOOP(i, n) { y[i] += a * x[i]; }
 }"#,
     ),
     (
@@ -70,14 +68,14 @@ pub const KERNELS: &[(&str, &str)] = &[
     (
         "softmax_rows_f32",
         r#"extern "C" __global__ void softmax_rows_f32(float* x, unsigned int rows, unsigned int cols) {
-    unsigned int r = blockIdx.x * blockDim.x + threadIdx.x;
-    if (r >= rows) { return; }
-    float* row = x + (size_t)r * cols;
-    float m = row[0];
-    for (unsigned int j = 1; j < cols; ++j) { m = fmaxf(m, row[j]); }
-    float s = 0.0f;
-    for (unsigned int j = 0; j < cols; ++j) { row[j] = expf(row[j] - m); s += row[j]; }
-    for (unsigned int j = 0; j < cols; ++j) { row[j] /= s; }
+    TESSERA_LOOP(r, rows) {
+        float* row = x + (size_t)r * cols;
+        float m = row[0];
+        for (unsigned int j = 1; j < cols; ++j) { m = fmaxf(m, row[j]); }
+        float s = 0.0f;
+        for (unsigned int j = 0; j < cols; ++j) { row[j] = expf(row[j] - m); s += row[j]; }
+        for (unsigned int j = 0; j < cols; ++j) { row[j] /= s; }
+    }
 }"#,
     ),
     (

@@ -1,0 +1,795 @@
+//! The arithmetic of every NVRTC kernel, checked on the CPU (feature `cuda`; no GPU, driver
+//! or CUDA toolkit needed, only a C++20 compiler).
+//!
+//! The kernels' CUDA C sources ([`KERNELS`] after [`KERNEL_PRELUDE`]) are compiled as C++ by
+//! the host compiler with a small shim: `blockIdx`, `threadIdx`, `blockDim` and `gridDim`
+//! are variables; a launch runs its blocks one after another; a kernel without
+//! `__syncthreads` runs a block's threads one after another, a kernel with it runs them as
+//! OS threads meeting at a real barrier, atomics are real atomics, and launches run one at a
+//! time, as on one stream. Each kernel is then
+//! launched with the grid the library gives it and checked against the CPU executor (or
+//! the CPU optimizer) on the buffer layouts the GPU executor uses: im2col columns as
+//! `[C·KH·KW, N·OH·OW]`, convolution products as `[O, N·OH·OW]`, and so on. The matrix
+//! products between kernels are done here on the host in the same orientation as the GPU
+//! executor's cuBLAS calls.
+//!
+//! What this catches: index and formula mistakes, a kernel reading or writing the wrong
+//! layout, a block reduction with a missing barrier or a lost partial sum (each seen to fail
+//! here by breaking the kernel). What it cannot: a missing atomic in a kernel without
+//! barriers (its threads run one after another), timing, memory coalescing, the driver and
+//! cuBLAS themselves; `scripts/gpu-check.sh` covers those on a GPU.
+//!
+//! Without a C++ compiler the tests skip, unless `TESSERA_EXPECT_CXX=1` (set by
+//! `scripts/test.sh`), which makes a missing compiler a failure.
+#![cfg(feature = "cuda")]
+
+use std::ffi::{c_void, CString};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use tessera::nn::{
+    Activation, CpuExecutor, DType, Executor, Graph, Init, NodeId, Optimizer, OptimizerConfig, Params, Rng,
+};
+use tessera::{KERNELS, KERNEL_PRELUDE};
+
+/// Makes CUDA C compile and run as C++ on the host (see the module comment).
+const SHIM: &str = r#"
+#include <math.h>
+#include <stddef.h>
+#include <string.h>
+#include <atomic>
+#include <barrier>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+struct tessera_dim3 { unsigned int x, y, z; };
+static thread_local tessera_dim3 blockIdx, threadIdx;
+static tessera_dim3 blockDim, gridDim;
+static std::barrier<>* tessera_barrier = nullptr;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define __syncthreads() tessera_barrier->arrive_and_wait()
+
+static inline float atomicAdd(float* at, float v) { return std::atomic_ref<float>(*at).fetch_add(v); }
+static inline unsigned int atomicAdd(unsigned int* at, unsigned int v) {
+    return std::atomic_ref<unsigned int>(*at).fetch_add(v);
+}
+static inline float __int_as_float(int v) { float f; memcpy(&f, &v, sizeof f); return f; }
+
+// Runs `body` as every thread of a `grid × block` launch. Launches run one at a time (the
+// dimensions, the barrier and shared memory are process-wide), like kernels on one stream.
+static void tessera_launch(unsigned int grid, unsigned int block, bool syncs, const std::function<void()>& body) {
+    static std::mutex one_launch_at_a_time;
+    std::lock_guard<std::mutex> launching(one_launch_at_a_time);
+    gridDim = {grid, 1, 1};
+    blockDim = {block, 1, 1};
+    if (!syncs) {
+        for (unsigned int b = 0; b < grid; ++b) {
+            for (unsigned int t = 0; t < block; ++t) {
+                blockIdx = {b, 0, 0};
+                threadIdx = {t, 0, 0};
+                body();
+            }
+        }
+        return;
+    }
+    std::barrier<> barrier(block);
+    tessera_barrier = &barrier;
+    std::vector<std::thread> threads;
+    for (unsigned int t = 0; t < block; ++t) {
+        threads.emplace_back([&, t] {
+            for (unsigned int b = 0; b < grid; ++b) {
+                blockIdx = {b, 0, 0};
+                threadIdx = {t, 0, 0};
+                body();
+                // The block ends for every thread before the next one reuses shared memory.
+                barrier.arrive_and_wait();
+            }
+        });
+    }
+    for (std::thread& thread : threads) { thread.join(); }
+    tessera_barrier = nullptr;
+}
+"#;
+
+/// The C++ translation unit: the shim, the prelude, every kernel, and for each kernel a
+/// `host_<name>(grid, block, args...)` entry point that launches it.
+fn host_source() -> String {
+    let mut source = format!("{SHIM}\n{KERNEL_PRELUDE}\n");
+    for (name, kernel) in KERNELS {
+        source.push_str(kernel);
+        source.push('\n');
+        let head = format!("void {name}(");
+        let start =
+            kernel.find(&head).unwrap_or_else(|| panic!("{name}: no `{head}` in its source")) + head.len();
+        let params = &kernel[start..start + kernel[start..].find(')').expect("parameter list ends")];
+        let names: Vec<&str> = params
+            .split(',')
+            .map(|p| p.trim().rsplit(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or(""))
+            .collect();
+        let syncs = kernel.contains("__syncthreads");
+        source.push_str(&format!(
+            "extern \"C\" void host_{name}(unsigned int tessera_grid, unsigned int tessera_block, {params}) {{\n    \
+             tessera_launch(tessera_grid, tessera_block, {syncs}, [&] {{ {name}({}); }});\n}}\n",
+            names.join(", ")
+        ));
+    }
+    source
+}
+
+/// The kernels compiled into a shared library and opened.
+struct HostKernels {
+    library: *mut c_void,
+    _dir: tempfile::TempDir,
+}
+
+// SAFETY: the library handle is only used to look up symbols, which dlsym allows from any
+// thread; the library stays open for the life of the process.
+unsafe impl Send for HostKernels {}
+// SAFETY: as above.
+unsafe impl Sync for HostKernels {}
+
+impl HostKernels {
+    /// The address of `host_<name>`.
+    fn symbol(&self, name: &str) -> *mut c_void {
+        let symbol = CString::new(format!("host_{name}")).expect("kernel names have no NUL");
+        // SAFETY: a live handle from dlopen and a NUL-terminated name.
+        let address = unsafe { libc::dlsym(self.library, symbol.as_ptr()) };
+        assert!(!address.is_null(), "the host library has no host_{name}");
+        address
+    }
+
+    /// Launches kernel `name` with a `(grid, block)` configuration. The arguments' types
+    /// must be the C types of the kernel's parameters, in order (only those C types compile:
+    /// see [`CArg`]); every buffer must hold what the kernel indexes.
+    fn launch(&self, name: &str, (grid, block): (u32, u32), args: impl KernelArgs) {
+        let address = self.symbol(name);
+        // SAFETY: `host_<name>` takes the grid, the block and the kernel's parameters, which
+        // the caller passes with their C types and buffers large enough (see above).
+        unsafe { args.call(address, grid, block) }
+    }
+}
+
+/// A Rust type passed as exactly one C kernel parameter type (`unsigned int`, `int`,
+/// `float`, `unsigned long long`, pointers): an untyped literal or a `usize` does not
+/// compile, rather than being passed with the wrong width.
+trait CArg: Copy {}
+impl CArg for u32 {}
+impl CArg for i32 {}
+impl CArg for f32 {}
+impl CArg for u64 {}
+impl<T> CArg for *const T {}
+impl<T> CArg for *mut T {}
+
+/// A tuple of kernel arguments, called as `host_<name>(grid, block, args...)`.
+trait KernelArgs {
+    /// # Safety
+    /// `address` must be a function taking `(u32, u32)` then these arguments' C types.
+    unsafe fn call(self, address: *mut c_void, grid: u32, block: u32);
+}
+
+macro_rules! kernel_args {
+    ($($t:ident $i:tt),+) => {
+        impl<$($t: CArg),+> KernelArgs for ($($t,)+) {
+            unsafe fn call(self, address: *mut c_void, grid: u32, block: u32) {
+                // SAFETY: the caller vouches for the function's signature.
+                unsafe {
+                    let function = std::mem::transmute::<*mut c_void, unsafe extern "C" fn(u32, u32, $($t),+)>(address);
+                    function(grid, block, $(self.$i),+)
+                }
+            }
+        }
+    };
+}
+kernel_args!(A 0);
+kernel_args!(A 0, B 1);
+kernel_args!(A 0, B 1, C 2);
+kernel_args!(A 0, B 1, C 2, D 3);
+kernel_args!(A 0, B 1, C 2, D 3, E 4);
+kernel_args!(A 0, B 1, C 2, D 3, E 4, F 5);
+kernel_args!(A 0, B 1, C 2, D 3, E 4, F 5, G 6);
+kernel_args!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7);
+kernel_args!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8);
+kernel_args!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9);
+kernel_args!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10);
+kernel_args!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11);
+kernel_args!(A 0, B 1, C 2, D 3, E 4, F 5, G 6, H 7, I 8, J 9, K 10, L 11, M 12);
+
+/// The host kernels, compiled once per test process; `None` (a skip) without a compiler.
+fn host_kernels() -> Option<&'static HostKernels> {
+    static KERNELS_ON_HOST: OnceLock<Option<HostKernels>> = OnceLock::new();
+    KERNELS_ON_HOST
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().expect("a temporary directory");
+            let (source, library) = (dir.path().join("kernels.cpp"), dir.path().join("libkernels.so"));
+            std::fs::write(&source, host_source()).expect("write the C++ source");
+            let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+            let output = match Command::new(&compiler)
+                .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-o"])
+                .arg(&library)
+                .arg(&source)
+                .output()
+            {
+                Ok(output) => output,
+                Err(error) => {
+                    let expected = std::env::var("TESSERA_EXPECT_CXX").is_ok_and(|v| v == "1");
+                    assert!(!expected, "TESSERA_EXPECT_CXX=1 but `{compiler}` does not run: {error}");
+                    eprintln!("skipped: no C++ compiler (`{compiler}`: {error})");
+                    return None;
+                }
+            };
+            assert!(
+                output.status.success(),
+                "the kernels do not compile as C++:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let path = CString::new(library.to_str().expect("a UTF-8 temporary path")).expect("no NUL");
+            // SAFETY: opens the library just built; its initialisers only set up statics.
+            let handle = unsafe { libc::dlopen(path.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+            assert!(!handle.is_null(), "dlopen of the host kernels failed");
+            Some(HostKernels { library: handle, _dir: dir })
+        })
+        .as_ref()
+}
+
+/// The library's launch configuration for grid-stride kernels (`devices::grid`).
+fn grid(n: usize) -> (u32, u32) {
+    ((n as u32).div_ceil(256).clamp(1, 65_535 * 16), 256)
+}
+
+fn close(what: &str, got: &[f32], expected: &[f32]) {
+    assert_eq!(got.len(), expected.len(), "{what}: lengths");
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert!((g - e).abs() <= 1e-5 + 1e-4 * e.abs(), "{what}[{i}]: host kernel {g}, CPU {e}");
+    }
+}
+
+fn normal(rng: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| rng.normal()).collect()
+}
+
+/// Row-major `op(a) · op(b)` (`m×k` times `k×n`) added into `c` after scaling it by `beta`:
+/// the product the GPU executor asks cuBLAS for between kernels.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    beta: f32,
+    c: &mut [f32],
+) {
+    for i in 0..m {
+        for j in 0..n {
+            let mut sum = 0f64;
+            for p in 0..k {
+                let av = if trans_a { a[p * m + i] } else { a[i * k + p] };
+                let bv = if trans_b { b[j * k + p] } else { b[p * n + j] };
+                sum += av as f64 * bv as f64;
+            }
+            c[i * n + j] = beta * c[i * n + j] + sum as f32;
+        }
+    }
+}
+
+/// A graph's parameters, initialised from `seed`, with the CPU executor's forward values and
+/// gradients after a backward pass seeded with `seed_grad` at `out`.
+struct CpuRun {
+    params: Params,
+    exec: CpuExecutor,
+}
+
+impl CpuRun {
+    fn new(graph: &Graph, out: NodeId, seed_grad: &[f32], seed: u64) -> CpuRun {
+        let params = Params::init(graph, &mut Rng::seed(seed));
+        let mut exec = CpuExecutor::new(graph);
+        exec.forward(&params, 0..out.index() + 1).unwrap();
+        exec.backward(&params, 0..out.index() + 1, &[(out, seed_grad)]).unwrap();
+        CpuRun { params, exec }
+    }
+
+    fn param(&self, index: usize) -> Vec<f32> {
+        self.params.tensors[index].data.clone()
+    }
+}
+
+#[test]
+fn every_kernel_has_a_host_entry_point() {
+    let Some(kernels) = host_kernels() else { return };
+    for (name, _) in KERNELS {
+        kernels.symbol(name);
+    }
+}
+
+#[test]
+fn elementwise_kernels() {
+    let Some(k) = host_kernels() else { return };
+    let n = 5_000;
+    let x: Vec<f32> = (0..n).map(|i| (i % 7) as f32 - 3.0).collect();
+    let mut relu = x.clone();
+    k.launch("relu_f32", grid(n), (relu.as_mut_ptr(), n as u32));
+    assert_eq!(relu, x.iter().map(|v| v.max(0.0)).collect::<Vec<_>>());
+    let mut y = vec![1.0f32; n];
+    k.launch("axpy_f32", grid(n), (2.0f32, x.as_ptr(), y.as_mut_ptr(), n as u32));
+    assert_eq!(y, x.iter().map(|v| 1.0 + 2.0 * v).collect::<Vec<_>>());
+    let mut filled = vec![0.0f32; n];
+    k.launch("fill_f32", grid(n), (filled.as_mut_ptr(), 0.25f32, n as u32));
+    assert!(filled.iter().all(|&v| v == 0.25));
+    let (a, b) = (x.clone(), vec![0.5f32; n]);
+    let mut acc = vec![1.0f32; n];
+    k.launch("mul_add_f32", grid(n), (a.as_ptr(), b.as_ptr(), acc.as_mut_ptr(), n as u32));
+    assert_eq!(acc, x.iter().map(|v| 1.0 + 0.5 * v).collect::<Vec<_>>());
+}
+
+/// `act_f32`, `act_grad_f32` and `act_grad_add_f32` against the CPU executor's activations.
+#[test]
+fn activations_match_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    for (code, act) in [Activation::Identity, Activation::Relu, Activation::Sigmoid, Activation::Tanh]
+        .into_iter()
+        .enumerate()
+    {
+        let mut g = Graph::new();
+        let x = g.param("x", &[3, 333], Init::Normal { std: 2.0 }).unwrap();
+        let y = g.act(x, act).unwrap();
+        let seed = normal(&mut Rng::seed(7), 999);
+        let cpu = CpuRun::new(&g, y, &seed, code as u64);
+        let (xv, n, code) = (cpu.param(0), 999usize, code as i32);
+        let mut yv = vec![0f32; n];
+        k.launch("act_f32", grid(n), (xv.as_ptr(), yv.as_mut_ptr(), n as u32, code));
+        close(&format!("{act:?} value"), &yv, cpu.exec.value(y).unwrap());
+        let mut dz = vec![0f32; n];
+        k.launch("act_grad_f32", grid(n), (yv.as_ptr(), seed.as_ptr(), dz.as_mut_ptr(), n as u32, code));
+        close(&format!("{act:?} gradient"), &dz, cpu.exec.param_grad(0));
+        let mut dx = vec![1f32; n];
+        k.launch("act_grad_add_f32", grid(n), (yv.as_ptr(), seed.as_ptr(), dx.as_mut_ptr(), n as u32, code));
+        let plus_one: Vec<f32> = dz.iter().map(|v| v + 1.0).collect();
+        close(&format!("{act:?} accumulated gradient"), &dx, &plus_one);
+    }
+}
+
+/// A linear layer as the GPU executor runs it: product, `bias_act_f32`; backward
+/// `act_grad_f32`, products with the weights and inputs, `col_sums_add_f32` for the bias.
+#[test]
+fn linear_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    let (m, kk, n) = (37, 19, 300);
+    for (code, act) in [Activation::Identity, Activation::Relu, Activation::Sigmoid, Activation::Tanh]
+        .into_iter()
+        .enumerate()
+    {
+        let mut g = Graph::new();
+        let x = g.param("x", &[m, kk], Init::Normal { std: 1.0 }).unwrap();
+        let w = g.param("w", &[kk, n], Init::Normal { std: 0.3 }).unwrap();
+        let b = g.param("b", &[n], Init::Normal { std: 0.5 }).unwrap();
+        let y = g.linear(x, w, b, act).unwrap();
+        let seed = normal(&mut Rng::seed(11), m * n);
+        let cpu = CpuRun::new(&g, y, &seed, 20 + code as u64);
+        let (xv, wv, bv, code) = (cpu.param(0), cpu.param(1), cpu.param(2), code as i32);
+        let len = m * n;
+        let mut yv = vec![0f32; len];
+        gemm((m, n, kk), &xv, false, &wv, false, 0.0, &mut yv);
+        k.launch("bias_act_f32", grid(len), (yv.as_mut_ptr(), bv.as_ptr(), len as u32, n as u32, code));
+        close(&format!("linear {act:?} value"), &yv, cpu.exec.value(y).unwrap());
+        let mut dz = vec![0f32; len];
+        k.launch("act_grad_f32", grid(len), (yv.as_ptr(), seed.as_ptr(), dz.as_mut_ptr(), len as u32, code));
+        let (mut dx, mut dw, mut db) = (vec![0f32; m * kk], vec![0f32; kk * n], vec![0f32; n]);
+        gemm((m, kk, n), &dz, false, &wv, true, 1.0, &mut dx);
+        gemm((kk, n, m), &xv, true, &dz, false, 1.0, &mut dw);
+        k.launch("col_sums_add_f32", grid(n), (dz.as_ptr(), db.as_mut_ptr(), m as u32, n as u32));
+        close(&format!("linear {act:?} input gradient"), &dx, cpu.exec.param_grad(0));
+        close(&format!("linear {act:?} weight gradient"), &dw, cpu.exec.param_grad(1));
+        close(&format!("linear {act:?} bias gradient"), &db, cpu.exec.param_grad(2));
+    }
+}
+
+/// A convolution as the GPU executor runs it: `im2col_f32`, one product for the batch,
+/// `conv_out_f32` (bias and activation); backward `conv_grad_out_f32`, the weight and
+/// column products, `row_sums_add_f32` for the bias and `col2im_add_f32` for the input.
+#[test]
+fn convolution_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    // (N, C, H, W, O, KH, KW, stride, pad, activation)
+    let cases = [
+        (2, 3, 7, 7, 4, 3, 3, 2, 1, Activation::Tanh),
+        (3, 2, 9, 8, 5, 3, 2, 1, 0, Activation::Relu),
+        (1, 1, 6, 6, 300, 5, 5, 1, 2, Activation::Sigmoid),
+        (4, 2, 8, 8, 3, 2, 2, 3, 1, Activation::Identity),
+    ];
+    for (case, &(n, c, h, w, o, kh, kw, stride, pad, act)) in cases.iter().enumerate() {
+        let mut g = Graph::new();
+        let x = g.param("x", &[n, c, h, w], Init::Normal { std: 1.0 }).unwrap();
+        let wt = g.param("w", &[o, c, kh, kw], Init::Normal { std: 0.3 }).unwrap();
+        let b = g.param("b", &[o], Init::Normal { std: 0.2 }).unwrap();
+        let y = g.conv2d(x, wt, b, stride, pad, act).unwrap();
+        let shape = g.shape(y).unwrap().to_vec();
+        let (oh, ow) = (shape[2], shape[3]);
+        let (ckk, nohw, len) = (c * kh * kw, n * oh * ow, n * o * oh * ow);
+        let seed = normal(&mut Rng::seed(case as u64), len);
+        let cpu = CpuRun::new(&g, y, &seed, 30 + case as u64);
+        let (xv, wv, bv) = (cpu.param(0), cpu.param(1), cpu.param(2));
+        let what = format!("conv case {case} ({act:?}, stride {stride}, pad {pad})");
+        let code = [Activation::Identity, Activation::Relu, Activation::Sigmoid, Activation::Tanh]
+            .iter()
+            .position(|a| *a == act)
+            .unwrap() as i32;
+        let geometry = [n, c, h, w, kh, kw, oh, ow, stride, pad].map(|v| v as u32);
+        let [gn, gc, gh, gw, gkh, gkw, goh, gow, gstride, gpad] = geometry;
+        let mut cols = vec![f32::NAN; ckk * nohw];
+        k.launch(
+            "im2col_f32",
+            grid(ckk * nohw),
+            (xv.as_ptr(), cols.as_mut_ptr(), gn, gc, gh, gw, gkh, gkw, goh, gow, gstride, gpad),
+        );
+        let mut prod = vec![0f32; o * nohw];
+        gemm((o, nohw, ckk), &wv, false, &cols, false, 0.0, &mut prod);
+        let mut yv = vec![f32::NAN; len];
+        let ohw = (oh * ow) as u32;
+        k.launch(
+            "conv_out_f32",
+            grid(len),
+            (prod.as_ptr(), bv.as_ptr(), yv.as_mut_ptr(), gn, o as u32, ohw, code),
+        );
+        close(&format!("{what} value"), &yv, cpu.exec.value(y).unwrap());
+        let mut dz = vec![f32::NAN; o * nohw];
+        k.launch(
+            "conv_grad_out_f32",
+            grid(len),
+            (yv.as_ptr(), seed.as_ptr(), dz.as_mut_ptr(), gn, o as u32, ohw, code),
+        );
+        let mut dw = vec![0f32; o * ckk];
+        gemm((o, ckk, nohw), &dz, false, &cols, true, 1.0, &mut dw);
+        close(&format!("{what} weight gradient"), &dw, cpu.exec.param_grad(1));
+        let mut db = vec![0f32; o];
+        let blocks = (o as u32).clamp(1, 65_535);
+        k.launch("row_sums_add_f32", (blocks, 256), (dz.as_ptr(), db.as_mut_ptr(), o as u32, nohw as u32));
+        close(&format!("{what} bias gradient"), &db, cpu.exec.param_grad(2));
+        let mut dcol = vec![0f32; ckk * nohw];
+        gemm((ckk, nohw, o), &wv, true, &dz, false, 0.0, &mut dcol);
+        let mut dx = vec![0f32; n * c * h * w];
+        k.launch(
+            "col2im_add_f32",
+            grid(dx.len()),
+            (dcol.as_ptr(), dx.as_mut_ptr(), gn, gc, gh, gw, gkh, gkw, goh, gow, gstride, gpad),
+        );
+        close(&format!("{what} input gradient"), &dx, cpu.exec.param_grad(0));
+    }
+}
+
+/// `maxpool_f32` and `maxpool_grad_add_f32`, with separate and overlapping windows.
+#[test]
+fn max_pooling_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    for (case, (size, stride)) in [(2, 2), (2, 1), (3, 2)].into_iter().enumerate() {
+        let (n, c, h, w) = (3, 4, 9, 8);
+        let mut g = Graph::new();
+        let x = g.param("x", &[n, c, h, w], Init::Normal { std: 1.0 }).unwrap();
+        let y = g.max_pool2d(x, size, stride).unwrap();
+        let shape = g.shape(y).unwrap().to_vec();
+        let (oh, ow) = (shape[2], shape[3]);
+        let len = n * c * oh * ow;
+        let seed = normal(&mut Rng::seed(40 + case as u64), len);
+        let cpu = CpuRun::new(&g, y, &seed, 50 + case as u64);
+        let xv = cpu.param(0);
+        let (mut yv, mut arg) = (vec![f32::NAN; len], vec![-1i32; len]);
+        k.launch(
+            "maxpool_f32",
+            grid(len),
+            (
+                xv.as_ptr(),
+                yv.as_mut_ptr(),
+                arg.as_mut_ptr(),
+                (n * c) as u32,
+                h as u32,
+                w as u32,
+                oh as u32,
+                ow as u32,
+                size as u32,
+                stride as u32,
+            ),
+        );
+        close(&format!("max-pool {size}/{stride} value"), &yv, cpu.exec.value(y).unwrap());
+        let mut dx = vec![0f32; n * c * h * w];
+        k.launch(
+            "maxpool_grad_add_f32",
+            grid(len),
+            (seed.as_ptr(), arg.as_ptr(), dx.as_mut_ptr(), len as u32, (h * w) as u32, (oh * ow) as u32),
+        );
+        close(&format!("max-pool {size}/{stride} gradient"), &dx, cpu.exec.param_grad(0));
+    }
+}
+
+/// `add_bcast_f32` forward; backward `axpy_f32` into `a` and `col_sums_add_f32` into the
+/// broadcast `b`.
+#[test]
+fn broadcast_add_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    let (rows, cols) = (50, 70);
+    let mut g = Graph::new();
+    let a = g.param("a", &[rows, cols], Init::Normal { std: 1.0 }).unwrap();
+    let b = g.param("b", &[cols], Init::Normal { std: 1.0 }).unwrap();
+    let y = g.add(a, b).unwrap();
+    let len = rows * cols;
+    let seed = normal(&mut Rng::seed(60), len);
+    let cpu = CpuRun::new(&g, y, &seed, 61);
+    let (av, bv) = (cpu.param(0), cpu.param(1));
+    let mut yv = vec![0f32; len];
+    k.launch(
+        "add_bcast_f32",
+        grid(len),
+        (av.as_ptr(), bv.as_ptr(), yv.as_mut_ptr(), len as u32, cols as u32),
+    );
+    close("add value", &yv, cpu.exec.value(y).unwrap());
+    let mut da = vec![0f32; len];
+    k.launch("axpy_f32", grid(len), (1.0f32, seed.as_ptr(), da.as_mut_ptr(), len as u32));
+    close("add gradient of a", &da, cpu.exec.param_grad(0));
+    let mut db = vec![0f32; cols];
+    k.launch("col_sums_add_f32", grid(cols), (seed.as_ptr(), db.as_mut_ptr(), rows as u32, cols as u32));
+    close("add gradient of b", &db, cpu.exec.param_grad(1));
+}
+
+/// `softmax_rows_f32` and `softmax_grad_add_f32`.
+#[test]
+fn softmax_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    let (rows, cols) = (1_100, 9);
+    let mut g = Graph::new();
+    let x = g.param("x", &[rows, cols], Init::Normal { std: 3.0 }).unwrap();
+    let y = g.softmax(x).unwrap();
+    let seed = normal(&mut Rng::seed(70), rows * cols);
+    let cpu = CpuRun::new(&g, y, &seed, 71);
+    let mut yv = cpu.param(0);
+    k.launch("softmax_rows_f32", grid(rows), (yv.as_mut_ptr(), rows as u32, cols as u32));
+    close("softmax value", &yv, cpu.exec.value(y).unwrap());
+    let mut dx = vec![0f32; rows * cols];
+    k.launch(
+        "softmax_grad_add_f32",
+        grid(rows),
+        (yv.as_ptr(), seed.as_ptr(), dx.as_mut_ptr(), rows as u32, cols as u32),
+    );
+    close("softmax gradient", &dx, cpu.exec.param_grad(0));
+}
+
+/// `softmax_xent_f32`, `mean_f32` (one block of 256 threads over more rows than threads)
+/// and `xent_grad_add_f32`; a label out of range makes its row's loss NaN.
+#[test]
+fn softmax_cross_entropy_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    let (rows, cols) = (700, 10);
+    let mut g = Graph::new();
+    let logits = g.param("logits", &[rows, cols], Init::Normal { std: 2.0 }).unwrap();
+    let labels = g.input("labels", &[rows], DType::I32);
+    let loss = g.softmax_cross_entropy(logits, labels).unwrap();
+    let ids: Vec<i32> = (0..rows).map(|r| (r * 7 % cols) as i32).collect();
+    let params = Params::init(&g, &mut Rng::seed(80));
+    let mut cpu = CpuExecutor::new(&g);
+    cpu.set_ids(labels, &ids).unwrap();
+    cpu.forward_all(&params).unwrap();
+    cpu.backward(&params, 0..loss.index() + 1, &[(loss, &[0.7])]).unwrap();
+    let lv = params.tensors[0].data.clone();
+    let (mut probs, mut row_loss, mut mean) = (vec![0f32; rows * cols], vec![0f32; rows], vec![0f32; 1]);
+    k.launch(
+        "softmax_xent_f32",
+        grid(rows),
+        (lv.as_ptr(), ids.as_ptr(), probs.as_mut_ptr(), row_loss.as_mut_ptr(), rows as u32, cols as u32),
+    );
+    k.launch("mean_f32", (1, 256), (row_loss.as_ptr(), mean.as_mut_ptr(), rows as u32));
+    close("cross-entropy loss", &mean, cpu.value(loss).unwrap());
+    let (g_loss, mut dx) = (vec![0.7f32], vec![0f32; rows * cols]);
+    k.launch(
+        "xent_grad_add_f32",
+        grid(rows * cols),
+        (probs.as_ptr(), ids.as_ptr(), g_loss.as_ptr(), dx.as_mut_ptr(), rows as u32, cols as u32),
+    );
+    close("cross-entropy gradient", &dx, cpu.param_grad(0));
+    let mut bad = ids.clone();
+    bad[3] = cols as i32;
+    k.launch(
+        "softmax_xent_f32",
+        grid(rows),
+        (lv.as_ptr(), bad.as_ptr(), probs.as_mut_ptr(), row_loss.as_mut_ptr(), rows as u32, cols as u32),
+    );
+    assert!(
+        row_loss[3].is_nan() && row_loss.iter().filter(|v| v.is_nan()).count() == 1,
+        "a bad label's row is NaN"
+    );
+}
+
+/// `dropout_f32`: every value dropped or scaled by 1/(1-p), about p of them dropped, the
+/// mask a function of the seed; backward (`mul_add_f32`) lets through only what was kept.
+#[test]
+fn dropout_masks_and_scales() {
+    let Some(k) = host_kernels() else { return };
+    let (n, p) = (20_000usize, 0.25f32);
+    let x: Vec<f32> = (0..n).map(|i| 1.0 + (i % 5) as f32).collect();
+    let run = |seed: u64| {
+        let (mut y, mut mask) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+        k.launch("dropout_f32", grid(n), (x.as_ptr(), y.as_mut_ptr(), mask.as_mut_ptr(), n as u32, p, seed));
+        (y, mask)
+    };
+    let (y, mask) = run(9);
+    let keep = 1.0 / (1.0 - p);
+    for i in 0..n {
+        assert!(mask[i] == 0.0 || mask[i] == keep, "mask[{i}] = {}", mask[i]);
+        assert_eq!(y[i], x[i] * mask[i], "y[{i}]");
+    }
+    let dropped = mask.iter().filter(|&&m| m == 0.0).count();
+    assert!((4_600..5_400).contains(&dropped), "{dropped} of {n} dropped at p = {p}");
+    assert_eq!(run(9).1, mask, "the same seed gives the same mask");
+    assert_ne!(run(10).1, mask, "another seed gives another mask");
+    let g: Vec<f32> = (0..n).map(|i| (i % 3) as f32 - 1.0).collect();
+    let mut dx = vec![0f32; n];
+    k.launch("mul_add_f32", grid(n), (g.as_ptr(), mask.as_ptr(), dx.as_mut_ptr(), n as u32));
+    assert!(dx.iter().zip(&g).zip(&mask).all(|((d, g), m)| *d == g * m));
+}
+
+/// `sgd_f32` and `adam_f32` (Adam and AdamW) over three steps against the CPU optimizer,
+/// with the constants the GPU trainer derives, and gradients small enough to be flushed.
+#[test]
+fn optimizer_kernels_match_the_cpu_optimizer() {
+    let Some(k) = host_kernels() else { return };
+    let n = 4_000;
+    let mut g = Graph::new();
+    g.param("p", &[n], Init::Normal { std: 1.0 }).unwrap();
+    let mut rng = Rng::seed(90);
+    let grads: Vec<Vec<f32>> = (0..3)
+        .map(|step| {
+            let mut v = normal(&mut rng, n);
+            // Some gradients whose squares would be subnormal, which both sides flush.
+            v.iter_mut().step_by(97).for_each(|x| *x *= 1e-17);
+            v[step] = 0.0;
+            v
+        })
+        .collect();
+    let configs =
+        [OptimizerConfig::sgd(0.1, 0.9), OptimizerConfig::adam(1e-2), OptimizerConfig::adamw(1e-2, 0.1)];
+    for config in configs {
+        let mut params = Params::init(&g, &mut Rng::seed(91));
+        let mut device = params.tensors[0].data.clone();
+        let mut optimizer = Optimizer::new(config.clone(), &params);
+        let (mut m, mut v) = (vec![0f32; n], vec![0f32; n]);
+        for (t, grad) in grads.iter().enumerate() {
+            optimizer.step(&mut params, |_| grad.as_slice());
+            match config {
+                OptimizerConfig::Sgd { lr, momentum, weight_decay } => {
+                    k.launch(
+                        "sgd_f32",
+                        grid(n),
+                        (
+                            device.as_mut_ptr(),
+                            m.as_mut_ptr(),
+                            grad.as_ptr(),
+                            n as u32,
+                            lr,
+                            momentum,
+                            weight_decay,
+                        ),
+                    );
+                }
+                OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay }
+                | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay } => {
+                    // Step t + 1's bias corrections; Adam adds weight decay to the gradient,
+                    // AdamW decays the weights.
+                    let step = t as i32 + 1;
+                    let c1 = 1.0 / (1.0 - (beta1 as f64).powi(step)) as f32;
+                    let c2 = 1.0 / (1.0 - (beta2 as f64).powi(step)) as f32;
+                    let (l2, decay) = if matches!(config, OptimizerConfig::AdamW { .. }) {
+                        (0.0, 1.0 - lr * weight_decay)
+                    } else {
+                        (weight_decay, 1.0)
+                    };
+                    k.launch(
+                        "adam_f32",
+                        grid(n),
+                        (
+                            device.as_mut_ptr(),
+                            m.as_mut_ptr(),
+                            v.as_mut_ptr(),
+                            grad.as_ptr(),
+                            n as u32,
+                            lr,
+                            beta1,
+                            beta2,
+                            eps,
+                            l2,
+                            decay,
+                            c1,
+                            c2,
+                        ),
+                    );
+                }
+                _ => panic!("an optimizer this test does not know: {config:?}"),
+            }
+            close(&format!("{config:?} step {}", t + 1), &device, &params.tensors[0].data);
+        }
+    }
+}
+
+/// The GPU trainer's batch gathering and accuracy count: `gather_rows_f32`, `gather_i32`
+/// and `count_correct_f32` (the first of tied maxima is the prediction).
+#[test]
+fn gathering_and_counting() {
+    let Some(k) = host_kernels() else { return };
+    let (len, dim, rows) = (50, 6, 17);
+    let features: Vec<f32> = (0..len * dim).map(|i| i as f32).collect();
+    let labels: Vec<i32> = (0..len as i32).map(|i| i % 4).collect();
+    let idx: Vec<u32> = (0..rows as u32).map(|i| (i * 13) % len as u32).collect();
+    let (mut x, mut y) = (vec![f32::NAN; rows * dim], vec![-1i32; rows]);
+    k.launch(
+        "gather_rows_f32",
+        grid(rows * dim),
+        (features.as_ptr(), idx.as_ptr(), x.as_mut_ptr(), rows as u32, dim as u32),
+    );
+    k.launch("gather_i32", grid(rows), (labels.as_ptr(), idx.as_ptr(), y.as_mut_ptr(), rows as u32));
+    for (r, &i) in idx.iter().enumerate() {
+        assert_eq!(
+            &x[r * dim..(r + 1) * dim],
+            &features[i as usize * dim..(i as usize + 1) * dim],
+            "row {r}"
+        );
+        assert_eq!(y[r], labels[i as usize], "label {r}");
+    }
+    // Logits whose largest entry is column r % 4 in row r, with a tie at column 3 in rows
+    // where that is later: the first maximum wins, so rows predicting 3 with a tie at an
+    // earlier column count only if the label is that earlier column.
+    let cols = 4;
+    let logits: Vec<f32> = (0..rows * cols)
+        .map(|i| {
+            let (r, c) = (i / cols, i % cols);
+            if c == r % cols || (c == 3 && r % 2 == 0) {
+                5.0
+            } else {
+                c as f32 * 0.1
+            }
+        })
+        .collect();
+    let truth: Vec<i32> = (0..rows as i32).map(|r| if r % 3 == 0 { r % 4 } else { 3 }).collect();
+    let expected = (0..rows)
+        .filter(|&r| {
+            let row = &logits[r * cols..(r + 1) * cols];
+            let first_max = (0..cols).fold(0, |best, c| if row[c] > row[best] { c } else { best });
+            first_max as i32 == truth[r]
+        })
+        .count() as u32;
+    let mut count = [0u32];
+    k.launch(
+        "count_correct_f32",
+        grid(rows),
+        (logits.as_ptr(), truth.as_ptr(), rows as u32, cols as u32, count.as_mut_ptr()),
+    );
+    assert_eq!(count[0], expected);
+    assert!(expected > 0 && expected < rows as u32, "the case has both right and wrong predictions");
+}
+
+/// The block reductions with real barriers and atomics: `sum_f32` over several blocks of
+/// 1024 threads (as `Gpu::sum` launches it), `row_sums_add_f32` with more rows than blocks
+/// and rows longer than a block, `mean_f32` of a length that is not a multiple of 256.
+#[test]
+fn block_reductions() {
+    let Some(k) = host_kernels() else { return };
+    let n = 9_000;
+    let x: Vec<f32> = (0..n).map(|i| ((i % 11) as f32 - 5.0) / 4.0).collect();
+    let exact: f64 = x.iter().map(|&v| v as f64).sum();
+    let mut out = [0f32];
+    let blocks = (n as u32).div_ceil(1024).clamp(1, 1024);
+    k.launch("sum_f32", (blocks, 1024), (x.as_ptr(), out.as_mut_ptr(), n as u32));
+    assert!((out[0] as f64 - exact).abs() < 1e-2, "sum {} vs {exact}", out[0]);
+    let (rows, cols) = (7, 600);
+    let m: Vec<f32> = (0..rows * cols).map(|i| (i % 13) as f32 - 6.0).collect();
+    let mut sums = vec![1f32; rows];
+    k.launch("row_sums_add_f32", (3, 256), (m.as_ptr(), sums.as_mut_ptr(), rows as u32, cols as u32));
+    for (r, s) in sums.iter().enumerate() {
+        let expected: f32 = 1.0 + m[r * cols..(r + 1) * cols].iter().sum::<f32>();
+        assert_eq!(*s, expected, "row {r}");
+    }
+    let v: Vec<f32> = (0..1_000).map(|i| i as f32).collect();
+    let mut mean = [0f32];
+    k.launch("mean_f32", (1, 256), (v.as_ptr(), mean.as_mut_ptr(), 1_000u32));
+    assert_eq!(mean[0], 499.5);
+}
