@@ -13,11 +13,12 @@ cargo test --release --doc --features s3,postgres "$@"
 # above, so nothing is rebuilt).
 cargo run --release --features s3,postgres --example quickstart
 # The CUDA feature without a GPU: discovery must say so, every kernel must compile (NVRTC
-# from PyPI, installed by install-deps), and every kernel, run on the host as C++, must
-# compute what the CPU executor computes.
+# from PyPI, installed by install-deps), every kernel, run on the host as C++, must compute
+# what the CPU executor computes, and the library's own tests (the cuBLAS call mapping among
+# them) pass with the feature on.
 LD_LIBRARY_PATH=/opt/tessera-nvrtc/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
     TESSERA_EXPECT_NVRTC=1 TESSERA_EXPECT_NVRTC_RELEASE=12 TESSERA_EXPECT_CXX=1 \
-    cargo test --release --features cuda --test gpu --test kernels_on_host "$@"
+    cargo test --release --features cuda --lib --test gpu --test kernels_on_host "$@"
 # The same kernels with CUDA 13's NVRTC, the version on the GPU machines.
 LD_LIBRARY_PATH=/opt/tessera-nvrtc13/links:/opt/tessera-nvrtc13/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
     TESSERA_EXPECT_NVRTC=1 TESSERA_EXPECT_NVRTC_RELEASE=13.0 \

@@ -312,7 +312,7 @@ impl Gpu {
         b: &B,
         c: &mut C,
     ) -> Result<()> {
-        let Gemm32 { m, n, k, trans_a, trans_b, alpha, beta } = g;
+        let Gemm32 { m, n, k, .. } = g;
         if a.len() < m * k || b.len() < k * n || c.len() < m * n {
             return Err(DeviceError::Shape {
                 op: "sgemm",
@@ -322,31 +322,12 @@ impl Gpu {
         if m == 0 || n == 0 {
             return Ok(());
         }
-        let dim = |x: usize| {
-            i32::try_from(x.max(1))
-                .map_err(|_| DeviceError::Shape { op: "sgemm", message: format!("dimension {x} too large") })
-        };
-        let (mi, ni, ki) = (dim(m)?, dim(n)?, dim(k)?);
-        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
-        // cuBLAS is column-major: C^T (n×m) = op(B)^T (n×k) · op(A)^T (k×m), with each
-        // row-major buffer read as the transpose of what it stores.
-        let config = GemmConfig {
-            transa: op(trans_b),
-            transb: op(trans_a),
-            m: ni,
-            n: mi,
-            k: ki,
-            alpha,
-            lda: if trans_b { ki } else { ni },
-            ldb: if trans_a { mi } else { ki },
-            beta,
-            ldc: ni,
-        };
+        let config = g.column_major()?;
         let blas = self.blas()?;
         // cuBLAS runs in the calling thread's current context: make it this device's.
         self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
         // SAFETY: the lengths were checked above against m, n and k, and the leading
-        // dimensions are those of the stored row-major matrices.
+        // dimensions are those of the stored row-major matrices (`Gemm32::column_major`).
         unsafe { blas.gemm(config, b, a, c) }
             .map_err(|e| DeviceError::Blas { op: "sgemm", message: e.to_string() })
     }
@@ -437,19 +418,20 @@ impl Gpu {
         }
         let lt = self.blaslt()?;
         self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
-        // Column-major C^T (n×m) = B^T (n×k) · A^T (k×m), as in `gemm_rm`.
+        // The same column-major reading as `gemm_rm`: C^T (n×m) = B^T (n×k) · A^T (k×m).
+        let cm = Gemm32 { m, n, k, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }.column_major()?;
         let config = MatmulConfig {
             transa: false,
             transb: false,
             transc: false,
-            m: n as u64,
-            n: m as u64,
-            k: k as u64,
-            alpha: 1.0,
-            lda: n as i64,
-            ldb: k as i64,
-            beta: 0.0,
-            ldc: n as i64,
+            m: cm.m as u64,
+            n: cm.n as u64,
+            k: cm.k as u64,
+            alpha: cm.alpha,
+            lda: cm.lda.into(),
+            ldb: cm.ldb.into(),
+            beta: cm.beta,
+            ldc: cm.ldc.into(),
             stride_a: None,
             stride_b: None,
             stride_c: None,
@@ -559,6 +541,36 @@ pub(crate) struct Gemm32 {
     pub(crate) beta: f32,
 }
 
+impl Gemm32 {
+    /// The column-major cuBLAS call that computes this row-major product when given the
+    /// buffers as `(b, a, c)`: a row-major matrix read column-major is its transpose, so
+    /// `Cᵀ (n×m) = op(B)ᵀ (n×k) · op(A)ᵀ (k×m)`. Leading dimensions are those of the stored
+    /// matrices, at least 1 (as BLAS requires even for empty ones).
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`] if a dimension exceeds `i32`.
+    pub(crate) fn column_major(&self) -> Result<GemmConfig<f32>> {
+        let dim = |x: usize| {
+            i32::try_from(x)
+                .map_err(|_| DeviceError::Shape { op: "sgemm", message: format!("dimension {x} too large") })
+        };
+        let (m, n, k) = (dim(self.m)?, dim(self.n)?, dim(self.k)?);
+        let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+        Ok(GemmConfig {
+            transa: op(self.trans_b),
+            transb: op(self.trans_a),
+            m: n,
+            n: m,
+            k,
+            alpha: self.alpha,
+            lda: (if self.trans_b { k } else { n }).max(1),
+            ldb: (if self.trans_a { m } else { k }).max(1),
+            beta: self.beta,
+            ldc: n.max(1),
+        })
+    }
+}
+
 /// A launch configuration for a grid-stride kernel over `n` elements (256 threads a block).
 pub(crate) fn grid(n: u32) -> LaunchConfig {
     LaunchConfig {
@@ -570,4 +582,77 @@ pub(crate) fn grid(n: u32) -> LaunchConfig {
 
 pub(crate) fn len_u32(len: usize, op: &'static str) -> Result<u32> {
     u32::try_from(len).map_err(|_| DeviceError::Shape { op, message: format!("{len} elements exceed u32") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Reference BLAS `sgemm` (column-major, as cuBLAS defines it), checking the argument
+    /// rules cuBLAS checks (it answers `CUBLAS_STATUS_INVALID_VALUE` when one fails).
+    fn blas_sgemm(cfg: &GemmConfig<f32>, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let (m, n, k) = (cfg.m as usize, cfg.n as usize, cfg.k as usize);
+        let (lda, ldb, ldc) = (cfg.lda as usize, cfg.ldb as usize, cfg.ldc as usize);
+        let (ta, tb) =
+            (cfg.transa == cublasOperation_t::CUBLAS_OP_T, cfg.transb == cublasOperation_t::CUBLAS_OP_T);
+        assert!(lda >= (if ta { k } else { m }).max(1), "lda {lda} too small: {cfg:?}");
+        assert!(ldb >= (if tb { n } else { k }).max(1), "ldb {ldb} too small: {cfg:?}");
+        assert!(ldc >= m.max(1), "ldc {ldc} too small: {cfg:?}");
+        for j in 0..n {
+            for i in 0..m {
+                let mut sum = 0f64;
+                for p in 0..k {
+                    let av = if ta { a[p + i * lda] } else { a[i + p * lda] };
+                    let bv = if tb { b[j + p * ldb] } else { b[p + j * ldb] };
+                    sum += av as f64 * bv as f64;
+                }
+                let at = i + j * ldc;
+                c[at] = cfg.alpha * sum as f32 + cfg.beta * c[at];
+            }
+        }
+    }
+
+    /// The row-major product `Gemm32` promises, computed directly.
+    fn row_major(g: &Gemm32, a: &[f32], b: &[f32], c: &mut [f32]) {
+        for i in 0..g.m {
+            for j in 0..g.n {
+                let mut sum = 0f64;
+                for p in 0..g.k {
+                    let av = if g.trans_a { a[p * g.m + i] } else { a[i * g.k + p] };
+                    let bv = if g.trans_b { b[j * g.k + p] } else { b[p * g.n + j] };
+                    sum += av as f64 * bv as f64;
+                }
+                c[i * g.n + j] = g.alpha * sum as f32 + g.beta * c[i * g.n + j];
+            }
+        }
+    }
+
+    /// Every transpose combination, with empty, single and uneven dimensions: the cuBLAS
+    /// call `gemm_rm` makes (buffers passed as `b, a, c`) computes the row-major product and
+    /// passes cuBLAS's argument checks.
+    #[test]
+    fn the_column_major_call_computes_the_row_major_product() {
+        let shapes = [(1, 1, 1), (3, 5, 7), (7, 3, 5), (5, 7, 1), (1, 6, 4), (6, 1, 4), (4, 4, 0), (2, 9, 3)];
+        for (m, n, k) in shapes {
+            for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+                for (alpha, beta) in [(1.0, 0.0), (1.0, 1.0), (0.5, -2.0)] {
+                    let g = Gemm32 { m, n, k, trans_a, trans_b, alpha, beta };
+                    let a: Vec<f32> = (0..m * k).map(|i| (i * 7 % 13) as f32 - 6.0).collect();
+                    let b: Vec<f32> = (0..k * n).map(|i| (i * 5 % 11) as f32 - 5.0).collect();
+                    let c0: Vec<f32> = (0..m * n).map(|i| (i % 3) as f32).collect();
+                    let mut expected = c0.clone();
+                    row_major(&g, &a, &b, &mut expected);
+                    let mut got = c0;
+                    blas_sgemm(&g.column_major().unwrap(), &b, &a, &mut got);
+                    assert_eq!(got, expected, "{g:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn dimensions_beyond_i32_are_shape_errors() {
+        let g = Gemm32 { m: 1 << 31, n: 1, k: 1, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 };
+        assert!(matches!(g.column_major(), Err(DeviceError::Shape { .. })));
+    }
 }
