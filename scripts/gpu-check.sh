@@ -15,10 +15,22 @@ cd "$(dirname "$0")/.."
 case "${1:-}" in
 build)
     cargo build --release --features cuda --example gpu --bin tessera
-    test_bin=$(cargo test --release --features cuda --test gpu --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys; print([json.loads(l)["executable"] for l in sys.stdin if "\"executable\":\"" in l][-1])')
-    placement_bin=$(cargo test --release --features cuda --test placement --no-run --message-format=json 2>/dev/null |
-        python3 -c 'import json,sys; print([json.loads(l)["executable"] for l in sys.stdin if "\"executable\":\"" in l][-1])')
+    # The executable of integration test $1 (cargo also lists the `tessera` binary it builds
+    # for the tests among the artifacts: pick the test target by kind and name).
+    test_executable() {
+        cargo test --release --features cuda --test "$1" --no-run --message-format=json 2>/dev/null |
+            python3 -c '
+import json, sys
+name = sys.argv[1]
+found = [m["executable"] for m in map(json.loads, sys.stdin)
+         if m.get("reason") == "compiler-artifact" and m.get("executable")
+         and m["target"]["kind"] == ["test"] and m["target"]["name"] == name]
+if len(found) != 1:
+    sys.exit(f"gpu-check: expected one executable for test {name}, found {found}")
+print(found[0])' "$1"
+    }
+    test_bin=$(test_executable gpu)
+    placement_bin=$(test_executable placement)
     mkdir -p gpu-carry
     cp "$test_bin" gpu-carry/gpu-tests
     cp "$placement_bin" gpu-carry/placement-tests
