@@ -12,6 +12,8 @@ cargo test --release --doc --features s3,postgres "$@"
 # README's first command, Tessera's main job end to end, must keep working (same features as
 # above, so nothing is rebuilt).
 cargo run --release --features s3,postgres --example quickstart
+# Every target builds and links with the CUDA feature on a machine without CUDA.
+cargo test --release --features cuda --all-targets --no-run
 # The CUDA feature without a GPU: discovery must say so, every kernel must compile (NVRTC
 # from PyPI, installed by install-deps), every kernel, run on the host as C++, must compute
 # what the CPU executor computes, and the library's own tests (the cuBLAS call mapping among
