@@ -4,6 +4,7 @@
 //!
 //! One GPU cannot hold two ranks of a group: multi-rank logic is tested with the TCP group;
 //! NCCL is tested with one rank per device.
+use std::ffi::c_char;
 use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
@@ -35,6 +36,43 @@ fn nccl_error(op: &'static str, error: cudarc::nccl::result::NcclError) -> Colle
     CollectiveError::Backend { op, message: format!("{error:?}") }
 }
 
+/// NCCL's unique id: the opaque bytes rank 0 makes and every rank must pass to NCCL.
+type UniqueId = [c_char; 128];
+
+/// Gives every member of `bootstrap` rank 0's NCCL unique id: rank 0 calls `make` and
+/// broadcasts the id, the others receive it. The 128 bytes travel as 32 floats carrying
+/// their bits (the group moves f32 buffers bit for bit, NaN patterns included).
+///
+/// # Errors
+/// `make`'s error (rank 0); the bootstrap group's errors.
+fn exchange_unique_id(
+    bootstrap: &mut dyn Communicator,
+    make: impl FnOnce() -> Result<UniqueId, CollectiveError>,
+) -> Result<UniqueId, CollectiveError> {
+    let mut carrier = [0f32; 32];
+    if bootstrap.rank() == 0 {
+        let id = make()?;
+        for (slot, bytes) in carrier.iter_mut().zip(id.chunks_exact(4)) {
+            *slot = f32::from_bits(u32::from_le_bytes([
+                bytes[0] as u8,
+                bytes[1] as u8,
+                bytes[2] as u8,
+                bytes[3] as u8,
+            ]));
+        }
+        bootstrap.broadcast(&mut carrier, 0)?;
+        return Ok(id);
+    }
+    bootstrap.broadcast(&mut carrier, 0)?;
+    let mut id: UniqueId = [0; 128];
+    for (bytes, value) in id.chunks_exact_mut(4).zip(carrier) {
+        for (b, v) in bytes.iter_mut().zip(value.to_bits().to_le_bytes()) {
+            *b = v as c_char;
+        }
+    }
+    Ok(id)
+}
+
 fn device_error(op: &'static str, error: DeviceError) -> CollectiveError {
     CollectiveError::Backend { op, message: error.to_string() }
 }
@@ -54,30 +92,11 @@ impl NcclGroup {
             });
         }
         let (rank, size) = (bootstrap.rank(), bootstrap.size());
-        // The 128-byte id travels as 32 floats carrying its bits.
-        let mut carrier = [0f32; 32];
-        let id = if rank == 0 {
-            let id = Id::new().map_err(|e| nccl_error("join", e))?;
-            for (slot, bytes) in carrier.iter_mut().zip(id.internal().chunks_exact(4)) {
-                *slot = f32::from_bits(u32::from_le_bytes([
-                    bytes[0] as u8,
-                    bytes[1] as u8,
-                    bytes[2] as u8,
-                    bytes[3] as u8,
-                ]));
-            }
-            bootstrap.broadcast(&mut carrier, 0)?;
-            id
-        } else {
-            bootstrap.broadcast(&mut carrier, 0)?;
-            let mut internal = [0 as std::ffi::c_char; 128];
-            for (bytes, value) in internal.chunks_exact_mut(4).zip(carrier) {
-                for (b, v) in bytes.iter_mut().zip(value.to_bits().to_le_bytes()) {
-                    *b = v as std::ffi::c_char;
-                }
-            }
-            Id::uninit(internal)
-        };
+        let internal = exchange_unique_id(bootstrap, || {
+            Id::new().map(|id| *id.internal()).map_err(|e| nccl_error("join", e))
+        })?;
+        // An `Id` is only its bytes: every rank, rank 0 included, rebuilds it from them.
+        let id = Id::uninit(internal);
         let comm = Comm::from_rank(gpu.stream(), rank, size, id).map_err(|e| nccl_error("join", e))?;
         Ok(NcclGroup { gpu, comm, rank, size })
     }
@@ -174,5 +193,70 @@ impl Communicator for NcclGroup {
     fn barrier(&mut self) -> Result<(), CollectiveError> {
         let mut token = [0f32; 1];
         self.all_reduce(&mut token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::TcpListener;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::devices::collective::{GroupConfig, Rendezvous, TcpGroup};
+
+    /// The id exchange of a multi-rank NCCL group, on the CPU backend (one GPU cannot hold
+    /// two ranks): every rank of a 3-member TCP group ends with rank 0's exact bytes, every
+    /// byte value included (so some carrier floats are NaNs, signalling ones among them);
+    /// only rank 0 makes an id; rank 0's failure to make one is its error.
+    #[test]
+    fn every_rank_gets_rank_zeros_unique_id() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let size = 3;
+        let meet =
+            std::thread::spawn(move || Rendezvous::serve(listener, size, "s", Duration::from_secs(10)));
+        // Mixed bytes, with three NaN floats in front: a signalling NaN, a negative quiet
+        // NaN and a signalling NaN with every payload bit set.
+        let mut expected: UniqueId = std::array::from_fn(|i| ((i * 37 + 255) % 256) as u8 as c_char);
+        for (slot, bits) in [0x7f80_0001u32, 0xffc0_0001, 0x7fbf_ffff].into_iter().enumerate() {
+            for (b, v) in expected[slot * 4..slot * 4 + 4].iter_mut().zip(bits.to_le_bytes()) {
+                *b = v as c_char;
+            }
+        }
+        let members: Vec<_> = (0..size)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let mut group = TcpGroup::join(GroupConfig::new(rank, size, addr, "s")).unwrap();
+                    let mut calls = 0;
+                    let id = exchange_unique_id(&mut group, || {
+                        calls += 1;
+                        Ok(expected)
+                    })
+                    .unwrap();
+                    (rank, id, calls)
+                })
+            })
+            .collect();
+        for member in members {
+            let (rank, id, calls) = member.join().unwrap();
+            assert_eq!(id, expected, "rank {rank}");
+            assert_eq!(calls, usize::from(rank == 0), "rank {rank} made an id");
+        }
+        meet.join().unwrap().unwrap();
+        let carriers: Vec<f32> = expected
+            .chunks_exact(4)
+            .map(|b| f32::from_bits(u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])))
+            .collect();
+        assert_eq!(carriers.iter().filter(|v| v.is_nan()).count(), 3, "the case carries NaN patterns");
+
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let meet = std::thread::spawn(move || Rendezvous::serve(listener, 1, "s", Duration::from_secs(10)));
+        let mut alone = TcpGroup::join(GroupConfig::new(0, 1, addr, "s")).unwrap();
+        meet.join().unwrap().unwrap();
+        let failed = exchange_unique_id(&mut alone, || {
+            Err(CollectiveError::Backend { op: "join", message: "no id".into() })
+        });
+        assert!(matches!(failed, Err(CollectiveError::Backend { .. })), "{failed:?}");
     }
 }
