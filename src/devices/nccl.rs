@@ -39,6 +39,19 @@ fn nccl_error(op: &'static str, error: cudarc::nccl::result::NcclError) -> Colle
 /// NCCL's unique id: the opaque bytes rank 0 makes and every rank must pass to NCCL.
 type UniqueId = [c_char; 128];
 
+/// The id's 128 bytes as the bits of 32 floats, for an f32 broadcast.
+fn to_carrier(id: &UniqueId) -> [f32; 32] {
+    std::array::from_fn(|i| {
+        let b = &id[i * 4..i * 4 + 4];
+        f32::from_bits(u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8]))
+    })
+}
+
+/// The inverse of [`to_carrier`].
+fn from_carrier(carrier: &[f32; 32]) -> UniqueId {
+    std::array::from_fn(|i| carrier[i / 4].to_bits().to_le_bytes()[i % 4] as c_char)
+}
+
 /// Gives every member of `bootstrap` rank 0's NCCL unique id: rank 0 calls `make` and
 /// broadcasts the id, the others receive it. The 128 bytes travel as 32 floats carrying
 /// their bits (the group moves f32 buffers bit for bit, NaN patterns included).
@@ -49,28 +62,14 @@ fn exchange_unique_id(
     bootstrap: &mut dyn Communicator,
     make: impl FnOnce() -> Result<UniqueId, CollectiveError>,
 ) -> Result<UniqueId, CollectiveError> {
-    let mut carrier = [0f32; 32];
     if bootstrap.rank() == 0 {
         let id = make()?;
-        for (slot, bytes) in carrier.iter_mut().zip(id.chunks_exact(4)) {
-            *slot = f32::from_bits(u32::from_le_bytes([
-                bytes[0] as u8,
-                bytes[1] as u8,
-                bytes[2] as u8,
-                bytes[3] as u8,
-            ]));
-        }
-        bootstrap.broadcast(&mut carrier, 0)?;
+        bootstrap.broadcast(&mut to_carrier(&id), 0)?;
         return Ok(id);
     }
+    let mut carrier = [0f32; 32];
     bootstrap.broadcast(&mut carrier, 0)?;
-    let mut id: UniqueId = [0; 128];
-    for (bytes, value) in id.chunks_exact_mut(4).zip(carrier) {
-        for (b, v) in bytes.iter_mut().zip(value.to_bits().to_le_bytes()) {
-            *b = v as c_char;
-        }
-    }
-    Ok(id)
+    Ok(from_carrier(&carrier))
 }
 
 fn device_error(op: &'static str, error: DeviceError) -> CollectiveError {
@@ -243,11 +242,8 @@ mod tests {
             assert_eq!(calls, usize::from(rank == 0), "rank {rank} made an id");
         }
         meet.join().unwrap().unwrap();
-        let carriers: Vec<f32> = expected
-            .chunks_exact(4)
-            .map(|b| f32::from_bits(u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])))
-            .collect();
-        assert_eq!(carriers.iter().filter(|v| v.is_nan()).count(), 3, "the case carries NaN patterns");
+        let carrier = to_carrier(&expected);
+        assert_eq!(carrier.iter().filter(|v| v.is_nan()).count(), 3, "the case carries NaN patterns");
 
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
