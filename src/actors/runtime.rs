@@ -42,7 +42,9 @@ pub(crate) struct Core {
     shutting_down: AtomicBool,
     stopped: Mutex<bool>,
     threads: Mutex<Vec<JoinHandle<()>>>,
-    publisher: (Mutex<bool>, Condvar),
+    /// Tells the metrics publisher to stop. Apart from `Core` so that the publisher does
+    /// not hold the runtime alive while it sleeps.
+    publisher: Arc<(Mutex<bool>, Condvar)>,
     cluster: OnceLock<Arc<dyn RemoteScheduler>>,
     id: u64,
 }
@@ -154,13 +156,15 @@ impl Core {
 }
 
 /// Stops the runtime when the last handle made by the builder (or cloned from one) drops.
-struct ShutdownGuard(Weak<Core>);
+///
+/// It holds the core strongly: `Runtime` drops its `core` field before its guard, so a
+/// weak pointer here could find the core already gone (when no other thread happened to
+/// hold it) and the runtime's threads would run on, unowned, forever.
+struct ShutdownGuard(Arc<Core>);
 
 impl Drop for ShutdownGuard {
     fn drop(&mut self) {
-        if let Some(core) = self.0.upgrade() {
-            core.shutdown();
-        }
+        self.0.shutdown();
     }
 }
 
@@ -268,13 +272,12 @@ impl Builder {
                 shutting_down: AtomicBool::new(false),
                 stopped: Mutex::new(false),
                 threads: Mutex::new(Vec::new()),
-                publisher: (Mutex::new(false), Condvar::new()),
+                publisher: Arc::new((Mutex::new(false), Condvar::new())),
                 cluster: OnceLock::new(),
                 id,
             }
         });
-        let runtime =
-            Runtime { core: core.clone(), _guard: Some(Arc::new(ShutdownGuard(Arc::downgrade(&core)))) };
+        let runtime = Runtime { core: core.clone(), _guard: Some(Arc::new(ShutdownGuard(core.clone()))) };
         if let Some(error) = core.actors.start_error() {
             core.shutdown();
             return Err(error);
@@ -298,10 +301,11 @@ impl Builder {
             }
         }
         let weak = Arc::downgrade(&core);
+        let signal = core.publisher.clone();
         let interval = self.metrics_interval;
         let publisher = std::thread::Builder::new()
             .name("tessera-metrics".into())
-            .spawn(move || publish_metrics(weak, interval))
+            .spawn(move || publish_metrics(weak, &signal, interval))
             .map_err(|e| Error::Startup(format!("cannot start metrics thread: {e}")))?;
         threads.push(publisher);
         *core.threads.lock() = threads;
@@ -314,19 +318,20 @@ fn set_current(core: &Weak<Core>) {
     CURRENT.with(|c| *c.borrow_mut() = Some(core.clone()));
 }
 
-fn publish_metrics(core: Weak<Core>, interval: Duration) {
+/// Publishes the counters every `interval` until `signal` says stop. Holds the runtime only
+/// while it publishes.
+fn publish_metrics(core: Weak<Core>, signal: &(Mutex<bool>, Condvar), interval: Duration) {
+    let (stop, cond) = signal;
     loop {
-        let Some(core) = core.upgrade() else { return };
-        let (stop, cond) = &core.publisher;
         let mut stopped = stop.lock();
-        if *stopped {
-            return;
+        if !*stopped {
+            cond.wait_for(&mut stopped, interval);
         }
-        cond.wait_for(&mut stopped, interval);
         if *stopped {
             return;
         }
         drop(stopped);
+        let Some(core) = core.upgrade() else { return };
         core.stats.publish();
     }
 }
