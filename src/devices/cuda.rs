@@ -401,7 +401,8 @@ impl Gpu {
     /// cuBLASLt (its heuristic picks the kernel; tensor cores where the device has them).
     ///
     /// # Errors
-    /// [`DeviceError::Shape`] if a buffer is too short; [`DeviceError::MissingLibrary`]
+    /// [`DeviceError::Shape`] if a buffer is too short or a dimension is 0 (unlike
+    /// [`Gpu::sgemm`], which takes `k = 0`); [`DeviceError::MissingLibrary`]
     /// without cuBLASLt; [`DeviceError::Blas`].
     pub fn gemm_bf16(
         &self,
