@@ -15,15 +15,17 @@ use std::sync::Arc;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
 };
 use half::bf16;
 use parking_lot::Mutex;
 
 mod kernels;
+mod launch;
 mod sparse;
 
 pub use kernels::{KERNELS, KERNEL_PRELUDE};
+pub(crate) use launch::{kernel_index, launch, push_checked};
 pub use sparse::GpuCsr;
 use sparse::SparseHandle;
 
@@ -466,12 +468,8 @@ impl Gpu {
     /// # Errors
     /// [`DeviceError::Compile`], [`DeviceError::Driver`].
     pub fn relu(&self, x: &mut CudaSlice<f32>) -> Result<()> {
-        let function = self.kernel("relu_f32")?;
         let n = len_u32(x.len(), "relu")?;
-        let mut launch = self.stream.launch_builder(&function);
-        launch.arg(x).arg(&n);
-        // SAFETY: the kernel reads and writes `n` elements of `x`, which holds `n`.
-        unsafe { launch.launch(grid(n)) }.map(|_| ()).map_err(|e| self.driver(e))
+        launch!(self, "relu_f32", n; x, &n)
     }
 
     /// `y += a · x`.
@@ -485,12 +483,8 @@ impl Gpu {
                 message: format!("{} vs {} elements", x.len(), y.len()),
             });
         }
-        let function = self.kernel("axpy_f32")?;
         let n = len_u32(x.len(), "axpy")?;
-        let mut launch = self.stream.launch_builder(&function);
-        launch.arg(&a).arg(x).arg(y).arg(&n);
-        // SAFETY: both buffers hold `n` elements.
-        unsafe { launch.launch(grid(n)) }.map(|_| ()).map_err(|e| self.driver(e))
+        launch!(self, "axpy_f32", n; &a, x, y, &n)
     }
 
     /// The sum of `x`.
@@ -498,15 +492,11 @@ impl Gpu {
     /// # Errors
     /// [`DeviceError::Compile`], [`DeviceError::Driver`].
     pub fn sum(&self, x: &CudaSlice<f32>) -> Result<f32> {
-        let function = self.kernel("sum_f32")?;
         let n = len_u32(x.len(), "sum")?;
         let mut out = self.zeros(1)?;
         let blocks = n.div_ceil(1024).clamp(1, 1024);
         let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-        let mut launch = self.stream.launch_builder(&function);
-        launch.arg(x).arg(&mut out).arg(&n);
-        // SAFETY: the kernel reads `n` elements of `x` and adds into `out[0]`.
-        unsafe { launch.launch(config) }.map_err(|e| self.driver(e))?;
+        launch!(self, "sum_f32", cfg = config; x, &mut out, &n)?;
         Ok(self.download(&out)?[0])
     }
 
@@ -521,12 +511,8 @@ impl Gpu {
                 message: format!("{rows}×{cols} vs {}", x.len()),
             });
         }
-        let function = self.kernel("softmax_rows_f32")?;
         let (r, c) = (len_u32(rows, "softmax_rows")?, len_u32(cols, "softmax_rows")?);
-        let mut launch = self.stream.launch_builder(&function);
-        launch.arg(x).arg(&r).arg(&c);
-        // SAFETY: the kernel touches rows × cols elements, which `x` holds.
-        unsafe { launch.launch(grid(r)) }.map(|_| ()).map_err(|e| self.driver(e))
+        launch!(self, "softmax_rows_f32", r; x, &r, &c)
     }
 }
 

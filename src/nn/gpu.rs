@@ -28,38 +28,15 @@ use std::cell::OnceCell;
 use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use crate::devices::{grid, len_u32, DeviceError, Gemm32, Gpu};
+use crate::devices::{launch, len_u32, DeviceError, Gemm32, Gpu};
 use crate::nn::executor::rules;
 use crate::nn::{Activation, DType, Executor, Graph, NnError, Node, NodeId, Op, Params, Rng};
 
 mod train;
 
 pub use train::{GpuDataset, GpuTrainer};
-
-/// Launches kernel `$name` of `KERNELS` on `$gpu`'s stream over `$n` elements (or with an
-/// explicit `cfg`), with the given arguments; evaluates to `Result<(), DeviceError>`.
-macro_rules! launch {
-    ($gpu:expr, $name:literal, cfg = $cfg:expr; $($arg:expr),* $(,)?) => {{
-        let gpu: &Gpu = $gpu;
-        let function = gpu.kernel($name)?;
-        let stream = gpu.stream_ref();
-        let mut builder = stream.launch_builder(&function);
-        $( builder.arg($arg); )*
-        // SAFETY: every call site passes buffers holding at least the elements the kernel
-        // indexes for the sizes it passes (the kernels' sources are in `KERNELS`); the
-        // buffers are borrowed until the launch is queued, and the stream orders later
-        // uses and frees after it.
-        let launched = unsafe { builder.launch($cfg) };
-        launched.map(|_| ()).map_err(|e| gpu.driver(e))
-    }};
-    ($gpu:expr, $name:literal, $n:expr; $($arg:expr),* $(,)?) => {{
-        let count: u32 = $n;
-        launch!($gpu, $name, cfg = grid(count); $($arg),*)
-    }};
-}
-pub(crate) use launch;
 
 /// The kernels' activation codes (see the kernels' prelude).
 fn act_code(act: Activation) -> i32 {

@@ -10,10 +10,10 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use cudarc::driver::{CudaSlice, PushKernelArg};
+use cudarc::driver::CudaSlice;
 
-use super::{launch, GpuExecutor};
-use crate::devices::{grid, Gpu};
+use super::GpuExecutor;
+use crate::devices::{launch, Gpu};
 use crate::nn::optim::adam_constants;
 use crate::nn::{Dataset, EpochStats, Executor, Model, NnError, OptimizerConfig, TrainState};
 
