@@ -8,8 +8,10 @@
 # runs the GPU tests with TESSERA_EXPECT_GPU=1 (a missing GPU is then a failure), then the
 # GPU example and `tessera bench cuda --json`, then the same GEMMs in PyTorch with the
 # ratio, and prints everything to record in BENCHMARKS.md; it exits non-zero if any step
-# failed. With the device tool: build here, then run with `carry: ["gpu-carry"]` and the
-# command `scripts/gpu-check.sh run 2>&1 | tee $OUT/gpu-check.log`.
+# failed. Every step has a time limit (570 s in all), so one run fits the device tool's
+# 600 s command limit even if a step hangs. With the device tool: build here, then run
+# with `carry: ["gpu-carry"]`, `timeout_s: 600` and the command
+# `scripts/gpu-check.sh run 2>&1 | tee $OUT/gpu-check.log`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 case "${1:-}" in
@@ -77,15 +79,29 @@ PY
     export LD_LIBRARY_PATH="$(IFS=:; echo "${libs[*]:-}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-    status=0
-    TESSERA_EXPECT_GPU=1 gpu-carry/gpu-tests --test-threads=1 || status=$?
+    # Each step runs under a time limit, so a hang (a driver or NCCL wait) costs only its
+    # own limit of the device time and the later steps still run; the summary at the end
+    # names every step that failed.
+    failed=()
+    step() {
+        local name=$1 limit=$2 start=$SECONDS rc=0
+        shift 2
+        echo "--- $name (limit ${limit} s)"
+        timeout --kill-after=10 "$limit" "$@" || rc=$?
+        if ((rc == 124 || rc == 137)); then
+            failed+=("$name (timed out after ${limit} s)")
+        elif ((rc != 0)); then
+            failed+=("$name (exit $rc)")
+        fi
+        echo "--- $name: exit $rc after $((SECONDS - start)) s"
+    }
+    step "GPU tests" 150 env TESSERA_EXPECT_GPU=1 gpu-carry/gpu-tests --test-threads=1
     # Real node processes on this machine report its GPU; GPU tasks run on them.
-    TESSERA_EXPECT_GPU=1 gpu-carry/placement-tests || status=$?
-    gpu-carry/gpu-example || status=$?
-    echo "--- tessera bench cuda --json"
-    gpu-carry/tessera bench cuda --json | tee "$bench" || status=$?
+    step "placement tests" 90 env TESSERA_EXPECT_GPU=1 gpu-carry/placement-tests
+    step "GPU example" 120 gpu-carry/gpu-example
+    step "tessera bench cuda --json" 120 bash -c 'set -o pipefail; gpu-carry/tessera bench cuda --json | tee "$1"' bash "$bench"
     echo "--- PyTorch on the same GPU, for comparison (if installed)"
-    BENCH="$bench" python3 - <<'PY' || echo "(PyTorch not available)"
+    BENCH="$bench" timeout 90 python3 - <<'PY' || echo "(PyTorch not available, or it failed)"
 import json, os, time, torch
 ours = {}
 for line in open(os.environ["BENCH"]):
@@ -110,7 +126,11 @@ for dtype, name in ((torch.float32, "cuda/gemm_f32_8192"), (torch.bfloat16, "cud
     ratio = f", tessera {mine:.1f} = {100 * mine / theirs:.1f} % of torch" if mine else ""
     print(f"torch gemm {dtype} 8192^3: {theirs:.1f} TFLOP/s{ratio}")
 PY
-    exit $status
+    if ((${#failed[@]})); then
+        printf 'gpu-check: FAILED: %s\n' "${failed[@]}"
+        exit 1
+    fi
+    echo "gpu-check: every step passed"
     ;;
 *)
     echo "usage: $0 build|run" >&2
