@@ -19,7 +19,7 @@ pub use cuda::{
     compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr, KERNELS, KERNEL_PRELUDE,
 };
 #[cfg(feature = "cuda")]
-pub(crate) use cuda::{grid, kernel_index, launch, len_u32, push_checked, Gemm32};
+pub(crate) use cuda::{grid, kernel_index, launch, len_u32, make_current, push_checked, Gemm32};
 #[cfg(feature = "cuda")]
 pub use device_actor::{DeviceActor, DeviceArray};
 pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};

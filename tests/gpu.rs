@@ -627,3 +627,43 @@ fn device_memory_is_freed_when_the_last_handle_drops() {
     assert!(free_after >= free_held + LEN * 2, "{free_held} -> {free_after}: the buffer was not freed");
     rt.shutdown();
 }
+
+#[test]
+fn device_memory_dropped_on_a_thread_without_a_context_is_freed() {
+    let rt = Runtime::builder().workers(1).build().unwrap();
+    let Some(actor) = device_actor(&rt) else { return };
+    const LEN: usize = 64 << 20; // 256 MiB of f32
+    let live_before = actor.live_bytes();
+    let x = actor.run(&[], |scope, _| scope.zeros(vec![LEN]));
+    let handle = x.blocking_get_timeout(Duration::from_secs(30)).unwrap();
+    drop(x);
+    actor.gpu().synchronize().unwrap();
+    let (free_held, _) = actor.gpu().memory_info().unwrap();
+    // A fresh thread has no CUDA context current: the last handle drops there.
+    std::thread::spawn(move || drop(handle)).join().unwrap();
+    assert_eq!(actor.live_bytes(), live_before);
+    // A free that failed there would be reported by the device's next operation.
+    actor.gpu().synchronize().expect("the drop on another thread left an error behind");
+    let (free_after, _) = actor.gpu().memory_info().unwrap();
+    assert!(free_after >= free_held + LEN * 2, "{free_held} -> {free_after}: the buffer was not freed");
+
+    // The same for a sparse matrix and for a whole `Gpu` (its cuBLAS handle and buffers).
+    let gpu = actor.gpu();
+    let csr = gpu.upload_csr(&poisson(2048)).unwrap(); // 4·10⁶ rows, ~100 MB
+    gpu.synchronize().unwrap();
+    let (free_held, _) = gpu.memory_info().unwrap();
+    std::thread::spawn(move || drop(csr)).join().unwrap();
+    gpu.synchronize().expect("the drop on another thread left an error behind");
+    let (free_after, _) = gpu.memory_info().unwrap();
+    assert!(free_after >= free_held + (50 << 20), "{free_held} -> {free_after}: the matrix was not freed");
+    let other = Gpu::open(0).unwrap();
+    let (a, b) = (other.upload(&[1.0; 64 * 64]).unwrap(), other.upload(&[1.0; 64 * 64]).unwrap());
+    let mut c = other.zeros(64 * 64).unwrap();
+    other.sgemm((64, 64, 64), &a, &b, &mut c).unwrap();
+    assert_eq!(other.download(&c).unwrap()[0], 64.0);
+    // Bare `CudaSlice`s are cudarc's: they drop where the device was last used.
+    drop((a, b, c));
+    std::thread::spawn(move || drop(other)).join().unwrap();
+    gpu.synchronize().expect("dropping a Gpu on another thread left an error behind");
+    rt.shutdown();
+}

@@ -26,6 +26,7 @@ mod sparse;
 
 pub use kernels::{KERNELS, KERNEL_PRELUDE};
 pub(crate) use launch::{kernel_index, launch, push_checked};
+
 pub use sparse::GpuCsr;
 use sparse::SparseHandle;
 
@@ -145,8 +146,34 @@ fn compile(name: &'static str, source: &str) -> Result<cudarc::nvrtc::Ptx> {
         .map_err(|e| DeviceError::Compile { kernel: name, message: e.to_string() })
 }
 
+/// Makes `context` current on the calling thread, for the `Drop`s that free device memory.
+///
+/// cudarc frees a `CudaSlice` on its stream without binding the stream's context, and our
+/// stream is the null stream, which the driver resolves through the calling thread's
+/// current context: on a thread where no context is current (a runtime worker, a fresh
+/// thread dropping the last handle to a device array) the free fails, the memory leaks and
+/// the failure is reported by the device's next operation; where another device's context
+/// is current, the memory would be freed on that device's stream, unordered with this
+/// device's work. Unlike `bind_to_thread`, this does not stop at an error recorded by an
+/// earlier drop. Errors are ignored: a drop cannot report them (the free then records its
+/// own, which the next operation reports).
+pub(crate) fn make_current(context: &CudaContext) {
+    use cudarc::driver::result::ctx;
+    if ctx::get_current().ok().flatten() != Some(context.cu_ctx()) {
+        // SAFETY: the handle is the live context `context` holds (it is released only when
+        // `context` drops).
+        let _ = unsafe { ctx::set_current(context.cu_ctx()) };
+    }
+}
+
 /// One GPU: its context, a stream, cuBLAS and cuSPARSE (made on first use) and compiled
 /// kernels.
+///
+/// Dropping it, or anything holding its device memory ([`GpuCsr`], the executor, trainer
+/// and data set of `nn`, device arrays), on any thread is fine: their `Drop`s make the
+/// context current first. The bare `CudaSlice`s its methods return are
+/// cudarc's, which does not: drop them on a thread that has used this `Gpu` (every method
+/// makes the device current on its calling thread).
 pub struct Gpu {
     ordinal: usize,
     ctx: Arc<CudaContext>,
@@ -160,6 +187,13 @@ pub struct Gpu {
 impl std::fmt::Debug for Gpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Gpu").field("ordinal", &self.ordinal).finish()
+    }
+}
+
+impl Drop for Gpu {
+    fn drop(&mut self) {
+        // The handles, kernels and cuBLASLt workspace (fields) are destroyed after this.
+        make_current(&self.ctx);
     }
 }
 
@@ -178,6 +212,12 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| DeviceError::Driver { device: ordinal, message: e.to_string() })?;
+        // Every buffer of this `Gpu` is used on its one stream, in order, so cudarc's
+        // per-allocation events (two made and destroyed per buffer, for ordering between
+        // streams) have nothing to order.
+        // SAFETY: no other stream of this context object exists or is ever made
+        // (`new_stream` is never called), so no buffer is used on a second stream.
+        unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         Ok(Gpu {
             ordinal,
@@ -204,6 +244,12 @@ impl Gpu {
     /// on their own thread).
     pub(crate) fn bind_to_thread(&self) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| self.driver(e))
+    }
+
+    /// Makes this device's context current on the calling thread before device memory is
+    /// freed there (see [`make_current`]).
+    pub(crate) fn make_current(&self) {
+        make_current(&self.ctx);
     }
 
     /// Free and total device memory, in bytes.

@@ -52,7 +52,9 @@ struct DeviceBuffer {
 impl Drop for DeviceBuffer {
     fn drop(&mut self) {
         self.live.fetch_sub(self.slice.len() * 4, Ordering::Relaxed);
-        // `slice` drops after this: cudarc frees it on the device's stream.
+        // `slice` drops after this: cudarc frees it on the device's stream, which needs the
+        // device's context current on this thread (any thread may drop the last handle).
+        self.gpu.make_current();
     }
 }
 

@@ -96,6 +96,8 @@ impl NcclGroup {
         })?;
         // An `Id` is only its bytes: every rank, rank 0 included, rebuilds it from them.
         let id = Id::uninit(internal);
+        // NCCL puts the communicator on the calling thread's current device.
+        gpu.bind_to_thread().map_err(|e| device_error("join", e))?;
         let comm = Comm::from_rank(gpu.stream(), rank, size, id).map_err(|e| nccl_error("join", e))?;
         Ok(NcclGroup { gpu, comm, rank, size })
     }

@@ -106,6 +106,13 @@ pub struct GpuExecutor {
     host_grads: Vec<OnceCell<Vec<f32>>>,
 }
 
+impl Drop for GpuExecutor {
+    fn drop(&mut self) {
+        // The device buffers (fields) are freed after this, on this device.
+        self.gpu.make_current();
+    }
+}
+
 impl std::fmt::Debug for GpuExecutor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GpuExecutor").field("gpu", &self.gpu).field("nodes", &self.graph.len()).finish()

@@ -44,6 +44,13 @@ impl std::fmt::Debug for GpuCsr {
     }
 }
 
+impl Drop for GpuCsr {
+    fn drop(&mut self) {
+        // The arrays (fields) are freed after this, on this device.
+        super::make_current(self.values.context());
+    }
+}
+
 impl GpuCsr {
     /// (rows, columns).
     pub fn shape(&self) -> (usize, usize) {

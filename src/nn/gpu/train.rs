@@ -26,6 +26,13 @@ pub struct GpuDataset {
     dim: usize,
 }
 
+impl Drop for GpuDataset {
+    fn drop(&mut self) {
+        // The arrays (fields) are freed after this, on this device.
+        crate::devices::make_current(self.features.context());
+    }
+}
+
 impl GpuDataset {
     /// Copies `data` to `gpu`, checking that every label is below `classes`.
     ///
@@ -61,6 +68,13 @@ pub struct GpuTrainer {
     m: Vec<CudaSlice<f32>>,
     /// Second moments (Adam, AdamW), by parameter; empty for SGD.
     v: Vec<CudaSlice<f32>>,
+}
+
+impl Drop for GpuTrainer {
+    fn drop(&mut self) {
+        // The optimizer moments (fields) are freed after this, on this device.
+        self.exec.gpu().make_current();
+    }
 }
 
 impl GpuTrainer {
