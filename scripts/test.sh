@@ -14,14 +14,16 @@ cargo test --release --doc --features s3,postgres "$@"
 cargo run --release --features s3,postgres --example quickstart
 # Every target builds and links with the CUDA feature on a machine without CUDA.
 cargo test --release --features cuda --all-targets --no-run
-# The CUDA feature without a GPU: discovery must say so, every kernel must compile (NVRTC
-# from PyPI, installed by install-deps), every kernel, run on the host as C++, must compute
-# what the CPU executor computes, and the library's own tests (the cuBLAS call mapping among
-# them) pass with the feature on.
+# The CUDA feature without a GPU: discovery must say so, every kernel must compile to PTX
+# and to sm_90/sm_80 machine code (NVRTC from PyPI, installed by install-deps), every
+# kernel, run on the host as C++, must compute what the CPU executor computes, and the
+# library's own tests (the cuBLAS call mapping and the launch signature check among them)
+# pass with the feature on.
 LD_LIBRARY_PATH=/opt/tessera-nvrtc/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
     TESSERA_EXPECT_NVRTC=1 TESSERA_EXPECT_NVRTC_RELEASE=12 TESSERA_EXPECT_CXX=1 \
     cargo test --release --features cuda --lib --test gpu --test kernels_on_host "$@"
-# The same kernels with CUDA 13's NVRTC, the version on the GPU machines.
+# The same kernels (PTX and machine code) with CUDA 13's NVRTC, the version on the GPU
+# machines.
 LD_LIBRARY_PATH=/opt/tessera-nvrtc13/links:/opt/tessera-nvrtc13/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
     TESSERA_EXPECT_NVRTC=1 TESSERA_EXPECT_NVRTC_RELEASE=13.0 \
     cargo test --release --features cuda --test gpu "$@" every_kernel_compiles

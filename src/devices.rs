@@ -16,7 +16,8 @@ pub use collective::{
 };
 #[cfg(feature = "cuda")]
 pub use cuda::{
-    compile_all_kernels, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr, KERNELS, KERNEL_PRELUDE,
+    compile_all_kernels, compile_all_kernels_for, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr,
+    KERNELS, KERNEL_PRELUDE,
 };
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{grid, kernel_index, launch, len_u32, make_current, push_checked, Gemm32};

@@ -6,8 +6,8 @@
 use std::time::Duration;
 
 use tessera::{
-    compile_all_kernels, cuda_devices, DeviceActor, DeviceArray, DeviceError, Error, Gpu, Ref, Runtime,
-    KERNELS,
+    compile_all_kernels, compile_all_kernels_for, cuda_devices, DeviceActor, DeviceArray, DeviceError, Error,
+    Gpu, Ref, Runtime, KERNELS,
 };
 
 /// Whether this machine should have a GPU (set by `scripts/gpu-check.sh`): then a missing
@@ -73,6 +73,37 @@ fn every_kernel_compiles() {
             eprintln!("skipped: {library} is not installed");
         }
         Err(error) => panic!("{error}"),
+    }
+}
+
+#[test]
+fn every_kernel_compiles_to_machine_code_for_hopper_and_ampere() {
+    let nvrtc_expected = std::env::var("TESSERA_EXPECT_NVRTC").is_ok_and(|v| v == "1") || gpu_expected();
+    // What `Gpu` loads on an H100/H200 (sm_90) and an A100 (sm_80): this also runs NVRTC's
+    // assembler, which checks registers and shared memory against the architecture.
+    for capability in [(9, 0), (8, 0)] {
+        match compile_all_kernels_for(capability) {
+            Ok(compiled) => {
+                assert_eq!(compiled.len(), KERNELS.len());
+                for (name, cubin) in compiled {
+                    // An ELF image (CUBIN) that names the kernel's entry point.
+                    assert_eq!(&cubin[..4], b"\x7fELF", "{name} for {capability:?} is not a CUBIN");
+                    let entry = cubin.windows(name.len()).any(|w| w == name.as_bytes());
+                    assert!(entry, "the CUBIN of {name} lacks its entry point");
+                }
+            }
+            Err(DeviceError::MissingLibrary { library, .. }) if !nvrtc_expected => {
+                eprintln!("skipped: {library} is not installed");
+                return;
+            }
+            Err(error) => panic!("{capability:?}: {error}"),
+        }
+    }
+    // An architecture NVRTC does not know is a compile error, not a panic.
+    if let Err(error) = compile_all_kernels_for((1, 0)) {
+        assert!(matches!(error, DeviceError::Compile { .. } | DeviceError::MissingLibrary { .. }), "{error}");
+    } else {
+        panic!("sm_10 compiled");
     }
 }
 

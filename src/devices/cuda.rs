@@ -1,6 +1,7 @@
 //! CUDA devices through cudarc (feature `cuda`; the driver and libraries are loaded at run
 //! time, so building needs no CUDA): discovery that reports a missing driver as an error,
-//! never a panic; cuBLAS matrix products; NVRTC-compiled kernels kept in a cache.
+//! never a panic; cuBLAS matrix products; NVRTC-compiled kernels (machine code for the
+//! device's architecture) kept in a cache.
 //!
 //! bf16 matrix products (f32 accumulation) go through cuBLASLt. Sparse matrices (CSR, from
 //! and to `sprs`) multiply dense vectors and matrices through cuSPARSE (`sparse.rs`). The
@@ -137,13 +138,99 @@ pub fn compile_all_kernels() -> Result<Vec<(&'static str, cudarc::nvrtc::Ptx)>> 
     KERNELS.iter().map(|(name, source)| Ok((*name, compile(name, source)?))).collect()
 }
 
-fn compile(name: &'static str, source: &str) -> Result<cudarc::nvrtc::Ptx> {
+/// Compiles every kernel of [`KERNELS`] to machine code (a CUBIN) for devices of compute
+/// capability `(major, minor)`, as [`Gpu`] does for its device; needs only NVRTC, no GPU.
+/// Unlike PTX, this runs NVRTC's assembler too, so register and shared-memory limits of
+/// that architecture are checked.
+///
+/// # Errors
+/// [`DeviceError::MissingLibrary`] without NVRTC; [`DeviceError::Compile`] with the log
+/// (also when this NVRTC does not know the architecture).
+pub fn compile_all_kernels_for(compute_capability: (u32, u32)) -> Result<Vec<(&'static str, Vec<u8>)>> {
+    KERNELS
+        .iter()
+        .map(|(name, source)| Ok((*name, compile_cubin(name, source, compute_capability)?)))
+        .collect()
+}
+
+fn nvrtc_present() -> Result<()> {
     // SAFETY: only tries to load the NVRTC library.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(DeviceError::MissingLibrary { library: "libnvrtc", needed_for: "compiling kernels" });
+    if unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        Ok(())
+    } else {
+        Err(DeviceError::MissingLibrary { library: "libnvrtc", needed_for: "compiling kernels" })
     }
+}
+
+fn compile(name: &'static str, source: &str) -> Result<cudarc::nvrtc::Ptx> {
+    nvrtc_present()?;
     cudarc::nvrtc::compile_ptx(format!("{KERNEL_PRELUDE}{source}"))
         .map_err(|e| DeviceError::Compile { kernel: name, message: e.to_string() })
+}
+
+/// The loaded NVRTC's version, as `major.minor` ("unknown" if it does not say).
+fn nvrtc_version() -> String {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: two valid places for the version; the library was loaded to compile.
+    match unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) }.result() {
+        Ok(()) => format!("{major}.{minor}"),
+        Err(_) => "unknown".into(),
+    }
+}
+
+/// The CUDA version the driver supports, as `major.minor` ("unknown" if it does not say).
+fn driver_version() -> String {
+    let mut version = 0;
+    // SAFETY: a valid place for the version; the driver library is loaded (a device is open).
+    match unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) }.result() {
+        Ok(()) => format!("{}.{}", version / 1000, version % 1000 / 10),
+        Err(_) => "unknown".into(),
+    }
+}
+
+/// An NVRTC program, destroyed on drop.
+struct NvrtcProgram(cudarc::nvrtc::sys::nvrtcProgram);
+
+impl Drop for NvrtcProgram {
+    fn drop(&mut self) {
+        // SAFETY: made by `create_program` and destroyed once, here.
+        let _ = unsafe { cudarc::nvrtc::result::destroy_program(self.0) };
+    }
+}
+
+/// Compiles kernel `name` (its `source` behind the prelude) to a CUBIN for compute
+/// capability `(major, minor)`. cudarc compiles only to PTX, so this drives NVRTC itself.
+fn compile_cubin(name: &'static str, source: &str, (major, minor): (u32, u32)) -> Result<Vec<u8>> {
+    use cudarc::nvrtc::{result as nvrtc, sys};
+    nvrtc_present()?;
+    let failed = |what: &str, e: nvrtc::NvrtcError| DeviceError::Compile {
+        kernel: name,
+        message: format!("NVRTC {what}: {:?}", e.0),
+    };
+    let code = std::ffi::CString::new(format!("{KERNEL_PRELUDE}{source}"))
+        .map_err(|_| DeviceError::Compile { kernel: name, message: "the source holds a NUL byte".into() })?;
+    // `code` outlives the program (declared before it, so dropped after it).
+    let program = NvrtcProgram(nvrtc::create_program(&code, None).map_err(|e| failed("create", e))?);
+    let options = [format!("--gpu-architecture=sm_{major}{minor}")];
+    // SAFETY: a live program (owned by `program`).
+    if let Err(e) = unsafe { nvrtc::compile_program(program.0, &options) } {
+        // SAFETY: as above.
+        let log = unsafe { nvrtc::get_program_log(program.0) }.unwrap_or_default();
+        let log: Vec<u8> = log.into_iter().map(|c| c as u8).take_while(|&b| b != 0).collect();
+        return Err(DeviceError::Compile {
+            kernel: name,
+            message: format!("{:?} for sm_{major}{minor}: {}", e.0, String::from_utf8_lossy(&log).trim()),
+        });
+    }
+    let mut size = 0usize;
+    // SAFETY: a live, compiled program; `size` is a valid place for the size.
+    unsafe { sys::nvrtcGetCUBINSize(program.0, &mut size) }.result().map_err(|e| failed("CUBIN size", e))?;
+    let mut cubin = vec![0u8; size];
+    // SAFETY: `cubin` holds the `size` bytes NVRTC said the CUBIN takes.
+    unsafe { sys::nvrtcGetCUBIN(program.0, cubin.as_mut_ptr().cast()) }
+        .result()
+        .map_err(|e| failed("CUBIN", e))?;
+    Ok(cubin)
 }
 
 /// Makes `context` current on the calling thread, for the `Drop`s that free device memory.
@@ -176,6 +263,8 @@ pub(crate) fn make_current(context: &CudaContext) {
 /// makes the device current on its calling thread).
 pub struct Gpu {
     ordinal: usize,
+    /// (major, minor): kernels are compiled to machine code for it.
+    compute_capability: (u32, u32),
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: Mutex<Option<Arc<CudaBlas>>>,
@@ -219,8 +308,12 @@ impl Gpu {
         // (`new_stream` is never called), so no buffer is used on a second stream.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| DeviceError::Driver { device: ordinal, message: e.to_string() })?;
         Ok(Gpu {
             ordinal,
+            compute_capability: (major.max(0) as u32, minor.max(0) as u32),
             ctx,
             stream,
             blas: Mutex::new(None),
@@ -502,9 +595,31 @@ impl Gpu {
             .find(|(n, _)| *n == name)
             .map(|(_, s)| *s)
             .ok_or(DeviceError::Compile { kernel: name, message: "no such kernel".into() })?;
-        let ptx = compile(name, source)?;
-        let module = self.ctx.load_module(ptx).map_err(|e| self.driver(e))?;
-        let function = module.load_function(name).map_err(|e| self.driver(e))?;
+        // Machine code for this device, which any driver of NVRTC's major version or newer
+        // loads (PTX from an NVRTC newer than the driver would not load). An NVRTC older
+        // than the device does not know its architecture: then PTX, which the driver
+        // compiles for it.
+        let (image, what) = match compile_cubin(name, source, self.compute_capability) {
+            Ok(cubin) => (cudarc::nvrtc::Ptx::from_binary(cubin), "machine code"),
+            Err(cubin_error) => match compile(name, source) {
+                Ok(ptx) => (ptx, "PTX"),
+                Err(_) => return Err(cubin_error),
+            },
+        };
+        let loaded = self.ctx.load_module(image).and_then(|module| module.load_function(name));
+        let function = loaded.map_err(|e| {
+            let (major, minor) = self.compute_capability;
+            DeviceError::Driver {
+                device: self.ordinal,
+                message: format!(
+                    "loading kernel `{name}` ({what} for sm_{major}{minor} from NVRTC {}) failed: {e} \
+                     (the driver supports CUDA {}; an NVRTC of a newer major version than the \
+                     driver's makes code it cannot load)",
+                    nvrtc_version(),
+                    driver_version()
+                ),
+            }
+        })?;
         self.kernels.lock().insert(name, function.clone());
         Ok(function)
     }

@@ -2,8 +2,9 @@
 //! kernels of [`Gpu`](super::Gpu), and the forward, backward and optimizer kernels of the
 //! model graph's GPU executor. Each source is compiled with [`KERNEL_PRELUDE`] in front of it.
 //!
-//! CI compiles every one of them to PTX (`tests/gpu.rs`, NVRTC from PyPI), so a kernel that
-//! does not compile fails the build's tests even on a machine without a GPU.
+//! CI compiles every one of them to PTX and to machine code for sm_90 and sm_80
+//! (`tests/gpu.rs`, NVRTC from PyPI), so a kernel that does not compile, or does not fit
+//! those architectures, fails the build's tests even on a machine without a GPU.
 
 /// Helpers every kernel may use: the grid-stride loop, activations by code
 /// (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their derivatives from the output, and a
