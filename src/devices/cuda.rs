@@ -728,13 +728,30 @@ pub(crate) fn grid(n: u32) -> LaunchConfig {
     }
 }
 
+/// An element count or dimension passed to a kernel (as `unsigned int`): at most 2³¹ − 1,
+/// so that a grid-stride loop's `i += blockDim.x * gridDim.x` (at most 2²⁸, see [`grid`])
+/// cannot wrap past 2³² and loop forever.
 pub(crate) fn len_u32(len: usize, op: &'static str) -> Result<u32> {
-    u32::try_from(len).map_err(|_| DeviceError::Shape { op, message: format!("{len} elements exceed u32") })
+    match u32::try_from(len) {
+        Ok(n) if n <= i32::MAX as u32 => Ok(n),
+        _ => Err(DeviceError::Shape { op, message: format!("{len} elements exceed the kernels' 2³¹ − 1") }),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_lengths_leave_room_for_the_grid_stride() {
+        assert_eq!(len_u32(i32::MAX as usize, "t").unwrap(), i32::MAX as u32);
+        assert!(matches!(len_u32(i32::MAX as usize + 1, "t"), Err(DeviceError::Shape { .. })));
+        assert!(matches!(len_u32(usize::MAX, "t"), Err(DeviceError::Shape { .. })));
+        // The largest grid-stride step stays below 2³¹, so i + step never wraps.
+        let widest = grid(u32::MAX);
+        let step = widest.grid_dim.0 as u64 * widest.block_dim.0 as u64;
+        assert!(step <= 1 << 31, "{step}");
+    }
 
     /// Reference BLAS `sgemm` (column-major, as cuBLAS defines it), checking the argument
     /// rules cuBLAS checks (it answers `CUBLAS_STATUS_INVALID_VALUE` when one fails).
