@@ -193,6 +193,35 @@ fn spmv_matches_sprs_and_csr_round_trips() {
 }
 
 #[test]
+fn queued_sparse_products_share_one_work_buffer() {
+    let Some(gpu) = gpu() else { return };
+    let (small, large) = (poisson(16), poisson(96));
+    let product = |a: &sprs::CsMat<f32>, x: &[f32]| -> Vec<f32> {
+        a.outer_iterator().map(|row| row.iter().map(|(col, v)| v * x[col]).sum()).collect()
+    };
+    // SpMVs and an SpMM on two matrices, queued back to back with no wait between them
+    // (the work buffer grows for the larger ones and is reused by the rest), then read.
+    let mut queued = Vec::new();
+    for (round, a) in [&small, &large, &small, &large].into_iter().enumerate() {
+        let x: Vec<f32> = (0..a.cols()).map(|i| ((i + round) % 7) as f32 - 3.0).collect();
+        let da = gpu.upload_csr(a).unwrap();
+        let dx = gpu.upload(&x).unwrap();
+        let mut dy = gpu.zeros(a.rows()).unwrap();
+        gpu.spmv(&da, &dx, &mut dy).unwrap();
+        let mut dc = gpu.zeros(a.rows() * 2).unwrap();
+        let b: Vec<f32> = x.iter().flat_map(|&v| [v, 2.0 * v]).collect();
+        gpu.spmm(&da, &gpu.upload(&b).unwrap(), 2, &mut dc).unwrap();
+        queued.push((product(a, &x), dy, dc, da));
+    }
+    for (expected, dy, dc, _) in queued {
+        assert_eq!(gpu.download(&dy).unwrap(), expected);
+        let c = gpu.download(&dc).unwrap();
+        let doubled: Vec<f32> = expected.iter().flat_map(|&v| [v, 2.0 * v]).collect();
+        assert_eq!(c, doubled);
+    }
+}
+
+#[test]
 fn nccl_with_one_rank_per_gpu() {
     use std::sync::Arc;
     use tessera::{Communicator, GroupConfig, NcclGroup, Rendezvous, TcpGroup};

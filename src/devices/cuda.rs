@@ -734,7 +734,9 @@ pub(crate) fn grid(n: u32) -> LaunchConfig {
 pub(crate) fn len_u32(len: usize, op: &'static str) -> Result<u32> {
     match u32::try_from(len) {
         Ok(n) if n <= i32::MAX as u32 => Ok(n),
-        _ => Err(DeviceError::Shape { op, message: format!("{len} elements exceed the kernels' 2³¹ − 1") }),
+        _ => {
+            Err(DeviceError::Shape { op, message: format!("{len} elements exceed the kernels' 2³¹ − 1") })
+        }
     }
 }
 

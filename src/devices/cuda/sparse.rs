@@ -12,8 +12,13 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
 
 use super::{DeviceError, Gpu, Result};
 
-/// A cuSPARSE handle, destroyed on drop.
-pub(super) struct SparseHandle(sp::cusparseHandle_t);
+/// A cuSPARSE handle, destroyed on drop, and the work buffer its products share.
+pub(super) struct SparseHandle {
+    raw: sp::cusparseHandle_t,
+    /// Grown to the largest size a product has asked for and kept: products are queued on
+    /// the device's one stream, which orders each one's use of it after the last.
+    work: Option<CudaSlice<u8>>,
+}
 
 // SAFETY: the handle is only used under the `Gpu::sparse` mutex, one call at a time.
 unsafe impl Send for SparseHandle {}
@@ -21,7 +26,7 @@ unsafe impl Send for SparseHandle {}
 impl Drop for SparseHandle {
     fn drop(&mut self) {
         // SAFETY: the handle was made by `create` and is destroyed once.
-        let _ = unsafe { cusparse::result::destroy(self.0) };
+        let _ = unsafe { cusparse::result::destroy(self.raw) };
     }
 }
 
@@ -169,26 +174,52 @@ impl DnMat {
     }
 }
 
-/// Runs a cuSPARSE two-phase product through `Gpu::with_work_buffer`: the size query
-/// `$size` and the product `$run` get the same arguments `[..]` (cuSPARSE requires it: the
-/// size holds only for them), then `&mut size` and the work buffer. The expansion calls both
-/// unsafe functions, so it goes inside an `unsafe` block whose SAFETY comment covers the
-/// arguments.
+/// Runs a cuSPARSE two-phase product through `SparseProduct::with_work_buffer`: the size
+/// query `$size` and the product `$run` get the same arguments `[..]` (cuSPARSE requires
+/// it: the size holds only for them), then `&mut size` and the work buffer. The expansion
+/// calls both unsafe functions, so it goes inside an `unsafe` block whose SAFETY comment
+/// covers the arguments.
 macro_rules! two_phase {
-    ($gpu:expr, $op:expr, $what:literal, $size:path, $run:path, [$($arg:expr),+ $(,)?]) => {
-        $gpu.with_work_buffer($op, $what, |size| $size($($arg),+, size), |buffer| $run($($arg),+, buffer))
+    ($product:expr, $op:expr, $what:literal, $size:path, $run:path, [$($arg:expr),+ $(,)?]) => {
+        $product.with_work_buffer($op, $what, |size| $size($($arg),+, size), |buffer| $run($($arg),+, buffer))
     };
 }
 
-/// What a product holds while it runs: the locked cuSPARSE handle, the sparse operand's
-/// descriptor (destroyed before the lock is released: fields drop in order), and the
-/// scalars of `1 · A · x + 0 · y`.
+/// What a product holds while it runs: the locked cuSPARSE handle (and its work buffer),
+/// the sparse operand's descriptor (destroyed before the lock is released: fields drop in
+/// order), and the scalars of `1 · A · x + 0 · y`.
 struct SparseProduct<'g> {
+    gpu: &'g Gpu,
     handle: sp::cusparseHandle_t,
     mat: SpMat,
     alpha: *const c_void,
     beta: *const c_void,
-    _lock: parking_lot::MutexGuard<'g, Option<SparseHandle>>,
+    lock: parking_lot::MutexGuard<'g, Option<SparseHandle>>,
+}
+
+impl SparseProduct<'_> {
+    /// Runs one cuSPARSE product that needs a work buffer (through `two_phase!`):
+    /// `buffer_size` writes the bytes it needs, `compute` queues the product with the
+    /// handle's work buffer, grown first if it is smaller. Like the other products it is
+    /// asynchronous: the stream orders later uses of the output, and of the work buffer.
+    fn with_work_buffer(
+        &mut self,
+        op: &'static str,
+        what: &str,
+        buffer_size: impl FnOnce(&mut usize) -> sp::cusparseStatus_t,
+        compute: impl FnOnce(*mut c_void) -> sp::cusparseStatus_t,
+    ) -> Result<()> {
+        let mut size = 0usize;
+        check(op, "buffer size", buffer_size(&mut size))?;
+        let gpu = self.gpu;
+        let sparse = self.lock.as_mut().ok_or(DeviceError::NoDevice("cuSPARSE handle".into()))?;
+        let work = match &mut sparse.work {
+            Some(work) if work.len() >= size => work,
+            slot => slot.insert(gpu.stream.alloc_zeros::<u8>(size.max(1)).map_err(|e| gpu.driver(e))?),
+        };
+        let (buffer_ptr, _guard) = work.device_ptr_mut(&gpu.stream);
+        check(op, what, compute(buffer_ptr as *mut c_void))
+    }
 }
 
 impl Gpu {
@@ -249,11 +280,11 @@ impl Gpu {
                 op,
                 message: format!("cuSPARSE create handle: {:?}", e.0),
             })?;
-            let handle = SparseHandle(handle);
+            let handle = SparseHandle { raw: handle, work: None };
             // SAFETY: a fresh handle and this device's stream, which outlives the handle
             // (both belong to `self`).
             check(op, "set stream", unsafe {
-                sp::cusparseSetStream(handle.0, self.stream.cu_stream() as _)
+                sp::cusparseSetStream(handle.raw, self.stream.cu_stream() as _)
             })?;
             *sparse = Some(handle);
         }
@@ -289,32 +320,14 @@ impl Gpu {
     /// cuSPARSE call).
     fn sparse_product<'g>(&'g self, op: &'static str, a: &GpuCsr) -> Result<SparseProduct<'g>> {
         let lock = self.sparse_handle(op)?;
-        let handle = lock.as_ref().map(|h| h.0).ok_or(DeviceError::NoDevice("cuSPARSE handle".into()))?;
+        let handle = lock.as_ref().map(|h| h.raw).ok_or(DeviceError::NoDevice("cuSPARSE handle".into()))?;
         let mat = self.csr_descriptor(op, a)?;
         let (alpha, beta) = (std::ptr::from_ref(&ONE).cast(), std::ptr::from_ref(&ZERO).cast());
-        Ok(SparseProduct { handle, mat, alpha, beta, _lock: lock })
+        Ok(SparseProduct { gpu: self, handle, mat, alpha, beta, lock })
     }
 
-    /// Runs one cuSPARSE product that needs a work buffer (through `two_phase!`):
-    /// `buffer_size` writes the bytes it needs, `compute` runs the product with a buffer of
-    /// that size; then waits for the stream, because the buffer is freed on return and the
-    /// product is asynchronous.
-    fn with_work_buffer(
-        &self,
-        op: &'static str,
-        what: &str,
-        buffer_size: impl FnOnce(&mut usize) -> sp::cusparseStatus_t,
-        compute: impl FnOnce(*mut c_void) -> sp::cusparseStatus_t,
-    ) -> Result<()> {
-        let mut size = 0usize;
-        check(op, "buffer size", buffer_size(&mut size))?;
-        let mut buffer = self.stream.alloc_zeros::<u8>(size.max(1)).map_err(|e| self.driver(e))?;
-        let (buffer_ptr, _guard) = buffer.device_ptr_mut(&self.stream);
-        check(op, what, compute(buffer_ptr as *mut c_void))?;
-        self.stream.synchronize().map_err(|e| self.driver(e))
-    }
-
-    /// `y = A · x` with cuSPARSE (CSR SpMV, f32).
+    /// `y = A · x` with cuSPARSE (CSR SpMV, f32), queued on the device's stream like the
+    /// other products (reading `y` waits for it).
     ///
     /// # Errors
     /// [`DeviceError::Shape`] if the lengths do not match the matrix;
@@ -328,7 +341,7 @@ impl Gpu {
                 message: format!("{}×{} matrix, x of {}, y of {}", a.rows, a.cols, x.len(), y.len()),
             });
         }
-        let product = self.sparse_product(OP, a)?;
+        let mut product = self.sparse_product(OP, a)?;
         let (x_ptr, _gx) = x.device_ptr(&self.stream);
         let (y_ptr, _gy) = y.device_ptr_mut(&self.stream);
         // SAFETY: x and y are live device allocations of cols and rows elements (checked
@@ -338,32 +351,25 @@ impl Gpu {
         // SAFETY: as for x.
         let vy = unsafe { DnVec::over(OP, "create y", a.rows, y_ptr)? };
         let alg = sp::cusparseSpMVAlg_t::CUSPARSE_SPMV_ALG_DEFAULT;
+        let (handle, mat, alpha, beta) = (product.handle, product.mat.0, product.alpha, product.beta);
         // SAFETY: a live handle, descriptors over live device arrays (see above), alpha and
-        // beta pointing to f32 statics, and a work buffer of the size the query asked for.
+        // beta pointing to f32 statics, and a work buffer of at least the size the query asked
+        // for (descriptors may be destroyed once the product is queued: it captured them).
         unsafe {
             two_phase!(
-                self,
+                product,
                 OP,
                 "SpMV",
                 sp::cusparseSpMV_bufferSize,
                 sp::cusparseSpMV,
-                [
-                    product.handle,
-                    NON_TRANSPOSE,
-                    product.alpha,
-                    product.mat.0 as _,
-                    vx.0 as _,
-                    product.beta,
-                    vy.0,
-                    F32,
-                    alg
-                ]
+                [handle, NON_TRANSPOSE, alpha, mat as _, vx.0 as _, beta, vy.0, F32, alg]
             )
         }
     }
 
     /// `C = A · B` with cuSPARSE (CSR SpMM, f32): `A` is `rows × cols`, `B` a dense row-major
-    /// `cols × n` matrix, `C` a dense row-major `rows × n` matrix.
+    /// `cols × n` matrix, `C` a dense row-major `rows × n` matrix; queued on the device's
+    /// stream like the other products (reading `C` waits for it).
     ///
     /// # Errors
     /// [`DeviceError::Shape`] if the lengths do not match `A` and `n`;
@@ -385,7 +391,7 @@ impl Gpu {
                 ),
             });
         }
-        let product = self.sparse_product(OP, a)?;
+        let mut product = self.sparse_product(OP, a)?;
         let (b_ptr, _gb) = b.device_ptr(&self.stream);
         let (c_ptr, _gc) = c.device_ptr_mut(&self.stream);
         // SAFETY: B and C are live device allocations of cols·n and rows·n elements (checked
@@ -395,27 +401,18 @@ impl Gpu {
         // SAFETY: as for B.
         let mc = unsafe { DnMat::row_major(OP, "create C", a.rows, n, c_ptr)? };
         let alg = sp::cusparseSpMMAlg_t::CUSPARSE_SPMM_ALG_DEFAULT;
+        let (handle, mat, alpha, beta) = (product.handle, product.mat.0, product.alpha, product.beta);
         // SAFETY: a live handle, descriptors over live device arrays (see above), alpha and
-        // beta pointing to f32 statics, and a work buffer of the size the query asked for.
+        // beta pointing to f32 statics, and a work buffer of at least the size the query asked
+        // for (descriptors may be destroyed once the product is queued: it captured them).
         unsafe {
             two_phase!(
-                self,
+                product,
                 OP,
                 "SpMM",
                 sp::cusparseSpMM_bufferSize,
                 sp::cusparseSpMM,
-                [
-                    product.handle,
-                    NON_TRANSPOSE,
-                    NON_TRANSPOSE,
-                    product.alpha,
-                    product.mat.0 as _,
-                    mb.0 as _,
-                    product.beta,
-                    mc.0,
-                    F32,
-                    alg
-                ]
+                [handle, NON_TRANSPOSE, NON_TRANSPOSE, alpha, mat as _, mb.0 as _, beta, mc.0, F32, alg]
             )
         }
     }
