@@ -228,7 +228,11 @@ impl Gpu {
     /// # Errors
     /// [`DeviceError::Shape`] beyond 32-bit indices; [`DeviceError::Driver`].
     pub fn upload_csr(&self, matrix: &sprs::CsMat<f32>) -> Result<GpuCsr> {
-        let csr = if matrix.is_csr() { matrix.view().to_owned() } else { matrix.to_csr() };
+        let csr = if matrix.is_csr() {
+            std::borrow::Cow::Borrowed(matrix)
+        } else {
+            std::borrow::Cow::Owned(matrix.to_csr())
+        };
         let index = |v: usize| {
             i32::try_from(v).map_err(|_| DeviceError::Shape {
                 op: "upload_csr",
