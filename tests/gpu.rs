@@ -306,7 +306,7 @@ mod executor {
 
     use tessera::nn::{
         lenet, mlp, Activation, CpuExecutor, DType, Dataset, Evaluator, Executor, GpuDataset, GpuExecutor,
-        GpuTrainer, Graph, Init, NodeId, OptimizerConfig, Params, Rng, TrainState, Trainer,
+        GpuTrainer, Graph, Init, NnError, NodeId, OptimizerConfig, Params, Rng, TrainState, Trainer,
     };
 
     fn close(what: &str, got: &[f32], expected: &[f32]) {
@@ -525,6 +525,32 @@ mod executor {
             }
             assert!(differ <= allowed, "{config:?}: {differ} parameter elements differ (allowed {allowed})");
         }
+    }
+
+    #[test]
+    fn a_state_or_data_set_that_does_not_fit_is_an_error() {
+        let Some(gpu) = super::gpu() else { return };
+        let gpu = Arc::new(gpu);
+        let data = digits();
+        let device_data = GpuDataset::upload(&gpu, &data, 10).unwrap();
+        let model = mlp(32, &[64, 32, 10]).unwrap();
+        let config = OptimizerConfig::adam(1e-3);
+        // The device gathers rows by the loader's indices: a loader over more examples than
+        // the data set has, or of another batch size, is refused before any launch.
+        for (examples, batch) in [(data.len() + 5, 32), (data.len(), 16)] {
+            let mut state = TrainState::new(&model, config.clone(), examples, batch, 1);
+            let mut dev = GpuTrainer::new(gpu.clone(), model.clone(), &state).unwrap();
+            let error = dev.train_epoch(&mut state, &device_data).unwrap_err();
+            assert!(matches!(error, NnError::Argument { .. }), "{error}");
+        }
+        // Optimizer moments of another model's sizes.
+        let mut state = TrainState::new(&model, config.clone(), data.len(), 32, 1);
+        state.optimizer =
+            TrainState::new(&mlp(32, &[64, 40, 10]).unwrap(), config, data.len(), 32, 1).optimizer;
+        let error = GpuTrainer::new(gpu.clone(), model, &state).unwrap_err();
+        assert!(matches!(error, NnError::Argument { .. }), "{error}");
+        // The device still works.
+        gpu.synchronize().unwrap();
     }
 
     /// The MLP and the CNN train on digits on the GPU to the accuracy the CPU reaches.

@@ -133,6 +133,11 @@ impl DataLoader {
         self.batch
     }
 
+    /// How many examples it draws from (indices `0..examples`).
+    pub fn examples(&self) -> usize {
+        self.order.len()
+    }
+
     /// The current epoch (starting at 0).
     pub fn epoch(&self) -> u64 {
         self.epoch

@@ -82,12 +82,21 @@ impl GpuTrainer {
     /// moments are copied to the device).
     ///
     /// # Errors
-    /// As [`GpuExecutor::new`]; [`NnError::ParamMismatch`] if `state` does not fit the model.
+    /// As [`GpuExecutor::new`]; [`NnError::ParamMismatch`] if `state` does not fit the model;
+    /// [`NnError::Argument`] if the optimizer's moments do not have one slot of each
+    /// parameter's size (second moments too for Adam and AdamW).
     pub fn new(gpu: Arc<Gpu>, model: Model, state: &TrainState) -> Result<Self, NnError> {
         let mut exec = GpuExecutor::new(gpu.clone(), &model.graph)?;
         exec.load_params(&state.params)?;
         let (m, v) = state.optimizer.moments();
-        let upload = |host: &[Vec<f32>]| host.iter().map(|x| gpu.upload(x)).collect::<Result<Vec<_>, _>>();
+        check_moments(state, m, v)?;
+        // A zero-element parameter's moments get one unused element (a zero-byte
+        // allocation is an error); `sync_state` copies back only the parameter's length.
+        let upload = |host: &[Vec<f32>]| {
+            host.iter()
+                .map(|x| if x.is_empty() { gpu.zeros(1) } else { gpu.upload(x) })
+                .collect::<Result<Vec<_>, _>>()
+        };
         let (m, v) = (upload(m)?, upload(v)?);
         Ok(GpuTrainer { model, exec, m, v })
     }
@@ -166,7 +175,10 @@ impl GpuTrainer {
         let gpu = self.exec.gpu();
         let (m, v) = state.optimizer.moments_mut();
         for (host, device) in m.iter_mut().zip(&self.m).chain(v.iter_mut().zip(&self.v)) {
-            gpu.stream_ref().memcpy_dtoh(device, host.as_mut_slice()).map_err(|e| gpu.driver(e))?;
+            let len = host.len();
+            gpu.stream_ref()
+                .memcpy_dtoh(&device.slice(0..len), host.as_mut_slice())
+                .map_err(|e| gpu.driver(e))?;
         }
         Ok(())
     }
@@ -178,12 +190,29 @@ impl GpuTrainer {
     ///
     /// # Errors
     /// As [`GpuTrainer::step`]; [`NnError::Shape`] if `data` rows do not fit the model's
-    /// input.
+    /// input; [`NnError::Argument`] if the state's loader does not draw batches of the
+    /// model's size from exactly `data`'s examples, or the model is not a classifier of
+    /// `[batch, features…]` inputs, `[batch]` labels and `[batch, classes]` logits.
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &GpuDataset) -> Result<EpochStats, NnError> {
         let start = Instant::now();
         let (input, target, logits) = (self.model.input, self.model.target, self.model.logits);
-        let shape = self.model.graph.shape(input)?.to_vec();
-        let (batch, classes) = (shape[0], self.model.graph.shape(logits)?[1]);
+        let graph = &self.model.graph;
+        let shape = graph.shape(input)?.to_vec();
+        let (target_shape, logits_shape) = (graph.shape(target)?, graph.shape(logits)?);
+        let argument = |what: String| NnError::Argument { op: "GpuTrainer::train_epoch", what };
+        let batch =
+            *shape.first().ok_or_else(|| argument("the model's input has no batch dimension".into()))?;
+        let classifier = target_shape == [batch]
+            && graph.nodes()[target.index()].dtype == crate::nn::DType::I32
+            && logits_shape.len() == 2
+            && logits_shape[0] == batch;
+        if !classifier {
+            return Err(argument(format!(
+                "a classifier needs labels of shape [{batch}] (i32) and logits of shape [{batch}, classes]; \
+                 the model has labels {target_shape:?} and logits {logits_shape:?}"
+            )));
+        }
+        let classes = logits_shape[1];
         if shape.iter().skip(1).product::<usize>() != data.dim {
             return Err(NnError::Shape {
                 op: "GpuTrainer::train_epoch",
@@ -192,6 +221,22 @@ impl GpuTrainer {
                 expected: format!("rows of {} features", shape.iter().skip(1).product::<usize>()),
             });
         }
+        // The device gathers rows by the loader's indices without bounds checks: they must
+        // index `data`, in batches of the model's size.
+        let loader = &state.loader;
+        if loader.examples() != data.len || loader.batch_size() != batch {
+            return Err(argument(format!(
+                "the state's loader draws batches of {} from {} examples; the model takes batches of \
+                 {batch} and the data set has {} examples",
+                loader.batch_size(),
+                loader.examples(),
+                data.len
+            )));
+        }
+        let u32_of = |n: usize| crate::devices::len_u32(n, "GpuTrainer::train_epoch");
+        let (rows, dim, cols) = (u32_of(batch)?, u32_of(data.dim)?, u32_of(classes)?);
+        let (xlen, ylen) = (u32_of(batch * data.dim)?, rows);
+        u32_of(data.len)?;
         let mut order: Vec<u32> = Vec::new();
         let mut batches = 0usize;
         while let Some(idx) = state.loader.next_batch() {
@@ -205,8 +250,6 @@ impl GpuTrainer {
         let order = gpu.stream_ref().clone_htod(&order).map_err(driver)?;
         let mut loss_sum = gpu.zeros(1)?;
         let mut correct = gpu.stream_ref().alloc_zeros::<u32>(1).map_err(driver)?;
-        let (rows, dim, cols) = (batch as u32, data.dim as u32, classes as u32);
-        let (xlen, ylen) = (rows * dim, rows);
         for b in 0..batches {
             let idx = order.slice(b * batch..(b + 1) * batch);
             let x = self.exec.value_buffer_mut(input)?;
@@ -229,5 +272,65 @@ impl GpuTrainer {
             samples,
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+}
+
+/// Checks that the optimizer's moments have one slot of each parameter's size: first
+/// moments always, second moments for Adam and AdamW (none for SGD). The device kernels
+/// index them by the parameter's length without bounds checks.
+fn check_moments(state: &TrainState, m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<(), NnError> {
+    let sizes: Vec<usize> = state.params.tensors.iter().map(|t| t.data.len()).collect();
+    let adam = !matches!(state.optimizer.config, OptimizerConfig::Sgd { .. });
+    let fits = |slots: &[Vec<f32>]| {
+        slots.len() == sizes.len() && slots.iter().zip(&sizes).all(|(s, &n)| s.len() == n)
+    };
+    if fits(m) && (if adam { fits(v) } else { v.is_empty() }) {
+        return Ok(());
+    }
+    let lens = |slots: &[Vec<f32>]| slots.iter().map(Vec::len).collect::<Vec<_>>();
+    Err(NnError::Argument {
+        op: "GpuTrainer::new",
+        what: format!(
+            "the optimizer's moments do not fit the parameters (sizes {sizes:?}): first moments {:?}, \
+             second moments {:?} ({})",
+            lens(m),
+            lens(v),
+            if adam { "Adam needs both" } else { "SGD has none" }
+        ),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::mlp;
+
+    #[test]
+    fn moments_must_fit_the_parameters() {
+        let model = mlp(4, &[6, 5, 3]).unwrap();
+        let other = mlp(4, &[6, 7, 3]).unwrap();
+        for config in [OptimizerConfig::sgd(0.1, 0.9), OptimizerConfig::adam(1e-3)] {
+            let state = TrainState::new(&model, config.clone(), 16, 4, 1);
+            let (m, v) = state.optimizer.moments();
+            check_moments(&state, m, v).unwrap();
+            // Another model's moments: same count, other sizes.
+            let foreign = TrainState::new(&other, config.clone(), 16, 4, 1);
+            let (m, v) = foreign.optimizer.moments();
+            let error = check_moments(&state, m, v).unwrap_err();
+            assert!(matches!(error, NnError::Argument { .. }), "{error}");
+            assert!(error.to_string().contains("do not fit"), "{error}");
+            // A stage's part (other parameters' slots emptied) does not fit either.
+            let part = state.optimizer.part(|i| i == 0);
+            let (m, v) = part.moments();
+            assert!(check_moments(&state, m, v).is_err());
+        }
+        // Adam without second moments (an SGD state's) does not fit.
+        let sgd = TrainState::new(&model, OptimizerConfig::sgd(0.1, 0.0), 16, 4, 1);
+        let mut adam = TrainState::new(&model, OptimizerConfig::adam(1e-3), 16, 4, 1);
+        let (m, _) = sgd.optimizer.moments();
+        assert!(check_moments(&adam, m, &[]).is_err());
+        adam.optimizer = sgd.optimizer.clone();
+        let (m, v) = adam.optimizer.moments();
+        check_moments(&adam, m, v).unwrap();
     }
 }
