@@ -400,6 +400,31 @@ fn run_steps(trainer: &mut Trainer, state: &mut TrainState, data: &Dataset, step
 }
 
 #[test]
+fn an_optimizer_state_of_another_model_is_an_error_not_a_panic() {
+    let data = digits();
+    let model = mlp(16, &[64, 32, 10]).unwrap();
+    let other = mlp(16, &[64, 48, 10]).unwrap();
+    for config in [OptimizerConfig::sgd(0.1, 0.9), OptimizerConfig::adam(1e-3)] {
+        // The parameters fit the model; the optimizer's moments are another model's (a
+        // checkpoint mixed up with another run's, say).
+        let mut state = TrainState::new(&model, config.clone(), data.len(), 16, 1);
+        state.optimizer = TrainState::new(&other, config.clone(), data.len(), 16, 1).optimizer;
+        let before = state.params.clone();
+        let mut trainer = Trainer::new(model.clone());
+        let (mut x, mut y) = (vec![0f32; 16 * 64], vec![0i32; 16]);
+        data.gather(&(0..16).collect::<Vec<_>>(), &mut x, &mut y);
+        trainer.executor().set_value(model.input, &x).unwrap();
+        trainer.executor().set_ids(model.target, &y).unwrap();
+        match trainer.step(&mut state) {
+            Err(NnError::Argument { what, .. }) => assert!(what.contains("do not fit"), "{what}"),
+            other => panic!("{config:?}: expected an Argument error, got {other:?}"),
+        }
+        assert_eq!(state.params, before, "nothing was updated");
+        assert_eq!(state.step, 0);
+    }
+}
+
+#[test]
 fn resumed_training_is_bit_identical() {
     let (train, _) = digits().split(0.2, 42);
     let build = || lenet(64, 8, 10).unwrap();

@@ -2,7 +2,7 @@
 //! state held in a serializable struct so that a checkpoint resumes them exactly.
 use serde::{Deserialize, Serialize};
 
-use crate::nn::Params;
+use crate::nn::{NnError, Params};
 
 /// Magnitudes below this are flushed to zero in optimizer state and gradients.
 ///
@@ -135,6 +135,36 @@ impl Optimizer {
         (&mut self.m, &mut self.v)
     }
 
+    /// Checks that the moments have one slot of each of `params`' sizes: first moments
+    /// always, second moments for Adam and AdamW (none for SGD). A state loaded from a
+    /// checkpoint of another model fails here, with a typed error, instead of in
+    /// [`Optimizer::step`]'s assertion (or, on a GPU, in kernels that index the moments by
+    /// the parameters' lengths).
+    ///
+    /// # Errors
+    /// [`NnError::Argument`] naming `op` and the sizes that do not fit.
+    pub(crate) fn check_fits(&self, params: &Params, op: &'static str) -> Result<(), NnError> {
+        let sizes: Vec<usize> = params.tensors.iter().map(|t| t.data.len()).collect();
+        let adam = !matches!(self.config, OptimizerConfig::Sgd { .. });
+        let fits = |slots: &[Vec<f32>]| {
+            slots.len() == sizes.len() && slots.iter().zip(&sizes).all(|(s, &n)| s.len() == n)
+        };
+        if fits(&self.m) && (if adam { fits(&self.v) } else { self.v.is_empty() }) {
+            return Ok(());
+        }
+        let lens = |slots: &[Vec<f32>]| slots.iter().map(Vec::len).collect::<Vec<_>>();
+        Err(NnError::Argument {
+            op,
+            what: format!(
+                "the optimizer's moments do not fit the parameters (sizes {sizes:?}): first moments \
+                 {:?}, second moments {:?} ({})",
+                lens(&self.m),
+                lens(&self.v),
+                if adam { "Adam needs both" } else { "SGD has none" }
+            ),
+        })
+    }
+
     /// How many parameters the state has slots for.
     pub(crate) fn slots(&self) -> usize {
         self.m.len()
@@ -259,4 +289,36 @@ fn adam_update(p: &mut [f32], m: &mut [f32], v: &mut [f32], g: &[f32], k: &AdamS
         return;
     }
     adam_kernel(p, m, v, g, k);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::{mlp, TrainState};
+
+    #[test]
+    fn moments_must_fit_the_parameters() {
+        let model = mlp(4, &[6, 5, 3]).unwrap();
+        let other = mlp(4, &[6, 7, 3]).unwrap();
+        for config in [OptimizerConfig::sgd(0.1, 0.9), OptimizerConfig::adam(1e-3)] {
+            let state = TrainState::new(&model, config.clone(), 16, 4, 1);
+            state.optimizer.check_fits(&state.params, "test").unwrap();
+            // Another model's moments: as many slots, other sizes.
+            let foreign = TrainState::new(&other, config.clone(), 16, 4, 1).optimizer;
+            let error = foreign.check_fits(&state.params, "test").unwrap_err();
+            assert!(matches!(error, NnError::Argument { op: "test", .. }), "{error}");
+            // A pipeline stage's part (the other parameters' slots emptied) does not fit.
+            assert!(state.optimizer.part(|i| i == 0).check_fits(&state.params, "test").is_err());
+        }
+        // Adam with an SGD state's moments (no second moments) does not fit; SGD with an
+        // Adam state's (second moments it does not use) does not either.
+        let sgd = TrainState::new(&model, OptimizerConfig::sgd(0.1, 0.0), 16, 4, 1);
+        let adam = TrainState::new(&model, OptimizerConfig::adam(1e-3), 16, 4, 1);
+        let mut mixed = sgd.optimizer.clone();
+        mixed.config = adam.optimizer.config.clone();
+        assert!(mixed.check_fits(&sgd.params, "test").is_err());
+        let mut mixed = adam.optimizer.clone();
+        mixed.config = sgd.optimizer.config.clone();
+        assert!(mixed.check_fits(&sgd.params, "test").is_err());
+    }
 }

@@ -282,7 +282,8 @@ impl Trainer {
     /// One optimizer step on the batch currently set in the executor; returns the loss.
     ///
     /// # Errors
-    /// As [`Executor::forward`] and [`Executor::backward`].
+    /// As [`Executor::forward`] and [`Executor::backward`]; [`NnError::Argument`] if the
+    /// optimizer's moments do not fit the parameters (a checkpoint of another model).
     pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
         self.step_reduced(state, |_, _| Ok(()))
     }
@@ -299,6 +300,7 @@ impl Trainer {
         mut reduce: impl FnMut(usize, &mut [f32]) -> Result<(), NnError>,
     ) -> Result<f32, NnError> {
         let loss = self.model.loss;
+        state.optimizer.check_fits(&state.params, "Trainer::step")?;
         self.exec.set_training(true);
         self.exec.set_seed(state.rng.next_u64());
         self.exec.forward(&state.params, 0..loss.index() + 1)?;

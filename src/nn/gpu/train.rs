@@ -88,8 +88,8 @@ impl GpuTrainer {
     pub fn new(gpu: Arc<Gpu>, model: Model, state: &TrainState) -> Result<Self, NnError> {
         let mut exec = GpuExecutor::new(gpu.clone(), &model.graph)?;
         exec.load_params(&state.params)?;
+        state.optimizer.check_fits(&state.params, "GpuTrainer::new")?;
         let (m, v) = state.optimizer.moments();
-        check_moments(state, m, v)?;
         // A zero-element parameter's moments get one unused element (a zero-byte
         // allocation is an error); `sync_state` copies back only the parameter's length.
         let upload = |host: &[Vec<f32>]| {
@@ -272,65 +272,5 @@ impl GpuTrainer {
             samples,
             seconds: start.elapsed().as_secs_f64(),
         })
-    }
-}
-
-/// Checks that the optimizer's moments have one slot of each parameter's size: first
-/// moments always, second moments for Adam and AdamW (none for SGD). The device kernels
-/// index them by the parameter's length without bounds checks.
-fn check_moments(state: &TrainState, m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<(), NnError> {
-    let sizes: Vec<usize> = state.params.tensors.iter().map(|t| t.data.len()).collect();
-    let adam = !matches!(state.optimizer.config, OptimizerConfig::Sgd { .. });
-    let fits = |slots: &[Vec<f32>]| {
-        slots.len() == sizes.len() && slots.iter().zip(&sizes).all(|(s, &n)| s.len() == n)
-    };
-    if fits(m) && (if adam { fits(v) } else { v.is_empty() }) {
-        return Ok(());
-    }
-    let lens = |slots: &[Vec<f32>]| slots.iter().map(Vec::len).collect::<Vec<_>>();
-    Err(NnError::Argument {
-        op: "GpuTrainer::new",
-        what: format!(
-            "the optimizer's moments do not fit the parameters (sizes {sizes:?}): first moments {:?}, \
-             second moments {:?} ({})",
-            lens(m),
-            lens(v),
-            if adam { "Adam needs both" } else { "SGD has none" }
-        ),
-    })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::nn::mlp;
-
-    #[test]
-    fn moments_must_fit_the_parameters() {
-        let model = mlp(4, &[6, 5, 3]).unwrap();
-        let other = mlp(4, &[6, 7, 3]).unwrap();
-        for config in [OptimizerConfig::sgd(0.1, 0.9), OptimizerConfig::adam(1e-3)] {
-            let state = TrainState::new(&model, config.clone(), 16, 4, 1);
-            let (m, v) = state.optimizer.moments();
-            check_moments(&state, m, v).unwrap();
-            // Another model's moments: same count, other sizes.
-            let foreign = TrainState::new(&other, config.clone(), 16, 4, 1);
-            let (m, v) = foreign.optimizer.moments();
-            let error = check_moments(&state, m, v).unwrap_err();
-            assert!(matches!(error, NnError::Argument { .. }), "{error}");
-            assert!(error.to_string().contains("do not fit"), "{error}");
-            // A stage's part (other parameters' slots emptied) does not fit either.
-            let part = state.optimizer.part(|i| i == 0);
-            let (m, v) = part.moments();
-            assert!(check_moments(&state, m, v).is_err());
-        }
-        // Adam without second moments (an SGD state's) does not fit.
-        let sgd = TrainState::new(&model, OptimizerConfig::sgd(0.1, 0.0), 16, 4, 1);
-        let mut adam = TrainState::new(&model, OptimizerConfig::adam(1e-3), 16, 4, 1);
-        let (m, _) = sgd.optimizer.moments();
-        assert!(check_moments(&adam, m, &[]).is_err());
-        adam.optimizer = sgd.optimizer.clone();
-        let (m, v) = adam.optimizer.moments();
-        check_moments(&adam, m, v).unwrap();
     }
 }

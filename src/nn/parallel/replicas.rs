@@ -327,7 +327,8 @@ impl DataParallel {
     ///
     /// # Errors
     /// As [`Executor::forward`] and [`Executor::backward`]; [`NnError::Collective`] if a
-    /// replica died or stalled (the update is then skipped and this replica is unusable).
+    /// replica died or stalled (the update is then skipped and this replica is unusable);
+    /// [`NnError::Argument`] if the optimizer's moments do not fit the parameters.
     pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
         if self.failed {
             return Err(NnError::WorkerGone {
@@ -342,6 +343,7 @@ impl DataParallel {
     fn try_step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
         let start = Instant::now();
         let loss = self.model.loss;
+        state.optimizer.check_fits(&state.params, "DataParallel::step")?;
         self.exec.set_training(true);
         // Different dropout masks on each replica's shard, reproducibly.
         self.exec.set_seed(state.rng.next_u64() ^ (self.rank as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
