@@ -144,14 +144,16 @@ impl Optimizer {
     /// # Errors
     /// [`NnError::Argument`] naming `op` and the sizes that do not fit.
     pub(crate) fn check_fits(&self, params: &Params, op: &'static str) -> Result<(), NnError> {
-        let sizes: Vec<usize> = params.tensors.iter().map(|t| t.data.len()).collect();
+        // Allocation-free unless it fails: it runs on every training step.
         let adam = !matches!(self.config, OptimizerConfig::Sgd { .. });
         let fits = |slots: &[Vec<f32>]| {
-            slots.len() == sizes.len() && slots.iter().zip(&sizes).all(|(s, &n)| s.len() == n)
+            slots.len() == params.tensors.len()
+                && slots.iter().zip(&params.tensors).all(|(s, t)| s.len() == t.data.len())
         };
         if fits(&self.m) && (if adam { fits(&self.v) } else { self.v.is_empty() }) {
             return Ok(());
         }
+        let sizes: Vec<usize> = params.tensors.iter().map(|t| t.data.len()).collect();
         let lens = |slots: &[Vec<f32>]| slots.iter().map(Vec::len).collect::<Vec<_>>();
         Err(NnError::Argument {
             op,
