@@ -54,22 +54,36 @@ fn from_carrier(carrier: &[f32; 32]) -> UniqueId {
 
 /// Gives every member of `bootstrap` rank 0's NCCL unique id: rank 0 calls `make` and
 /// broadcasts the id, the others receive it. The 128 bytes travel as 32 floats carrying
-/// their bits (the group moves f32 buffers bit for bit, NaN patterns included).
+/// their bits (the group moves f32 buffers bit for bit, NaN patterns included), behind one
+/// float that says whether rank 0 made an id at all, so that its failure reaches the other
+/// ranks at once instead of after the bootstrap group's timeout.
 ///
 /// # Errors
-/// `make`'s error (rank 0); the bootstrap group's errors.
+/// `make`'s error (rank 0); [`CollectiveError::Backend`] on the other ranks when rank 0
+/// could not make an id; the bootstrap group's errors.
 fn exchange_unique_id(
     bootstrap: &mut dyn Communicator,
     make: impl FnOnce() -> Result<UniqueId, CollectiveError>,
 ) -> Result<UniqueId, CollectiveError> {
+    const MADE: f32 = 1.0;
+    let mut message = [0f32; 33];
     if bootstrap.rank() == 0 {
-        let id = make()?;
-        bootstrap.broadcast(&mut to_carrier(&id), 0)?;
-        return Ok(id);
+        let made = make();
+        if let Ok(id) = &made {
+            message[0] = MADE;
+            message[1..].copy_from_slice(&to_carrier(id));
+        }
+        bootstrap.broadcast(&mut message, 0)?;
+        return made;
     }
-    let mut carrier = [0f32; 32];
-    bootstrap.broadcast(&mut carrier, 0)?;
-    Ok(from_carrier(&carrier))
+    bootstrap.broadcast(&mut message, 0)?;
+    if message[0] != MADE {
+        return Err(CollectiveError::Backend {
+            op: "join",
+            message: "rank 0 could not make NCCL's unique id (its own error says why)".into(),
+        });
+    }
+    Ok(from_carrier(&std::array::from_fn(|i| message[i + 1])))
 }
 
 fn device_error(op: &'static str, error: DeviceError) -> CollectiveError {
@@ -246,15 +260,38 @@ mod tests {
         meet.join().unwrap().unwrap();
         let carrier = to_carrier(&expected);
         assert_eq!(carrier.iter().filter(|v| v.is_nan()).count(), 3, "the case carries NaN patterns");
+    }
 
+    /// When rank 0 cannot make an id, it returns its own error and every other rank learns
+    /// that from rank 0 (not from a timeout of the bootstrap group).
+    #[test]
+    fn rank_zeros_failure_to_make_an_id_reaches_every_rank() {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
-        let meet = std::thread::spawn(move || Rendezvous::serve(listener, 1, "s", Duration::from_secs(10)));
-        let mut alone = TcpGroup::join(GroupConfig::new(0, 1, addr, "s")).unwrap();
+        let size = 3;
+        let meet =
+            std::thread::spawn(move || Rendezvous::serve(listener, size, "s", Duration::from_secs(10)));
+        let members: Vec<_> = (0..size)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let mut group = TcpGroup::join(GroupConfig::new(rank, size, addr, "s")).unwrap();
+                    let result = exchange_unique_id(&mut group, || {
+                        Err(CollectiveError::Backend { op: "join", message: "no id here".into() })
+                    });
+                    (rank, result)
+                })
+            })
+            .collect();
+        for member in members {
+            let (rank, result) = member.join().unwrap();
+            let expected = if rank == 0 { "no id here" } else { "rank 0 could not make" };
+            match result {
+                Err(CollectiveError::Backend { message, .. }) => {
+                    assert!(message.contains(expected), "rank {rank}: {message}")
+                }
+                other => panic!("rank {rank}: expected rank 0's failure, got {other:?}"),
+            }
+        }
         meet.join().unwrap().unwrap();
-        let failed = exchange_unique_id(&mut alone, || {
-            Err(CollectiveError::Backend { op: "join", message: "no id".into() })
-        });
-        assert!(matches!(failed, Err(CollectiveError::Backend { .. })), "{failed:?}");
     }
 }
