@@ -219,17 +219,35 @@ mod tests {
     use super::*;
     use crate::devices::collective::{GroupConfig, Rendezvous, TcpGroup};
 
+    /// Runs `member` on each rank of a `size`-member TCP group (one thread each) and
+    /// returns what each returned, in rank order.
+    fn on_tcp_ranks<T: Send + 'static>(
+        size: usize,
+        member: impl Fn(&mut TcpGroup) -> T + Send + Copy + 'static,
+    ) -> Vec<T> {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let meet =
+            std::thread::spawn(move || Rendezvous::serve(listener, size, "s", Duration::from_secs(10)));
+        let members: Vec<_> = (0..size)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let mut group = TcpGroup::join(GroupConfig::new(rank, size, addr, "s")).unwrap();
+                    member(&mut group)
+                })
+            })
+            .collect();
+        let results = members.into_iter().map(|m| m.join().unwrap()).collect();
+        meet.join().unwrap().unwrap();
+        results
+    }
+
     /// The id exchange of a multi-rank NCCL group, on the CPU backend (one GPU cannot hold
     /// two ranks): every rank of a 3-member TCP group ends with rank 0's exact bytes, every
     /// byte value included (so some carrier floats are NaNs, signalling ones among them);
-    /// only rank 0 makes an id; rank 0's failure to make one is its error.
+    /// only rank 0 makes an id.
     #[test]
     fn every_rank_gets_rank_zeros_unique_id() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let size = 3;
-        let meet =
-            std::thread::spawn(move || Rendezvous::serve(listener, size, "s", Duration::from_secs(10)));
         // Mixed bytes, with three NaN floats in front: a signalling NaN, a negative quiet
         // NaN and a signalling NaN with every payload bit set.
         let mut expected: UniqueId = std::array::from_fn(|i| ((i * 37 + 255) % 256) as u8 as c_char);
@@ -238,26 +256,19 @@ mod tests {
                 *b = v as c_char;
             }
         }
-        let members: Vec<_> = (0..size)
-            .map(|rank| {
-                std::thread::spawn(move || {
-                    let mut group = TcpGroup::join(GroupConfig::new(rank, size, addr, "s")).unwrap();
-                    let mut calls = 0;
-                    let id = exchange_unique_id(&mut group, || {
-                        calls += 1;
-                        Ok(expected)
-                    })
-                    .unwrap();
-                    (rank, id, calls)
-                })
+        let results = on_tcp_ranks(3, move |group| {
+            let mut calls = 0;
+            let id = exchange_unique_id(group, || {
+                calls += 1;
+                Ok(expected)
             })
-            .collect();
-        for member in members {
-            let (rank, id, calls) = member.join().unwrap();
+            .unwrap();
+            (id, calls)
+        });
+        for (rank, (id, calls)) in results.into_iter().enumerate() {
             assert_eq!(id, expected, "rank {rank}");
             assert_eq!(calls, usize::from(rank == 0), "rank {rank} made an id");
         }
-        meet.join().unwrap().unwrap();
         let carrier = to_carrier(&expected);
         assert_eq!(carrier.iter().filter(|v| v.is_nan()).count(), 3, "the case carries NaN patterns");
     }
@@ -266,24 +277,12 @@ mod tests {
     /// that from rank 0 (not from a timeout of the bootstrap group).
     #[test]
     fn rank_zeros_failure_to_make_an_id_reaches_every_rank() {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let addr = listener.local_addr().unwrap();
-        let size = 3;
-        let meet =
-            std::thread::spawn(move || Rendezvous::serve(listener, size, "s", Duration::from_secs(10)));
-        let members: Vec<_> = (0..size)
-            .map(|rank| {
-                std::thread::spawn(move || {
-                    let mut group = TcpGroup::join(GroupConfig::new(rank, size, addr, "s")).unwrap();
-                    let result = exchange_unique_id(&mut group, || {
-                        Err(CollectiveError::Backend { op: "join", message: "no id here".into() })
-                    });
-                    (rank, result)
-                })
+        let results = on_tcp_ranks(3, |group| {
+            exchange_unique_id(group, || {
+                Err(CollectiveError::Backend { op: "join", message: "no id here".into() })
             })
-            .collect();
-        for member in members {
-            let (rank, result) = member.join().unwrap();
+        });
+        for (rank, result) in results.into_iter().enumerate() {
             let expected = if rank == 0 { "no id here" } else { "rank 0 could not make" };
             match result {
                 Err(CollectiveError::Backend { message, .. }) => {
@@ -292,6 +291,5 @@ mod tests {
                 other => panic!("rank {rank}: expected rank 0's failure, got {other:?}"),
             }
         }
-        meet.join().unwrap().unwrap();
     }
 }
