@@ -27,7 +27,6 @@ mod sparse;
 
 pub use kernels::{KERNELS, KERNEL_PRELUDE};
 pub(crate) use launch::{kernel_index, launch, push_checked};
-
 pub use sparse::GpuCsr;
 use sparse::SparseHandle;
 
@@ -258,9 +257,9 @@ pub(crate) fn make_current(context: &CudaContext) {
 ///
 /// Dropping it, or anything holding its device memory ([`GpuCsr`], the executor, trainer
 /// and data set of `nn`, device arrays), on any thread is fine: their `Drop`s make the
-/// context current first. The bare `CudaSlice`s its methods return are
-/// cudarc's, which does not: drop them on a thread that has used this `Gpu` (every method
-/// makes the device current on its calling thread).
+/// context current first. The bare `CudaSlice`s its methods return are cudarc's, which
+/// does not: drop them on a thread that has used this `Gpu` (every method makes the device
+/// current on its calling thread).
 pub struct Gpu {
     ordinal: usize,
     /// (major, minor): kernels are compiled to machine code for it.
