@@ -213,12 +213,13 @@ impl GpuTrainer {
             )));
         }
         let classes = logits_shape[1];
-        if shape.iter().skip(1).product::<usize>() != data.dim {
+        let features: usize = shape[1..].iter().product();
+        if features != data.dim {
             return Err(NnError::Shape {
                 op: "GpuTrainer::train_epoch",
                 input: "data",
                 got: vec![data.len, data.dim],
-                expected: format!("rows of {} features", shape.iter().skip(1).product::<usize>()),
+                expected: format!("rows of {features} features"),
             });
         }
         // The device gathers rows by the loader's indices without bounds checks: they must
@@ -236,7 +237,7 @@ impl GpuTrainer {
         let u32_of = |n: usize| crate::devices::len_u32(n, "GpuTrainer::train_epoch");
         let (rows, dim, cols) = (u32_of(batch)?, u32_of(data.dim)?, u32_of(classes)?);
         let (xlen, ylen) = (u32_of(batch * data.dim)?, rows);
-        u32_of(data.len)?;
+        u32_of(data.len)?; // the batch order below holds example indices as u32
         let mut order: Vec<u32> = Vec::new();
         let mut batches = 0usize;
         while let Some(idx) = state.loader.next_batch() {
