@@ -415,6 +415,41 @@ mod executor {
         compare(&g, loss, false, 3);
     }
 
+    /// A batch of zero through every op that saves something for backward (convolution,
+    /// max-pool, dropout in training, softmax cross-entropy) and softmax: empty values and
+    /// gradients, a loss of 0 and zero parameter gradients, as on the CPU. The CPU half
+    /// runs without a GPU too.
+    #[test]
+    fn a_batch_of_zero_matches_the_cpu() {
+        let mut g = Graph::new();
+        let x = g.input("x", &[0, 3, 7, 7], DType::F32);
+        let w = g.param("w", &[4, 3, 3, 3], Init::Normal { std: 0.3 }).unwrap();
+        let b = g.param("b", &[4], Init::Normal { std: 0.1 }).unwrap();
+        let h = g.conv2d(x, w, b, 2, 1, Activation::Relu).unwrap(); // [0, 4, 4, 4]
+        let h = g.max_pool2d(h, 2, 2).unwrap(); // [0, 4, 2, 2]
+        let h = g.reshape(h, &[0, 16]).unwrap();
+        let h = g.dropout(h, 0.5).unwrap();
+        let s = g.softmax(h).unwrap();
+        let w2 = g.param("w2", &[16, 5], Init::Normal { std: 0.5 }).unwrap();
+        let b2 = g.param("b2", &[5], Init::Normal { std: 0.5 }).unwrap();
+        let logits = g.linear(s, w2, b2, Activation::Identity).unwrap();
+        let labels = g.input("labels", &[0], DType::I32);
+        let loss = g.softmax_cross_entropy(logits, labels).unwrap();
+        let params = Params::init(&g, &mut Rng::seed(4));
+        let mut cpu = CpuExecutor::new(&g);
+        cpu.set_training(true);
+        cpu.set_value(x, &[]).unwrap();
+        cpu.set_ids(labels, &[]).unwrap();
+        cpu.forward_all(&params).unwrap();
+        cpu.backward_from(&params, loss).unwrap();
+        assert_eq!(cpu.value(loss).unwrap(), &[0.0]);
+        assert!(cpu.value(s).unwrap().is_empty());
+        for index in 0..g.params().len() {
+            assert!(cpu.param_grad(index).iter().all(|&v| v == 0.0), "parameter {index}'s gradient");
+        }
+        compare(&g, loss, true, 5);
+    }
+
     #[test]
     fn dropout_masks_and_scales_on_the_gpu() {
         let Some(gpu) = super::gpu() else { return };

@@ -424,6 +424,103 @@ fn an_optimizer_state_of_another_model_is_an_error_not_a_panic() {
     }
 }
 
+/// Epochs and evaluations whose model, loader or data do not fit each other are typed
+/// errors before anything is gathered (these used to index out of bounds).
+#[test]
+fn trainers_and_evaluators_reject_data_that_does_not_fit() {
+    let data = digits();
+    let small = data.subset(&(0..100).collect::<Vec<_>>());
+    let model = mlp(16, &[64, 10]).unwrap();
+    let config = OptimizerConfig::sgd(0.1, 0.0);
+    let epoch = |model: &tessera::nn::Model, examples: usize, batch: usize, data: &Dataset| {
+        let mut state = TrainState::new(model, config.clone(), examples, batch, 1);
+        let before = state.params.clone();
+        let result = Trainer::new(model.clone()).train_epoch(&mut state, data);
+        assert!(result.is_ok() || (state.params == before && state.step == 0), "an error trains nothing");
+        result
+    };
+    // A loader over the whole set, an epoch over 100 of its examples.
+    let over = epoch(&model, data.len(), 16, &small);
+    assert!(matches!(over, Err(NnError::Argument { .. })), "{over:?}");
+    // A loader of another batch than the model's.
+    let other_batch = epoch(&model, small.len(), 8, &small);
+    assert!(matches!(other_batch, Err(NnError::Argument { .. })), "{other_batch:?}");
+    // Rows of 64 features into a model of 32.
+    let narrow = mlp(16, &[32, 10]).unwrap();
+    let features = epoch(&narrow, small.len(), 16, &small);
+    assert!(matches!(features, Err(NnError::Shape { .. })), "{features:?}");
+    // A model of batch 0 (the loader's batch is at least 1).
+    let empty = mlp(0, &[64, 10]).unwrap();
+    assert!(matches!(epoch(&empty, small.len(), 0, &small), Err(NnError::Argument { .. })));
+    assert!(epoch(&model, small.len(), 16, &small).is_ok(), "what fits trains");
+
+    let params = |model: &tessera::nn::Model| Params::init(&model.graph, &mut Rng::seed(2));
+    let batch_zero = Evaluator::new(empty.clone()).classify(&params(&empty), &small);
+    assert!(matches!(batch_zero, Err(NnError::Argument { .. })), "{batch_zero:?}");
+    let narrow_eval = Evaluator::new(narrow.clone()).classify(&params(&narrow), &small);
+    assert!(matches!(narrow_eval, Err(NnError::Shape { .. })), "{narrow_eval:?}");
+    // Five classes; the digits have labels up to 9.
+    let five = mlp(16, &[64, 5]).unwrap();
+    let labels = Evaluator::new(five.clone()).classify(&params(&five), &small);
+    assert!(matches!(labels, Err(NnError::IdOutOfRange { limit: 5, .. })), "{labels:?}");
+
+    // A language model: a loader over more windows than the text has, or of another batch.
+    let text: Vec<i32> = (0..200).map(|i| i % 7).collect();
+    let (batch, steps) = (4, 8);
+    let lm = char_gru(batch, steps, 7, 8, 8).unwrap();
+    let windows = window_count(text.len(), steps);
+    for (examples, loader_batch) in [(windows + 10, batch), (windows, batch + 1)] {
+        let mut state = TrainState::new(&lm, config.clone(), examples, loader_batch, 1);
+        let result = Trainer::new(lm.clone()).train_epoch_text(&mut state, &text, steps);
+        assert!(
+            matches!(result, Err(NnError::Argument { .. })),
+            "{examples} windows, batch {loader_batch}: {result:?}"
+        );
+    }
+    let mut state = TrainState::new(&lm, config.clone(), windows, batch, 1);
+    assert!(Trainer::new(lm.clone()).train_epoch_text(&mut state, &text, steps).is_ok());
+}
+
+/// Axes of length zero (an empty batch, no steps, rows of no columns) run forward and
+/// backward on the CPU as empty values with nothing added to any gradient (each of these
+/// panicked inside the executor before).
+#[test]
+fn zero_length_axes_run_forward_and_backward() {
+    type Build = fn(&mut Graph) -> NodeId;
+    let cases: [(&str, Build); 4] = [
+        ("softmax of rows of 0", |g| {
+            let x = param(g, "x", &[3, 0]);
+            g.softmax(x).unwrap()
+        }),
+        ("layer norm of rows of 0", |g| {
+            let x = param(g, "x", &[2, 0]);
+            let (gamma, beta) = (param(g, "gamma", &[0]), param(g, "beta", &[0]));
+            g.layer_norm(x, gamma, beta, 1e-5).unwrap()
+        }),
+        ("attention over 0 steps", |g| {
+            let (q, k, v) = (param(g, "q", &[2, 0, 4]), param(g, "k", &[2, 0, 4]), param(g, "v", &[2, 0, 4]));
+            g.attention(q, k, v, 2, true).unwrap()
+        }),
+        ("convolution of a batch of 0", |g| {
+            let x = param(g, "x", &[0, 2, 5, 5]);
+            let (w, b) = (param(g, "w", &[3, 2, 3, 3]), param(g, "b", &[3]));
+            g.conv2d(x, w, b, 1, 0, Activation::Relu).unwrap()
+        }),
+    ];
+    for (what, build) in cases {
+        let mut g = Graph::new();
+        let out = build(&mut g);
+        let params = Params::init(&g, &mut Rng::seed(3));
+        let mut cpu = CpuExecutor::new(&g);
+        cpu.forward_all(&params).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(cpu.value(out).unwrap().is_empty(), "{what}");
+        cpu.backward(&params, 0..out.index() + 1, &[(out, &[])]).unwrap_or_else(|e| panic!("{what}: {e}"));
+        for index in 0..g.params().len() {
+            assert!(cpu.param_grad(index).iter().all(|&v| v == 0.0), "{what}: parameter {index}");
+        }
+    }
+}
+
 #[test]
 fn resumed_training_is_bit_identical() {
     let (train, _) = digits().split(0.2, 42);

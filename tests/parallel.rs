@@ -260,6 +260,11 @@ fn pipelines_match_single_worker_training() -> Result<()> {
     // Bad inputs are errors, not panics.
     ensure!(pipeline.step(&mut state, &[0.0; 3], &[0; 3]).is_err());
     ensure!(Pipeline::new(lenet(4, 8, 10)?, &[5, 3], 2).is_err());
+    // A loader over more examples than the data set has (it used to index past its end).
+    let mut over =
+        TrainState::new(&lenet(micro, 8, 10)?, OptimizerConfig::sgd(0.1, 0.0), data.len() + 1, batch, SEED);
+    let result = pipeline.train_epoch(&mut over, &data);
+    ensure!(matches!(result, Err(NnError::Argument { .. })), "{result:?}");
     Ok(())
 }
 

@@ -278,6 +278,12 @@ impl CpuExecutor {
                 continue;
             }
             let node = &self.graph.nodes()[n];
+            if node.is_empty() {
+                // An empty output (a batch or axis of zero) adds nothing to its inputs'
+                // gradients; its parameters are still reported below.
+                self.report_ready_params(n, ready)?;
+                continue;
+            }
             let g = std::mem::take(&mut self.grads[n]);
             let ctx = Ctx { graph: &self.graph, vals: &self.vals, ids: &self.ids, params };
             let saved =
@@ -303,15 +309,7 @@ impl CpuExecutor {
                 self.grads[input.0] = gin;
             }
             self.grads[n] = g;
-            for &input in &self.graph.nodes()[n].inputs {
-                if let Op::Param { index } = self.graph.nodes()[input.0].op {
-                    // A node may read the same parameter twice: report it once.
-                    if self.first_reader[index] == n && !self.zeroed[input.0] {
-                        self.zeroed[input.0] = true;
-                        ready(index, &self.grads[input.0])?;
-                    }
-                }
-            }
+            self.report_ready_params(n, ready)?;
         }
         // Parameters not reported in the walk (no reader in `range`), in their order.
         for index in 0..self.graph.params().len() {
@@ -322,6 +320,21 @@ impl CpuExecutor {
             }
         }
         self.zeroed.fill(false);
+        Ok(())
+    }
+
+    /// Reports the parameters whose first reader is node `n` (just run backward): their
+    /// gradients are final.
+    fn report_ready_params(&mut self, n: usize, ready: &mut ParamReady<'_>) -> Result<(), NnError> {
+        for &input in &self.graph.nodes()[n].inputs {
+            if let Op::Param { index } = self.graph.nodes()[input.0].op {
+                // A node may read the same parameter twice: report it once.
+                if self.first_reader[index] == n && !self.zeroed[input.0] {
+                    self.zeroed[input.0] = true;
+                    ready(index, &self.grads[input.0])?;
+                }
+            }
+        }
         Ok(())
     }
 

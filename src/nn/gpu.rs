@@ -155,6 +155,8 @@ impl GpuExecutor {
             });
             grads.push(if requires_grad[i] { Some(zeros(len)?) } else { None });
             let input_shape = |k: usize| &nodes[node.inputs[k].0].shape;
+            // What the op saves for backward (`None`: nothing). Like every other buffer, a
+            // saved one has at least one element, even for a batch of zero.
             let (aux_len, idx_len) = match node.op {
                 Op::Conv2d { .. } => {
                     let (x, w) = (input_shape(0), input_shape(1));
@@ -162,26 +164,26 @@ impl GpuExecutor {
                     let nohw = x[0] * node.shape[2] * node.shape[3];
                     scratch = scratch.max(len);
                     scratch2 = scratch2.max(ckk * nohw);
-                    (ckk * nohw, 0)
+                    (Some(ckk * nohw), None)
                 }
                 Op::Linear { .. } => {
                     scratch = scratch.max(len);
-                    (0, 0)
+                    (None, None)
                 }
-                Op::MaxPool2d { .. } => (0, len),
-                Op::Dropout { .. } => (len, 0),
+                Op::MaxPool2d { .. } => (None, Some(len)),
+                Op::Dropout { .. } => (Some(len), None),
                 Op::SoftmaxCrossEntropy => {
                     let l = input_shape(0);
-                    (l[0] * l[1] + l[0], 0)
+                    (Some(l[0] * l[1] + l[0]), None)
                 }
-                _ => (0, 0),
+                _ => (None, None),
             };
-            aux.push(if aux_len > 0 { Some(zeros(aux_len)?) } else { None });
-            idx.push(if idx_len > 0 {
-                Some(gpu.stream_ref().alloc_zeros::<i32>(idx_len).map_err(|e| gpu.driver(e))?)
-            } else {
-                None
-            });
+            aux.push(aux_len.map(zeros).transpose()?);
+            idx.push(
+                idx_len
+                    .map(|len| gpu.stream_ref().alloc_zeros::<i32>(len.max(1)).map_err(|e| gpu.driver(e)))
+                    .transpose()?,
+            );
         }
         let params =
             graph.params().iter().map(|p| zeros(p.shape.iter().product())).collect::<Result<_, _>>()?;
@@ -367,6 +369,10 @@ impl GpuExecutor {
         let inp = &node.inputs;
         let name = node.op.name();
         let internal = missing_buffer(name);
+        if node.is_empty() {
+            // An empty value (a batch of zero) has nothing to compute.
+            return Ok(());
+        }
         if let (Op::Reshape, DType::I32) = (&node.op, node.dtype) {
             let dst = out_ids.as_mut().ok_or_else(internal)?;
             let src = self.ids[inp[0].0].as_ref().ok_or_else(internal)?;
@@ -486,6 +492,10 @@ impl GpuExecutor {
         let gpu = &*gpu;
         let name = node.op.name();
         let internal = missing_buffer(name);
+        if node.is_empty() {
+            // An empty output adds nothing to its inputs' gradients.
+            return Ok(());
+        }
         let len = Self::u32(node.len(), name)?;
         // What every input's gradient needs: the gradient before a fused activation.
         match node.op {

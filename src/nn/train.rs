@@ -13,9 +13,10 @@ use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
-use crate::nn::data::{fill_windows, gather_windows};
+use crate::nn::data::{fill_windows, gather_windows, window_count};
 use crate::nn::{
-    CpuExecutor, DataLoader, Dataset, Executor, Model, NnError, Optimizer, OptimizerConfig, Params, Rng,
+    CpuExecutor, DType, DataLoader, Dataset, Executor, Model, NnError, Optimizer, OptimizerConfig, Params,
+    Rng,
 };
 
 /// The whole state of a training run.
@@ -188,6 +189,58 @@ fn argmax(row: &[f32]) -> usize {
 
 /// Copies the examples at `batch` of `data` into the (preallocated) input and target
 /// buffers of `model` in `exec`.
+/// Checks, before an epoch of a classifier, what the epoch then relies on: the model is a
+/// classifier (`[batch, features…]` input, `[batch]` i32 labels, `[batch, classes]`
+/// logits), an example's `data_dim` features fill one row of its input, and the state's
+/// loader draws batches of `loader_batch` rows (what the trainer takes per step) from
+/// exactly `data_len` examples, so that gathering rows by its indices stays in bounds.
+/// Returns the number of classes. `op` names the trainer in the error.
+///
+/// # Errors
+/// [`NnError::Argument`] if the model is not such a classifier or the loader does not fit;
+/// [`NnError::Shape`] if the features do not.
+pub(crate) fn check_classifier_epoch(
+    op: &'static str,
+    model: &Model,
+    loader: &DataLoader,
+    loader_batch: usize,
+    (data_len, data_dim): (usize, usize),
+) -> Result<usize, NnError> {
+    let graph = &model.graph;
+    let (input, target, logits) =
+        (graph.shape(model.input)?, graph.shape(model.target)?, graph.shape(model.logits)?);
+    let argument = |what: String| NnError::Argument { op, what };
+    let batch = *input.first().ok_or_else(|| argument("the model's input has no batch dimension".into()))?;
+    let classifier = target == [batch]
+        && graph.nodes()[model.target.index()].dtype == DType::I32
+        && logits.len() == 2
+        && logits[0] == batch;
+    if !classifier {
+        return Err(argument(format!(
+            "a classifier needs labels of shape [{batch}] (i32) and logits of shape [{batch}, classes]; \
+             the model has labels {target:?} and logits {logits:?}"
+        )));
+    }
+    let features: usize = input[1..].iter().product();
+    if features != data_dim {
+        return Err(NnError::Shape {
+            op,
+            input: "data",
+            got: vec![data_len, data_dim],
+            expected: format!("rows of {features} features (the model's input is {input:?})"),
+        });
+    }
+    if loader.examples() != data_len || loader.batch_size() != loader_batch {
+        return Err(argument(format!(
+            "the state's loader draws batches of {} from {} examples; this epoch takes batches of \
+             {loader_batch} from a data set of {data_len} examples",
+            loader.batch_size(),
+            loader.examples(),
+        )));
+    }
+    Ok(logits[1])
+}
+
 pub(crate) fn set_examples(
     exec: &mut CpuExecutor,
     model: &Model,
@@ -329,11 +382,21 @@ impl Trainer {
     /// One epoch of a classifier over `data` (full batches from the state's loader).
     ///
     /// # Errors
-    /// As [`Trainer::step`].
+    /// [`NnError::Argument`] if the model is not a classifier (see
+    /// [`GpuTrainer::train_epoch`](crate::nn::GpuTrainer::train_epoch)) or the state's loader
+    /// does not draw batches of the model's size from `data`'s examples; [`NnError::Shape`] if
+    /// `data`'s rows do not fit the model's input; as [`Trainer::step`].
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
+        let batch = self.model.graph.shape(self.model.input)?.first().copied().unwrap_or(0);
+        let classes = check_classifier_epoch(
+            "Trainer::train_epoch",
+            &self.model,
+            &state.loader,
+            batch,
+            (data.len(), data.dim),
+        )?;
         let mut tally = EpochTally::start();
         let logits = self.model.logits;
-        let classes = self.model.graph.shape(logits)?[1];
         while self.next_batch(&mut state.loader) {
             set_examples(&mut self.exec, &self.model, data, &self.batch)?;
             let loss = self.step(state)?;
@@ -349,15 +412,30 @@ impl Trainer {
     /// `steps` characters; see [`window_count`](crate::nn::window_count)).
     ///
     /// # Errors
-    /// As [`Trainer::step`].
+    /// [`NnError::Argument`] unless the loader draws from every window of `ids` in batches
+    /// whose windows fill the model's input and targets; as [`Trainer::step`].
     pub fn train_epoch_text(
         &mut self,
         state: &mut TrainState,
         ids: &[i32],
         steps: usize,
     ) -> Result<EpochStats, NnError> {
-        let mut tally = EpochTally::start();
         let (input, target) = (self.model.input, self.model.target);
+        let graph = &self.model.graph;
+        let (input_len, target_len) = (graph.node(input)?.len(), graph.node(target)?.len());
+        let (batch, windows) = (state.loader.batch_size(), window_count(ids.len(), steps));
+        if input_len != batch * steps || target_len != batch * steps || state.loader.examples() != windows {
+            return Err(NnError::Argument {
+                op: "Trainer::train_epoch_text",
+                what: format!(
+                    "the state's loader draws batches of {batch} from {} windows, and {} ids hold {windows} \
+                     windows of {steps}; the model takes {input_len} ids and {target_len} targets a step",
+                    state.loader.examples(),
+                    ids.len(),
+                ),
+            });
+        }
+        let mut tally = EpochTally::start();
         while self.next_batch(&mut state.loader) {
             fill_windows(ids, &self.batch, steps, 0, self.exec.ids_mut(input)?);
             fill_windows(ids, &self.batch, steps, 1, self.exec.ids_mut(target)?);
@@ -402,7 +480,11 @@ impl Evaluator {
     ) -> Result<(), NnError> {
         let logits = self.exec.value(self.model.logits)?;
         let classes = logits.len() / rows.max(1);
-        for (row, &t) in logits.chunks_exact(classes).zip(targets).take(valid) {
+        for (position, (row, &t)) in logits.chunks_exact(classes.max(1)).zip(targets).take(valid).enumerate()
+        {
+            if t < 0 || t as usize >= classes {
+                return Err(NnError::IdOutOfRange { op: "Evaluator", id: t, position, limit: classes });
+            }
             let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
             let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
             acc.0 += (lse - row[t as usize]) as f64;
@@ -412,13 +494,35 @@ impl Evaluator {
         Ok(())
     }
 
+    /// The model's batch: the first axis of its input, at least 1.
+    fn batch(&self, op: &'static str) -> Result<usize, NnError> {
+        match self.model.graph.shape(self.model.input)?.first() {
+            Some(&batch) if batch > 0 => Ok(batch),
+            _ => Err(NnError::Argument {
+                op,
+                what: "the model's input needs a batch axis of at least 1".into(),
+            }),
+        }
+    }
+
     /// Classifier loss and accuracy on `data`.
     ///
     /// # Errors
-    /// As [`Executor::forward`].
+    /// [`NnError::Argument`] for a model without a batch axis; [`NnError::Shape`] if
+    /// `data`'s rows do not fit the model's input; [`NnError::IdOutOfRange`] for a label
+    /// that is not one of the model's classes; as [`Executor::forward`].
     pub fn classify(&mut self, params: &Params, data: &Dataset) -> Result<Evaluation, NnError> {
         self.exec.set_training(false);
-        let batch = self.model.graph.shape(self.model.input)?[0];
+        let batch = self.batch("Evaluator::classify")?;
+        let features = self.exec.value_mut(self.model.input)?.len() / batch;
+        if features != data.dim {
+            return Err(NnError::Shape {
+                op: "Evaluator::classify",
+                input: "data",
+                got: vec![data.len(), data.dim],
+                expected: format!("rows of {features} features"),
+            });
+        }
         let logits = self.model.logits;
         let mut acc = (0.0, 0, 0);
         let indices: Vec<usize> = (0..data.len()).collect();
@@ -440,10 +544,12 @@ impl Evaluator {
     /// whole window of `steps` characters in `ids`.
     ///
     /// # Errors
-    /// As [`Executor::forward`].
+    /// [`NnError::Argument`] for a model without a batch axis; [`NnError::Length`] if the
+    /// model's input is not `[batch, steps]` ids; [`NnError::IdOutOfRange`] for an id that
+    /// is not in the model's vocabulary; as [`Executor::forward`].
     pub fn text(&mut self, params: &Params, ids: &[i32], steps: usize) -> Result<Evaluation, NnError> {
         self.exec.set_training(false);
-        let batch = self.model.graph.shape(self.model.input)?[0];
+        let batch = self.batch("Evaluator::text")?;
         let logits = self.model.logits;
         let windows = crate::nn::data::window_count(ids.len(), steps);
         let starts: Vec<usize> = (0..windows).collect();

@@ -91,7 +91,7 @@ pub(crate) fn prepare(
                     t,
                     1,
                 );
-                for (dr, pr) in ds.chunks_exact_mut(t).zip(p.chunks_exact(t)) {
+                for (dr, pr) in ds.chunks_exact_mut(t.max(1)).zip(p.chunks_exact(t.max(1))) {
                     let s: f32 = dr.iter().zip(pr).map(|(a, b)| a * b).sum();
                     for (dv, &pv) in dr.iter_mut().zip(pr) {
                         *dv = pv * (*dv - s) * scale;
@@ -199,7 +199,7 @@ pub(crate) fn accumulate(
                     gin,
                 ),
                 _ => {
-                    for (gb, row) in gin.iter_mut().zip(dz.chunks_exact(n * ohw)) {
+                    for (gb, row) in gin.iter_mut().zip(dz.chunks_exact((n * ohw).max(1))) {
                         *gb += row.iter().sum::<f32>();
                     }
                 }
@@ -273,7 +273,7 @@ pub(crate) fn accumulate(
             let dim = *node.shape.last().unwrap_or(&1);
             let (x, gamma) = (val(0), val(1));
             let stats = saved.aux;
-            for (r, (xr, gr)) in x.chunks_exact(dim).zip(g.chunks_exact(dim)).enumerate() {
+            for (r, (xr, gr)) in x.chunks_exact(dim.max(1)).zip(g.chunks_exact(dim.max(1))).enumerate() {
                 let (mean, rstd) = (stats[2 * r], stats[2 * r + 1]);
                 match pos {
                     0 => {
@@ -321,7 +321,9 @@ pub(crate) fn accumulate(
         }
         Op::Softmax => {
             let d = *node.shape.last().unwrap_or(&1);
-            for ((dr, yr), gr) in gin.chunks_exact_mut(d).zip(y.chunks_exact(d)).zip(g.chunks_exact(d)) {
+            for ((dr, yr), gr) in
+                gin.chunks_exact_mut(d.max(1)).zip(y.chunks_exact(d.max(1))).zip(g.chunks_exact(d.max(1)))
+            {
                 let s: f32 = yr.iter().zip(gr).map(|(a, b)| a * b).sum();
                 for ((dv, &yv), &gv) in dr.iter_mut().zip(yr).zip(gr) {
                     *dv += yv * (gv - s);
@@ -368,7 +370,7 @@ pub(crate) fn accumulate(
         Op::SelectStep { step } => {
             let x = ctx.shape(inp[0]);
             let (t, d) = (x[1], x[2]);
-            for (bi, gr) in g.chunks_exact(d).enumerate() {
+            for (bi, gr) in g.chunks_exact(d.max(1)).enumerate() {
                 add_into(&mut gin[(bi * t + step) * d..(bi * t + step + 1) * d], gr);
             }
         }

@@ -48,7 +48,7 @@ fn broadcast_rows(out: &mut [f32], bias: &[f32]) {
 
 /// Softmax of each row of `x` (rows of `d`), in place.
 pub(crate) fn softmax_rows(x: &mut [f32], d: usize) {
-    for row in x.chunks_exact_mut(d) {
+    for row in x.chunks_exact_mut(d.max(1)) {
         let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let mut sum = 0.0;
         for v in row.iter_mut() {
@@ -180,7 +180,7 @@ pub(crate) fn run(
             let d = *node.shape.last().unwrap_or(&1);
             let (xv, gamma, beta) = (ctx.val(inp[0]), ctx.val(inp[1]), ctx.val(inp[2]));
             let stats = out.aux.as_mut_slice();
-            for (r, (yr, xr)) in y.chunks_exact_mut(d).zip(xv.chunks_exact(d)).enumerate() {
+            for (r, (yr, xr)) in y.chunks_exact_mut(d.max(1)).zip(xv.chunks_exact(d.max(1))).enumerate() {
                 let mean = xr.iter().sum::<f32>() / d as f32;
                 let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
                 let rstd = 1.0 / (var + eps).sqrt();
@@ -241,6 +241,8 @@ pub(crate) fn run(
             }
             y[0] = (total / labels.len().max(1) as f64) as f32;
         }
+        // No steps (T = 0): nothing to attend over, and nothing to write.
+        Op::Attention { .. } if y.is_empty() => {}
         Op::Attention { heads, causal } => {
             let (b, t, d) = (node.shape[0], node.shape[1], node.shape[2]);
             let dh = d / heads;
@@ -269,7 +271,7 @@ pub(crate) fn run(
             let x = ctx.shape(inp[0]);
             let (t, d) = (x[1], x[2]);
             let xv = ctx.val(inp[0]);
-            for (bi, yr) in y.chunks_exact_mut(d).enumerate() {
+            for (bi, yr) in y.chunks_exact_mut(d.max(1)).enumerate() {
                 yr.copy_from_slice(&xv[(bi * t + step) * d..(bi * t + step + 1) * d]);
             }
         }

@@ -15,6 +15,7 @@ use cudarc::driver::CudaSlice;
 use super::GpuExecutor;
 use crate::devices::{launch, Gpu};
 use crate::nn::optim::adam_constants;
+use crate::nn::train::check_classifier_epoch;
 use crate::nn::{Dataset, EpochStats, Executor, Model, NnError, OptimizerConfig, TrainState};
 
 /// A classification data set copied to the device once.
@@ -196,44 +197,16 @@ impl GpuTrainer {
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &GpuDataset) -> Result<EpochStats, NnError> {
         let start = Instant::now();
         let (input, target, logits) = (self.model.input, self.model.target, self.model.logits);
-        let graph = &self.model.graph;
-        let shape = graph.shape(input)?.to_vec();
-        let (target_shape, logits_shape) = (graph.shape(target)?, graph.shape(logits)?);
-        let argument = |what: String| NnError::Argument { op: "GpuTrainer::train_epoch", what };
-        let batch =
-            *shape.first().ok_or_else(|| argument("the model's input has no batch dimension".into()))?;
-        let classifier = target_shape == [batch]
-            && graph.nodes()[target.index()].dtype == crate::nn::DType::I32
-            && logits_shape.len() == 2
-            && logits_shape[0] == batch;
-        if !classifier {
-            return Err(argument(format!(
-                "a classifier needs labels of shape [{batch}] (i32) and logits of shape [{batch}, classes]; \
-                 the model has labels {target_shape:?} and logits {logits_shape:?}"
-            )));
-        }
-        let classes = logits_shape[1];
-        let features: usize = shape[1..].iter().product();
-        if features != data.dim {
-            return Err(NnError::Shape {
-                op: "GpuTrainer::train_epoch",
-                input: "data",
-                got: vec![data.len, data.dim],
-                expected: format!("rows of {features} features"),
-            });
-        }
+        let batch = self.model.graph.shape(input)?.first().copied().unwrap_or(0);
         // The device gathers rows by the loader's indices without bounds checks: they must
         // index `data`, in batches of the model's size.
-        let loader = &state.loader;
-        if loader.examples() != data.len || loader.batch_size() != batch {
-            return Err(argument(format!(
-                "the state's loader draws batches of {} from {} examples; the model takes batches of \
-                 {batch} and the data set has {} examples",
-                loader.batch_size(),
-                loader.examples(),
-                data.len
-            )));
-        }
+        let classes = check_classifier_epoch(
+            "GpuTrainer::train_epoch",
+            &self.model,
+            &state.loader,
+            batch,
+            (data.len, data.dim),
+        )?;
         let u32_of = |n: usize| crate::devices::len_u32(n, "GpuTrainer::train_epoch");
         let (rows, dim, cols) = (u32_of(batch)?, u32_of(data.dim)?, u32_of(classes)?);
         let (xlen, ylen) = (u32_of(batch * data.dim)?, rows);

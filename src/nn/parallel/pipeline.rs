@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 pub use cluster::ClusterPipeline;
 use stage::{Forwarded, Grads, StageWork, Values};
 
-use crate::nn::train::EpochTally;
+use crate::nn::train::{check_classifier_epoch, EpochTally};
 use crate::nn::{Dataset, EpochStats, Model, NnError, Params, TrainState};
 
 enum ToStage {
@@ -312,10 +312,19 @@ impl Pipeline {
     /// [`Pipeline::batch_rows`] rows.
     ///
     /// # Errors
-    /// [`NnError::Argument`] if the loader's batch does not fit; as [`Pipeline::step`].
+    /// [`NnError::Argument`] if the loader does not draw batches of that size from `data`'s
+    /// examples; [`NnError::Shape`] if `data`'s rows do not fit the model's input; as
+    /// [`Pipeline::step`].
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
-        let (rows, classes) = (self.batch_rows(), classes(&self.model));
-        run_epoch("Pipeline::train_epoch", rows, classes, state, data, |state, x, y, logits| {
+        let rows = self.batch_rows();
+        let classes = check_classifier_epoch(
+            "Pipeline::train_epoch",
+            &self.model,
+            &state.loader,
+            rows,
+            (data.len(), data.dim),
+        )?;
+        run_epoch(rows, classes, state, data, |state, x, y, logits| {
             self.step_with_logits(state, x, y, Some(logits))
         })
     }
@@ -344,14 +353,13 @@ fn classes(model: &Model) -> usize {
     model.graph.nodes()[model.logits.index()].shape[1]
 }
 
-/// One epoch of a classifier over `data` in batches of `rows` rows, each trained by `step`
-/// (which fills the batch's logits); counts loss, accuracy and samples.
+/// One epoch of a classifier over `data` in batches of `rows` rows (the loader's, checked
+/// by the caller), each trained by `step` (which fills the batch's logits); counts loss,
+/// accuracy and samples.
 ///
 /// # Errors
-/// [`NnError::Argument`] (naming `op`) if the loader's batch is not `rows`; what `step`
-/// returns.
+/// What `step` returns.
 fn run_epoch(
-    op: &'static str,
     rows: usize,
     classes: usize,
     state: &mut TrainState,
@@ -359,12 +367,6 @@ fn run_epoch(
     mut step: impl FnMut(&mut TrainState, &[f32], &[i32], &mut Vec<f32>) -> Result<f32, NnError>,
 ) -> Result<EpochStats, NnError> {
     let mut tally = EpochTally::start();
-    if state.loader.batch_size() != rows {
-        return Err(NnError::Argument {
-            op,
-            what: format!("the loader's batch {} must be {rows} rows", state.loader.batch_size()),
-        });
-    }
     let mut x = vec![0.0; rows * data.dim];
     let mut y = vec![0; rows];
     let mut logits = Vec::new();

@@ -21,7 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use crate::devices::{segment, Communicator};
-use crate::nn::train::{set_examples, EpochTally};
+use crate::nn::train::{check_classifier_epoch, set_examples, EpochTally};
 use crate::nn::{CpuExecutor, Dataset, EpochStats, Executor, Model, NnError, TrainState};
 
 /// Where one parameter sits in a bucket.
@@ -410,8 +410,9 @@ impl DataParallel {
     /// are over all replicas (one all-reduce at the end of the epoch).
     ///
     /// # Errors
-    /// [`NnError::Argument`] if the loader's batch is not `size` × the model's batch; as
-    /// [`DataParallel::step`].
+    /// [`NnError::Argument`] if the loader's batch is not `size` × the model's batch, or it
+    /// draws from another number of examples than `data` has; [`NnError::Shape`] if
+    /// `data`'s rows do not fit the model's input; as [`DataParallel::step`].
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
         let mut tally = EpochTally::start();
         let (input, logits) = (self.model.input, self.model.logits);
@@ -426,7 +427,13 @@ impl DataParallel {
                 ),
             });
         }
-        let classes = self.model.graph.shape(logits)?[1];
+        let classes = check_classifier_epoch(
+            "DataParallel::train_epoch",
+            &self.model,
+            &state.loader,
+            global,
+            (data.len(), data.dim),
+        )?;
         while let Some(idx) = state.loader.next_batch() {
             self.batch.clear();
             self.batch.extend_from_slice(&idx[segment(global, self.size, self.rank)]);

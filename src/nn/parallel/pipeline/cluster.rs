@@ -26,6 +26,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use super::stage::{self, Forwarded, Grads, StagePlan, StageWork, Values};
+use crate::nn::train::check_classifier_epoch;
 use crate::nn::{Dataset, EpochStats, Graph, Model, NnError, Optimizer, Params, Tensor, TrainState};
 use crate::{Actor, ActorHandle, Cluster, NodeId};
 
@@ -384,14 +385,20 @@ impl ClusterPipeline {
     /// state's loader must hand out batches of [`ClusterPipeline::batch_rows`] rows.
     ///
     /// # Errors
-    /// [`NnError::Argument`] if the loader's batch does not fit; as
-    /// [`ClusterPipeline::step`].
+    /// As [`Pipeline::train_epoch`](crate::nn::Pipeline::train_epoch) for the loader and the
+    /// data; as [`ClusterPipeline::step`].
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
-        let (rows, classes) = (self.batch_rows(), super::classes(&self.model));
-        let stats =
-            super::run_epoch("ClusterPipeline::train_epoch", rows, classes, state, data, |s, x, y, l| {
-                self.step_with_logits(s, x, y, Some(l))
-            })?;
+        let rows = self.batch_rows();
+        let classes = check_classifier_epoch(
+            "ClusterPipeline::train_epoch",
+            &self.model,
+            &state.loader,
+            rows,
+            (data.len(), data.dim),
+        )?;
+        let stats = super::run_epoch(rows, classes, state, data, |s, x, y, l| {
+            self.step_with_logits(s, x, y, Some(l))
+        })?;
         self.fetch_state(state)?;
         Ok(stats)
     }
