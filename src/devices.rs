@@ -15,12 +15,14 @@ pub use collective::{
     segment, CollectiveError, Communicator, GroupConfig, GroupListener, Rendezvous, TcpGroup,
 };
 #[cfg(feature = "cuda")]
+pub(crate) use cuda::{
+    column_tiles, grid, kernel_index, launch, len_u32, make_current, push_checked, rows_config, Gemm32,
+};
+#[cfg(feature = "cuda")]
 pub use cuda::{
     compile_all_kernels, compile_all_kernels_for, cuda_devices, CudaDeviceInfo, DeviceError, Gpu, GpuCsr,
     KERNELS, KERNEL_PRELUDE,
 };
-#[cfg(feature = "cuda")]
-pub(crate) use cuda::{grid, kernel_index, launch, len_u32, make_current, push_checked, Gemm32};
 #[cfg(feature = "cuda")]
 pub use device_actor::{DeviceActor, DeviceArray};
 pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};

@@ -112,7 +112,8 @@ fn host_source() -> String {
             .split(',')
             .map(|p| p.trim().rsplit(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or(""))
             .collect();
-        let syncs = kernel.contains("__syncthreads");
+        // Block-synchronous: a barrier of its own, or a prelude block reduction's.
+        let syncs = kernel.contains("__syncthreads") || kernel.contains("tessera_block_");
         source.push_str(&format!(
             "extern \"C\" void host_{name}(unsigned int tessera_grid, unsigned int tessera_block, {params}) {{\n    \
              tessera_launch(tessera_grid, tessera_block, {syncs}, [&] {{ {name}({}); }});\n}}\n",
@@ -240,6 +241,16 @@ fn host_kernels() -> Option<&'static HostKernels> {
 /// The library's launch configuration for grid-stride kernels (`devices::grid`).
 fn grid(n: usize) -> (u32, u32) {
     ((n as u32).div_ceil(256).clamp(1, 65_535 * 16), 256)
+}
+
+/// The library's launch configuration for the row kernels (`devices::rows_config`).
+fn rows_config(rows: usize, cols: usize) -> (u32, u32) {
+    ((rows as u32).clamp(1, 65_535), (cols as u32).clamp(32, 256).next_power_of_two())
+}
+
+/// The library's launch configuration for `col_sums_add_f32` (`devices::column_tiles`).
+fn column_tiles(cols: usize) -> (u32, u32) {
+    ((cols as u32).div_ceil(32).clamp(1, 65_535), 256)
 }
 
 fn close(what: &str, got: &[f32], expected: &[f32]) {
@@ -382,7 +393,7 @@ fn linear_matches_the_cpu() {
         let (mut dx, mut dw, mut db) = (vec![0f32; m * kk], vec![0f32; kk * n], vec![0f32; n]);
         gemm((m, kk, n), &dz, false, &wv, true, 1.0, &mut dx);
         gemm((kk, n, m), &xv, true, &dz, false, 1.0, &mut dw);
-        k.launch("col_sums_add_f32", grid(n), (dz.as_ptr(), db.as_mut_ptr(), m as u32, n as u32));
+        k.launch("col_sums_add_f32", column_tiles(n), (dz.as_ptr(), db.as_mut_ptr(), m as u32, n as u32));
         close(&format!("linear {act:?} input gradient"), &dx, cpu.exec.param_grad(0));
         close(&format!("linear {act:?} weight gradient"), &dw, cpu.exec.param_grad(1));
         close(&format!("linear {act:?} bias gradient"), &db, cpu.exec.param_grad(2));
@@ -447,8 +458,11 @@ fn convolution_matches_the_cpu() {
         gemm((o, ckk, nohw), &dz, false, &cols, true, 1.0, &mut dw);
         close(&format!("{what} weight gradient"), &dw, cpu.exec.param_grad(1));
         let mut db = vec![0f32; o];
-        let blocks = (o as u32).clamp(1, 65_535);
-        k.launch("row_sums_add_f32", (blocks, 256), (dz.as_ptr(), db.as_mut_ptr(), o as u32, nohw as u32));
+        k.launch(
+            "row_sums_add_f32",
+            rows_config(o, nohw),
+            (dz.as_ptr(), db.as_mut_ptr(), o as u32, nohw as u32),
+        );
         close(&format!("{what} bias gradient"), &db, cpu.exec.param_grad(2));
         let mut dcol = vec![0f32; ckk * nohw];
         gemm((ckk, nohw, o), &wv, true, &dz, false, 0.0, &mut dcol);
@@ -466,7 +480,9 @@ fn convolution_matches_the_cpu() {
 #[test]
 fn max_pooling_matches_the_cpu() {
     let Some(k) = host_kernels() else { return };
-    for (case, (size, stride)) in [(2, 2), (2, 1), (3, 2)].into_iter().enumerate() {
+    // Separate, overlapping, gapped (stride > size) windows, and windows that leave the
+    // last rows and columns uncovered.
+    for (case, (size, stride)) in [(2, 2), (2, 1), (3, 2), (2, 3), (3, 3)].into_iter().enumerate() {
         let (n, c, h, w) = (3, 4, 9, 8);
         let mut g = Graph::new();
         let x = g.param("x", &[n, c, h, w], Init::Normal { std: 1.0 }).unwrap();
@@ -496,10 +512,12 @@ fn max_pooling_matches_the_cpu() {
         );
         close(&format!("max-pool {size}/{stride} value"), &yv, cpu.exec.value(y).unwrap());
         let mut dx = vec![0f32; n * c * h * w];
+        let geometry = [n * c, h, w, oh, ow, size, stride].map(|v| v as u32);
+        let [planes, gh, gw, goh, gow, gsize, gstride] = geometry;
         k.launch(
             "maxpool_grad_add_f32",
-            grid(len),
-            (seed.as_ptr(), arg.as_ptr(), dx.as_mut_ptr(), len as u32, (h * w) as u32, (oh * ow) as u32),
+            grid(dx.len()),
+            (seed.as_ptr(), arg.as_ptr(), dx.as_mut_ptr(), planes, gh, gw, goh, gow, gsize, gstride),
         );
         close(&format!("max-pool {size}/{stride} gradient"), &dx, cpu.exec.param_grad(0));
     }
@@ -530,7 +548,11 @@ fn broadcast_add_matches_the_cpu() {
     k.launch("axpy_f32", grid(len), (1.0f32, seed.as_ptr(), da.as_mut_ptr(), len as u32));
     close("add gradient of a", &da, cpu.exec.param_grad(0));
     let mut db = vec![0f32; cols];
-    k.launch("col_sums_add_f32", grid(cols), (seed.as_ptr(), db.as_mut_ptr(), rows as u32, cols as u32));
+    k.launch(
+        "col_sums_add_f32",
+        column_tiles(cols),
+        (seed.as_ptr(), db.as_mut_ptr(), rows as u32, cols as u32),
+    );
     close("add gradient of b", &db, cpu.exec.param_grad(1));
 }
 
@@ -545,12 +567,12 @@ fn softmax_matches_the_cpu() {
     let seed = normal(&mut Rng::seed(70), rows * cols);
     let cpu = CpuRun::new(&g, y, &seed, 71);
     let mut yv = cpu.param(0);
-    k.launch("softmax_rows_f32", grid(rows), (yv.as_mut_ptr(), rows as u32, cols as u32));
+    k.launch("softmax_rows_f32", rows_config(rows, cols), (yv.as_mut_ptr(), rows as u32, cols as u32));
     close("softmax value", &yv, cpu.exec.value(y).unwrap());
     let mut dx = vec![0f32; rows * cols];
     k.launch(
         "softmax_grad_add_f32",
-        grid(rows),
+        rows_config(rows, cols),
         (yv.as_ptr(), seed.as_ptr(), dx.as_mut_ptr(), rows as u32, cols as u32),
     );
     close("softmax gradient", &dx, cpu.exec.param_grad(0));
@@ -576,7 +598,7 @@ fn softmax_cross_entropy_matches_the_cpu() {
     let (mut probs, mut row_loss, mut mean) = (vec![0f32; rows * cols], vec![0f32; rows], vec![0f32; 1]);
     k.launch(
         "softmax_xent_f32",
-        grid(rows),
+        rows_config(rows, cols),
         (lv.as_ptr(), ids.as_ptr(), probs.as_mut_ptr(), row_loss.as_mut_ptr(), rows as u32, cols as u32),
     );
     k.launch("mean_f32", (1, 256), (row_loss.as_ptr(), mean.as_mut_ptr(), rows as u32));
@@ -592,7 +614,7 @@ fn softmax_cross_entropy_matches_the_cpu() {
     bad[3] = cols as i32;
     k.launch(
         "softmax_xent_f32",
-        grid(rows),
+        rows_config(rows, cols),
         (lv.as_ptr(), bad.as_ptr(), probs.as_mut_ptr(), row_loss.as_mut_ptr(), rows as u32, cols as u32),
     );
     assert!(
@@ -792,4 +814,91 @@ fn block_reductions() {
     let mut mean = [0f32];
     k.launch("mean_f32", (1, 256), (v.as_ptr(), mean.as_mut_ptr(), 1_000u32));
     assert_eq!(mean[0], 499.5);
+}
+
+/// The row kernels with rows wider than a block and fewer blocks than rows (each block
+/// loops over rows and each thread over columns), and rows with masked (-inf) entries;
+/// `col_sums_add_f32` over more tiles than blocks, with a last partial tile and a row count
+/// that is not a multiple of the 8 row groups.
+#[test]
+fn row_kernels_with_wide_rows_and_few_blocks() {
+    let Some(k) = host_kernels() else { return };
+    let (rows, cols) = (7, 600);
+    let few_blocks = (3, 64);
+    let mut g = Graph::new();
+    let x = g.param("x", &[rows, cols], Init::Normal { std: 3.0 }).unwrap();
+    let y = g.softmax(x).unwrap();
+    let seed = normal(&mut Rng::seed(100), rows * cols);
+    let cpu = CpuRun::new(&g, y, &seed, 101);
+    let mut yv = cpu.param(0);
+    k.launch("softmax_rows_f32", few_blocks, (yv.as_mut_ptr(), rows as u32, cols as u32));
+    close("wide softmax value", &yv, cpu.exec.value(y).unwrap());
+    let mut dx = vec![0f32; rows * cols];
+    k.launch(
+        "softmax_grad_add_f32",
+        few_blocks,
+        (yv.as_ptr(), seed.as_ptr(), dx.as_mut_ptr(), rows as u32, cols as u32),
+    );
+    close("wide softmax gradient", &dx, cpu.exec.param_grad(0));
+
+    // Masked entries, as a causal attention row has them, in a row of 40 (two threads'
+    // worth of columns for some) under the library's configuration.
+    let (mrows, mcols) = (5, 40);
+    let mut masked: Vec<f32> = normal(&mut Rng::seed(102), mrows * mcols);
+    for r in 0..mrows {
+        masked[r * mcols + r + 1..(r + 1) * mcols].fill(f32::NEG_INFINITY);
+    }
+    let mut expected = masked.clone();
+    for row in expected.chunks_exact_mut(mcols) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = row.iter().map(|v| (v - max).exp()).sum();
+        row.iter_mut().for_each(|v| *v = (*v - max).exp() / sum);
+    }
+    k.launch(
+        "softmax_rows_f32",
+        rows_config(mrows, mcols),
+        (masked.as_mut_ptr(), mrows as u32, mcols as u32),
+    );
+    close("masked softmax", &masked, &expected);
+
+    // Cross-entropy over 1000 classes, labels spread over the row.
+    let classes = 1000;
+    let logits = normal(&mut Rng::seed(103), rows * classes);
+    let labels: Vec<i32> = (0..rows as i32).map(|r| r * 149 % classes as i32).collect();
+    let (mut probs, mut row_loss) = (vec![0f32; rows * classes], vec![0f32; rows]);
+    k.launch(
+        "softmax_xent_f32",
+        few_blocks,
+        (
+            logits.as_ptr(),
+            labels.as_ptr(),
+            probs.as_mut_ptr(),
+            row_loss.as_mut_ptr(),
+            rows as u32,
+            classes as u32,
+        ),
+    );
+    for r in 0..rows {
+        let row = &logits[r * classes..(r + 1) * classes];
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let lse = max + row.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+        let expected = lse - row[labels[r] as usize];
+        assert!(
+            (row_loss[r] - expected).abs() < 1e-4 * expected.abs().max(1.0),
+            "row {r}: {} vs {expected}",
+            row_loss[r]
+        );
+        let total: f32 = probs[r * classes..(r + 1) * classes].iter().sum();
+        assert!((total - 1.0).abs() < 1e-4, "row {r}'s probabilities sum to {total}");
+    }
+
+    // Column sums: 100 columns (4 tiles, the last of 4 columns) over 2 blocks, 13 rows.
+    let (srows, scols) = (13, 100);
+    let m: Vec<f32> = (0..srows * scols).map(|i| (i % 17) as f32 - 8.0).collect();
+    let mut sums = vec![0.5f32; scols];
+    k.launch("col_sums_add_f32", (2, 256), (m.as_ptr(), sums.as_mut_ptr(), srows as u32, scols as u32));
+    for (j, got) in sums.iter().enumerate() {
+        let expected = 0.5 + (0..srows).map(|r| m[r * scols + j]).sum::<f32>();
+        assert_eq!(*got, expected, "column {j}");
+    }
 }

@@ -672,7 +672,7 @@ impl Gpu {
             });
         }
         let (r, c) = (len_u32(rows, "softmax_rows")?, len_u32(cols, "softmax_rows")?);
-        launch!(self, "softmax_rows_f32", r; x, &r, &c)
+        launch!(self, "softmax_rows_f32", cfg = rows_config(r, c); x, &r, &c)
     }
 }
 
@@ -722,6 +722,28 @@ impl Gemm32 {
 pub(crate) fn grid(n: u32) -> LaunchConfig {
     LaunchConfig {
         grid_dim: (n.div_ceil(256).clamp(1, 65_535 * 16), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A launch configuration for the row kernels (softmax, softmax cross-entropy, softmax
+/// gradient, row sums): a block per row (blocks loop over rows beyond 65 535), of a power
+/// of two from 32 to 256 threads, enough to give each of `cols` columns a thread where
+/// it can (the kernels reduce in a `__shared__` array of 256).
+pub(crate) fn rows_config(rows: u32, cols: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.clamp(1, 65_535), 1, 1),
+        block_dim: (cols.clamp(32, 256).next_power_of_two(), 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The launch configuration of `col_sums_add_f32`: blocks of 256 threads over tiles of 32
+/// columns (blocks loop over tiles beyond 65 535).
+pub(crate) fn column_tiles(cols: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (cols.div_ceil(32).clamp(1, 65_535), 1, 1),
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }

@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaSlice, LaunchConfig};
 
-use crate::devices::{launch, len_u32, DeviceError, Gemm32, Gpu};
+use crate::devices::{column_tiles, launch, len_u32, rows_config, DeviceError, Gemm32, Gpu};
 use crate::nn::executor::rules;
 use crate::nn::{Activation, DType, Executor, Graph, NnError, Node, NodeId, Op, Params, Rng};
 
@@ -457,7 +457,7 @@ impl GpuExecutor {
                 let saved = aux.as_mut().ok_or_else(internal)?;
                 let (mut probs, mut row_loss) = saved.split_at_mut(l[0] * l[1]);
                 let labels = self.ids[inp[1].0].as_ref().ok_or_else(internal)?;
-                launch!(gpu, "softmax_xent_f32", rows; self.val(inp[0]), labels, &mut probs, &mut row_loss, &rows, &cols)?;
+                launch!(gpu, "softmax_xent_f32", cfg = rows_config(rows, cols); self.val(inp[0]), labels, &mut probs, &mut row_loss, &rows, &cols)?;
                 let one_block =
                     LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                 launch!(gpu, "mean_f32", cfg = one_block; &mut row_loss, y, &rows)?;
@@ -588,7 +588,7 @@ impl GpuExecutor {
                     )?,
                     _ => {
                         let (rows, cols) = (Self::u32(m, name)?, Self::u32(nn, name)?);
-                        launch!(gpu, "col_sums_add_f32", cols; dz, gin, &rows, &cols)?;
+                        launch!(gpu, "col_sums_add_f32", cfg = column_tiles(cols); dz, gin, &rows, &cols)?;
                     }
                 }
             }
@@ -630,22 +630,19 @@ impl GpuExecutor {
                         gpu.gemm_rm(gm, dz, cols, gin)?;
                     }
                     _ => {
-                        let rows = geo.o;
-                        let blocks = LaunchConfig {
-                            grid_dim: (rows.clamp(1, 65_535), 1, 1),
-                            block_dim: (256, 1, 1),
-                            shared_mem_bytes: 0,
-                        };
-                        launch!(gpu, "row_sums_add_f32", cfg = blocks; dz, gin, &rows, &geo.nohw)?;
+                        let blocks = rows_config(geo.o, geo.nohw);
+                        launch!(gpu, "row_sums_add_f32", cfg = blocks; dz, gin, &geo.o, &geo.nohw)?;
                     }
                 }
             }
-            Op::MaxPool2d { .. } => {
+            Op::MaxPool2d { size, stride } => {
                 let x = self.shape(inp[0]);
-                let plane_in = Self::u32(x[2] * x[3], name)?;
-                let plane_out = Self::u32(node.shape[2] * node.shape[3], name)?;
+                let (planes, total) = (Self::u32(x[0] * x[1], name)?, Self::u32(x.iter().product(), name)?);
+                let (h, w) = (Self::u32(x[2], name)?, Self::u32(x[3], name)?);
+                let (oh, ow) = (Self::u32(node.shape[2], name)?, Self::u32(node.shape[3], name)?);
+                let (size, stride) = (Self::u32(size, name)?, Self::u32(stride, name)?);
                 let arg = self.idx[n].as_ref().ok_or_else(internal)?;
-                launch!(gpu, "maxpool_grad_add_f32", len; g, arg, gin, &len, &plane_in, &plane_out)?;
+                launch!(gpu, "maxpool_grad_add_f32", total; g, arg, gin, &planes, &h, &w, &oh, &ow, &size, &stride)?;
             }
             Op::Add => {
                 if pos == 0 {
@@ -653,7 +650,7 @@ impl GpuExecutor {
                 } else {
                     let bn = self.graph.nodes()[inp[1].0].len().max(1);
                     let (rows, cols) = (Self::u32(node.len() / bn, name)?, Self::u32(bn, name)?);
-                    launch!(gpu, "col_sums_add_f32", cols; g, gin, &rows, &cols)?;
+                    launch!(gpu, "col_sums_add_f32", cfg = column_tiles(cols); g, gin, &rows, &cols)?;
                 }
             }
             Op::Act(act) => {
@@ -672,7 +669,7 @@ impl GpuExecutor {
             Op::Softmax => {
                 let d = *node.shape.last().unwrap_or(&1);
                 let (rows, cols) = (Self::u32(node.len() / d.max(1), name)?, Self::u32(d, name)?);
-                launch!(gpu, "softmax_grad_add_f32", rows; y, g, gin, &rows, &cols)?;
+                launch!(gpu, "softmax_grad_add_f32", cfg = rows_config(rows, cols); y, g, gin, &rows, &cols)?;
             }
             Op::SoftmaxCrossEntropy => {
                 if pos == 0 {

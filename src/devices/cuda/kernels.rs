@@ -5,10 +5,18 @@
 //! CI compiles every one of them to PTX and to machine code for sm_90 and sm_80
 //! (`tests/gpu.rs`, NVRTC from PyPI), so a kernel that does not compile, or does not fit
 //! those architectures, fails the build's tests even on a machine without a GPU.
+//!
+//! Launch shapes: elementwise kernels loop over elements by thread and take any grid
+//! ([`grid`](super::grid)); the row kernels (softmax, softmax cross-entropy, softmax
+//! gradient, row sums) give each row a block of a power of two up to 256 threads
+//! ([`rows_config`](super::rows_config)); `col_sums_add_f32` takes blocks of 256 threads
+//! over tiles of 32 columns ([`column_tiles`](super::column_tiles)); `sum_f32` blocks of
+//! 1024, `mean_f32` one block of 256.
 
-/// Helpers every kernel may use: the grid-stride loop, activations by code
-/// (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their derivatives from the output, and a
-/// counter-based uniform random number (SplitMix64 of seed and index).
+/// Helpers every kernel may use: the grid-stride loop, block sums and maxima in shared
+/// memory, activations by code (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their
+/// derivatives from the output, and a counter-based uniform random number (SplitMix64 of
+/// seed and index).
 pub const KERNEL_PRELUDE: &str = r#"
 #define TESSERA_LOOP(i, n) for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += blockDim.x * gridDim.x)
 static __device__ __forceinline__ float tessera_act(int act, float x) {
@@ -26,6 +34,35 @@ static __device__ __forceinline__ float tessera_act_grad(int act, float y, float
     case 3: return g * (1.0f - y * y);
     default: return g;
     }
+}
+// Block reductions: the sum or maximum of every thread's `v`, returned to every thread of
+// the block. `partial` is a `__shared__` array of at least blockDim.x floats, blockDim.x a
+// power of two; every thread of the block must call them (they synchronise), and `partial`
+// may be reused as soon as they return. Kernels that call a `tessera_block_` helper are
+// block-synchronous: they loop over rows by block, never by thread.
+static __device__ __forceinline__ float tessera_block_sum(float* partial, float v) {
+    unsigned int t = threadIdx.x;
+    partial[t] = v;
+    __syncthreads();
+    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (t < k) { partial[t] += partial[t + k]; }
+        __syncthreads();
+    }
+    float total = partial[0];
+    __syncthreads();
+    return total;
+}
+static __device__ __forceinline__ float tessera_block_max(float* partial, float v) {
+    unsigned int t = threadIdx.x;
+    partial[t] = v;
+    __syncthreads();
+    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (t < k) { partial[t] = fmaxf(partial[t], partial[t + k]); }
+        __syncthreads();
+    }
+    float best = partial[0];
+    __syncthreads();
+    return best;
 }
 static __device__ __forceinline__ float tessera_uniform(unsigned long long seed, unsigned int i) {
     unsigned long long z = seed + 0x9E3779B97F4A7C15ULL * ((unsigned long long)i + 1ULL);
@@ -69,13 +106,20 @@ pub const KERNELS: &[(&str, &str)] = &[
     (
         "softmax_rows_f32",
         r#"extern "C" __global__ void softmax_rows_f32(float* x, unsigned int rows, unsigned int cols) {
-    TESSERA_LOOP(r, rows) {
+    __shared__ float partial[256];
+    for (unsigned int r = blockIdx.x; r < rows; r += gridDim.x) {
         float* row = x + (size_t)r * cols;
-        float m = row[0];
-        for (unsigned int j = 1; j < cols; ++j) { m = fmaxf(m, row[j]); }
+        float m = -__int_as_float(0x7f800000);
+        for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) { m = fmaxf(m, row[j]); }
+        m = tessera_block_max(partial, m);
         float s = 0.0f;
-        for (unsigned int j = 0; j < cols; ++j) { row[j] = expf(row[j] - m); s += row[j]; }
-        for (unsigned int j = 0; j < cols; ++j) { row[j] /= s; }
+        for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) {
+            float e = expf(row[j] - m);
+            row[j] = e;
+            s += e;
+        }
+        float inv = 1.0f / tessera_block_sum(partial, s);
+        for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) { row[j] *= inv; }
     }
 }"#,
     ),
@@ -124,10 +168,25 @@ pub const KERNELS: &[(&str, &str)] = &[
     (
         "col_sums_add_f32",
         r#"extern "C" __global__ void col_sums_add_f32(const float* m, float* dst, unsigned int rows, unsigned int cols) {
-    TESSERA_LOOP(j, cols) {
+    // Blocks of 256 threads over tiles of 32 columns: thread t sums column tile·32 + t % 32
+    // over rows t / 32, t / 32 + 8, ... (a warp reads 32 adjacent floats of a row); then
+    // each column's 8 partial sums are added in a fixed order (deterministic).
+    __shared__ float partial[256];
+    unsigned int lane = threadIdx.x % 32, group = threadIdx.x / 32, groups = blockDim.x / 32;
+    for (unsigned int tile = blockIdx.x; tile * 32 < cols; tile += gridDim.x) {
+        unsigned int j = tile * 32 + lane;
         float s = 0.0f;
-        for (unsigned int r = 0; r < rows; ++r) { s += m[(size_t)r * cols + j]; }
-        dst[j] += s;
+        if (j < cols) {
+            for (unsigned int r = group; r < rows; r += groups) { s += m[(size_t)r * cols + j]; }
+        }
+        partial[threadIdx.x] = s;
+        __syncthreads();
+        if (group == 0 && j < cols) {
+            float total = partial[lane];
+            for (unsigned int k = 1; k < groups; ++k) { total += partial[k * 32 + lane]; }
+            dst[j] += total;
+        }
+        __syncthreads();
     }
 }"#,
     ),
@@ -138,14 +197,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     for (unsigned int row = blockIdx.x; row < rows; row += gridDim.x) {
         float s = 0.0f;
         for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) { s += m[(size_t)row * cols + j]; }
-        partial[threadIdx.x] = s;
-        __syncthreads();
-        for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
-            if (threadIdx.x < k) { partial[threadIdx.x] += partial[threadIdx.x + k]; }
-            __syncthreads();
-        }
-        if (threadIdx.x == 0) { dst[row] += partial[0]; }
-        __syncthreads();
+        s = tessera_block_sum(partial, s);
+        if (threadIdx.x == 0) { dst[row] += s; }
     }
 }"#,
     ),
@@ -236,9 +289,24 @@ pub const KERNELS: &[(&str, &str)] = &[
     ),
     (
         "maxpool_grad_add_f32",
-        r#"extern "C" __global__ void maxpool_grad_add_f32(const float* g, const int* arg, float* dx, unsigned int n_out,
-        unsigned int plane_in, unsigned int plane_out) {
-    TESSERA_LOOP(o, n_out) { atomicAdd(&dx[(size_t)(o / plane_out) * plane_in + arg[o]], g[o]); }
+        r#"extern "C" __global__ void maxpool_grad_add_f32(const float* g, const int* arg, float* dx, unsigned int planes,
+        unsigned int h, unsigned int w, unsigned int oh, unsigned int ow, unsigned int size, unsigned int stride) {
+    // One thread per input element gathers the gradients of the windows whose maximum it
+    // was, in window order: deterministic, no atomics. Window (i, j) covers rows
+    // i·stride ≤ y < i·stride + size, and likewise columns.
+    TESSERA_LOOP(idx, planes * h * w) {
+        unsigned int plane = idx / (h * w), q = idx % (h * w), y = q / w, x = q % w;
+        unsigned int i0 = y >= size ? (y - size) / stride + 1 : 0, j0 = x >= size ? (x - size) / stride + 1 : 0;
+        const float* gp = g + (size_t)plane * oh * ow;
+        const int* ap = arg + (size_t)plane * oh * ow;
+        float s = 0.0f;
+        for (unsigned int i = i0; i <= y / stride && i < oh; ++i) {
+            for (unsigned int j = j0; j <= x / stride && j < ow; ++j) {
+                if (ap[i * ow + j] == (int)q) { s += gp[i * ow + j]; }
+            }
+        }
+        dx[idx] += s;
+    }
 }"#,
     ),
     (
@@ -257,17 +325,26 @@ pub const KERNELS: &[(&str, &str)] = &[
         "softmax_xent_f32",
         r#"extern "C" __global__ void softmax_xent_f32(const float* logits, const int* labels, float* probs,
         float* row_loss, unsigned int rows, unsigned int cols) {
-    TESSERA_LOOP(r, rows) {
+    __shared__ float partial[256];
+    for (unsigned int r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* l = logits + (size_t)r * cols;
         float* p = probs + (size_t)r * cols;
-        float m = l[0];
-        for (unsigned int j = 1; j < cols; ++j) { m = fmaxf(m, l[j]); }
+        float m = -__int_as_float(0x7f800000);
+        for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) { m = fmaxf(m, l[j]); }
+        m = tessera_block_max(partial, m);
         float s = 0.0f;
-        for (unsigned int j = 0; j < cols; ++j) { p[j] = expf(l[j] - m); s += p[j]; }
-        float inv = 1.0f / s;
-        for (unsigned int j = 0; j < cols; ++j) { p[j] *= inv; }
-        int label = labels[r];
-        row_loss[r] = (label >= 0 && label < (int)cols) ? -logf(fmaxf(p[label], 1e-30f)) : __int_as_float(0x7fc00000);
+        for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) {
+            float e = expf(l[j] - m);
+            p[j] = e;
+            s += e;
+        }
+        float inv = 1.0f / tessera_block_sum(partial, s);
+        for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) { p[j] *= inv; }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            int label = labels[r];
+            row_loss[r] = (label >= 0 && label < (int)cols) ? -logf(fmaxf(p[label], 1e-30f)) : __int_as_float(0x7fc00000);
+        }
     }
 }"#,
     ),
@@ -303,12 +380,14 @@ pub const KERNELS: &[(&str, &str)] = &[
         "softmax_grad_add_f32",
         r#"extern "C" __global__ void softmax_grad_add_f32(const float* y, const float* g, float* dx, unsigned int rows,
         unsigned int cols) {
-    TESSERA_LOOP(r, rows) {
+    __shared__ float partial[256];
+    for (unsigned int r = blockIdx.x; r < rows; r += gridDim.x) {
         const float* yr = y + (size_t)r * cols;
         const float* gr = g + (size_t)r * cols;
         float s = 0.0f;
-        for (unsigned int j = 0; j < cols; ++j) { s += yr[j] * gr[j]; }
-        for (unsigned int j = 0; j < cols; ++j) { dx[(size_t)r * cols + j] += yr[j] * (gr[j] - s); }
+        for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) { s += yr[j] * gr[j]; }
+        s = tessera_block_sum(partial, s);
+        for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) { dx[(size_t)r * cols + j] += yr[j] * (gr[j] - s); }
     }
 }"#,
     ),
