@@ -336,9 +336,15 @@ mod executor {
             }
             match node.dtype {
                 DType::I32 => {
-                    let classes = graph.nodes().iter().find_map(|n| {
-                        (matches!(n.op, tessera::nn::Op::SoftmaxCrossEntropy) && n.inputs[1] == id)
-                            .then(|| graph.nodes()[n.inputs[0].index()].shape[1])
+                    // Labels below the class count, embedding ids below the vocabulary.
+                    let classes = graph.nodes().iter().find_map(|n| match n.op {
+                        tessera::nn::Op::SoftmaxCrossEntropy if n.inputs[1] == id => {
+                            Some(graph.nodes()[n.inputs[0].index()].shape[1])
+                        }
+                        tessera::nn::Op::Embedding if n.inputs[0] == id => {
+                            Some(graph.nodes()[n.inputs[1].index()].shape[0])
+                        }
+                        _ => None,
                     });
                     let labels: Vec<i32> =
                         (0..node.len()).map(|k| (k * 7 % classes.unwrap_or(1)) as i32).collect();
@@ -450,6 +456,38 @@ mod executor {
         compare(&g, loss, true, 5);
     }
 
+    /// The sequence ops: embedding, layer norm, GELU, sub, mul, select-step, stack-steps,
+    /// GRU cells (through the GRU layer) and MSE, forward and backward.
+    #[test]
+    fn sequence_ops_match_the_cpu() {
+        let (b, t, vocab, e, h) = (3, 4, 11, 6, 5);
+        let mut g = Graph::new();
+        let ids = g.input("ids", &[b, t], DType::I32);
+        let table = g.param("table", &[vocab, e], Init::Normal { std: 1.0 }).unwrap();
+        let x = g.embedding(ids, table).unwrap(); // [B, T, E]
+        let gamma = g.param("gamma", &[e], Init::Normal { std: 1.0 }).unwrap();
+        let beta = g.param("beta", &[e], Init::Normal { std: 0.5 }).unwrap();
+        let x = g.layer_norm(x, gamma, beta, 1e-5).unwrap();
+        let x = g.gelu(x).unwrap();
+        let scale = g.param("scale", &[b, t, e], Init::Normal { std: 1.0 }).unwrap();
+        let x = g.mul(x, scale).unwrap();
+        let shift = g.param("shift", &[b, t, e], Init::Normal { std: 1.0 }).unwrap();
+        let x = g.sub(x, shift).unwrap();
+        let gru = tessera::nn::Gru::new(&mut g, "gru", e, h).unwrap();
+        let states = gru.forward(&mut g, x).unwrap(); // [B, T, H]
+        let last = g.select_step(states, t - 1).unwrap();
+        let target = g.input("target", &[b, h], DType::F32);
+        let loss = g.mse(last, target).unwrap();
+        compare(&g, loss, true, 6);
+    }
+
+    /// The character GRU language model of the zoo, forward and backward.
+    #[test]
+    fn char_gru_matches_the_cpu() {
+        let model = tessera::nn::char_gru(4, 6, 13, 8, 10).unwrap();
+        compare(&model.graph, model.loss, true, 7);
+    }
+
     #[test]
     fn dropout_masks_and_scales_on_the_gpu() {
         let Some(gpu) = super::gpu() else { return };
@@ -489,8 +527,8 @@ mod executor {
         let Some(gpu) = super::gpu() else { return };
         let gpu = Arc::new(gpu);
         let mut g = Graph::new();
-        let x = g.input("x", &[2, 4], DType::F32);
-        g.gelu(x).unwrap();
+        let x = g.input("x", &[2, 4, 4], DType::F32);
+        g.attention(x, x, x, 2, true).unwrap();
         assert!(matches!(GpuExecutor::new(gpu.clone(), &g), Err(tessera::nn::NnError::Unsupported { .. })));
         let model = mlp(2, &[3, 4]).unwrap();
         let mut dev = GpuExecutor::new(gpu, &model.graph).unwrap();
@@ -586,6 +624,41 @@ mod executor {
         assert!(matches!(error, NnError::Argument { .. }), "{error}");
         // The device still works.
         gpu.synchronize().unwrap();
+    }
+
+    /// The character GRU trains on the GPU as on the CPU: from the same state, two epochs
+    /// over the same windows give the same losses and parameters (to float rounding).
+    #[test]
+    fn char_gru_trains_on_the_gpu_as_on_the_cpu() {
+        let Some(gpu) = super::gpu() else { return };
+        let (batch, steps, vocab) = (8, 12, 9);
+        let text: Vec<i32> = (0..2_000).map(|i: i32| (i * i + i / 7) % vocab as i32).collect();
+        let model = tessera::nn::char_gru(batch, steps, vocab, 8, 16).unwrap();
+        let windows = tessera::nn::window_count(text.len(), steps);
+        let mut cpu_state = TrainState::new(&model, OptimizerConfig::adam(3e-3), windows, batch, 5);
+        let mut gpu_state = cpu_state.clone();
+        let mut cpu = Trainer::new(model.clone());
+        let mut dev = GpuTrainer::new(Arc::new(gpu), model, &gpu_state).unwrap();
+        for epoch in 0..2 {
+            let c = cpu.train_epoch_text(&mut cpu_state, &text, steps).unwrap();
+            let d = dev.train_epoch_text(&mut gpu_state, &text, steps).unwrap();
+            assert_eq!(c.samples, d.samples, "epoch {epoch}");
+            assert!(
+                (c.loss - d.loss).abs() < 1e-3 * c.loss.abs().max(1.0),
+                "epoch {epoch}: CPU {c:?}, GPU {d:?}"
+            );
+        }
+        assert_eq!(cpu_state.step, gpu_state.step);
+        for (i, (c, d)) in cpu_state.params.tensors.iter().zip(&gpu_state.params.tensors).enumerate() {
+            close(&format!("parameter {i} after two epochs"), &d.data, &c.data);
+        }
+        // Ids outside the vocabulary (one in every window here) are an error, not a NaN on
+        // the device.
+        let bad: Vec<i32> =
+            text.iter().enumerate().map(|(i, &c)| if i % 5 == 0 { vocab as i32 } else { c }).collect();
+        let mut state = TrainState::new(dev.model(), OptimizerConfig::adam(3e-3), windows, batch, 5);
+        let error = dev.train_epoch_text(&mut state, &bad, steps).unwrap_err();
+        assert!(matches!(error, NnError::IdOutOfRange { .. }), "{error}");
     }
 
     /// The MLP and the CNN train on digits on the GPU to the accuracy the CPU reaches.

@@ -902,3 +902,257 @@ fn row_kernels_with_wide_rows_and_few_blocks() {
         assert_eq!(*got, expected, "column {j}");
     }
 }
+
+/// `binary_f32` (sub, mul), `gelu_f32`, `mse_f32` and their gradients (`axpy_f32` with ±1,
+/// `mul_add_f32`, `gelu_grad_add_f32`, `mse_grad_add_f32` with the input's sign).
+#[test]
+fn sub_mul_gelu_and_mse_match_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    let n = 1_000usize;
+    let build = |op: &str| {
+        let mut g = Graph::new();
+        let a = g.param("a", &[n], Init::Normal { std: 1.5 }).unwrap();
+        let b = g.param("b", &[n], Init::Normal { std: 1.5 }).unwrap();
+        let y = match op {
+            "sub" => g.sub(a, b).unwrap(),
+            "mul" => g.mul(a, b).unwrap(),
+            "gelu" => g.gelu(a).unwrap(),
+            _ => g.mse(a, b).unwrap(),
+        };
+        (g, y)
+    };
+    for (case, op) in ["sub", "mul", "gelu", "mse"].into_iter().enumerate() {
+        let (g, y) = build(op);
+        let out_len = g.shape(y).unwrap().iter().product::<usize>();
+        let seed = normal(&mut Rng::seed(110 + case as u64), out_len);
+        let cpu = CpuRun::new(&g, y, &seed, 120 + case as u64);
+        let (av, bv) = (cpu.param(0), cpu.param(1));
+        let mut yv = vec![f32::NAN; out_len];
+        let (mut da, mut db) = (vec![0f32; n], vec![0f32; n]);
+        let nn = n as u32;
+        match op {
+            "sub" | "mul" => {
+                let code = i32::from(op == "mul");
+                k.launch("binary_f32", grid(n), (av.as_ptr(), bv.as_ptr(), yv.as_mut_ptr(), nn, code));
+                if op == "sub" {
+                    k.launch("axpy_f32", grid(n), (1.0f32, seed.as_ptr(), da.as_mut_ptr(), nn));
+                    k.launch("axpy_f32", grid(n), (-1.0f32, seed.as_ptr(), db.as_mut_ptr(), nn));
+                } else {
+                    k.launch("mul_add_f32", grid(n), (seed.as_ptr(), bv.as_ptr(), da.as_mut_ptr(), nn));
+                    k.launch("mul_add_f32", grid(n), (seed.as_ptr(), av.as_ptr(), db.as_mut_ptr(), nn));
+                }
+            }
+            "gelu" => {
+                k.launch("gelu_f32", grid(n), (av.as_ptr(), yv.as_mut_ptr(), nn));
+                k.launch("gelu_grad_add_f32", grid(n), (av.as_ptr(), seed.as_ptr(), da.as_mut_ptr(), nn));
+            }
+            _ => {
+                k.launch("mse_f32", (1, 256), (av.as_ptr(), bv.as_ptr(), yv.as_mut_ptr(), nn));
+                for (sign, d) in [(1.0f32, &mut da), (-1.0, &mut db)] {
+                    k.launch(
+                        "mse_grad_add_f32",
+                        grid(n),
+                        (av.as_ptr(), bv.as_ptr(), seed.as_ptr(), d.as_mut_ptr(), nn, sign),
+                    );
+                }
+            }
+        }
+        close(&format!("{op} value"), &yv, cpu.exec.value(y).unwrap());
+        close(&format!("{op} gradient of a"), &da, cpu.exec.param_grad(0));
+        if op != "gelu" {
+            close(&format!("{op} gradient of b"), &db, cpu.exec.param_grad(1));
+        }
+    }
+}
+
+/// `layer_norm_f32` over rows wider than a block; backward `layer_norm_grad_add_f32` (x),
+/// `layer_norm_gamma_grad_add_f32` (gamma) and `col_sums_add_f32` (beta).
+#[test]
+fn layer_norm_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    for (case, (rows, d)) in [(5usize, 300usize), (33, 16)].into_iter().enumerate() {
+        let mut g = Graph::new();
+        let x = g.param("x", &[rows, d], Init::Normal { std: 2.0 }).unwrap();
+        let gamma = g.param("gamma", &[d], Init::Normal { std: 1.0 }).unwrap();
+        let beta = g.param("beta", &[d], Init::Normal { std: 1.0 }).unwrap();
+        let y = g.layer_norm(x, gamma, beta, 1e-5).unwrap();
+        let seed = normal(&mut Rng::seed(130 + case as u64), rows * d);
+        let cpu = CpuRun::new(&g, y, &seed, 140 + case as u64);
+        let (xv, gv, bv) = (cpu.param(0), cpu.param(1), cpu.param(2));
+        let (r, dd) = (rows as u32, d as u32);
+        let (mut yv, mut stats) = (vec![f32::NAN; rows * d], vec![f32::NAN; 2 * rows]);
+        k.launch(
+            "layer_norm_f32",
+            rows_config(rows, d),
+            (xv.as_ptr(), gv.as_ptr(), bv.as_ptr(), yv.as_mut_ptr(), stats.as_mut_ptr(), r, dd, 1e-5f32),
+        );
+        let what = format!("layer norm {rows}×{d}");
+        close(&format!("{what} value"), &yv, cpu.exec.value(y).unwrap());
+        let (mut dx, mut dgamma, mut dbeta) = (vec![0f32; rows * d], vec![0f32; d], vec![0f32; d]);
+        k.launch(
+            "layer_norm_grad_add_f32",
+            rows_config(rows, d),
+            (xv.as_ptr(), gv.as_ptr(), seed.as_ptr(), stats.as_ptr(), dx.as_mut_ptr(), r, dd),
+        );
+        k.launch(
+            "layer_norm_gamma_grad_add_f32",
+            column_tiles(d),
+            (xv.as_ptr(), seed.as_ptr(), stats.as_ptr(), dgamma.as_mut_ptr(), r, dd),
+        );
+        k.launch("col_sums_add_f32", column_tiles(d), (seed.as_ptr(), dbeta.as_mut_ptr(), r, dd));
+        close(&format!("{what} input gradient"), &dx, cpu.exec.param_grad(0));
+        close(&format!("{what} gamma gradient"), &dgamma, cpu.exec.param_grad(1));
+        close(&format!("{what} beta gradient"), &dbeta, cpu.exec.param_grad(2));
+    }
+}
+
+/// `embedding_f32` and `embedding_grad_add_f32` (repeated ids add up); an id outside the
+/// table gives a row of NaN and adds nothing.
+#[test]
+fn embedding_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    let (batch, steps, vocab, d) = (4, 9, 7, 12);
+    let n = batch * steps;
+    let mut g = Graph::new();
+    let ids = g.input("ids", &[batch, steps], DType::I32);
+    let table = g.param("table", &[vocab, d], Init::Normal { std: 1.0 }).unwrap();
+    let y = g.embedding(ids, table).unwrap();
+    let idv: Vec<i32> = (0..n as i32).map(|i| i * 5 % vocab as i32).collect();
+    let params = Params::init(&g, &mut Rng::seed(150));
+    let seed = normal(&mut Rng::seed(151), n * d);
+    let mut cpu = CpuExecutor::new(&g);
+    cpu.set_ids(ids, &idv).unwrap();
+    cpu.forward_all(&params).unwrap();
+    cpu.backward(&params, 0..y.index() + 1, &[(y, &seed)]).unwrap();
+    let tv = params.tensors[0].data.clone();
+    let (nn, dd, vv) = (n as u32, d as u32, vocab as u32);
+    let mut yv = vec![0f32; n * d];
+    k.launch("embedding_f32", grid(n * d), (idv.as_ptr(), tv.as_ptr(), yv.as_mut_ptr(), nn, dd, vv));
+    close("embedding value", &yv, cpu.value(y).unwrap());
+    let mut dt = vec![0f32; vocab * d];
+    k.launch(
+        "embedding_grad_add_f32",
+        grid(n * d),
+        (idv.as_ptr(), seed.as_ptr(), dt.as_mut_ptr(), nn, dd, vv),
+    );
+    close("embedding table gradient", &dt, cpu.param_grad(0));
+    let mut bad = idv.clone();
+    bad[5] = vocab as i32;
+    k.launch("embedding_f32", grid(n * d), (bad.as_ptr(), tv.as_ptr(), yv.as_mut_ptr(), nn, dd, vv));
+    assert!(yv[5 * d..6 * d].iter().all(|v| v.is_nan()) && yv.iter().filter(|v| v.is_nan()).count() == d);
+    let before = dt.clone();
+    let ones = vec![1f32; n * d];
+    let mut only_bad = vec![-1i32; n];
+    only_bad[0] = -3;
+    k.launch(
+        "embedding_grad_add_f32",
+        grid(n * d),
+        (only_bad.as_ptr(), ones.as_ptr(), dt.as_mut_ptr(), nn, dd, vv),
+    );
+    assert_eq!(dt, before, "ids outside the table add nothing");
+}
+
+/// `step_gather_f32` and `step_scatter_f32` as select-step and stack-steps run them,
+/// forward (assigning) and backward (adding).
+#[test]
+fn time_steps_match_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    let (b, t, d) = (3usize, 4usize, 5usize);
+    let mut g = Graph::new();
+    let x = g.param("x", &[b, t, d], Init::Normal { std: 1.0 }).unwrap();
+    let s = g.select_step(x, 2).unwrap();
+    let cpu = CpuRun::new(&g, s, &normal(&mut Rng::seed(160), b * d), 161);
+    let seed = normal(&mut Rng::seed(160), b * d);
+    let xv = cpu.param(0);
+    let (bb, tt, dd) = (b as u32, t as u32, d as u32);
+    let mut yv = vec![f32::NAN; b * d];
+    k.launch("step_gather_f32", grid(b * d), (xv.as_ptr(), yv.as_mut_ptr(), bb, tt, dd, 2u32, 0i32));
+    close("select-step value", &yv, cpu.exec.value(s).unwrap());
+    // Gradients are added to what is there (here 1 everywhere).
+    let plus_one = |v: &[f32]| v.iter().map(|x| x + 1.0).collect::<Vec<f32>>();
+    let mut dx = vec![1f32; b * t * d];
+    k.launch("step_scatter_f32", grid(b * d), (seed.as_ptr(), dx.as_mut_ptr(), bb, tt, dd, 2u32, 1i32));
+    close("select-step gradient", &dx, &plus_one(cpu.exec.param_grad(0)));
+
+    let mut g = Graph::new();
+    let steps: Vec<NodeId> =
+        (0..t).map(|i| g.param(&format!("s{i}"), &[b, d], Init::Normal { std: 1.0 }).unwrap()).collect();
+    let y = g.stack_steps(&steps).unwrap();
+    let seed = normal(&mut Rng::seed(162), b * t * d);
+    let cpu = CpuRun::new(&g, y, &seed, 163);
+    let mut yv = vec![f32::NAN; b * t * d];
+    for i in 0..t {
+        let sv = cpu.param(i);
+        k.launch("step_scatter_f32", grid(b * d), (sv.as_ptr(), yv.as_mut_ptr(), bb, tt, dd, i as u32, 0i32));
+    }
+    close("stack-steps value", &yv, cpu.exec.value(y).unwrap());
+    for i in 0..t {
+        let mut ds = vec![1f32; b * d];
+        k.launch(
+            "step_gather_f32",
+            grid(b * d),
+            (seed.as_ptr(), ds.as_mut_ptr(), bb, tt, dd, i as u32, 1i32),
+        );
+        close(&format!("stack-steps gradient of step {i}"), &ds, &plus_one(cpu.exec.param_grad(i)));
+    }
+}
+
+/// A GRU cell as the GPU executor runs it: `broadcast_rows_f32` of the hidden bias, the
+/// product `h · wh` added on top, `gru_gates_f32`; backward `gru_grad_f32`, then each
+/// input's share (input projection, hidden state, weights, bias).
+#[test]
+fn gru_cell_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    let (b, h) = (6usize, 10usize);
+    let mut g = Graph::new();
+    let gx = g.param("gx", &[b, 3 * h], Init::Normal { std: 1.0 }).unwrap();
+    let hv = g.param("h", &[b, h], Init::Normal { std: 1.0 }).unwrap();
+    let wh = g.param("wh", &[h, 3 * h], Init::Normal { std: 0.4 }).unwrap();
+    let bh = g.param("bh", &[3 * h], Init::Normal { std: 0.3 }).unwrap();
+    let y = g.gru_cell(gx, hv, wh, bh).unwrap();
+    let seed = normal(&mut Rng::seed(170), b * h);
+    let cpu = CpuRun::new(&g, y, &seed, 171);
+    let (gxv, hvv, whv, bhv) = (cpu.param(0), cpu.param(1), cpu.param(2), cpu.param(3));
+    let (bb, hh) = (b as u32, h as u32);
+    let mut gh = vec![f32::NAN; b * 3 * h];
+    k.launch(
+        "broadcast_rows_f32",
+        grid(b * 3 * h),
+        (bhv.as_ptr(), gh.as_mut_ptr(), (b * 3 * h) as u32, (3 * h) as u32),
+    );
+    gemm((b, 3 * h, h), &hvv, false, &whv, false, 1.0, &mut gh);
+    let (mut gates, mut yv) = (vec![f32::NAN; 3 * b * h], vec![f32::NAN; b * h]);
+    k.launch(
+        "gru_gates_f32",
+        grid(b * h),
+        (gxv.as_ptr(), gh.as_ptr(), hvv.as_ptr(), gates.as_mut_ptr(), yv.as_mut_ptr(), bb, hh),
+    );
+    close("GRU value", &yv, cpu.exec.value(y).unwrap());
+    let (mut dga, mut dgh) = (vec![f32::NAN; b * 3 * h], vec![f32::NAN; b * 3 * h]);
+    k.launch(
+        "gru_grad_f32",
+        grid(b * h),
+        (
+            seed.as_ptr(),
+            hvv.as_ptr(),
+            gh.as_ptr(),
+            gates.as_ptr(),
+            dga.as_mut_ptr(),
+            dgh.as_mut_ptr(),
+            bb,
+            hh,
+        ),
+    );
+    close("GRU input-projection gradient", &dga, cpu.exec.param_grad(0));
+    let mut dh = vec![0f32; b * h];
+    let z = &gates[b * h..2 * b * h];
+    k.launch("mul_add_f32", grid(b * h), (seed.as_ptr(), z.as_ptr(), dh.as_mut_ptr(), bb * hh));
+    gemm((b, h, 3 * h), &dgh, false, &whv, true, 1.0, &mut dh);
+    close("GRU hidden-state gradient", &dh, cpu.exec.param_grad(1));
+    let mut dwh = vec![0f32; h * 3 * h];
+    gemm((h, 3 * h, b), &hvv, true, &dgh, false, 1.0, &mut dwh);
+    close("GRU weight gradient", &dwh, cpu.exec.param_grad(2));
+    let mut dbh = vec![0f32; 3 * h];
+    k.launch("col_sums_add_f32", column_tiles(3 * h), (dgh.as_ptr(), dbh.as_mut_ptr(), bb, 3 * hh));
+    close("GRU bias gradient", &dbh, cpu.exec.param_grad(3));
+}

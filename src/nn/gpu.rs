@@ -24,6 +24,8 @@
 //! 6. Dropout draws its mask on the device from a counter-based generator seeded by the
 //!    executor's [`Rng`] (one draw per forward), so masks differ from the CPU executor's
 //!    but follow the same seeds deterministically.
+//! 7. Results are deterministic run to run except embedding gradients: rows of the same id
+//!    add up with float atomics, in an order that may vary in the last bits.
 use std::cell::OnceCell;
 use std::ops::Range;
 use std::sync::Arc;
@@ -65,11 +67,20 @@ fn supported(op: &Op) -> bool {
             | Op::Conv2d { .. }
             | Op::MaxPool2d { .. }
             | Op::Add
+            | Op::Sub
+            | Op::Mul
             | Op::Act(_)
+            | Op::Gelu
             | Op::Reshape
+            | Op::LayerNorm { .. }
             | Op::Dropout { .. }
+            | Op::Embedding
             | Op::Softmax
             | Op::SoftmaxCrossEntropy
+            | Op::Mse
+            | Op::SelectStep { .. }
+            | Op::StackSteps
+            | Op::GruCell
     )
 }
 
@@ -125,8 +136,7 @@ impl GpuExecutor {
     /// [`GpuExecutor::load_params`]).
     ///
     /// # Errors
-    /// [`NnError::Unsupported`] for an op the GPU executor does not run (today: layer norm,
-    /// embedding, attention, GRU cells, time-step ops, sub, mul, GELU, MSE);
+    /// [`NnError::Unsupported`] for an op the GPU executor does not run (today: attention);
     /// [`NnError::Device`] if allocation fails.
     pub fn new(gpu: Arc<Gpu>, graph: &Graph) -> Result<Self, NnError> {
         let nodes = graph.nodes();
@@ -172,6 +182,16 @@ impl GpuExecutor {
                 }
                 Op::MaxPool2d { .. } => (None, Some(len)),
                 Op::Dropout { .. } => (Some(len), None),
+                // Each row's mean and reciprocal standard deviation.
+                Op::LayerNorm { .. } => {
+                    (Some(2 * (len / node.shape.last().copied().unwrap_or(1).max(1))), None)
+                }
+                // The hidden side's pre-activations [B, 3H], then the gates r, z, n [B, H] each;
+                // backward's scratch holds both sides' pre-activation gradients.
+                Op::GruCell => {
+                    scratch = scratch.max(6 * len);
+                    (Some(6 * len), None)
+                }
                 Op::SoftmaxCrossEntropy => {
                     let l = input_shape(0);
                     (Some(l[0] * l[1] + l[0]), None)
@@ -433,9 +453,61 @@ impl GpuExecutor {
                 let bn = Self::u32(self.graph.nodes()[inp[1].0].len().max(1), name)?;
                 launch!(gpu, "add_bcast_f32", len; self.val(inp[0]), self.val(inp[1]), y, &len, &bn)?;
             }
+            Op::Sub | Op::Mul => {
+                let code = i32::from(matches!(node.op, Op::Mul));
+                launch!(gpu, "binary_f32", len; self.val(inp[0]), self.val(inp[1]), y, &len, &code)?;
+            }
             Op::Act(act) => {
                 let act = act_code(act);
                 launch!(gpu, "act_f32", len; self.val(inp[0]), y, &len, &act)?;
+            }
+            Op::Gelu => launch!(gpu, "gelu_f32", len; self.val(inp[0]), y, &len)?,
+            Op::Mse => {
+                let n = Self::u32(self.graph.nodes()[inp[0].0].len(), name)?;
+                let one_block =
+                    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+                launch!(gpu, "mse_f32", cfg = one_block; self.val(inp[0]), self.val(inp[1]), y, &n)?;
+            }
+            Op::LayerNorm { eps } => {
+                let d = *node.shape.last().unwrap_or(&1);
+                let (rows, cols) = (Self::u32(node.len() / d.max(1), name)?, Self::u32(d, name)?);
+                let stats = aux.as_mut().ok_or_else(internal)?;
+                launch!(gpu, "layer_norm_f32", cfg = rows_config(rows, cols); self.val(inp[0]), self.val(inp[1]), self.val(inp[2]), y, stats, &rows, &cols, &eps)?;
+            }
+            Op::Embedding => {
+                let table = self.shape(inp[1]);
+                let (vocab, d) = (Self::u32(table[0], name)?, Self::u32(table[1], name)?);
+                let ids = self.ids[inp[0].0].as_ref().ok_or_else(internal)?;
+                let n = Self::u32(self.graph.nodes()[inp[0].0].len(), name)?;
+                launch!(gpu, "embedding_f32", len; ids, self.val(inp[1]), y, &n, &d, &vocab)?;
+            }
+            Op::SelectStep { step } => {
+                let x = self.shape(inp[0]);
+                let (b, t, d) = (Self::u32(x[0], name)?, Self::u32(x[1], name)?, Self::u32(x[2], name)?);
+                let (step, assign) = (Self::u32(step, name)?, 0i32);
+                launch!(gpu, "step_gather_f32", len; self.val(inp[0]), y, &b, &t, &d, &step, &assign)?;
+            }
+            Op::StackSteps => {
+                let (b, t, d) = (node.shape[0], node.shape[1], node.shape[2]);
+                let (b, t, d) = (Self::u32(b, name)?, Self::u32(t, name)?, Self::u32(d, name)?);
+                let (per_step, assign) = (b * d, 0i32);
+                for (step, &input) in inp.iter().enumerate() {
+                    let step = Self::u32(step, name)?;
+                    launch!(gpu, "step_scatter_f32", per_step; self.val(input), &mut *y, &b, &t, &d, &step, &assign)?;
+                }
+            }
+            Op::GruCell => {
+                let (b, h) = (node.shape[0], node.shape[1]);
+                let saved = aux.as_mut().ok_or_else(internal)?;
+                let (mut gh, mut gates) = saved.split_at_mut(b * 3 * h);
+                // gh = bh (each row) + h · wh
+                let (gh_len, gh_cols) = (Self::u32(b * 3 * h, name)?, Self::u32(3 * h, name)?);
+                launch!(gpu, "broadcast_rows_f32", gh_len; self.val(inp[3]), &mut gh, &gh_len, &gh_cols)?;
+                let g =
+                    Gemm32 { m: b, n: 3 * h, k: h, trans_a: false, trans_b: false, alpha: 1.0, beta: 1.0 };
+                gpu.gemm_rm(g, self.val(inp[1]), self.val(inp[2]), &mut gh)?;
+                let (bb, hh) = (Self::u32(b, name)?, Self::u32(h, name)?);
+                launch!(gpu, "gru_gates_f32", len; self.val(inp[0]), &mut gh, self.val(inp[1]), &mut gates, y, &bb, &hh)?;
             }
             Op::Reshape => gpu.stream_ref().memcpy_dtod(self.val(inp[0]), y).map_err(|e| gpu.driver(e))?,
             Op::Dropout { p } => {
@@ -510,6 +582,16 @@ impl GpuExecutor {
                 let ohw = Self::u32(node.shape[2] * node.shape[3], name)?;
                 let act = act_code(act);
                 launch!(gpu, "conv_grad_out_f32", len; self.val(NodeId(n)), g, dz, &bn, &o, &ohw, &act)?;
+            }
+            Op::GruCell => {
+                // Scratch: the input side's pre-activation gradients [B, 3H], then the hidden side's.
+                let (b, h) = (node.shape[0], node.shape[1]);
+                let (bb, hh) = (Self::u32(b, name)?, Self::u32(h, name)?);
+                let saved = self.aux[n].as_ref().ok_or_else(internal)?;
+                let (gh, gates) = (saved.slice(0..b * 3 * h), saved.slice(b * 3 * h..6 * b * h));
+                let (mut dga, mut dgh) = scratch.as_mut().ok_or_else(internal)?.split_at_mut(b * 3 * h);
+                let h_in = self.val(node.inputs[1]);
+                launch!(gpu, "gru_grad_f32", len; g, h_in, &gh, &gates, &mut dga, &mut dgh, &bb, &hh)?;
             }
             _ => {}
         }
@@ -653,9 +735,96 @@ impl GpuExecutor {
                     launch!(gpu, "col_sums_add_f32", cfg = column_tiles(cols); g, gin, &rows, &cols)?;
                 }
             }
+            Op::Sub => gpu.axpy(if pos == 0 { 1.0 } else { -1.0 }, g, gin)?,
+            Op::Mul => launch!(gpu, "mul_add_f32", len; g, self.val(inp[1 - pos]), gin, &len)?,
             Op::Act(act) => {
                 let act = act_code(act);
                 launch!(gpu, "act_grad_add_f32", len; y, g, gin, &len, &act)?;
+            }
+            Op::Gelu => launch!(gpu, "gelu_grad_add_f32", len; self.val(inp[0]), g, gin, &len)?,
+            Op::Mse => {
+                let n = Self::u32(self.graph.nodes()[inp[0].0].len(), name)?;
+                let sign: f32 = if pos == 0 { 1.0 } else { -1.0 };
+                launch!(gpu, "mse_grad_add_f32", n; self.val(inp[0]), self.val(inp[1]), g, gin, &n, &sign)?;
+            }
+            Op::LayerNorm { .. } => {
+                let d = *node.shape.last().unwrap_or(&1);
+                let (rows, cols) = (Self::u32(node.len() / d.max(1), name)?, Self::u32(d, name)?);
+                let stats = self.aux[n].as_ref().ok_or_else(internal)?;
+                let (x, gamma) = (self.val(inp[0]), self.val(inp[1]));
+                match pos {
+                    0 => {
+                        launch!(gpu, "layer_norm_grad_add_f32", cfg = rows_config(rows, cols); x, gamma, g, stats, gin, &rows, &cols)?
+                    }
+                    1 => {
+                        launch!(gpu, "layer_norm_gamma_grad_add_f32", cfg = column_tiles(cols); x, g, stats, gin, &rows, &cols)?
+                    }
+                    _ => launch!(gpu, "col_sums_add_f32", cfg = column_tiles(cols); g, gin, &rows, &cols)?,
+                }
+            }
+            Op::Embedding => {
+                if pos == 1 {
+                    let table = self.shape(inp[1]);
+                    let (vocab, d) = (Self::u32(table[0], name)?, Self::u32(table[1], name)?);
+                    let ids = self.ids[inp[0].0].as_ref().ok_or_else(internal)?;
+                    let count = Self::u32(self.graph.nodes()[inp[0].0].len(), name)?;
+                    launch!(gpu, "embedding_grad_add_f32", len; ids, g, gin, &count, &d, &vocab)?;
+                }
+            }
+            Op::SelectStep { step } => {
+                let x = self.shape(inp[0]);
+                let (b, t, d) = (Self::u32(x[0], name)?, Self::u32(x[1], name)?, Self::u32(x[2], name)?);
+                let (step, add) = (Self::u32(step, name)?, 1i32);
+                launch!(gpu, "step_scatter_f32", len; g, gin, &b, &t, &d, &step, &add)?;
+            }
+            Op::StackSteps => {
+                let (b, t, d) = (node.shape[0], node.shape[1], node.shape[2]);
+                let (b, t, d) = (Self::u32(b, name)?, Self::u32(t, name)?, Self::u32(d, name)?);
+                let (step, add) = (Self::u32(pos, name)?, 1i32);
+                launch!(gpu, "step_gather_f32", b * d; g, gin, &b, &t, &d, &step, &add)?;
+            }
+            Op::GruCell => {
+                let (b, h) = (node.shape[0], node.shape[1]);
+                let grads = scratch.as_ref().ok_or_else(internal)?;
+                let (dga, dgh) = (grads.slice(0..b * 3 * h), grads.slice(b * 3 * h..6 * b * h));
+                match pos {
+                    0 => {
+                        let count = Self::u32(b * 3 * h, name)?;
+                        launch!(gpu, "axpy_f32", count; &1.0f32, &dga, gin, &count)?;
+                    }
+                    1 => {
+                        // Through the update gate, then through the hidden-side product.
+                        let saved = self.aux[n].as_ref().ok_or_else(internal)?;
+                        let z = saved.slice(b * 3 * h + b * h..b * 3 * h + 2 * b * h);
+                        launch!(gpu, "mul_add_f32", len; g, &z, &mut *gin, &len)?;
+                        let gm = Gemm32 {
+                            m: b,
+                            n: h,
+                            k: 3 * h,
+                            trans_a: false,
+                            trans_b: true,
+                            alpha: 1.0,
+                            beta: 1.0,
+                        };
+                        gpu.gemm_rm(gm, &dgh, self.val(inp[2]), gin)?;
+                    }
+                    2 => {
+                        let gm = Gemm32 {
+                            m: h,
+                            n: 3 * h,
+                            k: b,
+                            trans_a: true,
+                            trans_b: false,
+                            alpha: 1.0,
+                            beta: 1.0,
+                        };
+                        gpu.gemm_rm(gm, self.val(inp[1]), &dgh, gin)?;
+                    }
+                    _ => {
+                        let (rows, cols) = (Self::u32(b, name)?, Self::u32(3 * h, name)?);
+                        launch!(gpu, "col_sums_add_f32", cfg = column_tiles(cols); &dgh, gin, &rows, &cols)?;
+                    }
+                }
             }
             Op::Reshape => gpu.axpy(1.0, g, gin)?,
             Op::Dropout { p } => {
@@ -687,21 +856,24 @@ impl GpuExecutor {
         Ok(())
     }
 
-    /// Checks labels fed to a softmax cross-entropy against its class count.
+    /// Checks ids against what reads them: labels of a softmax cross-entropy against its
+    /// class count, ids of an embedding against its vocabulary (the CPU executor checks
+    /// them when it runs the op; the kernels cannot report an error).
     fn check_labels(&self, node: NodeId, data: &[i32]) -> Result<(), NnError> {
         for reader in self.graph.nodes() {
-            if matches!(reader.op, Op::SoftmaxCrossEntropy) && reader.inputs.get(1) == Some(&node) {
-                let classes = self.graph.nodes()[reader.inputs[0].0].shape[1];
-                if let Some((position, &id)) =
-                    data.iter().enumerate().find(|(_, &v)| v < 0 || v as usize >= classes)
-                {
-                    return Err(NnError::IdOutOfRange {
-                        op: "softmax_cross_entropy",
-                        id,
-                        position,
-                        limit: classes,
-                    });
+            let (op, limit) = match reader.op {
+                Op::SoftmaxCrossEntropy if reader.inputs.get(1) == Some(&node) => {
+                    ("softmax_cross_entropy", self.graph.nodes()[reader.inputs[0].0].shape[1])
                 }
+                Op::Embedding if reader.inputs.first() == Some(&node) => {
+                    ("embedding", self.graph.nodes()[reader.inputs[1].0].shape[0])
+                }
+                _ => continue,
+            };
+            if let Some((position, &id)) =
+                data.iter().enumerate().find(|(_, &v)| v < 0 || v as usize >= limit)
+            {
+                return Err(NnError::IdOutOfRange { op, id, position, limit });
             }
         }
         Ok(())

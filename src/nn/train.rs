@@ -241,6 +241,35 @@ pub(crate) fn check_classifier_epoch(
     Ok(logits[1])
 }
 
+/// Checks, before an epoch of a language model over `ids_len` ids in windows of `steps`,
+/// that the state's loader draws from every window of the text in batches whose windows
+/// fill the model's input and targets exactly.
+///
+/// # Errors
+/// [`NnError::Argument`] naming `op` if they do not fit.
+pub(crate) fn check_text_epoch(
+    op: &'static str,
+    model: &Model,
+    loader: &DataLoader,
+    ids_len: usize,
+    steps: usize,
+) -> Result<(), NnError> {
+    let graph = &model.graph;
+    let (input_len, target_len) = (graph.node(model.input)?.len(), graph.node(model.target)?.len());
+    let (batch, windows) = (loader.batch_size(), window_count(ids_len, steps));
+    if input_len != batch * steps || target_len != batch * steps || loader.examples() != windows {
+        return Err(NnError::Argument {
+            op,
+            what: format!(
+                "the state's loader draws batches of {batch} from {} windows, and {ids_len} ids hold {windows} \
+                 windows of {steps}; the model takes {input_len} ids and {target_len} targets a step",
+                loader.examples(),
+            ),
+        });
+    }
+    Ok(())
+}
+
 pub(crate) fn set_examples(
     exec: &mut CpuExecutor,
     model: &Model,
@@ -421,20 +450,7 @@ impl Trainer {
         steps: usize,
     ) -> Result<EpochStats, NnError> {
         let (input, target) = (self.model.input, self.model.target);
-        let graph = &self.model.graph;
-        let (input_len, target_len) = (graph.node(input)?.len(), graph.node(target)?.len());
-        let (batch, windows) = (state.loader.batch_size(), window_count(ids.len(), steps));
-        if input_len != batch * steps || target_len != batch * steps || state.loader.examples() != windows {
-            return Err(NnError::Argument {
-                op: "Trainer::train_epoch_text",
-                what: format!(
-                    "the state's loader draws batches of {batch} from {} windows, and {} ids hold {windows} \
-                     windows of {steps}; the model takes {input_len} ids and {target_len} targets a step",
-                    state.loader.examples(),
-                    ids.len(),
-                ),
-            });
-        }
+        check_text_epoch("Trainer::train_epoch_text", &self.model, &state.loader, ids.len(), steps)?;
         let mut tally = EpochTally::start();
         while self.next_batch(&mut state.loader) {
             fill_windows(ids, &self.batch, steps, 0, self.exec.ids_mut(input)?);

@@ -445,4 +445,227 @@ pub const KERNELS: &[(&str, &str)] = &[
     }
 }"#,
     ),
+    (
+        "binary_f32",
+        r#"extern "C" __global__ void binary_f32(const float* a, const float* b, float* y, unsigned int n, int op) {
+    TESSERA_LOOP(i, n) { y[i] = op == 0 ? a[i] - b[i] : a[i] * b[i]; }
+}"#,
+    ),
+    (
+        "gelu_f32",
+        r#"extern "C" __global__ void gelu_f32(const float* x, float* y, unsigned int n) {
+    TESSERA_LOOP(i, n) {
+        float v = x[i];
+        y[i] = 0.5f * v * (1.0f + tanhf(0.7978846f * (v + 0.044715f * v * v * v)));
+    }
+}"#,
+    ),
+    (
+        "gelu_grad_add_f32",
+        r#"extern "C" __global__ void gelu_grad_add_f32(const float* x, const float* g, float* dx, unsigned int n) {
+    TESSERA_LOOP(i, n) {
+        float v = x[i];
+        float t = tanhf(0.7978846f * (v + 0.044715f * v * v * v));
+        float dt = (1.0f - t * t) * 0.7978846f * (1.0f + 3.0f * 0.044715f * v * v);
+        dx[i] += g[i] * (0.5f * (1.0f + t) + 0.5f * v * dt);
+    }
+}"#,
+    ),
+    (
+        "mse_f32",
+        r#"extern "C" __global__ void mse_f32(const float* a, const float* b, float* out, unsigned int n) {
+    __shared__ double partial[256];
+    double s = 0.0;
+    for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) {
+        float d = a[i] - b[i];
+        s += (double)(d * d);
+    }
+    partial[threadIdx.x] = s;
+    __syncthreads();
+    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) { partial[threadIdx.x] += partial[threadIdx.x + k]; }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0) { out[0] = (float)(partial[0] / (double)(n > 0 ? n : 1)); }
+}"#,
+    ),
+    (
+        "mse_grad_add_f32",
+        r#"extern "C" __global__ void mse_grad_add_f32(const float* a, const float* b, const float* g, float* dx,
+        unsigned int n, float sign) {
+    float scale = sign * 2.0f * g[0] / (float)(n > 0 ? n : 1);
+    TESSERA_LOOP(i, n) { dx[i] += scale * (a[i] - b[i]); }
+}"#,
+    ),
+    (
+        "layer_norm_f32",
+        r#"extern "C" __global__ void layer_norm_f32(const float* x, const float* gamma, const float* beta, float* y,
+        float* stats, unsigned int rows, unsigned int d, float eps) {
+    __shared__ float partial[256];
+    for (unsigned int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + (size_t)r * d;
+        float s = 0.0f;
+        for (unsigned int i = threadIdx.x; i < d; i += blockDim.x) { s += xr[i]; }
+        float mean = tessera_block_sum(partial, s) / (float)d;
+        float v = 0.0f;
+        for (unsigned int i = threadIdx.x; i < d; i += blockDim.x) { v += (xr[i] - mean) * (xr[i] - mean); }
+        float rstd = 1.0f / sqrtf(tessera_block_sum(partial, v) / (float)d + eps);
+        for (unsigned int i = threadIdx.x; i < d; i += blockDim.x) {
+            y[(size_t)r * d + i] = (xr[i] - mean) * rstd * gamma[i] + beta[i];
+        }
+        if (threadIdx.x == 0) {
+            stats[2 * (size_t)r] = mean;
+            stats[2 * (size_t)r + 1] = rstd;
+        }
+    }
+}"#,
+    ),
+    (
+        "layer_norm_grad_add_f32",
+        r#"extern "C" __global__ void layer_norm_grad_add_f32(const float* x, const float* gamma, const float* g,
+        const float* stats, float* dx, unsigned int rows, unsigned int d) {
+    __shared__ float partial[256];
+    for (unsigned int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* xr = x + (size_t)r * d;
+        const float* gr = g + (size_t)r * d;
+        float mean = stats[2 * (size_t)r], rstd = stats[2 * (size_t)r + 1];
+        float s1 = 0.0f, s2 = 0.0f;
+        for (unsigned int i = threadIdx.x; i < d; i += blockDim.x) {
+            float dxhat = gr[i] * gamma[i];
+            s1 += dxhat;
+            s2 += dxhat * (xr[i] - mean) * rstd;
+        }
+        float m1 = tessera_block_sum(partial, s1) / (float)d;
+        float m2 = tessera_block_sum(partial, s2) / (float)d;
+        for (unsigned int i = threadIdx.x; i < d; i += blockDim.x) {
+            float xhat = (xr[i] - mean) * rstd;
+            dx[(size_t)r * d + i] += rstd * (gr[i] * gamma[i] - m1 - xhat * m2);
+        }
+    }
+}"#,
+    ),
+    (
+        "layer_norm_gamma_grad_add_f32",
+        r#"extern "C" __global__ void layer_norm_gamma_grad_add_f32(const float* x, const float* g, const float* stats,
+        float* dgamma, unsigned int rows, unsigned int d) {
+    // As col_sums_add_f32, of g · x̂: blocks of 256 threads over tiles of 32 columns.
+    __shared__ float partial[256];
+    unsigned int lane = threadIdx.x % 32, group = threadIdx.x / 32, groups = blockDim.x / 32;
+    for (unsigned int tile = blockIdx.x; tile * 32 < d; tile += gridDim.x) {
+        unsigned int j = tile * 32 + lane;
+        float s = 0.0f;
+        if (j < d) {
+            for (unsigned int r = group; r < rows; r += groups) {
+                size_t at = (size_t)r * d + j;
+                s += g[at] * (x[at] - stats[2 * (size_t)r]) * stats[2 * (size_t)r + 1];
+            }
+        }
+        partial[threadIdx.x] = s;
+        __syncthreads();
+        if (group == 0 && j < d) {
+            float total = partial[lane];
+            for (unsigned int k = 1; k < groups; ++k) { total += partial[k * 32 + lane]; }
+            dgamma[j] += total;
+        }
+        __syncthreads();
+    }
+}"#,
+    ),
+    (
+        "embedding_f32",
+        r#"extern "C" __global__ void embedding_f32(const int* ids, const float* table, float* y, unsigned int n,
+        unsigned int d, unsigned int vocab) {
+    // Ids are checked against the vocabulary when they are set; one out of range anyway
+    // (filled on the device) gives a row of NaN, never a read outside the table.
+    TESSERA_LOOP(k, n * d) {
+        int id = ids[k / d];
+        y[k] = (id >= 0 && (unsigned int)id < vocab) ? table[(size_t)id * d + k % d] : __int_as_float(0x7fc00000);
+    }
+}"#,
+    ),
+    (
+        "embedding_grad_add_f32",
+        r#"extern "C" __global__ void embedding_grad_add_f32(const int* ids, const float* g, float* dtable, unsigned int n,
+        unsigned int d, unsigned int vocab) {
+    // Rows of the same id add up with atomics (their order, and so the last bits, vary).
+    TESSERA_LOOP(k, n * d) {
+        int id = ids[k / d];
+        if (id >= 0 && (unsigned int)id < vocab) { atomicAdd(&dtable[(size_t)id * d + k % d], g[k]); }
+    }
+}"#,
+    ),
+    (
+        "step_gather_f32",
+        r#"extern "C" __global__ void step_gather_f32(const float* src, float* dst, unsigned int b, unsigned int t,
+        unsigned int d, unsigned int step, int add) {
+    // dst [B, D] (=, or += when add) step `step` of src [B, T, D].
+    TESSERA_LOOP(k, b * d) {
+        float v = src[((size_t)(k / d) * t + step) * d + k % d];
+        dst[k] = add ? dst[k] + v : v;
+    }
+}"#,
+    ),
+    (
+        "step_scatter_f32",
+        r#"extern "C" __global__ void step_scatter_f32(const float* src, float* dst, unsigned int b, unsigned int t,
+        unsigned int d, unsigned int step, int add) {
+    // Step `step` of dst [B, T, D] (=, or += when add) src [B, D].
+    TESSERA_LOOP(k, b * d) {
+        size_t at = ((size_t)(k / d) * t + step) * d + k % d;
+        dst[at] = add ? dst[at] + src[k] : src[k];
+    }
+}"#,
+    ),
+    (
+        "broadcast_rows_f32",
+        r#"extern "C" __global__ void broadcast_rows_f32(const float* row, float* y, unsigned int n, unsigned int cols) {
+    TESSERA_LOOP(i, n) { y[i] = row[i % cols]; }
+}"#,
+    ),
+    (
+        "gru_gates_f32",
+        r#"extern "C" __global__ void gru_gates_f32(const float* gx, const float* gh, const float* h, float* gates, float* y,
+        unsigned int b, unsigned int hs) {
+    // gx, gh [B, 3H] (gates r | z | n); gates [3, B, H] saved for backward: r, z, n.
+    unsigned int bh = b * hs;
+    TESSERA_LOOP(o, bh) {
+        unsigned int bi = o / hs, j = o % hs;
+        const float* x = gx + (size_t)bi * 3 * hs;
+        const float* hh = gh + (size_t)bi * 3 * hs;
+        float r = 1.0f / (1.0f + expf(-(x[j] + hh[j])));
+        float z = 1.0f / (1.0f + expf(-(x[hs + j] + hh[hs + j])));
+        float nv = tanhf(x[2 * hs + j] + r * hh[2 * hs + j]);
+        gates[o] = r;
+        gates[bh + o] = z;
+        gates[2 * bh + o] = nv;
+        y[o] = (1.0f - z) * nv + z * h[o];
+    }
+}"#,
+    ),
+    (
+        "gru_grad_f32",
+        r#"extern "C" __global__ void gru_grad_f32(const float* g, const float* h, const float* gh, const float* gates,
+        float* dga, float* dgh, unsigned int b, unsigned int hs) {
+    // The gradients of the cell's pre-activations from the input side (dga [B, 3H]) and
+    // the hidden side (dgh [B, 3H]); they differ in the n gate, which r scales.
+    unsigned int bh = b * hs;
+    TESSERA_LOOP(o, bh) {
+        unsigned int bi = o / hs, j = o % hs;
+        float gv = g[o], r = gates[o], z = gates[bh + o], nv = gates[2 * bh + o];
+        float dn = gv * (1.0f - z);
+        float dz = gv * (h[o] - nv);
+        float dan = dn * (1.0f - nv * nv);
+        float ghn = gh[(size_t)bi * 3 * hs + 2 * hs + j];
+        float dar = dan * ghn * r * (1.0f - r);
+        float daz = dz * z * (1.0f - z);
+        size_t base = (size_t)bi * 3 * hs;
+        dga[base + j] = dar;
+        dga[base + hs + j] = daz;
+        dga[base + 2 * hs + j] = dan;
+        dgh[base + j] = dar;
+        dgh[base + hs + j] = daz;
+        dgh[base + 2 * hs + j] = dan * r;
+    }
+}"#,
+    ),
 ];

@@ -14,8 +14,9 @@ use cudarc::driver::CudaSlice;
 
 use super::GpuExecutor;
 use crate::devices::{launch, Gpu};
+use crate::nn::data::fill_windows;
 use crate::nn::optim::adam_constants;
-use crate::nn::train::check_classifier_epoch;
+use crate::nn::train::{check_classifier_epoch, check_text_epoch};
 use crate::nn::{Dataset, EpochStats, Executor, Model, NnError, OptimizerConfig, TrainState};
 
 /// A classification data set copied to the device once.
@@ -244,6 +245,50 @@ impl GpuTrainer {
             loss: total / batches.max(1) as f32,
             accuracy: correct as f32 / samples.max(1) as f32,
             samples,
+            seconds: start.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One epoch of a language model over windows of `ids`, as
+    /// [`Trainer::train_epoch_text`](crate::nn::Trainer::train_epoch_text): each batch's
+    /// windows are cut on the host and uploaded (ids are checked against the vocabulary),
+    /// the losses are summed on the device and read once at the end. Ends with
+    /// [`GpuTrainer::sync_state`].
+    ///
+    /// # Errors
+    /// [`NnError::Argument`] unless the loader draws from every window of `ids` in batches
+    /// whose windows fill the model's input and targets; [`NnError::IdOutOfRange`] for an
+    /// id outside the vocabulary; as [`GpuTrainer::step`].
+    pub fn train_epoch_text(
+        &mut self,
+        state: &mut TrainState,
+        ids: &[i32],
+        steps: usize,
+    ) -> Result<EpochStats, NnError> {
+        let start = Instant::now();
+        check_text_epoch("GpuTrainer::train_epoch_text", &self.model, &state.loader, ids.len(), steps)?;
+        let (input, target) = (self.model.input, self.model.target);
+        let rows = state.loader.batch_size() * steps;
+        let (mut x, mut y) = (vec![0i32; rows], vec![0i32; rows]);
+        let gpu = self.exec.gpu().clone();
+        let mut loss_sum = gpu.zeros(1)?;
+        let mut batches = 0usize;
+        while let Some(windows) = state.loader.next_batch() {
+            fill_windows(ids, windows, steps, 0, &mut x);
+            fill_windows(ids, windows, steps, 1, &mut y);
+            self.exec.set_ids(input, &x)?;
+            self.exec.set_ids(target, &y)?;
+            self.queue_step(state)?;
+            gpu.axpy(1.0, self.exec.value_buffer(self.model.loss)?, &mut loss_sum)?;
+            batches += 1;
+        }
+        let total = gpu.download(&loss_sum)?[0];
+        state.epoch += 1;
+        self.sync_state(state)?;
+        Ok(EpochStats {
+            loss: total / batches.max(1) as f32,
+            accuracy: 0.0,
+            samples: batches * rows,
             seconds: start.elapsed().as_secs_f64(),
         })
     }
