@@ -523,18 +523,20 @@ mod executor {
     }
 
     #[test]
-    fn unsupported_ops_and_bad_labels_are_errors() {
+    fn bad_labels_and_ids_are_errors() {
         let Some(gpu) = super::gpu() else { return };
         let gpu = Arc::new(gpu);
-        let mut g = Graph::new();
-        let x = g.input("x", &[2, 4, 4], DType::F32);
-        g.attention(x, x, x, 2, true).unwrap();
-        assert!(matches!(GpuExecutor::new(gpu.clone(), &g), Err(tessera::nn::NnError::Unsupported { .. })));
         let model = mlp(2, &[3, 4]).unwrap();
-        let mut dev = GpuExecutor::new(gpu, &model.graph).unwrap();
+        let mut dev = GpuExecutor::new(gpu.clone(), &model.graph).unwrap();
         assert!(matches!(
             dev.set_ids(model.target, &[0, 4]),
             Err(tessera::nn::NnError::IdOutOfRange { id: 4, .. })
+        ));
+        let model = tessera::nn::char_gru(2, 3, 5, 4, 4).unwrap();
+        let mut dev = GpuExecutor::new(gpu, &model.graph).unwrap();
+        assert!(matches!(
+            dev.set_ids(model.input, &[0, 1, 2, 3, 4, 5]),
+            Err(tessera::nn::NnError::IdOutOfRange { op: "embedding", id: 5, position: 5, limit: 5 })
         ));
     }
 
@@ -624,6 +626,37 @@ mod executor {
         assert!(matches!(error, NnError::Argument { .. }), "{error}");
         // The device still works.
         gpu.synchronize().unwrap();
+    }
+
+    /// Multi-head attention, causal and not, forward and backward (the score and mixing
+    /// products as strided-batched cuBLAS calls over the heads).
+    #[test]
+    fn attention_matches_the_cpu() {
+        for (case, (heads, causal)) in [(2, true), (4, false), (1, true)].into_iter().enumerate() {
+            let mut g = Graph::new();
+            let x = g.input("x", &[3, 7, 8], DType::F32);
+            let wq = g.param("wq", &[8, 8], Init::Normal { std: 0.5 }).unwrap();
+            let wk = g.param("wk", &[8, 8], Init::Normal { std: 0.5 }).unwrap();
+            let wv = g.param("wv", &[8, 8], Init::Normal { std: 0.5 }).unwrap();
+            let flat = g.reshape(x, &[21, 8]).unwrap();
+            let project = |g: &mut Graph, w| {
+                let p = g.matmul(flat, w).unwrap();
+                g.reshape(p, &[3, 7, 8]).unwrap()
+            };
+            let (q, k, v) = (project(&mut g, wq), project(&mut g, wk), project(&mut g, wv));
+            let y = g.attention(q, k, v, heads, causal).unwrap();
+            let target = g.input("target", &[3, 7, 8], DType::F32);
+            let loss = g.mse(y, target).unwrap();
+            compare(&g, loss, true, 20 + case as u64);
+        }
+    }
+
+    /// The zoo's transformer language model, forward and backward.
+    #[test]
+    fn tiny_transformer_matches_the_cpu() {
+        let cfg = tessera::nn::TransformerConfig { width: 16, heads: 2, layers: 2, ff: 32 };
+        let model = tessera::nn::tiny_transformer(3, 9, 13, cfg).unwrap();
+        compare(&model.graph, model.loss, true, 8);
     }
 
     /// The character GRU trains on the GPU as on the CPU: from the same state, two epochs

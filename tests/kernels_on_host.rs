@@ -1156,3 +1156,91 @@ fn gru_cell_matches_the_cpu() {
     k.launch("col_sums_add_f32", column_tiles(3 * h), (dgh.as_ptr(), dbh.as_mut_ptr(), bb, 3 * hh));
     close("GRU bias gradient", &dbh, cpu.exec.param_grad(3));
 }
+
+/// [`gemm`] over `batch` matrices packed back to back in each operand: the GPU executor's
+/// strided-batched cuBLAS products.
+#[allow(clippy::too_many_arguments)]
+fn gemm_batched(
+    batch: usize,
+    (m, n, k): (usize, usize, usize),
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    beta: f32,
+    c: &mut [f32],
+) {
+    for i in 0..batch {
+        let (a, b) = (&a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n]);
+        gemm((m, n, k), a, trans_a, b, trans_b, beta, &mut c[i * m * n..(i + 1) * m * n]);
+    }
+}
+
+/// Multi-head attention as the GPU executor runs it: `heads_split_f32` of q, k and v into
+/// per-head matrices, batched products around `attention_softmax_f32` (scaled scores,
+/// causal or not), `heads_merge_f32`; backward the split of the output gradient,
+/// `attention_softmax_grad_f32`, and the three input gradients merged in (added).
+#[test]
+fn attention_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    for (case, (b, t, d, heads, causal)) in
+        [(2, 5, 6, 2, true), (3, 4, 8, 4, false), (1, 40, 4, 1, true)].into_iter().enumerate()
+    {
+        let mut g = Graph::new();
+        let q = g.param("q", &[b, t, d], Init::Normal { std: 1.0 }).unwrap();
+        let kk = g.param("k", &[b, t, d], Init::Normal { std: 1.0 }).unwrap();
+        let v = g.param("v", &[b, t, d], Init::Normal { std: 1.0 }).unwrap();
+        let y = g.attention(q, kk, v, heads, causal).unwrap();
+        let len = b * t * d;
+        let seed = normal(&mut Rng::seed(180 + case as u64), len);
+        let cpu = CpuRun::new(&g, y, &seed, 190 + case as u64);
+        let what = format!("attention case {case} ({b}×{t}×{d}, {heads} heads, causal {causal})");
+        let (bh, dh) = (b * heads, d / heads);
+        let geometry = (b as u32, t as u32, d as u32, heads as u32);
+        let split = |x: &[f32]| {
+            let mut xh = vec![f32::NAN; len];
+            let (gb, gt, gd, gh) = geometry;
+            k.launch("heads_split_f32", grid(len), (x.as_ptr(), xh.as_mut_ptr(), gb, gt, gd, gh));
+            xh
+        };
+        let merge = |xh: &[f32], x: &mut [f32], add: i32| {
+            let (gb, gt, gd, gh) = geometry;
+            k.launch("heads_merge_f32", grid(len), (xh.as_ptr(), x.as_mut_ptr(), gb, gt, gd, gh, add));
+        };
+        let (qh, kh, vh) = (split(&cpu.param(0)), split(&cpu.param(1)), split(&cpu.param(2)));
+        let scale = 1.0 / (dh as f32).sqrt();
+        let mut p = vec![0f32; bh * t * t];
+        gemm_batched(bh, (t, t, dh), &qh, false, &kh, true, 0.0, &mut p);
+        p.iter_mut().for_each(|x| *x *= scale);
+        let rows = bh * t;
+        k.launch(
+            "attention_softmax_f32",
+            rows_config(rows, t),
+            (p.as_mut_ptr(), rows as u32, t as u32, i32::from(causal)),
+        );
+        let mut yh = vec![0f32; len];
+        gemm_batched(bh, (t, dh, t), &p, false, &vh, false, 0.0, &mut yh);
+        let mut yv = vec![f32::NAN; len];
+        merge(&yh, &mut yv, 0);
+        close(&format!("{what} value"), &yv, cpu.exec.value(y).unwrap());
+
+        let gh = split(&seed);
+        let mut ds = vec![0f32; bh * t * t];
+        gemm_batched(bh, (t, t, dh), &gh, false, &vh, true, 0.0, &mut ds);
+        k.launch(
+            "attention_softmax_grad_f32",
+            rows_config(rows, t),
+            (p.as_ptr(), ds.as_mut_ptr(), rows as u32, t as u32, scale),
+        );
+        let products: [(&str, &[f32], bool, &[f32]); 3] =
+            [("q", &ds, false, &kh), ("k", &ds, true, &qh), ("v", &p, true, &gh)];
+        for (input, (name, left, trans, right)) in products.into_iter().enumerate() {
+            let mut part = vec![0f32; len];
+            gemm_batched(bh, (t, dh, t), left, trans, right, false, 0.0, &mut part);
+            let mut grad = vec![1f32; len];
+            merge(&part, &mut grad, 1);
+            let expected: Vec<f32> = cpu.exec.param_grad(input).iter().map(|x| x + 1.0).collect();
+            close(&format!("{what} gradient of {name} (added to 1)"), &grad, &expected);
+        }
+    }
+}

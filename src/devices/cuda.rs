@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig};
+use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
@@ -470,6 +470,57 @@ impl Gpu {
         // dimensions are those of the stored row-major matrices (`Gemm32::column_major`).
         unsafe { blas.gemm(config, b, a, c) }
             .map_err(|e| DeviceError::Blas { op: "sgemm", message: e.to_string() })
+    }
+
+    /// [`Gpu::gemm_rm`] over `batch` products at once (cuBLAS strided batched): operand `x`
+    /// holds `batch` row-major matrices back to back, product `i` reading matrix `i` of `a`
+    /// and of `b` and writing matrix `i` of `c`.
+    ///
+    /// # Errors
+    /// As [`Gpu::gemm_rm`].
+    pub(crate) fn gemm_batched_rm<A: DevicePtr<f32>, B: DevicePtr<f32>, C: DevicePtrMut<f32>>(
+        &self,
+        g: Gemm32,
+        batch: usize,
+        a: &A,
+        b: &B,
+        c: &mut C,
+    ) -> Result<()> {
+        let Gemm32 { m, n, k, .. } = g;
+        if a.len() < batch * m * k || b.len() < batch * k * n || c.len() < batch * m * n {
+            return Err(DeviceError::Shape {
+                op: "sgemm_strided_batched",
+                message: format!(
+                    "{batch} × ({m}×{k} · {k}×{n}) with buffers of {}, {}, {}",
+                    a.len(),
+                    b.len(),
+                    c.len()
+                ),
+            });
+        }
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        let too_large = |what: usize| DeviceError::Shape {
+            op: "sgemm_strided_batched",
+            message: format!("{what} too large for cuBLAS"),
+        };
+        let stride = |len: usize| i64::try_from(len).map_err(|_| too_large(len));
+        // Column-major, the operands swap (see `Gemm32::column_major`).
+        let config = StridedBatchedConfig {
+            gemm: g.column_major()?,
+            batch_size: i32::try_from(batch).map_err(|_| too_large(batch))?,
+            stride_a: stride(k * n)?,
+            stride_b: stride(m * k)?,
+            stride_c: stride(m * n)?,
+        };
+        let blas = self.blas()?;
+        self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
+        // SAFETY: the lengths were checked above against `batch` matrices of m, n and k
+        // packed back to back (the strides), with the leading dimensions of
+        // `Gemm32::column_major`.
+        unsafe { blas.gemm_strided_batched(config, b, a, c) }
+            .map_err(|e| DeviceError::Blas { op: "sgemm_strided_batched", message: e.to_string() })
     }
 
     fn blaslt(&self) -> Result<Arc<CudaBlasLT>> {

@@ -9,8 +9,11 @@
 //!    bytes of backward's seeds.
 //! 2. Matrix products go through cuBLAS (row-major, transposes as operations, never
 //!    copies); convolutions are im2col + one GEMM for the whole batch, then a kernel that
-//!    transposes to `[N, O, OH, OW]` with bias and activation fused; every other op is an
-//!    NVRTC kernel of [`KERNELS`](crate::KERNELS).
+//!    transposes to `[N, O, OH, OW]` with bias and activation fused; attention copies q, k,
+//!    v to per-head matrices and runs each product as one strided-batched GEMM over the
+//!    batch and the heads; GRU cells run their hidden-side product through cuBLAS; every
+//!    other op is an NVRTC kernel of [`KERNELS`](crate::KERNELS). Every op of the graph
+//!    runs (the matches below are exhaustive), so each model of the zoo trains on a GPU.
 //! 3. Gradients follow the CPU executor's rules: `backward(range, seeds)` zeroes the
 //!    gradients of the range's nodes and of the nodes they read, adds the seeds, then walks
 //!    the range in reverse; gradients flow only to nodes that depend on a parameter.
@@ -30,7 +33,7 @@ use std::cell::OnceCell;
 use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
 
 use crate::devices::{column_tiles, launch, len_u32, rows_config, DeviceError, Gemm32, Gpu};
 use crate::nn::executor::rules;
@@ -53,35 +56,6 @@ fn act_code(act: Activation) -> i32 {
 /// The error for a buffer of op `name` that [`GpuExecutor::new`] should have allocated.
 fn missing_buffer(name: &'static str) -> impl Fn() -> DeviceError + Copy {
     move || DeviceError::Shape { op: "gpu executor", message: format!("{name}: missing buffer") }
-}
-
-/// Whether the GPU executor runs `op`.
-fn supported(op: &Op) -> bool {
-    matches!(
-        op,
-        Op::Input
-            | Op::Param { .. }
-            | Op::Constant { .. }
-            | Op::MatMul
-            | Op::Linear { .. }
-            | Op::Conv2d { .. }
-            | Op::MaxPool2d { .. }
-            | Op::Add
-            | Op::Sub
-            | Op::Mul
-            | Op::Act(_)
-            | Op::Gelu
-            | Op::Reshape
-            | Op::LayerNorm { .. }
-            | Op::Dropout { .. }
-            | Op::Embedding
-            | Op::Softmax
-            | Op::SoftmaxCrossEntropy
-            | Op::Mse
-            | Op::SelectStep { .. }
-            | Op::StackSteps
-            | Op::GruCell
-    )
 }
 
 /// Runs a graph on one GPU with buffers allocated once.
@@ -136,13 +110,10 @@ impl GpuExecutor {
     /// [`GpuExecutor::load_params`]).
     ///
     /// # Errors
-    /// [`NnError::Unsupported`] for an op the GPU executor does not run (today: attention);
-    /// [`NnError::Device`] if allocation fails.
+    /// [`NnError::Device`] if allocation fails. (The executor runs every op of [`Op`]: its
+    /// forward and backward matches are exhaustive.)
     pub fn new(gpu: Arc<Gpu>, graph: &Graph) -> Result<Self, NnError> {
         let nodes = graph.nodes();
-        if let Some((n, node)) = nodes.iter().enumerate().find(|(_, node)| !supported(&node.op)) {
-            return Err(NnError::Unsupported { backend: "GPU", op: node.op.name(), node: n });
-        }
         let n = nodes.len();
         let requires_grad = rules::requires_grad(graph);
         let zeros = |len: usize| gpu.zeros(len.max(1));
@@ -191,6 +162,14 @@ impl GpuExecutor {
                 Op::GruCell => {
                     scratch = scratch.max(6 * len);
                     (Some(6 * len), None)
+                }
+                // The attention probabilities [B·heads, T, T]; scratch holds the per-head
+                // copies of q, k, v and the output (forward), or the score gradients, the
+                // per-head copies of q, k, v, the output gradient and a product (backward).
+                Op::Attention { heads, .. } => {
+                    let probs = node.shape[0] * heads * node.shape[1] * node.shape[1];
+                    scratch = scratch.max(probs + 5 * len);
+                    (Some(probs), None)
                 }
                 Op::SoftmaxCrossEntropy => {
                     let l = input_shape(0);
@@ -363,8 +342,7 @@ impl GpuExecutor {
         let mut scratch = self.scratch.take();
         let seed =
             if self.training && matches!(node.op, Op::Dropout { .. }) { self.rng.next_u64() } else { 0 };
-        let result =
-            self.forward_op(n, &node, &mut out, &mut out_ids, &mut aux, &mut idx, &mut scratch, seed);
+        let result = self.forward_op(&node, &mut out, &mut out_ids, &mut aux, &mut idx, &mut scratch, seed);
         self.vals[n] = out;
         self.ids[n] = out_ids;
         self.aux[n] = aux;
@@ -376,7 +354,6 @@ impl GpuExecutor {
     #[allow(clippy::too_many_arguments)]
     fn forward_op(
         &self,
-        n: usize,
         node: &Node,
         out: &mut Option<CudaSlice<f32>>,
         out_ids: &mut Option<CudaSlice<i32>>,
@@ -509,6 +486,23 @@ impl GpuExecutor {
                 let (bb, hh) = (Self::u32(b, name)?, Self::u32(h, name)?);
                 launch!(gpu, "gru_gates_f32", len; self.val(inp[0]), &mut gh, self.val(inp[1]), &mut gates, y, &bb, &hh)?;
             }
+            Op::Attention { heads, causal } => {
+                let shape = AttentionShape::new(node, heads, name)?;
+                let probs = aux.as_mut().ok_or_else(internal)?;
+                let work = scratch.as_mut().ok_or_else(internal)?;
+                let (mut per_head, mut yh) = work.split_at_mut(3 * shape.len);
+                for (i, &x) in inp.iter().enumerate() {
+                    let mut xh = per_head.slice_mut(i * shape.len..(i + 1) * shape.len);
+                    shape.split(gpu, self.val(x), &mut xh)?;
+                }
+                let (qh, kh, vh) =
+                    (shape.head(&per_head, 0), shape.head(&per_head, 1), shape.head(&per_head, 2));
+                gpu.gemm_batched_rm(shape.scores(), shape.bh, &qh, &kh, probs)?;
+                let (rows, t, causal) = (shape.rows, shape.t, i32::from(causal));
+                launch!(gpu, "attention_softmax_f32", cfg = rows_config(rows, t); &mut *probs, &rows, &t, &causal)?;
+                gpu.gemm_batched_rm(shape.mix(), shape.bh, &*probs, &vh, &mut yh)?;
+                shape.merge(gpu, &mut yh, y, false)?;
+            }
             Op::Reshape => gpu.stream_ref().memcpy_dtod(self.val(inp[0]), y).map_err(|e| gpu.driver(e))?,
             Op::Dropout { p } => {
                 if self.training && p > 0.0 {
@@ -534,7 +528,6 @@ impl GpuExecutor {
                     LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
                 launch!(gpu, "mean_f32", cfg = one_block; &mut row_loss, y, &rows)?;
             }
-            _ => return Err(NnError::Unsupported { backend: "GPU", op: name, node: n }),
         }
         Ok(())
     }
@@ -582,6 +575,26 @@ impl GpuExecutor {
                 let ohw = Self::u32(node.shape[2] * node.shape[3], name)?;
                 let act = act_code(act);
                 launch!(gpu, "conv_grad_out_f32", len; self.val(NodeId(n)), g, dz, &bn, &o, &ohw, &act)?;
+            }
+            Op::Attention { heads, .. } => {
+                // Scratch: [score gradients | per-head q, k, v, output gradient | a product].
+                let shape = AttentionShape::new(node, heads, name)?;
+                let probs = self.aux[n].as_ref().ok_or_else(internal)?;
+                let work = scratch.as_mut().ok_or_else(internal)?;
+                let (mut ds, mut rest) = work.split_at_mut(shape.probs);
+                let (mut per_head, _) = rest.split_at_mut(4 * shape.len);
+                let sources =
+                    [self.val(node.inputs[0]), self.val(node.inputs[1]), self.val(node.inputs[2]), g];
+                for (i, x) in sources.into_iter().enumerate() {
+                    let mut xh = per_head.slice_mut(i * shape.len..(i + 1) * shape.len);
+                    shape.split(gpu, x, &mut xh)?;
+                }
+                // d(probabilities) = g · vᵀ per head, then through the softmax and the scale.
+                let (vh, gh) = (shape.head(&per_head, 2), shape.head(&per_head, 3));
+                let dprobs = Gemm32 { trans_b: true, alpha: 1.0, ..shape.scores() };
+                gpu.gemm_batched_rm(dprobs, shape.bh, &gh, &vh, &mut ds)?;
+                let (rows, t) = (shape.rows, shape.t);
+                launch!(gpu, "attention_softmax_grad_f32", cfg = rows_config(rows, t); probs, &mut ds, &rows, &t, &shape.scale)?;
             }
             Op::GruCell => {
                 // Scratch: the input side's pre-activation gradients [B, 3H], then the hidden side's.
@@ -783,6 +796,23 @@ impl GpuExecutor {
                 let (step, add) = (Self::u32(pos, name)?, 1i32);
                 launch!(gpu, "step_gather_f32", b * d; g, gin, &b, &t, &d, &step, &add)?;
             }
+            Op::Attention { heads, .. } => {
+                let shape = AttentionShape::new(node, heads, name)?;
+                let probs = self.aux[n].as_ref().ok_or_else(internal)?;
+                let work = scratch.as_mut().ok_or_else(internal)?;
+                let (ds, mut rest) = work.split_at_mut(shape.probs);
+                let (per_head, mut part) = rest.split_at_mut(4 * shape.len);
+                let (qh, kh, gh) =
+                    (shape.head(&per_head, 0), shape.head(&per_head, 1), shape.head(&per_head, 3));
+                // Per head: dq = ds · k, dk = dsᵀ · q, dv = pᵀ · g; then added into [B, T, D].
+                let (mix, mix_t) = (shape.mix(), Gemm32 { trans_a: true, ..shape.mix() });
+                match pos {
+                    0 => gpu.gemm_batched_rm(mix, shape.bh, &ds, &kh, &mut part)?,
+                    1 => gpu.gemm_batched_rm(mix_t, shape.bh, &ds, &qh, &mut part)?,
+                    _ => gpu.gemm_batched_rm(mix_t, shape.bh, probs, &gh, &mut part)?,
+                }
+                shape.merge(gpu, &mut part, gin, true)?;
+            }
             Op::GruCell => {
                 let (b, h) = (node.shape[0], node.shape[1]);
                 let grads = scratch.as_ref().ok_or_else(internal)?;
@@ -851,7 +881,6 @@ impl GpuExecutor {
                     launch!(gpu, "xent_grad_add_f32", total; &probs, labels, g, gin, &rows, &cols)?;
                 }
             }
-            _ => return Err(NnError::Unsupported { backend: "GPU", op: name, node: n }),
         }
         Ok(())
     }
@@ -860,12 +889,18 @@ impl GpuExecutor {
     /// class count, ids of an embedding against its vocabulary (the CPU executor checks
     /// them when it runs the op; the kernels cannot report an error).
     fn check_labels(&self, node: NodeId, data: &[i32]) -> Result<(), NnError> {
+        // The node and the reshapes of it (nodes come in topological order).
+        let mut carries = vec![false; self.graph.len()];
+        carries[node.0] = true;
+        for (i, reader) in self.graph.nodes().iter().enumerate().skip(node.0 + 1) {
+            carries[i] = matches!(reader.op, Op::Reshape) && carries[reader.inputs[0].0];
+        }
         for reader in self.graph.nodes() {
             let (op, limit) = match reader.op {
-                Op::SoftmaxCrossEntropy if reader.inputs.get(1) == Some(&node) => {
+                Op::SoftmaxCrossEntropy if reader.inputs.get(1).is_some_and(|i| carries[i.0]) => {
                     ("softmax_cross_entropy", self.graph.nodes()[reader.inputs[0].0].shape[1])
                 }
-                Op::Embedding if reader.inputs.first() == Some(&node) => {
+                Op::Embedding if reader.inputs.first().is_some_and(|i| carries[i.0]) => {
                     ("embedding", self.graph.nodes()[reader.inputs[1].0].shape[0])
                 }
                 _ => continue,
@@ -876,6 +911,82 @@ impl GpuExecutor {
                 return Err(NnError::IdOutOfRange { op, id, position, limit });
             }
         }
+        Ok(())
+    }
+}
+
+/// An attention node's sizes, and the per-head layout the GPU executor runs it in: q, k,
+/// v and the output are copied to `[B·heads, T, D / heads]` (each head's columns as
+/// contiguous matrices) so that every product is one strided-batched cuBLAS call.
+struct AttentionShape {
+    /// Elements of q, k, v and the output.
+    len: usize,
+    /// Elements of the probabilities, `B·heads·T·T`.
+    probs: usize,
+    /// Products per batched call, `B·heads`.
+    bh: usize,
+    t_len: usize,
+    dh: usize,
+    /// Rows of the probabilities, `B·heads·T`.
+    rows: u32,
+    t: u32,
+    /// `(B, T, D, heads)`, as the split and merge kernels take them.
+    geometry: [u32; 4],
+    scale: f32,
+}
+
+impl AttentionShape {
+    fn new(node: &Node, heads: usize, name: &'static str) -> Result<Self, NnError> {
+        let (b, t, d) = (node.shape[0], node.shape[1], node.shape[2]);
+        let u32_of = |x: usize| GpuExecutor::u32(x, name);
+        let dh = d / heads.max(1);
+        Ok(AttentionShape {
+            len: node.len(),
+            probs: b * heads * t * t,
+            bh: b * heads,
+            t_len: t,
+            dh,
+            rows: u32_of(b * heads * t)?,
+            t: u32_of(t)?,
+            geometry: [u32_of(b)?, u32_of(t)?, u32_of(d)?, u32_of(heads)?],
+            scale: 1.0 / (dh as f32).sqrt(),
+        })
+    }
+
+    /// Scaled scores per head: `scale · q · kᵀ` (`T×T`).
+    fn scores(&self) -> Gemm32 {
+        let (t, dh) = (self.t_len, self.dh);
+        Gemm32 { m: t, n: t, k: dh, trans_a: false, trans_b: true, alpha: self.scale, beta: 0.0 }
+    }
+
+    /// Probabilities times a per-head matrix: `(T×T) · (T×dh)`.
+    fn mix(&self) -> Gemm32 {
+        let (t, dh) = (self.t_len, self.dh);
+        Gemm32 { m: t, n: dh, k: t, trans_a: false, trans_b: false, alpha: 1.0, beta: 0.0 }
+    }
+
+    /// Per-head copy `index` of the buffer `per_head` holds back to back.
+    fn head<'a>(&self, per_head: &'a CudaViewMut<'_, f32>, index: usize) -> CudaView<'a, f32> {
+        per_head.slice(index * self.len..(index + 1) * self.len)
+    }
+
+    fn split(&self, gpu: &Gpu, x: &CudaSlice<f32>, xh: &mut CudaViewMut<'_, f32>) -> Result<(), NnError> {
+        let [b, t, d, heads] = self.geometry;
+        let len = b * t * d;
+        launch!(gpu, "heads_split_f32", len; x, xh, &b, &t, &d, &heads)?;
+        Ok(())
+    }
+
+    fn merge(
+        &self,
+        gpu: &Gpu,
+        xh: &mut CudaViewMut<'_, f32>,
+        x: &mut CudaSlice<f32>,
+        add: bool,
+    ) -> Result<(), NnError> {
+        let [b, t, d, heads] = self.geometry;
+        let (len, add) = (b * t * d, i32::from(add));
+        launch!(gpu, "heads_merge_f32", len; xh, x, &b, &t, &d, &heads, &add)?;
         Ok(())
     }
 }

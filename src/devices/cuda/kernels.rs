@@ -668,4 +668,69 @@ pub const KERNELS: &[(&str, &str)] = &[
     }
 }"#,
     ),
+    (
+        "heads_split_f32",
+        r#"extern "C" __global__ void heads_split_f32(const float* x, float* xh, unsigned int b, unsigned int t,
+        unsigned int d, unsigned int heads) {
+    // x [B, T, D] → xh [B·heads, T, D / heads]: each head's columns as contiguous matrices.
+    unsigned int dh = d / heads;
+    TESSERA_LOOP(k, b * t * d) {
+        unsigned int bi = k / (t * d), ti = (k / d) % t, c = k % d;
+        xh[(((size_t)bi * heads + c / dh) * t + ti) * dh + c % dh] = x[k];
+    }
+}"#,
+    ),
+    (
+        "heads_merge_f32",
+        r#"extern "C" __global__ void heads_merge_f32(const float* xh, float* x, unsigned int b, unsigned int t,
+        unsigned int d, unsigned int heads, int add) {
+    // The inverse of heads_split_f32 (=, or += when add).
+    unsigned int dh = d / heads;
+    TESSERA_LOOP(k, b * t * d) {
+        unsigned int bi = k / (t * d), ti = (k / d) % t, c = k % d;
+        float v = xh[(((size_t)bi * heads + c / dh) * t + ti) * dh + c % dh];
+        x[k] = add ? x[k] + v : v;
+    }
+}"#,
+    ),
+    (
+        "attention_softmax_f32",
+        r#"extern "C" __global__ void attention_softmax_f32(float* p, unsigned int rows, unsigned int t, int causal) {
+    // Softmax of each row of the score matrices [rows / t of t × t], in place; with
+    // `causal`, row i attends only to columns ≤ i (the others get probability 0).
+    __shared__ float partial[256];
+    for (unsigned int r = blockIdx.x; r < rows; r += gridDim.x) {
+        float* row = p + (size_t)r * t;
+        unsigned int valid = causal ? r % t + 1 : t;
+        float m = -__int_as_float(0x7f800000);
+        for (unsigned int j = threadIdx.x; j < valid; j += blockDim.x) { m = fmaxf(m, row[j]); }
+        m = tessera_block_max(partial, m);
+        float s = 0.0f;
+        for (unsigned int j = threadIdx.x; j < valid; j += blockDim.x) {
+            float e = expf(row[j] - m);
+            row[j] = e;
+            s += e;
+        }
+        float inv = 1.0f / tessera_block_sum(partial, s);
+        for (unsigned int j = threadIdx.x; j < t; j += blockDim.x) { row[j] = j < valid ? row[j] * inv : 0.0f; }
+    }
+}"#,
+    ),
+    (
+        "attention_softmax_grad_f32",
+        r#"extern "C" __global__ void attention_softmax_grad_f32(const float* p, float* ds, unsigned int rows,
+        unsigned int t, float scale) {
+    // From the gradient of the probabilities to that of the scaled scores, in place:
+    // ds = p · (ds − Σ ds·p) · scale, row by row.
+    __shared__ float partial[256];
+    for (unsigned int r = blockIdx.x; r < rows; r += gridDim.x) {
+        const float* pr = p + (size_t)r * t;
+        float* dr = ds + (size_t)r * t;
+        float s = 0.0f;
+        for (unsigned int j = threadIdx.x; j < t; j += blockDim.x) { s += dr[j] * pr[j]; }
+        s = tessera_block_sum(partial, s);
+        for (unsigned int j = threadIdx.x; j < t; j += blockDim.x) { dr[j] = pr[j] * (dr[j] - s) * scale; }
+    }
+}"#,
+    ),
 ];
