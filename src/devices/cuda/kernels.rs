@@ -36,10 +36,10 @@ static __device__ __forceinline__ float tessera_act_grad(int act, float y, float
     }
 }
 // Block reductions: the sum or maximum of every thread's `v`, returned to every thread of
-// the block. `partial` is a `__shared__` array of at least blockDim.x floats, blockDim.x a
-// power of two; every thread of the block must call them (they synchronise), and `partial`
-// may be reused as soon as they return. Kernels that call a `tessera_block_` helper are
-// block-synchronous: they loop over rows by block, never by thread.
+// the block. `partial` is a `__shared__` array of at least blockDim.x elements, blockDim.x a
+// power of two; every thread of the block must call them, the same number of times (they
+// synchronise: never inside a loop whose trip count differs between a block's threads),
+// and `partial` may be reused as soon as they return.
 static __device__ __forceinline__ float tessera_block_sum(float* partial, float v) {
     unsigned int t = threadIdx.x;
     partial[t] = v;
@@ -49,6 +49,18 @@ static __device__ __forceinline__ float tessera_block_sum(float* partial, float 
         __syncthreads();
     }
     float total = partial[0];
+    __syncthreads();
+    return total;
+}
+static __device__ __forceinline__ double tessera_block_sum_double(double* partial, double v) {
+    unsigned int t = threadIdx.x;
+    partial[t] = v;
+    __syncthreads();
+    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (t < k) { partial[t] += partial[t + k]; }
+        __syncthreads();
+    }
+    double total = partial[0];
     __syncthreads();
     return total;
 }
@@ -94,13 +106,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     unsigned int t = threadIdx.x;
     float acc = 0.0f;
     for (unsigned int i = blockIdx.x * blockDim.x + t; i < n; i += blockDim.x * gridDim.x) { acc += x[i]; }
-    partial[t] = acc;
-    __syncthreads();
-    for (unsigned int s = blockDim.x / 2; s > 0; s >>= 1) {
-        if (t < s) { partial[t] += partial[t + s]; }
-        __syncthreads();
-    }
-    if (t == 0) { atomicAdd(out, partial[0]); }
+    acc = tessera_block_sum(partial, acc);
+    if (t == 0) { atomicAdd(out, acc); }
 }"#,
     ),
     (
@@ -354,13 +361,8 @@ pub const KERNELS: &[(&str, &str)] = &[
     __shared__ double partial[256];
     double s = 0.0;
     for (unsigned int i = threadIdx.x; i < n; i += blockDim.x) { s += (double)x[i]; }
-    partial[threadIdx.x] = s;
-    __syncthreads();
-    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
-        if (threadIdx.x < k) { partial[threadIdx.x] += partial[threadIdx.x + k]; }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) { out[0] = (float)(partial[0] / (double)(n > 0 ? n : 1)); }
+    s = tessera_block_sum_double(partial, s);
+    if (threadIdx.x == 0) { out[0] = (float)(s / (double)(n > 0 ? n : 1)); }
 }"#,
     ),
     (
@@ -480,13 +482,8 @@ pub const KERNELS: &[(&str, &str)] = &[
         float d = a[i] - b[i];
         s += (double)(d * d);
     }
-    partial[threadIdx.x] = s;
-    __syncthreads();
-    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
-        if (threadIdx.x < k) { partial[threadIdx.x] += partial[threadIdx.x + k]; }
-        __syncthreads();
-    }
-    if (threadIdx.x == 0) { out[0] = (float)(partial[0] / (double)(n > 0 ? n : 1)); }
+    s = tessera_block_sum_double(partial, s);
+    if (threadIdx.x == 0) { out[0] = (float)(s / (double)(n > 0 ? n : 1)); }
 }"#,
     ),
     (
