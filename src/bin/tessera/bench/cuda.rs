@@ -1,13 +1,18 @@
 //! The `cuda` suite (feature `cuda`, on a machine with a GPU): GEMM at 8192³ in f32 (cuBLAS)
 //! and bf16 with f32 accumulation (cuBLASLt) in TFLOP/s, CSR SpMV on a 2-D Poisson matrix
 //! and a random matrix (10⁷ rows each) in GB/s beside the device's copy bandwidth measured
-//! by the same command, and MLP and CNN training on digits in samples/s. Without a GPU it
-//! says so and reports nothing.
+//! by the same command, MLP and CNN training on digits in samples/s, and the `nn` suite's
+//! character GRU and transformer language models in tokens/s. Without a GPU it says so and
+//! reports nothing.
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Result;
-use tessera::nn::{lenet, mlp, Dataset, GpuDataset, GpuTrainer, Model, OptimizerConfig, TrainState};
+use anyhow::{Context, Result};
+use tessera::nn::{
+    char_gru, lenet, mlp, tiny_transformer, window_count, Dataset, GpuDataset, GpuTrainer, Model,
+    OptimizerConfig, TextCorpus, TrainState, TransformerConfig,
+};
 use tessera::{cuda_devices, Gpu};
 
 use super::{median, Reporter};
@@ -111,7 +116,42 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         let rate = train_rate(&gpu, model, &data, &device_data)?;
         reporter.report(&format!("cuda/train_{label}_digits"), rate, "samples/s", true);
     }
+
+    // The language models of the `nn` suite, same sizes and text, on the GPU.
+    let files = ["README.md", "src/nn/graph.rs"].map(|file| {
+        let local = PathBuf::from(file);
+        if local.exists() {
+            local
+        } else {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(file)
+        }
+    });
+    let corpus = TextCorpus::from_files(&files).context("reading the text corpus")?;
+    let vocab = corpus.vocab_size();
+    let cfg = TransformerConfig { width: 64, heads: 4, layers: 2, ff: 256 };
+    for (label, model, steps) in [
+        ("char_gru", char_gru(32, 32, vocab, 32, 128)?, 32),
+        ("tiny_transformer", tiny_transformer(16, 64, vocab, cfg)?, 64),
+    ] {
+        let rate = text_rate(&gpu, model, &corpus.ids, steps)?;
+        reporter.report(&format!("cuda/train_{label}_tokens"), rate, "tokens/s", true);
+    }
     Ok(())
+}
+
+/// Tokens/s of GPU language-model training over `ids` (Adam) for about 3 s, after one
+/// warm-up epoch.
+fn text_rate(gpu: &Arc<Gpu>, model: Model, ids: &[i32], steps: usize) -> Result<f64> {
+    let batch = model.graph.shape(model.input)?[0];
+    let mut state =
+        TrainState::new(&model, OptimizerConfig::adam(3e-3), window_count(ids.len(), steps), batch, 1);
+    let mut trainer = GpuTrainer::new(gpu.clone(), model, &state)?;
+    trainer.train_epoch_text(&mut state, ids, steps)?;
+    let (start, mut tokens) = (Instant::now(), 0);
+    while start.elapsed().as_secs_f64() < 3.0 {
+        tokens += trainer.train_epoch_text(&mut state, ids, steps)?.samples;
+    }
+    Ok(tokens as f64 / start.elapsed().as_secs_f64())
 }
 
 /// Median samples/s of GPU training epochs over all of digits (batch 64, Adam), after one
