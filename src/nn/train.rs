@@ -187,8 +187,6 @@ fn argmax(row: &[f32]) -> usize {
     best
 }
 
-/// Copies the examples at `batch` of `data` into the (preallocated) input and target
-/// buffers of `model` in `exec`.
 /// Checks, before an epoch of a classifier, what the epoch then relies on: the model is a
 /// classifier (`[batch, features…]` input, `[batch]` i32 labels, `[batch, classes]`
 /// logits), an example's `data_dim` features fill one row of its input, and the state's
@@ -270,6 +268,8 @@ pub(crate) fn check_text_epoch(
     Ok(())
 }
 
+/// Copies the examples at `batch` of `data` into the (preallocated) input and target
+/// buffers of `model` in `exec`.
 pub(crate) fn set_examples(
     exec: &mut CpuExecutor,
     model: &Model,
