@@ -13,8 +13,8 @@
 //! over tiles of 32 columns ([`column_tiles`](super::column_tiles)); `sum_f32` blocks of
 //! 1024, `mean_f32` one block of 256.
 
-/// Helpers every kernel may use: the grid-stride loop, block sums and maxima in shared
-/// memory, activations by code (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their
+/// Helpers every kernel may use: the grid-stride loop, block sums, maxima and tiled column
+/// sums in shared memory, activations by code (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their
 /// derivatives from the output, and a counter-based uniform random number (SplitMix64 of
 /// seed and index).
 pub const KERNEL_PRELUDE: &str = r#"
@@ -75,6 +75,30 @@ static __device__ __forceinline__ float tessera_block_max(float* partial, float 
     float best = partial[0];
     __syncthreads();
     return best;
+}
+// Adds Σ_r value(r, j) into dst[j] for every column j < cols, by blocks of 256 threads
+// over tiles of 32 columns (`partial` a __shared__ array of 256): thread t sums column
+// tile·32 + t % 32 over rows t / 32, t / 32 + 8, ... (a warp reads 32 adjacent columns of a
+// row), then each column's 8 partial sums are added in a fixed order (deterministic).
+template <typename Value>
+static __device__ __forceinline__ void tessera_block_column_sums(float* partial, unsigned int rows, unsigned int cols,
+        float* dst, Value value) {
+    unsigned int lane = threadIdx.x % 32, group = threadIdx.x / 32, groups = blockDim.x / 32;
+    for (unsigned int tile = blockIdx.x; tile * 32 < cols; tile += gridDim.x) {
+        unsigned int j = tile * 32 + lane;
+        float s = 0.0f;
+        if (j < cols) {
+            for (unsigned int r = group; r < rows; r += groups) { s += value(r, j); }
+        }
+        partial[threadIdx.x] = s;
+        __syncthreads();
+        if (group == 0 && j < cols) {
+            float total = partial[lane];
+            for (unsigned int k = 1; k < groups; ++k) { total += partial[k * 32 + lane]; }
+            dst[j] += total;
+        }
+        __syncthreads();
+    }
 }
 static __device__ __forceinline__ float tessera_uniform(unsigned long long seed, unsigned int i) {
     unsigned long long z = seed + 0x9E3779B97F4A7C15ULL * ((unsigned long long)i + 1ULL);
@@ -175,26 +199,10 @@ pub const KERNELS: &[(&str, &str)] = &[
     (
         "col_sums_add_f32",
         r#"extern "C" __global__ void col_sums_add_f32(const float* m, float* dst, unsigned int rows, unsigned int cols) {
-    // Blocks of 256 threads over tiles of 32 columns: thread t sums column tile·32 + t % 32
-    // over rows t / 32, t / 32 + 8, ... (a warp reads 32 adjacent floats of a row); then
-    // each column's 8 partial sums are added in a fixed order (deterministic).
     __shared__ float partial[256];
-    unsigned int lane = threadIdx.x % 32, group = threadIdx.x / 32, groups = blockDim.x / 32;
-    for (unsigned int tile = blockIdx.x; tile * 32 < cols; tile += gridDim.x) {
-        unsigned int j = tile * 32 + lane;
-        float s = 0.0f;
-        if (j < cols) {
-            for (unsigned int r = group; r < rows; r += groups) { s += m[(size_t)r * cols + j]; }
-        }
-        partial[threadIdx.x] = s;
-        __syncthreads();
-        if (group == 0 && j < cols) {
-            float total = partial[lane];
-            for (unsigned int k = 1; k < groups; ++k) { total += partial[k * 32 + lane]; }
-            dst[j] += total;
-        }
-        __syncthreads();
-    }
+    tessera_block_column_sums(partial, rows, cols, dst, [=](unsigned int r, unsigned int j) {
+        return m[(size_t)r * cols + j];
+    });
 }"#,
     ),
     (
@@ -545,27 +553,12 @@ pub const KERNELS: &[(&str, &str)] = &[
         "layer_norm_gamma_grad_add_f32",
         r#"extern "C" __global__ void layer_norm_gamma_grad_add_f32(const float* x, const float* g, const float* stats,
         float* dgamma, unsigned int rows, unsigned int d) {
-    // As col_sums_add_f32, of g · x̂: blocks of 256 threads over tiles of 32 columns.
+    // Σ over rows of g · x̂, x̂ = (x − mean) · rstd of the row.
     __shared__ float partial[256];
-    unsigned int lane = threadIdx.x % 32, group = threadIdx.x / 32, groups = blockDim.x / 32;
-    for (unsigned int tile = blockIdx.x; tile * 32 < d; tile += gridDim.x) {
-        unsigned int j = tile * 32 + lane;
-        float s = 0.0f;
-        if (j < d) {
-            for (unsigned int r = group; r < rows; r += groups) {
-                size_t at = (size_t)r * d + j;
-                s += g[at] * (x[at] - stats[2 * (size_t)r]) * stats[2 * (size_t)r + 1];
-            }
-        }
-        partial[threadIdx.x] = s;
-        __syncthreads();
-        if (group == 0 && j < d) {
-            float total = partial[lane];
-            for (unsigned int k = 1; k < groups; ++k) { total += partial[k * 32 + lane]; }
-            dgamma[j] += total;
-        }
-        __syncthreads();
-    }
+    tessera_block_column_sums(partial, rows, d, dgamma, [=](unsigned int r, unsigned int j) {
+        size_t at = (size_t)r * d + j;
+        return g[at] * (x[at] - stats[2 * (size_t)r]) * stats[2 * (size_t)r + 1];
+    });
 }"#,
     ),
     (
