@@ -27,4 +27,4 @@ pub use cuda::{
 pub use device_actor::{DeviceActor, DeviceArray};
 pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};
 #[cfg(feature = "cuda")]
-pub use nccl::NcclGroup;
+pub use nccl::{NcclGroup, NCCL_INIT_TIMEOUT};

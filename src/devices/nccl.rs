@@ -5,7 +5,8 @@
 //! One GPU cannot hold two ranks of a group: multi-rank logic is tested with the TCP group;
 //! NCCL is tested with one rank per device.
 use std::ffi::c_char;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use cudarc::driver::CudaSlice;
 use cudarc::nccl::{Comm, Id, ReduceOp};
@@ -90,13 +91,63 @@ fn device_error(op: &'static str, error: DeviceError) -> CollectiveError {
     CollectiveError::Backend { op, message: error.to_string() }
 }
 
+/// How long [`NcclGroup::join`] waits for NCCL to set up the communicator.
+pub const NCCL_INIT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// An NCCL communicator handed from the thread that made it to the one that uses it.
+struct MadeComm(Comm);
+
+// SAFETY: a communicator may be used from any thread as long as calls on it do not overlap;
+// the thread that made it sends it once and never touches it again.
+unsafe impl Send for MadeComm {}
+
+/// Runs `work` on a thread of its own named `name` and waits for it at most `timeout`.
+/// `Err(None)` when it did not finish in time (the thread is left to finish, or not, on its
+/// own: what it returns then is dropped there), `Err(Some(message))` when it panicked.
+fn finish_within<T: Send + 'static>(
+    name: &str,
+    timeout: Duration,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Option<String>> {
+    let (done, result) = mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            // The receiver is gone once the wait timed out.
+            let _ = done.send(work());
+        })
+        .map_err(|e| Some(format!("could not start a thread: {e}")))?;
+    match result.recv_timeout(timeout) {
+        Ok(value) => Ok(value),
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(None),
+        Err(mpsc::RecvTimeoutError::Disconnected) => Err(Some("the thread panicked".into())),
+    }
+}
+
 impl NcclGroup {
     /// Forms an NCCL group with the same ranks as `bootstrap`: rank 0 makes NCCL's unique
-    /// id and sends it to the others through `bootstrap`.
+    /// id and sends it to the others through `bootstrap`; then every rank sets up NCCL's
+    /// communicator, waiting at most [`NCCL_INIT_TIMEOUT`] for the others.
     ///
     /// # Errors
-    /// [`CollectiveError::Backend`] if NCCL is missing or fails; the bootstrap group's errors.
+    /// [`CollectiveError::Backend`] if NCCL is missing or fails, or a rank does not join
+    /// NCCL in time; the bootstrap group's errors.
     pub fn join(gpu: Arc<Gpu>, bootstrap: &mut dyn Communicator) -> Result<NcclGroup, CollectiveError> {
+        Self::join_within(gpu, bootstrap, NCCL_INIT_TIMEOUT)
+    }
+
+    /// As [`NcclGroup::join`], waiting at most `timeout` for NCCL's setup. NCCL's own setup
+    /// (`ncclCommInitRank`) waits without limit for every rank that received the id; if
+    /// one never calls it (it failed or died after the id exchange), this returns an error
+    /// after `timeout` and leaves the thread waiting inside NCCL behind.
+    ///
+    /// # Errors
+    /// As [`NcclGroup::join`].
+    pub fn join_within(
+        gpu: Arc<Gpu>,
+        bootstrap: &mut dyn Communicator,
+        timeout: Duration,
+    ) -> Result<NcclGroup, CollectiveError> {
         // SAFETY: only tries to load the NCCL library.
         if !unsafe { cudarc::nccl::sys::is_culib_present() } {
             return Err(CollectiveError::Backend {
@@ -110,10 +161,30 @@ impl NcclGroup {
         })?;
         // An `Id` is only its bytes: every rank, rank 0 included, rebuilds it from them.
         let id = Id::uninit(internal);
-        // NCCL puts the communicator on the calling thread's current device.
-        gpu.bind_to_thread().map_err(|e| device_error("join", e))?;
-        let comm = Comm::from_rank(gpu.stream(), rank, size, id).map_err(|e| nccl_error("join", e))?;
-        Ok(NcclGroup { gpu, comm, rank, size })
+        let init_gpu = gpu.clone();
+        let made = finish_within("tessera-nccl-init", timeout, move || {
+            // NCCL puts the communicator on the calling thread's current device.
+            init_gpu.bind_to_thread().map_err(|e| device_error("join", e))?;
+            let comm =
+                Comm::from_rank(init_gpu.stream(), rank, size, id).map_err(|e| nccl_error("join", e))?;
+            Ok(MadeComm(comm))
+        });
+        match made {
+            Ok(Ok(MadeComm(comm))) => Ok(NcclGroup { gpu, comm, rank, size }),
+            Ok(Err(error)) => Err(error),
+            Err(None) => Err(CollectiveError::Backend {
+                op: "join",
+                message: format!(
+                    "NCCL did not set up the communicator within {timeout:?} (rank {rank} of {size}): a rank \
+                     that received the id did not join NCCL (it failed or died); the thread waiting inside \
+                     NCCL is left behind"
+                ),
+            }),
+            Err(Some(panic)) => Err(CollectiveError::Backend {
+                op: "join",
+                message: format!("setting up NCCL's communicator failed: {panic}"),
+            }),
+        }
     }
 
     /// Sums a device buffer over all ranks, in place (gradients stay on the GPU).
@@ -275,6 +346,21 @@ mod tests {
 
     /// When rank 0 cannot make an id, it returns its own error and every other rank learns
     /// that from rank 0 (not from a timeout of the bootstrap group).
+    #[test]
+    fn work_that_does_not_finish_in_time_is_an_error_and_does_not_block() {
+        let start = std::time::Instant::now();
+        let late = finish_within("test-late", Duration::from_millis(50), || {
+            std::thread::sleep(Duration::from_secs(5));
+            1
+        });
+        assert_eq!(late, Err(None));
+        assert!(start.elapsed() < Duration::from_secs(2), "waited {:?}", start.elapsed());
+        let on_time = finish_within("test-on-time", Duration::from_secs(5), || 7);
+        assert_eq!(on_time, Ok(7));
+        let panicked: Result<i32, _> = finish_within("test-panic", Duration::from_secs(5), || panic!("boom"));
+        assert!(matches!(panicked, Err(Some(_))), "{panicked:?}");
+    }
+
     #[test]
     fn rank_zeros_failure_to_make_an_id_reaches_every_rank() {
         let results = on_tcp_ranks(3, |group| {
