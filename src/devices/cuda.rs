@@ -187,6 +187,24 @@ fn driver_version() -> String {
     }
 }
 
+/// Machine code already compiled in this process, by kernel and compute capability: every
+/// [`Gpu`] opened later (a test, another runtime's device actor) loads it without running
+/// NVRTC again.
+type CubinCache = HashMap<(&'static str, (u32, u32)), Arc<Vec<u8>>>;
+
+/// [`compile_cubin`] through the process-wide cache.
+fn cached_cubin(name: &'static str, source: &str, capability: (u32, u32)) -> Result<Arc<Vec<u8>>> {
+    static CACHE: std::sync::OnceLock<Mutex<CubinCache>> = std::sync::OnceLock::new();
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(cubin) = cache.lock().get(&(name, capability)) {
+        return Ok(cubin.clone());
+    }
+    // Compiled outside the lock (two threads may both compile a kernel the first time; the
+    // first to finish is kept).
+    let cubin = Arc::new(compile_cubin(name, source, capability)?);
+    Ok(cache.lock().entry((name, capability)).or_insert(cubin).clone())
+}
+
 /// An NVRTC program, destroyed on drop.
 struct NvrtcProgram(cudarc::nvrtc::sys::nvrtcProgram);
 
@@ -501,19 +519,7 @@ impl Gpu {
         if m == 0 || n == 0 || batch == 0 {
             return Ok(());
         }
-        let too_large = |what: usize| DeviceError::Shape {
-            op: "sgemm_strided_batched",
-            message: format!("{what} too large for cuBLAS"),
-        };
-        let stride = |len: usize| i64::try_from(len).map_err(|_| too_large(len));
-        // Column-major, the operands swap (see `Gemm32::column_major`).
-        let config = StridedBatchedConfig {
-            gemm: g.column_major()?,
-            batch_size: i32::try_from(batch).map_err(|_| too_large(batch))?,
-            stride_a: stride(k * n)?,
-            stride_b: stride(m * k)?,
-            stride_c: stride(m * n)?,
-        };
+        let config = g.strided_batched(batch)?;
         let blas = self.blas()?;
         self.ctx.bind_to_thread().map_err(|e| self.driver(e))?;
         // SAFETY: the lengths were checked above against `batch` matrices of m, n and k
@@ -649,8 +655,8 @@ impl Gpu {
         // loads (PTX from an NVRTC newer than the driver would not load). An NVRTC older
         // than the device does not know its architecture: then PTX, which the driver
         // compiles for it.
-        let (image, what) = match compile_cubin(name, source, self.compute_capability) {
-            Ok(cubin) => (cudarc::nvrtc::Ptx::from_binary(cubin), "machine code"),
+        let (image, what) = match cached_cubin(name, source, self.compute_capability) {
+            Ok(cubin) => (cudarc::nvrtc::Ptx::from_binary(cubin.to_vec()), "machine code"),
             Err(cubin_error) => match compile(name, source) {
                 Ok(ptx) => (ptx, "PTX"),
                 Err(_) => return Err(cubin_error),
@@ -765,6 +771,30 @@ impl Gemm32 {
             ldb: (if self.trans_a { m } else { k }).max(1),
             beta: self.beta,
             ldc: n.max(1),
+        })
+    }
+}
+
+impl Gemm32 {
+    /// The cuBLAS strided-batched call for `batch` of these products with the matrices of
+    /// each operand back to back: [`Gemm32::column_major`] (operands passed as `(b, a, c)`)
+    /// with the strides of `b`, `a` and `c`.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`] if a dimension, stride or the batch exceeds cuBLAS's integers.
+    pub(crate) fn strided_batched(&self, batch: usize) -> Result<StridedBatchedConfig<f32>> {
+        let too_large = |what: usize| DeviceError::Shape {
+            op: "sgemm_strided_batched",
+            message: format!("{what} too large for cuBLAS"),
+        };
+        let stride = |len: usize| i64::try_from(len).map_err(|_| too_large(len));
+        let Gemm32 { m, n, k, .. } = *self;
+        Ok(StridedBatchedConfig {
+            gemm: self.column_major()?,
+            batch_size: i32::try_from(batch).map_err(|_| too_large(batch))?,
+            stride_a: stride(k * n)?,
+            stride_b: stride(m * k)?,
+            stride_c: stride(m * n)?,
         })
     }
 }
@@ -887,6 +917,55 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The strided-batched call: each product of the batch, read at its strides, computes
+    /// the row-major product of its matrices.
+    #[test]
+    fn the_strided_batched_call_computes_each_row_major_product() {
+        for (m, n, k) in [(3, 5, 7), (4, 4, 2), (1, 6, 3)] {
+            for (trans_a, trans_b) in [(false, false), (true, false), (false, true), (true, true)] {
+                let g = Gemm32 { m, n, k, trans_a, trans_b, alpha: 0.5, beta: 1.0 };
+                let batch = 3;
+                let a: Vec<f32> = (0..batch * m * k).map(|i| (i * 7 % 13) as f32 - 6.0).collect();
+                let b: Vec<f32> = (0..batch * k * n).map(|i| (i * 5 % 11) as f32 - 5.0).collect();
+                let c0: Vec<f32> = (0..batch * m * n).map(|i| (i % 3) as f32).collect();
+                let config = g.strided_batched(batch).unwrap();
+                assert_eq!(config.batch_size, batch as i32);
+                let mut got = c0.clone();
+                for i in 0..batch {
+                    let (sa, sb, sc) =
+                        (config.stride_a as usize, config.stride_b as usize, config.stride_c as usize);
+                    // cuBLAS's A is our b, its B our a.
+                    blas_sgemm(&config.gemm, &b[i * sa..], &a[i * sb..], &mut got[i * sc..(i + 1) * sc]);
+                }
+                let mut expected = c0;
+                for i in 0..batch {
+                    let c = &mut expected[i * m * n..(i + 1) * m * n];
+                    row_major(&g, &a[i * m * k..(i + 1) * m * k], &b[i * k * n..(i + 1) * k * n], c);
+                }
+                assert_eq!(got, expected, "{g:?}");
+            }
+        }
+    }
+
+    /// Machine code is compiled once per kernel and architecture in a process.
+    #[test]
+    fn compiled_machine_code_is_cached() {
+        let expected = std::env::var("TESSERA_EXPECT_NVRTC").is_ok_and(|v| v == "1");
+        let (name, source) = KERNELS[0];
+        let first = match cached_cubin(name, source, (9, 0)) {
+            Ok(cubin) => cubin,
+            Err(error) => {
+                assert!(!expected, "TESSERA_EXPECT_NVRTC=1 but NVRTC failed: {error}");
+                eprintln!("skipped: {error}");
+                return;
+            }
+        };
+        let again = cached_cubin(name, source, (9, 0)).unwrap();
+        assert!(Arc::ptr_eq(&first, &again), "compiled twice");
+        let other = cached_cubin(name, source, (8, 0)).unwrap();
+        assert!(!Arc::ptr_eq(&first, &other), "one image for two architectures");
     }
 
     #[test]
