@@ -40,41 +40,27 @@ static __device__ __forceinline__ float tessera_act_grad(int act, float y, float
 // power of two; every thread of the block must call them, the same number of times (they
 // synchronise: never inside a loop whose trip count differs between a block's threads),
 // and `partial` may be reused as soon as they return.
-static __device__ __forceinline__ float tessera_block_sum(float* partial, float v) {
+template <typename T, typename Combine>
+static __device__ __forceinline__ T tessera_block_reduce(T* partial, T v, Combine combine) {
     unsigned int t = threadIdx.x;
     partial[t] = v;
     __syncthreads();
     for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
-        if (t < k) { partial[t] += partial[t + k]; }
+        if (t < k) { partial[t] = combine(partial[t], partial[t + k]); }
         __syncthreads();
     }
-    float total = partial[0];
+    T total = partial[0];
     __syncthreads();
     return total;
+}
+static __device__ __forceinline__ float tessera_block_sum(float* partial, float v) {
+    return tessera_block_reduce(partial, v, [](float a, float b) { return a + b; });
 }
 static __device__ __forceinline__ double tessera_block_sum_double(double* partial, double v) {
-    unsigned int t = threadIdx.x;
-    partial[t] = v;
-    __syncthreads();
-    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
-        if (t < k) { partial[t] += partial[t + k]; }
-        __syncthreads();
-    }
-    double total = partial[0];
-    __syncthreads();
-    return total;
+    return tessera_block_reduce(partial, v, [](double a, double b) { return a + b; });
 }
 static __device__ __forceinline__ float tessera_block_max(float* partial, float v) {
-    unsigned int t = threadIdx.x;
-    partial[t] = v;
-    __syncthreads();
-    for (unsigned int k = blockDim.x / 2; k > 0; k >>= 1) {
-        if (t < k) { partial[t] = fmaxf(partial[t], partial[t + k]); }
-        __syncthreads();
-    }
-    float best = partial[0];
-    __syncthreads();
-    return best;
+    return tessera_block_reduce(partial, v, [](float a, float b) { return fmaxf(a, b); });
 }
 // Adds Σ_r value(r, j) into dst[j] for every column j < cols, by blocks of 256 threads
 // over tiles of 32 columns (`partial` a __shared__ array of 256): thread t sums column
