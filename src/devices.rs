@@ -16,7 +16,8 @@ pub use collective::{
 };
 #[cfg(feature = "cuda")]
 pub(crate) use cuda::{
-    column_tiles, grid, kernel_index, launch, len_u32, make_current, push_checked, rows_config, Gemm32,
+    column_tiles, grid, kernel_index, launch, len_u32, make_current, one_block, push_checked, rows_config,
+    Gemm32,
 };
 #[cfg(feature = "cuda")]
 pub use cuda::{

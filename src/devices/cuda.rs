@@ -820,6 +820,12 @@ pub(crate) fn rows_config(rows: u32, cols: u32) -> LaunchConfig {
     }
 }
 
+/// The launch configuration of the one-block reductions (`mean_f32`, `mse_f32`): one block
+/// of 256 threads.
+pub(crate) fn one_block() -> LaunchConfig {
+    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+}
+
 /// The launch configuration of `col_sums_add_f32`: blocks of 256 threads over tiles of 32
 /// columns (blocks loop over tiles beyond 65 535).
 pub(crate) fn column_tiles(cols: u32) -> LaunchConfig {

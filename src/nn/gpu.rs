@@ -33,9 +33,9 @@ use std::cell::OnceCell;
 use std::ops::Range;
 use std::sync::Arc;
 
-use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchConfig};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut};
 
-use crate::devices::{column_tiles, launch, len_u32, rows_config, DeviceError, Gemm32, Gpu};
+use crate::devices::{column_tiles, launch, len_u32, one_block, rows_config, DeviceError, Gemm32, Gpu};
 use crate::nn::executor::rules;
 use crate::nn::{Activation, DType, Executor, Graph, NnError, Node, NodeId, Op, Params, Rng};
 
@@ -441,9 +441,7 @@ impl GpuExecutor {
             Op::Gelu => launch!(gpu, "gelu_f32", len; self.val(inp[0]), y, &len)?,
             Op::Mse => {
                 let n = Self::u32(self.graph.nodes()[inp[0].0].len(), name)?;
-                let one_block =
-                    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-                launch!(gpu, "mse_f32", cfg = one_block; self.val(inp[0]), self.val(inp[1]), y, &n)?;
+                launch!(gpu, "mse_f32", cfg = one_block(); self.val(inp[0]), self.val(inp[1]), y, &n)?;
             }
             Op::LayerNorm { eps } => {
                 let d = *node.shape.last().unwrap_or(&1);
@@ -524,9 +522,7 @@ impl GpuExecutor {
                 let (mut probs, mut row_loss) = saved.split_at_mut(l[0] * l[1]);
                 let labels = self.ids[inp[1].0].as_ref().ok_or_else(internal)?;
                 launch!(gpu, "softmax_xent_f32", cfg = rows_config(rows, cols); self.val(inp[0]), labels, &mut probs, &mut row_loss, &rows, &cols)?;
-                let one_block =
-                    LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-                launch!(gpu, "mean_f32", cfg = one_block; &mut row_loss, y, &rows)?;
+                launch!(gpu, "mean_f32", cfg = one_block(); &mut row_loss, y, &rows)?;
             }
         }
         Ok(())

@@ -11,7 +11,7 @@
 //! gradient, row sums) give each row a block of a power of two up to 256 threads
 //! ([`rows_config`](super::rows_config)); `col_sums_add_f32` takes blocks of 256 threads
 //! over tiles of 32 columns ([`column_tiles`](super::column_tiles)); `sum_f32` blocks of
-//! 1024, `mean_f32` one block of 256.
+//! 1024, `mean_f32` and `mse_f32` one block of 256 ([`one_block`](super::one_block)).
 
 /// Helpers every kernel may use: the grid-stride loop, block sums, maxima and tiled column
 /// sums in shared memory, activations by code (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their
