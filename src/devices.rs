@@ -1,13 +1,15 @@
 //! Devices and the collectives that connect them: the `Communicator` trait that gradient
-//! all-reduce uses, with a TCP backend for CPUs (and an NCCL backend for GPUs later); GPU
-//! discovery (every build); CUDA devices, device actors and device-resident arrays
-//! (feature `cuda`).
+//! all-reduce uses, with a TCP backend for CPUs; GPU discovery (every build); CUDA
+//! devices, device actors, device-resident arrays, and collectives over device buffers
+//! (NCCL, or a host group staged through host memory) (feature `cuda`).
 mod collective;
 #[cfg(feature = "cuda")]
 mod cuda;
 #[cfg(feature = "cuda")]
 mod device_actor;
 mod discovery;
+#[cfg(feature = "cuda")]
+mod gpu_group;
 #[cfg(feature = "cuda")]
 mod nccl;
 
@@ -27,5 +29,7 @@ pub use cuda::{
 #[cfg(feature = "cuda")]
 pub use device_actor::{DeviceActor, DeviceArray};
 pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};
+#[cfg(feature = "cuda")]
+pub use gpu_group::{GpuCommunicator, HostStagedGroup};
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclGroup, NCCL_INIT_TIMEOUT};

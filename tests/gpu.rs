@@ -221,17 +221,23 @@ fn queued_sparse_products_share_one_work_buffer() {
     }
 }
 
+/// A TCP group of one rank (to hand NCCL's id to an NCCL group of one).
+fn tcp_group_of_one() -> tessera::TcpGroup {
+    use tessera::{GroupConfig, Rendezvous, TcpGroup};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let meet = std::thread::spawn(move || Rendezvous::serve(listener, 1, "s", Duration::from_secs(10)));
+    let group = TcpGroup::join(GroupConfig::new(0, 1, addr, "s")).unwrap();
+    meet.join().unwrap().unwrap();
+    group
+}
+
 #[test]
 fn nccl_with_one_rank_per_gpu() {
     use std::sync::Arc;
-    use tessera::{Communicator, GroupConfig, NcclGroup, Rendezvous, TcpGroup};
+    use tessera::{Communicator, NcclGroup};
     let Some(gpu) = gpu() else { return };
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let meet =
-        std::thread::spawn(move || Rendezvous::serve(listener, 1, "s", std::time::Duration::from_secs(10)));
-    let mut bootstrap = TcpGroup::join(GroupConfig::new(0, 1, addr, "s")).unwrap();
-    meet.join().unwrap().unwrap();
+    let mut bootstrap = tcp_group_of_one();
     let mut nccl = NcclGroup::join(Arc::new(gpu), &mut bootstrap).unwrap();
     let mut data: Vec<f32> = (0..1000).map(|i| i as f32).collect();
     let before = data.clone();
@@ -721,6 +727,140 @@ mod executor {
             eprintln!("{name}: test accuracy CPU {cpu_acc:.4}, GPU {gpu_acc:.4}");
             assert!(gpu_acc > 0.9, "{name}: GPU-trained accuracy {gpu_acc}");
             assert!((gpu_acc - cpu_acc).abs() < 0.03, "{name}: GPU {gpu_acc} vs CPU {cpu_acc}");
+        }
+    }
+
+    /// Runs `replica(rank, group)` on each of `size` threads, each with its own handle on
+    /// GPU 0 and its rank of a TCP group staged through host memory; returns their
+    /// results in rank order.
+    fn on_gpu_replicas<T: Send + 'static>(
+        size: usize,
+        replica: impl Fn(usize, Box<dyn tessera::GpuCommunicator>) -> T + Send + Copy + 'static,
+    ) -> Vec<T> {
+        use tessera::{GroupConfig, HostStagedGroup, Rendezvous, TcpGroup};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let meet = std::thread::spawn(move || {
+            Rendezvous::serve(listener, size, "s", std::time::Duration::from_secs(30))
+        });
+        let ranks: Vec<_> = (0..size)
+            .map(|rank| {
+                std::thread::spawn(move || {
+                    let gpu = Arc::new(tessera::Gpu::open(0).unwrap());
+                    let tcp = TcpGroup::join(GroupConfig::new(rank, size, addr, "s")).unwrap();
+                    replica(rank, Box::new(HostStagedGroup::new(gpu, Box::new(tcp))))
+                })
+            })
+            .collect();
+        let results = ranks.into_iter().map(|r| r.join().unwrap()).collect();
+        meet.join().unwrap().unwrap();
+        results
+    }
+
+    /// Two GPU replicas, each on its half of every batch with gradients averaged in small
+    /// buckets, train as one GPU trainer on the whole batch does, and stay bit-identical
+    /// to each other; classifier and language-model epochs alike.
+    #[test]
+    fn replicas_train_as_one_trainer_on_the_whole_batch() {
+        let Some(gpu) = super::gpu() else { return };
+        let gpu = Arc::new(gpu);
+        let data = digits().subset(&(0..320).collect::<Vec<_>>());
+        let config = OptimizerConfig::sgd(0.1, 0.9);
+        // The whole batch of 32 on one trainer.
+        let model = mlp(32, &[64, 32, 10]).unwrap();
+        let mut alone = TrainState::new(&model, config.clone(), data.len(), 32, 9);
+        let mut dev = GpuTrainer::new(gpu.clone(), model, &alone).unwrap();
+        let device_data = GpuDataset::upload(&gpu, &data, 10).unwrap();
+        let expected = dev.train_epoch(&mut alone, &device_data).unwrap();
+        // Two replicas of 16 rows each; buckets of about 4 KiB split the parameters.
+        let replicas = on_gpu_replicas(2, move |rank, group| {
+            let data = digits().subset(&(0..320).collect::<Vec<_>>());
+            let model = mlp(16, &[64, 32, 10]).unwrap();
+            let mut state = TrainState::new(&model, OptimizerConfig::sgd(0.1, 0.9), data.len(), 32, 9);
+            // Every replica starts from rank 0's parameters.
+            if rank == 1 {
+                state.params.tensors[0].data.iter_mut().for_each(|v| *v += 1.0);
+            }
+            let mut replica = GpuTrainer::replica(group, model, &mut state, 4.0 / 1024.0).unwrap();
+            assert_eq!((replica.rank(), replica.size()), (rank, 2));
+            // A loader of the model's batch (not 2 × it) is refused before any collective.
+            let mut wrong = state.clone();
+            wrong.loader = tessera::nn::DataLoader::new(data.len(), 16, 9);
+            let device_data = GpuDataset::upload(replica.executor().gpu(), &data, 10).unwrap();
+            let error = replica.train_epoch(&mut wrong, &device_data).unwrap_err();
+            assert!(error.to_string().contains("2 replicas"), "{error}");
+            let stats = replica.train_epoch(&mut state, &device_data).unwrap();
+            (stats, state)
+        });
+        let (stats0, state0) = &replicas[0];
+        let (stats1, state1) = &replicas[1];
+        assert_eq!(state0.params, state1.params, "replicas drifted apart");
+        assert_eq!((stats0.samples, stats1.samples, expected.samples), (320, 320, 320));
+        // The replicas' parameters round differently from the whole batch's (another order of
+        // summing the gradient): a borderline example or two may be classified otherwise.
+        assert!((stats0.loss - expected.loss).abs() < 1e-3 * expected.loss.abs().max(1.0));
+        assert!((stats0.accuracy - expected.accuracy).abs() <= 2.0 / 320.0, "{stats0:?} vs {expected:?}");
+        assert_eq!((stats0.loss, stats0.accuracy), (stats1.loss, stats1.accuracy));
+        assert_eq!(state0.step, alone.step);
+        for (i, (r, a)) in state0.params.tensors.iter().zip(&alone.params.tensors).enumerate() {
+            close(&format!("parameter {i} after an epoch on two replicas"), &r.data, &a.data);
+        }
+        assert_ne!(state0.params, TrainState::new(dev.model(), config, 320, 32, 9).params, "nothing trained");
+
+        // A character GRU over text: each replica takes half of every batch's windows.
+        let (steps, vocab) = (12, 9);
+        let text: Vec<i32> = (0..1_500).map(|i: i32| (i * i + i / 7) % vocab).collect();
+        let windows = tessera::nn::window_count(text.len(), steps);
+        let model = tessera::nn::char_gru(8, steps, vocab as usize, 8, 16).unwrap();
+        let mut alone = TrainState::new(&model, OptimizerConfig::sgd(0.2, 0.9), windows, 8, 3);
+        let mut dev = GpuTrainer::new(gpu.clone(), model, &alone).unwrap();
+        let expected = dev.train_epoch_text(&mut alone, &text, steps).unwrap();
+        let replicas = on_gpu_replicas(2, move |_, group| {
+            let text: Vec<i32> = (0..1_500).map(|i: i32| (i * i + i / 7) % vocab).collect();
+            let model = tessera::nn::char_gru(4, steps, vocab as usize, 8, 16).unwrap();
+            let mut state = TrainState::new(&model, OptimizerConfig::sgd(0.2, 0.9), windows, 8, 3);
+            let mut replica = GpuTrainer::replica(group, model, &mut state, 1.0).unwrap();
+            let stats = replica.train_epoch_text(&mut state, &text, steps).unwrap();
+            (stats, state)
+        });
+        assert_eq!(replicas[0].1.params, replicas[1].1.params, "text replicas drifted apart");
+        assert_eq!(replicas[0].0.samples, expected.samples);
+        assert!((replicas[0].0.loss - expected.loss).abs() < 1e-3 * expected.loss.abs().max(1.0));
+        for (i, (r, a)) in replicas[0].1.params.tensors.iter().zip(&alone.params.tensors).enumerate() {
+            close(&format!("GRU parameter {i} after an epoch on two replicas"), &r.data, &a.data);
+        }
+    }
+
+    /// A replica in an NCCL group of one (NCCL holds one rank per GPU) trains as the
+    /// trainer alone: the buckets go through NCCL on the device and come back whole.
+    #[test]
+    fn an_nccl_replica_of_one_trains_as_the_trainer_alone() {
+        use tessera::NcclGroup;
+        let Some(gpu) = super::gpu() else { return };
+        let gpu = Arc::new(gpu);
+        let data = digits().subset(&(0..256).collect::<Vec<_>>());
+        let model = mlp(32, &[64, 32, 10]).unwrap();
+        let config = OptimizerConfig::adam(1e-2);
+        let mut alone = TrainState::new(&model, config.clone(), data.len(), 32, 4);
+        let mut state = alone.clone();
+        let device_data = GpuDataset::upload(&gpu, &data, 10).unwrap();
+        let expected = GpuTrainer::new(gpu.clone(), model.clone(), &alone)
+            .unwrap()
+            .train_epoch(&mut alone, &device_data)
+            .unwrap();
+        let mut bootstrap = super::tcp_group_of_one();
+        let nccl = NcclGroup::join(gpu.clone(), &mut bootstrap).unwrap();
+        // Zero bucket sizes are refused.
+        let mut unused = state.clone();
+        let error = GpuTrainer::replica(Box::new(nccl), model.clone(), &mut unused, 0.0).unwrap_err();
+        assert!(matches!(error, NnError::Argument { .. }), "{error}");
+        let nccl = NcclGroup::join(gpu.clone(), &mut bootstrap).unwrap();
+        let mut replica = GpuTrainer::replica(Box::new(nccl), model, &mut state, 1e-3).unwrap();
+        let stats = replica.train_epoch(&mut state, &device_data).unwrap();
+        assert_eq!((stats.samples, state.step), (expected.samples, alone.step));
+        assert!((stats.loss - expected.loss).abs() <= 1e-6 * expected.loss.abs().max(1.0), "{stats:?}");
+        for (i, (r, a)) in state.params.tensors.iter().zip(&alone.params.tensors).enumerate() {
+            close(&format!("parameter {i}"), &r.data, &a.data);
         }
     }
 }

@@ -13,6 +13,7 @@ use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use super::collective::{segment, CollectiveError, Communicator};
 use super::cuda::{DeviceError, Gpu};
+use super::gpu_group::GpuCommunicator;
 
 /// A collective group over NCCL, one rank per GPU.
 pub struct NcclGroup {
@@ -187,7 +188,9 @@ impl NcclGroup {
         }
     }
 
-    /// Sums a device buffer over all ranks, in place (gradients stay on the GPU).
+    /// Sums a device buffer over all ranks, in place (gradients stay on the GPU). NCCL
+    /// queues the reduction on the GPU's stream, after the work queued before it; the host
+    /// does not wait.
     ///
     /// # Errors
     /// [`CollectiveError::Backend`].
@@ -209,6 +212,16 @@ impl NcclGroup {
         let host = self.gpu.download(buffer).map_err(|e| device_error(op, e))?;
         out.copy_from_slice(&host[..out.len()]);
         Ok(())
+    }
+}
+
+impl GpuCommunicator for NcclGroup {
+    fn gpu(&self) -> &Arc<Gpu> {
+        &self.gpu
+    }
+
+    fn all_reduce_device(&mut self, data: &mut CudaSlice<f32>) -> Result<(), CollectiveError> {
+        NcclGroup::all_reduce_device(self, data)
     }
 }
 

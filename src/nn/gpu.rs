@@ -39,6 +39,7 @@ use crate::devices::{column_tiles, launch, len_u32, one_block, rows_config, Devi
 use crate::nn::executor::rules;
 use crate::nn::{Activation, DType, Executor, Graph, NnError, Node, NodeId, Op, Params, Rng};
 
+mod replicas;
 mod train;
 
 pub use train::{GpuDataset, GpuTrainer};
@@ -296,6 +297,14 @@ impl GpuExecutor {
         let node = self.graph.params()[index].node;
         self.host_vals[node.0].take();
         (&mut self.params[index], self.grads[node.0].as_ref())
+    }
+
+    /// Parameter `index`'s device gradient (mutable; `None` if it takes none), for gradient
+    /// averaging between replicas.
+    pub(crate) fn param_grad_mut(&mut self, index: usize) -> Option<&mut CudaSlice<f32>> {
+        let node = self.graph.params().get(index)?.node;
+        self.host_grads[node.0].take();
+        self.grads[node.0].as_mut()
     }
 
     fn invalidate(&mut self) {

@@ -9,10 +9,13 @@
 //! the whole graph on its shard of the batch, in its own process, joined by a
 //! [`Communicator`](crate::devices::Communicator). A pipeline splits a model that is too
 //! large (or too slow) for one worker across several, at the price of a pipeline bubble.
+mod buckets;
 mod on_cluster;
 mod pipeline;
 mod replicas;
 
+#[cfg(feature = "cuda")]
+pub(crate) use buckets::Buckets;
 pub use on_cluster::{
     train_on_cluster, ClusterReplicas, ClusterTrainingReport, ElasticTraining, EpochReport, ReplicaJob,
 };

@@ -241,7 +241,8 @@ pub(crate) fn check_classifier_epoch(
 
 /// Checks, before an epoch of a language model over `ids_len` ids in windows of `steps`,
 /// that the state's loader draws from every window of the text in batches whose windows
-/// fill the model's input and targets exactly.
+/// fill the model's input and targets exactly (on each of `replicas` replicas, which share
+/// every batch).
 ///
 /// # Errors
 /// [`NnError::Argument`] naming `op` if they do not fit.
@@ -249,18 +250,22 @@ pub(crate) fn check_text_epoch(
     op: &'static str,
     model: &Model,
     loader: &DataLoader,
+    replicas: usize,
     ids_len: usize,
     steps: usize,
 ) -> Result<(), NnError> {
     let graph = &model.graph;
     let (input_len, target_len) = (graph.node(model.input)?.len(), graph.node(model.target)?.len());
     let (batch, windows) = (loader.batch_size(), window_count(ids_len, steps));
-    if input_len != batch * steps || target_len != batch * steps || loader.examples() != windows {
+    let batch_ids = batch * steps;
+    if input_len * replicas != batch_ids || target_len * replicas != batch_ids || loader.examples() != windows
+    {
+        let shared = if replicas > 1 { format!(" on each of {replicas} replicas") } else { String::new() };
         return Err(NnError::Argument {
             op,
             what: format!(
                 "the state's loader draws batches of {batch} from {} windows, and {ids_len} ids hold {windows} \
-                 windows of {steps}; the model takes {input_len} ids and {target_len} targets a step",
+                 windows of {steps}; the model takes {input_len} ids and {target_len} targets a step{shared}",
                 loader.examples(),
             ),
         });
@@ -450,7 +455,7 @@ impl Trainer {
         steps: usize,
     ) -> Result<EpochStats, NnError> {
         let (input, target) = (self.model.input, self.model.target);
-        check_text_epoch("Trainer::train_epoch_text", &self.model, &state.loader, ids.len(), steps)?;
+        check_text_epoch("Trainer::train_epoch_text", &self.model, &state.loader, 1, ids.len(), steps)?;
         let mut tally = EpochTally::start();
         while self.next_batch(&mut state.loader) {
             fill_windows(ids, &self.batch, steps, 0, self.exec.ids_mut(input)?);
@@ -584,5 +589,31 @@ impl Evaluator {
             loss: (acc.0 / acc.2.max(1) as f64) as f32,
             accuracy: acc.1 as f32 / acc.2.max(1) as f32,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_text_epoch;
+    use crate::nn::{char_gru, window_count, DataLoader};
+
+    #[test]
+    fn a_text_epoch_fits_a_loader_of_the_models_batch_times_the_replicas() {
+        let (steps, ids) = (12, 1_000);
+        let windows = window_count(ids, steps);
+        let model = char_gru(4, steps, 9, 8, 16).unwrap();
+        let fits = |replicas, batch| {
+            check_text_epoch("test", &model, &DataLoader::new(windows, batch, 1), replicas, ids, steps)
+        };
+        assert!(fits(1, 4).is_ok());
+        assert!(fits(2, 8).is_ok());
+        assert!(fits(3, 12).is_ok());
+        let alone = fits(1, 8).unwrap_err().to_string();
+        assert!(alone.contains("batches of 8") && !alone.contains("replicas"), "{alone}");
+        let shared = fits(2, 4).unwrap_err().to_string();
+        assert!(shared.contains("on each of 2 replicas"), "{shared}");
+        // Every window of the text, not fewer.
+        let loader = DataLoader::new(windows - 1, 4, 1);
+        assert!(check_text_epoch("test", &model, &loader, 1, ids, steps).is_err());
     }
 }

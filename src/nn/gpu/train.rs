@@ -2,6 +2,11 @@
 //! optimizer moments, the data set and the batch gathering — so a step queues work
 //! without waiting for the GPU; the host reads the loss and accuracy once per epoch.
 //!
+//! Data parallelism: [`GpuTrainer::replica`] makes the trainer one replica of a group, one
+//! GPU each; every step averages the gradients over the group (see `replicas.rs`) and every
+//! epoch trains on this replica's shard of each global batch, as
+//! [`DataParallel`](crate::nn::DataParallel) does on CPUs.
+//!
 //! The [`TrainState`] stays the record of the run: the trainer draws batches from its
 //! loader and dropout seeds from its RNG exactly as [`Trainer`](crate::nn::Trainer) does,
 //! counts its steps, and [`GpuTrainer::sync_state`] (run at the end of every epoch) copies
@@ -12,8 +17,9 @@ use std::time::Instant;
 
 use cudarc::driver::CudaSlice;
 
+use super::replicas::GradientSync;
 use super::GpuExecutor;
-use crate::devices::{launch, Gpu};
+use crate::devices::{launch, segment, Gpu, GpuCommunicator};
 use crate::nn::data::fill_windows;
 use crate::nn::optim::adam_constants;
 use crate::nn::train::{check_classifier_epoch, check_text_epoch};
@@ -61,7 +67,9 @@ impl GpuDataset {
     }
 }
 
-/// Trains one model on one GPU with parameters and optimizer state kept on the device.
+/// Trains one model on one GPU with parameters and optimizer state kept on the device;
+/// alone ([`GpuTrainer::new`]) or as one replica of a data-parallel group
+/// ([`GpuTrainer::replica`]).
 #[derive(Debug)]
 pub struct GpuTrainer {
     model: Model,
@@ -70,6 +78,10 @@ pub struct GpuTrainer {
     m: Vec<CudaSlice<f32>>,
     /// Second moments (Adam, AdamW), by parameter; empty for SGD.
     v: Vec<CudaSlice<f32>>,
+    /// The data-parallel group, for a replica.
+    replicas: Option<GradientSync>,
+    /// Set when a replica's step failed in a collective: the group is out of step.
+    failed: bool,
 }
 
 impl Drop for GpuTrainer {
@@ -100,7 +112,47 @@ impl GpuTrainer {
                 .collect::<Result<Vec<_>, _>>()
         };
         let (m, v) = (upload(m)?, upload(v)?);
-        Ok(GpuTrainer { model, exec, m, v })
+        Ok(GpuTrainer { model, exec, m, v, replicas: None, failed: false })
+    }
+
+    /// One replica of a data-parallel group, on `group`'s GPU: `model` is built for this
+    /// replica's share of the global batch. Every replica first takes rank 0's parameters
+    /// and optimizer moments (a broadcast, into `state` too), so all start equal; each step
+    /// then averages the gradients over the group in buckets of about `bucket_mib` MiB
+    /// before the update, so they stay equal. Every replica must call the same steps and
+    /// epochs, with equal loaders (the same seed, batch and data set size).
+    ///
+    /// `group` is an [`NcclGroup`](crate::devices::NcclGroup) (gradients stay on the
+    /// device) or a [`HostStagedGroup`](crate::devices::HostStagedGroup) over any host
+    /// group (for GPUs without NCCL, or several replicas on one GPU).
+    ///
+    /// # Errors
+    /// As [`GpuTrainer::new`]; [`NnError::Argument`] if `bucket_mib` is not a positive
+    /// number; [`NnError::Collective`] if the broadcast fails.
+    pub fn replica(
+        group: Box<dyn GpuCommunicator>,
+        model: Model,
+        state: &mut TrainState,
+        bucket_mib: f64,
+    ) -> Result<Self, NnError> {
+        state.params.check(&model.graph)?;
+        state.optimizer.check_fits(&state.params, "GpuTrainer::replica")?;
+        let mut sync = GradientSync::new(group, &model.graph, bucket_mib)?;
+        broadcast_state(sync.group(), state)?;
+        let gpu = sync.group().gpu().clone();
+        let mut trainer = GpuTrainer::new(gpu, model, state)?;
+        trainer.replicas = Some(sync);
+        Ok(trainer)
+    }
+
+    /// This trainer's rank in its data-parallel group (0 when it trains alone).
+    pub fn rank(&self) -> usize {
+        self.replicas.as_ref().map_or(0, |r| r.rank_and_size().0)
+    }
+
+    /// How many replicas train together (1 when it trains alone).
+    pub fn size(&self) -> usize {
+        self.replicas.as_ref().map_or(1, |r| r.rank_and_size().1)
     }
 
     /// The model.
@@ -115,23 +167,40 @@ impl GpuTrainer {
 
     /// One optimizer step on the batch currently set in the executor; returns the loss
     /// (which waits for the step). The parameters in `state` are not updated until
-    /// [`GpuTrainer::sync_state`].
+    /// [`GpuTrainer::sync_state`]. A replica averages the gradients over its group first
+    /// (every replica must step together) and returns its own shard's loss.
     ///
     /// # Errors
-    /// As [`Executor::forward`] and [`Executor::backward`]; [`NnError::Device`].
+    /// As [`Executor::forward`] and [`Executor::backward`]; [`NnError::Device`]; for a
+    /// replica, [`NnError::Collective`] if the group failed, after which every step is
+    /// [`NnError::WorkerGone`] (the replicas are out of step).
     pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
         self.queue_step(state)?;
         self.exec.scalar(self.model.loss)
     }
 
-    /// Forward, backward and the optimizer update, queued on the device.
+    /// Forward, backward, a replica's gradient averaging, and the optimizer update, queued
+    /// on the device.
     fn queue_step(&mut self, state: &mut TrainState) -> Result<(), NnError> {
+        if self.failed {
+            return Err(NnError::WorkerGone {
+                worker: format!("GPU replica {} (a step failed earlier)", self.rank()),
+            });
+        }
         let loss = self.model.loss;
         self.exec.set_training(true);
-        self.exec.set_seed(state.rng.next_u64());
+        // Different dropout masks on each replica's shard, reproducibly (rank 0, and a
+        // trainer alone, use the state's seed as it is).
+        let salt = (self.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.exec.set_seed(state.rng.next_u64() ^ salt);
         self.exec.forward_resident(0..loss.index() + 1)?;
         let params = &state.params;
         self.exec.backward(params, 0..loss.index() + 1, &[(loss, &[1.0])])?;
+        if let Some(replicas) = &mut self.replicas {
+            let averaged = replicas.average(&mut self.exec);
+            self.failed = averaged.is_err();
+            averaged?;
+        }
         self.update(state)?;
         state.step += 1;
         Ok(())
@@ -190,24 +259,26 @@ impl GpuTrainer {
     /// the device, and loss and accuracy are read once at the end. Ends with
     /// [`GpuTrainer::sync_state`].
     ///
+    /// A replica ([`GpuTrainer::replica`]) trains on its shard of each global batch (the
+    /// loader's batch is the group's size × the model's batch), and the returned loss,
+    /// accuracy and sample count are over all replicas.
+    ///
     /// # Errors
     /// As [`GpuTrainer::step`]; [`NnError::Shape`] if `data` rows do not fit the model's
     /// input; [`NnError::Argument`] if the state's loader does not draw batches of the
-    /// model's size from exactly `data`'s examples, or the model is not a classifier of
-    /// `[batch, features…]` inputs, `[batch]` labels and `[batch, classes]` logits.
+    /// model's size (× the replicas) from exactly `data`'s examples, or the model is not a
+    /// classifier of `[batch, features…]` inputs, `[batch]` labels and `[batch, classes]`
+    /// logits.
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &GpuDataset) -> Result<EpochStats, NnError> {
+        const OP: &str = "GpuTrainer::train_epoch";
         let start = Instant::now();
         let (input, target, logits) = (self.model.input, self.model.target, self.model.logits);
         let batch = self.model.graph.shape(input)?.first().copied().unwrap_or(0);
+        let (rank, size) = (self.rank(), self.size());
+        let global = global_batch(OP, state.loader.batch_size(), batch, size)?;
         // The device gathers rows by the loader's indices without bounds checks: they must
-        // index `data`, in batches of the model's size.
-        let classes = check_classifier_epoch(
-            "GpuTrainer::train_epoch",
-            &self.model,
-            &state.loader,
-            batch,
-            (data.len, data.dim),
-        )?;
+        // index `data`, in batches of the model's size (× the replicas).
+        let classes = check_classifier_epoch(OP, &self.model, &state.loader, global, (data.len, data.dim))?;
         let u32_of = |n: usize| crate::devices::len_u32(n, "GpuTrainer::train_epoch");
         let (rows, dim, cols) = (u32_of(batch)?, u32_of(data.dim)?, u32_of(classes)?);
         let (xlen, ylen) = (u32_of(batch * data.dim)?, rows);
@@ -215,7 +286,7 @@ impl GpuTrainer {
         let mut order: Vec<u32> = Vec::new();
         let mut batches = 0usize;
         while let Some(idx) = state.loader.next_batch() {
-            order.extend(idx.iter().map(|&i| i as u32));
+            order.extend(idx[segment(global, size, rank)].iter().map(|&i| i as u32));
             batches += 1;
         }
         let gpu = self.exec.gpu().clone();
@@ -240,13 +311,24 @@ impl GpuTrainer {
         let correct = gpu.stream_ref().clone_dtoh(&correct).map_err(driver)?[0];
         state.epoch += 1;
         self.sync_state(state)?;
-        let samples = batches * batch;
+        let [total, correct, samples] =
+            self.sum_over_replicas([total, correct as f32, (batches * batch) as f32])?;
+        let batches = (batches * size).max(1);
         Ok(EpochStats {
-            loss: total / batches.max(1) as f32,
-            accuracy: correct as f32 / samples.max(1) as f32,
-            samples,
+            loss: total / batches as f32,
+            accuracy: correct / samples.max(1.0),
+            samples: samples as usize,
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Sums an epoch's statistics over the replicas (they are returned as they are when
+    /// the trainer is alone).
+    fn sum_over_replicas<const N: usize>(&mut self, mut values: [f32; N]) -> Result<[f32; N], NnError> {
+        if let Some(replicas) = &mut self.replicas {
+            replicas.group().all_reduce(&mut values)?;
+        }
+        Ok(values)
     }
 
     /// One epoch of a language model over windows of `ids`, as
@@ -255,25 +337,33 @@ impl GpuTrainer {
     /// the losses are summed on the device and read once at the end. Ends with
     /// [`GpuTrainer::sync_state`].
     ///
+    /// A replica trains on its shard of each global batch's windows, as
+    /// [`GpuTrainer::train_epoch`] does; the returned loss and sample count are over all
+    /// replicas.
+    ///
     /// # Errors
     /// [`NnError::Argument`] unless the loader draws from every window of `ids` in batches
-    /// whose windows fill the model's input and targets; [`NnError::IdOutOfRange`] for an
-    /// id outside the vocabulary; as [`GpuTrainer::step`].
+    /// whose windows fill the model's input and targets (× the replicas);
+    /// [`NnError::IdOutOfRange`] for an id outside the vocabulary; as [`GpuTrainer::step`].
     pub fn train_epoch_text(
         &mut self,
         state: &mut TrainState,
         ids: &[i32],
         steps: usize,
     ) -> Result<EpochStats, NnError> {
+        const OP: &str = "GpuTrainer::train_epoch_text";
         let start = Instant::now();
-        check_text_epoch("GpuTrainer::train_epoch_text", &self.model, &state.loader, ids.len(), steps)?;
+        let (rank, size) = (self.rank(), self.size());
+        check_text_epoch(OP, &self.model, &state.loader, size, ids.len(), steps)?;
         let (input, target) = (self.model.input, self.model.target);
-        let rows = state.loader.batch_size() * steps;
+        let global = state.loader.batch_size();
+        let rows = global / size * steps;
         let (mut x, mut y) = (vec![0i32; rows], vec![0i32; rows]);
         let gpu = self.exec.gpu().clone();
         let mut loss_sum = gpu.zeros(1)?;
         let mut batches = 0usize;
         while let Some(windows) = state.loader.next_batch() {
+            let windows = &windows[segment(global, size, rank)];
             fill_windows(ids, windows, steps, 0, &mut x);
             fill_windows(ids, windows, steps, 1, &mut y);
             self.exec.set_ids(input, &x)?;
@@ -285,11 +375,72 @@ impl GpuTrainer {
         let total = gpu.download(&loss_sum)?[0];
         state.epoch += 1;
         self.sync_state(state)?;
+        let [total, samples] = self.sum_over_replicas([total, (batches * rows) as f32])?;
         Ok(EpochStats {
-            loss: total / batches.max(1) as f32,
+            loss: total / (batches * size).max(1) as f32,
             accuracy: 0.0,
-            samples: batches * rows,
+            samples: samples as usize,
             seconds: start.elapsed().as_secs_f64(),
         })
+    }
+}
+
+/// The global batch of an epoch, `size` replicas × the model's batch; a replica's loader
+/// must hand out batches of it (for a trainer alone, `check_classifier_epoch` says so).
+///
+/// # Errors
+/// [`NnError::Argument`] naming `op` if a replica's loader does not.
+fn global_batch(
+    op: &'static str,
+    loader_batch: usize,
+    model_batch: usize,
+    size: usize,
+) -> Result<usize, NnError> {
+    let global = model_batch * size;
+    if size > 1 && loader_batch != global {
+        return Err(NnError::Argument {
+            op,
+            what: format!(
+                "the loader's batch {loader_batch} must be {size} replicas × the model's batch {model_batch}"
+            ),
+        });
+    }
+    Ok(global)
+}
+
+/// Makes `state`'s parameters and optimizer moments rank 0's, on every rank of `group`.
+///
+/// # Errors
+/// [`NnError::Collective`].
+fn broadcast_state(group: &mut dyn GpuCommunicator, state: &mut TrainState) -> Result<(), NnError> {
+    let (m, v) = state.optimizer.moments();
+    let tensors = state.params.tensors.iter().map(|t| t.data.as_slice());
+    let mut flat: Vec<f32> = tensors.chain(m.iter().chain(v).map(Vec::as_slice)).flatten().copied().collect();
+    group.broadcast(&mut flat, 0)?;
+    let mut rest = flat.as_slice();
+    let mut take = |into: &mut [f32]| {
+        let (head, tail) = rest.split_at(into.len());
+        into.copy_from_slice(head);
+        rest = tail;
+    };
+    state.params.tensors.iter_mut().for_each(|t| take(&mut t.data));
+    let (m, v) = state.optimizer.moments_mut();
+    m.iter_mut().chain(v.iter_mut()).for_each(|x| take(x));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::global_batch;
+
+    #[test]
+    fn a_replicas_loader_hands_out_the_group_size_times_the_models_batch() {
+        assert_eq!(global_batch("test", 64, 32, 2).unwrap(), 64);
+        assert_eq!(global_batch("test", 96, 32, 3).unwrap(), 96);
+        let error = global_batch("test", 32, 32, 2).unwrap_err().to_string();
+        assert!(error.contains("must be 2 replicas × the model's batch 32"), "{error}");
+        // Alone, the model's batch, whatever the loader says (the epoch's own check then
+        // compares them).
+        assert_eq!(global_batch("test", 16, 32, 1).unwrap(), 32);
     }
 }

@@ -20,52 +20,10 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use super::buckets::Buckets;
 use crate::devices::{segment, Communicator};
 use crate::nn::train::{check_classifier_epoch, set_examples, EpochTally};
 use crate::nn::{CpuExecutor, Dataset, EpochStats, Executor, Model, NnError, TrainState};
-
-/// Where one parameter sits in a bucket.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Slot {
-    param: usize,
-    offset: usize,
-    len: usize,
-}
-
-/// Gradient buckets over a graph's parameters (see the module invariants).
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Buckets {
-    slots: Vec<Vec<Slot>>,
-    /// Bucket of each parameter.
-    of_param: Vec<usize>,
-}
-
-impl Buckets {
-    fn new(param_lens: &[usize], bucket_bytes: usize) -> Self {
-        let mut slots: Vec<Vec<Slot>> = Vec::new();
-        let mut of_param = vec![0; param_lens.len()];
-        let mut current: Vec<Slot> = Vec::new();
-        let mut fill = 0usize;
-        for param in (0..param_lens.len()).rev() {
-            let len = param_lens[param];
-            current.push(Slot { param, offset: fill, len });
-            of_param[param] = slots.len();
-            fill += len;
-            if fill * 4 >= bucket_bytes {
-                slots.push(std::mem::take(&mut current));
-                fill = 0;
-            }
-        }
-        if !current.is_empty() {
-            slots.push(current);
-        }
-        Buckets { slots, of_param }
-    }
-
-    fn len_of(&self, bucket: usize) -> usize {
-        self.slots[bucket].last().map_or(0, |s| s.offset + s.len)
-    }
-}
 
 /// Work for the communication thread.
 enum Job {
@@ -202,14 +160,7 @@ impl DataParallel {
     /// # Errors
     /// [`NnError::Argument`] if `bucket_mib` is not a positive number.
     pub fn new(model: Model, comm: Box<dyn Communicator>, bucket_mib: f64) -> Result<Self, NnError> {
-        if !(bucket_mib > 0.0 && bucket_mib.is_finite()) {
-            return Err(NnError::Argument {
-                op: "DataParallel::new",
-                what: format!("bucket size must be a positive number of MiB, got {bucket_mib}"),
-            });
-        }
-        let lens: Vec<usize> = model.graph.params().iter().map(|p| p.shape.iter().product()).collect();
-        let buckets = Buckets::new(&lens, ((bucket_mib * (1u64 << 20) as f64) as usize).max(4));
+        let buckets = Buckets::for_graph("DataParallel::new", &model.graph, bucket_mib)?;
         let buffers = (0..buckets.slots.len()).map(|b| Some(vec![0.0; buckets.len_of(b)])).collect();
         let (rank, size) = (comm.rank(), comm.size());
         let (jobs, job_rx) = mpsc::channel();
@@ -359,11 +310,9 @@ impl DataParallel {
             0..loss.index() + 1,
             &[(loss, &[1.0])],
             &mut |p, g| {
+                let Some(slot) = buckets.slot_of(p) else { return Ok(()) };
                 let b = buckets.of_param[p];
-                let slot = buckets.slots[b].iter().find(|s| s.param == p).copied();
-                let (Some(slot), Some(buffer)) = (slot, buffers[b].as_mut()) else {
-                    return Ok(());
-                };
+                let Some(buffer) = buffers[b].as_mut() else { return Ok(()) };
                 buffer[slot.offset..slot.offset + slot.len].copy_from_slice(g);
                 remaining[b] -= 1;
                 if remaining[b] == 0 {
@@ -467,7 +416,6 @@ impl Drop for DataParallel {
 
 #[cfg(test)]
 mod tests {
-    use super::Buckets;
     use crate::nn::{mlp, CpuExecutor, Executor, Params, Rng};
 
     #[test]
@@ -503,20 +451,5 @@ mod tests {
             Err(crate::nn::NnError::WorkerGone { worker: "test".into() })
         });
         assert!(stopped.is_err() && calls == 1);
-    }
-
-    #[test]
-    fn buckets_take_parameters_in_reverse_and_never_split_one() {
-        // 4-byte floats: a 40-byte cap holds 10 elements.
-        let b = Buckets::new(&[6, 3, 8, 2, 5], 40);
-        let params: Vec<Vec<usize>> = b.slots.iter().map(|s| s.iter().map(|s| s.param).collect()).collect();
-        assert_eq!(params, vec![vec![4, 3, 2], vec![1, 0]]);
-        assert_eq!(b.of_param, vec![1, 1, 0, 0, 0]);
-        assert_eq!(b.len_of(0), 15);
-        assert_eq!(b.slots[1][1].offset, 3);
-        // A tiny cap gives one bucket per parameter.
-        assert_eq!(Buckets::new(&[6, 3, 8], 4).slots.len(), 3);
-        // A huge cap gives one bucket.
-        assert_eq!(Buckets::new(&[6, 3, 8], 1 << 30).slots.len(), 1);
     }
 }

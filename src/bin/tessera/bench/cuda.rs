@@ -1,19 +1,20 @@
 //! The `cuda` suite (feature `cuda`, on a machine with a GPU): GEMM at 8192³ in f32 (cuBLAS)
 //! and bf16 with f32 accumulation (cuBLASLt) in TFLOP/s, CSR SpMV on a 2-D Poisson matrix
 //! and a random matrix (10⁷ rows each) in GB/s beside the device's copy bandwidth measured
-//! by the same command, MLP and CNN training on digits in samples/s, and the `nn` suite's
-//! character GRU and transformer language models in tokens/s. Without a GPU it says so and
-//! reports nothing.
+//! by the same command, MLP and CNN training on digits in samples/s (the CNN also as a
+//! data-parallel replica in an NCCL group of one, for what averaging the gradients costs a
+//! step), and the `nn` suite's character GRU and transformer language models in tokens/s.
+//! Without a GPU it says so and reports nothing.
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tessera::nn::{
     char_gru, lenet, mlp, tiny_transformer, window_count, Dataset, GpuDataset, GpuTrainer, Model,
     OptimizerConfig, TextCorpus, TrainState, TransformerConfig,
 };
-use tessera::{cuda_devices, Gpu};
+use tessera::{cuda_devices, Gpu, GroupConfig, NcclGroup, Rendezvous, TcpGroup};
 
 use super::{median, Reporter};
 
@@ -113,8 +114,22 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     let data = Dataset::digits(path)?;
     let device_data = GpuDataset::upload(&gpu, &data, 10)?;
     for (label, model) in [("mlp", mlp(64, &[64, 128, 64, 10])?), ("cnn", lenet(64, 8, 10)?)] {
-        let rate = train_rate(&gpu, model, &data, &device_data)?;
+        let rate = train_rate(model, &data, &device_data, |model, state| {
+            GpuTrainer::new(gpu.clone(), model, state)
+        })?;
         reporter.report(&format!("cuda/train_{label}_digits"), rate, "samples/s", true);
+    }
+    // The same CNN as a replica of an NCCL group of one (one GPU holds one rank): each step
+    // also gathers the gradients into buckets (25 MiB, as PyTorch's DDP), all-reduces them
+    // through NCCL and averages them.
+    match nccl_group_of_one(&gpu) {
+        Ok(group) => {
+            let rate = train_rate(lenet(64, 8, 10)?, &data, &device_data, |model, state| {
+                GpuTrainer::replica(Box::new(group), model, state, 25.0)
+            })?;
+            reporter.report("cuda/train_cnn_digits_nccl1", rate, "samples/s", true);
+        }
+        Err(error) => eprintln!("NCCL replica figure skipped: {error:#}"),
     }
 
     // The language models of the `nn` suite, same sizes and text, on the GPU.
@@ -154,16 +169,32 @@ fn text_rate(gpu: &Arc<Gpu>, model: Model, ids: &[i32], steps: usize) -> Result<
     Ok(tokens as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Median samples/s of GPU training epochs over all of digits (batch 64, Adam), after one
-/// warm-up epoch (kernel compilation, cuBLAS handles).
-fn train_rate(gpu: &Arc<Gpu>, model: Model, data: &Dataset, device_data: &GpuDataset) -> Result<f64> {
+/// Median samples/s of GPU training epochs over all of digits (batch 64, Adam) by the
+/// trainer `make` returns, after one warm-up epoch (kernel compilation, cuBLAS handles).
+fn train_rate(
+    model: Model,
+    data: &Dataset,
+    device_data: &GpuDataset,
+    make: impl FnOnce(Model, &mut TrainState) -> Result<GpuTrainer, tessera::nn::NnError>,
+) -> Result<f64> {
     let mut state = TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), 64, 1);
-    let mut trainer = GpuTrainer::new(gpu.clone(), model, &state)?;
+    let mut trainer = make(model, &mut state)?;
     trainer.train_epoch(&mut state, device_data)?;
     let mut samples: Vec<f64> = (0..5)
         .map(|_| trainer.train_epoch(&mut state, device_data).map(|s| s.samples_per_second()))
         .collect::<Result<_, _>>()?;
     Ok(median(&mut samples))
+}
+
+/// An NCCL group of one rank on `gpu`, its id handed over by a TCP group of one.
+fn nccl_group_of_one(gpu: &Arc<Gpu>) -> Result<NcclGroup> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let secret = "bench";
+    let meet = std::thread::spawn(move || Rendezvous::serve(listener, 1, secret, Duration::from_secs(30)));
+    let mut bootstrap = TcpGroup::join(GroupConfig::new(0, 1, addr, secret))?;
+    meet.join().map_err(|_| anyhow::anyhow!("the rendezvous thread panicked"))??;
+    Ok(NcclGroup::join(gpu.clone(), &mut bootstrap)?)
 }
 
 /// The 5-point Laplacian on an `n × n` grid.
