@@ -66,7 +66,7 @@ pub use layers::{Conv2d, Dropout, Embedding, Gru, LayerNorm, Linear, MaxPool2d, 
 pub use optim::{Optimizer, OptimizerConfig};
 pub use parallel::{
     is_peer_lost, train_on_cluster, ClusterPipeline, ClusterReplicas, ClusterTrainingReport, CommStats,
-    DataParallel, ElasticTraining, EpochReport, Pipeline, ReplicaJob,
+    DataParallel, ElasticTraining, EpochReport, Pipeline, ReplicaDevice, ReplicaJob,
 };
 pub use params::Params;
 pub use rng::Rng;

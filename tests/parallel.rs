@@ -345,6 +345,36 @@ fn replica_actors_match_single_worker_training() -> Result<()> {
     Ok(())
 }
 
+/// A job on GPUs is refused before any replica starts when a node did not report the GPU
+/// it asks for, naming the node; where the nodes have none, the first GPU too.
+fn gpu_replica_actors_need_nodes_that_reported_the_gpu() -> Result<()> {
+    let c = TestCluster::start(2)?;
+    let data = digits().subset(&(0..96).collect::<Vec<_>>());
+    let job =
+        ReplicaJob::new(ModelSpec::Mlp { sizes: vec![64, 32, 10] }, OptimizerConfig::adam(1e-3), 48, data);
+    let mut ordinals = vec![99];
+    if tessera::local_gpus().is_empty() {
+        ordinals.push(0);
+    }
+    for ordinal in ordinals {
+        let error = ClusterReplicas::start(&c.cluster, &c.node_ids(), &job.clone().on_gpu(ordinal, false))
+            .err()
+            .context("a job on a GPU the nodes lack started")?;
+        let text = error.to_string();
+        ensure!(
+            matches!(error, tessera::nn::NnError::Replica { rank: 0, peer_lost: false, .. })
+                && text.contains(&format!("has no GPU {ordinal}"))
+                && text.contains(&c.cluster.nodes()[0].name),
+            "{text}"
+        );
+        println!("    GPU {ordinal}: {text}");
+    }
+    // The same job on the CPU still trains on those nodes.
+    let mut group = ClusterReplicas::start(&c.cluster, &c.node_ids(), &job)?;
+    ensure!(group.train_epoch(1e-3)?.stats.samples == 96);
+    Ok(())
+}
+
 /// Trains 6 epochs on 3 replica actors; `signal` hits the third node while the 4th epoch
 /// runs. The survivors must regroup and resume from the last stash checkpoint.
 fn regroup_after_signal(signal: &str) -> Result<()> {
@@ -440,6 +470,10 @@ fn main() {
             replica_actors_on_node_processes_stay_bit_identical,
         ),
         ("replica_actors_match_single_worker_training", replica_actors_match_single_worker_training),
+        (
+            "gpu_replica_actors_need_nodes_that_reported_the_gpu",
+            gpu_replica_actors_need_nodes_that_reported_the_gpu,
+        ),
         (
             "a_killed_node_makes_the_replica_actors_resume_from_the_stash_checkpoint",
             a_killed_node_makes_the_replica_actors_resume_from_the_stash_checkpoint,

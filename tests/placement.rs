@@ -9,8 +9,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Result};
-use tessera::{local_gpus, Cluster, ClusterConfig, Error, LocalProcesses, Runtime, TaskOptions};
+use anyhow::{bail, ensure, Context, Result};
+use tessera::nn::{ClusterReplicas, Dataset, ModelSpec, OptimizerConfig, ReplicaJob};
+use tessera::{local_gpus, Cluster, ClusterConfig, Error, LocalProcesses, NodeId, Runtime, TaskOptions};
 
 tessera::task! {
     fn double(x: u64) -> u64 { x * 2 }
@@ -118,6 +119,56 @@ fn a_gpu_task_runs_on_a_node_with_a_gpu() -> Result<()> {
     Ok(())
 }
 
+/// The digits data: from the working directory when it has it (`scripts/gpu-check.sh` runs
+/// this binary, built elsewhere, in a copy of the repository), else from the source tree.
+fn digits() -> Result<Dataset> {
+    let local = std::path::Path::new("data/digits.csv");
+    let source = std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"));
+    Ok(Dataset::digits(if local.exists() { local } else { source })?)
+}
+
+/// Replica actors train on the nodes' GPUs where there are some: two replicas sharing
+/// GPU 0 (averaging through their TCP group, staged through host memory), then one through
+/// NCCL; the head checks after every epoch that the replicas hold the same bits, and the
+/// test accuracy matches the same job's on the nodes' CPUs. Elsewhere only the CPU run.
+fn replica_actors_train_on_the_nodes_gpus() -> Result<()> {
+    let (rt, cluster) = cluster(2)?;
+    let (train, test) = digits()?.split(0.2, 42);
+    let mut job =
+        ReplicaJob::new(ModelSpec::Mlp { sizes: vec![64, 128, 10] }, OptimizerConfig::adam(1e-2), 64, train);
+    job.test = Some(test);
+    job.bucket_mib = 0.02;
+    let nodes: Vec<NodeId> = cluster.nodes().iter().map(|n| n.id).collect();
+    let samples = job.train.len() / 64 * 64; // whole global batches
+    let accuracy = |job: &ReplicaJob, nodes: &[NodeId]| -> Result<f32> {
+        let mut group = ClusterReplicas::start(&cluster, nodes, job)?;
+        let mut accuracy = None;
+        for epoch in 1..=6 {
+            let report = group.train_epoch(1e-2)?;
+            ensure!(report.epoch == epoch && report.replicas == nodes.len(), "{report:?}");
+            ensure!(report.stats.loss.is_finite() && report.stats.samples == samples, "{report:?}");
+            accuracy = report.test_accuracy;
+        }
+        accuracy.context("rank 0 evaluates the test data")
+    };
+    let cpu = accuracy(&job, &nodes)?;
+    println!("    2 replicas on the nodes' CPUs: test accuracy {cpu:.4}");
+    ensure!(cpu > 0.85, "CPU replicas reached only {cpu}");
+    if cluster.gpu_nodes().len() < 2 {
+        ensure!(!gpu_expected(), "a GPU was expected: {:?}", tessera::gpu_absence_reason());
+        eprintln!("skipped the GPU runs: no GPU here");
+    } else {
+        for (nodes, nccl) in [(&nodes[..], false), (&nodes[..1], true)] {
+            let gpu = accuracy(&job.clone().on_gpu(0, nccl), nodes)?;
+            let how = if nccl { "through NCCL" } else { "through TCP" };
+            println!("    {} replica(s) on GPU 0 {how}: test accuracy {gpu:.4} (CPU {cpu:.4})", nodes.len());
+            ensure!((gpu - cpu).abs() < 0.03, "GPU replicas {gpu} vs CPU replicas {cpu}");
+        }
+    }
+    rt.shutdown();
+    Ok(())
+}
+
 fn main() {
     tessera::init();
     let tests: &[(&str, support::TestFn)] = &[
@@ -125,6 +176,7 @@ fn main() {
         ("a_gpu_task_without_gpus_fails_at_once_naming_it", a_gpu_task_without_gpus_fails_at_once_naming_it),
         ("a_gpu_task_without_a_cluster_fails_at_once", a_gpu_task_without_a_cluster_fails_at_once),
         ("a_gpu_task_runs_on_a_node_with_a_gpu", a_gpu_task_runs_on_a_node_with_a_gpu),
+        ("replica_actors_train_on_the_nodes_gpus", replica_actors_train_on_the_nodes_gpus),
     ];
     support::run(tests);
 }

@@ -17,7 +17,8 @@ mod replicas;
 #[cfg(feature = "cuda")]
 pub(crate) use buckets::Buckets;
 pub use on_cluster::{
-    train_on_cluster, ClusterReplicas, ClusterTrainingReport, ElasticTraining, EpochReport, ReplicaJob,
+    train_on_cluster, ClusterReplicas, ClusterTrainingReport, ElasticTraining, EpochReport, ReplicaDevice,
+    ReplicaJob,
 };
 pub use pipeline::{ClusterPipeline, Pipeline};
 pub use replicas::{is_peer_lost, CommStats, DataParallel};

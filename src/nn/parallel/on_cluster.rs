@@ -14,7 +14,8 @@
 //!    load the latest checkpoint (or start fresh from the job's seed) and broadcast rank
 //!    0's parameters, so they start bit-identical.
 //! 4. `Epoch`: every replica trains one epoch on its shard of each global batch (gradient
-//!    buckets all-reduced during backward, see [`DataParallel`]); rank 0 then saves the
+//!    buckets all-reduced during backward, see [`DataParallel`]; on a GPU, averaged after
+//!    backward through NCCL or the TCP group, see `GpuTrainer::replica`); rank 0 then saves the
 //!    checkpoint and evaluates; each answers its statistics and a hash of its parameters,
 //!    which the head compares.
 //! 5. Dropping the group stops the actors; their sockets close.
@@ -69,6 +70,28 @@ pub struct ReplicaJob {
     /// nothing else runs there (on a 2-core machine it roughly halves the time spent
     /// waiting in all-reduce); leave it off on shared or multi-machine clusters.
     pub pin_to_core: bool,
+    /// Where each replica trains: its node's CPU cores, or one of its GPUs.
+    pub device: ReplicaDevice,
+}
+
+/// Where each replica of a [`ReplicaJob`] trains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaDevice {
+    /// On its node's CPU cores, all-reducing gradient buckets over TCP while backward runs
+    /// ([`DataParallel`]).
+    Cpu,
+    /// On GPU `ordinal` of its node, as a
+    /// [`GpuTrainer::replica`](crate::nn::GpuTrainer::replica) (nodes built with the `cuda`
+    /// feature; every node must have reported that GPU when it joined). Gradients are
+    /// averaged through NCCL on the devices when `nccl` is set (then every replica needs a
+    /// GPU of its own), else through the replicas' TCP group, staged through host memory
+    /// (replicas may share a GPU).
+    Gpu {
+        /// The device on each node.
+        ordinal: usize,
+        /// Average through NCCL rather than the TCP group.
+        nccl: bool,
+    },
 }
 
 impl ReplicaJob {
@@ -87,7 +110,14 @@ impl ReplicaJob {
             checkpoint: None,
             timeout: Duration::from_secs(10),
             pin_to_core: false,
+            device: ReplicaDevice::Cpu,
         }
+    }
+
+    /// Each replica trains on GPU `ordinal` of its node (see [`ReplicaDevice::Gpu`]).
+    pub fn on_gpu(mut self, ordinal: usize, nccl: bool) -> Self {
+        self.device = ReplicaDevice::Gpu { ordinal, nccl };
+        self
     }
 
     /// Rank 0 saves the training state as a new version of `name` in `stash` after every
@@ -107,7 +137,8 @@ pub struct EpochReport {
     pub stats: EpochStats,
     /// Rank 0's accuracy on the job's test data, if it has some.
     pub test_accuracy: Option<f32>,
-    /// Rank 0's compute and communication time so far in this group.
+    /// Rank 0's compute and communication time so far in this group (CPU replicas; zero on
+    /// GPUs, where the averaging is queued on the device with the rest of the step).
     pub comm: CommStats,
     /// Replicas in the group.
     pub replicas: usize,
@@ -162,9 +193,86 @@ pub(crate) struct ReplicaActor {
 struct Live {
     rank: usize,
     listener: Option<GroupListener>,
-    replica: Option<DataParallel>,
+    replica: Option<Engine>,
     state: Option<TrainState>,
     stash: Option<crate::Stash>,
+}
+
+/// A replica's trainer: on the CPU, or on a GPU with the training data on the device.
+enum Engine {
+    Cpu(DataParallel),
+    #[cfg(feature = "cuda")]
+    Gpu {
+        trainer: crate::nn::GpuTrainer,
+        data: crate::nn::GpuDataset,
+    },
+}
+
+impl Engine {
+    /// A replica of `model` in `group` on `device`, starting from rank 0's `state`.
+    fn start(
+        job: &ReplicaJob,
+        model: crate::nn::Model,
+        group: crate::devices::TcpGroup,
+        state: &mut TrainState,
+    ) -> Result<Engine, NnError> {
+        match job.device {
+            ReplicaDevice::Cpu => {
+                let mut replica = DataParallel::new(model, Box::new(group), job.bucket_mib)?;
+                replica.sync(state)?;
+                Ok(Engine::Cpu(replica))
+            }
+            #[cfg(feature = "cuda")]
+            ReplicaDevice::Gpu { ordinal, nccl } => {
+                use crate::devices::{Gpu, GpuCommunicator, HostStagedGroup, NcclGroup};
+                let gpu = std::sync::Arc::new(Gpu::open(ordinal)?);
+                let classes = model.graph.shape(model.logits)?.get(1).copied().unwrap_or(0);
+                let data = crate::nn::GpuDataset::upload(&gpu, &job.train, classes)?;
+                let mut group = group;
+                let group: Box<dyn GpuCommunicator> = if nccl {
+                    Box::new(NcclGroup::join(gpu, &mut group)?)
+                } else {
+                    Box::new(HostStagedGroup::new(gpu, Box::new(group)))
+                };
+                let trainer = crate::nn::GpuTrainer::replica(group, model, state, job.bucket_mib)?;
+                Ok(Engine::Gpu { trainer, data })
+            }
+            #[cfg(not(feature = "cuda"))]
+            ReplicaDevice::Gpu { .. } => {
+                drop((model, group));
+                Err(NnError::Argument {
+                    op: "ReplicaJob",
+                    what:
+                        "replicas on GPUs need Tessera built with the `cuda` feature, and this node's is not"
+                            .into(),
+                })
+            }
+        }
+    }
+
+    fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
+        match self {
+            Engine::Cpu(replica) => replica.train_epoch(state, data),
+            #[cfg(feature = "cuda")]
+            Engine::Gpu { trainer, data } => trainer.train_epoch(state, data),
+        }
+    }
+
+    fn stats(&self) -> CommStats {
+        match self {
+            Engine::Cpu(replica) => replica.stats(),
+            #[cfg(feature = "cuda")]
+            Engine::Gpu { .. } => CommStats::default(),
+        }
+    }
+
+    fn size(&self) -> usize {
+        match self {
+            Engine::Cpu(replica) => replica.size(),
+            #[cfg(feature = "cuda")]
+            Engine::Gpu { trainer, .. } => trainer.size(),
+        }
+    }
 }
 
 crate::remote_actor!(ReplicaActor);
@@ -241,8 +349,7 @@ impl ReplicaActor {
             Some((stash, name)) if resumable => resume_from_stash(stash, name, None)?,
             _ => TrainState::new(&model, job.optimizer.clone(), job.train.len(), job.global_batch, job.seed),
         };
-        let mut replica = DataParallel::new(model, Box::new(group), job.bucket_mib)?;
-        replica.sync(&mut state)?;
+        let replica = Engine::start(job, model, group, &mut state)?;
         let epoch = state.epoch;
         self.live.replica = Some(replica);
         self.live.state = Some(state);
@@ -353,7 +460,8 @@ impl ClusterReplicas {
     /// # Errors
     /// [`NnError::Argument`] if there are no nodes or their number does not divide the
     /// global batch; [`NnError::Replica`] naming the replica and node if one cannot start,
-    /// bind, connect or load the checkpoint.
+    /// bind, connect or load the checkpoint, or (a job on GPUs) its node reported no such
+    /// GPU when it joined (checked before any replica starts).
     pub fn start(cluster: &Cluster, nodes: &[NodeId], job: &ReplicaJob) -> Result<Self, NnError> {
         let size = nodes.len();
         if size == 0 || job.global_batch % size != 0 {
@@ -363,6 +471,22 @@ impl ClusterReplicas {
             });
         }
         let known = cluster.nodes();
+        if let ReplicaDevice::Gpu { ordinal, .. } = job.device {
+            for (rank, node) in nodes.iter().enumerate() {
+                let Some(info) = known.iter().find(|n| n.id == *node) else { continue };
+                if info.gpus.len() <= ordinal {
+                    return Err(NnError::Replica {
+                        rank,
+                        node: info.name.clone(),
+                        what: format!(
+                            "has no GPU {ordinal} for a replica on GPUs (it reported {} GPU(s) when it joined)",
+                            info.gpus.len()
+                        ),
+                        peer_lost: false,
+                    });
+                }
+            }
+        }
         let mut members = Vec::with_capacity(size);
         let mut ips = Vec::with_capacity(size);
         for &node in nodes {

@@ -71,9 +71,15 @@ fn communicate(mut comm: Box<dyn Communicator>, buckets: usize, jobs: Receiver<J
     }
 }
 
-/// Whether a training error means a peer replica is gone (rather than a local failure).
+/// Whether a training error means a peer replica is gone (rather than a local failure): a
+/// collective that timed out or lost a peer's connection. A backend's own failure (NCCL
+/// missing, a device error) or a bad argument is local.
 pub fn is_peer_lost(error: &NnError) -> bool {
-    matches!(error, NnError::Collective { .. })
+    use crate::devices::CollectiveError;
+    matches!(
+        error,
+        NnError::Collective { source: CollectiveError::Timeout { .. } | CollectiveError::PeerLost { .. } }
+    )
 }
 
 /// Time spent on gradient communication since the replica was made.
