@@ -422,6 +422,22 @@ impl Drop for DataParallel {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_timeouts_and_lost_connections_mean_a_peer_is_lost() {
+        use super::is_peer_lost;
+        use crate::devices::CollectiveError;
+        use crate::nn::NnError;
+        let timeout =
+            CollectiveError::Timeout { rank: 1, op: "all_reduce", timeout: std::time::Duration::ZERO };
+        let lost = CollectiveError::PeerLost { rank: 1, op: "all_reduce", message: "eof".into() };
+        let backend = CollectiveError::Backend { op: "join", message: "libnccl is not installed".into() };
+        assert!(is_peer_lost(&timeout.into()));
+        assert!(is_peer_lost(&lost.into()));
+        assert!(!is_peer_lost(&backend.into()));
+        assert!(!is_peer_lost(&CollectiveError::Setup("bad secret".into()).into()));
+        assert!(!is_peer_lost(&NnError::WorkerGone { worker: "x".into() }));
+    }
+
     use crate::nn::{mlp, CpuExecutor, Executor, Params, Rng};
 
     #[test]
