@@ -12,7 +12,12 @@
 //! with another fresh node, from the state after the last good epoch, and runs the epoch
 //! again.
 //!
-//! `cargo run --release --example train_parallel -- --epochs 20 [--kill-node-at-epoch 5]`
+//! With `--gpu` (a build with `--features cuda`, on a machine with a GPU) the replicas train
+//! on GPU 0 of their nodes, averaging gradients through their TCP group; add `--nccl` to
+//! average through NCCL instead, where every node has a GPU of its own (NCCL refuses two
+//! ranks on one device).
+//!
+//! `cargo run --release --example train_parallel -- --epochs 20 [--kill-node-at-epoch 5] [--gpu [--nccl]]`
 #[path = "common/digits.rs"]
 mod digits;
 
@@ -49,6 +54,12 @@ struct Args {
     /// Demonstrate elasticity: the second node dies while this epoch + 1 runs.
     #[arg(long)]
     kill_node_at_epoch: Option<u64>,
+    /// Train the replicas on GPU 0 of their nodes (build with `--features cuda`).
+    #[arg(long)]
+    gpu: bool,
+    /// With `--gpu`: average gradients through NCCL (one GPU per node).
+    #[arg(long, requires = "gpu")]
+    nccl: bool,
 }
 
 const REPLICAS: usize = 2;
@@ -70,9 +81,17 @@ fn data_parallel(args: &Args, cluster: &Cluster) -> Result<()> {
     job.test = Some(test);
     job.bucket_mib = args.bucket_mib;
     job.seed = args.seed;
+    if args.gpu {
+        job = job.on_gpu(0, args.nccl);
+    }
     let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+    let place = match (args.gpu, args.nccl) {
+        (false, _) => "CPU",
+        (true, false) => "GPU 0, averaging through TCP",
+        (true, true) => "GPU 0, averaging through NCCL",
+    };
     println!(
-        "data parallel: {REPLICAS} replica actors on node processes {names:?}, {} rows each, checkpoints in {}",
+        "data parallel: {REPLICAS} replica actors on node processes {names:?} ({place}), {} rows each, checkpoints in {}",
         args.batch / REPLICAS,
         checkpoints.display()
     );
