@@ -124,7 +124,9 @@ impl GpuTrainer {
     ///
     /// `group` is an [`NcclGroup`](crate::devices::NcclGroup) (gradients stay on the
     /// device) or a [`HostStagedGroup`](crate::devices::HostStagedGroup) over any host
-    /// group (for GPUs without NCCL, or several replicas on one GPU).
+    /// group (for GPUs without NCCL, or several replicas on one GPU). NCCL waits without
+    /// limit for a rank that died mid-collective (the next wait for the GPU hangs); a host
+    /// group's collectives fail within its timeout instead.
     ///
     /// # Errors
     /// As [`GpuTrainer::new`]; [`NnError::Argument`] if `bucket_mib` is not a positive

@@ -86,6 +86,12 @@ pub enum ReplicaDevice {
     /// averaged through NCCL on the devices when `nccl` is set (then every replica needs a
     /// GPU of its own), else through the replicas' TCP group, staged through host memory
     /// (replicas may share a GPU).
+    ///
+    /// NCCL waits without limit for a rank that dies in the middle of a collective, so with
+    /// `nccl` a lost node leaves the surviving replicas waiting on their GPUs instead of
+    /// failing within [`ReplicaJob::timeout`]: a job that must survive lost nodes
+    /// ([`train_on_cluster`]'s regrouping) averages through the TCP group, whose
+    /// collectives time out.
     Gpu {
         /// The device on each node.
         ordinal: usize,
