@@ -223,13 +223,10 @@ fn queued_sparse_products_share_one_work_buffer() {
 
 /// A TCP group of one rank (to hand NCCL's id to an NCCL group of one).
 fn tcp_group_of_one() -> tessera::TcpGroup {
-    use tessera::{GroupConfig, Rendezvous, TcpGroup};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    let meet = std::thread::spawn(move || Rendezvous::serve(listener, 1, "s", Duration::from_secs(10)));
-    let group = TcpGroup::join(GroupConfig::new(0, 1, addr, "s")).unwrap();
-    meet.join().unwrap().unwrap();
-    group
+    let listener =
+        tessera::GroupListener::bind(0, 1, [127, 0, 0, 1].into(), "s", Duration::from_secs(10)).unwrap();
+    let addr = listener.addr();
+    listener.connect(&[addr]).unwrap()
 }
 
 #[test]

@@ -8,7 +8,12 @@ use std::sync::Arc;
 use cudarc::driver::CudaSlice;
 
 use super::collective::{CollectiveError, Communicator};
-use super::cuda::Gpu;
+use super::cuda::{DeviceError, Gpu};
+
+/// A device failure during collective `op`, as the collective's error.
+pub(super) fn device_error(op: &'static str, error: DeviceError) -> CollectiveError {
+    CollectiveError::Backend { op, message: error.to_string() }
+}
 
 /// A [`Communicator`] whose rank holds one GPU, and which can also sum buffers on that GPU
 /// over all ranks.
@@ -50,10 +55,6 @@ impl HostStagedGroup {
     pub fn new(gpu: Arc<Gpu>, comm: Box<dyn Communicator>) -> Self {
         HostStagedGroup { gpu, comm }
     }
-}
-
-fn device_error(op: &'static str, error: super::cuda::DeviceError) -> CollectiveError {
-    CollectiveError::Backend { op, message: error.to_string() }
 }
 
 impl GpuCommunicator for HostStagedGroup {

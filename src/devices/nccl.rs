@@ -12,8 +12,8 @@ use cudarc::driver::CudaSlice;
 use cudarc::nccl::{Comm, Id, ReduceOp};
 
 use super::collective::{segment, CollectiveError, Communicator};
-use super::cuda::{DeviceError, Gpu};
-use super::gpu_group::GpuCommunicator;
+use super::cuda::Gpu;
+use super::gpu_group::{device_error, GpuCommunicator};
 
 /// A collective group over NCCL, one rank per GPU.
 pub struct NcclGroup {
@@ -86,10 +86,6 @@ fn exchange_unique_id(
         });
     }
     Ok(from_carrier(&std::array::from_fn(|i| message[i + 1])))
-}
-
-fn device_error(op: &'static str, error: DeviceError) -> CollectiveError {
-    CollectiveError::Backend { op, message: error.to_string() }
 }
 
 /// How long [`NcclGroup::join`] waits for NCCL to set up the communicator.

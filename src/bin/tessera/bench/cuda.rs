@@ -14,7 +14,7 @@ use tessera::nn::{
     char_gru, lenet, mlp, tiny_transformer, window_count, Dataset, GpuDataset, GpuTrainer, Model,
     OptimizerConfig, TextCorpus, TrainState, TransformerConfig,
 };
-use tessera::{cuda_devices, Gpu, GroupConfig, NcclGroup, Rendezvous, TcpGroup};
+use tessera::{cuda_devices, Gpu, GroupListener, NcclGroup};
 
 use super::{median, Reporter};
 
@@ -188,12 +188,9 @@ fn train_rate(
 
 /// An NCCL group of one rank on `gpu`, its id handed over by a TCP group of one.
 fn nccl_group_of_one(gpu: &Arc<Gpu>) -> Result<NcclGroup> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let secret = "bench";
-    let meet = std::thread::spawn(move || Rendezvous::serve(listener, 1, secret, Duration::from_secs(30)));
-    let mut bootstrap = TcpGroup::join(GroupConfig::new(0, 1, addr, secret))?;
-    meet.join().map_err(|_| anyhow::anyhow!("the rendezvous thread panicked"))??;
+    let listener = GroupListener::bind(0, 1, [127, 0, 0, 1].into(), "bench", Duration::from_secs(30))?;
+    let addr = listener.addr();
+    let mut bootstrap = listener.connect(&[addr])?;
     Ok(NcclGroup::join(gpu.clone(), &mut bootstrap)?)
 }
 
