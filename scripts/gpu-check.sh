@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
 # GPU checks, in two halves because the GPU machine has no Rust toolchain:
 #
-#   scripts/gpu-check.sh build   # here: builds the CUDA test binary and example into gpu-carry/
-#   scripts/gpu-check.sh run     # on the GPU machine, in a copy of the tree with gpu-carry/
+#   scripts/gpu-check.sh build          # here: builds the CUDA binaries into gpu-carry/
+#   scripts/gpu-check.sh run [STEP...]  # on the GPU machine, in a copy of the tree with gpu-carry/
 #
 # `run` finds the CUDA libraries (the toolkit, or the wheels of PyTorch's installation),
-# runs the GPU tests with TESSERA_EXPECT_GPU=1 (a missing GPU is then a failure), then the
-# GPU example and `tessera bench cuda --json`, then the same GEMMs in PyTorch with the
-# ratio, and prints everything to record in BENCHMARKS.md; it exits non-zero if any step
-# failed. Every step has a time limit (570 s in all), so one run fits the device tool's
-# 600 s command limit even if a step hangs. With the device tool: build here, then run
+# then runs these steps (all of them, or only the STEPs named, to rerun what failed):
+#   tests      the GPU tests, with TESSERA_EXPECT_GPU=1 (a missing GPU is then a failure);
+#              GPU_TEST_FILTER=NAME runs only the tests whose name contains NAME
+#   placement  the placement tests: real node processes that report the GPU
+#   example    examples/gpu.rs
+#   bench      `tessera bench cuda --json`
+#   peers      scripts/gpu_peers.py: the same figures measured with PyTorch, each beside
+#              the bench's with the ratio (the bench's from this run, if it ran)
+# It prints everything to record in BENCHMARKS.md and exits non-zero if any step failed.
+# Every step has a time limit (570 s in all), so one run fits the device tool's 600 s
+# command limit even if a step hangs. Where $OUT is set (the device tool), the bench's and
+# PyTorch's JSON lines are also written there. With the device tool: build here, then run
 # with `carry: ["gpu-carry"]`, `timeout_s: 600` and the command
 # `scripts/gpu-check.sh run 2>&1 | tee $OUT/gpu-check.log`.
 set -euo pipefail
@@ -43,6 +50,13 @@ print(found[0])' "$1"
     echo "built: $(ls gpu-carry)"
     ;;
 run)
+    all_steps=(tests placement example bench peers)
+    steps=("${@:2}")
+    ((${#steps[@]})) || steps=("${all_steps[@]}")
+    for name in "${steps[@]}"; do
+        [[ " ${all_steps[*]} " == *" $name "* ]] || { echo "gpu-check: unknown step $name (steps: ${all_steps[*]})" >&2; exit 2; }
+    done
+    wanted() { [[ " ${steps[*]} " == *" $1 "* ]]; }
     libs=()
     for dir in /usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib; do
         [[ -d $dir ]] && libs+=("$dir")
@@ -63,8 +77,7 @@ PY
     # wheels (cuBLAS 13.10, cuSPARSE 12.9, NVRTC 13.5, NCCL 2.32 for CUDA 13), and NVRTC 13.0
     # and 13.5 compile every kernel (scripts/test.sh checks 13.0 in CI).
     links=$(mktemp -d)
-    bench=$(mktemp)
-    trap 'rm -rf "$links" "$bench"' EXIT
+    trap 'rm -rf "$links"' EXIT
     for lib in cublas cublasLt cusparse nvrtc nccl; do
         for dir in "${libs[@]}"; do
             found=$(ls "$dir"/lib$lib.so.* 2>/dev/null | grep -v alt | sort -V | tail -1 || true)
@@ -95,37 +108,16 @@ PY
         fi
         echo "--- $name: exit $rc after $((SECONDS - start)) s"
     }
-    step "GPU tests" 150 env TESSERA_EXPECT_GPU=1 gpu-carry/gpu-tests --test-threads=1
+    out=${OUT:-$links}
+    wanted tests && step "GPU tests" 150 env TESSERA_EXPECT_GPU=1 gpu-carry/gpu-tests --test-threads=1 ${GPU_TEST_FILTER:-}
     # Real node processes on this machine report its GPU; GPU tasks run on them.
-    step "placement tests" 90 env TESSERA_EXPECT_GPU=1 gpu-carry/placement-tests
-    step "GPU example" 120 gpu-carry/gpu-example
-    step "tessera bench cuda --json" 120 bash -c 'set -o pipefail; gpu-carry/tessera bench cuda --json | tee "$1"' bash "$bench"
-    echo "--- PyTorch on the same GPU, for comparison (if installed)"
-    BENCH="$bench" timeout 90 python3 - <<'PY' || echo "(PyTorch not available, or it failed)"
-import json, os, time, torch
-ours = {}
-for line in open(os.environ["BENCH"]):
-    try:
-        row = json.loads(line)
-        ours[row["bench"]] = row["value"]
-    except (ValueError, KeyError):
-        pass
-torch.backends.cuda.matmul.allow_tf32 = False
-for dtype, name in ((torch.float32, "cuda/gemm_f32_8192"), (torch.bfloat16, "cuda/gemm_bf16_8192")):
-    a = torch.ones(8192, 8192, device="cuda", dtype=dtype)
-    b = torch.ones(8192, 8192, device="cuda", dtype=dtype)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(10):
-        t = time.perf_counter(); a @ b; torch.cuda.synchronize(); times.append(time.perf_counter() - t)
-    times.sort()
-    theirs = 2 * 8192**3 / times[5] / 1e12
-    mine = ours.get(name)
-    ratio = f", tessera {mine:.1f} = {100 * mine / theirs:.1f} % of torch" if mine else ""
-    print(f"torch gemm {dtype} 8192^3: {theirs:.1f} TFLOP/s{ratio}")
-PY
+    wanted placement && step "placement tests" 90 env TESSERA_EXPECT_GPU=1 gpu-carry/placement-tests
+    wanted example && step "GPU example" 120 gpu-carry/gpu-example
+    wanted bench && step "tessera bench cuda --json" 120 \
+        bash -c 'set -o pipefail; gpu-carry/tessera bench cuda --json | tee "$1"' bash "$out/bench-cuda.json"
+    ours=()
+    [[ -s $out/bench-cuda.json ]] && ours=(--ours "$out/bench-cuda.json")
+    wanted peers && step "PyTorch on the same GPU" 90 python3 scripts/gpu_peers.py "${ours[@]}" --json "$out/peers-torch.json"
     if ((${#failed[@]})); then
         printf 'gpu-check: FAILED: %s\n' "${failed[@]}"
         exit 1

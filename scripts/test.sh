@@ -27,3 +27,6 @@ LD_LIBRARY_PATH=/opt/tessera-nvrtc/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_
 LD_LIBRARY_PATH=/opt/tessera-nvrtc13/links:/opt/tessera-nvrtc13/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
     TESSERA_EXPECT_NVRTC=1 TESSERA_EXPECT_NVRTC_RELEASE=13.0 \
     cargo test --release --features cuda --test gpu "$@" every_kernel_compiles
+# The GPU check scripts (they run only on a GPU machine) must at least parse.
+bash -n scripts/gpu-check.sh
+python3 -c 'import ast, sys; ast.parse(open(sys.argv[1]).read(), sys.argv[1])' scripts/gpu_peers.py
