@@ -769,6 +769,7 @@ mod executor {
         let mut dev = GpuTrainer::new(gpu.clone(), model, &alone).unwrap();
         let device_data = GpuDataset::upload(&gpu, &data, 10).unwrap();
         let expected = dev.train_epoch(&mut alone, &device_data).unwrap();
+        assert_eq!(dev.comm_stats(), tessera::nn::CommStats::default(), "a trainer alone has no group");
         // Two replicas of 16 rows each; buckets of about 4 KiB split the parameters.
         let replicas = on_gpu_replicas(2, move |rank, group| {
             let data = digits().subset(&(0..320).collect::<Vec<_>>());
@@ -787,6 +788,11 @@ mod executor {
             let error = replica.train_epoch(&mut wrong, &device_data).unwrap_err();
             assert!(error.to_string().contains("2 replicas"), "{error}");
             let stats = replica.train_epoch(&mut state, &device_data).unwrap();
+            // Ten steps, timed on the GPU: the averaging went through the host group.
+            let comm = replica.comm_stats();
+            assert_eq!(comm.steps, 10, "{comm:?}");
+            assert!(comm.compute_seconds > 0.0 && comm.reduce_seconds > 0.0, "{comm:?}");
+            assert_eq!(comm.wait_seconds, comm.reduce_seconds, "{comm:?}");
             (stats, state)
         });
         let (stats0, state0) = &replicas[0];
@@ -855,6 +861,12 @@ mod executor {
         let mut replica = GpuTrainer::replica(Box::new(nccl), model, &mut state, 1e-3).unwrap();
         let stats = replica.train_epoch(&mut state, &device_data).unwrap();
         assert_eq!((stats.samples, state.step), (expected.samples, alone.step));
+        let comm = replica.comm_stats();
+        assert_eq!(comm.steps, 8, "{comm:?}");
+        assert!(comm.compute_seconds > 0.0 && comm.reduce_seconds > 0.0, "{comm:?}");
+        // A single step also reads its times (the loss it returns waited for it).
+        replica.step(&mut state).unwrap();
+        assert_eq!(replica.comm_stats().steps, 9);
         assert!((stats.loss - expected.loss).abs() <= 1e-6 * expected.loss.abs().max(1.0), "{stats:?}");
         for (i, (r, a)) in state.params.tensors.iter().zip(&alone.params.tensors).enumerate() {
             close(&format!("parameter {i}"), &r.data, &a.data);

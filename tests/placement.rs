@@ -147,6 +147,9 @@ fn replica_actors_train_on_the_nodes_gpus() -> Result<()> {
             let report = group.train_epoch(1e-2)?;
             ensure!(report.epoch == epoch && report.replicas == nodes.len(), "{report:?}");
             ensure!(report.stats.loss.is_finite() && report.stats.samples == samples, "{report:?}");
+            // Rank 0's steps so far, with the time its averaging took (GPU time on GPUs).
+            let steps = epoch * (samples / 64) as u64;
+            ensure!(report.comm.steps == steps && report.comm.reduce_seconds > 0.0, "{report:?}");
             accuracy = report.test_accuracy;
         }
         accuracy.context("rank 0 evaluates the test data")

@@ -23,7 +23,7 @@ use crate::devices::{launch, segment, Gpu, GpuCommunicator};
 use crate::nn::data::fill_windows;
 use crate::nn::optim::adam_constants;
 use crate::nn::train::{check_classifier_epoch, check_text_epoch};
-use crate::nn::{Dataset, EpochStats, Executor, Model, NnError, OptimizerConfig, TrainState};
+use crate::nn::{CommStats, Dataset, EpochStats, Executor, Model, NnError, OptimizerConfig, TrainState};
 
 /// A classification data set copied to the device once.
 #[derive(Debug)]
@@ -178,7 +178,26 @@ impl GpuTrainer {
     /// [`NnError::WorkerGone`] (the replicas are out of step).
     pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
         self.queue_step(state)?;
-        self.exec.scalar(self.model.loss)
+        let loss = self.exec.scalar(self.model.loss)?;
+        self.read_step_times()?;
+        Ok(loss)
+    }
+
+    /// For a replica: optimizer steps taken, and the GPU time of their forward and
+    /// backward passes (`compute_seconds`) and of their gradient averaging
+    /// (`reduce_seconds`, all of it also `wait_seconds`: it does not overlap backward),
+    /// read from GPU events at the end of every step and epoch. Zero for a trainer alone.
+    pub fn comm_stats(&self) -> CommStats {
+        self.replicas.as_ref().map(GradientSync::stats).unwrap_or_default()
+    }
+
+    /// Reads the GPU times of the steps queued so far into [`GpuTrainer::comm_stats`]
+    /// (waits for them: called after the host has waited for the GPU).
+    fn read_step_times(&mut self) -> Result<(), NnError> {
+        match &mut self.replicas {
+            Some(replicas) => replicas.read_all_marks(self.exec.gpu()),
+            None => Ok(()),
+        }
     }
 
     /// Forward, backward, a replica's gradient averaging, and the optimizer update, queued
@@ -195,11 +214,20 @@ impl GpuTrainer {
         // trainer alone, use the state's seed as it is).
         let salt = (self.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         self.exec.set_seed(state.rng.next_u64() ^ salt);
+        let gpu = self.exec.gpu().clone();
+        let start = self.replicas.as_mut().map(|r| r.mark(&gpu)).transpose()?;
         self.exec.forward_resident(0..loss.index() + 1)?;
         let params = &state.params;
         self.exec.backward(params, 0..loss.index() + 1, &[(loss, &[1.0])])?;
-        if let Some(replicas) = &mut self.replicas {
-            let averaged = replicas.average(&mut self.exec);
+        if let (Some(replicas), Some(start)) = (&mut self.replicas, start) {
+            let average = || {
+                let backward_done = replicas.mark(&gpu)?;
+                replicas.average(&mut self.exec)?;
+                let averaged = replicas.mark(&gpu)?;
+                replicas.queued_step(&gpu, [start, backward_done, averaged])
+            };
+            let averaged = average();
+            // Whatever failed here, this replica may have left the group's collectives.
             self.failed = averaged.is_err();
             averaged?;
         }
@@ -311,6 +339,7 @@ impl GpuTrainer {
         }
         let total = gpu.download(&loss_sum)?[0];
         let correct = gpu.stream_ref().clone_dtoh(&correct).map_err(driver)?[0];
+        self.read_step_times()?;
         state.epoch += 1;
         self.sync_state(state)?;
         let [total, correct, samples] =
@@ -375,6 +404,7 @@ impl GpuTrainer {
             batches += 1;
         }
         let total = gpu.download(&loss_sum)?[0];
+        self.read_step_times()?;
         state.epoch += 1;
         self.sync_state(state)?;
         let [total, samples] = self.sum_over_replicas([total, (batches * rows) as f32])?;

@@ -143,8 +143,8 @@ pub struct EpochReport {
     pub stats: EpochStats,
     /// Rank 0's accuracy on the job's test data, if it has some.
     pub test_accuracy: Option<f32>,
-    /// Rank 0's compute and communication time so far in this group (CPU replicas; zero on
-    /// GPUs, where the averaging is queued on the device with the rest of the step).
+    /// Rank 0's compute and communication time so far in this group (on GPUs, GPU time
+    /// read from events; see [`GpuTrainer::comm_stats`](crate::nn::GpuTrainer::comm_stats)).
     pub comm: CommStats,
     /// Replicas in the group.
     pub replicas: usize,
@@ -205,6 +205,8 @@ struct Live {
 }
 
 /// A replica's trainer: on the CPU, or on a GPU with the training data on the device.
+// One per replica actor, never moved after it is made: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
 enum Engine {
     Cpu(DataParallel),
     #[cfg(feature = "cuda")]
@@ -268,7 +270,7 @@ impl Engine {
         match self {
             Engine::Cpu(replica) => replica.stats(),
             #[cfg(feature = "cuda")]
-            Engine::Gpu { .. } => CommStats::default(),
+            Engine::Gpu { trainer, .. } => trainer.comm_stats(),
         }
     }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use tessera::nn::{
-    char_gru, lenet, mlp, tiny_transformer, window_count, Dataset, GpuDataset, GpuTrainer, Model,
+    char_gru, lenet, mlp, tiny_transformer, window_count, CommStats, Dataset, GpuDataset, GpuTrainer, Model,
     OptimizerConfig, TextCorpus, TrainState, TransformerConfig,
 };
 use tessera::{cuda_devices, Gpu, GroupListener, NcclGroup};
@@ -114,7 +114,7 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     let data = Dataset::digits(path)?;
     let device_data = GpuDataset::upload(&gpu, &data, 10)?;
     for (label, model) in [("mlp", mlp(64, &[64, 128, 64, 10])?), ("cnn", lenet(64, 8, 10)?)] {
-        let rate = train_rate(model, &data, &device_data, |model, state| {
+        let (rate, _) = train_rate(model, &data, &device_data, |model, state| {
             GpuTrainer::new(gpu.clone(), model, state)
         })?;
         reporter.report(&format!("cuda/train_{label}_digits"), rate, "samples/s", true);
@@ -124,10 +124,17 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     // through NCCL and averages them.
     match nccl_group_of_one(&gpu) {
         Ok(group) => {
-            let rate = train_rate(lenet(64, 8, 10)?, &data, &device_data, |model, state| {
+            let (rate, comm) = train_rate(lenet(64, 8, 10)?, &data, &device_data, |model, state| {
                 GpuTrainer::replica(Box::new(group), model, state, 25.0)
             })?;
             reporter.report("cuda/train_cnn_digits_nccl1", rate, "samples/s", true);
+            let per_step = |seconds: f64| seconds / comm.steps.max(1) as f64 * 1e6;
+            eprintln!(
+                "cnn as an NCCL replica of one, GPU time a step: forward and backward {:.0} µs, \
+                 averaging (buckets, NCCL, scaling) {:.0} µs",
+                per_step(comm.compute_seconds),
+                per_step(comm.reduce_seconds)
+            );
         }
         Err(error) => eprintln!("NCCL replica figure skipped: {error:#}"),
     }
@@ -170,20 +177,21 @@ fn text_rate(gpu: &Arc<Gpu>, model: Model, ids: &[i32], steps: usize) -> Result<
 }
 
 /// Median samples/s of GPU training epochs over all of digits (batch 64, Adam) by the
-/// trainer `make` returns, after one warm-up epoch (kernel compilation, cuBLAS handles).
+/// trainer `make` returns, after one warm-up epoch (kernel compilation, cuBLAS handles);
+/// and the trainer's [`CommStats`] at the end (a replica's).
 fn train_rate(
     model: Model,
     data: &Dataset,
     device_data: &GpuDataset,
     make: impl FnOnce(Model, &mut TrainState) -> Result<GpuTrainer, tessera::nn::NnError>,
-) -> Result<f64> {
+) -> Result<(f64, CommStats)> {
     let mut state = TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), 64, 1);
     let mut trainer = make(model, &mut state)?;
     trainer.train_epoch(&mut state, device_data)?;
     let mut samples: Vec<f64> = (0..5)
         .map(|_| trainer.train_epoch(&mut state, device_data).map(|s| s.samples_per_second()))
         .collect::<Result<_, _>>()?;
-    Ok(median(&mut samples))
+    Ok((median(&mut samples), trainer.comm_stats()))
 }
 
 /// An NCCL group of one rank on `gpu`, its id handed over by a TCP group of one.
