@@ -92,6 +92,8 @@ PY
     export LD_LIBRARY_PATH="$(IFS=:; echo "${libs[*]:-}")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+    # What Tessera itself finds (a node started here would report the same).
+    gpu-carry/tessera devices || true
     # Each step runs under a time limit, so a hang (a driver or NCCL wait) costs only its
     # own limit of the device time and the later steps still run; the summary at the end
     # names every step that failed.

@@ -1,5 +1,6 @@
 //! `tessera node --join`: the command-line node joins a head; a task its binary does not
 //! contain fails with an error saying so (never a hang); the node leaves with the head.
+//! `tessera devices` lists what such a node would report.
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -52,5 +53,48 @@ fn a_node_without_the_secret_says_what_is_missing() -> Result<()> {
     ensure!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(stderr.contains("TESSERA_SECRET"), "{stderr}");
+    Ok(())
+}
+
+/// `tessera devices` lists what a node started here reports: the same GPUs as this process
+/// finds (none here without a GPU, with the reason), in text and in JSON; `--expect-gpu`
+/// fails only where there is none.
+#[test]
+fn tessera_devices_lists_what_a_node_would_report() -> Result<()> {
+    let devices =
+        |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_tessera")).arg("devices").args(args).output();
+    let text = devices(&[])?;
+    ensure!(text.status.success(), "{text:?}");
+    let stdout = String::from_utf8(text.stdout)?;
+    ensure!(stdout.starts_with("cpu: ") && stdout.contains(" cores"), "{stdout}");
+
+    let json = devices(&["--json"])?;
+    ensure!(json.status.success(), "{json:?}");
+    let listing: serde_json::Value = serde_json::from_slice(&json.stdout)?;
+    ensure!(listing["cores"].as_u64().is_some_and(|n| n >= 1), "{listing}");
+    let gpus = listing["gpus"].as_array().ok_or_else(|| anyhow::anyhow!("no gpus array: {listing}"))?;
+    let reason = listing["no_gpu_reason"].as_str();
+    // The binary may be built with other features than this test: compare with the process
+    // only where both have the same answer to "is there a GPU".
+    let expected = devices(&["--expect-gpu"])?;
+    if gpus.is_empty() {
+        let reason = reason.ok_or_else(|| anyhow::anyhow!("no GPU and no reason: {listing}"))?;
+        ensure!(stdout.contains(&format!("no GPU: {reason}")), "{stdout}");
+        ensure!(!expected.status.success(), "--expect-gpu without a GPU succeeded");
+        let stderr = String::from_utf8(expected.stderr)?;
+        ensure!(stderr.contains("a GPU was expected") && stderr.contains(reason), "{stderr}");
+    } else {
+        ensure!(reason.is_none(), "{listing}");
+        ensure!(expected.status.success(), "{expected:?}");
+        for (i, gpu) in gpus.iter().enumerate() {
+            ensure!(gpu["ordinal"].as_u64() == Some(i as u64), "{gpu}");
+            let name = gpu["name"].as_str().unwrap_or_default();
+            ensure!(stdout.contains(&format!("gpu {i}: {name}, ")), "{stdout}");
+        }
+        let here = tessera::local_gpus();
+        if !here.is_empty() {
+            ensure!(here.len() == gpus.len(), "the binary found {gpus:?}, this process {here:?}");
+        }
+    }
     Ok(())
 }

@@ -1,4 +1,5 @@
-//! The `tessera` command line: node processes, the stash, and benchmark suites.
+//! The `tessera` command line: node processes, the stash, benchmark suites, and what devices
+//! this machine gives Tessera.
 mod bench;
 mod stash;
 
@@ -16,6 +17,9 @@ struct Cli {
 enum Command {
     /// Run a benchmark suite and print its results.
     Bench(bench::BenchArgs),
+    /// List the devices a node started here would report: its cores and its CUDA GPUs (or
+    /// why there are none).
+    Devices(DevicesArgs),
     /// Run a node process that joins a cluster head (the secret comes from TESSERA_SECRET).
     Node(NodeArgs),
     /// A member of the `collectives` benchmark (started by `tessera bench collectives`).
@@ -42,6 +46,44 @@ struct NodeArgs {
     /// Tasks run at once (default: the number of cores).
     #[arg(long)]
     slots: Option<usize>,
+}
+
+#[derive(clap::Args)]
+struct DevicesArgs {
+    /// Print one JSON object: `cores`, `gpus` (ordinal, name, total_memory in bytes) and
+    /// `no_gpu_reason` (null when there are GPUs).
+    #[arg(long)]
+    json: bool,
+    /// Fail (exit status 1) when there is no GPU, saying why.
+    #[arg(long)]
+    expect_gpu: bool,
+}
+
+fn list_devices(args: DevicesArgs) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let gpus = tessera::local_gpus();
+    let reason = tessera::gpu_absence_reason();
+    if args.json {
+        let listing = serde_json::json!({ "cores": cores, "gpus": gpus, "no_gpu_reason": reason });
+        println!("{listing}");
+    } else {
+        println!("cpu: {cores} cores");
+        for gpu in &gpus {
+            println!(
+                "gpu {}: {}, {:.1} GiB",
+                gpu.ordinal,
+                gpu.name,
+                gpu.total_memory as f64 / (1u64 << 30) as f64
+            );
+        }
+        if let Some(reason) = reason {
+            println!("no GPU: {reason}");
+        }
+    }
+    match reason {
+        Some(reason) if args.expect_gpu => anyhow::bail!("a GPU was expected: {reason}"),
+        _ => Ok(()),
+    }
 }
 
 fn run_node(args: NodeArgs) -> Result<()> {
@@ -73,6 +115,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::Devices(args) => list_devices(args),
         Command::Node(args) => run_node(args),
         Command::CollectiveMember(args) => bench::collectives::member(args),
         Command::Stash(args) => stash::run(args),
