@@ -16,9 +16,16 @@ fn gpu_expected() -> bool {
     std::env::var("TESSERA_EXPECT_GPU").is_ok_and(|v| v == "1")
 }
 
+/// GPU 0, or `None` (a skip) where there is no GPU.
 fn gpu() -> Option<Gpu> {
-    match Gpu::open(0) {
-        Ok(gpu) => Some(gpu),
+    or_skip(Gpu::open(0))
+}
+
+/// What opening GPU 0 gave, or `None` (a skip) if it failed because there is no GPU (a
+/// failure with `TESSERA_EXPECT_GPU=1`, or for any other reason).
+fn or_skip<T>(opened: Result<T, DeviceError>) -> Option<T> {
+    match opened {
+        Ok(opened) => Some(opened),
         Err(error) => {
             assert!(!gpu_expected(), "a GPU was expected: {error}");
             assert!(matches!(error, DeviceError::NoDevice(_)), "{error}");
@@ -876,15 +883,7 @@ mod executor {
 
 /// The device actor of GPU 0 for `rt`, or `None` (a skip) where there is no GPU.
 fn device_actor(rt: &Runtime) -> Option<DeviceActor> {
-    match DeviceActor::get(rt, 0) {
-        Ok(actor) => Some(actor),
-        Err(error) => {
-            assert!(!gpu_expected(), "a GPU was expected: {error}");
-            assert!(matches!(error, DeviceError::NoDevice(_)), "{error}");
-            eprintln!("skipped: {error}");
-            None
-        }
-    }
+    or_skip(DeviceActor::get(rt, 0))
 }
 
 #[test]
