@@ -18,10 +18,12 @@ cargo test --release --features cuda --all-targets --no-run
 # and to sm_90/sm_80 machine code (NVRTC from PyPI, installed by install-deps), every
 # kernel, run on the host as C++, must compute what the CPU executor computes, and the
 # library's own tests (the cuBLAS call mapping and the launch signature check among them)
-# pass with the feature on.
+# pass with the feature on; with a stand-in driver library (tests/fake_driver.rs), a driver
+# without a usable GPU is a clear reason and a device that cannot be opened an error, never
+# a panic, in the `tessera` binary and its node processes.
 LD_LIBRARY_PATH=/opt/tessera-nvrtc/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
     TESSERA_EXPECT_NVRTC=1 TESSERA_EXPECT_NVRTC_RELEASE=12 TESSERA_EXPECT_CXX=1 \
-    cargo test --release --features cuda --lib --test gpu --test kernels_on_host "$@"
+    cargo test --release --features cuda --lib --test gpu --test kernels_on_host --test fake_driver "$@"
 # The same kernels (PTX and machine code) with CUDA 13's NVRTC, the version on the GPU
 # machines.
 LD_LIBRARY_PATH=/opt/tessera-nvrtc13/links:/opt/tessera-nvrtc13/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
 };
 use half::bf16;
 use parking_lot::Mutex;
@@ -103,8 +103,9 @@ pub fn cuda_devices() -> Result<Vec<CudaDeviceInfo>> {
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
         return Err(DeviceError::NoDevice("the CUDA driver library (libcuda.so) is not installed".into()));
     }
-    let count =
-        CudaContext::device_count().map_err(|e| DeviceError::NoDevice(format!("the driver failed: {e}")))?;
+    let count = CudaContext::device_count().map_err(|e| {
+        DeviceError::NoDevice(format!("the CUDA driver failed to start: {}", driver_message(e)))
+    })?;
     if count <= 0 {
         return Err(DeviceError::NoDevice("the CUDA driver sees no device".into()));
     }
@@ -116,7 +117,7 @@ pub fn cuda_devices() -> Result<Vec<CudaDeviceInfo>> {
             let ordinal = index as usize;
             let driver = |e: cudarc::driver::DriverError| DeviceError::Driver {
                 device: ordinal,
-                message: e.to_string(),
+                message: driver_message(e),
             };
             let dev = device::get(index).map_err(driver)?;
             Ok(CudaDeviceInfo {
@@ -127,6 +128,15 @@ pub fn cuda_devices() -> Result<Vec<CudaDeviceInfo>> {
             })
         })
         .collect()
+}
+
+/// The driver's name and words for `e`, as `CUDA_ERROR_NO_DEVICE (no CUDA-capable device is
+/// detected)`; the name alone if the driver has no words for it.
+pub(crate) fn driver_message(e: DriverError) -> String {
+    match (e.error_name(), e.error_string()) {
+        (Ok(name), Ok(words)) => format!("{} ({})", name.to_string_lossy(), words.to_string_lossy()),
+        _ => format!("{:?}", e.0),
+    }
 }
 
 /// Compiles every kernel of [`KERNELS`] to PTX (needs only NVRTC, no GPU): the check CI runs.
@@ -317,7 +327,7 @@ impl Gpu {
             )));
         }
         let ctx = CudaContext::new(ordinal)
-            .map_err(|e| DeviceError::Driver { device: ordinal, message: e.to_string() })?;
+            .map_err(|e| DeviceError::Driver { device: ordinal, message: driver_message(e) })?;
         // Every buffer of this `Gpu` is used on its one stream, in order, so cudarc's
         // per-allocation events (two made and destroyed per buffer, for ordering between
         // streams) have nothing to order.
@@ -327,7 +337,7 @@ impl Gpu {
         let stream = ctx.default_stream();
         let (major, minor) = ctx
             .compute_capability()
-            .map_err(|e| DeviceError::Driver { device: ordinal, message: e.to_string() })?;
+            .map_err(|e| DeviceError::Driver { device: ordinal, message: driver_message(e) })?;
         Ok(Gpu {
             ordinal,
             compute_capability: (major.max(0) as u32, minor.max(0) as u32),
@@ -375,8 +385,8 @@ impl Gpu {
         self.ordinal
     }
 
-    pub(crate) fn driver(&self, e: cudarc::driver::DriverError) -> DeviceError {
-        DeviceError::Driver { device: self.ordinal, message: e.to_string() }
+    pub(crate) fn driver(&self, e: DriverError) -> DeviceError {
+        DeviceError::Driver { device: self.ordinal, message: driver_message(e) }
     }
 
     /// Copies `data` to the device.
@@ -668,10 +678,11 @@ impl Gpu {
             DeviceError::Driver {
                 device: self.ordinal,
                 message: format!(
-                    "loading kernel `{name}` ({what} for sm_{major}{minor} from NVRTC {}) failed: {e} \
+                    "loading kernel `{name}` ({what} for sm_{major}{minor} from NVRTC {}) failed: {} \
                      (the driver supports CUDA {}; an NVRTC of a newer major version than the \
                      driver's makes code it cannot load)",
                     nvrtc_version(),
+                    driver_message(e),
                     driver_version()
                 ),
             }
