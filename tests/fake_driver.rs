@@ -9,6 +9,8 @@
 //!   opening it is an error naming the driver's reason, never a panic.
 //! - A node process on that machine reports the GPU to the head; a GPU task goes to it, and
 //!   a GPU replica job there fails at once with the driver's reason instead of hanging.
+//! - A node with two GPUs: a replica job on every GPU lists it twice, and replicas past its
+//!   GPUs are refused before any starts.
 //!
 //! Without a C compiler the tests skip, unless `TESSERA_EXPECT_CXX=1` (set by
 //! `scripts/test.sh`), which makes a missing compiler a failure.
@@ -143,19 +145,33 @@ impl Drop for Node {
     }
 }
 
-#[test]
-fn a_node_reports_the_gpu_and_gpu_work_goes_there() -> Result<()> {
-    let Some(driver) = fake_driver() else { return Ok(()) };
+/// A head in this process and one `tessera node` on a fake machine of `gpus` busy GPUs.
+fn cluster_with_a_fake_gpu_node(driver: &Path, gpus: usize) -> Result<(Runtime, Cluster, Node)> {
     let rt = Runtime::builder().workers(2).build()?;
     let cluster =
         Cluster::start(&rt, ClusterConfig { secret: Some(SECRET.into()), ..ClusterConfig::default() })?;
-    let _node = Node(
+    let node = Node(
         tessera(driver, "busy", &["node", "--join", &cluster.addr().to_string(), "--name", "fake-gpu-node"])
+            .env("TESSERA_FAKE_CUDA_DEVICES", gpus.to_string())
             .env("TESSERA_SECRET", SECRET)
             .stdout(Stdio::null())
             .spawn()?,
     );
     cluster.wait_for_nodes(1, Duration::from_secs(30))?;
+    Ok((rt, cluster, node))
+}
+
+/// A small replica job on the digits (a global batch of 48: groups of 1, 2 or 3).
+fn small_job() -> Result<ReplicaJob> {
+    let data = Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))?;
+    let data = data.subset(&(0..96).collect::<Vec<_>>());
+    Ok(ReplicaJob::new(ModelSpec::Mlp { sizes: vec![64, 16, 10] }, OptimizerConfig::adam(1e-3), 48, data))
+}
+
+#[test]
+fn a_node_reports_the_gpu_and_gpu_work_goes_there() -> Result<()> {
+    let Some(driver) = fake_driver() else { return Ok(()) };
+    let (rt, cluster, _node) = cluster_with_a_fake_gpu_node(driver, 1)?;
     let node = cluster.nodes().pop().context("the node")?;
     ensure!(node.gpus.len() == 1 && node.gpus[0].name == "Fake GPU", "{:?}", node.gpus);
     ensure!(node.gpus[0].ordinal == 0 && node.gpus[0].total_memory == 80 << 30, "{:?}", node.gpus);
@@ -176,11 +192,7 @@ fn a_node_reports_the_gpu_and_gpu_work_goes_there() -> Result<()> {
 
     // A replica job on that GPU: the head lets it start (the node reported GPU 0), and the
     // replica's failure to open the device comes back at once, with the driver's reason.
-    let data = Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv"))?;
-    let data = data.subset(&(0..64).collect::<Vec<_>>());
-    let job =
-        ReplicaJob::new(ModelSpec::Mlp { sizes: vec![64, 16, 10] }, OptimizerConfig::adam(1e-3), 32, data)
-            .on_gpu(0, false);
+    let job = small_job()?.on_gpu(0, false);
     let start = Instant::now();
     let error =
         ClusterReplicas::start(&cluster, &[node.id], &job).err().context("a replica opened a busy GPU")?;
@@ -188,6 +200,41 @@ fn a_node_reports_the_gpu_and_gpu_work_goes_there() -> Result<()> {
     ensure!(text.contains("busy or unavailable"), "{text}");
     ensure!(start.elapsed() < Duration::from_secs(30), "the failure took {:?}", start.elapsed());
     println!("replica job on the busy GPU: {text}");
+    rt.shutdown();
+    Ok(())
+}
+
+#[test]
+fn a_job_on_every_gpu_runs_a_replica_on_each_of_a_nodes_gpus() -> Result<()> {
+    let Some(driver) = fake_driver() else { return Ok(()) };
+    let (rt, cluster, _node) = cluster_with_a_fake_gpu_node(driver, 2)?;
+    let node = cluster.nodes().pop().context("the node")?;
+    ensure!(node.gpus.len() == 2, "{:?}", node.gpus);
+    let every = ClusterReplicas::every_gpu(&cluster, &[node.id]);
+    ensure!(every == [node.id, node.id], "{every:?}");
+
+    // Past the node's GPUs: refused before any replica starts, naming the missing device.
+    let refusals = [(0, 3, "has no GPU 2 for a replica on GPUs (its replica 3)"), (1, 2, "has no GPU 2")];
+    for (ordinal, listed, missing) in refusals {
+        let job = small_job()?.on_gpu(ordinal, false);
+        let error =
+            ClusterReplicas::start(&cluster, &vec![node.id; listed], &job).err().context("started")?;
+        let text = error.to_string();
+        ensure!(text.contains(missing) && text.contains("reported 2 GPU(s)"), "{text}");
+    }
+    // GPU 1 alone: that device's own failure comes back (the fake's device 1 is out of
+    // memory, device 0 busy).
+    let error = ClusterReplicas::start(&cluster, &[node.id], &small_job()?.on_gpu(1, false))
+        .err()
+        .context("a replica opened a fake GPU")?;
+    let text = error.to_string();
+    ensure!(text.contains("device 1") && text.contains("CUDA_ERROR_OUT_OF_MEMORY"), "{text}");
+    // Both GPUs: the check passes and the replicas fail at their devices (rank 0's first).
+    let error = ClusterReplicas::start(&cluster, &every, &small_job()?.on_gpu(0, false))
+        .err()
+        .context("replicas opened the fake GPUs")?;
+    let text = error.to_string();
+    ensure!(text.contains("replica 0") && text.contains("CUDA_ERROR_DEVICE_UNAVAILABLE"), "{text}");
     rt.shutdown();
     Ok(())
 }

@@ -345,6 +345,34 @@ fn replica_actors_match_single_worker_training() -> Result<()> {
     Ok(())
 }
 
+/// A node listed twice runs two replicas (its own actors, threads and group sockets):
+/// the same training, bit for bit, as two replicas on two nodes.
+fn a_node_listed_twice_runs_two_replicas() -> Result<()> {
+    let c = TestCluster::start(2)?;
+    let data = digits().subset(&(0..192).collect::<Vec<_>>());
+    let mut job =
+        ReplicaJob::new(ModelSpec::Mlp { sizes: vec![64, 32, 10] }, OptimizerConfig::sgd(0.1, 0.9), 48, data);
+    job.seed = SEED;
+    let nodes = c.node_ids();
+    let train = |nodes: &[tessera::NodeId]| -> Result<TrainState> {
+        let mut group = ClusterReplicas::start(&c.cluster, nodes, &job)?;
+        ensure!(group.size() == 2 && group.nodes() == nodes, "{group:?}");
+        for _ in 0..2 {
+            group.train_epoch(0.1)?;
+        }
+        Ok(group.state()?)
+    };
+    let one_node = train(&[nodes[0], nodes[0]])?;
+    let two_nodes = train(&nodes)?;
+    ensure!(one_node.step == 8, "{} steps", one_node.step);
+    ensure!(one_node.params == two_nodes.params, "one node's two replicas trained differently");
+    // Without GPUs, a job on every GPU of the nodes has no replica at all.
+    if tessera::local_gpus().is_empty() {
+        ensure!(ClusterReplicas::every_gpu(&c.cluster, &nodes).is_empty());
+    }
+    Ok(())
+}
+
 /// A job on GPUs is refused before any replica starts when a node did not report the GPU
 /// it asks for, naming the node; where the nodes have none, the first GPU too.
 fn gpu_replica_actors_need_nodes_that_reported_the_gpu() -> Result<()> {
@@ -470,6 +498,7 @@ fn main() {
             replica_actors_on_node_processes_stay_bit_identical,
         ),
         ("replica_actors_match_single_worker_training", replica_actors_match_single_worker_training),
+        ("a_node_listed_twice_runs_two_replicas", a_node_listed_twice_runs_two_replicas),
         (
             "gpu_replica_actors_need_nodes_that_reported_the_gpu",
             gpu_replica_actors_need_nodes_that_reported_the_gpu,

@@ -8,8 +8,10 @@
  *   driver_mismatch  cuInit fails: CUDA_ERROR_SYSTEM_DRIVER_MISMATCH (the kernel module and
  *                    libcuda are of different versions, as after an upgrade without reboot)
  *   zero             cuInit succeeds, no device
- *   busy             one device, "Fake GPU" of 80 GiB, whose context cannot be made:
- *                    CUDA_ERROR_DEVICE_UNAVAILABLE (another process holds it, exclusive)
+ *   busy             TESSERA_FAKE_CUDA_DEVICES devices (default 1), "Fake GPU" of 80 GiB,
+ *                    whose contexts cannot be made: device 0 is held by another process
+ *                    (CUDA_ERROR_DEVICE_UNAVAILABLE), the others are out of memory
+ *                    (CUDA_ERROR_OUT_OF_MEMORY), so an error tells which device it was
  */
 #include <stddef.h>
 #include <stdlib.h>
@@ -22,6 +24,7 @@ typedef void *CUcontext;
 enum {
     SUCCESS = 0,
     INVALID_VALUE = 1,
+    OUT_OF_MEMORY = 2,
     DEVICE_UNAVAILABLE = 46,
     NO_DEVICE = 100,
     INVALID_DEVICE = 101,
@@ -42,7 +45,8 @@ CUresult cuInit(unsigned int flags) {
 
 CUresult cuDeviceGetCount(int *count) {
     if (count == NULL) return INVALID_VALUE;
-    *count = mode_is("busy") ? 1 : 0;
+    const char *devices = getenv("TESSERA_FAKE_CUDA_DEVICES");
+    *count = mode_is("busy") ? (devices != NULL ? atoi(devices) : 1) : 0;
     return SUCCESS;
 }
 
@@ -72,14 +76,14 @@ CUresult cuDeviceTotalMem_v2(size_t *bytes, CUdevice device) {
 
 CUresult cuDevicePrimaryCtxRetain(CUcontext *context, CUdevice device) {
     (void)context;
-    (void)device;
-    return DEVICE_UNAVAILABLE;
+    return device == 0 ? DEVICE_UNAVAILABLE : OUT_OF_MEMORY;
 }
 
 static const char *text_of(CUresult error, int name) {
     switch (error) {
     case SUCCESS: return name ? "CUDA_SUCCESS" : "no error";
     case INVALID_VALUE: return name ? "CUDA_ERROR_INVALID_VALUE" : "invalid argument";
+    case OUT_OF_MEMORY: return name ? "CUDA_ERROR_OUT_OF_MEMORY" : "out of memory";
     case SYSTEM_DRIVER_MISMATCH:
         return name ? "CUDA_ERROR_SYSTEM_DRIVER_MISMATCH"
                     : "system has unsupported display driver / cuda driver combination";

@@ -5,8 +5,10 @@
 //! last stash checkpoint ([`train_on_cluster`]).
 //!
 //! # Protocol (one group)
-//! 1. The head starts one [`ReplicaActor`] per node with [`Cluster::actor_on`]; its state
-//!    is the [`ReplicaJob`] (model description, optimizer, data, checkpoint place).
+//! 1. The head starts one [`ReplicaActor`] per listed node with [`Cluster::actor_on`] (a
+//!    node listed k times runs k of them; on GPUs, on k consecutive devices); its state is
+//!    the [`ReplicaJob`] (model description, optimizer, data, checkpoint place) and which
+//!    of its node's replicas it is.
 //! 2. `Bind`: every replica binds a [`GroupListener`] on its node's address, keyed by a
 //!    secret derived on the node from the cluster secret and the group's number (the key
 //!    never travels), and answers the address.
@@ -82,10 +84,12 @@ pub enum ReplicaDevice {
     Cpu,
     /// On GPU `ordinal` of its node, as a
     /// [`GpuTrainer::replica`](crate::nn::GpuTrainer::replica) (nodes built with the `cuda`
-    /// feature; every node must have reported that GPU when it joined). Gradients are
+    /// feature; every node must have reported that GPU when it joined). A node listed k
+    /// times in the group runs k replicas, on GPUs `ordinal` to `ordinal + k - 1`
+    /// ([`ClusterReplicas::every_gpu`] lists each node once per GPU). Gradients are
     /// averaged through NCCL on the devices when `nccl` is set (then every replica needs a
     /// GPU of its own), else through the replicas' TCP group, staged through host memory
-    /// (replicas may share a GPU).
+    /// (replicas of different nodes on one machine may share a GPU).
     ///
     /// NCCL waits without limit for a rank that dies in the middle of a collective, so with
     /// `nccl` a lost node leaves the surviving replicas waiting on their GPUs instead of
@@ -190,6 +194,9 @@ impl ReplicaFailure {
 #[derive(Serialize, Deserialize)]
 pub(crate) struct ReplicaActor {
     job: ReplicaJob,
+    /// Which of its node's replicas this is (0 for the first): on GPUs, its device is the
+    /// job's ordinal plus this.
+    slot: usize,
     #[serde(skip)]
     live: Live,
 }
@@ -217,9 +224,11 @@ enum Engine {
 }
 
 impl Engine {
-    /// A replica of `model` in `group` on `device`, starting from rank 0's `state`.
+    /// A replica of `model` in `group` on the job's device (on GPUs, the job's ordinal plus
+    /// `slot`), starting from rank 0's `state`.
     fn start(
         job: &ReplicaJob,
+        slot: usize,
         model: crate::nn::Model,
         group: crate::devices::TcpGroup,
         state: &mut TrainState,
@@ -233,7 +242,7 @@ impl Engine {
             #[cfg(feature = "cuda")]
             ReplicaDevice::Gpu { ordinal, nccl } => {
                 use crate::devices::{Gpu, GpuCommunicator, HostStagedGroup, NcclGroup};
-                let gpu = std::sync::Arc::new(Gpu::open(ordinal)?);
+                let gpu = std::sync::Arc::new(Gpu::open(ordinal + slot)?);
                 let classes = model.graph.shape(model.logits)?.get(1).copied().unwrap_or(0);
                 let data = crate::nn::GpuDataset::upload(&gpu, &job.train, classes)?;
                 let mut group = group;
@@ -247,7 +256,7 @@ impl Engine {
             }
             #[cfg(not(feature = "cuda"))]
             ReplicaDevice::Gpu { .. } => {
-                drop((model, group));
+                drop((model, group, slot));
                 Err(NnError::Argument {
                     op: "ReplicaJob",
                     what:
@@ -357,7 +366,7 @@ impl ReplicaActor {
             Some((stash, name)) if resumable => resume_from_stash(stash, name, None)?,
             _ => TrainState::new(&model, job.optimizer.clone(), job.train.len(), job.global_batch, job.seed),
         };
-        let replica = Engine::start(job, model, group, &mut state)?;
+        let replica = Engine::start(job, self.slot, model, group, &mut state)?;
         let epoch = state.epoch;
         self.live.replica = Some(replica);
         self.live.state = Some(state);
@@ -390,6 +399,11 @@ impl ReplicaActor {
         };
         Ok(ReplicaAnswer::Epoch { report, params: params_hash(&state.params) })
     }
+}
+
+/// For each replica (by rank), how many replicas before it run on the same node.
+fn slots_on_nodes(nodes: &[NodeId]) -> Vec<usize> {
+    nodes.iter().enumerate().map(|(rank, node)| nodes[..rank].iter().filter(|n| *n == node).count()).collect()
 }
 
 /// Pins the calling thread (and the threads it starts later) to core `index` modulo the
@@ -462,8 +476,9 @@ impl std::fmt::Debug for ClusterReplicas {
 }
 
 impl ClusterReplicas {
-    /// Starts one replica of `job` on each of `nodes` (rank = position), forms their group
-    /// and resumes from the job's checkpoint if there is one.
+    /// Starts one replica of `job` on each of `nodes` (rank = position; a node listed k
+    /// times runs k replicas, on GPUs on k consecutive devices), forms their group and
+    /// resumes from the job's checkpoint if there is one.
     ///
     /// # Errors
     /// [`NnError::Argument`] if there are no nodes or their number does not divide the
@@ -479,15 +494,19 @@ impl ClusterReplicas {
             });
         }
         let known = cluster.nodes();
+        let slots = slots_on_nodes(nodes);
         if let ReplicaDevice::Gpu { ordinal, .. } = job.device {
-            for (rank, node) in nodes.iter().enumerate() {
+            for (rank, (node, &slot)) in nodes.iter().zip(&slots).enumerate() {
                 let Some(info) = known.iter().find(|n| n.id == *node) else { continue };
-                if info.gpus.len() <= ordinal {
+                let device = ordinal + slot;
+                if info.gpus.len() <= device {
+                    let which =
+                        if slot == 0 { String::new() } else { format!(" (its replica {})", slot + 1) };
                     return Err(NnError::Replica {
                         rank,
                         node: info.name.clone(),
                         what: format!(
-                            "has no GPU {ordinal} for a replica on GPUs (it reported {} GPU(s) when it joined)",
+                            "has no GPU {device} for a replica on GPUs{which} (it reported {} GPU(s) when it joined)",
                             info.gpus.len()
                         ),
                         peer_lost: false,
@@ -497,7 +516,7 @@ impl ClusterReplicas {
         }
         let mut members = Vec::with_capacity(size);
         let mut ips = Vec::with_capacity(size);
-        for &node in nodes {
+        for (&node, &slot) in nodes.iter().zip(&slots) {
             let info = known.iter().find(|n| n.id == node).ok_or_else(|| NnError::Replica {
                 rank: members.len(),
                 node: node.to_string(),
@@ -505,7 +524,7 @@ impl ClusterReplicas {
                 peer_lost: false,
             })?;
             let actor = cluster
-                .actor_on(node, &ReplicaActor { job: job.clone(), live: Live::default() })
+                .actor_on(node, &ReplicaActor { job: job.clone(), slot, live: Live::default() })
                 .map_err(|e| NnError::Replica {
                     rank: members.len(),
                     node: info.name.clone(),
@@ -535,6 +554,20 @@ impl ClusterReplicas {
             None => {}
         }
         Ok(group)
+    }
+
+    /// `nodes`, each listed once per GPU it reported when it joined (nodes without GPUs
+    /// left out): with [`ReplicaJob::on_gpu`]`(0, …)`, a group with a replica on every GPU
+    /// of those nodes.
+    pub fn every_gpu(cluster: &Cluster, nodes: &[NodeId]) -> Vec<NodeId> {
+        let known = cluster.nodes();
+        nodes
+            .iter()
+            .flat_map(|&node| {
+                let gpus = known.iter().find(|n| n.id == node).map_or(0, |n| n.gpus.len());
+                std::iter::repeat_n(node, gpus)
+            })
+            .collect()
     }
 
     /// Replicas in the group.
@@ -754,8 +787,13 @@ pub fn train_on_cluster(
             std::thread::sleep(Duration::from_millis(20));
             survivors = group.surviving_nodes();
         }
-        let gone: Vec<String> =
-            group.members.iter().filter(|m| !survivors.contains(&m.node)).map(|m| m.name.clone()).collect();
+        let mut gone: Vec<String> = Vec::new();
+        for member in group.members.iter().filter(|m| !survivors.contains(&m.node)) {
+            // A node that ran several replicas is named once.
+            if !gone.contains(&member.name) {
+                gone.push(member.name.clone());
+            }
+        }
         if gone.is_empty() || job.checkpoint.is_none() {
             return Err(error);
         }
@@ -784,5 +822,19 @@ pub fn train_on_cluster(
         ));
         survivors.truncate(size);
         nodes = survivors;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slots_on_nodes;
+    use crate::NodeId;
+
+    #[test]
+    fn a_nodes_replicas_take_consecutive_slots_in_rank_order() {
+        let (a, b, c) = (NodeId(7), NodeId(3), NodeId(9));
+        assert_eq!(slots_on_nodes(&[a, b, a, a, c, b]), [0, 0, 1, 2, 0, 1]);
+        assert_eq!(slots_on_nodes(&[a, b, c]), [0, 0, 0]);
+        assert!(slots_on_nodes(&[]).is_empty());
     }
 }
