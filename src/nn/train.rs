@@ -417,7 +417,7 @@ impl Trainer {
     ///
     /// # Errors
     /// [`NnError::Argument`] if the model is not a classifier (see
-    /// [`GpuTrainer::train_epoch`](crate::nn::GpuTrainer::train_epoch)) or the state's loader
+    /// `GpuTrainer::train_epoch`) or the state's loader
     /// does not draw batches of the model's size from `data`'s examples; [`NnError::Shape`] if
     /// `data`'s rows do not fit the model's input; as [`Trainer::step`].
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {

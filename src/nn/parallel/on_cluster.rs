@@ -83,7 +83,7 @@ pub enum ReplicaDevice {
     /// ([`DataParallel`]).
     Cpu,
     /// On GPU `ordinal` of its node, as a
-    /// [`GpuTrainer::replica`](crate::nn::GpuTrainer::replica) (nodes built with the `cuda`
+    /// `GpuTrainer::replica` (nodes built with the `cuda`
     /// feature; every node must have reported that GPU when it joined). A node listed k
     /// times in the group runs k replicas, on GPUs `ordinal` to `ordinal + k - 1`
     /// ([`ClusterReplicas::every_gpu`] lists each node once per GPU). Gradients are
@@ -148,7 +148,7 @@ pub struct EpochReport {
     /// Rank 0's accuracy on the job's test data, if it has some.
     pub test_accuracy: Option<f32>,
     /// Rank 0's compute and communication time so far in this group (on GPUs, GPU time
-    /// read from events; see [`GpuTrainer::comm_stats`](crate::nn::GpuTrainer::comm_stats)).
+    /// read from events; see `GpuTrainer::comm_stats`).
     pub comm: CommStats,
     /// Replicas in the group.
     pub replicas: usize,
