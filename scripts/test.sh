@@ -20,10 +20,20 @@ cargo test --release --features cuda --all-targets --no-run
 # library's own tests (the cuBLAS call mapping and the launch signature check among them)
 # pass with the feature on; with a stand-in driver library (tests/fake_driver.rs), a driver
 # without a usable GPU is a clear reason and a device that cannot be opened an error, never
-# a panic, in the `tessera` binary and its node processes.
-LD_LIBRARY_PATH=/opt/tessera-nvrtc/nvidia/cuda_nvrtc/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+# a panic, in the `tessera` binary and its node processes. tests/gpu.rs then runs its GPU
+# tests again on the host GPU (tests/support/gpu_on_host.rs: the driver, cuBLAS and NCCL on
+# the CPU, kernels compiled as C++), kept in $host_gpu for the placement tests after it:
+# node processes report that GPU and train replica actors on it.
+host_gpu=$(mktemp -d)
+trap 'rm -rf "$host_gpu"' EXIT
+nvrtc12=/opt/tessera-nvrtc/nvidia/cuda_nvrtc/lib
+LD_LIBRARY_PATH=$nvrtc12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} TESSERA_HOST_GPU_DIR=$host_gpu \
     TESSERA_EXPECT_NVRTC=1 TESSERA_EXPECT_NVRTC_RELEASE=12 TESSERA_EXPECT_CXX=1 \
     cargo test --release --features cuda --lib --test gpu --test kernels_on_host --test fake_driver "$@"
+if [[ -e $host_gpu/libcuda.so ]]; then # (not built when arguments filtered its test out)
+    LD_LIBRARY_PATH=$host_gpu:$nvrtc12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} TESSERA_EXPECT_GPU=1 \
+        cargo test --release --features cuda --test placement "$@"
+fi
 # The same kernels (PTX and machine code) with CUDA 13's NVRTC, the version on the GPU
 # machines.
 LD_LIBRARY_PATH=/opt/tessera-nvrtc13/links:/opt/tessera-nvrtc13/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \

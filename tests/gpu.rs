@@ -1,7 +1,12 @@
 //! CUDA device tests (feature `cuda`). On a machine without a GPU they check that
 //! discovery reports the missing device as an error, and (with NVRTC installed, as CI does)
-//! that every kernel compiles; `scripts/gpu-check.sh` runs them where a GPU is.
+//! that every kernel compiles; then `the_gpu_tests_pass_on_the_host_gpu` runs this binary
+//! again with the host GPU (`tests/support/gpu_on_host.rs`) as its driver, so that the
+//! GPU tests' assertions run on the CPU. `scripts/gpu-check.sh` runs them where a GPU is.
 #![cfg(feature = "cuda")]
+
+#[path = "support/gpu_on_host.rs"]
+mod gpu_on_host;
 
 use std::time::Duration;
 
@@ -1041,4 +1046,62 @@ fn device_memory_dropped_on_a_thread_without_a_context_is_freed() {
     std::thread::spawn(move || drop(other)).join().unwrap();
     gpu.synchronize().expect("dropping a Gpu on another thread left an error behind");
     rt.shutdown();
+}
+
+/// Set in the child process that runs this binary's tests on the host GPU.
+const ON_HOST_GPU: &str = "TESSERA_ON_HOST_GPU";
+
+/// Tests of what the host GPU does not have: cuBLASLt (bf16), cuSPARSE, a failed library
+/// load, and this test itself.
+const NOT_ON_HOST_GPU: &[&str] = &["bf16", "spmv", "spmm", "sparse", "the_gpu_tests_pass_on_the_host_gpu"];
+
+/// Runs this binary's tests again in a child process whose CUDA driver, cuBLAS and NCCL
+/// are the host GPU: the GPU code paths (kernels, copies, products, launches, the
+/// executor, trainers, replicas and device actors) run on the CPU, checked by the GPU
+/// tests' own assertions. Skipped where there is a real GPU (the tests ran on it) or,
+/// unless `TESSERA_EXPECT_CXX=1`, without a C++ compiler.
+#[test]
+fn the_gpu_tests_pass_on_the_host_gpu() {
+    if std::env::var_os(ON_HOST_GPU).is_some() {
+        return;
+    }
+    if cuda_devices().is_ok() {
+        eprintln!("skipped: this machine has a GPU, and the tests ran on it");
+        return;
+    }
+    // `TESSERA_HOST_GPU_DIR` keeps the library there, for other test binaries to use.
+    let kept = std::env::var_os("TESSERA_HOST_GPU_DIR").map(std::path::PathBuf::from);
+    let temporary = tempfile::tempdir().expect("a temporary directory");
+    let dir = kept.as_deref().unwrap_or(temporary.path());
+    if let Err(error) = gpu_on_host::build(dir) {
+        assert!(
+            !std::env::var("TESSERA_EXPECT_CXX").is_ok_and(|v| v == "1"),
+            "TESSERA_EXPECT_CXX=1 but {error}"
+        );
+        eprintln!("skipped: no C++ compiler ({error})");
+        return;
+    }
+    let library_path = match std::env::var("LD_LIBRARY_PATH") {
+        Ok(path) if !path.is_empty() => format!("{}:{path}", dir.display()),
+        _ => dir.display().to_string(),
+    };
+    let mut child = std::process::Command::new(std::env::current_exe().expect("this test binary"));
+    child.arg("--test-threads=1");
+    for skipped in NOT_ON_HOST_GPU {
+        child.args(["--skip", skipped]);
+    }
+    let output = child
+        .env(ON_HOST_GPU, "1")
+        .env("TESSERA_EXPECT_GPU", "1")
+        .env("LD_LIBRARY_PATH", library_path)
+        .output()
+        .expect("running the tests on the host GPU");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    println!("{stdout}");
+    assert!(
+        output.status.success(),
+        "the GPU tests failed on the host GPU ({}):\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

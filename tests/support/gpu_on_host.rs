@@ -1,0 +1,82 @@
+//! The host GPU: a stand-in for the CUDA driver, cuBLAS and NCCL (one device, one NCCL
+//! rank) that runs Tessera's GPU code paths on the CPU, so that the GPU tests' own
+//! assertions run on machines without a GPU: every kernel (compiled as C++, from the same
+//! sources NVRTC compiles), every copy, product and launch the executor and the trainers
+//! queue, in their order. What it cannot show: the real driver's and libraries' behaviour,
+//! timing, concurrency between streams, and anything sized by the hardware;
+//! `scripts/gpu-check.sh` runs the same tests on a GPU for that.
+//!
+//! `build` writes the C++ (`gpu_on_host_shim.h`, the kernels' prelude and sources, a
+//! parameter-unpacking entry per kernel, `gpu_on_host_api.cpp`), compiles it into a shared
+//! library and names it libcuda.so, libcublas.so and libnccl.so in a temporary directory,
+//! to put first on a child process's library path.
+use std::path::Path;
+use std::process::Command;
+
+use tessera::{KERNELS, KERNEL_PRELUDE};
+
+/// The translation unit: shim, prelude, kernels, the kernel table, the libraries.
+fn source() -> String {
+    let support = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support");
+    let mut source = format!("#include \"{support}/gpu_on_host_shim.h\"\n{KERNEL_PRELUDE}\n");
+    let mut table = String::from("static const tessera_kernel tessera_kernels[] = {\n");
+    for (name, kernel) in KERNELS {
+        source.push_str(kernel);
+        source.push('\n');
+        let head = format!("void {name}(");
+        let start =
+            kernel.find(&head).unwrap_or_else(|| panic!("{name}: no `{head}` in its source")) + head.len();
+        let params = &kernel[start..start + kernel[start..].find(')').expect("parameter list ends")];
+        // Each parameter's type is its text without the name: the launch passes a pointer
+        // to each argument's value.
+        let args: Vec<String> = params
+            .split(',')
+            .enumerate()
+            .map(|(i, param)| {
+                let param = param.trim();
+                let name_at =
+                    param.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).map_or(0, |at| at + 1);
+                let ty = param[..name_at].replace("__restrict__", "");
+                format!("*({}*)p[{i}]", ty.trim())
+            })
+            .collect();
+        source.push_str(&format!(
+            "static void tessera_run_{name}(void** p) {{ {name}({}); }}\n",
+            args.join(", ")
+        ));
+        // Block-synchronous: a barrier of its own, or a prelude block reduction's.
+        let syncs = kernel.contains("__syncthreads") || kernel.contains("tessera_block_");
+        table.push_str(&format!("    {{\"{name}\", tessera_run_{name}, {syncs}}},\n"));
+    }
+    table.push_str("};\nstatic const size_t tessera_kernel_count = sizeof tessera_kernels / sizeof tessera_kernels[0];\n");
+    source.push_str(&table);
+    source.push_str(&format!("#include \"{support}/gpu_on_host_api.cpp\"\n"));
+    source
+}
+
+/// Builds the host GPU into `dir` (libcuda.so, libcublas.so and libnccl.so, one library).
+///
+/// # Errors
+/// The compiler's failure to start, as text; a compile error panics (the sources are ours).
+pub fn build(dir: &Path) -> Result<(), String> {
+    let (source, library) = (dir.join("gpu_on_host.cpp"), dir.join("libtessera_host_gpu.so"));
+    std::fs::write(&source, self::source()).map_err(|e| e.to_string())?;
+    let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let output = Command::new(&compiler)
+        .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .output()
+        .map_err(|e| format!("`{compiler}` does not run: {e}"))?;
+    assert!(
+        output.status.success(),
+        "the host GPU does not compile:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for name in ["libcuda.so", "libcublas.so", "libnccl.so"] {
+        let link = dir.join(name);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&library, link).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
