@@ -1051,9 +1051,8 @@ fn device_memory_dropped_on_a_thread_without_a_context_is_freed() {
 /// Set in the child process that runs this binary's tests on the host GPU.
 const ON_HOST_GPU: &str = "TESSERA_ON_HOST_GPU";
 
-/// Tests of what the host GPU does not have: cuBLASLt (bf16), cuSPARSE, a failed library
-/// load, and this test itself.
-const NOT_ON_HOST_GPU: &[&str] = &["bf16", "spmv", "spmm", "sparse", "the_gpu_tests_pass_on_the_host_gpu"];
+/// This test itself, which the child skips.
+const NOT_ON_HOST_GPU: &[&str] = &["the_gpu_tests_pass_on_the_host_gpu"];
 
 /// Runs this binary's tests again in a child process whose CUDA driver, cuBLAS and NCCL
 /// are the host GPU: the GPU code paths (kernels, copies, products, launches, the

@@ -1,5 +1,5 @@
-//! The host GPU: a stand-in for the CUDA driver, cuBLAS and NCCL (one device, one NCCL
-//! rank) that runs Tessera's GPU code paths on the CPU, so that the GPU tests' own
+//! The host GPU: a stand-in for the CUDA driver, cuBLAS, cuBLASLt, cuSPARSE and NCCL (one
+//! device, one NCCL rank) that runs Tessera's GPU code paths on the CPU, so that the GPU tests' own
 //! assertions run on machines without a GPU: every kernel (compiled as C++, from the same
 //! sources NVRTC compiles), every copy, product and launch the executor and the trainers
 //! queue, in their order. What it cannot show: the real driver's and libraries' behaviour,
@@ -8,8 +8,8 @@
 //!
 //! `build` writes the C++ (`gpu_on_host_shim.h`, the kernels' prelude and sources, a
 //! parameter-unpacking entry per kernel, `gpu_on_host_api.cpp`), compiles it into a shared
-//! library and names it libcuda.so, libcublas.so and libnccl.so in a temporary directory,
-//! to put first on a child process's library path.
+//! library and names it after each of those libraries in a directory, to put first on a
+//! child process's library path.
 use std::path::Path;
 use std::process::Command;
 
@@ -54,7 +54,7 @@ fn source() -> String {
     source
 }
 
-/// Builds the host GPU into `dir` (libcuda.so, libcublas.so and libnccl.so, one library).
+/// Builds the host GPU into `dir` (one library under the five libraries' names).
 ///
 /// # Errors
 /// The compiler's failure to start, as text; a compile error panics (the sources are ours).
@@ -73,7 +73,7 @@ pub fn build(dir: &Path) -> Result<(), String> {
         "the host GPU does not compile:\n{}",
         String::from_utf8_lossy(&output.stderr)
     );
-    for name in ["libcuda.so", "libcublas.so", "libnccl.so"] {
+    for name in ["libcuda.so", "libcublas.so", "libcublasLt.so", "libcusparse.so", "libnccl.so"] {
         let link = dir.join(name);
         let _ = std::fs::remove_file(&link);
         std::os::unix::fs::symlink(&library, link).map_err(|e| e.to_string())?;

@@ -1,13 +1,16 @@
 // The host GPU's library side (see tests/support/gpu_on_host.rs): the CUDA driver, cuBLAS
 // and NCCL functions Tessera's GPU code reaches, on host memory, for one device. Included
 // after the kernels and their table (`tessera_kernels`, `tessera_kernel_count`); the
-// library built from it answers to the names libcuda.so, libcublas.so and libnccl.so.
+// library built from it answers to the names libcuda.so, libcublas.so, libcublasLt.so,
+// libcusparse.so and libnccl.so.
 //
 // Device memory is host memory (a device pointer is a host address), every operation runs
 // when it is called (a stream is always idle, an event completes when recorded), kernels
 // run through `tessera_launch`, and matrix products follow cuBLAS's column-major
-// definitions. Error codes are the libraries' own. Not here: cuBLASLt, cuSPARSE, more than
-// one device or one NCCL rank (those calls fail as missing symbols, naming them).
+// definitions (cuBLASLt: bf16 with f32 accumulation; cuSPARSE: 32-bit CSR times a vector
+// or a dense matrix). Error codes are the libraries' own. Not here: more than one device or
+// one NCCL rank, and whatever else Tessera does not call (a missing symbol, named by
+// cudarc's panic).
 #include <chrono>
 #include <mutex>
 #include <new>
@@ -318,6 +321,253 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, int ta, int tb, 
         if (status != CUBLAS_STATUS_SUCCESS) return status;
     }
     return CUBLAS_STATUS_SUCCESS;
+}
+
+// --- cuBLASLt: bf16 products with f32 accumulation (no epilogue, no batches) ----------------
+
+typedef void* cublasLtHandle_t;
+struct tessera_lt_layout { int type; uint64_t rows, cols; int64_t ld; };
+struct tessera_lt_desc { int compute, scale; int trans[3]; int epilogue; };
+typedef struct { uint64_t data[8]; } cublasLtMatmulAlgo_t;
+typedef struct {
+    cublasLtMatmulAlgo_t algo;
+    size_t workspaceSize;
+    cublasStatus_t state;
+    float wavesCount;
+    int reserved[4];
+} cublasLtMatmulHeuristicResult_t;
+enum : cublasStatus_t { CUBLAS_STATUS_NOT_SUPPORTED = 15 };
+enum { TESSERA_R_32F = 0, TESSERA_R_16BF = 14, TESSERA_COMPUTE_32F = 68, TESSERA_EPILOGUE_DEFAULT = 1 };
+static int tessera_lt_token, tessera_pref_token;
+
+static float tessera_from_bf16(uint16_t bits) {
+    uint32_t wide = uint32_t(bits) << 16;
+    float value;
+    memcpy(&value, &wide, sizeof value);
+    return value;
+}
+static uint16_t tessera_to_bf16(float value) {  // round to nearest, ties to even
+    uint32_t bits;
+    memcpy(&bits, &value, sizeof bits);
+    if ((bits & 0x7f800000u) == 0x7f800000u && (bits & 0x007fffffu) != 0) return uint16_t((bits >> 16) | 0x40);
+    return uint16_t((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+cublasStatus_t cublasLtCreate(cublasLtHandle_t* handle) {
+    if (handle == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+    *handle = &tessera_lt_token;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtDestroy(cublasLtHandle_t) { return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatrixLayoutCreate(tessera_lt_layout** layout, int type, uint64_t rows, uint64_t cols,
+                                          int64_t ld) {
+    if (layout == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+    *layout = new tessera_lt_layout{type, rows, cols, ld};
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatrixLayoutDestroy(tessera_lt_layout* layout) {
+    delete layout;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescCreate(tessera_lt_desc** desc, int compute, int scale) {
+    if (desc == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+    *desc = new tessera_lt_desc{compute, scale, {0, 0, 0}, TESSERA_EPILOGUE_DEFAULT};
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescDestroy(tessera_lt_desc* desc) {
+    delete desc;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulDescSetAttribute(tessera_lt_desc* desc, int attribute, const void* value, size_t size) {
+    if (desc == nullptr || value == nullptr || size != sizeof(int)) return CUBLAS_STATUS_INVALID_VALUE;
+    int v;
+    memcpy(&v, value, sizeof v);
+    switch (attribute) {
+    case 3: case 4: case 5: desc->trans[attribute - 3] = v; return CUBLAS_STATUS_SUCCESS;  // TRANSA/B/C
+    case 7: desc->epilogue = v; return CUBLAS_STATUS_SUCCESS;                              // EPILOGUE
+    default: return CUBLAS_STATUS_NOT_SUPPORTED;
+    }
+}
+cublasStatus_t cublasLtMatmulPreferenceCreate(void** pref) {
+    if (pref == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
+    *pref = &tessera_pref_token;
+    return CUBLAS_STATUS_SUCCESS;
+}
+cublasStatus_t cublasLtMatmulPreferenceDestroy(void*) { return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatmulPreferenceSetAttribute(void*, int, const void*, size_t) { return CUBLAS_STATUS_SUCCESS; }
+cublasStatus_t cublasLtMatmulAlgoGetHeuristic(cublasLtHandle_t, tessera_lt_desc* desc, tessera_lt_layout*,
+                                              tessera_lt_layout*, tessera_lt_layout*, tessera_lt_layout*, void*,
+                                              int requested, cublasLtMatmulHeuristicResult_t* results, int* count) {
+    if (desc == nullptr || results == nullptr || count == nullptr || requested < 1) return CUBLAS_STATUS_INVALID_VALUE;
+    memset(results, 0, sizeof *results);
+    *count = 1;
+    return CUBLAS_STATUS_SUCCESS;
+}
+// D = alpha op(A) op(B) + beta C, column-major, bf16 matrices, f32 accumulation and scale.
+cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, tessera_lt_desc* desc, const void* alpha, const void* a,
+                              tessera_lt_layout* la, const void* b, tessera_lt_layout* lb, const void* beta,
+                              const void* c, tessera_lt_layout* lc, void* d, tessera_lt_layout* ld, const void*, void*,
+                              size_t, CUstream) {
+    if (handle == nullptr || desc == nullptr || la == nullptr || lb == nullptr || lc == nullptr || ld == nullptr)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    if (desc->compute != TESSERA_COMPUTE_32F || desc->scale != TESSERA_R_32F || desc->epilogue != TESSERA_EPILOGUE_DEFAULT
+        || desc->trans[2] != 0 || la->type != TESSERA_R_16BF || lb->type != TESSERA_R_16BF
+        || lc->type != TESSERA_R_16BF || ld->type != TESSERA_R_16BF)
+        return CUBLAS_STATUS_NOT_SUPPORTED;
+    bool ta = desc->trans[0] != 0, tb = desc->trans[1] != 0;
+    uint64_t m = ld->rows, n = ld->cols, k = ta ? la->rows : la->cols;
+    if ((ta ? la->cols : la->rows) != m || (tb ? lb->rows : lb->cols) != n || (tb ? lb->cols : lb->rows) != k
+        || lc->rows != m || lc->cols != n)
+        return CUBLAS_STATUS_INVALID_VALUE;
+    float al, be;
+    memcpy(&al, alpha, sizeof al);
+    memcpy(&be, beta, sizeof be);
+    const uint16_t *A = static_cast<const uint16_t*>(a), *B = static_cast<const uint16_t*>(b);
+    const uint16_t* C = static_cast<const uint16_t*>(c);
+    uint16_t* D = static_cast<uint16_t*>(d);
+    for (uint64_t j = 0; j < n; ++j) {
+        for (uint64_t i = 0; i < m; ++i) {
+            float sum = 0.0f;
+            for (uint64_t p = 0; p < k; ++p) {
+                float x = tessera_from_bf16(ta ? A[p + i * la->ld] : A[i + p * la->ld]);
+                float y = tessera_from_bf16(tb ? B[j + p * lb->ld] : B[p + j * lb->ld]);
+                sum += x * y;
+            }
+            float out = al * sum;
+            if (be != 0.0f) out += be * tessera_from_bf16(C[i + j * lc->ld]);
+            D[i + j * ld->ld] = tessera_to_bf16(out);
+        }
+    }
+    return CUBLAS_STATUS_SUCCESS;
+}
+
+// --- cuSPARSE: CSR (32-bit indices, base 0, f32) times a vector or a dense matrix ----------
+
+typedef int cusparseStatus_t;
+enum : cusparseStatus_t { CUSPARSE_STATUS_SUCCESS = 0, CUSPARSE_STATUS_INVALID_VALUE = 3, CUSPARSE_STATUS_NOT_SUPPORTED = 10 };
+enum { TESSERA_INDEX_32I = 2, TESSERA_ORDER_COL = 1, TESSERA_ORDER_ROW = 2 };
+struct tessera_csr { int64_t rows, cols, nnz; const int32_t* offsets; const int32_t* columns; const float* values; };
+struct tessera_dn_vec { int64_t size; float* values; };
+struct tessera_dn_mat { int64_t rows, cols, ld; float* values; int order; };
+static int tessera_sparse_token;
+// What a product asks for as work space: not needed here, but asked for and passed as the
+// real library's would be, so that the callers' work buffers are exercised.
+static const size_t TESSERA_SPARSE_WORK = 4096;
+
+cusparseStatus_t cusparseCreate(void** handle) {
+    if (handle == nullptr) return CUSPARSE_STATUS_INVALID_VALUE;
+    *handle = &tessera_sparse_token;
+    return CUSPARSE_STATUS_SUCCESS;
+}
+cusparseStatus_t cusparseDestroy(void*) { return CUSPARSE_STATUS_SUCCESS; }
+cusparseStatus_t cusparseSetStream(void*, CUstream) { return CUSPARSE_STATUS_SUCCESS; }
+const char* cusparseGetErrorString(cusparseStatus_t status) {
+    switch (status) {
+    case CUSPARSE_STATUS_SUCCESS: return "success";
+    case CUSPARSE_STATUS_INVALID_VALUE: return "invalid value";
+    case CUSPARSE_STATUS_NOT_SUPPORTED: return "operation not supported";
+    default: return "unknown cuSPARSE status";
+    }
+}
+const char* cusparseGetErrorName(cusparseStatus_t status) {
+    switch (status) {
+    case CUSPARSE_STATUS_SUCCESS: return "CUSPARSE_STATUS_SUCCESS";
+    case CUSPARSE_STATUS_INVALID_VALUE: return "CUSPARSE_STATUS_INVALID_VALUE";
+    case CUSPARSE_STATUS_NOT_SUPPORTED: return "CUSPARSE_STATUS_NOT_SUPPORTED";
+    default: return "CUSPARSE_STATUS_UNKNOWN";
+    }
+}
+cusparseStatus_t cusparseCreateCsr(tessera_csr** matrix, int64_t rows, int64_t cols, int64_t nnz, void* offsets,
+                                   void* columns, void* values, int offset_type, int column_type, int base, int type) {
+    if (matrix == nullptr || rows < 0 || cols < 0 || nnz < 0) return CUSPARSE_STATUS_INVALID_VALUE;
+    if (offset_type != TESSERA_INDEX_32I || column_type != TESSERA_INDEX_32I || base != 0 || type != TESSERA_R_32F)
+        return CUSPARSE_STATUS_NOT_SUPPORTED;
+    *matrix = new tessera_csr{rows, cols, nnz, static_cast<const int32_t*>(offsets), static_cast<const int32_t*>(columns),
+                              static_cast<const float*>(values)};
+    return CUSPARSE_STATUS_SUCCESS;
+}
+cusparseStatus_t cusparseCreateDnVec(tessera_dn_vec** vector, int64_t size, void* values, int type) {
+    if (vector == nullptr || size < 0) return CUSPARSE_STATUS_INVALID_VALUE;
+    if (type != TESSERA_R_32F) return CUSPARSE_STATUS_NOT_SUPPORTED;
+    *vector = new tessera_dn_vec{size, static_cast<float*>(values)};
+    return CUSPARSE_STATUS_SUCCESS;
+}
+cusparseStatus_t cusparseCreateDnMat(tessera_dn_mat** matrix, int64_t rows, int64_t cols, int64_t ld, void* values,
+                                     int type, int order) {
+    if (matrix == nullptr || rows < 0 || cols < 0) return CUSPARSE_STATUS_INVALID_VALUE;
+    if (type != TESSERA_R_32F || (order != TESSERA_ORDER_ROW && order != TESSERA_ORDER_COL))
+        return CUSPARSE_STATUS_NOT_SUPPORTED;
+    if (ld < (order == TESSERA_ORDER_ROW ? cols : rows)) return CUSPARSE_STATUS_INVALID_VALUE;
+    *matrix = new tessera_dn_mat{rows, cols, ld, static_cast<float*>(values), order};
+    return CUSPARSE_STATUS_SUCCESS;
+}
+cusparseStatus_t cusparseDestroySpMat(tessera_csr* matrix) {
+    delete matrix;
+    return CUSPARSE_STATUS_SUCCESS;
+}
+cusparseStatus_t cusparseDestroyDnVec(tessera_dn_vec* vector) {
+    delete vector;
+    return CUSPARSE_STATUS_SUCCESS;
+}
+cusparseStatus_t cusparseDestroyDnMat(tessera_dn_mat* matrix) {
+    delete matrix;
+    return CUSPARSE_STATUS_SUCCESS;
+}
+cusparseStatus_t cusparseSpMV_bufferSize(void* handle, int op, const void* alpha, tessera_csr* a, tessera_dn_vec* x,
+                                         const void* beta, tessera_dn_vec* y, int type, int, size_t* size) {
+    if (handle == nullptr || alpha == nullptr || beta == nullptr || a == nullptr || x == nullptr || y == nullptr
+        || size == nullptr)
+        return CUSPARSE_STATUS_INVALID_VALUE;
+    if (op != 0 || type != TESSERA_R_32F) return CUSPARSE_STATUS_NOT_SUPPORTED;
+    *size = TESSERA_SPARSE_WORK;
+    return CUSPARSE_STATUS_SUCCESS;
+}
+// y = alpha A x + beta y.
+cusparseStatus_t cusparseSpMV(void* handle, int op, const void* alpha, tessera_csr* a, tessera_dn_vec* x,
+                              const void* beta, tessera_dn_vec* y, int type, int, void* work) {
+    if (handle == nullptr || alpha == nullptr || beta == nullptr || a == nullptr || x == nullptr || y == nullptr)
+        return CUSPARSE_STATUS_INVALID_VALUE;
+    if (op != 0 || type != TESSERA_R_32F) return CUSPARSE_STATUS_NOT_SUPPORTED;
+    if (x->size != a->cols || y->size != a->rows || work == nullptr) return CUSPARSE_STATUS_INVALID_VALUE;
+    float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    for (int64_t r = 0; r < a->rows; ++r) {
+        float sum = 0.0f;
+        for (int32_t e = a->offsets[r]; e < a->offsets[r + 1]; ++e) sum += a->values[e] * x->values[a->columns[e]];
+        y->values[r] = be == 0.0f ? al * sum : al * sum + be * y->values[r];
+    }
+    return CUSPARSE_STATUS_SUCCESS;
+}
+cusparseStatus_t cusparseSpMM_bufferSize(void* handle, int op_a, int op_b, const void* alpha, tessera_csr* a,
+                                         tessera_dn_mat* b, const void* beta, tessera_dn_mat* c, int type, int,
+                                         size_t* size) {
+    if (handle == nullptr || alpha == nullptr || beta == nullptr || a == nullptr || b == nullptr || c == nullptr
+        || size == nullptr)
+        return CUSPARSE_STATUS_INVALID_VALUE;
+    if (op_a != 0 || op_b != 0 || type != TESSERA_R_32F) return CUSPARSE_STATUS_NOT_SUPPORTED;
+    *size = TESSERA_SPARSE_WORK;
+    return CUSPARSE_STATUS_SUCCESS;
+}
+static float& tessera_at(tessera_dn_mat* m, int64_t r, int64_t c) {
+    return m->order == TESSERA_ORDER_ROW ? m->values[r * m->ld + c] : m->values[c * m->ld + r];
+}
+// C = alpha A B + beta C.
+cusparseStatus_t cusparseSpMM(void* handle, int op_a, int op_b, const void* alpha, tessera_csr* a, tessera_dn_mat* b,
+                              const void* beta, tessera_dn_mat* c, int type, int, void* work) {
+    if (handle == nullptr || alpha == nullptr || beta == nullptr || a == nullptr || b == nullptr || c == nullptr)
+        return CUSPARSE_STATUS_INVALID_VALUE;
+    if (op_a != 0 || op_b != 0 || type != TESSERA_R_32F) return CUSPARSE_STATUS_NOT_SUPPORTED;
+    if (b->rows != a->cols || c->rows != a->rows || c->cols != b->cols || work == nullptr)
+        return CUSPARSE_STATUS_INVALID_VALUE;
+    float al = *static_cast<const float*>(alpha), be = *static_cast<const float*>(beta);
+    for (int64_t r = 0; r < a->rows; ++r) {
+        for (int64_t j = 0; j < b->cols; ++j) {
+            float sum = 0.0f;
+            for (int32_t e = a->offsets[r]; e < a->offsets[r + 1]; ++e) sum += a->values[e] * tessera_at(b, a->columns[e], j);
+            float& out = tessera_at(c, r, j);
+            out = be == 0.0f ? al * sum : al * sum + be * out;
+        }
+    }
+    return CUSPARSE_STATUS_SUCCESS;
 }
 
 // --- NCCL: a group of one rank --------------------------------------------------------
