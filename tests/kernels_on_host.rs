@@ -23,6 +23,9 @@
 //! `scripts/test.sh`), which makes a missing compiler a failure.
 #![cfg(feature = "cuda")]
 
+#[path = "support/gpu_on_host.rs"]
+mod gpu_on_host;
+
 use std::ffi::{c_void, CString};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -104,14 +107,8 @@ fn host_source() -> String {
     for (name, kernel) in KERNELS {
         source.push_str(kernel);
         source.push('\n');
-        let head = format!("void {name}(");
-        let start =
-            kernel.find(&head).unwrap_or_else(|| panic!("{name}: no `{head}` in its source")) + head.len();
-        let params = &kernel[start..start + kernel[start..].find(')').expect("parameter list ends")];
-        let names: Vec<&str> = params
-            .split(',')
-            .map(|p| p.trim().rsplit(|c: char| !(c.is_alphanumeric() || c == '_')).next().unwrap_or(""))
-            .collect();
+        let params = gpu_on_host::parameter_list(name, kernel);
+        let names: Vec<&str> = params.split(',').map(|p| gpu_on_host::split_parameter(p).1).collect();
         // Block-synchronous: a barrier of its own, or a prelude block reduction's.
         let syncs = kernel.contains("__syncthreads") || kernel.contains("tessera_block_");
         source.push_str(&format!(

@@ -10,10 +10,29 @@
 //! parameter-unpacking entry per kernel, `gpu_on_host_api.cpp`), compiles it into a shared
 //! library and names it after each of those libraries in a directory, to put first on a
 //! child process's library path.
+// Shared by tests/gpu.rs (which builds the host GPU) and tests/kernels_on_host.rs (which
+// reads kernel parameters the same way): each uses part of it.
+#![allow(dead_code)]
+
 use std::path::Path;
 use std::process::Command;
 
 use tessera::{KERNELS, KERNEL_PRELUDE};
+
+/// The text between the parentheses of kernel `name`'s definition.
+pub fn parameter_list<'k>(name: &str, kernel: &'k str) -> &'k str {
+    let head = format!("void {name}(");
+    let start =
+        kernel.find(&head).unwrap_or_else(|| panic!("{name}: no `{head}` in its source")) + head.len();
+    &kernel[start..start + kernel[start..].find(')').expect("parameter list ends")]
+}
+
+/// A parameter's type and name: `const float* __restrict__ x` is `("const float* __restrict__", "x")`.
+pub fn split_parameter(param: &str) -> (&str, &str) {
+    let param = param.trim();
+    let name_at = param.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).map_or(0, |at| at + 1);
+    (param[..name_at].trim_end(), &param[name_at..])
+}
 
 /// The translation unit: shim, prelude, kernels, the kernel table, the libraries.
 fn source() -> String {
@@ -23,21 +42,12 @@ fn source() -> String {
     for (name, kernel) in KERNELS {
         source.push_str(kernel);
         source.push('\n');
-        let head = format!("void {name}(");
-        let start =
-            kernel.find(&head).unwrap_or_else(|| panic!("{name}: no `{head}` in its source")) + head.len();
-        let params = &kernel[start..start + kernel[start..].find(')').expect("parameter list ends")];
-        // Each parameter's type is its text without the name: the launch passes a pointer
-        // to each argument's value.
-        let args: Vec<String> = params
+        // The launch passes a pointer to each argument's value.
+        let args: Vec<String> = parameter_list(name, kernel)
             .split(',')
             .enumerate()
             .map(|(i, param)| {
-                let param = param.trim();
-                let name_at =
-                    param.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).map_or(0, |at| at + 1);
-                let ty = param[..name_at].replace("__restrict__", "");
-                format!("*({}*)p[{i}]", ty.trim())
+                format!("*({}*)p[{i}]", split_parameter(param).0.replace("__restrict__", "").trim())
             })
             .collect();
         source.push_str(&format!(
