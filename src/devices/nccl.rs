@@ -33,9 +33,18 @@ impl std::fmt::Debug for NcclGroup {
     }
 }
 
+/// NCCL's name and words for `error`, as `ncclInvalidUsage (invalid usage)` (cudarc's
+/// `NcclError` prints only "NcclError").
 fn nccl_error(op: &'static str, error: cudarc::nccl::result::NcclError) -> CollectiveError {
-    // `NcclError` implements `Debug` but not `Display`.
-    CollectiveError::Backend { op, message: format!("{error:?}") }
+    // SAFETY: NCCL returns a static NUL-terminated string for any result code.
+    let words = unsafe { cudarc::nccl::sys::ncclGetErrorString(error.0) };
+    let message = if words.is_null() {
+        format!("{:?}", error.0)
+    } else {
+        // SAFETY: non-null, NUL-terminated and static (see above).
+        format!("{:?} ({})", error.0, unsafe { std::ffi::CStr::from_ptr(words) }.to_string_lossy())
+    };
+    CollectiveError::Backend { op, message }
 }
 
 /// NCCL's unique id: the opaque bytes rank 0 makes and every rank must pass to NCCL.
