@@ -1048,6 +1048,49 @@ fn device_memory_dropped_on_a_thread_without_a_context_is_freed() {
     rt.shutdown();
 }
 
+/// `tessera bench cuda --small` runs every part of the suite and reports each figure (on
+/// the host GPU too: this checks the suite's code, its figures mean nothing there).
+#[test]
+fn the_cuda_bench_runs_at_small_sizes() {
+    if gpu().is_none() {
+        return;
+    }
+    // The GPU machine runs this binary from gpu-carry/, beside the `tessera` it was built with.
+    let built = std::path::Path::new(env!("CARGO_BIN_EXE_tessera"));
+    let tessera = if built.exists() { built } else { std::path::Path::new("gpu-carry/tessera") };
+    let output = std::process::Command::new(tessera)
+        .args(["bench", "cuda", "--small", "--json"])
+        .output()
+        .expect("running tessera bench cuda");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{}: {stderr}", output.status);
+    let figures: Vec<(String, f64)> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| {
+            let row: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            (row["bench"].as_str().expect("a name").to_string(), row["value"].as_f64().expect("a value"))
+        })
+        .collect();
+    let names: Vec<&str> = figures.iter().map(|(name, _)| name.as_str()).collect();
+    let expected = [
+        "copy_bandwidth",
+        "gemm_f32_128",
+        "gemm_bf16_128",
+        "spmv_poisson",
+        "spmv_random_nnz10",
+        "train_mlp_digits",
+        "train_cnn_digits",
+        "train_cnn_digits_nccl1",
+        "train_char_gru_tokens",
+        "train_tiny_transformer_tokens",
+    ]
+    .map(|name| format!("cuda-small/{name}"));
+    assert_eq!(names, expected, "{stderr}");
+    for (name, value) in &figures {
+        assert!(value.is_finite() && *value > 0.0, "{name} = {value}");
+    }
+}
+
 /// Set in the child process that runs this binary's tests on the host GPU.
 const ON_HOST_GPU: &str = "TESSERA_ON_HOST_GPU";
 

@@ -29,6 +29,10 @@ pub(crate) struct BenchArgs {
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
     json: bool,
+    /// The cuda suite at small sizes, named `cuda-small/…`: a quick check that every part
+    /// of the suite runs, not figures to record.
+    #[arg(long)]
+    small: bool,
 }
 
 /// One measured figure of a suite.
@@ -69,7 +73,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "pipeline" => pipeline::run(&reporter),
         "store" => store::run(&reporter),
         #[cfg(feature = "cuda")]
-        "cuda" => cuda::run(&reporter),
+        "cuda" => cuda::run(&reporter, args.small),
         #[cfg(not(feature = "cuda"))]
         "cuda" => bail!("the cuda suite needs a build with `--features cuda`"),
         other => {

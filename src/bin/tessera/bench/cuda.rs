@@ -4,7 +4,8 @@
 //! by the same command, MLP and CNN training on digits in samples/s (the CNN also as a
 //! data-parallel replica in an NCCL group of one, for what averaging the gradients costs a
 //! step), and the `nn` suite's character GRU and transformer language models in tokens/s.
-//! Without a GPU it says so and reports nothing.
+//! Without a GPU it says so and reports nothing. `--small` runs every part at small sizes
+//! and for a moment each (figures named `cuda-small/…`), to check that the suite runs.
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -18,7 +19,43 @@ use tessera::{cuda_devices, Gpu, GroupListener, NcclGroup};
 
 use super::{median, Reporter};
 
-pub(crate) fn run(reporter: &Reporter) -> Result<()> {
+/// The sizes of a run: the suite's, or `--small`'s.
+struct Sizes {
+    prefix: &'static str,
+    copy_floats: usize,
+    gemm: usize,
+    poisson_side: usize,
+    random_rows: usize,
+    epochs: usize,
+    text_tokens: usize,
+    text_seconds: f64,
+}
+
+const FULL: Sizes = Sizes {
+    prefix: "cuda",
+    copy_floats: 256 << 20, // 1 GiB
+    gemm: 8192,
+    poisson_side: 3163, // 10⁷ rows
+    random_rows: 10_000_000,
+    epochs: 5,
+    text_tokens: usize::MAX,
+    text_seconds: 3.0,
+};
+
+const SMALL: Sizes = Sizes {
+    prefix: "cuda-small",
+    copy_floats: 1 << 20,
+    gemm: 128,
+    poisson_side: 100,
+    random_rows: 10_000,
+    epochs: 1,
+    text_tokens: 2048,
+    text_seconds: 0.2,
+};
+
+pub(crate) fn run(reporter: &Reporter, small: bool) -> Result<()> {
+    let sizes = if small { &SMALL } else { &FULL };
+    let prefix = sizes.prefix;
     let devices = match cuda_devices() {
         Ok(devices) => devices,
         Err(error) => {
@@ -27,10 +64,13 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         }
     };
     eprintln!("device 0: {}", devices[0].name);
+    if small {
+        eprintln!("small sizes: a check that every part of the suite runs, not figures to record");
+    }
     let gpu = Gpu::open(0)?;
 
     // Copy bandwidth: device-to-device, counted as bytes read plus bytes written.
-    let len = 256 << 20; // floats: 1 GiB
+    let len = sizes.copy_floats;
     let src = gpu.zeros(len)?;
     let mut dst = gpu.zeros(len)?;
     gpu.copy(&src, &mut dst)?;
@@ -43,10 +83,10 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         samples.push(2.0 * (len * 4) as f64 / start.elapsed().as_secs_f64() / 1e9);
     }
     let copy_gbps = median(&mut samples);
-    reporter.report("cuda/copy_bandwidth", copy_gbps, "GB/s", true);
+    reporter.report(&format!("{prefix}/copy_bandwidth"), copy_gbps, "GB/s", true);
     drop((src, dst));
 
-    let n = 8192;
+    let n = sizes.gemm;
     let a = gpu.upload(&vec![1.0f32; n * n])?;
     let b = gpu.upload(&vec![1.0f32; n * n])?;
     let mut c = gpu.zeros(n * n)?;
@@ -59,7 +99,7 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         gpu.synchronize()?;
         samples.push(2.0 * (n as f64).powi(3) / start.elapsed().as_secs_f64() / 1e12);
     }
-    reporter.report("cuda/gemm_f32_8192", median(&mut samples), "TFLOP/s", true);
+    reporter.report(&format!("{prefix}/gemm_f32_{n}"), median(&mut samples), "TFLOP/s", true);
     drop((a, b, c));
 
     let a = gpu.upload_bf16(&vec![1.0f32; n * n])?;
@@ -74,10 +114,14 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         gpu.synchronize()?;
         samples.push(2.0 * (n as f64).powi(3) / start.elapsed().as_secs_f64() / 1e12);
     }
-    reporter.report("cuda/gemm_bf16_8192", median(&mut samples), "TFLOP/s", true);
+    reporter.report(&format!("{prefix}/gemm_bf16_{n}"), median(&mut samples), "TFLOP/s", true);
     drop((a, b, c));
 
-    for (label, matrix) in [("poisson_1e7", poisson(3163)), ("random_1e7_nnz10", random(10_000_000, 10))] {
+    let random_label = if small { "random_nnz10" } else { "random_1e7_nnz10" };
+    let poisson_label = if small { "poisson" } else { "poisson_1e7" };
+    for (label, matrix) in
+        [(poisson_label, poisson(sizes.poisson_side)), (random_label, random(sizes.random_rows, 10))]
+    {
         let rows = matrix.rows();
         let bytes = (matrix.nnz() * 8 + (rows + 1) * 4 + matrix.cols() * 4 + rows * 4) as f64;
         let da = gpu.upload_csr(&matrix)?;
@@ -98,7 +142,7 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
             samples.push(10.0 * bytes / start.elapsed().as_secs_f64() / 1e9);
         }
         let gbps = median(&mut samples);
-        reporter.report(&format!("cuda/spmv_{label}"), gbps, "GB/s", true);
+        reporter.report(&format!("{prefix}/spmv_{label}"), gbps, "GB/s", true);
         eprintln!("spmv {label}: {:.0} % of the copy bandwidth", 100.0 * gbps / copy_gbps);
     }
 
@@ -114,20 +158,21 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     let data = Dataset::digits(path)?;
     let device_data = GpuDataset::upload(&gpu, &data, 10)?;
     for (label, model) in [("mlp", mlp(64, &[64, 128, 64, 10])?), ("cnn", lenet(64, 8, 10)?)] {
-        let (rate, _) = train_rate(model, &data, &device_data, |model, state| {
+        let (rate, _) = train_rate(model, &data, &device_data, sizes.epochs, |model, state| {
             GpuTrainer::new(gpu.clone(), model, state)
         })?;
-        reporter.report(&format!("cuda/train_{label}_digits"), rate, "samples/s", true);
+        reporter.report(&format!("{prefix}/train_{label}_digits"), rate, "samples/s", true);
     }
     // The same CNN as a replica of an NCCL group of one (one GPU holds one rank): each step
     // also gathers the gradients into buckets (25 MiB, as PyTorch's DDP), all-reduces them
     // through NCCL and averages them.
     match nccl_group_of_one(&gpu) {
         Ok(group) => {
-            let (rate, comm) = train_rate(lenet(64, 8, 10)?, &data, &device_data, |model, state| {
-                GpuTrainer::replica(Box::new(group), model, state, 25.0)
-            })?;
-            reporter.report("cuda/train_cnn_digits_nccl1", rate, "samples/s", true);
+            let (rate, comm) =
+                train_rate(lenet(64, 8, 10)?, &data, &device_data, sizes.epochs, |model, state| {
+                    GpuTrainer::replica(Box::new(group), model, state, 25.0)
+                })?;
+            reporter.report(&format!("{prefix}/train_cnn_digits_nccl1"), rate, "samples/s", true);
             let per_step = |seconds: f64| seconds / comm.steps.max(1) as f64 * 1e6;
             eprintln!(
                 "cnn as an NCCL replica of one, GPU time a step: forward and backward {:.0} µs, \
@@ -155,40 +200,42 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         ("char_gru", char_gru(32, 32, vocab, 32, 128)?, 32),
         ("tiny_transformer", tiny_transformer(16, 64, vocab, cfg)?, 64),
     ] {
-        let rate = text_rate(&gpu, model, &corpus.ids, steps)?;
-        reporter.report(&format!("cuda/train_{label}_tokens"), rate, "tokens/s", true);
+        let ids = &corpus.ids[..corpus.ids.len().min(sizes.text_tokens)];
+        let rate = text_rate(&gpu, model, ids, steps, sizes.text_seconds)?;
+        reporter.report(&format!("{prefix}/train_{label}_tokens"), rate, "tokens/s", true);
     }
     Ok(())
 }
 
-/// Tokens/s of GPU language-model training over `ids` (Adam) for about 3 s, after one
-/// warm-up epoch.
-fn text_rate(gpu: &Arc<Gpu>, model: Model, ids: &[i32], steps: usize) -> Result<f64> {
+/// Tokens/s of GPU language-model training over `ids` (Adam) for about `seconds`, after
+/// one warm-up epoch.
+fn text_rate(gpu: &Arc<Gpu>, model: Model, ids: &[i32], steps: usize, seconds: f64) -> Result<f64> {
     let batch = model.graph.shape(model.input)?[0];
     let mut state =
         TrainState::new(&model, OptimizerConfig::adam(3e-3), window_count(ids.len(), steps), batch, 1);
     let mut trainer = GpuTrainer::new(gpu.clone(), model, &state)?;
     trainer.train_epoch_text(&mut state, ids, steps)?;
     let (start, mut tokens) = (Instant::now(), 0);
-    while start.elapsed().as_secs_f64() < 3.0 {
+    while start.elapsed().as_secs_f64() < seconds {
         tokens += trainer.train_epoch_text(&mut state, ids, steps)?.samples;
     }
     Ok(tokens as f64 / start.elapsed().as_secs_f64())
 }
 
-/// Median samples/s of GPU training epochs over all of digits (batch 64, Adam) by the
-/// trainer `make` returns, after one warm-up epoch (kernel compilation, cuBLAS handles);
-/// and the trainer's [`CommStats`] at the end (a replica's).
+/// Median samples/s of `epochs` GPU training epochs over all of digits (batch 64, Adam) by
+/// the trainer `make` returns, after one warm-up epoch (kernel compilation, cuBLAS
+/// handles); and the trainer's [`CommStats`] at the end (a replica's).
 fn train_rate(
     model: Model,
     data: &Dataset,
     device_data: &GpuDataset,
+    epochs: usize,
     make: impl FnOnce(Model, &mut TrainState) -> Result<GpuTrainer, tessera::nn::NnError>,
 ) -> Result<(f64, CommStats)> {
     let mut state = TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), 64, 1);
     let mut trainer = make(model, &mut state)?;
     trainer.train_epoch(&mut state, device_data)?;
-    let mut samples: Vec<f64> = (0..5)
+    let mut samples: Vec<f64> = (0..epochs)
         .map(|_| trainer.train_epoch(&mut state, device_data).map(|s| s.samples_per_second()))
         .collect::<Result<_, _>>()?;
     Ok((median(&mut samples), trainer.comm_stats()))
