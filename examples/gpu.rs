@@ -3,8 +3,10 @@
 //! the GPU (test accuracy and samples/s beside the same training on the CPU). Runs on a
 //! machine without a GPU too, and says what it skipped.
 //!
-//! Run it: `cargo run --release --features cuda --example gpu`
-//! (with the CUDA libraries on `LD_LIBRARY_PATH`; see `scripts/gpu-check.sh`).
+//! Run it: `cargo run --release --features cuda --example gpu [-- --small]`
+//! (with the CUDA libraries on `LD_LIBRARY_PATH`; see `scripts/gpu-check.sh`). `--small`
+//! runs every part at small sizes and for few epochs: a check that the tour runs (CI runs
+//! it on the host GPU), not figures.
 #[cfg(feature = "cuda")]
 fn main() -> anyhow::Result<()> {
     use std::sync::Arc;
@@ -21,14 +23,23 @@ fn main() -> anyhow::Result<()> {
     for d in &devices {
         println!("device {}: {} ({:.1} GiB)", d.ordinal, d.name, d.total_memory as f64 / (1u64 << 30) as f64);
     }
+    let small = std::env::args().any(|arg| arg == "--small");
     let gpu = Gpu::open(0)?;
-    for n in [1024usize, 4096, 8192] {
+    let (f32_sizes, bf16_sizes): (&[usize], &[usize]) =
+        if small { (&[64, 128], &[128]) } else { (&[1024, 4096, 8192], &[4096, 8192]) };
+    for &n in f32_sizes {
         let a = gpu.upload(&vec![1.0f32; n * n])?;
         let b = gpu.upload(&vec![0.5f32; n * n])?;
         let mut c = gpu.zeros(n * n)?;
         gpu.sgemm((n, n, n), &a, &b, &mut c)?; // warm-up (handle creation, heuristics)
         gpu.synchronize()?;
-        let reps = if n >= 8192 { 10 } else { 50 };
+        let reps = if small {
+            2
+        } else if n >= 8192 {
+            10
+        } else {
+            50
+        };
         let start = Instant::now();
         for _ in 0..reps {
             gpu.sgemm((n, n, n), &a, &b, &mut c)?;
@@ -43,13 +54,13 @@ fn main() -> anyhow::Result<()> {
             0.5 * n as f32
         );
     }
-    for n in [4096usize, 8192] {
+    for &n in bf16_sizes {
         let a = gpu.upload_bf16(&vec![1.0f32; n * n])?;
         let b = gpu.upload_bf16(&vec![0.5f32; n * n])?;
         let mut c = gpu.zeros_bf16(n * n)?;
         gpu.gemm_bf16((n, n, n), &a, &b, &mut c)?; // warm-up (handle, heuristic)
         gpu.synchronize()?;
-        let reps = 20;
+        let reps = if small { 2 } else { 20 };
         let start = Instant::now();
         for _ in 0..reps {
             gpu.gemm_bf16((n, n, n), &a, &b, &mut c)?;
@@ -69,7 +80,7 @@ fn main() -> anyhow::Result<()> {
     println!("softmax([1, 2, 3]) = {:?}", gpu.download(&logits)?);
 
     // Sparse: the 1-D Laplacian (tridiagonal 2, -1) times ones is 1 at both ends, 0 inside.
-    let n = 1_000_000;
+    let n = if small { 1_000 } else { 1_000_000 };
     let mut triplets = sprs::TriMat::new((n, n));
     for i in 0..n {
         triplets.add_triplet(i, i, 2.0f32);
@@ -106,13 +117,14 @@ fn main() -> anyhow::Result<()> {
     let c = gpu.download(&c)?;
     println!("spmm (same matrix × {n}×{cols} ones): {:.3} ms; row 0 = {:?}", spmm * 1e3, &c[..cols]);
 
-    train_digits(Arc::new(gpu))
+    train_digits(Arc::new(gpu), if small { 10 } else { 1 })
 }
 
 /// Trains the MLP and the CNN of the zoo on digits on the GPU and on the CPU with the same
-/// seeds, and prints test accuracy and training samples/s of both.
+/// seeds (for a `shorter` times fewer epochs), and prints test accuracy and training
+/// samples/s of both.
 #[cfg(feature = "cuda")]
-fn train_digits(gpu: std::sync::Arc<tessera::Gpu>) -> anyhow::Result<()> {
+fn train_digits(gpu: std::sync::Arc<tessera::Gpu>, shorter: usize) -> anyhow::Result<()> {
     use tessera::nn::{
         lenet, mlp, Dataset, Evaluator, GpuDataset, GpuTrainer, OptimizerConfig, TrainState, Trainer,
     };
@@ -127,6 +139,7 @@ fn train_digits(gpu: std::sync::Arc<tessera::Gpu>) -> anyhow::Result<()> {
         ("cnn", lenet(64, 8, 10)?, lenet(test.len(), 8, 10)?, OptimizerConfig::adamw(3e-3, 1e-4), 30),
     ];
     for (name, model, eval, config, epochs) in runs {
+        let epochs = (epochs / shorter).max(2);
         let mut evaluator = Evaluator::new(eval);
         let mut gpu_state = TrainState::new(&model, config, train.len(), 64, 1);
         let mut cpu_state = gpu_state.clone();
@@ -139,7 +152,7 @@ fn train_digits(gpu: std::sync::Arc<tessera::Gpu>) -> anyhow::Result<()> {
                 gpu_seconds += stats.seconds;
                 gpu_samples += stats.samples;
             }
-            if (epoch + 1) % 10 == 0 {
+            if (epoch + 1) % 10 == 0 || epoch + 1 == epochs {
                 let e = evaluator.classify(&gpu_state.params, &test)?;
                 println!(
                     "{name} on the GPU, epoch {:3}: loss {:.4}, train acc {:.2}%, test acc {:.2}%, {:.0} samples/s",

@@ -22,8 +22,8 @@ cargo test --release --features cuda --all-targets --no-run
 # without a usable GPU is a clear reason and a device that cannot be opened an error, never
 # a panic, in the `tessera` binary and its node processes. tests/gpu.rs then runs its GPU
 # tests again on the host GPU (tests/support/gpu_on_host.rs: the driver, cuBLAS and NCCL on
-# the CPU, kernels compiled as C++), kept in $host_gpu for the placement tests after it:
-# node processes report that GPU and train replica actors on it.
+# the CPU, kernels compiled as C++), kept in $host_gpu for the placement tests after it
+# (node processes report that GPU and train replica actors on it) and the GPU tour.
 host_gpu=$(mktemp -d)
 trap 'rm -rf "$host_gpu"' EXIT
 nvrtc12=/opt/tessera-nvrtc/nvidia/cuda_nvrtc/lib
@@ -33,6 +33,9 @@ LD_LIBRARY_PATH=$nvrtc12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} TESSERA_HOST_GPU_D
 if [[ -e $host_gpu/libcuda.so ]]; then # (not built when arguments filtered its test out)
     LD_LIBRARY_PATH=$host_gpu:$nvrtc12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} TESSERA_EXPECT_GPU=1 \
         cargo test --release --features cuda --test placement "$@"
+    # The GPU tour (examples/gpu.rs) at small sizes.
+    LD_LIBRARY_PATH=$host_gpu:$nvrtc12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
+        cargo run --release --features cuda --example gpu -- --small
 fi
 # The same kernels (PTX and machine code) with CUDA 13's NVRTC, the version on the GPU
 # machines.
