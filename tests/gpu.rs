@@ -1147,12 +1147,36 @@ fn the_gpu_tests_pass_on_the_host_gpu() {
     for skipped in NOT_ON_HOST_GPU {
         child.args(["--skip", skipped]);
     }
-    let output = child
+    // Output to files, so that a child that hangs can be killed and its output still read.
+    let (out_path, err_path) = (dir.join("tests.out"), dir.join("tests.err"));
+    let mut running = child
         .env(ON_HOST_GPU, "1")
         .env("TESSERA_EXPECT_GPU", "1")
         .env("LD_LIBRARY_PATH", library_path)
-        .output()
+        .stdout(std::fs::File::create(&out_path).expect("an output file"))
+        .stderr(std::fs::File::create(&err_path).expect("an output file"))
+        .spawn()
         .expect("running the tests on the host GPU");
+    let deadline = std::time::Instant::now() + Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = running.try_wait().expect("waiting for the tests") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = running.kill();
+            let _ = running.wait();
+            panic!(
+                "the GPU tests on the host GPU did not finish within 10 minutes:\n{}",
+                std::fs::read_to_string(&out_path).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let output = std::process::Output {
+        status,
+        stdout: std::fs::read(&out_path).unwrap_or_default(),
+        stderr: std::fs::read(&err_path).unwrap_or_default(),
+    };
     let stdout = String::from_utf8_lossy(&output.stdout);
     println!("{stdout}");
     assert!(
