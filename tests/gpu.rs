@@ -746,7 +746,17 @@ mod executor {
         size: usize,
         replica: impl Fn(usize, Box<dyn tessera::GpuCommunicator>) -> T + Send + Copy + 'static,
     ) -> Vec<T> {
-        use tessera::{GroupConfig, HostStagedGroup, Rendezvous, TcpGroup};
+        on_gpus(size, false, replica)
+    }
+
+    /// As [`on_gpu_replicas`], or with `nccl`, rank r on GPU r in an NCCL group whose id
+    /// travels over the TCP group.
+    pub(super) fn on_gpus<T: Send + 'static>(
+        size: usize,
+        nccl: bool,
+        replica: impl Fn(usize, Box<dyn tessera::GpuCommunicator>) -> T + Send + Copy + 'static,
+    ) -> Vec<T> {
+        use tessera::{GroupConfig, HostStagedGroup, NcclGroup, Rendezvous, TcpGroup};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let meet = std::thread::spawn(move || {
@@ -755,9 +765,14 @@ mod executor {
         let ranks: Vec<_> = (0..size)
             .map(|rank| {
                 std::thread::spawn(move || {
-                    let gpu = Arc::new(tessera::Gpu::open(0).unwrap());
-                    let tcp = TcpGroup::join(GroupConfig::new(rank, size, addr, "s")).unwrap();
-                    replica(rank, Box::new(HostStagedGroup::new(gpu, Box::new(tcp))))
+                    let gpu = Arc::new(tessera::Gpu::open(if nccl { rank } else { 0 }).unwrap());
+                    let mut tcp = TcpGroup::join(GroupConfig::new(rank, size, addr, "s")).unwrap();
+                    let group: Box<dyn tessera::GpuCommunicator> = if nccl {
+                        Box::new(NcclGroup::join(gpu, &mut tcp).unwrap())
+                    } else {
+                        Box::new(HostStagedGroup::new(gpu, Box::new(tcp)))
+                    };
+                    replica(rank, group)
                 })
             })
             .collect();
@@ -1091,6 +1106,80 @@ fn the_cuda_bench_runs_at_small_sizes() {
     }
 }
 
+/// How many GPUs this machine has (0 without any).
+fn gpu_count() -> usize {
+    cuda_devices().map_or(0, |devices| devices.len())
+}
+
+/// NCCL across two GPUs, one rank each (on machines with two or more): sums, broadcasts
+/// from either root, gathers, uneven reduce-scatters and a barrier give every rank the
+/// right values, on the host and on the device.
+#[test]
+fn nccl_collectives_across_two_gpus() {
+    if gpu_count() < 2 {
+        eprintln!("skipped: fewer than two GPUs");
+        return;
+    }
+    let results = executor::on_gpus(2, true, |rank, mut group| {
+        let r = rank as f32;
+        let mut sum: Vec<f32> = (0..1000).map(|i| i as f32 + r).collect();
+        group.all_reduce(&mut sum).unwrap();
+        assert!(
+            sum.iter().enumerate().all(|(i, &v)| v == 2.0 * i as f32 + 1.0),
+            "rank {rank}: {:?}",
+            &sum[..4]
+        );
+        for root in 0..2 {
+            let mut data = vec![10.0 * r + 1.0; 7];
+            group.broadcast(&mut data, root).unwrap();
+            assert_eq!(data, vec![10.0 * root as f32 + 1.0; 7], "rank {rank}, root {root}");
+        }
+        let mut gathered = vec![0.0; 6];
+        group.all_gather(&[r, r + 0.5, r + 0.25], &mut gathered).unwrap();
+        assert_eq!(gathered, [0.0, 0.5, 0.25, 1.0, 1.5, 1.25]);
+        // Five elements over two ranks: segments of two and three (`tessera::segment`).
+        let mut data = [1.0 + r, 2.0, 3.0, 4.0, 5.0 * (r + 1.0)];
+        let mut mine = vec![0.0; tessera::segment(5, 2, rank).len()];
+        group.reduce_scatter(&mut data, &mut mine).unwrap();
+        assert_eq!(mine, if rank == 0 { vec![3.0, 4.0] } else { vec![6.0, 8.0, 15.0] });
+        group.barrier().unwrap();
+        let gpu = group.gpu().clone();
+        let mut device = gpu.upload(&[r + 1.0; 5]).unwrap();
+        group.all_reduce_device(&mut device).unwrap();
+        gpu.download(&device).unwrap()
+    });
+    assert_eq!(results, vec![vec![3.0; 5]; 2]);
+}
+
+/// Two replicas on two GPUs averaging through NCCL train as the HostStaged replicas on one
+/// GPU do, bit for bit (the same sums in the same order), and stay equal to each other.
+#[test]
+fn nccl_replicas_on_two_gpus_train_as_host_staged_replicas() {
+    use tessera::nn::{mlp, Dataset, GpuDataset, GpuTrainer, OptimizerConfig, TrainState};
+    if gpu_count() < 2 {
+        eprintln!("skipped: fewer than two GPUs");
+        return;
+    }
+    let train = |nccl: bool| {
+        executor::on_gpus(2, nccl, |_, group| {
+            let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv");
+            let data = Dataset::digits(path).unwrap().subset(&(0..256).collect::<Vec<_>>());
+            let model = mlp(16, &[64, 32, 10]).unwrap();
+            let mut state = TrainState::new(&model, OptimizerConfig::adam(1e-2), data.len(), 32, 5);
+            let mut replica = GpuTrainer::replica(group, model, &mut state, 1.0 / 1024.0).unwrap();
+            let device_data = GpuDataset::upload(replica.executor().gpu(), &data, 10).unwrap();
+            for _ in 0..2 {
+                replica.train_epoch(&mut state, &device_data).unwrap();
+            }
+            state.params
+        })
+    };
+    let (staged, nccl) = (train(false), train(true));
+    assert_eq!(nccl[0], nccl[1], "NCCL replicas drifted apart");
+    // Sums of two values are the same in any order: the same bits either way.
+    assert_eq!(nccl[0], staged[0], "NCCL and host-staged averaging differ");
+}
+
 /// Set in the child process that runs this binary's tests on the host GPU.
 const ON_HOST_GPU: &str = "TESSERA_ON_HOST_GPU";
 
@@ -1151,6 +1240,8 @@ fn the_gpu_tests_pass_on_the_host_gpu() {
     let (out_path, err_path) = (dir.join("tests.out"), dir.join("tests.err"));
     let mut running = child
         .env(ON_HOST_GPU, "1")
+        // Two devices, for the tests of NCCL across GPUs.
+        .env("TESSERA_HOST_GPU_DEVICES", "2")
         .env("TESSERA_EXPECT_GPU", "1")
         .env("LD_LIBRARY_PATH", library_path)
         .stdout(std::fs::File::create(&out_path).expect("an output file"))

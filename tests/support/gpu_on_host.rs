@@ -1,5 +1,6 @@
-//! The host GPU: a stand-in for the CUDA driver, cuBLAS, cuBLASLt, cuSPARSE and NCCL (one
-//! device, one NCCL rank) that runs Tessera's GPU code paths on the CPU, so that the GPU tests' own
+//! The host GPU: a stand-in for the CUDA driver, cuBLAS, cuBLASLt, cuSPARSE and NCCL
+//! (`TESSERA_HOST_GPU_DEVICES` devices, default 1; NCCL ranks in any processes, through
+//! shared memory) that runs Tessera's GPU code paths on the CPU, so that the GPU tests' own
 //! assertions run on machines without a GPU: every kernel (compiled as C++, from the same
 //! sources NVRTC compiles), every copy, product and launch the executor and the trainers
 //! queue, in their order. What it cannot show: the real driver's and libraries' behaviour,

@@ -1,16 +1,23 @@
-// The host GPU's library side (see tests/support/gpu_on_host.rs): the CUDA driver, cuBLAS
-// and NCCL functions Tessera's GPU code reaches, on host memory, for one device. Included
-// after the kernels and their table (`tessera_kernels`, `tessera_kernel_count`); the
-// library built from it answers to the names libcuda.so, libcublas.so, libcublasLt.so,
-// libcusparse.so and libnccl.so.
+// The host GPU's library side (see tests/support/gpu_on_host.rs): the CUDA driver,
+// cuBLAS, cuBLASLt, cuSPARSE and NCCL functions Tessera's GPU code reaches, on host memory.
+// Included after the kernels and their table (`tessera_kernels`, `tessera_kernel_count`);
+// the library built from it answers to the names libcuda.so, libcublas.so,
+// libcublasLt.so, libcusparse.so and libnccl.so.
 //
-// Device memory is host memory (a device pointer is a host address), every operation runs
-// when it is called (a stream is always idle, an event completes when recorded), kernels
-// run through `tessera_launch`, and matrix products follow cuBLAS's column-major
-// definitions (cuBLASLt: bf16 with f32 accumulation; cuSPARSE: 32-bit CSR times a vector
-// or a dense matrix). Error codes are the libraries' own. Not here: more than one device or
-// one NCCL rank, and whatever else Tessera does not call (a missing symbol, named by
-// cudarc's panic).
+// TESSERA_HOST_GPU_DEVICES devices (default 1) share this host's memory: a device pointer
+// is a host address. Every operation runs when it is called (a stream is always idle, an
+// event completes when recorded), kernels run through `tessera_launch`, and matrix
+// products follow cuBLAS's column-major definitions (cuBLASLt: bf16 with f32 accumulation; cuSPARSE: 32-bit CSR times a vector
+// or a dense matrix; NCCL: float32 sums, broadcasts and gathers between ranks in any
+// processes, through shared memory). Error codes are the libraries' own. Not here:
+// whatever Tessera does not call (a missing symbol, named by cudarc's panic).
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <atomic>
 #include <chrono>
 #include <mutex>
 #include <new>
@@ -35,7 +42,14 @@ enum : CUresult {
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
 };
 
-static int tessera_context_token;  // the one context's handle points here
+static int tessera_context_tokens[8];  // device d's context handle points at element d
+
+// TESSERA_HOST_GPU_DEVICES devices (1 to 8, default 1), all of them this host's memory.
+static int tessera_devices() {
+    const char* wanted = getenv("TESSERA_HOST_GPU_DEVICES");
+    int n = wanted != nullptr ? atoi(wanted) : 1;
+    return n < 1 ? 1 : n > 8 ? 8 : n;
+}
 static thread_local CUcontext tessera_current = nullptr;
 static const size_t TESSERA_MEMORY = size_t(16) << 30;
 
@@ -73,28 +87,29 @@ CUresult cuDriverGetVersion(int* version) {
 }
 CUresult cuDeviceGetCount(int* count) {
     if (count == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    *count = 1;
+    *count = tessera_devices();
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceGet(CUdevice* device, int ordinal) {
     if (device == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    if (ordinal != 0) return CUDA_ERROR_INVALID_DEVICE;
-    *device = 0;
+    if (ordinal < 0 || ordinal >= tessera_devices()) return CUDA_ERROR_INVALID_DEVICE;
+    *device = ordinal;
     return CUDA_SUCCESS;
 }
+static bool tessera_valid(CUdevice device) { return device >= 0 && device < tessera_devices(); }
 CUresult cuDeviceGetName(char* name, int len, CUdevice device) {
-    if (name == nullptr || len <= 0 || device != 0) return CUDA_ERROR_INVALID_VALUE;
+    if (name == nullptr || len <= 0 || !tessera_valid(device)) return CUDA_ERROR_INVALID_VALUE;
     strncpy(name, "Tessera host GPU", size_t(len));
     name[len - 1] = '\0';
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice device) {
-    if (bytes == nullptr || device != 0) return CUDA_ERROR_INVALID_VALUE;
+    if (bytes == nullptr || !tessera_valid(device)) return CUDA_ERROR_INVALID_VALUE;
     *bytes = TESSERA_MEMORY;
     return CUDA_SUCCESS;
 }
 CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice device) {
-    if (value == nullptr || device != 0) return CUDA_ERROR_INVALID_VALUE;
+    if (value == nullptr || !tessera_valid(device)) return CUDA_ERROR_INVALID_VALUE;
     switch (attribute) {
     case 1: *value = 1024; break;   // max threads per block
     case 10: *value = 32; break;    // warp size
@@ -107,8 +122,8 @@ CUresult cuDeviceGetAttribute(int* value, int attribute, CUdevice device) {
     return CUDA_SUCCESS;
 }
 CUresult cuDevicePrimaryCtxRetain(CUcontext* context, CUdevice device) {
-    if (context == nullptr || device != 0) return CUDA_ERROR_INVALID_VALUE;
-    *context = &tessera_context_token;
+    if (context == nullptr || !tessera_valid(device)) return CUDA_ERROR_INVALID_VALUE;
+    *context = &tessera_context_tokens[device];
     return CUDA_SUCCESS;
 }
 CUresult cuDevicePrimaryCtxRelease_v2(CUdevice) { return CUDA_SUCCESS; }
@@ -570,13 +585,33 @@ cusparseStatus_t cusparseSpMM(void* handle, int op_a, int op_b, const void* alph
     return CUSPARSE_STATUS_SUCCESS;
 }
 
-// --- NCCL: a group of one rank --------------------------------------------------------
+// --- NCCL: ranks in any processes of this machine, through shared memory ------------------
+//
+// The unique id names a shared memory segment: a process-shared barrier and one slot per
+// rank. A collective copies each rank's data into its slot, meets at the barrier, computes
+// its result from every slot in rank order (so every rank gets the same bits), and meets
+// again before the slots are reused. As with NCCL, a rank that never comes leaves the
+// others waiting.
 
 typedef int ncclResult_t;
-typedef void* ncclComm_t;
 typedef struct { char internal[128]; } ncclUniqueId;
-enum : ncclResult_t { ncclSuccess = 0, ncclInvalidArgument = 4, ncclInvalidUsage = 5 };
-static int tessera_nccl_token;
+enum : ncclResult_t { ncclSuccess = 0, ncclSystemError = 2, ncclInvalidArgument = 4, ncclInvalidUsage = 5 };
+static const size_t TESSERA_NCCL_SLOT = size_t(64) << 20;  // the largest collective, in bytes
+
+struct tessera_nccl_shared {
+    std::atomic<int> ready;  // set by rank 0 once the barrier is made
+    pthread_barrier_t barrier;
+};
+struct tessera_nccl_comm {
+    tessera_nccl_shared* shared;
+    char* slots;
+    size_t mapped;
+    int rank, ranks;
+    char* slot(int r) const { return slots + size_t(r) * TESSERA_NCCL_SLOT; }
+    void meet() const { pthread_barrier_wait(&shared->barrier); }
+};
+typedef tessera_nccl_comm* ncclComm_t;
+static const size_t TESSERA_NCCL_HEADER = 4096;
 
 static size_t tessera_nccl_size(int type) {
     switch (type) {
@@ -595,68 +630,113 @@ ncclResult_t ncclGetVersion(int* version) {
 }
 ncclResult_t ncclGetUniqueId(ncclUniqueId* id) {
     if (id == nullptr) return ncclInvalidArgument;
+    static std::atomic<unsigned> made{0};
     memset(id->internal, 0, sizeof id->internal);
-    strcpy(id->internal, "tessera host GPU");
+    unsigned long long nonce = (unsigned long long)std::chrono::steady_clock::now().time_since_epoch().count();
+    snprintf(id->internal, sizeof id->internal, "/tessera-host-nccl-%d-%u-%llx", int(getpid()), made++, nonce);
     return ncclSuccess;
 }
 const char* ncclGetErrorString(ncclResult_t result) {
     switch (result) {
     case ncclSuccess: return "no error";
+    case ncclSystemError: return "unhandled system error (the host GPU's shared memory)";
     case ncclInvalidArgument: return "invalid argument";
-    case ncclInvalidUsage: return "invalid usage (the host GPU holds groups of one rank)";
+    case ncclInvalidUsage: return "invalid usage";
     default: return "unknown result code";
     }
 }
-ncclResult_t ncclCommInitRank(ncclComm_t* comm, int ranks, ncclUniqueId, int rank) {
-    if (comm == nullptr) return ncclInvalidArgument;
-    if (ranks != 1 || rank != 0) return ncclInvalidUsage;
-    *comm = &tessera_nccl_token;
+ncclResult_t ncclCommInitRank(ncclComm_t* comm, int ranks, ncclUniqueId id, int rank) {
+    if (comm == nullptr || ranks < 1 || rank < 0 || rank >= ranks || id.internal[0] != '/') return ncclInvalidArgument;
+    size_t size = TESSERA_NCCL_HEADER + size_t(ranks) * TESSERA_NCCL_SLOT;
+    int fd = shm_open(id.internal, O_CREAT | O_RDWR, 0600);
+    if (fd < 0) return ncclSystemError;
+    if (ftruncate(fd, off_t(size)) != 0) {
+        close(fd);
+        return ncclSystemError;
+    }
+    void* at = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (at == MAP_FAILED) return ncclSystemError;
+    auto* shared = static_cast<tessera_nccl_shared*>(at);
+    if (rank == 0) {
+        pthread_barrierattr_t attr;
+        pthread_barrierattr_init(&attr);
+        pthread_barrierattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
+        pthread_barrier_init(&shared->barrier, &attr, unsigned(ranks));
+        pthread_barrierattr_destroy(&attr);
+        shared->ready.store(1, std::memory_order_release);
+    } else {
+        while (shared->ready.load(std::memory_order_acquire) == 0) usleep(100);
+    }
+    *comm = new tessera_nccl_comm{shared, static_cast<char*>(at) + TESSERA_NCCL_HEADER, size, rank, ranks};
+    (*comm)->meet();  // every rank has the segment mapped: its name can go
+    if (rank == 0) shm_unlink(id.internal);
     return ncclSuccess;
 }
-ncclResult_t ncclCommDestroy(ncclComm_t) { return ncclSuccess; }
-ncclResult_t ncclCommAbort(ncclComm_t) { return ncclSuccess; }
+ncclResult_t ncclCommDestroy(ncclComm_t comm) {
+    if (comm != nullptr) {
+        munmap(comm->shared, comm->mapped);
+        delete comm;
+    }
+    return ncclSuccess;
+}
+ncclResult_t ncclCommAbort(ncclComm_t comm) { return ncclCommDestroy(comm); }
 ncclResult_t ncclCommFinalize(ncclComm_t) { return ncclSuccess; }
-ncclResult_t ncclCommCount(ncclComm_t, int* count) {
-    if (count == nullptr) return ncclInvalidArgument;
-    *count = 1;
+ncclResult_t ncclCommCount(ncclComm_t comm, int* count) {
+    if (comm == nullptr || count == nullptr) return ncclInvalidArgument;
+    *count = comm->ranks;
     return ncclSuccess;
 }
-ncclResult_t ncclCommUserRank(ncclComm_t, int* rank) {
-    if (rank == nullptr) return ncclInvalidArgument;
-    *rank = 0;
+ncclResult_t ncclCommUserRank(ncclComm_t comm, int* rank) {
+    if (comm == nullptr || rank == nullptr) return ncclInvalidArgument;
+    *rank = comm->rank;
     return ncclSuccess;
 }
-ncclResult_t ncclCommCuDevice(ncclComm_t, int* device) {
-    if (device == nullptr) return ncclInvalidArgument;
+ncclResult_t ncclCommCuDevice(ncclComm_t comm, int* device) {
+    if (comm == nullptr || device == nullptr) return ncclInvalidArgument;
     *device = 0;
     return ncclSuccess;
 }
 ncclResult_t ncclGroupStart() { return ncclSuccess; }
 ncclResult_t ncclGroupEnd() { return ncclSuccess; }
-// With one rank, a sum, product, minimum, maximum or average is the rank's own data.
-ncclResult_t ncclAllReduce(const void* send, void* receive, size_t count, int type, int, ncclComm_t comm, CUstream) {
-    size_t size = tessera_nccl_size(type);
-    if (comm == nullptr || size == 0) return ncclInvalidArgument;
-    if (send != receive) memmove(receive, send, count * size);
-    return ncclSuccess;
-}
-ncclResult_t ncclAllGather(const void* send, void* receive, size_t count, int type, ncclComm_t comm, CUstream) {
-    size_t size = tessera_nccl_size(type);
-    if (comm == nullptr || size == 0) return ncclInvalidArgument;
-    if (send != receive) memmove(receive, send, count * size);
-    return ncclSuccess;
-}
-ncclResult_t ncclReduceScatter(const void* send, void* receive, size_t count, int type, int, ncclComm_t comm,
-                               CUstream) {
-    size_t size = tessera_nccl_size(type);
-    if (comm == nullptr || size == 0) return ncclInvalidArgument;
-    if (send != receive) memmove(receive, send, count * size);
+
+// Sums float32 data (any data with one rank, where every reduction is the data itself).
+ncclResult_t ncclAllReduce(const void* send, void* receive, size_t count, int type, int op, ncclComm_t comm, CUstream) {
+    size_t size = tessera_nccl_size(type), bytes = count * size;
+    if (comm == nullptr || size == 0 || bytes > TESSERA_NCCL_SLOT) return ncclInvalidArgument;
+    if (comm->ranks == 1) {
+        if (send != receive) memmove(receive, send, bytes);
+        return ncclSuccess;
+    }
+    if (type != 7 || op != 0) return ncclInvalidArgument;  // float32 sum only
+    memcpy(comm->slot(comm->rank), send, bytes);
+    comm->meet();
+    float* out = static_cast<float*>(receive);
+    for (size_t i = 0; i < count; ++i) {
+        float sum = 0.0f;
+        for (int r = 0; r < comm->ranks; ++r) sum += reinterpret_cast<const float*>(comm->slot(r))[i];
+        out[i] = sum;
+    }
+    comm->meet();
     return ncclSuccess;
 }
 ncclResult_t ncclBroadcast(const void* send, void* receive, size_t count, int type, int root, ncclComm_t comm, CUstream) {
-    size_t size = tessera_nccl_size(type);
-    if (comm == nullptr || size == 0 || root != 0) return ncclInvalidArgument;
-    if (send != receive) memmove(receive, send, count * size);
+    size_t size = tessera_nccl_size(type), bytes = count * size;
+    if (comm == nullptr || size == 0 || root < 0 || root >= comm->ranks || bytes > TESSERA_NCCL_SLOT)
+        return ncclInvalidArgument;
+    if (comm->rank == root) memcpy(comm->slot(0), send, bytes);
+    comm->meet();
+    memmove(receive, comm->slot(0), bytes);
+    comm->meet();
+    return ncclSuccess;
+}
+ncclResult_t ncclAllGather(const void* send, void* receive, size_t count, int type, ncclComm_t comm, CUstream) {
+    size_t size = tessera_nccl_size(type), bytes = count * size;
+    if (comm == nullptr || size == 0 || bytes > TESSERA_NCCL_SLOT) return ncclInvalidArgument;
+    memcpy(comm->slot(comm->rank), send, bytes);
+    comm->meet();
+    for (int r = 0; r < comm->ranks; ++r) memcpy(static_cast<char*>(receive) + size_t(r) * bytes, comm->slot(r), bytes);
+    comm->meet();
     return ncclSuccess;
 }
 
