@@ -31,8 +31,9 @@ LD_LIBRARY_PATH=$nvrtc12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} TESSERA_HOST_GPU_D
     TESSERA_EXPECT_NVRTC=1 TESSERA_EXPECT_NVRTC_RELEASE=12 TESSERA_EXPECT_CXX=1 \
     cargo test --release --features cuda --lib --test gpu --test kernels_on_host --test fake_driver "$@"
 if [[ -e $host_gpu/libcuda.so ]]; then # (not built when arguments filtered its test out)
+    # (Two host devices: the replicas on two GPUs of one node, through NCCL, run too.)
     LD_LIBRARY_PATH=$host_gpu:$nvrtc12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} TESSERA_EXPECT_GPU=1 \
-        cargo test --release --features cuda --test placement "$@"
+        TESSERA_HOST_GPU_DEVICES=2 cargo test --release --features cuda --test placement "$@"
     # The GPU tour (examples/gpu.rs) at small sizes.
     LD_LIBRARY_PATH=$host_gpu:$nvrtc12${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
         cargo run --release --features cuda --example gpu -- --small

@@ -129,8 +129,9 @@ fn digits() -> Result<Dataset> {
 
 /// Replica actors train on the nodes' GPUs where there are some: two replicas sharing
 /// GPU 0 (averaging through their TCP group, staged through host memory), then one through
-/// NCCL; the head checks after every epoch that the replicas hold the same bits, and the
-/// test accuracy matches the same job's on the nodes' CPUs. Elsewhere only the CPU run.
+/// NCCL, and where a node has two GPUs, one replica on each through NCCL; the head checks
+/// after every epoch that the replicas hold the same bits, and the test accuracy matches
+/// the same job's on the nodes' CPUs. Elsewhere only the CPU run.
 fn replica_actors_train_on_the_nodes_gpus() -> Result<()> {
     let (rt, cluster) = cluster(2)?;
     let (train, test) = digits()?.split(0.2, 42);
@@ -165,6 +166,13 @@ fn replica_actors_train_on_the_nodes_gpus() -> Result<()> {
             let gpu = accuracy(&job.clone().on_gpu(0, nccl), nodes)?;
             let how = if nccl { "through NCCL" } else { "through TCP" };
             println!("    {} replica(s) on GPU 0 {how}: test accuracy {gpu:.4} (CPU {cpu:.4})", nodes.len());
+            ensure!((gpu - cpu).abs() < 0.03, "GPU replicas {gpu} vs CPU replicas {cpu}");
+        }
+        // A node with two GPUs or more: one replica on each of two, through NCCL.
+        let every = ClusterReplicas::every_gpu(&cluster, &nodes[..1]);
+        if every.len() >= 2 {
+            let gpu = accuracy(&job.clone().on_gpu(0, true), &every[..2])?;
+            println!("    2 replicas on GPUs 0 and 1 of one node through NCCL: test accuracy {gpu:.4} (CPU {cpu:.4})");
             ensure!((gpu - cpu).abs() < 0.03, "GPU replicas {gpu} vs CPU replicas {cpu}");
         }
     }
