@@ -149,8 +149,8 @@ pub(crate) enum Outcome {
     Failed(Arc<Error>),
 }
 
-/// A callback run once when an entry is done.
-pub(crate) type Waiter = Box<dyn FnOnce(&Outcome) + Send>;
+/// A callback run once when an entry is done, given its own copy of the outcome.
+pub(crate) type Waiter = Box<dyn FnOnce(Outcome) + Send>;
 
 enum Slot {
     Pending(Vec<Waiter>),
@@ -302,8 +302,13 @@ impl ObjectTable {
     }
 
     /// Finishes an entry and wakes its waiters. Returns false if it was already done or freed.
+    ///
+    /// The calling thread keeps no copy of the outcome once a waiter may run: the entry
+    /// takes it, and each waiter gets a copy of its own. So a reader woken here that drops
+    /// the last handle of the value frees it then, not when this thread gets round to it
+    /// (device memory is given back when the last handle drops, not a moment later).
     pub(crate) fn complete(&self, id: ObjectId, outcome: Outcome, bytes: usize) -> bool {
-        let waiters = {
+        let (waiters, for_waiters) = {
             let mut shard = self.shard(id).lock();
             let Some(entry) = shard.get_mut(&id.0) else {
                 return false;
@@ -312,12 +317,13 @@ impl ObjectTable {
                 return false;
             };
             let waiters = std::mem::take(waiters);
-            entry.slot = Slot::Done(outcome.clone());
+            let for_waiters = (!waiters.is_empty()).then(|| outcome.clone());
+            entry.slot = Slot::Done(outcome);
             entry.bytes = bytes;
-            waiters
+            (waiters, for_waiters)
         };
         self.stats.bytes_added(bytes);
-        if !waiters.is_empty() {
+        if let Some(outcome) = for_waiters {
             run_waiters(waiters, outcome);
         }
         true
@@ -375,9 +381,60 @@ fn run_waiters(waiters: Vec<Waiter>, outcome: Outcome) {
     let _reset = Reset;
     let mut next = Some((waiters, outcome));
     while let Some((waiters, outcome)) = next {
-        for waiter in waiters {
-            waiter(&outcome);
+        // Every waiter's copy is made before the first runs, so this thread holds only
+        // copies that later waiters will own.
+        let mut copies: Vec<Outcome> = (1..waiters.len()).map(|_| outcome.clone()).collect();
+        copies.push(outcome);
+        for (waiter, copy) in waiters.into_iter().zip(copies) {
+            waiter(copy);
         }
         next = DEFERRED.with(|d| d.borrow_mut().pop_front());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    /// While waiters run, the completing thread holds no copy of the value beyond those
+    /// that waiters not yet run will own: a woken reader that drops its copy and the
+    /// entry's leaves the value freed at once.
+    #[test]
+    fn a_completing_thread_keeps_no_copy_of_the_value_while_waiters_run() {
+        let table = Arc::new(ObjectTable::new(Arc::new(Stats::default())));
+        let id = table.create_pending();
+        let counts = Arc::new(Mutex::new(Vec::new()));
+        let runs = Arc::new(AtomicUsize::new(0));
+        for _ in 0..3 {
+            let (counts, runs) = (counts.clone(), runs.clone());
+            table.subscribe(
+                id,
+                Box::new(move |outcome| {
+                    runs.fetch_add(1, Ordering::Relaxed);
+                    if let Outcome::Ready(value) = outcome {
+                        counts.lock().push(Arc::strong_count(&value));
+                    }
+                }),
+            );
+        }
+        let value: Value = Arc::new(7u64);
+        assert!(table.complete(id, Outcome::Ready(value), 8));
+        assert_eq!(runs.load(Ordering::Relaxed), 3);
+        // The entry's copy, the running waiter's, and the copies of the waiters after it.
+        assert_eq!(*counts.lock(), [4, 3, 2]);
+        // A waiter subscribed after completion gets the entry's value alongside it.
+        let seen = Arc::new(AtomicUsize::new(0));
+        let late = seen.clone();
+        table.subscribe(
+            id,
+            Box::new(move |outcome| {
+                if let Outcome::Ready(value) = outcome {
+                    late.store(Arc::strong_count(&value), Ordering::Relaxed);
+                }
+            }),
+        );
+        assert_eq!(seen.load(Ordering::Relaxed), 2);
     }
 }

@@ -96,7 +96,7 @@ impl<T: Payload> Ref<T> {
                     self.inner.table.subscribe(
                         self.inner.id,
                         Box::new(move |outcome| {
-                            let _ = tx.send(outcome.clone());
+                            let _ = tx.send(outcome);
                         }),
                     );
                     rx.await.map_err(|_| Error::Shutdown)?
@@ -190,7 +190,7 @@ pub(crate) fn blocking_outcome(inner: &RefInner, timeout: Option<Duration>) -> R
         inner.table.subscribe(
             inner.id,
             Box::new(move |outcome| {
-                *slot.lock() = Some(outcome.clone());
+                *slot.lock() = Some(outcome);
                 signal.set();
             }),
         );

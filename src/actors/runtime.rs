@@ -492,7 +492,7 @@ fn watch_all<T: Payload>(refs: &[Ref<T>]) -> Arc<ReadyCounter> {
     let counter = Arc::new(ReadyCounter::new());
     for r in refs {
         let counter = counter.clone();
-        r.inner.table.subscribe(r.inner.id, Box::new(move |_: &Outcome| counter.bump()));
+        r.inner.table.subscribe(r.inner.id, Box::new(move |_: Outcome| counter.bump()));
     }
     counter
 }

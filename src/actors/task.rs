@@ -310,7 +310,7 @@ pub(crate) fn run_job(mut job: Box<Job>) {
                 id,
                 Box::new(move |outcome| {
                     // The forwarded value is shared, so its bytes are counted once.
-                    table.complete(output, outcome.clone(), 0);
+                    table.complete(output, outcome, 0);
                     drop(inner);
                 }),
             );
