@@ -460,6 +460,13 @@ fn values_larger_than_a_frame_reach_nodes_and_come_back() -> Result<()> {
     ensure!(ran_on == node.name, "the task ran on `{ran_on}`, not on the node {}", node.name);
     ensure!(digest == blake3::hash(&arg).to_hex().to_string(), "the task saw other bytes");
 
+    // The task's argument is freed when the finished task is dropped, which may come just
+    // after its result: wait for that before counting what the head holds.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while c.rt.stats().live_bytes >= BIG as u64 {
+        ensure!(Instant::now() < deadline, "the head still holds the task's argument: {:?}", c.rt.stats());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let before = c.rt.stats().live_bytes;
     let state = blob(BIG + 3, 32);
     let hoard = c.cluster.actor_on(node.id, &Hoard { data: ByteBuf::from(state.clone()) })?;
@@ -470,9 +477,17 @@ fn values_larger_than_a_frame_reach_nodes_and_come_back() -> Result<()> {
     let (ran_on, digest, head) = hoard
         .call((Some(ByteBuf::from(extra.clone())), wanted))
         .blocking_get_timeout(Duration::from_secs(60))?;
-    // Once answered, the head holds neither the state, nor the message, nor (its Ref gone) the reply.
-    let left = c.rt.stats().live_bytes.saturating_sub(before);
-    ensure!(left < 4096, "{left} bytes still held on the head after the first call");
+    // Once answered, the head holds neither the state, nor the message, nor (its Ref gone)
+    // the reply (the finished call is dropped just after its answer, as the task above).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left = c.rt.stats().live_bytes.saturating_sub(before);
+        if left < 4096 {
+            break;
+        }
+        ensure!(Instant::now() < deadline, "{left} bytes still held on the head after the first call");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     // The large reply was kept on the node; with its Ref gone the node frees it.
     let deadline = Instant::now() + Duration::from_secs(5);
     while c.cluster.nodes()[0].values_held > 0 {
