@@ -416,10 +416,10 @@ impl Trainer {
     /// One epoch of a classifier over `data` (full batches from the state's loader).
     ///
     /// # Errors
-    /// [`NnError::Argument`] if the model is not a classifier (see
-    /// `GpuTrainer::train_epoch`) or the state's loader
-    /// does not draw batches of the model's size from `data`'s examples; [`NnError::Shape`] if
-    /// `data`'s rows do not fit the model's input; as [`Trainer::step`].
+    /// [`NnError::Argument`] if the model is not a classifier (see `GpuTrainer::train_epoch`)
+    /// or the state's loader does not draw batches of the model's size from `data`'s
+    /// examples; [`NnError::Shape`] if `data`'s rows do not fit the model's input; as
+    /// [`Trainer::step`].
     pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
         let batch = self.model.graph.shape(self.model.input)?.first().copied().unwrap_or(0);
         let classes = check_classifier_epoch(

@@ -128,7 +128,7 @@ impl GradientSync {
             Some(event) => event.record(stream).map(|()| event),
             None => stream.record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)),
         };
-        Ok(event.map_err(|e| gpu.driver(e))?)
+        event.map_err(|e| gpu.driver(e).into())
     }
 
     /// Keeps a step's events (its start, the end of backward, the end of the averaging) to

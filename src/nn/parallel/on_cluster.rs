@@ -82,8 +82,7 @@ pub enum ReplicaDevice {
     /// On its node's CPU cores, all-reducing gradient buckets over TCP while backward runs
     /// ([`DataParallel`]).
     Cpu,
-    /// On GPU `ordinal` of its node, as a
-    /// `GpuTrainer::replica` (nodes built with the `cuda`
+    /// On GPU `ordinal` of its node, as a `GpuTrainer::replica` (nodes built with the `cuda`
     /// feature; every node must have reported that GPU when it joined). A node listed k
     /// times in the group runs k replicas, on GPUs `ordinal` to `ordinal + k - 1`
     /// ([`ClusterReplicas::every_gpu`] lists each node once per GPU). Gradients are

@@ -26,6 +26,8 @@ struct Sizes {
     gemm: usize,
     poisson_side: usize,
     random_rows: usize,
+    /// The SpMV figures' names: Poisson, random.
+    spmv_labels: [&'static str; 2],
     epochs: usize,
     text_tokens: usize,
     text_seconds: f64,
@@ -37,6 +39,7 @@ const FULL: Sizes = Sizes {
     gemm: 8192,
     poisson_side: 3163, // 10⁷ rows
     random_rows: 10_000_000,
+    spmv_labels: ["poisson_1e7", "random_1e7_nnz10"],
     epochs: 5,
     text_tokens: usize::MAX,
     text_seconds: 3.0,
@@ -48,6 +51,7 @@ const SMALL: Sizes = Sizes {
     gemm: 128,
     poisson_side: 100,
     random_rows: 10_000,
+    spmv_labels: ["poisson", "random_nnz10"],
     epochs: 1,
     text_tokens: 2048,
     text_seconds: 0.2,
@@ -117,8 +121,7 @@ pub(crate) fn run(reporter: &Reporter, small: bool) -> Result<()> {
     reporter.report(&format!("{prefix}/gemm_bf16_{n}"), median(&mut samples), "TFLOP/s", true);
     drop((a, b, c));
 
-    let random_label = if small { "random_nnz10" } else { "random_1e7_nnz10" };
-    let poisson_label = if small { "poisson" } else { "poisson_1e7" };
+    let [poisson_label, random_label] = sizes.spmv_labels;
     for (label, matrix) in
         [(poisson_label, poisson(sizes.poisson_side)), (random_label, random(sizes.random_rows, 10))]
     {
