@@ -32,4 +32,4 @@ pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};
 #[cfg(feature = "cuda")]
 pub use gpu_group::{GpuCommunicator, HostStagedGroup};
 #[cfg(feature = "cuda")]
-pub use nccl::{NcclGroup, NCCL_INIT_TIMEOUT};
+pub use nccl::{NcclGroup, NCCL_TIMEOUT};

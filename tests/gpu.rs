@@ -1180,6 +1180,187 @@ fn nccl_replicas_on_two_gpus_train_as_host_staged_replicas() {
     assert_eq!(nccl[0], staged[0], "NCCL and host-staged averaging differ");
 }
 
+/// Runs `rank(r, gpu r, bootstrap)` for r in 0..2 on threads of their own, with a TCP
+/// group of two as the bootstrap, and returns what each returned (two GPUs needed).
+fn on_two_gpus<T: Send + 'static>(
+    rank: impl Fn(usize, std::sync::Arc<Gpu>, tessera::TcpGroup) -> T + Send + Copy + 'static,
+) -> Vec<T> {
+    use tessera::{GroupConfig, Rendezvous, TcpGroup};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let meet = std::thread::spawn(move || Rendezvous::serve(listener, 2, "s", Duration::from_secs(30)));
+    let ranks: Vec<_> = (0..2)
+        .map(|r| {
+            std::thread::spawn(move || {
+                let gpu = std::sync::Arc::new(Gpu::open(r).unwrap());
+                let tcp = TcpGroup::join(GroupConfig::new(r, 2, addr, "s")).unwrap();
+                rank(r, gpu, tcp)
+            })
+        })
+        .collect();
+    let results = ranks.into_iter().map(|r| r.join().unwrap()).collect();
+    meet.join().unwrap().unwrap();
+    results
+}
+
+/// An NCCL group's watchdog: a slow rank is waited for, but when a rank stops calling the
+/// group's collectives, the next one fails on the other rank within the group's timeout
+/// (NCCL alone waits forever), every later one fails at once with the same reason, the
+/// failure counts as a lost peer, and dropping the group does not wait.
+#[test]
+fn an_nccl_collective_that_a_rank_never_joins_fails_within_the_timeout() {
+    use tessera::{CollectiveError, Communicator, NcclGroup};
+    if gpu_count() < 2 {
+        eprintln!("skipped: fewer than two GPUs");
+        return;
+    }
+    const TIMEOUT: Duration = Duration::from_secs(3);
+    let results = on_two_gpus(|rank, gpu, mut tcp| {
+        let mut group = NcclGroup::join_within(gpu.clone(), &mut tcp, TIMEOUT).unwrap();
+        // Rank 1 comes half a second late: well within the timeout.
+        if rank == 1 {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let mut data = [rank as f32 + 1.0; 4];
+        group.all_reduce(&mut data).unwrap();
+        assert_eq!(data, [3.0; 4], "rank {rank}");
+        assert!(group.failure().is_none(), "rank {rank}: {:?}", group.failure());
+        if rank == 1 {
+            // Rank 1 leaves the group: its communicator is closed, as a dead rank's would be.
+            drop(group);
+            return None;
+        }
+        let started = std::time::Instant::now();
+        let error = group.all_reduce(&mut data).unwrap_err();
+        let waited = started.elapsed();
+        let later = std::time::Instant::now();
+        let mut device = gpu.upload(&[1.0; 4]).unwrap();
+        let again = group.all_reduce_device(&mut device).unwrap_err();
+        let again_after = later.elapsed();
+        let failure = group.failure();
+        let dropping = std::time::Instant::now();
+        drop(group);
+        Some((error, waited, again, again_after, failure, dropping.elapsed()))
+    });
+    let Some((error, waited, again, again_after, failure, dropped_after)) =
+        results.into_iter().next().unwrap()
+    else {
+        panic!("rank 0 returned nothing")
+    };
+    assert!(matches!(error, CollectiveError::Aborted { op: "all_reduce", .. }), "{error}");
+    let message = error.to_string();
+    assert!(message.contains("rank 0 of 2") && message.contains(&format!("{TIMEOUT:?}")), "{message}");
+    assert!(waited >= TIMEOUT && waited < TIMEOUT + Duration::from_secs(5), "failed after {waited:?}");
+    assert_eq!(again.to_string(), message, "a later collective fails with the same reason");
+    assert!(again_after < Duration::from_secs(1), "the later collective took {again_after:?}");
+    assert_eq!(failure.map(|f| f.to_string()), Some(message.clone()));
+    assert!(tessera::nn::is_peer_lost(&error.into()), "{message}");
+    assert!(dropped_after < Duration::from_secs(1), "dropping the group took {dropped_after:?}");
+}
+
+/// A bootstrap group that fails right after the broadcast that hands out NCCL's unique id:
+/// a rank that received the id but never joined NCCL.
+struct FailsAfterTheId(tessera::TcpGroup);
+
+impl tessera::Communicator for FailsAfterTheId {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+    fn all_reduce(&mut self, data: &mut [f32]) -> Result<(), tessera::CollectiveError> {
+        self.0.all_reduce(data)
+    }
+    fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<(), tessera::CollectiveError> {
+        self.0.broadcast(data, root)?;
+        Err(tessera::CollectiveError::Setup("this rank fails after receiving the id".into()))
+    }
+    fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<(), tessera::CollectiveError> {
+        self.0.all_gather(local, out)
+    }
+    fn reduce_scatter(&mut self, data: &mut [f32], out: &mut [f32]) -> Result<(), tessera::CollectiveError> {
+        self.0.reduce_scatter(data, out)
+    }
+    fn barrier(&mut self) -> Result<(), tessera::CollectiveError> {
+        self.0.barrier()
+    }
+}
+
+/// NCCL's setup fails within the timeout on a rank whose peer received the id and never
+/// joined NCCL (NCCL alone waits forever).
+#[test]
+fn nccl_setup_that_a_rank_never_joins_fails_within_the_timeout() {
+    use tessera::{CollectiveError, NcclGroup};
+    if gpu_count() < 2 {
+        eprintln!("skipped: fewer than two GPUs");
+        return;
+    }
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let results = on_two_gpus(|rank, gpu, tcp| {
+        let started = std::time::Instant::now();
+        let joined = if rank == 0 {
+            NcclGroup::join_within(gpu, &mut { tcp }, TIMEOUT)
+        } else {
+            NcclGroup::join_within(gpu, &mut FailsAfterTheId(tcp), TIMEOUT)
+        };
+        (joined.err(), started.elapsed())
+    });
+    let (error, waited) = &results[0];
+    match error {
+        Some(CollectiveError::Aborted { op: "join", reason }) => {
+            assert!(reason.contains("did not set up") && reason.contains("rank 0 of 2"), "{reason}")
+        }
+        other => panic!("rank 0: expected an aborted setup, got {other:?}"),
+    }
+    assert!(*waited >= TIMEOUT && *waited < TIMEOUT + Duration::from_secs(5), "failed after {waited:?}");
+    assert!(matches!(results[1].0, Some(CollectiveError::Setup(_))), "rank 1: {:?}", results[1].0);
+}
+
+/// A GPU replica whose peer stops training fails within the group's timeout, through the
+/// NCCL watchdog; the failure is a lost peer, `state` keeps the last good epoch's
+/// parameters, and later steps fail at once.
+#[test]
+fn an_nccl_replica_whose_peer_stops_fails_within_the_timeout() {
+    use tessera::nn::{
+        is_peer_lost, mlp, Dataset, GpuDataset, GpuTrainer, NnError, OptimizerConfig, TrainState,
+    };
+    use tessera::NcclGroup;
+    if gpu_count() < 2 {
+        eprintln!("skipped: fewer than two GPUs");
+        return;
+    }
+    const TIMEOUT: Duration = Duration::from_secs(2);
+    let results = on_two_gpus(|rank, gpu, mut tcp| {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv");
+        let data = Dataset::digits(path).unwrap().subset(&(0..256).collect::<Vec<_>>());
+        let model = mlp(16, &[64, 32, 10]).unwrap();
+        let mut state = TrainState::new(&model, OptimizerConfig::adam(1e-2), data.len(), 32, 5);
+        let group = NcclGroup::join_within(gpu.clone(), &mut tcp, TIMEOUT).unwrap();
+        let mut replica = GpuTrainer::replica(Box::new(group), model, &mut state, 1.0 / 1024.0).unwrap();
+        let device_data = GpuDataset::upload(&gpu, &data, 10).unwrap();
+        replica.train_epoch(&mut state, &device_data).unwrap();
+        if rank == 1 {
+            return None; // stops training; its replica (and NCCL communicator) is dropped
+        }
+        let good = state.params.clone();
+        let started = std::time::Instant::now();
+        let error = replica.train_epoch(&mut state, &device_data).unwrap_err();
+        let waited = started.elapsed();
+        let kept = state.params == good;
+        let later = replica.step(&mut state).unwrap_err();
+        Some((error, waited, kept, later))
+    });
+    let Some((error, waited, kept, later)) = results.into_iter().next().unwrap() else {
+        panic!("rank 0 returned nothing")
+    };
+    assert!(is_peer_lost(&error), "{error}");
+    assert!(error.to_string().contains("aborted"), "{error}");
+    assert!(waited >= TIMEOUT && waited < TIMEOUT + Duration::from_secs(5), "failed after {waited:?}");
+    assert!(kept, "the failed epoch changed the state's parameters");
+    assert!(matches!(later, NnError::WorkerGone { .. }), "{later}");
+}
+
 /// Set in the child process that runs this binary's tests on the host GPU.
 const ON_HOST_GPU: &str = "TESSERA_ON_HOST_GPU";
 

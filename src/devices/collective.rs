@@ -58,6 +58,17 @@ pub enum CollectiveError {
     /// The group could not be formed.
     #[error("cannot form the group: {0}")]
     Setup(String),
+    /// The backend gave up on a collective that the other ranks did not complete and
+    /// aborted the group (NCCL's watchdog: the collective ran past the group's timeout, or
+    /// NCCL reported that a rank's process or the network failed). Every later collective
+    /// of the group fails with the same reason.
+    #[error("{op} did not complete and the group was aborted: {reason}")]
+    Aborted {
+        /// The collective that did not complete.
+        op: &'static str,
+        /// Why the group was aborted.
+        reason: String,
+    },
     /// The backend (NCCL, the device) failed.
     #[error("{op} failed in the backend: {message}")]
     Backend {

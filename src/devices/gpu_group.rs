@@ -27,6 +27,13 @@ pub trait GpuCommunicator: Communicator {
     /// # Errors
     /// [`CollectiveError`] naming the rank or backend that failed.
     fn all_reduce_device(&mut self, data: &mut CudaSlice<f32>) -> Result<(), CollectiveError>;
+
+    /// Why the group failed in the background, if it did (an NCCL group whose watchdog
+    /// aborted it). A host that waited for the GPU checks this before using what the GPU
+    /// computed after a collective: the abort ended the wait, not the collective.
+    fn failure(&self) -> Option<CollectiveError> {
+        None
+    }
 }
 
 /// A host [`Communicator`] used for buffers on one GPU: each device all-reduce waits for

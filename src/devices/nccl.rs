@@ -2,30 +2,33 @@
 //! agree on NCCL's unique id over another group (for example a [`TcpGroup`](crate::TcpGroup)
 //! of the runtime), then reduce device buffers with NCCL.
 //!
+//! Every collective fails within the group's timeout when the other ranks cannot complete
+//! it (a rank died, stalled or lost its network): a watchdog aborts NCCL's communicator
+//! (`nccl/watched.rs`).
+//!
 //! One GPU cannot hold two ranks of a group: multi-rank logic is tested with the TCP group;
 //! NCCL is tested with one rank per device.
-use std::ffi::c_char;
-use std::sync::{mpsc, Arc};
+use std::ffi::{c_char, c_int};
+use std::sync::Arc;
 use std::time::Duration;
 
 use cudarc::driver::CudaSlice;
-use cudarc::nccl::{Comm, Id, ReduceOp};
+use cudarc::nccl::sys::{self, ncclResult_t};
 
 use super::collective::{segment, CollectiveError, Communicator};
 use super::cuda::Gpu;
 use super::gpu_group::{device_error, GpuCommunicator};
 
+mod watched;
+use watched::WatchedComm;
+
 /// A collective group over NCCL, one rank per GPU.
 pub struct NcclGroup {
     gpu: Arc<Gpu>,
-    comm: Comm,
+    comm: WatchedComm,
     rank: usize,
     size: usize,
 }
-
-// SAFETY: an NCCL communicator may be used from any thread as long as calls on it do not
-// overlap; `NcclGroup` is only used through `&mut self`.
-unsafe impl Send for NcclGroup {}
 
 impl std::fmt::Debug for NcclGroup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -33,18 +36,32 @@ impl std::fmt::Debug for NcclGroup {
     }
 }
 
-/// NCCL's name and words for `error`, as `ncclInvalidUsage (invalid usage)` (cudarc's
-/// `NcclError` prints only "NcclError").
-fn nccl_error(op: &'static str, error: cudarc::nccl::result::NcclError) -> CollectiveError {
+/// NCCL's name and words for a result code, as `ncclInvalidUsage (invalid usage)`.
+fn nccl_error_words(code: c_int) -> String {
+    use ncclResult_t::*;
+    let known = [
+        ncclSuccess,
+        ncclUnhandledCudaError,
+        ncclSystemError,
+        ncclInternalError,
+        ncclInvalidArgument,
+        ncclInvalidUsage,
+        ncclRemoteError,
+        ncclInProgress,
+    ];
+    // Only codes this build knows become cudarc's enum: another value in it would be
+    // undefined behaviour.
+    let Some(&result) = known.iter().find(|&&r| r as c_int == code) else {
+        return format!("NCCL result {code} (unknown to this build of Tessera)");
+    };
     // SAFETY: NCCL returns a static NUL-terminated string for any result code.
-    let words = unsafe { cudarc::nccl::sys::ncclGetErrorString(error.0) };
-    let message = if words.is_null() {
-        format!("{:?}", error.0)
+    let words = unsafe { sys::ncclGetErrorString(result) };
+    if words.is_null() {
+        format!("{result:?}")
     } else {
         // SAFETY: non-null, NUL-terminated and static (see above).
-        format!("{:?} ({})", error.0, unsafe { std::ffi::CStr::from_ptr(words) }.to_string_lossy())
-    };
-    CollectiveError::Backend { op, message }
+        format!("{result:?} ({})", unsafe { std::ffi::CStr::from_ptr(words) }.to_string_lossy())
+    }
 }
 
 /// NCCL's unique id: the opaque bytes rank 0 makes and every rank must pass to NCCL.
@@ -97,100 +114,70 @@ fn exchange_unique_id(
     Ok(from_carrier(&std::array::from_fn(|i| message[i + 1])))
 }
 
-/// How long [`NcclGroup::join`] waits for NCCL to set up the communicator.
-pub const NCCL_INIT_TIMEOUT: Duration = Duration::from_secs(120);
-
-/// An NCCL communicator handed from the thread that made it to the one that uses it.
-struct MadeComm(Comm);
-
-// SAFETY: a communicator may be used from any thread as long as calls on it do not overlap;
-// the thread that made it sends it once and never touches it again.
-unsafe impl Send for MadeComm {}
-
-/// Runs `work` on a thread of its own named `name` and waits for it at most `timeout`.
-/// `Err(None)` when it did not finish in time (the thread is left to finish, or not, on its
-/// own: what it returns then is dropped there), `Err(Some(message))` when it panicked.
-fn finish_within<T: Send + 'static>(
-    name: &str,
-    timeout: Duration,
-    work: impl FnOnce() -> T + Send + 'static,
-) -> Result<T, Option<String>> {
-    let (done, result) = mpsc::sync_channel(1);
-    std::thread::Builder::new()
-        .name(name.into())
-        .spawn(move || {
-            // The receiver is gone once the wait timed out.
-            let _ = done.send(work());
-        })
-        .map_err(|e| Some(format!("could not start a thread: {e}")))?;
-    match result.recv_timeout(timeout) {
-        Ok(value) => Ok(value),
-        Err(mpsc::RecvTimeoutError::Timeout) => Err(None),
-        Err(mpsc::RecvTimeoutError::Disconnected) => Err(Some("the thread panicked".into())),
-    }
-}
+/// How long [`NcclGroup::join`]'s group waits for NCCL's setup, and for each collective
+/// once the GPU reached it, before it aborts NCCL's communicator.
+pub const NCCL_TIMEOUT: Duration = Duration::from_secs(120);
 
 impl NcclGroup {
     /// Forms an NCCL group with the same ranks as `bootstrap`: rank 0 makes NCCL's unique
     /// id and sends it to the others through `bootstrap`; then every rank sets up NCCL's
-    /// communicator, waiting at most [`NCCL_INIT_TIMEOUT`] for the others.
+    /// communicator. The group's timeout is [`NCCL_TIMEOUT`] (see
+    /// [`NcclGroup::join_within`]).
     ///
     /// # Errors
-    /// [`CollectiveError::Backend`] if NCCL is missing or fails, or a rank does not join
-    /// NCCL in time; the bootstrap group's errors.
+    /// As [`NcclGroup::join_within`].
     pub fn join(gpu: Arc<Gpu>, bootstrap: &mut dyn Communicator) -> Result<NcclGroup, CollectiveError> {
-        Self::join_within(gpu, bootstrap, NCCL_INIT_TIMEOUT)
+        Self::join_within(gpu, bootstrap, NCCL_TIMEOUT)
     }
 
-    /// As [`NcclGroup::join`], waiting at most `timeout` for NCCL's setup. NCCL's own setup
-    /// (`ncclCommInitRank`) waits without limit for every rank that received the id; if
-    /// one never calls it (it failed or died after the id exchange), this returns an error
-    /// after `timeout` and leaves the thread waiting inside NCCL behind.
+    /// As [`NcclGroup::join`], with `timeout` as the group's timeout: NCCL's setup must
+    /// finish within it, and so must each collective, counted from when this GPU reached it
+    /// (a host queuing work far ahead of the GPU does not count against it). Otherwise,
+    /// or when NCCL reports that another rank's process or the network failed, a watchdog
+    /// aborts NCCL's communicator: the collective fails with [`CollectiveError::Aborted`],
+    /// and so does every later one. NCCL alone would wait forever for a rank that died.
+    ///
+    /// Needs NCCL 2.14 or later (non-blocking communicators).
     ///
     /// # Errors
-    /// As [`NcclGroup::join`].
+    /// [`CollectiveError::Backend`] if NCCL is missing, older than 2.14, or fails;
+    /// [`CollectiveError::Aborted`] if a rank does not join NCCL in time; the bootstrap
+    /// group's errors.
     pub fn join_within(
         gpu: Arc<Gpu>,
         bootstrap: &mut dyn Communicator,
         timeout: Duration,
     ) -> Result<NcclGroup, CollectiveError> {
         // SAFETY: only tries to load the NCCL library.
-        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        if !unsafe { sys::is_culib_present() } {
             return Err(CollectiveError::Backend {
                 op: "join",
                 message: "the NCCL library (libnccl) is not installed".into(),
             });
         }
         let (rank, size) = (bootstrap.rank(), bootstrap.size());
-        let internal = exchange_unique_id(bootstrap, || {
-            Id::new().map(|id| *id.internal()).map_err(|e| nccl_error("join", e))
+        let id = exchange_unique_id(bootstrap, || {
+            let mut id = sys::ncclUniqueId { internal: [0; 128] };
+            // SAFETY: NCCL writes the id into `id`.
+            let made = unsafe { sys::ncclGetUniqueId(&mut id) } as c_int;
+            if made == 0 {
+                Ok(id.internal)
+            } else {
+                Err(CollectiveError::Backend {
+                    op: "join",
+                    message: format!("ncclGetUniqueId failed: {}", nccl_error_words(made)),
+                })
+            }
         })?;
-        // An `Id` is only its bytes: every rank, rank 0 included, rebuilds it from them.
-        let id = Id::uninit(internal);
-        let init_gpu = gpu.clone();
-        let made = finish_within("tessera-nccl-init", timeout, move || {
-            // NCCL puts the communicator on the calling thread's current device.
-            init_gpu.bind_to_thread().map_err(|e| device_error("join", e))?;
-            let comm =
-                Comm::from_rank(init_gpu.stream(), rank, size, id).map_err(|e| nccl_error("join", e))?;
-            Ok(MadeComm(comm))
-        });
-        match made {
-            Ok(Ok(MadeComm(comm))) => Ok(NcclGroup { gpu, comm, rank, size }),
-            Ok(Err(error)) => Err(error),
-            Err(None) => Err(CollectiveError::Backend {
-                op: "join",
-                message: format!(
-                    "NCCL did not set up the communicator within {timeout:?} (rank {rank} of {size}): a rank \
-                     that received the id did not join NCCL (it failed or died); the thread waiting inside \
-                     NCCL is left behind"
-                ),
-            }),
-            Err(Some(panic)) => Err(CollectiveError::Backend {
-                op: "join",
-                message: format!("setting up NCCL's communicator failed: {panic}"),
-            }),
-        }
+        let comm = WatchedComm::join(gpu.clone(), rank, size, id, timeout)?;
+        Ok(NcclGroup { gpu, comm, rank, size })
+    }
+
+    /// Why the group was aborted, if it was (see [`NcclGroup::join_within`]). A host that
+    /// waited for the GPU checks this before using what the GPU computed: an abort ends
+    /// the wait for the collectives in flight, whose buffers then hold partial sums.
+    pub fn failure(&self) -> Option<CollectiveError> {
+        self.comm.failure()
     }
 
     /// Sums a device buffer over all ranks, in place (gradients stay on the GPU). NCCL
@@ -200,8 +187,7 @@ impl NcclGroup {
     /// # Errors
     /// [`CollectiveError::Backend`].
     pub fn all_reduce_device(&mut self, data: &mut CudaSlice<f32>) -> Result<(), CollectiveError> {
-        self.comm.all_reduce_in_place(data, &ReduceOp::Sum).map_err(|e| nccl_error("all_reduce", e))?;
-        Ok(())
+        self.comm.all_reduce_in_place(data)
     }
 
     fn upload(&self, op: &'static str, data: &[f32]) -> Result<CudaSlice<f32>, CollectiveError> {
@@ -215,6 +201,10 @@ impl NcclGroup {
         out: &mut [f32],
     ) -> Result<(), CollectiveError> {
         let host = self.gpu.download(buffer).map_err(|e| device_error(op, e))?;
+        // The download waited for the GPU: an abort meanwhile left partial sums in `buffer`.
+        if let Some(failure) = self.failure() {
+            return Err(failure);
+        }
         out.copy_from_slice(&host[..out.len()]);
         Ok(())
     }
@@ -227,6 +217,10 @@ impl GpuCommunicator for NcclGroup {
 
     fn all_reduce_device(&mut self, data: &mut CudaSlice<f32>) -> Result<(), CollectiveError> {
         NcclGroup::all_reduce_device(self, data)
+    }
+
+    fn failure(&self) -> Option<CollectiveError> {
+        NcclGroup::failure(self)
     }
 }
 
@@ -259,7 +253,7 @@ impl Communicator for NcclGroup {
             return Ok(());
         }
         let mut buffer = self.upload("broadcast", data)?;
-        self.comm.broadcast_in_place(&mut buffer, root as i32).map_err(|e| nccl_error("broadcast", e))?;
+        self.comm.broadcast_in_place(&mut buffer, root)?;
         self.download_into("broadcast", &buffer, data)
     }
 
@@ -275,7 +269,7 @@ impl Communicator for NcclGroup {
         }
         let send = self.upload("all_gather", local)?;
         let mut receive = self.gpu.zeros(out.len()).map_err(|e| device_error("all_gather", e))?;
-        self.comm.all_gather(&send, &mut receive).map_err(|e| nccl_error("all_gather", e))?;
+        self.comm.all_gather(&send, &mut receive)?;
         self.download_into("all_gather", &receive, out)
     }
 
@@ -364,21 +358,6 @@ mod tests {
 
     /// When rank 0 cannot make an id, it returns its own error and every other rank learns
     /// that from rank 0 (not from a timeout of the bootstrap group).
-    #[test]
-    fn work_that_does_not_finish_in_time_is_an_error_and_does_not_block() {
-        let start = std::time::Instant::now();
-        let late = finish_within("test-late", Duration::from_millis(50), || {
-            std::thread::sleep(Duration::from_secs(5));
-            1
-        });
-        assert_eq!(late, Err(None));
-        assert!(start.elapsed() < Duration::from_secs(2), "waited {:?}", start.elapsed());
-        let on_time = finish_within("test-on-time", Duration::from_secs(5), || 7);
-        assert_eq!(on_time, Ok(7));
-        let panicked: Result<i32, _> = finish_within("test-panic", Duration::from_secs(5), || panic!("boom"));
-        assert!(matches!(panicked, Err(Some(_))), "{panicked:?}");
-    }
-
     #[test]
     fn rank_zeros_failure_to_make_an_id_reaches_every_rank() {
         let results = on_tcp_ranks(3, |group| {

@@ -12,14 +12,20 @@
 // processes, through shared memory). Error codes are the libraries' own. Not here:
 // whatever Tessera does not call (a missing symbol, named by cudarc's panic).
 #include <fcntl.h>
+#include <linux/futex.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <climits>
+#include <functional>
 #include <mutex>
+#include <string>
+#include <thread>
 #include <new>
 #include <unordered_map>
 
@@ -587,31 +593,122 @@ cusparseStatus_t cusparseSpMM(void* handle, int op_a, int op_b, const void* alph
 
 // --- NCCL: ranks in any processes of this machine, through shared memory ------------------
 //
-// The unique id names a shared memory segment: a process-shared barrier and one slot per
-// rank. A collective copies each rank's data into its slot, meets at the barrier, computes
-// its result from every slot in rank order (so every rank gets the same bits), and meets
-// again before the slots are reused. As with NCCL, a rank that never comes leaves the
-// others waiting.
+// The unique id names a shared memory segment: a barrier and one slot per rank. A
+// collective copies each rank's data into its slot, meets at the barrier, computes its
+// result from every slot in rank order (so every rank gets the same bits), and meets again
+// before the slots are reused. As with NCCL, a rank that never comes leaves the others
+// waiting, until they are aborted.
+//
+// A communicator made non-blocking (`ncclConfig_t::blocking = 0`) runs its setup and each
+// collective on a thread of its own and returns `ncclInProgress` at once;
+// `ncclCommGetAsyncError` says when that work is done, and `ncclCommAbort` stops it (the
+// barrier's waits look at the abort flag every 10 ms).
 
 typedef int ncclResult_t;
 typedef struct { char internal[128]; } ncclUniqueId;
-enum : ncclResult_t { ncclSuccess = 0, ncclSystemError = 2, ncclInvalidArgument = 4, ncclInvalidUsage = 5 };
-static const size_t TESSERA_NCCL_SLOT = size_t(64) << 20;  // the largest collective, in bytes
-
-struct tessera_nccl_shared {
-    std::atomic<int> ready;  // set by rank 0 once the barrier is made
-    pthread_barrier_t barrier;
+enum : ncclResult_t {
+    ncclSuccess = 0,
+    ncclSystemError = 2,
+    ncclInternalError = 3,
+    ncclInvalidArgument = 4,
+    ncclInvalidUsage = 5,
+    ncclRemoteError = 6,
+    ncclInProgress = 7,
 };
+static const size_t TESSERA_NCCL_SLOT = size_t(64) << 20;  // the largest collective, in bytes
+static const size_t TESSERA_NCCL_HEADER = 4096;
+
+// The segment's header. A new segment is all zeros: a barrier in its first round.
+struct tessera_nccl_shared {
+    std::atomic<unsigned> arrived;     // ranks at the barrier in this round
+    std::atomic<unsigned> generation;  // rounds completed (a futex word)
+};
+static_assert(std::atomic<unsigned>::is_always_lock_free, "the barrier's words are shared between processes");
+
 struct tessera_nccl_comm {
-    tessera_nccl_shared* shared;
-    char* slots;
-    size_t mapped;
+    tessera_nccl_shared* shared = nullptr;
+    char* slots = nullptr;
+    size_t mapped = 0;
     int rank, ranks;
+    bool blocking;
+    std::string name;                        // the segment's, until it is unlinked
+    std::atomic<bool> aborted{false};
+    std::atomic<ncclResult_t> state{ncclSuccess};  // ncclInProgress while `worker` runs
+    std::thread worker;
+
+    tessera_nccl_comm(int rank_, int ranks_, bool blocking_, std::string name_)
+        : rank(rank_), ranks(ranks_), blocking(blocking_), name(std::move(name_)) {}
     char* slot(int r) const { return slots + size_t(r) * TESSERA_NCCL_SLOT; }
-    void meet() const { pthread_barrier_wait(&shared->barrier); }
+
+    // Waits until every rank reached the barrier; false if aborted first.
+    bool meet() {
+        unsigned round = shared->generation.load(std::memory_order_acquire);
+        if (shared->arrived.fetch_add(1, std::memory_order_acq_rel) + 1 == unsigned(ranks)) {
+            shared->arrived.store(0, std::memory_order_relaxed);
+            shared->generation.fetch_add(1, std::memory_order_acq_rel);
+            syscall(SYS_futex, reinterpret_cast<unsigned*>(&shared->generation), FUTEX_WAKE, INT_MAX, nullptr, nullptr, 0);
+            return true;
+        }
+        while (shared->generation.load(std::memory_order_acquire) == round) {
+            if (aborted.load(std::memory_order_acquire)) return false;
+            struct timespec ten_ms = {0, 10 * 1000 * 1000};
+            syscall(SYS_futex, reinterpret_cast<unsigned*>(&shared->generation), FUTEX_WAIT, round, &ten_ms, nullptr, 0);
+        }
+        return true;
+    }
+
+    // Maps the segment and meets the other ranks, which then have it mapped too.
+    ncclResult_t set_up() {
+        size_t size = TESSERA_NCCL_HEADER + size_t(ranks) * TESSERA_NCCL_SLOT;
+        int fd = shm_open(name.c_str(), O_CREAT | O_RDWR, 0600);
+        if (fd < 0) return ncclSystemError;
+        if (ftruncate(fd, off_t(size)) != 0) {
+            close(fd);
+            return ncclSystemError;
+        }
+        void* at = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        close(fd);
+        if (at == MAP_FAILED) return ncclSystemError;
+        shared = static_cast<tessera_nccl_shared*>(at);
+        slots = static_cast<char*>(at) + TESSERA_NCCL_HEADER;
+        mapped = size;
+        if (!meet()) return ncclRemoteError;
+        unlink_name();  // every rank has it mapped: the name can go
+        return ncclSuccess;
+    }
+    void unlink_name() {
+        if (!name.empty()) shm_unlink(name.c_str());  // the first rank to get here removes it
+        name.clear();
+    }
+
+    // Runs `work`: now when blocking, else on the worker thread, returning ncclInProgress.
+    ncclResult_t run(std::function<ncclResult_t()> work) {
+        if (blocking) return work();
+        if (state.load() == ncclInProgress) return ncclInvalidUsage;  // one call at a time
+        if (worker.joinable()) worker.join();
+        if (state.load() != ncclSuccess) return state.load();  // a failed communicator stays failed
+        state.store(ncclInProgress);
+        worker = std::thread([this, work] { state.store(work()); });
+        return ncclInProgress;
+    }
+
+    // Stops the work in flight (when aborting) or waits for it, and frees everything.
+    static void release(tessera_nccl_comm* comm, bool abort) {
+        if (abort) comm->aborted.store(true, std::memory_order_release);
+        if (comm->worker.joinable()) comm->worker.join();
+        comm->unlink_name();
+        if (comm->shared != nullptr) munmap(comm->shared, comm->mapped);
+        delete comm;
+    }
 };
 typedef tessera_nccl_comm* ncclComm_t;
-static const size_t TESSERA_NCCL_HEADER = 4096;
+
+// `ncclConfig_t` as NCCL 2.14 defined it; later layouts only add fields after these.
+struct tessera_nccl_config {
+    size_t size;
+    unsigned magic, version;
+    int blocking;
+};
 
 static size_t tessera_nccl_size(int type) {
     switch (type) {
@@ -640,47 +737,49 @@ const char* ncclGetErrorString(ncclResult_t result) {
     switch (result) {
     case ncclSuccess: return "no error";
     case ncclSystemError: return "unhandled system error (the host GPU's shared memory)";
+    case ncclInternalError: return "internal error";
     case ncclInvalidArgument: return "invalid argument";
     case ncclInvalidUsage: return "invalid usage";
+    case ncclRemoteError: return "remote process exited or there was a network error (or the communicator was aborted)";
+    case ncclInProgress: return "NCCL operation in progress";
     default: return "unknown result code";
     }
 }
-ncclResult_t ncclCommInitRank(ncclComm_t* comm, int ranks, ncclUniqueId id, int rank) {
+ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int ranks, ncclUniqueId id, int rank, tessera_nccl_config* config) {
     if (comm == nullptr || ranks < 1 || rank < 0 || rank >= ranks || id.internal[0] != '/') return ncclInvalidArgument;
-    size_t size = TESSERA_NCCL_HEADER + size_t(ranks) * TESSERA_NCCL_SLOT;
-    int fd = shm_open(id.internal, O_CREAT | O_RDWR, 0600);
-    if (fd < 0) return ncclSystemError;
-    if (ftruncate(fd, off_t(size)) != 0) {
-        close(fd);
-        return ncclSystemError;
+    bool blocking = true;
+    if (config != nullptr) {
+        if (config->magic != 0xcafebeef || config->version < 21400 || config->size < sizeof(tessera_nccl_config))
+            return ncclInvalidArgument;
+        blocking = config->blocking != 0;  // NCCL_CONFIG_UNDEF_INT (INT_MIN) is NCCL's default, blocking
     }
-    void* at = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
-    if (at == MAP_FAILED) return ncclSystemError;
-    auto* shared = static_cast<tessera_nccl_shared*>(at);
-    if (rank == 0) {
-        pthread_barrierattr_t attr;
-        pthread_barrierattr_init(&attr);
-        pthread_barrierattr_setpshared(&attr, PTHREAD_PROCESS_SHARED);
-        pthread_barrier_init(&shared->barrier, &attr, unsigned(ranks));
-        pthread_barrierattr_destroy(&attr);
-        shared->ready.store(1, std::memory_order_release);
-    } else {
-        while (shared->ready.load(std::memory_order_acquire) == 0) usleep(100);
+    id.internal[sizeof id.internal - 1] = 0;
+    auto* made = new tessera_nccl_comm(rank, ranks, blocking, id.internal);
+    ncclResult_t result = made->run([made] { return made->set_up(); });
+    if (blocking && result != ncclSuccess) {
+        tessera_nccl_comm::release(made, true);
+        *comm = nullptr;
+        return result;
     }
-    *comm = new tessera_nccl_comm{shared, static_cast<char*>(at) + TESSERA_NCCL_HEADER, size, rank, ranks};
-    (*comm)->meet();  // every rank has the segment mapped: its name can go
-    if (rank == 0) shm_unlink(id.internal);
+    *comm = made;
+    return result;
+}
+ncclResult_t ncclCommInitRank(ncclComm_t* comm, int ranks, ncclUniqueId id, int rank) {
+    return ncclCommInitRankConfig(comm, ranks, id, rank, nullptr);
+}
+ncclResult_t ncclCommGetAsyncError(ncclComm_t comm, ncclResult_t* error) {
+    if (comm == nullptr || error == nullptr) return ncclInvalidArgument;
+    *error = comm->state.load();
     return ncclSuccess;
 }
 ncclResult_t ncclCommDestroy(ncclComm_t comm) {
-    if (comm != nullptr) {
-        munmap(comm->shared, comm->mapped);
-        delete comm;
-    }
+    if (comm != nullptr) tessera_nccl_comm::release(comm, false);
     return ncclSuccess;
 }
-ncclResult_t ncclCommAbort(ncclComm_t comm) { return ncclCommDestroy(comm); }
+ncclResult_t ncclCommAbort(ncclComm_t comm) {
+    if (comm != nullptr) tessera_nccl_comm::release(comm, true);
+    return ncclSuccess;
+}
 ncclResult_t ncclCommFinalize(ncclComm_t) { return ncclSuccess; }
 ncclResult_t ncclCommCount(ncclComm_t comm, int* count) {
     if (comm == nullptr || count == nullptr) return ncclInvalidArgument;
@@ -704,40 +803,44 @@ ncclResult_t ncclGroupEnd() { return ncclSuccess; }
 ncclResult_t ncclAllReduce(const void* send, void* receive, size_t count, int type, int op, ncclComm_t comm, CUstream) {
     size_t size = tessera_nccl_size(type), bytes = count * size;
     if (comm == nullptr || size == 0 || bytes > TESSERA_NCCL_SLOT) return ncclInvalidArgument;
-    if (comm->ranks == 1) {
-        if (send != receive) memmove(receive, send, bytes);
-        return ncclSuccess;
-    }
-    if (type != 7 || op != 0) return ncclInvalidArgument;  // float32 sum only
-    memcpy(comm->slot(comm->rank), send, bytes);
-    comm->meet();
-    float* out = static_cast<float*>(receive);
-    for (size_t i = 0; i < count; ++i) {
-        float sum = 0.0f;
-        for (int r = 0; r < comm->ranks; ++r) sum += reinterpret_cast<const float*>(comm->slot(r))[i];
-        out[i] = sum;
-    }
-    comm->meet();
-    return ncclSuccess;
+    if (comm->ranks > 1 && (type != 7 || op != 0)) return ncclInvalidArgument;  // float32 sum only
+    return comm->run([=] {
+        if (comm->ranks == 1) {
+            if (send != receive) memmove(receive, send, bytes);
+            return ncclSuccess;
+        }
+        memcpy(comm->slot(comm->rank), send, bytes);
+        if (!comm->meet()) return ncclRemoteError;
+        float* out = static_cast<float*>(receive);
+        for (size_t i = 0; i < count; ++i) {
+            float sum = 0.0f;
+            for (int r = 0; r < comm->ranks; ++r) sum += reinterpret_cast<const float*>(comm->slot(r))[i];
+            out[i] = sum;
+        }
+        return comm->meet() ? ncclSuccess : ncclRemoteError;
+    });
 }
 ncclResult_t ncclBroadcast(const void* send, void* receive, size_t count, int type, int root, ncclComm_t comm, CUstream) {
     size_t size = tessera_nccl_size(type), bytes = count * size;
     if (comm == nullptr || size == 0 || root < 0 || root >= comm->ranks || bytes > TESSERA_NCCL_SLOT)
         return ncclInvalidArgument;
-    if (comm->rank == root) memcpy(comm->slot(0), send, bytes);
-    comm->meet();
-    memmove(receive, comm->slot(0), bytes);
-    comm->meet();
-    return ncclSuccess;
+    return comm->run([=] {
+        if (comm->rank == root) memcpy(comm->slot(0), send, bytes);
+        if (!comm->meet()) return ncclRemoteError;
+        memmove(receive, comm->slot(0), bytes);
+        return comm->meet() ? ncclSuccess : ncclRemoteError;
+    });
 }
 ncclResult_t ncclAllGather(const void* send, void* receive, size_t count, int type, ncclComm_t comm, CUstream) {
     size_t size = tessera_nccl_size(type), bytes = count * size;
     if (comm == nullptr || size == 0 || bytes > TESSERA_NCCL_SLOT) return ncclInvalidArgument;
-    memcpy(comm->slot(comm->rank), send, bytes);
-    comm->meet();
-    for (int r = 0; r < comm->ranks; ++r) memcpy(static_cast<char*>(receive) + size_t(r) * bytes, comm->slot(r), bytes);
-    comm->meet();
-    return ncclSuccess;
+    return comm->run([=] {
+        memcpy(comm->slot(comm->rank), send, bytes);
+        if (!comm->meet()) return ncclRemoteError;
+        for (int r = 0; r < comm->ranks; ++r)
+            memcpy(static_cast<char*>(receive) + size_t(r) * bytes, comm->slot(r), bytes);
+        return comm->meet() ? ncclSuccess : ncclRemoteError;
+    });
 }
 
 }  // extern "C"

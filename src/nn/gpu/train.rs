@@ -124,9 +124,10 @@ impl GpuTrainer {
     ///
     /// `group` is an [`NcclGroup`](crate::devices::NcclGroup) (gradients stay on the
     /// device) or a [`HostStagedGroup`](crate::devices::HostStagedGroup) over any host
-    /// group (for GPUs without NCCL, or several replicas on one GPU). NCCL waits without
-    /// limit for a rank that died mid-collective (the next wait for the GPU hangs); a host
-    /// group's collectives fail within its timeout instead.
+    /// group (for GPUs without NCCL, or several replicas on one GPU). Either way a
+    /// collective that the other replicas cannot complete (one died or stalled) fails within
+    /// the group's timeout; an NCCL group is then aborted by its watchdog, and the step,
+    /// or the first wait for the GPU after it, returns the error.
     ///
     /// # Errors
     /// As [`GpuTrainer::new`]; [`NnError::Argument`] if `bucket_mib` is not a positive
@@ -179,8 +180,23 @@ impl GpuTrainer {
     pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
         self.queue_step(state)?;
         let loss = self.exec.scalar(self.model.loss)?;
+        self.check_group()?;
         self.read_step_times()?;
         Ok(loss)
+    }
+
+    /// For a replica, after the host waited for the GPU: an error if the group failed in
+    /// the background meanwhile (an NCCL group aborted by its watchdog, which ends the wait
+    /// but leaves partial sums in the gradients), after which every step fails.
+    fn check_group(&mut self) -> Result<(), NnError> {
+        let failure = self.replicas.as_mut().and_then(|r| r.group().failure());
+        match failure {
+            Some(failure) => {
+                self.failed = true;
+                Err(failure.into())
+            }
+            None => Ok(()),
+        }
     }
 
     /// For a replica: optimizer steps taken, and the GPU time of their forward and
@@ -267,20 +283,37 @@ impl GpuTrainer {
         Ok(())
     }
 
-    /// Copies the device parameters and optimizer moments into `state`.
+    /// Copies the device parameters and optimizer moments into `state`. A replica whose
+    /// group failed leaves `state` as it was: the device then holds a step that did not
+    /// average the gradients over the group.
     ///
     /// # Errors
-    /// [`NnError::Device`]; [`NnError::ParamMismatch`] if `state` does not fit the model.
-    pub fn sync_state(&self, state: &mut TrainState) -> Result<(), NnError> {
-        self.exec.download_params(&mut state.params)?;
+    /// [`NnError::Device`]; [`NnError::ParamMismatch`] if `state` does not fit the model;
+    /// for a replica, [`NnError::Collective`] or [`NnError::WorkerGone`] if its group failed.
+    pub fn sync_state(&mut self, state: &mut TrainState) -> Result<(), NnError> {
+        if self.failed {
+            return Err(NnError::WorkerGone {
+                worker: format!("GPU replica {} (a step failed earlier)", self.rank()),
+            });
+        }
+        self.check_group()?;
+        let mut params = state.params.clone();
+        self.exec.download_params(&mut params)?;
         let gpu = self.exec.gpu();
-        let (m, v) = state.optimizer.moments_mut();
+        let (m, v) = state.optimizer.moments();
+        let (mut m, mut v) = (m.to_vec(), v.to_vec());
         for (host, device) in m.iter_mut().zip(&self.m).chain(v.iter_mut().zip(&self.v)) {
             let len = host.len();
             gpu.stream_ref()
                 .memcpy_dtoh(&device.slice(0..len), host.as_mut_slice())
                 .map_err(|e| gpu.driver(e))?;
         }
+        // The copies waited for the GPU: a group aborted meanwhile left partial sums.
+        self.check_group()?;
+        state.params = params;
+        let (state_m, state_v) = state.optimizer.moments_mut();
+        state_m.clone_from_slice(&m);
+        state_v.clone_from_slice(&v);
         Ok(())
     }
 
@@ -339,6 +372,7 @@ impl GpuTrainer {
         }
         let total = gpu.download(&loss_sum)?[0];
         let correct = gpu.stream_ref().clone_dtoh(&correct).map_err(driver)?[0];
+        self.check_group()?;
         self.read_step_times()?;
         state.epoch += 1;
         self.sync_state(state)?;
@@ -404,6 +438,7 @@ impl GpuTrainer {
             batches += 1;
         }
         let total = gpu.download(&loss_sum)?[0];
+        self.check_group()?;
         self.read_step_times()?;
         state.epoch += 1;
         self.sync_state(state)?;

@@ -90,11 +90,9 @@ pub enum ReplicaDevice {
     /// GPU of its own), else through the replicas' TCP group, staged through host memory
     /// (replicas of different nodes on one machine may share a GPU).
     ///
-    /// NCCL waits without limit for a rank that dies in the middle of a collective, so with
-    /// `nccl` a lost node leaves the surviving replicas waiting on their GPUs instead of
-    /// failing within [`ReplicaJob::timeout`]: a job that must survive lost nodes
-    /// ([`train_on_cluster`]'s regrouping) averages through the TCP group, whose
-    /// collectives time out.
+    /// Either way a replica whose peer is lost fails within [`ReplicaJob::timeout`]: with
+    /// `nccl`, a watchdog aborts NCCL's communicator when a collective runs on the GPU for
+    /// longer than that (or NCCL's setup takes longer), or NCCL reports the peer's failure.
     Gpu {
         /// The device on each node.
         ordinal: usize,
@@ -246,7 +244,7 @@ impl Engine {
                 let data = crate::nn::GpuDataset::upload(&gpu, &job.train, classes)?;
                 let mut group = group;
                 let group: Box<dyn GpuCommunicator> = if nccl {
-                    Box::new(NcclGroup::join(gpu, &mut group)?)
+                    Box::new(NcclGroup::join_within(gpu, &mut group, job.timeout)?)
                 } else {
                     Box::new(HostStagedGroup::new(gpu, Box::new(group)))
                 };

@@ -72,13 +72,18 @@ fn communicate(mut comm: Box<dyn Communicator>, buckets: usize, jobs: Receiver<J
 }
 
 /// Whether a training error means a peer replica is gone (rather than a local failure): a
-/// collective that timed out or lost a peer's connection. A backend's own failure (NCCL
-/// missing, a device error) or a bad argument is local.
+/// collective that timed out, lost a peer's connection, or was aborted because the other
+/// ranks did not complete it. A backend's own failure (NCCL missing, a device error) or a
+/// bad argument is local.
 pub fn is_peer_lost(error: &NnError) -> bool {
     use crate::devices::CollectiveError;
     matches!(
         error,
-        NnError::Collective { source: CollectiveError::Timeout { .. } | CollectiveError::PeerLost { .. } }
+        NnError::Collective {
+            source: CollectiveError::Timeout { .. }
+                | CollectiveError::PeerLost { .. }
+                | CollectiveError::Aborted { .. }
+        }
     )
 }
 
@@ -433,6 +438,8 @@ mod tests {
         let backend = CollectiveError::Backend { op: "join", message: "libnccl is not installed".into() };
         assert!(is_peer_lost(&timeout.into()));
         assert!(is_peer_lost(&lost.into()));
+        let aborted = CollectiveError::Aborted { op: "all_reduce", reason: "ran past the timeout".into() };
+        assert!(is_peer_lost(&aborted.into()));
         assert!(!is_peer_lost(&backend.into()));
         assert!(!is_peer_lost(&CollectiveError::Setup("bad secret".into()).into()));
         assert!(!is_peer_lost(&NnError::WorkerGone { worker: "x".into() }));
