@@ -22,12 +22,14 @@
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <condition_variable>
 #include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
 #include <new>
 #include <unordered_map>
+#include <vector>
 
 typedef int CUresult;
 typedef int CUdevice;
@@ -45,6 +47,7 @@ enum : CUresult {
     CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_HANDLE = 400,
     CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
 };
 
@@ -59,6 +62,62 @@ static int tessera_devices() {
 static thread_local CUcontext tessera_current = nullptr;
 static const size_t TESSERA_MEMORY = size_t(16) << 30;
 
+static double tessera_now_ms() {
+    using clock = std::chrono::steady_clock;
+    return std::chrono::duration<double, std::milli>(clock::now().time_since_epoch()).count();
+}
+
+// Work a device has queued and not done: NCCL collectives after their host part run on
+// threads of their own, as they would on a GPU, and every later operation on that device
+// waits for them first (the order of its one stream); an event recorded behind one is not
+// ready until it finished. Everything else is done when it is queued.
+struct tessera_device_queue {
+    std::mutex lock;
+    std::condition_variable finished;
+    uint64_t queued = 0, completed = 0;     // tickets, in order
+    std::vector<double> completed_at{0.0};  // completed_at[ticket]: when it finished (ms)
+};
+static tessera_device_queue tessera_queues[8];
+
+// The calling thread's current device, or -1.
+static int tessera_current_device() {
+    if (tessera_current == nullptr) return -1;
+    return int(static_cast<int*>(tessera_current) - tessera_context_tokens);
+}
+// A ticket for work queued on device `d` now.
+static uint64_t tessera_enqueue(int d) {
+    std::lock_guard<std::mutex> locked(tessera_queues[d].lock);
+    return ++tessera_queues[d].queued;
+}
+// Marks ticket `ticket` of device `d` done (tickets finish in order: one communicator per device).
+static void tessera_finish(int d, uint64_t ticket) {
+    auto& q = tessera_queues[d];
+    {
+        std::lock_guard<std::mutex> locked(q.lock);
+        q.completed = ticket;
+        if (q.completed_at.size() <= ticket) q.completed_at.resize(ticket + 1, 0.0);
+        q.completed_at[ticket] = tessera_now_ms();
+    }
+    q.finished.notify_all();
+}
+// Waits until device `d` did ticket `ticket`.
+static void tessera_wait_for(int d, uint64_t ticket) {
+    auto& q = tessera_queues[d];
+    std::unique_lock<std::mutex> locked(q.lock);
+    q.finished.wait(locked, [&] { return q.completed >= ticket; });
+}
+// Waits for everything queued on the calling thread's current device.
+static void tessera_fence() {
+    int d = tessera_current_device();
+    if (d < 0) return;
+    uint64_t ticket;
+    {
+        std::lock_guard<std::mutex> locked(tessera_queues[d].lock);
+        ticket = tessera_queues[d].queued;
+    }
+    tessera_wait_for(d, ticket);
+}
+
 static const char* tessera_error_text(CUresult error, bool name) {
     switch (error) {
     case CUDA_SUCCESS: return name ? "CUDA_SUCCESS" : "no error";
@@ -67,6 +126,7 @@ static const char* tessera_error_text(CUresult error, bool name) {
     case CUDA_ERROR_INVALID_DEVICE: return name ? "CUDA_ERROR_INVALID_DEVICE" : "invalid device ordinal";
     case CUDA_ERROR_INVALID_HANDLE: return name ? "CUDA_ERROR_INVALID_HANDLE" : "invalid resource handle";
     case CUDA_ERROR_NOT_FOUND: return name ? "CUDA_ERROR_NOT_FOUND" : "named symbol not found";
+    case CUDA_ERROR_NOT_READY: return name ? "CUDA_ERROR_NOT_READY" : "device not ready";
     case CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES:
         return name ? "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES" : "too many resources requested for launch";
     default: return nullptr;
@@ -143,7 +203,10 @@ CUresult cuCtxGetCurrent(CUcontext* context) {
     return CUDA_SUCCESS;
 }
 CUresult cuCtxPushCurrent_v2(CUcontext context) { return cuCtxSetCurrent(context); }
-CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuCtxSynchronize() {
+    tessera_fence();
+    return CUDA_SUCCESS;
+}
 // Bytes allocated and not freed: what the device's free memory reports.
 static std::mutex tessera_memory_lock;
 static std::unordered_map<void*, size_t> tessera_allocations;
@@ -181,6 +244,7 @@ CUresult cuMemAlloc_v2(CUdeviceptr* pointer, size_t bytes) {
     return CUDA_SUCCESS;
 }
 CUresult cuMemFree_v2(CUdeviceptr pointer) {
+    tessera_fence();
     void* memory = reinterpret_cast<void*>(pointer);
     {
         std::lock_guard<std::mutex> locked(tessera_memory_lock);
@@ -193,51 +257,92 @@ CUresult cuMemFree_v2(CUdeviceptr pointer) {
     return CUDA_SUCCESS;
 }
 CUresult cuMemsetD8_v2(CUdeviceptr at, unsigned char value, size_t n) {
+    tessera_fence();
     memset(reinterpret_cast<void*>(at), value, n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemsetD8Async(CUdeviceptr at, unsigned char value, size_t n, CUstream) { return cuMemsetD8_v2(at, value, n); }
 CUresult cuMemcpyHtoD_v2(CUdeviceptr to, const void* from, size_t n) {
+    tessera_fence();
     memcpy(reinterpret_cast<void*>(to), from, n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr to, const void* from, size_t n, CUstream) { return cuMemcpyHtoD_v2(to, from, n); }
 CUresult cuMemcpyDtoH_v2(void* to, CUdeviceptr from, size_t n) {
+    tessera_fence();
     memcpy(to, reinterpret_cast<const void*>(from), n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoHAsync_v2(void* to, CUdeviceptr from, size_t n, CUstream) { return cuMemcpyDtoH_v2(to, from, n); }
 CUresult cuMemcpyDtoD_v2(CUdeviceptr to, CUdeviceptr from, size_t n) {
+    tessera_fence();
     memmove(reinterpret_cast<void*>(to), reinterpret_cast<const void*>(from), n);
     return CUDA_SUCCESS;
 }
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr to, CUdeviceptr from, size_t n, CUstream) { return cuMemcpyDtoD_v2(to, from, n); }
 
-// --- Streams and events (work is done when queued; events stamp the time) ----------------
+// --- Streams and events (an event is ready once the work queued before it is done) -------
 
-CUresult cuStreamSynchronize(CUstream) { return CUDA_SUCCESS; }
-CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int) { return CUDA_SUCCESS; }
+struct tessera_event {
+    double time = 0.0;  // when recorded (ms)
+    int device = -1;    // recorded behind ticket `ticket` of this device
+    uint64_t ticket = 0;
+};
+static bool tessera_event_done(const tessera_event* e) {
+    if (e->device < 0 || e->ticket == 0) return true;
+    std::lock_guard<std::mutex> locked(tessera_queues[e->device].lock);
+    return tessera_queues[e->device].completed >= e->ticket;
+}
+// When a done event happened: when recorded, or when the work before it finished.
+static double tessera_event_time(const tessera_event* e) {
+    if (e->device < 0 || e->ticket == 0) return e->time;
+    std::lock_guard<std::mutex> locked(tessera_queues[e->device].lock);
+    const auto& at = tessera_queues[e->device].completed_at;
+    return e->ticket < at.size() && at[e->ticket] > e->time ? at[e->ticket] : e->time;
+}
+
+CUresult cuStreamSynchronize(CUstream) {
+    tessera_fence();
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int) { return CUDA_SUCCESS; }  // one stream per device
 CUresult cuEventCreate(CUevent* event, unsigned int) {
     if (event == nullptr) return CUDA_ERROR_INVALID_VALUE;
-    *event = new (std::nothrow) double(0.0);
+    *event = new (std::nothrow) tessera_event();
     return *event == nullptr ? CUDA_ERROR_OUT_OF_MEMORY : CUDA_SUCCESS;
 }
 CUresult cuEventRecord(CUevent event, CUstream) {
     if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
-    using clock = std::chrono::steady_clock;
-    *static_cast<double*>(event) = std::chrono::duration<double, std::milli>(clock::now().time_since_epoch()).count();
+    auto* e = static_cast<tessera_event*>(event);
+    e->time = tessera_now_ms();
+    e->device = tessera_current_device();
+    e->ticket = 0;
+    if (e->device >= 0) {
+        std::lock_guard<std::mutex> locked(tessera_queues[e->device].lock);
+        e->ticket = tessera_queues[e->device].queued;
+    }
     return CUDA_SUCCESS;
 }
-CUresult cuEventSynchronize(CUevent event) { return event == nullptr ? CUDA_ERROR_INVALID_HANDLE : CUDA_SUCCESS; }
-CUresult cuEventQuery(CUevent event) { return event == nullptr ? CUDA_ERROR_INVALID_HANDLE : CUDA_SUCCESS; }
+CUresult cuEventSynchronize(CUevent event) {
+    if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    auto* e = static_cast<tessera_event*>(event);
+    if (e->device >= 0) tessera_wait_for(e->device, e->ticket);
+    return CUDA_SUCCESS;
+}
+CUresult cuEventQuery(CUevent event) {
+    if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    return tessera_event_done(static_cast<tessera_event*>(event)) ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+}
 CUresult cuEventElapsedTime(float* ms, CUevent start, CUevent end) {
     if (ms == nullptr) return CUDA_ERROR_INVALID_VALUE;
     if (start == nullptr || end == nullptr) return CUDA_ERROR_INVALID_HANDLE;
-    *ms = float(*static_cast<double*>(end) - *static_cast<double*>(start));
+    auto *from = static_cast<tessera_event*>(start), *to = static_cast<tessera_event*>(end);
+    if (!tessera_event_done(from) || !tessera_event_done(to)) return CUDA_ERROR_NOT_READY;
+    *ms = float(tessera_event_time(to) - tessera_event_time(from));
     return CUDA_SUCCESS;
 }
 CUresult cuEventDestroy_v2(CUevent event) {
-    delete static_cast<double*>(event);
+    delete static_cast<tessera_event*>(event);
     return CUDA_SUCCESS;
 }
 
@@ -266,6 +371,7 @@ CUresult cuLaunchKernel(CUfunction function, unsigned int gx, unsigned int gy, u
     if (gy != 1 || gz != 1 || by != 1 || bz != 1 || shared != 0 || extra != nullptr || gx == 0 || bx == 0)
         return CUDA_ERROR_INVALID_VALUE;
     if (bx > 1024 || gx > 2147483647u) return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
+    tessera_fence();
     tessera_launch(*function, gx, bx, params);
     return CUDA_SUCCESS;
 }
@@ -325,6 +431,7 @@ static cublasStatus_t tessera_sgemm(int ta, int tb, int m, int n, int k, float a
 
 cublasStatus_t cublasSgemm_v2(cublasHandle_t handle, int ta, int tb, int m, int n, int k, const float* alpha,
                               const float* a, int lda, const float* b, int ldb, const float* beta, float* c, int ldc) {
+    tessera_fence();
     if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (alpha == nullptr || beta == nullptr) return CUBLAS_STATUS_INVALID_VALUE;
     return tessera_sgemm(ta, tb, m, n, k, *alpha, a, lda, b, ldb, *beta, c, ldc);
@@ -334,6 +441,7 @@ cublasStatus_t cublasSgemmStridedBatched(cublasHandle_t handle, int ta, int tb, 
                                          const float* alpha, const float* a, int lda, long long stride_a,
                                          const float* b, int ldb, long long stride_b, const float* beta, float* c,
                                          int ldc, long long stride_c, int batch) {
+    tessera_fence();
     if (handle == nullptr) return CUBLAS_STATUS_NOT_INITIALIZED;
     if (alpha == nullptr || beta == nullptr || batch < 0) return CUBLAS_STATUS_INVALID_VALUE;
     for (int i = 0; i < batch; ++i) {
@@ -429,6 +537,7 @@ cublasStatus_t cublasLtMatmul(cublasLtHandle_t handle, tessera_lt_desc* desc, co
                               tessera_lt_layout* la, const void* b, tessera_lt_layout* lb, const void* beta,
                               const void* c, tessera_lt_layout* lc, void* d, tessera_lt_layout* ld, const void*, void*,
                               size_t, CUstream) {
+    tessera_fence();
     if (handle == nullptr || desc == nullptr || la == nullptr || lb == nullptr || lc == nullptr || ld == nullptr)
         return CUBLAS_STATUS_INVALID_VALUE;
     if (desc->compute != TESSERA_COMPUTE_32F || desc->scale != TESSERA_R_32F || desc->epilogue != TESSERA_EPILOGUE_DEFAULT
@@ -546,6 +655,7 @@ cusparseStatus_t cusparseSpMV_bufferSize(void* handle, int op, const void* alpha
 // y = alpha A x + beta y.
 cusparseStatus_t cusparseSpMV(void* handle, int op, const void* alpha, tessera_csr* a, tessera_dn_vec* x,
                               const void* beta, tessera_dn_vec* y, int type, int, void* work) {
+    tessera_fence();
     if (handle == nullptr || alpha == nullptr || beta == nullptr || a == nullptr || x == nullptr || y == nullptr)
         return CUSPARSE_STATUS_INVALID_VALUE;
     if (op != 0 || type != TESSERA_R_32F) return CUSPARSE_STATUS_NOT_SUPPORTED;
@@ -574,6 +684,7 @@ static float& tessera_at(tessera_dn_mat* m, int64_t r, int64_t c) {
 // C = alpha A B + beta C.
 cusparseStatus_t cusparseSpMM(void* handle, int op_a, int op_b, const void* alpha, tessera_csr* a, tessera_dn_mat* b,
                               const void* beta, tessera_dn_mat* c, int type, int, void* work) {
+    tessera_fence();
     if (handle == nullptr || alpha == nullptr || beta == nullptr || a == nullptr || b == nullptr || c == nullptr)
         return CUSPARSE_STATUS_INVALID_VALUE;
     if (op_a != 0 || op_b != 0 || type != TESSERA_R_32F) return CUSPARSE_STATUS_NOT_SUPPORTED;
@@ -599,10 +710,13 @@ cusparseStatus_t cusparseSpMM(void* handle, int op_a, int op_b, const void* alph
 // before the slots are reused. As with NCCL, a rank that never comes leaves the others
 // waiting, until they are aborted.
 //
-// A communicator made non-blocking (`ncclConfig_t::blocking = 0`) runs its setup and each
-// collective on a thread of its own and returns `ncclInProgress` at once;
-// `ncclCommGetAsyncError` says when that work is done, and `ncclCommAbort` stops it (the
-// barrier's waits look at the abort flag every 10 ms).
+// A communicator made non-blocking (`ncclConfig_t::blocking = 0`) runs its work on threads
+// of its own, one after another, as NCCL does:
+// - its setup and first collective (where NCCL connects the ranks) on the host: the call
+//   returns `ncclInProgress`, and `ncclCommGetAsyncError` says when that work is done;
+// - later collectives "on the GPU": the call returns `ncclSuccess` at once, and the device's
+//   later operations wait for the collective (see `tessera_device_queue`).
+// `ncclCommAbort` stops the work (the barrier's waits look at the abort flag every 10 ms).
 
 typedef int ncclResult_t;
 typedef struct { char internal[128]; } ncclUniqueId;
@@ -631,13 +745,15 @@ struct tessera_nccl_comm {
     size_t mapped = 0;
     int rank, ranks;
     bool blocking;
+    int device;                              // the current device when it was made
     std::string name;                        // the segment's, until it is unlinked
     std::atomic<bool> aborted{false};
-    std::atomic<ncclResult_t> state{ncclSuccess};  // ncclInProgress while `worker` runs
-    std::thread worker;
+    std::atomic<ncclResult_t> state{ncclSuccess};  // ncclInProgress during host work
+    std::thread worker;                      // the last work queued (each joins the one before)
+    int collectives = 0;
 
-    tessera_nccl_comm(int rank_, int ranks_, bool blocking_, std::string name_)
-        : rank(rank_), ranks(ranks_), blocking(blocking_), name(std::move(name_)) {}
+    tessera_nccl_comm(int rank_, int ranks_, bool blocking_, int device_, std::string name_)
+        : rank(rank_), ranks(ranks_), blocking(blocking_), device(device_), name(std::move(name_)) {}
     char* slot(int r) const { return slots + size_t(r) * TESSERA_NCCL_SLOT; }
 
     // Waits until every rank reached the barrier; false if aborted first.
@@ -681,16 +797,35 @@ struct tessera_nccl_comm {
         name.clear();
     }
 
-    // Runs `work`: now when blocking, else on the worker thread, returning ncclInProgress.
-    ncclResult_t run(std::function<ncclResult_t()> work) {
+    // Runs `work`: now when blocking; else after the work queued before it, on a thread of
+    // its own: as host work (returning ncclInProgress) or, with `on_device`, as the device's
+    // queued work (returning ncclSuccess).
+    ncclResult_t run(std::function<ncclResult_t()> work, bool on_device) {
         if (blocking) return work();
-        if (state.load() == ncclInProgress) return ncclInvalidUsage;  // one call at a time
-        if (worker.joinable()) worker.join();
-        if (state.load() != ncclSuccess) return state.load();  // a failed communicator stays failed
+        if (state.load() == ncclInProgress) return ncclInvalidUsage;  // host work: one call at a time
+        if (state.load() != ncclSuccess) return state.load();         // a failed communicator stays failed
+        std::thread before = std::move(worker);
+        if (on_device && device >= 0) {
+            uint64_t ticket = tessera_enqueue(device);
+            worker = std::thread([this, work, ticket, before = std::move(before)]() mutable {
+                if (before.joinable()) before.join();
+                ncclResult_t result = work();
+                // A failure not caused by an abort is the communicator's asynchronous error.
+                if (result != ncclSuccess && !aborted.load()) state.store(result);
+                tessera_finish(device, ticket);
+            });
+            return ncclSuccess;
+        }
         state.store(ncclInProgress);
-        worker = std::thread([this, work] { state.store(work()); });
+        worker = std::thread([this, work, before = std::move(before)]() mutable {
+            if (before.joinable()) before.join();
+            state.store(work());
+        });
         return ncclInProgress;
     }
+    // A collective: on the host the first time (NCCL connects the ranks then), else queued
+    // on the device.
+    ncclResult_t collective(std::function<ncclResult_t()> work) { return run(std::move(work), collectives++ > 0); }
 
     // Stops the work in flight (when aborting) or waits for it, and frees everything.
     static void release(tessera_nccl_comm* comm, bool abort) {
@@ -754,8 +889,8 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int ranks, ncclUniqueId id
         blocking = config->blocking != 0;  // NCCL_CONFIG_UNDEF_INT (INT_MIN) is NCCL's default, blocking
     }
     id.internal[sizeof id.internal - 1] = 0;
-    auto* made = new tessera_nccl_comm(rank, ranks, blocking, id.internal);
-    ncclResult_t result = made->run([made] { return made->set_up(); });
+    auto* made = new tessera_nccl_comm(rank, ranks, blocking, tessera_current_device(), id.internal);
+    ncclResult_t result = made->run([made] { return made->set_up(); }, false);
     if (blocking && result != ncclSuccess) {
         tessera_nccl_comm::release(made, true);
         *comm = nullptr;
@@ -804,7 +939,7 @@ ncclResult_t ncclAllReduce(const void* send, void* receive, size_t count, int ty
     size_t size = tessera_nccl_size(type), bytes = count * size;
     if (comm == nullptr || size == 0 || bytes > TESSERA_NCCL_SLOT) return ncclInvalidArgument;
     if (comm->ranks > 1 && (type != 7 || op != 0)) return ncclInvalidArgument;  // float32 sum only
-    return comm->run([=] {
+    return comm->collective([=] {
         if (comm->ranks == 1) {
             if (send != receive) memmove(receive, send, bytes);
             return ncclSuccess;
@@ -824,7 +959,7 @@ ncclResult_t ncclBroadcast(const void* send, void* receive, size_t count, int ty
     size_t size = tessera_nccl_size(type), bytes = count * size;
     if (comm == nullptr || size == 0 || root < 0 || root >= comm->ranks || bytes > TESSERA_NCCL_SLOT)
         return ncclInvalidArgument;
-    return comm->run([=] {
+    return comm->collective([=] {
         if (comm->rank == root) memcpy(comm->slot(0), send, bytes);
         if (!comm->meet()) return ncclRemoteError;
         memmove(receive, comm->slot(0), bytes);
@@ -834,7 +969,7 @@ ncclResult_t ncclBroadcast(const void* send, void* receive, size_t count, int ty
 ncclResult_t ncclAllGather(const void* send, void* receive, size_t count, int type, ncclComm_t comm, CUstream) {
     size_t size = tessera_nccl_size(type), bytes = count * size;
     if (comm == nullptr || size == 0 || bytes > TESSERA_NCCL_SLOT) return ncclInvalidArgument;
-    return comm->run([=] {
+    return comm->collective([=] {
         memcpy(comm->slot(comm->rank), send, bytes);
         if (!comm->meet()) return ncclRemoteError;
         for (int r = 0; r < comm->ranks; ++r)

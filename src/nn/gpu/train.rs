@@ -296,7 +296,6 @@ impl GpuTrainer {
                 worker: format!("GPU replica {} (a step failed earlier)", self.rank()),
             });
         }
-        self.check_group()?;
         let mut params = state.params.clone();
         self.exec.download_params(&mut params)?;
         let gpu = self.exec.gpu();
