@@ -189,7 +189,8 @@ fn replica_actors_train_on_the_nodes_gpus() -> Result<()> {
 /// checkpoint. Only on the host GPU, where three nodes' NCCL ranks may share one device
 /// (NCCL refuses that on a real GPU, and the nodes of this test share one machine).
 fn nccl_replicas_regroup_after_a_node_is_killed() -> Result<()> {
-    if !local_gpus().first().is_some_and(|gpu| gpu.name == "Tessera host GPU") {
+    let on_host_gpu = local_gpus().first().is_some_and(|gpu| gpu.name == "Tessera host GPU");
+    if !on_host_gpu {
         eprintln!("skipped: three nodes' NCCL ranks share a GPU only on the host GPU");
         return Ok(());
     }
