@@ -468,14 +468,16 @@ impl WatchedComm {
     /// aborted (the watchdog aborts it within the timeout; this waits twice that at most).
     fn drain(&self) {
         let give_up = Instant::now() + self.shared.timeout * 2;
+        self.shared.gpu.make_current();
         loop {
             {
                 let mut state = self.shared.lock();
                 if state.comm.is_none() {
                     return;
                 }
-                retire_finished(&mut state);
-                if state.in_flight.is_empty() || Instant::now() > give_up {
+                // A GPU that cannot say (it failed) has nothing left to wait for.
+                let failed = retire_finished(&mut state, &self.shared.gpu).is_err();
+                if failed || state.in_flight.is_empty() || Instant::now() > give_up {
                     return;
                 }
             }
@@ -508,34 +510,53 @@ impl Drop for WatchedComm {
 }
 
 /// Drops the collectives at the front of the in-flight list that finished on the GPU.
-fn retire_finished(state: &mut State) {
+///
+/// # Errors
+/// The driver's error when it cannot say whether a collective finished (the GPU failed).
+fn retire_finished(state: &mut State, gpu: &Gpu) -> Result<(), String> {
     while let Some(first) = state.in_flight.front() {
         let finished = match &first.done {
-            // A failed query is not a finish: the watchdog's timeout covers the collective.
-            Some(done) => done.try_is_complete().unwrap_or(false),
+            Some(done) => done.try_is_complete().map_err(|e| gpu.driver(e).to_string())?,
             None => false,
         };
         if !finished {
-            return;
+            return Ok(());
         }
         if let Some(InFlight { ready, done, .. }) = state.in_flight.pop_front() {
             state.spare.push(ready);
             state.spare.extend(done);
         }
     }
+    Ok(())
 }
 
 /// The watchdog: every [`POLL`] until the communicator closes or is aborted, aborts it when
 /// a collective ran past the timeout or NCCL reports an asynchronous error.
 fn watch(shared: &Shared) {
+    // Event queries need the GPU's context current on this thread.
+    let bound = shared.gpu.bind_to_thread();
     let mut state = shared.lock();
+    if let Err(error) = bound {
+        let reason = format!("the NCCL watchdog could not use the GPU ({}): {error}", shared.who());
+        let _ = state.abort(Failure { op: "join", reason });
+        return;
+    }
     loop {
         if state.closing {
             return;
         }
         let Some(Handle(comm)) = state.comm else { return };
-        retire_finished(&mut state);
-        if let Some(failure) = overdue(shared, &mut state, comm) {
+        let failure = match retire_finished(&mut state, &shared.gpu) {
+            Ok(()) => overdue(shared, &mut state, comm),
+            Err(error) => {
+                let op = state.in_flight.front().map_or("collective", |c| c.op);
+                Some(Failure {
+                    op,
+                    reason: format!("the GPU failed during NCCL's {op} ({}): {error}", shared.who()),
+                })
+            }
+        };
+        if let Some(failure) = failure {
             let _ = state.abort(failure);
             return;
         }
@@ -573,8 +594,20 @@ fn overdue(shared: &Shared, state: &mut State, comm: sys::ncclComm_t) -> Option<
     }
     let first = state.in_flight.front_mut()?;
     first.done.as_ref()?;
-    if first.running_since.is_none() && first.ready.try_is_complete().unwrap_or(false) {
-        first.running_since = Some(Instant::now());
+    if first.running_since.is_none() {
+        match first.ready.try_is_complete() {
+            Ok(true) => first.running_since = Some(Instant::now()),
+            Ok(false) => {}
+            Err(error) => {
+                let reason = format!(
+                    "the GPU failed before NCCL's {} ({}): {}",
+                    first.op,
+                    shared.who(),
+                    shared.gpu.driver(error)
+                );
+                return Some(Failure { op: first.op, reason });
+            }
+        }
     }
     let running = first.running_since?.elapsed();
     (running > timeout).then(|| Failure {
