@@ -757,6 +757,8 @@ mod executor {
         replica: impl Fn(usize, Box<dyn tessera::GpuCommunicator>) -> T + Send + Copy + 'static,
     ) -> Vec<T> {
         use tessera::{GroupConfig, HostStagedGroup, NcclGroup, Rendezvous, TcpGroup};
+        let _turn =
+            nccl.then(|| super::NCCL_ON_SEVERAL_GPUS.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let meet = std::thread::spawn(move || {
@@ -1180,12 +1182,17 @@ fn nccl_replicas_on_two_gpus_train_as_host_staged_replicas() {
     assert_eq!(nccl[0], staged[0], "NCCL and host-staged averaging differ");
 }
 
+/// Held by each test whose NCCL ranks span several GPUs: two NCCL groups queued on the same
+/// devices' streams at once may wait on each other's collectives, so these tests take turns.
+static NCCL_ON_SEVERAL_GPUS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Runs `rank(r, gpu r, bootstrap)` for r in 0..2 on threads of their own, with a TCP
 /// group of two as the bootstrap, and returns what each returned (two GPUs needed).
 fn on_two_gpus<T: Send + 'static>(
     rank: impl Fn(usize, std::sync::Arc<Gpu>, tessera::TcpGroup) -> T + Send + Copy + 'static,
 ) -> Vec<T> {
     use tessera::{GroupConfig, Rendezvous, TcpGroup};
+    let _turn = NCCL_ON_SEVERAL_GPUS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let meet = std::thread::spawn(move || Rendezvous::serve(listener, 2, "s", Duration::from_secs(30)));

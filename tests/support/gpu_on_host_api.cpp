@@ -74,8 +74,8 @@ static double tessera_now_ms() {
 struct tessera_device_queue {
     std::mutex lock;
     std::condition_variable finished;
-    uint64_t queued = 0, completed = 0;     // tickets, in order
-    std::vector<double> completed_at{0.0};  // completed_at[ticket]: when it finished (ms)
+    uint64_t queued = 0, completed = 0;     // every ticket up to `completed` is done
+    std::vector<double> completed_at{0.0};  // completed_at[ticket]: when it finished (ms), else 0
 };
 static tessera_device_queue tessera_queues[8];
 
@@ -89,14 +89,15 @@ static uint64_t tessera_enqueue(int d) {
     std::lock_guard<std::mutex> locked(tessera_queues[d].lock);
     return ++tessera_queues[d].queued;
 }
-// Marks ticket `ticket` of device `d` done (tickets finish in order: one communicator per device).
+// Marks ticket `ticket` of device `d` done. As on a stream, work behind an earlier ticket
+// (of another communicator on the device) counts as done only once that one is.
 static void tessera_finish(int d, uint64_t ticket) {
     auto& q = tessera_queues[d];
     {
         std::lock_guard<std::mutex> locked(q.lock);
-        q.completed = ticket;
         if (q.completed_at.size() <= ticket) q.completed_at.resize(ticket + 1, 0.0);
         q.completed_at[ticket] = tessera_now_ms();
+        while (q.completed + 1 < q.completed_at.size() && q.completed_at[q.completed + 1] > 0.0) ++q.completed;
     }
     q.finished.notify_all();
 }
