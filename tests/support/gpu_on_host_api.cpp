@@ -13,7 +13,6 @@
 // whatever Tessera does not call (a missing symbol, named by cudarc's panic).
 #include <fcntl.h>
 #include <linux/futex.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <sys/mman.h>
 #include <sys/syscall.h>

@@ -33,13 +33,13 @@ use cudarc::driver::sys::CUevent_flags;
 use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DevicePtrMut};
 use cudarc::nccl::sys;
 
-use super::nccl_error_words;
+use super::nccl_error_words as words;
 use crate::devices::collective::CollectiveError;
 use crate::devices::cuda::Gpu;
 
 /// How often the watchdog looks at the collectives in flight, and the longest a caller
 /// sleeps between two looks at NCCL's progress.
-pub(super) const POLL: Duration = Duration::from_millis(20);
+const POLL: Duration = Duration::from_millis(20);
 
 /// The oldest NCCL with non-blocking communicators and `ncclCommGetAsyncError` on them.
 const NCCL_NON_BLOCKING: c_int = 21400;
@@ -94,7 +94,6 @@ struct InFlight {
 
 /// Why the communicator was aborted: the collective that failed, and NCCL's or the
 /// watchdog's reason.
-#[derive(Clone)]
 struct Failure {
     op: &'static str,
     reason: String,
@@ -137,12 +136,6 @@ pub(super) struct WatchedComm {
 /// The raw code of an NCCL result (cudarc gives it as a Rust enum).
 fn code(result: sys::ncclResult_t) -> c_int {
     result as c_int
-}
-
-/// NCCL's words for a result code, as `ncclRemoteError (remote process exited or there was
-/// a network error)`.
-fn words(code: c_int) -> String {
-    nccl_error_words(code)
 }
 
 impl Shared {

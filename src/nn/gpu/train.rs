@@ -185,6 +185,11 @@ impl GpuTrainer {
         Ok(loss)
     }
 
+    /// The error of every call after a replica's step failed (its group is out of step).
+    fn gone(&self) -> NnError {
+        NnError::WorkerGone { worker: format!("GPU replica {} (a step failed earlier)", self.rank()) }
+    }
+
     /// For a replica, after the host waited for the GPU: an error if the group failed in
     /// the background meanwhile (an NCCL group aborted by its watchdog, which ends the wait
     /// but leaves partial sums in the gradients), after which every step fails.
@@ -220,9 +225,7 @@ impl GpuTrainer {
     /// on the device.
     fn queue_step(&mut self, state: &mut TrainState) -> Result<(), NnError> {
         if self.failed {
-            return Err(NnError::WorkerGone {
-                worker: format!("GPU replica {} (a step failed earlier)", self.rank()),
-            });
+            return Err(self.gone());
         }
         let loss = self.model.loss;
         self.exec.set_training(true);
@@ -292,9 +295,7 @@ impl GpuTrainer {
     /// for a replica, [`NnError::Collective`] or [`NnError::WorkerGone`] if its group failed.
     pub fn sync_state(&mut self, state: &mut TrainState) -> Result<(), NnError> {
         if self.failed {
-            return Err(NnError::WorkerGone {
-                worker: format!("GPU replica {} (a step failed earlier)", self.rank()),
-            });
+            return Err(self.gone());
         }
         let mut params = state.params.clone();
         self.exec.download_params(&mut params)?;
