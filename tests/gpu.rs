@@ -1153,8 +1153,10 @@ fn nccl_collectives_across_two_gpus() {
     assert_eq!(results, vec![vec![3.0; 5]; 2]);
 }
 
-/// Two replicas on two GPUs averaging through NCCL train as the HostStaged replicas on one
-/// GPU do, bit for bit (the same sums in the same order), and stay equal to each other.
+/// Two replicas on two GPUs averaging through NCCL (on NCCL's stream, during backward)
+/// train as the HostStaged replicas on one GPU do (after backward), bit for bit (the same
+/// sums), and stay equal to each other. On the host GPU, NCCL's stream lags behind the main
+/// one, so a missing wait between the two shows here as drifted or different parameters.
 #[test]
 fn nccl_replicas_on_two_gpus_train_as_host_staged_replicas() {
     use tessera::nn::{mlp, Dataset, GpuDataset, GpuTrainer, OptimizerConfig, TrainState};
@@ -1173,13 +1175,20 @@ fn nccl_replicas_on_two_gpus_train_as_host_staged_replicas() {
             for _ in 0..2 {
                 replica.train_epoch(&mut state, &device_data).unwrap();
             }
-            state.params
+            (state.params, replica.comm_stats())
         })
     };
     let (staged, nccl) = (train(false), train(true));
-    assert_eq!(nccl[0], nccl[1], "NCCL replicas drifted apart");
+    assert_eq!(nccl[0].0, nccl[1].0, "NCCL replicas drifted apart");
     // Sums of two values are the same in any order: the same bits either way.
-    assert_eq!(nccl[0], staged[0], "NCCL and host-staged averaging differ");
+    assert_eq!(nccl[0].0, staged[0].0, "NCCL and host-staged averaging differ");
+    // Both timed their 16 steps on the GPU: the host-staged group averaged after backward
+    // (all of it waited for), NCCL on its own stream bucket by bucket during backward.
+    for ((_, staged), (_, nccl)) in staged.iter().zip(&nccl) {
+        assert_eq!((staged.steps, nccl.steps), (16, 16), "{staged:?} {nccl:?}");
+        assert_eq!(staged.wait_seconds, staged.reduce_seconds, "{staged:?}");
+        assert!(nccl.compute_seconds > 0.0 && nccl.reduce_seconds > 0.0, "{nccl:?}");
+    }
 }
 
 /// Held by each test whose NCCL ranks span several GPUs: two NCCL groups queued on the same

@@ -328,11 +328,12 @@ impl Gpu {
         }
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| DeviceError::Driver { device: ordinal, message: driver_message(e) })?;
-        // Every buffer of this `Gpu` is used on its one stream, in order, so cudarc's
-        // per-allocation events (two made and destroyed per buffer, for ordering between
-        // streams) have nothing to order.
-        // SAFETY: no other stream of this context object exists or is ever made
-        // (`new_stream` is never called), so no buffer is used on a second stream.
+        // Buffers are used on this `Gpu`'s main stream, in order; the few used on a second
+        // stream too (an NCCL group's, `Gpu::new_stream`) are ordered with events by their
+        // users. So cudarc's per-allocation events (two made and destroyed per buffer, and
+        // recorded at every use once a second stream exists) would only add work.
+        // SAFETY: every user of a second stream orders each buffer it shares with the main
+        // stream by events (see `Gpu::new_stream`).
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.default_stream();
         let (major, minor) = ctx
@@ -350,14 +351,22 @@ impl Gpu {
         })
     }
 
-    /// The stream this device's work is queued on.
-    pub(crate) fn stream(&self) -> Arc<CudaStream> {
-        self.stream.clone()
-    }
-
     /// The stream, borrowed (for launch builders).
     pub(crate) fn stream_ref(&self) -> &Arc<CudaStream> {
         &self.stream
+    }
+
+    /// A second stream on this device, for work that is to run beside the main stream's
+    /// (it is non-blocking: neither waits for the other). Its user orders every buffer it
+    /// shares with the main stream by events (cudarc does not, see `open`): the second
+    /// stream waits for an event recorded after the main stream's writes it reads, and the
+    /// main stream for one recorded after the second stream's work before it reuses or
+    /// frees what that work touches.
+    ///
+    /// # Errors
+    /// [`DeviceError::Driver`].
+    pub(crate) fn new_stream(&self) -> Result<Arc<CudaStream>> {
+        self.ctx.new_stream().map_err(|e| self.driver(e))
     }
 
     /// Makes this device's context current on the calling thread (device actors do it once

@@ -5,7 +5,7 @@
 //! host memory: for replicas without NCCL, or several replicas sharing one GPU.
 use std::sync::Arc;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::{CudaSlice, CudaStream};
 
 use super::collective::{CollectiveError, Communicator};
 use super::cuda::{DeviceError, Gpu};
@@ -27,6 +27,28 @@ pub trait GpuCommunicator: Communicator {
     /// # Errors
     /// [`CollectiveError`] naming the rank or backend that failed.
     fn all_reduce_device(&mut self, data: &mut CudaSlice<f32>) -> Result<(), CollectiveError>;
+
+    /// The stream of [`GpuCommunicator::gpu`] that the group queues its collectives on when
+    /// the host does not wait for them (NCCL), so that a caller can reduce there while the
+    /// GPU's main stream goes on with other work
+    /// ([`GpuCommunicator::all_reduce_on_group_stream`]). `None` (the default): each
+    /// collective makes the host wait.
+    fn group_stream(&self) -> Option<&Arc<CudaStream>> {
+        None
+    }
+
+    /// Sums `data`, a buffer on [`GpuCommunicator::gpu`], over all ranks, in place, queued on
+    /// [`GpuCommunicator::group_stream`] after the work queued there before, and not ordered
+    /// with the GPU's main stream: the caller makes the group stream wait for an event
+    /// recorded on the main stream after its writes to `data`, and the main stream wait for
+    /// one recorded on the group stream after the sum before it uses `data` again. A group
+    /// without a group stream sums as [`GpuCommunicator::all_reduce_device`] does.
+    ///
+    /// # Errors
+    /// [`CollectiveError`] naming the rank or backend that failed.
+    fn all_reduce_on_group_stream(&mut self, data: &mut CudaSlice<f32>) -> Result<(), CollectiveError> {
+        self.all_reduce_device(data)
+    }
 
     /// Why the group failed in the background, if it did (an NCCL group whose watchdog
     /// aborted it). A host that waited for the GPU checks this before using what the GPU

@@ -6,13 +6,20 @@
 //! it (a rank died, stalled or lost its network): a watchdog aborts NCCL's communicator
 //! (`nccl/watched.rs`).
 //!
+//! Collectives run on a stream of the group's own (as NCCL's users commonly do), so that
+//! a trainer can reduce gradients there while backward goes on on the GPU's main stream
+//! ([`GpuCommunicator::all_reduce_on_group_stream`]). The other collectives are ordered as
+//! work on the main stream: the group stream waits for an event recorded on the main
+//! stream first, and the main stream for one recorded after the collective.
+//!
 //! One GPU cannot hold two ranks of a group: multi-rank logic is tested with the TCP group;
 //! NCCL is tested with one rank per device.
 use std::ffi::{c_char, c_int};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cudarc::driver::CudaSlice;
+use cudarc::driver::sys::CUevent_flags;
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream};
 use cudarc::nccl::sys::{self, ncclResult_t};
 
 use super::collective::{segment, CollectiveError, Communicator};
@@ -25,6 +32,13 @@ use watched::WatchedComm;
 /// A collective group over NCCL, one rank per GPU.
 pub struct NcclGroup {
     gpu: Arc<Gpu>,
+    /// The stream of `gpu` that every collective is queued on.
+    stream: Arc<CudaStream>,
+    /// Recorded on the main stream before, and on `stream` after, a collective ordered as
+    /// main-stream work (a stream's wait takes the event as last recorded, so they are
+    /// recorded again each time).
+    main_mark: CudaEvent,
+    group_mark: CudaEvent,
     comm: WatchedComm,
     rank: usize,
     size: usize,
@@ -169,8 +183,34 @@ impl NcclGroup {
                 })
             }
         })?;
-        let comm = WatchedComm::join(gpu.clone(), rank, size, id, timeout)?;
-        Ok(NcclGroup { gpu, comm, rank, size })
+        let device = |e| device_error("join", e);
+        let stream = gpu.new_stream().map_err(device)?;
+        let mark = || {
+            gpu.stream_ref()
+                .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
+                .map_err(|e| device(gpu.driver(e)))
+        };
+        let (main_mark, group_mark) = (mark()?, mark()?);
+        let comm = WatchedComm::join(gpu.clone(), stream.clone(), rank, size, id, timeout)?;
+        Ok(NcclGroup { gpu, stream, main_mark, group_mark, comm, rank, size })
+    }
+
+    /// Runs `collective` (queued on the group's stream) in the main stream's order: after
+    /// the work queued on the main stream so far, and before any queued there later. The
+    /// host does not wait.
+    fn in_main_order(
+        &mut self,
+        op: &'static str,
+        collective: impl FnOnce(&mut WatchedComm) -> Result<(), CollectiveError>,
+    ) -> Result<(), CollectiveError> {
+        let gpu = &*self.gpu;
+        let driver = |e| device_error(op, gpu.driver(e));
+        let main = gpu.stream_ref();
+        self.main_mark.record(main).map_err(driver)?;
+        self.stream.wait(&self.main_mark).map_err(driver)?;
+        collective(&mut self.comm)?;
+        self.group_mark.record(&self.stream).map_err(driver)?;
+        main.wait(&self.group_mark).map_err(driver)
     }
 
     /// Why the group was aborted, if it was (see [`NcclGroup::join_within`]). A host that
@@ -180,14 +220,14 @@ impl NcclGroup {
         self.comm.failure()
     }
 
-    /// Sums a device buffer over all ranks, in place (gradients stay on the GPU). NCCL
-    /// queues the reduction on the GPU's stream, after the work queued before it; the host
-    /// does not wait.
+    /// Sums a device buffer over all ranks, in place (gradients stay on the GPU), ordered as
+    /// work on the GPU's main stream: after the work queued there before, and before any
+    /// queued later. The host does not wait.
     ///
     /// # Errors
-    /// [`CollectiveError::Backend`].
+    /// [`CollectiveError::Backend`]; [`CollectiveError::Aborted`].
     pub fn all_reduce_device(&mut self, data: &mut CudaSlice<f32>) -> Result<(), CollectiveError> {
-        self.comm.all_reduce_in_place(data)
+        self.in_main_order("all_reduce", |comm| comm.all_reduce_in_place(data))
     }
 
     fn upload(&self, op: &'static str, data: &[f32]) -> Result<CudaSlice<f32>, CollectiveError> {
@@ -217,6 +257,14 @@ impl GpuCommunicator for NcclGroup {
 
     fn all_reduce_device(&mut self, data: &mut CudaSlice<f32>) -> Result<(), CollectiveError> {
         NcclGroup::all_reduce_device(self, data)
+    }
+
+    fn group_stream(&self) -> Option<&Arc<CudaStream>> {
+        Some(&self.stream)
+    }
+
+    fn all_reduce_on_group_stream(&mut self, data: &mut CudaSlice<f32>) -> Result<(), CollectiveError> {
+        self.comm.all_reduce_in_place(data)
     }
 
     fn failure(&self) -> Option<CollectiveError> {
@@ -253,7 +301,7 @@ impl Communicator for NcclGroup {
             return Ok(());
         }
         let mut buffer = self.upload("broadcast", data)?;
-        self.comm.broadcast_in_place(&mut buffer, root)?;
+        self.in_main_order("broadcast", |comm| comm.broadcast_in_place(&mut buffer, root))?;
         self.download_into("broadcast", &buffer, data)
     }
 
@@ -269,7 +317,7 @@ impl Communicator for NcclGroup {
         }
         let send = self.upload("all_gather", local)?;
         let mut receive = self.gpu.zeros(out.len()).map_err(|e| device_error("all_gather", e))?;
-        self.comm.all_gather(&send, &mut receive)?;
+        self.in_main_order("all_gather", |comm| comm.all_gather(&send, &mut receive))?;
         self.download_into("all_gather", &receive, out)
     }
 

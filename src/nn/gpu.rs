@@ -42,6 +42,10 @@ use crate::nn::{Activation, DType, Executor, Graph, NnError, Node, NodeId, Op, P
 mod replicas;
 mod train;
 
+/// The hook of [`GpuExecutor::backward_observed`]: called with the executor and a
+/// parameter's index once that parameter's gradient is final on the device.
+pub(crate) type GpuParamReady<'a> = dyn FnMut(&mut GpuExecutor, usize) -> Result<(), NnError> + 'a;
+
 pub use train::{GpuDataset, GpuTrainer};
 
 /// The kernels' activation codes (see the kernels' prelude).
@@ -85,6 +89,9 @@ pub struct GpuExecutor {
     empty: CudaSlice<f32>,
     filled: Vec<bool>,
     requires_grad: Vec<bool>,
+    /// The first node reading each parameter (`usize::MAX` if none): its gradient is final
+    /// once that node ran backward.
+    first_reader: Vec<usize>,
     rng: Rng,
     training: bool,
     forward_trained: bool,
@@ -187,6 +194,14 @@ impl GpuExecutor {
         }
         let params =
             graph.params().iter().map(|p| zeros(p.shape.iter().product())).collect::<Result<_, _>>()?;
+        let mut first_reader = vec![usize::MAX; graph.params().len()];
+        for (i, node) in nodes.iter().enumerate().rev() {
+            for &input in &node.inputs {
+                if let Op::Param { index } = nodes[input.0].op {
+                    first_reader[index] = i;
+                }
+            }
+        }
         Ok(GpuExecutor {
             scratch: Some(zeros(scratch)?),
             scratch2: Some(zeros(scratch2)?),
@@ -201,6 +216,7 @@ impl GpuExecutor {
             idx,
             filled: nodes.iter().map(|n| matches!(n.op, Op::Param { .. })).collect(),
             requires_grad,
+            first_reader,
             rng: Rng::seed(0),
             training: false,
             forward_trained: false,
@@ -305,6 +321,68 @@ impl GpuExecutor {
         let node = self.graph.params().get(index)?.node;
         self.host_grads[node.0].take();
         self.grads[node.0].as_mut()
+    }
+
+    /// As [`Executor::backward`], but calls `ready(self, index)` for each parameter as soon
+    /// as the kernels that make its gradient final are queued (right after its first reader's
+    /// backward), while the rest of the range is still to be queued: the hook where a
+    /// replica starts reducing gradients during backward. Parameters that no node of `range`
+    /// reads first are reported after the walk; every parameter is reported exactly once.
+    ///
+    /// # Errors
+    /// As [`Executor::backward`], and the first error `ready` returns (backward stops).
+    pub(crate) fn backward_observed(
+        &mut self,
+        params: &Params,
+        range: Range<usize>,
+        seeds: &[(NodeId, &[f32])],
+        ready: &mut GpuParamReady<'_>,
+    ) -> Result<(), NnError> {
+        self.check_range(&range)?;
+        params.check(&self.graph)?;
+        self.invalidate();
+        let gpu = self.gpu.clone();
+        let stream = gpu.stream_ref().clone();
+        let mut seen = vec![false; self.graph.len()];
+        let grads = &mut self.grads;
+        rules::zero_grads(&self.graph, &self.requires_grad, &range, &mut seen, |i| {
+            if let Some(g) = grads[i].as_mut() {
+                stream.memset_zeros(g).map_err(|e| gpu.driver(e))?;
+            }
+            Ok(())
+        })?;
+        for &(node, seed) in seeds {
+            self.check_len(node, seed.len())?;
+            if !self.requires_grad[node.0] {
+                continue;
+            }
+            let upload = self.gpu.upload(seed)?;
+            if let Some(g) = self.grads[node.0].as_mut() {
+                self.gpu.axpy(1.0, &upload, g)?;
+            }
+        }
+        let mut reported = vec![false; self.graph.params().len()];
+        for n in range.rev() {
+            if !rules::backward_runs(&self.graph, &self.requires_grad, &self.filled, n)? {
+                continue;
+            }
+            self.backward_node(n)?;
+            for k in 0..self.graph.nodes()[n].inputs.len() {
+                let input = self.graph.nodes()[n].inputs[k];
+                if let Op::Param { index } = self.graph.nodes()[input.0].op {
+                    // A node may read the same parameter twice: report it once.
+                    if self.first_reader[index] == n && !reported[index] {
+                        reported[index] = true;
+                        ready(self, index)?;
+                    }
+                }
+            }
+        }
+        // Parameters not reported in the walk (no first reader in `range`), in their order.
+        for (index, _) in reported.iter().enumerate().filter(|(_, &done)| !done) {
+            ready(self, index)?;
+        }
+        Ok(())
     }
 
     fn invalidate(&mut self) {
@@ -1087,35 +1165,7 @@ impl Executor for GpuExecutor {
         range: Range<usize>,
         seeds: &[(NodeId, &[f32])],
     ) -> Result<(), NnError> {
-        self.check_range(&range)?;
-        params.check(&self.graph)?;
-        self.invalidate();
-        let gpu = self.gpu.clone();
-        let stream = gpu.stream_ref().clone();
-        let mut seen = vec![false; self.graph.len()];
-        let grads = &mut self.grads;
-        rules::zero_grads(&self.graph, &self.requires_grad, &range, &mut seen, |i| {
-            if let Some(g) = grads[i].as_mut() {
-                stream.memset_zeros(g).map_err(|e| gpu.driver(e))?;
-            }
-            Ok(())
-        })?;
-        for &(node, seed) in seeds {
-            self.check_len(node, seed.len())?;
-            if !self.requires_grad[node.0] {
-                continue;
-            }
-            let upload = self.gpu.upload(seed)?;
-            if let Some(g) = self.grads[node.0].as_mut() {
-                self.gpu.axpy(1.0, &upload, g)?;
-            }
-        }
-        for n in range.rev() {
-            if rules::backward_runs(&self.graph, &self.requires_grad, &self.filled, n)? {
-                self.backward_node(n)?;
-            }
-        }
-        Ok(())
+        self.backward_observed(params, range, seeds, &mut |_, _| Ok(()))
     }
 
     fn value(&self, node: NodeId) -> Result<&[f32], NnError> {

@@ -15,7 +15,7 @@ mod pipeline;
 mod replicas;
 
 #[cfg(feature = "cuda")]
-pub(crate) use buckets::Buckets;
+pub(crate) use buckets::{Buckets, Slot};
 pub use on_cluster::{
     train_on_cluster, ClusterReplicas, ClusterTrainingReport, ElasticTraining, EpochReport, ReplicaDevice,
     ReplicaJob,

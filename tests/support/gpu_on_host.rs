@@ -3,8 +3,9 @@
 //! shared memory) that runs Tessera's GPU code paths on the CPU, so that the GPU tests' own
 //! assertions run on machines without a GPU: every kernel (compiled as C++, from the same
 //! sources NVRTC compiles), every copy, product and launch the executor and the trainers
-//! queue, in their order. What it cannot show: the real driver's and libraries' behaviour,
-//! timing, concurrency between streams, and anything sized by the hardware;
+//! queue, in their order, and streams that lag behind the host (see `gpu_on_host_api.cpp`).
+//! What it cannot show: the real driver's and libraries' behaviour, timing, and anything
+//! sized by the hardware;
 //! `scripts/gpu-check.sh` runs the same tests on a GPU for that.
 //!
 //! `build` writes the C++ (`gpu_on_host_shim.h`, the kernels' prelude and sources, a
@@ -55,9 +56,18 @@ fn source() -> String {
             "static void tessera_run_{name}(void** p) {{ {name}({}); }}\n",
             args.join(", ")
         ));
+        // Each argument's size, for a launch queued on a stream to copy the values.
+        let sizes: Vec<String> = parameter_list(name, kernel)
+            .split(',')
+            .map(|param| format!("sizeof({})", split_parameter(param).0.replace("__restrict__", "").trim()))
+            .collect();
+        source.push_str(&format!("static const size_t tessera_sizes_{name}[] = {{{}}};\n", sizes.join(", ")));
         // Block-synchronous: a barrier of its own, or a prelude block reduction's.
         let syncs = kernel.contains("__syncthreads") || kernel.contains("tessera_block_");
-        table.push_str(&format!("    {{\"{name}\", tessera_run_{name}, {syncs}}},\n"));
+        table.push_str(&format!(
+            "    {{\"{name}\", tessera_run_{name}, {syncs}, {}, tessera_sizes_{name}}},\n",
+            sizes.len()
+        ));
     }
     table.push_str("};\nstatic const size_t tessera_kernel_count = sizeof tessera_kernels / sizeof tessera_kernels[0];\n");
     source.push_str(&table);

@@ -5,8 +5,9 @@
 // libcublasLt.so, libcusparse.so and libnccl.so.
 //
 // TESSERA_HOST_GPU_DEVICES devices (default 1) share this host's memory: a device pointer
-// is a host address. Every operation runs when it is called (a stream is always idle, an
-// event completes when recorded), kernels run through `tessera_launch`, and matrix
+// is a host address. Every operation on the default stream runs when it is called (streams
+// made with cuStreamCreate lag behind: see "Streams made with cuStreamCreate"), kernels run
+// through `tessera_launch`, and matrix
 // products follow cuBLAS's column-major definitions (cuBLASLt: bf16 with f32 accumulation; cuSPARSE: 32-bit CSR times a vector
 // or a dense matrix; NCCL: float32 sums, broadcasts and gathers between ranks in any
 // processes, through shared memory). Error codes are the libraries' own. Not here:
@@ -22,7 +23,9 @@
 #include <chrono>
 #include <climits>
 #include <condition_variable>
+#include <deque>
 #include <functional>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -44,7 +47,9 @@ enum : CUresult {
     CUDA_ERROR_INVALID_VALUE = 1,
     CUDA_ERROR_OUT_OF_MEMORY = 2,
     CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
     CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_ILLEGAL_STATE = 401,
     CUDA_ERROR_NOT_FOUND = 500,
     CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES = 701,
@@ -75,6 +80,9 @@ struct tessera_device_queue {
     std::condition_variable finished;
     uint64_t queued = 0, completed = 0;     // every ticket up to `completed` is done
     std::vector<double> completed_at{0.0};  // completed_at[ticket]: when it finished (ms), else 0
+    // The default stream's copies and fills into device memory, numbered; the last 256.
+    uint64_t writes = 0;
+    struct { CUdeviceptr begin, end; uint64_t write; } recent[256] = {};
 };
 static tessera_device_queue tessera_queues[8];
 
@@ -117,6 +125,188 @@ static void tessera_fence() {
     }
     tessera_wait_for(d, ticket);
 }
+// Notes a copy or fill of the default stream into [at, at + n) on the current device.
+static void tessera_note_write(CUdeviceptr at, size_t n) {
+    int d = tessera_current_device();
+    if (d < 0 || n == 0) return;
+    auto& q = tessera_queues[d];
+    std::lock_guard<std::mutex> locked(q.lock);
+    ++q.writes;
+    q.recent[q.writes % 256] = {at, at + n, q.writes};
+}
+
+// --- Streams made with cuStreamCreate ---------------------------------------------------
+//
+// Work on the default stream (the null handle) runs when it is called. A stream made with
+// cuStreamCreate is a queue that a thread of its own works through in order, each piece
+// TESSERA_HOST_GPU_STREAM_LAG_MS (default 20) after it was queued, or at once when the host
+// or the default stream waits for it (cuStreamSynchronize, cuEventSynchronize,
+// cuStreamWaitEvent on the default stream, cuCtxSynchronize, cuMemFree). So such a stream
+// lags behind the default one, as a GPU's second stream may: default-stream work that reads
+// what it writes without waiting for an event recorded after the write reads stale values,
+// and the tests that compare results show it. The other way round, work queued on such a
+// stream that reads device memory the default stream copied or filled (with cuMemcpy* or
+// cuMemset*), before the stream waited for an event recorded after that write, is refused
+// with a message: the missing cuStreamWaitEvent would be a race on a GPU. (Kernels' writes
+// are not tracked so.) cuBLAS and cuSPARSE run on the default stream only.
+struct tessera_stream_work {
+    uint64_t ticket;
+    double due_ms;
+    std::function<void()> run;
+};
+struct tessera_stream {
+    int device = -1;
+    std::mutex lock;
+    std::condition_variable changed;
+    std::deque<tessera_stream_work> pending;
+    uint64_t queued = 0, completed = 0, forced = 0;  // tickets; every one up to `completed` is done
+    std::vector<double> completed_at{0.0};         // completed_at[ticket]: when it was done (ms)
+    uint64_t writes_waited = 0;  // the default stream's writes it has waited for
+    bool closing = false;
+    std::thread worker;
+};
+// Streams made and not destroyed. A destroyed one's memory is kept: events may name it.
+static std::mutex tessera_streams_lock;
+static std::vector<tessera_stream*> tessera_streams;
+
+static double tessera_stream_lag_ms() {
+    static const double lag = [] {
+        const char* wanted = getenv("TESSERA_HOST_GPU_STREAM_LAG_MS");
+        return wanted != nullptr ? atof(wanted) : 20.0;
+    }();
+    return lag;
+}
+// The stream's thread: runs each piece of work when it is due or waited for.
+static void tessera_stream_work_through(tessera_stream* s) {
+    std::unique_lock<std::mutex> locked(s->lock);
+    for (;;) {
+        s->changed.wait(locked, [&] { return s->closing || !s->pending.empty(); });
+        if (s->pending.empty()) return;
+        uint64_t ticket = s->pending.front().ticket;
+        double due = s->pending.front().due_ms;
+        while (s->forced < ticket && !s->closing) {
+            double left = due - tessera_now_ms();
+            if (left <= 0) break;
+            s->changed.wait_for(locked, std::chrono::duration<double, std::milli>(left));
+        }
+        std::function<void()> run = std::move(s->pending.front().run);
+        s->pending.pop_front();
+        locked.unlock();
+        run();
+        run = nullptr;  // what it holds goes before the work counts as done
+        locked.lock();
+        s->completed = ticket;
+        if (s->completed_at.size() <= ticket) s->completed_at.resize(ticket + 1, 0.0);
+        s->completed_at[ticket] = tessera_now_ms();
+        s->changed.notify_all();
+    }
+}
+// `stream` as made by cuStreamCreate into `*made` (nullptr for the default stream: the null
+// handle, CU_STREAM_LEGACY or CU_STREAM_PER_THREAD); false if it is no stream.
+static bool tessera_stream_of(CUstream stream, tessera_stream** made) {
+    *made = nullptr;
+    if (reinterpret_cast<uintptr_t>(stream) <= 2) return true;
+    std::lock_guard<std::mutex> locked(tessera_streams_lock);
+    for (tessera_stream* s : tessera_streams) {
+        if (s == stream) {
+            *made = s;
+            return true;
+        }
+    }
+    return false;
+}
+// Queues `run` on stream `s`.
+static void tessera_stream_queue(tessera_stream* s, std::function<void()> run) {
+    std::lock_guard<std::mutex> locked(s->lock);
+    uint64_t ticket = ++s->queued;
+    s->pending.push_back({ticket, tessera_now_ms() + tessera_stream_lag_ms(), std::move(run)});
+    s->changed.notify_all();
+}
+// Runs stream `s`'s work up to ticket `ticket` without the lag, and waits for it.
+static void tessera_stream_force(tessera_stream* s, uint64_t ticket) {
+    std::unique_lock<std::mutex> locked(s->lock);
+    if (ticket > s->forced) s->forced = ticket;
+    s->changed.notify_all();
+    s->changed.wait(locked, [&] { return s->completed >= ticket; });
+}
+// Runs all the work queued on the current device's streams, and waits for it.
+static void tessera_force_device_streams() {
+    int d = tessera_current_device();
+    if (d < 0) return;
+    std::vector<std::pair<tessera_stream*, uint64_t>> mine;
+    {
+        std::lock_guard<std::mutex> locked(tessera_streams_lock);
+        for (tessera_stream* s : tessera_streams) {
+            if (s->device != d) continue;
+            std::lock_guard<std::mutex> queue_locked(s->lock);
+            mine.push_back({s, s->queued});
+        }
+    }
+    for (auto [s, ticket] : mine) tessera_stream_force(s, ticket);
+}
+// Whether stream `s` reading [at, at + n) now would race with a copy or fill of the default
+// stream that it did not wait for (reported on stderr, naming `what`).
+static bool tessera_reads_unwaited(tessera_stream* s, const void* at, size_t n, const char* what) {
+    uint64_t waited;
+    {
+        std::lock_guard<std::mutex> locked(s->lock);
+        waited = s->writes_waited;
+    }
+    CUdeviceptr begin = reinterpret_cast<CUdeviceptr>(at), end = begin + n;
+    auto& q = tessera_queues[s->device];
+    std::lock_guard<std::mutex> locked(q.lock);
+    for (const auto& w : q.recent) {
+        if (w.write > waited && w.begin < end && begin < w.end) {
+            fprintf(stderr,
+                    "host GPU: %s queued on a stream reads device memory at %p (%zu bytes) that the default "
+                    "stream wrote after the last event this stream waited for: a race on a GPU (a missing "
+                    "cuStreamWaitEvent)\n",
+                    what, at, n);
+            return true;
+        }
+    }
+    return false;
+}
+
+extern "C" {
+CUresult cuStreamCreate(CUstream* stream, unsigned int) {
+    if (stream == nullptr) return CUDA_ERROR_INVALID_VALUE;
+    int d = tessera_current_device();
+    if (d < 0) return CUDA_ERROR_INVALID_CONTEXT;
+    auto* s = new (std::nothrow) tessera_stream();
+    if (s == nullptr) return CUDA_ERROR_OUT_OF_MEMORY;
+    s->device = d;
+    s->worker = std::thread(tessera_stream_work_through, s);
+    {
+        std::lock_guard<std::mutex> locked(tessera_streams_lock);
+        tessera_streams.push_back(s);
+    }
+    *stream = s;
+    return CUDA_SUCCESS;
+}
+CUresult cuStreamCreateWithPriority(CUstream* stream, unsigned int flags, int) { return cuStreamCreate(stream, flags); }
+// Finishes the stream's work (as the driver does before it frees a stream), then stops it.
+CUresult cuStreamDestroy_v2(CUstream stream) {
+    tessera_stream* s;
+    if (!tessera_stream_of(stream, &s) || s == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    {
+        std::lock_guard<std::mutex> locked(tessera_streams_lock);
+        for (size_t i = 0; i < tessera_streams.size(); ++i) {
+            if (tessera_streams[i] == s) {
+                tessera_streams.erase(tessera_streams.begin() + long(i));
+                break;
+            }
+        }
+    }
+    {
+        std::lock_guard<std::mutex> locked(s->lock);
+        s->closing = true;
+        s->changed.notify_all();
+    }
+    s->worker.join();
+    return CUDA_SUCCESS;
+}
+}  // extern "C"
 
 static const char* tessera_error_text(CUresult error, bool name) {
     switch (error) {
@@ -204,6 +394,7 @@ CUresult cuCtxGetCurrent(CUcontext* context) {
 }
 CUresult cuCtxPushCurrent_v2(CUcontext context) { return cuCtxSetCurrent(context); }
 CUresult cuCtxSynchronize() {
+    tessera_force_device_streams();
     tessera_fence();
     return CUDA_SUCCESS;
 }
@@ -244,6 +435,8 @@ CUresult cuMemAlloc_v2(CUdeviceptr* pointer, size_t bytes) {
     return CUDA_SUCCESS;
 }
 CUresult cuMemFree_v2(CUdeviceptr pointer) {
+    // As the driver's, a synchronous free waits for the device's work, on every stream.
+    tessera_force_device_streams();
     tessera_fence();
     void* memory = reinterpret_cast<void*>(pointer);
     {
@@ -259,74 +452,168 @@ CUresult cuMemFree_v2(CUdeviceptr pointer) {
 CUresult cuMemsetD8_v2(CUdeviceptr at, unsigned char value, size_t n) {
     tessera_fence();
     memset(reinterpret_cast<void*>(at), value, n);
+    tessera_note_write(at, n);
     return CUDA_SUCCESS;
 }
-CUresult cuMemsetD8Async(CUdeviceptr at, unsigned char value, size_t n, CUstream) { return cuMemsetD8_v2(at, value, n); }
+CUresult cuMemsetD8Async(CUdeviceptr at, unsigned char value, size_t n, CUstream stream) {
+    tessera_stream* s;
+    if (!tessera_stream_of(stream, &s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (s == nullptr) return cuMemsetD8_v2(at, value, n);
+    tessera_stream_queue(s, [=] { memset(reinterpret_cast<void*>(at), value, n); });
+    return CUDA_SUCCESS;
+}
 CUresult cuMemcpyHtoD_v2(CUdeviceptr to, const void* from, size_t n) {
     tessera_fence();
     memcpy(reinterpret_cast<void*>(to), from, n);
+    tessera_note_write(to, n);
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr to, const void* from, size_t n, CUstream) { return cuMemcpyHtoD_v2(to, from, n); }
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr to, const void* from, size_t n, CUstream stream) {
+    tessera_stream* s;
+    if (!tessera_stream_of(stream, &s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (s == nullptr) return cuMemcpyHtoD_v2(to, from, n);
+    // As from pageable memory on a GPU: the host's bytes are taken now.
+    auto bytes = std::make_shared<std::vector<char>>(static_cast<const char*>(from), static_cast<const char*>(from) + n);
+    tessera_stream_queue(s, [=] { memcpy(reinterpret_cast<void*>(to), bytes->data(), n); });
+    return CUDA_SUCCESS;
+}
 CUresult cuMemcpyDtoH_v2(void* to, CUdeviceptr from, size_t n) {
     tessera_fence();
     memcpy(to, reinterpret_cast<const void*>(from), n);
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyDtoHAsync_v2(void* to, CUdeviceptr from, size_t n, CUstream) { return cuMemcpyDtoH_v2(to, from, n); }
+CUresult cuMemcpyDtoHAsync_v2(void* to, CUdeviceptr from, size_t n, CUstream stream) {
+    tessera_stream* s;
+    if (!tessera_stream_of(stream, &s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (s == nullptr) return cuMemcpyDtoH_v2(to, from, n);
+    tessera_stream_queue(s, [=] { memcpy(to, reinterpret_cast<const void*>(from), n); });
+    return CUDA_SUCCESS;
+}
 CUresult cuMemcpyDtoD_v2(CUdeviceptr to, CUdeviceptr from, size_t n) {
     tessera_fence();
     memmove(reinterpret_cast<void*>(to), reinterpret_cast<const void*>(from), n);
+    tessera_note_write(to, n);
     return CUDA_SUCCESS;
 }
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr to, CUdeviceptr from, size_t n, CUstream) { return cuMemcpyDtoD_v2(to, from, n); }
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr to, CUdeviceptr from, size_t n, CUstream stream) {
+    tessera_stream* s;
+    if (!tessera_stream_of(stream, &s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (s == nullptr) return cuMemcpyDtoD_v2(to, from, n);
+    if (tessera_reads_unwaited(s, reinterpret_cast<const void*>(from), n, "a device-to-device copy"))
+        return CUDA_ERROR_ILLEGAL_STATE;
+    tessera_stream_queue(s, [=] { memmove(reinterpret_cast<void*>(to), reinterpret_cast<const void*>(from), n); });
+    return CUDA_SUCCESS;
+}
 
 // --- Streams and events (an event is ready once the work queued before it is done) -------
 
 struct tessera_event {
     double time = 0.0;  // when recorded (ms)
-    int device = -1;    // recorded behind ticket `ticket` of this device
+    int device = -1;    // recorded behind ticket `ticket` of this device's default stream,
     uint64_t ticket = 0;
+    tessera_stream* stream = nullptr;  // or, if set, of this made stream
+    uint64_t writes = 0;               // the default stream's writes before it (see tessera_note_write)
 };
 static bool tessera_event_done(const tessera_event* e) {
+    if (e->stream != nullptr) {
+        std::lock_guard<std::mutex> locked(e->stream->lock);
+        return e->stream->completed >= e->ticket;
+    }
     if (e->device < 0 || e->ticket == 0) return true;
     std::lock_guard<std::mutex> locked(tessera_queues[e->device].lock);
     return tessera_queues[e->device].completed >= e->ticket;
 }
 // When a done event happened: when recorded, or when the work before it finished.
 static double tessera_event_time(const tessera_event* e) {
-    if (e->device < 0 || e->ticket == 0) return e->time;
+    if (e->ticket == 0) return e->time;
+    auto when = [e](const std::vector<double>& at) {
+        return e->ticket < at.size() && at[e->ticket] > e->time ? at[e->ticket] : e->time;
+    };
+    if (e->stream != nullptr) {
+        std::lock_guard<std::mutex> locked(e->stream->lock);
+        return when(e->stream->completed_at);
+    }
+    if (e->device < 0) return e->time;
     std::lock_guard<std::mutex> locked(tessera_queues[e->device].lock);
-    const auto& at = tessera_queues[e->device].completed_at;
-    return e->ticket < at.size() && at[e->ticket] > e->time ? at[e->ticket] : e->time;
+    return when(tessera_queues[e->device].completed_at);
 }
 
-CUresult cuStreamSynchronize(CUstream) {
-    tessera_fence();
+CUresult cuStreamSynchronize(CUstream stream) {
+    tessera_stream* s;
+    if (!tessera_stream_of(stream, &s)) return CUDA_ERROR_INVALID_HANDLE;
+    if (s == nullptr) {
+        tessera_fence();
+    } else {
+        uint64_t last;
+        {
+            std::lock_guard<std::mutex> locked(s->lock);
+            last = s->queued;
+        }
+        tessera_stream_force(s, last);
+    }
     return CUDA_SUCCESS;
 }
-CUresult cuStreamWaitEvent(CUstream, CUevent, unsigned int) { return CUDA_SUCCESS; }  // one stream per device
+CUresult cuStreamWaitEvent(CUstream stream, CUevent event, unsigned int) {
+    tessera_stream* s;
+    if (!tessera_stream_of(stream, &s) || event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+    const auto* e = static_cast<tessera_event*>(event);
+    if (s == nullptr) {
+        // The default stream runs its work when called: what it waits for must be done now.
+        // (An event of the default stream itself orders nothing more.)
+        if (e->stream != nullptr) tessera_stream_force(e->stream, e->ticket);
+        return CUDA_SUCCESS;
+    }
+    if (e->stream == s) return CUDA_SUCCESS;
+    if (e->stream != nullptr) {
+        tessera_stream* from = e->stream;
+        uint64_t ticket = e->ticket;
+        tessera_stream_queue(s, [from, ticket] { tessera_stream_force(from, ticket); });
+    } else if (e->device >= 0) {
+        int device = e->device;
+        uint64_t ticket = e->ticket;
+        tessera_stream_queue(s, [device, ticket] { tessera_wait_for(device, ticket); });
+        if (device == s->device) {
+            std::lock_guard<std::mutex> locked(s->lock);
+            if (e->writes > s->writes_waited) s->writes_waited = e->writes;
+        }
+    }
+    return CUDA_SUCCESS;
+}
 CUresult cuEventCreate(CUevent* event, unsigned int) {
     if (event == nullptr) return CUDA_ERROR_INVALID_VALUE;
     *event = new (std::nothrow) tessera_event();
     return *event == nullptr ? CUDA_ERROR_OUT_OF_MEMORY : CUDA_SUCCESS;
 }
-CUresult cuEventRecord(CUevent event, CUstream) {
-    if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+CUresult cuEventRecord(CUevent event, CUstream stream) {
+    tessera_stream* s;
+    if (event == nullptr || !tessera_stream_of(stream, &s)) return CUDA_ERROR_INVALID_HANDLE;
     auto* e = static_cast<tessera_event*>(event);
     e->time = tessera_now_ms();
-    e->device = tessera_current_device();
+    e->stream = s;
     e->ticket = 0;
+    e->writes = 0;
+    if (s != nullptr) {
+        e->device = s->device;
+        std::lock_guard<std::mutex> locked(s->lock);
+        e->ticket = s->queued;
+        return CUDA_SUCCESS;
+    }
+    e->device = tessera_current_device();
     if (e->device >= 0) {
         std::lock_guard<std::mutex> locked(tessera_queues[e->device].lock);
         e->ticket = tessera_queues[e->device].queued;
+        e->writes = tessera_queues[e->device].writes;
     }
     return CUDA_SUCCESS;
 }
 CUresult cuEventSynchronize(CUevent event) {
     if (event == nullptr) return CUDA_ERROR_INVALID_HANDLE;
     auto* e = static_cast<tessera_event*>(event);
-    if (e->device >= 0) tessera_wait_for(e->device, e->ticket);
+    if (e->stream != nullptr) {
+        tessera_stream_force(e->stream, e->ticket);
+    } else if (e->device >= 0) {
+        tessera_wait_for(e->device, e->ticket);
+    }
     return CUDA_SUCCESS;
 }
 CUresult cuEventQuery(CUevent event) {
@@ -365,12 +652,28 @@ CUresult cuModuleGetFunction(CUfunction* function, CUmodule, const char* name) {
     return CUDA_ERROR_NOT_FOUND;
 }
 CUresult cuLaunchKernel(CUfunction function, unsigned int gx, unsigned int gy, unsigned int gz, unsigned int bx,
-                        unsigned int by, unsigned int bz, unsigned int shared, CUstream, void** params, void** extra) {
-    if (function == nullptr) return CUDA_ERROR_INVALID_HANDLE;
+                        unsigned int by, unsigned int bz, unsigned int shared, CUstream stream, void** params,
+                        void** extra) {
+    tessera_stream* s;
+    if (function == nullptr || !tessera_stream_of(stream, &s)) return CUDA_ERROR_INVALID_HANDLE;
     // Tessera's launches are one-dimensional, with static shared memory only.
     if (gy != 1 || gz != 1 || by != 1 || bz != 1 || shared != 0 || extra != nullptr || gx == 0 || bx == 0)
         return CUDA_ERROR_INVALID_VALUE;
     if (bx > 1024 || gx > 2147483647u) return CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES;
+    if (s != nullptr) {
+        // The arguments' values are taken now, as the driver does.
+        auto values = std::make_shared<std::vector<std::vector<char>>>();
+        for (size_t i = 0; i < function->params; ++i) {
+            const char* value = static_cast<const char*>(params[i]);
+            values->emplace_back(value, value + function->sizes[i]);
+        }
+        tessera_stream_queue(s, [function, gx, bx, values] {
+            std::vector<void*> args;
+            for (auto& value : *values) args.push_back(value.data());
+            tessera_launch(*function, gx, bx, args.data());
+        });
+        return CUDA_SUCCESS;
+    }
     tessera_fence();
     tessera_launch(*function, gx, bx, params);
     return CUDA_SUCCESS;
@@ -751,6 +1054,9 @@ struct tessera_nccl_comm {
     std::atomic<ncclResult_t> state{ncclSuccess};  // ncclInProgress during host work
     std::thread worker;                      // the last work queued (each joins the one before)
     int collectives = 0;
+    // Itself, until released: work queued on a made stream holds it too, so that it runs (as
+    // a no-op when aborted) on a live communicator however late it comes.
+    std::shared_ptr<tessera_nccl_comm> self;
 
     tessera_nccl_comm(int rank_, int ranks_, bool blocking_, int device_, std::string name_)
         : rank(rank_), ranks(ranks_), blocking(blocking_), device(device_), name(std::move(name_)) {}
@@ -799,11 +1105,21 @@ struct tessera_nccl_comm {
 
     // Runs `work`: now when blocking; else after the work queued before it, on a thread of
     // its own: as host work (returning ncclInProgress) or, with `on_device`, as the device's
-    // queued work (returning ncclSuccess).
-    ncclResult_t run(std::function<ncclResult_t()> work, bool on_device) {
+    // queued work (returning ncclSuccess): on `stream` if it is a made stream, else behind
+    // the device's other queued work. (A communicator's device work is on one of the two:
+    // Tessera's on a made stream, after the first collective.)
+    ncclResult_t run(std::function<ncclResult_t()> work, bool on_device, tessera_stream* stream) {
         if (blocking) return work();
         if (state.load() == ncclInProgress) return ncclInvalidUsage;  // host work: one call at a time
         if (state.load() != ncclSuccess) return state.load();         // a failed communicator stays failed
+        if (on_device && stream != nullptr) {
+            std::shared_ptr<tessera_nccl_comm> keep = self;
+            tessera_stream_queue(stream, [this, keep, work] {
+                ncclResult_t result = aborted.load() ? ncclRemoteError : work();
+                if (result != ncclSuccess && !aborted.load()) state.store(result);
+            });
+            return ncclSuccess;
+        }
         std::thread before = std::move(worker);
         if (on_device && device >= 0) {
             uint64_t ticket = tessera_enqueue(device);
@@ -823,14 +1139,24 @@ struct tessera_nccl_comm {
         });
         return ncclInProgress;
     }
-    // A collective: on the host the first time (NCCL connects the ranks then), else queued
-    // on the device.
-    ncclResult_t collective(std::function<ncclResult_t()> work) { return run(std::move(work), collectives++ > 0); }
+    // A collective on `stream`, reading `bytes` at `send`: on the host the first time (NCCL
+    // connects the ranks then), else queued on the device.
+    ncclResult_t collective(CUstream stream, const void* send, size_t bytes, const char* what,
+                            std::function<ncclResult_t()> work) {
+        tessera_stream* made;
+        if (!tessera_stream_of(stream, &made)) return ncclInvalidArgument;
+        if (made != nullptr && tessera_reads_unwaited(made, send, bytes, what)) return ncclInvalidUsage;
+        return run(std::move(work), collectives++ > 0, made);
+    }
 
-    // Stops the work in flight (when aborting) or waits for it, and frees everything.
+    // Stops the work in flight (when aborting) or waits for it; frees everything once the
+    // work queued on streams is done with it.
     static void release(tessera_nccl_comm* comm, bool abort) {
         if (abort) comm->aborted.store(true, std::memory_order_release);
         if (comm->worker.joinable()) comm->worker.join();
+        std::shared_ptr<tessera_nccl_comm> last = std::move(comm->self);
+    }
+    static void destroy(tessera_nccl_comm* comm) {
         comm->unlink_name();
         if (comm->shared != nullptr) munmap(comm->shared, comm->mapped);
         delete comm;
@@ -890,7 +1216,8 @@ ncclResult_t ncclCommInitRankConfig(ncclComm_t* comm, int ranks, ncclUniqueId id
     }
     id.internal[sizeof id.internal - 1] = 0;
     auto* made = new tessera_nccl_comm(rank, ranks, blocking, tessera_current_device(), id.internal);
-    ncclResult_t result = made->run([made] { return made->set_up(); }, false);
+    made->self = std::shared_ptr<tessera_nccl_comm>(made, tessera_nccl_comm::destroy);
+    ncclResult_t result = made->run([made] { return made->set_up(); }, false, nullptr);
     if (blocking && result != ncclSuccess) {
         tessera_nccl_comm::release(made, true);
         *comm = nullptr;
@@ -935,11 +1262,12 @@ ncclResult_t ncclGroupStart() { return ncclSuccess; }
 ncclResult_t ncclGroupEnd() { return ncclSuccess; }
 
 // Sums float32 data (any data with one rank, where every reduction is the data itself).
-ncclResult_t ncclAllReduce(const void* send, void* receive, size_t count, int type, int op, ncclComm_t comm, CUstream) {
+ncclResult_t ncclAllReduce(const void* send, void* receive, size_t count, int type, int op, ncclComm_t comm,
+                           CUstream stream) {
     size_t size = tessera_nccl_size(type), bytes = count * size;
     if (comm == nullptr || size == 0 || bytes > TESSERA_NCCL_SLOT) return ncclInvalidArgument;
     if (comm->ranks > 1 && (type != 7 || op != 0)) return ncclInvalidArgument;  // float32 sum only
-    return comm->collective([=] {
+    return comm->collective(stream, send, bytes, "ncclAllReduce", [=] {
         if (comm->ranks == 1) {
             if (send != receive) memmove(receive, send, bytes);
             return ncclSuccess;
@@ -955,21 +1283,23 @@ ncclResult_t ncclAllReduce(const void* send, void* receive, size_t count, int ty
         return comm->meet() ? ncclSuccess : ncclRemoteError;
     });
 }
-ncclResult_t ncclBroadcast(const void* send, void* receive, size_t count, int type, int root, ncclComm_t comm, CUstream) {
+ncclResult_t ncclBroadcast(const void* send, void* receive, size_t count, int type, int root, ncclComm_t comm,
+                           CUstream stream) {
     size_t size = tessera_nccl_size(type), bytes = count * size;
     if (comm == nullptr || size == 0 || root < 0 || root >= comm->ranks || bytes > TESSERA_NCCL_SLOT)
         return ncclInvalidArgument;
-    return comm->collective([=] {
+    return comm->collective(stream, send, bytes, "ncclBroadcast", [=] {
         if (comm->rank == root) memcpy(comm->slot(0), send, bytes);
         if (!comm->meet()) return ncclRemoteError;
         memmove(receive, comm->slot(0), bytes);
         return comm->meet() ? ncclSuccess : ncclRemoteError;
     });
 }
-ncclResult_t ncclAllGather(const void* send, void* receive, size_t count, int type, ncclComm_t comm, CUstream) {
+ncclResult_t ncclAllGather(const void* send, void* receive, size_t count, int type, ncclComm_t comm,
+                           CUstream stream) {
     size_t size = tessera_nccl_size(type), bytes = count * size;
     if (comm == nullptr || size == 0 || bytes > TESSERA_NCCL_SLOT) return ncclInvalidArgument;
-    return comm->collective([=] {
+    return comm->collective(stream, send, bytes, "ncclAllGather", [=] {
         memcpy(comm->slot(comm->rank), send, bytes);
         if (!comm->meet()) return ncclRemoteError;
         for (int r = 0; r < comm->ranks; ++r)

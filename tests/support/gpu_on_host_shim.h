@@ -132,6 +132,8 @@ struct tessera_kernel {
     const char* name;
     void (*run)(void**);
     bool syncs;
+    size_t params;        // how many parameters it takes
+    const size_t* sizes;  // each parameter's size in bytes
 };
 
 // A launch of `kernel` over `grid` blocks of `block` threads. Launches from several host

@@ -123,16 +123,17 @@ pub(crate) fn push_checked<'a, const KERNEL: usize, A: KernelArgs<'a>>(
     args.push_onto(builder);
 }
 
-/// Launches kernel `$name` of [`KERNELS`] on `$gpu`'s stream over `$n` elements (a
-/// grid-stride launch, [`grid`](super::grid)) or with an explicit `cfg`, with the given
-/// arguments, checked against the kernel's C signature when the crate is built; evaluates
+/// Launches kernel `$name` of [`KERNELS`] on `$gpu`'s stream (or, after `on =`, another
+/// stream of that GPU) over `$n` elements (a grid-stride launch, [`grid`](super::grid)) or
+/// with an explicit `cfg`, with the given arguments, checked against the kernel's C signature when the crate is built; evaluates
 /// to `Result<(), DeviceError>` (the `?` inside returns a compile failure's error).
 macro_rules! launch {
-    ($gpu:expr, $name:literal, cfg = $cfg:expr; $($arg:expr),* $(,)?) => {{
+    ($gpu:expr, $name:literal, on = $stream:expr, cfg = $cfg:expr; $($arg:expr),* $(,)?) => {{
         const KERNEL: usize = $crate::devices::kernel_index($name);
         let gpu: &$crate::devices::Gpu = $gpu;
         let function = gpu.kernel($name)?;
-        let mut builder = gpu.stream_ref().launch_builder(&function);
+        let stream: &::std::sync::Arc<::cudarc::driver::CudaStream> = $stream;
+        let mut builder = stream.launch_builder(&function);
         $crate::devices::push_checked::<KERNEL, _>(&mut builder, ($($arg,)*));
         // SAFETY: every call site passes buffers holding at least the elements the kernel
         // indexes for the sizes it passes (the kernels' sources are in `KERNELS`), and the
@@ -141,6 +142,14 @@ macro_rules! launch {
         // orders later uses and frees after it.
         let launched = unsafe { builder.launch($cfg) };
         launched.map(|_| ()).map_err(|e| gpu.driver(e))
+    }};
+    ($gpu:expr, $name:literal, on = $stream:expr, $n:expr; $($arg:expr),* $(,)?) => {{
+        let count: u32 = $n;
+        $crate::devices::launch!($gpu, $name, on = $stream, cfg = $crate::devices::grid(count); $($arg),*)
+    }};
+    ($gpu:expr, $name:literal, cfg = $cfg:expr; $($arg:expr),* $(,)?) => {{
+        let gpu: &$crate::devices::Gpu = $gpu;
+        $crate::devices::launch!(gpu, $name, on = gpu.stream_ref(), cfg = $cfg; $($arg),*)
     }};
     ($gpu:expr, $name:literal, $n:expr; $($arg:expr),* $(,)?) => {{
         let count: u32 = $n;

@@ -8,8 +8,11 @@
 //! which a watchdog thread shares.
 //!
 //! # How a collective is watched
-//! 1. Under the lock, the caller records an event `ready` on the GPU's stream, queues the
-//!    NCCL call after it, and adds the collective to the in-flight list.
+//! Every collective is queued on the communicator's own stream of the GPU (see
+//! [`NcclGroup`](super::NcclGroup) for how it is ordered with the GPU's main stream).
+//!
+//! 1. Under the lock, the caller records an event `ready` on that stream, queues the NCCL
+//!    call after it, and adds the collective to the in-flight list.
 //! 2. The caller polls `ncclCommGetAsyncError` (under the lock, a call at a time) until NCCL
 //!    is done with its host part; then it records an event `done` after the collective.
 //! 3. Every [`POLL`], the watchdog, under the lock, drops the collectives whose `done`
@@ -30,7 +33,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use cudarc::driver::sys::CUevent_flags;
-use cudarc::driver::{CudaEvent, CudaSlice, DevicePtr, DevicePtrMut};
+use cudarc::driver::{CudaEvent, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 use cudarc::nccl::sys;
 
 use super::nccl_error_words as words;
@@ -80,7 +83,7 @@ struct Handle(sys::ncclComm_t);
 // not overlap; every call on a `Handle` is made under `Shared::state`'s lock.
 unsafe impl Send for Handle {}
 
-/// A collective queued on the GPU's stream.
+/// A collective queued on the communicator's stream.
 struct InFlight {
     op: &'static str,
     queued: Instant,
@@ -121,6 +124,8 @@ struct Shared {
     /// Wakes the watchdog early when the communicator closes.
     closed: Condvar,
     gpu: Arc<Gpu>,
+    /// The stream of `gpu` that every collective is queued on.
+    stream: Arc<CudaStream>,
     rank: usize,
     size: usize,
     timeout: Duration,
@@ -184,9 +189,8 @@ impl State {
         }
     }
 
-    /// An event recorded now on `gpu`'s stream.
-    fn event(&mut self, gpu: &Gpu) -> Result<CudaEvent, String> {
-        let stream = gpu.stream_ref();
+    /// An event recorded now on `stream`, a stream of `gpu`.
+    fn event(&mut self, gpu: &Gpu, stream: &Arc<CudaStream>) -> Result<CudaEvent, String> {
         let recorded = match self.spare.pop() {
             Some(event) => event.record(stream).map(|()| event),
             None => stream.record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING)),
@@ -205,6 +209,7 @@ impl WatchedComm {
     /// that received the id failed, died or never joined NCCL).
     pub(super) fn join(
         gpu: Arc<Gpu>,
+        stream: Arc<CudaStream>,
         rank: usize,
         size: usize,
         id: [c_char; 128],
@@ -262,6 +267,7 @@ impl WatchedComm {
             }),
             closed: Condvar::new(),
             gpu,
+            stream,
             rank,
             size,
             timeout,
@@ -312,9 +318,9 @@ impl WatchedComm {
         self.shared.lock().failure.as_ref().map(Failure::error)
     }
 
-    /// Sums `data` over the group, in place, on the GPU's stream.
+    /// Sums `data` over the group, in place, on the communicator's stream.
     pub(super) fn all_reduce_in_place(&mut self, data: &mut CudaSlice<f32>) -> Result<(), CollectiveError> {
-        let stream = self.shared.gpu.stream();
+        let stream = self.shared.stream.clone();
         let count = data.len();
         let (pointer, _written) = data.device_ptr_mut(&stream);
         self.collective("all_reduce", |comm, stream| {
@@ -336,7 +342,7 @@ impl WatchedComm {
         })
     }
 
-    /// Gives every rank `root`'s `data`, in place, on the GPU's stream.
+    /// Gives every rank `root`'s `data`, in place, on the communicator's stream.
     pub(super) fn broadcast_in_place(
         &mut self,
         data: &mut CudaSlice<f32>,
@@ -346,7 +352,7 @@ impl WatchedComm {
             op: "broadcast",
             message: format!("root {root}"),
         })?;
-        let stream = self.shared.gpu.stream();
+        let stream = self.shared.stream.clone();
         let count = data.len();
         let (pointer, _written) = data.device_ptr_mut(&stream);
         self.collective("broadcast", |comm, stream| {
@@ -366,7 +372,7 @@ impl WatchedComm {
         })
     }
 
-    /// Gathers every rank's `send` into `receive` (rank order), on the GPU's stream.
+    /// Gathers every rank's `send` into `receive` (rank order), on the communicator's stream.
     /// `receive` must hold `send.len()` × the group's size elements.
     pub(super) fn all_gather(
         &mut self,
@@ -384,7 +390,7 @@ impl WatchedComm {
                 ),
             });
         }
-        let stream = self.shared.gpu.stream();
+        let stream = self.shared.stream.clone();
         let count = send.len();
         let (from, _read) = send.device_ptr(&stream);
         let (into, _written) = receive.device_ptr_mut(&stream);
@@ -417,8 +423,8 @@ impl WatchedComm {
         {
             let mut state = shared.lock();
             let comm = state.handle(op)?;
-            let ready = state.event(gpu).map_err(device)?;
-            let stream = gpu.stream_ref().cu_stream() as sys::cudaStream_t;
+            let ready = state.event(gpu, &shared.stream).map_err(device)?;
+            let stream = shared.stream.cu_stream() as sys::cudaStream_t;
             let called = code(call(comm, stream));
             if called != NCCL_SUCCESS && called != NCCL_IN_PROGRESS {
                 // A failed call leaves the group out of step: no rank can go on with it.
@@ -439,7 +445,7 @@ impl WatchedComm {
             let comm = state.handle(op)?;
             match state.async_state(comm) {
                 NCCL_SUCCESS => {
-                    let done = state.event(gpu).map_err(device)?;
+                    let done = state.event(gpu, &shared.stream).map_err(device)?;
                     if let Some(last) = state.in_flight.back_mut() {
                         last.done = Some(done);
                     }

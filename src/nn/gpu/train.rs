@@ -86,8 +86,12 @@ pub struct GpuTrainer {
 
 impl Drop for GpuTrainer {
     fn drop(&mut self) {
-        // The optimizer moments (fields) are freed after this, on this device.
+        // The optimizer moments and the executor's buffers (fields) are freed after this,
+        // on this device, after what a replica's group stream still has to do with them.
         self.exec.gpu().make_current();
+        if let Some(replicas) = &self.replicas {
+            replicas.settle(self.exec.gpu());
+        }
     }
 }
 
@@ -205,8 +209,9 @@ impl GpuTrainer {
     }
 
     /// For a replica: optimizer steps taken, and the GPU time of their forward and
-    /// backward passes (`compute_seconds`) and of their gradient averaging
-    /// (`reduce_seconds`, all of it also `wait_seconds`: it does not overlap backward),
+    /// backward passes (`compute_seconds`), of their gradient reductions (`reduce_seconds`)
+    /// and of the averaging that the update waited for after backward (`wait_seconds`: with
+    /// NCCL, what did not overlap backward; with a host-staged group, all of the averaging),
     /// read from GPU events at the end of every step and epoch. Zero for a trainer alone.
     pub fn comm_stats(&self) -> CommStats {
         self.replicas.as_ref().map(GradientSync::stats).unwrap_or_default()
@@ -234,21 +239,17 @@ impl GpuTrainer {
         let salt = (self.rank() as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         self.exec.set_seed(state.rng.next_u64() ^ salt);
         let gpu = self.exec.gpu().clone();
-        let start = self.replicas.as_mut().map(|r| r.mark(&gpu)).transpose()?;
+        let start = self.replicas.as_mut().map(|r| r.mark(&gpu, gpu.stream_ref())).transpose()?;
         self.exec.forward_resident(0..loss.index() + 1)?;
-        let params = &state.params;
-        self.exec.backward(params, 0..loss.index() + 1, &[(loss, &[1.0])])?;
-        if let (Some(replicas), Some(start)) = (&mut self.replicas, start) {
-            let average = || {
-                let backward_done = replicas.mark(&gpu)?;
-                replicas.average(&mut self.exec)?;
-                let averaged = replicas.mark(&gpu)?;
-                replicas.queued_step(&gpu, [start, backward_done, averaged])
-            };
-            let averaged = average();
-            // Whatever failed here, this replica may have left the group's collectives.
-            self.failed = averaged.is_err();
-            averaged?;
+        let (params, range, seeds) = (&state.params, 0..loss.index() + 1, &[(loss, &[1.0f32][..])]);
+        match (&mut self.replicas, start) {
+            (Some(replicas), Some(start)) => {
+                let averaged = replicas.backward_and_average(&mut self.exec, params, range, seeds, start);
+                // Whatever failed here, this replica may have left the group's collectives.
+                self.failed = averaged.is_err();
+                averaged?;
+            }
+            _ => self.exec.backward(params, range, seeds)?,
         }
         self.update(state)?;
         state.step += 1;

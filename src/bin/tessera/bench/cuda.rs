@@ -179,9 +179,10 @@ pub(crate) fn run(reporter: &Reporter, small: bool) -> Result<()> {
             let per_step = |seconds: f64| seconds / comm.steps.max(1) as f64 * 1e6;
             eprintln!(
                 "cnn as an NCCL replica of one, GPU time a step: forward and backward {:.0} µs, \
-                 averaging (buckets, NCCL, scaling) {:.0} µs",
+                 averaging (buckets, NCCL, scaling) {:.0} µs, of which the update waited for {:.0} µs",
                 per_step(comm.compute_seconds),
-                per_step(comm.reduce_seconds)
+                per_step(comm.reduce_seconds),
+                per_step(comm.wait_seconds)
             );
         }
         Err(error) => eprintln!("NCCL replica figure skipped: {error:#}"),
