@@ -208,9 +208,11 @@ impl NcclGroup {
         let main = gpu.stream_ref();
         self.main_mark.record(main).map_err(driver)?;
         self.stream.wait(&self.main_mark).map_err(driver)?;
-        collective(&mut self.comm)?;
+        let queued = collective(&mut self.comm);
+        // Even after a failure: the main stream may free the buffers next.
         self.group_mark.record(&self.stream).map_err(driver)?;
-        main.wait(&self.group_mark).map_err(driver)
+        main.wait(&self.group_mark).map_err(driver)?;
+        queued
     }
 
     /// Why the group was aborted, if it was (see [`NcclGroup::join_within`]). A host that

@@ -6,8 +6,8 @@
 // (its own stack, switched by a few instructions of x86-64 assembly, no system call),
 // and every fiber that reaches the barrier yields until all of the block's have, exactly
 // the barrier's contract. `__shared__` variables are function statics: one block runs at a
-// time, so one copy is the block's. Launches and copies run in call order, as on one stream;
-// launches from different host threads take turns.
+// time, so one copy is the block's. Launches from different host threads (and from the
+// threads of streams made with cuStreamCreate) take turns.
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
