@@ -125,8 +125,9 @@ pub(crate) fn push_checked<'a, const KERNEL: usize, A: KernelArgs<'a>>(
 
 /// Launches kernel `$name` of [`KERNELS`] on `$gpu`'s stream (or, after `on =`, another
 /// stream of that GPU) over `$n` elements (a grid-stride launch, [`grid`](super::grid)) or
-/// with an explicit `cfg`, with the given arguments, checked against the kernel's C signature when the crate is built; evaluates
-/// to `Result<(), DeviceError>` (the `?` inside returns a compile failure's error).
+/// with an explicit `cfg`, with the given arguments, checked against the kernel's C
+/// signature when the crate is built; evaluates to `Result<(), DeviceError>` (the `?`
+/// inside returns a compile failure's error).
 macro_rules! launch {
     ($gpu:expr, $name:literal, on = $stream:expr, cfg = $cfg:expr; $($arg:expr),* $(,)?) => {{
         const KERNEL: usize = $crate::devices::kernel_index($name);
