@@ -241,6 +241,49 @@ fn tcp_group_of_one() -> tessera::TcpGroup {
     listener.connect(&[addr]).unwrap()
 }
 
+/// The host GPU's made streams catch what would race on a GPU, so that the tests relying
+/// on them can fail: a stream's copy or collective reading memory the main stream wrote is
+/// refused until the stream waited for an event recorded after the write, and main-stream
+/// reads of a stream's results are stale until the main stream waited for it. (Host GPU
+/// only: on a GPU these races have no certain outcome.)
+#[test]
+fn the_host_gpus_streams_catch_missing_waits() {
+    use std::sync::Arc;
+    use tessera::{GpuCommunicator, NcclGroup};
+    if std::env::var_os(ON_HOST_GPU).is_none() {
+        eprintln!("skipped: only the host GPU makes these races certain");
+        return;
+    }
+    let Some(gpu) = gpu() else { return };
+    let gpu = Arc::new(gpu);
+    let main = gpu.main_stream().clone();
+    let side = main.context().new_stream().unwrap();
+    let source = gpu.upload(&[1.0, 2.0, 3.0]).unwrap();
+    let mut copy = gpu.zeros(3).unwrap();
+    // The side stream has not waited for the upload: its copy is refused.
+    let refused = side.memcpy_dtod(&source, &mut copy).unwrap_err();
+    assert!(format!("{refused:?}").contains("ILLEGAL_STATE"), "{refused:?}");
+    side.wait(&main.record_event(None).unwrap()).unwrap();
+    let queued = std::time::Instant::now();
+    side.memcpy_dtod(&source, &mut copy).unwrap();
+    // The main stream has not waited for the copy, which lags behind (20 ms, unless this
+    // thread was held up for about as long): it reads zeros.
+    let early = gpu.download(&copy).unwrap();
+    if queued.elapsed() < Duration::from_millis(10) {
+        assert_eq!(early, [0.0; 3], "the side stream did not lag");
+    }
+    main.wait(&side.record_event(None).unwrap()).unwrap();
+    assert_eq!(gpu.download(&copy).unwrap(), [1.0, 2.0, 3.0]);
+    // The same for an NCCL group's stream (after its first collective, which connects).
+    let mut bootstrap = tcp_group_of_one();
+    let mut nccl = NcclGroup::join(gpu.clone(), &mut bootstrap).unwrap();
+    let mut first = gpu.upload(&[1.0]).unwrap();
+    nccl.all_reduce_device(&mut first).unwrap();
+    let mut data = gpu.upload(&[4.0, 5.0]).unwrap();
+    let refused = nccl.all_reduce_on_group_stream(&mut data).unwrap_err().to_string();
+    assert!(refused.contains("invalid usage"), "{refused}");
+}
+
 #[test]
 fn nccl_with_one_rank_per_gpu() {
     use std::sync::Arc;

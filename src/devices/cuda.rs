@@ -356,6 +356,14 @@ impl Gpu {
         &self.stream
     }
 
+    /// The stream that this GPU's work (copies, kernels, products) is queued on, in order:
+    /// cudarc's, for ordering work of your own with it by events (for example a
+    /// [`GpuCommunicator::group_stream`](crate::GpuCommunicator::group_stream)'s). cudarc
+    /// does not order streams for you here: its automatic event tracking is off.
+    pub fn main_stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
     /// A second stream on this device, for work that is to run beside the main stream's
     /// (it is non-blocking: neither waits for the other). Its user orders every buffer it
     /// shares with the main stream by events (cudarc does not, see `open`): the second
