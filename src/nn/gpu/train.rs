@@ -123,7 +123,9 @@ impl GpuTrainer {
     /// replica's share of the global batch. Every replica first takes rank 0's parameters
     /// and optimizer moments (a broadcast, into `state` too), so all start equal; each step
     /// then averages the gradients over the group in buckets of about `bucket_mib` MiB
-    /// before the update, so they stay equal. Every replica must call the same steps and
+    /// before the update, so they stay equal. With NCCL each bucket is reduced on NCCL's
+    /// stream as soon as backward has finished its gradients, overlapping the rest of
+    /// backward; a host-staged group reduces the buckets after backward. Every replica must call the same steps and
     /// epochs, with equal loaders (the same seed, batch and data set size).
     ///
     /// `group` is an [`NcclGroup`](crate::devices::NcclGroup) (gradients stay on the
