@@ -1232,6 +1232,30 @@ fn nccl_replicas_on_two_gpus_train_as_host_staged_replicas() {
         assert_eq!(staged.wait_seconds, staged.reduce_seconds, "{staged:?}");
         assert!(nccl.compute_seconds > 0.0 && nccl.reduce_seconds > 0.0, "{nccl:?}");
     }
+
+    // A character GRU: its cell's parameters are read at every time step, so a bucket is
+    // complete only after the first step's backward (the last in the walk); reduced any
+    // earlier, the replicas would train on partial gradients.
+    let train_text = |nccl: bool| {
+        executor::on_gpus(2, nccl, |_, group| {
+            let (steps, vocab) = (12, 9);
+            let text: Vec<i32> = (0..1_500).map(|i: i32| (i * i + i / 7) % vocab).collect();
+            let windows = tessera::nn::window_count(text.len(), steps);
+            let model = tessera::nn::char_gru(4, steps, vocab as usize, 8, 16).unwrap();
+            let mut state = TrainState::new(&model, OptimizerConfig::sgd(0.2, 0.9), windows, 8, 3);
+            let mut replica = GpuTrainer::replica(group, model, &mut state, 1.0 / 1024.0).unwrap();
+            replica.train_epoch_text(&mut state, &text, steps).unwrap();
+            state.params
+        })
+    };
+    let (staged, nccl) = (train_text(false), train_text(true));
+    assert_eq!(nccl[0], nccl[1], "NCCL GRU replicas drifted apart");
+    // (Embedding gradients add up with float atomics on a GPU: close, not bit-equal.)
+    for (i, (n, h)) in nccl[0].tensors.iter().zip(&staged[0].tensors).enumerate() {
+        for (k, (a, b)) in n.data.iter().zip(&h.data).enumerate() {
+            assert!((a - b).abs() <= 1e-5 + 1e-4 * b.abs(), "GRU parameter {i}[{k}]: NCCL {a}, staged {b}");
+        }
+    }
 }
 
 /// Held by each test whose NCCL ranks span several GPUs: two NCCL groups queued on the same
