@@ -44,23 +44,18 @@ fn source() -> String {
     for (name, kernel) in KERNELS {
         source.push_str(kernel);
         source.push('\n');
-        // The launch passes a pointer to each argument's value.
-        let args: Vec<String> = parameter_list(name, kernel)
+        let types: Vec<String> = parameter_list(name, kernel)
             .split(',')
-            .enumerate()
-            .map(|(i, param)| {
-                format!("*({}*)p[{i}]", split_parameter(param).0.replace("__restrict__", "").trim())
-            })
+            .map(|param| split_parameter(param).0.replace("__restrict__", "").trim().to_string())
             .collect();
+        // The launch passes a pointer to each argument's value.
+        let args: Vec<String> = types.iter().enumerate().map(|(i, t)| format!("*({t}*)p[{i}]")).collect();
         source.push_str(&format!(
             "static void tessera_run_{name}(void** p) {{ {name}({}); }}\n",
             args.join(", ")
         ));
         // Each argument's size, for a launch queued on a stream to copy the values.
-        let sizes: Vec<String> = parameter_list(name, kernel)
-            .split(',')
-            .map(|param| format!("sizeof({})", split_parameter(param).0.replace("__restrict__", "").trim()))
-            .collect();
+        let sizes: Vec<String> = types.iter().map(|t| format!("sizeof({t})")).collect();
         source.push_str(&format!("static const size_t tessera_sizes_{name}[] = {{{}}};\n", sizes.join(", ")));
         // Block-synchronous: a barrier of its own, or a prelude block reduction's.
         let syncs = kernel.contains("__syncthreads") || kernel.contains("tessera_block_");

@@ -191,11 +191,7 @@ impl GradientSync {
         let gpu = exec.gpu().clone();
         let gpu = &*gpu;
         let driver = |e| NnError::from(gpu.driver(e));
-        for slot in self.buckets.slots[bucket].iter().filter(|s| s.len > 0) {
-            let Some(grad) = exec.param_grad_mut(slot.param) else { continue };
-            let mut part = self.buffers[bucket].slice_mut(slot.offset..slot.offset + slot.len);
-            gpu.stream_ref().memcpy_dtod(&grad.slice(0..slot.len), &mut part).map_err(driver)?;
-        }
+        gather(gpu, &self.buckets.slots[bucket], &mut self.buffers[bucket], exec)?;
         self.copied.record(gpu.stream_ref()).map_err(driver)?;
         group_stream.wait(&self.copied).map_err(driver)?;
         let started = self.mark(gpu, group_stream)?;
@@ -220,13 +216,7 @@ impl GradientSync {
         let gpu = &*gpu;
         let scale = 1.0 / self.group.size() as f32;
         for (slots, buffer) in self.buckets.slots.iter().zip(&mut self.buffers) {
-            for slot in slots.iter().filter(|s| s.len > 0) {
-                let Some(grad) = exec.param_grad_mut(slot.param) else { continue };
-                let mut part = buffer.slice_mut(slot.offset..slot.offset + slot.len);
-                gpu.stream_ref()
-                    .memcpy_dtod(&grad.slice(0..slot.len), &mut part)
-                    .map_err(|e| gpu.driver(e))?;
-            }
+            gather(gpu, slots, buffer, exec)?;
             self.group.all_reduce_device(buffer)?;
             write_back(gpu, gpu.stream_ref(), slots, buffer, exec, scale)?;
         }
@@ -308,6 +298,25 @@ impl GradientSync {
     pub(super) fn stats(&self) -> CommStats {
         self.stats
     }
+}
+
+/// Copies the gradients of a bucket's parameters (`slots`) into `buffer`, on the main
+/// stream.
+///
+/// # Errors
+/// [`NnError::Device`].
+fn gather(
+    gpu: &Gpu,
+    slots: &[Slot],
+    buffer: &mut CudaSlice<f32>,
+    exec: &mut GpuExecutor,
+) -> Result<(), NnError> {
+    for slot in slots.iter().filter(|s| s.len > 0) {
+        let Some(grad) = exec.param_grad_mut(slot.param) else { continue };
+        let mut part = buffer.slice_mut(slot.offset..slot.offset + slot.len);
+        gpu.stream_ref().memcpy_dtod(&grad.slice(0..slot.len), &mut part).map_err(|e| gpu.driver(e))?;
+    }
+    Ok(())
 }
 
 /// Writes `0 + scale · sum` from `buffer` (a bucket's sums) into the gradients of the
