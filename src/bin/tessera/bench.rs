@@ -4,6 +4,7 @@
 //! "unit": "<unit>", "higher_is_better": <bool>}`, the format the benchmarking CI reads.
 mod cluster;
 pub(crate) mod collectives;
+pub(crate) mod compare;
 #[cfg(feature = "cuda")]
 mod cuda;
 mod store;
@@ -77,7 +78,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         "cuda" => bail!("the cuda suite needs a build with `--features cuda`"),
         other => {
-            bail!("unknown bench suite `{other}`; known suites: tasks, cluster, collectives, nn, train, pipeline, store, cuda")
+            bail!("unknown bench suite `{other}`; known suites: tasks, sched, cluster, collectives, nn, train, pipeline, store, cuda")
         }
     }
 }

@@ -17,6 +17,9 @@ struct Cli {
 enum Command {
     /// Run a benchmark suite and print its results.
     Bench(bench::BenchArgs),
+    /// Judge a change's benchmark figures against a base's (files of `tessera bench --json`
+    /// lines; exit status 1 when a bench regressed beyond the threshold).
+    BenchCompare(bench::compare::CompareArgs),
     /// List the devices a node started here would report: its cores and its CUDA GPUs (or
     /// why there are none).
     Devices(DevicesArgs),
@@ -115,6 +118,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Bench(args) => bench::run(args),
+        Command::BenchCompare(args) => bench::compare::run(args),
         Command::Devices(args) => list_devices(args),
         Command::Node(args) => run_node(args),
         Command::CollectiveMember(args) => bench::collectives::member(args),
