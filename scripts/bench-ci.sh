@@ -8,6 +8,8 @@
 #   --runs N         runs of each suite with each build (default 5), interleaved
 #   --threshold PCT  how much worse a bench's median may get (default 10)
 #   --out DIR        where the figures, logs and report go (default target/bench-ci/out)
+#   --settle S       wait up to S seconds (default 120) after the builds for the load
+#                    average to fall below half the cores before the first run
 #   --base-bin PATH, --head-bin PATH
 #                    use these `tessera` binaries instead of building them
 #   SUITE...         the suites to run (default: every CPU suite, about 3.5 min a run
@@ -32,17 +34,19 @@ base_ref=
 runs=5
 threshold=10
 out=target/bench-ci/out
+settle=120
 base_bin=
 head_bin=
 suites=()
 while (($#)); do
     case $1 in
-    --base | --runs | --threshold | --out | --base-bin | --head-bin)
+    --base | --runs | --threshold | --out | --settle | --base-bin | --head-bin)
         (($# >= 2)) || { echo "bench-ci: $1 needs a value (see --help)" >&2; exit 2; } ;;&
     --base) base_ref=$2; shift 2 ;;
     --runs) runs=$2; shift 2 ;;
     --threshold) threshold=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --settle) settle=$2; shift 2 ;;
     --base-bin) base_bin=$2; shift 2 ;;
     --head-bin) head_bin=$2; shift 2 ;;
     -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
@@ -52,6 +56,7 @@ while (($#)); do
 done
 ((${#suites[@]})) || suites=(tasks sched cluster collectives nn train pipeline store)
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "bench-ci: --runs takes a whole number above 0, not $runs" >&2; exit 2; }
+[[ $settle =~ ^[0-9]+$ ]] || { echo "bench-ci: --settle takes whole seconds, not $settle" >&2; exit 2; }
 say() { echo "[bench-ci $(date +%H:%M:%S)] $*" >&2; }
 
 mkdir -p "$out/logs"
@@ -91,6 +96,16 @@ for bin in "$base_bin" "$head_bin"; do
     [[ -x $bin ]] || { echo "bench-ci: $bin is not an executable" >&2; exit 2; }
 done
 
+busy() { awk -v load="$(cut -d' ' -f1 /proc/loadavg)" -v cores="$(nproc)" 'BEGIN { exit !(load > cores / 2) }'; }
+# The builds leave the one-minute load average high for a while after they end.
+waited=0
+while busy && ((waited < settle)); do
+    if ((waited == 0)); then
+        say "waiting up to $settle s for the load average ($(cut -d' ' -f1 /proc/loadavg)) to fall below $(nproc)/2"
+    fi
+    sleep 5
+    waited=$((waited + 5))
+done
 load_before=$(cut -d' ' -f1 /proc/loadavg)
 say "load average before the runs: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
 failed=()
@@ -124,7 +139,7 @@ done
 
 load_after=$(cut -d' ' -f1 /proc/loadavg)
 rc=0
-"$head_bin" bench-compare "$out/base.jsonl" "$out/head.jsonl" --threshold "$threshold" \
+RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0 "$head_bin" bench-compare "$out/base.jsonl" "$out/head.jsonl" --threshold "$threshold" \
     --markdown "$out/report.md" || rc=$?
 [[ -e $out/report.md ]] && {
     echo

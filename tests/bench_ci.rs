@@ -40,7 +40,7 @@ fn bench_ci(base: &Path, head: &Path, out: &Path) -> Result<Output> {
     let root = env!("CARGO_MANIFEST_DIR");
     Ok(Command::new("bash")
         .arg(format!("{root}/scripts/bench-ci.sh"))
-        .args(["--runs", "1", "--base-bin"])
+        .args(["--runs", "1", "--settle", "0", "--base-bin"])
         .arg(base)
         .arg("--head-bin")
         .arg(head)
