@@ -63,20 +63,20 @@ impl Runs {
     }
 
     fn best(&self) -> f64 {
-        let values = self.values.iter().copied();
-        if self.higher_is_better {
-            values.fold(f64::NEG_INFINITY, f64::max)
-        } else {
-            values.fold(f64::INFINITY, f64::min)
-        }
+        self.extreme(self.higher_is_better)
     }
 
     fn worst(&self) -> f64 {
+        self.extreme(!self.higher_is_better)
+    }
+
+    /// The largest run (`largest`) or the smallest.
+    fn extreme(&self, largest: bool) -> f64 {
         let values = self.values.iter().copied();
-        if self.higher_is_better {
-            values.fold(f64::INFINITY, f64::min)
-        } else {
+        if largest {
             values.fold(f64::NEG_INFINITY, f64::max)
+        } else {
+            values.fold(f64::INFINITY, f64::min)
         }
     }
 }
