@@ -96,7 +96,8 @@ for bin in "$base_bin" "$head_bin"; do
     [[ -x $bin ]] || { echo "bench-ci: $bin is not an executable" >&2; exit 2; }
 done
 
-busy() { awk -v load="$(cut -d' ' -f1 /proc/loadavg)" -v cores="$(nproc)" 'BEGIN { exit !(load > cores / 2) }'; }
+# busy [LOAD]: whether a load average (default: the one now) is above half the cores.
+busy() { awk -v load="${1:-$(cut -d' ' -f1 /proc/loadavg)}" -v cores="$(nproc)" 'BEGIN { exit !(load > cores / 2) }'; }
 # The builds leave the one-minute load average high for a while after they end.
 waited=0
 while busy && ((waited < settle)); do
@@ -145,7 +146,7 @@ RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0 "$head_bin" bench-compare "$out/base.jsonl
     echo
     echo "Base: ${base_commit:-$base_bin}; head: the working tree of $(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo ' with uncommitted changes'); runs a side: $runs; $(date -u '+%Y-%m-%d %H:%M UTC'); $(nproc) cores, load average ${load_before} before and ${load_after} after."
     # The benches' own load counts towards the one after: warn only for load before them.
-    if awk -v load="$load_before" -v cores="$(nproc)" 'BEGIN { exit !(load > cores / 2) }'; then
+    if busy "$load_before"; then
         echo
         echo "**Warning:** the machine was busy before the runs (load average $load_before on $(nproc) cores); its figures are noisy."
     fi

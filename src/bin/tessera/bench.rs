@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Result};
 use clap::Args;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
@@ -36,13 +36,23 @@ pub(crate) struct BenchArgs {
     small: bool,
 }
 
-/// One measured figure of a suite.
-#[derive(Serialize)]
+/// One measured figure of a suite: a line of `--json`, written by the suites and read by
+/// `tessera bench-compare`.
+#[derive(Serialize, Deserialize)]
 pub(crate) struct BenchLine {
     pub(crate) bench: String,
     pub(crate) value: f64,
-    pub(crate) unit: &'static str,
+    pub(crate) unit: String,
     pub(crate) higher_is_better: bool,
+}
+
+/// The words for a figure's direction.
+pub(crate) fn direction(higher_is_better: bool) -> &'static str {
+    if higher_is_better {
+        "higher is better"
+    } else {
+        "lower is better"
+    }
 }
 
 /// Prints results as they are measured, so that long suites show progress.
@@ -52,12 +62,17 @@ pub(crate) struct Reporter {
 
 impl Reporter {
     pub(crate) fn report(&self, bench: &str, value: f64, unit: &'static str, higher_is_better: bool) {
-        let line = BenchLine { bench: bench.to_string(), value, unit, higher_is_better };
+        let line = BenchLine { bench: bench.to_string(), value, unit: unit.to_string(), higher_is_better };
         if self.json {
             println!("{}", serde_json::to_string(&line).expect("bench line serializes"));
         } else {
-            let better = if higher_is_better { "higher is better" } else { "lower is better" };
-            println!("{:<36} {:>14.3} {:<10} ({better})", line.bench, line.value, line.unit);
+            println!(
+                "{:<36} {:>14.3} {:<10} ({})",
+                line.bench,
+                line.value,
+                line.unit,
+                direction(higher_is_better)
+            );
         }
     }
 }

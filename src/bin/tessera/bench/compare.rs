@@ -21,9 +21,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Args;
-use serde::Deserialize;
 
-use super::median;
+use super::{direction, median, BenchLine};
 
 #[derive(Args)]
 pub(crate) struct CompareArgs {
@@ -38,15 +37,6 @@ pub(crate) struct CompareArgs {
     /// Also write the comparison as a Markdown table to this file (for a review comment).
     #[arg(long)]
     markdown: Option<PathBuf>,
-}
-
-/// One line of `tessera bench --json`.
-#[derive(Deserialize)]
-struct BenchLine {
-    bench: String,
-    value: f64,
-    unit: String,
-    higher_is_better: bool,
 }
 
 /// Every run of one bench in one file.
@@ -134,7 +124,6 @@ fn parse_runs(text: &str) -> Result<BTreeMap<String, Runs>> {
         let number = index + 1;
         let line: BenchLine = serde_json::from_str(line)
             .with_context(|| format!("line {number} is not a `tessera bench --json` line"))?;
-        ensure!(line.value.is_finite(), "line {number}: {} has no finite value", line.bench);
         let runs = benches.entry(line.bench.clone()).or_insert_with(|| Runs {
             unit: line.unit.clone(),
             higher_is_better: line.higher_is_better,
@@ -153,14 +142,6 @@ fn parse_runs(text: &str) -> Result<BTreeMap<String, Runs>> {
     }
     ensure!(!benches.is_empty(), "no benchmark lines");
     Ok(benches)
-}
-
-fn direction(higher_is_better: bool) -> &'static str {
-    if higher_is_better {
-        "higher is better"
-    } else {
-        "lower is better"
-    }
 }
 
 /// Judges every bench of either side; `threshold` is a fraction (0.1 for 10 %).
