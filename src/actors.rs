@@ -22,6 +22,7 @@ pub(crate) mod task;
 pub(crate) mod user_actor;
 
 pub use object::ObjectId;
+pub(crate) use reference::save_ref;
 pub use reference::{Arg, Payload, Ref};
 pub use runtime::{Builder, Runtime};
 pub use sched::{Fifo, Locality, Placement, PlacementRequest, RoundRobin, SchedulingPolicy};

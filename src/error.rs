@@ -104,6 +104,9 @@ pub enum Error {
         /// Why this process has no GPU either.
         local: String,
     },
+    /// An array operation was refused.
+    #[error("array: {0}")]
+    Array(#[from] crate::ArrayError),
     /// The stash failed.
     #[error("stash: {0}")]
     Store(#[source] Arc<crate::StoreError>),

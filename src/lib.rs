@@ -8,6 +8,7 @@
 #![warn(unreachable_pub)]
 
 mod actors;
+mod array;
 mod devices;
 mod error;
 mod net;
@@ -15,6 +16,7 @@ pub mod nn;
 mod store;
 
 pub use actors::*;
+pub use array::{ArrayError, BinaryOp, ChunkGrid, DArray, DElement, Fill, ReduceOp, UnaryOp};
 pub use devices::*;
 pub use error::{Error, Result};
 pub use net::*;

@@ -46,6 +46,7 @@ mod s3;
 mod stash;
 mod version;
 
+pub(crate) use array::to_little_endian;
 pub use array::{ArrayElement, Dtype};
 pub use blob::{BlobStore, ObjectMeta, PutBatch};
 pub use error::StoreError;

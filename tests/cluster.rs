@@ -507,6 +507,48 @@ fn values_larger_than_a_frame_reach_nodes_and_come_back() -> Result<()> {
     Ok(())
 }
 
+/// A distributed array made, multiplied, sliced and saved over two node processes: the
+/// chunk tasks run on the nodes, which also write the chunks they hold to the stash.
+/// Chunks of `a` and of the product outgrow the inline limit (64 KiB), so nodes hold them;
+/// `b`'s small chunks come to the head, and are rechunked for the product on the nodes.
+fn distributed_arrays_compute_and_save_on_the_nodes() -> Result<()> {
+    use tessera::{DArray, Fill, ReduceOp};
+    let c = TestCluster::start(2, ClusterConfig::default())?;
+    let dir = tempfile::tempdir()?;
+    let stash = tessera::Stash::open(dir.path())?;
+    let a = DArray::<f64>::fill(
+        &c.rt,
+        &[300, 200],
+        &[100, 100],
+        Fill::Uniform { seed: 1, low: -1.0, high: 1.0 },
+    )?;
+    let b =
+        DArray::<f64>::fill(&c.rt, &[200, 120], &[40, 120], Fill::Normal { seed: 2, mean: 0.0, std: 1.0 })?;
+    let product = a.matmul(&b)?;
+    product.wait()?;
+    let nodes = c.cluster.nodes();
+    ensure!(nodes.iter().all(|n| n.tasks_run > 0), "every node should run chunk tasks: {nodes:?}");
+    ensure!(nodes.iter().any(|n| n.values_held > 0), "the nodes should hold the chunks: {nodes:?}");
+
+    let (la, lb) = (
+        a.to_array()?.into_dimensionality::<ndarray::Ix2>()?,
+        b.to_array()?.into_dimensionality::<ndarray::Ix2>()?,
+    );
+    let expected = la.dot(&lb);
+    let got = product.to_array()?.into_dimensionality::<ndarray::Ix2>()?;
+    let worst = (&got - &expected).iter().fold(0.0f64, |w, d| w.max(d.abs()));
+    ensure!(worst < 1e-10, "the product is off by {worst}");
+    let sum = product.reduce(ReduceOp::Sum)?.blocking_get()?;
+    ensure!((sum - expected.sum()).abs() < 1e-8, "sum {sum} vs {}", expected.sum());
+    let part = product.slice(&[40..260, 15..100])?.to_array()?;
+    ensure!(part == got.slice(ndarray::s![40..260, 15..100]).into_dyn().to_owned(), "slice differs");
+
+    let version = product.save(&stash, "product", &[("by", "nodes")])?;
+    let loaded = DArray::<f64>::load_version(&c.rt, &stash, "product", version)?;
+    ensure!(loaded.to_array()? == got.into_dyn(), "the saved array differs");
+    Ok(())
+}
+
 fn main() {
     tessera::init();
     let tests: &[(&str, support::TestFn)] = &[
@@ -525,6 +567,10 @@ fn main() {
         (
             "the_store_actor_saves_a_value_from_the_node_that_holds_it",
             the_store_actor_saves_a_value_from_the_node_that_holds_it,
+        ),
+        (
+            "distributed_arrays_compute_and_save_on_the_nodes",
+            distributed_arrays_compute_and_save_on_the_nodes,
         ),
         (
             "values_larger_than_a_frame_reach_nodes_and_come_back",

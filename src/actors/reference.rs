@@ -137,6 +137,15 @@ impl<T: Payload> Ref<T> {
     pub fn blocking_get_timeout(&self, timeout: Duration) -> Result<T> {
         blocking_read(&self.inner, Some(timeout))
     }
+
+    /// Blocks until the value is done, without reading it (a value held by a node stays
+    /// there); its error if it failed.
+    pub(crate) fn blocking_wait_done(&self) -> Result<()> {
+        match blocking_outcome(&self.inner, None)? {
+            Outcome::Ready(_) => Ok(()),
+            Outcome::Failed(error) => Err((*error).clone()),
+        }
+    }
 }
 
 /// How long a reader keeps retrying transfers from a holder that stopped answering: long
@@ -465,4 +474,42 @@ impl ReadyCounter {
         let _guard = self.lock.lock();
         self.cond.notify_all();
     }
+}
+
+/// Saves the value of `r` as a new version of `name` in `stash`, from wherever the value
+/// is: a value in this process is saved from here, one held by a node is written by that
+/// node, so its bytes never pass through this process.
+///
+/// # Errors
+/// The value's own error if it failed; [`Error::Store`] if the save fails;
+/// [`Error::Cluster`] if the holder is lost during the save, or for ndarray values held
+/// by a node (save those with [`Stash::save`](crate::Stash::save) in a task there).
+pub(crate) fn save_ref<T: Payload>(
+    core: &super::runtime::Core,
+    stash: &crate::Stash,
+    name: &str,
+    r: &Ref<T>,
+    tags: &[(&str, &str)],
+) -> Result<crate::Version> {
+    // Wait for the value without reading it: a node-held value must stay on its node.
+    let value = match blocking_outcome(&r.inner, None)? {
+        Outcome::Failed(error) => return Err((*error).clone()),
+        Outcome::Ready(value) => value,
+    };
+    let location = match value.view() {
+        View::Remote(location) => location.clone(),
+        _ => return Ok(stash.save(name, &r.blocking_get()?, tags)?),
+    };
+    if crate::Stash::uses_array_layout::<T>() {
+        return Err(Error::Cluster(format!(
+            "`{name}`: arrays held by a node are saved with Stash::save in a task on that node"
+        )));
+    }
+    let cluster = core.cluster().ok_or_else(|| {
+        Error::Cluster(format!(
+            "`{name}` is held by node `{}`, but no cluster is attached",
+            location.node_name
+        ))
+    })?;
+    cluster.save_held(&location, &stash.location(), name, std::any::type_name::<T>(), tags)
 }

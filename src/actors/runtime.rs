@@ -59,11 +59,25 @@ pub(crate) trait RemoteScheduler: Send + Sync + 'static {
     fn node_counts(&self) -> (usize, usize);
     /// Stops the cluster: nodes are told to exit; tasks running remotely fail.
     fn stop(&self);
+    /// Has the node holding the value at `location` save it into the stash at
+    /// `stash_location` (a node's store actor), and waits for the new version.
+    fn save_held(
+        &self,
+        location: &super::object::RemoteLocation,
+        stash_location: &str,
+        name: &str,
+        type_name: &str,
+        tags: &[(&str, &str)],
+    ) -> Result<crate::Version>;
 }
 
 impl Core {
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn cluster(&self) -> Option<&Arc<dyn RemoteScheduler>> {
+        self.cluster.get()
     }
 
     pub(crate) fn has_cluster(&self) -> bool {

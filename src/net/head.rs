@@ -36,7 +36,7 @@ use super::wire::{ArgSource, Message, RemoteTaskError, ReplyValue, Role, TaskRep
 use crate::actors::object::{
     EncodedValue, Fetched, ObjectId, ObjectTable, Outcome, RemoteAccess, RemoteLocation, RemoteValue, View,
 };
-use crate::actors::reference::{blocking_outcome, RefInner, RemoteArgKind};
+use crate::actors::reference::{RefInner, RemoteArgKind};
 use crate::actors::runtime::{Core, RemoteScheduler};
 use crate::actors::task::{submit_when_ready, Job};
 use crate::actors::user_actor::RemoteActorLink;
@@ -383,53 +383,8 @@ impl Cluster {
         r: &Ref<T>,
         tags: &[(&str, &str)],
     ) -> Result<crate::Version> {
-        // Wait for the value without reading it: a node-held value must stay on its node.
-        let value = match blocking_outcome(&r.inner, None)? {
-            Outcome::Failed(error) => return Err((*error).clone()),
-            Outcome::Ready(value) => value,
-        };
-        let location = match value.view() {
-            View::Remote(location) => location.clone(),
-            _ => return Ok(stash.save(name, &r.blocking_get()?, tags)?),
-        };
-        if crate::Stash::uses_array_layout::<T>() {
-            return Err(Error::Cluster(format!(
-                "`{name}`: arrays held by a node are saved with Stash::save in a task on that node"
-            )));
-        }
-        let request = self.head.next_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = std::sync::mpsc::channel();
-        self.head.saves.lock().insert(request, (location.node, tx));
-        let message = Message::SaveValue {
-            request,
-            id: location.id,
-            store: stash.location(),
-            name: name.to_string(),
-            type_name: std::any::type_name::<T>().to_string(),
-            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        };
-        let sent = match self.head.state.lock().nodes.get(&location.node) {
-            Some(node) => node.sender.send(message).is_ok(),
-            None => false,
-        };
-        let reply = if sent {
-            // Wait while the holder lives; a lost holder drops the sender (see `node_lost`).
-            rx.recv().map_err(|_| {
-                Error::Cluster(format!("node `{}` was lost during the save", location.node_name))
-            })
-        } else {
-            Err(Error::Cluster(format!("node `{}` is not in the cluster", location.node_name)))
-        };
-        self.head.saves.lock().remove(&request);
-        match reply? {
-            Ok(version) => {
-                version.parse().map_err(|_| Error::Cluster(format!("node sent a bad version `{version}`")))
-            }
-            Err(message) => Err(Error::Cluster(format!(
-                "node `{}` could not save `{name}`: {message}",
-                location.node_name
-            ))),
-        }
+        let core = self.head.core.upgrade().ok_or(Error::Shutdown)?;
+        crate::actors::save_ref(&core, stash, name, r, tags)
     }
 
     /// The nodes in the cluster now.
@@ -819,7 +774,64 @@ impl Head {
     }
 }
 
+impl Head {
+    /// Has the node holding the value at `location` save it into the stash at
+    /// `stash_location`, and waits for its answer.
+    fn save_held(
+        &self,
+        location: &RemoteLocation,
+        stash_location: &str,
+        name: &str,
+        type_name: &str,
+        tags: &[(&str, &str)],
+    ) -> Result<crate::Version> {
+        let request = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.saves.lock().insert(request, (location.node, tx));
+        let message = Message::SaveValue {
+            request,
+            id: location.id,
+            store: stash_location.to_string(),
+            name: name.to_string(),
+            type_name: type_name.to_string(),
+            tags: tags.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        let sent = match self.state.lock().nodes.get(&location.node) {
+            Some(node) => node.sender.send(message).is_ok(),
+            None => false,
+        };
+        let reply = if sent {
+            // Wait while the holder lives; a lost holder drops the sender (see `node_lost`).
+            rx.recv().map_err(|_| {
+                Error::Cluster(format!("node `{}` was lost during the save", location.node_name))
+            })
+        } else {
+            Err(Error::Cluster(format!("node `{}` is not in the cluster", location.node_name)))
+        };
+        self.saves.lock().remove(&request);
+        match reply? {
+            Ok(version) => {
+                version.parse().map_err(|_| Error::Cluster(format!("node sent a bad version `{version}`")))
+            }
+            Err(message) => Err(Error::Cluster(format!(
+                "node `{}` could not save `{name}`: {message}",
+                location.node_name
+            ))),
+        }
+    }
+}
+
 impl RemoteScheduler for Head {
+    fn save_held(
+        &self,
+        location: &RemoteLocation,
+        stash_location: &str,
+        name: &str,
+        type_name: &str,
+        tags: &[(&str, &str)],
+    ) -> Result<crate::Version> {
+        Head::save_held(self, location, stash_location, name, type_name, tags)
+    }
     fn submit(&self, job: Box<Job>) -> std::result::Result<(), Box<Job>> {
         if self.stopped.load(Ordering::Acquire) {
             return Err(job);

@@ -1,0 +1,209 @@
+//! Distributed arrays on the in-process runtime, checked against ndarray doing the same
+//! on one array: random shapes and chunkings, every operation, errors, save and load.
+//! (`tests/cluster.rs` runs them over node processes.)
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use anyhow::{ensure, Result};
+use ndarray::{s, Array, ArrayD, IxDyn};
+use proptest::prelude::*;
+use tessera::{ArrayError, BinaryOp, DArray, Error, Fill, ReduceOp, Runtime, Stash, UnaryOp};
+
+fn rt() -> &'static Runtime {
+    static RT: OnceLock<Runtime> = OnceLock::new();
+    RT.get_or_init(|| Runtime::builder().workers(4).build().expect("runtime"))
+}
+
+/// A shape of 1 to 3 dimensions and a chunk shape for it (chunks may exceed the shape).
+fn shape_and_chunk() -> impl Strategy<Value = (Vec<usize>, Vec<usize>)> {
+    prop::collection::vec((0usize..9, 1usize..5), 1..4).prop_map(|dims| dims.into_iter().unzip())
+}
+
+/// The array whose elements are their row-major indices.
+fn index_array(shape: &[usize]) -> ArrayD<f64> {
+    let n: usize = shape.iter().product();
+    Array::from_iter((0..n).map(|i| i as f64)).into_shape_with_order(IxDyn(shape)).expect("shape")
+}
+
+fn array_error(error: &Error) -> Option<&ArrayError> {
+    match error {
+        Error::Array(e) => Some(e),
+        _ => None,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_chunking_gathers_back_to_the_same_array((shape, chunk) in shape_and_chunk()) {
+        let expected = index_array(&shape);
+        let from_local = DArray::<f64>::from_array(rt(), &expected, &chunk).unwrap();
+        prop_assert_eq!(from_local.to_array().unwrap(), expected.clone());
+        let filled = DArray::<f64>::fill(rt(), &shape, &chunk, Fill::Index).unwrap();
+        prop_assert_eq!(filled.to_array().unwrap(), expected);
+    }
+
+    #[test]
+    fn slices_and_rechunks_match_ndarray(
+        (shape, chunk) in shape_and_chunk(),
+        cuts in prop::collection::vec((0usize..10, 0usize..10), 3),
+        rechunk in prop::collection::vec(1usize..6, 3),
+    ) {
+        let whole = index_array(&shape);
+        let array = DArray::<f64>::fill(rt(), &shape, &chunk, Fill::Index).unwrap();
+        let ranges: Vec<_> = shape.iter().zip(&cuts).map(|(&d, &(a, b))| {
+            let (a, b) = (a.min(d), b.min(d));
+            a.min(b)..a.max(b)
+        }).collect();
+        let sliced = array.slice(&ranges).unwrap();
+        let info: Vec<ndarray::SliceInfoElem> = ranges.iter().map(|r| (r.start..r.end).into()).collect();
+        let expected = whole.slice(info.as_slice()).to_owned();
+        prop_assert_eq!(sliced.shape(), expected.shape());
+        prop_assert_eq!(sliced.to_array().unwrap(), expected);
+        let rechunked = array.rechunk(&rechunk[..shape.len()]).unwrap();
+        prop_assert_eq!(rechunked.to_array().unwrap(), whole);
+    }
+}
+
+#[test]
+fn elementwise_ops_and_reductions_match_ndarray() -> Result<()> {
+    let shape = [37, 23];
+    let a = DArray::<f64>::fill(rt(), &shape, &[10, 8], Fill::Uniform { seed: 1, low: -1.0, high: 1.0 })?;
+    // Another chunking: zip rechunks it to `a`'s grid.
+    let b = DArray::<f64>::fill(rt(), &shape, &[7, 23], Fill::Uniform { seed: 2, low: 0.5, high: 2.0 })?;
+    let (la, lb) = (a.to_array()?, b.to_array()?);
+    let close = |x: &ArrayD<f64>, y: &ArrayD<f64>| {
+        x.iter().zip(y).all(|(p, q)| (p - q).abs() <= 1e-12 * q.abs().max(1.0))
+    };
+    let cases: Vec<(DArray<f64>, ArrayD<f64>)> = vec![
+        (a.zip(&b, BinaryOp::Add)?, &la + &lb),
+        (a.zip(&b, BinaryOp::Sub)?, &la - &lb),
+        (a.zip(&b, BinaryOp::Mul)?, &la * &lb),
+        (a.zip(&b, BinaryOp::Div)?, &la / &lb),
+        (a.zip(&b, BinaryOp::Max)?, ndarray::Zip::from(&la).and(&lb).map_collect(|x, y| x.max(*y))),
+        (a.map(UnaryOp::Relu), la.mapv(|x| x.max(0.0))),
+        (a.map(UnaryOp::Exp), la.mapv(f64::exp)),
+        (b.map(UnaryOp::Ln), lb.mapv(f64::ln)),
+        (b.map(UnaryOp::Powf(1.5)), lb.mapv(|x| x.powf(1.5))),
+        (a.map(UnaryOp::Scale(3.0)).map(UnaryOp::Offset(-1.0)), la.mapv(|x| 3.0 * x - 1.0)),
+    ];
+    for (i, (got, expected)) in cases.iter().enumerate() {
+        ensure!(close(&got.to_array()?, expected), "case {i} differs");
+    }
+    let sum = a.reduce(ReduceOp::Sum)?.blocking_get()?;
+    ensure!((sum - la.sum()).abs() < 1e-9, "sum {sum} vs {}", la.sum());
+    let max = a.reduce(ReduceOp::Max)?.blocking_get()?;
+    let min = a.reduce(ReduceOp::Min)?.blocking_get()?;
+    ensure!(max == la.fold(f64::MIN, |m, &x| m.max(x)) && min == la.fold(f64::MAX, |m, &x| m.min(x)));
+    // f32 sums accumulate in f64 within each chunk: 2^24 + 1 ones are counted exactly.
+    let ones = DArray::<f32>::fill(rt(), &[(1 << 24) + 1], &[1 << 22], Fill::Constant(1.0))?;
+    ensure!(ones.reduce(ReduceOp::Sum)?.blocking_get()? == 16_777_216.0, "f32 sum lost ones");
+    Ok(())
+}
+
+#[test]
+fn fills_do_not_depend_on_the_chunking() -> Result<()> {
+    for fill in
+        [Fill::Uniform { seed: 7, low: 2.0, high: 3.0 }, Fill::Normal { seed: 7, mean: 1.0, std: 2.0 }]
+    {
+        let a = DArray::<f32>::fill(rt(), &[50, 40], &[50, 40], fill)?.to_array()?;
+        let b = DArray::<f32>::fill(rt(), &[50, 40], &[7, 9], fill)?.to_array()?;
+        ensure!(a == b, "{fill:?} depends on the chunks");
+        let mean = a.mean().unwrap_or_default();
+        match fill {
+            Fill::Uniform { .. } => {
+                ensure!(a.iter().all(|&x| (2.0..3.0).contains(&x)) && (mean - 2.5).abs() < 0.05)
+            }
+            _ => ensure!((mean - 1.0).abs() < 0.15, "normal mean {mean}"),
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn tiled_matmul_matches_ndarray_for_any_tiling() -> Result<()> {
+    let (m, k, n) = (70, 45, 33);
+    let a = DArray::<f64>::fill(rt(), &[m, k], &[16, 10], Fill::Normal { seed: 3, mean: 0.0, std: 1.0 })?;
+    let (la,) = (a.to_array()?.into_dimensionality::<ndarray::Ix2>()?,);
+    // Aligned, misaligned (other is rechunked), and one tile of everything.
+    for chunk in [[10, 11], [7, 33], [45, 33]] {
+        let b = DArray::<f64>::fill(rt(), &[k, n], &chunk, Fill::Uniform { seed: 4, low: -1.0, high: 1.0 })?;
+        let lb = b.to_array()?.into_dimensionality::<ndarray::Ix2>()?;
+        let c = a.matmul(&b)?;
+        ensure!(c.shape() == [m, n] && c.grid().chunk_shape() == [16, chunk[1]]);
+        let expected = la.dot(&lb);
+        let got = c.to_array()?.into_dimensionality::<ndarray::Ix2>()?;
+        let worst = (&got - &expected).iter().fold(0.0f64, |w, d| w.max(d.abs()));
+        ensure!(worst < 1e-10, "chunks {chunk:?}: off by {worst}");
+    }
+    // f32 through sgemm.
+    let a32 = DArray::<f32>::fill(rt(), &[64, 48], &[32, 16], Fill::Index)?.map(UnaryOp::Scale(1e-3));
+    let b32 = DArray::<f32>::fill(rt(), &[48, 20], &[16, 16], Fill::Constant(0.5))?;
+    let (la32, lb32) = (a32.to_array()?, b32.to_array()?);
+    let expected =
+        la32.into_dimensionality::<ndarray::Ix2>()?.dot(&lb32.into_dimensionality::<ndarray::Ix2>()?);
+    let got = a32.matmul(&b32)?.to_array()?.into_dimensionality::<ndarray::Ix2>()?;
+    ensure!(got.iter().zip(&expected).all(|(x, y)| (x - y).abs() <= 1e-4 * y.abs().max(1.0)));
+    // k = 0: all zeros.
+    let empty =
+        DArray::<f64>::zeros(rt(), &[3, 0], &[2, 2])?.matmul(&DArray::zeros(rt(), &[0, 4], &[2, 2])?)?;
+    ensure!(empty.to_array()? == ArrayD::<f64>::zeros(IxDyn(&[3, 4])));
+    Ok(())
+}
+
+#[test]
+fn bad_operations_are_typed_errors() -> Result<()> {
+    let a = DArray::<f64>::zeros(rt(), &[4, 6], &[2, 2])?;
+    let b = DArray::<f64>::zeros(rt(), &[6, 4], &[2, 2])?;
+    let v = DArray::<f64>::zeros(rt(), &[4], &[2])?;
+    let checks: Vec<(&str, Error)> = vec![
+        ("zip of other shapes", a.zip(&b, BinaryOp::Add).unwrap_err()),
+        ("matmul of a vector", a.matmul(&v).unwrap_err()),
+        ("matmul with unequal inner sizes", a.matmul(&a).unwrap_err()),
+        ("slice past the end", a.slice(&[0..4, 2..7]).unwrap_err()),
+        ("slice of another rank", a.slice(&vec![0..4; 1]).unwrap_err()),
+        ("reversed slice", a.slice(&[Range { start: 3, end: 1 }, 0..2]).unwrap_err()),
+        ("chunk with a 0", DArray::<f64>::zeros(rt(), &[4], &[0]).unwrap_err()),
+        ("chunk of another rank", a.rechunk(&[2]).unwrap_err()),
+        ("max of nothing", DArray::<f64>::zeros(rt(), &[0, 3], &[1, 1])?.reduce(ReduceOp::Max).unwrap_err()),
+    ];
+    for (what, error) in &checks {
+        ensure!(array_error(error).is_some(), "{what}: {error:?} is not an array error");
+        ensure!(!error.to_string().is_empty());
+    }
+    ensure!(checks[0].1.to_string().contains("[4, 6]") && checks[0].1.to_string().contains("[6, 4]"));
+    // The sum of nothing is 0.
+    ensure!(DArray::<f64>::zeros(rt(), &[0], &[4])?.reduce(ReduceOp::Sum)?.blocking_get()? == 0.0);
+    Ok(())
+}
+
+#[test]
+fn saved_arrays_load_back_by_version_and_refuse_another_type() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stash = Stash::open(dir.path())?;
+    let a = DArray::<f32>::fill(rt(), &[300, 70], &[64, 32], Fill::Normal { seed: 9, mean: 0.0, std: 1.0 })?;
+    let v1 = a.save(&stash, "weights", &[("step", "1")])?;
+    let b = a.map(UnaryOp::Scale(2.0));
+    let v2 = b.save(&stash, "weights", &[("step", "2")])?;
+    ensure!(v2 > v1);
+    let latest = DArray::<f32>::load(rt(), &stash, "weights")?;
+    ensure!(latest.grid() == b.grid(), "grid {:?}", latest.grid());
+    ensure!(latest.to_array()? == b.to_array()?, "latest differs");
+    let first = DArray::<f32>::load_version(rt(), &stash, "weights", v1)?;
+    ensure!(first.to_array()? == a.to_array()?, "version 1 differs");
+    let info = stash.info("weights", Some(v2))?;
+    ensure!(info.tags.iter().any(|(k, v)| k == "step" && v == "2"), "tags {:?}", info.tags);
+    ensure!(stash.history("weights/chunk/0")?.len() == 2, "one chunk entry per save");
+    // The wrong element type, and a value that is no DArray, are refused by name.
+    let wrong = DArray::<f64>::load(rt(), &stash, "weights").unwrap_err();
+    ensure!(matches!(array_error(&wrong), Some(ArrayError::NotADArray { .. })), "{wrong}");
+    stash.save("note", &"hello".to_string(), &[])?;
+    ensure!(matches!(DArray::<f32>::load(rt(), &stash, "note"), Err(Error::Store(_))));
+    // Saving a slice of the loaded array is independent of the original chunks.
+    let part = latest.slice(&[100..200, 0..70])?;
+    part.save(&stash, "part", &[])?;
+    let back = DArray::<f32>::load(rt(), &stash, "part")?.to_array()?;
+    ensure!(back == b.to_array()?.slice(s![100..200, ..]).into_dyn().to_owned());
+    Ok(())
+}
