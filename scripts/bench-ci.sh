@@ -54,7 +54,7 @@ while (($#)); do
     *) suites+=("$1"); shift ;;
     esac
 done
-((${#suites[@]})) || suites=(tasks sched cluster collectives nn train pipeline store)
+((${#suites[@]})) || suites=(tasks sched cluster darray collectives nn train pipeline store)
 [[ $runs =~ ^[1-9][0-9]*$ ]] || { echo "bench-ci: --runs takes a whole number above 0, not $runs" >&2; exit 2; }
 [[ $settle =~ ^[0-9]+$ ]] || { echo "bench-ci: --settle takes whole seconds, not $settle" >&2; exit 2; }
 say() { echo "[bench-ci $(date +%H:%M:%S)] $*" >&2; }

@@ -12,6 +12,9 @@ cargo test --release --doc --features s3,postgres "$@"
 # README's first command, Tessera's main job end to end, must keep working (same features as
 # above, so nothing is rebuilt).
 cargo run --release --features s3,postgres --example quickstart
+# The distributed-array tour: a least-squares fit and a product over 2 node processes,
+# checked (it fails when the fit is off or the saved array does not load back equal).
+cargo run --release --features s3,postgres --example darray
 # Every target builds and links with the CUDA feature on a machine without CUDA.
 cargo test --release --features cuda --all-targets --no-run
 # The CUDA feature without a GPU: discovery must say so, every kernel must compile to PTX

@@ -5,7 +5,7 @@
 //! Every operation is a task graph over chunks, built at once and run as inputs become
 //! ready: elementwise [`map`](DArray::map) and [`zip`](DArray::zip), tree
 //! [`reduce`](DArray::reduce), tiled [`matmul`](DArray::matmul) (products in parallel,
-//! summed by a tree), [`slice`](DArray::slice) and [`rechunk`](DArray::rechunk) (each new
+//! summed by a tree), [`transpose`](DArray::transpose), [`slice`](DArray::slice) and [`rechunk`](DArray::rechunk) (each new
 //! chunk assembled from the old ones it overlaps). Nothing is gathered to the caller until
 //! it asks ([`to_array`](DArray::to_array)); the chunk tasks are registered in the library,
 //! so any node process (`tessera node`, or a program calling [`init`](crate::init)) runs

@@ -137,6 +137,11 @@ fn tiled_matmul_matches_ndarray_for_any_tiling() -> Result<()> {
         let worst = (&got - &expected).iter().fold(0.0f64, |w, d| w.max(d.abs()));
         ensure!(worst < 1e-10, "chunks {chunk:?}: off by {worst}");
     }
+    // Aᵀ·A through transpose: uneven tiles on both sides.
+    let ata = a.transpose()?.matmul(&a)?.to_array()?.into_dimensionality::<ndarray::Ix2>()?;
+    ensure!(a.transpose()?.to_array()? == la.t().into_dyn().to_owned(), "transpose differs");
+    let worst = (&ata - &la.t().dot(&la)).iter().fold(0.0f64, |w, d| w.max(d.abs()));
+    ensure!(worst < 1e-10, "AᵀA off by {worst}");
     // f32 through sgemm.
     let a32 = DArray::<f32>::fill(rt(), &[64, 48], &[32, 16], Fill::Index)?.map(UnaryOp::Scale(1e-3));
     let b32 = DArray::<f32>::fill(rt(), &[48, 20], &[16, 16], Fill::Constant(0.5))?;
@@ -160,6 +165,7 @@ fn bad_operations_are_typed_errors() -> Result<()> {
     let checks: Vec<(&str, Error)> = vec![
         ("zip of other shapes", a.zip(&b, BinaryOp::Add).unwrap_err()),
         ("matmul of a vector", a.matmul(&v).unwrap_err()),
+        ("transpose of a vector", v.transpose().unwrap_err()),
         ("matmul with unequal inner sizes", a.matmul(&a).unwrap_err()),
         ("slice past the end", a.slice(&[0..4, 2..7]).unwrap_err()),
         ("slice of another rank", a.slice(&vec![0..4; 1]).unwrap_err()),

@@ -26,8 +26,15 @@ impl<T: DElement> Chunk<T> {
 impl<T: DElement> Serialize for Chunk<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeTuple;
-        let mut bytes = bytemuck::cast_slice::<T, u8>(&self.data).to_vec();
-        crate::store::to_little_endian::<T>(&mut bytes);
+        // Little-endian machines write the elements as they are (no copy: counting a
+        // value's encoded size, done for every task result, serializes it).
+        let bytes: std::borrow::Cow<'_, [u8]> = if cfg!(target_endian = "little") {
+            std::borrow::Cow::Borrowed(bytemuck::cast_slice::<T, u8>(&self.data))
+        } else {
+            let mut bytes = bytemuck::cast_slice::<T, u8>(&self.data).to_vec();
+            crate::store::to_little_endian::<T>(&mut bytes);
+            std::borrow::Cow::Owned(bytes)
+        };
         let mut tuple = serializer.serialize_tuple(2)?;
         tuple.serialize_element(&self.shape)?;
         tuple.serialize_element(serde_bytes::Bytes::new(&bytes))?;
@@ -91,10 +98,22 @@ pub(crate) fn zip<T: DElement>(mut a: Chunk<T>, b: &Chunk<T>, op: BinaryOp) -> R
 /// A chunk's reduction, `None` for an empty chunk under min or max.
 pub(crate) fn reduce<T: DElement>(chunk: &Chunk<T>, op: ReduceOp) -> Option<T> {
     match op {
-        ReduceOp::Sum => Some(T::from_f64(chunk.data.iter().map(|x| x.to_f64()).sum())),
+        ReduceOp::Sum => Some(T::from_f64(sum_f64(&chunk.data))),
         ReduceOp::Min => chunk.data.iter().copied().reduce(|a, b| T::binary(BinaryOp::Min, a, b)),
         ReduceOp::Max => chunk.data.iter().copied().reduce(|a, b| T::binary(BinaryOp::Max, a, b)),
     }
+}
+
+/// The sum in f64, over 8 independent lanes (so that the compiler can vectorize it).
+fn sum_f64<T: DElement>(data: &[T]) -> f64 {
+    let mut lanes = [0.0f64; 8];
+    let mut rows = data.chunks_exact(8);
+    for row in &mut rows {
+        for (lane, x) in lanes.iter_mut().zip(row) {
+            *lane += x.to_f64();
+        }
+    }
+    lanes.iter().sum::<f64>() + rows.remainder().iter().map(|x| x.to_f64()).sum::<f64>()
 }
 
 /// Combines two partial reductions.
@@ -128,6 +147,25 @@ pub(crate) fn matmul<T: DElement>(a: &Chunk<T>, b: &Chunk<T>) -> Result<Chunk<T>
     let mut c = Chunk::zeros(vec![m, n]);
     T::gemm(m, k, n, &a.data, &b.data, &mut c.data);
     Ok(c)
+}
+
+/// The transpose of a 2-dimensional chunk, in blocks of 32×32 (cache-friendly).
+pub(crate) fn transpose<T: DElement>(a: &Chunk<T>) -> Result<Chunk<T>, ArrayError> {
+    let &[m, n] = a.shape.as_slice() else {
+        return Err(ArrayError::RankMismatch { op: "transpose", expected: 2, got: a.shape.len() });
+    };
+    let mut out = Chunk::zeros(vec![n, m]);
+    const BLOCK: usize = 32;
+    for i0 in (0..m).step_by(BLOCK) {
+        for j0 in (0..n).step_by(BLOCK) {
+            for i in i0..(i0 + BLOCK).min(m) {
+                for j in j0..(j0 + BLOCK).min(n) {
+                    out.data[j * m + i] = a.data[i * n + j];
+                }
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// A new chunk of `shape`, zero but for `src`'s local block `from` copied to `at`.

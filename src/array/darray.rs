@@ -216,6 +216,28 @@ impl<T: DElement> DArray<T> {
         Ok(DArray { rt: self.rt.clone(), grid, chunks })
     }
 
+    /// The transpose of a 2-dimensional array: chunk `(i, j)` of the result is the
+    /// transposed chunk `(j, i)`, made by a task where that chunk is.
+    ///
+    /// # Errors
+    /// [`ArrayError::RankMismatch`] unless the array is 2-dimensional.
+    pub fn transpose(&self) -> Result<DArray<T>> {
+        let (&[m, n], &[cm, cn]) = (self.shape(), self.grid.chunk_shape()) else {
+            return Err(
+                ArrayError::RankMismatch { op: "transpose", expected: 2, got: self.shape().len() }.into()
+            );
+        };
+        let grid = ChunkGrid::new(&[n, m], &[cn, cm])?;
+        let chunks = (0..grid.num_chunks())
+            .map(|c| {
+                let position = grid.position(c);
+                let source = self.grid.linear(&[position[1], position[0]]);
+                T::spawn_transpose(&self.rt, &self.chunks[source])
+            })
+            .collect();
+        Ok(DArray { rt: self.rt.clone(), grid, chunks })
+    }
+
     /// The part of the array in `ranges` (one per dimension), in chunks of the same shape
     /// as this array's. A chunk of the result that is a whole chunk of this array shares
     /// it; the others are assembled by tasks from the chunks they overlap.

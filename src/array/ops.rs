@@ -168,6 +168,7 @@ pub(crate) mod sealed {
             b: &Ref<Option<Self>>,
             op: ReduceOp,
         ) -> Ref<Option<Self>>;
+        fn spawn_transpose(rt: &Runtime, chunk: &Ref<Chunk<Self>>) -> Ref<Chunk<Self>>;
         fn spawn_total(rt: &Runtime, total: &Ref<Option<Self>>, op: ReduceOp) -> Ref<Self>;
         fn spawn_matmul(rt: &Runtime, a: &Ref<Chunk<Self>>, b: &Ref<Chunk<Self>>) -> Ref<Chunk<Self>>;
         fn spawn_extract(
@@ -223,6 +224,11 @@ macro_rules! float_element {
             crate::task! {
                 pub(super) fn combine(a: Option<$t>, b: Option<$t>, op: ReduceOp) -> Option<$t> {
                     chunk::combine(a, b, op)
+                }
+            }
+            crate::task! {
+                pub(super) fn transpose(input: Chunk<$t>) -> Result<Chunk<$t>, ArrayError> {
+                    chunk::transpose(&input)
                 }
             }
             crate::task! {
@@ -373,6 +379,12 @@ macro_rules! float_element {
                 op: ReduceOp,
             ) -> Ref<Option<Self>> {
                 $tasks::combine::spawn(rt, a, b, op)
+            }
+            fn spawn_transpose(
+                rt: &Runtime,
+                chunk: &Ref<crate::array::chunk::Chunk<Self>>,
+            ) -> Ref<crate::array::chunk::Chunk<Self>> {
+                $tasks::transpose::spawn(rt, chunk)
             }
             fn spawn_total(rt: &Runtime, total: &Ref<Option<Self>>, op: ReduceOp) -> Ref<Self> {
                 $tasks::total::spawn(rt, total, op)

@@ -7,6 +7,7 @@ pub(crate) mod collectives;
 pub(crate) mod compare;
 #[cfg(feature = "cuda")]
 mod cuda;
+mod darray;
 mod store;
 mod tasks;
 pub(crate) mod train;
@@ -25,7 +26,7 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks, sched, cluster, collectives, nn, train, pipeline, store, cuda.
+    /// The suite to run: tasks, sched, cluster, darray, collectives, nn, train, pipeline, store, cuda.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -83,6 +84,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "tasks" => tasks::run(&reporter),
         "sched" => sched::run(&reporter),
         "cluster" => cluster::run(&reporter),
+        "darray" => darray::run(&reporter),
         "collectives" => collectives::run(&reporter),
         "nn" => nn::run(&reporter),
         "train" => train::run(&reporter),
@@ -93,7 +95,7 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         #[cfg(not(feature = "cuda"))]
         "cuda" => bail!("the cuda suite needs a build with `--features cuda`"),
         other => {
-            bail!("unknown bench suite `{other}`; known suites: tasks, sched, cluster, collectives, nn, train, pipeline, store, cuda")
+            bail!("unknown bench suite `{other}`; known suites: tasks, sched, cluster, darray, collectives, nn, train, pipeline, store, cuda")
         }
     }
 }
