@@ -1,14 +1,16 @@
 #!/usr/bin/env python3
-"""Dask's figures for the cases of `tessera bench darray`, on the same machine.
+"""Dask's and SciPy's figures for the cases of `tessera bench darray`, on the same machine.
 
 Same sizes, chunk shapes and element types; Dask's threaded scheduler with as many
 threads as Tessera's in-process runtime has workers (the CPU count), and `dask.distributed`
 with 2 local worker processes (1 thread each) for the cluster matmul. Each figure is the
 median of 5 runs after a warm-up, inputs materialized first (`persist`), results computed
 in place (`persist`, `wait`) like Tessera's `wait()`. Prints one JSON line per figure, in
-the format of `tessera bench --json`, with names `dask/...`.
+the format of `tessera bench --json`, with names `dask/...`; the sparse × vector cases
+run with SciPy's CSR matrix (one thread), named `scipy/...`, counting the bytes as the
+suite does (f32 values, 4-byte column indices, 8-byte row offsets, x and y).
 
-    python3 -m venv /tmp/daskenv && /tmp/daskenv/bin/pip install "dask[array,distributed]" numpy
+    python3 -m venv /tmp/daskenv && /tmp/daskenv/bin/pip install "dask[array,distributed]" numpy scipy
     /tmp/daskenv/bin/python scripts/darray_peers.py
 """
 import json
@@ -37,7 +39,38 @@ def report(bench, value, unit):
     print(json.dumps({"bench": f"dask/{bench}", "value": value, "unit": unit, "higher_is_better": True}), flush=True)
 
 
+def spmv_case(name, matrix):
+    rows, cols = matrix.shape
+    x = np.ones(cols, dtype=np.float32)
+    seconds = timed(lambda: matrix @ x)
+    moved = matrix.nnz * (4 + 4) + (rows + 1) * 8 + cols * 4 + rows * 4
+    print(json.dumps({"bench": f"scipy/{name}", "value": moved / seconds / 1e9, "unit": "GB/s",
+                      "higher_is_better": True}), flush=True)
+
+
+def sparse_cases():
+    try:
+        import scipy.sparse as sp
+    except ImportError:
+        print("scipy is not installed: no sparse figures", flush=True)
+        return
+    n = 2000
+    one_d = sp.diags([-1, 2, -1], [-1, 0, 1], shape=(n, n), dtype=np.float32)
+    eye = sp.identity(n, dtype=np.float32)
+    poisson = (sp.kron(one_d, eye) + sp.kron(eye, one_d)).tocsr()
+    spmv_case("spmv_poisson_4M_f32", poisson)
+    rows = 1 << 21
+    rng = np.random.default_rng(7)
+    columns = rng.integers(0, rows, size=(rows, 10))
+    columns.sort(axis=1)
+    indptr = np.arange(0, 10 * rows + 1, 10)
+    values = rng.uniform(-1, 1, size=10 * rows).astype(np.float32)
+    random = sp.csr_matrix((values, columns.ravel(), indptr), shape=(rows, rows))
+    spmv_case("spmv_random_nnz10_2M_f32", random)
+
+
 def main():
+    sparse_cases()
     workers = os.cpu_count()
     dask.config.set(scheduler="threads", num_workers=workers)
     rng = da.random.default_rng(1)

@@ -32,12 +32,14 @@ mod chunk;
 mod darray;
 mod grid;
 mod ops;
+mod sparse;
 
 use std::ops::Range;
 
 pub use darray::DArray;
 pub use grid::ChunkGrid;
 pub use ops::{BinaryOp, DElement, Fill, ReduceOp, UnaryOp};
+pub use sparse::SparseDArray;
 
 /// Why an array operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
@@ -105,6 +107,13 @@ pub enum ArrayError {
         source_shape: Vec<usize>,
         /// The target chunk's shape.
         target_shape: Vec<usize>,
+    },
+    /// A sparse block is not a valid CSR matrix (a malformed task from another process,
+    /// or a `sprs` matrix that could not be rebuilt).
+    #[error("not a valid CSR block: {reason}")]
+    BadSparse {
+        /// What is wrong.
+        reason: String,
     },
     /// A saved array's manifest does not describe a whole array of this element type.
     #[error("`{name}` is not a saved DArray of {expected}: {reason}")]

@@ -16,7 +16,7 @@ pub mod nn;
 mod store;
 
 pub use actors::*;
-pub use array::{ArrayError, BinaryOp, ChunkGrid, DArray, DElement, Fill, ReduceOp, UnaryOp};
+pub use array::{ArrayError, BinaryOp, ChunkGrid, DArray, DElement, Fill, ReduceOp, SparseDArray, UnaryOp};
 pub use devices::*;
 pub use error::{Error, Result};
 pub use net::*;

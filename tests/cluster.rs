@@ -543,6 +543,14 @@ fn distributed_arrays_compute_and_save_on_the_nodes() -> Result<()> {
     let part = product.slice(&[40..260, 15..100])?.to_array()?;
     ensure!(part == got.slice(ndarray::s![40..260, 15..100]).into_dyn().to_owned(), "slice differs");
 
+    // A sparse matrix made on the nodes, times a vector: one task per block of rows.
+    let laplacian = tessera::SparseDArray::<f64>::poisson_2d(&c.rt, 100, 2500)?;
+    let ones = DArray::<f64>::fill(&c.rt, &[10_000], &[2500], Fill::Constant(1.0))?;
+    let sums = laplacian.matmul(&ones)?.to_array()?;
+    // Row sums of the 5-point Laplacian: 4 minus the neighbours inside the grid.
+    ensure!(sums.iter().sum::<f64>() == 4.0 * 100.0, "row sums add up to {}", sums.sum());
+    ensure!(laplacian.to_csr()?.nnz() == 5 * 10_000 - 400, "the Laplacian's nonzeros");
+
     let version = product.save(&stash, "product", &[("by", "nodes")])?;
     let loaded = DArray::<f64>::load_version(&c.rt, &stash, "product", version)?;
     ensure!(loaded.to_array()? == got.into_dyn(), "the saved array differs");

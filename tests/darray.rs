@@ -213,3 +213,75 @@ fn saved_arrays_load_back_by_version_and_refuse_another_type() -> Result<()> {
     ensure!(back == b.to_array()?.slice(s![100..200, ..]).into_dyn().to_owned());
     Ok(())
 }
+
+/// A `sprs` matrix with about `density` of its entries set, from `seed`.
+fn random_csr(rows: usize, cols: usize, density: f64, seed: u64) -> sprs::CsMat<f64> {
+    let mut triplets = sprs::TriMat::new((rows, cols));
+    for r in 0..rows {
+        for c in 0..cols {
+            let u = Fill::Uniform { seed, low: 0.0, high: 1.0 }.value_at((r * cols + c) as u64);
+            if u < density {
+                triplets.add_triplet(r, c, u * 10.0 - 1.0);
+            }
+        }
+    }
+    triplets.to_csr()
+}
+
+/// `A·x` computed row by row from the `sprs` matrix.
+fn dense_product(a: &sprs::CsMat<f64>, x: &ndarray::Array2<f64>) -> ndarray::Array2<f64> {
+    let mut out = ndarray::Array2::zeros((a.rows(), x.ncols()));
+    for (r, row) in a.outer_iterator().enumerate() {
+        for (c, &v) in row.iter() {
+            for k in 0..x.ncols() {
+                out[[r, k]] += v * x[[c, k]];
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn sparse_products_match_sprs_for_any_blocking() -> Result<()> {
+    let a = random_csr(53, 41, 0.15, 5);
+    let x = DArray::<f64>::fill(rt(), &[41, 3], &[9, 2], Fill::Uniform { seed: 6, low: -1.0, high: 1.0 })?;
+    let lx = x.to_array()?.into_dimensionality::<ndarray::Ix2>()?;
+    let expected = dense_product(&a, &lx);
+    for block_rows in [1, 7, 53, 100] {
+        let s = tessera::SparseDArray::from_csr(rt(), &a, block_rows)?;
+        ensure!(s.to_csr()? == a, "blocks of {block_rows}: the matrix did not gather back");
+        let got = s.matmul(&x)?.to_array()?.into_dimensionality::<ndarray::Ix2>()?;
+        let worst = (&got - &expected).iter().fold(0.0f64, |w, d| w.max(d.abs()));
+        ensure!(worst < 1e-12, "blocks of {block_rows}: SpMM off by {worst}");
+        let v = x.slice(&[0..41, 1..2])?.rechunk(&[5, 1])?.to_array()?.into_shape_with_order(41)?;
+        let v = DArray::from_array(rt(), &v, &[10])?;
+        let got = s.matmul(&v)?.to_array()?;
+        let worst = got.iter().zip(expected.column(1)).fold(0.0f64, |w, (p, q)| w.max((p - q).abs()));
+        ensure!(got.shape() == [53] && worst < 1e-12, "blocks of {block_rows}: SpMV off by {worst}");
+    }
+    // A CSC input is converted.
+    let csc = tessera::SparseDArray::from_csr(rt(), &a.to_csc(), 10)?;
+    ensure!(csc.to_csr()? == a, "CSC input");
+    let wrong = csc.matmul(&DArray::<f64>::zeros(rt(), &[40], &[8])?).unwrap_err();
+    ensure!(matches!(array_error(&wrong), Some(ArrayError::ShapeMismatch { .. })), "{wrong}");
+    ensure!(tessera::SparseDArray::from_csr(rt(), &a, 0).is_err(), "0 rows a block");
+    Ok(())
+}
+
+#[test]
+fn generated_sparse_matrices_do_not_depend_on_the_blocking() -> Result<()> {
+    let n = 30;
+    let p = tessera::SparseDArray::<f64>::poisson_2d(rt(), n, 77)?.to_csr()?;
+    ensure!(p.shape() == (n * n, n * n) && p.nnz() == 5 * n * n - 4 * n, "poisson nnz {}", p.nnz());
+    ensure!(p == tessera::SparseDArray::<f64>::poisson_2d(rt(), n, 900)?.to_csr()?);
+    ensure!(p.to_dense() == p.to_dense().t(), "the Laplacian is symmetric");
+    let r = tessera::SparseDArray::<f32>::random(rt(), [200, 1000], 10, 4, 33)?;
+    let csr = r.to_csr()?;
+    ensure!(csr == tessera::SparseDArray::<f32>::random(rt(), [200, 1000], 10, 4, 200)?.to_csr()?);
+    ensure!(csr.outer_iterator().all(|row| row.nnz() == 10), "10 nonzeros a row");
+    ensure!(csr.data().iter().all(|v| (-1.0..1.0).contains(v)), "values in [-1, 1)");
+    // Rows asking for more nonzeros than columns are full.
+    let full = tessera::SparseDArray::<f32>::random(rt(), [3, 4], 9, 1, 2)?.to_csr()?;
+    ensure!(full.nnz() == 12);
+    Ok(())
+}

@@ -63,11 +63,20 @@ impl<'de, T: DElement> Deserialize<'de> for Chunk<T> {
 }
 
 /// A chunk covering the global `region` of an array of `shape`, filled by `fill`.
-pub(crate) fn fill<T: DElement>(shape: &[usize], region: &[Range<usize>], fill: Fill) -> Chunk<T> {
+pub(crate) fn fill<T: DElement>(
+    shape: &[usize],
+    region: &[Range<usize>],
+    fill: Fill,
+) -> Result<Chunk<T>, ArrayError> {
+    let inside =
+        region.len() == shape.len() && region.iter().zip(shape).all(|(r, &d)| r.start <= r.end && r.end <= d);
+    if !inside {
+        return Err(ArrayError::SliceOutOfBounds { ranges: region.to_vec(), shape: shape.to_vec() });
+    }
     let chunk_shape: Vec<usize> = region.iter().map(|r| r.end - r.start).collect();
     let mut chunk = Chunk::zeros(chunk_shape);
     if let Fill::Zeros = fill {
-        return chunk;
+        return Ok(chunk);
     }
     let strides = strides(shape);
     let mut index: Vec<usize> = region.iter().map(|r| r.start).collect();
@@ -83,7 +92,7 @@ pub(crate) fn fill<T: DElement>(shape: &[usize], region: &[Range<usize>], fill: 
             index[dim] = region[dim].start;
         }
     }
-    chunk
+    Ok(chunk)
 }
 
 /// Elementwise `a op b` of two chunks of one shape.

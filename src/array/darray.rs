@@ -96,6 +96,17 @@ impl<T: DElement> DArray<T> {
         Ok(DArray { rt: rt.clone(), grid, chunks })
     }
 
+    /// An array of `grid` over `chunks` (one per chunk, row-major), made by other modules.
+    pub(crate) fn from_parts(rt: &Runtime, grid: ChunkGrid, chunks: Vec<Ref<Chunk<T>>>) -> DArray<T> {
+        debug_assert_eq!(grid.num_chunks(), chunks.len());
+        DArray { rt: rt.clone(), grid, chunks }
+    }
+
+    /// The chunks, row-major.
+    pub(crate) fn chunk_refs(&self) -> &[Ref<Chunk<T>>] {
+        &self.chunks
+    }
+
     /// The array's shape.
     pub fn shape(&self) -> &[usize] {
         self.grid.shape()

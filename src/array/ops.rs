@@ -136,6 +136,7 @@ impl DElement for f64 {}
 pub(crate) mod sealed {
     use super::*;
     use crate::array::chunk::Chunk;
+    use crate::array::sparse::CsrBlock;
 
     /// The kernels and task spawners of one element type; sealed, so that the set of
     /// element types (and their registered tasks) stays ours.
@@ -143,6 +144,9 @@ pub(crate) mod sealed {
         fn from_f64(value: f64) -> Self;
         fn to_f64(self) -> f64;
         fn binary(op: BinaryOp, a: Self, b: Self) -> Self;
+        /// `a·b + c`, rounded twice (not a fused multiply-add, which is a slow library call
+        /// on CPUs built without FMA).
+        fn mul_add_plain(a: Self, b: Self, c: Self) -> Self;
         fn map_slice(op: UnaryOp, data: &mut [Self]);
         fn zip_slice(op: BinaryOp, a: &mut [Self], b: &[Self]);
         /// `c += a·b` for row-major `m×k`, `k×n` and `m×n` matrices.
@@ -170,6 +174,15 @@ pub(crate) mod sealed {
         ) -> Ref<Option<Self>>;
         fn spawn_transpose(rt: &Runtime, chunk: &Ref<Chunk<Self>>) -> Ref<Chunk<Self>>;
         fn spawn_total(rt: &Runtime, total: &Ref<Option<Self>>, op: ReduceOp) -> Ref<Self>;
+        fn spawn_poisson(rt: &Runtime, n: usize, rows: Range<usize>) -> Ref<CsrBlock<Self>>;
+        fn spawn_random_sparse(
+            rt: &Runtime,
+            cols: usize,
+            per_row: usize,
+            seed: u64,
+            rows: Range<usize>,
+        ) -> Ref<CsrBlock<Self>>;
+        fn spawn_spmm(rt: &Runtime, block: &Ref<CsrBlock<Self>>, x: &Ref<Chunk<Self>>) -> Ref<Chunk<Self>>;
         fn spawn_matmul(rt: &Runtime, a: &Ref<Chunk<Self>>, b: &Ref<Chunk<Self>>) -> Ref<Chunk<Self>>;
         fn spawn_extract(
             rt: &Runtime,
@@ -197,10 +210,27 @@ macro_rules! float_element {
             #![allow(unreachable_pub)]
             use super::*;
             use crate::array::chunk::{self, Chunk};
+            use crate::array::sparse::{self, CsrBlock};
             use crate::array::ArrayError;
 
             crate::task! {
-                pub(super) fn fill(shape: Vec<usize>, region: Vec<Range<usize>>, how: Fill) -> Chunk<$t> {
+                pub(super) fn poisson(n: usize, rows: Range<usize>) -> CsrBlock<$t> {
+                    sparse::poisson_block(n, rows)
+                }
+            }
+            crate::task! {
+                pub(super) fn random_sparse(cols: usize, per_row: usize, seed: u64, rows: Range<usize>) -> CsrBlock<$t> {
+                    sparse::random_block(cols, per_row, seed, rows)
+                }
+            }
+            crate::task! {
+                pub(super) fn spmm(block: CsrBlock<$t>, x: Chunk<$t>) -> Result<Chunk<$t>, ArrayError> {
+                    sparse::spmm(&block, &x)
+                }
+            }
+
+            crate::task! {
+                pub(super) fn fill(shape: Vec<usize>, region: Vec<Range<usize>>, how: Fill) -> Result<Chunk<$t>, ArrayError> {
                     chunk::fill(&shape, &region, how)
                 }
             }
@@ -270,6 +300,9 @@ macro_rules! float_element {
             }
             fn to_f64(self) -> f64 {
                 f64::from(self)
+            }
+            fn mul_add_plain(a: Self, b: Self, c: Self) -> Self {
+                a * b + c
             }
             fn binary(op: BinaryOp, a: Self, b: Self) -> Self {
                 match op {
@@ -385,6 +418,25 @@ macro_rules! float_element {
                 chunk: &Ref<crate::array::chunk::Chunk<Self>>,
             ) -> Ref<crate::array::chunk::Chunk<Self>> {
                 $tasks::transpose::spawn(rt, chunk)
+            }
+            fn spawn_poisson(rt: &Runtime, n: usize, rows: Range<usize>) -> Ref<crate::array::sparse::CsrBlock<Self>> {
+                $tasks::poisson::spawn(rt, n, rows)
+            }
+            fn spawn_random_sparse(
+                rt: &Runtime,
+                cols: usize,
+                per_row: usize,
+                seed: u64,
+                rows: Range<usize>,
+            ) -> Ref<crate::array::sparse::CsrBlock<Self>> {
+                $tasks::random_sparse::spawn(rt, cols, per_row, seed, rows)
+            }
+            fn spawn_spmm(
+                rt: &Runtime,
+                block: &Ref<crate::array::sparse::CsrBlock<Self>>,
+                x: &Ref<crate::array::chunk::Chunk<Self>>,
+            ) -> Ref<crate::array::chunk::Chunk<Self>> {
+                $tasks::spmm::spawn(rt, block, x)
             }
             fn spawn_total(rt: &Runtime, total: &Ref<Option<Self>>, op: ReduceOp) -> Ref<Self> {
                 $tasks::total::spawn(rt, total, op)

@@ -7,11 +7,15 @@
 //! of the GEMM limit); elementwise add of two 32 Mi-element f32 arrays (GB/s moved: two
 //! reads and a write); the sum of one (GB/s read); rechunking 4096² f32 from 512² to
 //! 384×640 chunks (GB/s); f64 matmul 1024³ in 256² tiles here and on 2 node processes
-//! (GFLOP/s). `scripts/darray_peers.py` measures the same cases with Dask.
+//! (GFLOP/s); sparse × vector for the 5-point Laplacian of a 2000² grid (4 M rows) and a
+//! random 2 Mi-row matrix with 10 nonzeros a row (GB/s of matrix, x and y moved).
+//! `scripts/darray_peers.py` measures the dense cases with Dask, the sparse ones with SciPy.
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
-use tessera::{BinaryOp, Cluster, ClusterConfig, DArray, Fill, LocalProcesses, ReduceOp, Runtime};
+use tessera::{
+    BinaryOp, Cluster, ClusterConfig, DArray, Fill, LocalProcesses, ReduceOp, Runtime, SparseDArray,
+};
 
 use super::{median, Reporter};
 
@@ -54,6 +58,24 @@ fn one_thread_copy_gbps() -> Result<f64> {
         Ok(())
     })?;
     Ok(2.0 * (src.len() * 4) as f64 / seconds / 1e9)
+}
+
+/// Times `matrix · x` for a vector of ones; reports the bytes it must move per second.
+fn spmv_case(
+    reporter: &Reporter,
+    rt: &Runtime,
+    bench: &str,
+    matrix: &SparseDArray<f32>,
+    nnz: usize,
+) -> Result<()> {
+    matrix.wait()?;
+    let [rows, cols] = matrix.shape();
+    let x = DArray::<f32>::fill(rt, &[cols], &[cols], Fill::Constant(1.0))?;
+    x.wait()?;
+    let seconds = time(|| matrix.matmul(&x)?.wait().map_err(Into::into))?;
+    let bytes = nnz * (4 + 4) + (rows + 1) * 8 + cols * 4 + rows * 4;
+    reporter.report(bench, bytes as f64 / seconds / 1e9, "GB/s", true);
+    Ok(())
 }
 
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
@@ -113,6 +135,15 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     let seconds = time(|| big.rechunk(&[384, 640])?.wait().map_err(Into::into))?;
     reporter.report("darray/rechunk_4096sq_f32", (4096 * 4096 * 4) as f64 / seconds / 1e9, "GB/s", true);
     drop((a, b, x, y, big));
+
+    // SpMV: bytes of the matrix (values, column indices, row offsets), x and y, per second.
+    let n = 2000;
+    let poisson = SparseDArray::<f32>::poisson_2d(&rt, n, (n * n).div_ceil(16))?;
+    spmv_case(reporter, &rt, "darray/spmv_poisson_4M_f32", &poisson, 5 * n * n - 4 * n)?;
+    let rows = 1 << 21;
+    let random = SparseDArray::<f32>::random(&rt, [rows, rows], 10, 7, rows / 16)?;
+    spmv_case(reporter, &rt, "darray/spmv_random_nnz10_2M_f32", &random, 10 * rows)?;
+    drop((poisson, random));
 
     // Over two node processes: the chunks are made and multiplied on the nodes.
     let cluster = Cluster::start(&rt, ClusterConfig::default())?;

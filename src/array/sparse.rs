@@ -1,0 +1,389 @@
+//! Sparse distributed matrices: [`SparseDArray`], a CSR matrix cut into blocks of rows,
+//! each block a `Ref` held where the task that made it ran; `CsrBlock<T>`, the block
+//! payload (checked when decoded); and the sparse kernels (SpMV, SpMM, generators).
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use super::chunk::Chunk;
+use super::ops::DElement;
+use super::{ArrayError, ChunkGrid, DArray};
+use crate::{Error, Ref, Result, Runtime};
+
+/// Rows `start..end` of a CSR matrix with `cols` columns. Nominally `pub` only so that the
+/// sealed kernels trait of the element types can name it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "UncheckedBlock<T>", bound(deserialize = "T: DElement"))]
+#[allow(unreachable_pub)]
+pub struct CsrBlock<T> {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    /// `rows + 1` offsets into `indices` and `values`, from 0, never decreasing.
+    pub(crate) offsets: Vec<u64>,
+    /// The column of each stored value, each `< cols`.
+    pub(crate) indices: Vec<u32>,
+    pub(crate) values: Vec<T>,
+}
+
+/// A block as decoded, before its invariants are checked.
+#[derive(Deserialize)]
+struct UncheckedBlock<T> {
+    rows: usize,
+    cols: usize,
+    offsets: Vec<u64>,
+    indices: Vec<u32>,
+    values: Vec<T>,
+}
+
+impl<T> TryFrom<UncheckedBlock<T>> for CsrBlock<T> {
+    type Error = ArrayError;
+
+    fn try_from(b: UncheckedBlock<T>) -> Result<Self, ArrayError> {
+        let bad = |reason: String| Err(ArrayError::BadSparse { reason });
+        if b.offsets.len() != b.rows + 1 || b.offsets.first() != Some(&0) {
+            return bad(format!("{} offsets for {} rows", b.offsets.len(), b.rows));
+        }
+        if b.offsets.windows(2).any(|w| w[0] > w[1]) {
+            return bad("offsets decrease".into());
+        }
+        let nnz = b.offsets[b.rows] as usize;
+        if b.indices.len() != nnz || b.values.len() != nnz {
+            return bad(format!(
+                "{nnz} nonzeros announced, {} indices, {} values",
+                b.indices.len(),
+                b.values.len()
+            ));
+        }
+        if let Some(&column) = b.indices.iter().find(|&&c| c as usize >= b.cols) {
+            return bad(format!("column {column} in a matrix of {} columns", b.cols));
+        }
+        Ok(CsrBlock { rows: b.rows, cols: b.cols, offsets: b.offsets, indices: b.indices, values: b.values })
+    }
+}
+
+impl<T: DElement> CsrBlock<T> {
+    /// A block of `rows` rows whose row `r` has the nonzeros `row(r)` (columns ascending).
+    fn from_rows(rows: usize, cols: usize, mut row: impl FnMut(usize, &mut Vec<(u32, T)>)) -> CsrBlock<T> {
+        let mut block = CsrBlock { rows, cols, offsets: vec![0], indices: Vec::new(), values: Vec::new() };
+        let mut entries = Vec::new();
+        for r in 0..rows {
+            entries.clear();
+            row(r, &mut entries);
+            for &(c, v) in entries.iter() {
+                block.indices.push(c);
+                block.values.push(v);
+            }
+            block.offsets.push(block.indices.len() as u64);
+        }
+        block
+    }
+}
+
+/// Rows `rows` of the 5-point Laplacian of an `n×n` grid (`n²` rows): 4 on the diagonal,
+/// -1 for each neighbour.
+pub(crate) fn poisson_block<T: DElement>(n: usize, rows: Range<usize>) -> CsrBlock<T> {
+    let (minus, four) = (T::from_f64(-1.0), T::from_f64(4.0));
+    CsrBlock::from_rows(rows.len(), n * n, |r, out| {
+        let i = rows.start + r;
+        let (y, x) = (i / n, i % n);
+        if y > 0 {
+            out.push(((i - n) as u32, minus));
+        }
+        if x > 0 {
+            out.push(((i - 1) as u32, minus));
+        }
+        out.push((i as u32, four));
+        if x + 1 < n {
+            out.push(((i + 1) as u32, minus));
+        }
+        if y + 1 < n {
+            out.push(((i + n) as u32, minus));
+        }
+    })
+}
+
+/// Rows `rows` of a random `?×cols` matrix with `per_row` distinct columns per row
+/// (all of them when `per_row ≥ cols`), values uniform in [-1, 1); row `i` depends only on
+/// `seed` and `i`.
+pub(crate) fn random_block<T: DElement>(
+    cols: usize,
+    per_row: usize,
+    seed: u64,
+    rows: Range<usize>,
+) -> CsrBlock<T> {
+    let per_row = per_row.min(cols);
+    let mut picked = Vec::with_capacity(per_row);
+    CsrBlock::from_rows(rows.len(), cols, |r, out| {
+        let i = (rows.start + r) as u64;
+        let fill = super::Fill::Uniform { seed: seed ^ 0x5eed, low: 0.0, high: 1.0 };
+        picked.clear();
+        let mut draw = 0u64;
+        while picked.len() < per_row {
+            // Floyd-style rejection: redraw a column already taken.
+            let column = (fill.value_at(i.wrapping_mul(1 << 20).wrapping_add(draw)) * cols as f64) as u32;
+            draw += 1;
+            if !picked.contains(&column) {
+                picked.push(column);
+            }
+        }
+        picked.sort_unstable();
+        let value = super::Fill::Uniform { seed, low: -1.0, high: 1.0 };
+        for (k, &column) in picked.iter().enumerate() {
+            out.push((column, T::from_f64(value.value_at(i * per_row as u64 + k as u64))));
+        }
+    })
+}
+
+/// `A_block · X` for a dense `X` of `cols` rows (a vector, or a matrix of `k` columns).
+pub(crate) fn spmm<T: DElement>(block: &CsrBlock<T>, x: &Chunk<T>) -> Result<Chunk<T>, ArrayError> {
+    let k = match x.shape.as_slice() {
+        [n] if *n == block.cols => 1,
+        [n, k] if *n == block.cols => *k,
+        _ => {
+            return Err(ArrayError::ShapeMismatch {
+                op: "sparse matmul",
+                left: vec![block.rows, block.cols],
+                right: x.shape.clone(),
+            })
+        }
+    };
+    let shape = if x.shape.len() == 1 { vec![block.rows] } else { vec![block.rows, k] };
+    let mut out = Chunk::zeros(shape);
+    for (r, y) in out.data.chunks_exact_mut(k.max(1)).enumerate().take(block.rows) {
+        let span = block.offsets[r] as usize..block.offsets[r + 1] as usize;
+        if k == 1 {
+            let mut sum = T::from_f64(0.0);
+            for (&c, &v) in block.indices[span.clone()].iter().zip(&block.values[span]) {
+                sum = T::mul_add_plain(v, x.data[c as usize], sum);
+            }
+            y[0] = sum;
+        } else {
+            for (&c, &v) in block.indices[span.clone()].iter().zip(&block.values[span]) {
+                let row = &x.data[c as usize * k..(c as usize + 1) * k];
+                for (acc, &b) in y.iter_mut().zip(row) {
+                    *acc = T::mul_add_plain(v, b, *acc);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A sparse matrix (CSR) of `f32` or `f64` cut into blocks of rows, each block a
+/// [`Ref`] held where the task that made it ran. Products with dense [`DArray`]s run one
+/// task per block.
+#[derive(Clone)]
+pub struct SparseDArray<T: DElement> {
+    rt: Runtime,
+    rows: usize,
+    cols: usize,
+    block_rows: usize,
+    blocks: Vec<Ref<CsrBlock<T>>>,
+}
+
+impl<T: DElement> std::fmt::Debug for SparseDArray<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SparseDArray")
+            .field("dtype", &T::DTYPE)
+            .field("shape", &[self.rows, self.cols])
+            .field("block_rows", &self.block_rows)
+            .finish()
+    }
+}
+
+impl<T: DElement> SparseDArray<T> {
+    fn spawn_blocks(
+        rt: &Runtime,
+        rows: usize,
+        cols: usize,
+        block_rows: usize,
+        spawn: impl Fn(Range<usize>) -> Ref<CsrBlock<T>>,
+    ) -> Result<SparseDArray<T>> {
+        if cols > u32::MAX as usize {
+            return Err(ArrayError::TooLarge { shape: vec![rows, cols] }.into());
+        }
+        let grid = ChunkGrid::new(&[rows], &[block_rows])?;
+        let blocks = (0..grid.num_chunks()).map(|b| spawn(grid.region(b)[0].clone())).collect();
+        Ok(SparseDArray { rt: rt.clone(), rows, cols, block_rows: grid.chunk_shape()[0], blocks })
+    }
+
+    /// The 5-point Laplacian of an `n×n` grid (`n²` rows, about 5 nonzeros a row), in
+    /// blocks of `block_rows` rows, each made by a task.
+    ///
+    /// # Errors
+    /// [`ArrayError::BadChunkShape`] for 0 rows a block; [`ArrayError::TooLarge`].
+    pub fn poisson_2d(rt: &Runtime, n: usize, block_rows: usize) -> Result<SparseDArray<T>> {
+        let rows = n.checked_mul(n).ok_or(ArrayError::TooLarge { shape: vec![n, n] })?;
+        Self::spawn_blocks(rt, rows, rows, block_rows, |range| T::spawn_poisson(rt, n, range))
+    }
+
+    /// A random `rows×cols` matrix with `per_row` nonzeros in each row (distinct columns,
+    /// values uniform in [-1, 1)), from `seed`; the same for any block size.
+    ///
+    /// # Errors
+    /// As [`poisson_2d`](SparseDArray::poisson_2d).
+    pub fn random(
+        rt: &Runtime,
+        shape: [usize; 2],
+        per_row: usize,
+        seed: u64,
+        block_rows: usize,
+    ) -> Result<SparseDArray<T>> {
+        let [rows, cols] = shape;
+        Self::spawn_blocks(rt, rows, cols, block_rows, |range| {
+            T::spawn_random_sparse(rt, cols, per_row, seed, range)
+        })
+    }
+
+    /// Cuts a `sprs` matrix (CSR or CSC) into blocks of `block_rows` rows, put in this
+    /// process's object table.
+    ///
+    /// # Errors
+    /// As [`poisson_2d`](SparseDArray::poisson_2d).
+    pub fn from_csr(rt: &Runtime, matrix: &sprs::CsMat<T>, block_rows: usize) -> Result<SparseDArray<T>> {
+        let csr = if matrix.is_csr() {
+            std::borrow::Cow::Borrowed(matrix)
+        } else {
+            std::borrow::Cow::Owned(matrix.to_csr())
+        };
+        let (rows, cols) = csr.shape();
+        Self::spawn_blocks(rt, rows, cols, block_rows, |range| {
+            let block = CsrBlock::from_rows(range.len(), cols, |r, out| {
+                if let Some(row) = csr.outer_view(range.start + r) {
+                    out.extend(row.iter().map(|(c, &v)| (c as u32, v)));
+                }
+            });
+            rt.put(block)
+        })
+    }
+
+    /// The matrix's shape.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Rows per block (the last block may have fewer).
+    pub fn block_rows(&self) -> usize {
+        self.block_rows
+    }
+
+    /// How many blocks there are.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The product with a dense vector (1-dimensional, `cols` long) or matrix (`cols×k`):
+    /// one task per block, each given the whole of `x` (rechunked into one chunk first if
+    /// it is in several). The result has this matrix's blocks of rows as its chunks.
+    ///
+    /// # Errors
+    /// [`ArrayError::ShapeMismatch`] unless `x` has `cols` rows.
+    pub fn matmul(&self, x: &DArray<T>) -> Result<DArray<T>> {
+        let fits = matches!(x.shape(), [n] | [n, _] if *n == self.cols);
+        if !fits {
+            return Err(ArrayError::ShapeMismatch {
+                op: "sparse matmul",
+                left: vec![self.rows, self.cols],
+                right: x.shape().to_vec(),
+            }
+            .into());
+        }
+        let whole = x.rechunk(&x.shape().iter().map(|&d| d.max(1)).collect::<Vec<_>>())?;
+        let (shape, chunk) = match x.shape() {
+            [_] => (vec![self.rows], vec![self.block_rows]),
+            [_, k] => (vec![self.rows, *k], vec![self.block_rows, (*k).max(1)]),
+            _ => unreachable!("checked above"),
+        };
+        let grid = ChunkGrid::new(&shape, &chunk)?;
+        let x_chunk = whole.chunk_refs().first().cloned();
+        let chunks = match x_chunk {
+            Some(x_chunk) => self.blocks.iter().map(|b| T::spawn_spmm(&self.rt, b, &x_chunk)).collect(),
+            // `x` is empty (0 columns): so is every block of the product.
+            None => (0..grid.num_chunks())
+                .map(|c| self.rt.put(Chunk::zeros(grid.region(c).iter().map(|r| r.len()).collect())))
+                .collect(),
+        };
+        Ok(DArray::from_parts(&self.rt, grid, chunks))
+    }
+
+    /// Waits until every block is made, leaving each where it is.
+    ///
+    /// # Errors
+    /// The first failed block's error.
+    pub fn wait(&self) -> Result<()> {
+        self.blocks.iter().try_for_each(|b| b.blocking_wait_done())
+    }
+
+    /// Gathers the whole matrix into this process as a `sprs` CSR matrix.
+    ///
+    /// # Errors
+    /// A failed block's error, or the error of pulling it from its holder.
+    pub fn to_csr(&self) -> Result<sprs::CsMat<T>> {
+        let (mut offsets, mut indices, mut values) = (vec![0usize], Vec::new(), Vec::new());
+        for b in &self.blocks {
+            let block = b.blocking_get()?;
+            let base = indices.len();
+            offsets.extend(block.offsets[1..].iter().map(|&o| base + o as usize));
+            indices.extend(block.indices.iter().map(|&c| c as usize));
+            values.extend_from_slice(&block.values);
+        }
+        sprs::CsMat::try_new((self.rows, self.cols), offsets, indices, values)
+            .map_err(|(_, _, _, e)| Error::from(ArrayError::BadSparse { reason: e.to_string() }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(block: &UncheckedParts) -> Result<CsrBlock<f32>, String> {
+        let bytes =
+            bincode::serde::encode_to_vec(block, bincode::config::standard()).map_err(|e| e.to_string())?;
+        bincode::serde::decode_from_slice::<CsrBlock<f32>, _>(&bytes, bincode::config::standard())
+            .map(|(b, _)| b)
+            .map_err(|e| e.to_string())
+    }
+
+    #[derive(Serialize, Clone)]
+    struct UncheckedParts {
+        rows: usize,
+        cols: usize,
+        offsets: Vec<u64>,
+        indices: Vec<u32>,
+        values: Vec<f32>,
+    }
+
+    #[test]
+    fn malformed_blocks_are_refused_when_decoded() {
+        let good = UncheckedParts {
+            rows: 2,
+            cols: 3,
+            offsets: vec![0, 1, 3],
+            indices: vec![2, 0, 1],
+            values: vec![1.0; 3],
+        };
+        assert_eq!(decode(&good).unwrap().indices, vec![2, 0, 1]);
+        let cases = [
+            (UncheckedParts { indices: vec![2, 0, 3], ..good.clone() }, "column 3"),
+            (UncheckedParts { offsets: vec![0, 2, 1], ..good.clone() }, "decrease"),
+            (UncheckedParts { offsets: vec![0, 3], ..good.clone() }, "offsets for 2 rows"),
+            (UncheckedParts { values: vec![1.0; 2], ..good.clone() }, "3 nonzeros announced"),
+            (UncheckedParts { offsets: vec![1, 1, 3], ..good.clone() }, "offsets for 2 rows"),
+        ];
+        for (bad, words) in cases {
+            let error = decode(&bad).unwrap_err();
+            assert!(error.contains(words), "{error}");
+        }
+    }
+
+    #[test]
+    fn poisson_rows_sum_to_the_boundary_terms() {
+        let block: CsrBlock<f64> = poisson_block(4, 0..16);
+        assert_eq!(block.indices.len(), 5 * 16 - 4 * 4);
+        let ones = Chunk { shape: vec![16], data: vec![1.0; 16] };
+        let sums = spmm(&block, &ones).unwrap().data;
+        // Corners have 2 neighbours, edges 3, the interior 4.
+        assert_eq!(&sums[..4], &[2.0, 1.0, 1.0, 2.0]);
+        assert_eq!(sums[5], 0.0);
+    }
+}
