@@ -1,6 +1,7 @@
 //! `Chunk<T>`: one chunk's values as a task payload (shape, then the elements as raw
 //! little-endian bytes on the wire), and the kernels that tasks run on chunks.
 use std::ops::Range;
+use std::sync::Arc;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -13,13 +14,39 @@ use super::ArrayError;
 #[allow(unreachable_pub)]
 pub struct Chunk<T> {
     pub(crate) shape: Vec<usize>,
-    pub(crate) data: Vec<T>,
+    pub(crate) data: Shared<T>,
+}
+
+/// Elements shared between the copies of a chunk: a task's input is a copy of the value in
+/// the object table, and reading it should not copy the elements. Writing through
+/// `DerefMut` copies them first unless this copy is the only one (`Arc::make_mut`).
+#[derive(Debug, Clone, PartialEq)]
+#[allow(unreachable_pub)]
+pub struct Shared<T>(Arc<Vec<T>>);
+
+impl<T> From<Vec<T>> for Shared<T> {
+    fn from(data: Vec<T>) -> Self {
+        Shared(Arc::new(data))
+    }
+}
+
+impl<T> std::ops::Deref for Shared<T> {
+    type Target = Vec<T>;
+    fn deref(&self) -> &Vec<T> {
+        &self.0
+    }
+}
+
+impl<T: Clone> std::ops::DerefMut for Shared<T> {
+    fn deref_mut(&mut self) -> &mut Vec<T> {
+        Arc::make_mut(&mut self.0)
+    }
 }
 
 impl<T: DElement> Chunk<T> {
     pub(crate) fn zeros(shape: Vec<usize>) -> Chunk<T> {
         let len = shape.iter().product();
-        Chunk { shape, data: vec![T::default(); len] }
+        Chunk { shape, data: vec![T::default(); len].into() }
     }
 }
 
@@ -58,7 +85,7 @@ impl<'de, T: DElement> Deserialize<'de> for Chunk<T> {
         let raw = bytemuck::cast_slice_mut::<T, u8>(&mut data);
         raw.copy_from_slice(&bytes);
         crate::store::to_little_endian::<T>(raw);
-        Ok(Chunk { shape, data })
+        Ok(Chunk { shape, data: data.into() })
     }
 }
 
@@ -276,7 +303,7 @@ mod tests {
 
     #[test]
     fn chunks_round_trip_through_bincode_and_reject_a_short_body() {
-        let chunk = Chunk { shape: vec![2, 3], data: vec![1.5f32, -2.0, 3.0, 0.0, 1e-7, f32::MAX] };
+        let chunk = Chunk { shape: vec![2, 3], data: vec![1.5f32, -2.0, 3.0, 0.0, 1e-7, f32::MAX].into() };
         let bytes = bincode::serde::encode_to_vec(&chunk, bincode::config::standard()).unwrap();
         let (back, _): (Chunk<f32>, _) =
             bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
@@ -289,9 +316,10 @@ mod tests {
 
     #[test]
     fn paste_copies_a_3d_block_and_refuses_one_that_does_not_fit() {
-        let src: Chunk<f64> = Chunk { shape: vec![2, 3, 4], data: (0..24).map(f64::from).collect() };
+        let src: Chunk<f64> =
+            Chunk { shape: vec![2, 3, 4], data: (0..24).map(f64::from).collect::<Vec<_>>().into() };
         let out = extract(&src, &[1..2, 1..3, 2..4], vec![1, 2, 3], &[0, 0, 1]).unwrap();
-        assert_eq!(out.data, vec![0.0, 18.0, 19.0, 0.0, 22.0, 23.0]);
+        assert_eq!(*out.data, vec![0.0, 18.0, 19.0, 0.0, 22.0, 23.0]);
         let err = paste(Chunk::zeros(vec![1, 2, 2]), &src, &[0..1, 0..2, 0..3], &[0, 0, 0]).unwrap_err();
         assert!(matches!(err, ArrayError::BadBlock { .. }), "{err}");
     }

@@ -2,6 +2,7 @@
 //! each block a `Ref` held where the task that made it ran; `CsrBlock<T>`, the block
 //! payload (checked when decoded); and the sparse kernels (SpMV, SpMM, generators).
 use std::ops::Range;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -18,11 +19,12 @@ use crate::{Error, Ref, Result, Runtime};
 pub struct CsrBlock<T> {
     pub(crate) rows: usize,
     pub(crate) cols: usize,
+    // Shared, so that the copy of a block a task receives does not copy its arrays.
     /// `rows + 1` offsets into `indices` and `values`, from 0, never decreasing.
-    pub(crate) offsets: Vec<u64>,
+    pub(crate) offsets: Arc<Vec<u64>>,
     /// The column of each stored value, each `< cols`.
-    pub(crate) indices: Vec<u32>,
-    pub(crate) values: Vec<T>,
+    pub(crate) indices: Arc<Vec<u32>>,
+    pub(crate) values: Arc<Vec<T>>,
 }
 
 /// A block as decoded, before its invariants are checked.
@@ -57,25 +59,37 @@ impl<T> TryFrom<UncheckedBlock<T>> for CsrBlock<T> {
         if let Some(&column) = b.indices.iter().find(|&&c| c as usize >= b.cols) {
             return bad(format!("column {column} in a matrix of {} columns", b.cols));
         }
-        Ok(CsrBlock { rows: b.rows, cols: b.cols, offsets: b.offsets, indices: b.indices, values: b.values })
+        Ok(CsrBlock {
+            rows: b.rows,
+            cols: b.cols,
+            offsets: Arc::new(b.offsets),
+            indices: Arc::new(b.indices),
+            values: Arc::new(b.values),
+        })
     }
 }
 
 impl<T: DElement> CsrBlock<T> {
     /// A block of `rows` rows whose row `r` has the nonzeros `row(r)` (columns ascending).
     fn from_rows(rows: usize, cols: usize, mut row: impl FnMut(usize, &mut Vec<(u32, T)>)) -> CsrBlock<T> {
-        let mut block = CsrBlock { rows, cols, offsets: vec![0], indices: Vec::new(), values: Vec::new() };
+        let (mut offsets, mut indices, mut values) = (vec![0], Vec::new(), Vec::new());
         let mut entries = Vec::new();
         for r in 0..rows {
             entries.clear();
             row(r, &mut entries);
             for &(c, v) in entries.iter() {
-                block.indices.push(c);
-                block.values.push(v);
+                indices.push(c);
+                values.push(v);
             }
-            block.offsets.push(block.indices.len() as u64);
+            offsets.push(indices.len() as u64);
         }
-        block
+        CsrBlock {
+            rows,
+            cols,
+            offsets: Arc::new(offsets),
+            indices: Arc::new(indices),
+            values: Arc::new(values),
+        }
     }
 }
 
@@ -362,7 +376,7 @@ mod tests {
             indices: vec![2, 0, 1],
             values: vec![1.0; 3],
         };
-        assert_eq!(decode(&good).unwrap().indices, vec![2, 0, 1]);
+        assert_eq!(*decode(&good).unwrap().indices, vec![2, 0, 1]);
         let cases = [
             (UncheckedParts { indices: vec![2, 0, 3], ..good.clone() }, "column 3"),
             (UncheckedParts { offsets: vec![0, 2, 1], ..good.clone() }, "decrease"),
@@ -380,8 +394,8 @@ mod tests {
     fn poisson_rows_sum_to_the_boundary_terms() {
         let block: CsrBlock<f64> = poisson_block(4, 0..16);
         assert_eq!(block.indices.len(), 5 * 16 - 4 * 4);
-        let ones = Chunk { shape: vec![16], data: vec![1.0; 16] };
-        let sums = spmm(&block, &ones).unwrap().data;
+        let ones = Chunk { shape: vec![16], data: vec![1.0; 16].into() };
+        let sums = spmm(&block, &ones).unwrap().data.to_vec();
         // Corners have 2 neighbours, edges 3, the interior 4.
         assert_eq!(&sums[..4], &[2.0, 1.0, 1.0, 2.0]);
         assert_eq!(sums[5], 0.0);
