@@ -123,12 +123,11 @@ pub(crate) fn fill<T: DElement>(
 }
 
 /// Elementwise `a op b` of two chunks of one shape.
-pub(crate) fn zip<T: DElement>(mut a: Chunk<T>, b: &Chunk<T>, op: BinaryOp) -> Result<Chunk<T>, ArrayError> {
+pub(crate) fn zip<T: DElement>(a: &Chunk<T>, b: &Chunk<T>, op: BinaryOp) -> Result<Chunk<T>, ArrayError> {
     if a.shape != b.shape {
-        return Err(ArrayError::ShapeMismatch { op: "zip", left: a.shape, right: b.shape.clone() });
+        return Err(ArrayError::ShapeMismatch { op: "zip", left: a.shape.clone(), right: b.shape.clone() });
     }
-    T::zip_slice(op, &mut a.data, &b.data);
-    Ok(a)
+    Ok(Chunk { shape: a.shape.clone(), data: T::zip_new(op, &a.data, &b.data).into() })
 }
 
 /// A chunk's reduction, `None` for an empty chunk under min or max.

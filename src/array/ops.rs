@@ -147,8 +147,11 @@ pub(crate) mod sealed {
         /// `a·b + c`, rounded twice (not a fused multiply-add, which is a slow library call
         /// on CPUs built without FMA).
         fn mul_add_plain(a: Self, b: Self, c: Self) -> Self;
-        fn map_slice(op: UnaryOp, data: &mut [Self]);
-        fn zip_slice(op: BinaryOp, a: &mut [Self], b: &[Self]);
+        /// `op` of each element, into a new vector (one read and one write pass: the input
+        /// is shared with the object table, so updating it in place would copy it first).
+        fn map_new(op: UnaryOp, src: &[Self]) -> Vec<Self>;
+        /// `a op b` element by element, into a new vector.
+        fn zip_new(op: BinaryOp, a: &[Self], b: &[Self]) -> Vec<Self>;
         /// `c += a·b` for row-major `m×k`, `k×n` and `m×n` matrices.
         fn gemm(m: usize, k: usize, n: usize, a: &[Self], b: &[Self], c: &mut [Self]);
 
@@ -236,14 +239,13 @@ macro_rules! float_element {
             }
             crate::task! {
                 pub(super) fn map(input: Chunk<$t>, op: UnaryOp) -> Chunk<$t> {
-                    let mut input = input;
-                    <$t as sealed::Kernels>::map_slice(op, &mut input.data);
-                    input
+                    let data = <$t as sealed::Kernels>::map_new(op, &input.data);
+                    Chunk { shape: input.shape, data: data.into() }
                 }
             }
             crate::task! {
                 pub(super) fn zip(a: Chunk<$t>, b: Chunk<$t>, op: BinaryOp) -> Result<Chunk<$t>, ArrayError> {
-                    chunk::zip(a, &b, op)
+                    chunk::zip(&a, &b, op)
                 }
             }
             crate::task! {
@@ -314,38 +316,44 @@ macro_rules! float_element {
                     BinaryOp::Max => a.max(b),
                 }
             }
-            fn map_slice(op: UnaryOp, data: &mut [Self]) {
-                let apply = |f: &dyn Fn($t) -> $t, data: &mut [$t]| data.iter_mut().for_each(|x| *x = f(*x));
+            fn map_new(op: UnaryOp, src: &[Self]) -> Vec<Self> {
+                // Generic over the closure, so that each arm compiles to its own loop.
+                fn run(src: &[$t], f: impl Fn($t) -> $t) -> Vec<$t> {
+                    src.iter().map(|&x| f(x)).collect()
+                }
                 match op {
-                    UnaryOp::Neg => apply(&|x| -x, data),
-                    UnaryOp::Abs => apply(&|x| x.abs(), data),
-                    UnaryOp::Sqrt => apply(&|x| x.sqrt(), data),
-                    UnaryOp::Exp => apply(&|x| x.exp(), data),
-                    UnaryOp::Ln => apply(&|x| x.ln(), data),
-                    UnaryOp::Square => apply(&|x| x * x, data),
-                    UnaryOp::Relu => apply(&|x| x.max(0.0), data),
+                    UnaryOp::Neg => run(src, |x| -x),
+                    UnaryOp::Abs => run(src, |x| x.abs()),
+                    UnaryOp::Sqrt => run(src, |x| x.sqrt()),
+                    UnaryOp::Exp => run(src, |x| x.exp()),
+                    UnaryOp::Ln => run(src, |x| x.ln()),
+                    UnaryOp::Square => run(src, |x| x * x),
+                    UnaryOp::Relu => run(src, |x| x.max(0.0)),
                     UnaryOp::Scale(a) => {
                         let a = a as $t;
-                        apply(&|x| a * x, data)
+                        run(src, |x| a * x)
                     }
                     UnaryOp::Offset(a) => {
                         let a = a as $t;
-                        apply(&|x| x + a, data)
+                        run(src, |x| x + a)
                     }
                     UnaryOp::Powf(a) => {
                         let a = a as $t;
-                        apply(&|x| x.powf(a), data)
+                        run(src, |x| x.powf(a))
                     }
                 }
             }
-            fn zip_slice(op: BinaryOp, a: &mut [Self], b: &[Self]) {
+            fn zip_new(op: BinaryOp, a: &[Self], b: &[Self]) -> Vec<Self> {
+                fn run(a: &[$t], b: &[$t], f: impl Fn($t, $t) -> $t) -> Vec<$t> {
+                    a.iter().zip(b).map(|(&x, &y)| f(x, y)).collect()
+                }
                 match op {
-                    BinaryOp::Add => a.iter_mut().zip(b).for_each(|(x, y)| *x += y),
-                    BinaryOp::Sub => a.iter_mut().zip(b).for_each(|(x, y)| *x -= y),
-                    BinaryOp::Mul => a.iter_mut().zip(b).for_each(|(x, y)| *x *= y),
-                    BinaryOp::Div => a.iter_mut().zip(b).for_each(|(x, y)| *x /= y),
-                    BinaryOp::Min => a.iter_mut().zip(b).for_each(|(x, y)| *x = x.min(*y)),
-                    BinaryOp::Max => a.iter_mut().zip(b).for_each(|(x, y)| *x = x.max(*y)),
+                    BinaryOp::Add => run(a, b, |x, y| x + y),
+                    BinaryOp::Sub => run(a, b, |x, y| x - y),
+                    BinaryOp::Mul => run(a, b, |x, y| x * y),
+                    BinaryOp::Div => run(a, b, |x, y| x / y),
+                    BinaryOp::Min => run(a, b, |x, y| x.min(y)),
+                    BinaryOp::Max => run(a, b, |x, y| x.max(y)),
                 }
             }
             fn gemm(m: usize, k: usize, n: usize, a: &[Self], b: &[Self], c: &mut [Self]) {
