@@ -774,9 +774,7 @@ impl Head {
     }
 }
 
-impl Head {
-    /// Has the node holding the value at `location` save it into the stash at
-    /// `stash_location`, and waits for its answer.
+impl RemoteScheduler for Head {
     fn save_held(
         &self,
         location: &RemoteLocation,
@@ -819,19 +817,7 @@ impl Head {
             ))),
         }
     }
-}
 
-impl RemoteScheduler for Head {
-    fn save_held(
-        &self,
-        location: &RemoteLocation,
-        stash_location: &str,
-        name: &str,
-        type_name: &str,
-        tags: &[(&str, &str)],
-    ) -> Result<crate::Version> {
-        Head::save_held(self, location, stash_location, name, type_name, tags)
-    }
     fn submit(&self, job: Box<Job>) -> std::result::Result<(), Box<Job>> {
         if self.stopped.load(Ordering::Acquire) {
             return Err(job);
