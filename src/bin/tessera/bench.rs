@@ -64,16 +64,26 @@ pub(crate) struct Reporter {
 impl Reporter {
     pub(crate) fn report(&self, bench: &str, value: f64, unit: &'static str, higher_is_better: bool) {
         let line = BenchLine { bench: bench.to_string(), value, unit: unit.to_string(), higher_is_better };
-        if self.json {
-            println!("{}", serde_json::to_string(&line).expect("bench line serializes"));
+        let text = if self.json {
+            serde_json::to_string(&line).expect("bench line serializes")
         } else {
-            println!(
+            format!(
                 "{:<36} {:>14.3} {:<10} ({})",
                 line.bench,
                 line.value,
                 line.unit,
                 direction(higher_is_better)
-            );
+            )
+        };
+        let mut out = std::io::stdout().lock();
+        if let Err(error) = writeln!(out, "{text}").and_then(|()| out.flush()) {
+            // The reader went away (`tessera bench … | head`): nobody wants the remaining
+            // figures, so stop quietly, as command-line tools do, instead of panicking.
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                std::process::exit(0);
+            }
+            eprintln!("tessera bench: cannot write a result: {error}");
+            std::process::exit(1);
         }
     }
 }
