@@ -14,6 +14,11 @@ if ! command -v c++ >/dev/null 2>&1; then
     need_apt+=(g++)
 fi
 
+# xla: libclang for bindgen, which generates the PJRT C API bindings at build time.
+if ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+    need_apt+=(libclang-dev)
+fi
+
 if ((${#need_apt[@]})); then
     echo "install-deps: apt-get install ${need_apt[*]}"
     export DEBIAN_FRONTEND=noninteractive
@@ -26,6 +31,18 @@ rustup component add rustfmt clippy >/dev/null 2>&1 || true
 if ! command -v s3s-fs >/dev/null 2>&1 && [[ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs" ]]; then
     echo "install-deps: cargo install s3s-fs 0.14.1 (about 1.5 min)"
     cargo install --quiet --locked s3s-fs --version 0.14.1 --features binary
+fi
+
+# xla: the CPU PJRT plugin from PyPI (a shared library exporting `GetPjrtApi`, with the
+# PJRT C API header it was built against). build.rs binds that header; never committed.
+pjrt_dir=/opt/tessera-pjrt
+if [[ ! -e $pjrt_dir/xla_plugins/xla_cpu_pjrt/xla_cpu_pjrt.so ]]; then
+    echo "install-deps: xla-cpu-pjrt 0.0.1 (PJRT CPU plugin) into $pjrt_dir"
+    pjrt_tmp=$(mktemp -d)
+    python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$pjrt_tmp" xla-cpu-pjrt==0.0.1
+    mkdir -p "$pjrt_dir"
+    python3 -m zipfile -e "$pjrt_tmp"/xla_cpu_pjrt-0.0.1-*.whl "$pjrt_dir"
+    rm -rf "$pjrt_tmp"
 fi
 
 # cuda: NVRTC from PyPI, so that the CUDA kernels are compiled (to PTX) in CI without a GPU.

@@ -1,7 +1,8 @@
 //! Devices and the collectives that connect them: the `Communicator` trait that gradient
 //! all-reduce uses, with a TCP backend for CPUs; GPU discovery (every build); CUDA
 //! devices, device actors, device-resident arrays, and collectives over device buffers
-//! (NCCL, or a host group staged through host memory) (feature `cuda`).
+//! (NCCL, or a host group staged through host memory) (feature `cuda`); XLA devices through
+//! PJRT plugins (feature `xla`).
 mod collective;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -12,6 +13,8 @@ mod discovery;
 mod gpu_group;
 #[cfg(feature = "cuda")]
 mod nccl;
+#[cfg(feature = "xla")]
+mod xla;
 
 pub use collective::{
     segment, CollectiveError, Communicator, GroupConfig, GroupListener, Rendezvous, TcpGroup,
@@ -33,3 +36,5 @@ pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};
 pub use gpu_group::{GpuCommunicator, HostStagedGroup};
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclGroup, NCCL_TIMEOUT};
+#[cfg(feature = "xla")]
+pub use xla::{XlaBuffer, XlaDevice, XlaElement, XlaError, XlaExecutable, DEFAULT_PJRT_PLUGIN};

@@ -1,0 +1,46 @@
+//! Build script: with feature `xla`, generates Rust bindings for the PJRT C API from the
+//! header that the PJRT plugin package ships (`pjrt_c_api.h`). The header is not committed:
+//! `scripts/install-deps.sh` fetches the plugin wheel from PyPI into /opt/tessera-pjrt, or
+//! `TESSERA_PJRT_INCLUDE` names the folder that holds the header.
+fn main() {
+    println!("cargo:rerun-if-changed=build.rs");
+    #[cfg(feature = "xla")]
+    pjrt::generate();
+}
+
+#[cfg(feature = "xla")]
+mod pjrt {
+    use std::path::PathBuf;
+
+    /// Where `scripts/install-deps.sh` unpacks the CPU plugin's wheel.
+    const DEFAULT_INCLUDE: &str = "/opt/tessera-pjrt/xla_plugins/xla_cpu_pjrt/include";
+
+    pub fn generate() {
+        println!("cargo:rerun-if-env-changed=TESSERA_PJRT_INCLUDE");
+        let include = std::env::var_os("TESSERA_PJRT_INCLUDE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_INCLUDE));
+        let header = include.join("pjrt_c_api.h");
+        if !header.is_file() {
+            panic!(
+                "feature `xla` needs the PJRT C API header, and {} is not there: run \
+                 scripts/install-deps.sh (it unpacks PyPI's xla-cpu-pjrt into /opt/tessera-pjrt), \
+                 or set TESSERA_PJRT_INCLUDE to the folder holding pjrt_c_api.h",
+                header.display()
+            );
+        }
+        println!("cargo:rerun-if-changed={}", header.display());
+        let bindings = bindgen::Builder::default()
+            .header(header.to_string_lossy())
+            .allowlist_item("PJRT_.*")
+            .allowlist_item("GetPjrtApi")
+            .default_enum_style(bindgen::EnumVariation::Consts)
+            .derive_default(false)
+            .layout_tests(false)
+            .generate_comments(false)
+            .generate()
+            .unwrap_or_else(|e| panic!("bindgen over {}: {e}", header.display()));
+        let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("pjrt.rs");
+        bindings.write_to_file(&out).unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
+    }
+}
