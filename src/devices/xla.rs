@@ -256,10 +256,13 @@ mod sealed {
     impl Sealed for i32 {}
 }
 
+// (The casts are no-ops where bindgen gives C enums the type u32, but not on every target.)
+#[allow(clippy::unnecessary_cast)]
 impl XlaElement for f32 {
     const PJRT_TYPE: u32 = ffi::PJRT_Buffer_Type_PJRT_Buffer_Type_F32 as u32;
 }
 
+#[allow(clippy::unnecessary_cast)]
 impl XlaElement for i32 {
     const PJRT_TYPE: u32 = ffi::PJRT_Buffer_Type_PJRT_Buffer_Type_S32 as u32;
 }
