@@ -53,6 +53,8 @@ mod params;
 mod rng;
 mod tensor;
 mod train;
+#[cfg(feature = "xla")]
+mod xla;
 mod zoo;
 
 pub use cpu::CpuExecutor;
@@ -75,6 +77,8 @@ pub use train::{
     resume, resume_from_stash, save_checkpoint, save_to_stash, CheckpointStore, DirStore, EpochStats,
     Evaluation, Evaluator, TrainState, Trainer,
 };
+#[cfg(feature = "xla")]
+pub use xla::{XlaExecutor, XlaTrainer};
 pub use zoo::{
     char_gru, lenet, logistic_regression, mlp, tiny_transformer, Model, ModelSpec, TransformerConfig,
 };

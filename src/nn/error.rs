@@ -182,6 +182,14 @@ pub enum NnError {
         #[from]
         source: crate::devices::DeviceError,
     },
+    /// An XLA device operation failed (feature `xla`).
+    #[cfg(feature = "xla")]
+    #[error("XLA: {source}")]
+    Xla {
+        /// What the PJRT plugin reported.
+        #[from]
+        source: crate::devices::XlaError,
+    },
     /// An executor cannot run one of the graph's ops.
     #[error("the {backend} executor cannot run op `{op}` (node {node})")]
     Unsupported {

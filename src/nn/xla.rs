@@ -1,0 +1,412 @@
+//! `XlaExecutor` and `XlaTrainer` (feature `xla`): the same [`Graph`] the CPU and GPU
+//! executors run, compiled by an XLA device (a PJRT plugin) into one StableHLO program per
+//! forward range, backward range and training step.
+//!
+//! # How it runs
+//! 1. The graph's ops are lowered once per distinct call (`lower.rs`); the compiled
+//!    programs are cached, so a training loop compiles its step once and then only runs it.
+//! 2. Values and gradients live on the host between calls (as in [`CpuExecutor`]): a call
+//!    uploads what its program reads and downloads what it computes. XLA fuses each
+//!    program's ops; the transfers are what a step costs beyond that.
+//! 3. The bookkeeping (which values must be set, which gradients a backward resets, the
+//!    errors) is `executor::rules`, shared with the other executors.
+//!
+//! Dropout masks are drawn on the host from the executor's seed exactly as the CPU executor
+//! draws them, and passed to the program, so both executors drop the same elements. Ops
+//! without a lowering (attention, GRU cells, time-step selection) are refused with
+//! [`NnError::Unsupported`] when the executor is made.
+//!
+//! [`CpuExecutor`]: crate::nn::CpuExecutor
+use std::collections::HashMap;
+use std::ops::Range;
+
+use crate::devices::{XlaBuffer, XlaDevice, XlaExecutable};
+use crate::nn::executor::rules;
+use crate::nn::train::{check_classifier_epoch, EpochTally};
+use crate::nn::{
+    DType, Dataset, EpochStats, Executor, Graph, Model, NnError, NodeId, Op, Params, Rng, TrainState,
+};
+
+mod hlo;
+mod lower;
+
+use lower::{Arg, Out, Program};
+
+/// Which program a call runs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    /// A forward range, in training or not.
+    Forward(Range<usize>, bool),
+    /// A backward range, its seed nodes, and whether its forward pass was in training.
+    Backward(Range<usize>, Vec<usize>, bool),
+    /// Forward through the loss, backward from it, the extra node values kept; in training
+    /// or not.
+    Step(usize, Vec<usize>, bool),
+}
+
+/// A compiled program and what its parameters and results are.
+#[derive(Debug)]
+struct Compiled {
+    exe: XlaExecutable,
+    args: Vec<Arg>,
+    outputs: Vec<Out>,
+}
+
+/// Runs a graph's nodes forward and backward on an XLA device.
+#[derive(Debug)]
+pub struct XlaExecutor {
+    device: XlaDevice,
+    graph: Graph,
+    requires_grad: Vec<bool>,
+    vals: Vec<Vec<f32>>,
+    ids: Vec<Vec<i32>>,
+    grads: Vec<Vec<f32>>,
+    filled: Vec<bool>,
+    /// Dropout masks, one per dropout node (empty for the others).
+    masks: Vec<Vec<f32>>,
+    rng: Rng,
+    training: bool,
+    /// Whether the last forward pass ran in training (its masks are the ones backward uses).
+    forward_trained: bool,
+    programs: HashMap<Key, Compiled>,
+}
+
+impl XlaExecutor {
+    /// An executor for `graph` on `device`.
+    ///
+    /// # Errors
+    /// [`NnError::Unsupported`] naming the first op that has no XLA lowering.
+    pub fn new(device: XlaDevice, graph: &Graph) -> Result<Self, NnError> {
+        for (node, n) in graph.nodes().iter().enumerate() {
+            if let Some(op) = lower::unsupported(n) {
+                return Err(NnError::Unsupported { backend: "XLA", op, node });
+            }
+        }
+        let nodes = graph.nodes();
+        let f32_len = |n: &crate::nn::Node| {
+            if n.dtype == DType::F32 && !matches!(n.op, Op::Param { .. }) {
+                n.len()
+            } else {
+                0
+            }
+        };
+        let requires_grad = rules::requires_grad(graph);
+        Ok(XlaExecutor {
+            device,
+            vals: nodes.iter().map(|n| vec![0.0; f32_len(n)]).collect(),
+            ids: nodes.iter().map(|n| vec![0; if n.dtype == DType::I32 { n.len() } else { 0 }]).collect(),
+            grads: nodes
+                .iter()
+                .zip(&requires_grad)
+                .map(|(n, &r)| vec![0.0; if r { n.len() } else { 0 }])
+                .collect(),
+            filled: nodes.iter().map(|n| matches!(n.op, Op::Param { .. })).collect(),
+            masks: nodes.iter().map(|n| vec![0.0; if lower::drops(n, true) { n.len() } else { 0 }]).collect(),
+            rng: Rng::seed(0),
+            requires_grad,
+            graph: graph.clone(),
+            training: false,
+            forward_trained: false,
+            programs: HashMap::new(),
+        })
+    }
+
+    /// The device programs run on.
+    pub fn device(&self) -> &XlaDevice {
+        &self.device
+    }
+
+    /// How many distinct programs have been compiled (one per forward range, backward
+    /// range with its seeds, and training step).
+    pub fn compiled_programs(&self) -> usize {
+        self.programs.len()
+    }
+
+    /// Errors if the forward pass over `range` reads ids outside the range their op
+    /// accepts.
+    fn check_forward(&self, range: &Range<usize>) -> Result<(), NnError> {
+        let nodes = self.graph.nodes();
+        for n in range.clone() {
+            let node = &nodes[n];
+            let (op, ids_input, limit) = match node.op {
+                Op::SoftmaxCrossEntropy => {
+                    ("softmax_cross_entropy", node.inputs[1], nodes[node.inputs[0].index()].shape[1])
+                }
+                Op::Embedding => ("embedding", node.inputs[0], nodes[node.inputs[1].index()].shape[0]),
+                _ => continue,
+            };
+            if !self.filled[ids_input.index()] {
+                continue; // (reported as a missing value by the walk)
+            }
+            let bad =
+                self.ids[ids_input.index()].iter().enumerate().find(|(_, &v)| v < 0 || v as usize >= limit);
+            if let Some((position, &id)) = bad {
+                return Err(NnError::IdOutOfRange { op, id, position, limit });
+            }
+        }
+        Ok(())
+    }
+
+    /// Compiles the program for `key` unless it is cached.
+    fn compile(&mut self, key: &Key) -> Result<(), NnError> {
+        if self.programs.contains_key(key) {
+            return Ok(());
+        }
+        let program: Program = match key {
+            Key::Forward(range, training) => lower::forward(&self.graph, range.clone(), *training),
+            Key::Backward(range, seeds, trained) => {
+                lower::backward(&self.graph, &self.requires_grad, range.clone(), seeds, *trained)
+            }
+            Key::Step(loss, keep, training) => {
+                lower::train_step(&self.graph, &self.requires_grad, *loss, keep, *training)
+            }
+        };
+        let exe = self.device.compile(&program.text)?;
+        self.programs.insert(key.clone(), Compiled { exe, args: program.args, outputs: program.outputs });
+        Ok(())
+    }
+
+    /// Runs the program for `key` on the current values, `params` and `seeds`, and stores
+    /// its results.
+    fn run(&mut self, key: &Key, params: &Params, seeds: &[(NodeId, &[f32])]) -> Result<(), NnError> {
+        self.compile(key)?;
+        let compiled = &self.programs[key];
+        let nodes = self.graph.nodes();
+        let mut uploaded: Vec<XlaBuffer> = Vec::with_capacity(compiled.args.len());
+        for arg in &compiled.args {
+            let buffer = match *arg {
+                Arg::Param(i) => {
+                    let spec = &self.graph.params()[i];
+                    self.device.upload(&params.tensors[i].data, &spec.shape)?
+                }
+                Arg::Value(n) => self.device.upload(&self.vals[n], &nodes[n].shape)?,
+                Arg::Ids(n) => self.device.upload(&self.ids[n], &nodes[n].shape)?,
+                Arg::Mask(n) => self.device.upload(&self.masks[n], &nodes[n].shape)?,
+                Arg::Seed(k) => {
+                    let (node, data) = seeds[k];
+                    self.device.upload(data, &nodes[node.index()].shape)?
+                }
+            };
+            uploaded.push(buffer);
+        }
+        let refs: Vec<&XlaBuffer> = uploaded.iter().collect();
+        let results = compiled.exe.run(&refs)?;
+        for (out, buffer) in compiled.outputs.iter().zip(&results) {
+            match *out {
+                Out::Value(n) => {
+                    buffer.download_into(&mut self.vals[n])?;
+                    self.filled[n] = true;
+                }
+                Out::Grad(n) => buffer.download_into(&mut self.grads[n])?,
+            }
+        }
+        Ok(())
+    }
+
+    /// One training step in a single program: forward through `loss`, backward from it, and
+    /// the value of `keep` (e.g. the logits) kept; returns the loss. Parameter gradients are
+    /// then read with [`Executor::param_grad`].
+    ///
+    /// # Errors
+    /// As [`Executor::forward`] and [`Executor::backward`].
+    pub fn train_step(&mut self, params: &Params, loss: NodeId, keep: &[NodeId]) -> Result<f32, NnError> {
+        let range = 0..loss.index() + 1;
+        rules::check_in_graph(&self.graph, &range)?;
+        params.check(&self.graph)?;
+        self.check_walk(&range)?;
+        self.check_forward(&range)?;
+        self.draw_masks(&range);
+        let key = Key::Step(loss.index(), keep.iter().map(|k| k.index()).collect(), self.training);
+        self.run(&key, params, &[])?;
+        self.scalar(loss)
+    }
+
+    /// Draws the dropout masks of the range's nodes, in node order, as the CPU executor
+    /// does in its forward pass; records whether this forward pass is in training.
+    fn draw_masks(&mut self, range: &Range<usize>) {
+        self.forward_trained = self.training;
+        for n in range.clone() {
+            if let Op::Dropout { p } = self.graph.nodes()[n].op {
+                if !lower::drops(&self.graph.nodes()[n], self.training) {
+                    continue;
+                }
+                let keep = 1.0 / (1.0 - p);
+                for m in &mut self.masks[n] {
+                    *m = if self.rng.uniform() < p { 0.0 } else { keep };
+                }
+            }
+        }
+    }
+
+    /// Errors as a forward walk over `range` would: an input that was not set, or a node
+    /// that reads a value neither computed nor set.
+    fn check_walk(&self, range: &Range<usize>) -> Result<(), NnError> {
+        let mut filled = self.filled.clone();
+        for n in range.clone() {
+            if rules::forward_computes(&self.graph, &filled, n)? {
+                filled[n] = true;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Executor for XlaExecutor {
+    fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    fn set_training(&mut self, training: bool) {
+        self.training = training;
+    }
+
+    fn set_seed(&mut self, seed: u64) {
+        self.rng = Rng::seed(seed);
+    }
+
+    fn set_value(&mut self, node: NodeId, data: &[f32]) -> Result<(), NnError> {
+        rules::check_len(&self.graph, node, data.len())?;
+        rules::check_settable(&self.graph, node, DType::F32)?;
+        self.vals[node.index()].copy_from_slice(data);
+        self.filled[node.index()] = true;
+        Ok(())
+    }
+
+    fn set_ids(&mut self, node: NodeId, data: &[i32]) -> Result<(), NnError> {
+        rules::check_len(&self.graph, node, data.len())?;
+        rules::check_settable(&self.graph, node, DType::I32)?;
+        self.ids[node.index()].copy_from_slice(data);
+        self.filled[node.index()] = true;
+        Ok(())
+    }
+
+    fn forward(&mut self, params: &Params, range: Range<usize>) -> Result<(), NnError> {
+        rules::check_in_graph(&self.graph, &range)?;
+        params.check(&self.graph)?;
+        self.check_walk(&range)?;
+        self.check_forward(&range)?;
+        self.draw_masks(&range);
+        if range.clone().any(|n| !matches!(self.graph.nodes()[n].op, Op::Input | Op::Param { .. })) {
+            self.run(&Key::Forward(range, self.training), params, &[])?;
+        }
+        Ok(())
+    }
+
+    fn backward(
+        &mut self,
+        params: &Params,
+        range: Range<usize>,
+        seeds: &[(NodeId, &[f32])],
+    ) -> Result<(), NnError> {
+        rules::check_in_graph(&self.graph, &range)?;
+        params.check(&self.graph)?;
+        for &(node, seed) in seeds {
+            rules::check_len(&self.graph, node, seed.len())?;
+        }
+        for n in range.clone() {
+            rules::backward_runs(&self.graph, &self.requires_grad, &self.filled, n)?;
+        }
+        let key = Key::Backward(range, seeds.iter().map(|(n, _)| n.index()).collect(), self.forward_trained);
+        self.run(&key, params, seeds)
+    }
+
+    fn value(&self, node: NodeId) -> Result<&[f32], NnError> {
+        rules::check_readable(&self.graph, &self.filled, node)?;
+        Ok(&self.vals[node.index()])
+    }
+
+    fn grad(&self, node: NodeId) -> Result<&[f32], NnError> {
+        self.graph.node(node)?;
+        if !self.requires_grad[node.index()] {
+            return Err(rules::missing(&self.graph, node));
+        }
+        Ok(&self.grads[node.index()])
+    }
+
+    fn param_grad(&self, index: usize) -> &[f32] {
+        match self.graph.params().get(index) {
+            Some(spec) => &self.grads[spec.node.index()],
+            None => &[],
+        }
+    }
+}
+
+/// Trains a classifier on an XLA device: each step is one compiled program (forward,
+/// backward, logits kept for accuracy); the optimizer updates the host parameters in the
+/// [`TrainState`], exactly as [`Trainer`](crate::nn::Trainer) does, so checkpoints and CPU
+/// evaluation work unchanged.
+#[derive(Debug)]
+pub struct XlaTrainer {
+    model: Model,
+    exec: XlaExecutor,
+    features: Vec<f32>,
+    labels: Vec<i32>,
+}
+
+impl XlaTrainer {
+    /// A trainer for `model` on `device`.
+    ///
+    /// # Errors
+    /// As [`XlaExecutor::new`].
+    pub fn new(device: XlaDevice, model: Model) -> Result<Self, NnError> {
+        let exec = XlaExecutor::new(device, &model.graph)?;
+        Ok(XlaTrainer { model, exec, features: Vec::new(), labels: Vec::new() })
+    }
+
+    /// The model.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The executor (to set inputs or read values and gradients).
+    pub fn executor(&mut self) -> &mut XlaExecutor {
+        &mut self.exec
+    }
+
+    /// One optimizer step on the batch currently set in the executor; returns the loss.
+    ///
+    /// # Errors
+    /// As [`XlaExecutor::train_step`]; [`NnError::Argument`] if the optimizer's moments do
+    /// not fit the parameters.
+    pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
+        state.optimizer.check_fits(&state.params, "XlaTrainer::step")?;
+        self.exec.set_training(true);
+        self.exec.set_seed(state.rng.next_u64());
+        let loss = self.exec.train_step(&state.params, self.model.loss, &[self.model.logits])?;
+        let exec = &self.exec;
+        state.optimizer.step(&mut state.params, |i| exec.param_grad(i));
+        state.step += 1;
+        Ok(loss)
+    }
+
+    /// One epoch of a classifier over `data` (full batches from the state's loader).
+    ///
+    /// # Errors
+    /// As [`Trainer::train_epoch`](crate::nn::Trainer::train_epoch).
+    pub fn train_epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats, NnError> {
+        let (input, target, logits) = (self.model.input, self.model.target, self.model.logits);
+        let batch = self.model.graph.shape(input)?.first().copied().unwrap_or(0);
+        let classes = check_classifier_epoch(
+            "XlaTrainer::train_epoch",
+            &self.model,
+            &state.loader,
+            batch,
+            (data.len(), data.dim),
+        )?;
+        self.features.resize(batch * data.dim, 0.0);
+        self.labels.resize(batch, 0);
+        let mut tally = EpochTally::start();
+        while let Some(rows) = state.loader.next_batch() {
+            let rows = rows.to_vec();
+            data.gather_features(&rows, &mut self.features);
+            data.gather_labels(&rows, &mut self.labels);
+            self.exec.set_value(input, &self.features)?;
+            self.exec.set_ids(target, &self.labels)?;
+            let loss = self.step(state)?;
+            tally.batch(loss, rows.len());
+            tally.classified(self.exec.value(logits)?, classes, self.labels.iter().copied());
+        }
+        state.epoch += 1;
+        Ok(tally.finish())
+    }
+}

@@ -1,0 +1,351 @@
+//! `Hlo`: a writer of StableHLO functions in MLIR's generic op syntax, one SSA value per
+//! call. It knows the ops' textual forms and result types; what to compute is the lowering's
+//! business (`lower.rs`).
+//!
+//! Floats are written as their exact bit patterns (`0x3F800000`), so constants reach XLA
+//! unrounded and infinities need no special spelling.
+use std::fmt::Write as _;
+
+/// Element types of the values written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Elem {
+    F32,
+    I32,
+    /// Booleans (comparison results).
+    I1,
+}
+
+impl Elem {
+    fn mlir(self) -> &'static str {
+        match self {
+            Elem::F32 => "f32",
+            Elem::I32 => "i32",
+            Elem::I1 => "i1",
+        }
+    }
+}
+
+/// One SSA value: its name and type.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Val {
+    name: String,
+    pub(crate) shape: Vec<usize>,
+    pub(crate) elem: Elem,
+}
+
+impl Val {
+    pub(crate) fn ty(&self) -> String {
+        tensor_type(&self.shape, self.elem)
+    }
+}
+
+/// `tensor<2x3xf32>`, or `tensor<f32>` for a scalar.
+pub(crate) fn tensor_type(shape: &[usize], elem: Elem) -> String {
+    let mut s = String::from("tensor<");
+    for d in shape {
+        let _ = write!(s, "{d}x");
+    }
+    s.push_str(elem.mlir());
+    s.push('>');
+    s
+}
+
+fn i64_array(values: &[usize]) -> String {
+    let list: Vec<String> = values.iter().map(|v| v.to_string()).collect();
+    if list.is_empty() {
+        "array<i64>".into()
+    } else {
+        format!("array<i64: {}>", list.join(", "))
+    }
+}
+
+/// How a reduction combines elements.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Combine {
+    Add,
+    Max,
+}
+
+/// A comparison.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Compare {
+    Eq,
+    Gt,
+}
+
+/// Convolution settings: the dimension numbers in StableHLO's short form, and per spatial
+/// axis the stride, the (low, high) padding and the input and kernel dilations.
+pub(crate) struct ConvSpec<'a> {
+    pub(crate) dims: &'a str,
+    pub(crate) strides: [usize; 2],
+    pub(crate) padding: [(i64, i64); 2],
+    pub(crate) lhs_dilation: [usize; 2],
+    pub(crate) rhs_dilation: [usize; 2],
+}
+
+/// A function being written: its parameters, body and results.
+#[derive(Debug, Default)]
+pub(crate) struct Hlo {
+    params: Vec<Val>,
+    body: String,
+    next: usize,
+}
+
+impl Hlo {
+    pub(crate) fn new() -> Self {
+        Hlo::default()
+    }
+
+    fn fresh(&mut self) -> String {
+        self.next += 1;
+        format!("%v{}", self.next)
+    }
+
+    /// Adds a parameter of `main`.
+    pub(crate) fn param(&mut self, shape: &[usize], elem: Elem) -> Val {
+        let v = Val { name: format!("%arg{}", self.params.len()), shape: shape.to_vec(), elem };
+        self.params.push(v.clone());
+        v
+    }
+
+    /// Writes `%r = "op"(inputs) {attrs} : (types) -> type` and returns `%r`.
+    fn op(&mut self, op: &str, inputs: &[&Val], attrs: &str, shape: &[usize], elem: Elem) -> Val {
+        let name = self.fresh();
+        let out = Val { name, shape: shape.to_vec(), elem };
+        let names: Vec<&str> = inputs.iter().map(|v| v.name.as_str()).collect();
+        let types: Vec<String> = inputs.iter().map(|v| v.ty()).collect();
+        let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{attrs}}}") };
+        let _ = writeln!(
+            self.body,
+            "    {} = \"stablehlo.{op}\"({}){attrs} : ({}) -> {}",
+            out.name,
+            names.join(", "),
+            types.join(", "),
+            out.ty()
+        );
+        out
+    }
+
+    /// A tensor of `shape` whose every element is `value`.
+    pub(crate) fn splat(&mut self, value: f32, shape: &[usize]) -> Val {
+        let ty = tensor_type(shape, Elem::F32);
+        self.op(
+            "constant",
+            &[],
+            &format!("value = dense<0x{:08X}> : {ty}", value.to_bits()),
+            shape,
+            Elem::F32,
+        )
+    }
+
+    /// Elementwise binary op (`add`, `subtract`, `multiply`, `divide`, `maximum`) on equal
+    /// shapes.
+    pub(crate) fn binary(&mut self, op: &str, a: &Val, b: &Val) -> Val {
+        self.op(op, &[a, b], "", &a.shape.clone(), a.elem)
+    }
+
+    pub(crate) fn add(&mut self, a: &Val, b: &Val) -> Val {
+        self.binary("add", a, b)
+    }
+
+    pub(crate) fn sub(&mut self, a: &Val, b: &Val) -> Val {
+        self.binary("subtract", a, b)
+    }
+
+    pub(crate) fn mul(&mut self, a: &Val, b: &Val) -> Val {
+        self.binary("multiply", a, b)
+    }
+
+    /// Elementwise unary op (`exponential`, `log`, `tanh`, `logistic`, `negate`, `rsqrt`).
+    pub(crate) fn unary(&mut self, op: &str, a: &Val) -> Val {
+        self.op(op, &[a], "", &a.shape.clone(), a.elem)
+    }
+
+    /// `a * scalar` for a constant scalar.
+    pub(crate) fn scale(&mut self, a: &Val, by: f32) -> Val {
+        let c = self.splat(by, &a.shape);
+        self.mul(a, &c)
+    }
+
+    /// Broadcasts `a` to `shape`; `a`'s axis `i` becomes axis `dims[i]`.
+    pub(crate) fn broadcast(&mut self, a: &Val, shape: &[usize], dims: &[usize]) -> Val {
+        if a.shape == shape {
+            return a.clone();
+        }
+        self.op(
+            "broadcast_in_dim",
+            &[a],
+            &format!("broadcast_dimensions = {}", i64_array(dims)),
+            shape,
+            a.elem,
+        )
+    }
+
+    pub(crate) fn reshape(&mut self, a: &Val, shape: &[usize]) -> Val {
+        if a.shape == shape {
+            return a.clone();
+        }
+        self.op("reshape", &[a], "", shape, a.elem)
+    }
+
+    pub(crate) fn reverse(&mut self, a: &Val, dims: &[usize]) -> Val {
+        self.op("reverse", &[a], &format!("dimensions = {}", i64_array(dims)), &a.shape.clone(), a.elem)
+    }
+
+    /// Counts along axis `dim` of `shape`.
+    pub(crate) fn iota(&mut self, shape: &[usize], dim: usize, elem: Elem) -> Val {
+        self.op("iota", &[], &format!("iota_dimension = {dim} : i64"), shape, elem)
+    }
+
+    pub(crate) fn compare(&mut self, a: &Val, b: &Val, how: Compare) -> Val {
+        let dir = match how {
+            Compare::Eq => "EQ",
+            Compare::Gt => "GT",
+        };
+        let attrs = format!("comparison_direction = #stablehlo<comparison_direction {dir}>");
+        self.op("compare", &[a, b], &attrs, &a.shape.clone(), Elem::I1)
+    }
+
+    /// `pred ? a : b`, elementwise.
+    pub(crate) fn select(&mut self, pred: &Val, a: &Val, b: &Val) -> Val {
+        self.op("select", &[pred, a, b], "", &a.shape.clone(), a.elem)
+    }
+
+    /// `a · b`, contracting `a`'s axis `ca` with `b`'s axis `cb` (rank-2 operands).
+    pub(crate) fn dot(&mut self, a: &Val, b: &Val, ca: usize, cb: usize) -> Val {
+        let shape = [a.shape[1 - ca], b.shape[1 - cb]];
+        let attrs = format!(
+            "dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [{ca}], \
+             rhs_contracting_dimensions = [{cb}]>"
+        );
+        self.op("dot_general", &[a, b], &attrs, &shape, Elem::F32)
+    }
+
+    /// A region `^bb0(%x: tensor<f32>, %y: tensor<f32>)` returning `combine(x, y)`.
+    fn combiner_region(&mut self, combine: &str) -> String {
+        let (x, y, r) = (self.fresh(), self.fresh(), self.fresh());
+        let t = tensor_type(&[], Elem::F32);
+        format!(
+            "({{\n    ^bb0({x}: {t}, {y}: {t}):\n      {r} = \"stablehlo.{combine}\"({x}, {y}) : ({t}, {t}) -> {t}\n      \
+             \"stablehlo.return\"({r}) : ({t}) -> ()\n    }})"
+        )
+    }
+
+    /// Reduces `a` over the axes `dims` (f32).
+    pub(crate) fn reduce(&mut self, a: &Val, dims: &[usize], how: Combine) -> Val {
+        let (init_value, combine) = match how {
+            Combine::Add => (0.0, "add"),
+            Combine::Max => (f32::NEG_INFINITY, "maximum"),
+        };
+        let init = self.splat(init_value, &[]);
+        let shape: Vec<usize> =
+            a.shape.iter().enumerate().filter(|(i, _)| !dims.contains(i)).map(|(_, &d)| d).collect();
+        let region = self.combiner_region(combine);
+        let out = Val { name: self.fresh(), shape, elem: Elem::F32 };
+        let _ = writeln!(
+            self.body,
+            "    {} = \"stablehlo.reduce\"({}, {}) {region} {{dimensions = {}}} : ({}, {}) -> {}",
+            out.name,
+            a.name,
+            init.name,
+            i64_array(dims),
+            a.ty(),
+            init.ty(),
+            out.ty()
+        );
+        out
+    }
+
+    /// Sums `a` over axes `dims` and keeps them as size 1 broadcast back: `a`'s shape.
+    pub(crate) fn reduce_keep(&mut self, a: &Val, dims: &[usize], how: Combine) -> Val {
+        let r = self.reduce(a, dims, how);
+        let kept: Vec<usize> = (0..a.shape.len()).filter(|i| !dims.contains(i)).collect();
+        self.broadcast(&r, &a.shape.clone(), &kept)
+    }
+
+    pub(crate) fn conv(&mut self, lhs: &Val, rhs: &Val, spec: &ConvSpec<'_>, shape: &[usize]) -> Val {
+        let [(pl0, ph0), (pl1, ph1)] = spec.padding;
+        let attrs = format!(
+            "dimension_numbers = #stablehlo.conv<{}>, window_strides = {}, \
+             padding = dense<[[{pl0}, {ph0}], [{pl1}, {ph1}]]> : tensor<2x2xi64>, lhs_dilation = {}, \
+             rhs_dilation = {}, feature_group_count = 1 : i64, batch_group_count = 1 : i64",
+            spec.dims,
+            i64_array(&spec.strides),
+            i64_array(&spec.lhs_dilation),
+            i64_array(&spec.rhs_dilation)
+        );
+        self.op("convolution", &[lhs, rhs], &attrs, shape, Elem::F32)
+    }
+
+    /// Max over `size × size` windows of the last two axes of a rank-4 `x`.
+    pub(crate) fn max_pool(&mut self, x: &Val, size: usize, stride: usize, shape: &[usize]) -> Val {
+        let init = self.splat(f32::NEG_INFINITY, &[]);
+        let region = self.combiner_region("maximum");
+        let out = Val { name: self.fresh(), shape: shape.to_vec(), elem: Elem::F32 };
+        let _ = writeln!(
+            self.body,
+            "    {} = \"stablehlo.reduce_window\"({}, {}) {region} {{window_dimensions = {}, window_strides = {}}} \
+             : ({}, {}) -> {}",
+            out.name,
+            x.name,
+            init.name,
+            i64_array(&[1, 1, size, size]),
+            i64_array(&[1, 1, stride, stride]),
+            x.ty(),
+            init.ty(),
+            out.ty()
+        );
+        out
+    }
+
+    /// The gradient of [`Hlo::max_pool`]: each window's `g` goes to the first of its
+    /// largest elements of `x`.
+    pub(crate) fn max_pool_grad(&mut self, x: &Val, g: &Val, size: usize, stride: usize) -> Val {
+        let init = self.splat(0.0, &[]);
+        let t = tensor_type(&[], Elem::F32);
+        let b = tensor_type(&[], Elem::I1);
+        let (x1, x2, c) = (self.fresh(), self.fresh(), self.fresh());
+        let select = format!(
+            "{{\n    ^bb0({x1}: {t}, {x2}: {t}):\n      {c} = \"stablehlo.compare\"({x1}, {x2}) \
+             {{comparison_direction = #stablehlo<comparison_direction GE>}} : ({t}, {t}) -> {b}\n      \
+             \"stablehlo.return\"({c}) : ({b}) -> ()\n    }}"
+        );
+        let scatter = self.combiner_region("add");
+        let scatter = scatter.trim_start_matches('(').trim_end_matches(')');
+        let out = Val { name: self.fresh(), shape: x.shape.clone(), elem: Elem::F32 };
+        let _ = writeln!(
+            self.body,
+            "    {} = \"stablehlo.select_and_scatter\"({}, {}, {}) ({select}, {scatter}) \
+             {{window_dimensions = {}, window_strides = {}}} : ({}, {}, {}) -> {}",
+            out.name,
+            x.name,
+            g.name,
+            init.name,
+            i64_array(&[1, 1, size, size]),
+            i64_array(&[1, 1, stride, stride]),
+            x.ty(),
+            g.ty(),
+            init.ty(),
+            out.ty()
+        );
+        out
+    }
+
+    /// The module text: `func.func @main(params) -> results`.
+    pub(crate) fn finish(self, results: &[Val]) -> String {
+        let params: Vec<String> = self.params.iter().map(|p| format!("{}: {}", p.name, p.ty())).collect();
+        let names: Vec<&str> = results.iter().map(|v| v.name.as_str()).collect();
+        let types: Vec<String> = results.iter().map(|v| v.ty()).collect();
+        if results.is_empty() {
+            return format!("func.func @main({}) -> () {{\n{}    return\n}}\n", params.join(", "), self.body);
+        }
+        format!(
+            "func.func @main({}) -> ({}) {{\n{}    return {} : {}\n}}\n",
+            params.join(", "),
+            types.join(", "),
+            self.body,
+            names.join(", "),
+            types.join(", ")
+        )
+    }
+}

@@ -1,0 +1,313 @@
+//! XLA device tests (feature `xla`): the same graphs on the CPU executor and on the PJRT CPU
+//! plugin that `scripts/install-deps.sh` installs (or the plugin `TESSERA_PJRT_PLUGIN`
+//! names) give the same values and gradients, train to the same accuracy, and report what
+//! they cannot run as errors.
+#![cfg(feature = "xla")]
+
+use anyhow::Result;
+use tessera::nn::{
+    char_gru, lenet, mlp, Activation, CpuExecutor, DType, Dataset, Evaluator, Executor, Graph, Init, NnError,
+    NodeId, Op, OptimizerConfig, Params, Rng, TrainState, Trainer, XlaExecutor, XlaTrainer,
+};
+use tessera::XlaDevice;
+
+fn device() -> XlaDevice {
+    XlaDevice::open_default().expect("the PJRT CPU plugin (scripts/install-deps.sh installs it)")
+}
+
+fn close(what: &str, got: &[f32], expected: &[f32]) {
+    assert_eq!(got.len(), expected.len(), "{what}: lengths");
+    for (i, (g, e)) in got.iter().zip(expected).enumerate() {
+        assert!((g - e).abs() <= 1e-4 + 1e-3 * e.abs(), "{what}[{i}]: XLA {g}, CPU {e}");
+    }
+}
+
+/// Sets the same inputs on both executors: normal f32 values, and ids below the class
+/// count or vocabulary of the op that reads them.
+fn set_inputs(graph: &Graph, last: NodeId, rng: &mut Rng, execs: &mut [&mut dyn Executor]) {
+    for id in ids(graph, last) {
+        let node = &graph.nodes()[id.index()];
+        if !matches!(node.op, Op::Input) {
+            continue;
+        }
+        match node.dtype {
+            DType::I32 => {
+                let limit = graph
+                    .nodes()
+                    .iter()
+                    .find_map(|n| match n.op {
+                        Op::SoftmaxCrossEntropy if n.inputs[1] == id => {
+                            Some(graph.nodes()[n.inputs[0].index()].shape[1])
+                        }
+                        Op::Embedding if n.inputs[0] == id => {
+                            Some(graph.nodes()[n.inputs[1].index()].shape[0])
+                        }
+                        _ => None,
+                    })
+                    .unwrap_or(1);
+                let ids: Vec<i32> = (0..node.len()).map(|k| (k * 7 % limit) as i32).collect();
+                for e in execs.iter_mut() {
+                    e.set_ids(id, &ids).unwrap();
+                }
+            }
+            _ => {
+                let x: Vec<f32> = (0..node.len()).map(|_| rng.normal()).collect();
+                for e in execs.iter_mut() {
+                    e.set_value(id, &x).unwrap();
+                }
+            }
+        }
+    }
+}
+
+/// Forward and backward from `loss` on both executors; compares every f32 value, every
+/// node gradient and every parameter gradient.
+fn compare(graph: &Graph, loss: NodeId, training: bool, seed: u64) {
+    let mut rng = Rng::seed(seed);
+    let params = Params::init(graph, &mut rng);
+    let mut cpu = CpuExecutor::new(graph);
+    let mut xla = XlaExecutor::new(device(), graph).unwrap();
+    set_inputs(graph, loss, &mut rng, &mut [&mut cpu, &mut xla]);
+    for exec in [&mut cpu as &mut dyn Executor, &mut xla] {
+        exec.set_training(training);
+        exec.set_seed(seed);
+        exec.forward(&params, 0..loss.index() + 1).unwrap();
+        exec.backward_from(&params, loss).unwrap();
+    }
+    let all = ids(graph, loss);
+    assert_eq!(all.len(), loss.index() + 1, "every node is compared");
+    for id in all {
+        let node = &graph.nodes()[id.index()];
+        let what = format!("node {} ({})", id.index(), node.name);
+        if node.dtype == DType::F32 && !matches!(node.op, Op::Param { .. }) {
+            close(&format!("{what} value"), xla.value(id).unwrap(), cpu.value(id).unwrap());
+        }
+        if let Ok(expected) = cpu.grad(id) {
+            close(&format!("{what} gradient"), xla.grad(id).unwrap(), expected);
+        }
+    }
+    for (index, spec) in graph.params().iter().enumerate() {
+        close(&format!("{} gradient", spec.name), xla.param_grad(index), cpu.param_grad(index));
+    }
+}
+
+/// Every node id of `graph` up to `last`: those its nodes read, the parameters', and `last`
+/// (`NodeId`s are made only by graphs).
+fn ids(graph: &Graph, last: NodeId) -> Vec<NodeId> {
+    let mut ids: Vec<NodeId> = graph.nodes().iter().flat_map(|n| n.inputs.iter().copied()).collect();
+    ids.extend(graph.params().iter().map(|p| p.node));
+    ids.push(last);
+    ids.retain(|id| id.index() <= last.index());
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+#[test]
+fn a_missing_plugin_is_a_clear_error() {
+    let err = XlaDevice::open(std::path::Path::new("/nonexistent/pjrt.so")).unwrap_err();
+    assert!(err.to_string().contains("no PJRT plugin at /nonexistent/pjrt.so"), "{err}");
+}
+
+#[test]
+fn the_device_is_the_cpu_plugin() {
+    assert_eq!(device().platform(), "cpu");
+}
+
+#[test]
+fn mlp_matches_the_cpu() {
+    let model = mlp(8, &[12, 16, 5]).unwrap();
+    compare(&model.graph, model.loss, true, 1);
+}
+
+#[test]
+fn lenet_matches_the_cpu() {
+    let model = lenet(4, 8, 10).unwrap();
+    compare(&model.graph, model.loss, false, 2);
+}
+
+/// Dropout in training: the XLA executor drops the elements the CPU executor drops (the
+/// masks come from the same seed).
+#[test]
+fn lenet_in_training_matches_the_cpu() {
+    let model = lenet(4, 8, 10).unwrap();
+    compare(&model.graph, model.loss, true, 5);
+}
+
+/// Every other op the XLA executor runs: a strided, padded convolution with a fused tanh,
+/// overlapping max-pool windows, reshape, constant, broadcast add, matmul, sigmoid, softmax,
+/// a linear layer with a fused sigmoid, layer norm, GELU, sub, mul, dropout (in evaluation,
+/// then in training), an embedding, and an MSE loss beside the cross-entropy.
+#[test]
+fn every_op_matches_the_cpu() {
+    let mut g = Graph::new();
+    let x = g.input("x", &[2, 3, 7, 7], DType::F32);
+    let w = g.param("w", &[4, 3, 3, 3], Init::Normal { std: 0.3 }).unwrap();
+    let b = g.param("b", &[4], Init::Normal { std: 0.1 }).unwrap();
+    let h = g.conv2d(x, w, b, 2, 1, Activation::Tanh).unwrap(); // [2, 4, 4, 4]
+    let h = g.max_pool2d(h, 2, 1).unwrap(); // [2, 4, 3, 3]
+    let h = g.reshape(h, &[2, 36]).unwrap();
+    let c = g.constant(&[36], 0.25);
+    let h = g.add(h, c).unwrap();
+    let m = g.param("m", &[36, 6], Init::Normal { std: 0.2 }).unwrap();
+    let h = g.matmul(h, m).unwrap();
+    let bias = g.param("bias", &[6], Init::Normal { std: 0.2 }).unwrap();
+    let h = g.add(h, bias).unwrap();
+    let h = g.act(h, Activation::Sigmoid).unwrap();
+    let h = g.softmax(h).unwrap();
+    let w2 = g.param("w2", &[6, 5], Init::Normal { std: 0.5 }).unwrap();
+    let b2 = g.param("b2", &[5], Init::Zeros).unwrap();
+    let h = g.linear(h, w2, b2, Activation::Sigmoid).unwrap();
+    let gamma = g.param("gamma", &[5], Init::Normal { std: 1.0 }).unwrap();
+    let beta = g.param("beta", &[5], Init::Normal { std: 0.1 }).unwrap();
+    let h = g.layer_norm(h, gamma, beta, 1e-5).unwrap();
+    let h = g.gelu(h).unwrap();
+    let ids = g.input("ids", &[2], DType::I32);
+    let table = g.param("table", &[9, 5], Init::Normal { std: 0.5 }).unwrap();
+    let e = g.embedding(ids, table).unwrap();
+    let h = g.mul(h, e).unwrap();
+    let h2 = g.act(h, Activation::Tanh).unwrap();
+    let h = g.sub(h, h2).unwrap();
+    let h = g.dropout(h, 0.5).unwrap();
+    let labels = g.input("labels", &[2], DType::I32);
+    let ce = g.softmax_cross_entropy(h, labels).unwrap();
+    let target = g.input("target", &[2, 5], DType::F32);
+    let mse = g.mse(h, target).unwrap();
+    let both = g.add(ce, mse).unwrap();
+    compare(&g, both, false, 3);
+    compare(&g, both, true, 6);
+}
+
+/// A pipeline stage's calls: forward over a middle range with its stage input set, and
+/// backward seeded with the output's gradient, as on the CPU.
+#[test]
+fn a_stage_range_runs_as_on_the_cpu() {
+    let model = mlp(4, &[6, 8, 8, 3]).unwrap();
+    let g = &model.graph;
+    let mut rng = Rng::seed(4);
+    let params = Params::init(g, &mut rng);
+    // The second linear layer as a stage.
+    let linears: Vec<usize> = g
+        .nodes()
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| matches!(n.op, Op::Linear { .. }))
+        .map(|(i, _)| i)
+        .collect();
+    let stage = linears[0] + 1..linears[1] + 1;
+    let inputs = g.stage_inputs(stage.clone());
+    let outputs = ids(g, model.loss)[linears[1]];
+    let mut cpu = CpuExecutor::new(g);
+    let mut xla = XlaExecutor::new(device(), g).unwrap();
+    let act: Vec<f32> = (0..g.nodes()[inputs[0].index()].len()).map(|_| rng.normal()).collect();
+    let seed: Vec<f32> = (0..g.nodes()[outputs.index()].len()).map(|_| rng.normal()).collect();
+    for exec in [&mut cpu as &mut dyn Executor, &mut xla] {
+        exec.set_value(inputs[0], &act).unwrap();
+        exec.forward(&params, stage.clone()).unwrap();
+        exec.backward(&params, stage.clone(), &[(outputs, &seed)]).unwrap();
+    }
+    close("stage output", xla.value(outputs).unwrap(), cpu.value(outputs).unwrap());
+    close("stage input gradient", xla.grad(inputs[0]).unwrap(), cpu.grad(inputs[0]).unwrap());
+    for p in g.stage_params(stage) {
+        close("stage parameter gradient", xla.param_grad(p), cpu.param_grad(p));
+    }
+}
+
+#[test]
+fn what_xla_cannot_run_is_an_error() -> Result<()> {
+    // A GRU has no lowering: refused when the executor is made, naming the op.
+    let model = char_gru(2, 3, 5, 4, 8)?;
+    let err = XlaExecutor::new(device(), &model.graph).unwrap_err();
+    assert!(matches!(err, NnError::Unsupported { backend: "XLA", .. }), "{err}");
+    assert!(err.to_string().starts_with("the XLA executor cannot run op `select_step`"), "{err}");
+    Ok(())
+}
+
+#[test]
+fn bad_inputs_are_errors_not_panics() -> Result<()> {
+    let model = mlp(2, &[3, 4, 2])?;
+    let params = Params::init(&model.graph, &mut Rng::seed(1));
+    let mut xla = XlaExecutor::new(device(), &model.graph)?;
+    // Wrong lengths and types.
+    assert!(matches!(xla.set_value(model.input, &[1.0; 5]), Err(NnError::Length { .. })));
+    assert!(matches!(xla.set_ids(model.input, &[1; 6]), Err(NnError::DType { .. })));
+    // Inputs not set.
+    let err = xla.forward(&params, 0..model.loss.index() + 1).unwrap_err();
+    assert!(matches!(err, NnError::MissingValue { .. }), "{err}");
+    // A label outside the classes.
+    xla.set_value(model.input, &[0.5; 6])?;
+    xla.set_ids(model.target, &[0, 2])?;
+    let err = xla.forward(&params, 0..model.loss.index() + 1).unwrap_err();
+    assert!(matches!(err, NnError::IdOutOfRange { id: 2, position: 1, limit: 2, .. }), "{err}");
+    // Parameters of another model.
+    let other = Params::init(&mlp(2, &[3, 5, 2])?.graph, &mut Rng::seed(1));
+    xla.set_ids(model.target, &[0, 1])?;
+    let err = xla.forward(&other, 0..model.loss.index() + 1).unwrap_err();
+    assert!(matches!(err, NnError::ParamMismatch { .. }), "{err}");
+    // Backward before forward.
+    let err = xla.backward_from(&params, model.loss).unwrap_err();
+    assert!(matches!(err, NnError::MissingValue { .. }), "{err}");
+    Ok(())
+}
+
+fn digits() -> Dataset {
+    Dataset::digits(concat!(env!("CARGO_MANIFEST_DIR"), "/data/digits.csv")).unwrap()
+}
+
+/// Three optimizer steps on XLA give the CPU trainer's losses and parameters; the step is
+/// compiled once.
+#[test]
+fn steps_match_the_cpu_trainer() -> Result<()> {
+    let data = digits();
+    let model = mlp(32, &[64, 32, 10])?;
+    let mut cpu_state = TrainState::new(&model, OptimizerConfig::sgd(0.1, 0.9), data.len(), 32, 5);
+    let mut xla_state = cpu_state.clone();
+    let indices: Vec<usize> = (0..32).collect();
+    let (mut x, mut y) = (vec![0f32; 32 * 64], vec![0i32; 32]);
+    data.gather(&indices, &mut x, &mut y);
+    let mut cpu = Trainer::new(model.clone());
+    let mut xla = XlaTrainer::new(device(), model.clone())?;
+    for _ in 0..3 {
+        cpu.executor().set_value(model.input, &x)?;
+        cpu.executor().set_ids(model.target, &y)?;
+        let cpu_loss = cpu.step(&mut cpu_state)?;
+        xla.executor().set_value(model.input, &x)?;
+        xla.executor().set_ids(model.target, &y)?;
+        let xla_loss = xla.step(&mut xla_state)?;
+        assert!((cpu_loss - xla_loss).abs() < 1e-4, "loss {xla_loss} vs {cpu_loss}");
+    }
+    assert_eq!(xla.executor().compiled_programs(), 1);
+    assert_eq!((xla_state.step, xla_state.rng.clone()), (cpu_state.step, cpu_state.rng.clone()));
+    for (t, (a, b)) in xla_state.params.tensors.iter().zip(&cpu_state.params.tensors).enumerate() {
+        close(&format!("parameter {t}"), &a.data, &b.data);
+    }
+    Ok(())
+}
+
+/// The MLP and the CNN train on digits on XLA to the accuracy the CPU reaches.
+#[test]
+fn mlp_and_cnn_train_on_digits() -> Result<()> {
+    let (train, test) = digits().split(0.2, 42);
+    for (name, model, eval, epochs) in [
+        ("mlp", mlp(32, &[64, 128, 64, 10])?, mlp(test.len(), &[64, 128, 64, 10])?, 15),
+        ("cnn", lenet(32, 8, 10)?, lenet(test.len(), 8, 10)?, 10),
+    ] {
+        let config = OptimizerConfig::adam(3e-3);
+        let mut cpu_state = TrainState::new(&model, config.clone(), train.len(), 32, 1);
+        let mut xla_state = cpu_state.clone();
+        let mut cpu = Trainer::new(model.clone());
+        let mut xla = XlaTrainer::new(device(), model.clone())?;
+        for _ in 0..epochs {
+            cpu.train_epoch(&mut cpu_state, &train)?;
+            let stats = xla.train_epoch(&mut xla_state, &train)?;
+            assert!(stats.loss.is_finite() && stats.samples > 0, "{stats:?}");
+        }
+        let mut evaluator = Evaluator::new(eval);
+        let cpu_acc = evaluator.classify(&cpu_state.params, &test)?.accuracy;
+        let xla_acc = evaluator.classify(&xla_state.params, &test)?.accuracy;
+        eprintln!("{name}: test accuracy CPU {cpu_acc:.4}, XLA {xla_acc:.4}");
+        assert!(xla_acc > 0.9, "{name}: XLA-trained accuracy {xla_acc}");
+        assert!((xla_acc - cpu_acc).abs() < 0.03, "{name}: XLA {xla_acc} vs CPU {cpu_acc}");
+    }
+    Ok(())
+}
