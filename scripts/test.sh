@@ -16,6 +16,9 @@ cargo run --release --features s3,postgres,xla --example quickstart
 # The distributed-array tour: a least-squares fit and a product over 2 node processes,
 # checked (it fails when the fit is off or the saved array does not load back equal).
 cargo run --release --features s3,postgres,xla --example darray
+# One model definition on the CPU executor and on XLA (the PJRT CPU plugin): the MLP and the
+# CNN train to the same accuracy (the example fails otherwise).
+cargo run --release --features s3,postgres,xla --example xla
 # Every target builds and links with the CUDA feature on a machine without CUDA.
 cargo test --release --features cuda --all-targets --no-run
 # The CUDA feature without a GPU: discovery must say so, every kernel must compile to PTX

@@ -344,12 +344,15 @@ pub struct XlaTrainer {
 }
 
 impl XlaTrainer {
-    /// A trainer for `model` on `device`.
+    /// A trainer for `model` on `device`, with its training step compiled now (so that a
+    /// program the device rejects fails here, and epochs time only training).
     ///
     /// # Errors
-    /// As [`XlaExecutor::new`].
+    /// As [`XlaExecutor::new`]; [`NnError::Xla`] if the step does not compile.
     pub fn new(device: XlaDevice, model: Model) -> Result<Self, NnError> {
-        let exec = XlaExecutor::new(device, &model.graph)?;
+        let mut exec = XlaExecutor::new(device, &model.graph)?;
+        rules::check_in_graph(&model.graph, &(0..model.loss.index() + 1))?;
+        exec.compile(&Key::Step(model.loss.index(), vec![model.logits.index()], true))?;
         Ok(XlaTrainer { model, exec, features: Vec::new(), labels: Vec::new() })
     }
 

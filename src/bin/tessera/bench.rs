@@ -11,6 +11,8 @@ mod darray;
 mod store;
 mod tasks;
 pub(crate) mod train;
+#[cfg(feature = "xla")]
+mod xla;
 
 mod nn;
 mod pipeline;
@@ -26,7 +28,8 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Args)]
 pub(crate) struct BenchArgs {
-    /// The suite to run: tasks, sched, cluster, darray, collectives, nn, train, pipeline, store, cuda.
+    /// The suite to run: tasks, sched, cluster, darray, collectives, nn, train, pipeline, store, cuda,
+    /// xla.
     suite: String,
     /// Print one JSON object per line instead of a table.
     #[arg(long)]
@@ -104,8 +107,12 @@ pub(crate) fn run(args: BenchArgs) -> Result<()> {
         "cuda" => cuda::run(&reporter, args.small),
         #[cfg(not(feature = "cuda"))]
         "cuda" => bail!("the cuda suite needs a build with `--features cuda`"),
+        #[cfg(feature = "xla")]
+        "xla" => xla::run(&reporter),
+        #[cfg(not(feature = "xla"))]
+        "xla" => bail!("the xla suite needs a build with `--features xla`"),
         other => {
-            bail!("unknown bench suite `{other}`; known suites: tasks, sched, cluster, darray, collectives, nn, train, pipeline, store, cuda")
+            bail!("unknown bench suite `{other}`; known suites: tasks, sched, cluster, darray, collectives, nn, train, pipeline, store, cuda, xla")
         }
     }
 }

@@ -10,8 +10,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tessera::nn::{
-    char_gru, lenet, mlp, tiny_transformer, window_count, Dataset, Evaluator, Model, OptimizerConfig,
-    TextCorpus, TrainState, Trainer, TransformerConfig,
+    char_gru, lenet, mlp, tiny_transformer, window_count, Dataset, EpochStats, Evaluator, Model,
+    OptimizerConfig, TextCorpus, TrainState, Trainer, TransformerConfig,
 };
 
 use super::{median, Reporter};
@@ -20,24 +20,35 @@ fn data_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("data")
 }
 
+/// A trainer that runs classifier epochs (on the CPU executor, or another device's).
+pub(crate) trait EpochTrainer {
+    fn epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats>;
+}
+
+impl EpochTrainer for Trainer {
+    fn epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats> {
+        Ok(self.train_epoch(state, data)?)
+    }
+}
+
 /// Trains from scratch `epochs` epochs with a cosine learning-rate decay; returns the
 /// training samples/s (training steps only) and the final test accuracy.
-fn train_digits(
+fn train_digits<T: EpochTrainer>(
     build: &dyn Fn(usize) -> Result<Model>,
     config: OptimizerConfig,
     epochs: usize,
-    train: &Dataset,
-    test: &Dataset,
+    (train, test): (&Dataset, &Dataset),
+    make_trainer: &dyn Fn(Model) -> Result<T>,
 ) -> Result<(f64, f64)> {
     let model = build(64)?;
     let peak = config.lr();
     let mut state = TrainState::new(&model, config, train.len(), 64, 1);
-    let mut trainer = Trainer::new(model);
+    let mut trainer = make_trainer(model)?;
     let (mut samples, mut seconds) = (0usize, 0.0f64);
     for epoch in 0..epochs {
         let lr = peak * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / epochs as f32).cos());
         state.optimizer.set_lr(lr);
-        let stats = trainer.train_epoch(&mut state, train)?;
+        let stats = trainer.epoch(&mut state, train)?;
         samples += stats.samples;
         seconds += stats.seconds;
     }
@@ -45,25 +56,45 @@ fn train_digits(
     Ok((samples as f64 / seconds, 100.0 * accuracy as f64))
 }
 
-fn digits_case(
+/// One digits case of a suite: `runs` trainings from scratch; reports
+/// `<suite>/<name>_train_samples_per_s` (median) and `<suite>/<name>_test_accuracy`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn digits_case<T: EpochTrainer>(
     reporter: &Reporter,
+    suite: &str,
     name: &str,
     build: &dyn Fn(usize) -> Result<Model>,
     config: OptimizerConfig,
     epochs: usize,
     runs: usize,
+    make_trainer: &dyn Fn(Model) -> Result<T>,
 ) -> Result<()> {
     let (train, test) = Dataset::digits(data_dir().join("digits.csv"))?.split(0.2, 42);
     let mut rates = Vec::new();
     let mut accuracy = 0.0;
     for _ in 0..runs {
-        let (rate, acc) = train_digits(build, config.clone(), epochs, &train, &test)?;
+        let (rate, acc) = train_digits(build, config.clone(), epochs, (&train, &test), make_trainer)?;
         rates.push(rate);
         accuracy = acc;
     }
-    reporter.report(&format!("nn/{name}_train_samples_per_s"), median(&mut rates), "samples/s", true);
-    reporter.report(&format!("nn/{name}_test_accuracy"), accuracy, "%", true);
+    reporter.report(&format!("{suite}/{name}_train_samples_per_s"), median(&mut rates), "samples/s", true);
+    reporter.report(&format!("{suite}/{name}_test_accuracy"), accuracy, "%", true);
     Ok(())
+}
+
+/// The MLP and CNN digits cases, with the settings every suite uses.
+pub(crate) fn digits_cases<T: EpochTrainer>(
+    reporter: &Reporter,
+    suite: &str,
+    (mlp_runs, cnn_runs): (usize, usize),
+    make_trainer: &dyn Fn(Model) -> Result<T>,
+) -> Result<()> {
+    let sizes = [64, 128, 64, 10];
+    let mlp_model = |b: usize| Ok(mlp(b, &sizes)?);
+    digits_case(reporter, suite, "mlp", &mlp_model, OptimizerConfig::adam(2e-3), 40, mlp_runs, make_trainer)?;
+    let cnn_model = |b: usize| Ok(lenet(b, 8, 10)?);
+    let cnn_config = OptimizerConfig::adamw(3e-3, 1e-4);
+    digits_case(reporter, suite, "cnn", &cnn_model, cnn_config, 45, cnn_runs, make_trainer)
 }
 
 fn text_case(
@@ -93,9 +124,7 @@ fn text_case(
 }
 
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
-    let sizes = [64, 128, 64, 10];
-    digits_case(reporter, "mlp", &|b| Ok(mlp(b, &sizes)?), OptimizerConfig::adam(2e-3), 40, 7)?;
-    digits_case(reporter, "cnn", &|b| Ok(lenet(b, 8, 10)?), OptimizerConfig::adamw(3e-3, 1e-4), 45, 3)?;
+    digits_cases(reporter, "nn", (7, 3), &|model| Ok(Trainer::new(model)))?;
 
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let corpus = TextCorpus::from_files(&[root.join("README.md"), root.join("src/nn/graph.rs")])
