@@ -14,8 +14,9 @@ if ! command -v c++ >/dev/null 2>&1; then
     need_apt+=(g++)
 fi
 
-# xla: libclang for bindgen, which generates the PJRT C API bindings at build time.
-if ! ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 && ! ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1; then
+# xla: libclang and clang's own headers (stddef.h) for bindgen, which generates the PJRT C
+# API bindings at build time.
+if ! dpkg -s libclang-dev >/dev/null 2>&1; then
     need_apt+=(libclang-dev)
 fi
 
