@@ -11,18 +11,18 @@
 //! 3. The bookkeeping (which values must be set, which gradients a backward resets, the
 //!    errors) is `executor::rules`, shared with the other executors.
 //!
-//! Dropout masks are drawn on the host from the executor's seed exactly as the CPU executor
-//! draws them, and passed to the program, so both executors drop the same elements. Ops
-//! without a lowering (attention, GRU cells, time-step selection) are refused with
-//! [`NnError::Unsupported`] when the executor is made.
+//! Every op of the graph has a lowering, so every model of the zoo runs here. Dropout masks
+//! are drawn on the host from the executor's seed exactly as the CPU executor draws them,
+//! and passed to the program, so both executors drop the same elements.
 //!
 //! [`CpuExecutor`]: crate::nn::CpuExecutor
 use std::collections::HashMap;
 use std::ops::Range;
 
 use crate::devices::{XlaBuffer, XlaDevice, XlaExecutable};
+use crate::nn::data::fill_windows;
 use crate::nn::executor::rules;
-use crate::nn::train::{check_classifier_epoch, EpochTally};
+use crate::nn::train::{check_classifier_epoch, check_text_epoch, EpochTally};
 use crate::nn::{
     DType, Dataset, EpochStats, Executor, Graph, Model, NnError, NodeId, Op, Params, Rng, TrainState,
 };
@@ -72,16 +72,8 @@ pub struct XlaExecutor {
 }
 
 impl XlaExecutor {
-    /// An executor for `graph` on `device`.
-    ///
-    /// # Errors
-    /// [`NnError::Unsupported`] naming the first op that has no XLA lowering.
-    pub fn new(device: XlaDevice, graph: &Graph) -> Result<Self, NnError> {
-        for (node, n) in graph.nodes().iter().enumerate() {
-            if let Some(op) = lower::unsupported(n) {
-                return Err(NnError::Unsupported { backend: "XLA", op, node });
-            }
-        }
+    /// An executor for `graph` on `device` (every op of the graph has a lowering).
+    pub fn new(device: XlaDevice, graph: &Graph) -> Self {
         let nodes = graph.nodes();
         let f32_len = |n: &crate::nn::Node| {
             if n.dtype == DType::F32 && !matches!(n.op, Op::Param { .. }) {
@@ -91,7 +83,7 @@ impl XlaExecutor {
             }
         };
         let requires_grad = rules::requires_grad(graph);
-        Ok(XlaExecutor {
+        XlaExecutor {
             device,
             vals: nodes.iter().map(|n| vec![0.0; f32_len(n)]).collect(),
             ids: nodes.iter().map(|n| vec![0; if n.dtype == DType::I32 { n.len() } else { 0 }]).collect(),
@@ -108,7 +100,7 @@ impl XlaExecutor {
             training: false,
             forward_trained: false,
             programs: HashMap::new(),
-        })
+        }
     }
 
     /// The device programs run on.
@@ -341,6 +333,7 @@ pub struct XlaTrainer {
     exec: XlaExecutor,
     features: Vec<f32>,
     labels: Vec<i32>,
+    tokens: Vec<i32>,
 }
 
 impl XlaTrainer {
@@ -348,12 +341,13 @@ impl XlaTrainer {
     /// program the device rejects fails here, and epochs time only training).
     ///
     /// # Errors
-    /// As [`XlaExecutor::new`]; [`NnError::Xla`] if the step does not compile.
+    /// [`NnError::Xla`] if the step does not compile; [`NnError::UnknownNode`] if the
+    /// model's loss is not in its graph.
     pub fn new(device: XlaDevice, model: Model) -> Result<Self, NnError> {
-        let mut exec = XlaExecutor::new(device, &model.graph)?;
+        let mut exec = XlaExecutor::new(device, &model.graph);
         rules::check_in_graph(&model.graph, &(0..model.loss.index() + 1))?;
         exec.compile(&Key::Step(model.loss.index(), vec![model.logits.index()], true))?;
-        Ok(XlaTrainer { model, exec, features: Vec::new(), labels: Vec::new() })
+        Ok(XlaTrainer { model, exec, features: Vec::new(), labels: Vec::new(), tokens: Vec::new() })
     }
 
     /// The model.
@@ -408,6 +402,36 @@ impl XlaTrainer {
             let loss = self.step(state)?;
             tally.batch(loss, rows.len());
             tally.classified(self.exec.value(logits)?, classes, self.labels.iter().copied());
+        }
+        state.epoch += 1;
+        Ok(tally.finish())
+    }
+
+    /// One epoch of a language model over windows of `ids`, as
+    /// [`Trainer::train_epoch_text`](crate::nn::Trainer::train_epoch_text) does it.
+    ///
+    /// # Errors
+    /// As [`Trainer::train_epoch_text`](crate::nn::Trainer::train_epoch_text).
+    pub fn train_epoch_text(
+        &mut self,
+        state: &mut TrainState,
+        ids: &[i32],
+        steps: usize,
+    ) -> Result<EpochStats, NnError> {
+        let (input, target) = (self.model.input, self.model.target);
+        check_text_epoch("XlaTrainer::train_epoch_text", &self.model, &state.loader, 1, ids.len(), steps)?;
+        let len = self.model.graph.node(input)?.len();
+        self.tokens.resize(len, 0);
+        self.labels.resize(len, 0);
+        let mut tally = EpochTally::start();
+        while let Some(starts) = state.loader.next_batch() {
+            let starts = starts.to_vec();
+            fill_windows(ids, &starts, steps, 0, &mut self.tokens);
+            fill_windows(ids, &starts, steps, 1, &mut self.labels);
+            self.exec.set_ids(input, &self.tokens)?;
+            self.exec.set_ids(target, &self.labels)?;
+            let loss = self.step(state)?;
+            tally.batch(loss, starts.len() * steps);
         }
         state.epoch += 1;
         Ok(tally.finish())

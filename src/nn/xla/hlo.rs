@@ -71,6 +71,7 @@ pub(crate) enum Combine {
 pub(crate) enum Compare {
     Eq,
     Gt,
+    Ge,
 }
 
 /// Convolution settings: the dimension numbers in StableHLO's short form, and per spatial
@@ -201,6 +202,7 @@ impl Hlo {
         let dir = match how {
             Compare::Eq => "EQ",
             Compare::Gt => "GT",
+            Compare::Ge => "GE",
         };
         let attrs = format!("comparison_direction = #stablehlo<comparison_direction {dir}>");
         self.op("compare", &[a, b], &attrs, &a.shape.clone(), Elem::I1)
@@ -219,6 +221,64 @@ impl Hlo {
              rhs_contracting_dimensions = [{cb}]>"
         );
         self.op("dot_general", &[a, b], &attrs, &shape, Elem::F32)
+    }
+
+    /// `a · b` with batch axes: `batch` axes of both (in order) are kept, then `a`'s free
+    /// axes, then `b`'s; `ca` of `a` is contracted with `cb` of `b`.
+    pub(crate) fn dot_batched(&mut self, a: &Val, b: &Val, batch: &[usize], ca: usize, cb: usize) -> Val {
+        let mut shape: Vec<usize> = batch.iter().map(|&i| a.shape[i]).collect();
+        let free = |v: &Val, c: usize| -> Vec<usize> {
+            (0..v.shape.len()).filter(|i| *i != c && !batch.contains(i)).map(|i| v.shape[i]).collect()
+        };
+        shape.extend(free(a, ca));
+        shape.extend(free(b, cb));
+        let list = |v: &[usize]| v.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(", ");
+        let attrs = format!(
+            "dot_dimension_numbers = #stablehlo.dot<lhs_batching_dimensions = [{b}], \
+             rhs_batching_dimensions = [{b}], lhs_contracting_dimensions = [{ca}], \
+             rhs_contracting_dimensions = [{cb}]>",
+            b = list(batch)
+        );
+        self.op("dot_general", &[a, b], &attrs, &shape, Elem::F32)
+    }
+
+    pub(crate) fn transpose(&mut self, a: &Val, permutation: &[usize]) -> Val {
+        let shape: Vec<usize> = permutation.iter().map(|&i| a.shape[i]).collect();
+        self.op("transpose", &[a], &format!("permutation = {}", i64_array(permutation)), &shape, a.elem)
+    }
+
+    /// The elements of `a` from `start` (inclusive) to `limit` (exclusive) on each axis.
+    pub(crate) fn slice(&mut self, a: &Val, start: &[usize], limit: &[usize]) -> Val {
+        let shape: Vec<usize> = start.iter().zip(limit).map(|(s, l)| l - s).collect();
+        let attrs = format!(
+            "start_indices = {}, limit_indices = {}, strides = {}",
+            i64_array(start),
+            i64_array(limit),
+            i64_array(&vec![1; start.len()])
+        );
+        self.op("slice", &[a], &attrs, &shape, a.elem)
+    }
+
+    /// `a` surrounded by `low` and `high` zeros on each axis.
+    pub(crate) fn pad_zeros(&mut self, a: &Val, low: &[usize], high: &[usize]) -> Val {
+        let zero = self.splat(0.0, &[]);
+        let shape: Vec<usize> =
+            a.shape.iter().zip(low.iter().zip(high)).map(|(d, (l, h))| d + l + h).collect();
+        let attrs = format!(
+            "edge_padding_low = {}, edge_padding_high = {}, interior_padding = {}",
+            i64_array(low),
+            i64_array(high),
+            i64_array(&vec![0; low.len()])
+        );
+        self.op("pad", &[a, &zero], &attrs, &shape, a.elem)
+    }
+
+    /// The values joined along axis `dim`.
+    pub(crate) fn concatenate(&mut self, parts: &[Val], dim: usize) -> Val {
+        let mut shape = parts[0].shape.clone();
+        shape[dim] = parts.iter().map(|p| p.shape[dim]).sum();
+        let refs: Vec<&Val> = parts.iter().collect();
+        self.op("concatenate", &refs, &format!("dimension = {dim} : i64"), &shape, parts[0].elem)
     }
 
     /// A region `^bb0(%x: tensor<f32>, %y: tensor<f32>)` returning `combine(x, y)`.

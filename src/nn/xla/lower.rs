@@ -44,33 +44,6 @@ pub(crate) struct Program {
     pub(crate) outputs: Vec<Out>,
 }
 
-/// Why an op cannot be lowered, if it cannot: ops outside this list are run only by the
-/// CPU (and GPU) executors.
-pub(crate) fn unsupported(node: &Node) -> Option<&'static str> {
-    match node.op {
-        Op::Input
-        | Op::Param { .. }
-        | Op::Constant { .. }
-        | Op::MatMul
-        | Op::Linear { .. }
-        | Op::Conv2d { .. }
-        | Op::MaxPool2d { .. }
-        | Op::Add
-        | Op::Sub
-        | Op::Mul
-        | Op::Act(_)
-        | Op::Gelu
-        | Op::Reshape
-        | Op::LayerNorm { .. }
-        | Op::Dropout { .. }
-        | Op::Embedding
-        | Op::Softmax
-        | Op::SoftmaxCrossEntropy
-        | Op::Mse => None,
-        _ => Some(node.op.name()),
-    }
-}
-
 /// Computes the range's nodes (with dropout active if `training`); results are the value of
 /// every node it computes.
 pub(crate) fn forward(graph: &Graph, range: Range<usize>, training: bool) -> Program {
@@ -328,9 +301,36 @@ impl<'g> Writer<'g> {
                 let total = h.reduce(&sq, &dims, Combine::Add);
                 h.scale(&total, 1.0 / a.shape.iter().product::<usize>().max(1) as f32)
             }
+            Op::Attention { heads, causal } => {
+                let (b, t, d) = (shape[0], shape[1], shape[2]);
+                let (q, k, v) = (
+                    split_heads(h, &x(0), heads),
+                    split_heads(h, &x(1), heads),
+                    split_heads(h, &x(2), heads),
+                );
+                let p = attention_probs(h, &q, &k, causal);
+                let o = h.dot_batched(&p, &v, &[0], 2, 1);
+                merge_heads(h, &o, [b, t, d], heads)
+            }
+            Op::SelectStep { step } => {
+                let input = x(0);
+                let (b, d) = (input.shape[0], input.shape[2]);
+                let picked = h.slice(&input, &[0, step, 0], &[b, step + 1, d]);
+                h.reshape(&picked, &shape)
+            }
+            Op::StackSteps => {
+                let (b, d) = (shape[0], shape[2]);
+                let parts: Vec<Val> = (0..node.inputs.len()).map(|s| h.reshape(&x(s), &[b, 1, d])).collect();
+                h.concatenate(&parts, 1)
+            }
+            Op::GruCell => {
+                let gates = gru_gates(h, &x(0), &x(1), &x(2), &x(3));
+                // (1 - z) n + z h = n + z (h - n)
+                let hn = h.sub(&x(1), &gates.n);
+                let zhn = h.mul(&gates.z, &hn);
+                h.add(&gates.n, &zhn)
+            }
             Op::Input | Op::Param { .. } => return,
-            // `unsupported` keeps every other op out of the executor.
-            _ => unreachable!("op `{}` is not lowered", node.op.name()),
         };
         self.vals[n] = Some(y);
     }
@@ -606,8 +606,90 @@ impl<'g> Writer<'g> {
                     out.push((id(0), da));
                 }
             }
+            Op::Attention { heads, causal } => {
+                let (b, t, d) = (y.shape[0], y.shape[1], y.shape[2]);
+                let (q, k, v) = (
+                    split_heads(h, &x(0), heads),
+                    split_heads(h, &x(1), heads),
+                    split_heads(h, &x(2), heads),
+                );
+                let p = attention_probs(h, &q, &k, causal);
+                let go = split_heads(h, g, heads);
+                // dP = gO·Vᵀ; dS = P (dP - Σ_j dP P) · scale; dQ = dS·K, dK = dSᵀ·Q, dV = Pᵀ·gO.
+                let dp = h.dot_batched(&go, &v, &[0], 2, 2);
+                let dpp = h.mul(&dp, &p);
+                let sum = h.reduce_keep(&dpp, &[2], Combine::Add);
+                let centered = h.sub(&dp, &sum);
+                let ds = h.mul(&p, &centered);
+                let ds = h.scale(&ds, 1.0 / ((d / heads) as f32).sqrt());
+                if needs(0) {
+                    let dq = h.dot_batched(&ds, &k, &[0], 2, 1);
+                    out.push((id(0), merge_heads(h, &dq, [b, t, d], heads)));
+                }
+                if needs(1) {
+                    let dk = h.dot_batched(&ds, &q, &[0], 1, 1);
+                    out.push((id(1), merge_heads(h, &dk, [b, t, d], heads)));
+                }
+                if needs(2) {
+                    let dv = h.dot_batched(&p, &go, &[0], 1, 1);
+                    out.push((id(2), merge_heads(h, &dv, [b, t, d], heads)));
+                }
+            }
+            Op::SelectStep { step } => {
+                if needs(0) {
+                    let t = x(0).shape[1];
+                    let (b, d) = (g.shape[0], g.shape[1]);
+                    let g3 = h.reshape(g, &[b, 1, d]);
+                    out.push((id(0), h.pad_zeros(&g3, &[0, step, 0], &[0, t - step - 1, 0])));
+                }
+            }
+            Op::StackSteps => {
+                let (b, d) = (g.shape[0], g.shape[2]);
+                for s in 0..node.inputs.len() {
+                    if needs(s) {
+                        let part = h.slice(g, &[0, s, 0], &[b, s + 1, d]);
+                        out.push((id(s), h.reshape(&part, &[b, d])));
+                    }
+                }
+            }
+            Op::GruCell => {
+                let (gx, hv, wh) = (x(0), x(1), x(2));
+                let gates = gru_gates(h, &gx, &hv, &wh, &x(3));
+                let one = h.splat(1.0, &hv.shape);
+                // y = (1 - z) n + z h.
+                let omz = h.sub(&one, &gates.z);
+                let dn = h.mul(g, &omz);
+                let hmn = h.sub(&hv, &gates.n);
+                let dz = h.mul(g, &hmn);
+                // Pre-activations: n = tanh(a_n), a_n = gx_n + r gh_n; r, z = sigmoid(a).
+                let n2 = h.mul(&gates.n, &gates.n);
+                let dtanh = h.sub(&one, &n2);
+                let dan = h.mul(&dn, &dtanh);
+                let dr = h.mul(&dan, &gates.gh_n);
+                let dsig_r = h.sub(&one, &gates.r);
+                let dsig_r = h.mul(&gates.r, &dsig_r);
+                let dar = h.mul(&dr, &dsig_r);
+                let dsig_z = h.sub(&one, &gates.z);
+                let dsig_z = h.mul(&gates.z, &dsig_z);
+                let daz = h.mul(&dz, &dsig_z);
+                let dghn = h.mul(&dan, &gates.r);
+                let dgh = h.concatenate(&[dar.clone(), daz.clone(), dghn], 1);
+                if needs(0) {
+                    out.push((id(0), h.concatenate(&[dar, daz, dan], 1)));
+                }
+                if needs(1) {
+                    let direct = h.mul(g, &gates.z);
+                    let through = h.dot(&dgh, &wh, 1, 1);
+                    out.push((id(1), h.add(&direct, &through)));
+                }
+                if needs(2) {
+                    out.push((id(2), h.dot(&hv, &dgh, 0, 0)));
+                }
+                if needs(3) {
+                    out.push((id(3), h.reduce(&dgh, &[0], Combine::Add)));
+                }
+            }
             Op::Constant { .. } | Op::Input | Op::Param { .. } => {}
-            _ => unreachable!("op `{}` is not lowered", node.op.name()),
         }
         for (i, gi) in out {
             self.accumulate(grads, i, gi);
@@ -676,6 +758,66 @@ fn normalize(h: &mut Hlo, x: &Val, eps: f32) -> (Val, Val) {
     let var = h.add(&var, &eps);
     let rstd = h.unary("rsqrt", &var);
     (h.mul(&centered, &rstd), rstd)
+}
+
+/// `[B, T, D]` → `[B·H, T, D/H]`: each head's columns as its own batch entry.
+fn split_heads(h: &mut Hlo, x: &Val, heads: usize) -> Val {
+    let (b, t, d) = (x.shape[0], x.shape[1], x.shape[2]);
+    let x4 = h.reshape(x, &[b, t, heads, d / heads]);
+    let x4 = h.transpose(&x4, &[0, 2, 1, 3]);
+    h.reshape(&x4, &[b * heads, t, d / heads])
+}
+
+/// The inverse of [`split_heads`].
+fn merge_heads(h: &mut Hlo, x: &Val, [b, t, d]: [usize; 3], heads: usize) -> Val {
+    let x4 = h.reshape(x, &[b, heads, t, d / heads]);
+    let x4 = h.transpose(&x4, &[0, 2, 1, 3]);
+    h.reshape(&x4, &[b, t, d])
+}
+
+/// Attention weights `softmax(q·kᵀ / sqrt(dh))` per head (`[B·H, T, T]`), position `i`
+/// seeing only `j ≤ i` when `causal`.
+fn attention_probs(h: &mut Hlo, q: &Val, k: &Val, causal: bool) -> Val {
+    let dh = q.shape[2];
+    let scores = h.dot_batched(q, k, &[0], 2, 2);
+    let scores = h.scale(&scores, 1.0 / (dh as f32).sqrt());
+    let scores = if causal {
+        let rows = h.iota(&scores.shape, 1, Elem::I32);
+        let cols = h.iota(&scores.shape, 2, Elem::I32);
+        let seen = h.compare(&rows, &cols, Compare::Ge);
+        let never = h.splat(f32::NEG_INFINITY, &scores.shape);
+        h.select(&seen, &scores, &never)
+    } else {
+        scores
+    };
+    softmax(h, &scores)
+}
+
+/// A GRU step's gates `[B, H]` each, and the recurrent projection's `n` part.
+struct GruGates {
+    r: Val,
+    z: Val,
+    n: Val,
+    gh_n: Val,
+}
+
+/// `gh = h·wh + bh`; `r = σ(gx_r + gh_r)`, `z = σ(gx_z + gh_z)`, `n = tanh(gx_n + r gh_n)`.
+fn gru_gates(h: &mut Hlo, gx: &Val, hv: &Val, wh: &Val, bh: &Val) -> GruGates {
+    let (b, hidden) = (hv.shape[0], hv.shape[1]);
+    let gh = h.dot(hv, wh, 1, 0);
+    let bias = h.broadcast(bh, &gh.shape, &[1]);
+    let gh = h.add(&gh, &bias);
+    let part = |h: &mut Hlo, v: &Val, k: usize| h.slice(v, &[0, k * hidden], &[b, (k + 1) * hidden]);
+    let (gx_r, gx_z, gx_n) = (part(h, gx, 0), part(h, gx, 1), part(h, gx, 2));
+    let (gh_r, gh_z, gh_n) = (part(h, &gh, 0), part(h, &gh, 1), part(h, &gh, 2));
+    let ar = h.add(&gx_r, &gh_r);
+    let r = h.unary("logistic", &ar);
+    let az = h.add(&gx_z, &gh_z);
+    let z = h.unary("logistic", &az);
+    let rg = h.mul(&r, &gh_n);
+    let an = h.add(&gx_n, &rg);
+    let n = h.unary("tanh", &an);
+    GruGates { r, z, n, gh_n }
 }
 
 /// Softmax over the last axis.
