@@ -23,11 +23,16 @@ fn data_dir() -> PathBuf {
 /// A trainer that runs classifier epochs (on the CPU executor, or another device's).
 pub(crate) trait EpochTrainer {
     fn epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats>;
+    fn epoch_text(&mut self, state: &mut TrainState, ids: &[i32], steps: usize) -> Result<EpochStats>;
 }
 
 impl EpochTrainer for Trainer {
     fn epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats> {
         Ok(self.train_epoch(state, data)?)
+    }
+
+    fn epoch_text(&mut self, state: &mut TrainState, ids: &[i32], steps: usize) -> Result<EpochStats> {
+        Ok(self.train_epoch_text(state, ids, steps)?)
     }
 }
 
@@ -97,41 +102,47 @@ pub(crate) fn digits_cases<T: EpochTrainer>(
     digits_case(reporter, suite, "cnn", &cnn_model, cnn_config, 45, cnn_runs, make_trainer)
 }
 
-fn text_case(
+fn text_case<T: EpochTrainer>(
     reporter: &Reporter,
-    name: &str,
+    bench: &str,
     build: &dyn Fn() -> Result<Model>,
     steps: usize,
     ids: &[i32],
+    make_trainer: &dyn Fn(Model) -> Result<T>,
 ) -> Result<()> {
     let model = build()?;
     let batch = model.graph.shape(model.input)?[0];
     let mut state =
         TrainState::new(&model, OptimizerConfig::adam(3e-3), window_count(ids.len(), steps), batch, 1);
-    let mut trainer = Trainer::new(model);
+    let mut trainer = make_trainer(model)?;
     let start = Instant::now();
     let mut tokens = 0;
     while start.elapsed().as_secs_f64() < 3.0 {
-        tokens += trainer.train_epoch_text(&mut state, ids, steps)?.samples;
+        tokens += trainer.epoch_text(&mut state, ids, steps)?.samples;
     }
-    reporter.report(
-        &format!("nn/{name}_train_tokens_per_s"),
-        tokens as f64 / start.elapsed().as_secs_f64(),
-        "tokens/s",
-        true,
-    );
+    reporter.report(bench, tokens as f64 / start.elapsed().as_secs_f64(), "tokens/s", true);
     Ok(())
 }
 
-pub(crate) fn run(reporter: &Reporter) -> Result<()> {
-    digits_cases(reporter, "nn", (7, 3), &|model| Ok(Trainer::new(model)))?;
-
+/// The character GRU and tiny transformer cases (`<suite>/<model>_train_tokens_per_s`) on
+/// the project's own sources.
+pub(crate) fn text_cases<T: EpochTrainer>(
+    reporter: &Reporter,
+    suite: &str,
+    make_trainer: &dyn Fn(Model) -> Result<T>,
+) -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let corpus = TextCorpus::from_files(&[root.join("README.md"), root.join("src/nn/graph.rs")])
         .context("reading the text corpus")?;
     let vocab = corpus.vocab_size();
-    text_case(reporter, "char_gru", &|| Ok(char_gru(32, 32, vocab, 32, 128)?), 32, &corpus.ids)?;
+    let bench = format!("{suite}/char_gru_train_tokens_per_s");
+    text_case(reporter, &bench, &|| Ok(char_gru(32, 32, vocab, 32, 128)?), 32, &corpus.ids, make_trainer)?;
     let cfg = TransformerConfig { width: 64, heads: 4, layers: 2, ff: 256 };
-    text_case(reporter, "tiny_transformer", &|| Ok(tiny_transformer(16, 64, vocab, cfg)?), 64, &corpus.ids)?;
-    Ok(())
+    let bench = format!("{suite}/tiny_transformer_train_tokens_per_s");
+    text_case(reporter, &bench, &|| Ok(tiny_transformer(16, 64, vocab, cfg)?), 64, &corpus.ids, make_trainer)
+}
+
+pub(crate) fn run(reporter: &Reporter) -> Result<()> {
+    digits_cases(reporter, "nn", (7, 3), &|model| Ok(Trainer::new(model)))?;
+    text_cases(reporter, "nn", &|model| Ok(Trainer::new(model)))
 }

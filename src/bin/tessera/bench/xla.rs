@@ -3,20 +3,25 @@
 //! `scripts/install-deps.sh` installs).
 //!
 //! Figures: f32 GEMM GFLOP/s at 1024³ (one compiled `dot_general`, inputs already on the
-//! device, median of timed runs); MLP and CNN training on digits with the settings of the
-//! `nn` suite (samples/s and test accuracy), to set beside `nn/…` (the CPU executor).
+//! device, median of timed runs); MLP and CNN training on digits (samples/s and test
+//! accuracy) and the character GRU and tiny transformer (tokens/s), with the settings of
+//! the `nn` suite, to set beside `nn/…` (the CPU executor).
 use std::time::Instant;
 
 use anyhow::{Context, Result};
 use tessera::nn::{Dataset, EpochStats, TrainState, XlaTrainer};
 use tessera::XlaDevice;
 
-use super::nn::{digits_cases, EpochTrainer};
+use super::nn::{digits_cases, text_cases, EpochTrainer};
 use super::{median, Reporter};
 
 impl EpochTrainer for XlaTrainer {
     fn epoch(&mut self, state: &mut TrainState, data: &Dataset) -> Result<EpochStats> {
         Ok(self.train_epoch(state, data)?)
+    }
+
+    fn epoch_text(&mut self, state: &mut TrainState, ids: &[i32], steps: usize) -> Result<EpochStats> {
+        Ok(self.train_epoch_text(state, ids, steps)?)
     }
 }
 
@@ -45,5 +50,7 @@ fn gemm_gflops(device: &XlaDevice, n: usize) -> Result<f64> {
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     let device = XlaDevice::open_default().context("opening the XLA device")?;
     reporter.report("xla/gemm_f32_1024_gflops", gemm_gflops(&device, 1024)?, "GFLOP/s", true);
-    digits_cases(reporter, "xla", (3, 1), &|model| Ok(XlaTrainer::new(device.clone(), model)?))
+    let make_trainer = |model| Ok(XlaTrainer::new(device.clone(), model)?);
+    digits_cases(reporter, "xla", (3, 1), &make_trainer)?;
+    text_cases(reporter, "xla", &make_trainer)
 }
