@@ -33,7 +33,7 @@ fn main() -> anyhow::Result<()> {
         let mut cpu_state = TrainState::new(&model, OptimizerConfig::adam(3e-3), train.len(), 32, 1);
         let mut xla_state = cpu_state.clone();
         let mut cpu = Trainer::new(model.clone());
-        let mut xla = XlaTrainer::new(device.clone(), model)?;
+        let mut xla = XlaTrainer::new(device.clone(), model, &xla_state)?;
         for epoch in 1..=epochs {
             let c = cpu.train_epoch(&mut cpu_state, &train)?;
             let x = xla.train_epoch(&mut xla_state, &train)?;

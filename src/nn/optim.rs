@@ -124,13 +124,13 @@ impl Optimizer {
 
     /// The first and second moments, one vector per parameter (no second moments for
     /// SGD): what a device-side optimizer copies in and back.
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "xla"))]
     pub(crate) fn moments(&self) -> (&[Vec<f32>], &[Vec<f32>]) {
         (&self.m, &self.v)
     }
 
     /// As [`Optimizer::moments`], mutable.
-    #[cfg(feature = "cuda")]
+    #[cfg(any(feature = "cuda", feature = "xla"))]
     pub(crate) fn moments_mut(&mut self) -> (&mut [Vec<f32>], &mut [Vec<f32>]) {
         (&mut self.m, &mut self.v)
     }

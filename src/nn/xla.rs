@@ -22,15 +22,17 @@ use std::ops::Range;
 use crate::devices::{XlaBuffer, XlaDevice, XlaExecutable};
 use crate::nn::data::fill_windows;
 use crate::nn::executor::rules;
+use crate::nn::optim::adam_constants;
 use crate::nn::train::{check_classifier_epoch, check_text_epoch, EpochTally};
 use crate::nn::{
-    DType, Dataset, EpochStats, Executor, Graph, Model, NnError, NodeId, Op, Params, Rng, TrainState,
+    DType, Dataset, EpochStats, Executor, Graph, Model, NnError, NodeId, Op, OptimizerConfig, Params, Rng,
+    TrainState,
 };
 
 mod hlo;
 mod lower;
 
-use lower::{Arg, Out, Program};
+use lower::{Arg, Out, Program, Update};
 
 /// Which program a call runs.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -40,8 +42,9 @@ enum Key {
     /// A backward range, its seed nodes, and whether its forward pass was in training.
     Backward(Range<usize>, Vec<usize>, bool),
     /// Forward through the loss, backward from it, the extra node values kept; in training
-    /// or not.
-    Step(usize, Vec<usize>, bool),
+    /// or not; with the optimizer's update (parameters on the device) or returning the
+    /// gradients.
+    Step(usize, Vec<usize>, bool, Option<Update>),
 }
 
 /// A compiled program and what its parameters and results are.
@@ -149,8 +152,8 @@ impl XlaExecutor {
             Key::Backward(range, seeds, trained) => {
                 lower::backward(&self.graph, &self.requires_grad, range.clone(), seeds, *trained)
             }
-            Key::Step(loss, keep, training) => {
-                lower::train_step(&self.graph, &self.requires_grad, *loss, keep, *training)
+            Key::Step(loss, keep, training, update) => {
+                lower::train_step(&self.graph, &self.requires_grad, (*loss, keep), *training, *update)
             }
         };
         let exe = self.device.compile(&program.text)?;
@@ -161,35 +164,73 @@ impl XlaExecutor {
     /// Runs the program for `key` on the current values, `params` and `seeds`, and stores
     /// its results.
     fn run(&mut self, key: &Key, params: &Params, seeds: &[(NodeId, &[f32])]) -> Result<(), NnError> {
+        self.run_with(key, Some(params), seeds, None, &[])
+    }
+
+    /// Runs the program for `key`. Parameters come from `resident` (device-resident
+    /// training) or else from `params`; node values, ids and masks from the host; seeds and
+    /// optimizer constants as given. Values and gradients are downloaded; updated parameters
+    /// and moments stay on the device, in `resident`.
+    fn run_with(
+        &mut self,
+        key: &Key,
+        params: Option<&Params>,
+        seeds: &[(NodeId, &[f32])],
+        mut resident: Option<&mut Resident>,
+        scalars: &[f32],
+    ) -> Result<(), NnError> {
         self.compile(key)?;
         let compiled = &self.programs[key];
         let nodes = self.graph.nodes();
-        let mut uploaded: Vec<XlaBuffer> = Vec::with_capacity(compiled.args.len());
+        let mut uploaded: Vec<Option<XlaBuffer>> = Vec::with_capacity(compiled.args.len());
         for arg in &compiled.args {
-            let buffer = match *arg {
-                Arg::Param(i) => {
-                    let spec = &self.graph.params()[i];
-                    self.device.upload(&params.tensors[i].data, &spec.shape)?
+            let upload = |data: &[f32], shape: &[usize]| self.device.upload(data, shape).map(Some);
+            let buffer = match (*arg, &resident, params) {
+                (Arg::Param(_) | Arg::Moment1(_) | Arg::Moment2(_), Some(_), _) => None,
+                (Arg::Param(i), None, Some(params)) => {
+                    upload(&params.tensors[i].data, &self.graph.params()[i].shape)?
                 }
-                Arg::Value(n) => self.device.upload(&self.vals[n], &nodes[n].shape)?,
-                Arg::Ids(n) => self.device.upload(&self.ids[n], &nodes[n].shape)?,
-                Arg::Mask(n) => self.device.upload(&self.masks[n], &nodes[n].shape)?,
-                Arg::Seed(k) => {
+                (Arg::Value(n), ..) => upload(&self.vals[n], &nodes[n].shape)?,
+                (Arg::Ids(n), ..) => Some(self.device.upload(&self.ids[n], &nodes[n].shape)?),
+                (Arg::Mask(n), ..) => upload(&self.masks[n], &nodes[n].shape)?,
+                (Arg::Seed(k), ..) => {
                     let (node, data) = seeds[k];
-                    self.device.upload(data, &nodes[node.index()].shape)?
+                    upload(data, &nodes[node.index()].shape)?
+                }
+                (Arg::Scalar(k), ..) => upload(&scalars[k..k + 1], &[])?,
+                (arg, ..) => {
+                    return Err(NnError::Argument {
+                        op: "XlaExecutor::run",
+                        what: format!("the program reads {arg:?}, which this call does not supply"),
+                    })
                 }
             };
             uploaded.push(buffer);
         }
-        let refs: Vec<&XlaBuffer> = uploaded.iter().collect();
+        let mut refs: Vec<&XlaBuffer> = Vec::with_capacity(uploaded.len());
+        for (arg, buffer) in compiled.args.iter().zip(&uploaded) {
+            let buffer = match (buffer, arg, resident.as_deref()) {
+                (Some(b), ..) => b,
+                (None, Arg::Param(i), Some(r)) => &r.params[*i],
+                (None, Arg::Moment1(i), Some(r)) => &r.m[*i],
+                (None, Arg::Moment2(i), Some(r)) => &r.v[*i],
+                _ => unreachable!("every argument was uploaded or is resident"),
+            };
+            refs.push(buffer);
+        }
         let results = compiled.exe.run(&refs)?;
-        for (out, buffer) in compiled.outputs.iter().zip(&results) {
-            match *out {
-                Out::Value(n) => {
+        drop(refs);
+        for (out, buffer) in compiled.outputs.iter().zip(results) {
+            match (*out, resident.as_deref_mut()) {
+                (Out::Value(n), _) => {
                     buffer.download_into(&mut self.vals[n])?;
                     self.filled[n] = true;
                 }
-                Out::Grad(n) => buffer.download_into(&mut self.grads[n])?,
+                (Out::Grad(n), _) => buffer.download_into(&mut self.grads[n])?,
+                (Out::Param(i), Some(r)) => r.params[i] = buffer,
+                (Out::Moment1(i), Some(r)) => r.m[i] = buffer,
+                (Out::Moment2(i), Some(r)) => r.v[i] = buffer,
+                (out, None) => unreachable!("{out:?} is written only by programs run with resident state"),
             }
         }
         Ok(())
@@ -202,15 +243,21 @@ impl XlaExecutor {
     /// # Errors
     /// As [`Executor::forward`] and [`Executor::backward`].
     pub fn train_step(&mut self, params: &Params, loss: NodeId, keep: &[NodeId]) -> Result<f32, NnError> {
+        params.check(&self.graph)?;
+        self.prepare_step(loss)?;
+        let key = Key::Step(loss.index(), keep.iter().map(|k| k.index()).collect(), self.training, None);
+        self.run(&key, params, &[])?;
+        self.scalar(loss)
+    }
+
+    /// Checks that a training step through `loss` can run, and draws its dropout masks.
+    fn prepare_step(&mut self, loss: NodeId) -> Result<(), NnError> {
         let range = 0..loss.index() + 1;
         rules::check_in_graph(&self.graph, &range)?;
-        params.check(&self.graph)?;
         self.check_walk(&range)?;
         self.check_forward(&range)?;
         self.draw_masks(&range);
-        let key = Key::Step(loss.index(), keep.iter().map(|k| k.index()).collect(), self.training);
-        self.run(&key, params, &[])?;
-        self.scalar(loss)
+        Ok(())
     }
 
     /// Draws the dropout masks of the range's nodes, in node order, as the CPU executor
@@ -323,31 +370,75 @@ impl Executor for XlaExecutor {
     }
 }
 
-/// Trains a classifier on an XLA device: each step is one compiled program (forward,
-/// backward, logits kept for accuracy); the optimizer updates the host parameters in the
-/// [`TrainState`], exactly as [`Trainer`](crate::nn::Trainer) does, so checkpoints and CPU
-/// evaluation work unchanged.
+/// Parameters and optimizer moments kept on the device between training steps.
+#[derive(Debug)]
+struct Resident {
+    params: Vec<XlaBuffer>,
+    m: Vec<XlaBuffer>,
+    /// Empty for SGD.
+    v: Vec<XlaBuffer>,
+}
+
+/// Trains a model on an XLA device with the parameters and optimizer moments kept on the
+/// device: each step is one compiled program (forward, backward and the optimizer's
+/// update), whose only transfers are the batch in and the loss and logits out.
+///
+/// The [`TrainState`] stays the record of the run, as with
+/// [`GpuTrainer`](crate::nn::GpuTrainer): the trainer draws batches from its loader and
+/// dropout seeds from its RNG exactly as [`Trainer`](crate::nn::Trainer) does, counts its
+/// steps, and [`XlaTrainer::sync_state`] (run at the end of every epoch) copies the
+/// parameters and moments back into it, so checkpoints and CPU evaluation work unchanged.
 #[derive(Debug)]
 pub struct XlaTrainer {
     model: Model,
     exec: XlaExecutor,
+    resident: Resident,
+    update: Update,
     features: Vec<f32>,
     labels: Vec<i32>,
     tokens: Vec<i32>,
 }
 
 impl XlaTrainer {
-    /// A trainer for `model` on `device`, with its training step compiled now (so that a
-    /// program the device rejects fails here, and epochs time only training).
+    /// A trainer for `model` on `device`, starting from `state` (parameters and moments are
+    /// copied to the device), with its training step compiled now (so that a program the
+    /// device rejects fails here, and epochs time only training).
     ///
     /// # Errors
-    /// [`NnError::Xla`] if the step does not compile; [`NnError::UnknownNode`] if the
-    /// model's loss is not in its graph.
-    pub fn new(device: XlaDevice, model: Model) -> Result<Self, NnError> {
+    /// [`NnError::ParamMismatch`] if `state` does not fit the model; [`NnError::Argument`]
+    /// if the optimizer's moments do not fit the parameters; [`NnError::UnknownNode`] if the
+    /// model's loss is not in its graph; [`NnError::Xla`] if the step does not compile or
+    /// the upload fails.
+    pub fn new(device: XlaDevice, model: Model, state: &TrainState) -> Result<Self, NnError> {
         let mut exec = XlaExecutor::new(device, &model.graph);
         rules::check_in_graph(&model.graph, &(0..model.loss.index() + 1))?;
-        exec.compile(&Key::Step(model.loss.index(), vec![model.logits.index()], true))?;
-        Ok(XlaTrainer { model, exec, features: Vec::new(), labels: Vec::new(), tokens: Vec::new() })
+        state.params.check(&model.graph)?;
+        state.optimizer.check_fits(&state.params, "XlaTrainer::new")?;
+        let update = match state.optimizer.config {
+            OptimizerConfig::Sgd { .. } => Update::Sgd,
+            _ => Update::Adam,
+        };
+        let shapes: Vec<&[usize]> = model.graph.params().iter().map(|p| p.shape.as_slice()).collect();
+        let upload_all = |values: &[Vec<f32>]| -> Result<Vec<XlaBuffer>, NnError> {
+            values.iter().zip(&shapes).map(|(v, shape)| Ok(exec.device.upload(v, shape)?)).collect()
+        };
+        let params: Vec<Vec<f32>> = state.params.tensors.iter().map(|t| t.data.clone()).collect();
+        let (m, v) = state.optimizer.moments();
+        let resident = Resident { params: upload_all(&params)?, m: upload_all(m)?, v: upload_all(v)? };
+        exec.compile(&Self::step_key(&model, update))?;
+        Ok(XlaTrainer {
+            model,
+            exec,
+            resident,
+            update,
+            features: Vec::new(),
+            labels: Vec::new(),
+            tokens: Vec::new(),
+        })
+    }
+
+    fn step_key(model: &Model, update: Update) -> Key {
+        Key::Step(model.loss.index(), vec![model.logits.index()], true, Some(update))
     }
 
     /// The model.
@@ -355,28 +446,71 @@ impl XlaTrainer {
         &self.model
     }
 
-    /// The executor (to set inputs or read values and gradients).
+    /// The executor (to set inputs or read values).
     pub fn executor(&mut self) -> &mut XlaExecutor {
         &mut self.exec
     }
 
-    /// One optimizer step on the batch currently set in the executor; returns the loss.
+    /// One optimizer step on the batch currently set in the executor; returns the loss. The
+    /// parameters are updated on the device: [`XlaTrainer::sync_state`] copies them into
+    /// `state`.
     ///
     /// # Errors
-    /// As [`XlaExecutor::train_step`]; [`NnError::Argument`] if the optimizer's moments do
-    /// not fit the parameters.
+    /// As [`Executor::forward`]; [`NnError::Xla`].
     pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
-        state.optimizer.check_fits(&state.params, "XlaTrainer::step")?;
+        let optimizer = &mut state.optimizer;
+        let scalars: Vec<f32> = match (optimizer.config.clone(), self.update) {
+            (OptimizerConfig::Sgd { lr, momentum, weight_decay }, Update::Sgd) => {
+                vec![lr, momentum, weight_decay]
+            }
+            (
+                OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay }
+                | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay },
+                Update::Adam,
+            ) => {
+                let decoupled = matches!(optimizer.config, OptimizerConfig::AdamW { .. });
+                let (l2, decay, c1, c2) =
+                    adam_constants(lr, beta1, beta2, weight_decay, decoupled, optimizer.steps + 1);
+                vec![lr, beta1, beta2, eps, l2, decay, c1, c2]
+            }
+            _ => {
+                return Err(NnError::Argument {
+                    op: "XlaTrainer::step",
+                    what: "the state's optimizer is not the kind this trainer was made with".into(),
+                })
+            }
+        };
+        let loss = self.model.loss;
         self.exec.set_training(true);
         self.exec.set_seed(state.rng.next_u64());
-        let loss = self.exec.train_step(&state.params, self.model.loss, &[self.model.logits])?;
-        let exec = &self.exec;
-        state.optimizer.step(&mut state.params, |i| exec.param_grad(i));
+        self.exec.prepare_step(loss)?;
+        let key = Self::step_key(&self.model, self.update);
+        self.exec.run_with(&key, None, &[], Some(&mut self.resident), &scalars)?;
+        state.optimizer.steps += 1;
         state.step += 1;
-        Ok(loss)
+        self.exec.scalar(loss)
     }
 
-    /// One epoch of a classifier over `data` (full batches from the state's loader).
+    /// Copies the device parameters and optimizer moments into `state`.
+    ///
+    /// # Errors
+    /// [`NnError::ParamMismatch`] or [`NnError::Argument`] if `state` does not fit the
+    /// model; [`NnError::Xla`].
+    pub fn sync_state(&self, state: &mut TrainState) -> Result<(), NnError> {
+        state.params.check(&self.model.graph)?;
+        state.optimizer.check_fits(&state.params, "XlaTrainer::sync_state")?;
+        for (t, buffer) in state.params.tensors.iter_mut().zip(&self.resident.params) {
+            buffer.download_into(&mut t.data)?;
+        }
+        let (m, v) = state.optimizer.moments_mut();
+        for (slot, buffer) in m.iter_mut().zip(&self.resident.m).chain(v.iter_mut().zip(&self.resident.v)) {
+            buffer.download_into(slot)?;
+        }
+        Ok(())
+    }
+
+    /// One epoch of a classifier over `data` (full batches from the state's loader); the
+    /// state holds the epoch's parameters at its end.
     ///
     /// # Errors
     /// As [`Trainer::train_epoch`](crate::nn::Trainer::train_epoch).
@@ -404,11 +538,13 @@ impl XlaTrainer {
             tally.classified(self.exec.value(logits)?, classes, self.labels.iter().copied());
         }
         state.epoch += 1;
+        self.sync_state(state)?;
         Ok(tally.finish())
     }
 
     /// One epoch of a language model over windows of `ids`, as
-    /// [`Trainer::train_epoch_text`](crate::nn::Trainer::train_epoch_text) does it.
+    /// [`Trainer::train_epoch_text`](crate::nn::Trainer::train_epoch_text) does it; the
+    /// state holds the epoch's parameters at its end.
     ///
     /// # Errors
     /// As [`Trainer::train_epoch_text`](crate::nn::Trainer::train_epoch_text).
@@ -434,6 +570,7 @@ impl XlaTrainer {
             tally.batch(loss, starts.len() * steps);
         }
         state.epoch += 1;
+        self.sync_state(state)?;
         Ok(tally.finish())
     }
 }

@@ -72,6 +72,7 @@ pub(crate) enum Compare {
     Eq,
     Gt,
     Ge,
+    Lt,
 }
 
 /// Convolution settings: the dimension numbers in StableHLO's short form, and per spatial
@@ -203,6 +204,7 @@ impl Hlo {
             Compare::Eq => "EQ",
             Compare::Gt => "GT",
             Compare::Ge => "GE",
+            Compare::Lt => "LT",
         };
         let attrs = format!("comparison_direction = #stablehlo<comparison_direction {dir}>");
         self.op("compare", &[a, b], &attrs, &a.shape.clone(), Elem::I1)

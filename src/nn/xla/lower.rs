@@ -25,6 +25,12 @@ pub(crate) enum Arg {
     Seed(usize),
     /// The dropout mask (0 or `1/(1-p)` per element) of a node, drawn on the host.
     Mask(usize),
+    /// The first optimizer moment of parameter `index` (device-resident training).
+    Moment1(usize),
+    /// The second optimizer moment of parameter `index` (Adam, AdamW).
+    Moment2(usize),
+    /// Optimizer constant number `k` (see [`Update`]), a scalar.
+    Scalar(usize),
 }
 
 /// What one result of a program is.
@@ -34,7 +40,30 @@ pub(crate) enum Out {
     Value(usize),
     /// The gradient of a node.
     Grad(usize),
+    /// The updated value of parameter `index`.
+    Param(usize),
+    /// The updated first moment of parameter `index`.
+    Moment1(usize),
+    /// The updated second moment of parameter `index`.
+    Moment2(usize),
 }
+
+/// An optimizer update written into a training step, with the semantics of
+/// [`Optimizer::step`](crate::nn::Optimizer::step). Its constants are scalar parameters
+/// (so one program serves every step and learning rate), in this order:
+/// - `Sgd`: `lr, momentum, weight_decay`;
+/// - `Adam` (also AdamW): `lr, beta1, beta2, eps, l2, decay, c1, c2` (see
+///   `optim::adam_constants`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) enum Update {
+    Sgd,
+    Adam,
+}
+
+/// Below this a moment is flushed to zero (as `optim.rs` does).
+const TINY: f32 = 1e-30;
+/// Below this an Adam gradient counts as zero (as `optim.rs` does).
+const TINY_GRAD: f32 = 1e-15;
 
 /// A StableHLO module and the meaning of its parameters and results.
 #[derive(Debug)]
@@ -93,14 +122,14 @@ pub(crate) fn backward(
 }
 
 /// One training step: forward through the loss, then backward from it (seed 1). Results: the
-/// loss, the values of `keep` (e.g. the logits), and the gradient of every parameter, in
-/// the graph's parameter order.
+/// loss, the values of `keep` (e.g. the logits), then per parameter in the graph's order
+/// either its gradient (`update` none) or its updated value and moments.
 pub(crate) fn train_step(
     graph: &Graph,
     requires_grad: &[bool],
-    loss: usize,
-    keep: &[usize],
+    (loss, keep): (usize, &[usize]),
     training: bool,
+    update: Option<Update>,
 ) -> Program {
     let mut w = Writer::new(graph, training);
     let range = 0..loss + 1;
@@ -122,16 +151,111 @@ pub(crate) fn train_step(
         results.push(w.value(k));
         outputs.push(Out::Value(k));
     }
-    for spec in graph.params() {
+    let scalars = match update {
+        None => Vec::new(),
+        Some(Update::Sgd) => w.scalars(3),
+        Some(Update::Adam) => w.scalars(8),
+    };
+    for (i, spec) in graph.params().iter().enumerate() {
         let n = spec.node.index();
         let g = match grads[n].take() {
             Some(g) => g,
             None => w.h.splat(0.0, &spec.shape),
         };
-        results.push(g);
-        outputs.push(Out::Grad(n));
+        match update {
+            None => {
+                results.push(g);
+                outputs.push(Out::Grad(n));
+            }
+            Some(update) => {
+                let p = match w.vals[n].clone() {
+                    Some(p) => p,
+                    None => {
+                        let p = w.h.param(&spec.shape, Elem::F32);
+                        w.args.push(Arg::Param(i));
+                        p
+                    }
+                };
+                let m = w.h.param(&spec.shape, Elem::F32);
+                w.args.push(Arg::Moment1(i));
+                let v = (update == Update::Adam).then(|| {
+                    w.args.push(Arg::Moment2(i));
+                    w.h.param(&spec.shape, Elem::F32)
+                });
+                let (p, m, v) = apply_update(&mut w.h, update, &scalars, (&p, &m, v.as_ref(), &g));
+                results.extend([p, m]);
+                outputs.extend([Out::Param(i), Out::Moment1(i)]);
+                if let Some(v) = v {
+                    results.push(v);
+                    outputs.push(Out::Moment2(i));
+                }
+            }
+        }
     }
     w.finish(&results, outputs)
+}
+
+/// `x`, with elements smaller than `tiny` in magnitude set to zero.
+fn flush(h: &mut Hlo, x: &Val, tiny: f32) -> Val {
+    let magnitude = h.unary("abs", x);
+    let limit = h.splat(tiny, &x.shape);
+    let small = h.compare(&magnitude, &limit, Compare::Lt);
+    let zero = h.splat(0.0, &x.shape);
+    h.select(&small, &zero, x)
+}
+
+/// One optimizer update of a parameter `p` with moments `m` (and `v`) and gradient `g`;
+/// returns the new `p`, `m` and `v`.
+fn apply_update(
+    h: &mut Hlo,
+    update: Update,
+    scalars: &[Val],
+    (p, m, v, g): (&Val, &Val, Option<&Val>, &Val),
+) -> (Val, Val, Option<Val>) {
+    let shape = p.shape.clone();
+    let mut c = |k: usize| h.broadcast(&scalars[k], &shape, &[]);
+    match (update, v) {
+        (Update::Adam, Some(v)) => {
+            let (lr, beta1, beta2, eps, l2, decay, c1, c2) = (c(0), c(1), c(2), c(3), c(4), c(5), c(6), c(7));
+            let one = h.splat(1.0, &shape);
+            // g += l2 p; tiny g → 0
+            let l2p = h.mul(&l2, p);
+            let g = h.add(g, &l2p);
+            let g = flush(h, &g, TINY_GRAD);
+            // m = flush(b1 m + (1 - b1) g); v = flush(b2 v + (1 - b2) g²)
+            let b1m = h.mul(&beta1, m);
+            let omb1 = h.sub(&one, &beta1);
+            let gm = h.mul(&omb1, &g);
+            let m = h.add(&b1m, &gm);
+            let m = flush(h, &m, TINY);
+            let b2v = h.mul(&beta2, v);
+            let omb2 = h.sub(&one, &beta2);
+            let gv = h.mul(&omb2, &g);
+            let gv = h.mul(&gv, &g);
+            let v = h.add(&b2v, &gv);
+            let v = flush(h, &v, TINY);
+            // p = p decay - lr (m c1) / (sqrt(v c2) + eps)
+            let mc = h.mul(&m, &c1);
+            let vc = h.mul(&v, &c2);
+            let root = h.unary("sqrt", &vc);
+            let denominator = h.add(&root, &eps);
+            let step = h.binary("divide", &mc, &denominator);
+            let step = h.mul(&lr, &step);
+            let decayed = h.mul(p, &decay);
+            (h.sub(&decayed, &step), m, Some(v))
+        }
+        _ => {
+            let (lr, momentum, weight_decay) = (c(0), c(1), c(2));
+            // m = flush(momentum m + g + wd p); p -= lr m
+            let mm = h.mul(&momentum, m);
+            let wp = h.mul(&weight_decay, p);
+            let m = h.add(&mm, g);
+            let m = h.add(&m, &wp);
+            let m = flush(h, &m, TINY);
+            let step = h.mul(&lr, &m);
+            (h.sub(p, &step), m, None)
+        }
+    }
 }
 
 /// The state of one program being written.
@@ -155,6 +279,16 @@ impl<'g> Writer<'g> {
     fn new(graph: &'g Graph, training: bool) -> Self {
         let n = graph.len();
         Writer { graph, h: Hlo::new(), vals: vec![None; n], args: Vec::new(), training, masks: vec![None; n] }
+    }
+
+    /// `count` scalar parameters `Arg::Scalar(0..count)`.
+    fn scalars(&mut self, count: usize) -> Vec<Val> {
+        (0..count)
+            .map(|k| {
+                self.args.push(Arg::Scalar(k));
+                self.h.param(&[], Elem::F32)
+            })
+            .collect()
     }
 
     /// Node `n`'s dropout mask, a parameter of `main` made on first use.

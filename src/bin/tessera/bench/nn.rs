@@ -43,12 +43,12 @@ fn train_digits<T: EpochTrainer>(
     config: OptimizerConfig,
     epochs: usize,
     (train, test): (&Dataset, &Dataset),
-    make_trainer: &dyn Fn(Model) -> Result<T>,
+    make_trainer: &dyn Fn(Model, &TrainState) -> Result<T>,
 ) -> Result<(f64, f64)> {
     let model = build(64)?;
     let peak = config.lr();
     let mut state = TrainState::new(&model, config, train.len(), 64, 1);
-    let mut trainer = make_trainer(model)?;
+    let mut trainer = make_trainer(model, &state)?;
     let (mut samples, mut seconds) = (0usize, 0.0f64);
     for epoch in 0..epochs {
         let lr = peak * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / epochs as f32).cos());
@@ -72,7 +72,7 @@ pub(crate) fn digits_case<T: EpochTrainer>(
     config: OptimizerConfig,
     epochs: usize,
     runs: usize,
-    make_trainer: &dyn Fn(Model) -> Result<T>,
+    make_trainer: &dyn Fn(Model, &TrainState) -> Result<T>,
 ) -> Result<()> {
     let (train, test) = Dataset::digits(data_dir().join("digits.csv"))?.split(0.2, 42);
     let mut rates = Vec::new();
@@ -92,7 +92,7 @@ pub(crate) fn digits_cases<T: EpochTrainer>(
     reporter: &Reporter,
     suite: &str,
     (mlp_runs, cnn_runs): (usize, usize),
-    make_trainer: &dyn Fn(Model) -> Result<T>,
+    make_trainer: &dyn Fn(Model, &TrainState) -> Result<T>,
 ) -> Result<()> {
     let sizes = [64, 128, 64, 10];
     let mlp_model = |b: usize| Ok(mlp(b, &sizes)?);
@@ -108,13 +108,13 @@ fn text_case<T: EpochTrainer>(
     build: &dyn Fn() -> Result<Model>,
     steps: usize,
     ids: &[i32],
-    make_trainer: &dyn Fn(Model) -> Result<T>,
+    make_trainer: &dyn Fn(Model, &TrainState) -> Result<T>,
 ) -> Result<()> {
     let model = build()?;
     let batch = model.graph.shape(model.input)?[0];
     let mut state =
         TrainState::new(&model, OptimizerConfig::adam(3e-3), window_count(ids.len(), steps), batch, 1);
-    let mut trainer = make_trainer(model)?;
+    let mut trainer = make_trainer(model, &state)?;
     let start = Instant::now();
     let mut tokens = 0;
     while start.elapsed().as_secs_f64() < 3.0 {
@@ -129,7 +129,7 @@ fn text_case<T: EpochTrainer>(
 pub(crate) fn text_cases<T: EpochTrainer>(
     reporter: &Reporter,
     suite: &str,
-    make_trainer: &dyn Fn(Model) -> Result<T>,
+    make_trainer: &dyn Fn(Model, &TrainState) -> Result<T>,
 ) -> Result<()> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let corpus = TextCorpus::from_files(&[root.join("README.md"), root.join("src/nn/graph.rs")])
@@ -143,6 +143,6 @@ pub(crate) fn text_cases<T: EpochTrainer>(
 }
 
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
-    digits_cases(reporter, "nn", (7, 3), &|model| Ok(Trainer::new(model)))?;
-    text_cases(reporter, "nn", &|model| Ok(Trainer::new(model)))
+    digits_cases(reporter, "nn", (7, 3), &|model, _| Ok(Trainer::new(model)))?;
+    text_cases(reporter, "nn", &|model, _| Ok(Trainer::new(model)))
 }

@@ -50,7 +50,7 @@ fn gemm_gflops(device: &XlaDevice, n: usize) -> Result<f64> {
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     let device = XlaDevice::open_default().context("opening the XLA device")?;
     reporter.report("xla/gemm_f32_1024_gflops", gemm_gflops(&device, 1024)?, "GFLOP/s", true);
-    let make_trainer = |model| Ok(XlaTrainer::new(device.clone(), model)?);
+    let make_trainer = |model, state: &TrainState| Ok(XlaTrainer::new(device.clone(), model, state)?);
     digits_cases(reporter, "xla", (3, 1), &make_trainer)?;
     text_cases(reporter, "xla", &make_trainer)
 }
