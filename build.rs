@@ -1,11 +1,55 @@
-//! Build script: with feature `xla`, generates Rust bindings for the PJRT C API from the
-//! header that the PJRT plugin package ships (`pjrt_c_api.h`). The header is not committed:
-//! `scripts/install-deps.sh` fetches the plugin wheel from PyPI into /opt/tessera-pjrt, or
-//! `TESSERA_PJRT_INCLUDE` names the folder that holds the header.
+//! Build script: generated bindings for the optional native parts.
+//! - Feature `xla`: the PJRT C API, from the header that the PJRT plugin package ships
+//!   (`pjrt_c_api.h`). The header is not committed: `scripts/install-deps.sh` fetches the
+//!   plugin wheel from PyPI into /opt/tessera-pjrt, or `TESSERA_PJRT_INCLUDE` names the
+//!   folder that holds the header.
+//! - Feature `ucx`: UCX's UCP API, from the system's headers (Debian's `libucx-dev`; or
+//!   `TESSERA_UCX_PREFIX` names an install prefix), linked against its `libucp`/`libucs`.
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     #[cfg(feature = "xla")]
     pjrt::generate();
+    #[cfg(feature = "ucx")]
+    ucx::generate();
+}
+
+#[cfg(feature = "ucx")]
+mod ucx {
+    use std::path::PathBuf;
+
+    pub fn generate() {
+        println!("cargo:rerun-if-env-changed=TESSERA_UCX_PREFIX");
+        let prefix = std::env::var_os("TESSERA_UCX_PREFIX").map(PathBuf::from);
+        let include = prefix.as_ref().map_or_else(|| PathBuf::from("/usr/include"), |p| p.join("include"));
+        let header = include.join("ucp/api/ucp.h");
+        if !header.is_file() {
+            panic!(
+                "feature `ucx` needs UCX's headers, and {} is not there: run scripts/install-deps.sh \
+                 (it installs Debian's libucx-dev), or set TESSERA_UCX_PREFIX to a UCX install prefix",
+                header.display()
+            );
+        }
+        if let Some(prefix) = &prefix {
+            println!("cargo:rustc-link-search=native={}", prefix.join("lib").display());
+        }
+        println!("cargo:rustc-link-lib=ucp");
+        println!("cargo:rustc-link-lib=ucs");
+        println!("cargo:rerun-if-changed={}", header.display());
+        let bindings = bindgen::Builder::default()
+            .header(header.to_string_lossy())
+            .clang_arg(format!("-I{}", include.display()))
+            .allowlist_function("ucp_.*|ucs_status_string")
+            .allowlist_type("ucp_.*|ucs_status_t|ucs_status_ptr_t")
+            .allowlist_var("UCP_.*|UCS_.*")
+            .default_enum_style(bindgen::EnumVariation::Consts)
+            .derive_default(false)
+            .layout_tests(false)
+            .generate_comments(false)
+            .generate()
+            .unwrap_or_else(|e| panic!("bindgen over {}: {e}", header.display()));
+        let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("ucx.rs");
+        bindings.write_to_file(&out).unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
+    }
 }
 
 #[cfg(feature = "xla")]

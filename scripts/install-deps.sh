@@ -19,6 +19,10 @@ fi
 if ! dpkg -s libclang-dev >/dev/null 2>&1; then
     need_apt+=(libclang-dev)
 fi
+# ucx: UCX's headers and libraries (UcxGroup), and its tools (ucx_info).
+if ! dpkg -s libucx-dev >/dev/null 2>&1 || ! command -v ucx_info >/dev/null 2>&1; then
+    need_apt+=(libucx-dev ucx-utils)
+fi
 
 if ((${#need_apt[@]})); then
     echo "install-deps: apt-get install ${need_apt[*]}"

@@ -7,18 +7,19 @@ scripts/install-deps.sh
 # The stash's remote backends (s3, postgres) are optional features so that the default
 # build needs no network client; the suite turns them on so that their conformance tests
 # run against the local servers that install-deps provides. `xla` runs the XLA executor
-# tests on the PJRT CPU plugin that install-deps fetches.
-cargo test --release --all-targets --features s3,postgres,xla "$@"
-cargo test --release --doc --features s3,postgres,xla "$@"
+# tests on the PJRT CPU plugin that install-deps fetches; `ucx` runs the collectives tests
+# over UCX too (Debian's libucx, installed by install-deps).
+cargo test --release --all-targets --features s3,postgres,xla,ucx "$@"
+cargo test --release --doc --features s3,postgres,xla,ucx "$@"
 # README's first command, Tessera's main job end to end, must keep working (same features as
 # above, so nothing is rebuilt).
-cargo run --release --features s3,postgres,xla --example quickstart
+cargo run --release --features s3,postgres,xla,ucx --example quickstart
 # The distributed-array tour: a least-squares fit and a product over 2 node processes,
 # checked (it fails when the fit is off or the saved array does not load back equal).
-cargo run --release --features s3,postgres,xla --example darray
+cargo run --release --features s3,postgres,xla,ucx --example darray
 # One model definition on the CPU executor and on XLA (the PJRT CPU plugin): the MLP and the
 # CNN train to the same accuracy (the example fails otherwise).
-cargo run --release --features s3,postgres,xla --example xla
+cargo run --release --features s3,postgres,xla,ucx --example xla
 # Every target builds and links with the CUDA feature on a machine without CUDA.
 cargo test --release --features cuda --all-targets --no-run
 # The CUDA feature without a GPU: discovery must say so, every kernel must compile to PTX

@@ -2,7 +2,7 @@
 //! all-reduce uses, with a TCP backend for CPUs; GPU discovery (every build); CUDA
 //! devices, device actors, device-resident arrays, and collectives over device buffers
 //! (NCCL, or a host group staged through host memory) (feature `cuda`); XLA devices through
-//! PJRT plugins (feature `xla`).
+//! PJRT plugins (feature `xla`); collectives over UCX (feature `ucx`).
 mod collective;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -13,6 +13,8 @@ mod discovery;
 mod gpu_group;
 #[cfg(feature = "cuda")]
 mod nccl;
+#[cfg(feature = "ucx")]
+mod ucx_group;
 #[cfg(feature = "xla")]
 mod xla;
 
@@ -36,5 +38,7 @@ pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};
 pub use gpu_group::{GpuCommunicator, HostStagedGroup};
 #[cfg(feature = "cuda")]
 pub use nccl::{NcclGroup, NCCL_TIMEOUT};
+#[cfg(feature = "ucx")]
+pub use ucx_group::UcxGroup;
 #[cfg(feature = "xla")]
 pub use xla::{XlaBuffer, XlaDevice, XlaElement, XlaError, XlaExecutable, DEFAULT_PJRT_PLUGIN};

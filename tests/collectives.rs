@@ -1,6 +1,7 @@
-//! Multi-process tests of the TCP collectives against a serial reference: every operation,
+//! Multi-process tests of the collectives against a serial reference: every operation,
 //! sizes from 1 element to 64 MiB, groups of 2 to 4 processes, bit-identical results on
-//! every rank, and a dead or stalled member failing the others with its rank named.
+//! every rank, and a dead or stalled member failing the others with its rank named; over
+//! TCP (`TcpGroup`) and, with feature `ucx`, over UCX (`UcxGroup`).
 //!
 //! `harness = false`: the members are this binary re-executed with `COLL_*` variables.
 mod support;
@@ -44,10 +45,16 @@ fn member() -> Result<()> {
     if mode != "verify" {
         config.timeout = Duration::from_secs(2);
     }
-    let mut group = TcpGroup::join(config)?;
+    let mut group: Box<dyn Communicator> = match var("COLL_BACKEND")?.as_str() {
+        "tcp" => Box::new(TcpGroup::join(config)?),
+        #[cfg(feature = "ucx")]
+        "ucx" => Box::new(tessera::UcxGroup::join(config)?),
+        other => bail!("unknown backend {other}"),
+    };
+    let group = group.as_mut();
     match mode.as_str() {
-        "verify" => verify(&mut group),
-        "small" => verify_small(&mut group),
+        "verify" => verify(group),
+        "small" => verify_small(group),
         "dead" | "stall" => {
             if rank == size - 1 {
                 if mode == "stall" {
@@ -77,7 +84,7 @@ fn member() -> Result<()> {
     }
 }
 
-fn verify(group: &mut TcpGroup) -> Result<()> {
+fn verify(group: &mut dyn Communicator) -> Result<()> {
     let (rank, size) = (group.rank(), group.size());
     for count in COUNTS {
         let reference: Vec<f32> = {
@@ -122,7 +129,7 @@ fn verify(group: &mut TcpGroup) -> Result<()> {
 
 /// All-reduces `count` values whose sum depends on the order of additions and checks that
 /// every rank holds the same bits (each rank's hash, gathered).
-fn same_bits_everywhere(group: &mut TcpGroup, count: usize) -> Result<()> {
+fn same_bits_everywhere(group: &mut dyn Communicator, count: usize) -> Result<()> {
     let (rank, size) = (group.rank(), group.size());
     let mut data = rough_data(rank, count);
     group.all_reduce(&mut data)?;
@@ -145,7 +152,7 @@ fn same_bits_everywhere(group: &mut TcpGroup, count: usize) -> Result<()> {
 
 /// All-reduce of small messages (the recursive-doubling path in groups over 4): the exact
 /// sum, and the same bits on every rank where the order of additions matters.
-fn verify_small(group: &mut TcpGroup) -> Result<()> {
+fn verify_small(group: &mut dyn Communicator) -> Result<()> {
     let (rank, size) = (group.rank(), group.size());
     for count in [1, 7, 1000, 16 << 10] {
         let mut reference = vec![0f32; count];
@@ -162,8 +169,15 @@ fn verify_small(group: &mut TcpGroup) -> Result<()> {
     Ok(())
 }
 
-/// Runs a group of `size` member processes in `mode`; returns their outputs.
-fn run_group(size: usize, mode: &str) -> Result<Vec<String>> {
+/// The rendezvous thread of a group being tested.
+type RendezvousThread = std::thread::JoinHandle<Result<(), CollectiveError>>;
+
+/// Starts a rendezvous and `size` member processes in `mode` over `backend`.
+fn start_group(
+    size: usize,
+    mode: &str,
+    backend: &str,
+) -> Result<(RendezvousThread, Vec<std::process::Child>)> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let rendezvous =
@@ -175,12 +189,19 @@ fn run_group(size: usize, mode: &str) -> Result<Vec<String>> {
                 .env("COLL_SIZE", size.to_string())
                 .env("COLL_ADDR", addr.to_string())
                 .env("COLL_MODE", mode)
+                .env("COLL_BACKEND", backend)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
                 .context("spawning a member")
         })
         .collect::<Result<_>>()?;
+    Ok((rendezvous, children))
+}
+
+/// Runs a group of `size` member processes in `mode` over `backend`; returns their outputs.
+fn run_group(size: usize, mode: &str, backend: &str) -> Result<Vec<String>> {
+    let (rendezvous, children) = start_group(size, mode, backend)?;
     let mut outputs = Vec::new();
     for (rank, child) in children.into_iter().enumerate() {
         let output = child.wait_with_output()?;
@@ -193,53 +214,37 @@ fn run_group(size: usize, mode: &str) -> Result<Vec<String>> {
     Ok(outputs)
 }
 
-fn every_collective_matches_the_serial_reference() -> Result<()> {
+fn every_collective_matches_the_serial_reference(backend: &str) -> Result<()> {
     for size in 2..=4 {
         let t = Instant::now();
-        let outputs = run_group(size, "verify")?;
+        let outputs = run_group(size, "verify", backend)?;
         ensure!(outputs.iter().all(|o| o.contains("all collectives match")), "{outputs:?}");
-        println!("    group of {size}: ok in {:.1} s", t.elapsed().as_secs_f64());
+        println!("    {backend}, group of {size}: ok in {:.1} s", t.elapsed().as_secs_f64());
     }
     Ok(())
 }
 
-fn small_all_reduces_in_larger_groups_match_the_serial_reference() -> Result<()> {
+fn small_all_reduces_in_larger_groups_match_the_serial_reference(backend: &str) -> Result<()> {
     for size in [5, 8] {
         let t = Instant::now();
-        let outputs = run_group(size, "small")?;
+        let outputs = run_group(size, "small", backend)?;
         ensure!(outputs.iter().all(|o| o.contains("small all-reduces match")), "{outputs:?}");
-        println!("    group of {size}: ok in {:.1} s", t.elapsed().as_secs_f64());
+        println!("    {backend}, group of {size}: ok in {:.1} s", t.elapsed().as_secs_f64());
     }
     Ok(())
 }
 
-fn a_dead_member_fails_the_others_naming_its_rank() -> Result<()> {
-    let outputs = run_group(3, "dead")?;
+fn a_dead_member_fails_the_others_naming_its_rank(backend: &str) -> Result<()> {
+    let outputs = run_group(3, "dead", backend)?;
     for output in &outputs[..2] {
         ensure!(output.contains("rank 2"), "{output}");
     }
     Ok(())
 }
 
-fn a_stalled_member_times_out_naming_its_rank() -> Result<()> {
+fn a_stalled_member_times_out_naming_its_rank(backend: &str) -> Result<()> {
     let t = Instant::now();
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let addr = listener.local_addr()?;
-    let rendezvous =
-        std::thread::spawn(move || Rendezvous::serve(listener, 3, SECRET, Duration::from_secs(30)));
-    let mut children: Vec<_> = (0..3)
-        .map(|rank| {
-            Command::new(std::env::current_exe()?)
-                .env("COLL_RANK", rank.to_string())
-                .env("COLL_SIZE", "3")
-                .env("COLL_ADDR", addr.to_string())
-                .env("COLL_MODE", "stall")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .context("spawning a member")
-        })
-        .collect::<Result<_>>()?;
+    let (rendezvous, mut children) = start_group(3, "stall", backend)?;
     let staller = children.pop().context("three members")?;
     for (rank, child) in children.into_iter().enumerate() {
         let output = child.wait_with_output()?;
@@ -262,14 +267,34 @@ fn main() {
         }
         return;
     }
-    let tests: &[(&str, support::TestFn)] = &[
-        ("every_collective_matches_the_serial_reference", every_collective_matches_the_serial_reference),
-        (
-            "small_all_reduces_in_larger_groups_match_the_serial_reference",
-            small_all_reduces_in_larger_groups_match_the_serial_reference,
-        ),
-        ("a_dead_member_fails_the_others_naming_its_rank", a_dead_member_fails_the_others_naming_its_rank),
-        ("a_stalled_member_times_out_naming_its_rank", a_stalled_member_times_out_naming_its_rank),
+    #[cfg_attr(not(feature = "ucx"), allow(unused_mut))]
+    let mut tests: Vec<(&str, support::TestFn)> = vec![
+        ("every_collective_matches_the_serial_reference", || {
+            every_collective_matches_the_serial_reference("tcp")
+        }),
+        ("small_all_reduces_in_larger_groups_match_the_serial_reference", || {
+            small_all_reduces_in_larger_groups_match_the_serial_reference("tcp")
+        }),
+        ("a_dead_member_fails_the_others_naming_its_rank", || {
+            a_dead_member_fails_the_others_naming_its_rank("tcp")
+        }),
+        ("a_stalled_member_times_out_naming_its_rank", || a_stalled_member_times_out_naming_its_rank("tcp")),
     ];
-    support::run(tests);
+    #[cfg(feature = "ucx")]
+    tests.extend([
+        (
+            "ucx_every_collective_matches_the_serial_reference",
+            (|| every_collective_matches_the_serial_reference("ucx")) as support::TestFn,
+        ),
+        ("ucx_small_all_reduces_in_larger_groups_match_the_serial_reference", || {
+            small_all_reduces_in_larger_groups_match_the_serial_reference("ucx")
+        }),
+        ("ucx_a_dead_member_fails_the_others_naming_its_rank", || {
+            a_dead_member_fails_the_others_naming_its_rank("ucx")
+        }),
+        ("ucx_a_stalled_member_times_out_naming_its_rank", || {
+            a_stalled_member_times_out_naming_its_rank("ucx")
+        }),
+    ]);
+    support::run(&tests);
 }

@@ -230,7 +230,12 @@ impl XlaExecutor {
                 (Out::Param(i), Some(r)) => r.params[i] = buffer,
                 (Out::Moment1(i), Some(r)) => r.m[i] = buffer,
                 (Out::Moment2(i), Some(r)) => r.v[i] = buffer,
-                (out, None) => unreachable!("{out:?} is written only by programs run with resident state"),
+                (out, None) => {
+                    return Err(NnError::Argument {
+                        op: "XlaExecutor::run",
+                        what: format!("the program writes {out:?}, which only a trainer's step keeps"),
+                    })
+                }
             }
         }
         Ok(())
