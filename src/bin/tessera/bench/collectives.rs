@@ -1,6 +1,7 @@
-//! The `collectives` suite: all-reduce between two processes over the TCP communicator,
-//! as time per operation and bus bandwidth (nccl-tests' definition:
-//! busbw = size / time × 2(n−1)/n), beside the loopback TCP limit.
+//! The `collectives` suite: all-reduce between two processes over the TCP communicator
+//! (and, in a build with feature `ucx`, over UCX: `collectives/ucx_…`), as time per
+//! operation and bus bandwidth (nccl-tests' definition: busbw = size / time × 2(n−1)/n),
+//! beside the loopback TCP limit.
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -32,12 +33,21 @@ pub(crate) struct MemberArgs {
     size: usize,
     #[arg(long)]
     rendezvous: SocketAddr,
+    /// The communicator: tcp, or ucx (a build with feature `ucx`).
+    #[arg(long, default_value = "tcp")]
+    backend: String,
 }
 
 /// A member process: joins the group and times all-reduce at each size.
 pub(crate) fn member(args: MemberArgs) -> Result<()> {
     let secret = std::env::var(SECRET_VAR).context("TESSERA_SECRET not set")?;
-    let mut group = TcpGroup::join(GroupConfig::new(args.rank, args.size, args.rendezvous, secret))?;
+    let config = GroupConfig::new(args.rank, args.size, args.rendezvous, secret);
+    let mut group: Box<dyn Communicator> = match args.backend.as_str() {
+        "tcp" => Box::new(TcpGroup::join(config)?),
+        #[cfg(feature = "ucx")]
+        "ucx" => Box::new(tessera::UcxGroup::join(config)?),
+        other => bail!("unknown communicator backend `{other}`"),
+    };
     for (bytes, _) in SIZES {
         let mut data = vec![1.0f32; bytes / 4];
         let ops = (512 << 20) / bytes;
@@ -68,27 +78,9 @@ pub(crate) fn member(args: MemberArgs) -> Result<()> {
 }
 
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
-    let mut members = start_group("collective-member", RANKS, &[])?;
-    let stdout = members[0].stdout.take().context("rank 0 output")?;
-    let labels: std::collections::HashMap<usize, &str> = SIZES.into_iter().collect();
-    for line in BufReader::new(stdout).lines() {
-        let measured: Measured = serde_json::from_str(&line?)?;
-        let label = labels.get(&measured.bytes).copied().unwrap_or("?");
-        let busbw = measured.bytes as f64 / measured.seconds_per_op * 2.0 * (RANKS - 1) as f64 / RANKS as f64;
-        reporter.report(
-            &format!("collectives/all_reduce_{label}_time"),
-            measured.seconds_per_op * 1e6,
-            "us",
-            false,
-        );
-        reporter.report(&format!("collectives/all_reduce_{label}_busbw"), busbw / 1e9, "GB/s", true);
-    }
-    for (rank, mut child) in members.into_iter().enumerate() {
-        let status = child.wait()?;
-        if !status.success() {
-            bail!("member {rank} failed: {status}");
-        }
-    }
+    all_reduce_sizes(reporter, "tcp", "collectives/all_reduce")?;
+    #[cfg(feature = "ucx")]
+    all_reduce_sizes(reporter, "ucx", "collectives/ucx_all_reduce")?;
     // The limits an all-reduce works against: one stream into a fresh buffer (as a value
     // transfer), one stream into a reused buffer (as the ring), and two such streams at once
     // (as the two ranks of a 2-rank ring, each sending while it receives).
@@ -98,6 +90,28 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     reporter.report("collectives/tcp_loopback_limit_reused_buffer", median(&mut reused), "GB/s", true);
     let mut duplex: Vec<f64> = (0..3).map(|_| tcp_stream_gbps(256 << 20, true)).collect::<Result<_>>()?;
     reporter.report("collectives/tcp_loopback_limit_two_streams_each", median(&mut duplex), "GB/s", true);
+    Ok(())
+}
+
+/// Times all-reduce at every size between two member processes over `backend`; reports
+/// `<prefix>_<size>_time` and `<prefix>_<size>_busbw`.
+fn all_reduce_sizes(reporter: &Reporter, backend: &str, prefix: &str) -> Result<()> {
+    let mut members = start_group("collective-member", RANKS, &["--backend".into(), backend.into()])?;
+    let stdout = members[0].stdout.take().context("rank 0 output")?;
+    let labels: std::collections::HashMap<usize, &str> = SIZES.into_iter().collect();
+    for line in BufReader::new(stdout).lines() {
+        let measured: Measured = serde_json::from_str(&line?)?;
+        let label = labels.get(&measured.bytes).copied().unwrap_or("?");
+        let busbw = measured.bytes as f64 / measured.seconds_per_op * 2.0 * (RANKS - 1) as f64 / RANKS as f64;
+        reporter.report(&format!("{prefix}_{label}_time"), measured.seconds_per_op * 1e6, "us", false);
+        reporter.report(&format!("{prefix}_{label}_busbw"), busbw / 1e9, "GB/s", true);
+    }
+    for (rank, mut child) in members.into_iter().enumerate() {
+        let status = child.wait()?;
+        if !status.success() {
+            bail!("member {rank} ({backend}) failed: {status}");
+        }
+    }
     Ok(())
 }
 
