@@ -57,7 +57,10 @@ fn member() -> Result<()> {
     let mode = var("PAR_MODE")?;
     let mut config = GroupConfig::new(rank, size, addr, SECRET);
     config.timeout = Duration::from_secs(3);
-    let group = TcpGroup::join(config)?;
+    let group: Box<dyn tessera::Communicator> = match std::env::var("PAR_BACKEND").as_deref() {
+        Ok("ucx") => ucx_group(config)?,
+        _ => Box::new(TcpGroup::join(config)?),
+    };
     let data = digits().subset(&(0..288).collect::<Vec<_>>());
     let global = 48;
     match mode.as_str() {
@@ -70,7 +73,7 @@ fn member() -> Result<()> {
                 state.params.tensors[0].data[0] += 1.0;
             }
             // Small buckets: several all-reduces per step.
-            let mut replica = DataParallel::new(model, Box::new(group), 0.01)?;
+            let mut replica = DataParallel::new(model, group, 0.01)?;
             ensure!(replica.bucket_params().len() >= 3, "buckets {:?}", replica.bucket_params());
             replica.sync(&mut state)?;
             println!("sync {}", hash(&state.params));
@@ -93,7 +96,7 @@ fn member() -> Result<()> {
             let model = mlp(global / size, &sizes)?;
             let config = OptimizerConfig::sgd(0.1, 0.9);
             let mut state = TrainState::new(&model, config.clone(), data.len(), global, SEED);
-            let mut replica = DataParallel::new(model, Box::new(group), 0.001)?;
+            let mut replica = DataParallel::new(model, group, 0.001)?;
             replica.sync(&mut state)?;
             let whole_model = mlp(global, &sizes)?;
             let mut whole_state = TrainState::new(&whole_model, config, data.len(), global, SEED);
@@ -107,7 +110,7 @@ fn member() -> Result<()> {
         "dead" => {
             let model = lenet(global / size, 8, 10)?;
             let mut state = TrainState::new(&model, OptimizerConfig::adam(1e-3), data.len(), global, SEED);
-            let mut replica = DataParallel::new(model, Box::new(group), 0.02)?;
+            let mut replica = DataParallel::new(model, group, 0.02)?;
             replica.sync(&mut state)?;
             if rank == size - 1 {
                 std::process::exit(0); // dies without a word
@@ -131,7 +134,22 @@ fn member() -> Result<()> {
     }
 }
 
+#[cfg(feature = "ucx")]
+fn ucx_group(config: GroupConfig) -> Result<Box<dyn tessera::Communicator>> {
+    Ok(Box::new(tessera::UcxGroup::join(config)?))
+}
+
+#[cfg(not(feature = "ucx"))]
+fn ucx_group(_: GroupConfig) -> Result<Box<dyn tessera::Communicator>> {
+    bail!("this build has no UCX (feature `ucx`)")
+}
+
 fn run_group(size: usize, mode: &str) -> Result<Vec<String>> {
+    run_group_over(size, mode, "tcp")
+}
+
+/// Runs `size` replica processes in `mode`, their group over `backend` (tcp or ucx).
+fn run_group_over(size: usize, mode: &str, backend: &str) -> Result<Vec<String>> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let rendezvous =
@@ -143,6 +161,7 @@ fn run_group(size: usize, mode: &str) -> Result<Vec<String>> {
                 .env("PAR_SIZE", size.to_string())
                 .env("PAR_ADDR", addr.to_string())
                 .env("PAR_MODE", mode)
+                .env("PAR_BACKEND", backend)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -194,6 +213,26 @@ fn a_dead_replica_fails_the_others_naming_its_rank() -> Result<()> {
     for output in &outputs[..2] {
         ensure!(output.contains("replica 2 is gone"), "{output}");
     }
+    Ok(())
+}
+
+/// Data-parallel replicas over UCX: bit-identical parameters after every epoch, equal to
+/// single-worker training, and a dead replica named (feature `ucx`).
+#[cfg(feature = "ucx")]
+fn replicas_over_ucx_train_as_over_tcp() -> Result<()> {
+    let outputs = run_group_over(3, "lenet", "ucx")?;
+    ensure!(outputs[0].lines().count() == 3, "rank 0 printed: {}", outputs[0]);
+    ensure!(outputs.iter().all(|o| o == &outputs[0]), "replicas differ: {outputs:?}");
+    // Two replicas over UCX train as one worker on the whole batch.
+    let ucx = run_group_over(2, "mlp", "ucx")?;
+    ensure!(ucx[0] == ucx[1] && ucx[0].contains("matches"), "{ucx:?}");
+    let outputs = run_group_over(3, "dead", "ucx")?;
+    for output in &outputs[..2] {
+        ensure!(output.contains("replica 2 is gone"), "{output}");
+    }
+    println!(
+        "    3 UCX replicas: identical parameter hashes; 2 match single-worker training; a dead one is named"
+    );
     Ok(())
 }
 
@@ -485,7 +524,8 @@ fn main() {
         }
         return;
     }
-    let tests: &[(&str, support::TestFn)] = &[
+    #[cfg_attr(not(feature = "ucx"), allow(unused_mut))]
+    let mut tests: Vec<(&str, support::TestFn)> = vec![
         (
             "replicas_hold_bit_identical_parameters_after_every_epoch",
             replicas_hold_bit_identical_parameters_after_every_epoch,
@@ -512,5 +552,7 @@ fn main() {
             a_stalled_node_makes_the_replica_actors_resume_from_the_stash_checkpoint,
         ),
     ];
-    support::run(tests);
+    #[cfg(feature = "ucx")]
+    tests.push(("replicas_over_ucx_train_as_over_tcp", replicas_over_ucx_train_as_over_tcp));
+    support::run(&tests);
 }
