@@ -13,6 +13,22 @@ fn main() {
     ucx::generate();
 }
 
+/// Runs bindgen over `header` with the settings both bindings share (C enums as constants,
+/// no layout tests or comments) and writes the result to `OUT_DIR/file`.
+#[cfg(any(feature = "xla", feature = "ucx"))]
+fn write_bindings(builder: bindgen::Builder, header: &std::path::Path, file: &str) {
+    let bindings = builder
+        .header(header.to_string_lossy())
+        .default_enum_style(bindgen::EnumVariation::Consts)
+        .derive_default(false)
+        .layout_tests(false)
+        .generate_comments(false)
+        .generate()
+        .unwrap_or_else(|e| panic!("bindgen over {}: {e}", header.display()));
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join(file);
+    bindings.write_to_file(&out).unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
+}
+
 #[cfg(feature = "ucx")]
 mod ucx {
     use std::path::PathBuf;
@@ -35,20 +51,12 @@ mod ucx {
         println!("cargo:rustc-link-lib=ucp");
         println!("cargo:rustc-link-lib=ucs");
         println!("cargo:rerun-if-changed={}", header.display());
-        let bindings = bindgen::Builder::default()
-            .header(header.to_string_lossy())
+        let builder = bindgen::Builder::default()
             .clang_arg(format!("-I{}", include.display()))
             .allowlist_function("ucp_.*|ucs_status_string")
             .allowlist_type("ucp_.*|ucs_status_t|ucs_status_ptr_t")
-            .allowlist_var("UCP_.*|UCS_.*")
-            .default_enum_style(bindgen::EnumVariation::Consts)
-            .derive_default(false)
-            .layout_tests(false)
-            .generate_comments(false)
-            .generate()
-            .unwrap_or_else(|e| panic!("bindgen over {}: {e}", header.display()));
-        let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("ucx.rs");
-        bindings.write_to_file(&out).unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
+            .allowlist_var("UCP_.*|UCS_.*");
+        super::write_bindings(builder, &header, "ucx.rs");
     }
 }
 
@@ -74,17 +82,7 @@ mod pjrt {
             );
         }
         println!("cargo:rerun-if-changed={}", header.display());
-        let bindings = bindgen::Builder::default()
-            .header(header.to_string_lossy())
-            .allowlist_item("PJRT_.*")
-            .allowlist_item("GetPjrtApi")
-            .default_enum_style(bindgen::EnumVariation::Consts)
-            .derive_default(false)
-            .layout_tests(false)
-            .generate_comments(false)
-            .generate()
-            .unwrap_or_else(|e| panic!("bindgen over {}: {e}", header.display()));
-        let out = PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR")).join("pjrt.rs");
-        bindings.write_to_file(&out).unwrap_or_else(|e| panic!("writing {}: {e}", out.display()));
+        let builder = bindgen::Builder::default().allowlist_item("PJRT_.*").allowlist_item("GetPjrtApi");
+        super::write_bindings(builder, &header, "pjrt.rs");
     }
 }

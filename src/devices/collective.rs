@@ -116,6 +116,39 @@ pub trait Communicator: Send {
     fn barrier(&mut self) -> Result<()>;
 }
 
+/// Errors unless `root` is a rank of a group of `size` (broadcast).
+pub(crate) fn check_root(root: usize, size: usize) -> Result<()> {
+    if root >= size {
+        return Err(CollectiveError::InvalidArgument {
+            op: "broadcast",
+            message: format!("root {root} of {size}"),
+        });
+    }
+    Ok(())
+}
+
+/// Errors unless an all-gather's `out` holds `size` times `local`.
+pub(crate) fn check_gather(local: usize, out: usize, size: usize) -> Result<()> {
+    if out != local * size {
+        return Err(CollectiveError::InvalidArgument {
+            op: "all_gather",
+            message: format!("out has {out} elements, expected {size} × {local}"),
+        });
+    }
+    Ok(())
+}
+
+/// Errors unless a reduce-scatter's `out` holds this rank's segment (`mine` elements).
+pub(crate) fn check_scatter(out: usize, mine: usize) -> Result<()> {
+    if out != mine {
+        return Err(CollectiveError::InvalidArgument {
+            op: "reduce_scatter",
+            message: format!("out has {out} elements, this rank's segment has {mine}"),
+        });
+    }
+    Ok(())
+}
+
 /// The bounds of segment `index` when `len` elements are split among `parts` ranks.
 pub fn segment(len: usize, parts: usize, index: usize) -> std::ops::Range<usize> {
     (len * index / parts)..(len * (index + 1) / parts)
@@ -868,12 +901,7 @@ impl Communicator for TcpGroup {
     }
 
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<()> {
-        if root >= self.size {
-            return Err(CollectiveError::InvalidArgument {
-                op: "broadcast",
-                message: format!("root {root} of {}", self.size),
-            });
-        }
+        check_root(root, self.size)?;
         if self.size == 1 {
             return Ok(());
         }
@@ -887,12 +915,7 @@ impl Communicator for TcpGroup {
     }
 
     fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<()> {
-        if out.len() != local.len() * self.size {
-            return Err(CollectiveError::InvalidArgument {
-                op: "all_gather",
-                message: format!("out has {} elements, expected {} × {}", out.len(), self.size, local.len()),
-            });
-        }
+        check_gather(local.len(), out.len(), self.size)?;
         let n = local.len();
         out[self.rank * n..(self.rank + 1) * n].copy_from_slice(local);
         if self.size == 1 || n == 0 {
@@ -909,12 +932,7 @@ impl Communicator for TcpGroup {
 
     fn reduce_scatter(&mut self, data: &mut [f32], out: &mut [f32]) -> Result<()> {
         let mine = segment(data.len(), self.size, self.rank);
-        if out.len() != mine.len() {
-            return Err(CollectiveError::InvalidArgument {
-                op: "reduce_scatter",
-                message: format!("out has {} elements, this rank's segment has {}", out.len(), mine.len()),
-            });
-        }
+        check_scatter(out.len(), mine.len())?;
         if self.size > 1 && !data.is_empty() {
             self.ring("reduce_scatter", data, false)?;
         }

@@ -27,7 +27,9 @@ use std::ptr::{null, null_mut};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::collective::{segment, CollectiveError, Communicator, GroupConfig, TcpGroup};
+use super::collective::{
+    check_gather, check_root, check_scatter, segment, CollectiveError, Communicator, GroupConfig, TcpGroup,
+};
 
 #[allow(
     non_camel_case_types,
@@ -554,12 +556,7 @@ impl Communicator for UcxGroup {
     }
 
     fn broadcast(&mut self, data: &mut [f32], root: usize) -> Result<()> {
-        if root >= self.size {
-            return Err(CollectiveError::InvalidArgument {
-                op: "broadcast",
-                message: format!("root {root} of {}", self.size),
-            });
-        }
+        check_root(root, self.size)?;
         if self.size == 1 {
             return Ok(());
         }
@@ -575,12 +572,7 @@ impl Communicator for UcxGroup {
     }
 
     fn all_gather(&mut self, local: &[f32], out: &mut [f32]) -> Result<()> {
-        if out.len() != local.len() * self.size {
-            return Err(CollectiveError::InvalidArgument {
-                op: "all_gather",
-                message: format!("out has {} elements, expected {} × {}", out.len(), self.size, local.len()),
-            });
-        }
+        check_gather(local.len(), out.len(), self.size)?;
         let n = local.len();
         out[self.rank * n..(self.rank + 1) * n].copy_from_slice(local);
         if self.size == 1 || n == 0 {
@@ -593,12 +585,7 @@ impl Communicator for UcxGroup {
 
     fn reduce_scatter(&mut self, data: &mut [f32], out: &mut [f32]) -> Result<()> {
         let mine = segment(data.len(), self.size, self.rank);
-        if out.len() != mine.len() {
-            return Err(CollectiveError::InvalidArgument {
-                op: "reduce_scatter",
-                message: format!("out has {} elements, this rank's segment has {}", out.len(), mine.len()),
-            });
-        }
+        check_scatter(out.len(), mine.len())?;
         if self.size > 1 && !data.is_empty() {
             self.next_collective();
             self.ring_reduce_scatter("reduce_scatter", data)?;
