@@ -41,10 +41,9 @@ enum Key {
     Forward(Range<usize>, bool),
     /// A backward range, its seed nodes, and whether its forward pass was in training.
     Backward(Range<usize>, Vec<usize>, bool),
-    /// Forward through the loss, backward from it, the extra node values kept; in training
-    /// or not; with the optimizer's update (parameters on the device) or returning the
-    /// gradients.
-    Step(usize, Vec<usize>, bool, Option<Update>),
+    /// Forward through the loss, backward from it and the optimizer's update (parameters on
+    /// the device), the extra node values kept; in training or not.
+    Step(usize, Vec<usize>, bool, Update),
 }
 
 /// A compiled program and what its parameters and results are.
@@ -197,7 +196,7 @@ impl XlaExecutor {
                     let (node, data) = seeds[k];
                     upload(data, &nodes[node.index()].shape)?
                 }
-                (Arg::Scalar(k), ..) => upload(&scalars[k..k + 1], &[])?,
+                (Arg::Scalars, ..) => upload(scalars, &[scalars.len()])?,
                 (arg, ..) => {
                     return Err(NnError::Argument {
                         op: "XlaExecutor::run",
@@ -239,20 +238,6 @@ impl XlaExecutor {
             }
         }
         Ok(())
-    }
-
-    /// One training step in a single program: forward through `loss`, backward from it, and
-    /// the value of `keep` (e.g. the logits) kept; returns the loss. Parameter gradients are
-    /// then read with [`Executor::param_grad`].
-    ///
-    /// # Errors
-    /// As [`Executor::forward`] and [`Executor::backward`].
-    pub fn train_step(&mut self, params: &Params, loss: NodeId, keep: &[NodeId]) -> Result<f32, NnError> {
-        params.check(&self.graph)?;
-        self.prepare_step(loss)?;
-        let key = Key::Step(loss.index(), keep.iter().map(|k| k.index()).collect(), self.training, None);
-        self.run(&key, params, &[])?;
-        self.scalar(loss)
     }
 
     /// Checks that a training step through `loss` can run, and draws its dropout masks.
@@ -424,12 +409,15 @@ impl XlaTrainer {
             _ => Update::Adam,
         };
         let shapes: Vec<&[usize]> = model.graph.params().iter().map(|p| p.shape.as_slice()).collect();
-        let upload_all = |values: &[Vec<f32>]| -> Result<Vec<XlaBuffer>, NnError> {
-            values.iter().zip(&shapes).map(|(v, shape)| Ok(exec.device.upload(v, shape)?)).collect()
+        let upload_all = |values: &mut dyn Iterator<Item = &[f32]>| -> Result<Vec<XlaBuffer>, NnError> {
+            values.zip(&shapes).map(|(v, shape)| Ok(exec.device.upload(v, shape)?)).collect()
         };
-        let params: Vec<Vec<f32>> = state.params.tensors.iter().map(|t| t.data.clone()).collect();
         let (m, v) = state.optimizer.moments();
-        let resident = Resident { params: upload_all(&params)?, m: upload_all(m)?, v: upload_all(v)? };
+        let resident = Resident {
+            params: upload_all(&mut state.params.tensors.iter().map(|t| t.data.as_slice()))?,
+            m: upload_all(&mut m.iter().map(Vec::as_slice))?,
+            v: upload_all(&mut v.iter().map(Vec::as_slice))?,
+        };
         exec.compile(&Self::step_key(&model, update))?;
         Ok(XlaTrainer {
             model,
@@ -443,7 +431,7 @@ impl XlaTrainer {
     }
 
     fn step_key(model: &Model, update: Update) -> Key {
-        Key::Step(model.loss.index(), vec![model.logits.index()], true, Some(update))
+        Key::Step(model.loss.index(), vec![model.logits.index()], true, update)
     }
 
     /// The model.
@@ -464,13 +452,13 @@ impl XlaTrainer {
     /// As [`Executor::forward`]; [`NnError::Xla`].
     pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
         let optimizer = &mut state.optimizer;
-        let scalars: Vec<f32> = match (optimizer.config.clone(), self.update) {
-            (OptimizerConfig::Sgd { lr, momentum, weight_decay }, Update::Sgd) => {
+        let scalars: Vec<f32> = match (&optimizer.config, self.update) {
+            (&OptimizerConfig::Sgd { lr, momentum, weight_decay }, Update::Sgd) => {
                 vec![lr, momentum, weight_decay]
             }
             (
-                OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay }
-                | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay },
+                &OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay }
+                | &OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay },
                 Update::Adam,
             ) => {
                 let decoupled = matches!(optimizer.config, OptimizerConfig::AdamW { .. });

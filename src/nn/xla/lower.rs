@@ -29,8 +29,8 @@ pub(crate) enum Arg {
     Moment1(usize),
     /// The second optimizer moment of parameter `index` (Adam, AdamW).
     Moment2(usize),
-    /// Optimizer constant number `k` (see [`Update`]), a scalar.
-    Scalar(usize),
+    /// The optimizer's constants (see [`Update`]), one vector.
+    Scalars,
 }
 
 /// What one result of a program is.
@@ -49,7 +49,7 @@ pub(crate) enum Out {
 }
 
 /// An optimizer update written into a training step, with the semantics of
-/// [`Optimizer::step`](crate::nn::Optimizer::step). Its constants are scalar parameters
+/// [`Optimizer::step`](crate::nn::Optimizer::step). Its constants are one vector parameter
 /// (so one program serves every step and learning rate), in this order:
 /// - `Sgd`: `lr, momentum, weight_decay`;
 /// - `Adam` (also AdamW): `lr, beta1, beta2, eps, l2, decay, c1, c2` (see
@@ -121,15 +121,15 @@ pub(crate) fn backward(
     w.finish(&results, outputs)
 }
 
-/// One training step: forward through the loss, then backward from it (seed 1). Results: the
-/// loss, the values of `keep` (e.g. the logits), then per parameter in the graph's order
-/// either its gradient (`update` none) or its updated value and moments.
+/// One training step: forward through the loss, backward from it (seed 1), and the
+/// optimizer's `update`. Results: the loss, the values of `keep` (e.g. the logits), then per
+/// parameter in the graph's order its updated value and moments.
 pub(crate) fn train_step(
     graph: &Graph,
     requires_grad: &[bool],
     (loss, keep): (usize, &[usize]),
     training: bool,
-    update: Option<Update>,
+    update: Update,
 ) -> Program {
     let mut w = Writer::new(graph, training);
     let range = 0..loss + 1;
@@ -151,45 +151,36 @@ pub(crate) fn train_step(
         results.push(w.value(k));
         outputs.push(Out::Value(k));
     }
-    let scalars = match update {
-        None => Vec::new(),
-        Some(Update::Sgd) => w.scalars(3),
-        Some(Update::Adam) => w.scalars(8),
-    };
+    let scalars = w.scalars(match update {
+        Update::Sgd => 3,
+        Update::Adam => 8,
+    });
     for (i, spec) in graph.params().iter().enumerate() {
         let n = spec.node.index();
         let g = match grads[n].take() {
             Some(g) => g,
             None => w.h.splat(0.0, &spec.shape),
         };
-        match update {
+        // A parameter no node of the step reads is still updated (momentum, decay).
+        let p = match w.vals[n].clone() {
+            Some(p) => p,
             None => {
-                results.push(g);
-                outputs.push(Out::Grad(n));
+                w.args.push(Arg::Param(i));
+                w.h.param(&spec.shape, Elem::F32)
             }
-            Some(update) => {
-                let p = match w.vals[n].clone() {
-                    Some(p) => p,
-                    None => {
-                        let p = w.h.param(&spec.shape, Elem::F32);
-                        w.args.push(Arg::Param(i));
-                        p
-                    }
-                };
-                let m = w.h.param(&spec.shape, Elem::F32);
-                w.args.push(Arg::Moment1(i));
-                let v = (update == Update::Adam).then(|| {
-                    w.args.push(Arg::Moment2(i));
-                    w.h.param(&spec.shape, Elem::F32)
-                });
-                let (p, m, v) = apply_update(&mut w.h, update, &scalars, (&p, &m, v.as_ref(), &g));
-                results.extend([p, m]);
-                outputs.extend([Out::Param(i), Out::Moment1(i)]);
-                if let Some(v) = v {
-                    results.push(v);
-                    outputs.push(Out::Moment2(i));
-                }
-            }
+        };
+        w.args.push(Arg::Moment1(i));
+        let m = w.h.param(&spec.shape, Elem::F32);
+        let v = (update == Update::Adam).then(|| {
+            w.args.push(Arg::Moment2(i));
+            w.h.param(&spec.shape, Elem::F32)
+        });
+        let (p, m, v) = apply_update(&mut w.h, update, &scalars, (&p, &m, v.as_ref(), &g));
+        results.extend([p, m]);
+        outputs.extend([Out::Param(i), Out::Moment1(i)]);
+        if let Some(v) = v {
+            results.push(v);
+            outputs.push(Out::Moment2(i));
         }
     }
     w.finish(&results, outputs)
@@ -281,12 +272,15 @@ impl<'g> Writer<'g> {
         Writer { graph, h: Hlo::new(), vals: vec![None; n], args: Vec::new(), training, masks: vec![None; n] }
     }
 
-    /// `count` scalar parameters `Arg::Scalar(0..count)`.
+    /// The `count` optimizer constants: one vector parameter (`Arg::Scalars`), split into
+    /// scalars.
     fn scalars(&mut self, count: usize) -> Vec<Val> {
+        self.args.push(Arg::Scalars);
+        let all = self.h.param(&[count], Elem::F32);
         (0..count)
             .map(|k| {
-                self.args.push(Arg::Scalar(k));
-                self.h.param(&[], Elem::F32)
+                let one = self.h.slice(&all, &[k], &[k + 1]);
+                self.h.reshape(&one, &[])
             })
             .collect()
     }
