@@ -240,6 +240,20 @@ impl XlaExecutor {
         Ok(())
     }
 
+    /// An f32 input's host buffer, to fill in place (marks it set).
+    fn value_mut(&mut self, node: NodeId) -> Result<&mut [f32], NnError> {
+        rules::check_settable(&self.graph, node, DType::F32)?;
+        self.filled[node.index()] = true;
+        Ok(&mut self.vals[node.index()])
+    }
+
+    /// An i32 input's host buffer, to fill in place (marks it set).
+    fn ids_mut(&mut self, node: NodeId) -> Result<&mut [i32], NnError> {
+        rules::check_settable(&self.graph, node, DType::I32)?;
+        self.filled[node.index()] = true;
+        Ok(&mut self.ids[node.index()])
+    }
+
     /// Checks that a training step through `loss` can run, and draws its dropout masks.
     fn prepare_step(&mut self, loss: NodeId) -> Result<(), NnError> {
         let range = 0..loss.index() + 1;
@@ -295,17 +309,13 @@ impl Executor for XlaExecutor {
 
     fn set_value(&mut self, node: NodeId, data: &[f32]) -> Result<(), NnError> {
         rules::check_len(&self.graph, node, data.len())?;
-        rules::check_settable(&self.graph, node, DType::F32)?;
-        self.vals[node.index()].copy_from_slice(data);
-        self.filled[node.index()] = true;
+        self.value_mut(node)?.copy_from_slice(data);
         Ok(())
     }
 
     fn set_ids(&mut self, node: NodeId, data: &[i32]) -> Result<(), NnError> {
         rules::check_len(&self.graph, node, data.len())?;
-        rules::check_settable(&self.graph, node, DType::I32)?;
-        self.ids[node.index()].copy_from_slice(data);
-        self.filled[node.index()] = true;
+        self.ids_mut(node)?.copy_from_slice(data);
         Ok(())
     }
 
@@ -384,9 +394,6 @@ pub struct XlaTrainer {
     exec: XlaExecutor,
     resident: Resident,
     update: Update,
-    features: Vec<f32>,
-    labels: Vec<i32>,
-    tokens: Vec<i32>,
 }
 
 impl XlaTrainer {
@@ -419,15 +426,7 @@ impl XlaTrainer {
             v: upload_all(&mut v.iter().map(Vec::as_slice))?,
         };
         exec.compile(&Self::step_key(&model, update))?;
-        Ok(XlaTrainer {
-            model,
-            exec,
-            resident,
-            update,
-            features: Vec::new(),
-            labels: Vec::new(),
-            tokens: Vec::new(),
-        })
+        Ok(XlaTrainer { model, exec, resident, update })
     }
 
     fn step_key(model: &Model, update: Update) -> Key {
@@ -517,18 +516,15 @@ impl XlaTrainer {
             batch,
             (data.len(), data.dim),
         )?;
-        self.features.resize(batch * data.dim, 0.0);
-        self.labels.resize(batch, 0);
         let mut tally = EpochTally::start();
         while let Some(rows) = state.loader.next_batch() {
-            let rows = rows.to_vec();
-            data.gather_features(&rows, &mut self.features);
-            data.gather_labels(&rows, &mut self.labels);
-            self.exec.set_value(input, &self.features)?;
-            self.exec.set_ids(target, &self.labels)?;
+            data.gather_features(rows, self.exec.value_mut(input)?);
+            data.gather_labels(rows, self.exec.ids_mut(target)?);
+            let count = rows.len();
             let loss = self.step(state)?;
-            tally.batch(loss, rows.len());
-            tally.classified(self.exec.value(logits)?, classes, self.labels.iter().copied());
+            tally.batch(loss, count);
+            let labels = self.exec.ids[target.index()].iter().copied();
+            tally.classified(self.exec.value(logits)?, classes, labels);
         }
         state.epoch += 1;
         self.sync_state(state)?;
@@ -549,18 +545,13 @@ impl XlaTrainer {
     ) -> Result<EpochStats, NnError> {
         let (input, target) = (self.model.input, self.model.target);
         check_text_epoch("XlaTrainer::train_epoch_text", &self.model, &state.loader, 1, ids.len(), steps)?;
-        let len = self.model.graph.node(input)?.len();
-        self.tokens.resize(len, 0);
-        self.labels.resize(len, 0);
         let mut tally = EpochTally::start();
         while let Some(starts) = state.loader.next_batch() {
-            let starts = starts.to_vec();
-            fill_windows(ids, &starts, steps, 0, &mut self.tokens);
-            fill_windows(ids, &starts, steps, 1, &mut self.labels);
-            self.exec.set_ids(input, &self.tokens)?;
-            self.exec.set_ids(target, &self.labels)?;
+            fill_windows(ids, starts, steps, 0, self.exec.ids_mut(input)?);
+            fill_windows(ids, starts, steps, 1, self.exec.ids_mut(target)?);
+            let count = starts.len();
             let loss = self.step(state)?;
-            tally.batch(loss, starts.len() * steps);
+            tally.batch(loss, count * steps);
         }
         state.epoch += 1;
         self.sync_state(state)?;
