@@ -12,6 +12,8 @@
 //!   by temporary file, fsync, rename, with a sled index caching records.
 //! - [`Stash::open_url`] with `s3://` (feature `s3`, through opendal) or `postgres://`
 //!   (feature `postgres`, through tokio-postgres).
+//! - [`Stash::mirrored`] or `mirror:URL,URL` URLs: a copy on each of several stores, read
+//!   from the first intact copy and brought back whole by [`Stash::repair`].
 //!
 //! # Guarantees
 //! A version is listed only after all its chunks are durable; a process killed mid-save
@@ -36,6 +38,7 @@ mod blob;
 mod error;
 mod index;
 mod local;
+mod mirror;
 #[cfg(feature = "postgres")]
 mod postgres;
 mod record;
@@ -48,7 +51,7 @@ mod version;
 
 pub(crate) use array::to_little_endian;
 pub use array::{ArrayElement, Dtype};
-pub use blob::{BlobStore, ObjectMeta, PutBatch};
+pub use blob::{BlobStore, ObjectMeta, PutBatch, RepairReport};
 pub use error::StoreError;
 pub use record::{Layout, VersionInfo};
 pub use stash::{

@@ -110,6 +110,38 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
 
     /// Where the store is, for messages (`/path`, `s3://bucket/prefix`, ...).
     fn location(&self) -> String;
+
+    /// Brings every replica of a redundant store back to an intact copy of every blob,
+    /// telling `progress` the bytes checked so far and in all. A store that keeps one copy
+    /// has nothing to repair: the default reports one replica and does nothing.
+    fn repair(&self, _progress: &(dyn Fn(u64, u64) + Sync)) -> Result<RepairReport, StoreError> {
+        Ok(RepairReport { replicas: 1, ..RepairReport::default() })
+    }
+}
+
+/// What [`BlobStore::repair`] (and [`Stash::repair`](super::Stash::repair)) did.
+#[derive(Debug, Default)]
+#[non_exhaustive]
+pub struct RepairReport {
+    /// How many copies the store keeps.
+    pub replicas: usize,
+    /// Blobs (chunks and version records) checked on every replica.
+    pub blobs_checked: usize,
+    /// Copies written to replicas that lacked them or held them damaged.
+    pub copies_written: usize,
+    /// Bytes those copies hold.
+    pub bytes_written: u64,
+    /// Blobs with no intact copy anywhere: their versions cannot be loaded.
+    pub unrecoverable: Vec<StoreError>,
+    /// Replicas that could not be read or written (the repair should be run again).
+    pub problems: Vec<StoreError>,
+}
+
+impl RepairReport {
+    /// Whether every replica now holds an intact copy of every blob.
+    pub fn is_complete(&self) -> bool {
+        self.unrecoverable.is_empty() && self.problems.is_empty()
+    }
 }
 
 /// A group of puts made durable together (see [`BlobStore::batch`]).

@@ -167,6 +167,30 @@ pub enum StoreError {
         /// The directory.
         path: String,
     },
+    /// A mirrored store could not reach enough of its replicas.
+    #[error("{op} `{key}` succeeded on {succeeded} of {replicas} replicas, {needed} needed: {failures}")]
+    Replication {
+        /// What was being done.
+        op: &'static str,
+        /// The key (or prefix) involved.
+        key: String,
+        /// Replicas that succeeded.
+        succeeded: usize,
+        /// Replicas in all.
+        replicas: usize,
+        /// Replicas that had to succeed.
+        needed: usize,
+        /// Each failed replica's location and error.
+        failures: String,
+    },
+    /// A blob has no intact copy on any replica of a mirrored store.
+    #[error("`{key}` cannot be repaired: {reason}")]
+    Unrecoverable {
+        /// The blob's key.
+        key: String,
+        /// What each replica holds.
+        reason: String,
+    },
     /// An async method was called outside a tokio runtime.
     #[error("async stash methods need a tokio runtime")]
     NoRuntime,

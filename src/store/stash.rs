@@ -25,7 +25,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::array::{self, ArrayElement};
-use super::blob::{BlobStore, ObjectMeta};
+use super::blob::{BlobStore, ObjectMeta, RepairReport};
 use super::index::RecordIndex;
 use super::local::LocalStore;
 use super::record::{self, ChunkRef, Layout, Record, VersionInfo};
@@ -66,6 +66,8 @@ pub enum TransferKind {
     Save,
     /// Chunks read and checked.
     Load,
+    /// Blobs checked on every replica, and copied where missing or damaged.
+    Repair,
 }
 
 /// How far one save or load of a value has got: reported to a
@@ -139,6 +141,73 @@ pub struct StoreStats {
     pub chunk_bytes: u64,
 }
 
+/// Makes `root` an embedded stash directory (creating it and its marker file), or checks
+/// that it is one.
+fn prepare_directory(root: &Path) -> Result<(), StoreError> {
+    let marker = root.join(MARKER_FILE);
+    if marker.exists() {
+        return Ok(());
+    }
+    match std::fs::read_dir(root) {
+        Ok(mut entries) => {
+            // Another process may be creating this stash right now: give its marker a
+            // moment to appear before calling the directory foreign.
+            if entries.next().is_some() && !wait_for(&marker, std::time::Duration::from_secs(2)) {
+                return Err(StoreError::NotAStash { path: root.display().to_string() });
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(root).map_err(|e| StoreError::io("mkdir", root, e))?;
+        }
+        Err(e) => return Err(StoreError::io("list", root, e)),
+    }
+    let store = LocalStore::new(root.to_path_buf());
+    store.put(MARKER_FILE, MARKER_TEXT.as_bytes())?;
+    store.sync("")
+}
+
+/// The directory of an embedded-store URL: a plain path or `file:///path`.
+fn local_path(url: &str) -> Result<&str, StoreError> {
+    match url.strip_prefix("file://") {
+        Some(path) if path.starts_with('/') => Ok(path),
+        Some(_) => Err(StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason: "file URLs need an absolute path (file:///dir)".into(),
+        }),
+        None => Ok(url),
+    }
+}
+
+/// The blob store a URL names (a mirror's replica): an embedded-store directory is
+/// opened without its record index, which caches records for one process at a time.
+fn open_blob_store(url: &str) -> Result<Box<dyn BlobStore>, StoreError> {
+    let Some((scheme, _)) = url.split_once("://") else {
+        prepare_directory(Path::new(url))?;
+        return Ok(Box::new(LocalStore::new(url.into())));
+    };
+    match scheme {
+        "file" => {
+            let path = local_path(url)?;
+            prepare_directory(Path::new(path))?;
+            Ok(Box::new(LocalStore::new(path.into())))
+        }
+        #[cfg(feature = "s3")]
+        "s3" => Ok(Box::new(super::s3::S3Store::open(url)?)),
+        #[cfg(not(feature = "s3"))]
+        "s3" => Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "s3" }),
+        #[cfg(feature = "postgres")]
+        "postgres" | "postgresql" => Ok(Box::new(super::postgres::PostgresStore::open(url)?)),
+        #[cfg(not(feature = "postgres"))]
+        "postgres" | "postgresql" => {
+            Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "postgres" })
+        }
+        other => Err(StoreError::InvalidUrl {
+            url: url.to_string(),
+            reason: format!("unknown scheme `{other}` (known: file, s3, postgres, mirror)"),
+        }),
+    }
+}
+
 /// Waits up to `limit` for `path` to exist.
 fn wait_for(path: &Path, limit: std::time::Duration) -> bool {
     let deadline = std::time::Instant::now() + limit;
@@ -159,25 +228,7 @@ impl Stash {
     /// if it cannot be created; [`StoreError::IndexCorrupt`] if its index is damaged.
     pub fn open(path: impl AsRef<Path>) -> Result<Stash, StoreError> {
         let root = path.as_ref();
-        let marker = root.join(MARKER_FILE);
-        if !marker.exists() {
-            match std::fs::read_dir(root) {
-                Ok(mut entries) => {
-                    // Another process may be creating this stash right now: give its marker
-                    // a moment to appear before calling the directory foreign.
-                    if entries.next().is_some() && !wait_for(&marker, std::time::Duration::from_secs(2)) {
-                        return Err(StoreError::NotAStash { path: root.display().to_string() });
-                    }
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    std::fs::create_dir_all(root).map_err(|e| StoreError::io("mkdir", root, e))?;
-                }
-                Err(e) => return Err(StoreError::io("list", root, e)),
-            }
-            let store = LocalStore::new(root.to_path_buf());
-            store.put(MARKER_FILE, MARKER_TEXT.as_bytes())?;
-            store.sync("")?;
-        }
+        prepare_directory(root)?;
         let index = RecordIndex::open(&root.join("index"))?;
         Ok(Stash::from_parts(Box::new(LocalStore::new(root.to_path_buf())), index))
     }
@@ -185,43 +236,63 @@ impl Stash {
     /// Opens a stash by URL: `file:///path` or a plain path (the embedded store),
     /// `s3://bucket/prefix?endpoint=URL&region=R&access_key_id=K&secret_access_key=S`
     /// (feature `s3`; credentials may also come from `AWS_ACCESS_KEY_ID` and
-    /// `AWS_SECRET_ACCESS_KEY`), or `postgres://user@host:port/db?table=NAME`
-    /// (feature `postgres`).
+    /// `AWS_SECRET_ACCESS_KEY`), `postgres://user@host:port/db?table=NAME`
+    /// (feature `postgres`), or `mirror:URL,URL[,...][;min_copies=N]`: a copy of every
+    /// chunk and version on each of the listed stores (see [`Stash::mirrored`]).
     ///
     /// # Errors
     /// [`StoreError::InvalidUrl`], [`StoreError::BackendNotCompiled`], or what opening
     /// the backend reports.
     pub fn open_url(url: &str) -> Result<Stash, StoreError> {
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return Stash::open(url);
-        };
-        match scheme {
-            "file" => {
-                if !rest.starts_with('/') {
-                    return Err(StoreError::InvalidUrl {
-                        url: url.to_string(),
-                        reason: "file URLs need an absolute path (file:///dir)".into(),
-                    });
+        if let Some(list) = url.strip_prefix("mirror:") {
+            let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
+            let (list, options) = list.split_once(';').unwrap_or((list, ""));
+            let urls: Vec<&str> = list.split(',').map(str::trim).collect();
+            if urls.iter().any(|u| u.is_empty()) {
+                return Err(invalid("an empty replica in the list (expected mirror:URL,URL,...)".into()));
+            }
+            if urls.iter().any(|u| u.starts_with("mirror:")) {
+                return Err(invalid("a mirror cannot list another mirror".into()));
+            }
+            let mut min_copies = urls.len();
+            for option in options.split(';').filter(|o| !o.trim().is_empty()) {
+                match option.trim().split_once('=') {
+                    Some(("min_copies", n)) => {
+                        min_copies = n
+                            .trim()
+                            .parse()
+                            .map_err(|_| invalid(format!("min_copies `{n}` is not a number")))?;
+                    }
+                    _ => return Err(invalid(format!("unknown option `{option}` (known: min_copies=N)"))),
                 }
-                Stash::open(rest)
             }
-            #[cfg(feature = "s3")]
-            "s3" => Ok(Stash::with_store(Box::new(super::s3::S3Store::open(url)?))),
-            #[cfg(not(feature = "s3"))]
-            "s3" => Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "s3" }),
-            #[cfg(feature = "postgres")]
-            "postgres" | "postgresql" => {
-                Ok(Stash::with_store(Box::new(super::postgres::PostgresStore::open(url)?)))
-            }
-            #[cfg(not(feature = "postgres"))]
-            "postgres" | "postgresql" => {
-                Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "postgres" })
-            }
-            other => Err(StoreError::InvalidUrl {
-                url: url.to_string(),
-                reason: format!("unknown scheme `{other}` (known: file, s3, postgres)"),
-            }),
+            let replicas = urls.iter().map(|u| open_blob_store(u)).collect::<Result<Vec<_>, _>>()?;
+            return Stash::mirrored(replicas, min_copies);
         }
+        if url.contains("://") && !url.starts_with("file://") {
+            return Ok(Stash::with_store(open_blob_store(url)?));
+        }
+        Stash::open(local_path(url)?)
+    }
+
+    /// A stash that keeps a copy of every chunk and version record on each of `replicas`
+    /// (two or more), so that losing or damaging all but one of them loses nothing:
+    /// - a save writes to every replica and succeeds when `min_copies` of them took it;
+    /// - a load reads the first intact copy (chunks hash to their name, records carry a
+    ///   checksum), and writes a good chunk back over a missing or damaged one it met;
+    /// - [`repair`](Stash::repair) brings every replica back to a full, intact copy
+    ///   (after a replica was down, replaced or damaged);
+    /// - deleting a version needs every replica (a copy left behind would come back at
+    ///   the next repair; run the delete again).
+    ///
+    /// Each replica is a whole stash on its own: any one of them opened alone loads
+    /// every version that was saved with all copies.
+    ///
+    /// # Errors
+    /// [`StoreError::Invalid`] for fewer than two replicas, or `min_copies` of 0 or more
+    /// than there are replicas.
+    pub fn mirrored(replicas: Vec<Box<dyn BlobStore>>, min_copies: usize) -> Result<Stash, StoreError> {
+        Ok(Stash::with_store(Box::new(super::mirror::MirrorStore::new(replicas, min_copies)?)))
     }
 
     /// A stash over any [`BlobStore`].
@@ -1165,6 +1236,26 @@ impl Stash {
             }
         }
         Ok(report)
+    }
+
+    /// Checks every chunk and version record on every replica of a mirrored stash
+    /// ([`Stash::mirrored`], `mirror:` URLs) and copies an intact copy over each missing or
+    /// damaged one: chunks first, then records, so a replica never lists a version whose
+    /// chunks it lacks. Progress goes to the [`with_progress`](Stash::with_progress)
+    /// observer (kind [`TransferKind::Repair`]). A stash with one copy has nothing to
+    /// repair (use [`verify`](Stash::verify)).
+    ///
+    /// # Errors
+    /// Only when too few replicas can be listed; damage that cannot be repaired and
+    /// replicas that failed go into the report.
+    pub fn repair(&self) -> Result<RepairReport, StoreError> {
+        let location = self.location();
+        let observer = |done: u64, total: u64| {
+            if let Some(observer) = &self.progress {
+                observer(TransferProgress { kind: TransferKind::Repair, name: &location, done, total });
+            }
+        };
+        self.blobs().repair(&observer)
     }
 
     /// Counts versions and chunks.

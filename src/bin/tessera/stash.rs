@@ -1,4 +1,4 @@
-//! `tessera stash put|get|list|log|show|tag|rm|gc|verify --store PATH_OR_URL`: keep files
+//! `tessera stash put|get|list|log|show|tag|rm|gc|verify|repair --store PATH_OR_URL`: keep files
 //! as versioned, tagged entries of a stash, and inspect and maintain it, from the command
 //! line. Saves and loads of large files print their progress to stderr.
 use std::sync::Mutex;
@@ -11,7 +11,8 @@ use tessera::{Stash, TransferKind, TransferProgress, Version, VersionInfo};
 
 #[derive(Args)]
 pub(crate) struct StashArgs {
-    /// The stash: a directory, file:///dir, s3://bucket/prefix?..., or postgres://...
+    /// The stash: a directory, file:///dir, s3://bucket/prefix?..., postgres://..., or
+    /// mirror:URL,URL[;min_copies=N] (a copy on each)
     #[arg(long, global = true)]
     store: Option<String>,
     #[command(subcommand)]
@@ -89,7 +90,13 @@ enum StashCommand {
         grace_secs: u64,
     },
     /// Read every chunk and check its hash; exits with status 1 if anything is damaged.
+    /// On a mirror, a chunk counts as good when some replica holds it intact (`repair`
+    /// checks every replica).
     Verify,
+    /// On a mirror (`--store 'mirror:URL,URL'`): check every chunk and version on every
+    /// replica and copy an intact copy over each missing or damaged one; exits with
+    /// status 1 if a blob has no intact copy anywhere or a replica failed.
+    Repair,
 }
 
 pub(crate) fn run(args: StashArgs) -> Result<()> {
@@ -225,6 +232,36 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
                 std::process::exit(1);
             }
         }
+        StashCommand::Repair => {
+            let started = Instant::now();
+            let r = stash.repair()?;
+            if r.replicas < 2 {
+                println!("{} keeps one copy: nothing to repair (use `verify` to check it)", stash.location());
+                return Ok(());
+            }
+            for problem in &r.unrecoverable {
+                println!("UNRECOVERABLE: {problem}");
+            }
+            for problem in &r.problems {
+                println!("FAILED: {problem}");
+            }
+            println!(
+                "checked {} blobs on {} replicas in {:.1} s, wrote {} copies ({}): {}",
+                r.blobs_checked,
+                r.replicas,
+                started.elapsed().as_secs_f64(),
+                r.copies_written,
+                human_size(r.bytes_written),
+                if r.is_complete() {
+                    "every replica is whole".to_string()
+                } else {
+                    format!("{} unrecoverable, {} failed", r.unrecoverable.len(), r.problems.len())
+                }
+            );
+            if !r.is_complete() {
+                std::process::exit(1);
+            }
+        }
     }
     Ok(())
 }
@@ -294,6 +331,7 @@ fn progress_printer() -> impl Fn(TransferProgress<'_>) + Send + Sync + 'static {
         let verb = match p.kind {
             TransferKind::Save => "saving",
             TransferKind::Load => "loading",
+            TransferKind::Repair => "repairing",
             _ => "moving",
         };
         eprintln!(

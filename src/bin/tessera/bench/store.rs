@@ -1,6 +1,8 @@
 //! `tessera bench store`: save and load of a 512 MiB f32 array on the embedded stash,
 //! beside the raw limits of the same disk measured by the same command: a sequential
-//! write of a plain file of the same size with one fsync, and its read-back.
+//! write of a plain file of the same size with one fsync, and its read-back. The same
+//! save and load on a mirror of two directories of that disk (`mirror:A,B`: every byte
+//! written twice, read once) give the cost of redundancy.
 //!
 //! Reads are cold when the page cache can be dropped (`/proc/sys/vm/drop_caches`,
 //! needs root); otherwise both the raw read and the stash load are warm, and the suite
@@ -63,6 +65,7 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     // no chunk is deduplicated away), then read the file back and load the value.
     let raw_path = scratch.0.join("raw.bin");
     let (mut write, mut read, mut save, mut load) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut mirror_save, mut mirror_load) = (Vec::new(), Vec::new());
     for rep in 0..REPEATS {
         // Both writes start from the same page-cache state: empty.
         drop_caches();
@@ -96,9 +99,28 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         anyhow::ensure!(back == array, "stash load differs from what was saved");
         drop((back, stash));
         std::fs::remove_dir_all(&dir).ok();
+
+        let copies = [scratch.0.join(format!("mirror-{rep}-a")), scratch.0.join(format!("mirror-{rep}-b"))];
+        let stash = Stash::open_url(&format!("mirror:{},{}", copies[0].display(), copies[1].display()))?;
+        drop_caches();
+        let start = Instant::now();
+        stash.save("weights", &array, &[("bench", "store")])?;
+        mirror_save.push(gbps(bytes, start.elapsed().as_secs_f64()));
+        if cold {
+            drop_caches();
+        }
+        let start = Instant::now();
+        let back: Array1<f32> = stash.load("weights")?;
+        mirror_load.push(gbps(bytes, start.elapsed().as_secs_f64()));
+        anyhow::ensure!(back == array, "mirror load differs from what was saved");
+        drop((back, stash));
+        for copy in &copies {
+            std::fs::remove_dir_all(copy).ok();
+        }
         eprintln!(
-            "bench store: rep {rep}: raw write {:.3}, save {:.3}, raw read {:.3}, load {:.3} GB/s",
-            write[rep], save[rep], read[rep], load[rep]
+            "bench store: rep {rep}: raw write {:.3}, save {:.3}, raw read {:.3}, load {:.3}, \
+             mirror save {:.3}, mirror load {:.3} GB/s",
+            write[rep], save[rep], read[rep], load[rep], mirror_save[rep], mirror_load[rep]
         );
     }
     reporter.report("store/raw_write_limit", median(&mut write), "GB/s", true);
@@ -107,6 +129,10 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     reporter.report(&name, median(&mut save), "GB/s", true);
     let name = format!("store/load_{mib}MiB_f32");
     reporter.report(&name, median(&mut load), "GB/s", true);
+    let name = format!("store/mirror2_save_{mib}MiB_f32");
+    reporter.report(&name, median(&mut mirror_save), "GB/s", true);
+    let name = format!("store/mirror2_load_{mib}MiB_f32");
+    reporter.report(&name, median(&mut mirror_load), "GB/s", true);
     Ok(())
 }
 
