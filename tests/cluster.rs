@@ -2,6 +2,9 @@
 //!
 //! This test binary has its own `main` (`harness = false`): node processes are this same
 //! binary re-executed, and `tessera::init()` at the top of `main` turns them into nodes.
+#[cfg(feature = "s3")]
+#[path = "store/servers.rs"]
+mod servers;
 mod support;
 
 use std::io::Write;
@@ -551,9 +554,50 @@ fn distributed_arrays_compute_and_save_on_the_nodes() -> Result<()> {
     ensure!(sums.iter().sum::<f64>() == 4.0 * 100.0, "row sums add up to {}", sums.sum());
     ensure!(laplacian.to_csr()?.nnz() == 5 * 10_000 - 400, "the Laplacian's nonzeros");
 
+    // Blocks of about 150 KB: the nodes hold them, and write them to the stash.
+    let version = laplacian.save(&stash, "laplacian", &[])?;
+    let loaded = tessera::SparseDArray::<f64>::load_version(&c.rt, &stash, "laplacian", version)?;
+    ensure!(loaded.to_csr()? == laplacian.to_csr()?, "the saved sparse matrix differs");
+
     let version = product.save(&stash, "product", &[("by", "nodes")])?;
     let loaded = DArray::<f64>::load_version(&c.rt, &stash, "product", version)?;
     ensure!(loaded.to_array()? == got.into_dyn(), "the saved array differs");
+    Ok(())
+}
+
+/// Nodes reach a remote stash with the URL it was opened from (endpoint and credentials
+/// included), for values they hold and for the chunks of a distributed array; a mirror of
+/// a directory and S3 gets a whole copy on each.
+#[cfg(feature = "s3")]
+fn nodes_save_what_they_hold_into_s3_and_a_mirror() -> Result<()> {
+    use tessera::{DArray, Fill};
+    let c = TestCluster::start(2, ClusterConfig::default())?;
+    let server = servers::S3Server::start("cluster-saves");
+    let stash = tessera::Stash::open_url(&server.url("cluster-saves", "direct"))?;
+    const LEN: usize = 3 << 20;
+    let made = make_blob::spawn(&c.rt, LEN, 21);
+    let version = c.cluster.save_ref(&stash, "blob", &made, &[])?;
+    let loaded: ByteBuf = stash.load_version("blob", version)?;
+    ensure!(loaded.as_slice() == blob(LEN, 21).as_slice(), "the node saved other bytes to S3");
+
+    // 512 KiB chunks: the nodes hold them, and write them.
+    let fill = Fill::Uniform { seed: 5, low: -1.0, high: 1.0 };
+    let array = DArray::<f64>::fill(&c.rt, &[512, 512], &[256, 256], fill)?;
+    let expected = array.to_array()?;
+    let version = array.save(&stash, "array", &[])?;
+    ensure!(
+        DArray::<f64>::load_version(&c.rt, &stash, "array", version)?.to_array()? == expected,
+        "S3 array"
+    );
+
+    let dir = tempfile::tempdir()?;
+    let copy = server.url("cluster-saves", "copy");
+    let mirror = tessera::Stash::open_url(&format!("mirror:{},{copy}", dir.path().display()))?;
+    array.save(&mirror, "array", &[("kept", "twice")])?;
+    for alone in [tessera::Stash::open(dir.path())?, tessera::Stash::open_url(&copy)?] {
+        let back = DArray::<f64>::load(&c.rt, &alone, "array")?.to_array()?;
+        ensure!(back == expected, "a replica of {} lacks the array", alone.location());
+    }
     Ok(())
 }
 
@@ -584,6 +628,8 @@ fn main() {
             "values_larger_than_a_frame_reach_nodes_and_come_back",
             values_larger_than_a_frame_reach_nodes_and_come_back,
         ),
+        #[cfg(feature = "s3")]
+        ("nodes_save_what_they_hold_into_s3_and_a_mirror", nodes_save_what_they_hold_into_s3_and_a_mirror),
     ];
     support::run(tests);
 }

@@ -269,6 +269,45 @@ fn sparse_products_match_sprs_for_any_blocking() -> Result<()> {
 }
 
 #[test]
+fn saved_sparse_matrices_load_back_by_version_and_refuse_another_type() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let stash = Stash::open(dir.path())?;
+    let a = random_csr(120, 90, 0.1, 8);
+    let s1 = tessera::SparseDArray::from_csr(rt(), &a, 25)?;
+    let v1 = s1.save(&stash, "adjacency", &[("graph", "a")])?;
+    let bytes_after_first = stash.stats()?.chunk_bytes;
+    // Saving the same blocks again stores no new block bytes (only manifests and records).
+    let again = s1.save(&stash, "adjacency", &[])?;
+    ensure!(stash.stats()?.chunk_bytes - bytes_after_first < 2048, "a re-save stored the blocks again");
+    let p = tessera::SparseDArray::<f64>::poisson_2d(rt(), 12, 50)?;
+    let v2 = p.save(&stash, "adjacency", &[("graph", "poisson")])?;
+    ensure!(v1 < again && again < v2);
+
+    let latest = tessera::SparseDArray::<f64>::load(rt(), &stash, "adjacency")?;
+    ensure!(latest.shape() == [144, 144] && latest.block_rows() == 50 && latest.num_blocks() == 3);
+    ensure!(latest.to_csr()? == p.to_csr()?, "latest differs");
+    let first = tessera::SparseDArray::<f64>::load_version(rt(), &stash, "adjacency", v1)?;
+    ensure!(first.to_csr()? == a && first.num_blocks() == 5, "version 1 differs");
+    let x = DArray::<f64>::fill(rt(), &[90], &[30], Fill::Uniform { seed: 2, low: -1.0, high: 1.0 })?;
+    ensure!(first.matmul(&x)?.to_array()? == s1.matmul(&x)?.to_array()?, "a loaded matrix multiplies alike");
+    ensure!(stash.history("adjacency/block/0")?.len() == 3, "one block entry per save");
+
+    // The wrong element type, a dense array, and a value that is neither, are refused.
+    let wrong = tessera::SparseDArray::<f32>::load(rt(), &stash, "adjacency").unwrap_err();
+    ensure!(matches!(array_error(&wrong), Some(ArrayError::NotADArray { .. })), "{wrong}");
+    DArray::<f64>::zeros(rt(), &[4, 4], &[2, 2])?.save(&stash, "dense", &[])?;
+    let wrong = tessera::SparseDArray::<f64>::load(rt(), &stash, "dense").unwrap_err();
+    ensure!(matches!(wrong, Error::Store(_)) && wrong.to_string().contains("Manifest"), "{wrong}");
+    ensure!(DArray::<f64>::load(rt(), &stash, "adjacency").is_err(), "a sparse matrix is no dense array");
+    // A later version of a block's entry does not change a saved matrix: the manifest
+    // names each block's exact version.
+    stash.save("adjacency/block/1", &7usize, &[])?;
+    let pinned = tessera::SparseDArray::<f64>::load(rt(), &stash, "adjacency")?;
+    ensure!(pinned.to_csr()? == p.to_csr()?, "the manifest pins block versions");
+    Ok(())
+}
+
+#[test]
 fn generated_sparse_matrices_do_not_depend_on_the_blocking() -> Result<()> {
     let n = 30;
     let p = tessera::SparseDArray::<f64>::poisson_2d(rt(), n, 77)?.to_csr()?;

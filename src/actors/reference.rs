@@ -511,5 +511,5 @@ pub(crate) fn save_ref<T: Payload>(
             location.node_name
         ))
     })?;
-    cluster.save_held(&location, &stash.location(), name, std::any::type_name::<T>(), tags)
+    cluster.save_held(&location, &stash.url_for_others(), name, std::any::type_name::<T>(), tags)
 }

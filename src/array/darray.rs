@@ -435,13 +435,13 @@ fn mismatch(op: &'static str, left: &[usize], right: &[usize]) -> Error {
     ArrayError::ShapeMismatch { op, left: left.to_vec(), right: right.to_vec() }.into()
 }
 
-fn store_error(error: crate::StoreError) -> Error {
+pub(super) fn store_error(error: crate::StoreError) -> Error {
     Error::Store(std::sync::Arc::new(error))
 }
 
 /// Runs `job(0..n)` on up to [`PARALLEL_TRANSFERS`] threads; the results in order, or the
 /// first error.
-fn parallel<R: Send>(n: usize, job: impl Fn(usize) -> Result<R> + Sync) -> Result<Vec<R>> {
+pub(super) fn parallel<R: Send>(n: usize, job: impl Fn(usize) -> Result<R> + Sync) -> Result<Vec<R>> {
     let next = AtomicUsize::new(0);
     let results: Vec<parking_lot::Mutex<Option<Result<R>>>> =
         (0..n).map(|_| parking_lot::Mutex::new(None)).collect();

@@ -1,15 +1,17 @@
 //! Sparse distributed matrices: [`SparseDArray`], a CSR matrix cut into blocks of rows,
 //! each block a `Ref` held where the task that made it ran; `CsrBlock<T>`, the block
-//! payload (checked when decoded); and the sparse kernels (SpMV, SpMM, generators).
+//! payload (checked when decoded); the sparse kernels (SpMV, SpMM, generators); and
+//! saving to and loading from a stash (blocks written by their holders, then a manifest).
 use std::ops::Range;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
 use super::chunk::Chunk;
+use super::darray::{parallel, store_error};
 use super::ops::DElement;
 use super::{ArrayError, ChunkGrid, DArray};
-use crate::{Error, Ref, Result, Runtime};
+use crate::{Dtype, Error, Ref, Result, Runtime, Stash, Version};
 
 /// Rows `start..end` of a CSR matrix with `cols` columns. Nominally `pub` only so that the
 /// sealed kernels trait of the element types can name it.
@@ -183,6 +185,17 @@ pub(crate) fn spmm<T: DElement>(block: &CsrBlock<T>, x: &Chunk<T>) -> Result<Chu
     Ok(out)
 }
 
+/// What a saved SparseDArray's manifest records: its shape and blocking, and the exact
+/// version of each block's entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SparseManifest {
+    dtype: Dtype,
+    rows: usize,
+    cols: usize,
+    block_rows: usize,
+    blocks: Vec<(String, Version)>,
+}
+
 /// A sparse matrix (CSR) of `f32` or `f64` cut into blocks of rows, each block a
 /// [`Ref`] held where the task that made it ran. Products with dense [`DArray`]s run one
 /// task per block.
@@ -326,6 +339,100 @@ impl<T: DElement> SparseDArray<T> {
     /// The first failed block's error.
     pub fn wait(&self) -> Result<()> {
         self.blocks.iter().try_for_each(|b| b.blocking_wait_done())
+    }
+
+    /// Saves the matrix as a new version of `name`: every block as an entry of its own
+    /// (`name/block/N`), written by the node that holds it (so block bytes do not pass
+    /// through this process) several at a time, then a manifest naming each block's exact
+    /// version as `name` itself, with `tags`. The manifest is written last, so a reader
+    /// sees the new version whole or not at all; blocks that did not change since the
+    /// last save cost no new blob bytes.
+    ///
+    /// # Errors
+    /// A failed block's error, [`Error::Store`], or [`Error::Cluster`] if a holder is lost.
+    pub fn save(&self, stash: &Stash, name: &str, tags: &[(&str, &str)]) -> Result<Version> {
+        let names: Vec<String> = (0..self.blocks.len()).map(|b| format!("{name}/block/{b}")).collect();
+        let versions = parallel(self.blocks.len(), |b| {
+            crate::actors::save_ref(self.rt.core(), stash, &names[b], &self.blocks[b], &[])
+        })?;
+        let manifest = SparseManifest {
+            dtype: T::DTYPE,
+            rows: self.rows,
+            cols: self.cols,
+            block_rows: self.block_rows,
+            blocks: names.into_iter().zip(versions).collect(),
+        };
+        stash.save(name, &manifest, tags).map_err(store_error)
+    }
+
+    /// Loads the latest version of `name` saved by [`save`](SparseDArray::save), with its
+    /// blocks, into this process's object table.
+    ///
+    /// # Errors
+    /// [`ArrayError::NotADArray`] if `name` is not a saved sparse matrix of `T` (or its
+    /// blocks do not fit its shape); [`Error::Store`] if reading fails, or if `name`
+    /// holds something else (the error names the stored type).
+    pub fn load(rt: &Runtime, stash: &Stash, name: &str) -> Result<SparseDArray<T>> {
+        let manifest: SparseManifest = stash.load(name).map_err(store_error)?;
+        Self::from_manifest(rt, stash, name, manifest)
+    }
+
+    /// Loads one version of `name`.
+    ///
+    /// # Errors
+    /// As [`load`](SparseDArray::load).
+    pub fn load_version(
+        rt: &Runtime,
+        stash: &Stash,
+        name: &str,
+        version: Version,
+    ) -> Result<SparseDArray<T>> {
+        let manifest: SparseManifest = stash.load_version(name, version).map_err(store_error)?;
+        Self::from_manifest(rt, stash, name, manifest)
+    }
+
+    fn from_manifest(
+        rt: &Runtime,
+        stash: &Stash,
+        name: &str,
+        manifest: SparseManifest,
+    ) -> Result<SparseDArray<T>> {
+        let not_ours = |reason: String| ArrayError::NotADArray {
+            name: name.to_string(),
+            expected: std::any::type_name::<SparseDArray<T>>(),
+            reason,
+        };
+        if manifest.dtype != T::DTYPE {
+            return Err(not_ours(format!("its elements are {}", manifest.dtype)).into());
+        }
+        let grid = ChunkGrid::new(&[manifest.rows], &[manifest.block_rows])?;
+        if grid.num_chunks() != manifest.blocks.len() || manifest.cols > u32::MAX as usize {
+            let reason = format!(
+                "{} blocks listed for {} rows in blocks of {}",
+                manifest.blocks.len(),
+                manifest.rows,
+                manifest.block_rows
+            );
+            return Err(not_ours(reason).into());
+        }
+        let blocks = parallel(manifest.blocks.len(), |b| {
+            let (entry, version) = &manifest.blocks[b];
+            let block: CsrBlock<T> = stash.load_version(entry, *version).map_err(store_error)?;
+            let rows = grid.region(b)[0].len();
+            if block.rows != rows || block.cols != manifest.cols {
+                let reason =
+                    format!("`{entry}` is {}×{}, not {rows}×{}", block.rows, block.cols, manifest.cols);
+                return Err(not_ours(reason).into());
+            }
+            Ok(rt.put(block))
+        })?;
+        Ok(SparseDArray {
+            rt: rt.clone(),
+            rows: manifest.rows,
+            cols: manifest.cols,
+            block_rows: grid.chunk_shape()[0],
+            blocks,
+        })
     }
 
     /// Gathers the whole matrix into this process as a `sprs` CSR matrix.

@@ -88,6 +88,9 @@ pub struct TransferProgress<'a> {
 struct Inner {
     blobs: Box<dyn BlobStore>,
     index: Option<RecordIndex>,
+    /// The path or URL this stash was opened from, credentials included: what other
+    /// processes (nodes saving the values they hold) open to reach it.
+    url: Option<String>,
 }
 
 impl std::fmt::Debug for Stash {
@@ -230,7 +233,17 @@ impl Stash {
         let root = path.as_ref();
         prepare_directory(root)?;
         let index = RecordIndex::open(&root.join("index"))?;
-        Ok(Stash::from_parts(Box::new(LocalStore::new(root.to_path_buf())), index))
+        let mut stash = Stash::from_parts(Box::new(LocalStore::new(root.to_path_buf())), index);
+        // Absolute, so that processes started elsewhere find the same directory.
+        stash.set_url(std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf()).display().to_string());
+        Ok(stash)
+    }
+
+    /// Records where this (newly made) stash was opened from.
+    fn set_url(&mut self, url: String) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.url = Some(url);
+        }
     }
 
     /// Opens a stash by URL: `file:///path` or a plain path (the embedded store),
@@ -244,6 +257,15 @@ impl Stash {
     /// [`StoreError::InvalidUrl`], [`StoreError::BackendNotCompiled`], or what opening
     /// the backend reports.
     pub fn open_url(url: &str) -> Result<Stash, StoreError> {
+        let mut stash = Stash::open_url_unnamed(url)?;
+        if url.starts_with("mirror:") || url.contains("://") {
+            // A plain path was recorded, made absolute, by `open`.
+            stash.set_url(url.to_string());
+        }
+        Ok(stash)
+    }
+
+    fn open_url_unnamed(url: &str) -> Result<Stash, StoreError> {
         if let Some(list) = url.strip_prefix("mirror:") {
             let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
             let (list, options) = list.split_once(';').unwrap_or((list, ""));
@@ -301,7 +323,7 @@ impl Stash {
     }
 
     fn from_parts(blobs: Box<dyn BlobStore>, index: Option<RecordIndex>) -> Stash {
-        Stash { inner: Arc::new(Inner { blobs, index }), progress: None }
+        Stash { inner: Arc::new(Inner { blobs, index, url: None }), progress: None }
     }
 
     /// This stash with `observer` told how every save and load of a value goes, after each
@@ -322,9 +344,16 @@ impl Stash {
         }
     }
 
-    /// Where the stash keeps its bytes.
+    /// Where the stash keeps its bytes, for messages (credentials left out).
     pub fn location(&self) -> String {
         self.inner.blobs.location()
+    }
+
+    /// What another process opens (with [`open_url`](Stash::open_url)) to reach this
+    /// stash: the path or URL it was opened from, credentials included; for a stash made
+    /// over custom stores, its location (which other processes may not be able to open).
+    pub(crate) fn url_for_others(&self) -> String {
+        self.inner.url.clone().unwrap_or_else(|| self.location())
     }
 
     fn blobs(&self) -> &dyn BlobStore {

@@ -63,7 +63,8 @@ pub struct ReplicaJob {
     /// Held-out data rank 0 evaluates after every epoch, if any.
     pub test: Option<Dataset>,
     /// Where rank 0 saves a checkpoint after every epoch (and where a group resumes from):
-    /// a stash location ([`Stash::location`](crate::Stash::location)) and a name.
+    /// the path or URL the stash was opened from (credentials included, as given to
+    /// [`Stash::open_url`](crate::Stash::open_url)) and a name.
     pub checkpoint: Option<(String, String)>,
     /// A peer silent this long fails a collective.
     pub timeout: Duration,
@@ -130,7 +131,7 @@ impl ReplicaJob {
     /// Rank 0 saves the training state as a new version of `name` in `stash` after every
     /// epoch, and every new group resumes from the latest one.
     pub fn checkpoint_to(mut self, stash: &crate::Stash, name: &str) -> Self {
-        self.checkpoint = Some((stash.location(), name.to_string()));
+        self.checkpoint = Some((stash.url_for_others(), name.to_string()));
         self
     }
 }
