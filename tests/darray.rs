@@ -206,6 +206,24 @@ fn saved_arrays_load_back_by_version_and_refuse_another_type() -> Result<()> {
     ensure!(matches!(array_error(&wrong), Some(ArrayError::NotADArray { .. })), "{wrong}");
     stash.save("note", &"hello".to_string(), &[])?;
     ensure!(matches!(DArray::<f32>::load(rt(), &stash, "note"), Err(Error::Store(_))));
+    // A progress observer hears of every chunk, under the array's name, up to its size.
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = heard.clone();
+    let watched = stash.clone().with_progress(move |p| {
+        if p.name == "weights" {
+            log.lock().unwrap().push((p.kind, p.done, p.total));
+        }
+    });
+    b.save(&watched, "weights", &[])?;
+    DArray::<f32>::load(rt(), &watched, "weights")?;
+    let heard = heard.lock().unwrap().clone();
+    let bytes = (300 * 70 * 4) as u64;
+    for kind in [tessera::TransferKind::Save, tessera::TransferKind::Load] {
+        // (The manifest's own save and load are reported under the name too, with its size.)
+        let of_kind: Vec<_> = heard.iter().filter(|h| h.0 == kind && h.2 == bytes).collect();
+        ensure!(of_kind.len() == a.grid().num_chunks(), "{kind:?}: {heard:?}");
+        ensure!(of_kind.iter().any(|h| h.1 == bytes), "{of_kind:?}");
+    }
     // Saving a slice of the loaded array is independent of the original chunks.
     let part = latest.slice(&[100..200, 0..70])?;
     part.save(&stash, "part", &[])?;

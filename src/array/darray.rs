@@ -1,7 +1,7 @@
 //! `DArray<T>`: the distributed array handle (a chunk grid and one `Ref` per chunk), the
 //! task graphs of its operations, gathering, and saving to and loading from a stash.
 use std::ops::Range;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use ndarray::{ArrayBase, ArrayD, Data, Dimension, IxDyn};
 use serde::{Deserialize, Serialize};
@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::chunk::{self, Chunk};
 use super::ops::{BinaryOp, DElement, Fill, ReduceOp, UnaryOp};
 use super::{ArrayError, ChunkGrid};
-use crate::{Dtype, Error, Ref, Result, Runtime, Stash, Version};
+use crate::{Dtype, Error, Ref, Result, Runtime, Stash, TransferKind, Version};
 
 /// An n-dimensional array of `T` cut into a grid of chunks, each a [`Ref`] held where
 /// the task that made it ran. Operations return at once with a new `DArray` whose chunks
@@ -94,6 +94,16 @@ impl<T: DElement> DArray<T> {
             })
             .collect();
         Ok(DArray { rt: rt.clone(), grid, chunks })
+    }
+
+    /// The bytes of its elements.
+    fn byte_len(&self) -> u64 {
+        (self.grid.len() * std::mem::size_of::<T>()) as u64
+    }
+
+    /// The bytes of chunk `c`'s elements.
+    fn chunk_bytes(&self, c: usize) -> usize {
+        self.grid.region(c).iter().map(|r| r.len()).product::<usize>() * std::mem::size_of::<T>()
     }
 
     /// An array of `grid` over `chunks` (one per chunk, row-major), made by other modules.
@@ -364,14 +374,18 @@ impl<T: DElement> DArray<T> {
     /// save cost no new blob bytes (the stash is content-addressed).
     ///
     /// On a cluster, nodes must reach the same stash (the same directory, S3 or
-    /// PostgreSQL URL).
+    /// PostgreSQL URL). The stash's [`with_progress`](Stash::with_progress) observer is
+    /// told after each chunk, under `name`, with the bytes of the chunks saved so far.
     ///
     /// # Errors
     /// A failed chunk's error, [`Error::Store`], or [`Error::Cluster`] if a holder is lost.
     pub fn save(&self, stash: &Stash, name: &str, tags: &[(&str, &str)]) -> Result<Version> {
         let names: Vec<String> = (0..self.chunks.len()).map(|c| format!("{name}/chunk/{c}")).collect();
+        let (total, done) = (self.byte_len(), AtomicU64::new(0));
         let versions = parallel(self.chunks.len(), |c| {
-            crate::actors::save_ref(self.rt.core(), stash, &names[c], &self.chunks[c], &[])
+            let version = crate::actors::save_ref(self.rt.core(), stash, &names[c], &self.chunks[c], &[])?;
+            stash.advance(TransferKind::Save, name, &done, self.chunk_bytes(c), total);
+            Ok(version)
         })?;
         let manifest = Manifest {
             dtype: T::DTYPE,
@@ -383,7 +397,8 @@ impl<T: DElement> DArray<T> {
     }
 
     /// Loads the latest version of `name` saved by [`save`](DArray::save), with its
-    /// chunks, into this process's object table.
+    /// chunks, into this process's object table (telling the stash's progress observer
+    /// after each chunk, as [`save`](DArray::save) does).
     ///
     /// # Errors
     /// [`ArrayError::NotADArray`] if `name` is not a saved DArray of `T`;
@@ -416,6 +431,7 @@ impl<T: DElement> DArray<T> {
             let reason = format!("{} chunks listed, {} expected", manifest.chunks.len(), grid.num_chunks());
             return Err(not_ours(reason).into());
         }
+        let (total, done) = ((grid.len() * std::mem::size_of::<T>()) as u64, AtomicU64::new(0));
         let chunks = parallel(manifest.chunks.len(), |c| {
             let (entry, version) = &manifest.chunks[c];
             let chunk: Chunk<T> = stash.load_version(entry, *version).map_err(store_error)?;
@@ -425,6 +441,13 @@ impl<T: DElement> DArray<T> {
                     not_ours(format!("`{entry}` has shape {:?}, not {expected:?}", chunk.shape)).into()
                 );
             }
+            stash.advance(
+                TransferKind::Load,
+                name,
+                &done,
+                chunk.data.len() * std::mem::size_of::<T>(),
+                total,
+            );
             Ok(rt.put(chunk))
         })?;
         Ok(DArray { rt: rt.clone(), grid, chunks })

@@ -336,8 +336,9 @@ impl Stash {
         self
     }
 
-    /// Counts `len` more bytes done of a transfer and tells the observer, if there is one.
-    fn advance(&self, kind: TransferKind, name: &str, done: &AtomicU64, len: usize, total: u64) {
+    /// Counts `len` more bytes done of a transfer and tells the observer, if there is one
+    /// (also used by distributed arrays, whose pieces are saved as entries of their own).
+    pub(crate) fn advance(&self, kind: TransferKind, name: &str, done: &AtomicU64, len: usize, total: u64) {
         let done = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
         if let Some(observer) = &self.progress {
             observer(TransferProgress { kind, name, done, total });
