@@ -553,6 +553,12 @@ fn distributed_arrays_compute_and_save_on_the_nodes() -> Result<()> {
     // Row sums of the 5-point Laplacian: 4 minus the neighbours inside the grid.
     ensure!(sums.iter().sum::<f64>() == 4.0 * 100.0, "row sums add up to {}", sums.sum());
     ensure!(laplacian.to_csr()?.nnz() == 5 * 10_000 - 400, "the Laplacian's nonzeros");
+    // Sparse × sparse on the nodes: the Laplacian squared, against sprs.
+    let reference = laplacian.to_csr()?;
+    ensure!(
+        laplacian.matmul_sparse(&laplacian)?.to_csr()? == &reference * &reference,
+        "the Laplacian squared"
+    );
 
     // Blocks of about 150 KB: the nodes hold them, and write them to the stash.
     let version = laplacian.save(&stash, "laplacian", &[])?;

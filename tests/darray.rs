@@ -326,6 +326,37 @@ fn saved_sparse_matrices_load_back_by_version_and_refuse_another_type() -> Resul
 }
 
 #[test]
+fn sparse_times_sparse_matches_sprs_for_any_blocking() -> Result<()> {
+    let a = random_csr(53, 41, 0.15, 11);
+    let b = random_csr(41, 37, 0.2, 12);
+    let expected = (&a * &b).to_dense();
+    for (a_rows, b_rows) in [(1, 5), (7, 41), (53, 100), (100, 1), (10, 13)] {
+        let sa = tessera::SparseDArray::from_csr(rt(), &a, a_rows)?;
+        let sb = tessera::SparseDArray::from_csr(rt(), &b, b_rows)?;
+        let product = sa.matmul_sparse(&sb)?;
+        ensure!(product.shape() == [53, 37] && product.block_rows() == sa.block_rows());
+        let got = product.to_csr()?;
+        let worst = (&got.to_dense() - &expected).iter().fold(0.0f64, |w, d| w.max(d.abs()));
+        ensure!(worst < 1e-12, "blocks of {a_rows} and {b_rows}: off by {worst}");
+        ensure!(got.nnz() == (&a * &b).nnz(), "blocks of {a_rows} and {b_rows}: {} nonzeros", got.nnz());
+    }
+    // The Laplacian squared: the 13-point stencil of the biharmonic operator.
+    let p = tessera::SparseDArray::<f64>::poisson_2d(rt(), 20, 64)?;
+    let squared = p.matmul_sparse(&p)?.to_csr()?;
+    let reference = p.to_csr()?;
+    ensure!(squared == &reference * &reference, "Laplacian squared differs from sprs");
+    ensure!(squared.outer_view(210).unwrap().nnz() == 13, "an interior row has 13 neighbours");
+    // Shapes are checked, and an inner dimension of 0 gives empty rows.
+    let wrong = p.matmul_sparse(&tessera::SparseDArray::from_csr(rt(), &b, 10)?).unwrap_err();
+    ensure!(matches!(array_error(&wrong), Some(ArrayError::ShapeMismatch { .. })), "{wrong}");
+    let thin = tessera::SparseDArray::from_csr(rt(), &sprs::CsMat::<f64>::zero((5, 0)), 2)?;
+    let flat = tessera::SparseDArray::from_csr(rt(), &sprs::CsMat::<f64>::zero((0, 4)), 2)?;
+    let empty = thin.matmul_sparse(&flat)?.to_csr()?;
+    ensure!(empty.shape() == (5, 4) && empty.nnz() == 0, "{empty:?}");
+    Ok(())
+}
+
+#[test]
 fn generated_sparse_matrices_do_not_depend_on_the_blocking() -> Result<()> {
     let n = 30;
     let p = tessera::SparseDArray::<f64>::poisson_2d(rt(), n, 77)?.to_csr()?;

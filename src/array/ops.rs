@@ -186,6 +186,16 @@ pub(crate) mod sealed {
             rows: Range<usize>,
         ) -> Ref<CsrBlock<Self>>;
         fn spawn_spmm(rt: &Runtime, block: &Ref<CsrBlock<Self>>, x: &Ref<Chunk<Self>>) -> Ref<Chunk<Self>>;
+        fn spawn_spgemm(
+            rt: &Runtime,
+            a: &Ref<CsrBlock<Self>>,
+            b: &Ref<CsrBlock<Self>>,
+        ) -> Ref<CsrBlock<Self>>;
+        fn spawn_stack_rows(
+            rt: &Runtime,
+            top: &Ref<CsrBlock<Self>>,
+            bottom: &Ref<CsrBlock<Self>>,
+        ) -> Ref<CsrBlock<Self>>;
         fn spawn_matmul(rt: &Runtime, a: &Ref<Chunk<Self>>, b: &Ref<Chunk<Self>>) -> Ref<Chunk<Self>>;
         fn spawn_extract(
             rt: &Runtime,
@@ -229,6 +239,16 @@ macro_rules! float_element {
             crate::task! {
                 pub(super) fn spmm(block: CsrBlock<$t>, x: Chunk<$t>) -> Result<Chunk<$t>, ArrayError> {
                     sparse::spmm(&block, &x)
+                }
+            }
+            crate::task! {
+                pub(super) fn spgemm(a: CsrBlock<$t>, b: CsrBlock<$t>) -> Result<CsrBlock<$t>, ArrayError> {
+                    sparse::spgemm(&a, &b)
+                }
+            }
+            crate::task! {
+                pub(super) fn stack_rows(top: CsrBlock<$t>, bottom: CsrBlock<$t>) -> Result<CsrBlock<$t>, ArrayError> {
+                    sparse::stack_rows(&top, &bottom)
                 }
             }
 
@@ -445,6 +465,20 @@ macro_rules! float_element {
                 x: &Ref<crate::array::chunk::Chunk<Self>>,
             ) -> Ref<crate::array::chunk::Chunk<Self>> {
                 $tasks::spmm::spawn(rt, block, x)
+            }
+            fn spawn_spgemm(
+                rt: &Runtime,
+                a: &Ref<crate::array::sparse::CsrBlock<Self>>,
+                b: &Ref<crate::array::sparse::CsrBlock<Self>>,
+            ) -> Ref<crate::array::sparse::CsrBlock<Self>> {
+                $tasks::spgemm::spawn(rt, a, b)
+            }
+            fn spawn_stack_rows(
+                rt: &Runtime,
+                top: &Ref<crate::array::sparse::CsrBlock<Self>>,
+                bottom: &Ref<crate::array::sparse::CsrBlock<Self>>,
+            ) -> Ref<crate::array::sparse::CsrBlock<Self>> {
+                $tasks::stack_rows::spawn(rt, top, bottom)
             }
             fn spawn_total(rt: &Runtime, total: &Ref<Option<Self>>, op: ReduceOp) -> Ref<Self> {
                 $tasks::total::spawn(rt, total, op)

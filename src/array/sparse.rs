@@ -15,8 +15,11 @@ use crate::{Dtype, Error, Ref, Result, Runtime, Stash, Version};
 
 /// Rows `start..end` of a CSR matrix with `cols` columns. Nominally `pub` only so that the
 /// sealed kernels trait of the element types can name it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "UncheckedBlock<T>", bound(deserialize = "T: DElement"))]
+///
+/// On the wire and in a stash: `(rows, cols, offsets, indices, values)`, the three arrays
+/// as raw little-endian bytes (so that counting a block's encoded size, done for every
+/// task result, and moving it cost no per-element work); checked when decoded.
+#[derive(Debug, Clone, PartialEq)]
 #[allow(unreachable_pub)]
 pub struct CsrBlock<T> {
     pub(crate) rows: usize,
@@ -29,8 +32,65 @@ pub struct CsrBlock<T> {
     pub(crate) values: Arc<Vec<T>>,
 }
 
+/// Little-endian bytes of `items`, borrowed where the machine is little-endian.
+fn le_bytes<A: crate::ArrayElement>(items: &[A]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(items))
+    } else {
+        let mut bytes = bytemuck::cast_slice::<A, u8>(items).to_vec();
+        crate::store::to_little_endian::<A>(&mut bytes);
+        std::borrow::Cow::Owned(bytes)
+    }
+}
+
+/// The items that little-endian `bytes` hold, or why they cannot.
+fn from_le_bytes<A: crate::ArrayElement + Default>(bytes: &[u8], what: &str) -> Result<Vec<A>, ArrayError> {
+    let size = std::mem::size_of::<A>();
+    if bytes.len() % size != 0 {
+        return Err(ArrayError::BadSparse {
+            reason: format!("{what}: {} bytes is no whole number of {size}-byte items", bytes.len()),
+        });
+    }
+    let mut items = vec![A::default(); bytes.len() / size];
+    let raw = bytemuck::cast_slice_mut::<A, u8>(&mut items);
+    raw.copy_from_slice(bytes);
+    crate::store::to_little_endian::<A>(raw);
+    Ok(items)
+}
+
+impl<T: DElement> Serialize for CsrBlock<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeTuple;
+        let mut tuple = serializer.serialize_tuple(5)?;
+        tuple.serialize_element(&self.rows)?;
+        tuple.serialize_element(&self.cols)?;
+        tuple.serialize_element(serde_bytes::Bytes::new(&le_bytes(&self.offsets)))?;
+        tuple.serialize_element(serde_bytes::Bytes::new(&le_bytes(&self.indices)))?;
+        tuple.serialize_element(serde_bytes::Bytes::new(&le_bytes(&self.values)))?;
+        tuple.end()
+    }
+}
+
+impl<'de, T: DElement> Deserialize<'de> for CsrBlock<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        type Raw = (usize, usize, serde_bytes::ByteBuf, serde_bytes::ByteBuf, serde_bytes::ByteBuf);
+        let (rows, cols, offsets, indices, values): Raw = Deserialize::deserialize(deserializer)?;
+        let unchecked = (|| {
+            Ok::<_, ArrayError>(UncheckedBlock {
+                rows,
+                cols,
+                offsets: from_le_bytes(&offsets, "offsets")?,
+                indices: from_le_bytes(&indices, "column indices")?,
+                values: from_le_bytes(&values, "values")?,
+            })
+        })()
+        .map_err(D::Error::custom)?;
+        CsrBlock::try_from(unchecked).map_err(D::Error::custom)
+    }
+}
+
 /// A block as decoded, before its invariants are checked.
-#[derive(Deserialize)]
 struct UncheckedBlock<T> {
     rows: usize,
     cols: usize,
@@ -196,6 +256,115 @@ struct SparseManifest {
     blocks: Vec<(String, Version)>,
 }
 
+/// `A_block · B` for a sparse `B` of `cols` rows: Gustavson's row-by-row product with a
+/// dense accumulator over `B`'s columns; each output row's columns ascend, and entries
+/// that cancel to exactly zero are kept (as `sprs` keeps them).
+pub(crate) fn spgemm<T: DElement>(a: &CsrBlock<T>, b: &CsrBlock<T>) -> Result<CsrBlock<T>, ArrayError> {
+    if a.cols != b.rows {
+        return Err(ArrayError::ShapeMismatch {
+            op: "sparse × sparse matmul",
+            left: vec![a.rows, a.cols],
+            right: vec![b.rows, b.cols],
+        });
+    }
+    let rows = u32::try_from(a.rows)
+        .ok()
+        .filter(|&r| r < u32::MAX)
+        .ok_or(ArrayError::TooLarge { shape: vec![a.rows, b.cols] })?;
+    let mut accumulator = vec![T::from_f64(0.0); b.cols];
+    // `stamp[c] == r` when row `r` of the product has touched column `c`.
+    let mut stamp = vec![u32::MAX; b.cols];
+    let mut offsets = Vec::with_capacity(a.rows + 1);
+    offsets.push(0u64);
+    // Room for every partial product, the most nonzeros the product can have: reserved
+    // once, so the output is never copied to grow (pages never written cost nothing).
+    let partial_products: usize =
+        a.indices.iter().map(|&k| (b.offsets[k as usize + 1] - b.offsets[k as usize]) as usize).sum();
+    let (mut indices, mut values) =
+        (Vec::with_capacity(partial_products), Vec::with_capacity(partial_products));
+    // One row's columns, in the order first touched; sized to the row's partial products.
+    let mut touched: Vec<u32> = Vec::new();
+    for r in 0..rows {
+        let span = a.offsets[r as usize] as usize..a.offsets[r as usize + 1] as usize;
+        let (row_columns, row_values) = (&a.indices[span.clone()], &a.values[span]);
+        let bound: usize =
+            row_columns.iter().map(|&k| (b.offsets[k as usize + 1] - b.offsets[k as usize]) as usize).sum();
+        if touched.len() < bound {
+            touched.resize(bound, 0);
+        }
+        let mut count = 0;
+        for (&k, &v) in row_columns.iter().zip(row_values) {
+            let row = b.offsets[k as usize] as usize..b.offsets[k as usize + 1] as usize;
+            for (&c, &w) in b.indices[row.clone()].iter().zip(&b.values[row]) {
+                let slot = c as usize;
+                if stamp[slot] == r {
+                    accumulator[slot] = T::mul_add_plain(v, w, accumulator[slot]);
+                } else {
+                    stamp[slot] = r;
+                    accumulator[slot] = T::mul_add_plain(v, w, T::from_f64(0.0));
+                    touched[count] = c;
+                    count += 1;
+                }
+            }
+        }
+        let row = &mut touched[..count];
+        sort_columns(row);
+        indices.extend_from_slice(row);
+        values.extend(row.iter().map(|&c| accumulator[c as usize]));
+        offsets.push(indices.len() as u64);
+    }
+    Ok(CsrBlock {
+        rows: a.rows,
+        cols: b.cols,
+        offsets: Arc::new(offsets),
+        indices: Arc::new(indices),
+        values: Arc::new(values),
+    })
+}
+
+/// Sorts one product row's columns: insertion sort for the short rows sparse products
+/// mostly have (cheaper there than the general sort's setup), the general sort otherwise.
+fn sort_columns(columns: &mut [u32]) {
+    if columns.len() > 32 {
+        columns.sort_unstable();
+        return;
+    }
+    for i in 1..columns.len() {
+        let c = columns[i];
+        let mut j = i;
+        while j > 0 && columns[j - 1] > c {
+            columns[j] = columns[j - 1];
+            j -= 1;
+        }
+        columns[j] = c;
+    }
+}
+
+/// The rows of `top` followed by those of `bottom` (both of the same width).
+pub(crate) fn stack_rows<T: DElement>(
+    top: &CsrBlock<T>,
+    bottom: &CsrBlock<T>,
+) -> Result<CsrBlock<T>, ArrayError> {
+    if top.cols != bottom.cols {
+        return Err(ArrayError::ShapeMismatch {
+            op: "stack sparse rows",
+            left: vec![top.rows, top.cols],
+            right: vec![bottom.rows, bottom.cols],
+        });
+    }
+    let base = top.indices.len() as u64;
+    let mut offsets = Vec::with_capacity(top.rows + bottom.rows + 1);
+    offsets.extend_from_slice(&top.offsets);
+    offsets.extend(bottom.offsets[1..].iter().map(|&o| base + o));
+    Ok(CsrBlock {
+        rows: top.rows + bottom.rows,
+        cols: top.cols,
+        offsets: Arc::new(offsets),
+        indices: Arc::new([top.indices.as_slice(), bottom.indices.as_slice()].concat()),
+        values: Arc::new([top.values.as_slice(), bottom.values.as_slice()].concat()),
+    })
+}
+
 /// A sparse matrix (CSR) of `f32` or `f64` cut into blocks of rows, each block a
 /// [`Ref`] held where the task that made it ran. Products with dense [`DArray`]s run one
 /// task per block.
@@ -333,6 +502,44 @@ impl<T: DElement> SparseDArray<T> {
         Ok(DArray::from_parts(&self.rt, grid, chunks))
     }
 
+    /// The sparse product `self · other` of an `m×k` and a `k×n` sparse matrix: `other`'s
+    /// blocks are stacked into one by a tree of tasks, then one task per block of `self`
+    /// multiplies it (Gustavson's algorithm). The result has `self`'s blocks of rows.
+    ///
+    /// # Errors
+    /// [`ArrayError::ShapeMismatch`] unless `other` has `k` rows.
+    pub fn matmul_sparse(&self, other: &SparseDArray<T>) -> Result<SparseDArray<T>> {
+        if other.rows != self.cols {
+            return Err(ArrayError::ShapeMismatch {
+                op: "sparse × sparse matmul",
+                left: vec![self.rows, self.cols],
+                right: vec![other.rows, other.cols],
+            }
+            .into());
+        }
+        let mut level = other.blocks.clone();
+        while level.len() > 1 {
+            level = level
+                .chunks(2)
+                .map(|pair| match pair {
+                    [top, bottom] => T::spawn_stack_rows(&self.rt, top, bottom),
+                    [one] => one.clone(),
+                    _ => unreachable!("chunks(2) yields one or two"),
+                })
+                .collect();
+        }
+        // `other` has no rows (k = 0): every product row is empty.
+        let whole = level.pop().unwrap_or_else(|| self.rt.put(CsrBlock::from_rows(0, other.cols, |_, _| {})));
+        let blocks = self.blocks.iter().map(|block| T::spawn_spgemm(&self.rt, block, &whole)).collect();
+        Ok(SparseDArray {
+            rt: self.rt.clone(),
+            rows: self.rows,
+            cols: other.cols,
+            block_rows: self.block_rows,
+            blocks,
+        })
+    }
+
     /// Waits until every block is made, leaving each where it is.
     ///
     /// # Errors
@@ -458,20 +665,56 @@ mod tests {
     use super::*;
 
     fn decode(block: &UncheckedParts) -> Result<CsrBlock<f32>, String> {
+        let raw = (
+            block.rows,
+            block.cols,
+            serde_bytes::ByteBuf::from(le_bytes(&block.offsets).into_owned()),
+            serde_bytes::ByteBuf::from(le_bytes(&block.indices).into_owned()),
+            serde_bytes::ByteBuf::from(le_bytes(&block.values).into_owned()),
+        );
         let bytes =
-            bincode::serde::encode_to_vec(block, bincode::config::standard()).map_err(|e| e.to_string())?;
+            bincode::serde::encode_to_vec(&raw, bincode::config::standard()).map_err(|e| e.to_string())?;
         bincode::serde::decode_from_slice::<CsrBlock<f32>, _>(&bytes, bincode::config::standard())
             .map(|(b, _)| b)
             .map_err(|e| e.to_string())
     }
 
-    #[derive(Serialize, Clone)]
+    #[derive(Clone)]
     struct UncheckedParts {
         rows: usize,
         cols: usize,
         offsets: Vec<u64>,
         indices: Vec<u32>,
         values: Vec<f32>,
+    }
+
+    #[test]
+    fn blocks_round_trip_through_their_encoding() {
+        let block: CsrBlock<f64> = random_block(50, 4, 3, 10..30);
+        let bytes = bincode::serde::encode_to_vec(&block, bincode::config::standard()).unwrap();
+        // Raw arrays: 21 offsets, 80 indices and 80 values, plus a few bytes of lengths.
+        assert!(bytes.len() < 21 * 8 + 80 * (4 + 8) + 16, "{} bytes", bytes.len());
+        let (back, _): (CsrBlock<f64>, _) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(back, block);
+        let truncated = &bytes[..bytes.len() - 3];
+        assert!(bincode::serde::decode_from_slice::<CsrBlock<f64>, _>(
+            truncated,
+            bincode::config::standard()
+        )
+        .is_err());
+        let ragged = (
+            1usize,
+            1usize,
+            serde_bytes::ByteBuf::from(vec![0u8; 12]),
+            serde_bytes::ByteBuf::new(),
+            serde_bytes::ByteBuf::new(),
+        );
+        let bytes = bincode::serde::encode_to_vec(&ragged, bincode::config::standard()).unwrap();
+        let error =
+            bincode::serde::decode_from_slice::<CsrBlock<f64>, _>(&bytes, bincode::config::standard())
+                .unwrap_err();
+        assert!(error.to_string().contains("whole number"), "{error}");
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! reads and a write); the sum of one (GB/s read); rechunking 4096² f32 from 512² to
 //! 384×640 chunks (GB/s); f64 matmul 1024³ in 256² tiles here and on 2 node processes
 //! (GFLOP/s); sparse × vector for the 5-point Laplacian of a 2000² grid (4 M rows) and a
-//! random 2 Mi-row matrix with 10 nonzeros a row (GB/s of matrix, x and y moved).
+//! random 2 Mi-row matrix with 10 nonzeros a row (GB/s of matrix, x and y moved); sparse
+//! × sparse for the Laplacian of a 1000² grid squared (GFLOP/s of its partial products).
 //! `scripts/darray_peers.py` measures the dense cases with Dask, the sparse ones with SciPy.
 use std::time::{Duration, Instant};
 
@@ -144,6 +145,24 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     let random = SparseDArray::<f32>::random(&rt, [rows, rows], 10, 7, rows / 16)?;
     spmv_case(reporter, &rt, "darray/spmv_random_nnz10_2M_f32", &random, 10 * rows)?;
     drop((poisson, random));
+
+    // SpGEMM: the Laplacian of a 1000² grid squared, in 16 blocks of rows; GFLOP/s of its
+    // partial products (a multiply and an add each).
+    let n = 1000;
+    let laplacian = SparseDArray::<f32>::poisson_2d(&rt, n, (n * n).div_ceil(16))?;
+    let csr = laplacian.to_csr()?;
+    let partial_products: usize = csr
+        .outer_iterator()
+        .map(|row| row.indices().iter().map(|&k| csr.outer_view(k).map_or(0, |r| r.nnz())).sum::<usize>())
+        .sum();
+    let seconds = time(|| laplacian.matmul_sparse(&laplacian)?.wait().map_err(Into::into))?;
+    reporter.report(
+        "darray/spgemm_poisson_1M_f32",
+        2.0 * partial_products as f64 / seconds / 1e9,
+        "GFLOP/s",
+        true,
+    );
+    drop((laplacian, csr));
 
     // Over two node processes: the chunks are made and multiplied on the nodes.
     let cluster = Cluster::start(&rt, ClusterConfig::default())?;
