@@ -17,6 +17,9 @@ cargo run --release --features s3,postgres,xla,ucx --example quickstart
 # The distributed-array tour: a least-squares fit and a product over 2 node processes,
 # checked (it fails when the fit is off or the saved array does not load back equal).
 cargo run --release --features s3,postgres,xla,ucx --example darray
+# The stash tour: versions, a 256 MiB array with progress, and a mirror that survives a
+# damaged and then a deleted replica (the example fails if any load or repair does).
+cargo run --release --features s3,postgres,xla,ucx --example stash
 # One model definition on the CPU executor and on XLA (the PJRT CPU plugin): the MLP and the
 # CNN train to the same accuracy (the example fails otherwise).
 cargo run --release --features s3,postgres,xla,ucx --example xla
