@@ -384,7 +384,7 @@ impl<T: DElement> DArray<T> {
         let (total, done) = (self.byte_len(), AtomicU64::new(0));
         let versions = parallel(self.chunks.len(), |c| {
             let version = crate::actors::save_ref(self.rt.core(), stash, &names[c], &self.chunks[c], &[])?;
-            stash.advance(TransferKind::Save, name, &done, self.chunk_bytes(c), total);
+            stash.notify(TransferKind::Save, name, &done, self.chunk_bytes(c), total);
             Ok(version)
         })?;
         let manifest = Manifest {
@@ -441,13 +441,7 @@ impl<T: DElement> DArray<T> {
                     not_ours(format!("`{entry}` has shape {:?}, not {expected:?}", chunk.shape)).into()
                 );
             }
-            stash.advance(
-                TransferKind::Load,
-                name,
-                &done,
-                chunk.data.len() * std::mem::size_of::<T>(),
-                total,
-            );
+            stash.notify(TransferKind::Load, name, &done, chunk.data.len() * std::mem::size_of::<T>(), total);
             Ok(rt.put(chunk))
         })?;
         Ok(DArray { rt: rt.clone(), grid, chunks })

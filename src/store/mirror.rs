@@ -94,6 +94,8 @@ impl MirrorStore {
             }
         }
         if !failures.is_empty() {
+            metrics::counter!("tessera_stash_replica_failures_total", "op" => op)
+                .increment(failures.len() as u64);
             tracing::warn!(
                 op,
                 key,
@@ -125,7 +127,10 @@ impl MirrorStore {
     fn read(replica: &dyn BlobStore, key: &str) -> Copy {
         match replica.get(key) {
             Ok(Some(bytes)) if is_intact(key, &bytes) => Copy::Intact(bytes),
-            Ok(Some(bytes)) => Copy::Damaged(bytes),
+            Ok(Some(bytes)) => {
+                damaged_copy(replica, key);
+                Copy::Damaged(bytes)
+            }
             Ok(None) => Copy::Missing,
             Err(e) => Copy::Unreachable(e),
         }
@@ -140,7 +145,10 @@ impl MirrorStore {
         for &r in replicas {
             let replica = &self.replicas[r];
             match replica.put(key, bytes).and_then(|()| replica.sync("chunks/")) {
-                Ok(()) => tracing::info!(key, replica = %replica.location(), "mirror: healed a chunk copy"),
+                Ok(()) => {
+                    metrics::counter!("tessera_stash_healed_copies_total").increment(1);
+                    tracing::info!(key, replica = %replica.location(), "mirror: healed a chunk copy");
+                }
                 Err(e) => tracing::warn!(key, replica = %replica.location(), "mirror: could not heal: {e}"),
             }
         }
@@ -182,6 +190,7 @@ impl MirrorStore {
                     Copy::Unreachable(e) => report.problems.push(e),
                     Copy::Missing | Copy::Damaged(_) => match replica.put(&meta.key, &good) {
                         Ok(()) => {
+                            metrics::counter!("tessera_stash_healed_copies_total").increment(1);
                             report.copies_written += 1;
                             report.bytes_written += good.len() as u64;
                         }
@@ -192,6 +201,12 @@ impl MirrorStore {
             progress(good.len() as u64);
         }
     }
+}
+
+/// Counts and logs a copy whose bytes do not match its key.
+fn damaged_copy(replica: &dyn BlobStore, key: &str) {
+    metrics::counter!("tessera_stash_damaged_copies_total").increment(1);
+    tracing::warn!(key, replica = %replica.location(), "mirror: a damaged copy");
 }
 
 /// Whether `bytes` are what `key` names: chunks hash to their name, records decode.
@@ -279,6 +294,7 @@ impl BlobStore for MirrorStore {
                     return Ok(Some((len, hash)));
                 }
                 Ok(Some(found)) => {
+                    damaged_copy(&**replica, key);
                     lacking.push(r);
                     damaged.get_or_insert(found);
                 }
@@ -405,6 +421,7 @@ impl MirrorBatch<'_> {
 
     fn fail(&self, replica: usize, error: StoreError) {
         let location = self.mirror.replicas[replica].location();
+        metrics::counter!("tessera_stash_replica_failures_total", "op" => "put").increment(1);
         tracing::warn!(replica = %location, "mirror: a replica failed during a save: {error}");
         self.failed[replica].lock().get_or_insert(error);
     }

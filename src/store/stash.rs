@@ -336,9 +336,20 @@ impl Stash {
         self
     }
 
+    /// Counts `len` more bytes of a value's chunks saved or loaded (in the
+    /// `tessera_stash_bytes_{saved,loaded}_total` metrics too) and tells the observer.
+    fn advance(&self, kind: TransferKind, name: &str, done: &AtomicU64, len: usize, total: u64) {
+        match kind {
+            TransferKind::Save => metrics::counter!("tessera_stash_bytes_saved_total").increment(len as u64),
+            TransferKind::Load => metrics::counter!("tessera_stash_bytes_loaded_total").increment(len as u64),
+            TransferKind::Repair => {}
+        }
+        self.notify(kind, name, done, len, total);
+    }
+
     /// Counts `len` more bytes done of a transfer and tells the observer, if there is one
     /// (also used by distributed arrays, whose pieces are saved as entries of their own).
-    pub(crate) fn advance(&self, kind: TransferKind, name: &str, done: &AtomicU64, len: usize, total: u64) {
+    pub(crate) fn notify(&self, kind: TransferKind, name: &str, done: &AtomicU64, len: usize, total: u64) {
         let done = done.fetch_add(len as u64, Ordering::Relaxed) + len as u64;
         if let Some(observer) = &self.progress {
             observer(TransferProgress { kind, name, done, total });

@@ -363,3 +363,44 @@ fn mirror_urls_are_checked() {
     stash.save("x", &1u32, &[]).unwrap();
     assert_eq!(Stash::open_url(&stash.location()).unwrap().load::<u32>("x").unwrap(), 1);
 }
+
+#[test]
+fn mirror_damage_heals_and_replica_failures_are_counted_for_prometheus() {
+    use std::io::{Read, Write};
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let rt = tessera::Runtime::builder().workers(1).prometheus(addr).build().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let stash = Stash::open_url(&mirror_url(&[&a, &b])).unwrap();
+    save_both(&stash);
+    let chunk = &big_chunks(&a)[0];
+    let mut bytes = std::fs::read(chunk).unwrap();
+    bytes[9] ^= 0x10;
+    std::fs::write(chunk, &bytes).unwrap();
+    assert_whole(&stash);
+    let (down, _, b_switch) = pair(2);
+    b_switch.set_down(true);
+    assert!(down.save("x", &1u8, &[]).is_err());
+
+    let body = (|| -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect(addr)?;
+        stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut body = String::new();
+        stream.read_to_string(&mut body)?;
+        Ok(body)
+    })()
+    .unwrap();
+    let value = |name: &str| -> f64 {
+        body.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    assert!(value("tessera_stash_damaged_copies_total") >= 1.0, "{body}");
+    assert!(value("tessera_stash_healed_copies_total") >= 1.0, "{body}");
+    assert!(value("tessera_stash_replica_failures_total") >= 1.0, "{body}");
+    assert!(value("tessera_stash_bytes_saved_total") >= 8e6, "{body}");
+    assert!(value("tessera_stash_bytes_loaded_total") >= 8e6, "{body}");
+    rt.shutdown();
+}
