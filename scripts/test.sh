@@ -17,6 +17,9 @@ cargo run --release --features s3,postgres,xla,ucx --example quickstart
 # The distributed-array tour: a least-squares fit and a product over 2 node processes,
 # checked (it fails when the fit is off or the saved array does not load back equal).
 cargo run --release --features s3,postgres,xla,ucx --example darray
+# Sparse ML over 2 node processes: logistic regression on sparse features, by X·w and
+# Xᵀ(p − y) task graphs (fails unless it reaches 95 % accuracy).
+cargo run --release --features s3,postgres,xla,ucx --example sparse_logreg
 # The stash tour: versions, a 256 MiB array with progress, and a mirror that survives a
 # damaged and then a deleted replica (the example fails if any load or repair does).
 cargo run --release --features s3,postgres,xla,ucx --example stash

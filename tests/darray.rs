@@ -83,6 +83,7 @@ fn elementwise_ops_and_reductions_match_ndarray() -> Result<()> {
         (a.zip(&b, BinaryOp::Div)?, &la / &lb),
         (a.zip(&b, BinaryOp::Max)?, ndarray::Zip::from(&la).and(&lb).map_collect(|x, y| x.max(*y))),
         (a.map(UnaryOp::Relu), la.mapv(|x| x.max(0.0))),
+        (a.map(UnaryOp::Sigmoid), la.mapv(|x| 1.0 / (1.0 + (-x).exp()))),
         (a.map(UnaryOp::Exp), la.mapv(f64::exp)),
         (b.map(UnaryOp::Ln), lb.mapv(f64::ln)),
         (b.map(UnaryOp::Powf(1.5)), lb.mapv(|x| x.powf(1.5))),
@@ -322,6 +323,34 @@ fn saved_sparse_matrices_load_back_by_version_and_refuse_another_type() -> Resul
     stash.save("adjacency/block/1", &7usize, &[])?;
     let pinned = tessera::SparseDArray::<f64>::load(rt(), &stash, "adjacency")?;
     ensure!(pinned.to_csr()? == p.to_csr()?, "the manifest pins block versions");
+    Ok(())
+}
+
+#[test]
+fn transposed_sparse_products_match_sprs_for_any_blocking() -> Result<()> {
+    let a = random_csr(53, 41, 0.15, 21);
+    let y = DArray::<f64>::fill(rt(), &[53, 3], &[9, 2], Fill::Uniform { seed: 22, low: -1.0, high: 1.0 })?;
+    let ly = y.to_array()?.into_dimensionality::<ndarray::Ix2>()?;
+    let expected = dense_product(&a.transpose_view().to_csr(), &ly);
+    for block_rows in [1, 7, 53, 100] {
+        let s = tessera::SparseDArray::from_csr(rt(), &a, block_rows)?;
+        let got = s.t_matmul(&y)?;
+        ensure!(got.shape() == [41, 3], "shape {:?}", got.shape());
+        let got = got.to_array()?.into_dimensionality::<ndarray::Ix2>()?;
+        let worst = (&got - &expected).iter().fold(0.0f64, |w, d| w.max(d.abs()));
+        ensure!(worst < 1e-12, "blocks of {block_rows}: Aᵀ·Y off by {worst}");
+        let v = y.slice(&[0..53, 2..3])?.to_array()?.into_shape_with_order(53)?;
+        let got = s.t_matmul(&DArray::from_array(rt(), &v, &[11])?)?.to_array()?;
+        let worst = got.iter().zip(expected.column(2)).fold(0.0f64, |w, (p, q)| w.max((p - q).abs()));
+        ensure!(got.shape() == [41] && worst < 1e-12, "blocks of {block_rows}: Aᵀ·v off by {worst}");
+    }
+    let s = tessera::SparseDArray::from_csr(rt(), &a, 10)?;
+    let wrong = s.t_matmul(&DArray::<f64>::zeros(rt(), &[41], &[8])?).unwrap_err();
+    ensure!(matches!(array_error(&wrong), Some(ArrayError::ShapeMismatch { .. })), "{wrong}");
+    // No rows: Aᵀ·y is all zeros.
+    let empty = tessera::SparseDArray::from_csr(rt(), &sprs::CsMat::<f64>::zero((0, 4)), 3)?;
+    let zeros = empty.t_matmul(&DArray::<f64>::zeros(rt(), &[0], &[1])?)?.to_array()?;
+    ensure!(zeros.shape() == [4] && zeros.iter().all(|&z| z == 0.0), "{zeros:?}");
     Ok(())
 }
 

@@ -92,6 +92,8 @@ pub enum UnaryOp {
     Offset(f64),
     /// `xᵃ`
     Powf(f64),
+    /// `1 / (1 + e⁻ˣ)`
+    Sigmoid,
 }
 
 /// An elementwise function of two arrays, for [`DArray::zip`](super::DArray::zip).
@@ -186,6 +188,7 @@ pub(crate) mod sealed {
             rows: Range<usize>,
         ) -> Ref<CsrBlock<Self>>;
         fn spawn_spmm(rt: &Runtime, block: &Ref<CsrBlock<Self>>, x: &Ref<Chunk<Self>>) -> Ref<Chunk<Self>>;
+        fn spawn_spmm_t(rt: &Runtime, block: &Ref<CsrBlock<Self>>, y: &Ref<Chunk<Self>>) -> Ref<Chunk<Self>>;
         fn spawn_spgemm(
             rt: &Runtime,
             a: &Ref<CsrBlock<Self>>,
@@ -239,6 +242,11 @@ macro_rules! float_element {
             crate::task! {
                 pub(super) fn spmm(block: CsrBlock<$t>, x: Chunk<$t>) -> Result<Chunk<$t>, ArrayError> {
                     sparse::spmm(&block, &x)
+                }
+            }
+            crate::task! {
+                pub(super) fn spmm_t(block: CsrBlock<$t>, y: Chunk<$t>) -> Result<Chunk<$t>, ArrayError> {
+                    sparse::spmm_t(&block, &y)
                 }
             }
             crate::task! {
@@ -349,6 +357,7 @@ macro_rules! float_element {
                     UnaryOp::Ln => run(src, |x| x.ln()),
                     UnaryOp::Square => run(src, |x| x * x),
                     UnaryOp::Relu => run(src, |x| x.max(0.0)),
+                    UnaryOp::Sigmoid => run(src, |x| 1.0 / (1.0 + (-x).exp())),
                     UnaryOp::Scale(a) => {
                         let a = a as $t;
                         run(src, |x| a * x)
@@ -465,6 +474,13 @@ macro_rules! float_element {
                 x: &Ref<crate::array::chunk::Chunk<Self>>,
             ) -> Ref<crate::array::chunk::Chunk<Self>> {
                 $tasks::spmm::spawn(rt, block, x)
+            }
+            fn spawn_spmm_t(
+                rt: &Runtime,
+                block: &Ref<crate::array::sparse::CsrBlock<Self>>,
+                y: &Ref<crate::array::chunk::Chunk<Self>>,
+            ) -> Ref<crate::array::chunk::Chunk<Self>> {
+                $tasks::spmm_t::spawn(rt, block, y)
             }
             fn spawn_spgemm(
                 rt: &Runtime,

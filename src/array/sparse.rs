@@ -256,6 +256,38 @@ struct SparseManifest {
     blocks: Vec<(String, Version)>,
 }
 
+/// `A_blockᵀ · Y` for a dense `Y` of the block's `rows` rows (a vector, or a matrix of `k`
+/// columns): each stored `(r, c, v)` adds `v · Y[r]` to row `c` of the `cols`-row result.
+pub(crate) fn spmm_t<T: DElement>(block: &CsrBlock<T>, y: &Chunk<T>) -> Result<Chunk<T>, ArrayError> {
+    let k = match y.shape.as_slice() {
+        [n] if *n == block.rows => 1,
+        [n, k] if *n == block.rows => *k,
+        _ => {
+            return Err(ArrayError::ShapeMismatch {
+                op: "transposed sparse matmul",
+                left: vec![block.cols, block.rows],
+                right: y.shape.clone(),
+            })
+        }
+    };
+    let shape = if y.shape.len() == 1 { vec![block.cols] } else { vec![block.cols, k] };
+    let mut out = Chunk::zeros(shape);
+    if k == 0 {
+        return Ok(out);
+    }
+    let data = &mut out.data;
+    for (r, y_row) in y.data.chunks_exact(k).enumerate().take(block.rows) {
+        let span = block.offsets[r] as usize..block.offsets[r + 1] as usize;
+        for (&c, &v) in block.indices[span.clone()].iter().zip(&block.values[span]) {
+            let target = &mut data[c as usize * k..(c as usize + 1) * k];
+            for (acc, &b) in target.iter_mut().zip(y_row) {
+                *acc = T::mul_add_plain(v, b, *acc);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// `A_block · B` for a sparse `B` of `cols` rows: Gustavson's row-by-row product with a
 /// dense accumulator over `B`'s columns; each output row's columns ascend, and entries
 /// that cancel to exactly zero are kept (as `sprs` keeps them).
@@ -500,6 +532,55 @@ impl<T: DElement> SparseDArray<T> {
                 .collect(),
         };
         Ok(DArray::from_parts(&self.rt, grid, chunks))
+    }
+
+    /// The product of this matrix's transpose with a dense vector (`rows` long) or matrix
+    /// (`rows×k`), `Aᵀ·y`, without forming `Aᵀ`: `y` is cut like this matrix's blocks of
+    /// rows, one task per block computes `blockᵀ · y_block` (a `cols`-row partial), and a
+    /// tree of tasks sums the partials. The result is one chunk of `cols` rows. With
+    /// [`matmul`](SparseDArray::matmul) this gives gradients of linear models on sparse
+    /// features (`Xᵀ(Xw − y)`).
+    ///
+    /// # Errors
+    /// [`ArrayError::ShapeMismatch`] unless `y` has `rows` rows.
+    pub fn t_matmul(&self, y: &DArray<T>) -> Result<DArray<T>> {
+        let fits = matches!(y.shape(), [n] | [n, _] if *n == self.rows);
+        if !fits {
+            return Err(ArrayError::ShapeMismatch {
+                op: "transposed sparse matmul",
+                left: vec![self.cols, self.rows],
+                right: y.shape().to_vec(),
+            }
+            .into());
+        }
+        let (shape, chunk, y_chunk) = match y.shape() {
+            [_] => (vec![self.cols], vec![self.cols.max(1)], vec![self.block_rows]),
+            [_, k] => {
+                (vec![self.cols, *k], vec![self.cols.max(1), (*k).max(1)], vec![self.block_rows, (*k).max(1)])
+            }
+            _ => unreachable!("checked above"),
+        };
+        let grid = ChunkGrid::new(&shape, &chunk)?;
+        let aligned = y.rechunk(&y_chunk)?;
+        let mut level: Vec<Ref<Chunk<T>>> = self
+            .blocks
+            .iter()
+            .zip(aligned.chunk_refs())
+            .map(|(block, part)| T::spawn_spmm_t(&self.rt, block, part))
+            .collect();
+        while level.len() > 1 {
+            level = level
+                .chunks(2)
+                .map(|pair| match pair {
+                    [a, b] => T::spawn_zip(&self.rt, a, b, super::BinaryOp::Add),
+                    [a] => a.clone(),
+                    _ => unreachable!("chunks(2) yields one or two"),
+                })
+                .collect();
+        }
+        // No rows: the product is all zeros.
+        let total = level.pop().unwrap_or_else(|| self.rt.put(Chunk::zeros(shape.clone())));
+        Ok(DArray::from_parts(&self.rt, grid, vec![total]))
     }
 
     /// The sparse product `self · other` of an `m×k` and a `k×n` sparse matrix: `other`'s
