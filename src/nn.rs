@@ -80,5 +80,6 @@ pub use train::{
 #[cfg(feature = "xla")]
 pub use xla::{XlaExecutor, XlaTrainer};
 pub use zoo::{
-    char_gru, lenet, logistic_regression, mlp, tiny_transformer, Model, ModelSpec, TransformerConfig,
+    char_gru, gcn, gcn_adjacency, lenet, logistic_regression, mlp, tiny_transformer, CooMatrix, Gcn, Model,
+    ModelSpec, TransformerConfig,
 };

@@ -402,6 +402,10 @@ mod executor {
                         tessera::nn::Op::Embedding if n.inputs[0] == id => {
                             Some(graph.nodes()[n.inputs[1].index()].shape[0])
                         }
+                        tessera::nn::Op::SparseMatMul if n.inputs[0] == id => Some(n.shape[0]),
+                        tessera::nn::Op::SparseMatMul if n.inputs[1] == id => {
+                            Some(graph.nodes()[n.inputs[3].index()].shape[0])
+                        }
                         _ => None,
                     });
                     let labels: Vec<i32> =
@@ -537,6 +541,48 @@ mod executor {
         let target = g.input("target", &[b, h], DType::F32);
         let loss = g.mse(last, target).unwrap();
         compare(&g, loss, true, 6);
+    }
+
+    /// A sparse matrix in coordinate form (repeated coordinates included, learned values)
+    /// times a learned dense one, forward and backward; out-of-range ids are refused.
+    #[test]
+    fn sparse_matmul_matches_the_cpu() {
+        let mut g = Graph::new();
+        let rows = g.input("rows", &[19], DType::I32);
+        let cols = g.input("cols", &[19], DType::I32);
+        let values = g.param("values", &[19], Init::Normal { std: 1.0 }).unwrap();
+        let x = g.param("x", &[6, 4], Init::Normal { std: 1.0 }).unwrap();
+        let y = g.sparse_matmul(rows, cols, values, x, 5).unwrap();
+        let h = g.act(y, Activation::Tanh).unwrap();
+        let target = g.input("target", &[5, 4], DType::F32);
+        let loss = g.mse(h, target).unwrap();
+        compare(&g, loss, true, 8);
+        // The zoo's GCN: two propagations and the pick of the labelled nodes' logits.
+        let model = tessera::nn::gcn(12, 30, 5, 7, 3, 4).unwrap();
+        compare(&model.graph, model.loss, true, 9);
+        let Some(gpu) = super::gpu() else { return };
+        let mut dev = GpuExecutor::new(Arc::new(gpu), &g).unwrap();
+        let mut ids = vec![0i32; 19];
+        ids[3] = 6;
+        assert!(matches!(
+            dev.set_ids(cols, &ids),
+            Err(tessera::nn::NnError::IdOutOfRange {
+                op: "sparse_matmul cols",
+                id: 6,
+                position: 3,
+                limit: 6
+            })
+        ));
+        ids[3] = 5;
+        assert!(matches!(
+            dev.set_ids(rows, &ids),
+            Err(tessera::nn::NnError::IdOutOfRange {
+                op: "sparse_matmul rows",
+                id: 5,
+                position: 3,
+                limit: 5
+            })
+        ));
     }
 
     /// The character GRU language model of the zoo, forward and backward.

@@ -1049,6 +1049,53 @@ fn embedding_matches_the_cpu() {
     assert_eq!(dt, before, "ids outside the table add nothing");
 }
 
+/// `sparse_matmul_add_f32` (forward, and the input gradient with the roles swapped) and
+/// `sparse_matmul_values_grad_add_f32`, with repeated coordinates; an entry whose id is out
+/// of range adds nothing.
+#[test]
+fn sparse_matmul_matches_the_cpu() {
+    let Some(k) = host_kernels() else { return };
+    let (rows, cols, n, entries) = (5usize, 7usize, 6usize, 23usize);
+    let mut g = Graph::new();
+    let row_ids = g.input("rows", &[entries], DType::I32);
+    let col_ids = g.input("cols", &[entries], DType::I32);
+    let values = g.param("values", &[entries], Init::Normal { std: 1.0 }).unwrap();
+    let x = g.param("x", &[cols, n], Init::Normal { std: 1.0 }).unwrap();
+    let y = g.sparse_matmul(row_ids, col_ids, values, x, rows).unwrap();
+    let rv: Vec<i32> = (0..entries as i32).map(|e| e * 3 % rows as i32).collect();
+    let cv: Vec<i32> = (0..entries as i32).map(|e| e * 5 % cols as i32).collect();
+    let params = Params::init(&g, &mut Rng::seed(160));
+    let seed = normal(&mut Rng::seed(161), rows * n);
+    let mut cpu = CpuExecutor::new(&g);
+    cpu.set_ids(row_ids, &rv).unwrap();
+    cpu.set_ids(col_ids, &cv).unwrap();
+    cpu.forward_all(&params).unwrap();
+    cpu.backward(&params, 0..y.index() + 1, &[(y, &seed)]).unwrap();
+    let (vv, xv) = (params.tensors[0].data.clone(), params.tensors[1].data.clone());
+    let (ee, nn, rr, cc) = (entries as u32, n as u32, rows as u32, cols as u32);
+    let mut yv = vec![0f32; rows * n];
+    let args = (rv.as_ptr(), cv.as_ptr(), vv.as_ptr(), xv.as_ptr(), yv.as_mut_ptr(), ee, nn, rr, cc);
+    k.launch("sparse_matmul_add_f32", grid(entries * n), args);
+    close("sparse_matmul value", &yv, cpu.value(y).unwrap());
+    let mut dx = vec![0f32; cols * n];
+    let args = (cv.as_ptr(), rv.as_ptr(), vv.as_ptr(), seed.as_ptr(), dx.as_mut_ptr(), ee, nn, cc, rr);
+    k.launch("sparse_matmul_add_f32", grid(entries * n), args);
+    close("sparse_matmul x gradient", &dx, cpu.param_grad(1));
+    let mut dv = vec![0f32; entries];
+    let args = (rv.as_ptr(), cv.as_ptr(), seed.as_ptr(), xv.as_ptr(), dv.as_mut_ptr(), ee, nn, rr, cc);
+    k.launch("sparse_matmul_values_grad_add_f32", grid(entries), args);
+    close("sparse_matmul values gradient", &dv, cpu.param_grad(0));
+    // Out-of-range ids (which set_ids refuses) add nothing rather than write outside.
+    let (mut bad_rows, mut bad_cols) = (rv.clone(), cv.clone());
+    bad_rows.iter_mut().for_each(|r| *r = rows as i32);
+    bad_cols[0] = -1;
+    let before = yv.clone();
+    let args =
+        (bad_rows.as_ptr(), bad_cols.as_ptr(), vv.as_ptr(), xv.as_ptr(), yv.as_mut_ptr(), ee, nn, rr, cc);
+    k.launch("sparse_matmul_add_f32", grid(entries * n), args);
+    assert_eq!(yv, before, "entries outside the matrix add nothing");
+}
+
 /// `step_gather_f32` and `step_scatter_f32` as select-step and stack-steps run them,
 /// forward (assigning) and backward (adding).
 #[test]

@@ -43,6 +43,10 @@ fn set_inputs(graph: &Graph, last: NodeId, rng: &mut Rng, execs: &mut [&mut dyn 
                         Op::Embedding if n.inputs[0] == id => {
                             Some(graph.nodes()[n.inputs[1].index()].shape[0])
                         }
+                        Op::SparseMatMul if n.inputs[0] == id => Some(n.shape[0]),
+                        Op::SparseMatMul if n.inputs[1] == id => {
+                            Some(graph.nodes()[n.inputs[3].index()].shape[0])
+                        }
                         _ => None,
                     })
                     .unwrap_or(1);
@@ -177,6 +181,25 @@ fn every_op_matches_the_cpu() {
     let both = g.add(ce, mse).unwrap();
     compare(&g, both, false, 3);
     compare(&g, both, true, 6);
+}
+
+/// A sparse matrix in coordinate form (repeated coordinates included) times a learned
+/// dense one, with learned values: values and gradients of both, as on the CPU.
+#[test]
+fn sparse_matmul_matches_the_cpu() {
+    let mut g = Graph::new();
+    let rows = g.input("rows", &[17], DType::I32);
+    let cols = g.input("cols", &[17], DType::I32);
+    let values = g.param("values", &[17], Init::Normal { std: 1.0 }).unwrap();
+    let x = g.param("x", &[6, 4], Init::Normal { std: 1.0 }).unwrap();
+    let y = g.sparse_matmul(rows, cols, values, x, 5).unwrap();
+    let h = g.act(y, Activation::Tanh).unwrap();
+    let target = g.input("target", &[5, 4], DType::F32);
+    let loss = g.mse(h, target).unwrap();
+    compare(&g, loss, false, 4);
+    // The zoo's GCN: two propagations and the pick of the labelled nodes' logits.
+    let model = tessera::nn::gcn(12, 30, 5, 7, 3, 4).unwrap();
+    compare(&model.graph, model.loss, false, 5);
 }
 
 /// A pipeline stage's calls: forward over a middle range with its stage input set, and

@@ -543,6 +543,17 @@ impl GpuExecutor {
                 let n = Self::u32(self.graph.nodes()[inp[0].0].len(), name)?;
                 launch!(gpu, "embedding_f32", len; ids, self.val(inp[1]), y, &n, &d, &vocab)?;
             }
+            Op::SparseMatMul => {
+                let (entries, cols) = (self.shape(inp[2])[0], self.shape(inp[3])[0]);
+                let (e, n) = (Self::u32(entries, name)?, Self::u32(node.shape[1], name)?);
+                let (row_limit, col_limit) = (Self::u32(node.shape[0], name)?, Self::u32(cols, name)?);
+                let rows = self.ids[inp[0].0].as_ref().ok_or_else(internal)?;
+                let col_ids = self.ids[inp[1].0].as_ref().ok_or_else(internal)?;
+                let zero = 0.0f32;
+                launch!(gpu, "fill_f32", len; &mut *y, &zero, &len)?;
+                let work = Self::u32(entries * node.shape[1], name)?;
+                launch!(gpu, "sparse_matmul_add_f32", work; rows, col_ids, self.val(inp[2]), self.val(inp[3]), &mut *y, &e, &n, &row_limit, &col_limit)?;
+            }
             Op::SelectStep { step } => {
                 let x = self.shape(inp[0]);
                 let (b, t, d) = (Self::u32(x[0], name)?, Self::u32(x[1], name)?, Self::u32(x[2], name)?);
@@ -867,6 +878,25 @@ impl GpuExecutor {
                     launch!(gpu, "embedding_grad_add_f32", len; ids, g, gin, &count, &d, &vocab)?;
                 }
             }
+            Op::SparseMatMul => {
+                // Ids were checked when they were set.
+                let (entries, cols) = (self.shape(inp[2])[0], self.shape(inp[3])[0]);
+                let (e, n) = (Self::u32(entries, name)?, Self::u32(node.shape[1], name)?);
+                let (row_limit, col_limit) = (Self::u32(node.shape[0], name)?, Self::u32(cols, name)?);
+                let rows = self.ids[inp[0].0].as_ref().ok_or_else(internal)?;
+                let col_ids = self.ids[inp[1].0].as_ref().ok_or_else(internal)?;
+                match pos {
+                    2 => {
+                        launch!(gpu, "sparse_matmul_values_grad_add_f32", e; rows, col_ids, g, self.val(inp[3]), gin, &e, &n, &row_limit, &col_limit)?
+                    }
+                    // dx[col] += value · g[row]: the forward kernel with the roles swapped.
+                    3 => {
+                        let work = Self::u32(entries * node.shape[1], name)?;
+                        launch!(gpu, "sparse_matmul_add_f32", work; col_ids, rows, self.val(inp[2]), g, gin, &e, &n, &col_limit, &row_limit)?
+                    }
+                    _ => {}
+                }
+            }
             Op::SelectStep { step } => {
                 let x = self.shape(inp[0]);
                 let (b, t, d) = (Self::u32(x[0], name)?, Self::u32(x[1], name)?, Self::u32(x[2], name)?);
@@ -979,12 +1009,15 @@ impl GpuExecutor {
             carries[i] = matches!(reader.op, Op::Reshape) && carries[reader.inputs[0].0];
         }
         for reader in self.graph.nodes() {
+            let reads = |pos: usize| reader.inputs.get(pos).is_some_and(|i| carries[i.0]);
             let (op, limit) = match reader.op {
-                Op::SoftmaxCrossEntropy if reader.inputs.get(1).is_some_and(|i| carries[i.0]) => {
+                Op::SoftmaxCrossEntropy if reads(1) => {
                     ("softmax_cross_entropy", self.graph.nodes()[reader.inputs[0].0].shape[1])
                 }
-                Op::Embedding if reader.inputs.first().is_some_and(|i| carries[i.0]) => {
-                    ("embedding", self.graph.nodes()[reader.inputs[1].0].shape[0])
+                Op::Embedding if reads(0) => ("embedding", self.graph.nodes()[reader.inputs[1].0].shape[0]),
+                Op::SparseMatMul if reads(0) => ("sparse_matmul rows", reader.shape[0]),
+                Op::SparseMatMul if reads(1) => {
+                    ("sparse_matmul cols", self.graph.nodes()[reader.inputs[3].0].shape[0])
                 }
                 _ => continue,
             };

@@ -160,6 +160,11 @@ pub enum Op {
     /// One GRU step: `gx [B, 3H]` (input projection, gates r, z, n), `h [B, H]`,
     /// `wh [H, 3H]`, `bh [3H]` → the next hidden state `[B, H]`.
     GruCell,
+    /// A sparse matrix in coordinate form times a dense one: row ids `[E]` and column ids
+    /// `[E]` (i32), values `[E]`, and `x [C, N]` → `y [R, N]` (`R` is the node's first
+    /// axis) with `y[row[e]] += values[e] · x[col[e]]` for every entry `e`. Gradients flow to
+    /// `x` and to the values.
+    SparseMatMul,
 }
 
 impl Op {
@@ -189,6 +194,7 @@ impl Op {
             Op::SelectStep { .. } => "select_step",
             Op::StackSteps => "stack_steps",
             Op::GruCell => "gru_cell",
+            Op::SparseMatMul => "sparse_matmul",
         }
     }
 }

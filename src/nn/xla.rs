@@ -122,20 +122,28 @@ impl XlaExecutor {
         let nodes = self.graph.nodes();
         for n in range.clone() {
             let node = &nodes[n];
-            let (op, ids_input, limit) = match node.op {
+            let checks = match node.op {
                 Op::SoftmaxCrossEntropy => {
-                    ("softmax_cross_entropy", node.inputs[1], nodes[node.inputs[0].index()].shape[1])
+                    vec![("softmax_cross_entropy", node.inputs[1], nodes[node.inputs[0].index()].shape[1])]
                 }
-                Op::Embedding => ("embedding", node.inputs[0], nodes[node.inputs[1].index()].shape[0]),
+                Op::Embedding => vec![("embedding", node.inputs[0], nodes[node.inputs[1].index()].shape[0])],
+                Op::SparseMatMul => vec![
+                    ("sparse_matmul rows", node.inputs[0], node.shape[0]),
+                    ("sparse_matmul cols", node.inputs[1], nodes[node.inputs[3].index()].shape[0]),
+                ],
                 _ => continue,
             };
-            if !self.filled[ids_input.index()] {
-                continue; // (reported as a missing value by the walk)
-            }
-            let bad =
-                self.ids[ids_input.index()].iter().enumerate().find(|(_, &v)| v < 0 || v as usize >= limit);
-            if let Some((position, &id)) = bad {
-                return Err(NnError::IdOutOfRange { op, id, position, limit });
+            for (op, ids_input, limit) in checks {
+                if !self.filled[ids_input.index()] {
+                    continue; // (reported as a missing value by the walk)
+                }
+                let bad = self.ids[ids_input.index()]
+                    .iter()
+                    .enumerate()
+                    .find(|(_, &v)| v < 0 || v as usize >= limit);
+                if let Some((position, &id)) = bad {
+                    return Err(NnError::IdOutOfRange { op, id, position, limit });
+                }
             }
         }
         Ok(())

@@ -216,3 +216,161 @@ pub fn tiny_transformer(
     let logits = head.forward(&mut g, x, Activation::Identity)?;
     classifier_head(g, tokens, logits, batch * steps)
 }
+
+/// A two-layer graph convolutional network (Kipf and Welling) for node classification on
+/// one graph: `logits = Â · relu(Â · X·W₁ + b₁) · W₂ + b₂`, where `Â` is the graph's
+/// normalized adjacency ([`gcn_adjacency`]) held as a sparse matrix in coordinate form. The
+/// loss is the mean cross-entropy over the labelled nodes only (picked out of the logits by
+/// a second sparse product), so the other nodes' labels stay unseen.
+#[derive(Debug, Clone)]
+pub struct Gcn {
+    /// The op graph.
+    pub graph: Graph,
+    /// Node features `[nodes, features]`.
+    pub features: NodeId,
+    /// `Â`'s row ids `[entries]` (i32).
+    pub adjacency_rows: NodeId,
+    /// `Â`'s column ids `[entries]` (i32).
+    pub adjacency_cols: NodeId,
+    /// `Â`'s values `[entries]`.
+    pub adjacency_values: NodeId,
+    /// The labelled nodes, `[labelled]` (i32).
+    pub labelled: NodeId,
+    /// Their labels, `[labelled]` (i32).
+    pub labels: NodeId,
+    /// Every node's logits `[nodes, classes]`.
+    pub logits: NodeId,
+    /// The mean cross-entropy over the labelled nodes.
+    pub loss: NodeId,
+    picked_rows: NodeId,
+}
+
+impl Gcn {
+    /// Sets the graph's inputs on `exec`: features (row-major), `Â` as from
+    /// [`gcn_adjacency`], and the labelled nodes with their labels.
+    ///
+    /// # Errors
+    /// As [`Executor::set_value`](crate::nn::Executor::set_value) and `set_ids` (lengths,
+    /// ids outside the graph or the classes).
+    pub fn bind(
+        &self,
+        exec: &mut dyn crate::nn::Executor,
+        features: &[f32],
+        adjacency: &CooMatrix,
+        labelled: &[i32],
+        labels: &[i32],
+    ) -> Result<(), NnError> {
+        exec.set_value(self.features, features)?;
+        exec.set_ids(self.adjacency_rows, &adjacency.rows)?;
+        exec.set_ids(self.adjacency_cols, &adjacency.cols)?;
+        exec.set_value(self.adjacency_values, &adjacency.values)?;
+        let rows: Vec<i32> = (0..labelled.len() as i32).collect();
+        exec.set_ids(self.picked_rows, &rows)?;
+        exec.set_ids(self.labelled, labelled)?;
+        exec.set_ids(self.labels, labels)
+    }
+}
+
+/// A [`Gcn`] for a graph of `nodes` nodes whose normalized adjacency has `entries` stored
+/// entries, `features` features a node, `labelled` labelled nodes and `classes` classes.
+///
+/// # Errors
+/// [`NnError::Argument`] for a zero size.
+pub fn gcn(
+    nodes: usize,
+    entries: usize,
+    features: usize,
+    hidden: usize,
+    classes: usize,
+    labelled: usize,
+) -> Result<Gcn, NnError> {
+    if [nodes, features, hidden, classes, labelled].contains(&0) {
+        return Err(NnError::Argument { op: "gcn", what: "every size must be positive".into() });
+    }
+    let mut g = Graph::new();
+    let x = g.input("features", &[nodes, features], DType::F32);
+    let rows = g.input("adjacency.rows", &[entries], DType::I32);
+    let cols = g.input("adjacency.cols", &[entries], DType::I32);
+    let values = g.input("adjacency.values", &[entries], DType::F32);
+    let layer1 = Linear::new(&mut g, "gc1", features, hidden)?;
+    let layer2 = Linear::new(&mut g, "gc2", hidden, classes)?;
+    // Â·(X·W₁) + b₁ = Â·(X·W₁ + b₁) when Â's rows sum to one; with the symmetric
+    // normalization they do not, so the bias is added after the propagation.
+    let xw = g.matmul(x, layer1.weight)?;
+    let propagated = g.sparse_matmul(rows, cols, values, xw, nodes)?;
+    let h = g.add(propagated, layer1.bias)?;
+    let h = g.act(h, Activation::Relu)?;
+    let hw = g.matmul(h, layer2.weight)?;
+    let propagated = g.sparse_matmul(rows, cols, values, hw, nodes)?;
+    let logits = g.add(propagated, layer2.bias)?;
+    // The labelled nodes' logits: a selection matrix with one 1 a row.
+    let picked_rows = g.input("picked.rows", &[labelled], DType::I32);
+    let labelled_nodes = g.input("labelled", &[labelled], DType::I32);
+    let ones = g.constant(&[labelled], 1.0);
+    let picked = g.sparse_matmul(picked_rows, labelled_nodes, ones, logits, labelled)?;
+    let labels = g.input("labels", &[labelled], DType::I32);
+    let loss = g.softmax_cross_entropy(picked, labels)?;
+    Ok(Gcn {
+        graph: g,
+        features: x,
+        adjacency_rows: rows,
+        adjacency_cols: cols,
+        adjacency_values: values,
+        labelled: labelled_nodes,
+        labels,
+        logits,
+        loss,
+        picked_rows,
+    })
+}
+
+/// The GCN's propagation matrix `Â = D^-½ (A + I) D^-½` of an undirected graph of `nodes`
+/// nodes with `edges` (each pair once, either way round; self-loops and repeats are
+/// dropped), in coordinate form: row ids, column ids, values.
+///
+/// # Errors
+/// [`NnError::IdOutOfRange`] for an edge naming a node `≥ nodes`.
+pub fn gcn_adjacency(nodes: usize, edges: &[(u32, u32)]) -> Result<CooMatrix, NnError> {
+    let mut pairs: Vec<(u32, u32)> = Vec::with_capacity(2 * edges.len() + nodes);
+    for (position, &(a, b)) in edges.iter().enumerate() {
+        for id in [a, b] {
+            if id as usize >= nodes {
+                return Err(NnError::IdOutOfRange {
+                    op: "gcn_adjacency",
+                    id: id as i32,
+                    position,
+                    limit: nodes,
+                });
+            }
+        }
+        if a != b {
+            pairs.push((a, b));
+            pairs.push((b, a));
+        }
+    }
+    pairs.extend((0..nodes as u32).map(|i| (i, i)));
+    pairs.sort_unstable();
+    pairs.dedup();
+    let mut degree = vec![0f32; nodes];
+    for &(a, _) in &pairs {
+        degree[a as usize] += 1.0;
+    }
+    let scale: Vec<f32> = degree.iter().map(|d| 1.0 / d.sqrt()).collect();
+    Ok(CooMatrix {
+        rows: pairs.iter().map(|&(a, _)| a as i32).collect(),
+        cols: pairs.iter().map(|&(_, b)| b as i32).collect(),
+        values: pairs.iter().map(|&(a, b)| scale[a as usize] * scale[b as usize]).collect(),
+    })
+}
+
+/// A sparse matrix in coordinate form, as [`Graph::sparse_matmul`](crate::nn::Graph::sparse_matmul)
+/// reads it: entry `e` is `values[e]` at (`rows[e]`, `cols[e]`); repeated coordinates add.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CooMatrix {
+    /// Each entry's row.
+    pub rows: Vec<i32>,
+    /// Each entry's column.
+    pub cols: Vec<i32>,
+    /// Each entry's value.
+    pub values: Vec<f32>,
+}

@@ -571,6 +571,39 @@ pub const KERNELS: &[(&str, &str)] = &[
 }"#,
     ),
     (
+        "sparse_matmul_add_f32",
+        r#"extern "C" __global__ void sparse_matmul_add_f32(const int* rows, const int* cols, const float* values,
+        const float* x, float* y, unsigned int entries, unsigned int n, unsigned int row_limit,
+        unsigned int col_limit) {
+    // y [row_limit, n] += A · x [col_limit, n] for A in coordinate form. Entries sharing a
+    // row add up with atomics (their order, and so the last bits, vary). Ids are checked
+    // when they are set; one out of range anyway (filled on the device) is skipped.
+    TESSERA_LOOP(k, entries * n) {
+        unsigned int e = k / n, j = k % n;
+        int r = rows[e], c = cols[e];
+        if (r >= 0 && (unsigned int)r < row_limit && c >= 0 && (unsigned int)c < col_limit) {
+            atomicAdd(&y[(size_t)r * n + j], values[e] * x[(size_t)c * n + j]);
+        }
+    }
+}"#,
+    ),
+    (
+        "sparse_matmul_values_grad_add_f32",
+        r#"extern "C" __global__ void sparse_matmul_values_grad_add_f32(const int* rows, const int* cols,
+        const float* g, const float* x, float* dvalues, unsigned int entries, unsigned int n,
+        unsigned int row_limit, unsigned int col_limit) {
+    // dvalues[e] += g[rows[e]] · x[cols[e]] (rows of n), one thread per entry.
+    TESSERA_LOOP(e, entries) {
+        int r = rows[e], c = cols[e];
+        if (r >= 0 && (unsigned int)r < row_limit && c >= 0 && (unsigned int)c < col_limit) {
+            float sum = 0.0f;
+            for (unsigned int j = 0; j < n; ++j) { sum += g[(size_t)r * n + j] * x[(size_t)c * n + j]; }
+            dvalues[e] += sum;
+        }
+    }
+}"#,
+    ),
+    (
         "step_gather_f32",
         r#"extern "C" __global__ void step_gather_f32(const float* src, float* dst, unsigned int b, unsigned int t,
         unsigned int d, unsigned int step, int add) {

@@ -319,6 +319,23 @@ pub(crate) fn accumulate(
                 }
             }
         }
+        Op::SparseMatMul => {
+            // Ids were checked by the forward pass.
+            let (rows, cols, values) = (ctx.ids(inp[0]), ctx.ids(inp[1]), ctx.val(inp[2]));
+            let (x, n) = (ctx.val(inp[3]), node.shape[1]);
+            for (e, ((&row, &col), &v)) in rows.iter().zip(cols).zip(values).enumerate() {
+                let (g_row, x_row) = (&g[row as usize * n..][..n], &x[col as usize * n..][..n]);
+                match pos {
+                    2 => gin[e] += g_row.iter().zip(x_row).map(|(a, b)| a * b).sum::<f32>(),
+                    3 => {
+                        for (d, &gv) in gin[col as usize * n..][..n].iter_mut().zip(g_row) {
+                            *d += v * gv;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
         Op::Softmax => {
             let d = *node.shape.last().unwrap_or(&1);
             for ((dr, yr), gr) in

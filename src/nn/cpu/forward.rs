@@ -216,6 +216,20 @@ pub(crate) fn run(
                 yr.copy_from_slice(&table[id * d..(id + 1) * d]);
             }
         }
+        Op::SparseMatMul => {
+            let (rows, cols, values) = (ctx.ids(inp[0]), ctx.ids(inp[1]), ctx.val(inp[2]));
+            let (c, n) = (ctx.shape(inp[3])[0], ctx.shape(inp[3])[1]);
+            let (x, r) = (ctx.val(inp[3]), node.shape[0]);
+            y.fill(0.0);
+            for (position, ((&row, &col), &v)) in rows.iter().zip(cols).zip(values).enumerate() {
+                check_id("sparse_matmul rows", row, position, r)?;
+                check_id("sparse_matmul cols", col, position, c)?;
+                let (row, col) = (row as usize, col as usize);
+                for (yv, &xv) in y[row * n..(row + 1) * n].iter_mut().zip(&x[col * n..(col + 1) * n]) {
+                    *yv += v * xv;
+                }
+            }
+        }
         Op::Softmax => {
             y.copy_from_slice(ctx.val(inp[0]));
             softmax_rows(y, *node.shape.last().unwrap_or(&1));
@@ -422,4 +436,12 @@ impl ConvGeometry {
             }
         });
     }
+}
+
+/// Errors unless `id` indexes one of `limit` rows.
+fn check_id(op: &'static str, id: i32, position: usize, limit: usize) -> Result<(), NnError> {
+    if id < 0 || id as usize >= limit {
+        return Err(NnError::IdOutOfRange { op, id, position, limit });
+    }
+    Ok(())
 }

@@ -314,6 +314,43 @@ impl Graph {
         Ok(self.push(Op::Embedding, vec![ids, table], shape, DType::F32))
     }
 
+    /// `A · x` for a sparse `A [out_rows, C]` in coordinate form (i32 `rows [E]` and
+    /// `cols [E]`, f32 `values [E]`; repeated coordinates add up) and a dense `x [C, N]`:
+    /// `→ [out_rows, N]`. The graph convolution of a GCN is `A · (h · w)`.
+    ///
+    /// # Errors
+    /// [`NnError::DType`] unless `rows` and `cols` are i32 and `values`, `x` f32;
+    /// [`NnError::Shape`] unless the three are vectors of one length and `x` a matrix.
+    pub fn sparse_matmul(
+        &mut self,
+        rows: NodeId,
+        cols: NodeId,
+        values: NodeId,
+        x: NodeId,
+        out_rows: usize,
+    ) -> Result<NodeId, NnError> {
+        const OP: &str = "sparse_matmul";
+        let rn = self.checked(OP, "rows", rows, DType::I32)?;
+        if rn.shape.len() != 1 {
+            return Err(shape_err(OP, "rows", rn, "[E]"));
+        }
+        let entries = rn.shape[0];
+        let cn = self.checked(OP, "cols", cols, DType::I32)?;
+        if cn.shape != [entries] {
+            return Err(shape_err(OP, "cols", cn, format!("[{entries}]")));
+        }
+        let vn = self.checked(OP, "values", values, DType::F32)?;
+        if vn.shape != [entries] {
+            return Err(shape_err(OP, "values", vn, format!("[{entries}]")));
+        }
+        let xn = self.checked(OP, "x", x, DType::F32)?;
+        if xn.shape.len() != 2 {
+            return Err(shape_err(OP, "x", xn, "[C, N]"));
+        }
+        let shape = vec![out_rows, xn.shape[1]];
+        Ok(self.push(Op::SparseMatMul, vec![rows, cols, values, x], shape, DType::F32))
+    }
+
     /// Mean softmax cross-entropy of `logits [N, C]` against i32 `labels [N]`.
     ///
     /// # Errors

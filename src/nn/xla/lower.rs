@@ -409,6 +409,18 @@ impl<'g> Writer<'g> {
                 let out = h.dot(&onehot, &table, 1, 0);
                 h.reshape(&out, &shape)
             }
+            // Through one-hot products, as the embedding: dense in entries × rows and entries
+            // × columns, which suits the graphs small enough for one device.
+            Op::SparseMatMul => {
+                let (rows, cols, values, dense) = (x(0), x(1), x(2), x(3));
+                let (entries, n) = (values.shape[0], dense.shape[1]);
+                let row_hot = one_hot(h, &rows, entries, shape[0]);
+                let col_hot = one_hot(h, &cols, entries, dense.shape[0]);
+                let gathered = h.dot(&col_hot, &dense, 1, 0);
+                let wide = h.broadcast(&values, &[entries, n], &[0]);
+                let weighted = h.mul(&gathered, &wide);
+                h.dot(&row_hot, &weighted, 0, 0)
+            }
             Op::Softmax => softmax(h, &x(0)),
             Op::SoftmaxCrossEntropy => {
                 let (logits, labels) = (x(0), x(1));
@@ -694,6 +706,24 @@ impl<'g> Writer<'g> {
                     let onehot = one_hot(h, &ids, rows, vocab);
                     let gflat = h.reshape(g, &[rows, dim]);
                     out.push((id(1), h.dot(&onehot, &gflat, 0, 0)));
+                }
+            }
+            Op::SparseMatMul => {
+                let (rows, cols, values, dense) = (x(0), x(1), x(2), x(3));
+                let (entries, n) = (values.shape[0], dense.shape[1]);
+                let row_hot = one_hot(h, &rows, entries, g.shape[0]);
+                let col_hot = one_hot(h, &cols, entries, dense.shape[0]);
+                // g's row of each entry: [E, N].
+                let g_rows = h.dot(&row_hot, g, 1, 0);
+                if needs(2) {
+                    let gathered = h.dot(&col_hot, &dense, 1, 0);
+                    let products = h.mul(&g_rows, &gathered);
+                    out.push((id(2), h.reduce(&products, &[1], Combine::Add)));
+                }
+                if needs(3) {
+                    let wide = h.broadcast(&values, &[entries, n], &[0]);
+                    let weighted = h.mul(&g_rows, &wide);
+                    out.push((id(3), h.dot(&col_hot, &weighted, 0, 0)));
                 }
             }
             Op::Softmax => {
