@@ -169,6 +169,38 @@ fn prepare_directory(root: &Path) -> Result<(), StoreError> {
     store.sync("")
 }
 
+/// A store URL fit for messages and logs: each URL's query (S3's keys) becomes `?…` and a
+/// password in its user part is dropped; a mirror's replicas are redacted one by one.
+pub(crate) fn redact_url(url: &str) -> String {
+    if let Some(list) = url.strip_prefix("mirror:") {
+        let (list, options) = match list.split_once(';') {
+            Some((list, options)) => (list, format!(";{options}")),
+            None => (list, String::new()),
+        };
+        let replicas: Vec<String> = list.split(',').map(redact_one_url).collect();
+        return format!("mirror:{}{options}", replicas.join(","));
+    }
+    redact_one_url(url)
+}
+
+fn redact_one_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, _)) => (base, "?…"),
+        None => (url, ""),
+    };
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split(':').next().unwrap_or("");
+                format!("{scheme}://{user}@{host}")
+            }
+            None => base.to_string(),
+        },
+        None => base.to_string(),
+    };
+    format!("{base}{query}")
+}
+
 /// The directory of an embedded-store URL: a plain path or `file:///path`.
 fn local_path(url: &str) -> Result<&str, StoreError> {
     match url.strip_prefix("file://") {
@@ -1465,6 +1497,18 @@ const _: () = {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn urls_are_redacted_for_messages() {
+        use super::redact_url;
+        assert_eq!(redact_url("/data/stash"), "/data/stash");
+        assert_eq!(redact_url("s3://bucket/p?endpoint=http://h:9000&secret_access_key=S"), "s3://bucket/p?…");
+        assert_eq!(redact_url("postgres://me:pw@db:5432/x?table=t"), "postgres://me@db:5432/x?…");
+        assert_eq!(
+            redact_url("mirror:/a,s3://b/p?secret_access_key=S;min_copies=1"),
+            "mirror:/a,s3://b/p?…;min_copies=1"
+        );
+    }
+
     use super::*;
 
     /// The observer sees every chunk of a save and a load once, with the totals of the value.

@@ -46,7 +46,7 @@ use crate::{ActorHandle, Cluster, NodeId};
 /// The data travel with the job to every node (fine for data sets of a few MiB; a node
 /// reaches the checkpoint stash itself, so it must be a directory the nodes share, or an
 /// S3 or PostgreSQL URL).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct ReplicaJob {
     /// The classifier to build on each node (for its share of the global batch).
     pub model: ModelSpec,
@@ -75,6 +75,26 @@ pub struct ReplicaJob {
     pub pin_to_core: bool,
     /// Where each replica trains: its node's CPU cores, or one of its GPUs.
     pub device: ReplicaDevice,
+}
+
+/// Summarizes the data sets (their sizes) and leaves the checkpoint URL's credentials out.
+impl std::fmt::Debug for ReplicaJob {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let checkpoint = self.checkpoint.as_ref().map(|(url, name)| (crate::store::redact_url(url), name));
+        f.debug_struct("ReplicaJob")
+            .field("model", &self.model)
+            .field("optimizer", &self.optimizer)
+            .field("global_batch", &self.global_batch)
+            .field("bucket_mib", &self.bucket_mib)
+            .field("seed", &self.seed)
+            .field("train_examples", &self.train.len())
+            .field("test_examples", &self.test.as_ref().map(Dataset::len))
+            .field("checkpoint", &checkpoint)
+            .field("timeout", &self.timeout)
+            .field("pin_to_core", &self.pin_to_core)
+            .field("device", &self.device)
+            .finish()
+    }
 }
 
 /// Where each replica of a [`ReplicaJob`] trains.
@@ -827,6 +847,22 @@ pub fn train_on_cluster(
 mod tests {
     use super::slots_on_nodes;
     use crate::NodeId;
+
+    #[test]
+    fn a_jobs_debug_shows_sizes_and_no_credentials() {
+        use crate::nn::{Dataset, ModelSpec, OptimizerConfig};
+        let train = Dataset { features: vec![0.5; 3 * 1000], labels: vec![1; 1000], dim: 3 };
+        let mut job = super::ReplicaJob::new(
+            ModelSpec::LogisticRegression { features: 3, classes: 2 },
+            OptimizerConfig::sgd(0.1, 0.0),
+            10,
+            train,
+        );
+        job.checkpoint = Some(("s3://b/p?secret_access_key=SECRET".into(), "run".into()));
+        let shown = format!("{job:?}");
+        assert!(shown.contains("train_examples: 1000") && shown.contains("s3://b/p?…"), "{shown}");
+        assert!(!shown.contains("SECRET") && shown.len() < 1000, "{shown}");
+    }
 
     #[test]
     fn a_nodes_replicas_take_consecutive_slots_in_rank_order() {
