@@ -165,25 +165,15 @@ impl<T: DElement> DArray<T> {
     /// # Errors
     /// [`ArrayError::Empty`] for min or max of an empty array.
     pub fn reduce(&self, op: ReduceOp) -> Result<Ref<T>> {
-        let mut level: Vec<Ref<Option<T>>> =
+        let per_chunk: Vec<Ref<Option<T>>> =
             self.chunks.iter().map(|c| T::spawn_reduce(&self.rt, c, op)).collect();
-        if level.is_empty() {
-            return match op {
+        match tree(per_chunk, |a, b| T::spawn_combine(&self.rt, a, b, op)) {
+            Some(total) => Ok(T::spawn_total(&self.rt, &total, op)),
+            None => match op {
                 ReduceOp::Sum => Ok(self.rt.put(T::from_f64(0.0))),
                 _ => Err(ArrayError::Empty { op }.into()),
-            };
+            },
         }
-        while level.len() > 1 {
-            level = level
-                .chunks(2)
-                .map(|pair| match pair {
-                    [a, b] => T::spawn_combine(&self.rt, a, b, op),
-                    [a] => a.clone(),
-                    _ => unreachable!("chunks(2) yields one or two"),
-                })
-                .collect();
-        }
-        Ok(T::spawn_total(&self.rt, &level[0], op))
     }
 
     /// The matrix product `self · other` of an `m×k` and a `k×n` array, tile by tile: the
@@ -221,17 +211,7 @@ impl<T: DElement> DArray<T> {
                     let region = grid.region(grid.linear(&[i, j]));
                     terms.push(T::spawn_fill(&self.rt, vec![m, n], region, Fill::Zeros));
                 }
-                while terms.len() > 1 {
-                    terms = terms
-                        .chunks(2)
-                        .map(|pair| match pair {
-                            [a, b] => T::spawn_zip(&self.rt, a, b, BinaryOp::Add),
-                            [a] => a.clone(),
-                            _ => unreachable!("chunks(2) yields one or two"),
-                        })
-                        .collect();
-                }
-                chunks.extend(terms.pop());
+                chunks.extend(tree(terms, |a, b| T::spawn_zip(&self.rt, a, b, BinaryOp::Add)));
             }
         }
         Ok(DArray { rt: self.rt.clone(), grid, chunks })
@@ -446,6 +426,25 @@ impl<T: DElement> DArray<T> {
         })?;
         Ok(DArray { rt: rt.clone(), grid, chunks })
     }
+}
+
+/// Combines `level` pairwise, level by level, into one `Ref` (a tree of `combine` tasks of
+/// depth log₂ of its length); `None` for an empty level.
+pub(super) fn tree<V>(
+    mut level: Vec<Ref<V>>,
+    combine: impl Fn(&Ref<V>, &Ref<V>) -> Ref<V>,
+) -> Option<Ref<V>> {
+    while level.len() > 1 {
+        level = level
+            .chunks(2)
+            .map(|pair| match pair {
+                [a, b] => combine(a, b),
+                [a] => a.clone(),
+                _ => unreachable!("chunks(2) yields one or two"),
+            })
+            .collect();
+    }
+    level.pop()
 }
 
 fn mismatch(op: &'static str, left: &[usize], right: &[usize]) -> Error {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::chunk::Chunk;
-use super::darray::{parallel, store_error};
+use super::darray::{parallel, store_error, tree};
 use super::ops::DElement;
 use super::{ArrayError, ChunkGrid, DArray};
 use crate::{Dtype, Error, Ref, Result, Runtime, Stash, Version};
@@ -562,24 +562,15 @@ impl<T: DElement> SparseDArray<T> {
         };
         let grid = ChunkGrid::new(&shape, &chunk)?;
         let aligned = y.rechunk(&y_chunk)?;
-        let mut level: Vec<Ref<Chunk<T>>> = self
+        let partials: Vec<Ref<Chunk<T>>> = self
             .blocks
             .iter()
             .zip(aligned.chunk_refs())
             .map(|(block, part)| T::spawn_spmm_t(&self.rt, block, part))
             .collect();
-        while level.len() > 1 {
-            level = level
-                .chunks(2)
-                .map(|pair| match pair {
-                    [a, b] => T::spawn_zip(&self.rt, a, b, super::BinaryOp::Add),
-                    [a] => a.clone(),
-                    _ => unreachable!("chunks(2) yields one or two"),
-                })
-                .collect();
-        }
-        // No rows: the product is all zeros.
-        let total = level.pop().unwrap_or_else(|| self.rt.put(Chunk::zeros(shape.clone())));
+        let total = tree(partials, |a, b| T::spawn_zip(&self.rt, a, b, super::BinaryOp::Add))
+            // No rows: the product is all zeros.
+            .unwrap_or_else(|| self.rt.put(Chunk::zeros(shape.clone())));
         Ok(DArray::from_parts(&self.rt, grid, vec![total]))
     }
 
@@ -598,19 +589,9 @@ impl<T: DElement> SparseDArray<T> {
             }
             .into());
         }
-        let mut level = other.blocks.clone();
-        while level.len() > 1 {
-            level = level
-                .chunks(2)
-                .map(|pair| match pair {
-                    [top, bottom] => T::spawn_stack_rows(&self.rt, top, bottom),
-                    [one] => one.clone(),
-                    _ => unreachable!("chunks(2) yields one or two"),
-                })
-                .collect();
-        }
-        // `other` has no rows (k = 0): every product row is empty.
-        let whole = level.pop().unwrap_or_else(|| self.rt.put(CsrBlock::from_rows(0, other.cols, |_, _| {})));
+        let whole = tree(other.blocks.clone(), |top, bottom| T::spawn_stack_rows(&self.rt, top, bottom))
+            // `other` has no rows (k = 0): every product row is empty.
+            .unwrap_or_else(|| self.rt.put(CsrBlock::from_rows(0, other.cols, |_, _| {})));
         let blocks = self.blocks.iter().map(|block| T::spawn_spgemm(&self.rt, block, &whole)).collect();
         Ok(SparseDArray {
             rt: self.rt.clone(),

@@ -63,6 +63,18 @@ fn missing_buffer(name: &'static str) -> impl Fn() -> DeviceError + Copy {
     move || DeviceError::Shape { op: "gpu executor", message: format!("{name}: missing buffer") }
 }
 
+/// A sparse product's row and column ids on the device, its entry count, its dense side's
+/// width, the row and column limits, and the kernel's work items (entries × width).
+struct SparseArgs<'a> {
+    rows: &'a CudaSlice<i32>,
+    cols: &'a CudaSlice<i32>,
+    entries: u32,
+    n: u32,
+    row_limit: u32,
+    col_limit: u32,
+    work: u32,
+}
+
 /// Runs a graph on one GPU with buffers allocated once.
 pub struct GpuExecutor {
     gpu: Arc<Gpu>,
@@ -419,6 +431,22 @@ impl GpuExecutor {
         Ok(len_u32(len, op)?)
     }
 
+    /// The buffers and sizes a sparse product's kernels take.
+    fn sparse_args(&self, node: &Node) -> Result<SparseArgs<'_>, NnError> {
+        let (inp, name) = (&node.inputs, node.op.name());
+        let ids = |pos: usize| self.ids[inp[pos].0].as_ref().ok_or_else(missing_buffer(name));
+        let (entries, cols) = (self.shape(inp[2])[0], self.shape(inp[3])[0]);
+        Ok(SparseArgs {
+            rows: ids(0)?,
+            cols: ids(1)?,
+            entries: Self::u32(entries, name)?,
+            n: Self::u32(node.shape[1], name)?,
+            row_limit: Self::u32(node.shape[0], name)?,
+            col_limit: Self::u32(cols, name)?,
+            work: Self::u32(entries * node.shape[1], name)?,
+        })
+    }
+
     /// Runs node `n`'s forward kernel into its (taken-out) buffers.
     fn forward_node(&mut self, n: usize) -> Result<(), NnError> {
         let node = self.graph.nodes()[n].clone();
@@ -544,15 +572,11 @@ impl GpuExecutor {
                 launch!(gpu, "embedding_f32", len; ids, self.val(inp[1]), y, &n, &d, &vocab)?;
             }
             Op::SparseMatMul => {
-                let (entries, cols) = (self.shape(inp[2])[0], self.shape(inp[3])[0]);
-                let (e, n) = (Self::u32(entries, name)?, Self::u32(node.shape[1], name)?);
-                let (row_limit, col_limit) = (Self::u32(node.shape[0], name)?, Self::u32(cols, name)?);
-                let rows = self.ids[inp[0].0].as_ref().ok_or_else(internal)?;
-                let col_ids = self.ids[inp[1].0].as_ref().ok_or_else(internal)?;
+                let SparseArgs { rows, cols, entries, n, row_limit, col_limit, work } =
+                    self.sparse_args(node)?;
                 let zero = 0.0f32;
                 launch!(gpu, "fill_f32", len; &mut *y, &zero, &len)?;
-                let work = Self::u32(entries * node.shape[1], name)?;
-                launch!(gpu, "sparse_matmul_add_f32", work; rows, col_ids, self.val(inp[2]), self.val(inp[3]), &mut *y, &e, &n, &row_limit, &col_limit)?;
+                launch!(gpu, "sparse_matmul_add_f32", work; rows, cols, self.val(inp[2]), self.val(inp[3]), &mut *y, &entries, &n, &row_limit, &col_limit)?;
             }
             Op::SelectStep { step } => {
                 let x = self.shape(inp[0]);
@@ -880,19 +904,15 @@ impl GpuExecutor {
             }
             Op::SparseMatMul => {
                 // Ids were checked when they were set.
-                let (entries, cols) = (self.shape(inp[2])[0], self.shape(inp[3])[0]);
-                let (e, n) = (Self::u32(entries, name)?, Self::u32(node.shape[1], name)?);
-                let (row_limit, col_limit) = (Self::u32(node.shape[0], name)?, Self::u32(cols, name)?);
-                let rows = self.ids[inp[0].0].as_ref().ok_or_else(internal)?;
-                let col_ids = self.ids[inp[1].0].as_ref().ok_or_else(internal)?;
+                let SparseArgs { rows, cols, entries, n, row_limit, col_limit, work } =
+                    self.sparse_args(node)?;
                 match pos {
                     2 => {
-                        launch!(gpu, "sparse_matmul_values_grad_add_f32", e; rows, col_ids, g, self.val(inp[3]), gin, &e, &n, &row_limit, &col_limit)?
+                        launch!(gpu, "sparse_matmul_values_grad_add_f32", entries; rows, cols, g, self.val(inp[3]), gin, &entries, &n, &row_limit, &col_limit)?
                     }
                     // dx[col] += value · g[row]: the forward kernel with the roles swapped.
                     3 => {
-                        let work = Self::u32(entries * node.shape[1], name)?;
-                        launch!(gpu, "sparse_matmul_add_f32", work; col_ids, rows, self.val(inp[2]), g, gin, &e, &n, &col_limit, &row_limit)?
+                        launch!(gpu, "sparse_matmul_add_f32", work; cols, rows, self.val(inp[2]), g, gin, &entries, &n, &col_limit, &row_limit)?
                     }
                     _ => {}
                 }
