@@ -50,21 +50,37 @@ impl<T: DElement> Chunk<T> {
     }
 }
 
+/// Little-endian bytes of `items`: borrowed as they are on little-endian machines (no copy:
+/// counting a value's encoded size, done for every task result, serializes it).
+pub(super) fn le_bytes<A: crate::ArrayElement>(items: &[A]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        std::borrow::Cow::Borrowed(bytemuck::cast_slice(items))
+    } else {
+        let mut bytes = bytemuck::cast_slice::<A, u8>(items).to_vec();
+        crate::store::to_little_endian::<A>(&mut bytes);
+        std::borrow::Cow::Owned(bytes)
+    }
+}
+
+/// The items that little-endian `bytes` hold; `None` unless they are a whole number of them.
+pub(super) fn from_le_bytes<A: crate::ArrayElement + Default>(bytes: &[u8]) -> Option<Vec<A>> {
+    let size = std::mem::size_of::<A>();
+    if bytes.len() % size != 0 {
+        return None;
+    }
+    let mut items = vec![A::default(); bytes.len() / size];
+    let raw = bytemuck::cast_slice_mut::<A, u8>(&mut items);
+    raw.copy_from_slice(bytes);
+    crate::store::to_little_endian::<A>(raw);
+    Some(items)
+}
+
 impl<T: DElement> Serialize for Chunk<T> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeTuple;
-        // Little-endian machines write the elements as they are (no copy: counting a
-        // value's encoded size, done for every task result, serializes it).
-        let bytes: std::borrow::Cow<'_, [u8]> = if cfg!(target_endian = "little") {
-            std::borrow::Cow::Borrowed(bytemuck::cast_slice::<T, u8>(&self.data))
-        } else {
-            let mut bytes = bytemuck::cast_slice::<T, u8>(&self.data).to_vec();
-            crate::store::to_little_endian::<T>(&mut bytes);
-            std::borrow::Cow::Owned(bytes)
-        };
         let mut tuple = serializer.serialize_tuple(2)?;
         tuple.serialize_element(&self.shape)?;
-        tuple.serialize_element(serde_bytes::Bytes::new(&bytes))?;
+        tuple.serialize_element(serde_bytes::Bytes::new(&le_bytes(&self.data)))?;
         tuple.end()
     }
 }
@@ -75,16 +91,13 @@ impl<'de, T: DElement> Deserialize<'de> for Chunk<T> {
         let (shape, bytes): (Vec<usize>, serde_bytes::ByteBuf) = Deserialize::deserialize(deserializer)?;
         let len = shape.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
         let expected = len.and_then(|n| n.checked_mul(std::mem::size_of::<T>()));
-        if expected != Some(bytes.len()) {
+        let data = (expected == Some(bytes.len())).then(|| from_le_bytes::<T>(&bytes)).flatten();
+        let Some(data) = data else {
             return Err(D::Error::custom(format!(
                 "chunk of shape {shape:?} carries {} bytes, not {expected:?}",
                 bytes.len()
             )));
-        }
-        let mut data = vec![T::default(); bytes.len() / std::mem::size_of::<T>()];
-        let raw = bytemuck::cast_slice_mut::<T, u8>(&mut data);
-        raw.copy_from_slice(&bytes);
-        crate::store::to_little_endian::<T>(raw);
+        };
         Ok(Chunk { shape, data: data.into() })
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::chunk::Chunk;
+use super::chunk::{from_le_bytes, le_bytes, Chunk};
 use super::darray::{parallel, store_error, tree};
 use super::ops::DElement;
 use super::{ArrayError, ChunkGrid, DArray};
@@ -32,30 +32,15 @@ pub struct CsrBlock<T> {
     pub(crate) values: Arc<Vec<T>>,
 }
 
-/// Little-endian bytes of `items`, borrowed where the machine is little-endian.
-fn le_bytes<A: crate::ArrayElement>(items: &[A]) -> std::borrow::Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") {
-        std::borrow::Cow::Borrowed(bytemuck::cast_slice(items))
-    } else {
-        let mut bytes = bytemuck::cast_slice::<A, u8>(items).to_vec();
-        crate::store::to_little_endian::<A>(&mut bytes);
-        std::borrow::Cow::Owned(bytes)
-    }
-}
-
 /// The items that little-endian `bytes` hold, or why they cannot.
-fn from_le_bytes<A: crate::ArrayElement + Default>(bytes: &[u8], what: &str) -> Result<Vec<A>, ArrayError> {
-    let size = std::mem::size_of::<A>();
-    if bytes.len() % size != 0 {
-        return Err(ArrayError::BadSparse {
-            reason: format!("{what}: {} bytes is no whole number of {size}-byte items", bytes.len()),
-        });
-    }
-    let mut items = vec![A::default(); bytes.len() / size];
-    let raw = bytemuck::cast_slice_mut::<A, u8>(&mut items);
-    raw.copy_from_slice(bytes);
-    crate::store::to_little_endian::<A>(raw);
-    Ok(items)
+fn items<A: crate::ArrayElement + Default>(bytes: &[u8], what: &str) -> Result<Vec<A>, ArrayError> {
+    from_le_bytes(bytes).ok_or_else(|| ArrayError::BadSparse {
+        reason: format!(
+            "{what}: {} bytes is no whole number of {}-byte items",
+            bytes.len(),
+            std::mem::size_of::<A>()
+        ),
+    })
 }
 
 impl<T: DElement> Serialize for CsrBlock<T> {
@@ -80,9 +65,9 @@ impl<'de, T: DElement> Deserialize<'de> for CsrBlock<T> {
             Ok::<_, ArrayError>(UncheckedBlock {
                 rows,
                 cols,
-                offsets: from_le_bytes(&offsets, "offsets")?,
-                indices: from_le_bytes(&indices, "column indices")?,
-                values: from_le_bytes(&values, "values")?,
+                offsets: items(&offsets, "offsets")?,
+                indices: items(&indices, "column indices")?,
+                values: items(&values, "values")?,
             })
         })()
         .map_err(D::Error::custom)?;

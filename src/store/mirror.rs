@@ -170,10 +170,11 @@ impl MirrorStore {
     fn repair_keys(&self, keys: &[ObjectMeta], report: &mut RepairReport, progress: &(dyn Fn(u64) + Sync)) {
         for meta in keys {
             let copies = self.on_each(|replica| Ok(Self::read(replica, &meta.key)));
-            let copies: Vec<Copy> = copies.into_iter().map(|c| c.unwrap_or(Copy::Missing)).collect();
+            let mut copies: Vec<Copy> = copies.into_iter().map(|c| c.unwrap_or(Copy::Missing)).collect();
             report.blobs_checked += 1;
-            let good = copies.iter().find_map(|c| match c {
-                Copy::Intact(bytes) => Some(bytes.clone()),
+            // The first intact copy's bytes, taken out (its slot still reads as intact).
+            let good = copies.iter_mut().find_map(|c| match c {
+                Copy::Intact(bytes) => Some(std::mem::take(bytes)),
                 _ => None,
             });
             let Some(good) = good else {

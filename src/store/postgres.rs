@@ -79,20 +79,8 @@ impl PostgresStore {
                 .map_err(|e| backend_error("create table", &table, e))?;
             Ok::<_, StoreError>(client)
         })?;
-        let location = format!("{}#{table}", redact(base));
+        let location = format!("{}#{table}", super::redact_url(base));
         Ok(PostgresStore { client, table, location, blocking })
-    }
-}
-
-/// The URL without its password.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let userinfo = &url[s + 3..at];
-            let user = userinfo.split(':').next().unwrap_or("");
-            format!("{}{user}{}", &url[..s + 3], &url[at..])
-        }
-        _ => url.to_string(),
     }
 }
 

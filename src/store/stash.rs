@@ -189,7 +189,7 @@ fn redact_one_url(url: &str) -> String {
         None => (url, ""),
     };
     let base = match base.split_once("://") {
-        Some((scheme, rest)) => match rest.split_once('@') {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
             Some((userinfo, host)) => {
                 let user = userinfo.split(':').next().unwrap_or("");
                 format!("{scheme}://{user}@{host}")
@@ -216,11 +216,7 @@ fn local_path(url: &str) -> Result<&str, StoreError> {
 /// The blob store a URL names (a mirror's replica): an embedded-store directory is
 /// opened without its record index, which caches records for one process at a time.
 fn open_blob_store(url: &str) -> Result<Box<dyn BlobStore>, StoreError> {
-    let Some((scheme, _)) = url.split_once("://") else {
-        prepare_directory(Path::new(url))?;
-        return Ok(Box::new(LocalStore::new(url.into())));
-    };
-    match scheme {
+    match url.split_once("://").map_or("file", |(scheme, _)| scheme) {
         "file" => {
             let path = local_path(url)?;
             prepare_directory(Path::new(path))?;
@@ -229,11 +225,11 @@ fn open_blob_store(url: &str) -> Result<Box<dyn BlobStore>, StoreError> {
         #[cfg(feature = "s3")]
         "s3" => Ok(Box::new(super::s3::S3Store::open(url)?)),
         #[cfg(not(feature = "s3"))]
-        "s3" => Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "s3" }),
+        scheme @ "s3" => Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "s3" }),
         #[cfg(feature = "postgres")]
         "postgres" | "postgresql" => Ok(Box::new(super::postgres::PostgresStore::open(url)?)),
         #[cfg(not(feature = "postgres"))]
-        "postgres" | "postgresql" => {
+        scheme @ ("postgres" | "postgresql") => {
             Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "postgres" })
         }
         other => Err(StoreError::InvalidUrl {

@@ -209,9 +209,7 @@ pub(crate) fn run(
             let t = ctx.shape(inp[1]);
             let (v, d) = (t[0], t[1]);
             for (position, (&id, yr)) in ids.iter().zip(y.chunks_exact_mut(d.max(1))).enumerate() {
-                if id < 0 || id as usize >= v {
-                    return Err(NnError::IdOutOfRange { op: "embedding", id, position, limit: v });
-                }
+                check_id("embedding", id, position, v)?;
                 let id = id as usize;
                 yr.copy_from_slice(&table[id * d..(id + 1) * d]);
             }
@@ -243,14 +241,7 @@ pub(crate) fn run(
             let labels = ctx.ids(inp[1]);
             let mut total = 0.0f64;
             for (position, (&label, row)) in labels.iter().zip(probs.chunks_exact(c)).enumerate() {
-                if label < 0 || label as usize >= c {
-                    return Err(NnError::IdOutOfRange {
-                        op: "softmax_cross_entropy",
-                        id: label,
-                        position,
-                        limit: c,
-                    });
-                }
+                check_id("softmax_cross_entropy", label, position, c)?;
                 total -= (row[label as usize].max(1e-30) as f64).ln();
             }
             y[0] = (total / labels.len().max(1) as f64) as f32;
