@@ -30,6 +30,8 @@
 //! ```
 mod chunk;
 mod darray;
+#[cfg(feature = "cuda")]
+mod device;
 mod grid;
 mod ops;
 mod sparse;
@@ -37,6 +39,8 @@ mod sparse;
 use std::ops::Range;
 
 pub use darray::DArray;
+#[cfg(feature = "cuda")]
+pub use device::DeviceDArray;
 pub use grid::ChunkGrid;
 pub use ops::{BinaryOp, DElement, Fill, ReduceOp, UnaryOp};
 pub use sparse::SparseDArray;
@@ -114,6 +118,28 @@ pub enum ArrayError {
     BadSparse {
         /// What is wrong.
         reason: String,
+    },
+    /// The operands' chunk shapes do not line up, and the operation does not rechunk (arrays
+    /// on devices).
+    #[error(
+        "{op}: chunk shapes {left:?} and {right:?} do not line up (arrays on devices are not rechunked: rechunk the DArray before moving it to the devices)"
+    )]
+    ChunkMismatch {
+        /// The operation.
+        op: &'static str,
+        /// The left operand's chunk shape.
+        left: Vec<usize>,
+        /// The right operand's chunk shape.
+        right: Vec<usize>,
+    },
+    /// An array was to be placed on devices, but none was given.
+    #[error("an array on devices needs at least one device actor, and none was given")]
+    NoDevices,
+    /// A device actor given for an array serves another runtime than the array's.
+    #[error("the device actor of GPU {ordinal} serves another runtime than the array's")]
+    ForeignDevice {
+        /// The device's ordinal.
+        ordinal: usize,
     },
     /// A saved array's manifest does not describe a whole array of this element type.
     #[error("`{name}` is not a saved DArray of {expected}: {reason}")]

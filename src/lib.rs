@@ -17,6 +17,8 @@ mod store;
 
 pub use actors::*;
 pub use array::{ArrayError, BinaryOp, ChunkGrid, DArray, DElement, Fill, ReduceOp, SparseDArray, UnaryOp};
+#[cfg(feature = "cuda")]
+pub use array::DeviceDArray;
 pub use devices::*;
 pub use error::{Error, Result};
 pub use net::*;

@@ -8,6 +8,9 @@
 #[path = "support/gpu_on_host.rs"]
 mod gpu_on_host;
 
+#[path = "gpu/darray.rs"]
+mod darray;
+
 use std::time::Duration;
 
 use tessera::{

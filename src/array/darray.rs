@@ -113,6 +113,11 @@ impl<T: DElement> DArray<T> {
     }
 
     /// The chunks, row-major.
+    /// The runtime its chunk tasks run on.
+    pub(crate) fn runtime(&self) -> &Runtime {
+        &self.rt
+    }
+
     pub(crate) fn chunk_refs(&self) -> &[Ref<Chunk<T>>] {
         &self.chunks
     }

@@ -745,6 +745,52 @@ impl Gpu {
         Ok(self.download(&out)?[0])
     }
 
+    /// `y = f(x)` element by element, for the distributed arrays: `op` is the code of
+    /// `darray_map_f32` (its source lists them) and `a` the operation's parameter.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`], [`DeviceError::Compile`], [`DeviceError::Driver`].
+    pub(crate) fn map_elements(&self, op: i32, a: f32, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+        let n = same_len("map", x.len(), y.len())?;
+        launch!(self, "darray_map_f32", n; x, y, &n, &op, &a)
+    }
+
+    /// `y = a op b` element by element, for the distributed arrays: `op` is the code of
+    /// `darray_zip_f32`.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`], [`DeviceError::Compile`], [`DeviceError::Driver`].
+    pub(crate) fn zip_elements(
+        &self,
+        op: i32,
+        a: &CudaSlice<f32>,
+        b: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        same_len("zip", a.len(), b.len())?;
+        let n = same_len("zip", a.len(), y.len())?;
+        launch!(self, "darray_zip_f32", n; a, b, y, &n, &op)
+    }
+
+    /// The sum (`op` 0), minimum (1) or maximum (2) of `x`, computed in double: blocks of 256
+    /// reduce their shares to partial results, which one block then reduces (a fixed order,
+    /// so the result does not vary from run to run). Min and max of nothing, or of NaNs
+    /// only, are NaN; a NaN loses to a number.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`], [`DeviceError::Compile`], [`DeviceError::Driver`].
+    pub(crate) fn reduce_elements(&self, op: i32, x: &CudaSlice<f32>) -> Result<f64> {
+        let n = len_u32(x.len(), "reduce")?;
+        let blocks = n.div_ceil(256).clamp(1, 1024);
+        let block = |blocks: u32| LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut partial = self.stream.alloc_zeros::<f64>(blocks as usize).map_err(|e| self.driver(e))?;
+        launch!(self, "darray_reduce_f32", cfg = block(blocks); x, &mut partial, &n, &op)?;
+        let mut total = self.stream.alloc_zeros::<f64>(1).map_err(|e| self.driver(e))?;
+        launch!(self, "darray_reduce_f64", cfg = block(1); &partial, &mut total, &blocks, &op)?;
+        let total = self.stream.clone_dtoh(&total).map_err(|e| self.driver(e))?;
+        Ok(total[0])
+    }
+
     /// Softmax of each row of a row-major `rows × cols` matrix, in place.
     ///
     /// # Errors
@@ -867,6 +913,15 @@ pub(crate) fn column_tiles(cols: u32) -> LaunchConfig {
 /// An element count or dimension passed to a kernel (as `unsigned int`): at most 2³¹ − 1,
 /// so that a grid-stride loop's `i += blockDim.x * gridDim.x` (at most 2²⁸, see [`grid`])
 /// cannot wrap past 2³² and loop forever.
+/// The common length of two buffers an elementwise kernel reads and writes, as a kernel
+/// argument.
+fn same_len(op: &'static str, a: usize, b: usize) -> Result<u32> {
+    if a != b {
+        return Err(DeviceError::Shape { op, message: format!("{a} vs {b} elements") });
+    }
+    len_u32(a, op)
+}
+
 pub(crate) fn len_u32(len: usize, op: &'static str) -> Result<u32> {
     match u32::try_from(len) {
         Ok(n) if n <= i32::MAX as u32 => Ok(n),

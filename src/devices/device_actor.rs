@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 
 use super::cuda::{DeviceError, Gpu};
 use crate::actors::object::{ObjectId, ObjectTable, Outcome, Value};
-use crate::actors::reference::{blocking_read, RefInner};
+use crate::actors::reference::{blocking_read, Payload, RefInner};
 use crate::error::panic_message;
 use crate::{Error, Ref, Runtime};
 
@@ -367,6 +367,22 @@ impl DeviceActor {
         Ok(DeviceActor { shared: Arc::new(shared) })
     }
 
+    /// The device actors of every GPU of this process for `rt` (see [`get`](DeviceActor::get)),
+    /// in ordinal order.
+    ///
+    /// # Errors
+    /// [`DeviceError::NoDevice`] where there is no driver or no GPU; as
+    /// [`get`](DeviceActor::get) for each device.
+    pub fn all(rt: &Runtime) -> Result<Vec<DeviceActor>, DeviceError> {
+        let devices = super::cuda::cuda_devices()?;
+        devices.iter().map(|device| DeviceActor::get(rt, device.ordinal)).collect()
+    }
+
+    /// Whether this actor serves `rt` (its values live in `rt`'s object table).
+    pub(crate) fn serves(&self, rt: &Runtime) -> bool {
+        Arc::ptr_eq(&self.shared.table, &rt.core().table)
+    }
+
     /// The device ordinal.
     pub fn ordinal(&self) -> usize {
         self.shared.ordinal
@@ -402,30 +418,64 @@ impl DeviceActor {
     where
         F: FnOnce(&DeviceScope<'_>, &[DeviceArray]) -> Result<DeviceArray, DeviceError> + Send + 'static,
     {
-        let table = self.shared.table.clone();
-        let output: Ref<DeviceArray> =
-            Ref::from_inner(Arc::new(RefInner { id: table.create_pending(), table: table.clone() }));
-        let out_id = output.id();
-        let task = format!("device#{}", self.shared.ordinal);
+        self.run_to(inputs, work, DeviceArray::byte_len)
+    }
+
+    /// [`run`](DeviceActor::run) for work that makes any value (a host copy, a reduction):
+    /// `size` gives the value's size in bytes, for the object table's accounting.
+    pub(crate) fn run_to<R, F>(&self, inputs: &[Ref<DeviceArray>], work: F, size: fn(&R) -> usize) -> Ref<R>
+    where
+        R: Payload,
+        F: FnOnce(&DeviceScope<'_>, &[DeviceArray]) -> Result<R, DeviceError> + Send + 'static,
+    {
         let inputs: Vec<Ref<DeviceArray>> = inputs.to_vec();
         let ids: Vec<ObjectId> = inputs.iter().map(Ref::id).collect();
         let copies_in = self.shared.copies_in.clone();
+        self.submit(ids, size, move |scope, task| {
+            let mut arrays = Vec::with_capacity(inputs.len());
+            for input in &inputs {
+                let array = blocking_read::<DeviceArray>(&input.inner, None)?;
+                arrays.push(adopt(scope, array, &copies_in).map_err(|e| device_failed(task, e))?);
+            }
+            drop(inputs);
+            work(scope, &arrays).map_err(|e| device_failed(task, e))
+        })
+    }
+
+    /// Runs `work` on the actor's thread once `input` (any value, held here or on a node)
+    /// is ready, giving it the value: how host data enters the device.
+    pub(crate) fn run_from<T, F>(&self, input: &Ref<T>, work: F) -> Ref<DeviceArray>
+    where
+        T: Payload,
+        F: FnOnce(&DeviceScope<'_>, T) -> Result<DeviceArray, DeviceError> + Send + 'static,
+    {
+        let input = input.clone();
+        self.submit(vec![input.id()], DeviceArray::byte_len, move |scope, task| {
+            let value = blocking_read::<T>(&input.inner, None)?;
+            drop(input);
+            work(scope, value).map_err(|e| device_failed(task, e))
+        })
+    }
+
+    /// Queues `job` once every input in `ids` is ready; its value (or error, or panic)
+    /// completes the returned `Ref`.
+    fn submit<R, J>(&self, ids: Vec<ObjectId>, size: fn(&R) -> usize, job: J) -> Ref<R>
+    where
+        R: Payload,
+        J: FnOnce(&DeviceScope<'_>, &str) -> Result<R, Error> + Send + 'static,
+    {
+        let table = self.shared.table.clone();
+        let output: Ref<R> =
+            Ref::from_inner(Arc::new(RefInner { id: table.create_pending(), table: table.clone() }));
+        let out_id = output.id();
+        let task = format!("device#{}", self.shared.ordinal);
         let job_table = table.clone();
         let job_task = task.clone();
-        let job: Work = Box::new(move |scope| {
-            let run = || -> Result<DeviceArray, Error> {
-                let mut arrays = Vec::with_capacity(inputs.len());
-                for input in &inputs {
-                    let array = blocking_read::<DeviceArray>(&input.inner, None)?;
-                    arrays.push(adopt(scope, array, &copies_in).map_err(|e| device_failed(&job_task, e))?);
-                }
-                drop(inputs);
-                work(scope, &arrays).map_err(|e| device_failed(&job_task, e))
-            };
-            let error = match catch_unwind(AssertUnwindSafe(run)) {
-                Ok(Ok(array)) => {
-                    let bytes = array.byte_len();
-                    let value: Value = Arc::new(array);
+        let work: Work = Box::new(move |scope| {
+            let error = match catch_unwind(AssertUnwindSafe(|| job(scope, &job_task))) {
+                Ok(Ok(value)) => {
+                    let bytes = size(&value);
+                    let value: Value = Arc::new(value);
                     job_table.complete(out_id, Outcome::Ready(value), bytes);
                     return;
                 }
@@ -434,7 +484,7 @@ impl DeviceActor {
             };
             job_table.complete(out_id, Outcome::Failed(Arc::new(error)), 0);
         });
-        when_ready(&table, out_id, task, ids, job, Arc::downgrade(&self.shared));
+        when_ready(&table, out_id, task, ids, work, Arc::downgrade(&self.shared));
         output
     }
 }

@@ -11,7 +11,8 @@
 //! gradient, row sums) give each row a block of a power of two up to 256 threads
 //! ([`rows_config`](super::rows_config)); `col_sums_add_f32` takes blocks of 256 threads
 //! over tiles of 32 columns ([`column_tiles`](super::column_tiles)); `sum_f32` blocks of
-//! 1024, `mean_f32` and `mse_f32` one block of 256 ([`one_block`](super::one_block)).
+//! 1024, `mean_f32` and `mse_f32` one block of 256 ([`one_block`](super::one_block)), the
+//! distributed arrays' `darray_reduce_f32` and `darray_reduce_f64` blocks of 256.
 
 /// Helpers every kernel may use: the grid-stride loop, block sums, maxima and tiled column
 /// sums in shared memory, activations by code (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their
@@ -85,6 +86,11 @@ static __device__ __forceinline__ void tessera_block_column_sums(float* partial,
         }
         __syncthreads();
     }
+}
+// The distributed arrays' reductions by code (0 sum, 1 min, 2 max), in double; a NaN loses
+// to a number (as fmin and fmax do, and as the CPU's f32::min and f32::max do).
+static __device__ __forceinline__ double tessera_reduce_op(int op, double a, double b) {
+    return op == 0 ? a + b : op == 1 ? fmin(a, b) : fmax(a, b);
 }
 static __device__ __forceinline__ float tessera_uniform(unsigned long long seed, unsigned int i) {
     unsigned long long z = seed + 0x9E3779B97F4A7C15ULL * ((unsigned long long)i + 1ULL);
@@ -740,6 +746,65 @@ pub const KERNELS: &[(&str, &str)] = &[
         s = tessera_block_sum(partial, s);
         for (unsigned int j = threadIdx.x; j < t; j += blockDim.x) { dr[j] = pr[j] * (dr[j] - s) * scale; }
     }
+}"#,
+    ),
+    (
+        "darray_map_f32",
+        r#"extern "C" __global__ void darray_map_f32(const float* x, float* y, unsigned int n, int op, float a) {
+    TESSERA_LOOP(i, n) {
+        float v = x[i];
+        switch (op) {
+        case 0: v = -v; break;
+        case 1: v = fabsf(v); break;
+        case 2: v = sqrtf(v); break;
+        case 3: v = expf(v); break;
+        case 4: v = logf(v); break;
+        case 5: v = v * v; break;
+        case 6: v = fmaxf(v, 0.0f); break;
+        case 7: v = a * v; break;
+        case 8: v = v + a; break;
+        case 9: v = powf(v, a); break;
+        default: v = 1.0f / (1.0f + expf(-v)); break;
+        }
+        y[i] = v;
+    }
+}"#,
+    ),
+    (
+        "darray_zip_f32",
+        r#"extern "C" __global__ void darray_zip_f32(const float* a, const float* b, float* y, unsigned int n, int op) {
+    TESSERA_LOOP(i, n) {
+        float u = a[i], v = b[i];
+        switch (op) {
+        case 0: u = u + v; break;
+        case 1: u = u - v; break;
+        case 2: u = u * v; break;
+        case 3: u = u / v; break;
+        case 4: u = fminf(u, v); break;
+        default: u = fmaxf(u, v); break;
+        }
+        y[i] = u;
+    }
+}"#,
+    ),
+    (
+        "darray_reduce_f32",
+        r#"extern "C" __global__ void darray_reduce_f32(const float* x, double* partial, unsigned int n, int op) {
+    __shared__ double scratch[256];
+    double acc = op == 0 ? 0.0 : (double)__int_as_float(0x7fc00000);
+    TESSERA_LOOP(i, n) { acc = tessera_reduce_op(op, acc, (double)x[i]); }
+    acc = tessera_block_reduce(scratch, acc, [op](double a, double b) { return tessera_reduce_op(op, a, b); });
+    if (threadIdx.x == 0) { partial[blockIdx.x] = acc; }
+}"#,
+    ),
+    (
+        "darray_reduce_f64",
+        r#"extern "C" __global__ void darray_reduce_f64(const double* x, double* partial, unsigned int n, int op) {
+    __shared__ double scratch[256];
+    double acc = op == 0 ? 0.0 : (double)__int_as_float(0x7fc00000);
+    TESSERA_LOOP(i, n) { acc = tessera_reduce_op(op, acc, x[i]); }
+    acc = tessera_block_reduce(scratch, acc, [op](double a, double b) { return tessera_reduce_op(op, a, b); });
+    if (threadIdx.x == 0) { partial[blockIdx.x] = acc; }
 }"#,
     ),
 ];

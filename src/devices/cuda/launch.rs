@@ -16,7 +16,7 @@
 //! | `&CudaSlice<T>`, `&CudaView<T>`            | `const T*`                               |
 //! | `&mut CudaSlice<T>`, `&mut CudaViewMut<T>` | `T*` or `const T*`                       |
 //!
-//! for `T` in `f32` (`float`), `i32` (`int`) and `u32` (`unsigned int`).
+//! for `T` in `f32` (`float`), `f64` (`double`), `i32` (`int`) and `u32` (`unsigned int`).
 use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, LaunchArgs, PushKernelArg};
 
 use super::KERNELS;
@@ -43,7 +43,7 @@ macro_rules! kernel_element {
         }
     )*};
 }
-kernel_element!(f32 => "float", i32 => "int", u32 => "unsigned int");
+kernel_element!(f32 => "float", f64 => "double", i32 => "int", u32 => "unsigned int");
 
 macro_rules! kernel_scalar {
     ($($rust:ty => $c:literal),* $(,)?) => {$(

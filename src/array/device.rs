@@ -1,0 +1,349 @@
+//! `DeviceDArray`: a distributed f32 array whose chunks live in GPU memory, spread over the
+//! device actors it was given (feature `cuda`). Each operation is work queued on those
+//! actors with the chunks' device buffers as inputs, so chunks stay on their devices from
+//! one operation to the next; bytes reach the host only when asked
+//! ([`to_darray`](DeviceDArray::to_darray), [`to_array`](DeviceDArray::to_array),
+//! [`reduce`](DeviceDArray::reduce)'s per-chunk results).
+//!
+//! Placement: chunk `c` of every array lives on device actor `c mod n` of its `n` actors,
+//! so operations between arrays of the same grid on the same actors copy nothing; an input
+//! chunk on another device is copied onto the one that needs it (counted by
+//! [`DeviceActor::copies_in`]).
+use ndarray::ArrayD;
+
+use super::chunk::Chunk;
+use super::ops::{BinaryOp, ReduceOp, UnaryOp};
+use super::{ArrayError, ChunkGrid, DArray};
+use crate::devices::Gemm32;
+use crate::{DeviceActor, DeviceArray, DeviceError, Ref, Result, Runtime};
+
+/// An n-dimensional f32 array cut into a grid of chunks, each a [`Ref`] to a
+/// [`DeviceArray`] in the memory of one of its GPUs. Made from a host array by
+/// [`DArray::to_devices`]; operations return at once with a new array whose chunks are
+/// being computed on the devices, and errors surface when the result is read.
+///
+/// Cloning is cheap (the chunks are shared); a chunk's device memory is freed when no array
+/// and no pending work holds it.
+///
+/// # Examples
+/// ```no_run
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// use tessera::{DArray, DeviceActor, Fill, ReduceOp, Runtime, UnaryOp};
+/// let rt = Runtime::local()?;
+/// let gpus = DeviceActor::all(&rt)?; // fails with NoDevice where there is none
+/// let a = DArray::<f32>::fill(&rt, &[4096, 4096], &[1024, 1024], Fill::Uniform { seed: 1, low: -1.0, high: 1.0 })?;
+/// let on_gpus = a.to_devices(&gpus)?;
+/// let product = on_gpus.matmul(&on_gpus.map(UnaryOp::Relu))?;
+/// let total = product.reduce(ReduceOp::Sum)?;
+/// let back: DArray<f32> = product.to_darray(); // chunks copied to the host
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct DeviceDArray {
+    rt: Runtime,
+    grid: ChunkGrid,
+    devices: Vec<DeviceActor>,
+    /// One per chunk, in row-major grid order; chunk `c` on `devices[c % devices.len()]`.
+    chunks: Vec<Ref<DeviceArray>>,
+}
+
+impl std::fmt::Debug for DeviceDArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ordinals: Vec<usize> = self.devices.iter().map(DeviceActor::ordinal).collect();
+        f.debug_struct("DeviceDArray")
+            .field("shape", &self.grid.shape())
+            .field("chunk", &self.grid.chunk_shape())
+            .field("devices", &ordinals)
+            .finish()
+    }
+}
+
+impl DArray<f32> {
+    /// Copies the array onto GPUs: chunk `c` onto `devices[c mod n]`, each by work on that
+    /// device actor (which reads the chunk where it is held: here, or on a node process).
+    ///
+    /// # Errors
+    /// [`ArrayError::NoDevices`] if `devices` is empty; [`ArrayError::ForeignDevice`] if one
+    /// of them serves another runtime. A failed upload fails its chunk.
+    pub fn to_devices(&self, devices: &[DeviceActor]) -> Result<DeviceDArray> {
+        check_devices(self.runtime(), devices)?;
+        let chunks = self
+            .chunk_refs()
+            .iter()
+            .enumerate()
+            .map(|(c, chunk)| {
+                devices[c % devices.len()]
+                    .run_from(chunk, |scope, chunk: Chunk<f32>| scope.upload(&chunk.data, chunk.shape))
+            })
+            .collect();
+        Ok(DeviceDArray {
+            rt: self.runtime().clone(),
+            grid: self.grid().clone(),
+            devices: devices.to_vec(),
+            chunks,
+        })
+    }
+}
+
+fn check_devices(rt: &Runtime, devices: &[DeviceActor]) -> Result<()> {
+    if devices.is_empty() {
+        return Err(ArrayError::NoDevices.into());
+    }
+    if let Some(foreign) = devices.iter().find(|d| !d.serves(rt)) {
+        return Err(ArrayError::ForeignDevice { ordinal: foreign.ordinal() }.into());
+    }
+    Ok(())
+}
+
+impl DeviceDArray {
+    /// The array's shape.
+    pub fn shape(&self) -> &[usize] {
+        self.grid.shape()
+    }
+
+    /// The chunk grid.
+    pub fn grid(&self) -> &ChunkGrid {
+        &self.grid
+    }
+
+    /// The device actors its chunks are spread over.
+    pub fn devices(&self) -> &[DeviceActor] {
+        &self.devices
+    }
+
+    /// The ordinal of the GPU that holds (or will hold) chunk `c` (row-major grid order),
+    /// or `None` past the last chunk.
+    pub fn device_of(&self, c: usize) -> Option<usize> {
+        (c < self.chunks.len()).then(|| self.device(c).ordinal())
+    }
+
+    fn device(&self, c: usize) -> &DeviceActor {
+        &self.devices[c % self.devices.len()]
+    }
+
+    fn with_chunks(&self, grid: ChunkGrid, chunks: Vec<Ref<DeviceArray>>) -> DeviceDArray {
+        DeviceDArray { rt: self.rt.clone(), grid, devices: self.devices.clone(), chunks }
+    }
+
+    /// `op` applied to every element, on the devices.
+    #[must_use]
+    pub fn map(&self, op: UnaryOp) -> DeviceDArray {
+        let (code, parameter) = unary_code(op);
+        let chunks = (0..self.chunks.len())
+            .map(|c| {
+                self.device(c).run(&self.chunks[c..=c], move |scope, inputs| {
+                    let x = on_device(&inputs[0])?;
+                    let mut y = scope.gpu().zeros(x.len())?;
+                    scope.gpu().map_elements(code, parameter, x, &mut y)?;
+                    scope.array(y, inputs[0].shape().to_vec())
+                })
+            })
+            .collect();
+        self.with_chunks(self.grid.clone(), chunks)
+    }
+
+    /// `self op other`, element by element, on the device of each of `self`'s chunks (a chunk
+    /// of `other` on another device is copied there).
+    ///
+    /// # Errors
+    /// [`ArrayError::ShapeMismatch`] if the shapes differ; [`ArrayError::ChunkMismatch`] if
+    /// the chunk shapes differ (arrays on devices are not rechunked: rechunk the `DArray`
+    /// before [`DArray::to_devices`]).
+    pub fn zip(&self, other: &DeviceDArray, op: BinaryOp) -> Result<DeviceDArray> {
+        if self.shape() != other.shape() {
+            return Err(shape_mismatch("zip", self.shape(), other.shape()));
+        }
+        if self.grid.chunk_shape() != other.grid.chunk_shape() {
+            return Err(chunk_mismatch("zip", self.grid.chunk_shape(), other.grid.chunk_shape()));
+        }
+        let code = binary_code(op);
+        let chunks = (0..self.chunks.len())
+            .map(|c| {
+                let inputs = [self.chunks[c].clone(), other.chunks[c].clone()];
+                self.device(c).run(&inputs, move |scope, inputs| {
+                    let (a, b) = (on_device(&inputs[0])?, on_device(&inputs[1])?);
+                    let mut y = scope.gpu().zeros(a.len())?;
+                    scope.gpu().zip_elements(code, a, b, &mut y)?;
+                    scope.array(y, inputs[0].shape().to_vec())
+                })
+            })
+            .collect();
+        Ok(self.with_chunks(self.grid.clone(), chunks))
+    }
+
+    /// The matrix product `self · other` of an `m×k` and a `k×n` array with cuBLAS: output
+    /// tile `(i, j)` is made on its device by one product per tile of the inner dimension,
+    /// accumulated in place. The result has `self`'s row chunks and `other`'s column chunks.
+    ///
+    /// # Errors
+    /// [`ArrayError::RankMismatch`] unless both are 2-dimensional;
+    /// [`ArrayError::ShapeMismatch`] if the inner dimensions differ;
+    /// [`ArrayError::ChunkMismatch`] if `other`'s row chunks differ from `self`'s column
+    /// chunks.
+    pub fn matmul(&self, other: &DeviceDArray) -> Result<DeviceDArray> {
+        let (&[m, k], &[k2, n]) = (self.shape(), other.shape()) else {
+            let got = if self.shape().len() == 2 { other.shape().len() } else { self.shape().len() };
+            return Err(ArrayError::RankMismatch { op: "matmul", expected: 2, got }.into());
+        };
+        if k != k2 {
+            return Err(shape_mismatch("matmul", self.shape(), other.shape()));
+        }
+        let (inner, other_inner) = (self.grid.chunk_shape()[1], other.grid.chunk_shape()[0]);
+        if inner != other_inner {
+            return Err(chunk_mismatch("matmul", self.grid.chunk_shape(), other.grid.chunk_shape()));
+        }
+        let grid = ChunkGrid::new(&[m, n], &[self.grid.chunk_shape()[0], other.grid.chunk_shape()[1]])?;
+        let [rows, depth] = [self.grid.chunk_counts()[0], self.grid.chunk_counts()[1]];
+        let cols = other.grid.chunk_counts()[1];
+        let mut chunks = Vec::with_capacity(rows * cols);
+        for i in 0..rows {
+            for j in 0..cols {
+                let c = grid.linear(&[i, j]);
+                let tile_shape: Vec<usize> = grid.region(c).iter().map(|r| r.end - r.start).collect();
+                let mut inputs: Vec<Ref<DeviceArray>> =
+                    (0..depth).map(|p| self.chunks[i * depth + p].clone()).collect();
+                inputs.extend((0..depth).map(|p| other.chunks[p * cols + j].clone()));
+                chunks.push(self.devices[c % self.devices.len()].run(&inputs, move |scope, inputs| {
+                    let (left, right) = inputs.split_at(depth);
+                    let (tile_m, tile_n) = (tile_shape[0], tile_shape[1]);
+                    let mut out = scope.gpu().zeros(tile_m * tile_n)?;
+                    for (p, (a, b)) in left.iter().zip(right).enumerate() {
+                        let tile_k = a.shape()[1];
+                        let product = Gemm32 {
+                            m: tile_m,
+                            n: tile_n,
+                            k: tile_k,
+                            trans_a: false,
+                            trans_b: false,
+                            alpha: 1.0,
+                            beta: if p == 0 { 0.0 } else { 1.0 },
+                        };
+                        scope.gpu().gemm_rm(product, on_device(a)?, on_device(b)?, &mut out)?;
+                    }
+                    scope.array(out, tile_shape)
+                }));
+            }
+        }
+        Ok(DeviceDArray { rt: self.rt.clone(), grid, devices: self.devices.clone(), chunks })
+    }
+
+    /// The reduction of all elements by `op`: each chunk is reduced on its device (in
+    /// double), then the per-chunk results are combined here. Waits for the result.
+    ///
+    /// # Errors
+    /// [`ArrayError::Empty`] for min or max of an empty array; a failed chunk's error.
+    pub fn reduce(&self, op: ReduceOp) -> Result<f32> {
+        let code = match op {
+            ReduceOp::Sum => 0,
+            ReduceOp::Min => 1,
+            ReduceOp::Max => 2,
+        };
+        if self.grid.is_empty() {
+            return match op {
+                ReduceOp::Sum => Ok(0.0),
+                _ => Err(ArrayError::Empty { op }.into()),
+            };
+        }
+        let partials: Vec<Ref<f64>> = (0..self.chunks.len())
+            .map(|c| {
+                self.device(c).run_to(
+                    &self.chunks[c..=c],
+                    move |scope, inputs| scope.gpu().reduce_elements(code, on_device(&inputs[0])?),
+                    |_| 8,
+                )
+            })
+            .collect();
+        let mut total = match op {
+            ReduceOp::Sum => 0.0,
+            _ => f64::NAN,
+        };
+        for partial in partials {
+            let partial = partial.blocking_get()?;
+            total = match op {
+                ReduceOp::Sum => total + partial,
+                // A NaN loses to a number, as in each chunk's reduction.
+                ReduceOp::Min => total.min(partial),
+                ReduceOp::Max => total.max(partial),
+            };
+        }
+        Ok(total as f32)
+    }
+
+    /// Copies every chunk to the host, as a `DArray` of the same grid (the copies are
+    /// queued on the devices; the `DArray`'s chunks are ready as each copy completes).
+    #[must_use]
+    pub fn to_darray(&self) -> DArray<f32> {
+        let chunks = (0..self.chunks.len())
+            .map(|c| {
+                self.device(c).run_to(
+                    &self.chunks[c..=c],
+                    |_, inputs| {
+                        let data = inputs[0].to_host()?;
+                        Ok(Chunk { shape: inputs[0].shape().to_vec(), data: data.into() })
+                    },
+                    |chunk: &Chunk<f32>| chunk.data.len() * 4,
+                )
+            })
+            .collect();
+        DArray::from_parts(&self.rt, self.grid.clone(), chunks)
+    }
+
+    /// Gathers the whole array into this process.
+    ///
+    /// # Errors
+    /// A failed chunk's error.
+    pub fn to_array(&self) -> Result<ArrayD<f32>> {
+        self.to_darray().to_array()
+    }
+
+    /// Waits until every chunk is computed, leaving each on its device.
+    ///
+    /// # Errors
+    /// The first failed chunk's error (with its cause chain).
+    pub fn wait(&self) -> Result<()> {
+        self.chunks.iter().try_for_each(|c| c.blocking_wait_done())
+    }
+}
+
+/// The device buffer of a work input (inputs of device work are always on its device).
+fn on_device(array: &DeviceArray) -> std::result::Result<&cudarc::driver::CudaSlice<f32>, DeviceError> {
+    array.slice().ok_or(DeviceError::Shape { op: "device array", message: "input not on the device".into() })
+}
+
+/// `op`'s code in `darray_map_f32`, and its parameter.
+fn unary_code(op: UnaryOp) -> (i32, f32) {
+    match op {
+        UnaryOp::Neg => (0, 0.0),
+        UnaryOp::Abs => (1, 0.0),
+        UnaryOp::Sqrt => (2, 0.0),
+        UnaryOp::Exp => (3, 0.0),
+        UnaryOp::Ln => (4, 0.0),
+        UnaryOp::Square => (5, 0.0),
+        UnaryOp::Relu => (6, 0.0),
+        UnaryOp::Scale(a) => (7, a as f32),
+        UnaryOp::Offset(a) => (8, a as f32),
+        UnaryOp::Powf(a) => (9, a as f32),
+        UnaryOp::Sigmoid => (10, 0.0),
+    }
+}
+
+/// `op`'s code in `darray_zip_f32`.
+fn binary_code(op: BinaryOp) -> i32 {
+    match op {
+        BinaryOp::Add => 0,
+        BinaryOp::Sub => 1,
+        BinaryOp::Mul => 2,
+        BinaryOp::Div => 3,
+        BinaryOp::Min => 4,
+        BinaryOp::Max => 5,
+    }
+}
+
+fn shape_mismatch(op: &'static str, left: &[usize], right: &[usize]) -> crate::Error {
+    ArrayError::ShapeMismatch { op, left: left.to_vec(), right: right.to_vec() }.into()
+}
+
+fn chunk_mismatch(op: &'static str, left: &[usize], right: &[usize]) -> crate::Error {
+    ArrayError::ChunkMismatch { op, left: left.to_vec(), right: right.to_vec() }.into()
+}
