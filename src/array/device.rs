@@ -118,6 +118,12 @@ impl DeviceDArray {
         (c < self.chunks.len()).then(|| self.device(c).ordinal())
     }
 
+    /// The chunks, in row-major grid order: for work of one's own on them
+    /// ([`DeviceActor::run`] on the chunk's device takes it without a copy).
+    pub fn chunks(&self) -> &[Ref<DeviceArray>] {
+        &self.chunks
+    }
+
     fn device(&self, c: usize) -> &DeviceActor {
         &self.devices[c % self.devices.len()]
     }

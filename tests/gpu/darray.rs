@@ -136,7 +136,12 @@ fn chunks_stay_on_their_devices_and_only_foreign_tiles_are_copied() {
     let b_t = uniform(&rt, &[64, 96], &[32, 32], 6, -1.0).to_devices(&devices).unwrap();
     b_t.wait().unwrap();
     let before = copies(&devices);
-    a.matmul(&b_t).unwrap().wait().unwrap();
+    let product = a.matmul(&b_t).unwrap();
+    for (c, chunk) in product.chunks().iter().enumerate() {
+        let chunk = chunk.blocking_get_timeout(Duration::from_secs(30)).unwrap();
+        assert_eq!(chunk.device(), Some(devices[c % n].ordinal()), "product chunk {c}");
+        assert_eq!(product.device_of(c), chunk.device(), "product chunk {c}");
+    }
     let mut expected = 0;
     for i in 0..3 {
         for j in 0..3 {
