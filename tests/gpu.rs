@@ -1185,6 +1185,7 @@ fn the_cuda_bench_runs_at_small_sizes() {
         "copy_bandwidth",
         "gemm_f32_128",
         "gemm_bf16_128",
+        "darray_matmul_f32_128_tiles4x4",
         "spmv_poisson",
         "spmv_random_nnz10",
         "train_mlp_digits",

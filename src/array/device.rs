@@ -303,12 +303,22 @@ impl DeviceDArray {
         self.to_darray().to_array()
     }
 
-    /// Waits until every chunk is computed, leaving each on its device.
+    /// Waits until every chunk is computed, leaving each on its device: until its work has
+    /// run on its device actor (which queues the kernels on the device's stream), then until
+    /// each device has finished what was queued.
     ///
     /// # Errors
-    /// The first failed chunk's error (with its cause chain).
+    /// The first failed chunk's error (with its cause chain); [`DeviceError::Driver`] (as
+    /// `Error::TaskFailed`) if a device fails.
     pub fn wait(&self) -> Result<()> {
-        self.chunks.iter().try_for_each(|c| c.blocking_wait_done())
+        self.chunks.iter().try_for_each(|c| c.blocking_wait_done())?;
+        for device in &self.devices {
+            device.gpu().synchronize().map_err(|error| crate::Error::TaskFailed {
+                task: format!("device#{}", device.ordinal()),
+                message: error.to_string(),
+            })?;
+        }
+        Ok(())
     }
 }
 

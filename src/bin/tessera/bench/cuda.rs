@@ -1,7 +1,8 @@
 //! The `cuda` suite (feature `cuda`, on a machine with a GPU): GEMM at 8192³ in f32 (cuBLAS)
 //! and bf16 with f32 accumulation (cuBLASLt) in TFLOP/s, CSR SpMV on a 2-D Poisson matrix
 //! and a random matrix (10⁷ rows each) in GB/s beside the device's copy bandwidth measured
-//! by the same command, MLP and CNN training on digits in samples/s (the CNN also as a
+//! by the same command, the f32 product again as a distributed array in 4×4 tiles over every
+//! GPU (`DeviceDArray`), MLP and CNN training on digits in samples/s (the CNN also as a
 //! data-parallel replica in an NCCL group of one, for what averaging the gradients costs a
 //! step), and the `nn` suite's character GRU and transformer language models in tokens/s.
 //! Without a GPU it says so and reports nothing. `--small` runs every part at small sizes
@@ -15,7 +16,7 @@ use tessera::nn::{
     char_gru, lenet, mlp, tiny_transformer, window_count, CommStats, Dataset, GpuDataset, GpuTrainer, Model,
     OptimizerConfig, TextCorpus, TrainState, TransformerConfig,
 };
-use tessera::{cuda_devices, Gpu, GroupListener, NcclGroup};
+use tessera::{cuda_devices, DArray, DeviceActor, Fill, Gpu, GroupListener, NcclGroup};
 
 use super::{median, Reporter};
 
@@ -120,6 +121,29 @@ pub(crate) fn run(reporter: &Reporter, small: bool) -> Result<()> {
     }
     reporter.report(&format!("{prefix}/gemm_bf16_{n}"), median(&mut samples), "TFLOP/s", true);
     drop((a, b, c));
+
+    // The same f32 product as a distributed array in 4×4 tiles over every GPU of this
+    // machine: what tiling, the device actors and (with several GPUs) tile copies cost
+    // beside the one cuBLAS call above.
+    {
+        let rt = tessera::Runtime::builder().workers(2).build()?;
+        let gpus = DeviceActor::all(&rt)?;
+        let tile = n / 4;
+        let a = DArray::<f32>::fill(&rt, &[n, n], &[tile, tile], Fill::Constant(1.0))?.to_devices(&gpus)?;
+        a.wait()?;
+        a.matmul(&a)?.wait()?;
+        samples.clear();
+        for _ in 0..5 {
+            let start = Instant::now();
+            a.matmul(&a)?.wait()?;
+            samples.push(2.0 * (n as f64).powi(3) / start.elapsed().as_secs_f64() / 1e12);
+        }
+        let label = format!("{prefix}/darray_matmul_f32_{n}_tiles4x4");
+        reporter.report(&label, median(&mut samples), "TFLOP/s", true);
+        eprintln!("darray matmul over {} GPU(s), tiles of {tile}²", gpus.len());
+        drop(a);
+        rt.shutdown();
+    }
 
     let [poisson_label, random_label] = sizes.spmv_labels;
     for (label, matrix) in
