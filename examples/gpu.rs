@@ -1,7 +1,8 @@
 //! GPU tour: device discovery, cuBLAS f32 and cuBLASLt bf16 GEMMs with their TFLOP/s, the
-//! NVRTC kernels, a cuSPARSE SpMV and SpMM, and training the MLP and the CNN on digits on
-//! the GPU (test accuracy and samples/s beside the same training on the CPU). Runs on a
-//! machine without a GPU too, and says what it skipped.
+//! NVRTC kernels, a cuSPARSE SpMV and SpMM, a distributed array on every GPU checked against
+//! the CPU, and training the MLP and the CNN on digits on the GPU (test accuracy and
+//! samples/s beside the same training on the CPU). Runs on a machine without a GPU too, and
+//! says what it skipped.
 //!
 //! Run it: `cargo run --release --features cuda --example gpu [-- --small]`
 //! (with the CUDA libraries on `LD_LIBRARY_PATH`; see `scripts/gpu-check.sh`). `--small`
@@ -117,7 +118,52 @@ fn main() -> anyhow::Result<()> {
     let c = gpu.download(&c)?;
     println!("spmm (same matrix × {n}×{cols} ones): {:.3} ms; row 0 = {:?}", spmm * 1e3, &c[..cols]);
 
+    distributed_array(if small { 256 } else { 4096 })?;
     train_digits(Arc::new(gpu), if small { 10 } else { 1 })
+}
+
+/// A distributed array on every GPU (`DeviceDArray`, 2×2 chunks): `a · sigmoid(a)` and its
+/// sum, checked against the same `DArray` operations on the CPU (the tour fails if they
+/// disagree).
+#[cfg(feature = "cuda")]
+fn distributed_array(n: usize) -> anyhow::Result<()> {
+    use std::time::Instant;
+    use tessera::{DArray, DeviceActor, Fill, ReduceOp, Runtime, UnaryOp};
+
+    let rt = Runtime::local()?;
+    let gpus = DeviceActor::all(&rt)?;
+    let a =
+        DArray::<f32>::fill(&rt, &[n, n], &[n / 2, n / 2], Fill::Uniform { seed: 7, low: -1.0, high: 1.0 })?;
+    let on_gpus = a.to_devices(&gpus)?;
+    on_gpus.wait()?;
+    let start = Instant::now();
+    let product = on_gpus.matmul(&on_gpus.map(UnaryOp::Sigmoid))?;
+    product.wait()?;
+    let seconds = start.elapsed().as_secs_f64();
+    let total = product.reduce(ReduceOp::Sum)?;
+    let start = Instant::now();
+    let expected = a.matmul(&a.map(UnaryOp::Sigmoid))?;
+    let expected_array = expected.to_array()?;
+    let cpu_seconds = start.elapsed().as_secs_f64();
+    let got = product.to_array()?;
+    let worst = got.iter().zip(expected_array.iter()).map(|(g, e)| (g - e).abs()).fold(0.0f32, f32::max);
+    let expected_total = expected.reduce(ReduceOp::Sum)?.blocking_get()?;
+    let copies: u64 = gpus.iter().map(DeviceActor::copies_in).sum();
+    println!(
+        "darray on {} GPU(s): a·sigmoid(a), {n}² in 2×2 chunks: {:.1} ms on the GPUs ({} tile copies \
+         between devices), {:.1} ms on the CPU; largest difference {worst:.2e}; sum {total:.4e} vs {expected_total:.4e}",
+        gpus.len(),
+        seconds * 1e3,
+        copies,
+        cpu_seconds * 1e3
+    );
+    if worst > 1e-3 * (n as f32).sqrt()
+        || (total - expected_total).abs() > 1e-3 * expected_total.abs().max(1.0)
+    {
+        anyhow::bail!("the GPUs' product differs from the CPU's (largest difference {worst})");
+    }
+    rt.shutdown();
+    Ok(())
 }
 
 /// Trains the MLP and the CNN of the zoo on digits on the GPU and on the CPU with the same

@@ -11,7 +11,8 @@
 //! so any node process (`tessera node`, or a program calling [`init`](crate::init)) runs
 //! them. [`DArray::save`] writes every chunk to a [`Stash`](crate::Stash) (from the node
 //! that holds it, on a cluster) and then one manifest, so a saved array appears whole or
-//! not at all.
+//! not at all. With the `cuda` feature, `DArray::to_devices` moves an `f32` array's
+//! chunks onto GPUs (`DeviceDArray`), where its operations run as device-actor work.
 //!
 //! # Examples
 //! ```

@@ -114,6 +114,7 @@ impl<T: DElement> DArray<T> {
 
     /// The chunks, row-major.
     /// The runtime its chunk tasks run on.
+    #[cfg(feature = "cuda")]
     pub(crate) fn runtime(&self) -> &Runtime {
         &self.rt
     }

@@ -750,7 +750,13 @@ impl Gpu {
     ///
     /// # Errors
     /// [`DeviceError::Shape`], [`DeviceError::Compile`], [`DeviceError::Driver`].
-    pub(crate) fn map_elements(&self, op: i32, a: f32, x: &CudaSlice<f32>, y: &mut CudaSlice<f32>) -> Result<()> {
+    pub(crate) fn map_elements(
+        &self,
+        op: i32,
+        a: f32,
+        x: &CudaSlice<f32>,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
         let n = same_len("map", x.len(), y.len())?;
         launch!(self, "darray_map_f32", n; x, y, &n, &op, &a)
     }
@@ -782,7 +788,11 @@ impl Gpu {
     pub(crate) fn reduce_elements(&self, op: i32, x: &CudaSlice<f32>) -> Result<f64> {
         let n = len_u32(x.len(), "reduce")?;
         let blocks = n.div_ceil(256).clamp(1, 1024);
-        let block = |blocks: u32| LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let block = |blocks: u32| LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         let mut partial = self.stream.alloc_zeros::<f64>(blocks as usize).map_err(|e| self.driver(e))?;
         launch!(self, "darray_reduce_f32", cfg = block(blocks); x, &mut partial, &n, &op)?;
         let mut total = self.stream.alloc_zeros::<f64>(1).map_err(|e| self.driver(e))?;

@@ -80,7 +80,12 @@ fn every_operation_on_the_gpus_computes_what_the_cpu_does() {
     let with_nans_gpu = a_gpu.map(UnaryOp::Sqrt);
     for op in [BinaryOp::Min, BinaryOp::Max] {
         let got = with_nans_gpu.zip(&b_gpu, op).unwrap().to_array().unwrap();
-        assert_close(&format!("{op:?} with NaNs"), &got, &with_nans.zip(&b, op).unwrap().to_array().unwrap(), 0.0);
+        assert_close(
+            &format!("{op:?} with NaNs"),
+            &got,
+            &with_nans.zip(&b, op).unwrap().to_array().unwrap(),
+            0.0,
+        );
     }
     // (Sums with NaNs are NaN on both.)
     let agree = |got: f32, expected: f32| {
@@ -103,7 +108,8 @@ fn every_operation_on_the_gpus_computes_what_the_cpu_does() {
     assert_eq!(product.grid().chunk_shape(), &[50, 40]);
     assert_close("matmul", &product.to_array().unwrap(), &a.matmul(&c).unwrap().to_array().unwrap(), 1e-4);
     // Results stay on the devices: a chain of operations, read once at the end.
-    let chained = product.map(UnaryOp::Relu).zip(&product, BinaryOp::Mul).unwrap().reduce(ReduceOp::Sum).unwrap();
+    let chained =
+        product.map(UnaryOp::Relu).zip(&product, BinaryOp::Mul).unwrap().reduce(ReduceOp::Sum).unwrap();
     let product_cpu = a.matmul(&c).unwrap();
     let expected = product_cpu.map(UnaryOp::Relu).zip(&product_cpu, BinaryOp::Mul).unwrap();
     let expected = expected.reduce(ReduceOp::Sum).unwrap().blocking_get().unwrap();
