@@ -1288,3 +1288,37 @@ fn attention_matches_the_cpu() {
         }
     }
 }
+
+/// The distributed arrays' reduction in two passes as `Gpu::reduce_elements` launches it
+/// (blocks of 256, at most 1024 of them, so a long input loops in every thread; then one
+/// block over the partials), for sum, min and max, with NaNs that lose to numbers.
+#[test]
+fn darray_reductions_in_two_passes() {
+    let Some(k) = host_kernels() else { return };
+    let n = 300_001;
+    let mut x: Vec<f32> = (0..n).map(|i| ((i * 37 % 1001) as f32 - 500.0) / 64.0).collect();
+    x[12_345] = f32::NAN;
+    x[299_999] = -9.5;
+    let numbers = || x.iter().filter(|v| !v.is_nan()).map(|&v| v as f64);
+    let blocks = (n as u32).div_ceil(256).clamp(1, 1024);
+    for (op, expected) in
+        [(1, numbers().fold(f64::INFINITY, f64::min)), (2, numbers().fold(f64::NEG_INFINITY, f64::max))]
+    {
+        let mut partial = vec![0f64; blocks as usize];
+        let mut total = [0f64];
+        k.launch("darray_reduce_f32", (blocks, 256), (x.as_ptr(), partial.as_mut_ptr(), n as u32, op));
+        k.launch("darray_reduce_f64", (1, 256), (partial.as_ptr(), total.as_mut_ptr(), blocks, op));
+        assert_eq!(total[0], expected, "op {op}");
+    }
+    x[12_345] = 0.25;
+    let exact: f64 = x.iter().map(|&v| v as f64).sum();
+    let mut partial = vec![0f64; blocks as usize];
+    let mut total = [0f64];
+    k.launch("darray_reduce_f32", (blocks, 256), (x.as_ptr(), partial.as_mut_ptr(), n as u32, 0i32));
+    k.launch("darray_reduce_f64", (1, 256), (partial.as_ptr(), total.as_mut_ptr(), blocks, 0i32));
+    assert!((total[0] - exact).abs() < 1e-9 * exact.abs().max(1.0), "sum {} vs {exact}", total[0]);
+    // Nothing to reduce: 0 for a sum, NaN for min and max.
+    let mut partial = [1f64];
+    k.launch("darray_reduce_f32", (1, 256), (x.as_ptr(), partial.as_mut_ptr(), 0u32, 1i32));
+    assert!(partial[0].is_nan());
+}
