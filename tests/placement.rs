@@ -122,6 +122,42 @@ fn a_gpu_task_runs_on_a_node_with_a_gpu() -> Result<()> {
     Ok(())
 }
 
+/// Arrays sharded over nodes and GPUs: a `DArray` made by tasks on two node processes (its
+/// chunks stay there) moves onto this process's GPUs, each chunk fetched from its node by
+/// the device actor; the product computed there matches the same product computed on the
+/// nodes, and comes back as a `DArray` that the nodes' tasks continue from.
+#[cfg(feature = "cuda")]
+fn a_darray_made_on_the_nodes_computes_on_this_process_gpus() -> Result<()> {
+    use tessera::{BinaryOp, DArray, DeviceActor, Fill, ReduceOp};
+    if local_gpus().is_empty() {
+        ensure!(!gpu_expected(), "a GPU was expected: {:?}", tessera::gpu_absence_reason());
+        eprintln!("skipped: no GPU here");
+        return Ok(());
+    }
+    let (rt, cluster) = cluster(2)?;
+    let gpus = DeviceActor::all(&rt)?;
+    // Chunks of 150×200 f32 (120 KB): over the inline limit, so they stay on their nodes.
+    let a =
+        DArray::<f32>::fill(&rt, &[600, 400], &[150, 200], Fill::Uniform { seed: 1, low: -1.0, high: 1.0 })?;
+    let b =
+        DArray::<f32>::fill(&rt, &[400, 300], &[200, 150], Fill::Uniform { seed: 2, low: -1.0, high: 1.0 })?;
+    a.wait()?;
+    b.wait()?;
+    let ran: u64 = cluster.nodes().iter().map(|n| n.tasks_run).sum();
+    ensure!(ran == 12, "the nodes ran {ran} of the 12 fill tasks");
+    let on_gpus = a.to_devices(&gpus)?.matmul(&b.to_devices(&gpus)?)?;
+    let on_nodes = a.matmul(&b)?;
+    let (got, expected) = (on_gpus.to_array()?, on_nodes.to_array()?);
+    let worst = got.iter().zip(expected.iter()).map(|(g, e)| (g - e).abs()).fold(0.0f32, f32::max);
+    ensure!(worst < 1e-3, "the GPUs' product differs from the nodes' by {worst}");
+    // Back on the host, the nodes' tasks take it from here.
+    let difference = on_gpus.to_darray().zip(&on_nodes, BinaryOp::Sub)?.reduce(ReduceOp::Max)?;
+    ensure!(difference.blocking_get_timeout(Duration::from_secs(30))? < 1e-3);
+    println!("    {} GPU(s): product of node-held arrays, largest difference {worst:.1e}", gpus.len());
+    rt.shutdown();
+    Ok(())
+}
+
 /// The digits data: from the working directory when it has it (`scripts/gpu-check.sh` runs
 /// this binary, built elsewhere, in a copy of the repository), else from the source tree.
 fn digits() -> Result<Dataset> {
@@ -259,6 +295,11 @@ fn main() {
         ("a_gpu_task_runs_on_a_node_with_a_gpu", a_gpu_task_runs_on_a_node_with_a_gpu),
         ("replica_actors_train_on_the_nodes_gpus", replica_actors_train_on_the_nodes_gpus),
         ("nccl_replicas_regroup_after_a_node_is_killed", nccl_replicas_regroup_after_a_node_is_killed),
+        #[cfg(feature = "cuda")]
+        (
+            "a_darray_made_on_the_nodes_computes_on_this_process_gpus",
+            a_darray_made_on_the_nodes_computes_on_this_process_gpus,
+        ),
     ];
     support::run(tests);
 }
