@@ -41,7 +41,7 @@ use std::ops::Range;
 
 pub use darray::DArray;
 #[cfg(feature = "cuda")]
-pub use device::DeviceDArray;
+pub use device::{DeviceDArray, DeviceSparseDArray};
 pub use grid::ChunkGrid;
 pub use ops::{BinaryOp, DElement, Fill, ReduceOp, UnaryOp};
 pub use sparse::SparseDArray;

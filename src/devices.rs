@@ -33,6 +33,8 @@ pub use cuda::{
 };
 #[cfg(feature = "cuda")]
 pub use device_actor::{DeviceActor, DeviceArray};
+#[cfg(feature = "cuda")]
+pub(crate) use device_actor::{DeviceCsr, HostCsr};
 pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};
 #[cfg(feature = "cuda")]
 pub use gpu_group::{GpuCommunicator, HostStagedGroup};

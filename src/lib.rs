@@ -16,9 +16,9 @@ pub mod nn;
 mod store;
 
 pub use actors::*;
-#[cfg(feature = "cuda")]
-pub use array::DeviceDArray;
 pub use array::{ArrayError, BinaryOp, ChunkGrid, DArray, DElement, Fill, ReduceOp, SparseDArray, UnaryOp};
+#[cfg(feature = "cuda")]
+pub use array::{DeviceDArray, DeviceSparseDArray};
 pub use devices::*;
 pub use error::{Error, Result};
 pub use net::*;

@@ -13,8 +13,9 @@ use ndarray::ArrayD;
 
 use super::chunk::Chunk;
 use super::ops::{BinaryOp, ReduceOp, UnaryOp};
-use super::{ArrayError, ChunkGrid, DArray};
-use crate::devices::Gemm32;
+use super::sparse::CsrBlock;
+use super::{ArrayError, ChunkGrid, DArray, SparseDArray};
+use crate::devices::{DeviceCsr, Gemm32, HostCsr};
 use crate::{DeviceActor, DeviceArray, DeviceError, Ref, Result, Runtime};
 
 /// An n-dimensional f32 array cut into a grid of chunks, each a [`Ref`] to a
@@ -73,8 +74,11 @@ impl DArray<f32> {
             .iter()
             .enumerate()
             .map(|(c, chunk)| {
-                devices[c % devices.len()]
-                    .run_from(chunk, |scope, chunk: Chunk<f32>| scope.upload(&chunk.data, chunk.shape))
+                devices[c % devices.len()].run_from(
+                    chunk,
+                    |scope, chunk: Chunk<f32>| scope.upload(&chunk.data, chunk.shape),
+                    DeviceArray::byte_len,
+                )
             })
             .collect();
         Ok(DeviceDArray {
@@ -312,19 +316,219 @@ impl DeviceDArray {
     /// `Error::TaskFailed`) if a device fails.
     pub fn wait(&self) -> Result<()> {
         self.chunks.iter().try_for_each(|c| c.blocking_wait_done())?;
-        for device in &self.devices {
-            device.gpu().synchronize().map_err(|error| crate::Error::TaskFailed {
-                task: format!("device#{}", device.ordinal()),
-                message: error.to_string(),
-            })?;
-        }
-        Ok(())
+        synchronize(&self.devices)
     }
+}
+
+/// Waits for each device to finish the work queued on it.
+fn synchronize(devices: &[DeviceActor]) -> Result<()> {
+    for device in devices {
+        device.gpu().synchronize().map_err(|error| crate::Error::TaskFailed {
+            task: format!("device#{}", device.ordinal()),
+            message: error.to_string(),
+        })?;
+    }
+    Ok(())
+}
+
+impl SparseDArray<f32> {
+    /// Copies the matrix onto GPUs as CSR: block `b` onto `devices[b mod n]` (the placement
+    /// of chunk `b` of a vector cut like the blocks), each by work on that device actor.
+    ///
+    /// # Errors
+    /// [`ArrayError::NoDevices`], [`ArrayError::ForeignDevice`] as for
+    /// [`DArray::to_devices`]. A block whose indices exceed 32 bits fails its upload.
+    pub fn to_devices(&self, devices: &[DeviceActor]) -> Result<DeviceSparseDArray> {
+        let (rt, blocks) = self.parts();
+        check_devices(rt, devices)?;
+        let blocks = blocks
+            .iter()
+            .enumerate()
+            .map(|(b, block)| {
+                devices[b % devices.len()].run_from(
+                    block,
+                    |scope, block: CsrBlock<f32>| scope.upload_csr(&host_csr(&block)?),
+                    DeviceCsr::byte_len,
+                )
+            })
+            .collect();
+        let [rows, cols] = self.shape();
+        Ok(DeviceSparseDArray {
+            rt: rt.clone(),
+            rows,
+            cols,
+            block_rows: self.block_rows(),
+            devices: devices.to_vec(),
+            blocks,
+        })
+    }
+}
+
+/// A block's arrays as cuSPARSE takes them (32-bit offsets and columns).
+fn host_csr(block: &CsrBlock<f32>) -> std::result::Result<HostCsr, DeviceError> {
+    let too_large = |what: &str| DeviceError::Shape {
+        op: "sparse block to the device",
+        message: format!("{what} exceeds 32 bits (cuSPARSE is used with 32-bit indices)"),
+    };
+    let offsets = block
+        .offsets
+        .iter()
+        .map(|&o| i32::try_from(o).map_err(|_| too_large("an offset")))
+        .collect::<std::result::Result<Vec<i32>, _>>()?;
+    let columns = block
+        .indices
+        .iter()
+        .map(|&c| i32::try_from(c).map_err(|_| too_large("a column index")))
+        .collect::<std::result::Result<Vec<i32>, _>>()?;
+    Ok(HostCsr {
+        rows: block.rows,
+        cols: block.cols,
+        offsets,
+        columns,
+        values: block.values.as_ref().clone(),
+    })
+}
+
+/// A sparse f32 matrix cut into blocks of rows, each a CSR matrix in the memory of one of
+/// its GPUs (block `b` on device actor `b mod n`). Made by [`SparseDArray::to_devices`];
+/// its product with a [`DeviceDArray`] runs with cuSPARSE on the blocks' devices.
+#[derive(Clone)]
+pub struct DeviceSparseDArray {
+    rt: Runtime,
+    rows: usize,
+    cols: usize,
+    block_rows: usize,
+    devices: Vec<DeviceActor>,
+    blocks: Vec<Ref<DeviceCsr>>,
+}
+
+impl std::fmt::Debug for DeviceSparseDArray {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ordinals: Vec<usize> = self.devices.iter().map(DeviceActor::ordinal).collect();
+        f.debug_struct("DeviceSparseDArray")
+            .field("shape", &[self.rows, self.cols])
+            .field("block_rows", &self.block_rows)
+            .field("devices", &ordinals)
+            .finish()
+    }
+}
+
+impl DeviceSparseDArray {
+    /// The matrix's shape.
+    pub fn shape(&self) -> [usize; 2] {
+        [self.rows, self.cols]
+    }
+
+    /// Rows per block (the last block may have fewer).
+    pub fn block_rows(&self) -> usize {
+        self.block_rows
+    }
+
+    /// How many blocks there are.
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// The device actors its blocks are spread over.
+    pub fn devices(&self) -> &[DeviceActor] {
+        &self.devices
+    }
+
+    /// The product with a vector (`cols` long) or matrix (`cols×k`) on the devices: one
+    /// cuSPARSE SpMV (or SpMM) per block, on the block's device, each given the whole of
+    /// `x` (its chunks joined on that device; chunks on other devices are copied there). The
+    /// result has this matrix's blocks of rows as its chunks, chunk `b` on the device of
+    /// block `b`, so it lines up with vectors cut like the blocks.
+    ///
+    /// # Errors
+    /// [`ArrayError::ShapeMismatch`] unless `x` has `cols` rows;
+    /// [`ArrayError::ChunkMismatch`] if a matrix `x` is cut between its columns.
+    pub fn matmul(&self, x: &DeviceDArray) -> Result<DeviceDArray> {
+        let k = match x.shape() {
+            [n] if *n == self.cols => None,
+            [n, k] if *n == self.cols => Some(*k),
+            _ => return Err(shape_mismatch("sparse matmul", &[self.rows, self.cols], x.shape())),
+        };
+        if let Some(k) = k {
+            if x.grid.chunk_shape()[1] < k {
+                return Err(chunk_mismatch("sparse matmul", &[self.block_rows, k], x.grid.chunk_shape()));
+            }
+        }
+        let (shape, chunk) = match k {
+            None => (vec![self.rows], vec![self.block_rows]),
+            Some(k) => (vec![self.rows, k], vec![self.block_rows, k.max(1)]),
+        };
+        let grid = ChunkGrid::new(&shape, &chunk)?;
+        let columns = k.unwrap_or(1);
+        let chunks = self
+            .blocks
+            .iter()
+            .enumerate()
+            .map(|(b, block)| {
+                let out_shape: Vec<usize> = grid.region(b).iter().map(|r| r.end - r.start).collect();
+                self.devices[b % self.devices.len()].run_sparse(
+                    block,
+                    &x.chunks,
+                    move |scope, csr, parts| {
+                        let gpu = scope.gpu();
+                        let (rows, cols) = csr.shape();
+                        let mut y = gpu.zeros(rows * columns)?;
+                        if rows * columns * cols > 0 {
+                            let a = csr.csr().ok_or(not_on_device())?;
+                            let joined;
+                            let whole = match parts {
+                                [one] => on_device(one)?,
+                                _ => {
+                                    joined = join(gpu, parts)?;
+                                    &joined
+                                }
+                            };
+                            match k {
+                                None => gpu.spmv(a, whole, &mut y)?,
+                                Some(_) => gpu.spmm(a, whole, columns, &mut y)?,
+                            }
+                        }
+                        scope.array(y, out_shape)
+                    },
+                    DeviceArray::byte_len,
+                )
+            })
+            .collect();
+        Ok(DeviceDArray { rt: self.rt.clone(), grid, devices: self.devices.clone(), chunks })
+    }
+
+    /// Waits until every block is on its device.
+    ///
+    /// # Errors
+    /// The first failed block's error.
+    pub fn wait(&self) -> Result<()> {
+        self.blocks.iter().try_for_each(|b| b.blocking_wait_done())?;
+        synchronize(&self.devices)
+    }
+}
+
+/// The chunks of a row-chunked array (all on this device), joined in order into one buffer.
+fn join(
+    gpu: &crate::Gpu,
+    parts: &[DeviceArray],
+) -> std::result::Result<cudarc::driver::CudaSlice<f32>, DeviceError> {
+    let mut whole = gpu.zeros(parts.iter().map(DeviceArray::len).sum())?;
+    let mut at = 0;
+    for part in parts {
+        let mut into = whole.slice_mut(at..at + part.len());
+        gpu.stream_ref().memcpy_dtod(on_device(part)?, &mut into).map_err(|e| gpu.driver(e))?;
+        at += part.len();
+    }
+    Ok(whole)
+}
+
+fn not_on_device() -> DeviceError {
+    DeviceError::Shape { op: "device array", message: "input not on the device".into() }
 }
 
 /// The device buffer of a work input (inputs of device work are always on its device).
 fn on_device(array: &DeviceArray) -> std::result::Result<&cudarc::driver::CudaSlice<f32>, DeviceError> {
-    array.slice().ok_or(DeviceError::Shape { op: "device array", message: "input not on the device".into() })
+    array.slice().ok_or_else(not_on_device)
 }
 
 /// `op`'s code in `darray_map_f32`, and its parameter.

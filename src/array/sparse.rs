@@ -470,6 +470,12 @@ impl<T: DElement> SparseDArray<T> {
         })
     }
 
+    /// The runtime and the blocks, for moving them onto devices.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn parts(&self) -> (&Runtime, &[Ref<CsrBlock<T>>]) {
+        (&self.rt, &self.blocks)
+    }
+
     /// The matrix's shape.
     pub fn shape(&self) -> [usize; 2] {
         [self.rows, self.cols]

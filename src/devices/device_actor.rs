@@ -35,7 +35,7 @@ use cudarc::driver::CudaSlice;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use super::cuda::{DeviceError, Gpu};
+use super::cuda::{DeviceError, Gpu, GpuCsr};
 use crate::actors::object::{ObjectId, ObjectTable, Outcome, Value};
 use crate::actors::reference::{blocking_read, Payload, RefInner};
 use crate::error::panic_message;
@@ -184,6 +184,134 @@ impl<'de> Deserialize<'de> for DeviceArray {
     }
 }
 
+/// Device memory of one CSR matrix handle family; freed when the last handle drops.
+struct CsrBuffer {
+    gpu: Arc<Gpu>,
+    csr: GpuCsr,
+    live: Arc<AtomicUsize>,
+}
+
+impl Drop for CsrBuffer {
+    fn drop(&mut self) {
+        self.live.fetch_sub(self.csr.byte_len(), Ordering::Relaxed);
+        // `csr` drops after this and makes its device's context current to free its arrays.
+    }
+}
+
+/// A CSR matrix's arrays on the host, and its encoded form.
+#[derive(Clone, Serialize, Deserialize)]
+pub(crate) struct HostCsr {
+    pub(crate) rows: usize,
+    pub(crate) cols: usize,
+    pub(crate) offsets: Vec<i32>,
+    pub(crate) columns: Vec<i32>,
+    pub(crate) values: Vec<f32>,
+}
+
+impl HostCsr {
+    /// Why these arrays are not a valid CSR matrix, if they are not (checked when one is
+    /// decoded, so a malformed matrix from a peer never reaches cuSPARSE).
+    fn invalid(&self) -> Option<String> {
+        let (rows, cols) = (self.rows, self.cols);
+        if self.offsets.len() != rows + 1 || self.columns.len() != self.values.len() {
+            return Some(format!(
+                "{rows} rows with {} offsets, {} columns for {} values",
+                self.offsets.len(),
+                self.columns.len(),
+                self.values.len()
+            ));
+        }
+        if self.offsets[0] != 0 || self.offsets.windows(2).any(|w| w[1] < w[0]) {
+            return Some("offsets do not start at 0 and never decrease".into());
+        }
+        if usize::try_from(self.offsets[rows]).ok() != Some(self.values.len()) {
+            return Some(format!("the last offset is not the {} values", self.values.len()));
+        }
+        if i32::try_from(cols).is_err() || self.columns.iter().any(|&c| c < 0 || c as usize >= cols) {
+            return Some(format!("a column index outside 0..{cols}"));
+        }
+        None
+    }
+}
+
+#[derive(Clone)]
+enum CsrStorage {
+    Device(Arc<CsrBuffer>),
+    Host(Arc<HostCsr>),
+}
+
+/// A CSR matrix (f32 values, 32-bit indices) in a GPU's memory, or staged on the host until
+/// a device actor uploads it: the device form of a sparse array's block. Like
+/// [`DeviceArray`], cloning shares it, encoding copies it to the host, and its memory is
+/// freed with the last handle.
+#[derive(Clone)]
+pub(crate) struct DeviceCsr {
+    storage: CsrStorage,
+}
+
+impl DeviceCsr {
+    /// A host-staged matrix from valid CSR arrays.
+    pub(crate) fn from_host(host: HostCsr) -> Result<DeviceCsr, DeviceError> {
+        if let Some(reason) = host.invalid() {
+            return Err(DeviceError::Shape { op: "DeviceCsr", message: reason });
+        }
+        Ok(DeviceCsr { storage: CsrStorage::Host(Arc::new(host)) })
+    }
+
+    /// (rows, columns).
+    pub(crate) fn shape(&self) -> (usize, usize) {
+        match &self.storage {
+            CsrStorage::Device(buffer) => buffer.csr.shape(),
+            CsrStorage::Host(host) => (host.rows, host.cols),
+        }
+    }
+
+    /// The device holding it, or `None` while staged on the host.
+    pub(crate) fn device(&self) -> Option<usize> {
+        match &self.storage {
+            CsrStorage::Device(buffer) => Some(buffer.gpu.ordinal()),
+            CsrStorage::Host(_) => None,
+        }
+    }
+
+    /// The device matrix, if it is on a device.
+    pub(crate) fn csr(&self) -> Option<&GpuCsr> {
+        match &self.storage {
+            CsrStorage::Device(buffer) => Some(&buffer.csr),
+            CsrStorage::Host(_) => None,
+        }
+    }
+
+    /// Its arrays on the host (a copy queued after the work that made it, and waited for).
+    pub(crate) fn to_host(&self) -> Result<HostCsr, DeviceError> {
+        match &self.storage {
+            CsrStorage::Device(buffer) => {
+                let (rows, cols) = buffer.csr.shape();
+                let (offsets, columns, values) = buffer.gpu.download_csr_arrays(&buffer.csr)?;
+                Ok(HostCsr { rows, cols, offsets, columns, values })
+            }
+            CsrStorage::Host(host) => Ok(host.as_ref().clone()),
+        }
+    }
+
+    /// Its device memory in bytes (0 while staged on the host).
+    pub(crate) fn byte_len(&self) -> usize {
+        self.csr().map_or(0, GpuCsr::byte_len)
+    }
+}
+
+impl Serialize for DeviceCsr {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_host().map_err(serde::ser::Error::custom)?.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for DeviceCsr {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        DeviceCsr::from_host(HostCsr::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
 /// What work run by a device actor gets: its device, and a way to wrap new buffers as
 /// arrays (counted against the actor's live memory).
 pub struct DeviceScope<'a> {
@@ -229,6 +357,18 @@ impl DeviceScope<'_> {
             message: format!("shape {shape:?} overflows"),
         })?;
         self.array(self.gpu.zeros(len)?, shape)
+    }
+
+    /// Copies a host CSR matrix to this device.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`], [`DeviceError::Driver`].
+    pub(crate) fn upload_csr(&self, host: &HostCsr) -> Result<DeviceCsr, DeviceError> {
+        let csr =
+            self.gpu.upload_csr_arrays(host.rows, host.cols, &host.offsets, &host.columns, &host.values)?;
+        self.live.fetch_add(csr.byte_len(), Ordering::Relaxed);
+        let buffer = CsrBuffer { gpu: self.gpu.clone(), csr, live: self.live.clone() };
+        Ok(DeviceCsr { storage: CsrStorage::Device(Arc::new(buffer)) })
     }
 
     /// Copies host data to this device.
@@ -444,16 +584,51 @@ impl DeviceActor {
 
     /// Runs `work` on the actor's thread once `input` (any value, held here or on a node)
     /// is ready, giving it the value: how host data enters the device.
-    pub(crate) fn run_from<T, F>(&self, input: &Ref<T>, work: F) -> Ref<DeviceArray>
+    pub(crate) fn run_from<T, R, F>(&self, input: &Ref<T>, work: F, size: fn(&R) -> usize) -> Ref<R>
     where
         T: Payload,
-        F: FnOnce(&DeviceScope<'_>, T) -> Result<DeviceArray, DeviceError> + Send + 'static,
+        R: Payload,
+        F: FnOnce(&DeviceScope<'_>, T) -> Result<R, DeviceError> + Send + 'static,
     {
         let input = input.clone();
-        self.submit(vec![input.id()], DeviceArray::byte_len, move |scope, task| {
+        self.submit(vec![input.id()], size, move |scope, task| {
             let value = blocking_read::<T>(&input.inner, None)?;
             drop(input);
             work(scope, value).map_err(|e| device_failed(task, e))
+        })
+    }
+
+    /// [`run_to`](DeviceActor::run_to) with a sparse matrix first: `work` gets `matrix` on
+    /// this device (a counted copy if it was elsewhere) and the arrays.
+    pub(crate) fn run_sparse<R, F>(
+        &self,
+        matrix: &Ref<DeviceCsr>,
+        inputs: &[Ref<DeviceArray>],
+        work: F,
+        size: fn(&R) -> usize,
+    ) -> Ref<R>
+    where
+        R: Payload,
+        F: FnOnce(&DeviceScope<'_>, &DeviceCsr, &[DeviceArray]) -> Result<R, DeviceError> + Send + 'static,
+    {
+        let matrix = matrix.clone();
+        let inputs: Vec<Ref<DeviceArray>> = inputs.to_vec();
+        let ids: Vec<ObjectId> = std::iter::once(matrix.id()).chain(inputs.iter().map(Ref::id)).collect();
+        let copies_in = self.shared.copies_in.clone();
+        self.submit(ids, size, move |scope, task| {
+            let mut csr = blocking_read::<DeviceCsr>(&matrix.inner, None)?;
+            if csr.device() != Some(scope.gpu.ordinal()) {
+                copies_in.fetch_add(1, Ordering::Relaxed);
+                let host = csr.to_host().map_err(|e| device_failed(task, e))?;
+                csr = scope.upload_csr(&host).map_err(|e| device_failed(task, e))?;
+            }
+            let mut arrays = Vec::with_capacity(inputs.len());
+            for input in &inputs {
+                let array = blocking_read::<DeviceArray>(&input.inner, None)?;
+                arrays.push(adopt(scope, array, &copies_in).map_err(|e| device_failed(task, e))?);
+            }
+            drop((matrix, inputs));
+            work(scope, &csr, &arrays).map_err(|e| device_failed(task, e))
         })
     }
 
@@ -558,5 +733,38 @@ fn when_ready(
                 }
             }),
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn csr(offsets: Vec<i32>, columns: Vec<i32>) -> HostCsr {
+        let values = vec![1.0; columns.len()];
+        HostCsr { rows: offsets.len().saturating_sub(1), cols: 3, offsets, columns, values }
+    }
+
+    /// A CSR matrix that arrives from another process is checked before any device sees it.
+    #[test]
+    fn malformed_csr_matrices_are_refused_when_decoded() {
+        assert!(csr(vec![0, 1, 3], vec![2, 0, 1]).invalid().is_none());
+        for (bad, why) in [
+            (csr(vec![0, 2, 1], vec![0, 1]), "never decrease"),
+            (csr(vec![1, 2, 3], vec![0, 1, 2]), "start at 0"),
+            (csr(vec![0, 1, 2], vec![0, 1, 2]), "last offset"),
+            (csr(vec![0, 1, 2], vec![0, 3]), "column index"),
+            (csr(vec![0, 1, 2], vec![0, -1]), "column index"),
+        ] {
+            let reason = bad.invalid().expect("refused");
+            assert!(reason.contains(why), "{reason}");
+            let bytes = bincode::serde::encode_to_vec(&bad, bincode::config::standard()).unwrap();
+            let decoded =
+                bincode::serde::decode_from_slice::<DeviceCsr, _>(&bytes, bincode::config::standard());
+            assert!(decoded.is_err(), "decoded a matrix whose {why}");
+        }
+        let mut short = csr(vec![0, 1, 2], vec![0, 1]);
+        short.values.pop();
+        assert!(short.invalid().is_some());
     }
 }

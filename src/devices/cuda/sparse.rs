@@ -66,6 +66,11 @@ impl GpuCsr {
     pub fn nnz(&self) -> usize {
         self.values.len()
     }
+
+    /// The device memory its arrays take, in bytes.
+    pub(crate) fn byte_len(&self) -> usize {
+        (self.offsets.len() + self.columns.len() + self.values.len()) * 4
+    }
 }
 
 /// Descriptors and products here are all f32 and non-transposed.
@@ -242,15 +247,42 @@ impl Gpu {
         let offsets: Vec<i32> =
             csr.indptr().raw_storage().iter().map(|&v| index(v)).collect::<Result<_>>()?;
         let columns: Vec<i32> = csr.indices().iter().map(|&v| index(v)).collect::<Result<_>>()?;
-        index(csr.rows())?;
-        index(csr.cols())?;
+        self.upload_csr_arrays(csr.rows(), csr.cols(), &offsets, &columns, csr.data())
+    }
+
+    /// Copies a CSR matrix given as its arrays (`rows + 1` offsets, and a column index per
+    /// value; a valid CSR matrix, as `sprs` and `CsrBlock` guarantee) to the device.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`] if the lengths disagree or a dimension exceeds i32;
+    /// [`DeviceError::Driver`].
+    pub(crate) fn upload_csr_arrays(
+        &self,
+        rows: usize,
+        cols: usize,
+        offsets: &[i32],
+        columns: &[i32],
+        values: &[f32],
+    ) -> Result<GpuCsr> {
+        let fits = |v: usize| i32::try_from(v).is_ok();
+        if offsets.len() != rows + 1 || columns.len() != values.len() || !fits(rows) || !fits(cols) {
+            return Err(DeviceError::Shape {
+                op: "upload_csr",
+                message: format!(
+                    "{rows}×{cols} with {} offsets, {} columns and {} values",
+                    offsets.len(),
+                    columns.len(),
+                    values.len()
+                ),
+            });
+        }
         let upload_i32 = |v: &[i32]| self.stream.clone_htod(v).map_err(|e| self.driver(e));
         Ok(GpuCsr {
-            rows: csr.rows(),
-            cols: csr.cols(),
-            offsets: upload_i32(&offsets)?,
-            columns: upload_i32(&columns)?,
-            values: self.upload(csr.data())?,
+            rows,
+            cols,
+            offsets: upload_i32(offsets)?,
+            columns: upload_i32(columns)?,
+            values: self.upload(values)?,
         })
     }
 
@@ -265,6 +297,16 @@ impl Gpu {
         let values = self.download(&matrix.values)?;
         sprs::CsMat::try_new((matrix.rows, matrix.cols), offsets, columns, values)
             .map_err(|(_, _, _, e)| DeviceError::Shape { op: "download_csr", message: e.to_string() })
+    }
+
+    /// A device CSR matrix's arrays on the host: offsets, columns, values.
+    ///
+    /// # Errors
+    /// [`DeviceError::Driver`].
+    pub(crate) fn download_csr_arrays(&self, matrix: &GpuCsr) -> Result<(Vec<i32>, Vec<i32>, Vec<f32>)> {
+        let offsets = self.stream.clone_dtoh(&matrix.offsets).map_err(|e| self.driver(e))?;
+        let columns = self.stream.clone_dtoh(&matrix.columns).map_err(|e| self.driver(e))?;
+        Ok((offsets, columns, self.download(&matrix.values)?))
     }
 
     /// The cuSPARSE handle (made on first use, bound to this device's stream), locked.
