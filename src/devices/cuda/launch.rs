@@ -297,6 +297,8 @@ mod tests {
             "const int*",
             "unsigned int*",
             "const unsigned int*",
+            "double*",
+            "const double*",
         ];
         for (k, (name, _)) in KERNELS.iter().enumerate() {
             // Find the arity: the one n for which "every parameter is a known type" holds.
