@@ -214,7 +214,7 @@ impl DeviceDArray {
                 let mut inputs: Vec<Ref<DeviceArray>> =
                     (0..depth).map(|p| self.chunks[i * depth + p].clone()).collect();
                 inputs.extend((0..depth).map(|p| other.chunks[p * cols + j].clone()));
-                chunks.push(self.devices[c % self.devices.len()].run(&inputs, move |scope, inputs| {
+                chunks.push(self.device(c).run(&inputs, move |scope, inputs| {
                     let (left, right) = inputs.split_at(depth);
                     let (tile_m, tile_n) = (tile_shape[0], tile_shape[1]);
                     let mut out = scope.gpu().zeros(tile_m * tile_n)?;
@@ -235,7 +235,7 @@ impl DeviceDArray {
                 }));
             }
         }
-        Ok(DeviceDArray { rt: self.rt.clone(), grid, devices: self.devices.clone(), chunks })
+        Ok(self.with_chunks(grid, chunks))
     }
 
     /// The reduction of all elements by `op`: each chunk is reduced on its device (in
