@@ -618,6 +618,18 @@ fn softmax_cross_entropy_matches_the_cpu() {
         row_loss[3].is_nan() && row_loss.iter().filter(|v| v.is_nan()).count() == 1,
         "a bad label's row is NaN"
     );
+    // A label whose probability underflows: the exact loss, log-sum-exp minus its logit
+    // (ln 9 + 200 here), not a clamped one (-ln 1e-30 ≈ 69).
+    let mut extreme = lv.clone();
+    extreme[5 * cols..6 * cols].fill(0.0);
+    extreme[5 * cols + ids[5] as usize] = -200.0;
+    k.launch(
+        "softmax_xent_f32",
+        rows_config(rows, cols),
+        (extreme.as_ptr(), ids.as_ptr(), probs.as_mut_ptr(), row_loss.as_mut_ptr(), rows as u32, cols as u32),
+    );
+    let exact = 200.0 + ((cols - 1) as f32).ln();
+    assert!((row_loss[5] - exact).abs() < 1e-3, "underflowed row: {} vs {exact}", row_loss[5]);
 }
 
 /// `dropout_f32`: every value dropped or scaled by 1/(1-p), about p of them dropped, the

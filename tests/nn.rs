@@ -101,6 +101,25 @@ fn plain(out: NodeId) -> Case {
     Case { out, ids: vec![], training: false }
 }
 
+/// Cross-entropy of a label whose probability underflows f32 is the exact loss
+/// (log-sum-exp minus the label's logit), as XLA computes it, not a clamped one.
+#[test]
+fn cross_entropy_of_an_underflowed_probability_is_exact() {
+    let mut g = Graph::new();
+    let logits = g.input("logits", &[2, 3], DType::F32);
+    let labels = g.input("labels", &[2], DType::I32);
+    let loss = g.softmax_cross_entropy(logits, labels).unwrap();
+    let params = Params::init(&g, &mut Rng::seed(1));
+    let mut cpu = CpuExecutor::new(&g);
+    cpu.set_value(logits, &[0.0, 0.0, -200.0, 1.0, 2.0, 3.0]).unwrap();
+    cpu.set_ids(labels, &[2, 2]).unwrap();
+    cpu.forward_all(&params).unwrap();
+    let ordinary = (1f64.exp() + 2f64.exp() + 3f64.exp()).ln() - 3.0;
+    let expected = ((200.0 + 2f64.ln()) + ordinary) / 2.0;
+    let got = cpu.value(loss).unwrap()[0] as f64;
+    assert!((got - expected).abs() < 1e-3, "{got} vs {expected}");
+}
+
 #[test]
 fn gradients_match_finite_differences() {
     for seed in 0..3u64 {

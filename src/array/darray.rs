@@ -201,9 +201,7 @@ impl<T: DElement> DArray<T> {
         }
         let inner = self.grid.chunk_shape()[1];
         let other = other.rechunk(&[inner, other.grid.chunk_shape()[1]])?;
-        let grid = ChunkGrid::new(&[m, n], &[self.grid.chunk_shape()[0], other.grid.chunk_shape()[1]])?;
-        let [rows, depth] = [self.grid.chunk_counts()[0], self.grid.chunk_counts()[1]];
-        let cols = other.grid.chunk_counts()[1];
+        let (grid, [rows, depth, cols]) = self.grid.product_tiles(&other.grid)?;
         let mut chunks = Vec::with_capacity(rows * cols);
         for i in 0..rows {
             for j in 0..cols {

@@ -192,7 +192,7 @@ impl DeviceDArray {
     /// [`ArrayError::ChunkMismatch`] if `other`'s row chunks differ from `self`'s column
     /// chunks.
     pub fn matmul(&self, other: &DeviceDArray) -> Result<DeviceDArray> {
-        let (&[m, k], &[k2, n]) = (self.shape(), other.shape()) else {
+        let (&[_, k], &[k2, _]) = (self.shape(), other.shape()) else {
             let got = if self.shape().len() == 2 { other.shape().len() } else { self.shape().len() };
             return Err(ArrayError::RankMismatch { op: "matmul", expected: 2, got }.into());
         };
@@ -203,9 +203,7 @@ impl DeviceDArray {
         if inner != other_inner {
             return Err(chunk_mismatch("matmul", self.grid.chunk_shape(), other.grid.chunk_shape()));
         }
-        let grid = ChunkGrid::new(&[m, n], &[self.grid.chunk_shape()[0], other.grid.chunk_shape()[1]])?;
-        let [rows, depth] = [self.grid.chunk_counts()[0], self.grid.chunk_counts()[1]];
-        let cols = other.grid.chunk_counts()[1];
+        let (grid, [rows, depth, cols]) = self.grid.product_tiles(&other.grid)?;
         let mut chunks = Vec::with_capacity(rows * cols);
         for i in 0..rows {
             for j in 0..cols {
@@ -297,6 +295,17 @@ impl DeviceDArray {
             })
             .collect();
         DArray::from_parts(&self.rt, self.grid.clone(), chunks)
+    }
+
+    /// Saves the array as a new version of `name`, as [`DArray::save`] does (every chunk an
+    /// entry of its own, then a manifest; the same format, so [`DArray::load`] reads it back
+    /// and [`DArray::to_devices`] puts it on GPUs again): each chunk is copied to the host by
+    /// its device actor and saved from there.
+    ///
+    /// # Errors
+    /// As [`DArray::save`], and a failed chunk's error.
+    pub fn save(&self, stash: &crate::Stash, name: &str, tags: &[(&str, &str)]) -> Result<crate::Version> {
+        self.to_darray().save(stash, name, tags)
     }
 
     /// Gathers the whole array into this process.

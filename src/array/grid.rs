@@ -69,6 +69,17 @@ impl ChunkGrid {
         self.len() == 0
     }
 
+    /// The tiles of the matrix product `self · right` of two 2-dimensional grids whose inner
+    /// chunks line up: the product's grid (`self`'s row chunks, `right`'s column chunks) and
+    /// the tile counts `[rows, depth, cols]`.
+    ///
+    /// # Errors
+    /// [`ArrayError::TooLarge`] if the product's shape is.
+    pub(crate) fn product_tiles(&self, right: &ChunkGrid) -> Result<(ChunkGrid, [usize; 3]), ArrayError> {
+        let grid = ChunkGrid::new(&[self.shape[0], right.shape[1]], &[self.chunk[0], right.chunk[1]])?;
+        Ok((grid, [self.counts[0], self.counts[1], right.counts[1]]))
+    }
+
     /// The grid position of chunk number `linear` (row-major).
     pub(crate) fn position(&self, mut linear: usize) -> Vec<usize> {
         let mut position = vec![0; self.counts.len()];

@@ -115,6 +115,13 @@ fn every_operation_on_the_gpus_computes_what_the_cpu_does() {
     let expected = product_cpu.map(UnaryOp::Relu).zip(&product_cpu, BinaryOp::Mul).unwrap();
     let expected = expected.reduce(ReduceOp::Sum).unwrap().blocking_get().unwrap();
     assert!((chained - expected).abs() <= 1e-4 * expected.abs(), "{chained} vs {expected}");
+    // Saved from the GPUs, it loads back as a DArray, equal.
+    let dir = tempfile::tempdir().unwrap();
+    let stash = tessera::Stash::open(dir.path()).unwrap();
+    let version = product.save(&stash, "product", &[("on", "gpus")]).unwrap();
+    let loaded = DArray::<f32>::load_version(&rt, &stash, "product", version).unwrap();
+    assert_eq!(loaded.to_array().unwrap(), product.to_array().unwrap());
+    assert_eq!(loaded.to_devices(&devices).unwrap().to_array().unwrap(), product.to_array().unwrap());
     // Back to the host as a DArray that host operations continue from.
     let back = product.to_darray().map(UnaryOp::Scale(2.0)).to_array().unwrap();
     assert_close("to_darray", &back, &product_cpu.map(UnaryOp::Scale(2.0)).to_array().unwrap(), 1e-4);

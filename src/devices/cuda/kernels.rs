@@ -345,12 +345,19 @@ pub const KERNELS: &[(&str, &str)] = &[
             p[j] = e;
             s += e;
         }
-        float inv = 1.0f / tessera_block_sum(partial, s);
+        float total = tessera_block_sum(partial, s);
+        float inv = 1.0f / total;
         for (unsigned int j = threadIdx.x; j < cols; j += blockDim.x) { p[j] *= inv; }
         __syncthreads();
         if (threadIdx.x == 0) {
             int label = labels[r];
-            row_loss[r] = (label >= 0 && label < (int)cols) ? -logf(fmaxf(p[label], 1e-30f)) : __int_as_float(0x7fc00000);
+            if (label >= 0 && label < (int)cols) {
+                // An underflowed probability: log-sum-exp minus the label's logit, exactly.
+                float q = p[label];
+                row_loss[r] = q >= 1e-30f ? -logf(q) : m + logf(total) - l[label];
+            } else {
+                row_loss[r] = __int_as_float(0x7fc00000);
+            }
         }
     }
 }"#,

@@ -240,9 +240,19 @@ pub(crate) fn run(
             softmax_rows(probs, c);
             let labels = ctx.ids(inp[1]);
             let mut total = 0.0f64;
-            for (position, (&label, row)) in labels.iter().zip(probs.chunks_exact(c)).enumerate() {
+            let rows = probs.chunks_exact(c).zip(ctx.val(inp[0]).chunks_exact(c));
+            for (position, (&label, (row, logits))) in labels.iter().zip(rows).enumerate() {
                 check_id("softmax_cross_entropy", label, position, c)?;
-                total -= (row[label as usize].max(1e-30) as f64).ln();
+                let p = row[label as usize];
+                total += if p >= 1e-30 {
+                    -(p as f64).ln()
+                } else {
+                    // The probability underflowed: log-sum-exp minus the label's logit, exactly
+                    // (as XLA computes every row).
+                    let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+                    let sum: f64 = logits.iter().map(|&v| (v as f64 - m).exp()).sum();
+                    m + sum.ln() - logits[label as usize] as f64
+                };
             }
             y[0] = (total / labels.len().max(1) as f64) as f32;
         }

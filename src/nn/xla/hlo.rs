@@ -360,6 +360,46 @@ impl Hlo {
         out
     }
 
+    /// Rows `ids` (`[e]`, i32, each within `table`'s rows, which the caller checks) of the
+    /// matrix `table` (`[rows, n]`): `[e, n]`, by `stablehlo.gather`.
+    pub(crate) fn gather_rows(&mut self, table: &Val, ids: &Val) -> Val {
+        let (e, n) = (ids.shape.iter().product::<usize>(), table.shape[1]);
+        let index = self.reshape(ids, &[e, 1]);
+        let attrs = format!(
+            "dimension_numbers = #stablehlo.gather<offset_dims = [1], collapsed_slice_dims = [0], \
+             start_index_map = [0], index_vector_dim = 1>, slice_sizes = {}, indices_are_sorted = false",
+            i64_array(&[1, n])
+        );
+        self.op("gather", &[table, &index], &attrs, &[e, n], Elem::F32)
+    }
+
+    /// `[rows, n]` zeros with row `i` of `updates` (`[e, n]`) added into row `ids[i]` (`ids`
+    /// `[e]`, i32, each within `rows`), by `stablehlo.scatter`: the transpose of
+    /// [`Hlo::gather_rows`].
+    pub(crate) fn scatter_add_rows(&mut self, updates: &Val, ids: &Val, rows: usize) -> Val {
+        let (e, n) = (updates.shape[0], updates.shape[1]);
+        let index = self.reshape(ids, &[e, 1]);
+        let zeros = self.splat(0.0, &[rows, n]);
+        let region = self.combiner_region("add");
+        let out = Val { name: self.fresh(), shape: vec![rows, n], elem: Elem::F32 };
+        let _ = writeln!(
+            self.body,
+            "    {} = \"stablehlo.scatter\"({}, {}, {}) {region} {{scatter_dimension_numbers = \
+             #stablehlo.scatter<update_window_dims = [1], inserted_window_dims = [0], \
+             scatter_dims_to_operand_dims = [0], index_vector_dim = 1>, indices_are_sorted = false, \
+             unique_indices = false}} : ({}, {}, {}) -> {}",
+            out.name,
+            zeros.name,
+            index.name,
+            updates.name,
+            zeros.ty(),
+            index.ty(),
+            updates.ty(),
+            out.ty()
+        );
+        out
+    }
+
     /// The gradient of [`Hlo::max_pool`]: each window's `g` goes to the first of its
     /// largest elements of `x`.
     pub(crate) fn max_pool_grad(&mut self, x: &Val, g: &Val, size: usize, stride: usize) -> Val {

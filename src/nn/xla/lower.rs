@@ -401,25 +401,22 @@ impl<'g> Writer<'g> {
                 Some(m) => h.mul(&x(0), m),
                 None => x(0),
             },
+            // Ids and coordinates are checked on the host before a run (gather and scatter
+            // would clamp or drop out-of-range ones).
             Op::Embedding => {
                 let (ids, table) = (x(0), x(1));
-                let vocab = table.shape[0];
-                let rows = ids.shape.iter().product::<usize>();
-                let onehot = one_hot(h, &ids, rows, vocab);
-                let out = h.dot(&onehot, &table, 1, 0);
+                let out = h.gather_rows(&table, &ids);
                 h.reshape(&out, &shape)
             }
-            // Through one-hot products, as the embedding: dense in entries × rows and entries
-            // × columns, which suits the graphs small enough for one device.
+            // Each entry's row of `dense`, scaled by its value, added into its output row:
+            // memory in entries × columns, as on the CPU.
             Op::SparseMatMul => {
                 let (rows, cols, values, dense) = (x(0), x(1), x(2), x(3));
                 let (entries, n) = (values.shape[0], dense.shape[1]);
-                let row_hot = one_hot(h, &rows, entries, shape[0]);
-                let col_hot = one_hot(h, &cols, entries, dense.shape[0]);
-                let gathered = h.dot(&col_hot, &dense, 1, 0);
+                let gathered = h.gather_rows(&dense, &cols);
                 let wide = h.broadcast(&values, &[entries, n], &[0]);
                 let weighted = h.mul(&gathered, &wide);
-                h.dot(&row_hot, &weighted, 0, 0)
+                h.scatter_add_rows(&weighted, &rows, shape[0])
             }
             Op::Softmax => softmax(h, &x(0)),
             Op::SoftmaxCrossEntropy => {
@@ -703,27 +700,24 @@ impl<'g> Writer<'g> {
                     let (ids, table) = (x(0), x(1));
                     let (vocab, dim) = (table.shape[0], table.shape[1]);
                     let rows = ids.shape.iter().product::<usize>();
-                    let onehot = one_hot(h, &ids, rows, vocab);
                     let gflat = h.reshape(g, &[rows, dim]);
-                    out.push((id(1), h.dot(&onehot, &gflat, 0, 0)));
+                    out.push((id(1), h.scatter_add_rows(&gflat, &ids, vocab)));
                 }
             }
             Op::SparseMatMul => {
                 let (rows, cols, values, dense) = (x(0), x(1), x(2), x(3));
                 let (entries, n) = (values.shape[0], dense.shape[1]);
-                let row_hot = one_hot(h, &rows, entries, g.shape[0]);
-                let col_hot = one_hot(h, &cols, entries, dense.shape[0]);
                 // g's row of each entry: [E, N].
-                let g_rows = h.dot(&row_hot, g, 1, 0);
+                let g_rows = h.gather_rows(g, &rows);
                 if needs(2) {
-                    let gathered = h.dot(&col_hot, &dense, 1, 0);
+                    let gathered = h.gather_rows(&dense, &cols);
                     let products = h.mul(&g_rows, &gathered);
                     out.push((id(2), h.reduce(&products, &[1], Combine::Add)));
                 }
                 if needs(3) {
                     let wide = h.broadcast(&values, &[entries, n], &[0]);
                     let weighted = h.mul(&g_rows, &wide);
-                    out.push((id(3), h.dot(&col_hot, &weighted, 0, 0)));
+                    out.push((id(3), h.scatter_add_rows(&weighted, &cols, dense.shape[0])));
                 }
             }
             Op::Softmax => {
