@@ -146,12 +146,17 @@ pub(crate) fn text_cases<T: EpochTrainer>(
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     digits_cases(reporter, "nn", (7, 3), &|model, _| Ok(Trainer::new(model)))?;
     text_cases(reporter, "nn", &|model, _| Ok(Trainer::new(model)))?;
-    gcn_case(reporter)
+    gcn_case(reporter, "nn/gcn_20k_train_steps_per_s", tessera::nn::CpuExecutor::new)
 }
 
-/// Full-batch GCN training steps (forward, backward, Adam) on a random graph.
-fn gcn_case(reporter: &Reporter) -> Result<()> {
-    use tessera::nn::{gcn, gcn_adjacency, CpuExecutor, Executor, Optimizer, Params, Rng};
+/// Full-batch GCN training steps (forward, backward, Adam) on a random graph of 20 000
+/// nodes, on the executor `make` gives, reported as `figure`.
+pub(crate) fn gcn_case<E: tessera::nn::Executor>(
+    reporter: &Reporter,
+    figure: &str,
+    make: impl FnOnce(&tessera::nn::Graph) -> E,
+) -> Result<()> {
+    use tessera::nn::{gcn, gcn_adjacency, Optimizer, Params, Rng};
     const NODES: usize = 20_000;
     const FEATURES: usize = 32;
     const CLASSES: usize = 8;
@@ -164,10 +169,10 @@ fn gcn_case(reporter: &Reporter) -> Result<()> {
     let labels: Vec<i32> = (0..LABELLED).map(|_| rng.below(CLASSES) as i32).collect();
     let model = gcn(NODES, adjacency.values.len(), FEATURES, 64, CLASSES, LABELLED)?;
     let mut params = Params::init(&model.graph, &mut rng);
-    let mut exec = CpuExecutor::new(&model.graph);
+    let mut exec = make(&model.graph);
     model.bind(&mut exec, &features, &adjacency, &labelled, &labels)?;
     let mut optimizer = Optimizer::new(OptimizerConfig::adam(0.01), &params);
-    let mut step = |exec: &mut CpuExecutor, params: &mut Params| -> Result<()> {
+    let mut step = |exec: &mut E, params: &mut Params| -> Result<()> {
         exec.forward_all(params)?;
         exec.backward_from(params, model.loss)?;
         optimizer.step(params, |i| exec.param_grad(i));
@@ -183,6 +188,6 @@ fn gcn_case(reporter: &Reporter) -> Result<()> {
         rates.push(10.0 / start.elapsed().as_secs_f64());
     }
     let steps = median(&mut rates);
-    reporter.report("nn/gcn_20k_train_steps_per_s", steps, "steps/s", true);
+    reporter.report(figure, steps, "steps/s", true);
     Ok(())
 }

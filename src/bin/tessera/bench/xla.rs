@@ -5,11 +5,12 @@
 //! Figures: f32 GEMM GFLOP/s at 1024³ (one compiled `dot_general`, inputs already on the
 //! device, median of timed runs); MLP and CNN training on digits (samples/s and test
 //! accuracy) and the character GRU and tiny transformer (tokens/s), with the settings of
-//! the `nn` suite, to set beside `nn/…` (the CPU executor).
+//! the `nn` suite, and full-batch GCN training steps on a 20 000-node graph, to set beside
+//! `nn/…` (the CPU executor).
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use tessera::nn::{Dataset, EpochStats, TrainState, XlaTrainer};
+use tessera::nn::{Dataset, EpochStats, TrainState, XlaExecutor, XlaTrainer};
 use tessera::XlaDevice;
 
 use super::nn::{digits_cases, text_cases, EpochTrainer};
@@ -52,5 +53,9 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     reporter.report("xla/gemm_f32_1024_gflops", gemm_gflops(&device, 1024)?, "GFLOP/s", true);
     let make_trainer = |model, state: &TrainState| Ok(XlaTrainer::new(device.clone(), model, state)?);
     digits_cases(reporter, "xla", (3, 1), &make_trainer)?;
-    text_cases(reporter, "xla", &make_trainer)
+    text_cases(reporter, "xla", &make_trainer)?;
+    // The same GCN as the `nn` suite's (the sparse product as gather and scatter).
+    super::nn::gcn_case(reporter, "xla/gcn_20k_train_steps_per_s", |graph| {
+        XlaExecutor::new(device.clone(), graph)
+    })
 }
