@@ -1334,3 +1334,24 @@ fn darray_reductions_in_two_passes() {
     k.launch("darray_reduce_f32", (1, 256), (x.as_ptr(), partial.as_mut_ptr(), 0u32, 1i32));
     assert!(partial[0].is_nan());
 }
+
+/// The distributed arrays' tiled transpose as `Gpu::transpose` launches it, for shapes that
+/// are and are not multiples of the 32×32 tile, with fewer blocks than tiles.
+#[test]
+fn darray_transpose_over_tiles() {
+    let Some(k) = host_kernels() else { return };
+    for (rows, cols, blocks) in [(64usize, 32usize, 2u32), (70, 45, 3), (1, 100, 1), (33, 1, 4)] {
+        let x: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let mut y = vec![-1f32; rows * cols];
+        k.launch(
+            "darray_transpose_f32",
+            (blocks, 256),
+            (x.as_ptr(), y.as_mut_ptr(), rows as u32, cols as u32),
+        );
+        for r in 0..rows {
+            for c in 0..cols {
+                assert_eq!(y[c * rows + r], x[r * cols + c], "{rows}×{cols}: ({r}, {c})");
+            }
+        }
+    }
+}

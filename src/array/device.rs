@@ -236,6 +236,34 @@ impl DeviceDArray {
         Ok(self.with_chunks(grid, chunks))
     }
 
+    /// The transpose of a 2-dimensional array: chunk `(i, j)` of the result is chunk
+    /// `(j, i)` transposed on the result chunk's device (a chunk on another device is
+    /// copied there first).
+    ///
+    /// # Errors
+    /// [`ArrayError::RankMismatch`] unless the array is 2-dimensional.
+    pub fn transpose(&self) -> Result<DeviceDArray> {
+        let (&[m, n], &[cm, cn]) = (self.shape(), self.grid.chunk_shape()) else {
+            return Err(
+                ArrayError::RankMismatch { op: "transpose", expected: 2, got: self.shape().len() }.into()
+            );
+        };
+        let grid = ChunkGrid::new(&[n, m], &[cn, cm])?;
+        let chunks = (0..grid.num_chunks())
+            .map(|c| {
+                let position = grid.position(c);
+                let source = self.grid.linear(&[position[1], position[0]]);
+                self.device(c).run(&self.chunks[source..=source], |scope, inputs| {
+                    let (rows, cols) = (inputs[0].shape()[0], inputs[0].shape()[1]);
+                    let mut y = scope.gpu().zeros(rows * cols)?;
+                    scope.gpu().transpose(on_device(&inputs[0])?, rows, cols, &mut y)?;
+                    scope.array(y, vec![cols, rows])
+                })
+            })
+            .collect();
+        Ok(self.with_chunks(grid, chunks))
+    }
+
     /// The reduction of all elements by `op`: each chunk is reduced on its device (in
     /// double), then the per-chunk results are combined here. Waits for the result.
     ///

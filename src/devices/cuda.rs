@@ -778,6 +778,33 @@ impl Gpu {
         launch!(self, "darray_zip_f32", n; a, b, y, &n, &op)
     }
 
+    /// `y` (`cols × rows`) = the transpose of the row-major `rows × cols` matrix `x`.
+    ///
+    /// # Errors
+    /// [`DeviceError::Shape`], [`DeviceError::Compile`], [`DeviceError::Driver`].
+    pub(crate) fn transpose(
+        &self,
+        x: &CudaSlice<f32>,
+        rows: usize,
+        cols: usize,
+        y: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        if x.len() != rows * cols || y.len() != x.len() {
+            return Err(DeviceError::Shape {
+                op: "transpose",
+                message: format!("{rows}×{cols} from {} into {} elements", x.len(), y.len()),
+            });
+        }
+        let (r, c) = (len_u32(rows, "transpose")?, len_u32(cols, "transpose")?);
+        let tiles = r.div_ceil(32).saturating_mul(c.div_ceil(32));
+        let config = LaunchConfig {
+            grid_dim: (tiles.clamp(1, 4096), 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        launch!(self, "darray_transpose_f32", cfg = config; x, y, &r, &c)
+    }
+
     /// The sum (`op` 0), minimum (1) or maximum (2) of `x`, computed in double: blocks of 256
     /// reduce their shares to partial results, which one block then reduces (a fixed order,
     /// so the result does not vary from run to run). Min and max of nothing, or of NaNs

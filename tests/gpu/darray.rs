@@ -102,6 +102,17 @@ fn every_operation_on_the_gpus_computes_what_the_cpu_does() {
         assert_eq!(got.is_nan(), op == ReduceOp::Sum, "{op:?} with NaNs: {got}");
     }
 
+    // Transposes (edge chunks, chunks of other sizes than a tile) are exact.
+    assert_eq!(a_gpu.transpose().unwrap().to_array().unwrap(), a.transpose().unwrap().to_array().unwrap());
+    let twice = a_gpu.transpose().unwrap().transpose().unwrap();
+    assert_eq!(twice.grid(), a_gpu.grid());
+    assert_eq!(twice.to_array().unwrap(), a.to_array().unwrap());
+    let vector = uniform(&rt, &[64], &[32], 11, -1.0).to_devices(&devices).unwrap();
+    assert!(matches!(
+        vector.transpose(),
+        Err(Error::Array(ArrayError::RankMismatch { op: "transpose", .. }))
+    ));
+
     // Matmul: 130×70 · 70×90, the inner dimension in 3 tiles (the last one short).
     let c = uniform(&rt, &[70, 90], &[32, 40], 3, -1.0);
     let c_gpu = c.to_devices(&devices).unwrap();

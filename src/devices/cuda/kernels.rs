@@ -12,7 +12,8 @@
 //! ([`rows_config`](super::rows_config)); `col_sums_add_f32` takes blocks of 256 threads
 //! over tiles of 32 columns ([`column_tiles`](super::column_tiles)); `sum_f32` blocks of
 //! 1024, `mean_f32` and `mse_f32` one block of 256 ([`one_block`](super::one_block)), the
-//! distributed arrays' `darray_reduce_f32` and `darray_reduce_f64` blocks of 256.
+//! distributed arrays' `darray_reduce_f32` and `darray_reduce_f64` blocks of 256, and
+//! `darray_transpose_f32` blocks of 256 over tiles of 32×32.
 
 /// Helpers every kernel may use: the grid-stride loop, block sums, maxima and tiled column
 /// sums in shared memory, activations by code (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their
@@ -812,6 +813,30 @@ pub const KERNELS: &[(&str, &str)] = &[
     TESSERA_LOOP(i, n) { acc = tessera_reduce_op(op, acc, x[i]); }
     acc = tessera_block_reduce(scratch, acc, [op](double a, double b) { return tessera_reduce_op(op, a, b); });
     if (threadIdx.x == 0) { partial[blockIdx.x] = acc; }
+}"#,
+    ),
+    (
+        "darray_transpose_f32",
+        r#"extern "C" __global__ void darray_transpose_f32(const float* x, float* y, unsigned int rows, unsigned int cols) {
+    // Tiles of 32×32 through shared memory (one column of padding against bank conflicts):
+    // each of the 8 warps of a block reads rows of a tile and writes columns of it, so
+    // both the reads and the writes of a warp are 32 adjacent floats.
+    __shared__ float tile[32][33];
+    unsigned int lane = threadIdx.x % 32, group = threadIdx.x / 32, groups = blockDim.x / 32;
+    unsigned int tile_cols = (cols + 31) / 32, tiles = ((rows + 31) / 32) * tile_cols;
+    for (unsigned int t = blockIdx.x; t < tiles; t += gridDim.x) {
+        unsigned int r0 = (t / tile_cols) * 32, c0 = (t % tile_cols) * 32;
+        for (unsigned int k = group; k < 32; k += groups) {
+            unsigned int r = r0 + k, c = c0 + lane;
+            if (r < rows && c < cols) { tile[k][lane] = x[(size_t)r * cols + c]; }
+        }
+        __syncthreads();
+        for (unsigned int k = group; k < 32; k += groups) {
+            unsigned int c = c0 + k, r = r0 + lane;
+            if (r < rows && c < cols) { y[(size_t)c * rows + r] = tile[lane][k]; }
+        }
+        __syncthreads();
+    }
 }"#,
     ),
 ];
