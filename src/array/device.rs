@@ -496,6 +496,16 @@ impl DeviceSparseDArray {
             Some(k) => (vec![self.rows, k], vec![self.block_rows, k.max(1)]),
         };
         let grid = ChunkGrid::new(&shape, &chunk)?;
+        if grid.is_empty() {
+            // No rows, or `x` has no columns: no elements, and no chunk (a 0 dimension
+            // has no chunks along it).
+            return Ok(DeviceDArray {
+                rt: self.rt.clone(),
+                grid,
+                devices: self.devices.clone(),
+                chunks: Vec::new(),
+            });
+        }
         let columns = k.unwrap_or(1);
         let chunks = self
             .blocks

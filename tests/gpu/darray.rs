@@ -275,6 +275,10 @@ fn sparse_products_on_the_gpus_compute_what_the_cpu_does() {
         let got = on_gpus.matmul(&xs.to_devices(&devices).unwrap()).unwrap();
         let expected = matrix.matmul(&xs).unwrap().to_array().unwrap();
         assert_close(&format!("{name} × matrix"), &got.to_array().unwrap(), &expected, 1e-5);
+        // With no columns, the product has no elements.
+        let none = DArray::<f32>::zeros(&rt, &[900, 0], &[400, 1]).unwrap().to_devices(&devices).unwrap();
+        let empty = on_gpus.matmul(&none).unwrap();
+        assert_eq!((empty.shape(), empty.to_array().unwrap().len()), (&[matrix.shape()[0], 0][..], 0));
         // A matrix cut between its columns is refused; so is a vector of the wrong length.
         let split = uniform(&rt, &[900, 5], &[900, 2], 14, -1.0).to_devices(&devices).unwrap();
         assert!(matches!(on_gpus.matmul(&split), Err(Error::Array(ArrayError::ChunkMismatch { .. }))));
