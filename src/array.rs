@@ -44,6 +44,8 @@ pub use darray::DArray;
 pub use device::{DeviceDArray, DeviceSparseDArray};
 pub use grid::ChunkGrid;
 pub use ops::{BinaryOp, DElement, Fill, ReduceOp, UnaryOp};
+#[cfg(feature = "cuda")]
+pub(crate) use sparse::CsrBlock;
 pub use sparse::SparseDArray;
 
 /// Why an array operation was refused.

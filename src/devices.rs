@@ -32,9 +32,9 @@ pub use cuda::{
     KERNELS, KERNEL_PRELUDE,
 };
 #[cfg(feature = "cuda")]
-pub use device_actor::{DeviceActor, DeviceArray};
+pub(crate) use device_actor::DeviceCsr;
 #[cfg(feature = "cuda")]
-pub(crate) use device_actor::{DeviceCsr, HostCsr};
+pub use device_actor::{DeviceActor, DeviceArray};
 pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};
 #[cfg(feature = "cuda")]
 pub use gpu_group::{GpuCommunicator, HostStagedGroup};

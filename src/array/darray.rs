@@ -227,19 +227,9 @@ impl<T: DElement> DArray<T> {
     /// # Errors
     /// [`ArrayError::RankMismatch`] unless the array is 2-dimensional.
     pub fn transpose(&self) -> Result<DArray<T>> {
-        let (&[m, n], &[cm, cn]) = (self.shape(), self.grid.chunk_shape()) else {
-            return Err(
-                ArrayError::RankMismatch { op: "transpose", expected: 2, got: self.shape().len() }.into()
-            );
-        };
-        let grid = ChunkGrid::new(&[n, m], &[cn, cm])?;
-        let chunks = (0..grid.num_chunks())
-            .map(|c| {
-                let position = grid.position(c);
-                let source = self.grid.linear(&[position[1], position[0]]);
-                T::spawn_transpose(&self.rt, &self.chunks[source])
-            })
-            .collect();
+        let (grid, sources) = self.grid.transposed()?;
+        let chunks =
+            sources.iter().map(|&source| T::spawn_transpose(&self.rt, &self.chunks[source])).collect();
         Ok(DArray { rt: self.rt.clone(), grid, chunks })
     }
 

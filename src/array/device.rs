@@ -15,7 +15,7 @@ use super::chunk::Chunk;
 use super::ops::{BinaryOp, ReduceOp, UnaryOp};
 use super::sparse::CsrBlock;
 use super::{ArrayError, ChunkGrid, DArray, SparseDArray};
-use crate::devices::{DeviceCsr, Gemm32, HostCsr};
+use crate::devices::{DeviceCsr, Gemm32};
 use crate::{DeviceActor, DeviceArray, DeviceError, Ref, Result, Runtime};
 
 /// An n-dimensional f32 array cut into a grid of chunks, each a [`Ref`] to a
@@ -243,16 +243,11 @@ impl DeviceDArray {
     /// # Errors
     /// [`ArrayError::RankMismatch`] unless the array is 2-dimensional.
     pub fn transpose(&self) -> Result<DeviceDArray> {
-        let (&[m, n], &[cm, cn]) = (self.shape(), self.grid.chunk_shape()) else {
-            return Err(
-                ArrayError::RankMismatch { op: "transpose", expected: 2, got: self.shape().len() }.into()
-            );
-        };
-        let grid = ChunkGrid::new(&[n, m], &[cn, cm])?;
-        let chunks = (0..grid.num_chunks())
-            .map(|c| {
-                let position = grid.position(c);
-                let source = self.grid.linear(&[position[1], position[0]]);
+        let (grid, sources) = self.grid.transposed()?;
+        let chunks = sources
+            .iter()
+            .enumerate()
+            .map(|(c, &source)| {
                 self.device(c).run(&self.chunks[source..=source], |scope, inputs| {
                     let (rows, cols) = (inputs[0].shape()[0], inputs[0].shape()[1]);
                     let mut y = scope.gpu().zeros(rows * cols)?;
@@ -384,7 +379,7 @@ impl SparseDArray<f32> {
             .map(|(b, block)| {
                 devices[b % devices.len()].run_from(
                     block,
-                    |scope, block: CsrBlock<f32>| scope.upload_csr(&host_csr(&block)?),
+                    |scope, block: CsrBlock<f32>| scope.upload_csr(&block),
                     DeviceCsr::byte_len,
                 )
             })
@@ -399,31 +394,6 @@ impl SparseDArray<f32> {
             blocks,
         })
     }
-}
-
-/// A block's arrays as cuSPARSE takes them (32-bit offsets and columns).
-fn host_csr(block: &CsrBlock<f32>) -> std::result::Result<HostCsr, DeviceError> {
-    let too_large = |what: &str| DeviceError::Shape {
-        op: "sparse block to the device",
-        message: format!("{what} exceeds 32 bits (cuSPARSE is used with 32-bit indices)"),
-    };
-    let offsets = block
-        .offsets
-        .iter()
-        .map(|&o| i32::try_from(o).map_err(|_| too_large("an offset")))
-        .collect::<std::result::Result<Vec<i32>, _>>()?;
-    let columns = block
-        .indices
-        .iter()
-        .map(|&c| i32::try_from(c).map_err(|_| too_large("a column index")))
-        .collect::<std::result::Result<Vec<i32>, _>>()?;
-    Ok(HostCsr {
-        rows: block.rows,
-        cols: block.cols,
-        offsets,
-        columns,
-        values: block.values.as_ref().clone(),
-    })
 }
 
 /// A sparse f32 matrix cut into blocks of rows, each a CSR matrix in the memory of one of

@@ -80,6 +80,25 @@ impl ChunkGrid {
         Ok((grid, [self.counts[0], self.counts[1], right.counts[1]]))
     }
 
+    /// The grid of the transpose of a 2-dimensional grid, and for each of its chunks
+    /// (row-major) the number of the chunk of `self` it is the transpose of.
+    ///
+    /// # Errors
+    /// [`ArrayError::RankMismatch`] unless the grid is 2-dimensional.
+    pub(crate) fn transposed(&self) -> Result<(ChunkGrid, Vec<usize>), ArrayError> {
+        let (&[m, n], &[cm, cn]) = (&self.shape[..], &self.chunk[..]) else {
+            return Err(ArrayError::RankMismatch { op: "transpose", expected: 2, got: self.shape.len() });
+        };
+        let grid = ChunkGrid::new(&[n, m], &[cn, cm])?;
+        let sources = (0..grid.num_chunks())
+            .map(|c| {
+                let position = grid.position(c);
+                self.linear(&[position[1], position[0]])
+            })
+            .collect();
+        Ok((grid, sources))
+    }
+
     /// The grid position of chunk number `linear` (row-major).
     pub(crate) fn position(&self, mut linear: usize) -> Vec<usize> {
         let mut position = vec![0; self.counts.len()];

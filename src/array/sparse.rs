@@ -117,6 +117,21 @@ impl<T> TryFrom<UncheckedBlock<T>> for CsrBlock<T> {
 }
 
 impl<T: DElement> CsrBlock<T> {
+    /// A block from its arrays, checked as a decoded one is.
+    ///
+    /// # Errors
+    /// [`ArrayError::BadSparse`] unless they are a valid CSR matrix.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn from_arrays(
+        rows: usize,
+        cols: usize,
+        offsets: Vec<u64>,
+        indices: Vec<u32>,
+        values: Vec<T>,
+    ) -> Result<CsrBlock<T>, ArrayError> {
+        CsrBlock::try_from(UncheckedBlock { rows, cols, offsets, indices, values })
+    }
+
     /// A block of `rows` rows whose row `r` has the nonzeros `row(r)` (columns ascending).
     fn from_rows(rows: usize, cols: usize, mut row: impl FnMut(usize, &mut Vec<(u32, T)>)) -> CsrBlock<T> {
         let (mut offsets, mut indices, mut values) = (vec![0], Vec::new(), Vec::new());

@@ -950,15 +950,6 @@ pub(crate) fn column_tiles(cols: u32) -> LaunchConfig {
 /// An element count or dimension passed to a kernel (as `unsigned int`): at most 2³¹ − 1,
 /// so that a grid-stride loop's `i += blockDim.x * gridDim.x` (at most 2²⁸, see [`grid`])
 /// cannot wrap past 2³² and loop forever.
-/// The common length of two buffers an elementwise kernel reads and writes, as a kernel
-/// argument.
-fn same_len(op: &'static str, a: usize, b: usize) -> Result<u32> {
-    if a != b {
-        return Err(DeviceError::Shape { op, message: format!("{a} vs {b} elements") });
-    }
-    len_u32(a, op)
-}
-
 pub(crate) fn len_u32(len: usize, op: &'static str) -> Result<u32> {
     match u32::try_from(len) {
         Ok(n) if n <= i32::MAX as u32 => Ok(n),
@@ -966,6 +957,15 @@ pub(crate) fn len_u32(len: usize, op: &'static str) -> Result<u32> {
             Err(DeviceError::Shape { op, message: format!("{len} elements exceed the kernels' 2³¹ − 1") })
         }
     }
+}
+
+/// The common length of two buffers an elementwise kernel reads and writes, as a kernel
+/// argument.
+fn same_len(op: &'static str, a: usize, b: usize) -> Result<u32> {
+    if a != b {
+        return Err(DeviceError::Shape { op, message: format!("{a} vs {b} elements") });
+    }
+    len_u32(a, op)
 }
 
 #[cfg(test)]

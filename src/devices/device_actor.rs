@@ -38,6 +38,7 @@ use serde::{Deserialize, Serialize};
 use super::cuda::{DeviceError, Gpu, GpuCsr};
 use crate::actors::object::{ObjectId, ObjectTable, Outcome, Value};
 use crate::actors::reference::{blocking_read, Payload, RefInner};
+use crate::array::CsrBlock;
 use crate::error::panic_message;
 use crate::{Error, Ref, Runtime};
 
@@ -198,46 +199,11 @@ impl Drop for CsrBuffer {
     }
 }
 
-/// A CSR matrix's arrays on the host, and its encoded form.
-#[derive(Clone, Serialize, Deserialize)]
-pub(crate) struct HostCsr {
-    pub(crate) rows: usize,
-    pub(crate) cols: usize,
-    pub(crate) offsets: Vec<i32>,
-    pub(crate) columns: Vec<i32>,
-    pub(crate) values: Vec<f32>,
-}
-
-impl HostCsr {
-    /// Why these arrays are not a valid CSR matrix, if they are not (checked when one is
-    /// decoded, so a malformed matrix from a peer never reaches cuSPARSE).
-    fn invalid(&self) -> Option<String> {
-        let (rows, cols) = (self.rows, self.cols);
-        if self.offsets.len() != rows + 1 || self.columns.len() != self.values.len() {
-            return Some(format!(
-                "{rows} rows with {} offsets, {} columns for {} values",
-                self.offsets.len(),
-                self.columns.len(),
-                self.values.len()
-            ));
-        }
-        if self.offsets[0] != 0 || self.offsets.windows(2).any(|w| w[1] < w[0]) {
-            return Some("offsets do not start at 0 and never decrease".into());
-        }
-        if usize::try_from(self.offsets[rows]).ok() != Some(self.values.len()) {
-            return Some(format!("the last offset is not the {} values", self.values.len()));
-        }
-        if i32::try_from(cols).is_err() || self.columns.iter().any(|&c| c < 0 || c as usize >= cols) {
-            return Some(format!("a column index outside 0..{cols}"));
-        }
-        None
-    }
-}
-
 #[derive(Clone)]
 enum CsrStorage {
     Device(Arc<CsrBuffer>),
-    Host(Arc<HostCsr>),
+    /// A block of a sparse array (its arrays are shared, so cloning copies nothing).
+    Host(CsrBlock<f32>),
 }
 
 /// A CSR matrix (f32 values, 32-bit indices) in a GPU's memory, or staged on the host until
@@ -250,19 +216,11 @@ pub(crate) struct DeviceCsr {
 }
 
 impl DeviceCsr {
-    /// A host-staged matrix from valid CSR arrays.
-    pub(crate) fn from_host(host: HostCsr) -> Result<DeviceCsr, DeviceError> {
-        if let Some(reason) = host.invalid() {
-            return Err(DeviceError::Shape { op: "DeviceCsr", message: reason });
-        }
-        Ok(DeviceCsr { storage: CsrStorage::Host(Arc::new(host)) })
-    }
-
     /// (rows, columns).
     pub(crate) fn shape(&self) -> (usize, usize) {
         match &self.storage {
             CsrStorage::Device(buffer) => buffer.csr.shape(),
-            CsrStorage::Host(host) => (host.rows, host.cols),
+            CsrStorage::Host(block) => (block.rows, block.cols),
         }
     }
 
@@ -282,15 +240,19 @@ impl DeviceCsr {
         }
     }
 
-    /// Its arrays on the host (a copy queued after the work that made it, and waited for).
-    pub(crate) fn to_host(&self) -> Result<HostCsr, DeviceError> {
+    /// The matrix on the host, as a sparse array's block (a copy queued after the work that
+    /// made it, and waited for).
+    pub(crate) fn to_host(&self) -> Result<CsrBlock<f32>, DeviceError> {
         match &self.storage {
             CsrStorage::Device(buffer) => {
                 let (rows, cols) = buffer.csr.shape();
                 let (offsets, columns, values) = buffer.gpu.download_csr_arrays(&buffer.csr)?;
-                Ok(HostCsr { rows, cols, offsets, columns, values })
+                let offsets = offsets.into_iter().map(|o| o.max(0) as u64).collect();
+                let columns = columns.into_iter().map(|c| c.max(0) as u32).collect();
+                CsrBlock::from_arrays(rows, cols, offsets, columns, values)
+                    .map_err(|e| DeviceError::Shape { op: "DeviceCsr::to_host", message: e.to_string() })
             }
-            CsrStorage::Host(host) => Ok(host.as_ref().clone()),
+            CsrStorage::Host(block) => Ok(block.clone()),
         }
     }
 
@@ -306,9 +268,11 @@ impl Serialize for DeviceCsr {
     }
 }
 
+/// The encoded form is the block's, which is checked when decoded (so a malformed matrix
+/// from a peer never reaches cuSPARSE).
 impl<'de> Deserialize<'de> for DeviceCsr {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        DeviceCsr::from_host(HostCsr::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+        Ok(DeviceCsr { storage: CsrStorage::Host(CsrBlock::deserialize(deserializer)?) })
     }
 }
 
@@ -359,13 +323,20 @@ impl DeviceScope<'_> {
         self.array(self.gpu.zeros(len)?, shape)
     }
 
-    /// Copies a host CSR matrix to this device.
+    /// Copies a sparse array's block to this device as CSR with 32-bit indices.
     ///
     /// # Errors
-    /// [`DeviceError::Shape`], [`DeviceError::Driver`].
-    pub(crate) fn upload_csr(&self, host: &HostCsr) -> Result<DeviceCsr, DeviceError> {
-        let csr =
-            self.gpu.upload_csr_arrays(host.rows, host.cols, &host.offsets, &host.columns, &host.values)?;
+    /// [`DeviceError::Shape`] if an offset or column exceeds 32 bits; [`DeviceError::Driver`].
+    pub(crate) fn upload_csr(&self, block: &CsrBlock<f32>) -> Result<DeviceCsr, DeviceError> {
+        fn narrow<I: Copy + TryInto<i32>>(items: &[I], what: &str) -> Result<Vec<i32>, DeviceError> {
+            items.iter().map(|&v| v.try_into()).collect::<Result<_, _>>().map_err(|_| DeviceError::Shape {
+                op: "upload_csr",
+                message: format!("{what} exceeds 32 bits (cuSPARSE is used with 32-bit indices)"),
+            })
+        }
+        let offsets = narrow(&block.offsets, "an offset")?;
+        let columns = narrow(&block.indices, "a column index")?;
+        let csr = self.gpu.upload_csr_arrays(block.rows, block.cols, &offsets, &columns, &block.values)?;
         self.live.fetch_add(csr.byte_len(), Ordering::Relaxed);
         let buffer = CsrBuffer { gpu: self.gpu.clone(), csr, live: self.live.clone() };
         Ok(DeviceCsr { storage: CsrStorage::Device(Arc::new(buffer)) })
@@ -572,11 +543,7 @@ impl DeviceActor {
         let ids: Vec<ObjectId> = inputs.iter().map(Ref::id).collect();
         let copies_in = self.shared.copies_in.clone();
         self.submit(ids, size, move |scope, task| {
-            let mut arrays = Vec::with_capacity(inputs.len());
-            for input in &inputs {
-                let array = blocking_read::<DeviceArray>(&input.inner, None)?;
-                arrays.push(adopt(scope, array, &copies_in).map_err(|e| device_failed(task, e))?);
-            }
+            let arrays = read_inputs(scope, &inputs, &copies_in, task)?;
             drop(inputs);
             work(scope, &arrays).map_err(|e| device_failed(task, e))
         })
@@ -616,17 +583,9 @@ impl DeviceActor {
         let ids: Vec<ObjectId> = std::iter::once(matrix.id()).chain(inputs.iter().map(Ref::id)).collect();
         let copies_in = self.shared.copies_in.clone();
         self.submit(ids, size, move |scope, task| {
-            let mut csr = blocking_read::<DeviceCsr>(&matrix.inner, None)?;
-            if csr.device() != Some(scope.gpu.ordinal()) {
-                copies_in.fetch_add(1, Ordering::Relaxed);
-                let host = csr.to_host().map_err(|e| device_failed(task, e))?;
-                csr = scope.upload_csr(&host).map_err(|e| device_failed(task, e))?;
-            }
-            let mut arrays = Vec::with_capacity(inputs.len());
-            for input in &inputs {
-                let array = blocking_read::<DeviceArray>(&input.inner, None)?;
-                arrays.push(adopt(scope, array, &copies_in).map_err(|e| device_failed(task, e))?);
-            }
+            let csr = blocking_read::<DeviceCsr>(&matrix.inner, None)?;
+            let csr = adopt_csr(scope, csr, &copies_in).map_err(|e| device_failed(task, e))?;
+            let arrays = read_inputs(scope, &inputs, &copies_in, task)?;
             drop((matrix, inputs));
             work(scope, &csr, &arrays).map_err(|e| device_failed(task, e))
         })
@@ -681,6 +640,36 @@ fn adopt(
     copies_in.fetch_add(1, Ordering::Relaxed);
     let data = array.to_host()?;
     scope.upload(&data, array.shape)
+}
+
+/// Each input as an array on the scope's device (see [`adopt`]), once read.
+fn read_inputs(
+    scope: &DeviceScope<'_>,
+    inputs: &[Ref<DeviceArray>],
+    copies_in: &AtomicU64,
+    task: &str,
+) -> Result<Vec<DeviceArray>, Error> {
+    inputs
+        .iter()
+        .map(|input| {
+            let array = blocking_read::<DeviceArray>(&input.inner, None)?;
+            adopt(scope, array, copies_in).map_err(|e| device_failed(task, e))
+        })
+        .collect()
+}
+
+/// A sparse matrix on the scope's device: the same one if it is there already, else a
+/// counted copy (as [`adopt`] does for arrays).
+fn adopt_csr(
+    scope: &DeviceScope<'_>,
+    csr: DeviceCsr,
+    copies_in: &AtomicU64,
+) -> Result<DeviceCsr, DeviceError> {
+    if csr.device() == Some(scope.gpu.ordinal()) {
+        return Ok(csr);
+    }
+    copies_in.fetch_add(1, Ordering::Relaxed);
+    scope.upload_csr(&csr.to_host()?)
 }
 
 /// Queues `job` on the actor once every input in `ids` is ready; fails the output at once
@@ -740,31 +729,38 @@ fn when_ready(
 mod tests {
     use super::*;
 
-    fn csr(offsets: Vec<i32>, columns: Vec<i32>) -> HostCsr {
-        let values = vec![1.0; columns.len()];
-        HostCsr { rows: offsets.len().saturating_sub(1), cols: 3, offsets, columns, values }
+    /// A block's encoding as `CsrBlock` writes it: rows, columns, then offsets (u64),
+    /// columns (u32) and values (f32) as little-endian bytes.
+    fn encoded(offsets: &[u64], columns: &[u32]) -> Vec<u8> {
+        let bytes = |items: &[u8]| serde_bytes::ByteBuf::from(items.to_vec());
+        let values = vec![1f32; columns.len()];
+        let raw = (
+            offsets.len().saturating_sub(1),
+            3usize,
+            bytes(bytemuck::cast_slice(offsets)),
+            bytes(bytemuck::cast_slice(columns)),
+            bytes(bytemuck::cast_slice(&values)),
+        );
+        bincode::serde::encode_to_vec(raw, bincode::config::standard()).unwrap()
     }
 
     /// A CSR matrix that arrives from another process is checked before any device sees it.
     #[test]
     fn malformed_csr_matrices_are_refused_when_decoded() {
-        assert!(csr(vec![0, 1, 3], vec![2, 0, 1]).invalid().is_none());
-        for (bad, why) in [
-            (csr(vec![0, 2, 1], vec![0, 1]), "never decrease"),
-            (csr(vec![1, 2, 3], vec![0, 1, 2]), "start at 0"),
-            (csr(vec![0, 1, 2], vec![0, 1, 2]), "last offset"),
-            (csr(vec![0, 1, 2], vec![0, 3]), "column index"),
-            (csr(vec![0, 1, 2], vec![0, -1]), "column index"),
+        let decode = |bytes: &[u8]| {
+            bincode::serde::decode_from_slice::<DeviceCsr, _>(bytes, bincode::config::standard())
+                .map(|(m, _)| m)
+        };
+        let good = decode(&encoded(&[0, 1, 3], &[2, 0, 1])).expect("a valid matrix");
+        assert_eq!((good.shape(), good.device()), ((2, 3), None));
+        for (offsets, columns, why) in [
+            (&[0u64, 2, 1][..], &[0u32, 1][..], "decrease"),
+            (&[1, 2, 3], &[0, 1, 2], "offsets for 2 rows"),
+            (&[0, 1, 2], &[0, 1, 2], "nonzeros announced"),
+            (&[0, 1, 2], &[0, 3], "column 3"),
         ] {
-            let reason = bad.invalid().expect("refused");
-            assert!(reason.contains(why), "{reason}");
-            let bytes = bincode::serde::encode_to_vec(&bad, bincode::config::standard()).unwrap();
-            let decoded =
-                bincode::serde::decode_from_slice::<DeviceCsr, _>(&bytes, bincode::config::standard());
-            assert!(decoded.is_err(), "decoded a matrix whose {why}");
+            let error = decode(&encoded(offsets, columns)).err().unwrap_or_else(|| panic!("decoded ({why})"));
+            assert!(error.to_string().contains(why), "{error}");
         }
-        let mut short = csr(vec![0, 1, 2], vec![0, 1]);
-        short.values.pop();
-        assert!(short.invalid().is_some());
     }
 }

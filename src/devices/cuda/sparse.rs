@@ -292,9 +292,8 @@ impl Gpu {
     /// [`DeviceError::Driver`]; [`DeviceError::Shape`] if the device data is not a valid CSR.
     pub fn download_csr(&self, matrix: &GpuCsr) -> Result<sprs::CsMat<f32>> {
         let to_usize = |v: Vec<i32>| v.into_iter().map(|x| x.max(0) as usize).collect::<Vec<_>>();
-        let offsets = to_usize(self.stream.clone_dtoh(&matrix.offsets).map_err(|e| self.driver(e))?);
-        let columns = to_usize(self.stream.clone_dtoh(&matrix.columns).map_err(|e| self.driver(e))?);
-        let values = self.download(&matrix.values)?;
+        let (offsets, columns, values) = self.download_csr_arrays(matrix)?;
+        let (offsets, columns) = (to_usize(offsets), to_usize(columns));
         sprs::CsMat::try_new((matrix.rows, matrix.cols), offsets, columns, values)
             .map_err(|(_, _, _, e)| DeviceError::Shape { op: "download_csr", message: e.to_string() })
     }
