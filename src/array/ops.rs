@@ -138,7 +138,7 @@ impl DElement for f64 {}
 pub(crate) mod sealed {
     use super::*;
     use crate::array::chunk::Chunk;
-    use crate::array::sparse::CsrBlock;
+    use crate::array::sparse::{CsrBlock, CsrStack};
 
     /// The kernels and task spawners of one element type; sealed, so that the set of
     /// element types (and their registered tasks) stays ours.
@@ -192,13 +192,14 @@ pub(crate) mod sealed {
         fn spawn_spgemm(
             rt: &Runtime,
             a: &Ref<CsrBlock<Self>>,
-            b: &Ref<CsrBlock<Self>>,
+            b: &Ref<CsrStack<Self>>,
         ) -> Ref<CsrBlock<Self>>;
-        fn spawn_stack_rows(
+        fn spawn_stack_of(rt: &Runtime, block: &Ref<CsrBlock<Self>>) -> Ref<CsrStack<Self>>;
+        fn spawn_stack(
             rt: &Runtime,
-            top: &Ref<CsrBlock<Self>>,
-            bottom: &Ref<CsrBlock<Self>>,
-        ) -> Ref<CsrBlock<Self>>;
+            top: &Ref<CsrStack<Self>>,
+            bottom: &Ref<CsrStack<Self>>,
+        ) -> Ref<CsrStack<Self>>;
         fn spawn_matmul(rt: &Runtime, a: &Ref<Chunk<Self>>, b: &Ref<Chunk<Self>>) -> Ref<Chunk<Self>>;
         fn spawn_extract(
             rt: &Runtime,
@@ -226,7 +227,7 @@ macro_rules! float_element {
             #![allow(unreachable_pub)]
             use super::*;
             use crate::array::chunk::{self, Chunk};
-            use crate::array::sparse::{self, CsrBlock};
+            use crate::array::sparse::{self, CsrBlock, CsrStack};
             use crate::array::ArrayError;
 
             crate::task! {
@@ -250,13 +251,18 @@ macro_rules! float_element {
                 }
             }
             crate::task! {
-                pub(super) fn spgemm(a: CsrBlock<$t>, b: CsrBlock<$t>) -> Result<CsrBlock<$t>, ArrayError> {
+                pub(super) fn spgemm(a: CsrBlock<$t>, b: CsrStack<$t>) -> Result<CsrBlock<$t>, ArrayError> {
                     sparse::spgemm(&a, &b)
                 }
             }
             crate::task! {
-                pub(super) fn stack_rows(top: CsrBlock<$t>, bottom: CsrBlock<$t>) -> Result<CsrBlock<$t>, ArrayError> {
-                    sparse::stack_rows(&top, &bottom)
+                pub(super) fn stack_of(block: CsrBlock<$t>) -> CsrStack<$t> {
+                    CsrStack::of(block)
+                }
+            }
+            crate::task! {
+                pub(super) fn stack(top: CsrStack<$t>, bottom: CsrStack<$t>) -> Result<CsrStack<$t>, ArrayError> {
+                    CsrStack::stack(top, bottom)
                 }
             }
 
@@ -485,16 +491,22 @@ macro_rules! float_element {
             fn spawn_spgemm(
                 rt: &Runtime,
                 a: &Ref<crate::array::sparse::CsrBlock<Self>>,
-                b: &Ref<crate::array::sparse::CsrBlock<Self>>,
+                b: &Ref<crate::array::sparse::CsrStack<Self>>,
             ) -> Ref<crate::array::sparse::CsrBlock<Self>> {
                 $tasks::spgemm::spawn(rt, a, b)
             }
-            fn spawn_stack_rows(
+            fn spawn_stack_of(
                 rt: &Runtime,
-                top: &Ref<crate::array::sparse::CsrBlock<Self>>,
-                bottom: &Ref<crate::array::sparse::CsrBlock<Self>>,
-            ) -> Ref<crate::array::sparse::CsrBlock<Self>> {
-                $tasks::stack_rows::spawn(rt, top, bottom)
+                block: &Ref<crate::array::sparse::CsrBlock<Self>>,
+            ) -> Ref<crate::array::sparse::CsrStack<Self>> {
+                $tasks::stack_of::spawn(rt, block)
+            }
+            fn spawn_stack(
+                rt: &Runtime,
+                top: &Ref<crate::array::sparse::CsrStack<Self>>,
+                bottom: &Ref<crate::array::sparse::CsrStack<Self>>,
+            ) -> Ref<crate::array::sparse::CsrStack<Self>> {
+                $tasks::stack::spawn(rt, top, bottom)
             }
             fn spawn_total(rt: &Runtime, total: &Ref<Option<Self>>, op: ReduceOp) -> Ref<Self> {
                 $tasks::total::spawn(rt, total, op)

@@ -1,6 +1,7 @@
 //! Sparse distributed matrices: [`SparseDArray`], a CSR matrix cut into blocks of rows,
 //! each block a `Ref` held where the task that made it ran; `CsrBlock<T>`, the block
-//! payload (checked when decoded); the sparse kernels (SpMV, SpMM, generators); and
+//! payload (checked when decoded); `CsrStack<T>`, blocks stacked without copying for a
+//! sparse × sparse product; the sparse kernels (SpMV, SpMM, generators); and
 //! saving to and loading from a stash (blocks written by their holders, then a manifest).
 use std::ops::Range;
 use std::sync::Arc;
@@ -288,63 +289,164 @@ pub(crate) fn spmm_t<T: DElement>(block: &CsrBlock<T>, y: &Chunk<T>) -> Result<C
     Ok(out)
 }
 
+/// Blocks of rows stacked into one matrix without copying their arrays (each part's are
+/// shared): the right operand of a sparse × sparse product, gathered from every block of
+/// it. Nominally `pub` for the same reason as [`CsrBlock`].
+///
+/// On the wire: `(cols, parts)`, each part a [`CsrBlock`]; checked when decoded.
+#[derive(Debug, Clone, PartialEq)]
+#[allow(unreachable_pub)]
+pub struct CsrStack<T> {
+    cols: usize,
+    parts: Vec<CsrBlock<T>>,
+}
+
+impl<T: DElement> Serialize for CsrStack<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        (self.cols, &self.parts).serialize(serializer)
+    }
+}
+
+impl<'de, T: DElement> Deserialize<'de> for CsrStack<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error as _;
+        let (cols, parts): (usize, Vec<CsrBlock<T>>) = Deserialize::deserialize(deserializer)?;
+        if let Some(part) = parts.iter().find(|part| part.cols != cols) {
+            return Err(D::Error::custom(ArrayError::BadSparse {
+                reason: format!("a part of {} columns in a stack of {cols}", part.cols),
+            }));
+        }
+        Ok(CsrStack { cols, parts })
+    }
+}
+
+impl<T: DElement> CsrStack<T> {
+    /// A stack of one block.
+    pub(crate) fn of(block: CsrBlock<T>) -> CsrStack<T> {
+        CsrStack { cols: block.cols, parts: vec![block] }
+    }
+
+    /// The rows of `top` followed by those of `bottom` (both of the same width).
+    ///
+    /// # Errors
+    /// [`ArrayError::ShapeMismatch`] if their widths differ.
+    pub(crate) fn stack(mut top: CsrStack<T>, bottom: CsrStack<T>) -> Result<CsrStack<T>, ArrayError> {
+        if top.cols != bottom.cols {
+            return Err(ArrayError::ShapeMismatch {
+                op: "stack sparse rows",
+                left: vec![top.rows(), top.cols],
+                right: vec![bottom.rows(), bottom.cols],
+            });
+        }
+        top.parts.extend(bottom.parts);
+        Ok(top)
+    }
+
+    fn rows(&self) -> usize {
+        self.parts.iter().map(|part| part.rows).sum()
+    }
+}
+
+/// Finds the rows of a [`CsrStack`] by their index in the whole stack, keeping the part
+/// of the last one found at hand (a product's row reads rows close to each other).
+struct StackRows<'a, T> {
+    parts: &'a [CsrBlock<T>],
+    /// The first row of each part, then the stack's row count.
+    starts: Vec<usize>,
+    /// The rows `first..end` of the stack are those of the part at hand, whose arrays
+    /// these are.
+    first: usize,
+    end: usize,
+    offsets: &'a [u64],
+    indices: &'a [u32],
+    values: &'a [T],
+}
+
+impl<'a, T> StackRows<'a, T> {
+    fn new(stack: &'a CsrStack<T>) -> StackRows<'a, T> {
+        let mut starts = Vec::with_capacity(stack.parts.len() + 1);
+        starts.push(0);
+        for part in &stack.parts {
+            starts.push(starts[starts.len() - 1] + part.rows);
+        }
+        StackRows { parts: &stack.parts, starts, first: 0, end: 0, offsets: &[], indices: &[], values: &[] }
+    }
+
+    fn rows(&self) -> usize {
+        self.starts[self.parts.len()]
+    }
+
+    /// Row `k`'s columns and values; `k` must be below [`Self::rows`].
+    #[inline(always)]
+    fn row(&mut self, k: usize) -> (&'a [u32], &'a [T]) {
+        if k < self.first || k >= self.end {
+            self.find(k);
+        }
+        let local = k - self.first;
+        let span = self.offsets[local] as usize..self.offsets[local + 1] as usize;
+        (&self.indices[span.clone()], &self.values[span])
+    }
+
+    #[cold]
+    fn find(&mut self, k: usize) {
+        // The last part that starts at or before `k` (so never an empty one).
+        let index = self.starts.partition_point(|&start| start <= k) - 1;
+        let part = &self.parts[index];
+        (self.first, self.end) = (self.starts[index], self.starts[index + 1]);
+        (self.offsets, self.indices, self.values) = (&part.offsets, &part.indices, &part.values);
+    }
+}
+
 /// `A_block · B` for a sparse `B` of `cols` rows: Gustavson's row-by-row product with a
 /// dense accumulator over `B`'s columns; each output row's columns ascend, and entries
 /// that cancel to exactly zero are kept (as `sprs` keeps them).
-pub(crate) fn spgemm<T: DElement>(a: &CsrBlock<T>, b: &CsrBlock<T>) -> Result<CsrBlock<T>, ArrayError> {
-    if a.cols != b.rows {
+pub(crate) fn spgemm<T: DElement>(a: &CsrBlock<T>, b: &CsrStack<T>) -> Result<CsrBlock<T>, ArrayError> {
+    let mut b_rows = StackRows::new(b);
+    if a.cols != b_rows.rows() {
         return Err(ArrayError::ShapeMismatch {
             op: "sparse × sparse matmul",
             left: vec![a.rows, a.cols],
-            right: vec![b.rows, b.cols],
+            right: vec![b_rows.rows(), b.cols],
         });
     }
-    let rows = u32::try_from(a.rows)
-        .ok()
-        .filter(|&r| r < u32::MAX)
-        .ok_or(ArrayError::TooLarge { shape: vec![a.rows, b.cols] })?;
-    let mut accumulator = vec![T::from_f64(0.0); b.cols];
-    // `stamp[c] == r` when row `r` of the product has touched column `c`.
-    let mut stamp = vec![u32::MAX; b.cols];
+    // Row `r` stamps the accumulator with `r + 1`.
+    let rows = u32::try_from(a.rows).ok().ok_or(ArrayError::TooLarge { shape: vec![a.rows, b.cols] })?;
+    let zero = T::from_f64(0.0);
+    // The dense accumulator: `(r + 1, sum)` for a column that row `r` of the product has
+    // touched (zeroed memory to start with, which the allocator gives without writing it).
+    let mut slots = vec![(0u32, zero); b.cols];
     let mut offsets = Vec::with_capacity(a.rows + 1);
     offsets.push(0u64);
     // Room for every partial product, the most nonzeros the product can have: reserved
     // once, so the output is never copied to grow (pages never written cost nothing).
-    let partial_products: usize =
-        a.indices.iter().map(|&k| (b.offsets[k as usize + 1] - b.offsets[k as usize]) as usize).sum();
-    let (mut indices, mut values) =
-        (Vec::with_capacity(partial_products), Vec::with_capacity(partial_products));
-    // One row's columns, in the order first touched; sized to the row's partial products.
-    let mut touched: Vec<u32> = Vec::new();
-    for r in 0..rows {
-        let span = a.offsets[r as usize] as usize..a.offsets[r as usize + 1] as usize;
-        let (row_columns, row_values) = (&a.indices[span.clone()], &a.values[span]);
-        let bound: usize =
-            row_columns.iter().map(|&k| (b.offsets[k as usize + 1] - b.offsets[k as usize]) as usize).sum();
-        if touched.len() < bound {
-            touched.resize(bound, 0);
-        }
-        let mut count = 0;
-        for (&k, &v) in row_columns.iter().zip(row_values) {
-            let row = b.offsets[k as usize] as usize..b.offsets[k as usize + 1] as usize;
-            for (&c, &w) in b.indices[row.clone()].iter().zip(&b.values[row]) {
-                let slot = c as usize;
-                if stamp[slot] == r {
-                    accumulator[slot] = T::mul_add_plain(v, w, accumulator[slot]);
+    let partial_products: usize = a.indices.iter().map(|&k| b_rows.row(k as usize).0.len()).sum();
+    let mut row = ProductRow {
+        indices: Vec::with_capacity(partial_products),
+        values: Vec::with_capacity(partial_products),
+        // A row has at most `b.cols` columns.
+        touched: vec![0u32; b.cols],
+        count: 0,
+    };
+    let (a_offsets, a_indices, a_values) = (&a.offsets[..], &a.indices[..], &a.values[..]);
+    for r in 1..=rows {
+        let span = a_offsets[r as usize - 1] as usize..a_offsets[r as usize] as usize;
+        for (&k, &v) in a_indices[span.clone()].iter().zip(&a_values[span]) {
+            let (columns, weights) = b_rows.row(k as usize);
+            for (&c, &w) in columns.iter().zip(weights) {
+                let slot = &mut slots[c as usize];
+                if slot.0 == r {
+                    slot.1 = T::mul_add_plain(v, w, slot.1);
                 } else {
-                    stamp[slot] = r;
-                    accumulator[slot] = T::mul_add_plain(v, w, T::from_f64(0.0));
-                    touched[count] = c;
-                    count += 1;
+                    *slot = (r, T::mul_add_plain(v, w, zero));
+                    row.touched[row.count] = c;
+                    row.count += 1;
                 }
             }
         }
-        let row = &mut touched[..count];
-        sort_columns(row);
-        indices.extend_from_slice(row);
-        values.extend(row.iter().map(|&c| accumulator[c as usize]));
-        offsets.push(indices.len() as u64);
+        row.finish(&slots);
+        offsets.push(row.indices.len() as u64);
     }
+    let ProductRow { indices, values, .. } = row;
     Ok(CsrBlock {
         rows: a.rows,
         cols: b.cols,
@@ -352,6 +454,27 @@ pub(crate) fn spgemm<T: DElement>(a: &CsrBlock<T>, b: &CsrBlock<T>) -> Result<Cs
         indices: Arc::new(indices),
         values: Arc::new(values),
     })
+}
+
+/// The output of a sparse × sparse product, and the columns of the row being made.
+struct ProductRow<T> {
+    indices: Vec<u32>,
+    values: Vec<T>,
+    /// The columns the row has touched, in the order first touched: the first `count`.
+    touched: Vec<u32>,
+    count: usize,
+}
+
+impl<T: DElement> ProductRow<T> {
+    /// Appends the row to the output, its columns ascending, each with its sum from
+    /// `slots`; starts the next row.
+    fn finish(&mut self, slots: &[(u32, T)]) {
+        let touched = &mut self.touched[..self.count];
+        self.count = 0;
+        sort_columns(touched);
+        self.indices.extend_from_slice(touched);
+        self.values.extend(touched.iter().map(|&c| slots[c as usize].1));
+    }
 }
 
 /// Sorts one product row's columns: insertion sort for the short rows sparse products
@@ -370,31 +493,6 @@ fn sort_columns(columns: &mut [u32]) {
         }
         columns[j] = c;
     }
-}
-
-/// The rows of `top` followed by those of `bottom` (both of the same width).
-pub(crate) fn stack_rows<T: DElement>(
-    top: &CsrBlock<T>,
-    bottom: &CsrBlock<T>,
-) -> Result<CsrBlock<T>, ArrayError> {
-    if top.cols != bottom.cols {
-        return Err(ArrayError::ShapeMismatch {
-            op: "stack sparse rows",
-            left: vec![top.rows, top.cols],
-            right: vec![bottom.rows, bottom.cols],
-        });
-    }
-    let base = top.indices.len() as u64;
-    let mut offsets = Vec::with_capacity(top.rows + bottom.rows + 1);
-    offsets.extend_from_slice(&top.offsets);
-    offsets.extend(bottom.offsets[1..].iter().map(|&o| base + o));
-    Ok(CsrBlock {
-        rows: top.rows + bottom.rows,
-        cols: top.cols,
-        offsets: Arc::new(offsets),
-        indices: Arc::new([top.indices.as_slice(), bottom.indices.as_slice()].concat()),
-        values: Arc::new([top.values.as_slice(), bottom.values.as_slice()].concat()),
-    })
 }
 
 /// A sparse matrix (CSR) of `f32` or `f64` cut into blocks of rows, each block a
@@ -595,9 +693,12 @@ impl<T: DElement> SparseDArray<T> {
             }
             .into());
         }
-        let whole = tree(other.blocks.clone(), |top, bottom| T::spawn_stack_rows(&self.rt, top, bottom))
+        // `other`'s blocks stacked without copying them (each stays where it was made until
+        // a product task needs it).
+        let parts = other.blocks.iter().map(|block| T::spawn_stack_of(&self.rt, block)).collect();
+        let whole = tree(parts, |top, bottom| T::spawn_stack(&self.rt, top, bottom))
             // `other` has no rows (k = 0): every product row is empty.
-            .unwrap_or_else(|| self.rt.put(CsrBlock::from_rows(0, other.cols, |_, _| {})));
+            .unwrap_or_else(|| self.rt.put(CsrStack { cols: other.cols, parts: Vec::new() }));
         let blocks = self.blocks.iter().map(|block| T::spawn_spgemm(&self.rt, block, &whole)).collect();
         Ok(SparseDArray {
             rt: self.rt.clone(),
@@ -817,5 +918,71 @@ mod tests {
         // Corners have 2 neighbours, edges 3, the interior 4.
         assert_eq!(&sums[..4], &[2.0, 1.0, 1.0, 2.0]);
         assert_eq!(sums[5], 0.0);
+    }
+
+    /// `parts` stacked as `matmul_sparse` stacks a right operand's blocks.
+    fn stacked(parts: Vec<CsrBlock<f64>>) -> CsrStack<f64> {
+        parts
+            .into_iter()
+            .map(CsrStack::of)
+            .reduce(|top, bottom| CsrStack::stack(top, bottom).unwrap())
+            .unwrap()
+    }
+
+    #[test]
+    fn a_product_reads_its_right_operand_across_stacked_parts() {
+        let n = 6;
+        let whole: CsrBlock<f64> = poisson_block(n, 0..n * n);
+        let a: CsrBlock<f64> = random_block(n * n, 7, 11, 0..20);
+        let expected = spgemm(&a, &stacked(vec![whole.clone()])).unwrap();
+        // Uneven parts, one of them empty, and the rows of `a` jumping between parts.
+        let parts = vec![
+            poisson_block(n, 0..5),
+            poisson_block(n, 5..5),
+            poisson_block(n, 5..17),
+            poisson_block(n, 17..36),
+        ];
+        let product = spgemm(&a, &stacked(parts)).unwrap();
+        assert_eq!(product, expected);
+        // Each row's columns ascend, and the values are those of the dense product.
+        let dense = |m: &CsrBlock<f64>| {
+            let mut d = vec![vec![0.0; m.cols]; m.rows];
+            for (r, row) in d.iter_mut().enumerate() {
+                for i in m.offsets[r] as usize..m.offsets[r + 1] as usize {
+                    row[m.indices[i] as usize] += m.values[i];
+                }
+            }
+            d
+        };
+        let (da, dw) = (dense(&a), dense(&whole));
+        for (r, row) in dense(&product).iter().enumerate() {
+            let columns = &product.indices[product.offsets[r] as usize..product.offsets[r + 1] as usize];
+            assert!(columns.windows(2).all(|w| w[0] < w[1]), "row {r}: {columns:?}");
+            for (c, &got) in row.iter().enumerate() {
+                let want: f64 = (0..n * n).map(|k| da[r][k] * dw[k][c]).sum();
+                assert!((got - want).abs() < 1e-12, "({r}, {c}): {got} vs {want}");
+            }
+        }
+        let short = stacked(vec![poisson_block(n, 0..30)]);
+        let error = spgemm(&a, &short).unwrap_err();
+        assert!(error.to_string().contains("[30, 36]"), "{error}");
+    }
+
+    #[test]
+    fn stacks_round_trip_and_refuse_parts_of_another_width() {
+        let stack = stacked(vec![poisson_block(4, 0..6), random_block(16, 3, 5, 6..16)]);
+        let bytes = bincode::serde::encode_to_vec(&stack, bincode::config::standard()).unwrap();
+        let (back, _): (CsrStack<f64>, _) =
+            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).unwrap();
+        assert_eq!(back, stack);
+        let narrow: CsrBlock<f64> = random_block(15, 3, 5, 0..4);
+        let bad = (16usize, vec![poisson_block::<f64>(4, 0..6), narrow.clone()]);
+        let bytes = bincode::serde::encode_to_vec(&bad, bincode::config::standard()).unwrap();
+        let error =
+            bincode::serde::decode_from_slice::<CsrStack<f64>, _>(&bytes, bincode::config::standard())
+                .unwrap_err();
+        assert!(error.to_string().contains("a part of 15 columns in a stack of 16"), "{error}");
+        let error = CsrStack::stack(stack, CsrStack::of(narrow)).unwrap_err();
+        assert!(matches!(error, ArrayError::ShapeMismatch { .. }), "{error}");
     }
 }
