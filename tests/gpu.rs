@@ -588,6 +588,64 @@ mod executor {
         ));
     }
 
+    /// Rows that add up by id do so in a fixed order, so that every run gives the same bits:
+    /// the embedding gradient equals the CPU's bit for bit (the same additions in the same
+    /// order), and the GCN's parameter gradients (through sparse products and their input
+    /// gradients) are the same bits on every run. Many repeats of a few ids: where float
+    /// atomics would add in an order that varies.
+    #[test]
+    fn rows_added_by_id_give_the_same_bits_every_run() {
+        let Some(gpu) = super::gpu() else { return };
+        let gpu = Arc::new(gpu);
+        let (batch, steps, vocab, d) = (64, 32, 5, 24);
+        let mut g = Graph::new();
+        let ids = g.input("ids", &[batch, steps], DType::I32);
+        let flat = g.reshape(ids, &[batch * steps]).unwrap();
+        let table = g.param("table", &[vocab, d], Init::Normal { std: 1.0 }).unwrap();
+        let y = g.embedding(flat, table).unwrap();
+        let params = Params::init(&g, &mut Rng::seed(40));
+        let idv: Vec<i32> = (0..batch * steps).map(|k| (k * 7 % 11 % vocab) as i32).collect();
+        let mut rng = Rng::seed(41);
+        let seed: Vec<f32> = (0..batch * steps * d).map(|_| rng.normal()).collect();
+        let mut cpu = CpuExecutor::new(&g);
+        cpu.set_ids(ids, &idv).unwrap();
+        cpu.forward(&params, 0..y.index() + 1).unwrap();
+        cpu.backward(&params, 0..y.index() + 1, &[(y, &seed)]).unwrap();
+        let mut dev = GpuExecutor::new(gpu.clone(), &g).unwrap();
+        dev.set_ids(ids, &idv).unwrap();
+        for run in 0..3 {
+            dev.forward(&params, 0..y.index() + 1).unwrap();
+            dev.backward(&params, 0..y.index() + 1, &[(y, &seed)]).unwrap();
+            assert_eq!(dev.param_grad(0), cpu.param_grad(0), "run {run}: the embedding gradient");
+        }
+
+        let (nodes, entries) = (300, 2_000);
+        let model = tessera::nn::gcn(nodes, entries, 16, 32, 4, 50).unwrap();
+        let params = Params::init(&model.graph, &mut Rng::seed(42));
+        let mut rng = Rng::seed(43);
+        let features: Vec<f32> = (0..nodes * 16).map(|_| rng.normal()).collect();
+        // Most entries in a few rows and columns.
+        let adjacency = tessera::nn::CooMatrix {
+            rows: (0..entries).map(|e| (e * e % 13 * 7 % nodes) as i32).collect(),
+            cols: (0..entries).map(|e| (e % 17 * 11 % nodes) as i32).collect(),
+            values: (0..entries).map(|_| rng.normal()).collect(),
+        };
+        let labelled: Vec<i32> = (0..50).map(|k| k * 5).collect();
+        let labels: Vec<i32> = (0..50).map(|k| k % 4).collect();
+        let gradients = || {
+            let mut dev = GpuExecutor::new(gpu.clone(), &model.graph).unwrap();
+            model.bind(&mut dev, &features, &adjacency, &labelled, &labels).unwrap();
+            dev.forward(&params, 0..model.loss.index() + 1).unwrap();
+            dev.backward_from(&params, model.loss).unwrap();
+            (0..params.tensors.len()).map(|i| dev.param_grad(i).to_vec()).collect::<Vec<_>>()
+        };
+        let first = gradients();
+        assert!(first.iter().flatten().any(|&v| v != 0.0), "the gradients flow");
+        for run in 1..3 {
+            assert!(gradients() == first, "run {run}: the GCN's gradients differ from the first run's");
+        }
+    }
+
     /// The character GRU language model of the zoo, forward and backward.
     #[test]
     fn char_gru_matches_the_cpu() {

@@ -27,8 +27,11 @@
 //! 6. Dropout draws its mask on the device from a counter-based generator seeded by the
 //!    executor's [`Rng`] (one draw per forward), so masks differ from the CPU executor's
 //!    but follow the same seeds deterministically.
-//! 7. Results are deterministic run to run except embedding gradients: rows of the same id
-//!    add up with float atomics, in an order that may vary in the last bits.
+//! 7. Results are deterministic run to run. Where rows add up by id (embedding gradients,
+//!    sparse products and their input gradients), `set_ids` groups the entries by id on the
+//!    host, and one thread per (id, column) adds its entries in ascending order (the CPU
+//!    executor's order). Only ids written on the device (`GpuTrainer`'s labels) fall back to
+//!    float atomics, whose order may vary in the last bits.
 use std::cell::OnceCell;
 use std::ops::Range;
 use std::sync::Arc;
@@ -75,6 +78,92 @@ struct SparseArgs<'a> {
     work: u32,
 }
 
+/// An i32 input's entries grouped by id, for the kernels that add rows by id in a fixed
+/// order (`embedding_grad_grouped_f32`, `sparse_matmul_grouped_f32`). Allocated in
+/// [`GpuExecutor::new`] for each input whose ids say where rows add up; filled by `set_ids`.
+struct Grouping {
+    /// The distinct ids, ascending (the first `groups`).
+    keys: CudaSlice<u32>,
+    /// Where each id's entries start in `order`, then the entry count.
+    starts: CudaSlice<u32>,
+    /// The entries, by id, ascending within each.
+    order: CudaSlice<u32>,
+    /// The number of distinct ids: `None` until `set_ids` fills the buffers, and again once
+    /// the ids are written on the device (the kernels with atomics run then).
+    groups: Option<u32>,
+}
+
+impl Grouping {
+    fn new(gpu: &Gpu, entries: usize) -> Result<Grouping, DeviceError> {
+        let zeros = |len: usize| gpu.stream_ref().alloc_zeros::<u32>(len).map_err(|e| gpu.driver(e));
+        Ok(Grouping {
+            keys: zeros(entries.max(1))?,
+            starts: zeros(entries + 1)?,
+            order: zeros(entries.max(1))?,
+            groups: None,
+        })
+    }
+
+    /// Groups `ids` (checked: none negative) and uploads the groups.
+    fn fill(&mut self, gpu: &Gpu, ids: &[i32]) -> Result<(), DeviceError> {
+        self.groups = None;
+        let (keys, starts, order) = group_by_id(ids);
+        let groups = len_u32(keys.len(), "GpuExecutor::set_ids")?;
+        let stream = gpu.stream_ref();
+        let driver = |e| gpu.driver(e);
+        if !ids.is_empty() {
+            stream.memcpy_htod(&keys, &mut self.keys.slice_mut(..keys.len())).map_err(driver)?;
+            stream.memcpy_htod(&order, &mut self.order).map_err(driver)?;
+        }
+        stream.memcpy_htod(&starts, &mut self.starts.slice_mut(..starts.len())).map_err(driver)?;
+        self.groups = Some(groups);
+        Ok(())
+    }
+}
+
+/// `ids` (none negative) grouped: the distinct ids ascending, where each one's entries start
+/// in the order (then the entry count), and the entries by id, ascending within each.
+fn group_by_id(ids: &[i32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let mut order: Vec<u32> = (0..ids.len() as u32).collect();
+    // A stable sort: each id's entries stay ascending.
+    order.sort_by_key(|&e| ids[e as usize]);
+    let (mut keys, mut starts) = (Vec::new(), Vec::new());
+    for (position, &e) in order.iter().enumerate() {
+        let id = ids[e as usize] as u32;
+        if keys.last() != Some(&id) {
+            keys.push(id);
+            starts.push(position as u32);
+        }
+    }
+    starts.push(order.len() as u32);
+    (keys, starts, order)
+}
+
+/// For each node of `graph`, whether it is `node` or a reshape of it (nodes come in
+/// topological order).
+fn carriers_of(graph: &Graph, node: NodeId) -> Vec<bool> {
+    let mut carries = vec![false; graph.len()];
+    carries[node.0] = true;
+    for (i, reader) in graph.nodes().iter().enumerate().skip(node.0 + 1) {
+        carries[i] = matches!(reader.op, Op::Reshape) && carries[reader.inputs[0].0];
+    }
+    carries
+}
+
+/// Whether rows add up by the ids of i32 input `node` somewhere in `graph`: an embedding's
+/// ids, a sparse product's rows or columns (through reshapes).
+fn adds_rows_by(graph: &Graph, node: NodeId) -> bool {
+    let carries = carriers_of(graph, node);
+    graph.nodes().iter().any(|reader| {
+        let reads = |pos: usize| reader.inputs.get(pos).is_some_and(|i| carries[i.0]);
+        match reader.op {
+            Op::Embedding => reads(0),
+            Op::SparseMatMul => reads(0) || reads(1),
+            _ => false,
+        }
+    })
+}
+
 /// Runs a graph on one GPU with buffers allocated once.
 pub struct GpuExecutor {
     gpu: Arc<Gpu>,
@@ -83,6 +172,8 @@ pub struct GpuExecutor {
     vals: Vec<Option<CudaSlice<f32>>>,
     /// Values of i32 nodes.
     ids: Vec<Option<CudaSlice<i32>>>,
+    /// The groups of i32 inputs by which rows add up.
+    groupings: Vec<Option<Grouping>>,
     /// Parameter values, by parameter index.
     params: Vec<CudaSlice<f32>>,
     /// Gradients of nodes that depend on a parameter (parameters included).
@@ -144,6 +235,7 @@ impl GpuExecutor {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let mut groupings = Vec::with_capacity(n);
         let (mut scratch, mut scratch2) = (1usize, 1usize);
         for (i, node) in nodes.iter().enumerate() {
             let len = node.len();
@@ -154,6 +246,9 @@ impl GpuExecutor {
             } else {
                 None
             });
+            let groups_rows =
+                node.dtype == DType::I32 && matches!(node.op, Op::Input) && adds_rows_by(graph, NodeId(i));
+            groupings.push(if groups_rows { Some(Grouping::new(&gpu, len)?) } else { None });
             grads.push(if requires_grad[i] { Some(zeros(len)?) } else { None });
             let input_shape = |k: usize| &nodes[node.inputs[k].0].shape;
             // What the op saves for backward (`None`: nothing). Like every other buffer, a
@@ -222,6 +317,7 @@ impl GpuExecutor {
             graph: graph.clone(),
             vals,
             ids,
+            groupings,
             params,
             grads,
             aux,
@@ -301,6 +397,10 @@ impl GpuExecutor {
     pub(crate) fn ids_buffer_mut(&mut self, node: NodeId) -> Result<&mut CudaSlice<i32>, NnError> {
         rules::check_settable(&self.graph, node, DType::I32)?;
         self.filled[node.0] = true;
+        // Written on the device: no groups on the host for them.
+        if let Some(grouping) = &mut self.groupings[node.0] {
+            grouping.groups = None;
+        }
         let missing = self.missing(node);
         self.ids[node.0].as_mut().ok_or(missing)
     }
@@ -447,6 +547,16 @@ impl GpuExecutor {
         })
     }
 
+    /// The groups of the ids node `ids` is (or reshapes), if `set_ids` made them.
+    fn grouping(&self, mut ids: NodeId) -> Option<(&Grouping, u32)> {
+        let nodes = self.graph.nodes();
+        while matches!(nodes[ids.0].op, Op::Reshape) {
+            ids = nodes[ids.0].inputs[0];
+        }
+        let grouping = self.groupings[ids.0].as_ref()?;
+        Some((grouping, grouping.groups?))
+    }
+
     /// Runs node `n`'s forward kernel into its (taken-out) buffers.
     fn forward_node(&mut self, n: usize) -> Result<(), NnError> {
         let node = self.graph.nodes()[n].clone();
@@ -576,7 +686,12 @@ impl GpuExecutor {
                     self.sparse_args(node)?;
                 let zero = 0.0f32;
                 launch!(gpu, "fill_f32", len; &mut *y, &zero, &len)?;
-                launch!(gpu, "sparse_matmul_add_f32", work; rows, cols, self.val(inp[2]), self.val(inp[3]), &mut *y, &entries, &n, &row_limit, &col_limit)?;
+                if let Some((by_row, groups)) = self.grouping(inp[0]) {
+                    let Grouping { keys, starts, order, .. } = by_row;
+                    launch!(gpu, "sparse_matmul_grouped_f32", groups * n; keys, starts, order, cols, self.val(inp[2]), self.val(inp[3]), &mut *y, &groups, &n, &row_limit, &col_limit)?;
+                } else {
+                    launch!(gpu, "sparse_matmul_add_f32", work; rows, cols, self.val(inp[2]), self.val(inp[3]), &mut *y, &entries, &n, &row_limit, &col_limit)?;
+                }
             }
             Op::SelectStep { step } => {
                 let x = self.shape(inp[0]);
@@ -899,7 +1014,12 @@ impl GpuExecutor {
                     let (vocab, d) = (Self::u32(table[0], name)?, Self::u32(table[1], name)?);
                     let ids = self.ids[inp[0].0].as_ref().ok_or_else(internal)?;
                     let count = Self::u32(self.graph.nodes()[inp[0].0].len(), name)?;
-                    launch!(gpu, "embedding_grad_add_f32", len; ids, g, gin, &count, &d, &vocab)?;
+                    if let Some((by_id, groups)) = self.grouping(inp[0]) {
+                        let Grouping { keys, starts, order, .. } = by_id;
+                        launch!(gpu, "embedding_grad_grouped_f32", groups * d; keys, starts, order, g, gin, &groups, &d, &vocab)?;
+                    } else {
+                        launch!(gpu, "embedding_grad_add_f32", len; ids, g, gin, &count, &d, &vocab)?;
+                    }
                 }
             }
             Op::SparseMatMul => {
@@ -912,7 +1032,12 @@ impl GpuExecutor {
                     }
                     // dx[col] += value · g[row]: the forward kernel with the roles swapped.
                     3 => {
-                        launch!(gpu, "sparse_matmul_add_f32", work; cols, rows, self.val(inp[2]), g, gin, &entries, &n, &col_limit, &row_limit)?
+                        if let Some((by_col, groups)) = self.grouping(inp[1]) {
+                            let Grouping { keys, starts, order, .. } = by_col;
+                            launch!(gpu, "sparse_matmul_grouped_f32", groups * n; keys, starts, order, rows, self.val(inp[2]), g, gin, &groups, &n, &col_limit, &row_limit)?
+                        } else {
+                            launch!(gpu, "sparse_matmul_add_f32", work; cols, rows, self.val(inp[2]), g, gin, &entries, &n, &col_limit, &row_limit)?
+                        }
                     }
                     _ => {}
                 }
@@ -1022,12 +1147,7 @@ impl GpuExecutor {
     /// class count, ids of an embedding against its vocabulary (the CPU executor checks
     /// them when it runs the op; the kernels cannot report an error).
     fn check_labels(&self, node: NodeId, data: &[i32]) -> Result<(), NnError> {
-        // The node and the reshapes of it (nodes come in topological order).
-        let mut carries = vec![false; self.graph.len()];
-        carries[node.0] = true;
-        for (i, reader) in self.graph.nodes().iter().enumerate().skip(node.0 + 1) {
-            carries[i] = matches!(reader.op, Op::Reshape) && carries[reader.inputs[0].0];
-        }
+        let carries = carriers_of(&self.graph, node);
         for reader in self.graph.nodes() {
             let reads = |pos: usize| reader.inputs.get(pos).is_some_and(|i| carries[i.0]);
             let (op, limit) = match reader.op {
@@ -1203,6 +1323,9 @@ impl Executor for GpuExecutor {
         let gpu = self.gpu.clone();
         let buffer = self.ids_buffer_mut(node)?;
         gpu.stream_ref().memcpy_htod(data, buffer).map_err(|e| gpu.driver(e))?;
+        if let Some(grouping) = &mut self.groupings[node.0] {
+            grouping.fill(&gpu, data)?;
+        }
         Ok(())
     }
 
@@ -1256,5 +1379,19 @@ impl Executor for GpuExecutor {
                 &[]
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_group_by_id_ascending_within_each() {
+        let (keys, starts, order) = group_by_id(&[3, 0, 3, 7, 0, 3]);
+        assert_eq!(keys, [0, 3, 7]);
+        assert_eq!(starts, [0, 2, 5, 6]);
+        assert_eq!(order, [1, 4, 0, 2, 5, 3]);
+        assert_eq!(group_by_id(&[]), (vec![], vec![0], vec![]));
     }
 }

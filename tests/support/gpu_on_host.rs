@@ -76,7 +76,8 @@ fn source() -> String {
 /// The compiler's failure to start, as text; a compile error panics (the sources are ours).
 pub fn build(dir: &Path) -> Result<(), String> {
     let (source, library) = (dir.join("gpu_on_host.cpp"), dir.join("libtessera_host_gpu.so"));
-    std::fs::write(&source, self::source()).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::write(&source, self::source()).map_err(|e| format!("cannot write {}: {e}", source.display()))?;
     let compiler = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
     let output = Command::new(&compiler)
         .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-o"])

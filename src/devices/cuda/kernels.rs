@@ -618,6 +618,45 @@ pub const KERNELS: &[(&str, &str)] = &[
 }"#,
     ),
     (
+        "embedding_grad_grouped_f32",
+        r#"extern "C" __global__ void embedding_grad_grouped_f32(const unsigned int* keys, const unsigned int* starts,
+        const unsigned int* order, const float* g, float* dtable, unsigned int groups, unsigned int d,
+        unsigned int vocab) {
+    // dtable[keys[i]] += g[p] for the positions p = order[starts[i]..starts[i + 1]] of group i
+    // (its id's positions, ascending), in that order: one thread per (group, column), so the
+    // sums are the same every run (and the CPU's order). Keys were checked on the host.
+    TESSERA_LOOP(k, groups * d) {
+        unsigned int i = k / d, j = k % d, id = keys[i];
+        if (id >= vocab) { continue; }
+        float acc = dtable[(size_t)id * d + j];
+        for (unsigned int q = starts[i]; q < starts[i + 1]; ++q) { acc += g[(size_t)order[q] * d + j]; }
+        dtable[(size_t)id * d + j] = acc;
+    }
+}"#,
+    ),
+    (
+        "sparse_matmul_grouped_f32",
+        r#"extern "C" __global__ void sparse_matmul_grouped_f32(const unsigned int* keys, const unsigned int* starts,
+        const unsigned int* order, const int* others, const float* values, const float* x, float* y,
+        unsigned int groups, unsigned int n, unsigned int key_limit, unsigned int other_limit) {
+    // y[keys[i]] += values[e] · x[others[e]] (rows of n) for the entries e =
+    // order[starts[i]..starts[i + 1]] of group i (ascending), in that order: one thread per
+    // (group, column), so the sums are the same every run. Forward: keys are the rows,
+    // others the columns; the input gradient swaps them. An id out of range is skipped.
+    TESSERA_LOOP(k, groups * n) {
+        unsigned int i = k / n, j = k % n, key = keys[i];
+        if (key >= key_limit) { continue; }
+        float acc = y[(size_t)key * n + j];
+        for (unsigned int q = starts[i]; q < starts[i + 1]; ++q) {
+            unsigned int e = order[q];
+            int other = others[e];
+            if (other >= 0 && (unsigned int)other < other_limit) { acc += values[e] * x[(size_t)other * n + j]; }
+        }
+        y[(size_t)key * n + j] = acc;
+    }
+}"#,
+    ),
+    (
         "step_gather_f32",
         r#"extern "C" __global__ void step_gather_f32(const float* src, float* dst, unsigned int b, unsigned int t,
         unsigned int d, unsigned int step, int add) {
