@@ -1015,8 +1015,26 @@ fn layer_norm_matches_the_cpu() {
     }
 }
 
-/// `embedding_f32` and `embedding_grad_add_f32` (repeated ids add up); an id outside the
-/// table gives a row of NaN and adds nothing.
+/// `ids` grouped as the GPU executor's `set_ids` groups them: the distinct ids ascending,
+/// where each one's entries start (then the entry count), and the entries by id.
+fn grouped(ids: &[i32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+    let mut by_id: std::collections::BTreeMap<i32, Vec<u32>> = Default::default();
+    for (e, &id) in ids.iter().enumerate() {
+        by_id.entry(id).or_default().push(e as u32);
+    }
+    let (mut keys, mut starts, mut order) = (Vec::new(), Vec::new(), Vec::new());
+    for (id, entries) in by_id {
+        keys.push(id as u32);
+        starts.push(order.len() as u32);
+        order.extend(entries);
+    }
+    starts.push(order.len() as u32);
+    (keys, starts, order)
+}
+
+/// `embedding_f32`, and the table gradient both ways: `embedding_grad_add_f32` (atomics)
+/// and `embedding_grad_grouped_f32` (the entries grouped by id, added in ascending order:
+/// the CPU's bits); an id outside the table gives a row of NaN and adds nothing.
 #[test]
 fn embedding_matches_the_cpu() {
     let Some(k) = host_kernels() else { return };
@@ -1045,6 +1063,18 @@ fn embedding_matches_the_cpu() {
         (idv.as_ptr(), seed.as_ptr(), dt.as_mut_ptr(), nn, dd, vv),
     );
     close("embedding table gradient", &dt, cpu.param_grad(0));
+    let (keys, starts, order) = grouped(&idv);
+    let groups = keys.len() as u32;
+    let mut dt = vec![0f32; vocab * d];
+    let args =
+        (keys.as_ptr(), starts.as_ptr(), order.as_ptr(), seed.as_ptr(), dt.as_mut_ptr(), groups, dd, vv);
+    k.launch("embedding_grad_grouped_f32", grid(keys.len() * d), args);
+    assert_eq!(dt, cpu.param_grad(0), "the grouped embedding gradient, bit for bit");
+    let before = dt.clone();
+    let outside = [vocab as u32];
+    let args = (outside.as_ptr(), starts.as_ptr(), order.as_ptr(), seed.as_ptr(), dt.as_mut_ptr(), 1, dd, vv);
+    k.launch("embedding_grad_grouped_f32", grid(d), args);
+    assert_eq!(dt, before, "an id outside the table adds nothing (grouped)");
     let mut bad = idv.clone();
     bad[5] = vocab as i32;
     k.launch("embedding_f32", grid(n * d), (bad.as_ptr(), tv.as_ptr(), yv.as_mut_ptr(), nn, dd, vv));
@@ -1061,9 +1091,10 @@ fn embedding_matches_the_cpu() {
     assert_eq!(dt, before, "ids outside the table add nothing");
 }
 
-/// `sparse_matmul_add_f32` (forward, and the input gradient with the roles swapped) and
-/// `sparse_matmul_values_grad_add_f32`, with repeated coordinates; an entry whose id is out
-/// of range adds nothing.
+/// `sparse_matmul_add_f32` (atomics) and `sparse_matmul_grouped_f32` (the entries grouped
+/// by row, or by column), each forward and for the input gradient with the roles swapped,
+/// and `sparse_matmul_values_grad_add_f32`, with repeated coordinates; an entry whose id is
+/// out of range adds nothing.
 #[test]
 fn sparse_matmul_matches_the_cpu() {
     let Some(k) = host_kernels() else { return };
@@ -1097,89 +1128,6 @@ fn sparse_matmul_matches_the_cpu() {
     let args = (rv.as_ptr(), cv.as_ptr(), seed.as_ptr(), xv.as_ptr(), dv.as_mut_ptr(), ee, nn, rr, cc);
     k.launch("sparse_matmul_values_grad_add_f32", grid(entries), args);
     close("sparse_matmul values gradient", &dv, cpu.param_grad(0));
-    // Out-of-range ids (which set_ids refuses) add nothing rather than write outside.
-    let (mut bad_rows, mut bad_cols) = (rv.clone(), cv.clone());
-    bad_rows.iter_mut().for_each(|r| *r = rows as i32);
-    bad_cols[0] = -1;
-    let before = yv.clone();
-    let args =
-        (bad_rows.as_ptr(), bad_cols.as_ptr(), vv.as_ptr(), xv.as_ptr(), yv.as_mut_ptr(), ee, nn, rr, cc);
-    k.launch("sparse_matmul_add_f32", grid(entries * n), args);
-    assert_eq!(yv, before, "entries outside the matrix add nothing");
-}
-
-/// `ids` grouped as the GPU executor's `set_ids` groups them: the distinct ids ascending,
-/// where each one's entries start (then the entry count), and the entries by id.
-fn grouped(ids: &[i32]) -> (Vec<u32>, Vec<u32>, Vec<u32>) {
-    let mut by_id: std::collections::BTreeMap<i32, Vec<u32>> = Default::default();
-    for (e, &id) in ids.iter().enumerate() {
-        by_id.entry(id).or_default().push(e as u32);
-    }
-    let (mut keys, mut starts, mut order) = (Vec::new(), Vec::new(), Vec::new());
-    for (id, entries) in by_id {
-        keys.push(id as u32);
-        starts.push(order.len() as u32);
-        order.extend(entries);
-    }
-    starts.push(order.len() as u32);
-    (keys, starts, order)
-}
-
-/// `embedding_grad_grouped_f32` and `sparse_matmul_grouped_f32`, the kernels that add rows
-/// by id in a fixed order: the embedding gradient equals the CPU's bit for bit (the same
-/// additions in the same order), the sparse product and its input gradient match it; an
-/// id out of range adds nothing.
-#[test]
-fn grouped_row_sums_match_the_cpu() {
-    let Some(k) = host_kernels() else { return };
-    // The embedding of `embedding_matches_the_cpu`, with a table gradient that is not zero
-    // to start with (another reader of the table may have added to it).
-    let (batch, steps, vocab, d) = (4, 9, 7, 12);
-    let n = batch * steps;
-    let mut g = Graph::new();
-    let ids = g.input("ids", &[batch, steps], DType::I32);
-    let table = g.param("table", &[vocab, d], Init::Normal { std: 1.0 }).unwrap();
-    let y = g.embedding(ids, table).unwrap();
-    let idv: Vec<i32> = (0..n as i32).map(|i| i * 5 % vocab as i32 % 6).collect();
-    let params = Params::init(&g, &mut Rng::seed(170));
-    let seed = normal(&mut Rng::seed(171), n * d);
-    let mut cpu = CpuExecutor::new(&g);
-    cpu.set_ids(ids, &idv).unwrap();
-    cpu.forward_all(&params).unwrap();
-    cpu.backward(&params, 0..y.index() + 1, &[(y, &seed)]).unwrap();
-    let (keys, starts, order) = grouped(&idv);
-    assert_eq!(keys.len(), 6, "id 6 is never used");
-    let (groups, dd, vv) = (keys.len() as u32, d as u32, vocab as u32);
-    let mut dt = vec![0f32; vocab * d];
-    let args =
-        (keys.as_ptr(), starts.as_ptr(), order.as_ptr(), seed.as_ptr(), dt.as_mut_ptr(), groups, dd, vv);
-    k.launch("embedding_grad_grouped_f32", grid(keys.len() * d), args);
-    assert_eq!(dt, cpu.param_grad(0), "the embedding gradient, bit for bit");
-    let before = dt.clone();
-    let outside = [vocab as u32];
-    let args = (outside.as_ptr(), starts.as_ptr(), order.as_ptr(), seed.as_ptr(), dt.as_mut_ptr(), 1, dd, vv);
-    k.launch("embedding_grad_grouped_f32", grid(d), args);
-    assert_eq!(dt, before, "an id outside the table adds nothing");
-
-    // The sparse product of `sparse_matmul_matches_the_cpu`.
-    let (rows, cols, n, entries) = (5usize, 7usize, 6usize, 23usize);
-    let mut g = Graph::new();
-    let row_ids = g.input("rows", &[entries], DType::I32);
-    let col_ids = g.input("cols", &[entries], DType::I32);
-    let values = g.param("values", &[entries], Init::Normal { std: 1.0 }).unwrap();
-    let x = g.param("x", &[cols, n], Init::Normal { std: 1.0 }).unwrap();
-    let y = g.sparse_matmul(row_ids, col_ids, values, x, rows).unwrap();
-    let rv: Vec<i32> = (0..entries as i32).map(|e| e * 3 % rows as i32).collect();
-    let cv: Vec<i32> = (0..entries as i32).map(|e| e * 5 % cols as i32).collect();
-    let params = Params::init(&g, &mut Rng::seed(172));
-    let seed = normal(&mut Rng::seed(173), rows * n);
-    let mut cpu = CpuExecutor::new(&g);
-    cpu.set_ids(row_ids, &rv).unwrap();
-    cpu.set_ids(col_ids, &cv).unwrap();
-    cpu.forward_all(&params).unwrap();
-    cpu.backward(&params, 0..y.index() + 1, &[(y, &seed)]).unwrap();
-    let (vv, xv) = (params.tensors[0].data.clone(), params.tensors[1].data.clone());
-    let (nn, rr, cc) = (n as u32, rows as u32, cols as u32);
     let (keys, starts, order) = grouped(&rv);
     let mut yv = vec![0f32; rows * n];
     let args = (
@@ -1214,9 +1162,11 @@ fn grouped_row_sums_match_the_cpu() {
     );
     k.launch("sparse_matmul_grouped_f32", grid(keys.len() * n), args);
     close("grouped sparse_matmul x gradient", &dx, cpu.param_grad(1));
-    // An entry whose other id is out of range adds nothing; nor does a key out of range.
+    // The first column's group again, with its first entry's row out of range: only the
+    // group's other entries add, in order; other columns and a key out of range add nothing.
+    let first = order[0] as usize;
     let mut bad_rows = rv.clone();
-    bad_rows[order[0] as usize] = -1;
+    bad_rows[first] = -1;
     let before = dx.clone();
     let args = (
         keys.as_ptr(),
@@ -1231,30 +1181,16 @@ fn grouped_row_sums_match_the_cpu() {
         cc,
         rr,
     );
-    let first = order[0] as usize;
     k.launch("sparse_matmul_grouped_f32", grid(n), args);
     let column = keys[0] as usize;
-    let expected: Vec<f32> = (0..n)
-        .map(|j| {
-            let mut acc = before[column * n + j];
-            for &e in &order[starts[0] as usize..starts[1] as usize] {
-                if e as usize != first {
-                    acc += vv[e as usize] * seed[rv[e as usize] as usize * n + j];
-                }
-            }
-            acc
-        })
-        .collect();
-    assert_eq!(
-        &dx[column * n..(column + 1) * n],
-        &expected[..],
-        "the first key's rows, without entry {first}"
-    );
-    let mut after = dx.clone();
-    after[column * n..(column + 1) * n].copy_from_slice(&before[column * n..(column + 1) * n]);
-    assert_eq!(after, before, "only the first key's rows change");
+    let mut expected = before.clone();
+    for (j, sum) in expected[column * n..(column + 1) * n].iter_mut().enumerate() {
+        for &e in order[1..starts[1] as usize].iter() {
+            *sum += vv[e as usize] * seed[rv[e as usize] as usize * n + j];
+        }
+    }
+    assert_eq!(dx, expected, "the first column's rows, without entry {first}");
     let outside = [cols as u32];
-    let before = dx.clone();
     let args = (
         outside.as_ptr(),
         starts.as_ptr(),
@@ -1269,7 +1205,16 @@ fn grouped_row_sums_match_the_cpu() {
         rr,
     );
     k.launch("sparse_matmul_grouped_f32", grid(n), args);
-    assert_eq!(dx, before, "a key outside the matrix adds nothing");
+    assert_eq!(dx, expected, "a key outside the matrix adds nothing");
+    // Out-of-range ids (which set_ids refuses) add nothing rather than write outside.
+    let (mut bad_rows, mut bad_cols) = (rv.clone(), cv.clone());
+    bad_rows.iter_mut().for_each(|r| *r = rows as i32);
+    bad_cols[0] = -1;
+    let before = yv.clone();
+    let args =
+        (bad_rows.as_ptr(), bad_cols.as_ptr(), vv.as_ptr(), xv.as_ptr(), yv.as_mut_ptr(), ee, nn, rr, cc);
+    k.launch("sparse_matmul_add_f32", grid(entries * n), args);
+    assert_eq!(yv, before, "entries outside the matrix add nothing");
 }
 
 /// `step_gather_f32` and `step_scatter_f32` as select-step and stack-steps run them,
