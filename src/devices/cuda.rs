@@ -732,17 +732,13 @@ impl Gpu {
         launch!(self, "axpy_f32", n; &a, x, y, &n)
     }
 
-    /// The sum of `x`.
+    /// The sum of `x`, added in double precision in a fixed order (block partials, then
+    /// one block over them), so the same bits every run.
     ///
     /// # Errors
     /// [`DeviceError::Compile`], [`DeviceError::Driver`].
     pub fn sum(&self, x: &CudaSlice<f32>) -> Result<f32> {
-        let n = len_u32(x.len(), "sum")?;
-        let mut out = self.zeros(1)?;
-        let blocks = n.div_ceil(1024).clamp(1, 1024);
-        let config = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
-        launch!(self, "sum_f32", cfg = config; x, &mut out, &n)?;
-        Ok(self.download(&out)?[0])
+        Ok(self.reduce_elements(0, x)? as f32)
     }
 
     /// `y = f(x)` element by element, for the distributed arrays: `op` is the code of

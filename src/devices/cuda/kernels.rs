@@ -10,10 +10,12 @@
 //! ([`grid`](super::grid)); the row kernels (softmax, softmax cross-entropy, softmax
 //! gradient, row sums) give each row a block of a power of two up to 256 threads
 //! ([`rows_config`](super::rows_config)); `col_sums_add_f32` takes blocks of 256 threads
-//! over tiles of 32 columns ([`column_tiles`](super::column_tiles)); `sum_f32` blocks of
-//! 1024, `mean_f32` and `mse_f32` one block of 256 ([`one_block`](super::one_block)), the
-//! distributed arrays' `darray_reduce_f32` and `darray_reduce_f64` blocks of 256, and
-//! `darray_transpose_f32` blocks of 256 over tiles of 32×32.
+//! over tiles of 32 columns ([`column_tiles`](super::column_tiles)); `mean_f32` and
+//! `mse_f32` one block of 256 ([`one_block`](super::one_block)), the distributed arrays'
+//! `darray_reduce_f32` and `darray_reduce_f64` (also `Gpu::sum`) blocks of 256, and
+//! `darray_transpose_f32` blocks of 256 over tiles of 32×32. No kernel adds floats with
+//! atomics except the fallbacks for ids written on the device (`embedding_grad_add_f32`,
+//! `sparse_matmul_add_f32`), so results are the same bits every run.
 
 /// Helpers every kernel may use: the grid-stride loop, block sums, maxima and tiled column
 /// sums in shared memory, activations by code (0 identity, 1 ReLU, 2 sigmoid, 3 tanh) and their
@@ -114,17 +116,6 @@ pub const KERNELS: &[(&str, &str)] = &[
         "axpy_f32",
         r#"extern "C" __global__ void axpy_f32(float a, const float* x, float* y, unsigned int n) {
     TESSERA_LOOP(i, n) { y[i] += a * x[i]; }
-}"#,
-    ),
-    (
-        "sum_f32",
-        r#"extern "C" __global__ void sum_f32(const float* x, float* out, unsigned int n) {
-    __shared__ float partial[1024];
-    unsigned int t = threadIdx.x;
-    float acc = 0.0f;
-    for (unsigned int i = blockIdx.x * blockDim.x + t; i < n; i += blockDim.x * gridDim.x) { acc += x[i]; }
-    acc = tessera_block_sum(partial, acc);
-    if (t == 0) { atomicAdd(out, acc); }
 }"#,
     ),
     (
