@@ -2,7 +2,8 @@
 //! all-reduce uses, with a TCP backend for CPUs; GPU discovery (every build); CUDA
 //! devices, device actors, device-resident arrays, and collectives over device buffers
 //! (NCCL, or a host group staged through host memory) (feature `cuda`); XLA devices through
-//! PJRT plugins (feature `xla`); collectives over UCX (feature `ucx`).
+//! PJRT plugins, the XLA device actor and XLA-resident arrays (feature `xla`); collectives
+//! over UCX (feature `ucx`).
 mod collective;
 #[cfg(feature = "cuda")]
 mod cuda;
@@ -15,8 +16,12 @@ mod gpu_group;
 mod nccl;
 #[cfg(feature = "ucx")]
 mod ucx_group;
+#[cfg(any(feature = "cuda", feature = "xla"))]
+mod work_queue;
 #[cfg(feature = "xla")]
 mod xla;
+#[cfg(feature = "xla")]
+mod xla_actor;
 
 pub use collective::{
     segment, CollectiveError, Communicator, GroupConfig, GroupListener, Rendezvous, TcpGroup,
@@ -43,4 +48,8 @@ pub use nccl::{NcclGroup, NCCL_TIMEOUT};
 #[cfg(feature = "ucx")]
 pub use ucx_group::UcxGroup;
 #[cfg(feature = "xla")]
-pub use xla::{XlaBuffer, XlaDevice, XlaElement, XlaError, XlaExecutable, DEFAULT_PJRT_PLUGIN};
+pub use xla::{
+    XlaBuffer, XlaDevice, XlaElement, XlaElementType, XlaError, XlaExecutable, DEFAULT_PJRT_PLUGIN,
+};
+#[cfg(feature = "xla")]
+pub use xla_actor::{XlaActor, XlaArray, XlaProgram, XlaScope};

@@ -10,7 +10,7 @@ use tessera::nn::{
     Executor, Graph, Init, NnError, NodeId, Op, OptimizerConfig, Params, Rng, TextCorpus, TrainState,
     Trainer, TransformerConfig, XlaExecutor, XlaTrainer,
 };
-use tessera::XlaDevice;
+use tessera::{XlaActor, XlaArray, XlaDevice, XlaElementType, XlaError};
 
 fn device() -> XlaDevice {
     XlaDevice::open_default().expect("the PJRT CPU plugin (scripts/install-deps.sh installs it)")
@@ -450,5 +450,140 @@ fn mlp_and_cnn_train_on_digits() -> Result<()> {
         assert!(xla_acc > 0.9, "{name}: XLA-trained accuracy {xla_acc}");
         assert!((xla_acc - cpu_acc).abs() < 0.03, "{name}: XLA {xla_acc} vs CPU {cpu_acc}");
     }
+    Ok(())
+}
+
+// The XLA device actor: programs chain on the device through `Ref<XlaArray>`s.
+
+/// `main(a, b) = (a·b, a + b)` on 2×2 f32 matrices.
+const PRODUCT_AND_SUM: &str = r#"
+func.func @main(%a: tensor<2x2xf32>, %b: tensor<2x2xf32>) -> (tensor<2x2xf32>, tensor<2x2xf32>) {
+  %0 = "stablehlo.dot_general"(%a, %b) {dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [1], rhs_contracting_dimensions = [0]>} : (tensor<2x2xf32>, tensor<2x2xf32>) -> tensor<2x2xf32>
+  %1 = stablehlo.add %a, %b : tensor<2x2xf32>
+  return %0, %1 : tensor<2x2xf32>, tensor<2x2xf32>
+}
+"#;
+
+/// `main(x) = x · x` elementwise on 3 i32s.
+const SQUARE_I32: &str = r#"
+func.func @main(%x: tensor<3xi32>) -> tensor<3xi32> {
+  %0 = stablehlo.multiply %x, %x : tensor<3xi32>
+  return %0 : tensor<3xi32>
+}
+"#;
+
+tessera::task! {
+    fn no_array() -> Result<tessera::XlaArray, String> { Err("no data today".into()) }
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+    let start = std::time::Instant::now();
+    while !done() {
+        anyhow::ensure!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "timed out waiting until {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+/// A program's outputs are device-resident arrays that the next call takes as they are: no
+/// copy in, the same buffer on every read, and the memory freed with the last handle.
+#[test]
+fn programs_chain_on_the_xla_actor_without_host_copies() -> Result<()> {
+    let rt = tessera::Runtime::local()?;
+    let xla = XlaActor::get(&rt)?;
+    assert_eq!(xla.platform(), "cpu");
+    let program = xla.compile(PRODUCT_AND_SUM)?;
+    assert_eq!(program.outputs(), 2);
+    let a = xla.upload(vec![1.0f32, 2.0, 3.0, 4.0], vec![2, 2]);
+    let b = xla.upload(vec![5.0f32, 6.0, 7.0, 8.0], vec![2, 2]);
+    let first = xla.call(&program, &[a.clone(), b.clone()]);
+    let second = xla.call(&xla.compile(PRODUCT_AND_SUM)?, &first);
+    let (product, sum) = (second[0].blocking_get()?, second[1].blocking_get()?);
+    assert_eq!(product.to_host::<f32>()?, vec![334.0, 416.0, 758.0, 944.0]);
+    assert_eq!(sum.to_host::<f32>()?, vec![25.0, 30.0, 53.0, 62.0]);
+    assert_eq!(first[0].blocking_get()?.to_host::<f32>()?, vec![19.0, 22.0, 43.0, 50.0]);
+    assert_eq!((product.dims(), product.element_type()), (&[2, 2][..], XlaElementType::F32));
+    assert!(product.is_on(&xla) && product.is_on_device());
+    assert!(product.same_buffer(&second[0].blocking_get()?), "a second read is the same buffer");
+    assert_eq!(xla.copies_in(), 0, "every input was already on the device");
+    // Six live arrays of 16 bytes: a, b and both calls' two outputs.
+    assert_eq!(xla.live_bytes(), 6 * 16);
+    assert!(matches!(product.to_host::<i32>(), Err(XlaError::ElementType { .. })));
+    drop((a, b, first, second, product, sum));
+    wait_until("every buffer is freed", || xla.live_bytes() == 0)?;
+    rt.shutdown();
+    Ok(())
+}
+
+/// Arrays staged on the host, and arrays of another actor (another runtime's client), are
+/// copied in once each and counted; a program runs only on the actor that compiled it.
+#[test]
+fn host_and_foreign_arrays_are_copied_in_and_counted() -> Result<()> {
+    let rt = tessera::Runtime::local()?;
+    let xla = XlaActor::get(&rt)?;
+    let square = xla.compile(SQUARE_I32)?;
+    let staged = rt.put(XlaArray::from_host(vec![1i32, -2, 3], vec![3])?);
+    let squared = xla.call(&square, &[staged]).remove(0).blocking_get()?;
+    assert_eq!(squared.to_host::<i32>()?, vec![1, 4, 9]);
+    assert_eq!(xla.copies_in(), 1);
+
+    let other_rt = tessera::Runtime::local()?;
+    let other = XlaActor::get(&other_rt)?;
+    let theirs = other.upload(vec![4i32, 5, 6], vec![3]);
+    assert!(!theirs.blocking_get()?.is_on(&xla));
+    let ours = xla.call(&square, std::slice::from_ref(&theirs)).remove(0).blocking_get()?;
+    assert_eq!(ours.to_host::<i32>()?, vec![16, 25, 36]);
+    assert!(ours.is_on(&xla));
+    assert_eq!((xla.copies_in(), other.copies_in()), (2, 0));
+
+    let foreign_program = other.compile(SQUARE_I32)?;
+    let error = xla.call(&foreign_program, &[theirs]).remove(0).blocking_get().unwrap_err();
+    assert!(error.to_string().contains("compiled by another XLA actor"), "{error}");
+    other_rt.shutdown();
+    rt.shutdown();
+    Ok(())
+}
+
+/// Bad calls fail their outputs with the reason; the actor keeps serving.
+#[test]
+fn bad_calls_fail_their_outputs_not_the_actor() -> Result<()> {
+    let rt = tessera::Runtime::local()?;
+    let xla = XlaActor::get(&rt)?;
+    let program = xla.compile(PRODUCT_AND_SUM)?;
+    let square = xla.compile(SQUARE_I32)?;
+    let matrix = xla.upload(vec![1.0f32; 4], vec![2, 2]);
+    let vector = xla.upload(vec![1.0f32; 3], vec![3]);
+
+    let wrong_shape = xla.call(&program, &[matrix.clone(), vector.clone()]);
+    for output in &wrong_shape {
+        let error = output.blocking_get().unwrap_err();
+        assert!(matches!(error, tessera::Error::TaskFailed { ref task, .. } if task == "xla:cpu"), "{error}");
+    }
+    let error = xla.call(&program, std::slice::from_ref(&matrix)).remove(0).blocking_get().unwrap_err();
+    assert!(error.to_string().contains("takes 2 arguments, got 1"), "{error}");
+    let error = xla.call(&square, std::slice::from_ref(&vector)).remove(0).blocking_get().unwrap_err();
+    assert!(error.to_string().contains("main declares i32, the array holds f32"), "{error}");
+
+    let failed_input = no_array::spawn(&rt);
+    let error = xla.call(&square, &[failed_input]).remove(0).blocking_get().unwrap_err();
+    assert!(matches!(error, tessera::Error::DependencyFailed { .. }), "{error}");
+    assert!(error.root_cause().to_string().contains("no data today"), "{error}");
+
+    let panicked = xla.run(std::slice::from_ref(&vector), |_, _| panic!("work that panics"));
+    assert!(matches!(panicked.blocking_get(), Err(tessera::Error::TaskPanicked { .. })));
+    let error = xla.compile("func.func @main( not mlir").unwrap_err();
+    assert!(matches!(error, XlaError::Call { call: "PJRT_Client_Compile", .. }), "{error}");
+    assert!(matches!(XlaArray::from_host(vec![1.0f32; 3], vec![2, 2]), Err(XlaError::Length { .. })));
+
+    // Still serving: a closure over the device makes an array from its input.
+    let doubled = xla.run(&[vector], |scope, inputs| {
+        let data: Vec<f32> = inputs[0].to_host()?;
+        scope.upload(&data.iter().map(|x| 2.0 * x).collect::<Vec<_>>(), &[3])
+    });
+    assert_eq!(doubled.blocking_get()?.to_host::<f32>()?, vec![2.0; 3]);
+    rt.shutdown();
     Ok(())
 }

@@ -2,7 +2,8 @@
 //!
 //! A [`DeviceActor`] owns one GPU ([`Gpu`]: its context, its stream, and through the
 //! stream-ordered allocator the device's memory pool) on a thread of its own, and runs the
-//! work sent to it there, one item at a time, in arrival order. A [`DeviceArray`] is an f32
+//! work sent to it there, one item at a time, in arrival order (a `WorkQueue`, shared with
+//! the XLA actor, is that thread). A [`DeviceArray`] is an f32
 //! array that lives in that device's memory; a `Ref<DeviceArray>` names one like any other
 //! value.
 //!
@@ -26,20 +27,18 @@
 //! 2. Its thread finishes the work already queued and exits; the drop joins it (unless the
 //!    drop happens on that thread).
 //! 3. Arrays still alive keep their `Gpu` (and so the context) alive until they drop.
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::thread::JoinHandle;
 
 use cudarc::driver::CudaSlice;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::cuda::{DeviceError, Gpu, GpuCsr};
-use crate::actors::object::{ObjectId, ObjectTable, Outcome, Value};
-use crate::actors::reference::{blocking_read, Payload, RefInner};
+use super::work_queue::{input_of, Input, WorkQueue};
+use crate::actors::object::ObjectTable;
+use crate::actors::reference::{blocking_read, Payload};
 use crate::array::CsrBlock;
-use crate::error::panic_message;
 use crate::{Error, Ref, Runtime};
 
 /// Device memory owned by one array handle family; freed when the last handle drops.
@@ -278,21 +277,21 @@ impl<'de> Deserialize<'de> for DeviceCsr {
 
 /// What work run by a device actor gets: its device, and a way to wrap new buffers as
 /// arrays (counted against the actor's live memory).
-pub struct DeviceScope<'a> {
-    gpu: &'a Arc<Gpu>,
-    live: &'a Arc<AtomicUsize>,
+pub struct DeviceScope {
+    gpu: Arc<Gpu>,
+    live: Arc<AtomicUsize>,
 }
 
-impl std::fmt::Debug for DeviceScope<'_> {
+impl std::fmt::Debug for DeviceScope {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceScope").field("device", &self.gpu.ordinal()).finish()
     }
 }
 
-impl DeviceScope<'_> {
+impl DeviceScope {
     /// The device.
     pub fn gpu(&self) -> &Gpu {
-        self.gpu
+        &self.gpu
     }
 
     /// Wraps a buffer made on this device as an array of `shape`.
@@ -351,27 +350,12 @@ impl DeviceScope<'_> {
     }
 }
 
-type Work = Box<dyn FnOnce(&DeviceScope<'_>) + Send>;
-
 struct ActorShared {
     ordinal: usize,
     gpu: Arc<Gpu>,
     live: Arc<AtomicUsize>,
     copies_in: Arc<AtomicU64>,
-    table: Arc<ObjectTable>,
-    queue: Mutex<Option<std::sync::mpsc::Sender<Work>>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
-}
-
-impl Drop for ActorShared {
-    fn drop(&mut self) {
-        drop(self.queue.lock().take());
-        if let Some(thread) = self.thread.lock().take() {
-            if thread.thread().id() != std::thread::current().id() {
-                let _ = thread.join();
-            }
-        }
-    }
+    queue: Arc<WorkQueue<DeviceScope>>,
 }
 
 /// The actor that owns one GPU for a runtime: its context, stream and memory, on a thread
@@ -423,7 +407,7 @@ impl DeviceActor {
             .iter()
             .filter(|(o, _)| *o == ordinal)
             .filter_map(|(_, weak)| weak.upgrade())
-            .find(|shared| Arc::ptr_eq(&shared.table, &table));
+            .find(|shared| Arc::ptr_eq(shared.queue.table(), &table));
         if let Some(shared) = running {
             return Ok(DeviceActor { shared });
         }
@@ -435,46 +419,15 @@ impl DeviceActor {
     fn start(table: Arc<ObjectTable>, ordinal: usize) -> Result<DeviceActor, DeviceError> {
         let gpu = Arc::new(Gpu::open(ordinal)?);
         let live = Arc::new(AtomicUsize::new(0));
-        let (queue, receiver) = std::sync::mpsc::channel::<Work>();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let thread = {
-            let gpu = gpu.clone();
-            let live = live.clone();
-            std::thread::Builder::new()
-                .name(format!("tessera-gpu-{ordinal}"))
-                .spawn(move || {
-                    let bound = gpu.bind_to_thread();
-                    let ok = bound.is_ok();
-                    let _ = ready_tx.send(bound);
-                    if !ok {
-                        return;
-                    }
-                    let scope = DeviceScope { gpu: &gpu, live: &live };
-                    while let Ok(work) = receiver.recv() {
-                        work(&scope);
-                    }
-                })
-                .map_err(|e| DeviceError::Driver {
-                    device: ordinal,
-                    message: format!("cannot start the device thread: {e}"),
-                })?
-        };
-        let bound = ready_rx.recv().unwrap_or_else(|_| {
-            Err(DeviceError::Driver { device: ordinal, message: "the device thread exited".into() })
-        });
-        if let Err(error) = bound {
-            let _ = thread.join();
-            return Err(error);
-        }
-        let shared = ActorShared {
-            ordinal,
-            gpu,
-            live,
-            copies_in: Arc::new(AtomicU64::new(0)),
+        let scope = DeviceScope { gpu: gpu.clone(), live: live.clone() };
+        let queue = WorkQueue::start(
             table,
-            queue: Mutex::new(Some(queue)),
-            thread: Mutex::new(Some(thread)),
-        };
+            format!("device#{ordinal}"),
+            format!("tessera-gpu-{ordinal}"),
+            move || scope.gpu.bind_to_thread().map(|()| scope),
+            |message| DeviceError::Driver { device: ordinal, message },
+        )?;
+        let shared = ActorShared { ordinal, gpu, live, copies_in: Arc::new(AtomicU64::new(0)), queue };
         Ok(DeviceActor { shared: Arc::new(shared) })
     }
 
@@ -491,7 +444,7 @@ impl DeviceActor {
 
     /// Whether this actor serves `rt` (its values live in `rt`'s object table).
     pub(crate) fn serves(&self, rt: &Runtime) -> bool {
-        Arc::ptr_eq(&self.shared.table, &rt.core().table)
+        Arc::ptr_eq(self.shared.queue.table(), &rt.core().table)
     }
 
     /// The device ordinal.
@@ -527,7 +480,7 @@ impl DeviceActor {
     /// (`Error::TaskFailed`, `Error::TaskPanicked`, task name `device#<ordinal>`).
     pub fn run<F>(&self, inputs: &[Ref<DeviceArray>], work: F) -> Ref<DeviceArray>
     where
-        F: FnOnce(&DeviceScope<'_>, &[DeviceArray]) -> Result<DeviceArray, DeviceError> + Send + 'static,
+        F: FnOnce(&DeviceScope, &[DeviceArray]) -> Result<DeviceArray, DeviceError> + Send + 'static,
     {
         self.run_to(inputs, work, DeviceArray::byte_len)
     }
@@ -537,10 +490,10 @@ impl DeviceActor {
     pub(crate) fn run_to<R, F>(&self, inputs: &[Ref<DeviceArray>], work: F, size: fn(&R) -> usize) -> Ref<R>
     where
         R: Payload,
-        F: FnOnce(&DeviceScope<'_>, &[DeviceArray]) -> Result<R, DeviceError> + Send + 'static,
+        F: FnOnce(&DeviceScope, &[DeviceArray]) -> Result<R, DeviceError> + Send + 'static,
     {
         let inputs: Vec<Ref<DeviceArray>> = inputs.to_vec();
-        let ids: Vec<ObjectId> = inputs.iter().map(Ref::id).collect();
+        let ids: Vec<Input> = inputs.iter().map(input_of).collect();
         let copies_in = self.shared.copies_in.clone();
         self.submit(ids, size, move |scope, task| {
             let arrays = read_inputs(scope, &inputs, &copies_in, task)?;
@@ -555,10 +508,10 @@ impl DeviceActor {
     where
         T: Payload,
         R: Payload,
-        F: FnOnce(&DeviceScope<'_>, T) -> Result<R, DeviceError> + Send + 'static,
+        F: FnOnce(&DeviceScope, T) -> Result<R, DeviceError> + Send + 'static,
     {
         let input = input.clone();
-        self.submit(vec![input.id()], size, move |scope, task| {
+        self.submit(vec![input_of(&input)], size, move |scope, task| {
             let value = blocking_read::<T>(&input.inner, None)?;
             drop(input);
             work(scope, value).map_err(|e| device_failed(task, e))
@@ -576,11 +529,11 @@ impl DeviceActor {
     ) -> Ref<R>
     where
         R: Payload,
-        F: FnOnce(&DeviceScope<'_>, &DeviceCsr, &[DeviceArray]) -> Result<R, DeviceError> + Send + 'static,
+        F: FnOnce(&DeviceScope, &DeviceCsr, &[DeviceArray]) -> Result<R, DeviceError> + Send + 'static,
     {
         let matrix = matrix.clone();
         let inputs: Vec<Ref<DeviceArray>> = inputs.to_vec();
-        let ids: Vec<ObjectId> = std::iter::once(matrix.id()).chain(inputs.iter().map(Ref::id)).collect();
+        let ids: Vec<Input> = std::iter::once(input_of(&matrix)).chain(inputs.iter().map(input_of)).collect();
         let copies_in = self.shared.copies_in.clone();
         self.submit(ids, size, move |scope, task| {
             let csr = blocking_read::<DeviceCsr>(&matrix.inner, None)?;
@@ -593,33 +546,14 @@ impl DeviceActor {
 
     /// Queues `job` once every input in `ids` is ready; its value (or error, or panic)
     /// completes the returned `Ref`.
-    fn submit<R, J>(&self, ids: Vec<ObjectId>, size: fn(&R) -> usize, job: J) -> Ref<R>
+    fn submit<R, J>(&self, ids: Vec<Input>, size: fn(&R) -> usize, job: J) -> Ref<R>
     where
         R: Payload,
-        J: FnOnce(&DeviceScope<'_>, &str) -> Result<R, Error> + Send + 'static,
+        J: FnOnce(&DeviceScope, &str) -> Result<R, Error> + Send + 'static,
     {
-        let table = self.shared.table.clone();
-        let output: Ref<R> =
-            Ref::from_inner(Arc::new(RefInner { id: table.create_pending(), table: table.clone() }));
-        let out_id = output.id();
-        let task = format!("device#{}", self.shared.ordinal);
-        let job_table = table.clone();
-        let job_task = task.clone();
-        let work: Work = Box::new(move |scope| {
-            let error = match catch_unwind(AssertUnwindSafe(|| job(scope, &job_task))) {
-                Ok(Ok(value)) => {
-                    let bytes = size(&value);
-                    let value: Value = Arc::new(value);
-                    job_table.complete(out_id, Outcome::Ready(value), bytes);
-                    return;
-                }
-                Ok(Err(error)) => error,
-                Err(payload) => Error::TaskPanicked { task: job_task, message: panic_message(&*payload) },
-            };
-            job_table.complete(out_id, Outcome::Failed(Arc::new(error)), 0);
-        });
-        when_ready(&table, out_id, task, ids, work, Arc::downgrade(&self.shared));
-        output
+        let mut outputs =
+            self.shared.queue.submit(ids, 1, size, move |scope, task| Ok(vec![job(scope, task)?]));
+        outputs.pop().expect("one output")
     }
 }
 
@@ -629,11 +563,7 @@ fn device_failed(task: &str, error: DeviceError) -> Error {
 
 /// An input as an array on the scope's device: the same buffer if it is there already,
 /// else a counted copy (host → device, or device → host → device).
-fn adopt(
-    scope: &DeviceScope<'_>,
-    array: DeviceArray,
-    copies_in: &AtomicU64,
-) -> Result<DeviceArray, DeviceError> {
+fn adopt(scope: &DeviceScope, array: DeviceArray, copies_in: &AtomicU64) -> Result<DeviceArray, DeviceError> {
     if array.device() == Some(scope.gpu.ordinal()) {
         return Ok(array);
     }
@@ -644,7 +574,7 @@ fn adopt(
 
 /// Each input as an array on the scope's device (see [`adopt`]), once read.
 fn read_inputs(
-    scope: &DeviceScope<'_>,
+    scope: &DeviceScope,
     inputs: &[Ref<DeviceArray>],
     copies_in: &AtomicU64,
     task: &str,
@@ -660,69 +590,12 @@ fn read_inputs(
 
 /// A sparse matrix on the scope's device: the same one if it is there already, else a
 /// counted copy (as [`adopt`] does for arrays).
-fn adopt_csr(
-    scope: &DeviceScope<'_>,
-    csr: DeviceCsr,
-    copies_in: &AtomicU64,
-) -> Result<DeviceCsr, DeviceError> {
+fn adopt_csr(scope: &DeviceScope, csr: DeviceCsr, copies_in: &AtomicU64) -> Result<DeviceCsr, DeviceError> {
     if csr.device() == Some(scope.gpu.ordinal()) {
         return Ok(csr);
     }
     copies_in.fetch_add(1, Ordering::Relaxed);
     scope.upload_csr(&csr.to_host()?)
-}
-
-/// Queues `job` on the actor once every input in `ids` is ready; fails the output at once
-/// if an input fails.
-fn when_ready(
-    table: &Arc<ObjectTable>,
-    out_id: ObjectId,
-    task: String,
-    ids: Vec<ObjectId>,
-    job: Work,
-    actor: Weak<ActorShared>,
-) {
-    // Waiting work holds the actor weakly, so that dropping the last handle never waits
-    // for inputs; work whose actor is gone fails with `Error::Shutdown`.
-    let send = move |table: &ObjectTable, job: Work, actor: Weak<ActorShared>| {
-        let queue = actor.upgrade().and_then(|shared| shared.queue.lock().clone());
-        if queue.is_none_or(|queue| queue.send(job).is_err()) {
-            table.complete(out_id, Outcome::Failed(Arc::new(Error::Shutdown)), 0);
-        }
-    };
-    if ids.is_empty() {
-        send(table, job, actor);
-        return;
-    }
-    struct Gate {
-        remaining: AtomicUsize,
-        job: Mutex<Option<(Work, Weak<ActorShared>)>>,
-    }
-    let gate = Arc::new(Gate { remaining: AtomicUsize::new(ids.len()), job: Mutex::new(Some((job, actor))) });
-    for id in ids {
-        let gate = gate.clone();
-        let waiter_table = table.clone();
-        let task = task.clone();
-        table.subscribe(
-            id,
-            Box::new(move |outcome| match outcome {
-                Outcome::Ready(_) => {
-                    if gate.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                        let queued = gate.job.lock().take();
-                        if let Some((job, actor)) = queued {
-                            send(&waiter_table, job, actor);
-                        }
-                    }
-                }
-                Outcome::Failed(cause) => {
-                    if gate.job.lock().take().is_some() {
-                        let error = Error::DependencyFailed { task, cause: cause.clone() };
-                        waiter_table.complete(out_id, Outcome::Failed(Arc::new(error)), 0);
-                    }
-                }
-            }),
-        );
-    }
 }
 
 #[cfg(test)]

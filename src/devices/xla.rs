@@ -90,6 +90,31 @@ pub enum XlaError {
         /// The array's PJRT type code.
         got: u32,
     },
+    /// A program output of an element type Tessera does not move (only f32 and i32).
+    #[error("PJRT element type {0} is not one Tessera moves (f32, i32)")]
+    UnsupportedType(u32),
+    /// A program was given an argument that its `main` does not declare.
+    #[error("argument {argument}: {message}")]
+    Argument {
+        /// The argument's position.
+        argument: usize,
+        /// What does not match.
+        message: String,
+    },
+    /// A program was given another number of arguments than its `main` declares.
+    #[error("the program's main takes {expected} arguments, got {got}")]
+    ArgumentCount {
+        /// Parameters `main` declares.
+        expected: usize,
+        /// Arguments given.
+        got: usize,
+    },
+    /// A program was given an array of another client (another device or actor).
+    #[error("argument {argument} lives on another XLA client than the program's; copy it to the host first")]
+    ForeignBuffer {
+        /// The argument's position.
+        argument: usize,
+    },
     /// Host data does not fit the buffer or output it is meant for.
     #[error("{what}: expected {expected} elements, got {got}")]
     Length {
@@ -243,11 +268,41 @@ impl Drop for Client {
     }
 }
 
+/// The element type of an array on an XLA device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub enum XlaElementType {
+    /// 32-bit float.
+    F32,
+    /// 32-bit signed integer.
+    I32,
+}
+
+impl XlaElementType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        4
+    }
+
+    fn from_pjrt(code: u32) -> Option<XlaElementType> {
+        [XlaElementType::F32, XlaElementType::I32].into_iter().find(|t| t.pjrt() == code)
+    }
+
+    fn pjrt(self) -> u32 {
+        match self {
+            XlaElementType::F32 => f32::PJRT_TYPE,
+            XlaElementType::I32 => i32::PJRT_TYPE,
+        }
+    }
+}
+
 /// The element types Tessera moves to and from XLA devices.
-pub trait XlaElement: Copy + Default + sealed::Sealed {
+pub trait XlaElement: bytemuck::Pod + Default + Send + Sync + sealed::Sealed {
     /// The PJRT buffer type.
     #[doc(hidden)]
     const PJRT_TYPE: u32;
+    /// The element type.
+    const TYPE: XlaElementType;
 }
 
 mod sealed {
@@ -260,11 +315,13 @@ mod sealed {
 #[allow(clippy::unnecessary_cast)]
 impl XlaElement for f32 {
     const PJRT_TYPE: u32 = ffi::PJRT_Buffer_Type_PJRT_Buffer_Type_F32 as u32;
+    const TYPE: XlaElementType = XlaElementType::F32;
 }
 
 #[allow(clippy::unnecessary_cast)]
 impl XlaElement for i32 {
     const PJRT_TYPE: u32 = ffi::PJRT_Buffer_Type_PJRT_Buffer_Type_S32 as u32;
+    const TYPE: XlaElementType = XlaElementType::I32;
 }
 
 /// One XLA device (the first device of a PJRT plugin's client). Cheap to clone.
@@ -289,10 +346,19 @@ impl XlaDevice {
     /// # Errors
     /// As [`XlaDevice::open`].
     pub fn open_default() -> Result<Self, XlaError> {
-        let path = std::env::var_os("TESSERA_PJRT_PLUGIN")
+        Self::open(&Self::default_plugin())
+    }
+
+    /// The plugin named by `TESSERA_PJRT_PLUGIN`, else [`DEFAULT_PJRT_PLUGIN`].
+    pub(crate) fn default_plugin() -> PathBuf {
+        std::env::var_os("TESSERA_PJRT_PLUGIN")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(DEFAULT_PJRT_PLUGIN));
-        Self::open(&path)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_PJRT_PLUGIN))
+    }
+
+    /// Whether `buffer` belongs to this device's client.
+    pub(crate) fn holds(&self, buffer: &XlaBuffer) -> bool {
+        Arc::ptr_eq(&self.client, &buffer.client)
     }
 
     /// Loads the PJRT plugin at `plugin` (once per process), creates a client and takes its
@@ -353,8 +419,12 @@ impl XlaDevice {
             compile_options_size: COMPILE_OPTIONS.len(),
         });
         call!(plugin, PJRT_Client_Compile, &mut compile)?;
-        let mut executable =
-            XlaExecutable { client: self.client.clone(), loaded: compile.executable, outputs: 0 };
+        let mut executable = XlaExecutable {
+            client: self.client.clone(),
+            loaded: compile.executable,
+            outputs: 0,
+            parameters: main_parameters(stablehlo),
+        };
         let mut get =
             args!(PJRT_LoadedExecutable_GetExecutable_Args { loaded_executable: executable.loaded });
         call!(plugin, PJRT_LoadedExecutable_GetExecutable, &mut get)?;
@@ -406,6 +476,65 @@ pub struct XlaExecutable {
     client: Arc<Client>,
     loaded: *mut ffi::PJRT_LoadedExecutable,
     outputs: usize,
+    /// `main`'s parameters, where its signature could be read from the program text.
+    parameters: Option<Vec<Parameter>>,
+}
+
+/// A parameter of a program's `main`, as its signature declares it.
+#[derive(Debug, Clone, PartialEq)]
+struct Parameter {
+    /// The element type as written (`f32`, `i32`, `bf16`, ...).
+    element: String,
+    /// The dimensions; `None` where one is dynamic (`?`).
+    dims: Option<Vec<usize>>,
+}
+
+/// The parameters of `func.func @main(...)` in a StableHLO module's text, if it declares
+/// `main` in the pretty form with tensor parameters; `None` where it cannot tell (then the
+/// plugin's own checks are all there is: the CPU plugin checks shapes, not element types).
+fn main_parameters(stablehlo: &str) -> Option<Vec<Parameter>> {
+    let start = stablehlo.find("@main(")? + "@main(".len();
+    // The argument list, up to its closing parenthesis.
+    let mut depth = 0_i32;
+    let mut end = None;
+    for (i, c) in stablehlo[start..].char_indices() {
+        match c {
+            '(' | '<' | '{' | '[' => depth += 1,
+            ')' if depth == 0 => {
+                end = Some(start + i);
+                break;
+            }
+            ')' | '>' | '}' | ']' => depth -= 1,
+            _ => {}
+        }
+    }
+    let arguments = &stablehlo[start..end?];
+    let mut parameters = Vec::new();
+    let mut rest = arguments;
+    while let Some(at) = rest.find(':') {
+        rest = rest[at + 1..].trim_start();
+        let body = rest.strip_prefix("tensor<")?;
+        let close = body.find('>')?;
+        let spec = body[..close].split(',').next()?.trim();
+        let mut parts: Vec<&str> = spec.split('x').collect();
+        let element = parts.pop()?.trim().to_string();
+        let dims = parts.iter().map(|d| d.trim().parse::<usize>().ok()).collect::<Option<Vec<_>>>();
+        parameters.push(Parameter { element, dims });
+        // Skip this parameter's attributes, up to the next one.
+        rest = match body[close..].find('%') {
+            Some(next) => &body[close + next..],
+            None => "",
+        };
+    }
+    Some(parameters)
+}
+
+/// The name `main`'s signature gives an element type.
+fn element_name(element: XlaElementType) -> &'static str {
+    match element {
+        XlaElementType::F32 => "f32",
+        XlaElementType::I32 => "i32",
+    }
 }
 
 // SAFETY: see `Plugin`.
@@ -431,12 +560,40 @@ impl XlaExecutable {
         self.outputs
     }
 
+    /// Checks `args` against `main`'s signature, where it is known: their number, element
+    /// types and shapes (a plugin may take an f32 array for an i32 parameter and read its
+    /// bits as integers).
+    fn check_arguments(&self, args: &[&XlaBuffer]) -> Result<(), XlaError> {
+        let Some(parameters) = &self.parameters else { return Ok(()) };
+        if parameters.len() != args.len() {
+            return Err(XlaError::ArgumentCount { expected: parameters.len(), got: args.len() });
+        }
+        for (argument, (parameter, buffer)) in parameters.iter().zip(args).enumerate() {
+            let element = element_name(buffer.element_type()?);
+            if parameter.element != element {
+                let message = format!("main declares {}, the array holds {element}", parameter.element);
+                return Err(XlaError::Argument { argument, message });
+            }
+            let dims = buffer.dims()?;
+            if parameter.dims.as_ref().is_some_and(|declared| *declared != dims) {
+                let message = format!("main declares shape {:?}, the array has {dims:?}", parameter.dims);
+                return Err(XlaError::Argument { argument, message });
+            }
+        }
+        Ok(())
+    }
+
     /// Runs the program on `args` (in the order of `main`'s parameters) and returns its
     /// results, still on the device.
     ///
     /// # Errors
-    /// [`XlaError::Call`] (e.g. an argument of the wrong shape).
+    /// [`XlaError::ForeignBuffer`] for an argument of another client (another
+    /// [`XlaDevice::open`]); [`XlaError::Call`] (e.g. an argument of the wrong shape).
     pub fn run(&self, args: &[&XlaBuffer]) -> Result<Vec<XlaBuffer>, XlaError> {
+        if let Some(argument) = args.iter().position(|b| !Arc::ptr_eq(&b.client, &self.client)) {
+            return Err(XlaError::ForeignBuffer { argument });
+        }
+        self.check_arguments(args)?;
         let plugin = &self.client.plugin;
         let arg_list: Vec<*mut ffi::PJRT_Buffer> = args.iter().map(|b| b.buffer).collect();
         let arg_lists = [arg_list.as_ptr()];
@@ -503,6 +660,17 @@ impl XlaBuffer {
         Ok(dims.iter().map(|&d| d.max(0) as usize).collect())
     }
 
+    /// The element type.
+    ///
+    /// # Errors
+    /// [`XlaError::UnsupportedType`] for a type other than f32 and i32; [`XlaError::Call`].
+    pub fn element_type(&self) -> Result<XlaElementType, XlaError> {
+        let mut element = args!(PJRT_Buffer_ElementType_Args { buffer: self.buffer });
+        call!(&self.client.plugin, PJRT_Buffer_ElementType, &mut element)?;
+        let code = element.type_ as u32;
+        XlaElementType::from_pjrt(code).ok_or(XlaError::UnsupportedType(code))
+    }
+
     /// Copies the array to the host into `out`, which must hold exactly its elements.
     ///
     /// # Errors
@@ -560,6 +728,25 @@ mod tests {
     }
 
     #[test]
+    fn main_parameters_are_read_from_the_signature() {
+        let param = |element: &str, dims: Option<Vec<usize>>| Parameter { element: element.into(), dims };
+        let text =
+            "module {\n func.func public @main(%a: tensor<2x3xf32> {mhlo.sharding = \"{replicated}\"}, \
+                    %b: tensor<i32>, %c: tensor<?x4xbf16>) -> (tensor<2x3xf32>) {";
+        assert_eq!(
+            main_parameters(text),
+            Some(vec![param("f32", Some(vec![2, 3])), param("i32", Some(vec![])), param("bf16", None)])
+        );
+        assert_eq!(main_parameters("func.func @main() -> tensor<f32> {"), Some(vec![]));
+        // Forms it cannot read leave the checks to the plugin.
+        assert_eq!(
+            main_parameters("\"func.func\"() ({ ^bb0(%a: tensor<2xf32>): }) {sym_name = \"main\"}"),
+            None
+        );
+        assert_eq!(main_parameters("func.func @main(%t: tuple<tensor<2xf32>>) {"), None);
+    }
+
+    #[test]
     fn a_program_runs_on_the_cpu_plugin() {
         let device = XlaDevice::open_default().unwrap();
         let program = r#"
@@ -582,5 +769,19 @@ func.func @main(%a: tensor<2x2xf32>, %b: tensor<2x2xf32>) -> (tensor<2x2xf32>, t
         assert!(matches!(err, XlaError::Call { call: "PJRT_Client_Compile", .. }), "{err}");
         let short = device.upload(&[1.0f32], &[2, 2]).unwrap_err();
         assert!(matches!(short, XlaError::Length { .. }), "{short}");
+        // Arguments that `main` does not declare are refused before the plugin sees them.
+        let ints = device.upload(&[1i32, 2, 3, 4], &[2, 2]).unwrap();
+        let err = exe.run(&[&a, &ints]).unwrap_err();
+        assert!(matches!(err, XlaError::Argument { argument: 1, .. }), "{err}");
+        assert!(err.to_string().contains("main declares f32, the array holds i32"), "{err}");
+        let row = device.upload(&[1.0f32, 2.0], &[1, 2]).unwrap();
+        let err = exe.run(&[&row, &b]).unwrap_err();
+        assert!(matches!(err, XlaError::Argument { argument: 0, .. }), "{err}");
+        let err = exe.run(&[&a]).unwrap_err();
+        assert!(matches!(err, XlaError::ArgumentCount { expected: 2, got: 1 }), "{err}");
+        let other = XlaDevice::open_default().unwrap();
+        let theirs = other.upload(&[1.0f32; 4], &[2, 2]).unwrap();
+        let err = exe.run(&[&a, &theirs]).unwrap_err();
+        assert!(matches!(err, XlaError::ForeignBuffer { argument: 1 }), "{err}");
     }
 }
