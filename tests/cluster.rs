@@ -32,6 +32,17 @@ tessera::task! {
 }
 
 tessera::task! {
+    /// Sums the squares below `n` by nested tasks on the runtime of the process that runs
+    /// it (a node's own runtime on a node), and says which node that was.
+    fn squares_below_by_nested_tasks(n: u64) -> Result<(String, u64), String> {
+        let rt = Runtime::current().ok_or("no runtime in this task")?;
+        let squares: Vec<Ref<u64>> = (0..n).map(|i| square::spawn(&rt, i)).collect();
+        let sum = squares.iter().map(|r| r.blocking_get()).sum::<Result<u64, _>>().map_err(|e| e.to_string())?;
+        Ok((std::env::var("TESSERA_NODE_NAME").unwrap_or_else(|_| "head".into()), sum))
+    }
+}
+
+tessera::task! {
     /// Deterministic bytes: `len` of them from `seed`.
     fn make_blob(len: usize, seed: u64) -> ByteBuf { ByteBuf::from(blob(len, seed)) }
 }
@@ -183,6 +194,12 @@ fn remote_tasks_give_correct_results() -> Result<()> {
     ensure!(names.len() == 2, "expected both nodes to run tasks, got {names:?}");
     for node in c.cluster.nodes() {
         ensure!(node.tasks_run > 0, "node {} ran nothing", node.name);
+    }
+    // A task on a node spawns nested tasks on that node's own runtime.
+    for nested in (0..6).map(|_| squares_below_by_nested_tasks::spawn(&c.rt, 100)).collect::<Vec<_>>() {
+        let (node, sum) = nested.blocking_get()?;
+        ensure!(node.starts_with("local-"), "ran on {node}");
+        ensure!(sum == (0..100u64).map(|i| i * i).sum::<u64>(), "nested sum {sum}");
     }
     // Errors cross the wire with the task's name.
     match parse::spawn(&c.rt, "x1".to_string()).blocking_get() {

@@ -1148,6 +1148,13 @@ fn host_inputs_are_uploaded_once_and_failures_propagate() {
     // The actor still works after a failure and a panic.
     let ok = actor.upload(vec![5.0], vec![1]);
     assert_eq!(ok.blocking_get().unwrap().to_host().unwrap(), vec![5.0]);
+    // A `Ref` of another runtime is waited for and read in that runtime's table.
+    let other_rt = Runtime::builder().workers(1).build().unwrap();
+    let theirs = other_rt.put(DeviceArray::from_host(vec![7.0, 8.0, 9.0], vec![3]).unwrap());
+    let ours = actor.run(&[theirs], |_scope, inputs| Ok(inputs[0].clone()));
+    let ours = ours.blocking_get_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!((ours.device(), ours.to_host().unwrap()), (Some(0), vec![7.0, 8.0, 9.0]));
+    other_rt.shutdown();
     rt.shutdown();
 }
 

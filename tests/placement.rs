@@ -1,6 +1,8 @@
 //! Device placement with real node processes on 127.0.0.1: nodes report the CUDA devices
 //! they find when they join, the head exposes them, and a task that asks for a GPU where
-//! there is none fails at once with `Error::NoGpu`. (The scheduler's routing to a node that
+//! there is none fails at once with `Error::NoGpu`; XLA arrays travel to nodes whose own
+//! XLA actors compute on them (feature `xla`), and a GPU task on a node uses the node's
+//! GPU through the node's own device actor (feature `cuda`). (The scheduler's routing to a node that
 //! has a GPU is tested against scripted nodes in `src/net/placement_tests.rs`.)
 //!
 //! This test binary has its own `main` (`harness = false`): node processes are this same
@@ -18,6 +20,50 @@ use tessera::{local_gpus, Cluster, ClusterConfig, Error, LocalProcesses, NodeId,
 
 tessera::task! {
     fn double(x: u64) -> u64 { x * 2 }
+}
+
+/// `main(x) = x · x` on 4 f32s, for the nodes' XLA actors.
+#[cfg(feature = "xla")]
+const SQUARE_F32: &str = "func.func @main(%x: tensor<4xf32>) -> tensor<4xf32> {
+  %0 = stablehlo.multiply %x, %x : tensor<4xf32>
+  return %0 : tensor<4xf32>
+}";
+
+#[cfg(feature = "xla")]
+tessera::task! {
+    /// Squares `x` on the XLA actor of the process it runs in, checking that the result
+    /// stays on that device until the task returns it.
+    fn square_on_xla(x: tessera::XlaArray) -> Result<tessera::XlaArray, String> {
+        let rt = Runtime::current().ok_or("not in a task")?;
+        let xla = tessera::XlaActor::get(&rt).map_err(|e| e.to_string())?;
+        let square = xla.compile(SQUARE_F32).map_err(|e| e.to_string())?;
+        let squared = xla.call(&square, &[rt.put(x)]).remove(0).blocking_get().map_err(|e| e.to_string())?;
+        if !squared.is_on(&xla) || xla.copies_in() == 0 {
+            return Err(format!("the node's result is not on its device ({} copies in)", xla.copies_in()));
+        }
+        Ok(squared)
+    }
+}
+
+#[cfg(feature = "cuda")]
+tessera::task! {
+    /// `max(x, 0)` on GPU 0 of the process it runs in, through that process's device actor.
+    fn relu_on_this_process_gpu(x: tessera::DeviceArray) -> Result<tessera::DeviceArray, String> {
+        let rt = Runtime::current().ok_or("not in a task")?;
+        let gpu = tessera::DeviceActor::get(&rt, 0).map_err(|e| e.to_string())?;
+        let input = rt.put(x);
+        let out = gpu.run(&[input], |scope, inputs| {
+            let mut out = scope.gpu().zeros(inputs[0].len())?;
+            scope.gpu().copy(inputs[0].slice().expect("on the device"), &mut out)?;
+            scope.gpu().relu(&mut out)?;
+            scope.array(out, inputs[0].shape().to_vec())
+        });
+        let out = out.blocking_get().map_err(|e| e.to_string())?;
+        if out.device() != Some(0) || gpu.copies_in() == 0 {
+            return Err(format!("not computed on the device ({} copies in)", gpu.copies_in()));
+        }
+        Ok(out)
+    }
 }
 
 /// Whether this machine should have a GPU (set by `scripts/gpu-check.sh`): then a missing
@@ -118,6 +164,16 @@ fn a_gpu_task_runs_on_a_node_with_a_gpu() -> Result<()> {
     }
     let ran: u64 = cluster.nodes().iter().filter(|n| !n.gpus.is_empty()).map(|n| n.tasks_run).sum();
     ensure!(ran == 8, "GPU nodes ran {ran} of 8 tasks");
+    // A GPU task on a node uses the node's GPU through the node's own device actor.
+    #[cfg(feature = "cuda")]
+    {
+        let x = tessera::DeviceArray::from_host(vec![1.0, -2.0, 3.0, -4.0], vec![2, 2])?;
+        let y = relu_on_this_process_gpu::spawn_with(&rt, TaskOptions::new().on_gpu(), x);
+        let y = y.blocking_get_timeout(Duration::from_secs(30))?;
+        ensure!(y.shape() == [2, 2] && y.to_host()? == vec![1.0, 0.0, 3.0, 0.0], "{y:?}");
+        let ran_now: u64 = cluster.nodes().iter().map(|n| n.tasks_run).sum();
+        ensure!(ran_now == 9, "the nodes ran {ran_now} of 9 tasks");
+    }
     rt.shutdown();
     Ok(())
 }
@@ -286,6 +342,31 @@ fn nccl_replicas_regroup_after_a_node_is_killed() -> Result<()> {
     Ok(())
 }
 
+/// XLA arrays move between processes as host copies: an array on this process's XLA device
+/// goes to tasks on two node processes, each node's own XLA actor computes on it there, and
+/// the results come back and continue on this process's device.
+#[cfg(feature = "xla")]
+fn xla_arrays_are_computed_on_by_the_nodes_xla_actors() -> Result<()> {
+    use tessera::{XlaActor, XlaArray};
+    let (rt, cluster) = cluster(2)?;
+    let xla = XlaActor::get(&rt)?;
+    let x = xla.upload(vec![1.0f32, -2.0, 3.0, 0.5], vec![4]);
+    let squares: Vec<_> = (0..4).map(|_| square_on_xla::spawn(&rt, &x)).collect();
+    let square = xla.compile(SQUARE_F32)?;
+    for squared in &squares {
+        let back: XlaArray = squared.blocking_get_timeout(Duration::from_secs(30))?;
+        ensure!(!back.is_on_device(), "a node's result arrives as a host copy");
+        ensure!(back.to_host::<f32>()? == vec![1.0, 4.0, 9.0, 0.25], "{back:?}");
+        let fourth = xla.call(&square, std::slice::from_ref(squared)).remove(0);
+        ensure!(fourth.blocking_get()?.to_host::<f32>()? == vec![1.0, 16.0, 81.0, 0.0625]);
+    }
+    ensure!(xla.copies_in() == 4, "each node result was copied in once: {}", xla.copies_in());
+    let ran: Vec<u64> = cluster.nodes().iter().map(|n| n.tasks_run).collect();
+    ensure!(ran.iter().sum::<u64>() == 4, "the nodes ran {ran:?} of the 4 tasks");
+    rt.shutdown();
+    Ok(())
+}
+
 fn main() {
     tessera::init();
     let tests: &[(&str, support::TestFn)] = &[
@@ -295,6 +376,11 @@ fn main() {
         ("a_gpu_task_runs_on_a_node_with_a_gpu", a_gpu_task_runs_on_a_node_with_a_gpu),
         ("replica_actors_train_on_the_nodes_gpus", replica_actors_train_on_the_nodes_gpus),
         ("nccl_replicas_regroup_after_a_node_is_killed", nccl_replicas_regroup_after_a_node_is_killed),
+        #[cfg(feature = "xla")]
+        (
+            "xla_arrays_are_computed_on_by_the_nodes_xla_actors",
+            xla_arrays_are_computed_on_by_the_nodes_xla_actors,
+        ),
         #[cfg(feature = "cuda")]
         (
             "a_darray_made_on_the_nodes_computes_on_this_process_gpus",

@@ -364,11 +364,20 @@ impl Runtime {
         Builder::default()
     }
 
-    /// The runtime running the current task or actor, if any.
+    /// The runtime running the current task or actor, if any. In a task or actor that runs
+    /// in a node process, it is that node's own runtime: tasks spawned on it run on the
+    /// node's threads, values put there stay there, and device actors got from it own the
+    /// node's devices (the head's cluster is not reachable from it).
     pub fn current() -> Option<Runtime> {
         CURRENT
             .with(|c| c.borrow().as_ref().and_then(Weak::upgrade))
             .map(|core| Runtime { core, _guard: None })
+    }
+
+    /// Makes this runtime the one [`Runtime::current`] gives on this thread (a node's task
+    /// and actor threads, which its pool did not start).
+    pub(crate) fn enter_on_this_thread(&self) {
+        set_current(&Arc::downgrade(&self.core));
     }
 
     pub(crate) fn core(&self) -> &Arc<Core> {

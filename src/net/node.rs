@@ -172,13 +172,21 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
         }
     });
 
+    // The node's own runtime: what `Runtime::current()` gives its tasks and actors (nested
+    // tasks on the node's threads, device actors over the node's devices).
+    let local = crate::Runtime::builder().workers(config.slots.max(1)).build()?;
     let (task_tx, task_rx) = std::sync::mpsc::channel::<TaskRequest>();
     let task_rx = Arc::new(Mutex::new(task_rx));
     let data = Arc::new(DataClient::new(key, config.name.clone()));
     let puller = Puller { store: store.clone(), data, data_addr };
     let mut executors = Vec::new();
     for i in 0..config.slots {
-        let context = Executor { tasks: task_rx.clone(), replies: sender.clone(), puller: puller.clone() };
+        let context = Executor {
+            tasks: task_rx.clone(),
+            replies: sender.clone(),
+            puller: puller.clone(),
+            local: local.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("tessera-exec-{i}"))
             .spawn(move || context.run())
@@ -186,7 +194,7 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
         executors.push(thread);
     }
 
-    let mut actors = HostedActors { mailboxes: HashMap::new(), puller };
+    let mut actors = HostedActors { mailboxes: HashMap::new(), puller, local: local.clone() };
     let stashes: Arc<Mutex<HashMap<String, crate::Stash>>> = Arc::default();
     let reason = tokio.block_on(async {
         loop {
@@ -237,6 +245,7 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
     for thread in executors {
         let _ = thread.join();
     }
+    local.shutdown();
     drop(sender);
     tokio.shutdown_timeout(Duration::from_secs(1));
     Ok(())
@@ -389,6 +398,8 @@ impl Puller {
 struct HostedActors {
     mailboxes: HashMap<u64, Mailbox>,
     puller: Puller,
+    /// The node's runtime, current on every actor's thread.
+    local: crate::Runtime,
 }
 
 /// A call waiting for its actor: (call id, where its message is).
@@ -413,8 +424,11 @@ impl HostedActors {
         let (mailbox, inbox) = std::sync::mpsc::channel::<ActorCall>();
         let replies = replies.clone();
         let puller = self.puller.clone();
+        let local = self.local.clone();
         let spawned =
             std::thread::Builder::new().name(format!("tessera-actor-{actor_id}")).spawn(move || {
+                local.enter_on_this_thread();
+                drop(local);
                 let created =
                     puller.pull(state).and_then(|state| (entry.create)(&state).map_err(|e| e.to_string()));
                 let mut actor = match created {
@@ -490,10 +504,13 @@ struct Executor {
     tasks: Arc<Mutex<std::sync::mpsc::Receiver<TaskRequest>>>,
     replies: mpsc::UnboundedSender<Message>,
     puller: Puller,
+    /// The node's runtime, current on this thread.
+    local: crate::Runtime,
 }
 
 impl Executor {
     fn run(self) {
+        self.local.enter_on_this_thread();
         loop {
             let task = self.tasks.lock().recv();
             let Ok(task) = task else { return };
