@@ -366,7 +366,7 @@ struct ActorShared {
 /// drops.
 ///
 /// # Examples
-/// ```no_run
+/// ```
 /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// let rt = tessera::Runtime::local()?;
 /// let xla = tessera::XlaActor::get(&rt)?; // the plugin of TESSERA_PJRT_PLUGIN, or the CPU one

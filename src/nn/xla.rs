@@ -392,7 +392,7 @@ struct Resident {
 /// update), whose only transfers are the batch in and the loss and logits out.
 ///
 /// The [`TrainState`] stays the record of the run, as with
-/// [`GpuTrainer`](crate::nn::GpuTrainer): the trainer draws batches from its loader and
+/// `GpuTrainer` (feature `cuda`): the trainer draws batches from its loader and
 /// dropout seeds from its RNG exactly as [`Trainer`](crate::nn::Trainer) does, counts its
 /// steps, and [`XlaTrainer::sync_state`] (run at the end of every epoch) copies the
 /// parameters and moments back into it, so checkpoints and CPU evaluation work unchanged.
