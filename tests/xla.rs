@@ -511,6 +511,12 @@ fn programs_chain_on_the_xla_actor_without_host_copies() -> Result<()> {
     assert_eq!(xla.copies_in(), 0, "every input was already on the device");
     // Six live arrays of 16 bytes: a, b and both calls' two outputs.
     assert_eq!(xla.live_bytes(), 6 * 16);
+    // The object table counts a device array at its data's size, without encoding it
+    // (which would copy it to the host and count its header too).
+    assert_eq!(rt.stats().live_bytes, 6 * 16);
+    let put = rt.put(product.clone());
+    assert_eq!(rt.stats().live_bytes, 7 * 16);
+    drop(put);
     assert!(matches!(product.to_host::<i32>(), Err(XlaError::ElementType { .. })));
     drop((a, b, first, second, product, sum));
     wait_until("every buffer is freed", || xla.live_bytes() == 0)?;

@@ -346,9 +346,15 @@ pub(crate) fn encoded_size<T: Serialize>(value: &T) -> usize {
 
 /// Wraps a value for the object table.
 pub(crate) fn store<T: Payload>(value: T) -> (Value, usize) {
-    // A device array's encoding is a copy to the host: count its size without making one.
+    // A device array's encoding is a copy to the host (CUDA's or XLA's): count its size
+    // without making one.
     #[cfg(feature = "cuda")]
     if let Some(array) = (&value as &dyn std::any::Any).downcast_ref::<crate::devices::DeviceArray>() {
+        let bytes = array.byte_len();
+        return (Arc::new(value), bytes);
+    }
+    #[cfg(feature = "xla")]
+    if let Some(array) = (&value as &dyn std::any::Any).downcast_ref::<crate::devices::XlaArray>() {
         let bytes = array.byte_len();
         return (Arc::new(value), bytes);
     }

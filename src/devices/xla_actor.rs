@@ -243,7 +243,7 @@ impl XlaArray {
     }
 
     /// The size of its data in bytes.
-    fn byte_len(&self) -> usize {
+    pub(crate) fn byte_len(&self) -> usize {
         self.len() * self.element.size()
     }
 }
