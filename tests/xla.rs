@@ -536,6 +536,12 @@ fn host_and_foreign_arrays_are_copied_in_and_counted() -> Result<()> {
     assert_eq!(squared.to_host::<i32>()?, vec![1, 4, 9]);
     assert_eq!(xla.copies_in(), 1);
 
+    // The runtime keeps its actor: getting it again (as the next task would) finds the same
+    // one, with its count and compiled programs.
+    drop(xla);
+    let xla = XlaActor::get(&rt)?;
+    assert_eq!(xla.copies_in(), 1);
+
     let other_rt = tessera::Runtime::local()?;
     let other = XlaActor::get(&other_rt)?;
     let theirs = other.upload(vec![4i32, 5, 6], vec![3]);

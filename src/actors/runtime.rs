@@ -46,6 +46,9 @@ pub(crate) struct Core {
     /// not hold the runtime alive while it sleeps.
     publisher: Arc<(Mutex<bool>, Condvar)>,
     cluster: OnceLock<Arc<dyn RemoteScheduler>>,
+    /// The device actors this runtime keeps running until it shuts down (each is found
+    /// again by its own registry; this only holds them).
+    devices: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
     id: u64,
 }
 
@@ -74,6 +77,16 @@ pub(crate) trait RemoteScheduler: Send + Sync + 'static {
 impl Core {
     pub(crate) fn is_shutting_down(&self) -> bool {
         self.shutting_down.load(Ordering::Acquire)
+    }
+
+    /// Keeps a device actor running until this runtime shuts down, so that tasks that get
+    /// it one after another find the same actor (its device, memory and compiled
+    /// programs) instead of starting a new one each.
+    #[cfg(any(feature = "cuda", feature = "xla"))]
+    pub(crate) fn keep_device(&self, actor: Arc<dyn std::any::Any + Send + Sync>) {
+        if !self.is_shutting_down() {
+            self.devices.lock().push(actor);
+        }
     }
 
     pub(crate) fn cluster(&self) -> Option<&Arc<dyn RemoteScheduler>> {
@@ -163,6 +176,9 @@ impl Core {
             self.stats.task_dequeued();
             job.fail(Error::Shutdown);
         }
+        // Device actors finish the work already queued and stop; work still waiting for
+        // inputs fails with the inputs below.
+        drop(std::mem::take(&mut *self.devices.lock()));
         self.table.fail_all_pending(Error::Shutdown);
         self.stats.publish();
         *stopped = true;
@@ -288,6 +304,7 @@ impl Builder {
                 threads: Mutex::new(Vec::new()),
                 publisher: Arc::new((Mutex::new(false), Condvar::new())),
                 cluster: OnceLock::new(),
+                devices: Mutex::new(Vec::new()),
                 id,
             }
         });

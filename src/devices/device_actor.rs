@@ -22,8 +22,9 @@
 //!    handle to it drops: the last `Ref`, and every array read from it.
 //!
 //! Shutdown:
-//! 1. When the last handle to an actor drops, its queue closes; work still waiting for
-//!    inputs then fails with `Error::Shutdown` when they are ready.
+//! 1. The runtime holds its actors until it shuts down (so tasks that get one, one after
+//!    another, find the same actor); then, or when the last handle drops after that, the
+//!    queue closes; work still waiting for inputs then fails with `Error::Shutdown`.
 //! 2. Its thread finishes the work already queued and exits; the drop joins it (unless the
 //!    drop happens on that thread).
 //! 3. Arrays still alive keep their `Gpu` (and so the context) alive until they drop.
@@ -359,7 +360,8 @@ struct ActorShared {
 }
 
 /// The actor that owns one GPU for a runtime: its context, stream and memory, on a thread
-/// of its own. Cheap to clone; the thread stops when the last clone drops.
+/// of its own. Cheap to clone; it runs until its runtime shuts down and its last clone
+/// drops.
 ///
 /// # Examples
 /// ```no_run
@@ -413,6 +415,7 @@ impl DeviceActor {
         }
         let actor = DeviceActor::start(table, ordinal)?;
         actors.push((ordinal, Arc::downgrade(&actor.shared)));
+        rt.core().keep_device(actor.shared.clone());
         Ok(actor)
     }
 

@@ -23,9 +23,10 @@
 //! 5. A program runs only on the actor that compiled it, and only on buffers of that
 //!    actor's client (PJRT must not mix clients).
 //!
-//! Shutdown is the `WorkQueue`'s: when the last handle to an actor drops, waiting work
-//! fails with `Error::Shutdown`, queued work finishes, and arrays still alive keep the
-//! client alive until they drop.
+//! Shutdown: the runtime holds its actors until it shuts down (so tasks that get one, one
+//! after another, find the same actor and its compiled programs). Then, once the last
+//! handle has dropped too, waiting work fails with `Error::Shutdown`, queued work
+//! finishes, and arrays still alive keep the client alive until they drop.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -362,8 +363,8 @@ struct ActorShared {
 }
 
 /// The actor that owns an XLA device for a runtime: a PJRT plugin's client and its first
-/// device, on a thread of its own. Cheap to clone; the thread stops when the last clone
-/// drops.
+/// device, on a thread of its own. Cheap to clone; it runs until its runtime shuts down
+/// and its last clone drops.
 ///
 /// # Examples
 /// ```
@@ -433,6 +434,7 @@ impl XlaActor {
         }
         let actor = XlaActor::start(table, plugin)?;
         actors.push((plugin.to_path_buf(), Arc::downgrade(&actor.shared)));
+        rt.core().keep_device(actor.shared.clone());
         Ok(actor)
     }
 
@@ -478,7 +480,8 @@ impl XlaActor {
     }
 
     /// Compiles a StableHLO module (MLIR text) whose `main` function [`call`](Self::call)
-    /// runs, on the calling thread; a program compiled before by this actor is reused.
+    /// runs, on the calling thread; a program compiled before by this actor is reused (the
+    /// actor keeps every program it compiled, by its text, for its life).
     ///
     /// # Errors
     /// [`XlaError::Call`] with the compiler's message if the program does not compile.
