@@ -46,8 +46,7 @@ pub(crate) struct Core {
     /// not hold the runtime alive while it sleeps.
     publisher: Arc<(Mutex<bool>, Condvar)>,
     cluster: OnceLock<Arc<dyn RemoteScheduler>>,
-    /// The device actors this runtime keeps running until it shuts down (each is found
-    /// again by its own registry; this only holds them).
+    /// The device actors this runtime keeps running until it shuts down (one per device).
     devices: Mutex<Vec<Arc<dyn std::any::Any + Send + Sync>>>,
     id: u64,
 }
@@ -79,14 +78,30 @@ impl Core {
         self.shutting_down.load(Ordering::Acquire)
     }
 
-    /// Keeps a device actor running until this runtime shuts down, so that tasks that get
+    /// This runtime's device actor of type `A` that `is_it` picks, or a new one from
+    /// `start`, which the runtime then keeps running until it shuts down: tasks that get
     /// it one after another find the same actor (its device, memory and compiled
     /// programs) instead of starting a new one each.
     #[cfg(any(feature = "cuda", feature = "xla"))]
-    pub(crate) fn keep_device(&self, actor: Arc<dyn std::any::Any + Send + Sync>) {
-        if !self.is_shutting_down() {
-            self.devices.lock().push(actor);
+    pub(crate) fn device_actor<A, E>(
+        &self,
+        is_it: impl Fn(&A) -> bool,
+        start: impl FnOnce() -> std::result::Result<Arc<A>, E>,
+    ) -> std::result::Result<Arc<A>, E>
+    where
+        A: Send + Sync + 'static,
+    {
+        let mut devices = self.devices.lock();
+        let running =
+            devices.iter().filter_map(|actor| actor.clone().downcast::<A>().ok()).find(|a| is_it(a));
+        if let Some(actor) = running {
+            return Ok(actor);
         }
+        let actor = start()?;
+        if !self.is_shutting_down() {
+            devices.push(actor.clone());
+        }
+        Ok(actor)
     }
 
     pub(crate) fn cluster(&self) -> Option<&Arc<dyn RemoteScheduler>> {

@@ -29,10 +29,9 @@
 //!    drop happens on that thread).
 //! 3. Arrays still alive keep their `Gpu` (and so the context) alive until they drop.
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use cudarc::driver::CudaSlice;
-use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::cuda::{DeviceError, Gpu, GpuCsr};
@@ -391,9 +390,6 @@ impl std::fmt::Debug for DeviceActor {
     }
 }
 
-/// The live device actors of this process, by device ordinal (one per GPU and runtime).
-static ACTORS: Mutex<Vec<(usize, Weak<ActorShared>)>> = Mutex::new(Vec::new());
-
 impl DeviceActor {
     /// The device actor of GPU `ordinal` for `rt`: the running one, or a new one (which
     /// opens the device and starts its thread).
@@ -403,20 +399,11 @@ impl DeviceActor {
     /// [`DeviceError::Driver`] if the context cannot be made current on the actor's thread.
     pub fn get(rt: &Runtime, ordinal: usize) -> Result<DeviceActor, DeviceError> {
         let table = rt.core().table.clone();
-        let mut actors = ACTORS.lock();
-        actors.retain(|(_, weak)| weak.strong_count() > 0);
-        let running = actors
-            .iter()
-            .filter(|(o, _)| *o == ordinal)
-            .filter_map(|(_, weak)| weak.upgrade())
-            .find(|shared| Arc::ptr_eq(shared.queue.table(), &table));
-        if let Some(shared) = running {
-            return Ok(DeviceActor { shared });
-        }
-        let actor = DeviceActor::start(table, ordinal)?;
-        actors.push((ordinal, Arc::downgrade(&actor.shared)));
-        rt.core().keep_device(actor.shared.clone());
-        Ok(actor)
+        let shared = rt.core().device_actor(
+            |shared: &ActorShared| shared.ordinal == ordinal,
+            || DeviceActor::start(table, ordinal).map(|actor| actor.shared),
+        )?;
+        Ok(DeviceActor { shared })
     }
 
     fn start(table: Arc<ObjectTable>, ordinal: usize) -> Result<DeviceActor, DeviceError> {

@@ -98,6 +98,7 @@ impl<S: 'static> WorkQueue<S> {
     }
 
     /// The object table the outputs live in.
+    #[cfg(feature = "cuda")]
     pub(crate) fn table(&self) -> &Arc<ObjectTable> {
         &self.table
     }

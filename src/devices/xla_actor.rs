@@ -30,7 +30,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -398,9 +398,6 @@ impl std::fmt::Debug for XlaActor {
     }
 }
 
-/// The live XLA actors of this process, by plugin path (one per plugin and runtime).
-static ACTORS: Mutex<Vec<(PathBuf, Weak<ActorShared>)>> = Mutex::new(Vec::new());
-
 /// Numbers the actors of this process (an array records the one holding it).
 static NEXT_ACTOR: AtomicU64 = AtomicU64::new(1);
 
@@ -422,20 +419,11 @@ impl XlaActor {
     /// no device.
     pub fn get_plugin(rt: &Runtime, plugin: &Path) -> Result<XlaActor, XlaError> {
         let table = rt.core().table.clone();
-        let mut actors = ACTORS.lock();
-        actors.retain(|(_, weak)| weak.strong_count() > 0);
-        let running = actors
-            .iter()
-            .filter(|(path, _)| path == plugin)
-            .filter_map(|(_, weak)| weak.upgrade())
-            .find(|shared| Arc::ptr_eq(shared.queue.table(), &table));
-        if let Some(shared) = running {
-            return Ok(XlaActor { shared });
-        }
-        let actor = XlaActor::start(table, plugin)?;
-        actors.push((plugin.to_path_buf(), Arc::downgrade(&actor.shared)));
-        rt.core().keep_device(actor.shared.clone());
-        Ok(actor)
+        let shared = rt.core().device_actor(
+            |shared: &ActorShared| shared.plugin == plugin,
+            || XlaActor::start(table, plugin).map(|actor| actor.shared),
+        )?;
+        Ok(XlaActor { shared })
     }
 
     fn start(table: Arc<ObjectTable>, plugin: &Path) -> Result<XlaActor, XlaError> {
