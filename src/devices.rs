@@ -23,6 +23,13 @@ mod xla;
 #[cfg(feature = "xla")]
 mod xla_actor;
 
+/// The number of elements of `shape`, or `None` if it overflows (the device arrays'
+/// shape check).
+#[cfg(any(feature = "cuda", feature = "xla"))]
+fn element_count(shape: &[usize]) -> Option<usize> {
+    shape.iter().try_fold(1_usize, |n, &d| n.checked_mul(d))
+}
+
 pub use collective::{
     segment, CollectiveError, Communicator, GroupConfig, GroupListener, Rendezvous, TcpGroup,
 };

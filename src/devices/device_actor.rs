@@ -35,6 +35,7 @@ use cudarc::driver::CudaSlice;
 use serde::{Deserialize, Serialize};
 
 use super::cuda::{DeviceError, Gpu, GpuCsr};
+use super::element_count as elements;
 use super::work_queue::{input_of, Input, WorkQueue};
 use crate::actors::object::ObjectTable;
 use crate::actors::reference::{blocking_read, Payload};
@@ -81,10 +82,6 @@ impl std::fmt::Debug for DeviceArray {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("DeviceArray").field("shape", &self.shape).field("device", &self.device()).finish()
     }
-}
-
-fn elements(shape: &[usize]) -> Option<usize> {
-    shape.iter().try_fold(1_usize, |n, &d| n.checked_mul(d))
 }
 
 impl DeviceArray {

@@ -288,7 +288,7 @@ impl XlaElementType {
         [XlaElementType::F32, XlaElementType::I32].into_iter().find(|t| t.pjrt() == code)
     }
 
-    fn pjrt(self) -> u32 {
+    pub(crate) fn pjrt(self) -> u32 {
         match self {
             XlaElementType::F32 => f32::PJRT_TYPE,
             XlaElementType::I32 => i32::PJRT_TYPE,

@@ -35,6 +35,7 @@ use std::sync::Arc;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use super::element_count as elements;
 use super::work_queue::{input_of, Input, WorkQueue};
 use super::xla::{XlaBuffer, XlaDevice, XlaElement, XlaElementType, XlaError, XlaExecutable};
 use crate::actors::object::ObjectTable;
@@ -88,18 +89,11 @@ impl HostData {
 
     /// The data as `T`s, if they are of `T`'s type.
     fn view<T: XlaElement>(&self) -> Result<&[T], XlaError> {
-        let wrong = || XlaError::ElementType { expected: T::PJRT_TYPE, got: self.pjrt_type() };
+        let wrong = || XlaError::ElementType { expected: T::PJRT_TYPE, got: self.element_type().pjrt() };
         match (self, T::TYPE) {
             (HostData::F32(v), XlaElementType::F32) => Ok(bytemuck::cast_slice(v)),
             (HostData::I32(v), XlaElementType::I32) => Ok(bytemuck::cast_slice(v)),
             _ => Err(wrong()),
-        }
-    }
-
-    fn pjrt_type(&self) -> u32 {
-        match self {
-            HostData::F32(_) => f32::PJRT_TYPE,
-            HostData::I32(_) => i32::PJRT_TYPE,
         }
     }
 
@@ -137,10 +131,6 @@ impl std::fmt::Debug for XlaArray {
             .field("on_device", &self.is_on_device())
             .finish()
     }
-}
-
-fn elements(dims: &[usize]) -> Option<usize> {
-    dims.iter().try_fold(1_usize, |n, &d| n.checked_mul(d))
 }
 
 impl XlaArray {
