@@ -1,5 +1,5 @@
 //! Devices and the collectives that connect them: the `Communicator` trait that gradient
-//! all-reduce uses, with a TCP backend for CPUs; GPU discovery (every build); CUDA
+//! all-reduce uses, with a TCP backend for CPUs; GPU and XLA discovery (every build); CUDA
 //! devices, device actors, device-resident arrays, and collectives over device buffers
 //! (NCCL, or a host group staged through host memory) (feature `cuda`); XLA devices through
 //! PJRT plugins, the XLA device actor and XLA-resident arrays (feature `xla`); collectives
@@ -47,7 +47,7 @@ pub use cuda::{
 pub(crate) use device_actor::DeviceCsr;
 #[cfg(feature = "cuda")]
 pub use device_actor::{DeviceActor, DeviceArray};
-pub use discovery::{gpu_absence_reason, local_gpus, GpuInfo};
+pub use discovery::{gpu_absence_reason, local_gpus, local_xla, xla_absence_reason, GpuInfo, XlaInfo};
 #[cfg(feature = "cuda")]
 pub use gpu_group::{GpuCommunicator, HostStagedGroup};
 #[cfg(feature = "cuda")]

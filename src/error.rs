@@ -104,6 +104,21 @@ pub enum Error {
         /// Why this process has no GPU either.
         local: String,
     },
+    /// A task asked for an XLA device and no place that can run it has one.
+    #[error(
+        "task `{task}` asks for an XLA device, but none can run it: {xla_nodes} of {nodes} cluster node(s) reported an XLA plugin, and this process has none ({local})"
+    )]
+    NoXla {
+        /// The registered name of the task.
+        task: String,
+        /// How many nodes the cluster had when the task was placed (0 without a cluster).
+        nodes: usize,
+        /// How many of them reported an XLA plugin: more than 0 only for a task that cannot
+        /// run on a node (one that returns a `Ref` runs where it was spawned).
+        xla_nodes: usize,
+        /// Why this process has no XLA plugin either.
+        local: String,
+    },
     /// An array operation was refused.
     #[error("array: {0}")]
     Array(#[from] crate::ArrayError),

@@ -57,8 +57,8 @@ fn a_node_without_the_secret_says_what_is_missing() -> Result<()> {
 }
 
 /// `tessera devices` lists what a node started here reports: the same GPUs as this process
-/// finds (none here without a GPU, with the reason), in text and in JSON; `--expect-gpu`
-/// fails only where there is none.
+/// finds (none here without a GPU, with the reason) and its XLA plugin (or why there is
+/// none), in text and in JSON; `--expect-gpu` fails only where there is no GPU.
 #[test]
 fn tessera_devices_lists_what_a_node_would_report() -> Result<()> {
     let devices =
@@ -95,6 +95,19 @@ fn tessera_devices_lists_what_a_node_would_report() -> Result<()> {
         if !here.is_empty() {
             ensure!(here.len() == gpus.len(), "the binary found {gpus:?}, this process {here:?}");
         }
+    }
+    match (listing["xla"].as_object(), listing["no_xla_reason"].as_str()) {
+        (Some(xla), None) => {
+            let plugin = xla["plugin"].as_str().unwrap_or_default();
+            ensure!(std::path::Path::new(plugin).is_file(), "{listing}");
+            ensure!(stdout.contains(&format!("xla: {plugin} (PJRT C API 0.")), "{stdout}");
+            // The same plugin as this process finds, where this test has the feature too.
+            if let Some(here) = tessera::local_xla() {
+                ensure!(here.plugin == plugin, "the binary found {plugin}, this process {}", here.plugin);
+            }
+        }
+        (None, Some(reason)) => ensure!(stdout.contains(&format!("no XLA: {reason}")), "{stdout}"),
+        _ => anyhow::bail!("exactly one of xla and no_xla_reason expected: {listing}"),
     }
     Ok(())
 }

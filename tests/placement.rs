@@ -1,9 +1,10 @@
 //! Device placement with real node processes on 127.0.0.1: nodes report the CUDA devices
-//! they find when they join, the head exposes them, and a task that asks for a GPU where
-//! there is none fails at once with `Error::NoGpu`; XLA arrays travel to nodes whose own
-//! XLA actors compute on them (feature `xla`), and a GPU task on a node uses the node's
-//! GPU through the node's own device actor (feature `cuda`). (The scheduler's routing to a node that
-//! has a GPU is tested against scripted nodes in `src/net/placement_tests.rs`.)
+//! and the XLA plugin they find when they join, the head exposes them, and a task that asks
+//! for a GPU (an XLA device) where there is none fails at once with `Error::NoGpu`
+//! (`Error::NoXla`); XLA arrays travel to tasks placed on nodes with XLA, whose own XLA
+//! actors compute on them (feature `xla`), and a GPU task on a node uses the node's GPU
+//! through the node's own device actor (feature `cuda`). (The scheduler's routing to a node
+//! that has a GPU or XLA is tested against scripted nodes in `src/net/placement_tests.rs`.)
 //!
 //! This test binary has its own `main` (`harness = false`): node processes are this same
 //! binary re-executed, and `tessera::init()` at the top of `main` turns them into nodes.
@@ -16,7 +17,9 @@ use tessera::nn::{
     resume_from_stash, train_on_cluster, ClusterReplicas, Dataset, ElasticTraining, ModelSpec,
     OptimizerConfig, ReplicaJob,
 };
-use tessera::{local_gpus, Cluster, ClusterConfig, Error, LocalProcesses, NodeId, Runtime, TaskOptions};
+use tessera::{
+    local_gpus, local_xla, Cluster, ClusterConfig, Error, LocalProcesses, NodeId, Runtime, TaskOptions,
+};
 
 tessera::task! {
     fn double(x: u64) -> u64 { x * 2 }
@@ -98,6 +101,67 @@ fn nodes_report_their_gpus_when_they_join() -> Result<()> {
     } else {
         ensure!(gpu_nodes.len() == 2, "{gpu_nodes:?}");
     }
+    rt.shutdown();
+    Ok(())
+}
+
+/// Node processes on this machine load the XLA plugin this process would use and report it
+/// when they join (none without feature `xla` or without the plugin); `xla_nodes` lists
+/// exactly the nodes that have it.
+fn nodes_report_their_xla_plugin_when_they_join() -> Result<()> {
+    let (rt, cluster) = cluster(2)?;
+    let here = local_xla();
+    #[cfg(feature = "xla")]
+    ensure!(
+        here.is_some() || !std::path::Path::new(tessera::DEFAULT_PJRT_PLUGIN).is_file(),
+        "the plugin is installed, yet: {:?}",
+        tessera::xla_absence_reason()
+    );
+    for node in cluster.nodes() {
+        ensure!(node.xla == here, "node {} reported {:?}, this process has {here:?}", node.name, node.xla);
+    }
+    let xla_nodes = cluster.xla_nodes();
+    match &here {
+        Some(xla) => {
+            ensure!(xla_nodes.len() == 2, "{xla_nodes:?}");
+            println!("    nodes report {} (PJRT C API {}.{})", xla.plugin, xla.pjrt_api.0, xla.pjrt_api.1);
+        }
+        None => {
+            ensure!(xla_nodes.is_empty(), "{xla_nodes:?}");
+            println!("    no XLA here: {}", tessera::xla_absence_reason().unwrap_or("?"));
+        }
+    }
+    rt.shutdown();
+    Ok(())
+}
+
+/// An XLA task fails at once, naming the task and the cluster's size, when no node (and not
+/// this process) has an XLA plugin; a task on the same input without the option runs.
+fn an_xla_task_without_xla_fails_at_once_naming_it() -> Result<()> {
+    if local_xla().is_some() {
+        eprintln!("skipped: this process has an XLA plugin, so XLA tasks run");
+        return Ok(());
+    }
+    let (rt, _cluster) = cluster(2)?;
+    let start = Instant::now();
+    let input = double::spawn(&rt, 1);
+    let on_xla = double::spawn_with(&rt, TaskOptions::new().on_xla(), &input);
+    match on_xla.blocking_get_timeout(Duration::from_secs(20)) {
+        Err(error @ Error::NoXla { .. }) => {
+            let message = error.to_string();
+            let Error::NoXla { task, nodes, xla_nodes, local } = error else { unreachable!() };
+            ensure!(task.ends_with("::double"), "{task}");
+            ensure!((nodes, xla_nodes) == (2, 0), "nodes = {nodes}, xla_nodes = {xla_nodes}");
+            ensure!(local == tessera::xla_absence_reason().unwrap_or_default(), "{local}");
+            ensure!(
+                message.contains("asks for an XLA device") && message.contains("0 of 2 cluster node(s)"),
+                "{message}"
+            );
+        }
+        other => bail!("expected NoXla, got {other:?}"),
+    }
+    ensure!(start.elapsed() < Duration::from_secs(5), "took {:?}", start.elapsed());
+    ensure!(double::spawn(&rt, &input).blocking_get_timeout(Duration::from_secs(20))? == 4);
     rt.shutdown();
     Ok(())
 }
@@ -343,15 +407,18 @@ fn nccl_replicas_regroup_after_a_node_is_killed() -> Result<()> {
 }
 
 /// XLA arrays move between processes as host copies: an array on this process's XLA device
-/// goes to tasks on two node processes, each node's own XLA actor computes on it there, and
-/// the results come back and continue on this process's device.
+/// goes to tasks that ask for XLA, placed on the two node processes that reported it; each
+/// node's own XLA actor computes on it there, and the results come back and continue on
+/// this process's device.
 #[cfg(feature = "xla")]
 fn xla_arrays_are_computed_on_by_the_nodes_xla_actors() -> Result<()> {
     use tessera::{XlaActor, XlaArray};
     let (rt, cluster) = cluster(2)?;
     let xla = XlaActor::get(&rt)?;
     let x = xla.upload(vec![1.0f32, -2.0, 3.0, 0.5], vec![4]);
-    let squares: Vec<_> = (0..4).map(|_| square_on_xla::spawn(&rt, &x)).collect();
+    ensure!(cluster.xla_nodes().len() == 2, "{:?}", cluster.xla_nodes());
+    let squares: Vec<_> =
+        (0..4).map(|_| square_on_xla::spawn_with(&rt, TaskOptions::new().on_xla(), &x)).collect();
     let square = xla.compile(SQUARE_F32)?;
     for squared in &squares {
         let back: XlaArray = squared.blocking_get_timeout(Duration::from_secs(30))?;
@@ -372,6 +439,8 @@ fn main() {
     let tests: &[(&str, support::TestFn)] = &[
         ("nodes_report_their_gpus_when_they_join", nodes_report_their_gpus_when_they_join),
         ("a_gpu_task_without_gpus_fails_at_once_naming_it", a_gpu_task_without_gpus_fails_at_once_naming_it),
+        ("nodes_report_their_xla_plugin_when_they_join", nodes_report_their_xla_plugin_when_they_join),
+        ("an_xla_task_without_xla_fails_at_once_naming_it", an_xla_task_without_xla_fails_at_once_naming_it),
         ("a_gpu_task_without_a_cluster_fails_at_once", a_gpu_task_without_a_cluster_fails_at_once),
         ("a_gpu_task_runs_on_a_node_with_a_gpu", a_gpu_task_runs_on_a_node_with_a_gpu),
         ("replica_actors_train_on_the_nodes_gpus", replica_actors_train_on_the_nodes_gpus),

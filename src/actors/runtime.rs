@@ -54,11 +54,11 @@ pub(crate) struct Core {
 /// The seam between the runtime and a cluster head: runs ready tasks on node processes.
 pub(crate) trait RemoteScheduler: Send + Sync + 'static {
     /// Takes a ready task that can run remotely; gives it back if no node can take it.
-    /// A job that needs a GPU goes only to a node that reported one.
+    /// A job that needs a GPU or XLA goes only to a node that reported one.
     #[allow(clippy::result_large_err)]
     fn submit(&self, job: Box<Job>) -> std::result::Result<(), Box<Job>>;
-    /// How many nodes are in the cluster now, and how many of them reported a GPU.
-    fn node_counts(&self) -> (usize, usize);
+    /// How many nodes are in the cluster now, and how many of them reported each device.
+    fn node_counts(&self) -> NodeCounts;
     /// Stops the cluster: nodes are told to exit; tasks running remotely fail.
     fn stop(&self);
     /// Has the node holding the value at `location` save it into the stash at
@@ -71,6 +71,14 @@ pub(crate) trait RemoteScheduler: Send + Sync + 'static {
         type_name: &str,
         tags: &[(&str, &str)],
     ) -> Result<crate::Version>;
+}
+
+/// How many nodes a cluster has, and how many of them reported a GPU, resp. an XLA plugin.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct NodeCounts {
+    pub(crate) nodes: usize,
+    pub(crate) gpu: usize,
+    pub(crate) xla: usize,
 }
 
 impl Core {
@@ -124,8 +132,9 @@ impl Core {
 
     /// Sends a ready job to a worker, as the policy says.
     ///
-    /// A job that needs a GPU goes to a node that has one; failing that it runs here if
-    /// this process has a GPU, else its output fails at once with `Error::NoGpu`.
+    /// A job that needs a GPU (or XLA) goes to a node that has one; failing that it runs
+    /// here if this process has one, else its output fails at once with `Error::NoGpu`
+    /// (`Error::NoXla`).
     pub(crate) fn dispatch(&self, job: Box<Job>) {
         let job = match self.cluster.get() {
             Some(cluster) if job.remote_args().is_some() => match cluster.submit(job) {
@@ -134,11 +143,20 @@ impl Core {
             },
             _ => job,
         };
+        let counts = || self.cluster.get().map_or(NodeCounts::default(), |cluster| cluster.node_counts());
         if job.needs_gpu() {
             if let Some(local) = crate::devices::gpu_absence_reason() {
-                let task = job.name().to_string();
-                let (nodes, gpu_nodes) = self.cluster.get().map_or((0, 0), |cluster| cluster.node_counts());
+                let (task, counts) = (job.name().to_string(), counts());
+                let (nodes, gpu_nodes) = (counts.nodes, counts.gpu);
                 job.fail(Error::NoGpu { task, nodes, gpu_nodes, local: local.to_string() });
+                return;
+            }
+        }
+        if job.needs_xla() {
+            if let Some(local) = crate::devices::xla_absence_reason() {
+                let (task, counts) = (job.name().to_string(), counts());
+                let (nodes, xla_nodes) = (counts.nodes, counts.xla);
+                job.fail(Error::NoXla { task, nodes, xla_nodes, local: local.to_string() });
                 return;
             }
         }

@@ -31,6 +31,12 @@ pub struct TaskOptions {
     /// with [`Error::NoGpu`]. A task that returns a `Ref` runs where it was spawned, so for
     /// it only this process's GPUs count. Default false.
     pub gpu: bool,
+    /// Whether the task needs an XLA device: it runs only on a node that reported a
+    /// loadable PJRT plugin (or in this process, if it has one), where it gets the device
+    /// from `XlaActor::get` on `Runtime::current()` (feature `xla`); with none anywhere its
+    /// output fails at once with [`Error::NoXla`]. As for [`gpu`](Self::gpu), a task that
+    /// returns a `Ref` runs where it was spawned. Default false.
+    pub xla: bool,
 }
 
 impl TaskOptions {
@@ -48,6 +54,12 @@ impl TaskOptions {
     /// Asks for a GPU: sets [`gpu`](Self::gpu).
     pub fn on_gpu(mut self) -> Self {
         self.gpu = true;
+        self
+    }
+
+    /// Asks for an XLA device: sets [`xla`](Self::xla).
+    pub fn on_xla(mut self) -> Self {
+        self.xla = true;
         self
     }
 }
@@ -149,6 +161,8 @@ pub(crate) struct Job {
     node_losses: u32,
     /// Whether the task must run where a GPU is.
     needs_gpu: bool,
+    /// Whether the task must run where an XLA plugin is.
+    needs_xla: bool,
     /// The arguments in the form a node process receives, if the task can run remotely.
     remote: Option<Vec<RemoteArg>>,
     inputs: Vec<Dependency>,
@@ -169,6 +183,9 @@ impl Job {
     }
     pub(crate) fn needs_gpu(&self) -> bool {
         self.needs_gpu
+    }
+    pub(crate) fn needs_xla(&self) -> bool {
+        self.needs_xla
     }
     /// Counts a retry after a task error; false when no retries are left.
     pub(crate) fn retry_after_error(&mut self) -> bool {
@@ -237,6 +254,7 @@ pub fn spawn_task<T: Payload>(
         retries: options.retries,
         node_losses: 0,
         needs_gpu: options.gpu,
+        needs_xla: options.xla,
         remote,
         inputs,
     });

@@ -356,6 +356,19 @@ impl XlaDevice {
             .unwrap_or_else(|| PathBuf::from(DEFAULT_PJRT_PLUGIN))
     }
 
+    /// Loads and initializes the plugin at `plugin` without making a client (tens of
+    /// milliseconds, where a client of the CPU plugin takes a quarter of a second), and
+    /// returns its PJRT C API version: what a node process checks before it reports the
+    /// plugin to its head.
+    ///
+    /// # Errors
+    /// [`XlaError::PluginNotFound`], [`XlaError::PluginLoad`] or [`XlaError::ApiVersion`].
+    pub(crate) fn probe(plugin: &Path) -> Result<(i32, i32), XlaError> {
+        let plugin = Plugin::open(plugin)?;
+        let version = &plugin.api.pjrt_api_version;
+        Ok((version.major_version, version.minor_version))
+    }
+
     /// Whether `buffer` belongs to this device's client.
     pub(crate) fn holds(&self, buffer: &XlaBuffer) -> bool {
         Arc::ptr_eq(&self.client, &buffer.client)

@@ -37,10 +37,10 @@ use crate::actors::object::{
     EncodedValue, Fetched, ObjectId, ObjectTable, Outcome, RemoteAccess, RemoteLocation, RemoteValue, View,
 };
 use crate::actors::reference::{RefInner, RemoteArgKind};
-use crate::actors::runtime::{Core, RemoteScheduler};
+use crate::actors::runtime::{Core, NodeCounts, RemoteScheduler};
 use crate::actors::task::{submit_when_ready, Job};
 use crate::actors::user_actor::RemoteActorLink;
-use crate::devices::GpuInfo;
+use crate::devices::{GpuInfo, XlaInfo};
 use crate::{ActorHandle, Error, Payload, Ref, RemoteActor, Result, Runtime};
 
 /// Where a node's answer to a save request goes: the version, or why it failed.
@@ -90,6 +90,8 @@ pub struct NodeInfo {
     pub values_held: usize,
     /// The CUDA devices it reported when it joined (empty: no GPU there).
     pub gpus: Vec<GpuInfo>,
+    /// The XLA plugin it reported when it joined (none: no XLA there).
+    pub xla: Option<XlaInfo>,
 }
 
 /// Settings of a cluster head.
@@ -125,6 +127,7 @@ struct NodeEntry {
     data_addr: SocketAddr,
     slots: u32,
     gpus: Vec<GpuInfo>,
+    xla: Option<XlaInfo>,
     sender: mpsc::UnboundedSender<Message>,
     in_flight: HashMap<u64, Box<Job>>,
     held: HashSet<u64>,
@@ -157,7 +160,13 @@ impl NodeEntry {
             in_flight: self.in_flight.len(),
             values_held: self.held.len(),
             gpus: self.gpus.clone(),
+            xla: self.xla.clone(),
         }
+    }
+
+    /// Whether this node has the devices `job` needs.
+    fn can_run(&self, job: &Job) -> bool {
+        (!job.needs_gpu() || !self.gpus.is_empty()) && (!job.needs_xla() || self.xla.is_some())
     }
 
     fn load(&self) -> f64 {
@@ -402,6 +411,13 @@ impl Cluster {
             .filter(|(_, node)| !node.gpus.is_empty())
             .map(|(id, node)| (NodeId(*id), node.gpus.clone()))
             .collect()
+    }
+
+    /// The nodes that reported an XLA plugin, with it: where tasks spawned with
+    /// [`TaskOptions::on_xla`](crate::TaskOptions::on_xla) run.
+    pub fn xla_nodes(&self) -> Vec<(NodeId, XlaInfo)> {
+        let state = self.head.state.lock();
+        state.nodes.iter().filter_map(|(id, node)| Some((NodeId(*id), node.xla.clone()?))).collect()
     }
 
     /// Names of the nodes lost so far.
@@ -826,19 +842,18 @@ impl RemoteScheduler for Head {
             return Err(job);
         };
         let mut state = self.state.lock();
-        // A task that needs a GPU only goes to nodes that reported one.
-        let gpu = job.needs_gpu();
+        // A task that needs a GPU or XLA only goes to nodes that reported one.
         let least_loaded = state
             .nodes
             .iter()
-            .filter(|(_, node)| !gpu || !node.gpus.is_empty())
+            .filter(|(_, node)| node.can_run(&job))
             .min_by(|a, b| a.1.load().total_cmp(&b.1.load()).then(a.1.dispatched.cmp(&b.1.dispatched)))
             .map(|(id, node)| (*id, node.load()));
         let Some((mut target, least_load)) = least_loaded else {
             return Err(job);
         };
         let preferred = preferred.and_then(|id| state.nodes.get(&id).map(|n| (id, n)));
-        if let Some(node) = preferred.filter(|(_, n)| !gpu || !n.gpus.is_empty()) {
+        if let Some(node) = preferred.filter(|(_, n)| n.can_run(&job)) {
             if node.1.load() <= least_load * 2.0 + 1.0 {
                 target = node.0;
             }
@@ -852,9 +867,13 @@ impl RemoteScheduler for Head {
         Ok(())
     }
 
-    fn node_counts(&self) -> (usize, usize) {
+    fn node_counts(&self) -> NodeCounts {
         let state = self.state.lock();
-        (state.nodes.len(), state.nodes.values().filter(|node| !node.gpus.is_empty()).count())
+        NodeCounts {
+            nodes: state.nodes.len(),
+            gpu: state.nodes.values().filter(|node| !node.gpus.is_empty()).count(),
+            xla: state.nodes.values().filter(|node| node.xla.is_some()).count(),
+        }
     }
 
     fn stop(&self) {
@@ -967,8 +986,8 @@ async fn accept_loop(head: Arc<Head>, listener: TcpListener) {
 async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
     let (reader, writer) = stream.into_split();
     let mut reader = BufReader::with_capacity(1 << 16, reader);
-    let (data_addr, slots, pid, gpus) = match read_frame::<Message, _>(&mut reader).await {
-        Ok(Message::Register { data_addr, slots, pid, gpus }) => (data_addr, slots, pid, gpus),
+    let (data_addr, slots, pid, gpus, xla) = match read_frame::<Message, _>(&mut reader).await {
+        Ok(Message::Register { data_addr, slots, pid, gpus, xla }) => (data_addr, slots, pid, gpus, xla),
         Ok(other) => {
             tracing::warn!(node = %name, "expected Register, got {other:?}; closing");
             return;
@@ -996,6 +1015,7 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
                 data_addr,
                 slots,
                 gpus: gpus.clone(),
+                xla: xla.clone(),
                 sender,
                 in_flight: HashMap::new(),
                 held: HashSet::new(),
@@ -1009,7 +1029,15 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
         head.changed.notify_all();
         (id, name)
     };
-    tracing::info!(node = %name, id = node_id, %data_addr, slots, gpus = gpus.len(), "node joined");
+    tracing::info!(
+        node = %name,
+        id = node_id,
+        %data_addr,
+        slots,
+        gpus = gpus.len(),
+        xla = xla.as_ref().map_or("none", |xla| xla.plugin.as_str()),
+        "node joined"
+    );
     tokio::spawn(write_loop(receiver, writer));
     let reason = loop {
         match read_frame::<Message, _>(&mut reader).await {

@@ -145,11 +145,16 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
     if let Some(reason) = crate::devices::gpu_absence_reason() {
         tracing::info!(name = %config.name, %reason, "this node has no GPU");
     }
+    let xla = crate::devices::local_xla();
+    if let Some(reason) = crate::devices::xla_absence_reason() {
+        tracing::info!(name = %config.name, %reason, "this node has no XLA plugin");
+    }
     let _ = sender.send(Message::Register {
         data_addr,
         slots: config.slots as u32,
         pid: std::process::id(),
         gpus,
+        xla,
     });
     tokio.spawn(write_loop(receiver, writer));
     let node_id = tokio.block_on(async {

@@ -1,8 +1,10 @@
 //! Placement by device, tested against scripted nodes: peers on 127.0.0.1 that do the real
-//! handshake and registration and answer tasks by hand, so that a node reporting a GPU can
-//! be tested on a machine without one (real node processes report what they find; see
+//! handshake and registration and answer tasks by hand, so that a node reporting a GPU or
+//! an XLA plugin can be tested on a machine without one (real node processes report what they find; see
 //! `tests/placement.rs`).
 #![allow(unreachable_pub, dead_code)] // items the `task!` macro generates for a test-only task
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::AsyncWriteExt;
@@ -12,7 +14,7 @@ use tokio::net::TcpStream;
 use super::auth::{client_handshake, ClusterKey};
 use super::frame::{encode_frame, read_frame, write_frame};
 use super::wire::{ArgSource, Message, ReplyValue, Role, TaskReply};
-use crate::devices::GpuInfo;
+use crate::devices::{GpuInfo, XlaInfo};
 use crate::{Cluster, ClusterConfig, Error, Runtime, TaskOptions};
 
 crate::task! {
@@ -28,6 +30,10 @@ const SECRET: &str = "placement-test";
 
 fn test_gpu() -> GpuInfo {
     GpuInfo { ordinal: 0, name: "Scripted GPU".into(), total_memory: 80 << 30 }
+}
+
+fn test_xla() -> XlaInfo {
+    XlaInfo { plugin: "/opt/scripted/pjrt_plugin.so".into(), pjrt_api: (0, 60) }
 }
 
 fn start_cluster() -> (Runtime, Cluster) {
@@ -50,12 +56,17 @@ async fn connect(cluster: &Cluster, name: &str) -> TcpStream {
     stream
 }
 
-/// A scripted node that registered with `gpus`.
-async fn scripted_node(cluster: &Cluster, name: &str, gpus: Vec<GpuInfo>) -> (OwnedReadHalf, OwnedWriteHalf) {
+/// A scripted node that registered with `gpus` and `xla`.
+async fn scripted_node(
+    cluster: &Cluster,
+    name: &str,
+    gpus: Vec<GpuInfo>,
+    xla: Option<XlaInfo>,
+) -> (OwnedReadHalf, OwnedWriteHalf) {
     let stream = connect(cluster, name).await;
     let (mut reader, mut writer) = stream.into_split();
-    let register =
-        Message::Register { data_addr: "127.0.0.1:9".parse().expect("addr"), slots: 4, pid: 1, gpus };
+    let data_addr = "127.0.0.1:9".parse().expect("addr");
+    let register = Message::Register { data_addr, slots: 4, pid: 1, gpus, xla };
     write_frame(&mut writer, &register).await.expect("register");
     writer.flush().await.expect("flush");
     match read_frame::<Message, _>(&mut reader).await.expect("registered") {
@@ -69,16 +80,67 @@ fn decode_u64(bytes: &[u8]) -> u64 {
     bincode::serde::decode_from_slice(bytes, bincode::config::standard()).expect("u64").0
 }
 
+/// Answers every `triple` task the node is sent, by hand, until the connection closes;
+/// counts them in `ran`.
+async fn answer_triples((mut reader, mut writer): (OwnedReadHalf, OwnedWriteHalf), ran: Arc<AtomicUsize>) {
+    while let Ok(message) = read_frame::<Message, _>(&mut reader).await {
+        let Message::RunTasks(requests) = message else { continue };
+        let mut replies = Vec::new();
+        for request in requests {
+            assert!(request.name.ends_with("::triple"), "{}", request.name);
+            let ArgSource::Inline(bytes) = &request.args[0] else { panic!("inline argument expected") };
+            let encoded = bincode::serde::encode_to_vec(decode_u64(bytes) * 3, bincode::config::standard())
+                .expect("encode");
+            replies.push(TaskReply { task_id: request.task_id, result: Ok(ReplyValue::Inline(encoded)) });
+            ran.fetch_add(1, Ordering::SeqCst);
+        }
+        write_frame(&mut writer, &Message::TasksDone(replies)).await.expect("reply");
+        writer.flush().await.expect("flush");
+    }
+}
+
+/// Scripted nodes, each registered with its devices and answering tasks on `net`; gives
+/// each node's count of tasks run, in order.
+fn serve_scripted_nodes(
+    net: &tokio::runtime::Runtime,
+    cluster: &Cluster,
+    nodes: Vec<(&str, Vec<GpuInfo>, Option<XlaInfo>)>,
+) -> Vec<Arc<AtomicUsize>> {
+    let count = nodes.len();
+    let ran: Vec<_> = nodes
+        .into_iter()
+        .map(|(name, gpus, xla)| {
+            let node = net.block_on(scripted_node(cluster, name, gpus, xla));
+            let ran = Arc::new(AtomicUsize::new(0));
+            net.spawn(answer_triples(node, ran.clone()));
+            ran
+        })
+        .collect();
+    cluster.wait_for_nodes(count, Duration::from_secs(10)).expect("nodes");
+    ran
+}
+
+/// Spawns `triple(i)` for i in 0..count with `options` and checks the values.
+fn triples(rt: &Runtime, options: TaskOptions, count: u64) {
+    let refs: Vec<_> = (0..count).map(|i| triple::spawn_with(rt, options, i)).collect();
+    for (i, r) in refs.iter().enumerate() {
+        assert_eq!(r.blocking_get_timeout(Duration::from_secs(10)).expect("value"), i as u64 * 3);
+    }
+}
+
+fn net_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("tokio")
+}
+
 #[test]
 fn gpu_tasks_go_only_to_nodes_that_reported_a_gpu() {
     let (rt, cluster) = start_cluster();
-    let net = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
-    let ((mut cpu_reader, _cpu_writer), (mut gpu_reader, mut gpu_writer)) = net.block_on(async {
-        let cpu = scripted_node(&cluster, "cpu-node", Vec::new()).await;
-        let gpu = scripted_node(&cluster, "gpu-node", vec![test_gpu()]).await;
-        (cpu, gpu)
-    });
-    cluster.wait_for_nodes(2, Duration::from_secs(10)).expect("nodes");
+    let net = net_runtime();
+    let ran = serve_scripted_nodes(
+        &net,
+        &cluster,
+        vec![("cpu-node", Vec::new(), None), ("gpu-node", vec![test_gpu()], None)],
+    );
 
     // The head knows which node has which devices.
     let nodes = cluster.nodes();
@@ -90,36 +152,8 @@ fn gpu_tasks_go_only_to_nodes_that_reported_a_gpu() {
 
     // Eight GPU tasks: all of them reach the GPU node, none the CPU node (which is less
     // loaded after the first few, so least-loaded placement alone would pick it).
-    let refs: Vec<_> = (0..8_u64).map(|i| triple::spawn_with(&rt, TaskOptions::new().on_gpu(), i)).collect();
-    net.block_on(async {
-        let mut answered = 0;
-        while answered < refs.len() {
-            let message =
-                tokio::time::timeout(Duration::from_secs(10), read_frame::<Message, _>(&mut gpu_reader))
-                    .await
-                    .expect("the GPU node got its tasks in time")
-                    .expect("frame");
-            let Message::RunTasks(requests) = message else { continue };
-            let mut replies = Vec::new();
-            for request in requests {
-                assert!(request.name.ends_with("::triple"), "{}", request.name);
-                let ArgSource::Inline(bytes) = &request.args[0] else { panic!("inline argument expected") };
-                let value = decode_u64(bytes) * 3;
-                let encoded =
-                    bincode::serde::encode_to_vec(value, bincode::config::standard()).expect("encode");
-                replies.push(TaskReply { task_id: request.task_id, result: Ok(ReplyValue::Inline(encoded)) });
-                answered += 1;
-            }
-            write_frame(&mut gpu_writer, &Message::TasksDone(replies)).await.expect("reply");
-            gpu_writer.flush().await.expect("flush");
-        }
-        let stray =
-            tokio::time::timeout(Duration::from_millis(300), read_frame::<Message, _>(&mut cpu_reader)).await;
-        assert!(stray.is_err(), "the CPU node got a message: {stray:?}");
-    });
-    for (i, r) in refs.iter().enumerate() {
-        assert_eq!(r.blocking_get_timeout(Duration::from_secs(10)).expect("value"), i as u64 * 3);
-    }
+    triples(&rt, TaskOptions::new().on_gpu(), 8);
+    assert_eq!((ran[0].load(Ordering::SeqCst), ran[1].load(Ordering::SeqCst)), (0, 8));
     // A GPU task that cannot run on a node fails at once here, where there is no GPU,
     // and the error says that a node did have one.
     if crate::devices::gpu_absence_reason().is_some() {
@@ -133,20 +167,86 @@ fn gpu_tasks_go_only_to_nodes_that_reported_a_gpu() {
 }
 
 #[test]
+fn xla_tasks_go_only_to_nodes_that_reported_an_xla_plugin() {
+    let (rt, cluster) = start_cluster();
+    let net = net_runtime();
+    let ran = serve_scripted_nodes(
+        &net,
+        &cluster,
+        vec![
+            ("gpu-node", vec![test_gpu()], None),
+            ("xla-node", Vec::new(), Some(test_xla())),
+            ("gpu-xla-node", vec![test_gpu()], Some(test_xla())),
+        ],
+    );
+    let ran = || ran.iter().map(|n| n.load(Ordering::SeqCst)).collect::<Vec<_>>();
+    let nodes = cluster.nodes();
+    let xla_node = nodes.iter().find(|n| n.name == "xla-node").expect("xla-node");
+    let both = nodes.iter().find(|n| n.name == "gpu-xla-node").expect("gpu-xla-node");
+    assert_eq!(xla_node.xla, Some(test_xla()));
+    assert_eq!(cluster.xla_nodes(), vec![(xla_node.id, test_xla()), (both.id, test_xla())]);
+
+    // Tasks that need both devices reach only the node that has both.
+    triples(&rt, TaskOptions::new().on_gpu().on_xla(), 6);
+    assert_eq!(ran(), vec![0, 0, 6]);
+    // XLA tasks never reach the GPU-only node, however idle it is.
+    triples(&rt, TaskOptions::new().on_xla(), 12);
+    let after = ran();
+    assert_eq!(after[0], 0, "{after:?}");
+    assert_eq!(after[1] + after[2], 18, "{after:?}");
+    assert!(after[1] > 0, "least-loaded placement among the XLA nodes: {after:?}");
+
+    // An XLA task that cannot run on a node fails at once here, where there is no XLA,
+    // and the error says that nodes did have it.
+    if crate::devices::xla_absence_reason().is_some() {
+        let here = triple_here::spawn_with(&rt, TaskOptions::new().on_xla(), 1);
+        match here.blocking_get_timeout(Duration::from_secs(5)) {
+            Err(Error::NoXla { nodes: 3, xla_nodes: 2, .. }) => {}
+            other => panic!("expected NoXla with 2 of 3 XLA nodes, got {other:?}"),
+        }
+    }
+    rt.shutdown();
+}
+
+#[test]
+fn an_xla_task_fails_at_once_when_no_node_has_an_xla_plugin() {
+    if crate::devices::xla_absence_reason().is_none() {
+        eprintln!("skipped: this process has an XLA plugin, so an XLA task would run here");
+        return;
+    }
+    let (rt, cluster) = start_cluster();
+    let net = net_runtime();
+    let ran = serve_scripted_nodes(&net, &cluster, vec![("gpu-node", vec![test_gpu()], None)]);
+    let start = Instant::now();
+    let r = triple::spawn_with(&rt, TaskOptions::new().on_xla(), 5);
+    match r.blocking_get_timeout(Duration::from_secs(10)) {
+        Err(error @ Error::NoXla { .. }) => {
+            let Error::NoXla { task, nodes, xla_nodes, local } = &error else { unreachable!() };
+            assert!(task.ends_with("::triple"), "{task}");
+            assert_eq!((*nodes, *xla_nodes), (1, 0));
+            assert!(!local.is_empty());
+            assert!(error.to_string().contains("0 of 1 cluster node(s) reported an XLA plugin"), "{error}");
+        }
+        other => panic!("expected NoXla, got {other:?}"),
+    }
+    assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+    assert_eq!(ran[0].load(Ordering::SeqCst), 0);
+    rt.shutdown();
+}
+
+#[test]
 fn a_gpu_task_fails_at_once_when_no_node_has_a_gpu() {
     if crate::devices::gpu_absence_reason().is_none() {
         eprintln!("skipped: this process has a GPU, so a GPU task would run here");
         return;
     }
     let (rt, cluster) = start_cluster();
-    let net = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio");
-    let _nodes = net.block_on(async {
-        (
-            scripted_node(&cluster, "cpu-a", Vec::new()).await,
-            scripted_node(&cluster, "cpu-b", Vec::new()).await,
-        )
-    });
-    cluster.wait_for_nodes(2, Duration::from_secs(10)).expect("nodes");
+    let net = net_runtime();
+    let ran = serve_scripted_nodes(
+        &net,
+        &cluster,
+        vec![("cpu-a", Vec::new(), None), ("xla-b", Vec::new(), Some(test_xla()))],
+    );
     assert!(cluster.gpu_nodes().is_empty());
     let start = Instant::now();
     let r = triple::spawn_with(&rt, TaskOptions::new().on_gpu(), 5);
@@ -159,6 +259,7 @@ fn a_gpu_task_fails_at_once_when_no_node_has_a_gpu() {
         other => panic!("expected NoGpu, got {other:?}"),
     }
     assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+    assert_eq!(ran.iter().map(|n| n.load(Ordering::SeqCst)).sum::<usize>(), 0);
     rt.shutdown();
 }
 
@@ -175,6 +276,7 @@ fn a_malformed_registration_closes_only_that_connection() {
             slots: 1,
             pid: 1,
             gpus: vec![test_gpu(), test_gpu()],
+            xla: Some(test_xla()),
         };
         let mut frame = encode_frame(&register).expect("frame");
         frame.truncate(frame.len() - 20);
@@ -187,7 +289,7 @@ fn a_malformed_registration_closes_only_that_connection() {
             .expect("the head answered in time");
         assert!(answer.is_err(), "the head kept a malformed registration: {answer:?}");
         // The head still registers a well-formed node.
-        let _node = scripted_node(&cluster, "fine", vec![test_gpu()]).await;
+        let _node = scripted_node(&cluster, "fine", vec![test_gpu()], None).await;
         cluster.wait_for_nodes(1, Duration::from_secs(5)).expect("node");
         let names: Vec<String> = cluster.nodes().into_iter().map(|n| n.name).collect();
         assert_eq!(names, vec!["fine".to_string()]);

@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::devices::GpuInfo;
+use crate::devices::{GpuInfo, XlaInfo};
 
 /// First field of every `Hello`: "TSRA".
 pub(crate) const MAGIC: u32 = 0x5453_5241;
 /// Bumped on any incompatible change of [`Message`].
-pub(crate) const PROTOCOL_VERSION: u16 = 2;
+pub(crate) const PROTOCOL_VERSION: u16 = 3;
 
 /// What a connecting peer wants to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +104,8 @@ pub(crate) enum Message {
         pid: u32,
         /// The node's CUDA devices (empty without feature `cuda` or without a GPU).
         gpus: Vec<GpuInfo>,
+        /// The node's XLA plugin (none without feature `xla` or without a loadable plugin).
+        xla: Option<XlaInfo>,
     },
     Registered {
         node: u64,

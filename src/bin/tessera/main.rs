@@ -20,8 +20,8 @@ enum Command {
     /// Judge a change's benchmark figures against a base's (files of `tessera bench --json`
     /// lines; exit status 1 when a bench regressed beyond the threshold).
     BenchCompare(bench::compare::CompareArgs),
-    /// List the devices a node started here would report: its cores and its CUDA GPUs (or
-    /// why there are none).
+    /// List the devices a node started here would report: its cores, its CUDA GPUs and its
+    /// XLA plugin (or why there are none).
     Devices(DevicesArgs),
     /// Run a node process that joins a cluster head (the secret comes from TESSERA_SECRET).
     Node(NodeArgs),
@@ -53,8 +53,9 @@ struct NodeArgs {
 
 #[derive(clap::Args)]
 struct DevicesArgs {
-    /// Print one JSON object: `cores`, `gpus` (ordinal, name, total_memory in bytes) and
-    /// `no_gpu_reason` (null when there are GPUs).
+    /// Print one JSON object: `cores`, `gpus` (ordinal, name, total_memory in bytes),
+    /// `no_gpu_reason` (null when there are GPUs), `xla` (plugin path and PJRT C API
+    /// version, or null) and `no_xla_reason` (null when there is a plugin).
     #[arg(long)]
     json: bool,
     /// Fail (exit status 1) when there is no GPU, saying why.
@@ -66,8 +67,16 @@ fn list_devices(args: DevicesArgs) -> Result<()> {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let gpus = tessera::local_gpus();
     let reason = tessera::gpu_absence_reason();
+    let xla = tessera::local_xla();
+    let no_xla = tessera::xla_absence_reason();
     if args.json {
-        let listing = serde_json::json!({ "cores": cores, "gpus": gpus, "no_gpu_reason": reason });
+        let listing = serde_json::json!({
+            "cores": cores,
+            "gpus": gpus,
+            "no_gpu_reason": reason,
+            "xla": xla,
+            "no_xla_reason": no_xla,
+        });
         println!("{listing}");
     } else {
         println!("cpu: {cores} cores");
@@ -81,6 +90,12 @@ fn list_devices(args: DevicesArgs) -> Result<()> {
         }
         if let Some(reason) = reason {
             println!("no GPU: {reason}");
+        }
+        if let Some(xla) = &xla {
+            println!("xla: {} (PJRT C API {}.{})", xla.plugin, xla.pjrt_api.0, xla.pjrt_api.1);
+        }
+        if let Some(reason) = no_xla {
+            println!("no XLA: {reason}");
         }
     }
     match reason {
