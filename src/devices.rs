@@ -59,4 +59,4 @@ pub use xla::{
     XlaBuffer, XlaDevice, XlaElement, XlaElementType, XlaError, XlaExecutable, DEFAULT_PJRT_PLUGIN,
 };
 #[cfg(feature = "xla")]
-pub use xla_actor::{XlaActor, XlaArray, XlaProgram, XlaScope};
+pub use xla_actor::{XlaActor, XlaArray, XlaProgram, XlaScope, DEFAULT_XLA_PROGRAM_CACHE};

@@ -599,3 +599,27 @@ fn bad_calls_fail_their_outputs_not_the_actor() -> Result<()> {
     rt.shutdown();
     Ok(())
 }
+
+/// The actor keeps the programs used last, up to its cache's capacity; a program the cache
+/// dropped still runs through the handle it was given, and compiles again when asked.
+#[test]
+fn the_program_cache_is_bounded() -> Result<()> {
+    let rt = tessera::Runtime::local()?;
+    let xla = XlaActor::get(&rt)?;
+    assert_eq!(xla.cached_programs(), 0);
+    xla.set_program_cache(1);
+    let square = xla.compile(SQUARE_I32)?;
+    let product = xla.compile(PRODUCT_AND_SUM)?;
+    assert_eq!(xla.cached_programs(), 1, "the capacity is one program");
+    let x = xla.upload(vec![3i32, -1, 2], vec![3]);
+    let squared = xla.call(&square, std::slice::from_ref(&x)).remove(0);
+    assert_eq!(squared.blocking_get()?.to_host::<i32>()?, vec![9, 1, 4]);
+    let again = xla.compile(SQUARE_I32)?;
+    assert_eq!(xla.call(&again, &[squared]).remove(0).blocking_get()?.to_host::<i32>()?, vec![81, 1, 16]);
+    assert_eq!(product.outputs(), 2);
+    xla.set_program_cache(tessera::DEFAULT_XLA_PROGRAM_CACHE);
+    xla.compile(PRODUCT_AND_SUM)?;
+    assert_eq!(xla.cached_programs(), 2);
+    rt.shutdown();
+    Ok(())
+}

@@ -341,14 +341,69 @@ impl XlaProgram {
     }
 }
 
+/// How many compiled programs an actor keeps by default ([`XlaActor::set_program_cache`]).
+pub const DEFAULT_XLA_PROGRAM_CACHE: usize = 256;
+
+/// Compiled programs by their text, the least recently used dropped beyond a capacity (a
+/// dropped program lives on in the `XlaProgram`s handed out, and is compiled again if its
+/// text comes back).
+struct ProgramCache<P> {
+    capacity: usize,
+    /// Each program with the tick of its last use.
+    programs: HashMap<String, (P, u64)>,
+    tick: u64,
+}
+
+impl<P: Clone> ProgramCache<P> {
+    fn new(capacity: usize) -> Self {
+        ProgramCache { capacity, programs: HashMap::new(), tick: 0 }
+    }
+
+    /// The program compiled from `text`, if kept; marks it used.
+    fn get(&mut self, text: &str) -> Option<P> {
+        self.tick += 1;
+        let tick = self.tick;
+        self.programs.get_mut(text).map(|(program, used)| {
+            *used = tick;
+            program.clone()
+        })
+    }
+
+    /// Keeps `program` under `text`, dropping the least recently used beyond the capacity.
+    fn insert(&mut self, text: &str, program: P) {
+        self.tick += 1;
+        self.programs.insert(text.to_string(), (program, self.tick));
+        self.shrink();
+    }
+
+    fn set_capacity(&mut self, capacity: usize) {
+        self.capacity = capacity;
+        self.shrink();
+    }
+
+    fn shrink(&mut self) {
+        while self.programs.len() > self.capacity {
+            let oldest =
+                self.programs.iter().min_by_key(|(_, (_, used))| *used).map(|(text, _)| text.clone());
+            match oldest {
+                Some(text) => self.programs.remove(&text),
+                None => break,
+            };
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.programs.len()
+    }
+}
+
 struct ActorShared {
     id: u64,
     plugin: PathBuf,
     device: XlaDevice,
     live: Arc<AtomicUsize>,
     copies_in: Arc<AtomicU64>,
-    /// Compiled programs by their text.
-    programs: Mutex<HashMap<String, XlaProgram>>,
+    programs: Mutex<ProgramCache<XlaProgram>>,
     queue: Arc<WorkQueue<XlaScope>>,
 }
 
@@ -434,7 +489,7 @@ impl XlaActor {
             device,
             live,
             copies_in: Arc::new(AtomicU64::new(0)),
-            programs: Mutex::new(HashMap::new()),
+            programs: Mutex::new(ProgramCache::new(DEFAULT_XLA_PROGRAM_CACHE)),
             queue,
         };
         Ok(XlaActor { shared: Arc::new(shared) })
@@ -458,19 +513,32 @@ impl XlaActor {
     }
 
     /// Compiles a StableHLO module (MLIR text) whose `main` function [`call`](Self::call)
-    /// runs, on the calling thread; a program compiled before by this actor is reused (the
-    /// actor keeps every program it compiled, by its text, for its life).
+    /// runs, on the calling thread; a program this actor compiled before is reused. The
+    /// actor keeps the [`DEFAULT_XLA_PROGRAM_CACHE`] programs used last, by their text (see
+    /// [`set_program_cache`](Self::set_program_cache)); a program handed out stays valid
+    /// when the cache drops it.
     ///
     /// # Errors
     /// [`XlaError::Call`] with the compiler's message if the program does not compile.
     pub fn compile(&self, stablehlo: &str) -> Result<XlaProgram, XlaError> {
         if let Some(program) = self.shared.programs.lock().get(stablehlo) {
-            return Ok(program.clone());
+            return Ok(program);
         }
         let executable = Arc::new(self.shared.device.compile(stablehlo)?);
         let program = XlaProgram { actor: self.shared.id, executable };
-        self.shared.programs.lock().insert(stablehlo.to_string(), program.clone());
+        self.shared.programs.lock().insert(stablehlo, program.clone());
         Ok(program)
+    }
+
+    /// Sets how many compiled programs the actor keeps (for every user of this actor),
+    /// dropping the least recently used beyond it now; 0 keeps none.
+    pub fn set_program_cache(&self, capacity: usize) {
+        self.shared.programs.lock().set_capacity(capacity);
+    }
+
+    /// How many compiled programs the actor keeps now.
+    pub fn cached_programs(&self) -> usize {
+        self.shared.programs.lock().len()
     }
 
     /// Uploads `data` (of shape `dims`) to the device; the `Ref` names the device-resident
@@ -544,6 +612,25 @@ mod tests {
 
     fn encode<T: Serialize>(value: &T) -> Vec<u8> {
         bincode::serde::encode_to_vec(value, bincode::config::standard()).unwrap()
+    }
+
+    /// The program cache keeps the programs used last, up to its capacity.
+    #[test]
+    fn the_program_cache_drops_the_least_recently_used() {
+        let mut cache = ProgramCache::new(3);
+        for (text, program) in [("a", 1), ("b", 2), ("c", 3)] {
+            cache.insert(text, program);
+        }
+        assert_eq!(cache.get("a"), Some(1));
+        cache.insert("d", 4);
+        assert_eq!((cache.len(), cache.get("b")), (3, None), "b was used least recently");
+        assert_eq!((cache.get("a"), cache.get("c"), cache.get("d")), (Some(1), Some(3), Some(4)));
+        cache.set_capacity(1);
+        assert_eq!((cache.len(), cache.get("d")), (1, Some(4)));
+        cache.set_capacity(0);
+        assert_eq!((cache.len(), cache.get("d")), (0, None));
+        cache.insert("e", 5);
+        assert_eq!(cache.len(), 0);
     }
 
     /// An array crosses a process boundary as its host copy, with its element type; one
