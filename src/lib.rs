@@ -31,6 +31,7 @@ pub use store::{
 #[doc(hidden)]
 pub mod __private {
     //! Items used by the exported macros; not part of the public API.
+    pub use crate::actors::__NodeArgs as NodeArgs;
     pub use crate::actors::__decode_args as decode_args;
     pub use inventory;
 }

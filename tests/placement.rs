@@ -48,6 +48,60 @@ tessera::task! {
     }
 }
 
+/// Elements of the device arrays that node tasks keep on their devices: 2 MiB of f32, more
+/// than a result sent back inline, and enough for the head to run the next task where the
+/// array is.
+#[cfg(any(feature = "xla", feature = "cuda"))]
+const NODE_ARRAY_LEN: usize = 1 << 19;
+
+#[cfg(feature = "xla")]
+tessera::task! {
+    /// `NODE_ARRAY_LEN` ones of `value`, made on the XLA actor of the process it runs in.
+    fn xla_fill(value: f32) -> Result<tessera::XlaArray, String> {
+        let rt = Runtime::current().ok_or("not in a task")?;
+        let xla = tessera::XlaActor::get(&rt).map_err(|e| e.to_string())?;
+        xla.upload(vec![value; NODE_ARRAY_LEN], vec![NODE_ARRAY_LEN]).blocking_get().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(feature = "xla")]
+tessera::task! {
+    /// Whether `x` reached this task on this process's XLA device (not staged on the host),
+    /// how many arrays that actor copied in so far, and x's sum.
+    fn xla_where_and_sum(x: tessera::XlaArray) -> Result<(bool, u64, f64), String> {
+        let rt = Runtime::current().ok_or("not in a task")?;
+        let xla = tessera::XlaActor::get(&rt).map_err(|e| e.to_string())?;
+        let sum = x.to_host::<f32>().map_err(|e| e.to_string())?.iter().map(|&v| f64::from(v)).sum();
+        Ok((x.is_on(&xla), xla.copies_in(), sum))
+    }
+}
+
+#[cfg(feature = "cuda")]
+tessera::task! {
+    /// `NODE_ARRAY_LEN` copies of `value` on GPU 0 of the process it runs in.
+    fn gpu_fill(value: f32) -> Result<tessera::DeviceArray, String> {
+        let rt = Runtime::current().ok_or("not in a task")?;
+        let gpu = tessera::DeviceActor::get(&rt, 0).map_err(|e| e.to_string())?;
+        let made = gpu.run(&[], move |scope, _| {
+            let data = scope.gpu().upload(&vec![value; NODE_ARRAY_LEN])?;
+            scope.array(data, vec![NODE_ARRAY_LEN])
+        });
+        made.blocking_get().map_err(|e| e.to_string())
+    }
+}
+
+#[cfg(feature = "cuda")]
+tessera::task! {
+    /// Whether `x` reached this task on a GPU (not staged on the host), how many arrays
+    /// GPU 0's actor of this process copied in so far, and x's sum.
+    fn gpu_where_and_sum(x: tessera::DeviceArray) -> Result<(bool, u64, f64), String> {
+        let rt = Runtime::current().ok_or("not in a task")?;
+        let gpu = tessera::DeviceActor::get(&rt, 0).map_err(|e| e.to_string())?;
+        let sum = x.to_host().map_err(|e| e.to_string())?.iter().map(|&v| f64::from(v)).sum();
+        Ok((x.device() == Some(0), gpu.copies_in(), sum))
+    }
+}
+
 #[cfg(feature = "cuda")]
 tessera::task! {
     /// `max(x, 0)` on GPU 0 of the process it runs in, through that process's device actor.
@@ -434,6 +488,56 @@ fn xla_arrays_are_computed_on_by_the_nodes_xla_actors() -> Result<()> {
     Ok(())
 }
 
+/// A node task's large device result stays on the node's device: the next task there gets
+/// the same array without a copy in, and the head still reads it (a host copy made when it
+/// is pulled). `fill` makes the array on a node, `where_and_sum` reports where it found it.
+#[cfg(any(feature = "xla", feature = "cuda"))]
+fn device_results_stay_on_the_node<T: tessera::Payload>(
+    fill: impl Fn(&Runtime, f32) -> tessera::Ref<T>,
+    where_and_sum: impl Fn(&Runtime, &tessera::Ref<T>) -> tessera::Ref<(bool, u64, f64)>,
+    sum_here: impl Fn(&T) -> Result<f64>,
+) -> Result<()> {
+    let (rt, cluster) = cluster(1)?;
+    let timeout = Duration::from_secs(30);
+    let array = fill(&rt, 0.5);
+    let (on_device, copies_in, sum) = where_and_sum(&rt, &array).blocking_get_timeout(timeout)?;
+    ensure!(on_device, "the node's next task got the array staged on the host");
+    ensure!(copies_in == 0, "the node's device actor copied {copies_in} array(s) in");
+    ensure!(sum == 0.5 * NODE_ARRAY_LEN as f64, "sum {sum}");
+    // Again, after the head has pulled the array (its host copy is kept for other pulls).
+    ensure!(sum_here(&array.blocking_get_timeout(timeout)?)? == sum);
+    let (on_device, copies_in, _) = where_and_sum(&rt, &array).blocking_get_timeout(timeout)?;
+    ensure!(on_device && copies_in == 0, "on device: {on_device}, copies in: {copies_in}");
+    ensure!(cluster.nodes()[0].tasks_run == 3, "{:?}", cluster.nodes());
+    rt.shutdown();
+    Ok(())
+}
+
+#[cfg(feature = "xla")]
+fn xla_results_stay_on_the_nodes_device() -> Result<()> {
+    let options = TaskOptions::new().on_xla();
+    device_results_stay_on_the_node(
+        |rt, value| xla_fill::spawn_with(rt, options, value),
+        |rt, array| xla_where_and_sum::spawn_with(rt, options, array),
+        |array: &tessera::XlaArray| Ok(array.to_host::<f32>()?.iter().map(|&v| f64::from(v)).sum()),
+    )
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_results_stay_on_the_nodes_device() -> Result<()> {
+    if local_gpus().is_empty() {
+        ensure!(!gpu_expected(), "a GPU was expected: {:?}", tessera::gpu_absence_reason());
+        eprintln!("skipped: no GPU here");
+        return Ok(());
+    }
+    let options = TaskOptions::new().on_gpu();
+    device_results_stay_on_the_node(
+        |rt, value| gpu_fill::spawn_with(rt, options, value),
+        |rt, array| gpu_where_and_sum::spawn_with(rt, options, array),
+        |array: &tessera::DeviceArray| Ok(array.to_host()?.iter().map(|&v| f64::from(v)).sum()),
+    )
+}
+
 fn main() {
     tessera::init();
     let tests: &[(&str, support::TestFn)] = &[
@@ -450,6 +554,10 @@ fn main() {
             "xla_arrays_are_computed_on_by_the_nodes_xla_actors",
             xla_arrays_are_computed_on_by_the_nodes_xla_actors,
         ),
+        #[cfg(feature = "xla")]
+        ("xla_results_stay_on_the_nodes_device", xla_results_stay_on_the_nodes_device),
+        #[cfg(feature = "cuda")]
+        ("gpu_results_stay_on_the_nodes_device", gpu_results_stay_on_the_nodes_device),
         #[cfg(feature = "cuda")]
         (
             "a_darray_made_on_the_nodes_computes_on_this_process_gpus",

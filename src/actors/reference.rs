@@ -362,6 +362,21 @@ pub(crate) fn store<T: Payload>(value: T) -> (Value, usize) {
     (Arc::new(value), bytes)
 }
 
+/// Whether `value` is an array in a device's memory (CUDA's or XLA's): its encoding is a
+/// copy to the host, and a node keeps it as it is for the tasks that run there after.
+pub(crate) fn on_a_device(value: &Value) -> bool {
+    let super::object::View::Typed(_typed) = value.view() else { return false };
+    #[cfg(feature = "cuda")]
+    if let Some(array) = _typed.downcast_ref::<crate::devices::DeviceArray>() {
+        return array.device().is_some();
+    }
+    #[cfg(feature = "xla")]
+    if let Some(array) = _typed.downcast_ref::<crate::devices::XlaArray>() {
+        return array.is_on_device();
+    }
+    false
+}
+
 /// An input a task waits for (used by the `task!` macro).
 #[doc(hidden)]
 pub struct Dependency(pub(crate) Arc<RefInner>);

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::object::{ObjectId, Outcome, Value};
+use super::object::{ObjectId, Outcome, Value, View};
 use super::reference::{store, Dependency, Payload, Ref, RemoteArg};
 use super::runtime::{Core, Runtime};
 use crate::error::panic_message;
@@ -73,11 +73,66 @@ pub struct TaskEntry {
     /// for tasks that return a `Ref` (they run where they were spawned).
     #[doc(hidden)]
     pub run_encoded: Option<EncodedRunner>,
+    /// Runs the task on a node process's arguments (each encoded, or a value the node
+    /// holds); `None` for tasks that return a `Ref`.
+    #[doc(hidden)]
+    pub run_on_node: Option<NodeRunner>,
 }
 
 /// Runs a task from bincode-encoded arguments, returning its encoded result.
 #[doc(hidden)]
 pub type EncodedRunner = fn(&[u8]) -> Result<Vec<u8>>;
+
+/// Runs a task on a node process's arguments, returning its output (used by the `task!`
+/// macro).
+#[doc(hidden)]
+pub type NodeRunner = fn(&mut NodeArgs) -> Result<TaskOutput>;
+
+/// One argument of a task run by a node process.
+pub(crate) enum NodeArg {
+    /// Its encoding: sent with the task, or pulled from its holder.
+    Encoded(Vec<u8>),
+    /// A value this node holds as it is (a device array an earlier task here made), so the
+    /// task gets it without a decoding: the same device buffer.
+    Held(Value),
+}
+
+/// The arguments of a task run by a node process, taken in order by the task's runner.
+#[doc(hidden)]
+pub struct NodeArgs {
+    task: &'static str,
+    args: std::vec::IntoIter<NodeArg>,
+}
+
+impl NodeArgs {
+    pub(crate) fn new(task: &'static str, args: Vec<NodeArg>) -> Self {
+        NodeArgs { task, args: args.into_iter() }
+    }
+
+    /// The next argument, as a `T`: a held value of that type as it is (a clone of the
+    /// handle), else decoded.
+    ///
+    /// # Errors
+    /// [`Error::Codec`] if there is no next argument or it does not decode as a `T`.
+    pub fn take<T: Payload>(&mut self) -> Result<T> {
+        let codec = |message: String| Error::Codec { type_name: self.task, message };
+        let decode = |bytes: &[u8]| {
+            bincode::serde::decode_from_slice::<T, _>(bytes, bincode::config::standard())
+                .map(|(value, _)| value)
+                .map_err(|e| codec(e.to_string()))
+        };
+        match self.args.next() {
+            None => Err(codec("fewer arguments than the task takes".into())),
+            Some(NodeArg::Encoded(bytes)) => decode(&bytes),
+            Some(NodeArg::Held(value)) => match value.view() {
+                View::Typed(typed) if typed.is::<T>() => {
+                    typed.downcast_ref::<T>().cloned().ok_or_else(|| codec("held value changed type".into()))
+                }
+                _ => decode(&value.encode()?),
+            },
+        }
+    }
+}
 
 inventory::collect!(TaskEntry);
 
@@ -125,6 +180,14 @@ impl TaskOutput {
     /// Wraps a returned `Ref`: the task's output forwards to it.
     pub fn forward<T: Payload>(r: Ref<T>) -> Result<TaskOutput> {
         Ok(TaskOutput(Produced::Forward(Dependency(r.inner))))
+    }
+
+    /// The value and its size as the object table counts it; `None` for a forwarded `Ref`.
+    pub(crate) fn into_value(self) -> Option<(Value, usize)> {
+        match self.0 {
+            Produced::Value(value, bytes) => Some((value, bytes)),
+            Produced::Forward(_) => None,
+        }
     }
 
     /// Encodes the value for another process.
@@ -456,13 +519,46 @@ macro_rules! __task_module {
             let output: $crate::Result<$crate::__TaskOutput> = $convert;
             output?.encode()
         }
+        fn run_on_node(args: &mut $crate::__private::NodeArgs) -> $crate::Result<$crate::__TaskOutput> {
+            $(let $arg: $ty = args.take()?;)*
+            let $n = NAME;
+            let $r = super::$name($($arg),*);
+            $convert
+        }
         $crate::__private::inventory::submit! {
-            $crate::TaskEntry { name: NAME, run_encoded: Some(run_encoded) }
+            $crate::TaskEntry { name: NAME, run_encoded: Some(run_encoded), run_on_node: Some(run_on_node) }
         }
     };
     (@register local $name:ident ($($arg:ident : $ty:ty),*), |$n:ident, $r:ident| $convert:expr) => {
         $crate::__private::inventory::submit! {
-            $crate::TaskEntry { name: NAME, run_encoded: None }
+            $crate::TaskEntry { name: NAME, run_encoded: None, run_on_node: None }
         }
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded<T: serde::Serialize>(value: &T) -> NodeArg {
+        NodeArg::Encoded(bincode::serde::encode_to_vec(value, bincode::config::standard()).unwrap())
+    }
+
+    /// A node task's arguments: each decoded on its own, or a held value handed over as it
+    /// is when it has the parameter's type (else through its encoding); too few arguments
+    /// or bytes that do not decode are errors.
+    #[test]
+    fn node_args_decode_each_argument_or_hand_over_held_values() {
+        let held: Value = Arc::new(vec![1.5f32, 2.5]);
+        let args =
+            vec![encoded(&7u64), NodeArg::Held(held.clone()), NodeArg::Held(held), NodeArg::Encoded(vec![])];
+        let mut args = NodeArgs::new("test::task", args);
+        assert_eq!(args.take::<u64>().unwrap(), 7);
+        assert_eq!(args.take::<Vec<f32>>().unwrap(), vec![1.5, 2.5]);
+        // Another type with the same encoding.
+        assert_eq!(args.take::<std::collections::VecDeque<f32>>().unwrap(), [1.5, 2.5]);
+        assert!(matches!(args.take::<u64>(), Err(Error::Codec { type_name: "test::task", .. })));
+        let missing = args.take::<u64>().unwrap_err();
+        assert!(missing.to_string().contains("fewer arguments"), "{missing}");
+    }
 }

@@ -1,13 +1,17 @@
 //! A node process: joins a head, runs the tasks it is sent on its own threads, keeps large
 //! results and serves them to peers, and sends heartbeats.
 //!
+//! A large result is kept encoded, except an array in a device's memory (CUDA or XLA): that
+//! stays on its device as it is, so that a task run here after it gets the same buffer, and
+//! is copied to the host only when the head or a peer pulls it (once; the copy is kept).
+//!
 //! # Shutdown
 //! The node exits when the head says so or its connection to the head closes: a node never
 //! outlives its head.
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -22,6 +26,9 @@ use super::head::{write_loop, INLINE_LIMIT, MESSAGE_INLINE_LIMIT};
 use super::wire::{
     ArgSource, Message, RemoteErrorKind, RemoteTaskError, ReplyValue, Role, TaskReply, TaskRequest,
 };
+use crate::actors::object::Value;
+use crate::actors::reference::on_a_device;
+use crate::actors::task::{NodeArg, NodeArgs, TaskOutput};
 use crate::actors::user_actor::ActorEntry;
 use crate::error::panic_message;
 use crate::{Error, Result, TaskEntry};
@@ -106,12 +113,45 @@ pub fn init() {
 /// Values this node holds for the head.
 #[derive(Default)]
 struct NodeStore {
-    objects: Mutex<HashMap<u64, Arc<Vec<u8>>>>,
+    objects: Mutex<HashMap<u64, Arc<Held>>>,
+}
+
+/// A value a node holds.
+enum Held {
+    /// Its encoding.
+    Encoded(Arc<Vec<u8>>),
+    /// An array in a device's memory, kept as it is; its encoding (a copy to the host) is
+    /// made when first pulled, and kept.
+    OnDevice { value: Value, encoded: OnceLock<std::result::Result<Arc<Vec<u8>>, String>> },
+}
+
+impl Held {
+    fn encoded(bytes: Vec<u8>) -> Arc<Held> {
+        Arc::new(Held::Encoded(Arc::new(bytes)))
+    }
+
+    fn bytes(&self) -> std::result::Result<Arc<Vec<u8>>, String> {
+        match self {
+            Held::Encoded(bytes) => Ok(bytes.clone()),
+            Held::OnDevice { value, encoded } => encoded
+                .get_or_init(|| {
+                    value.encode().map(Arc::new).map_err(|e| format!("cannot copy it to the host: {e}"))
+                })
+                .clone(),
+        }
+    }
+}
+
+impl NodeStore {
+    fn held(&self, id: u64) -> std::result::Result<Arc<Held>, String> {
+        self.objects.lock().get(&id).cloned().ok_or_else(|| format!("obj#{id} is not held here"))
+    }
 }
 
 impl ObjectSource for NodeStore {
     fn object_bytes(&self, id: u64) -> std::result::Result<Arc<Vec<u8>>, String> {
-        self.objects.lock().get(&id).cloned().ok_or_else(|| format!("obj#{id} is not held here"))
+        // (Taken out of the lock first: a device array's first pull copies it to the host.)
+        self.held(id)?.bytes()
     }
 }
 
@@ -212,7 +252,7 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
                     }
                 }
                 Ok(Message::Store { id, bytes }) => {
-                    store.objects.lock().insert(id, Arc::new(bytes));
+                    store.objects.lock().insert(id, Held::encoded(bytes));
                 }
                 Ok(Message::ActorCreate { actor_id, name, state }) => {
                     actors.create(actor_id, name, state, &sender);
@@ -357,6 +397,19 @@ struct Puller {
 }
 
 impl Puller {
+    /// A task's argument from `source`: a device array held here as it is, anything else
+    /// as its bytes.
+    fn arg(&self, source: ArgSource) -> std::result::Result<NodeArg, String> {
+        if let ArgSource::Fetch { addr, id } = &source {
+            if *addr == self.data_addr {
+                if let Held::OnDevice { value, .. } = &*self.store.held(*id)? {
+                    return Ok(NodeArg::Held(value.clone()));
+                }
+            }
+        }
+        self.pull(source).map(NodeArg::Encoded)
+    }
+
     /// Appends the bytes of `source` to `out` (moving them in when `out` is empty).
     fn append(&self, source: ArgSource, out: &mut Vec<u8>) -> std::result::Result<(), String> {
         match source {
@@ -394,8 +447,23 @@ impl Puller {
             return ReplyValue::Inline(bytes);
         }
         let len = bytes.len() as u64;
-        self.store.objects.lock().insert(call_id, Arc::new(bytes));
+        self.store.objects.lock().insert(call_id, Held::encoded(bytes));
         ReplyValue::Stored { len }
+    }
+
+    /// How a task's result goes back: an array in a device's memory larger than
+    /// `INLINE_LIMIT` stays here as it is (copied to the host only when pulled); anything
+    /// else is encoded now, as [`reply_value`](Self::reply_value) says.
+    fn task_reply_value(&self, task_id: u64, output: TaskOutput) -> Result<ReplyValue> {
+        let Some((value, bytes)) = output.into_value() else {
+            return Err(Error::Cluster("a task that returns a Ref cannot run on a node".into()));
+        };
+        if bytes > INLINE_LIMIT && on_a_device(&value) {
+            let held = Held::OnDevice { value, encoded: OnceLock::new() };
+            self.store.objects.lock().insert(task_id, Arc::new(held));
+            return Ok(ReplyValue::Stored { len: bytes as u64 });
+        }
+        Ok(self.reply_value(task_id, value.encode()?, INLINE_LIMIT))
     }
 }
 
@@ -530,10 +598,11 @@ impl Executor {
         let task_id = task.task_id;
         let fail =
             |kind, message: String| TaskReply { task_id, result: Err(RemoteTaskError { kind, message }) };
-        let mut args = Vec::new();
+        let mut args = Vec::with_capacity(task.args.len());
         for source in task.args {
-            if let Err(reason) = self.puller.append(source, &mut args) {
-                return fail(RemoteErrorKind::InputUnavailable, reason);
+            match self.puller.arg(source) {
+                Ok(arg) => args.push(arg),
+                Err(reason) => return fail(RemoteErrorKind::InputUnavailable, reason),
             }
         }
         let Some(entry) = TaskEntry::find(&task.name) else {
@@ -542,13 +611,15 @@ impl Executor {
                 format!("task `{}` is not registered in this node's binary", task.name),
             );
         };
-        let Some(run) = entry.run_encoded else {
+        let Some(run) = entry.run_on_node else {
             return fail(RemoteErrorKind::Failed, format!("task `{}` cannot run on a node", task.name));
         };
-        match catch_unwind(AssertUnwindSafe(|| run(&args))) {
-            Ok(Ok(bytes)) => {
-                TaskReply { task_id, result: Ok(self.puller.reply_value(task_id, bytes, INLINE_LIMIT)) }
-            }
+        let mut args = NodeArgs::new(entry.name, args);
+        let reply = catch_unwind(AssertUnwindSafe(|| {
+            run(&mut args).and_then(|output| self.puller.task_reply_value(task_id, output))
+        }));
+        match reply {
+            Ok(Ok(value)) => TaskReply { task_id, result: Ok(value) },
             Ok(Err(Error::TaskFailed { message, .. })) => fail(RemoteErrorKind::Failed, message),
             Ok(Err(error)) => fail(RemoteErrorKind::Failed, error.to_string()),
             Err(payload) => fail(RemoteErrorKind::Panicked, panic_message(&*payload)),
