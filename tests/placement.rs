@@ -489,8 +489,8 @@ fn xla_arrays_are_computed_on_by_the_nodes_xla_actors() -> Result<()> {
 }
 
 /// A node task's large device result stays on the node's device: the next task there gets
-/// the same array without a copy in, and the head still reads it (a host copy made when it
-/// is pulled). `fill` makes the array on a node, `where_and_sum` reports where it found it.
+/// the same array without a copy in, and the node still saves it and the head reads it (a
+/// host copy made when it is first pulled). `fill` makes the array on a node, `where_and_sum` reports where it found it.
 #[cfg(any(feature = "xla", feature = "cuda"))]
 fn device_results_stay_on_the_node<T: tessera::Payload>(
     fill: impl Fn(&Runtime, f32) -> tessera::Ref<T>,
@@ -504,7 +504,12 @@ fn device_results_stay_on_the_node<T: tessera::Payload>(
     ensure!(on_device, "the node's next task got the array staged on the host");
     ensure!(copies_in == 0, "the node's device actor copied {copies_in} array(s) in");
     ensure!(sum == 0.5 * NODE_ARRAY_LEN as f64, "sum {sum}");
-    // Again, after the head has pulled the array (its host copy is kept for other pulls).
+    // The node saves it into a stash (its store actor copies it to the host), and the head
+    // reads it; the next task there still finds it on the device.
+    let dir = tempfile::tempdir()?;
+    let stash = tessera::Stash::open(dir.path())?;
+    let version = cluster.save_ref(&stash, "on-device", &array, &[])?;
+    ensure!(sum_here(&stash.load_version::<T>("on-device", version)?)? == sum);
     ensure!(sum_here(&array.blocking_get_timeout(timeout)?)? == sum);
     let (on_device, copies_in, _) = where_and_sum(&rt, &array).blocking_get_timeout(timeout)?;
     ensure!(on_device && copies_in == 0, "on device: {on_device}, copies in: {copies_in}");
