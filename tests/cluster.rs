@@ -447,6 +447,8 @@ fn the_store_actor_saves_a_value_from_the_node_that_holds_it() -> Result<()> {
     c.rt.blocking_wait(std::slice::from_ref(&made), 1, None);
     let holders: Vec<_> = c.cluster.nodes().into_iter().filter(|n| n.values_held > 0).collect();
     ensure!(holders.len() == 1, "the blob should be held by one node: {holders:?}");
+    // Its size as encoded: the bytes and a length prefix.
+    ensure!((LEN as u64..LEN as u64 + 16).contains(&holders[0].bytes_held), "{holders:?}");
     let version = c.cluster.save_ref(&stash, "blob", &made, &[("source", "node")])?;
     let info = stash.info("blob", Some(version))?;
     ensure!(info.type_name.contains("ByteBuf"), "recorded type {}", info.type_name);

@@ -88,6 +88,9 @@ pub struct NodeInfo {
     pub in_flight: usize,
     /// Values it holds for the head.
     pub values_held: usize,
+    /// Their size in bytes: encoded, or for an array kept in a device's memory (CUDA or
+    /// XLA), its data.
+    pub bytes_held: u64,
     /// The CUDA devices it reported when it joined (empty: no GPU there).
     pub gpus: Vec<GpuInfo>,
     /// The XLA plugin it reported when it joined (none: no XLA there).
@@ -130,7 +133,8 @@ struct NodeEntry {
     xla: Option<XlaInfo>,
     sender: mpsc::UnboundedSender<Message>,
     in_flight: HashMap<u64, Box<Job>>,
-    held: HashSet<u64>,
+    /// The values it holds for the head, with their sizes.
+    held: HashMap<u64, u64>,
     tasks_run: u64,
     dispatched: u64,
     last_seen: Instant,
@@ -159,6 +163,7 @@ impl NodeEntry {
             tasks_run: self.tasks_run,
             in_flight: self.in_flight.len(),
             values_held: self.held.len(),
+            bytes_held: self.held.values().sum(),
             gpus: self.gpus.clone(),
             xla: self.xla.clone(),
         }
@@ -455,7 +460,7 @@ impl Cluster {
                 .nodes
                 .get_mut(&node.0)
                 .ok_or_else(|| Error::Cluster(format!("{node} is not in the cluster")))?;
-            entry.held.insert(id.as_u64());
+            entry.held.insert(id.as_u64(), len);
             let location = RemoteLocation {
                 node: node.0,
                 node_name: entry.name.clone(),
@@ -548,7 +553,7 @@ impl Head {
                     (Outcome::Ready(Arc::new(EncodedValue(bytes))), len)
                 }
                 Ok(ReplyValue::Stored { len }) => {
-                    node.held.insert(call_id);
+                    node.held.insert(call_id, len);
                     let location = RemoteLocation {
                         node: node_id,
                         node_name: node.name.clone(),
@@ -644,7 +649,7 @@ impl Head {
                     };
                     // Record the holder before completing: whoever wakes on the value sees it.
                     if let Some(node) = self.state.lock().nodes.get_mut(&node_id) {
-                        node.held.insert(output.as_u64());
+                        node.held.insert(output.as_u64(), len);
                     }
                     job.complete(Outcome::Ready(Arc::new(RemoteValue(location))), len as usize);
                     self.keep_lineage(node_id, job);
@@ -690,13 +695,8 @@ impl Head {
     fn keep_lineage(&self, node_id: u64, job: Box<Job>) {
         let output = job.output();
         let mut state = self.state.lock();
-        let alive = match state.nodes.get_mut(&node_id) {
-            Some(node) => {
-                node.held.insert(output.as_u64());
-                true
-            }
-            None => false,
-        };
+        // (The reply recorded the value as held, with its size.)
+        let alive = state.nodes.contains_key(&node_id);
         if !alive {
             drop(state);
             // The node was lost between its reply and now: rebuild the value.
@@ -727,7 +727,7 @@ impl Head {
             state.lost.push(node.name.clone());
             let mut lineage_jobs = Vec::new();
             let mut no_lineage = Vec::new();
-            for raw in &node.held {
+            for raw in node.held.keys() {
                 let id = ObjectId::from_raw(*raw);
                 if let Some(job) = state.lineage.remove(&id) {
                     lineage_jobs.push(job);
@@ -1018,7 +1018,7 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
                 xla: xla.clone(),
                 sender,
                 in_flight: HashMap::new(),
-                held: HashSet::new(),
+                held: HashMap::new(),
                 tasks_run: 0,
                 dispatched: 0,
                 last_seen: Instant::now(),
