@@ -124,9 +124,18 @@ fn main() -> Result<()> {
     for (word, n) in top.iter().take(15) {
         println!("  {n:>7}  {word}");
     }
-    println!("\ntasks per node:");
+    println!("\nper node: tasks run, values held for the head, devices:");
     for node in cluster.nodes() {
-        println!("  {:<10} {:>5} tasks  (pid {})", node.name, node.tasks_run, node.pid);
+        let xla = node.xla.as_ref().map_or("no", |_| "yes");
+        println!(
+            "  {:<10} {:>5} tasks  {:>3} values ({:.1} KiB)  {} GPU(s), XLA: {xla}  (pid {})",
+            node.name,
+            node.tasks_run,
+            node.values_held,
+            node.bytes_held as f64 / 1024.0,
+            node.gpus.len(),
+            node.pid
+        );
     }
     println!(
         "\njob took {:.1} ms; total with cluster start {:.1} ms",
