@@ -27,7 +27,7 @@ pub use reference::{Arg, Payload, Ref};
 pub use runtime::{Builder, Runtime};
 pub use sched::{Fifo, Locality, Placement, PlacementRequest, RoundRobin, SchedulingPolicy};
 pub use stats::RuntimeStats;
-pub use task::{EncodedRunner, NodeRunner, TaskEntry, TaskOptions};
+pub use task::{NodeRunner, TaskEntry, TaskOptions};
 #[doc(hidden)]
 pub use user_actor::{create_actor as __create_actor, ActorEntry as __ActorEntry, CreateActor, ErasedActor};
 pub use user_actor::{Actor, ActorHandle, RemoteActor};
@@ -38,6 +38,6 @@ pub use reference::Dependency as __Dependency;
 pub use reference::RemoteArg as __RemoteArg;
 #[doc(hidden)]
 pub use task::{
-    decode_args as __decode_args, spawn_task as __spawn_task, wants_remote as __wants_remote,
-    NodeArgs as __NodeArgs, TaskOutput as __TaskOutput,
+    spawn_task as __spawn_task, wants_remote as __wants_remote, NodeArgs as __NodeArgs,
+    TaskOutput as __TaskOutput,
 };

@@ -32,6 +32,5 @@ pub use store::{
 pub mod __private {
     //! Items used by the exported macros; not part of the public API.
     pub use crate::actors::__NodeArgs as NodeArgs;
-    pub use crate::actors::__decode_args as decode_args;
     pub use inventory;
 }

@@ -143,22 +143,9 @@ impl Core {
             },
             _ => job,
         };
-        let counts = || self.cluster.get().map_or(NodeCounts::default(), |cluster| cluster.node_counts());
-        if job.needs_gpu() {
-            if let Some(local) = crate::devices::gpu_absence_reason() {
-                let (task, counts) = (job.name().to_string(), counts());
-                let (nodes, gpu_nodes) = (counts.nodes, counts.gpu);
-                job.fail(Error::NoGpu { task, nodes, gpu_nodes, local: local.to_string() });
-                return;
-            }
-        }
-        if job.needs_xla() {
-            if let Some(local) = crate::devices::xla_absence_reason() {
-                let (task, counts) = (job.name().to_string(), counts());
-                let (nodes, xla_nodes) = (counts.nodes, counts.xla);
-                job.fail(Error::NoXla { task, nodes, xla_nodes, local: local.to_string() });
-                return;
-            }
+        if let Some(error) = self.missing_device(&job) {
+            job.fail(error);
+            return;
         }
         let placement = self.policy.place(&PlacementRequest {
             task: job.name(),
@@ -172,6 +159,20 @@ impl Core {
             Placement::Worker(i) => self.pool.push_to(i, job),
             Placement::Shared => self.pool.push_shared(job),
         }
+    }
+
+    /// Why `job` cannot run here, if it needs a device (a GPU, XLA) that this process
+    /// lacks: no node took it, so none can run it either.
+    /// (A device is looked at only for jobs that need it: most need none.)
+    fn missing_device(&self, job: &Job) -> Option<Error> {
+        let counts = || self.cluster.get().map_or(NodeCounts::default(), |cluster| cluster.node_counts());
+        if let Some(local) = job.needs_gpu().then(crate::devices::gpu_absence_reason).flatten() {
+            let (task, counts, local) = (job.name().to_string(), counts(), local.to_string());
+            return Some(Error::NoGpu { task, nodes: counts.nodes, gpu_nodes: counts.gpu, local });
+        }
+        let local = job.needs_xla().then(crate::devices::xla_absence_reason).flatten()?.to_string();
+        let (task, counts) = (job.name().to_string(), counts());
+        Some(Error::NoXla { task, nodes: counts.nodes, xla_nodes: counts.xla, local })
     }
 
     /// Whether the current thread belongs to this runtime.

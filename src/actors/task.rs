@@ -64,24 +64,16 @@ impl TaskOptions {
     }
 }
 
-/// A task registered by the `task!` macro: its stable name, and how to run it from
-/// encoded arguments (as a node process of the same binary does).
+/// A task registered by the `task!` macro: its stable name, and how to run it from a node
+/// process's arguments (as a node process of the same binary does).
 pub struct TaskEntry {
     /// The stable name: `module::path::function`.
     pub name: &'static str,
-    /// Runs the task on bincode-encoded arguments and returns the encoded result; `None`
-    /// for tasks that return a `Ref` (they run where they were spawned).
-    #[doc(hidden)]
-    pub run_encoded: Option<EncodedRunner>,
     /// Runs the task on a node process's arguments (each encoded, or a value the node
-    /// holds); `None` for tasks that return a `Ref`.
+    /// holds); `None` for tasks that return a `Ref` (they run where they were spawned).
     #[doc(hidden)]
     pub run_on_node: Option<NodeRunner>,
 }
-
-/// Runs a task from bincode-encoded arguments, returning its encoded result.
-#[doc(hidden)]
-pub type EncodedRunner = fn(&[u8]) -> Result<Vec<u8>>;
 
 /// Runs a task on a node process's arguments, returning its output (used by the `task!`
 /// macro).
@@ -109,6 +101,12 @@ impl NodeArgs {
         NodeArgs { task, args: args.into_iter() }
     }
 
+    /// Arguments given as their bincode encodings, one per argument, as a node receives
+    /// them with a task.
+    pub fn encoded(task: &'static str, args: Vec<Vec<u8>>) -> Self {
+        NodeArgs::new(task, args.into_iter().map(NodeArg::Encoded).collect())
+    }
+
     /// The next argument, as a `T`: a held value of that type as it is (a clone of the
     /// handle), else decoded.
     ///
@@ -124,12 +122,14 @@ impl NodeArgs {
         match self.args.next() {
             None => Err(codec("fewer arguments than the task takes".into())),
             Some(NodeArg::Encoded(bytes)) => decode(&bytes),
-            Some(NodeArg::Held(value)) => match value.view() {
-                View::Typed(typed) if typed.is::<T>() => {
-                    typed.downcast_ref::<T>().cloned().ok_or_else(|| codec("held value changed type".into()))
+            Some(NodeArg::Held(value)) => {
+                if let View::Typed(typed) = value.view() {
+                    if let Some(held) = typed.downcast_ref::<T>() {
+                        return Ok(held.clone());
+                    }
                 }
-                _ => decode(&value.encode()?),
-            },
+                decode(&value.encode()?)
+            }
         }
     }
 }
@@ -200,14 +200,6 @@ impl TaskOutput {
             }),
         }
     }
-}
-
-/// Decodes a task's argument tuple (used by the `task!` macro).
-#[doc(hidden)]
-pub fn decode_args<A: serde::de::DeserializeOwned>(task: &'static str, bytes: &[u8]) -> Result<A> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
-        .map(|(args, _)| args)
-        .map_err(|e| Error::Codec { type_name: task, message: e.to_string() })
 }
 
 type Body = Box<dyn FnMut(bool) -> Result<TaskOutput> + Send>;
@@ -512,13 +504,6 @@ macro_rules! __task_module {
         None
     };
     (@register encoded $name:ident ($($arg:ident : $ty:ty),*), |$n:ident, $r:ident| $convert:expr) => {
-        fn run_encoded(bytes: &[u8]) -> $crate::Result<Vec<u8>> {
-            let ($($arg,)*): ($($ty,)*) = $crate::__private::decode_args(NAME, bytes)?;
-            let $n = NAME;
-            let $r = super::$name($($arg),*);
-            let output: $crate::Result<$crate::__TaskOutput> = $convert;
-            output?.encode()
-        }
         fn run_on_node(args: &mut $crate::__private::NodeArgs) -> $crate::Result<$crate::__TaskOutput> {
             $(let $arg: $ty = args.take()?;)*
             let $n = NAME;
@@ -526,12 +511,12 @@ macro_rules! __task_module {
             $convert
         }
         $crate::__private::inventory::submit! {
-            $crate::TaskEntry { name: NAME, run_encoded: Some(run_encoded), run_on_node: Some(run_on_node) }
+            $crate::TaskEntry { name: NAME, run_on_node: Some(run_on_node) }
         }
     };
     (@register local $name:ident ($($arg:ident : $ty:ty),*), |$n:ident, $r:ident| $convert:expr) => {
         $crate::__private::inventory::submit! {
-            $crate::TaskEntry { name: NAME, run_encoded: None, run_on_node: None }
+            $crate::TaskEntry { name: NAME, run_on_node: None }
         }
     };
 }
