@@ -340,6 +340,12 @@ fn a_wrong_secret_is_refused() -> Result<()> {
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(!output.status.success(), "a node with a wrong secret must exit with an error");
     ensure!(stderr.contains("refused") && stderr.contains("wrong cluster secret"), "stderr: {stderr}");
+    // The head counts the refusal once its handshake task has sent it, which can be just
+    // after the intruder has read it and exited.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while c.cluster.refused_connections() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     ensure!(c.cluster.refused_connections() >= 1, "the head must count the refusal");
     ensure!(c.node_names() == vec!["local-0".to_string()], "intruder joined: {:?}", c.node_names());
     ensure!(square::spawn(&c.rt, 3).blocking_get()? == 9, "cluster still serves");
