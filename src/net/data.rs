@@ -20,7 +20,27 @@ use crate::Error;
 
 /// Where a data server finds the bytes of an object.
 pub(crate) trait ObjectSource: Send + Sync + 'static {
+    /// The bytes of `id` (or why there are none), made now if need be: this may block, for
+    /// example to encode a value or to copy a device array to the host.
     fn object_bytes(&self, id: u64) -> Result<Arc<Vec<u8>>, String>;
+
+    /// The answer for `id` if it is at hand without blocking work; `None` sends the
+    /// request to [`object_bytes`](Self::object_bytes) on a blocking thread, so that a slow
+    /// first pull never stalls the event loop's other connections.
+    fn ready_bytes(&self, _id: u64) -> Option<Result<Arc<Vec<u8>>, String>> {
+        None
+    }
+}
+
+/// The bytes of `id` from `source`, made on a blocking thread when they are not at hand.
+async fn bytes_of(source: &Arc<dyn ObjectSource>, id: u64) -> Result<Arc<Vec<u8>>, String> {
+    if let Some(ready) = source.ready_bytes(id) {
+        return ready;
+    }
+    let source = source.clone();
+    tokio::task::spawn_blocking(move || source.object_bytes(id))
+        .await
+        .unwrap_or_else(|e| Err(format!("making its bytes failed: {e}")))
 }
 
 /// Size of one write when streaming an object.
@@ -41,7 +61,7 @@ pub(crate) async fn serve_data(stream: TcpStream, source: Arc<dyn ObjectSource>)
                 )))
             }
         };
-        match source.object_bytes(id) {
+        match bytes_of(&source, id).await {
             Ok(bytes) => {
                 write_frame(&mut writer, &Message::FetchHeader { id, len: bytes.len() as u64 }).await?;
                 writer.flush().await?;
@@ -175,4 +195,85 @@ fn read_frame_blocking(stream: &mut std::net::TcpStream) -> Result<Message, Stri
     let mut payload = vec![0u8; len];
     stream.read_exact(&mut payload).map_err(|e| e.to_string())?;
     decode_frame(&payload).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::net::auth::server_handshake;
+
+    /// Object 1 takes until object 2 has been asked for (a slow first pull, as a device
+    /// array's copy to the host); object 2 is at hand.
+    struct SlowFirstPull {
+        started: Mutex<Option<mpsc::Sender<()>>>,
+        second_asked: Mutex<Option<mpsc::Sender<()>>>,
+        second_seen: Mutex<mpsc::Receiver<()>>,
+    }
+
+    impl ObjectSource for SlowFirstPull {
+        fn object_bytes(&self, id: u64) -> Result<Arc<Vec<u8>>, String> {
+            assert_eq!(id, 1, "only object 1 needs work");
+            if let Some(started) = self.started.lock().take() {
+                let _ = started.send(());
+            }
+            self.second_seen
+                .lock()
+                .recv_timeout(Duration::from_secs(10))
+                .map_err(|_| "object 2 was not served while object 1 was being made".to_string())?;
+            Ok(Arc::new(vec![1; 100]))
+        }
+
+        fn ready_bytes(&self, id: u64) -> Option<Result<Arc<Vec<u8>>, String>> {
+            (id == 2).then(|| {
+                if let Some(asked) = self.second_asked.lock().take() {
+                    let _ = asked.send(());
+                }
+                Ok(Arc::new(vec![2; 100]))
+            })
+        }
+    }
+
+    #[test]
+    fn a_slow_object_does_not_stall_other_connections() -> anyhow::Result<()> {
+        let key = ClusterKey::from_secret("data plane test");
+        let (started_tx, started_rx) = mpsc::channel();
+        let (asked_tx, asked_rx) = mpsc::channel();
+        let source = Arc::new(SlowFirstPull {
+            started: Mutex::new(Some(started_tx)),
+            second_asked: Mutex::new(Some(asked_tx)),
+            second_seen: Mutex::new(asked_rx),
+        });
+        // One event-loop thread serves every connection, as a node's data service might.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))?;
+        let addr = listener.local_addr()?;
+        let server_key = key.clone();
+        let server = std::thread::spawn(move || {
+            runtime.block_on(async move {
+                loop {
+                    let Ok((mut stream, _)) = listener.accept().await else { return };
+                    let key = server_key.clone();
+                    let source: Arc<dyn ObjectSource> = source.clone();
+                    tokio::spawn(async move {
+                        if server_handshake(&mut stream, &key).await.is_ok() {
+                            let _ = serve_data(stream, source).await;
+                        }
+                    });
+                }
+            });
+        });
+        drop(server);
+
+        let first_client = DataClient::new(key.clone(), "first".into());
+        let first = std::thread::spawn(move || first_client.fetch_blocking(addr, 1));
+        started_rx.recv_timeout(Duration::from_secs(10))?;
+        let second = DataClient::new(key, "second".into()).fetch_blocking(addr, 2)?;
+        assert_eq!(second.into_bytes(), vec![2; 100]);
+        let first = first.join().map_err(|_| anyhow::anyhow!("fetch thread panicked"))??;
+        assert_eq!(first.into_bytes(), vec![1; 100]);
+        Ok(())
+    }
 }

@@ -935,13 +935,24 @@ impl RemoteAccess for Head {
 
 impl ObjectSource for Head {
     fn object_bytes(&self, id: u64) -> std::result::Result<Arc<Vec<u8>>, String> {
+        match self.ready_bytes(id) {
+            Some(answer) => answer,
+            None => match self.table.outcome(ObjectId::from_raw(id)) {
+                Some(Outcome::Ready(value)) => value.encode().map(Arc::new).map_err(|e| e.to_string()),
+                _ => Err("no longer held".into()),
+            },
+        }
+    }
+
+    fn ready_bytes(&self, id: u64) -> Option<std::result::Result<Arc<Vec<u8>>, String>> {
         match self.table.outcome(ObjectId::from_raw(id)) {
             Some(Outcome::Ready(value)) => match value.view() {
-                View::Remote(location) => Err(format!("held by node `{}`", location.node_name)),
-                _ => value.encode().map(Arc::new).map_err(|e| e.to_string()),
+                View::Remote(location) => Some(Err(format!("held by node `{}`", location.node_name))),
+                // Encoding it (a copy, or a download from a device) is work for a blocking thread.
+                _ => None,
             },
-            Some(Outcome::Failed(error)) => Err(error.to_string()),
-            None => Err("no such value".into()),
+            Some(Outcome::Failed(error)) => Some(Err(error.to_string())),
+            None => Some(Err("no such value".into())),
         }
     }
 }

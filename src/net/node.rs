@@ -153,6 +153,18 @@ impl ObjectSource for NodeStore {
         // (Taken out of the lock first: a device array's first pull copies it to the host.)
         self.held(id)?.bytes()
     }
+
+    fn ready_bytes(&self, id: u64) -> Option<std::result::Result<Arc<Vec<u8>>, String>> {
+        let held = match self.held(id) {
+            Ok(held) => held,
+            Err(missing) => return Some(Err(missing)),
+        };
+        match &*held {
+            Held::Encoded(bytes) => Some(Ok(bytes.clone())),
+            // Not yet copied to the host: that copy runs on a blocking thread.
+            Held::OnDevice { encoded, .. } => encoded.get().cloned(),
+        }
+    }
 }
 
 /// Runs a node until the head tells it to stop or goes away.
