@@ -1123,6 +1123,42 @@ fn work_on_the_device_gets_its_inputs_without_a_copy() {
 }
 
 #[test]
+fn an_input_on_another_device_is_copied_device_to_device() {
+    let rt = Runtime::builder().workers(2).build().unwrap();
+    let Some(first) = device_actor(&rt) else { return };
+    let Ok(second) = DeviceActor::get(&rt, 1) else {
+        eprintln!("skipped: one GPU");
+        return;
+    };
+    let data: Vec<f32> = (0..100_000).map(|i| i as f32 * 0.5 - 7.0).collect();
+    let on_second = second.upload(data.clone(), vec![250, 400]);
+    on_second.blocking_get_timeout(Duration::from_secs(30)).unwrap();
+    let (copies_before, second_live) = (first.copies_in(), second.live_bytes());
+    let peer_before = host_gpu_peer_copies();
+    let copied = first.run(std::slice::from_ref(&on_second), |scope, inputs| {
+        let mut out = scope.gpu().zeros(inputs[0].len())?;
+        scope.gpu().copy(inputs[0].slice().expect("on the device"), &mut out)?;
+        scope.array(out, inputs[0].shape().to_vec())
+    });
+    // The source goes at once: its memory may be reused only after the copy read it.
+    drop(on_second);
+    let copied = copied.blocking_get_timeout(Duration::from_secs(30)).unwrap();
+    assert_eq!(copied.device(), Some(0));
+    assert_eq!(copied.shape(), &[250, 400]);
+    assert_eq!(copied.to_host().unwrap(), data);
+    assert_eq!(first.copies_in(), copies_before + 1);
+    if let (Some(before), Some(after)) = (peer_before, host_gpu_peer_copies()) {
+        assert_eq!(after - before, 1, "the array went through the host");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while second.live_bytes() + 400_000 != second_live && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(second.live_bytes() + 400_000, second_live, "the source was not freed");
+    rt.shutdown();
+}
+
+#[test]
 fn host_inputs_are_uploaded_once_and_failures_propagate() {
     let rt = Runtime::builder().workers(2).build().unwrap();
     let Some(actor) = device_actor(&rt) else { return };
@@ -1578,6 +1614,31 @@ fn an_nccl_replica_whose_peer_stops_fails_within_the_timeout() {
 
 /// Set in the child process that runs this binary's tests on the host GPU.
 const ON_HOST_GPU: &str = "TESSERA_ON_HOST_GPU";
+
+/// How many copies between devices the host GPU has queued in this process; `None` with
+/// a real driver (which counts none), and a failure on the host GPU if it cannot be read.
+fn host_gpu_peer_copies() -> Option<u64> {
+    let library = std::ffi::CString::new("libcuda.so").expect("no NUL");
+    // SAFETY: dlopen of a NUL-terminated name, only if already loaded (cudarc loaded it).
+    let handle = unsafe { libc::dlopen(library.as_ptr(), libc::RTLD_LAZY | libc::RTLD_NOLOAD) };
+    let symbol = std::ffi::CString::new("tessera_host_gpu_peer_copies").expect("no NUL");
+    // SAFETY: a symbol lookup in a handle dlopen gave (checked for null first).
+    let counter = (!handle.is_null()).then(|| unsafe { libc::dlsym(handle, symbol.as_ptr()) });
+    match counter {
+        Some(counter) if !counter.is_null() => {
+            // SAFETY: the host GPU defines it as `uint64_t tessera_host_gpu_peer_copies()`.
+            let counter: extern "C" fn() -> u64 = unsafe { std::mem::transmute(counter) };
+            Some(counter())
+        }
+        _ => {
+            assert!(
+                std::env::var_os(ON_HOST_GPU).is_none(),
+                "the host GPU's peer copy counter is not reachable"
+            );
+            None
+        }
+    }
+}
 
 /// This test itself, which the child skips.
 const NOT_ON_HOST_GPU: &[&str] = &["the_gpu_tests_pass_on_the_host_gpu"];

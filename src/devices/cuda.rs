@@ -16,7 +16,8 @@ use std::sync::Arc;
 use cudarc::cublas::{sys::cublasOperation_t, CudaBlas, Gemm, GemmConfig, StridedBatchedConfig};
 use cudarc::cublaslt::{CudaBlasLT, Matmul, MatmulConfig};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DriverError, LaunchConfig,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, DriverError,
+    LaunchConfig,
 };
 use half::bf16;
 use parking_lot::Mutex;
@@ -442,6 +443,27 @@ impl Gpu {
             });
         }
         self.stream.memcpy_dtod(src, dst).map_err(|e| self.driver(e))
+    }
+
+    /// A copy of `src`, a buffer in `source`'s memory (another device), in this device's:
+    /// one device-to-device copy (the driver's peer copy, never through this process's
+    /// memory), queued on this device's stream after the work queued on `source`'s before
+    /// it. `source`'s stream then waits for the copy, so that `src` freed there (by its last
+    /// handle) is not reused before the copy has read it.
+    ///
+    /// # Errors
+    /// [`DeviceError::Driver`] of the device that failed.
+    pub(crate) fn copy_from_peer<T: DeviceRepr>(
+        &self,
+        source: &Gpu,
+        src: &CudaSlice<T>,
+    ) -> Result<CudaSlice<T>> {
+        let copy = self.stream.clone_dtod(src).map_err(|e| self.driver(e))?;
+        let copied = self.stream.record_event(None).map_err(|e| self.driver(e))?;
+        source.stream.wait(&copied).map_err(|e| source.driver(e))?;
+        // (Waiting made `source`'s context current here.)
+        self.bind_to_thread()?;
+        Ok(copy)
     }
 
     /// Waits for all work queued on the device.

@@ -14,7 +14,8 @@
 //! 2. An input already on the actor's device reaches the work as the same device buffer (a
 //!    shared handle, no copy). Only an input held on the host (one that crossed a process
 //!    boundary) or on another device is copied onto this device, and each such copy is
-//!    counted ([`DeviceActor::copies_in`]).
+//!    counted ([`DeviceActor::copies_in`]). A copy from another device is one
+//!    device-to-device copy (the driver's peer copy), not a round trip through the host.
 //! 3. Reading a `Ref<DeviceArray>` (`get`, `blocking_get`) yields another handle to the same
 //!    device buffer; bytes move to the host only through [`DeviceArray::to_host`], or when
 //!    the value is encoded to cross a process boundary (the encoding is the host copy).
@@ -549,14 +550,19 @@ fn device_failed(task: &str, error: DeviceError) -> Error {
 }
 
 /// An input as an array on the scope's device: the same buffer if it is there already,
-/// else a counted copy (host → device, or device → host → device).
+/// else a counted copy (host → device, or from another device directly).
 fn adopt(scope: &DeviceScope, array: DeviceArray, copies_in: &AtomicU64) -> Result<DeviceArray, DeviceError> {
     if array.device() == Some(scope.gpu.ordinal()) {
         return Ok(array);
     }
     copies_in.fetch_add(1, Ordering::Relaxed);
-    let data = array.to_host()?;
-    scope.upload(&data, array.shape)
+    match &array.storage {
+        Storage::Device(buffer) if !buffer.slice.is_empty() => {
+            let copy = scope.gpu.copy_from_peer(&buffer.gpu, &buffer.slice)?;
+            scope.array(copy, array.shape)
+        }
+        _ => scope.upload(&array.to_host()?, array.shape),
+    }
 }
 
 /// Each input as an array on the scope's device (see [`adopt`]), once read.

@@ -10,7 +10,7 @@ use tessera::{
     UnaryOp,
 };
 
-use super::or_skip;
+use super::{host_gpu_peer_copies, or_skip};
 
 /// Every GPU's device actor for `rt`, or `None` (a skip) without a GPU.
 fn gpus(rt: &Runtime) -> Option<Vec<DeviceActor>> {
@@ -161,6 +161,7 @@ fn chunks_stay_on_their_devices_and_only_foreign_tiles_are_copied() {
     let b_t = uniform(&rt, &[64, 96], &[32, 32], 6, -1.0).to_devices(&devices).unwrap();
     b_t.wait().unwrap();
     let before = copies(&devices);
+    let peer_before = host_gpu_peer_copies();
     let product = a.matmul(&b_t).unwrap();
     for (c, chunk) in product.chunks().iter().enumerate() {
         let chunk = chunk.blocking_get_timeout(Duration::from_secs(30)).unwrap();
@@ -178,6 +179,10 @@ fn chunks_stay_on_their_devices_and_only_foreign_tiles_are_copied() {
     assert_eq!(copies(&devices) - before, expected as u64, "{n} device(s)");
     if n > 1 {
         assert!(expected > 0, "two devices and no tile crossed between them");
+    }
+    // Every tile crossed from device to device directly, none through the host.
+    if let (Some(peer_before), Some(peer_after)) = (peer_before, host_gpu_peer_copies()) {
+        assert_eq!(peer_after - peer_before, expected as u64, "copies between devices");
     }
     rt.shutdown();
 }

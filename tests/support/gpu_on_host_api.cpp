@@ -504,6 +504,22 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr to, CUdeviceptr from, size_t n, CUstre
     tessera_stream_queue(s, [=] { memmove(reinterpret_cast<void*>(to), reinterpret_cast<const void*>(from), n); });
     return CUDA_SUCCESS;
 }
+// Copies between two devices' memory (contexts named, as the driver takes them). Counted, so
+// that a test can tell a copy between devices from one through the host.
+static std::atomic<uint64_t> tessera_peer_copies{0};
+static int tessera_context_device(CUcontext context) {
+    int d = int(static_cast<int*>(context) - tessera_context_tokens);
+    return context != nullptr && tessera_valid(d) ? d : -1;
+}
+CUresult cuMemcpyPeerAsync(CUdeviceptr to, CUcontext to_context, CUdeviceptr from, CUcontext from_context, size_t n,
+                           CUstream stream) {
+    if (tessera_context_device(to_context) < 0 || tessera_context_device(from_context) < 0)
+        return CUDA_ERROR_INVALID_CONTEXT;
+    tessera_peer_copies.fetch_add(1);
+    return cuMemcpyDtoDAsync_v2(to, from, n, stream);
+}
+// How many copies between devices were queued in this process (not a CUDA function).
+uint64_t tessera_host_gpu_peer_copies() { return tessera_peer_copies.load(); }
 
 // --- Streams and events (an event is ready once the work queued before it is done) -------
 
