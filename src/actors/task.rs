@@ -262,6 +262,18 @@ impl Job {
         self.core.table.complete(self.output, outcome, bytes);
     }
 
+    /// Completes the output with `outcome`, as [`complete`](Self::complete) does, after
+    /// releasing what the job holds (its closure and its arguments' `Ref`s): so once a
+    /// reader has the value, dropping its last `Ref` to an input frees that input then,
+    /// not whenever this job would have dropped. (A job kept as lineage uses `complete`.)
+    #[allow(clippy::boxed_local)] // jobs are always boxed; unboxing would copy them
+    pub(crate) fn finish(self: Box<Self>, outcome: Outcome, bytes: usize) {
+        let Job { core, output, body, remote, inputs, .. } = *self;
+        drop((body, remote, inputs));
+        core.stats.task_finished();
+        core.table.complete(output, outcome, bytes);
+    }
+
     /// Fails the job's output without running it.
     #[allow(clippy::boxed_local)] // jobs are always boxed; unboxing would copy them
     pub(crate) fn fail(self: Box<Self>, error: Error) {
@@ -370,10 +382,7 @@ pub(crate) fn run_job(mut job: Box<Job>) {
         Err(Error::TaskPanicked { task: job.name.to_string(), message: panic_message(&*payload) })
     });
     match result {
-        Ok(TaskOutput(Produced::Value(value, bytes))) => {
-            core.stats.task_finished();
-            core.table.complete(job.output, Outcome::Ready(value), bytes);
-        }
+        Ok(TaskOutput(Produced::Value(value, bytes))) => job.finish(Outcome::Ready(value), bytes),
         Ok(TaskOutput(Produced::Forward(inner))) => {
             core.stats.task_finished();
             let table = core.table.clone();

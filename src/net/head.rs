@@ -636,7 +636,7 @@ impl Head {
             match result {
                 Ok(ReplyValue::Inline(bytes)) => {
                     let len = bytes.len();
-                    job.complete(Outcome::Ready(Arc::new(EncodedValue(bytes))), len);
+                    job.finish(Outcome::Ready(Arc::new(EncodedValue(bytes))), len);
                 }
                 Ok(ReplyValue::Stored { len }) => {
                     let output = job.output();
