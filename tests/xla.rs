@@ -623,3 +623,44 @@ fn the_program_cache_is_bounded() -> Result<()> {
     rt.shutdown();
     Ok(())
 }
+
+/// A trainer built on the actor's device shares the actor's client (one client of the
+/// plugin in the process), trains exactly as a trainer on a client of its own, and the
+/// actor keeps serving calls from another thread meanwhile.
+#[test]
+fn a_trainer_on_the_actors_device_shares_its_client() -> Result<()> {
+    let rt = tessera::Runtime::local()?;
+    let xla = XlaActor::get(&rt)?;
+    let shared = xla.device();
+    assert!(shared.shares_client(&XlaActor::get(&rt)?.device()), "the runtime's actor has one client");
+    let own = device();
+    assert!(!own.shares_client(&shared));
+
+    let data = digits();
+    let model = mlp(32, &[64, 32, 10])?;
+    let state = TrainState::new(&model, OptimizerConfig::adam(1e-2), data.len(), 32, 5);
+    let (mut on_actor_state, mut own_state) = (state.clone(), state);
+    let mut on_actor = XlaTrainer::new(shared, model.clone(), &on_actor_state)?;
+    let mut alone = XlaTrainer::new(own, model, &own_state)?;
+    let calls = {
+        let xla = xla.clone();
+        std::thread::spawn(move || -> Result<()> {
+            let square = xla.compile(SQUARE_I32)?;
+            let mut x = xla.upload(vec![1i32, -1, 1], vec![3]);
+            for _ in 0..50 {
+                x = xla.call(&square, &[x]).remove(0);
+            }
+            anyhow::ensure!(x.blocking_get()?.to_host::<i32>()? == vec![1, 1, 1]);
+            Ok(())
+        })
+    };
+    let on_actor_epoch = on_actor.train_epoch(&mut on_actor_state, &data)?;
+    calls.join().map_err(|_| anyhow::anyhow!("the calling thread panicked"))??;
+    let alone_epoch = alone.train_epoch(&mut own_state, &data)?;
+    assert_eq!(on_actor_epoch.loss.to_bits(), alone_epoch.loss.to_bits());
+    for (a, b) in on_actor_state.params.tensors.iter().zip(&own_state.params.tensors) {
+        assert!(a.data.iter().zip(&b.data).all(|(a, b)| a.to_bits() == b.to_bits()), "parameters differ");
+    }
+    rt.shutdown();
+    Ok(())
+}

@@ -374,8 +374,20 @@ impl XlaDevice {
         Arc::ptr_eq(&self.client, &buffer.client)
     }
 
+    /// Whether `self` and `other` are handles to the same client (one opened device and
+    /// its clones, or an [`XlaActor`](crate::XlaActor)'s device).
+    pub fn shares_client(&self, other: &XlaDevice) -> bool {
+        Arc::ptr_eq(&self.client, &other.client)
+    }
+
     /// Loads the PJRT plugin at `plugin` (once per process), creates a client and takes its
     /// first addressable device.
+    ///
+    /// Each call makes a client of its own. In a process that also uses an
+    /// [`XlaActor`](crate::XlaActor), build executors and trainers on
+    /// [`XlaActor::device`](crate::XlaActor::device) instead: one client per device. (A
+    /// GPU plugin's client reserves device memory for itself, by default most of it, so a
+    /// second client of the same GPU may not fit.)
     ///
     /// # Errors
     /// [`XlaError::PluginNotFound`], [`XlaError::PluginLoad`] or [`XlaError::ApiVersion`]

@@ -500,6 +500,14 @@ impl XlaActor {
         self.shared.device.platform()
     }
 
+    /// The actor's device, sharing its client: for an [`XlaExecutor`](crate::nn::XlaExecutor)
+    /// or [`XlaTrainer`](crate::nn::XlaTrainer) in the same process, so that the process
+    /// keeps one client of the plugin (see [`XlaDevice::open`]). They run their programs on
+    /// the calling thread, beside the actor's work (PJRT clients are thread-safe).
+    pub fn device(&self) -> XlaDevice {
+        self.shared.device.clone()
+    }
+
     /// Bytes of device memory held now by arrays this actor made (freed as their last
     /// handles drop).
     pub fn live_bytes(&self) -> usize {

@@ -141,14 +141,13 @@ fn node_chain_millis(device: &XlaDevice) -> Result<(f64, f64, f64)> {
     Ok((median(&mut on_device), median(&mut to_host), median(&mut alone)))
 }
 
-fn actor_call_micros(device: &XlaDevice) -> Result<(f64, f64)> {
+fn actor_call_micros(actor: &XlaActor) -> Result<(f64, f64)> {
     const CHAIN: usize = 2000;
     let program = "func.func @main(%x: tensor<16xf32>) -> tensor<16xf32> {\n  \
                    %0 = stablehlo.negate %x : tensor<16xf32>\n  return %0 : tensor<16xf32>\n}\n";
     let data: Vec<f32> = (0..16).map(|i| i as f32).collect();
+    let device = actor.device();
     let exe = device.compile(program)?;
-    let rt = Runtime::local()?;
-    let actor = XlaActor::get(&rt)?;
     let negate = actor.compile(program)?;
     let (mut direct, mut through_actor) = (Vec::new(), Vec::new());
     for _ in 0..7 {
@@ -169,18 +168,21 @@ fn actor_call_micros(device: &XlaDevice) -> Result<(f64, f64)> {
         r.blocking_get()?.to_host::<f32>()?;
         through_actor.push(start.elapsed().as_secs_f64() / CHAIN as f64 * 1e6);
     }
-    rt.shutdown();
     Ok((median(&mut direct), median(&mut through_actor)))
 }
 
 pub(crate) fn run(reporter: &Reporter) -> Result<()> {
-    let device = XlaDevice::open_default().context("opening the XLA device")?;
+    // One client in this process: the runtime's XLA actor's, which the executors and
+    // trainers share.
+    let rt = Runtime::local()?;
+    let actor = XlaActor::get(&rt).context("opening the XLA device")?;
+    let device = actor.device();
     reporter.report("xla/gemm_f32_1024_gflops", gemm_gflops(&device, 1024)?, "GFLOP/s", true);
     let (on_device, to_host, alone) = node_chain_millis(&device)?;
     reporter.report("xla/node_chain_16MiB_on_device_ms", on_device, "ms", false);
     reporter.report("xla/node_chain_16MiB_via_host_ms", to_host, "ms", false);
     reporter.report("xla/negate_16MiB_direct_ms", alone, "ms", false);
-    let (direct, through_actor) = actor_call_micros(&device)?;
+    let (direct, through_actor) = actor_call_micros(&actor)?;
     reporter.report("xla/call_direct_us", direct, "us", false);
     reporter.report("xla/call_through_actor_us", through_actor, "us", false);
     let make_trainer = |model, state: &TrainState| Ok(XlaTrainer::new(device.clone(), model, state)?);
@@ -189,5 +191,7 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     // The same GCN as the `nn` suite's (the sparse product as gather and scatter).
     super::nn::gcn_case(reporter, "xla/gcn_20k_train_steps_per_s", |graph| {
         XlaExecutor::new(device.clone(), graph)
-    })
+    })?;
+    rt.shutdown();
+    Ok(())
 }
