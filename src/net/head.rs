@@ -34,7 +34,8 @@ use super::frame::{read_frame, write_frame, FrameError};
 use super::manager::{ClusterManager, JoinInfo, LaunchedNode};
 use super::wire::{ArgSource, Message, RemoteTaskError, ReplyValue, Role, TaskReply, TaskRequest};
 use crate::actors::object::{
-    EncodedValue, Fetched, ObjectId, ObjectTable, Outcome, RemoteAccess, RemoteLocation, RemoteValue, View,
+    EncodedValue, Fetched, ObjectId, ObjectTable, Outcome, RemoteAccess, RemoteLocation, RemoteValue, Value,
+    View,
 };
 use crate::actors::reference::{RefInner, RemoteArgKind};
 use crate::actors::runtime::{Core, NodeCounts, RemoteScheduler};
@@ -933,27 +934,29 @@ impl RemoteAccess for Head {
     }
 }
 
-impl ObjectSource for Head {
-    fn object_bytes(&self, id: u64) -> std::result::Result<Arc<Vec<u8>>, String> {
-        match self.ready_bytes(id) {
-            Some(answer) => answer,
-            None => match self.table.outcome(ObjectId::from_raw(id)) {
-                Some(Outcome::Ready(value)) => value.encode().map(Arc::new).map_err(|e| e.to_string()),
-                _ => Err("no longer held".into()),
-            },
-        }
-    }
-
-    fn ready_bytes(&self, id: u64) -> Option<std::result::Result<Arc<Vec<u8>>, String>> {
+impl Head {
+    /// The value `id` names here, to encode for a peer, or why there is none.
+    fn value_to_serve(&self, id: u64) -> std::result::Result<Value, String> {
         match self.table.outcome(ObjectId::from_raw(id)) {
             Some(Outcome::Ready(value)) => match value.view() {
-                View::Remote(location) => Some(Err(format!("held by node `{}`", location.node_name))),
-                // Encoding it (a copy, or a download from a device) is work for a blocking thread.
-                _ => None,
+                View::Remote(location) => Err(format!("held by node `{}`", location.node_name)),
+                _ => Ok(value),
             },
-            Some(Outcome::Failed(error)) => Some(Err(error.to_string())),
-            None => Some(Err("no such value".into())),
+            Some(Outcome::Failed(error)) => Err(error.to_string()),
+            None => Err("no such value".into()),
         }
+    }
+}
+
+impl ObjectSource for Head {
+    fn object_bytes(&self, id: u64) -> std::result::Result<Arc<Vec<u8>>, String> {
+        self.value_to_serve(id)?.encode().map(Arc::new).map_err(|e| e.to_string())
+    }
+
+    /// Only the refusals: encoding a value (a copy, or a download from a device) is work
+    /// for a blocking thread.
+    fn ready_bytes(&self, id: u64) -> Option<std::result::Result<Arc<Vec<u8>>, String>> {
+        self.value_to_serve(id).err().map(Err)
     }
 }
 
