@@ -13,7 +13,7 @@
 //! every value not yet produced with [`Error::Shutdown`](crate::Error::Shutdown), and joins
 //! every thread it started.
 pub(crate) mod object;
-mod pool;
+pub(crate) mod pool;
 pub(crate) mod reference;
 pub(crate) mod runtime;
 mod sched;

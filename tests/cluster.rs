@@ -32,8 +32,8 @@ tessera::task! {
 }
 
 tessera::task! {
-    /// Sums the squares below `n` by nested tasks on the runtime of the process that runs
-    /// it (a node's own runtime on a node), and says which node that was.
+    /// Sums the squares below `n` by nested tasks spawned on `Runtime::current()` (onto the
+    /// cluster, from a node), and says which node ran this task.
     fn squares_below_by_nested_tasks(n: u64) -> Result<(String, u64), String> {
         let rt = Runtime::current().ok_or("no runtime in this task")?;
         let squares: Vec<Ref<u64>> = (0..n).map(|i| square::spawn(&rt, i)).collect();
@@ -127,6 +127,62 @@ impl tessera::Actor for Hoard {
 
 tessera::remote_actor!(Hoard);
 
+tessera::task! {
+    /// Which node ran this task, after `ms` milliseconds.
+    fn slow_node_name(_i: u64, ms: u64) -> String {
+        std::thread::sleep(Duration::from_millis(ms));
+        std::env::var("TESSERA_NODE_NAME").unwrap_or_else(|_| "head".into())
+    }
+}
+
+tessera::task! {
+    /// Spawns `n` tasks from wherever it runs and gives the names of the nodes that ran them.
+    fn names_of_spawned(n: u64) -> Result<Vec<String>, String> {
+        let rt = Runtime::current().ok_or("no runtime in this task")?;
+        let names: Vec<Ref<String>> = (0..n).map(|i| slow_node_name::spawn(&rt, i, 50)).collect();
+        names.iter().map(|r| r.blocking_get().map_err(|e| e.to_string())).collect()
+    }
+}
+
+tessera::task! {
+    /// Counts the leaves of a binary tree of tasks `depth` levels deep: every inner task
+    /// spawns two and waits for both.
+    fn tree_leaves(depth: u32) -> Result<u64, String> {
+        if depth == 0 {
+            return Ok(1);
+        }
+        let rt = Runtime::current().ok_or("no runtime in this task")?;
+        let (left, right) = (tree_leaves::spawn(&rt, depth - 1), tree_leaves::spawn(&rt, depth - 1));
+        Ok(left.blocking_get().map_err(|e| e.to_string())? + right.blocking_get().map_err(|e| e.to_string())?)
+    }
+}
+
+tessera::task! {
+    /// From a node: spawns a task with a large result (held by a node) and hands its `Ref`
+    /// to a second spawn; hands a large value of its own to a third; reads the large result
+    /// itself. Gives the three checksums and the one it computed.
+    fn large_values_between_spawns(len: usize) -> Result<Vec<String>, String> {
+        let rt = Runtime::current().ok_or("no runtime in this task")?;
+        let big = make_blob::spawn(&rt, len, 7);
+        let of_spawned = checksum::spawn(&rt, &big);
+        let own = rt.put(ByteBuf::from(blob(len, 8)));
+        let of_own = checksum::spawn(&rt, &own);
+        let read_here = big.blocking_get().map_err(|e| e.to_string())?;
+        let sums = [of_spawned, of_own].iter().map(|r| r.blocking_get()).collect::<Result<Vec<_>, _>>();
+        let mut sums = sums.map_err(|e| e.to_string())?;
+        sums.push(blake3::hash(&read_here).to_hex().to_string());
+        Ok(sums)
+    }
+}
+
+tessera::task! {
+    /// Spawns `parse(text)` and passes its result (or error) on.
+    fn parse_in_a_spawn(text: String) -> Result<u64, String> {
+        let rt = Runtime::current().ok_or("no runtime in this task")?;
+        parse::spawn(&rt, text).blocking_get().map_err(|e| e.to_string())
+    }
+}
+
 fn blob(len: usize, seed: u64) -> Vec<u8> {
     let mut state = seed | 1;
     (0..len)
@@ -195,7 +251,7 @@ fn remote_tasks_give_correct_results() -> Result<()> {
     for node in c.cluster.nodes() {
         ensure!(node.tasks_run > 0, "node {} ran nothing", node.name);
     }
-    // A task on a node spawns nested tasks on that node's own runtime.
+    // A task on a node spawns nested tasks (onto the cluster).
     for nested in (0..6).map(|_| squares_below_by_nested_tasks::spawn(&c.rt, 100)).collect::<Vec<_>>() {
         let (node, sum) = nested.blocking_get()?;
         ensure!(node.starts_with("local-"), "ran on {node}");
@@ -208,6 +264,50 @@ fn remote_tasks_give_correct_results() -> Result<()> {
         }
         other => bail!("expected a remote task failure, got {other:?}"),
     }
+    Ok(())
+}
+
+/// Tasks running on nodes spawn tasks onto the whole cluster (through the head), even
+/// when every node's one slot is taken by a task waiting for its children.
+fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
+    let rt = Runtime::builder().workers(2).build()?;
+    let cluster = Cluster::start(&rt, ClusterConfig::default())?;
+    let c = TestCluster { rt: rt.clone(), cluster: cluster.clone() };
+    cluster.launch(&LocalProcesses { count: 2, slots: Some(1) })?;
+    cluster.wait_for_nodes(2, Duration::from_secs(30))?;
+
+    let names = names_of_spawned::spawn(&rt, 8).blocking_get()?;
+    let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
+    ensure!(names.len() == 8 && distinct.len() == 2, "children of a node's task ran on {names:?}");
+    ensure!(distinct.iter().all(|n| n.starts_with("local-")), "children ran outside the nodes: {names:?}");
+
+    // 31 tasks, each inner one waiting for two, on two one-slot nodes.
+    ensure!(tree_leaves::spawn(&rt, 4).blocking_get()? == 16, "wrong leaf count");
+
+    let len = 300_000;
+    let sums = large_values_between_spawns::spawn(&rt, len).blocking_get()?;
+    let expected = |seed| blake3::hash(&blob(len, seed)).to_hex().to_string();
+    ensure!(sums == [expected(7), expected(8), expected(7)], "checksums {sums:?}");
+
+    match parse_in_a_spawn::spawn(&rt, "x1".to_string()).blocking_get() {
+        Err(Error::TaskFailed { task, message }) => ensure!(
+            task.ends_with("::parse_in_a_spawn")
+                && message.contains("::parse")
+                && message.contains("invalid digit"),
+            "{task}: {message}"
+        ),
+        other => bail!("expected the spawned task's failure, got {other:?}"),
+    }
+    let run: u64 = cluster.nodes().iter().map(|n| n.tasks_run).sum();
+    ensure!(run >= 1 + 8 + 31 + 4 + 2, "the nodes ran {run} tasks");
+
+    // Once nothing refers to them, the results kept for the nodes' spawns are freed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while cluster.nodes().iter().any(|n| n.values_held > 0) {
+        ensure!(Instant::now() < deadline, "values still held: {:?}", cluster.nodes());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(c);
     Ok(())
 }
 
@@ -636,6 +736,7 @@ fn main() {
     tessera::init();
     let tests: &[(&str, support::TestFn)] = &[
         ("remote_tasks_give_correct_results", remote_tasks_give_correct_results),
+        ("tasks_on_nodes_spawn_onto_the_cluster", tasks_on_nodes_spawn_onto_the_cluster),
         ("a_64_mib_object_crosses_nodes_intact", a_64_mib_object_crosses_nodes_intact),
         ("a_sigkilled_node_mid_job_does_not_stop_the_job", a_sigkilled_node_mid_job_does_not_stop_the_job),
         ("a_hung_node_is_detected_by_missing_heartbeats", a_hung_node_is_detected_by_missing_heartbeats),

@@ -245,7 +245,7 @@ impl Signal {
                 std::thread::yield_now();
             }
         }
-        let on_worker = pool::is_worker_thread();
+        let on_worker = pool::can_help();
         loop {
             if self.is_set() {
                 return true;
@@ -417,13 +417,18 @@ impl<T: Payload> Arg<T> {
 
 /// An argument as a node process will receive it (used by the `task!` macro).
 #[doc(hidden)]
+#[derive(Clone)]
 pub struct RemoteArg(pub(crate) RemoteArgKind);
 
+#[derive(Clone)]
 pub(crate) enum RemoteArgKind {
     /// The encoded value.
     Value(Vec<u8>),
     /// A value in the object table.
     Ref(ObjectId),
+    /// A value held by the process whose data server listens at `addr`, under `id` (an
+    /// argument of a task that a node spawned, held by that node).
+    Held { addr: std::net::SocketAddr, id: u64 },
 }
 
 impl<T: Payload> Arg<T> {

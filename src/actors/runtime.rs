@@ -416,9 +416,10 @@ impl Runtime {
     }
 
     /// The runtime running the current task or actor, if any. In a task or actor that runs
-    /// in a node process, it is that node's own runtime: tasks spawned on it run on the
-    /// node's threads, values put there stay there, and device actors got from it own the
-    /// node's devices (the head's cluster is not reachable from it).
+    /// in a node process, it is that node's own runtime: registered tasks spawned on it run
+    /// on the cluster (the head schedules them over all nodes, and their results stay where
+    /// they were made until read), closures run on the node's threads, values put there
+    /// stay there, and device actors got from it own the node's devices.
     pub fn current() -> Option<Runtime> {
         CURRENT
             .with(|c| c.borrow().as_ref().and_then(Weak::upgrade))

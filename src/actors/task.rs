@@ -242,6 +242,9 @@ impl Job {
     pub(crate) fn needs_xla(&self) -> bool {
         self.needs_xla
     }
+    pub(crate) fn retries(&self) -> u32 {
+        self.retries
+    }
     /// Counts a retry after a task error; false when no retries are left.
     pub(crate) fn retry_after_error(&mut self) -> bool {
         if self.attempt >= self.retries {
@@ -266,12 +269,13 @@ impl Job {
     /// releasing what the job holds (its closure and its arguments' `Ref`s): so once a
     /// reader has the value, dropping its last `Ref` to an input frees that input then,
     /// not whenever this job would have dropped. (A job kept as lineage uses `complete`.)
+    /// Returns false if every `Ref` to the output dropped before (nobody took the value).
     #[allow(clippy::boxed_local)] // jobs are always boxed; unboxing would copy them
-    pub(crate) fn finish(self: Box<Self>, outcome: Outcome, bytes: usize) {
+    pub(crate) fn finish(self: Box<Self>, outcome: Outcome, bytes: usize) -> bool {
         let Job { core, output, body, remote, inputs, .. } = *self;
         drop((body, remote, inputs));
         core.stats.task_finished();
-        core.table.complete(output, outcome, bytes);
+        core.table.complete(output, outcome, bytes)
     }
 
     /// Fails the job's output without running it.
@@ -329,6 +333,74 @@ pub fn spawn_task<T: Payload>(
     output
 }
 
+/// The job for a task that a task on a node spawned onto the cluster: `entry` run on
+/// `args` (in the form nodes receive them), completing `output`. `inputs` are the `Ref`s
+/// among the arguments, which it waits for. `None` if the task cannot run on a node (it
+/// returns a `Ref`).
+pub(crate) fn spawned_by_node(
+    core: &Arc<Core>,
+    entry: &'static TaskEntry,
+    output: ObjectId,
+    options: TaskOptions,
+    args: Vec<RemoteArg>,
+    inputs: Vec<Dependency>,
+) -> Option<Box<Job>> {
+    let run = entry.run_on_node?;
+    let table = core.table.clone();
+    let own_args = args.clone();
+    // Runs here only when no node can take it: the arguments are read from this process.
+    let body = move |_last: bool| {
+        let args = own_args.iter().map(|arg| arg_here(&table, arg)).collect::<Result<Vec<_>>>()?;
+        run(&mut NodeArgs::new(entry.name, args))
+    };
+    core.stats.task_submitted();
+    Some(Box::new(Job {
+        core: core.clone(),
+        name: entry.name,
+        output,
+        body: Box::new(body),
+        attempt: 0,
+        retries: options.retries,
+        node_losses: 0,
+        needs_gpu: options.gpu,
+        needs_xla: options.xla,
+        remote: Some(args),
+        inputs,
+    }))
+}
+
+/// An argument in node form, read in this process: its bytes, or a value of this
+/// process's object table as it is, or pulled from the process that holds it.
+fn arg_here(table: &super::object::ObjectTable, arg: &RemoteArg) -> Result<NodeArg> {
+    use super::object::RemoteLocation;
+    use super::reference::RemoteArgKind;
+    let pull = |location: &RemoteLocation| {
+        let remote = table.remote().ok_or(Error::ObjectLost {
+            object: location.id,
+            reason: "held by another process, but no cluster is attached".into(),
+        })?;
+        Ok(NodeArg::Encoded(remote.fetch_blocking(location)?.into_bytes()))
+    };
+    match &arg.0 {
+        RemoteArgKind::Value(bytes) => Ok(NodeArg::Encoded(bytes.clone())),
+        RemoteArgKind::Ref(id) => match table.outcome(*id) {
+            Some(Outcome::Ready(value)) => match value.view() {
+                View::Remote(location) => pull(location),
+                _ => Ok(NodeArg::Held(value)),
+            },
+            Some(Outcome::Failed(error)) => Err((*error).clone()),
+            None => Err(Error::ObjectLost { object: id.as_u64(), reason: "the value was freed".into() }),
+        },
+        RemoteArgKind::Held { addr, id } => pull(&RemoteLocation {
+            node: 0,
+            node_name: format!("the node at {addr}"),
+            addr: *addr,
+            id: *id,
+            len: 0,
+        }),
+    }
+}
+
 /// Dispatches `job` once all its inputs are ready (now, if they are); fails it if one
 /// fails. Also used to re-run a task whose node was lost: its inputs may be being rebuilt.
 pub(crate) fn submit_when_ready(job: Box<Job>) {
@@ -382,7 +454,9 @@ pub(crate) fn run_job(mut job: Box<Job>) {
         Err(Error::TaskPanicked { task: job.name.to_string(), message: panic_message(&*payload) })
     });
     match result {
-        Ok(TaskOutput(Produced::Value(value, bytes))) => job.finish(Outcome::Ready(value), bytes),
+        Ok(TaskOutput(Produced::Value(value, bytes))) => {
+            job.finish(Outcome::Ready(value), bytes);
+        }
         Ok(TaskOutput(Produced::Forward(inner))) => {
             core.stats.task_finished();
             let table = core.table.clone();

@@ -4,8 +4,10 @@
 //! Pulls use blocking sockets on the caller's thread: a transfer is one long sequential
 //! read, and a plain `read` into the destination buffer is as fast as the link allows.
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -139,6 +141,23 @@ impl DataClient {
             }
             Err(message) => Err(failed(message)),
         }
+    }
+
+    /// Pulls `id` from the holder at `addr` on a thread of its own, for an async caller.
+    pub(crate) fn fetch_in_background(
+        self: &Arc<Self>,
+        addr: SocketAddr,
+        id: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<Fetched, Error>> + Send>> {
+        let data = self.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new().name("tessera-fetch".into()).spawn(move || {
+            let _ = tx.send(data.fetch_blocking(addr, id));
+        });
+        Box::pin(async move {
+            spawned.map_err(|e| Error::Cluster(format!("cannot start a fetch thread: {e}")))?;
+            rx.await.unwrap_or(Err(Error::Shutdown))
+        })
     }
 
     /// Drops pooled connections to `addr` (its node is gone).

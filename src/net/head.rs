@@ -15,6 +15,9 @@
 //!    inputs, which may be being rebuilt too); values without lineage fail with
 //!    `Error::ObjectLost` naming the node.
 //! 3. Every task it was running is re-run elsewhere, at most `max_node_losses` times.
+//! 4. The results the head kept for the node's own spawns are dropped (see `spawns`).
+mod spawns;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
@@ -142,6 +145,8 @@ struct NodeEntry {
     /// Actor calls waiting for a reply, by call id.
     pending_calls: HashMap<u64, PendingCall>,
     actors: usize,
+    /// Results of this node's spawns that the head keeps for it, by its spawn id.
+    spawned: HashMap<u64, Arc<RefInner>>,
 }
 
 /// An actor call sent to a node and not answered yet.
@@ -591,6 +596,7 @@ impl Head {
         for arg in job.remote_args()? {
             match &arg.0 {
                 RemoteArgKind::Value(bytes) => args.push(ArgSource::Inline(bytes.clone())),
+                RemoteArgKind::Held { addr, id } => args.push(ArgSource::Fetch { addr: *addr, id: *id }),
                 RemoteArgKind::Ref(id) => {
                     let Some(Outcome::Ready(value)) = self.table.outcome(*id) else {
                         return None;
@@ -909,15 +915,7 @@ impl RemoteAccess for Head {
     }
 
     fn fetch(&self, location: RemoteLocation) -> Pin<Box<dyn Future<Output = Result<Fetched>> + Send>> {
-        let data = self.data.clone();
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let spawned = std::thread::Builder::new().name("tessera-fetch".into()).spawn(move || {
-            let _ = tx.send(data.fetch_blocking(location.addr, location.id));
-        });
-        Box::pin(async move {
-            spawned.map_err(|e| Error::Cluster(format!("cannot start a fetch thread: {e}")))?;
-            rx.await.unwrap_or(Err(Error::Shutdown))
-        })
+        self.data.fetch_in_background(location.addr, location.id)
     }
 
     fn released(&self, id: ObjectId, location: &RemoteLocation) {
@@ -1038,6 +1036,7 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
                 last_seen: Instant::now(),
                 pending_calls: HashMap::new(),
                 actors: 0,
+                spawned: HashMap::new(),
             },
         );
         head.changed.notify_all();
@@ -1077,6 +1076,12 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
                 // Completing values runs user waiters: keep them off the reader.
                 tokio::task::spawn_blocking(move || head.handle_replies(node_id, replies));
             }
+            Ok(Message::Spawn(request)) => {
+                let head = head.clone();
+                // Submitting may fail the task at once (a failed input), which runs waiters.
+                tokio::task::spawn_blocking(move || head.spawn_for_node(node_id, request));
+            }
+            Ok(Message::Release(spawn_ids)) => head.release_spawns(node_id, spawn_ids),
             Ok(other) => break format!("protocol violation: unexpected {other:?}"),
             Err(e) => break format!("connection closed: {e}"),
         }

@@ -5,9 +5,15 @@
 //! stays on its device as it is, so that a task run here after it gets the same buffer, and
 //! is copied to the host only when the head or a peer pulls it (once; the copy is kept).
 //!
+//! Tasks and actors here that spawn registered tasks spawn them onto the cluster, through
+//! the head (see `cluster_link`); closures (and tasks that cannot travel) run on the node's
+//! own runtime.
+//!
 //! # Shutdown
 //! The node exits when the head says so or its connection to the head closes: a node never
 //! outlives its head.
+mod cluster_link;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -232,9 +238,18 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
     // The node's own runtime: what `Runtime::current()` gives its tasks and actors (nested
     // tasks on the node's threads, device actors over the node's devices).
     let local = crate::Runtime::builder().workers(config.slots.max(1)).build()?;
+    let data = Arc::new(DataClient::new(key, config.name.clone()));
+    let link = Arc::new(cluster_link::ClusterLink::new(
+        sender.clone(),
+        store.clone(),
+        data.clone(),
+        data_addr,
+        &local.core().table,
+    ));
+    local.core().set_cluster(link.clone());
+    local.core().table.set_remote(link.clone());
     let (task_tx, task_rx) = std::sync::mpsc::channel::<TaskRequest>();
     let task_rx = Arc::new(Mutex::new(task_rx));
-    let data = Arc::new(DataClient::new(key, config.name.clone()));
     let puller = Puller { store: store.clone(), data, data_addr };
     let mut executors = Vec::new();
     for i in 0..config.slots {
@@ -289,6 +304,11 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
                     for id in ids {
                         objects.remove(&id);
                     }
+                }
+                Ok(Message::SpawnDone { spawn_id, result }) => {
+                    let link = link.clone();
+                    // Completing a value runs its waiters: keep them off the reader.
+                    tokio::task::spawn_blocking(move || link.spawn_done(spawn_id, result));
                 }
                 Ok(Message::Shutdown) => return "the head asked to stop".to_string(),
                 Ok(other) => return format!("protocol violation from the head: {other:?}"),
@@ -584,7 +604,11 @@ impl HostedActors {
     }
 }
 
+/// How deep a task thread may nest queued tasks inside a waiting one.
+const MAX_NESTED_WHILE_WAITING: usize = 16;
+
 /// One task-running thread of a node.
+#[derive(Clone)]
 struct Executor {
     tasks: Arc<Mutex<std::sync::mpsc::Receiver<TaskRequest>>>,
     replies: mpsc::UnboundedSender<Message>,
@@ -596,6 +620,20 @@ struct Executor {
 impl Executor {
     fn run(self) {
         self.local.enter_on_this_thread();
+        // A task waiting for a value (say, of a task it spawned, which the head may have
+        // sent back here) runs queued tasks meanwhile: waiting tasks never fill every
+        // thread with nothing left to run their inputs.
+        let helper = self.clone();
+        let depth = std::cell::Cell::new(0);
+        crate::actors::pool::set_wait_helper(move || {
+            if depth.get() >= MAX_NESTED_WHILE_WAITING {
+                return false;
+            }
+            depth.set(depth.get() + 1);
+            let ran = helper.run_queued();
+            depth.set(depth.get() - 1);
+            ran
+        });
         loop {
             let task = self.tasks.lock().recv();
             let Ok(task) = task else { return };
@@ -604,6 +642,21 @@ impl Executor {
                 return;
             }
         }
+    }
+
+    /// Runs one task waiting in the queue, if any (and no idle thread is taking it).
+    fn run_queued(&self) -> bool {
+        let task = {
+            // An idle thread holds the lock while it waits for work: it takes the next one.
+            let Some(tasks) = self.tasks.try_lock() else { return false };
+            match tasks.try_recv() {
+                Ok(task) => task,
+                Err(_) => return false,
+            }
+        };
+        let reply = self.execute(task);
+        let _ = self.replies.send(Message::TasksDone(vec![reply]));
+        true
     }
 
     fn execute(&self, task: TaskRequest) -> TaskReply {

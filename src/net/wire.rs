@@ -3,6 +3,10 @@
 //! Connection life: `Hello` → `Challenge` → `Proof` → `Welcome` (or `Refused` and close);
 //! then a control connection (role `Node`) starts with `Register`, and a data connection
 //! (role `Data`) carries `Fetch` requests answered by `FetchHeader` + raw bytes.
+//!
+//! A task running on a node spawns tasks onto the cluster with `Spawn`; the head answers
+//! each with `SpawnDone` when the task has run, and the node sends `Release` when its last
+//! `Ref` to a result the head keeps for it drops.
 use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
@@ -12,7 +16,7 @@ use crate::devices::{GpuInfo, XlaInfo};
 /// First field of every `Hello`: "TSRA".
 pub(crate) const MAGIC: u32 = 0x5453_5241;
 /// Bumped on any incompatible change of [`Message`].
-pub(crate) const PROTOCOL_VERSION: u16 = 3;
+pub(crate) const PROTOCOL_VERSION: u16 = 4;
 
 /// What a connecting peer wants to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,6 +78,36 @@ pub(crate) struct RemoteTaskError {
 pub(crate) struct TaskReply {
     pub(crate) task_id: u64,
     pub(crate) result: Result<ReplyValue, RemoteTaskError>,
+}
+
+/// An argument of a task that a node spawns onto the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum SpawnArg {
+    /// The value's bytes, inline or where to pull them from.
+    Source(ArgSource),
+    /// The result of an earlier spawn of the same node, which the head keeps for it.
+    Spawned(u64),
+}
+
+/// A task that a task on a node spawns onto the cluster.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct SpawnRequest {
+    /// Numbers the spawn among the node's spawns (its `Ref`'s id in the node's runtime).
+    pub(crate) spawn_id: u64,
+    pub(crate) name: String,
+    pub(crate) args: Vec<SpawnArg>,
+    pub(crate) retries: u32,
+    pub(crate) gpu: bool,
+    pub(crate) xla: bool,
+}
+
+/// Where the result of a node's spawn is.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) enum SpawnedValue {
+    /// Small values come inline (the head keeps nothing for the node).
+    Inline(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Pull `id` from the holder at `addr`; the head keeps the value until `Release`.
+    Held { addr: SocketAddr, id: u64, len: u64 },
 }
 
 /// Every message of the protocol.
@@ -160,6 +194,15 @@ pub(crate) enum Message {
         id: u64,
         reason: String,
     },
+    /// Node → head: run a task on the cluster.
+    Spawn(SpawnRequest),
+    /// Head → node: a spawned task's result.
+    SpawnDone {
+        spawn_id: u64,
+        result: Result<SpawnedValue, RemoteTaskError>,
+    },
+    /// Node → head: the node dropped its last `Ref` to these spawns' results.
+    Release(Vec<u64>),
     Shutdown,
 }
 
@@ -188,6 +231,9 @@ impl Message {
             Message::Fetch { .. } => "Fetch",
             Message::FetchHeader { .. } => "FetchHeader",
             Message::FetchMissing { .. } => "FetchMissing",
+            Message::Spawn { .. } => "Spawn",
+            Message::SpawnDone { .. } => "SpawnDone",
+            Message::Release { .. } => "Release",
             Message::Shutdown => "Shutdown",
         }
     }
