@@ -176,6 +176,34 @@ tessera::task! {
 }
 
 tessera::task! {
+    /// From a node: spawns a task with a large result (held where it ran), says so by
+    /// making the file `dir/made`, waits for the file `dir/go`, then reads the result and
+    /// gives its checksum.
+    fn read_a_spawned_result_later(len: usize, dir: String) -> Result<String, String> {
+        let rt = Runtime::current().ok_or("no runtime in this task")?;
+        let big = make_blob::spawn(&rt, len, 9);
+        let dir = std::path::Path::new(&dir);
+        wait_for(|| big.is_ready(), "the spawned result")?;
+        std::fs::write(dir.join("made"), b"").map_err(|e| e.to_string())?;
+        wait_for(|| dir.join("go").exists(), "the file `go`")?;
+        let bytes = big.blocking_get().map_err(|e| e.to_string())?;
+        Ok(blake3::hash(&bytes).to_hex().to_string())
+    }
+}
+
+/// Waits up to 60 s for `done`.
+fn wait_for(done: impl Fn() -> bool, what: &str) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("gave up waiting for {what}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+tessera::task! {
     /// Spawns `parse(text)` and passes its result (or error) on.
     fn parse_in_a_spawn(text: String) -> Result<u64, String> {
         let rt = Runtime::current().ok_or("no runtime in this task")?;
@@ -309,6 +337,42 @@ fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
     }
     drop(c);
     Ok(())
+}
+
+/// The node holding the result of a node's spawn is lost before the spawner reads it: the
+/// head makes it again from lineage and tells the spawner where it is now.
+fn a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner() -> Result<()> {
+    let rt = Runtime::builder().workers(2).build()?;
+    let cluster = Cluster::start(&rt, ClusterConfig::default())?;
+    let c = TestCluster { rt: rt.clone(), cluster: cluster.clone() };
+    cluster.launch(&LocalProcesses { count: 3, slots: Some(1) })?;
+    cluster.wait_for_nodes(3, Duration::from_secs(30))?;
+    let dir = std::env::temp_dir().join(format!("tessera-spawn-loss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let len = 300_000;
+    let sum = read_a_spawned_result_later::spawn(&rt, len, dir.to_string_lossy().into_owned());
+    let result = (|| {
+        wait_for(|| dir.join("made").exists(), "the spawned result").map_err(anyhow::Error::msg)?;
+        let nodes = cluster.nodes();
+        let holder = nodes.iter().find(|n| n.values_held > 0).context("no node holds the result")?;
+        let spawner = nodes.iter().find(|n| n.in_flight > 0).context("no node runs the spawner")?;
+        ensure!(holder.name != spawner.name, "the spawner's node {} holds its result", holder.name);
+        kill9(holder.pid)?;
+        let lost = holder.name.clone();
+        wait_for(|| cluster.lost_nodes().contains(&lost), "the holder's loss").map_err(anyhow::Error::msg)?;
+        std::fs::write(dir.join("go"), b"")?;
+        let sum = sum.blocking_get()?;
+        ensure!(sum == blake3::hash(&blob(len, 9)).to_hex().to_string(), "wrong checksum {sum}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cluster.nodes().iter().any(|n| n.values_held > 0) {
+            ensure!(Instant::now() < deadline, "values still held: {:?}", cluster.nodes());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(c);
+    result
 }
 
 fn a_64_mib_object_crosses_nodes_intact() -> Result<()> {
@@ -737,6 +801,10 @@ fn main() {
     let tests: &[(&str, support::TestFn)] = &[
         ("remote_tasks_give_correct_results", remote_tasks_give_correct_results),
         ("tasks_on_nodes_spawn_onto_the_cluster", tasks_on_nodes_spawn_onto_the_cluster),
+        (
+            "a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner",
+            a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner,
+        ),
         ("a_64_mib_object_crosses_nodes_intact", a_64_mib_object_crosses_nodes_intact),
         ("a_sigkilled_node_mid_job_does_not_stop_the_job", a_sigkilled_node_mid_job_does_not_stop_the_job),
         ("a_hung_node_is_detected_by_missing_heartbeats", a_hung_node_is_detected_by_missing_heartbeats),

@@ -768,6 +768,8 @@ impl Head {
                 rebuild.push(job);
             }
         }
+        let rebuilt: Vec<ObjectId> = rebuild.iter().map(|job| job.output()).collect();
+        self.follow_rebuilt_spawns(&rebuilt);
         for job in rebuild {
             submit_when_ready(job);
         }

@@ -8,6 +8,8 @@
 //!    node's loss; a result sent inline, or a failure, is not kept.
 //! 2. The head's `Ref`s from `spawned` are dropped outside the state lock: dropping one
 //!    may free a value, which takes the lock.
+//! 3. A kept result rebuilt from lineage (its holder was lost) is answered again, with its
+//!    new holder: the node replaces the location it had.
 use std::sync::Arc;
 
 use super::{Head, INLINE_LIMIT};
@@ -137,6 +139,37 @@ impl Head {
             }
         };
         drop(released);
+    }
+
+    /// Follows the rebuild of results the head keeps for nodes' spawns (their holder was
+    /// lost; `rebuilt` went back to pending): each node is told the new holder with another
+    /// `SpawnDone` once the value is made again.
+    pub(super) fn follow_rebuilt_spawns(self: &Arc<Self>, rebuilt: &[ObjectId]) {
+        let followed: Vec<(u64, u64, ObjectId)> = {
+            let state = self.state.lock();
+            let rebuilt: std::collections::HashSet<&ObjectId> = rebuilt.iter().collect();
+            state
+                .nodes
+                .iter()
+                .flat_map(|(node_id, node)| {
+                    node.spawned
+                        .iter()
+                        .filter(|(_, inner)| rebuilt.contains(&inner.id))
+                        .map(|(spawn_id, inner)| (*node_id, *spawn_id, inner.id))
+                })
+                .collect()
+        };
+        for (node_id, spawn_id, output) in followed {
+            let head = Arc::downgrade(self);
+            self.table.subscribe(
+                output,
+                Box::new(move |outcome| {
+                    if let Some(head) = head.upgrade() {
+                        head.spawn_finished(node_id, spawn_id, output, outcome);
+                    }
+                }),
+            );
+        }
     }
 
     /// The node dropped its last `Ref`s to the results of `spawn_ids`.

@@ -9,7 +9,8 @@
 //!    stop), keeping its job (and so its inputs' `Ref`s here) alive.
 //! 2. A held result is in `spawned` while a `Ref` here names it; so are the arguments this
 //!    node keeps in its store for that spawn (the head may run the task again from its
-//!    lineage, pulling them again).
+//!    lineage, pulling them again). When the head has made it again, a second `SpawnDone`
+//!    replaces its location here.
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -120,7 +121,9 @@ impl ClusterLink {
         spawn_id: u64,
         result: std::result::Result<SpawnedValue, RemoteTaskError>,
     ) {
-        let Some(PendingSpawn { job, kept }) = self.pending.lock().remove(&spawn_id) else { return };
+        let Some(PendingSpawn { job, kept }) = self.pending.lock().remove(&spawn_id) else {
+            return self.relocated(spawn_id, result);
+        };
         match result {
             Ok(SpawnedValue::Inline(bytes)) => {
                 self.forget_args(kept);
@@ -146,6 +149,32 @@ impl ClusterLink {
                 });
             }
         }
+    }
+
+    /// A held result of an earlier spawn was made again (its holder was lost): its `Ref`
+    /// here (the spawn id is its id here) now names the new holder, or the failure.
+    fn relocated(&self, spawn_id: u64, result: std::result::Result<SpawnedValue, RemoteTaskError>) {
+        let id = ObjectId::from_raw(spawn_id);
+        let Some(table) = self.table.upgrade() else { return };
+        if !self.spawned.lock().contains_key(&id) {
+            return; // Released meanwhile.
+        }
+        let outcome = match result {
+            Ok(SpawnedValue::Held { addr, id, len }) => {
+                let location =
+                    RemoteLocation { node: 0, node_name: format!("the node at {addr}"), addr, id, len };
+                Outcome::Ready(Arc::new(RemoteValue(location)))
+            }
+            Ok(SpawnedValue::Inline(bytes)) => {
+                // (Not kept any longer by the head.)
+                self.spawned.lock().remove(&id);
+                Outcome::Ready(Arc::new(EncodedValue(bytes)))
+            }
+            Err(RemoteTaskError { message, .. }) => {
+                Outcome::Failed(Arc::new(Error::ObjectLost { object: spawn_id, reason: message }))
+            }
+        };
+        table.replace_done(id, outcome);
     }
 
     fn release(&self, id: ObjectId) {
