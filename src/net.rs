@@ -18,6 +18,7 @@ mod auth;
 mod data;
 mod frame;
 mod head;
+mod in_order;
 mod manager;
 mod node;
 #[cfg(test)]

@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use super::auth::{server_handshake, ClusterKey};
 use super::data::{serve_data, DataClient, ObjectSource};
 use super::frame::{read_frame, write_frame, FrameError};
+use super::in_order::InOrder;
 use super::manager::{ClusterManager, JoinInfo, LaunchedNode};
 use super::wire::{ArgSource, Message, RemoteTaskError, ReplyValue, Role, TaskReply, TaskRequest};
 use crate::actors::object::{
@@ -1054,6 +1055,10 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
         "node joined"
     );
     tokio::spawn(write_loop(receiver, writer));
+    let spawner = head.clone();
+    let mut spawns = InOrder::new(format!("tessera-spawns-{node_id}"), move |request| {
+        spawner.spawn_for_node(node_id, request)
+    });
     let reason = loop {
         match read_frame::<Message, _>(&mut reader).await {
             Ok(Message::ActorReply { call_id, result }) => {
@@ -1078,11 +1083,8 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
                 // Completing values runs user waiters: keep them off the reader.
                 tokio::task::spawn_blocking(move || head.handle_replies(node_id, replies));
             }
-            Ok(Message::Spawn(request)) => {
-                let head = head.clone();
-                // Submitting may fail the task at once (a failed input), which runs waiters.
-                tokio::task::spawn_blocking(move || head.spawn_for_node(node_id, request));
-            }
+            // (Submitting may fail the task at once, a failed input, which runs waiters.)
+            Ok(Message::Spawn(request)) => spawns.push(request),
             Ok(Message::Release(spawn_ids)) => head.release_spawns(node_id, spawn_ids),
             Ok(other) => break format!("protocol violation: unexpected {other:?}"),
             Err(e) => break format!("connection closed: {e}"),

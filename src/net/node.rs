@@ -29,6 +29,7 @@ use super::auth::{client_handshake, server_handshake, ClusterKey};
 use super::data::{serve_data, DataClient, ObjectSource};
 use super::frame::{read_frame, write_frame};
 use super::head::{write_loop, INLINE_LIMIT, MESSAGE_INLINE_LIMIT};
+use super::in_order::InOrder;
 use super::wire::{
     ArgSource, Message, RemoteErrorKind, RemoteTaskError, ReplyValue, Role, TaskReply, TaskRequest,
 };
@@ -268,6 +269,10 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
 
     let mut actors = HostedActors { mailboxes: HashMap::new(), puller, local: local.clone() };
     let stashes: Arc<Mutex<HashMap<String, crate::Stash>>> = Arc::default();
+    let answers = link.clone();
+    let mut spawns_done = InOrder::new("tessera-spawns-done".into(), move |(spawn_id, result)| {
+        answers.spawn_done(spawn_id, result)
+    });
     let reason = tokio.block_on(async {
         loop {
             match read_frame::<Message, _>(&mut reader).await {
@@ -305,11 +310,8 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
                         objects.remove(&id);
                     }
                 }
-                Ok(Message::SpawnDone { spawn_id, result }) => {
-                    let link = link.clone();
-                    // Completing a value runs its waiters: keep them off the reader.
-                    tokio::task::spawn_blocking(move || link.spawn_done(spawn_id, result));
-                }
+                // (Completing a value runs its waiters: they stay off the reader.)
+                Ok(Message::SpawnDone { spawn_id, result }) => spawns_done.push((spawn_id, result)),
                 Ok(Message::Shutdown) => return "the head asked to stop".to_string(),
                 Ok(other) => return format!("protocol violation from the head: {other:?}"),
                 Err(e) => return format!("connection to the head closed: {e}"),

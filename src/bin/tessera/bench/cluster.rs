@@ -1,10 +1,11 @@
-//! The `cluster` suite: remote task throughput and node-to-head transfer with two local
-//! node processes, beside the loopback TCP limit measured here with plain sockets.
+//! The `cluster` suite: remote task throughput (spawned by the head, and by a task on a
+//! node onto the cluster) and node-to-head transfer with two local node processes, beside
+//! the loopback TCP limit measured here with plain sockets.
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Result};
 use serde_bytes::ByteBuf;
-use tessera::{Cluster, ClusterConfig, LocalProcesses, Runtime};
+use tessera::{Cluster, ClusterConfig, LocalProcesses, Ref, Runtime};
 
 use super::{median, tcp_loopback_gbps, Reporter};
 
@@ -21,6 +22,16 @@ tessera::task! {
             chunk[0] = i as u8;
         }
         ByteBuf::from(bytes)
+    }
+}
+
+tessera::task! {
+    /// Spawns `n` empty tasks from the node that runs it (onto the cluster, through the
+    /// head) and gets them all.
+    fn spawn_from_a_node(n: usize) -> Result<(), String> {
+        let rt = Runtime::current().ok_or("no runtime in this task")?;
+        let refs: Vec<Ref<()>> = (0..n).map(|_| noop::spawn(&rt)).collect();
+        refs.iter().try_for_each(|r| r.blocking_get().map_err(|e| e.to_string()))
     }
 }
 
@@ -47,6 +58,18 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         cluster.nodes().iter().map(|n| format!("{}={}", n.name, n.tasks_run)).collect();
     eprintln!("remote tasks per node: {}", per_node.join(", "));
     reporter.report("cluster/remote_tasks", median(&mut samples), "tasks/s", true);
+
+    samples.clear();
+    let run_before: u64 = cluster.nodes().iter().map(|n| n.tasks_run).sum();
+    for _ in 0..RUNS {
+        const N: usize = 20_000;
+        let start = Instant::now();
+        spawn_from_a_node::spawn(&rt, N).blocking_get()?;
+        samples.push(N as f64 / start.elapsed().as_secs_f64());
+    }
+    let run: u64 = cluster.nodes().iter().map(|n| n.tasks_run).sum::<u64>() - run_before;
+    ensure!(run as usize == RUNS * 20_001, "the nodes ran {run} tasks, not {}", RUNS * 20_001);
+    reporter.report("cluster/node_spawned_tasks", median(&mut samples), "tasks/s", true);
 
     // Transfer and the plain-socket limit alternate, so that load on the machine affects
     // both alike.
