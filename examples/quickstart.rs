@@ -3,7 +3,7 @@
 //! On the in-process runtime: Monte-Carlo π over many tasks, a recursive divide-and-conquer
 //! sum whose tasks spawn tasks, and an actor counter. Then the same runtime heads a cluster
 //! of 2 node processes on 127.0.0.1 (this program, started again): π tasks run on the
-//! nodes, a small CNN trains data-parallel on the digits data set with one replica actor
+//! nodes, then again as a tree of tasks that tasks on the nodes spawn, a small CNN trains data-parallel on the digits data set with one replica actor
 //! per node (gradients all-reduced between the nodes), checkpointing every epoch into the
 //! embedded stash, and the final model is loaded back from the stash by name and
 //! evaluated. Each part prints what it computed and how long it took.
@@ -55,6 +55,22 @@ tessera::task! {
         let left = range_sum::spawn(&rt, lo, mid);
         let right = range_sum::spawn(&rt, mid, hi);
         add::spawn(&rt, &left, &right)
+    }
+}
+
+tessera::task! {
+    /// Monte-Carlo π as a graph that unfolds where it runs: splits its throws in halves,
+    /// each half a task it spawns (from whichever node runs it, onto the whole cluster),
+    /// down to `leaf` throws, and adds the halves' counts.
+    fn darts_tree(seed: u64, samples: u64, leaf: u64) -> Result<u64, String> {
+        if samples <= leaf {
+            return Ok(darts(seed, samples));
+        }
+        let rt = Runtime::current().ok_or("tasks run inside a runtime")?;
+        let half = samples / 2;
+        let left = darts_tree::spawn(&rt, seed.wrapping_mul(2), half, leaf);
+        let right = darts_tree::spawn(&rt, seed.wrapping_mul(2) + 1, samples - half, leaf);
+        add::spawn(&rt, &left, &right).blocking_get().map_err(|e| e.to_string())
     }
 }
 
@@ -162,6 +178,17 @@ fn on_a_cluster(rt: &Runtime) -> Result<()> {
     println!(
         "Monte-Carlo pi  = {pi:.5} on the nodes ({}), {:.1} ms",
         per_node.join(", "),
+        t.elapsed().as_secs_f64() * 1e3
+    );
+
+    // The same throws as a tree of tasks that the nodes' own tasks spawn onto the cluster.
+    let t = Instant::now();
+    let before: u64 = cluster.nodes().iter().map(|n| n.tasks_run).sum();
+    let inside = darts_tree::spawn(rt, 1, TASKS * SAMPLES, SAMPLES).blocking_get()?;
+    let ran: u64 = cluster.nodes().iter().map(|n| n.tasks_run).sum::<u64>() - before;
+    let pi = 4.0 * inside as f64 / (TASKS * SAMPLES) as f64;
+    println!(
+        "Monte-Carlo pi  = {pi:.5} as a tree of {ran} tasks spawned by tasks on the nodes, {:.1} ms",
         t.elapsed().as_secs_f64() * 1e3
     );
 

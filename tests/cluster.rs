@@ -309,8 +309,8 @@ fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
     ensure!(names.len() == 8 && distinct.len() == 2, "children of a node's task ran on {names:?}");
     ensure!(distinct.iter().all(|n| n.starts_with("local-")), "children ran outside the nodes: {names:?}");
 
-    // 31 tasks, each inner one waiting for two, on two one-slot nodes.
-    ensure!(tree_leaves::spawn(&rt, 4).blocking_get()? == 16, "wrong leaf count");
+    // 255 tasks, each inner one waiting for two, on two one-slot nodes.
+    ensure!(tree_leaves::spawn(&rt, 7).blocking_get()? == 128, "wrong leaf count");
 
     let len = 300_000;
     let sums = large_values_between_spawns::spawn(&rt, len).blocking_get()?;
@@ -327,7 +327,7 @@ fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
         other => bail!("expected the spawned task's failure, got {other:?}"),
     }
     let run: u64 = cluster.nodes().iter().map(|n| n.tasks_run).sum();
-    ensure!(run >= 1 + 8 + 31 + 4 + 2, "the nodes ran {run} tasks");
+    ensure!(run >= 1 + 8 + 255 + 4 + 2, "the nodes ran {run} tasks");
 
     // Once nothing refers to them, the results kept for the nodes' spawns are freed.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -32,9 +32,9 @@ struct WorkerContext {
 
 thread_local! {
     static CONTEXT: RefCell<Option<WorkerContext>> = const { RefCell::new(None) };
-    /// What a thread that is not a pool worker does while it waits for a value, if it can
-    /// help at all (a node's task thread runs one of the node's queued tasks).
-    static WAIT_HELPER: RefCell<Option<Rc<dyn Fn() -> bool>>> = const { RefCell::new(None) };
+    /// Told when a thread that is not a pool worker starts and stops waiting for a value
+    /// (a node's task thread: another takes its slot meanwhile).
+    static WAIT_HOOK: RefCell<Option<Rc<dyn WaitHook>>> = const { RefCell::new(None) };
 }
 
 /// One worker's shared state.
@@ -266,27 +266,41 @@ pub(crate) fn is_worker_thread() -> bool {
     CONTEXT.with(|c| c.borrow().is_some())
 }
 
-/// Makes the current thread (not a pool worker) run `helper` while it waits for a value:
-/// `helper` does one piece of waiting work and says whether there was any.
-pub(crate) fn set_wait_helper(helper: impl Fn() -> bool + 'static) {
-    WAIT_HELPER.with(|h| *h.borrow_mut() = Some(Rc::new(helper)));
+/// What a thread that is not a pool worker does when it starts and stops waiting for a
+/// value: a node's task thread gives its slot to another thread while it waits.
+pub(crate) trait WaitHook {
+    fn waiting(&self);
+    fn resumed(&self);
 }
 
-/// Whether the current thread can do other work while it waits for a value: it is a pool
-/// worker, or it has a wait helper.
-pub(crate) fn can_help() -> bool {
-    is_worker_thread() || WAIT_HELPER.with(|h| h.borrow().is_some())
+/// Makes `hook` the current thread's wait hook.
+pub(crate) fn set_wait_hook(hook: Rc<dyn WaitHook>) {
+    WAIT_HOOK.with(|h| *h.borrow_mut() = Some(hook));
 }
 
-/// Runs one queued job on the current worker thread (or one piece of its wait helper's
-/// work), if there is one; used by threads that wait for a value so that a waiting task
-/// never starves the pool.
-pub(crate) fn help_one() -> bool {
-    if !is_worker_thread() {
-        // (Cloned out first: the helper may itself wait, and help, re-entering here.)
-        let helper = WAIT_HELPER.with(|h| h.borrow().clone());
-        return helper.is_some_and(|help| help());
+/// A wait on the current thread: its hook (if any) hears `waiting` now, `resumed` on drop.
+pub(crate) struct Waiting(Option<Rc<dyn WaitHook>>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if let Some(hook) = &self.0 {
+            hook.resumed();
+        }
     }
+}
+
+/// Starts a wait on the current thread (see [`Waiting`]).
+pub(crate) fn waiting() -> Waiting {
+    let hook = WAIT_HOOK.with(|h| h.borrow().clone());
+    if let Some(hook) = &hook {
+        hook.waiting();
+    }
+    Waiting(hook)
+}
+
+/// Runs one queued job on the current worker thread, if there is one; used by workers
+/// that wait for a value so that a waiting task never starves the pool.
+pub(crate) fn help_one() -> bool {
     let helper = CONTEXT.with(|c| {
         c.borrow().as_ref().and_then(|ctx| {
             let allowed = ctx.help_depth < MAX_HELP_DEPTH && !ctx.pool.is_stopping();

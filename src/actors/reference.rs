@@ -245,7 +245,8 @@ impl Signal {
                 std::thread::yield_now();
             }
         }
-        let on_worker = pool::can_help();
+        let on_worker = pool::is_worker_thread();
+        let _waiting = pool::waiting();
         loop {
             if self.is_set() {
                 return true;

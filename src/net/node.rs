@@ -13,6 +13,7 @@
 //! The node exits when the head says so or its connection to the head closes: a node never
 //! outlives its head.
 mod cluster_link;
+mod task_threads;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,15 +31,13 @@ use super::data::{serve_data, DataClient, ObjectSource};
 use super::frame::{read_frame, write_frame};
 use super::head::{write_loop, INLINE_LIMIT, MESSAGE_INLINE_LIMIT};
 use super::in_order::InOrder;
-use super::wire::{
-    ArgSource, Message, RemoteErrorKind, RemoteTaskError, ReplyValue, Role, TaskReply, TaskRequest,
-};
+use super::wire::{ArgSource, Message, ReplyValue, Role, TaskRequest};
 use crate::actors::object::Value;
 use crate::actors::reference::on_a_device;
-use crate::actors::task::{NodeArg, NodeArgs, TaskOutput};
+use crate::actors::task::{NodeArg, TaskOutput};
 use crate::actors::user_actor::ActorEntry;
 use crate::error::panic_message;
-use crate::{Error, Result, TaskEntry};
+use crate::{Error, Result};
 
 /// Settings of a node process.
 #[derive(Debug, Clone)]
@@ -250,22 +249,14 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
     local.core().set_cluster(link.clone());
     local.core().table.set_remote(link.clone());
     let (task_tx, task_rx) = std::sync::mpsc::channel::<TaskRequest>();
-    let task_rx = Arc::new(Mutex::new(task_rx));
     let puller = Puller { store: store.clone(), data, data_addr };
-    let mut executors = Vec::new();
-    for i in 0..config.slots {
-        let context = Executor {
-            tasks: task_rx.clone(),
-            replies: sender.clone(),
-            puller: puller.clone(),
-            local: local.clone(),
-        };
-        let thread = std::thread::Builder::new()
-            .name(format!("tessera-exec-{i}"))
-            .spawn(move || context.run())
-            .map_err(|e| Error::Cluster(format!("cannot start executor thread: {e}")))?;
-        executors.push(thread);
-    }
+    let threads = task_threads::TaskThreads::start(
+        config.slots,
+        task_rx,
+        sender.clone(),
+        puller.clone(),
+        local.clone(),
+    )?;
 
     let mut actors = HostedActors { mailboxes: HashMap::new(), puller, local: local.clone() };
     let stashes: Arc<Mutex<HashMap<String, crate::Stash>>> = Arc::default();
@@ -320,10 +311,10 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
     });
     tracing::info!(name = %config.name, %reason, "node stopping");
     drop(task_tx);
+    // Tasks waiting for what they spawned fail now: the head will not answer.
+    link.close();
     actors.stop_all();
-    for thread in executors {
-        let _ = thread.join();
-    }
+    threads.join();
     local.shutdown();
     drop(sender);
     tokio.shutdown_timeout(Duration::from_secs(1));
@@ -602,94 +593,6 @@ impl HostedActors {
         for (_, (mailbox, thread)) in self.mailboxes.drain() {
             drop(mailbox);
             let _ = thread.join();
-        }
-    }
-}
-
-/// How deep a task thread may nest queued tasks inside a waiting one.
-const MAX_NESTED_WHILE_WAITING: usize = 16;
-
-/// One task-running thread of a node.
-#[derive(Clone)]
-struct Executor {
-    tasks: Arc<Mutex<std::sync::mpsc::Receiver<TaskRequest>>>,
-    replies: mpsc::UnboundedSender<Message>,
-    puller: Puller,
-    /// The node's runtime, current on this thread.
-    local: crate::Runtime,
-}
-
-impl Executor {
-    fn run(self) {
-        self.local.enter_on_this_thread();
-        // A task waiting for a value (say, of a task it spawned, which the head may have
-        // sent back here) runs queued tasks meanwhile: waiting tasks never fill every
-        // thread with nothing left to run their inputs.
-        let helper = self.clone();
-        let depth = std::cell::Cell::new(0);
-        crate::actors::pool::set_wait_helper(move || {
-            if depth.get() >= MAX_NESTED_WHILE_WAITING {
-                return false;
-            }
-            depth.set(depth.get() + 1);
-            let ran = helper.run_queued();
-            depth.set(depth.get() - 1);
-            ran
-        });
-        loop {
-            let task = self.tasks.lock().recv();
-            let Ok(task) = task else { return };
-            let reply = self.execute(task);
-            if self.replies.send(Message::TasksDone(vec![reply])).is_err() {
-                return;
-            }
-        }
-    }
-
-    /// Runs one task waiting in the queue, if any (and no idle thread is taking it).
-    fn run_queued(&self) -> bool {
-        let task = {
-            // An idle thread holds the lock while it waits for work: it takes the next one.
-            let Some(tasks) = self.tasks.try_lock() else { return false };
-            match tasks.try_recv() {
-                Ok(task) => task,
-                Err(_) => return false,
-            }
-        };
-        let reply = self.execute(task);
-        let _ = self.replies.send(Message::TasksDone(vec![reply]));
-        true
-    }
-
-    fn execute(&self, task: TaskRequest) -> TaskReply {
-        let task_id = task.task_id;
-        let fail =
-            |kind, message: String| TaskReply { task_id, result: Err(RemoteTaskError { kind, message }) };
-        let mut args = Vec::with_capacity(task.args.len());
-        for source in task.args {
-            match self.puller.arg(source) {
-                Ok(arg) => args.push(arg),
-                Err(reason) => return fail(RemoteErrorKind::InputUnavailable, reason),
-            }
-        }
-        let Some(entry) = TaskEntry::find(&task.name) else {
-            return fail(
-                RemoteErrorKind::Failed,
-                format!("task `{}` is not registered in this node's binary", task.name),
-            );
-        };
-        let Some(run) = entry.run_on_node else {
-            return fail(RemoteErrorKind::Failed, format!("task `{}` cannot run on a node", task.name));
-        };
-        let mut args = NodeArgs::new(entry.name, args);
-        let reply = catch_unwind(AssertUnwindSafe(|| {
-            run(&mut args).and_then(|output| self.puller.task_reply_value(task_id, output))
-        }));
-        match reply {
-            Ok(Ok(value)) => TaskReply { task_id, result: Ok(value) },
-            Ok(Err(Error::TaskFailed { message, .. })) => fail(RemoteErrorKind::Failed, message),
-            Ok(Err(error)) => fail(RemoteErrorKind::Failed, error.to_string()),
-            Err(payload) => fail(RemoteErrorKind::Panicked, panic_message(&*payload)),
         }
     }
 }

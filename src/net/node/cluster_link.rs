@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -57,6 +57,7 @@ pub(super) struct ClusterLink {
     /// Held results by their id here: (spawn id, arguments kept for it).
     spawned: Mutex<HashMap<ObjectId, (u64, Vec<u64>)>>,
     next_arg: AtomicU64,
+    closed: AtomicBool,
 }
 
 impl ClusterLink {
@@ -76,6 +77,7 @@ impl ClusterLink {
             pending: Mutex::default(),
             spawned: Mutex::default(),
             next_arg: AtomicU64::new(FIRST_ARG_ID),
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -177,6 +179,20 @@ impl ClusterLink {
         table.replace_done(id, outcome);
     }
 
+    /// The head is gone or going: spawns waiting for an answer fail, and later ones run
+    /// on this node.
+    pub(super) fn close(&self) {
+        let pending: Vec<PendingSpawn> = {
+            let mut pending = self.pending.lock();
+            self.closed.store(true, Ordering::Release);
+            pending.drain().map(|(_, spawn)| spawn).collect()
+        };
+        for PendingSpawn { job, kept } in pending {
+            self.forget_args(kept);
+            job.fail(Error::Shutdown);
+        }
+    }
+
     fn release(&self, id: ObjectId) {
         let Some((spawn_id, kept)) = self.spawned.lock().remove(&id) else { return };
         self.forget_args(kept);
@@ -198,6 +214,9 @@ impl ClusterLink {
 
 impl RemoteScheduler for ClusterLink {
     fn submit(&self, job: Box<Job>) -> std::result::Result<(), Box<Job>> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(job);
+        }
         let Some(table) = self.table.upgrade() else { return Err(job) };
         let Some(remote) = job.remote_args() else { return Err(job) };
         let mut kept = Vec::new();
@@ -216,7 +235,16 @@ impl RemoteScheduler for ClusterLink {
             gpu: job.needs_gpu(),
             xla: job.needs_xla(),
         };
-        self.pending.lock().insert(spawn_id, PendingSpawn { job, kept });
+        {
+            // (Checked again under the lock: `close` fails every spawn in `pending`.)
+            let mut pending = self.pending.lock();
+            if self.closed.load(Ordering::Acquire) {
+                drop(pending);
+                self.forget_args(kept);
+                return Err(job);
+            }
+            pending.insert(spawn_id, PendingSpawn { job, kept });
+        }
         if self.head.send(Message::Spawn(request)).is_err() {
             // The head is gone: the task runs here.
             if let Some(PendingSpawn { job, kept }) = self.pending.lock().remove(&spawn_id) {
@@ -232,11 +260,7 @@ impl RemoteScheduler for ClusterLink {
     }
 
     fn stop(&self) {
-        let pending: Vec<PendingSpawn> = self.pending.lock().drain().map(|(_, spawn)| spawn).collect();
-        for PendingSpawn { job, kept } in pending {
-            self.forget_args(kept);
-            job.fail(Error::Shutdown);
-        }
+        self.close();
     }
 
     /// A result held elsewhere is pulled here and written from here.
