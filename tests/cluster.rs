@@ -140,6 +140,10 @@ tessera::task! {
     fn names_of_spawned(n: u64) -> Result<Vec<String>, String> {
         let rt = Runtime::current().ok_or("no runtime in this task")?;
         let names: Vec<Ref<String>> = (0..n).map(|i| slow_node_name::spawn(&rt, i, 50)).collect();
+        let (ready, _) = rt.blocking_wait(&names, names.len(), None);
+        if ready.len() != names.len() {
+            return Err(format!("{} of {n} ready", ready.len()));
+        }
         names.iter().map(|r| r.blocking_get().map_err(|e| e.to_string())).collect()
     }
 }

@@ -549,6 +549,8 @@ pub(crate) fn wait_blocking<T: Payload>(
     let counter = watch_all(refs);
     let deadline = timeout.map(|t| Instant::now() + t);
     let mut guard = counter.lock.lock();
+    // (A node's task thread gives its slot to another while it waits.)
+    let _waiting = (counter.count.load(Ordering::Acquire) < target).then(super::pool::waiting);
     while counter.count.load(Ordering::Acquire) < target {
         match deadline {
             Some(deadline) => {

@@ -50,7 +50,8 @@ pub struct NodeConfig {
     pub name: String,
     /// Where to serve held values to peers (default `127.0.0.1:0`).
     pub listen: SocketAddr,
-    /// How many tasks run at once (default: the number of cores).
+    /// How many tasks run at once (default: the number of cores; at least 1). A task that
+    /// waits for a value (say, for tasks it spawned) does not count while it waits.
     pub slots: usize,
     /// How often to send heartbeats (default 500 ms).
     pub heartbeat_interval: Duration,
@@ -235,8 +236,9 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
         }
     });
 
-    // The node's own runtime: what `Runtime::current()` gives its tasks and actors (nested
-    // tasks on the node's threads, device actors over the node's devices).
+    // The node's own runtime: what `Runtime::current()` gives its tasks and actors (the
+    // registered tasks they spawn go to the cluster through `link`, closures run on the
+    // node's threads; device actors over the node's devices).
     let local = crate::Runtime::builder().workers(config.slots.max(1)).build()?;
     let data = Arc::new(DataClient::new(key, config.name.clone()));
     let link = Arc::new(cluster_link::ClusterLink::new(
