@@ -379,6 +379,41 @@ fn a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner() -> Resu
     result
 }
 
+/// The node that spawned a task is lost while another node holds the task's result: the
+/// head drops what it kept for the lost node, so the holder frees the result.
+fn what_the_head_keeps_for_a_lost_spawner_is_freed() -> Result<()> {
+    let rt = Runtime::builder().workers(2).build()?;
+    let config = ClusterConfig { max_node_losses: 0, ..ClusterConfig::default() };
+    let cluster = Cluster::start(&rt, config)?;
+    let c = TestCluster { rt: rt.clone(), cluster: cluster.clone() };
+    cluster.launch(&LocalProcesses { count: 2, slots: Some(1) })?;
+    cluster.wait_for_nodes(2, Duration::from_secs(30))?;
+    let dir = std::env::temp_dir().join(format!("tessera-spawner-loss-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let sum = read_a_spawned_result_later::spawn(&rt, 300_000usize, dir.to_string_lossy().into_owned());
+    let result = (|| {
+        wait_for(|| dir.join("made").exists(), "the spawned result").map_err(anyhow::Error::msg)?;
+        let nodes = cluster.nodes();
+        let holder = nodes.iter().find(|n| n.values_held > 0).context("no node holds the result")?;
+        let spawner = nodes.iter().find(|n| n.in_flight > 0).context("no node runs the spawner")?;
+        ensure!(holder.name != spawner.name, "the spawner's node {} holds its result", holder.name);
+        kill9(spawner.pid)?;
+        match sum.blocking_get() {
+            Err(Error::NodeLost { node, .. }) => ensure!(node == spawner.name, "lost {node}"),
+            other => bail!("expected the spawner's loss, got {other:?}"),
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while cluster.nodes().iter().any(|n| n.values_held > 0) {
+            ensure!(Instant::now() < deadline, "values still held: {:?}", cluster.nodes());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    drop(c);
+    result
+}
+
 fn a_64_mib_object_crosses_nodes_intact() -> Result<()> {
     let c = TestCluster::start(2, ClusterConfig::default())?;
     const LEN: usize = 64 << 20;
@@ -809,6 +844,7 @@ fn main() {
             "a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner",
             a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner,
         ),
+        ("what_the_head_keeps_for_a_lost_spawner_is_freed", what_the_head_keeps_for_a_lost_spawner_is_freed),
         ("a_64_mib_object_crosses_nodes_intact", a_64_mib_object_crosses_nodes_intact),
         ("a_sigkilled_node_mid_job_does_not_stop_the_job", a_sigkilled_node_mid_job_does_not_stop_the_job),
         ("a_hung_node_is_detected_by_missing_heartbeats", a_hung_node_is_detected_by_missing_heartbeats),

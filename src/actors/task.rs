@@ -224,6 +224,32 @@ pub(crate) struct Job {
 }
 
 impl Job {
+    /// A new job (counted as submitted) that has not run yet.
+    fn submitted(
+        core: &Arc<Core>,
+        name: &'static str,
+        output: ObjectId,
+        body: Body,
+        options: TaskOptions,
+        remote: Option<Vec<RemoteArg>>,
+        inputs: Vec<Dependency>,
+    ) -> Box<Job> {
+        core.stats.task_submitted();
+        Box::new(Job {
+            core: core.clone(),
+            name,
+            output,
+            body,
+            attempt: 0,
+            retries: options.retries,
+            node_losses: 0,
+            needs_gpu: options.gpu,
+            needs_xla: options.xla,
+            remote,
+            inputs,
+        })
+    }
+
     pub(crate) fn name(&self) -> &'static str {
         self.name
     }
@@ -315,20 +341,7 @@ pub fn spawn_task<T: Payload>(
         core.table.complete(output.inner.id, Outcome::Failed(Arc::new(Error::Shutdown)), 0);
         return output;
     }
-    core.stats.task_submitted();
-    let job = Box::new(Job {
-        core: core.clone(),
-        name,
-        output: output.inner.id,
-        body: Box::new(body),
-        attempt: 0,
-        retries: options.retries,
-        node_losses: 0,
-        needs_gpu: options.gpu,
-        needs_xla: options.xla,
-        remote,
-        inputs,
-    });
+    let job = Job::submitted(core, name, output.inner.id, Box::new(body), options, remote, inputs);
     submit_when_ready(job);
     output
 }
@@ -353,20 +366,7 @@ pub(crate) fn spawned_by_node(
         let args = own_args.iter().map(|arg| arg_here(&table, arg)).collect::<Result<Vec<_>>>()?;
         run(&mut NodeArgs::new(entry.name, args))
     };
-    core.stats.task_submitted();
-    Some(Box::new(Job {
-        core: core.clone(),
-        name: entry.name,
-        output,
-        body: Box::new(body),
-        attempt: 0,
-        retries: options.retries,
-        node_losses: 0,
-        needs_gpu: options.gpu,
-        needs_xla: options.xla,
-        remote: Some(args),
-        inputs,
-    }))
+    Some(Job::submitted(core, entry.name, output, Box::new(body), options, Some(args), inputs))
 }
 
 /// An argument in node form, read in this process: its bytes, or a value of this

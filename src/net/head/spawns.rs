@@ -75,6 +75,12 @@ impl Head {
             Some(node) => node.spawned.insert(spawn_id, holder),
             None => return, // (the holder drops after the lock: see invariant 2)
         };
+        self.answer_when_done(node_id, spawn_id, output);
+        submit_when_ready(job);
+    }
+
+    /// Answers the node's spawn `spawn_id` once the head's `output` is done.
+    fn answer_when_done(self: &Arc<Self>, node_id: u64, spawn_id: u64, output: ObjectId) {
         let head = Arc::downgrade(self);
         self.table.subscribe(
             output,
@@ -84,7 +90,6 @@ impl Head {
                 }
             }),
         );
-        submit_when_ready(job);
     }
 
     /// Tells the node how its spawn `spawn_id` (the head's `output`) ended.
@@ -160,15 +165,7 @@ impl Head {
                 .collect()
         };
         for (node_id, spawn_id, output) in followed {
-            let head = Arc::downgrade(self);
-            self.table.subscribe(
-                output,
-                Box::new(move |outcome| {
-                    if let Some(head) = head.upgrade() {
-                        head.spawn_finished(node_id, spawn_id, output, outcome);
-                    }
-                }),
-            );
+            self.answer_when_done(node_id, spawn_id, output);
         }
     }
 
