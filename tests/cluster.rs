@@ -148,6 +148,22 @@ tessera::task! {
     }
 }
 
+/// Tasks of `concurrency_probe` running in this process now.
+static PROBES_RUNNING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+tessera::task! {
+    /// Says which node ran it and how many probes ran there at once with it (itself
+    /// included), sleeping `ms` milliseconds.
+    fn concurrency_probe(_i: u64, ms: u64) -> (String, usize) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let running = PROBES_RUNNING.fetch_add(1, SeqCst) + 1;
+        std::thread::sleep(Duration::from_millis(ms));
+        let most = running.max(PROBES_RUNNING.load(SeqCst));
+        PROBES_RUNNING.fetch_sub(1, SeqCst);
+        (std::env::var("TESSERA_NODE_NAME").unwrap_or_else(|_| "head".into()), most)
+    }
+}
+
 tessera::task! {
     /// Counts the leaves of a binary tree of tasks `depth` levels deep: every inner task
     /// spawns two and waits for both.
@@ -315,6 +331,12 @@ fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
 
     // 255 tasks, each inner one waiting for two, on two one-slot nodes.
     ensure!(tree_leaves::spawn(&rt, 7).blocking_get()? == 128, "wrong leaf count");
+    // The threads that stood in for waiting tasks are gone: one task at a time per node.
+    let probes: Vec<Ref<(String, usize)>> = (0..16).map(|i| concurrency_probe::spawn(&rt, i, 20)).collect();
+    for probe in &probes {
+        let (node, most) = probe.blocking_get()?;
+        ensure!(most == 1, "{most} tasks ran at once on one-slot node {node}");
+    }
 
     let len = 300_000;
     let sums = large_values_between_spawns::spawn(&rt, len).blocking_get()?;
@@ -331,7 +353,7 @@ fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
         other => bail!("expected the spawned task's failure, got {other:?}"),
     }
     let run: u64 = cluster.nodes().iter().map(|n| n.tasks_run).sum();
-    ensure!(run >= 1 + 8 + 255 + 4 + 2, "the nodes ran {run} tasks");
+    ensure!(run >= 1 + 8 + 255 + 16 + 4 + 2, "the nodes ran {run} tasks");
 
     // Once nothing refers to them, the results kept for the nodes' spawns are freed.
     let deadline = Instant::now() + Duration::from_secs(10);

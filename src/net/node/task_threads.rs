@@ -1,14 +1,14 @@
 //! A node's task threads: `slots` of them take the tasks the head sends. While a task waits
 //! for a value (a task it spawned onto the cluster, say), its thread does not count: if no
 //! other thread is free, one more starts, so tasks waiting for their children never hold
-//! every slot while the children queue behind them. Threads beyond `slots` that find no
-//! work for a while exit.
+//! every slot while the children queue behind them. When a waiting task resumes, the next
+//! thread to go for a new task exits instead: at most `slots` threads take new tasks.
 //!
 //! Invariants:
 //! 1. `alive` counts the threads started and not yet exiting; `waiting` those of them in
 //!    a wait. A thread starts only while fewer than `slots` are not waiting.
-//! 2. A thread exits only after the queue closed, or when idle while more than `slots`
-//!    threads are not waiting.
+//! 2. A thread exits only after the queue closed, or, holding the queue, before it takes a
+//!    task while more than `slots` threads are not waiting.
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -30,7 +30,7 @@ use crate::{Error, Result, TaskEntry};
 /// At most this many task threads at once, waiting ones included.
 const MAX_THREADS: usize = 512;
 
-/// How long a thread beyond `slots` waits for work before it exits.
+/// How often an idle thread looks whether it is one too many.
 const SURPLUS_IDLE: Duration = Duration::from_millis(500);
 
 #[derive(Default)]
@@ -85,6 +85,17 @@ impl TaskThreads {
                 .map_err(|e| Error::Cluster(format!("cannot start a task thread: {e}")))?;
         }
         Ok(threads)
+    }
+
+    /// Whether the calling thread is one too many (more than `slots` threads are not
+    /// waiting); if so it is counted out, and must exit.
+    fn leave_if_surplus(&self) -> bool {
+        let mut counts = self.counts.lock();
+        let surplus = counts.alive - counts.waiting > self.slots;
+        if surplus {
+            counts.alive -= 1;
+        }
+        surplus
     }
 
     /// Waits for every thread to exit (the task queue must be closed).
@@ -152,17 +163,18 @@ impl Executor {
         self.local.enter_on_this_thread();
         set_wait_hook(Rc::new(SlotWhileWaiting(self.clone())));
         loop {
-            let next = self.tasks.lock().recv_timeout(SURPLUS_IDLE);
+            let next = {
+                let tasks = self.tasks.lock();
+                // (Looked at with the queue in hand: a task that waited has resumed, so
+                // this thread takes no new task if that makes more than `slots` run.)
+                if self.threads.leave_if_surplus() {
+                    return;
+                }
+                tasks.recv_timeout(SURPLUS_IDLE)
+            };
             let task = match next {
                 Ok(task) => task,
-                Err(RecvTimeoutError::Timeout) => {
-                    let mut counts = self.threads.counts.lock();
-                    if counts.alive - counts.waiting > self.threads.slots {
-                        counts.alive -= 1;
-                        return;
-                    }
-                    continue;
-                }
+                Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
             let reply = self.execute(task);
