@@ -224,6 +224,20 @@ fn wait_for(done: impl Fn() -> bool, what: &str) -> Result<(), String> {
 }
 
 tessera::task! {
+    /// From a node: hands a large value of its own (`len` bytes) to a spawned task; gives
+    /// this node's name and where the spawned task ran.
+    fn where_a_large_argument_goes(len: usize) -> Result<(String, String), String> {
+        let rt = Runtime::current().ok_or("no runtime in this task")?;
+        let own = rt.put(ByteBuf::from(blob(len, 3)));
+        let (ran_on, digest) = digest_where::spawn(&rt, &own).blocking_get().map_err(|e| e.to_string())?;
+        if digest != blake3::hash(&blob(len, 3)).to_hex().to_string() {
+            return Err("the argument arrived damaged".into());
+        }
+        Ok((std::env::var("TESSERA_NODE_NAME").unwrap_or_else(|_| "head".into()), ran_on))
+    }
+}
+
+tessera::task! {
     /// Spawns `parse(text)` and passes its result (or error) on.
     fn parse_in_a_spawn(text: String) -> Result<u64, String> {
         let rt = Runtime::current().ok_or("no runtime in this task")?;
@@ -343,6 +357,12 @@ fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
     let expected = |seed| blake3::hash(&blob(len, seed)).to_hex().to_string();
     ensure!(sums == [expected(7), expected(8), expected(7)], "checksums {sums:?}");
 
+    // A task spawned with a large value of its node's own runs where the value is.
+    for _ in 0..4 {
+        let (parent, child) = where_a_large_argument_goes::spawn(&rt, 2 << 20).blocking_get()?;
+        ensure!(parent == child, "a 2 MiB argument held by {parent} went to {child}");
+    }
+
     match parse_in_a_spawn::spawn(&rt, "x1".to_string()).blocking_get() {
         Err(Error::TaskFailed { task, message }) => ensure!(
             task.ends_with("::parse_in_a_spawn")
@@ -353,7 +373,7 @@ fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
         other => bail!("expected the spawned task's failure, got {other:?}"),
     }
     let run: u64 = cluster.nodes().iter().map(|n| n.tasks_run).sum();
-    ensure!(run >= 1 + 8 + 255 + 16 + 4 + 2, "the nodes ran {run} tasks");
+    ensure!(run >= 1 + 8 + 255 + 16 + 4 + 8 + 2, "the nodes ran {run} tasks");
 
     // Once nothing refers to them, the results kept for the nodes' spawns are freed.
     let deadline = Instant::now() + Duration::from_secs(10);

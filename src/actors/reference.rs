@@ -427,9 +427,9 @@ pub(crate) enum RemoteArgKind {
     Value(Vec<u8>),
     /// A value in the object table.
     Ref(ObjectId),
-    /// A value held by the process whose data server listens at `addr`, under `id` (an
-    /// argument of a task that a node spawned, held by that node).
-    Held { addr: std::net::SocketAddr, id: u64 },
+    /// A value of `len` bytes held by the process whose data server listens at `addr`,
+    /// under `id` (an argument of a task that a node spawned, held by that node).
+    Held { addr: std::net::SocketAddr, id: u64, len: u64 },
 }
 
 impl<T: Payload> Arg<T> {

@@ -391,12 +391,12 @@ fn arg_here(table: &super::object::ObjectTable, arg: &RemoteArg) -> Result<NodeA
             Some(Outcome::Failed(error)) => Err((*error).clone()),
             None => Err(Error::ObjectLost { object: id.as_u64(), reason: "the value was freed".into() }),
         },
-        RemoteArgKind::Held { addr, id } => pull(&RemoteLocation {
+        RemoteArgKind::Held { addr, id, len } => pull(&RemoteLocation {
             node: 0,
             node_name: format!("the node at {addr}"),
             addr: *addr,
             id: *id,
-            len: 0,
+            len: *len,
         }),
     }
 }

@@ -594,10 +594,17 @@ impl Head {
     fn task_request(&self, job: &Job) -> Option<(TaskRequest, Option<u64>)> {
         let mut args = Vec::new();
         let mut biggest: Option<(u64, u64)> = None; // (len, node)
+                                                    // The largest argument a node spawned the task with, if it holds it itself.
+        let mut biggest_held: Option<(u64, SocketAddr)> = None;
         for arg in job.remote_args()? {
             match &arg.0 {
                 RemoteArgKind::Value(bytes) => args.push(ArgSource::Inline(bytes.clone())),
-                RemoteArgKind::Held { addr, id } => args.push(ArgSource::Fetch { addr: *addr, id: *id }),
+                RemoteArgKind::Held { addr, id, len } => {
+                    if biggest_held.is_none_or(|(most, _)| *len > most) {
+                        biggest_held = Some((*len, *addr));
+                    }
+                    args.push(ArgSource::Fetch { addr: *addr, id: *id });
+                }
                 RemoteArgKind::Ref(id) => {
                     let Some(Outcome::Ready(value)) = self.table.outcome(*id) else {
                         return None;
@@ -619,6 +626,13 @@ impl Head {
                         }
                     }
                 }
+            }
+        }
+        if let Some((len, addr)) = biggest_held.filter(|(len, _)| biggest.is_none_or(|(most, _)| *len > most))
+        {
+            let state = self.state.lock();
+            if let Some((node, _)) = state.nodes.iter().find(|(_, node)| node.data_addr == addr) {
+                biggest = Some((len, *node));
             }
         }
         let preferred = biggest.filter(|(len, _)| *len >= 1 << 20).map(|(_, node)| node);

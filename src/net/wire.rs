@@ -87,6 +87,9 @@ pub(crate) enum SpawnArg {
     Source(ArgSource),
     /// The result of an earlier spawn of the same node, which the head keeps for it.
     Spawned(u64),
+    /// Pull `id` (`len` bytes) from the holder at `addr` (the spawning node, for a large
+    /// value of its own): the head prefers to run the task there.
+    Held { addr: SocketAddr, id: u64, len: u64 },
 }
 
 /// A task that a task on a node spawns onto the cluster.

@@ -43,7 +43,10 @@ impl Head {
             for arg in request.args {
                 let kind = match arg {
                     SpawnArg::Source(ArgSource::Inline(bytes)) => RemoteArgKind::Value(bytes),
-                    SpawnArg::Source(ArgSource::Fetch { addr, id }) => RemoteArgKind::Held { addr, id },
+                    SpawnArg::Source(ArgSource::Fetch { addr, id }) => {
+                        RemoteArgKind::Held { addr, id, len: 0 }
+                    }
+                    SpawnArg::Held { addr, id, len } => RemoteArgKind::Held { addr, id, len },
                     SpawnArg::Spawned(earlier) => match node.spawned.get(&earlier) {
                         Some(inner) => {
                             inputs.push(Dependency(inner.clone()));

@@ -85,8 +85,8 @@ impl ClusterLink {
     fn spawn_arg(&self, table: &ObjectTable, arg: &RemoteArgKind, kept: &mut Vec<u64>) -> Option<SpawnArg> {
         let id = match arg {
             RemoteArgKind::Value(bytes) => return Some(SpawnArg::Source(ArgSource::Inline(bytes.clone()))),
-            RemoteArgKind::Held { addr, id } => {
-                return Some(SpawnArg::Source(ArgSource::Fetch { addr: *addr, id: *id }))
+            RemoteArgKind::Held { addr, id, len } => {
+                return Some(SpawnArg::Held { addr: *addr, id: *id, len: *len })
             }
             RemoteArgKind::Ref(id) => *id,
         };
@@ -95,16 +95,17 @@ impl ClusterLink {
         }
         let Some(Outcome::Ready(value)) = table.outcome(id) else { return None };
         if let View::Remote(location) = value.view() {
-            return Some(SpawnArg::Source(ArgSource::Fetch { addr: location.addr, id: location.id }));
+            return Some(SpawnArg::Held { addr: location.addr, id: location.id, len: location.len });
         }
         let bytes = value.encode().ok()?;
         if bytes.len() <= INLINE_LIMIT {
             return Some(SpawnArg::Source(ArgSource::Inline(bytes)));
         }
         let id = self.next_arg.fetch_add(1, Ordering::Relaxed);
+        let len = bytes.len() as u64;
         self.store.objects.lock().insert(id, Held::encoded(bytes));
         kept.push(id);
-        Some(SpawnArg::Source(ArgSource::Fetch { addr: self.data_addr, id }))
+        Some(SpawnArg::Held { addr: self.data_addr, id, len })
     }
 
     fn forget_args(&self, kept: Vec<u64>) {
