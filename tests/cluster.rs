@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_bytes::ByteBuf;
-use tessera::{Cluster, ClusterConfig, Error, LocalProcesses, Ref, Runtime};
+use tessera::{Cluster, ClusterConfig, Error, LocalProcesses, NodeInfo, Ref, Runtime};
 
 tessera::task! {
     fn square(x: u64) -> u64 { x * x }
@@ -264,11 +264,37 @@ struct TestCluster {
 
 impl TestCluster {
     fn start(nodes: usize, config: ClusterConfig) -> Result<Self> {
+        Self::with_slots(nodes, 2, config)
+    }
+
+    /// `nodes` node processes of `slots` slots each.
+    fn with_slots(nodes: usize, slots: usize, config: ClusterConfig) -> Result<Self> {
         let rt = Runtime::builder().workers(2).build()?;
         let cluster = Cluster::start(&rt, config)?;
-        cluster.launch(&LocalProcesses { count: nodes, slots: Some(2) })?;
-        cluster.wait_for_nodes(nodes, Duration::from_secs(30))?;
-        Ok(TestCluster { rt, cluster })
+        let c = TestCluster { rt, cluster };
+        c.cluster.launch(&LocalProcesses { count: nodes, slots: Some(slots) })?;
+        c.cluster.wait_for_nodes(nodes, Duration::from_secs(30))?;
+        Ok(c)
+    }
+
+    /// Waits up to 10 s for the nodes to hold nothing for the head.
+    fn wait_until_nothing_held(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.cluster.nodes().iter().any(|n| n.values_held > 0) {
+            ensure!(Instant::now() < deadline, "values still held: {:?}", self.cluster.nodes());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// Once `read_a_spawned_result_later` has made its result: the node holding the result
+    /// and the node running the spawner (two different nodes).
+    fn holder_and_spawner(&self) -> Result<(NodeInfo, NodeInfo)> {
+        let nodes = self.cluster.nodes();
+        let holder = nodes.iter().find(|n| n.values_held > 0).context("no node holds the result")?;
+        let spawner = nodes.iter().find(|n| n.in_flight > 0).context("no node runs the spawner")?;
+        ensure!(holder.name != spawner.name, "the spawner's node {} holds its result", holder.name);
+        Ok((holder.clone(), spawner.clone()))
     }
 
     fn node_names(&self) -> Vec<String> {
@@ -332,11 +358,8 @@ fn remote_tasks_give_correct_results() -> Result<()> {
 /// Tasks running on nodes spawn tasks onto the whole cluster (through the head), even
 /// when every node's one slot is taken by a task waiting for its children.
 fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
-    let rt = Runtime::builder().workers(2).build()?;
-    let cluster = Cluster::start(&rt, ClusterConfig::default())?;
-    let c = TestCluster { rt: rt.clone(), cluster: cluster.clone() };
-    cluster.launch(&LocalProcesses { count: 2, slots: Some(1) })?;
-    cluster.wait_for_nodes(2, Duration::from_secs(30))?;
+    let c = TestCluster::with_slots(2, 1, ClusterConfig::default())?;
+    let (rt, cluster) = (c.rt.clone(), c.cluster.clone());
 
     let names = names_of_spawned::spawn(&rt, 8).blocking_get()?;
     let distinct: std::collections::BTreeSet<&String> = names.iter().collect();
@@ -376,83 +399,52 @@ fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
     ensure!(run >= 1 + 8 + 255 + 16 + 4 + 8 + 2, "the nodes ran {run} tasks");
 
     // Once nothing refers to them, the results kept for the nodes' spawns are freed.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while cluster.nodes().iter().any(|n| n.values_held > 0) {
-        ensure!(Instant::now() < deadline, "values still held: {:?}", cluster.nodes());
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    drop(c);
-    Ok(())
+    c.wait_until_nothing_held()
 }
 
 /// The node holding the result of a node's spawn is lost before the spawner reads it: the
 /// head makes it again from lineage and tells the spawner where it is now.
 fn a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner() -> Result<()> {
-    let rt = Runtime::builder().workers(2).build()?;
-    let cluster = Cluster::start(&rt, ClusterConfig::default())?;
-    let c = TestCluster { rt: rt.clone(), cluster: cluster.clone() };
-    cluster.launch(&LocalProcesses { count: 3, slots: Some(1) })?;
-    cluster.wait_for_nodes(3, Duration::from_secs(30))?;
+    let c = TestCluster::with_slots(3, 1, ClusterConfig::default())?;
+    let (rt, cluster) = (c.rt.clone(), c.cluster.clone());
     let dir = std::env::temp_dir().join(format!("tessera-spawn-loss-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let len = 300_000;
     let sum = read_a_spawned_result_later::spawn(&rt, len, dir.to_string_lossy().into_owned());
     let result = (|| {
         wait_for(|| dir.join("made").exists(), "the spawned result").map_err(anyhow::Error::msg)?;
-        let nodes = cluster.nodes();
-        let holder = nodes.iter().find(|n| n.values_held > 0).context("no node holds the result")?;
-        let spawner = nodes.iter().find(|n| n.in_flight > 0).context("no node runs the spawner")?;
-        ensure!(holder.name != spawner.name, "the spawner's node {} holds its result", holder.name);
+        let (holder, _) = c.holder_and_spawner()?;
         kill9(holder.pid)?;
         let lost = holder.name.clone();
         wait_for(|| cluster.lost_nodes().contains(&lost), "the holder's loss").map_err(anyhow::Error::msg)?;
         std::fs::write(dir.join("go"), b"")?;
         let sum = sum.blocking_get()?;
         ensure!(sum == blake3::hash(&blob(len, 9)).to_hex().to_string(), "wrong checksum {sum}");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while cluster.nodes().iter().any(|n| n.values_held > 0) {
-            ensure!(Instant::now() < deadline, "values still held: {:?}", cluster.nodes());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        c.wait_until_nothing_held()
     })();
     let _ = std::fs::remove_dir_all(&dir);
-    drop(c);
     result
 }
 
 /// The node that spawned a task is lost while another node holds the task's result: the
 /// head drops what it kept for the lost node, so the holder frees the result.
 fn what_the_head_keeps_for_a_lost_spawner_is_freed() -> Result<()> {
-    let rt = Runtime::builder().workers(2).build()?;
-    let config = ClusterConfig { max_node_losses: 0, ..ClusterConfig::default() };
-    let cluster = Cluster::start(&rt, config)?;
-    let c = TestCluster { rt: rt.clone(), cluster: cluster.clone() };
-    cluster.launch(&LocalProcesses { count: 2, slots: Some(1) })?;
-    cluster.wait_for_nodes(2, Duration::from_secs(30))?;
+    let c = TestCluster::with_slots(2, 1, ClusterConfig { max_node_losses: 0, ..ClusterConfig::default() })?;
+    let rt = c.rt.clone();
     let dir = std::env::temp_dir().join(format!("tessera-spawner-loss-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let sum = read_a_spawned_result_later::spawn(&rt, 300_000usize, dir.to_string_lossy().into_owned());
     let result = (|| {
         wait_for(|| dir.join("made").exists(), "the spawned result").map_err(anyhow::Error::msg)?;
-        let nodes = cluster.nodes();
-        let holder = nodes.iter().find(|n| n.values_held > 0).context("no node holds the result")?;
-        let spawner = nodes.iter().find(|n| n.in_flight > 0).context("no node runs the spawner")?;
-        ensure!(holder.name != spawner.name, "the spawner's node {} holds its result", holder.name);
+        let (_, spawner) = c.holder_and_spawner()?;
         kill9(spawner.pid)?;
         match sum.blocking_get() {
             Err(Error::NodeLost { node, .. }) => ensure!(node == spawner.name, "lost {node}"),
             other => bail!("expected the spawner's loss, got {other:?}"),
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while cluster.nodes().iter().any(|n| n.values_held > 0) {
-            ensure!(Instant::now() < deadline, "values still held: {:?}", cluster.nodes());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(())
+        c.wait_until_nothing_held()
     })();
     let _ = std::fs::remove_dir_all(&dir);
-    drop(c);
     result
 }
 
