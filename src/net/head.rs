@@ -593,8 +593,9 @@ impl Head {
     /// Builds the arguments of a task as a node receives them.
     fn task_request(&self, job: &Job) -> Option<(TaskRequest, Option<u64>)> {
         let mut args = Vec::new();
-        let mut biggest: Option<(u64, u64)> = None; // (len, node)
-                                                    // The largest argument a node spawned the task with, if it holds it itself.
+        // The largest input held by a node: (len, node).
+        let mut biggest: Option<(u64, u64)> = None;
+        // The largest argument held by a node that spawned the task: (len, its data address).
         let mut biggest_held: Option<(u64, SocketAddr)> = None;
         for arg in job.remote_args()? {
             match &arg.0 {
