@@ -23,6 +23,15 @@ fi
 if ! dpkg -s libucx-dev >/dev/null 2>&1 || ! command -v ucx_info >/dev/null 2>&1; then
     need_apt+=(libucx-dev ucx-utils)
 fi
+# cluster managers: a throwaway sshd (and ssh-keygen) for the SSH manager's test, and a
+# throwaway Slurm cluster (munge, slurmctld, two slurmd, srun) for the Slurm manager's
+# (tests/managers.rs starts and stops them; none runs as a service).
+if [[ ! -x /usr/sbin/sshd ]] || ! command -v ssh-keygen >/dev/null 2>&1; then
+    need_apt+=(openssh-server)
+fi
+if [[ ! -x /usr/sbin/slurmctld || ! -x /usr/sbin/slurmd || ! -x /usr/sbin/munged ]] || ! command -v srun >/dev/null 2>&1; then
+    need_apt+=(slurmctld slurmd slurm-client munge)
+fi
 
 if ((${#need_apt[@]})); then
     echo "install-deps: apt-get install ${need_apt[*]}"

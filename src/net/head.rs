@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::{Condvar, Mutex, MutexGuard};
 use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -329,20 +329,46 @@ impl Cluster {
 
     /// Waits until at least `count` nodes have joined, printing progress to stderr.
     ///
+    /// A process a cluster manager started that exits before its node joined is reported
+    /// on stderr when it is seen; once the nodes still to come from processes that are
+    /// running cannot make up `count`, the wait fails at once instead of at the deadline.
+    ///
     /// # Errors
-    /// [`Error::Timeout`] if they have not joined in time.
+    /// [`Error::Cluster`] if launched processes exited and too few nodes can still join,
+    /// naming each with how it exited; [`Error::Timeout`] if the nodes have not joined in
+    /// time.
     pub fn wait_for_nodes(&self, count: usize, timeout: Duration) -> Result<()> {
+        // How often launched processes are checked for an early exit.
+        const POLL: Duration = Duration::from_millis(100);
         let deadline = Instant::now() + timeout;
         let mut state = self.head.state.lock();
         let mut reported = usize::MAX;
         while state.nodes.len() < count {
-            if state.nodes.len() != reported {
-                reported = state.nodes.len();
+            let joined = state.nodes.len();
+            if joined != reported {
+                reported = joined;
                 eprintln!("cluster: {reported}/{count} nodes joined");
             }
-            if self.head.changed.wait_until(&mut state, deadline).timed_out() {
+            let names: Vec<String> = state.nodes.values().map(|node| node.name.clone()).collect();
+            let outlook = MutexGuard::unlocked(&mut state, || self.head.launch_outlook(&names));
+            for exit in &outlook.newly_exited {
+                eprintln!("cluster: {exit}");
+            }
+            if let Some(most) = outlook.most_nodes(joined) {
+                if !outlook.exited.is_empty() && most < count {
+                    return Err(Error::Cluster(format!(
+                        "waiting for {count} nodes: {joined} joined and at most {} more can: {} \
+                         (see the output above)",
+                        most - joined,
+                        outlook.exited.join("; ")
+                    )));
+                }
+            }
+            let now = Instant::now();
+            if now >= deadline {
                 return Err(Error::Timeout(timeout));
             }
+            self.head.changed.wait_until(&mut state, deadline.min(now + POLL));
         }
         if reported != usize::MAX {
             eprintln!("cluster: {}/{count} nodes joined", state.nodes.len());
@@ -924,6 +950,64 @@ impl RemoteScheduler for Head {
             child.wait_or_kill(deadline);
         }
         self.shutdown_network();
+    }
+}
+
+/// What the processes cluster managers started still promise, while the head waits for
+/// nodes.
+struct LaunchOutlook {
+    /// Each process that exited while its node was not in the cluster, and how.
+    exited: Vec<String>,
+    /// Those of `exited` not reported before.
+    newly_exited: Vec<String>,
+    /// Processes of one node each that run and whose node has not joined.
+    pending: usize,
+    /// Whether a launcher of several nodes (`srun`) still runs: it may start any number.
+    open_ended: bool,
+}
+
+impl LaunchOutlook {
+    /// The most nodes the cluster can reach from `joined` with what was launched, or `None`
+    /// if a launcher of several nodes still runs.
+    fn most_nodes(&self, joined: usize) -> Option<usize> {
+        (!self.open_ended).then_some(joined + self.pending)
+    }
+}
+
+impl Head {
+    /// Matches the launched processes against the nodes in the cluster (`joined`, by
+    /// name) and checks which have exited.
+    fn launch_outlook(&self, joined: &[String]) -> LaunchOutlook {
+        let mut unmatched: HashMap<&str, usize> = HashMap::new();
+        for name in joined {
+            *unmatched.entry(name.as_str()).or_default() += 1;
+        }
+        let mut outlook =
+            LaunchOutlook { exited: Vec::new(), newly_exited: Vec::new(), pending: 0, open_ended: false };
+        for launched in self.children.lock().iter_mut() {
+            if launched.is_one_node() {
+                if let Some(left) = unmatched.get_mut(launched.name.as_str()).filter(|left| **left > 0) {
+                    *left -= 1;
+                    continue;
+                }
+            }
+            match launched.exited() {
+                Some(status) => {
+                    let exit = if launched.is_one_node() {
+                        format!("{} exited ({status}) without its node in the cluster", launched.name)
+                    } else {
+                        format!("{}, a launcher of nodes, exited ({status})", launched.name)
+                    };
+                    if launched.first_report() {
+                        outlook.newly_exited.push(exit.clone());
+                    }
+                    outlook.exited.push(exit);
+                }
+                None if launched.is_one_node() => outlook.pending += 1,
+                None => outlook.open_ended = true,
+            }
+        }
+        outlook
     }
 }
 

@@ -25,23 +25,53 @@ pub struct JoinInfo {
     pub args: Vec<String>,
 }
 
-/// A node process started by a manager.
+/// A process a manager started: one node (a local node process, or `ssh` running one), or
+/// a launcher of several (`srun`).
 #[derive(Debug)]
 pub struct LaunchedNode {
-    /// The name the node joins with.
+    /// The name the node joins with (for a launcher of several nodes, the launcher's name).
     pub name: String,
     child: Option<Child>,
+    /// Whether it starts the one node named `name` (not several that join under names of
+    /// their own).
+    one_node: bool,
+    /// Whether the head has said that it exited while its node was not in the cluster.
+    exit_reported: bool,
 }
 
 impl LaunchedNode {
-    /// A node the manager started as `child`.
+    /// A node the manager started as `child` (a process that runs the node, or one that
+    /// starts it elsewhere and lives as long as it does, as `ssh` does); the node joins as
+    /// `name`.
     pub fn new(name: String, child: Option<Child>) -> Self {
-        LaunchedNode { name, child }
+        LaunchedNode { name, child, one_node: true, exit_reported: false }
+    }
+
+    /// A launcher process that starts several nodes, which join under names of their own
+    /// (as `srun` does).
+    pub fn launcher(name: String, child: Option<Child>) -> Self {
+        LaunchedNode { name, child, one_node: false, exit_reported: false }
     }
 
     /// The local process id of the launcher (the node itself for local processes).
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether it starts one node, named as it is (not a launcher of several).
+    pub(crate) fn is_one_node(&self) -> bool {
+        self.one_node
+    }
+
+    /// How the process exited, if it has (a process started without a child is never
+    /// seen to exit).
+    pub(crate) fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|child| child.try_wait().ok().flatten())
+    }
+
+    /// True the first time it is asked, then false: whether an exit is still to be reported.
+    pub(crate) fn first_report(&mut self) -> bool {
+        !std::mem::replace(&mut self.exit_reported, true)
     }
 
     /// Waits for the process to exit until `deadline`, then kills it.
@@ -126,7 +156,8 @@ pub struct Ssh {
     /// The program's path on the hosts (default: the same path as here).
     pub remote_program: Option<PathBuf>,
     /// The address nodes listen on for data (default: loopback, which only works for
-    /// `localhost`; give the host's address for real clusters).
+    /// `localhost`; `0.0.0.0:0` for other machines: each node then tells peers the address
+    /// through which it reaches the head).
     pub node_listen: Option<String>,
     /// Extra `ssh` options.
     pub ssh_options: Vec<String>,
@@ -173,6 +204,7 @@ impl ClusterManager for Ssh {
     }
 
     fn launch(&self, join: &JoinInfo) -> Result<Vec<LaunchedNode>> {
+        check_reachable(join)?;
         self.hosts
             .iter()
             .map(|host| {
@@ -199,6 +231,10 @@ pub struct Slurm {
     pub srun_args: Vec<String>,
     /// The allocation this process runs in, if any (`SLURM_JOB_ID`).
     pub job_id: Option<String>,
+    /// The address nodes listen on for data (default: loopback, which only works when
+    /// every node runs on this machine; `0.0.0.0:0` for other machines: each node then
+    /// tells peers the address through which it reaches the head).
+    pub node_listen: Option<String>,
 }
 
 impl Slurm {
@@ -209,7 +245,7 @@ impl Slurm {
 
     /// As [`Slurm::from_env`], from given variables.
     pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> Self {
-        let mut slurm = Slurm { nodes: None, srun_args: Vec::new(), job_id: None };
+        let mut slurm = Slurm { nodes: None, srun_args: Vec::new(), job_id: None, node_listen: None };
         for (key, value) in vars {
             match key.as_str() {
                 "SLURM_JOB_ID" => slurm.job_id = Some(value),
@@ -223,6 +259,7 @@ impl Slurm {
     }
 
     /// The `srun` command that starts the nodes; the secret travels in its environment.
+    /// Each node joins under its Slurm node name (`SLURMD_NODENAME`).
     pub fn command(&self, join: &JoinInfo) -> Command {
         let mut command = Command::new("srun");
         if let Some(nodes) = self.nodes {
@@ -231,10 +268,14 @@ impl Slurm {
         if let Some(job) = &self.job_id {
             command.arg(format!("--jobid={job}"));
         }
+        let mut export = format!("--export=ALL,TESSERA_ROLE=worker,TESSERA_JOIN={}", join.addr);
+        if let Some(listen) = &self.node_listen {
+            export.push_str(&format!(",TESSERA_LISTEN={listen}"));
+        }
         command
             .arg("--ntasks-per-node=1")
             .arg("--kill-on-bad-exit=0")
-            .arg(format!("--export=ALL,TESSERA_ROLE=worker,TESSERA_JOIN={}", join.addr))
+            .arg(export)
             .args(&self.srun_args)
             .arg(&join.program)
             .args(&join.args)
@@ -250,9 +291,10 @@ impl ClusterManager for Slurm {
     }
 
     fn launch(&self, join: &JoinInfo) -> Result<Vec<LaunchedNode>> {
+        check_reachable(join)?;
         let child =
             self.command(join).spawn().map_err(|e| Error::Cluster(format!("cannot run srun: {e}")))?;
-        Ok(vec![LaunchedNode::new("srun".into(), Some(child))])
+        Ok(vec![LaunchedNode::launcher("srun".into(), Some(child))])
     }
 }
 
@@ -281,6 +323,20 @@ impl ClusterManager for ManualJoin {
         eprintln!("{}", Self::instructions(join));
         Ok(Vec::new())
     }
+}
+
+/// Nodes on other machines cannot join a head that names itself by an unspecified address
+/// (`0.0.0.0`): they would dial their own machine.
+fn check_reachable(join: &JoinInfo) -> Result<()> {
+    if join.addr.ip().is_unspecified() {
+        return Err(Error::Cluster(format!(
+            "the head listens on {}, an address nodes on other machines cannot join at: set \
+             ClusterConfig::listen to this machine's address as they reach it (say 10.0.0.5:{})",
+            join.addr,
+            join.addr.port()
+        )));
+    }
+    Ok(())
 }
 
 fn shell_quote(text: &str) -> String {
@@ -362,6 +418,32 @@ mod tests {
         );
         let secret = command.get_envs().find(|(k, _)| *k == "TESSERA_SECRET").and_then(|(_, v)| v);
         assert_eq!(secret.map(|v| v.to_string_lossy().into_owned()).as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn slurm_passes_the_listen_address_to_the_nodes() {
+        let slurm = Slurm { node_listen: Some("0.0.0.0:0".into()), ..Slurm::from_vars(Vec::new()) };
+        let args = args(&slurm.command(&join()));
+        assert!(
+            args.contains(
+                &"--export=ALL,TESSERA_ROLE=worker,TESSERA_JOIN=10.0.0.1:7000,TESSERA_LISTEN=0.0.0.0:0"
+                    .into()
+            ),
+            "{args:?}"
+        );
+    }
+
+    #[test]
+    fn remote_managers_refuse_a_head_on_an_unspecified_address() {
+        let join = JoinInfo { addr: "0.0.0.0:7000".parse().expect("address"), ..join() };
+        for manager in [&Ssh::new(vec!["h".into()]) as &dyn ClusterManager, &Slurm::from_vars(Vec::new())] {
+            match manager.launch(&join) {
+                Err(Error::Cluster(message)) => {
+                    assert!(message.contains("listens on 0.0.0.0:7000"), "{}: {message}", manager.name())
+                }
+                other => panic!("{} launched for a head on 0.0.0.0: {other:?}", manager.name()),
+            }
+        }
     }
 
     #[test]

@@ -48,7 +48,9 @@ pub struct NodeConfig {
     pub secret: String,
     /// The name this node reports.
     pub name: String,
-    /// Where to serve held values to peers (default `127.0.0.1:0`).
+    /// Where to serve held values to peers (default `127.0.0.1:0`). On every interface
+    /// (`0.0.0.0:0`, for a cluster of several machines), the node tells peers the address
+    /// through which it reaches the head.
     pub listen: SocketAddr,
     /// How many tasks run at once (default: the number of cores; at least 1). A task that
     /// waits for a value (say, for tasks it spawned) does not count while it waits.
@@ -71,8 +73,8 @@ impl NodeConfig {
     }
 
     /// Reads the settings that a cluster manager passes to a node process:
-    /// `TESSERA_JOIN`, `TESSERA_SECRET`, and optionally `TESSERA_NODE_NAME`,
-    /// `TESSERA_LISTEN`, `TESSERA_SLOTS`.
+    /// `TESSERA_JOIN`, `TESSERA_SECRET`, and optionally `TESSERA_NODE_NAME` (else Slurm's
+    /// `SLURMD_NODENAME`), `TESSERA_LISTEN`, `TESSERA_SLOTS`.
     ///
     /// # Errors
     /// [`Error::Cluster`] naming the variable that is missing or malformed.
@@ -83,7 +85,8 @@ impl NodeConfig {
         let secret =
             var("TESSERA_SECRET").ok_or_else(|| Error::Cluster("TESSERA_SECRET is not set".into()))?;
         let mut config = NodeConfig::new(join, secret);
-        if let Some(name) = var("TESSERA_NODE_NAME") {
+        // A node started by `srun` goes by its Slurm node name.
+        if let Some(name) = var("TESSERA_NODE_NAME").or_else(|| var("SLURMD_NODENAME")) {
             config.name = name;
         }
         if let Some(listen) = var("TESSERA_LISTEN") {
@@ -197,6 +200,12 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
     tokio.spawn(accept_data(listener, key.clone(), store.clone()));
 
     let stream = tokio.block_on(connect_head(&config, &key))?;
+    // Listening on every interface (`0.0.0.0`), the node tells peers the address through
+    // which it reaches the head: one they can reach it at too.
+    let data_addr = match stream.local_addr() {
+        Ok(local) if data_addr.ip().is_unspecified() => SocketAddr::new(local.ip(), data_addr.port()),
+        _ => data_addr,
+    };
     let (reader, writer) = stream.into_split();
     let mut reader = BufReader::with_capacity(1 << 16, reader);
     let (sender, receiver) = mpsc::unbounded_channel::<Message>();
