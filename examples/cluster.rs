@@ -1,17 +1,26 @@
-//! A map-reduce word count over three local node processes.
+//! A map-reduce word count over node processes: three local ones by default, or one per
+//! host over SSH, or one per node of a Slurm allocation.
 //!
-//! Starts 3 node processes of this same program, counts the words of the text files given
-//! on the command line (default: the project's own sources and docs) with one map task per
-//! file and a tree of merge tasks, then prints the top words, the tasks each node ran and
-//! the time.
+//! Starts the nodes (this same program), counts the words of the text files given on the
+//! command line (default: the project's own sources and docs) with one map task per file
+//! and a tree of merge tasks, then prints the top words, the tasks each node ran and the
+//! time.
 //!
-//! Run it: `cargo run --release --example cluster -- [FILES...]`
+//! Run it: `cargo run --release --example cluster -- [OPTIONS] [FILES...]`, with
+//! - `--local N`: N local node processes (the default, 3);
+//! - `--ssh HOST,HOST,...`: one node per host, over SSH with key-based login; the program
+//!   must be at the same path there (`--ssh-option OPT` passes an option to `ssh`, once
+//!   per option);
+//! - `--slurm`: inside a Slurm allocation (`salloc`, `sbatch`), one node per allocated node;
+//! - `--listen ADDR`: where the head listens (default `127.0.0.1:0`). Give this machine's
+//!   address as the other hosts reach it (say `10.0.0.5:7000`) for nodes elsewhere: they
+//!   then listen on every interface.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
-use tessera::{Cluster, ClusterConfig, LocalProcesses, Ref, Runtime};
+use anyhow::{bail, Context, Result};
+use tessera::{Cluster, ClusterConfig, ClusterManager, LocalProcesses, Ref, Runtime, Slurm, Ssh};
 
 type Counts = Vec<(String, u64)>;
 
@@ -73,18 +82,84 @@ fn default_files() -> Vec<PathBuf> {
     files
 }
 
+/// Where the nodes come from.
+enum Nodes {
+    Local(usize),
+    Ssh(Vec<String>),
+    Slurm,
+}
+
+struct Options {
+    nodes: Nodes,
+    ssh_options: Vec<String>,
+    listen: std::net::SocketAddr,
+    files: Vec<PathBuf>,
+}
+
+fn parse_options() -> Result<Options> {
+    let mut options = Options {
+        nodes: Nodes::Local(3),
+        ssh_options: Vec::new(),
+        listen: ClusterConfig::default().listen,
+        files: Vec::new(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
+        match arg.as_str() {
+            "--local" => options.nodes = Nodes::Local(value("--local")?.parse().context("--local N")?),
+            "--ssh" => {
+                let hosts: Vec<String> =
+                    value("--ssh")?.split(',').filter(|h| !h.is_empty()).map(String::from).collect();
+                if hosts.is_empty() {
+                    bail!("--ssh needs at least one host");
+                }
+                options.nodes = Nodes::Ssh(hosts);
+            }
+            "--ssh-option" => options.ssh_options.push(value("--ssh-option")?),
+            "--slurm" => options.nodes = Nodes::Slurm,
+            "--listen" => {
+                options.listen = value("--listen")?.parse().context("--listen ADDR (say 10.0.0.5:7000)")?
+            }
+            flag if flag.starts_with("--") => {
+                bail!("unknown option {flag} (see the top of examples/cluster.rs)")
+            }
+            file => options.files.push(PathBuf::from(file)),
+        }
+    }
+    if options.files.is_empty() {
+        options.files = default_files();
+    }
+    Ok(options)
+}
+
 fn main() -> Result<()> {
     tessera::init();
-    let files: Vec<PathBuf> = match std::env::args().skip(1).map(PathBuf::from).collect::<Vec<_>>() {
-        given if given.is_empty() => default_files(),
-        given => given,
-    };
+    let options = parse_options()?;
+    let files = options.files;
     let started = Instant::now();
     let rt = Runtime::local()?;
-    let cluster = Cluster::start(&rt, ClusterConfig::default())?;
-    println!("head listening on {}; starting 3 local node processes", cluster.addr());
-    cluster.launch(&LocalProcesses::new(3))?;
-    cluster.wait_for_nodes(3, Duration::from_secs(30))?;
+    let cluster = Cluster::start(&rt, ClusterConfig { listen: options.listen, ..ClusterConfig::default() })?;
+    // Nodes elsewhere listen on every interface (each tells peers the address through
+    // which it reaches the head); nodes on this machine stay on loopback.
+    let node_listen = (!options.listen.ip().is_loopback()).then(|| "0.0.0.0:0".to_string());
+    let (manager, expected): (Box<dyn ClusterManager>, usize) = match options.nodes {
+        Nodes::Local(count) => (Box::new(LocalProcesses::new(count)), count),
+        Nodes::Ssh(hosts) => {
+            let count = hosts.len();
+            (Box::new(Ssh { node_listen, ssh_options: options.ssh_options, ..Ssh::new(hosts) }), count)
+        }
+        Nodes::Slurm => {
+            let slurm = Slurm::from_env();
+            let Some(count) = slurm.nodes else {
+                bail!("--slurm needs a Slurm allocation (SLURM_NNODES is not set): run it under salloc or sbatch");
+            };
+            (Box::new(Slurm { node_listen, ..slurm }), count)
+        }
+    };
+    println!("head listening on {}; starting {expected} node processes ({})", cluster.addr(), manager.name());
+    cluster.launch(manager.as_ref())?;
+    cluster.wait_for_nodes(expected, Duration::from_secs(60))?;
     println!("cluster up in {:.0} ms", started.elapsed().as_secs_f64() * 1e3);
 
     let job = Instant::now();
