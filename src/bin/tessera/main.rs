@@ -40,10 +40,12 @@ struct NodeArgs {
     /// The head's address, HOST:PORT.
     #[arg(long)]
     join: std::net::SocketAddr,
-    /// The name this node reports (default: node-PID).
+    /// The name this node reports (default: `TESSERA_NODE_NAME`, else the Slurm node name
+    /// under `srun`, else node-PID).
     #[arg(long)]
     name: Option<String>,
-    /// Where to serve held values to peers (default 127.0.0.1:0).
+    /// Where to serve held values to peers (default 127.0.0.1:0; 0.0.0.0:0 for peers on
+    /// other machines: the node tells them the address through which it reaches the head).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
     /// Tasks run at once (default: the number of cores).
@@ -108,7 +110,10 @@ fn run_node(args: NodeArgs) -> Result<()> {
     let secret = std::env::var("TESSERA_SECRET")
         .map_err(|_| anyhow::anyhow!("set TESSERA_SECRET to the cluster secret before starting a node"))?;
     let mut config = tessera::NodeConfig::new(args.join, secret);
-    if let Some(name) = args.name {
+    let from_env = |var: &str| std::env::var(var).ok().filter(|name| !name.is_empty());
+    if let Some(name) =
+        args.name.or_else(|| from_env("TESSERA_NODE_NAME")).or_else(|| from_env("SLURMD_NODENAME"))
+    {
         config.name = name;
     }
     if let Some(listen) = args.listen {
