@@ -3,7 +3,9 @@
 //! URL: `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE?table=NAME` (default table
 //! `tessera_stash`; other query parameters go to tokio-postgres). The table is created if
 //! missing: `(key TEXT PRIMARY KEY, value BYTEA NOT NULL, modified TIMESTAMPTZ)`.
-//! Connections are unencrypted (`NoTls`): use a loopback server or an SSH/VPN tunnel.
+//! Connections are unencrypted (`NoTls`): use a loopback server or an SSH/VPN tunnel. A
+//! store opens four, taken in turn, so that chunks move four at a time (the server runs one
+//! statement at a time per connection).
 //!
 //! Why tokio-postgres and not opendal's `postgresql` service: opendal 0.59's service
 //! neither lists keys (the stash lists records and chunks) nor creates its table.
@@ -11,6 +13,7 @@
 //! # Durability
 //! Each `put` is one autocommitted upsert, durable when it returns (with PostgreSQL's
 //! default `synchronous_commit = on`), so `sync` does nothing.
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::SystemTime;
 
 use tokio_postgres::{Client, NoTls};
@@ -19,10 +22,16 @@ use super::blob::{BlobStore, ObjectMeta};
 use super::remote::{split_query, Blocking};
 use super::StoreError;
 
+/// How many connections a store opens: chunks move on as many threads at once, and the
+/// server runs one statement at a time per connection.
+const CONNECTIONS: usize = 4;
+
 /// Blobs in a PostgreSQL table.
 #[derive(Debug)]
 pub(crate) struct PostgresStore {
-    client: Client,
+    /// One per thread that moves chunks at once, taken in turn.
+    clients: Vec<Client>,
+    next_client: AtomicUsize,
     table: String,
     location: String,
     blocking: Blocking,
@@ -62,25 +71,36 @@ impl PostgresStore {
             conn_url.parse().map_err(|e: tokio_postgres::Error| invalid(e.to_string()))?;
         let blocking = Blocking::new("postgres")?;
         let handle = blocking.handle().clone();
-        let client = blocking.block_on(async {
-            let (client, connection) =
-                config.connect(NoTls).await.map_err(|e| backend_error("connect", "", e))?;
-            handle.spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::warn!("postgres stash connection ended: {e}");
-                }
-            });
-            client
+        let clients = blocking.block_on(async {
+            let mut clients = Vec::with_capacity(CONNECTIONS);
+            for _ in 0..CONNECTIONS {
+                let (client, connection) =
+                    config.connect(NoTls).await.map_err(|e| backend_error("connect", "", e))?;
+                handle.spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::warn!("postgres stash connection ended: {e}");
+                    }
+                });
+                clients.push(client);
+            }
+            clients[0]
                 .batch_execute(&format!(
                     "CREATE TABLE IF NOT EXISTS \"{table}\" (key TEXT PRIMARY KEY, value BYTEA NOT NULL, \
                      modified TIMESTAMPTZ NOT NULL DEFAULT now())"
                 ))
                 .await
                 .map_err(|e| backend_error("create table", &table, e))?;
-            Ok::<_, StoreError>(client)
+            Ok::<_, StoreError>(clients)
         })?;
         let location = format!("{}#{table}", super::redact_url(base));
-        Ok(PostgresStore { client, table, location, blocking })
+        Ok(PostgresStore { clients, next_client: AtomicUsize::new(0), table, location, blocking })
+    }
+}
+
+impl PostgresStore {
+    /// The next connection in turn.
+    fn client(&self) -> &Client {
+        &self.clients[self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len()]
     }
 }
 
@@ -92,7 +112,7 @@ impl BlobStore for PostgresStore {
             self.table
         );
         self.blocking
-            .block_on(self.client.execute(&sql, &[&key, &bytes]))
+            .block_on(self.client().execute(&sql, &[&key, &bytes]))
             .map(|_| ())
             .map_err(|e| backend_error("put", key, e))
     }
@@ -101,7 +121,7 @@ impl BlobStore for PostgresStore {
         let sql = format!("SELECT value FROM \"{}\" WHERE key = $1", self.table);
         let row = self
             .blocking
-            .block_on(self.client.query_opt(&sql, &[&key]))
+            .block_on(self.client().query_opt(&sql, &[&key]))
             .map_err(|e| backend_error("get", key, e))?;
         Ok(row.map(|r| r.get::<_, Vec<u8>>(0)))
     }
@@ -110,7 +130,7 @@ impl BlobStore for PostgresStore {
         let sql = format!("SELECT octet_length(value)::BIGINT FROM \"{}\" WHERE key = $1", self.table);
         let row = self
             .blocking
-            .block_on(self.client.query_opt(&sql, &[&key]))
+            .block_on(self.client().query_opt(&sql, &[&key]))
             .map_err(|e| backend_error("stat", key, e))?;
         Ok(row.is_some_and(|r| r.get::<_, i64>(0) as u64 == len))
     }
@@ -118,7 +138,7 @@ impl BlobStore for PostgresStore {
     fn touch(&self, key: &str) -> Result<(), StoreError> {
         let sql = format!("UPDATE \"{}\" SET modified = now() WHERE key = $1", self.table);
         self.blocking
-            .block_on(self.client.execute(&sql, &[&key]))
+            .block_on(self.client().execute(&sql, &[&key]))
             .map(|_| ())
             .map_err(|e| backend_error("touch", key, e))
     }
@@ -130,7 +150,7 @@ impl BlobStore for PostgresStore {
         );
         let rows = self
             .blocking
-            .block_on(self.client.query(&sql, &[&prefix]))
+            .block_on(self.client().query(&sql, &[&prefix]))
             .map_err(|e| backend_error("list", prefix, e))?;
         Ok(rows
             .iter()
@@ -141,13 +161,13 @@ impl BlobStore for PostgresStore {
     fn delete(&self, key: &str) -> Result<(), StoreError> {
         let sql = format!("DELETE FROM \"{}\" WHERE key = $1", self.table);
         self.blocking
-            .block_on(self.client.execute(&sql, &[&key]))
+            .block_on(self.client().execute(&sql, &[&key]))
             .map(|_| ())
             .map_err(|e| backend_error("delete", key, e))
     }
 
     fn parallelism(&self) -> usize {
-        4
+        CONNECTIONS
     }
 
     fn location(&self) -> String {

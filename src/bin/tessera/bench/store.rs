@@ -8,6 +8,14 @@
 //! needs root); otherwise both the raw read and the stash load are warm, and the suite
 //! says so on stderr. Environment: `TESSERA_BENCH_DIR` (default: the temp dir) and
 //! `TESSERA_BENCH_STORE_MIB` (default 512). Everything written is removed at the end.
+//!
+//! Remote stores: `TESSERA_BENCH_STORE_URLS` (stash URLs separated by spaces, say an
+//! `s3://` and a `postgres://` one; the binary needs the backends' features) adds the same
+//! save and load through each, named by its scheme, beside the loopback TCP limit when
+//! any is on this machine. Each repeat saves different bytes (every chunk new, so nothing
+//! is deduplicated away) under a name of its own, which is deleted after, and its chunks
+//! collected with no grace period: give each URL a store (bucket prefix, table) of the
+//! bench's own.
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -123,6 +131,12 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
             write[rep], save[rep], read[rep], load[rep], mirror_save[rep], mirror_load[rep]
         );
     }
+    drop(array);
+    let urls = std::env::var("TESSERA_BENCH_STORE_URLS").unwrap_or_default();
+    let urls: Vec<&str> = urls.split_whitespace().collect();
+    if !urls.is_empty() {
+        remote_stores(reporter, &urls, mib)?;
+    }
     reporter.report("store/raw_write_limit", median(&mut write), "GB/s", true);
     reporter.report("store/raw_read_limit", median(&mut read), "GB/s", true);
     let name = format!("store/save_{mib}MiB_f32");
@@ -133,6 +147,43 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
     reporter.report(&name, median(&mut mirror_save), "GB/s", true);
     let name = format!("store/mirror2_load_{mib}MiB_f32");
     reporter.report(&name, median(&mut mirror_load), "GB/s", true);
+    Ok(())
+}
+
+/// Save and load through each remote stash in `urls`, `REMOTE_REPEATS` times each.
+fn remote_stores(reporter: &Reporter, urls: &[&str], mib: usize) -> Result<()> {
+    const REMOTE_REPEATS: usize = 3;
+    let bytes = mib << 20;
+    let mut on_loopback = false;
+    for url in urls {
+        let scheme = url.split(':').next().unwrap_or("remote");
+        on_loopback |= url.contains("127.0.0.1") || url.contains("localhost");
+        let stash = Stash::open_url(url).with_context(|| format!("opening the bench's stash {scheme}:…"))?;
+        let (mut save, mut load) = (Vec::new(), Vec::new());
+        for rep in 0..REMOTE_REPEATS {
+            // Different bytes each repeat: no chunk of an earlier one can be reused.
+            let array = Array1::from_iter((0..bytes / 4).map(|i| (i + rep * 7919 + 1) as f32 * 0.25));
+            let name = format!("tessera-bench-{}-{rep}", std::process::id());
+            let start = Instant::now();
+            stash.save(&name, &array, &[("bench", "store")])?;
+            save.push(gbps(bytes, start.elapsed().as_secs_f64()));
+            let start = Instant::now();
+            let back: Array1<f32> = stash.load(&name)?;
+            load.push(gbps(bytes, start.elapsed().as_secs_f64()));
+            anyhow::ensure!(back == array, "{scheme} load differs from what was saved");
+            drop((back, array));
+            stash.delete(&name, None)?;
+            stash.gc_with_grace(std::time::Duration::ZERO)?;
+            eprintln!("bench store: {scheme} rep {rep}: save {:.3}, load {:.3} GB/s", save[rep], load[rep]);
+        }
+        reporter.report(&format!("store/{scheme}_save_{mib}MiB_f32"), median(&mut save), "GB/s", true);
+        reporter.report(&format!("store/{scheme}_load_{mib}MiB_f32"), median(&mut load), "GB/s", true);
+    }
+    if on_loopback {
+        let mut limits: Vec<f64> =
+            (0..REMOTE_REPEATS).map(|_| super::tcp_loopback_gbps(bytes)).collect::<Result<_>>()?;
+        reporter.report("store/tcp_loopback_limit", median(&mut limits), "GB/s", true);
+    }
     Ok(())
 }
 
