@@ -1,11 +1,14 @@
 //! The PostgreSQL backend: blobs as rows of one table, through tokio-postgres.
 //!
-//! URL: `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE?table=NAME` (default table
-//! `tessera_stash`; other query parameters go to tokio-postgres). The table is created if
+//! URL: `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE?table=NAME&connections=N`
+//! (default table `tessera_stash`, 4 connections; other query parameters go to
+//! tokio-postgres). The table is created if
 //! missing: `(key TEXT PRIMARY KEY, value BYTEA NOT NULL, modified TIMESTAMPTZ)`.
 //! Connections are unencrypted (`NoTls`): use a loopback server or an SSH/VPN tunnel. A
-//! store opens four, taken in turn, so that chunks move four at a time (the server runs one
-//! statement at a time per connection).
+//! store opens `connections` of them (default 4, at most 64), taken in turn, so that chunks
+//! move that many at a time (the server runs one statement at a time per connection); each
+//! node of a cluster that opens the stash opens as many, so lower it for many nodes
+//! against a server's `max_connections`.
 //!
 //! Why tokio-postgres and not opendal's `postgresql` service: opendal 0.59's service
 //! neither lists keys (the stash lists records and chunks) nor creates its table.
@@ -22,9 +25,11 @@ use super::blob::{BlobStore, ObjectMeta};
 use super::remote::{split_query, Blocking};
 use super::StoreError;
 
-/// How many connections a store opens: chunks move on as many threads at once, and the
-/// server runs one statement at a time per connection.
-const CONNECTIONS: usize = 4;
+/// How many connections a store opens unless its URL says (`connections=N`): chunks move
+/// on as many threads at once, and the server runs one statement at a time per connection.
+const DEFAULT_CONNECTIONS: usize = 4;
+/// The most connections a URL may ask for.
+const MAX_CONNECTIONS: usize = 64;
 
 /// Blobs in a PostgreSQL table.
 #[derive(Debug)]
@@ -51,10 +56,16 @@ impl PostgresStore {
         let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
         let (base, query) = split_query(url)?;
         let mut table = "tessera_stash".to_string();
+        let mut connections = DEFAULT_CONNECTIONS;
         let mut passthrough = Vec::new();
         for (k, v) in query {
             if k == "table" {
                 table = v;
+            } else if k == "connections" {
+                connections =
+                    v.parse().ok().filter(|n| (1..=MAX_CONNECTIONS).contains(n)).ok_or_else(|| {
+                        invalid(format!("connections=`{v}` must be 1 to {MAX_CONNECTIONS}"))
+                    })?;
             } else {
                 passthrough.push(format!("{k}={v}"));
             }
@@ -72,8 +83,8 @@ impl PostgresStore {
         let blocking = Blocking::new("postgres")?;
         let handle = blocking.handle().clone();
         let clients = blocking.block_on(async {
-            let mut clients = Vec::with_capacity(CONNECTIONS);
-            for _ in 0..CONNECTIONS {
+            let mut clients = Vec::with_capacity(connections);
+            for _ in 0..connections {
                 let (client, connection) =
                     config.connect(NoTls).await.map_err(|e| backend_error("connect", "", e))?;
                 handle.spawn(async move {
@@ -167,7 +178,7 @@ impl BlobStore for PostgresStore {
     }
 
     fn parallelism(&self) -> usize {
-        CONNECTIONS
+        self.clients.len()
     }
 
     fn location(&self) -> String {

@@ -218,6 +218,18 @@ fn conformance_postgres() {
     let server = super::servers::PgServer::start();
     let stash = Stash::open_url(&server.url("stash_conformance")).unwrap();
     run(&stash);
+    // One connection (as before the store took several in turn) behaves the same.
+    let stash = Stash::open_url(&format!("{}&connections=1", server.url("stash_one_connection"))).unwrap();
+    run(&stash);
+    for bad in ["0", "65", "many"] {
+        let url = format!("{}&connections={bad}", server.url("stash_bad"));
+        match Stash::open_url(&url) {
+            Err(StoreError::InvalidUrl { reason, .. }) => {
+                assert!(reason.contains("must be 1 to 64"), "{reason}")
+            }
+            other => panic!("connections={bad} gave {other:?}"),
+        }
+    }
 }
 
 #[test]
