@@ -366,6 +366,14 @@ impl Cluster {
             }
             let now = Instant::now();
             if now >= deadline {
+                if !outlook.running.is_empty() {
+                    eprintln!(
+                        "cluster: timed out while these ran without their nodes in the cluster: {} \
+                         (can they reach the head at {}?)",
+                        outlook.running.join(", "),
+                        self.head.addr
+                    );
+                }
                 return Err(Error::Timeout(timeout));
             }
             self.head.changed.wait_until(&mut state, deadline.min(now + POLL));
@@ -960,7 +968,9 @@ struct LaunchOutlook {
     exited: Vec<String>,
     /// Those of `exited` not reported before.
     newly_exited: Vec<String>,
-    /// Processes of one node each that run and whose node has not joined.
+    /// Processes that run and whose node (or nodes) have not joined, by name.
+    running: Vec<String>,
+    /// How many of `running` start one node each.
     pending: usize,
     /// Whether a launcher of several nodes (`srun`) still runs: it may start any number.
     open_ended: bool,
@@ -982,8 +992,13 @@ impl Head {
         for name in joined {
             *unmatched.entry(name.as_str()).or_default() += 1;
         }
-        let mut outlook =
-            LaunchOutlook { exited: Vec::new(), newly_exited: Vec::new(), pending: 0, open_ended: false };
+        let mut outlook = LaunchOutlook {
+            exited: Vec::new(),
+            newly_exited: Vec::new(),
+            running: Vec::new(),
+            pending: 0,
+            open_ended: false,
+        };
         for launched in self.children.lock().iter_mut() {
             if launched.is_one_node() {
                 if let Some(left) = unmatched.get_mut(launched.name.as_str()).filter(|left| **left > 0) {
@@ -1003,8 +1018,15 @@ impl Head {
                     }
                     outlook.exited.push(exit);
                 }
-                None if launched.is_one_node() => outlook.pending += 1,
-                None => outlook.open_ended = true,
+                None => {
+                    if launched.is_one_node() {
+                        outlook.running.push(launched.name.clone());
+                        outlook.pending += 1;
+                    } else {
+                        outlook.running.push(format!("{} (a launcher of nodes)", launched.name));
+                        outlook.open_ended = true;
+                    }
+                }
             }
         }
         outlook
