@@ -26,15 +26,20 @@ type Counts = Vec<(String, u64)>;
 
 tessera::task! {
     /// Map: the word counts of one text, sorted by word.
-    fn count_words(text: String) -> Counts {
-        let mut counts: HashMap<String, u64> = HashMap::new();
+    fn count_words(text: String) -> Counts { word_counts(&[text.as_str()]) }
+}
+
+/// The counts of the words (of 3 or more letters, lowercased) in `texts`, sorted by word.
+fn word_counts(texts: &[&str]) -> Counts {
+    let mut counts: HashMap<String, u64> = HashMap::new();
+    for text in texts {
         for word in text.split(|c: char| !c.is_alphanumeric()).filter(|w| w.len() > 2) {
             *counts.entry(word.to_lowercase()).or_default() += 1;
         }
-        let mut counts: Counts = counts.into_iter().collect();
-        counts.sort();
-        counts
     }
+    let mut counts: Counts = counts.into_iter().collect();
+    counts.sort();
+    counts
 }
 
 tessera::task! {
@@ -164,12 +169,13 @@ fn main() -> Result<()> {
 
     let job = Instant::now();
     let mut level: Vec<Ref<Counts>> = Vec::new();
-    let mut bytes = 0;
+    let mut texts = Vec::new();
     for file in &files {
         let text = std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-        bytes += text.len();
-        level.push(count_words::spawn(&rt, text));
+        level.push(count_words::spawn(&rt, text.clone()));
+        texts.push(text);
     }
+    let bytes: usize = texts.iter().map(String::len).sum();
     println!("map: {} files ({:.1} KiB), one task each", files.len(), bytes as f64 / 1024.0);
     let mut merges = 0;
     while level.len() > 1 {
@@ -191,6 +197,8 @@ fn main() -> Result<()> {
     };
     let elapsed = job.elapsed();
     println!("reduce: {merges} merge tasks");
+    let texts: Vec<&str> = texts.iter().map(String::as_str).collect();
+    anyhow::ensure!(counts == word_counts(&texts), "the cluster's counts differ from counting here");
 
     let total: u64 = counts.iter().map(|(_, n)| n).sum();
     let mut top = counts.clone();

@@ -14,6 +14,9 @@ cargo test --release --doc --features s3,postgres,xla,ucx "$@"
 # README's first command, Tessera's main job end to end, must keep working (same features as
 # above, so nothing is rebuilt).
 cargo run --release --features s3,postgres,xla,ucx --example quickstart
+# The map-reduce word count over 3 local node processes (its options for SSH and Slurm
+# are tested for real in tests/managers.rs, through the same managers).
+cargo run --release --features s3,postgres,xla,ucx --example cluster -- --local 3 README.md ARCHITECTURE.md
 # The distributed-array tour: a least-squares fit and a product over 2 node processes,
 # checked (it fails when the fit is off or the saved array does not load back equal).
 cargo run --release --features s3,postgres,xla,ucx --example darray
