@@ -119,6 +119,19 @@ fn a_process_that_exits_before_joining_fails_the_wait_at_once() -> Result<()> {
     Ok(())
 }
 
+/// Runs 200 tasks and checks their results, then checks that tasks ran on each of `nodes`.
+fn run_tasks_on(rt: &Runtime, nodes: &[&str]) -> Result<()> {
+    let squares: Vec<Ref<u64>> = (0..200).map(|i| square::spawn(rt, i)).collect();
+    let sum = squares.iter().map(|r| r.blocking_get()).sum::<tessera::Result<u64>>()?;
+    ensure!(sum == (0..200u64).map(|i| i * i).sum::<u64>(), "sum of squares {sum}");
+    let ran: Vec<String> =
+        (0..40).map(|i| node_name::spawn(rt, i).blocking_get()).collect::<tessera::Result<_>>()?;
+    for node in nodes {
+        ensure!(ran.iter().any(|n| n == node), "no task ran on {node}: {ran:?}");
+    }
+    Ok(())
+}
+
 /// A throwaway `sshd` on a free loopback port that accepts one key made for the test.
 struct SshServer {
     child: Child,
@@ -231,14 +244,7 @@ fn nodes_started_over_ssh_join_work_and_exit() -> Result<()> {
     names.sort();
     ensure!(names == ["127.0.0.1", "localhost"], "nodes joined as {names:?}");
 
-    let squares: Vec<Ref<u64>> = (0..200).map(|i| square::spawn(&rt, i)).collect();
-    let sum = squares.iter().map(|r| r.blocking_get()).sum::<tessera::Result<u64>>()?;
-    ensure!(sum == (0..200u64).map(|i| i * i).sum::<u64>(), "sum of squares {sum}");
-    let ran: Vec<String> =
-        (0..40).map(|i| node_name::spawn(&rt, i).blocking_get()).collect::<tessera::Result<_>>()?;
-    for host in ["127.0.0.1", "localhost"] {
-        ensure!(ran.iter().any(|n| n == host), "no task ran on {host}: {ran:?}");
-    }
+    run_tasks_on(&rt, &["127.0.0.1", "localhost"])?;
     let pids: Vec<u32> = cluster.nodes().iter().map(|n| n.pid).collect();
     ensure!(pids.iter().all(|&pid| runs(pid)), "node processes {pids:?} not seen running");
 
@@ -452,14 +458,7 @@ fn nodes_started_by_srun_join_work_and_leave_no_job() -> Result<()> {
             "blob {seed} came back wrong"
         );
     }
-    let squares: Vec<Ref<u64>> = (0..100).map(|i| square::spawn(&rt, i)).collect();
-    let sum = squares.iter().map(|r| r.blocking_get()).sum::<tessera::Result<u64>>()?;
-    ensure!(sum == (0..100u64).map(|i| i * i).sum::<u64>(), "sum of squares {sum}");
-    let ran: Vec<String> =
-        (0..40).map(|i| node_name::spawn(&rt, i).blocking_get()).collect::<tessera::Result<_>>()?;
-    for node in ["n1", "n2"] {
-        ensure!(ran.iter().any(|n| n == node), "no task ran on {node}: {ran:?}");
-    }
+    run_tasks_on(&rt, &["n1", "n2"])?;
 
     rt.shutdown();
     let deadline = Instant::now() + Duration::from_secs(20);
