@@ -46,7 +46,8 @@ pub struct NodeConfig {
     pub join: SocketAddr,
     /// The cluster secret.
     pub secret: String,
-    /// The name this node reports.
+    /// The name this node reports (default: `TESSERA_NODE_NAME`, else Slurm's
+    /// `SLURMD_NODENAME` in a node started by `srun`, else `node-PID`).
     pub name: String,
     /// Where to serve held values to peers (default `127.0.0.1:0`). On every interface
     /// (`0.0.0.0:0`, for a cluster of several machines), the node tells peers the address
@@ -65,7 +66,7 @@ impl NodeConfig {
         NodeConfig {
             join,
             secret: secret.into(),
-            name: format!("node-{}", std::process::id()),
+            name: default_name(),
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             slots: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
             heartbeat_interval: Duration::from_millis(500),
@@ -73,8 +74,8 @@ impl NodeConfig {
     }
 
     /// Reads the settings that a cluster manager passes to a node process:
-    /// `TESSERA_JOIN`, `TESSERA_SECRET`, and optionally `TESSERA_NODE_NAME` (else Slurm's
-    /// `SLURMD_NODENAME`), `TESSERA_LISTEN`, `TESSERA_SLOTS`.
+    /// `TESSERA_JOIN`, `TESSERA_SECRET`, and optionally `TESSERA_NODE_NAME` (as for every
+    /// config, see [`name`](NodeConfig::name)), `TESSERA_LISTEN`, `TESSERA_SLOTS`.
     ///
     /// # Errors
     /// [`Error::Cluster`] naming the variable that is missing or malformed.
@@ -85,10 +86,6 @@ impl NodeConfig {
         let secret =
             var("TESSERA_SECRET").ok_or_else(|| Error::Cluster("TESSERA_SECRET is not set".into()))?;
         let mut config = NodeConfig::new(join, secret);
-        // A node started by `srun` goes by its Slurm node name.
-        if let Some(name) = var("TESSERA_NODE_NAME").or_else(|| var("SLURMD_NODENAME")) {
-            config.name = name;
-        }
         if let Some(listen) = var("TESSERA_LISTEN") {
             config.listen =
                 listen.parse().map_err(|e| Error::Cluster(format!("TESSERA_LISTEN=`{listen}`: {e}")))?;
@@ -101,6 +98,16 @@ impl NodeConfig {
         }
         Ok(config)
     }
+}
+
+/// The name a node goes by unless told: the one its cluster manager gave it
+/// (`TESSERA_NODE_NAME`), else its Slurm node name (a node started by `srun`), else
+/// `node-PID`.
+fn default_name() -> String {
+    ["TESSERA_NODE_NAME", "SLURMD_NODENAME"]
+        .into_iter()
+        .find_map(|var| std::env::var(var).ok().filter(|name| !name.is_empty()))
+        .unwrap_or_else(|| format!("node-{}", std::process::id()))
 }
 
 /// Call first in `main` of a program that starts node processes of itself: in a process

@@ -2,8 +2,8 @@
 //!
 //! URL: `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE?table=NAME&connections=N`
 //! (default table `tessera_stash`, 4 connections; other query parameters go to
-//! tokio-postgres). The table is created if
-//! missing: `(key TEXT PRIMARY KEY, value BYTEA NOT NULL, modified TIMESTAMPTZ)`.
+//! tokio-postgres). The table is created if missing:
+//! `(key TEXT PRIMARY KEY, value BYTEA NOT NULL, modified TIMESTAMPTZ)`.
 //! Connections are unencrypted (`NoTls`): use a loopback server or an SSH/VPN tunnel. A
 //! store opens `connections` of them (default 4, at most 64), taken in turn, so that chunks
 //! move that many at a time (the server runs one statement at a time per connection); each
@@ -106,9 +106,7 @@ impl PostgresStore {
         let location = format!("{}#{table}", super::redact_url(base));
         Ok(PostgresStore { clients, next_client: AtomicUsize::new(0), table, location, blocking })
     }
-}
 
-impl PostgresStore {
     /// The next connection in turn.
     fn client(&self) -> &Client {
         &self.clients[self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len()]

@@ -110,10 +110,7 @@ fn run_node(args: NodeArgs) -> Result<()> {
     let secret = std::env::var("TESSERA_SECRET")
         .map_err(|_| anyhow::anyhow!("set TESSERA_SECRET to the cluster secret before starting a node"))?;
     let mut config = tessera::NodeConfig::new(args.join, secret);
-    let from_env = |var: &str| std::env::var(var).ok().filter(|name| !name.is_empty());
-    if let Some(name) =
-        args.name.or_else(|| from_env("TESSERA_NODE_NAME")).or_else(|| from_env("SLURMD_NODENAME"))
-    {
+    if let Some(name) = args.name {
         config.name = name;
     }
     if let Some(listen) = args.listen {
