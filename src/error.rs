@@ -99,7 +99,7 @@ pub enum Error {
         /// How many nodes the cluster had when the task was placed (0 without a cluster).
         nodes: usize,
         /// How many of them reported a GPU: more than 0 only for a task that cannot run on a
-        /// node (one that returns a `Ref` runs where it was spawned).
+        /// node (one whose arguments do not encode runs where it was spawned).
         gpu_nodes: usize,
         /// Why this process has no GPU either.
         local: String,
@@ -114,7 +114,7 @@ pub enum Error {
         /// How many nodes the cluster had when the task was placed (0 without a cluster).
         nodes: usize,
         /// How many of them reported an XLA plugin: more than 0 only for a task that cannot
-        /// run on a node (one that returns a `Ref` runs where it was spawned).
+        /// run on a node (one whose arguments do not encode runs where it was spawned).
         xla_nodes: usize,
         /// Why this process has no XLA plugin either.
         local: String,

@@ -9,6 +9,7 @@
 
 mod actors;
 mod array;
+mod codec;
 mod devices;
 mod error;
 mod net;

@@ -211,6 +211,57 @@ tessera::task! {
     }
 }
 
+tessera::task! {
+    /// Hands back the `Ref` of a task it spawns: a blob of `len` bytes (held by the node
+    /// that made it, when large).
+    fn blob_by_forwarding(len: usize, seed: u64) -> Ref<ByteBuf> {
+        let rt = Runtime::current().expect("tasks run inside a runtime");
+        make_blob::spawn(&rt, len, seed)
+    }
+}
+
+tessera::task! {
+    /// From a node: reads what a task returning a `Ref` forwards (a large spawned result)
+    /// and gives its checksum.
+    fn read_a_forwarded_blob(len: usize, seed: u64) -> Result<String, String> {
+        let rt = Runtime::current().ok_or("no runtime in this task")?;
+        let forwarded = blob_by_forwarding::spawn(&rt, len, seed);
+        let bytes = forwarded.blocking_get().map_err(|e| e.to_string())?;
+        Ok(blake3::hash(&bytes).to_hex().to_string())
+    }
+}
+
+tessera::task! {
+    /// Sums `lo..hi` as a tree of tasks that return `Ref`s: a leaf puts its sum (with the
+    /// name of the node that ran it, or "head"); an inner task forwards the `add_named` of
+    /// its halves' `Ref`s.
+    fn named_range_sum(lo: u64, hi: u64) -> Ref<(u64, Vec<String>)> {
+        let rt = Runtime::current().expect("tasks run inside a runtime");
+        if hi - lo <= 8 {
+            let here = std::env::var("TESSERA_NODE_NAME").unwrap_or_else(|_| "head".into());
+            return rt.put(((lo..hi).sum(), vec![here]));
+        }
+        let mid = lo + (hi - lo) / 2;
+        let left = named_range_sum::spawn(&rt, lo, mid);
+        let right = named_range_sum::spawn(&rt, mid, hi);
+        add_named::spawn(&rt, &left, &right)
+    }
+}
+
+tessera::task! {
+    fn add_named(a: (u64, Vec<String>), b: (u64, Vec<String>)) -> (u64, Vec<String>) {
+        (a.0 + b.0, a.1.into_iter().chain(b.1).collect())
+    }
+}
+
+tessera::task! {
+    /// Forwards a task that fails.
+    fn forward_a_failure(text: String) -> Ref<u64> {
+        let rt = Runtime::current().expect("tasks run inside a runtime");
+        parse::spawn(&rt, text)
+    }
+}
+
 /// Waits up to 60 s for `done`.
 fn wait_for(done: impl Fn() -> bool, what: &str) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -399,6 +450,60 @@ fn tasks_on_nodes_spawn_onto_the_cluster() -> Result<()> {
     ensure!(run >= 1 + 8 + 255 + 16 + 4 + 8 + 2, "the nodes ran {run} tasks");
 
     // Once nothing refers to them, the results kept for the nodes' spawns are freed.
+    c.wait_until_nothing_held()
+}
+
+/// A task returning a `Ref` to a large value that a node holds: the value stays readable
+/// for as long as the forwarded `Ref` lives (the task's own `Ref` to it is gone by then),
+/// read by the head and by a task on a node, and is freed once nothing names it.
+fn a_forwarded_value_held_by_a_node_stays_readable() -> Result<()> {
+    let c = TestCluster::start(2, ClusterConfig::default())?;
+    let rt = c.rt.clone();
+    let len = 300_000;
+    let expected = |seed| blake3::hash(&blob(len, seed)).to_hex().to_string();
+    for seed in 0..4 {
+        let forwarded = blob_by_forwarding::spawn(&rt, len, seed);
+        let bytes = forwarded.blocking_get().context("reading a forwarded blob on the head")?;
+        ensure!(blake3::hash(&bytes).to_hex().to_string() == expected(seed), "blob {seed} differs");
+        // A task on a node takes it as an argument.
+        let sum = checksum::spawn(&rt, &forwarded).blocking_get().context("a node's task taking it")?;
+        ensure!(sum == expected(seed), "blob {seed} differs on a node");
+        let sum = read_a_forwarded_blob::spawn(&rt, len, seed + 10).blocking_get()?;
+        ensure!(sum == expected(seed + 10), "blob {} read on a node differs", seed + 10);
+    }
+    c.wait_until_nothing_held()
+}
+
+/// Tasks returning `Ref`s run on the nodes like any other: a tree of them (each inner one
+/// forwarding a task it spawns from its node) gives the right sum with leaves on both nodes;
+/// a forwarded large result held by a node and a forwarded failure reach the head.
+fn tasks_returning_refs_run_on_the_nodes() -> Result<()> {
+    let c = TestCluster::with_slots(2, 1, ClusterConfig::default())?;
+    let rt = c.rt.clone();
+    let before: u64 = c.cluster.nodes().iter().map(|n| n.tasks_run).sum();
+    let (sum, leaves) = named_range_sum::spawn(&rt, 0, 256).blocking_get()?;
+    ensure!(sum == (0..256).sum::<u64>(), "sum {sum}");
+    ensure!(leaves.len() == 32, "{} leaves", leaves.len());
+    let distinct: std::collections::BTreeSet<&String> = leaves.iter().collect();
+    ensure!(
+        distinct.len() == 2 && distinct.iter().all(|n| n.starts_with("local-")),
+        "the leaves ran on {distinct:?}"
+    );
+    // 63 tasks returning `Ref`s (32 leaves, 31 inner ones) and 31 additions, all on nodes.
+    let ran: u64 = c.cluster.nodes().iter().map(|n| n.tasks_run).sum::<u64>() - before;
+    ensure!(ran == 63 + 31, "the nodes ran {ran} tasks");
+
+    let len = 300_000;
+    let bytes = blob_by_forwarding::spawn(&rt, len, 5).blocking_get()?;
+    ensure!(bytes.as_slice() == blob(len, 5).as_slice(), "the forwarded blob differs");
+    match forward_a_failure::spawn(&rt, "x1".to_string()).blocking_get() {
+        Err(Error::TaskFailed { task, message }) => ensure!(
+            task.ends_with("::forward_a_failure") && message.contains("invalid digit"),
+            "{task}: {message}"
+        ),
+        other => bail!("expected the forwarded task's failure, got {other:?}"),
+    }
+    ensure!(forward_a_failure::spawn(&rt, "41".to_string()).blocking_get()? == 41, "forwarded parse");
     c.wait_until_nothing_held()
 }
 
@@ -874,6 +979,8 @@ fn main() {
     let tests: &[(&str, support::TestFn)] = &[
         ("remote_tasks_give_correct_results", remote_tasks_give_correct_results),
         ("tasks_on_nodes_spawn_onto_the_cluster", tasks_on_nodes_spawn_onto_the_cluster),
+        ("a_forwarded_value_held_by_a_node_stays_readable", a_forwarded_value_held_by_a_node_stays_readable),
+        ("tasks_returning_refs_run_on_the_nodes", tasks_returning_refs_run_on_the_nodes),
         (
             "a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner",
             a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner,

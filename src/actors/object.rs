@@ -79,6 +79,11 @@ pub(crate) struct RemoteLocation {
 pub(crate) trait StoredValue: Send + Sync + 'static {
     fn view(&self) -> View<'_>;
     fn encode(&self) -> Result<Vec<u8>, Error>;
+    /// Whether releasing this entry frees the holder's copy of a value held elsewhere
+    /// (false for a forwarded value: its source entry owns the copy).
+    fn owns_location(&self) -> bool {
+        true
+    }
 }
 
 /// A value that arrived encoded from another node.
@@ -102,6 +107,26 @@ impl StoredValue for RemoteValue {
     }
     fn encode(&self) -> Result<Vec<u8>, Error> {
         Err(Error::ObjectLost { object: self.0.id, reason: format!("held by node `{}`", self.0.node_name) })
+    }
+}
+
+/// A value held by another node that a task forwarded (it returned a `Ref` to it): read as
+/// the value it forwards, while keeping that value's own entry alive, since the entry owns
+/// the holder's copy (freeing the entry frees the copy).
+pub(crate) struct ForwardedValue {
+    pub(crate) value: Value,
+    pub(crate) _source: super::reference::Dependency,
+}
+
+impl StoredValue for ForwardedValue {
+    fn view(&self) -> View<'_> {
+        self.value.view()
+    }
+    fn encode(&self) -> Result<Vec<u8>, Error> {
+        self.value.encode()
+    }
+    fn owns_location(&self) -> bool {
+        false
     }
 }
 
@@ -335,7 +360,7 @@ impl ObjectTable {
         if let Some(entry) = removed {
             self.stats.object_freed(entry.bytes);
             if let (Slot::Done(Outcome::Ready(value)), Some(remote)) = (&entry.slot, self.remote.get()) {
-                if let View::Remote(location) = value.view() {
+                if let (View::Remote(location), true) = (value.view(), value.owns_location()) {
                     remote.released(id, location);
                 }
             }

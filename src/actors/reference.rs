@@ -308,8 +308,9 @@ pub(crate) fn decode_fetched<T: Payload>(fetched: Fetched) -> Result<T> {
         }
         return Err(Error::TypeMismatch { expected: std::any::type_name::<T>() });
     }
+    let len = fetched.head.len() + fetched.body.len();
     let mut reader = std::io::Read::chain(&fetched.head[..], &fetched.body[..]);
-    bincode::serde::decode_from_std_read::<T, _, _>(&mut reader, bincode::config::standard())
+    crate::codec::decode_read::<T>(&mut reader, len)
         .map_err(|e| Error::Codec { type_name: std::any::type_name::<T>(), message: e.to_string() })
 }
 
@@ -326,8 +327,7 @@ fn varint_len(bytes: &[u8]) -> Option<u64> {
 
 /// Decodes a value from its bincode encoding.
 pub(crate) fn decode_value<T: Payload>(bytes: &[u8]) -> Result<T> {
-    let config = bincode::config::standard();
-    match bincode::serde::decode_from_slice::<T, _>(bytes, config) {
+    match crate::codec::decode_slice::<T>(bytes) {
         Ok((value, used)) if used == bytes.len() => Ok(value),
         Ok(_) => {
             Err(Error::Codec { type_name: std::any::type_name::<T>(), message: "trailing bytes".into() })
@@ -363,19 +363,20 @@ pub(crate) fn store<T: Payload>(value: T) -> (Value, usize) {
     (Arc::new(value), bytes)
 }
 
-/// Whether `value` is an array in a device's memory (CUDA's or XLA's): its encoding is a
-/// copy to the host, and a node keeps it as it is for the tasks that run there after.
-pub(crate) fn on_a_device(value: &Value) -> bool {
-    let super::object::View::Typed(_typed) = value.view() else { return false };
+/// The size of `value`'s data if it is an array in a device's memory (CUDA's or XLA's):
+/// its encoding is a copy to the host, and a node keeps it as it is for the tasks that run
+/// there after.
+pub(crate) fn device_bytes(value: &Value) -> Option<usize> {
+    let super::object::View::Typed(_typed) = value.view() else { return None };
     #[cfg(feature = "cuda")]
     if let Some(array) = _typed.downcast_ref::<crate::devices::DeviceArray>() {
-        return array.device().is_some();
+        return array.device().is_some().then(|| array.byte_len());
     }
     #[cfg(feature = "xla")]
     if let Some(array) = _typed.downcast_ref::<crate::devices::XlaArray>() {
-        return array.is_on_device();
+        return array.is_on_device().then(|| array.byte_len());
     }
-    false
+    None
 }
 
 /// An input a task waits for (used by the `task!` macro).

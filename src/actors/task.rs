@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::object::{ObjectId, Outcome, Value, View};
+use super::object::{ForwardedValue, ObjectId, Outcome, Value, View};
 use super::reference::{store, Dependency, Payload, Ref, RemoteArg};
 use super::runtime::{Core, Runtime};
 use crate::error::panic_message;
@@ -28,14 +28,14 @@ pub struct TaskOptions {
     pub retries: u32,
     /// Whether the task needs a GPU: it runs only on a node that reported a CUDA device
     /// (or in this process, if it has one); with none anywhere its output fails at once
-    /// with [`Error::NoGpu`]. A task that returns a `Ref` runs where it was spawned, so for
-    /// it only this process's GPUs count. Default false.
+    /// with [`Error::NoGpu`]. A task whose arguments do not encode runs where it was
+    /// spawned, so for it only this process's GPUs count. Default false.
     pub gpu: bool,
     /// Whether the task needs an XLA device: it runs only on a node that reported a
     /// loadable PJRT plugin (or in this process, if it has one), where it gets the device
     /// from `XlaActor::get` on `Runtime::current()` (feature `xla`); with none anywhere its
-    /// output fails at once with [`Error::NoXla`]. As for [`gpu`](Self::gpu), a task that
-    /// returns a `Ref` runs where it was spawned. Default false.
+    /// output fails at once with [`Error::NoXla`]. As for [`gpu`](Self::gpu), a task whose
+    /// arguments do not encode runs where it was spawned. Default false.
     pub xla: bool,
 }
 
@@ -70,9 +70,9 @@ pub struct TaskEntry {
     /// The stable name: `module::path::function`.
     pub name: &'static str,
     /// Runs the task on a node process's arguments (each encoded, or a value the node
-    /// holds); `None` for tasks that return a `Ref` (they run where they were spawned).
+    /// holds).
     #[doc(hidden)]
-    pub run_on_node: Option<NodeRunner>,
+    pub run_on_node: NodeRunner,
 }
 
 /// Runs a task on a node process's arguments, returning its output (used by the `task!`
@@ -115,9 +115,7 @@ impl NodeArgs {
     pub fn take<T: Payload>(&mut self) -> Result<T> {
         let codec = |message: String| Error::Codec { type_name: self.task, message };
         let decode = |bytes: &[u8]| {
-            bincode::serde::decode_from_slice::<T, _>(bytes, bincode::config::standard())
-                .map(|(value, _)| value)
-                .map_err(|e| codec(e.to_string()))
+            crate::codec::decode_slice::<T>(bytes).map(|(value, _)| value).map_err(|e| codec(e.to_string()))
         };
         match self.args.next() {
             None => Err(codec("fewer arguments than the task takes".into())),
@@ -182,6 +180,14 @@ impl TaskOutput {
         Ok(TaskOutput(Produced::Forward(Dependency(r.inner))))
     }
 
+    /// The `Ref` the task returned, or the output itself if it made a value.
+    pub(crate) fn into_forwarded(self) -> std::result::Result<Dependency, TaskOutput> {
+        match self.0 {
+            Produced::Forward(source) => Ok(source),
+            produced => Err(TaskOutput(produced)),
+        }
+    }
+
     /// The value and its size as the object table counts it; `None` for a forwarded `Ref`.
     pub(crate) fn into_value(self) -> Option<(Value, usize)> {
         match self.0 {
@@ -196,7 +202,7 @@ impl TaskOutput {
             Produced::Value(value, _) => value.encode(),
             Produced::Forward(_) => Err(Error::Codec {
                 type_name: "Ref",
-                message: "a task returning a Ref cannot run from encoded arguments".into(),
+                message: "the task returned a Ref: its value is not made yet".into(),
             }),
         }
     }
@@ -304,6 +310,31 @@ impl Job {
         core.table.complete(output, outcome, bytes)
     }
 
+    /// Completes the output with `source`'s value once it is ready (the task returned a
+    /// `Ref` to it), after releasing what the job holds, as [`finish`](Self::finish) does.
+    #[allow(clippy::boxed_local)] // jobs are always boxed; unboxing would copy them
+    pub(crate) fn forward(self: Box<Self>, source: Dependency) {
+        let Job { core, output, body, remote, inputs, .. } = *self;
+        drop((body, remote, inputs));
+        core.stats.task_finished();
+        let table = core.table.clone();
+        core.table.subscribe(
+            source.0.id,
+            Box::new(move |outcome| {
+                // The forwarded value is shared, so its bytes are counted once. One held by
+                // another node keeps its source entry alive: that entry owns the holder's
+                // copy.
+                let outcome = match outcome {
+                    Outcome::Ready(value) if matches!(value.view(), View::Remote(_)) => {
+                        Outcome::Ready(Arc::new(ForwardedValue { value, _source: source }))
+                    }
+                    other => other,
+                };
+                table.complete(output, outcome, 0);
+            }),
+        );
+    }
+
     /// Fails the job's output without running it.
     #[allow(clippy::boxed_local)] // jobs are always boxed; unboxing would copy them
     pub(crate) fn fail(self: Box<Self>, error: Error) {
@@ -348,8 +379,7 @@ pub fn spawn_task<T: Payload>(
 
 /// The job for a task that a task on a node spawned onto the cluster: `entry` run on
 /// `args` (in the form nodes receive them), completing `output`. `inputs` are the `Ref`s
-/// among the arguments, which it waits for. `None` if the task cannot run on a node (it
-/// returns a `Ref`).
+/// among the arguments, which it waits for.
 pub(crate) fn spawned_by_node(
     core: &Arc<Core>,
     entry: &'static TaskEntry,
@@ -357,8 +387,8 @@ pub(crate) fn spawned_by_node(
     options: TaskOptions,
     args: Vec<RemoteArg>,
     inputs: Vec<Dependency>,
-) -> Option<Box<Job>> {
-    let run = entry.run_on_node?;
+) -> Box<Job> {
+    let run = entry.run_on_node;
     let table = core.table.clone();
     let own_args = args.clone();
     // Runs here only when no node can take it: the arguments are read from this process.
@@ -366,7 +396,7 @@ pub(crate) fn spawned_by_node(
         let args = own_args.iter().map(|arg| arg_here(&table, arg)).collect::<Result<Vec<_>>>()?;
         run(&mut NodeArgs::new(entry.name, args))
     };
-    Some(Job::submitted(core, entry.name, output, Box::new(body), options, Some(args), inputs))
+    Job::submitted(core, entry.name, output, Box::new(body), options, Some(args), inputs)
 }
 
 /// An argument in node form, read in this process: its bytes, or a value of this
@@ -457,20 +487,7 @@ pub(crate) fn run_job(mut job: Box<Job>) {
         Ok(TaskOutput(Produced::Value(value, bytes))) => {
             job.finish(Outcome::Ready(value), bytes);
         }
-        Ok(TaskOutput(Produced::Forward(inner))) => {
-            core.stats.task_finished();
-            let table = core.table.clone();
-            let output = job.output;
-            let id = inner.0.id;
-            core.table.subscribe(
-                id,
-                Box::new(move |outcome| {
-                    // The forwarded value is shared, so its bytes are counted once.
-                    table.complete(output, outcome, 0);
-                    drop(inner);
-                }),
-            );
-        }
+        Ok(TaskOutput(Produced::Forward(source))) => job.forward(source),
         Err(error) if !last && is_retryable(&error) => {
             tracing::debug!(task = job.name, attempt = job.attempt, %error, "task failed; retrying");
             job.attempt += 1;
@@ -524,7 +541,7 @@ macro_rules! task {
     ($(#[$meta:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),* $(,)?) -> Ref<$ok:ty> $body:block) => {
         $(#[$meta])* $vis fn $name($($arg: $ty),*) -> $crate::Ref<$ok> $body
         $crate::__task_module!($vis $name ($($arg : $ty),*) -> $ok,
-            |_name, result| $crate::__TaskOutput::forward::<$ok>(result), local);
+            |_name, result| $crate::__TaskOutput::forward::<$ok>(result), encoded);
     };
     ($(#[$meta:meta])* $vis:vis fn $name:ident ($($arg:ident : $ty:ty),* $(,)?) -> $ret:ty $body:block) => {
         $(#[$meta])* $vis fn $name($($arg: $ty),*) -> $ret $body
@@ -583,9 +600,6 @@ macro_rules! __task_module {
             None
         }
     };
-    (@remote local $rt:ident $($arg:ident)*) => {
-        None
-    };
     (@register encoded $name:ident ($($arg:ident : $ty:ty),*), |$n:ident, $r:ident| $convert:expr) => {
         fn run_on_node(args: &mut $crate::__private::NodeArgs) -> $crate::Result<$crate::__TaskOutput> {
             $(let $arg: $ty = args.take()?;)*
@@ -594,12 +608,7 @@ macro_rules! __task_module {
             $convert
         }
         $crate::__private::inventory::submit! {
-            $crate::TaskEntry { name: NAME, run_on_node: Some(run_on_node) }
-        }
-    };
-    (@register local $name:ident ($($arg:ident : $ty:ty),*), |$n:ident, $r:ident| $convert:expr) => {
-        $crate::__private::inventory::submit! {
-            $crate::TaskEntry { name: NAME, run_on_node: None }
+            $crate::TaskEntry { name: NAME, run_on_node }
         }
     };
 }
@@ -628,5 +637,16 @@ mod tests {
         assert!(matches!(args.take::<u64>(), Err(Error::Codec { type_name: "test::task", .. })));
         let missing = args.take::<u64>().unwrap_err();
         assert!(missing.to_string().contains("fewer arguments"), "{missing}");
+    }
+
+    /// An argument whose length prefix claims 2^63 - 1 bytes (from a corrupt or hostile
+    /// peer) is a decoding error, not an allocation that aborts the node.
+    #[test]
+    fn an_argument_claiming_a_huge_length_is_an_error() {
+        let poison = vec![0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+        let mut args =
+            NodeArgs::new("test::task", vec![NodeArg::Encoded(poison.clone()), NodeArg::Encoded(poison)]);
+        assert!(matches!(args.take::<String>(), Err(Error::Codec { type_name: "test::task", .. })));
+        assert!(matches!(args.take::<Vec<u8>>(), Err(Error::Codec { .. })));
     }
 }

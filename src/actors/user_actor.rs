@@ -116,7 +116,7 @@ where
 }
 
 fn decode_value_bytes<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, Error> {
-    bincode::serde::decode_from_slice(bytes, bincode::config::standard())
+    crate::codec::decode_slice(bytes)
         .map(|(value, _)| value)
         .map_err(|e| Error::Codec { type_name: std::any::type_name::<T>(), message: e.to_string() })
 }

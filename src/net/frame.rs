@@ -56,11 +56,20 @@ pub fn decode_frame<M: DeserializeOwned>(payload: &[u8]) -> Result<M, FrameError
 pub(crate) async fn read_frame<M: DeserializeOwned, R: AsyncRead + Unpin>(
     reader: &mut R,
 ) -> Result<M, FrameError> {
+    read_frame_within(reader, MAX_FRAME_LEN).await
+}
+
+/// Reads one frame of at most `limit` bytes (a peer not authenticated yet gets a small
+/// one, so that it cannot make this process hold a large buffer).
+pub(crate) async fn read_frame_within<M: DeserializeOwned, R: AsyncRead + Unpin>(
+    reader: &mut R,
+    limit: usize,
+) -> Result<M, FrameError> {
     let mut len = [0u8; 4];
     reader.read_exact(&mut len).await?;
     let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::Oversized { len, limit: MAX_FRAME_LEN });
+    if len > limit.min(MAX_FRAME_LEN) {
+        return Err(FrameError::Oversized { len, limit: limit.min(MAX_FRAME_LEN) });
     }
     let mut payload = vec![0u8; len];
     reader.read_exact(&mut payload).await?;

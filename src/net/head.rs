@@ -41,7 +41,7 @@ use crate::actors::object::{
     EncodedValue, Fetched, ObjectId, ObjectTable, Outcome, RemoteAccess, RemoteLocation, RemoteValue, Value,
     View,
 };
-use crate::actors::reference::{RefInner, RemoteArgKind};
+use crate::actors::reference::{Dependency, RefInner, RemoteArgKind};
 use crate::actors::runtime::{Core, NodeCounts, RemoteScheduler};
 use crate::actors::task::{submit_when_ready, Job};
 use crate::actors::user_actor::RemoteActorLink;
@@ -160,6 +160,17 @@ struct PendingCall {
 }
 
 impl NodeEntry {
+    /// The head's `Ref`s to the spawns whose results `replies` forward, by spawn id.
+    fn forwarded_spawns(&self, replies: &[TaskReply]) -> Vec<(u64, Arc<RefInner>)> {
+        replies
+            .iter()
+            .filter_map(|reply| match &reply.result {
+                Ok(ReplyValue::Spawned(spawn_id)) => Some((*spawn_id, self.spawned.get(spawn_id)?.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn info(&self, id: u64) -> NodeInfo {
         NodeInfo {
             id: NodeId(id),
@@ -606,6 +617,11 @@ impl Head {
                     state.puts.insert(output);
                     (Outcome::Ready(Arc::new(RemoteValue(location))), len as usize)
                 }
+                Ok(ReplyValue::Spawned(_)) => {
+                    let message = "protocol violation: the reply names a spawn".to_string();
+                    let error = Error::ActorFailed { actor: call.actor.to_string(), message };
+                    (Outcome::Failed(Arc::new(error)), 0)
+                }
                 Err(message) => {
                     let error = Error::ActorFailed { actor: call.actor.to_string(), message };
                     (Outcome::Failed(Arc::new(error)), 0)
@@ -674,7 +690,14 @@ impl Head {
         Some((TaskRequest { task_id: job.output().as_u64(), name: job.name().to_string(), args }, preferred))
     }
 
-    fn handle_replies(self: &Arc<Self>, node_id: u64, replies: Vec<TaskReply>) {
+    /// Completes the jobs that node `node_id` finished; `forwarded` holds the head's `Ref`s
+    /// to the spawns the node's tasks returned (`ReplyValue::Spawned`), by spawn id.
+    fn handle_replies(
+        self: &Arc<Self>,
+        node_id: u64,
+        replies: Vec<TaskReply>,
+        mut forwarded: Vec<(u64, Arc<RefInner>)>,
+    ) {
         let mut finished = Vec::with_capacity(replies.len());
         let (name, addr) = {
             let mut state = self.state.lock();
@@ -710,6 +733,19 @@ impl Head {
                     }
                     job.complete(Outcome::Ready(Arc::new(RemoteValue(location))), len as usize);
                     self.keep_lineage(node_id, job);
+                }
+                Ok(ReplyValue::Spawned(spawn_id)) => {
+                    match forwarded.iter().position(|(id, _)| *id == spawn_id) {
+                        Some(at) => job.forward(Dependency(forwarded.swap_remove(at).1)),
+                        None => {
+                            let task = job.name().to_string();
+                            let message = format!(
+                                "it returned the result of its node's spawn {spawn_id}, which the head no \
+                                 longer keeps"
+                            );
+                            job.fail(Error::TaskFailed { task, message });
+                        }
+                    }
                 }
                 Err(RemoteTaskError { kind, message }) => {
                     use super::wire::RemoteErrorKind::*;
@@ -1197,12 +1233,18 @@ async fn serve_node(head: Arc<Head>, stream: TcpStream, name: String) {
                 }
             }
             Ok(Message::TasksDone(replies)) => {
-                if let Some(node) = head.state.lock().nodes.get_mut(&node_id) {
-                    node.last_seen = Instant::now();
-                }
+                // The head's `Ref`s to the spawns that tasks forwarded are taken here, on the
+                // reader: a `Release` of those spawns may follow at once.
+                let forwarded = match head.state.lock().nodes.get_mut(&node_id) {
+                    Some(node) => {
+                        node.last_seen = Instant::now();
+                        node.forwarded_spawns(&replies)
+                    }
+                    None => Vec::new(),
+                };
                 let head = head.clone();
                 // Completing values runs user waiters: keep them off the reader.
-                tokio::task::spawn_blocking(move || head.handle_replies(node_id, replies));
+                tokio::task::spawn_blocking(move || head.handle_replies(node_id, replies, forwarded));
             }
             // (Submitting may fail the task at once, a failed input, which runs waiters.)
             Ok(Message::Spawn(request)) => spawns.push(request),

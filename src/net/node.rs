@@ -32,8 +32,8 @@ use super::frame::{read_frame, write_frame};
 use super::head::{write_loop, INLINE_LIMIT, MESSAGE_INLINE_LIMIT};
 use super::in_order::InOrder;
 use super::wire::{ArgSource, Message, ReplyValue, Role, TaskRequest};
-use crate::actors::object::Value;
-use crate::actors::reference::on_a_device;
+use crate::actors::object::{RemoteAccess, Value, View};
+use crate::actors::reference::device_bytes;
 use crate::actors::task::{NodeArg, TaskOutput};
 use crate::actors::user_actor::ActorEntry;
 use crate::error::panic_message;
@@ -273,6 +273,7 @@ pub fn run_node(config: NodeConfig) -> Result<()> {
         task_rx,
         sender.clone(),
         puller.clone(),
+        link.clone(),
         local.clone(),
     )?;
 
@@ -498,15 +499,31 @@ impl Puller {
     /// `INLINE_LIMIT` stays here as it is (copied to the host only when pulled); anything
     /// else is encoded now, as [`reply_value`](Self::reply_value) says.
     fn task_reply_value(&self, task_id: u64, output: TaskOutput) -> Result<ReplyValue> {
-        let Some((value, bytes)) = output.into_value() else {
-            return Err(Error::Cluster("a task that returns a Ref cannot run on a node".into()));
+        let Some((value, _)) = output.into_value() else {
+            return Err(Error::Cluster("the task's value is not made yet (it returned a Ref)".into()));
         };
-        if bytes > INLINE_LIMIT && on_a_device(&value) {
+        self.value_reply(task_id, value)
+    }
+
+    /// How a value goes back as task `task_id`'s result (see
+    /// [`task_reply_value`](Self::task_reply_value)).
+    fn value_reply(&self, task_id: u64, value: Value) -> Result<ReplyValue> {
+        if let Some(len) = device_bytes(&value).filter(|&len| len > INLINE_LIMIT) {
             let held = Held::OnDevice { value, encoded: OnceLock::new() };
             self.store.objects.lock().insert(task_id, Arc::new(held));
-            return Ok(ReplyValue::Stored { len: bytes as u64 });
+            return Ok(ReplyValue::Stored { len: len as u64 });
         }
         Ok(self.reply_value(task_id, value.encode()?, INLINE_LIMIT))
+    }
+
+    /// How the value a task forwarded (it returned a `Ref` here) goes back as task
+    /// `task_id`'s result: one held by another process is pulled from there first.
+    fn forwarded_reply(&self, task_id: u64, value: Value, remote: &dyn RemoteAccess) -> Result<ReplyValue> {
+        if let View::Remote(location) = value.view() {
+            let bytes = remote.fetch_blocking(location)?.into_bytes();
+            return Ok(self.reply_value(task_id, bytes, INLINE_LIMIT));
+        }
+        self.value_reply(task_id, value)
     }
 }
 

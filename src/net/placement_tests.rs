@@ -22,8 +22,27 @@ crate::task! {
 }
 
 crate::task! {
-    /// Returns a `Ref`, so it runs where it was spawned, never on a node.
-    fn triple_here(x: u64) -> Ref<u64> { Runtime::current().expect("in a task").put(x * 3) }
+    /// Returns a `Ref`: runs on a node like any other task.
+    fn triple_forwarded(x: u64) -> Ref<u64> { Runtime::current().expect("in a task").put(x * 3) }
+}
+
+/// A value that cannot be encoded, so a task taking it cannot run on a node.
+#[derive(Clone, serde::Deserialize)]
+struct Unencodable(u64);
+
+impl serde::Serialize for Unencodable {
+    fn serialize<S: serde::Serializer>(&self, _: S) -> std::result::Result<S::Ok, S::Error> {
+        Err(serde::ser::Error::custom("this value stays in its process"))
+    }
+}
+
+crate::task! {
+    /// Cannot run on a node: its argument does not encode.
+    fn triple_here(x: Unencodable) -> u64 { x.0 * 3 }
+}
+
+crate::task! {
+    fn shout(text: String) -> String { text.to_uppercase() }
 }
 
 const SECRET: &str = "placement-test";
@@ -80,14 +99,15 @@ fn decode_u64(bytes: &[u8]) -> u64 {
     bincode::serde::decode_from_slice(bytes, bincode::config::standard()).expect("u64").0
 }
 
-/// Answers every `triple` task the node is sent, by hand, until the connection closes;
+/// Answers every `triple` (or `triple_forwarded`) task the node is sent, by hand, until the connection closes;
 /// counts them in `ran`.
 async fn answer_triples((mut reader, mut writer): (OwnedReadHalf, OwnedWriteHalf), ran: Arc<AtomicUsize>) {
     while let Ok(message) = read_frame::<Message, _>(&mut reader).await {
         let Message::RunTasks(requests) = message else { continue };
         let mut replies = Vec::new();
         for request in requests {
-            assert!(request.name.ends_with("::triple"), "{}", request.name);
+            let name = &request.name;
+            assert!(name.ends_with("::triple") || name.ends_with("::triple_forwarded"), "{name}");
             let ArgSource::Inline(bytes) = &request.args[0] else { panic!("inline argument expected") };
             let encoded = bincode::serde::encode_to_vec(decode_u64(bytes) * 3, bincode::config::standard())
                 .expect("encode");
@@ -154,10 +174,14 @@ fn gpu_tasks_go_only_to_nodes_that_reported_a_gpu() {
     // loaded after the first few, so least-loaded placement alone would pick it).
     triples(&rt, TaskOptions::new().on_gpu(), 8);
     assert_eq!((ran[0].load(Ordering::SeqCst), ran[1].load(Ordering::SeqCst)), (0, 8));
+    // So does one that returns a `Ref`.
+    let forwarded = triple_forwarded::spawn_with(&rt, TaskOptions::new().on_gpu(), 5);
+    assert_eq!(forwarded.blocking_get_timeout(Duration::from_secs(10)).expect("value"), 15);
+    assert_eq!((ran[0].load(Ordering::SeqCst), ran[1].load(Ordering::SeqCst)), (0, 9));
     // A GPU task that cannot run on a node fails at once here, where there is no GPU,
     // and the error says that a node did have one.
     if crate::devices::gpu_absence_reason().is_some() {
-        let here = triple_here::spawn_with(&rt, TaskOptions::new().on_gpu(), 1);
+        let here = triple_here::spawn_with(&rt, TaskOptions::new().on_gpu(), Unencodable(1));
         match here.blocking_get_timeout(Duration::from_secs(5)) {
             Err(Error::NoGpu { nodes: 2, gpu_nodes: 1, .. }) => {}
             other => panic!("expected NoGpu with 1 of 2 GPU nodes, got {other:?}"),
@@ -199,7 +223,7 @@ fn xla_tasks_go_only_to_nodes_that_reported_an_xla_plugin() {
     // An XLA task that cannot run on a node fails at once here, where there is no XLA,
     // and the error says that nodes did have it.
     if crate::devices::xla_absence_reason().is_some() {
-        let here = triple_here::spawn_with(&rt, TaskOptions::new().on_xla(), 1);
+        let here = triple_here::spawn_with(&rt, TaskOptions::new().on_xla(), Unencodable(1));
         match here.blocking_get_timeout(Duration::from_secs(5)) {
             Err(Error::NoXla { nodes: 3, xla_nodes: 2, .. }) => {}
             other => panic!("expected NoXla with 2 of 3 XLA nodes, got {other:?}"),
@@ -294,5 +318,36 @@ fn a_malformed_registration_closes_only_that_connection() {
         let names: Vec<String> = cluster.nodes().into_iter().map(|n| n.name).collect();
         assert_eq!(names, vec!["fine".to_string()]);
     });
+    rt.shutdown();
+}
+
+/// A node (buggy, corrupt or hostile, but with the secret) answers a task with bytes whose
+/// length prefix claims 2^63 - 1 bytes: reading the value is a decoding error in the
+/// user's `get`, where it used to abort the head allocating that much.
+#[test]
+fn a_result_claiming_a_huge_length_is_an_error_not_an_abort() {
+    let (rt, cluster) = start_cluster();
+    let net = net_runtime();
+    let node = net.block_on(scripted_node(&cluster, "poisoner", Vec::new(), None));
+    cluster.wait_for_nodes(1, Duration::from_secs(10)).expect("node");
+    net.spawn(async move {
+        let (mut reader, mut writer) = node;
+        while let Ok(message) = read_frame::<Message, _>(&mut reader).await {
+            let Message::RunTasks(requests) = message else { continue };
+            let poison = vec![0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f];
+            let replies = requests
+                .into_iter()
+                .map(|r| TaskReply { task_id: r.task_id, result: Ok(ReplyValue::Inline(poison.clone())) })
+                .collect();
+            write_frame(&mut writer, &Message::TasksDone(replies)).await.expect("reply");
+            writer.flush().await.expect("flush");
+        }
+    });
+    match shout::spawn(&rt, "hi".to_string()).blocking_get_timeout(Duration::from_secs(10)) {
+        Err(Error::Codec { message, .. }) => {
+            assert!(message.contains("larger than its 9 bytes can hold"), "{message}")
+        }
+        other => panic!("expected a decoding error, got {other:?}"),
+    }
     rt.shutdown();
 }

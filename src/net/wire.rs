@@ -53,6 +53,9 @@ pub(crate) enum ReplyValue {
     Inline(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Large values stay on the node, under the task's id.
     Stored { len: u64 },
+    /// The task returned the `Ref` of one of its node's spawns, whose result the head
+    /// keeps for the node (the spawn's id): the head's own `Ref` to it is the task's value.
+    Spawned(u64),
 }
 
 /// How a task failed on a node.

@@ -151,7 +151,7 @@ pub fn save_checkpoint(store: &dyn CheckpointStore, name: &str, state: &TrainSta
 /// The store's errors; [`NnError::Checkpoint`] if the bytes do not decode.
 pub fn resume(store: &dyn CheckpointStore, name: &str) -> Result<TrainState, NnError> {
     let bytes = store.load_bytes(name)?;
-    let (state, _) = bincode::serde::decode_from_slice(&bytes, bincode::config::standard())
+    let (state, _) = crate::codec::decode_slice(&bytes)
         .map_err(|e| NnError::Checkpoint { name: name.into(), what: e.to_string() })?;
     Ok(state)
 }

@@ -68,12 +68,7 @@ impl Head {
         let mut options = TaskOptions::new().retries(request.retries);
         options.gpu = request.gpu;
         options.xla = request.xla;
-        let Some(job) = spawned_by_node(&core, entry, output, options, args, inputs) else {
-            return refuse(format!(
-                "task `{}` returns a Ref, so it runs where it is spawned, not on the cluster",
-                request.name
-            ));
-        };
+        let job = spawned_by_node(&core, entry, output, options, args, inputs);
         match self.state.lock().nodes.get_mut(&node_id) {
             Some(node) => node.spawned.insert(spawn_id, holder),
             None => return, // (the holder drops after the lock: see invariant 2)

@@ -108,6 +108,12 @@ impl ClusterLink {
         Some(SpawnArg::Held { addr: self.data_addr, id, len })
     }
 
+    /// The spawn whose held result is `id` here (the head keeps that result until this
+    /// node's `Release`).
+    pub(super) fn kept_spawn(&self, id: ObjectId) -> Option<u64> {
+        self.spawned.lock().get(&id).map(|(spawn_id, _)| *spawn_id)
+    }
+
     fn forget_args(&self, kept: Vec<u64>) {
         if kept.is_empty() {
             return;

@@ -20,11 +20,14 @@ use std::time::Duration;
 use parking_lot::Mutex;
 use tokio::sync::mpsc;
 
+use super::cluster_link::ClusterLink;
 use super::Puller;
+use crate::actors::object::Outcome;
 use crate::actors::pool::{set_wait_hook, WaitHook};
+use crate::actors::reference::Dependency;
 use crate::actors::task::NodeArgs;
 use crate::error::panic_message;
-use crate::net::wire::{Message, RemoteErrorKind, RemoteTaskError, TaskReply, TaskRequest};
+use crate::net::wire::{Message, RemoteErrorKind, RemoteTaskError, ReplyValue, TaskReply, TaskRequest};
 use crate::{Error, Result, TaskEntry};
 
 /// At most this many task threads at once, waiting ones included.
@@ -55,6 +58,8 @@ struct Executor {
     tasks: Arc<Mutex<Receiver<TaskRequest>>>,
     replies: mpsc::UnboundedSender<Message>,
     puller: Puller,
+    /// The node runtime's link to the cluster (which knows the spawns the head keeps).
+    link: Arc<ClusterLink>,
     /// The node's runtime, current on these threads.
     local: crate::Runtime,
 }
@@ -66,6 +71,7 @@ impl TaskThreads {
         tasks: Receiver<TaskRequest>,
         replies: mpsc::UnboundedSender<Message>,
         puller: Puller,
+        link: Arc<ClusterLink>,
         local: crate::Runtime,
     ) -> Result<Arc<TaskThreads>> {
         let threads = Arc::new(TaskThreads {
@@ -75,8 +81,14 @@ impl TaskThreads {
             started: AtomicUsize::new(0),
             warned: std::sync::atomic::AtomicBool::new(false),
         });
-        let executor =
-            Executor { threads: threads.clone(), tasks: Arc::new(Mutex::new(tasks)), replies, puller, local };
+        let executor = Executor {
+            threads: threads.clone(),
+            tasks: Arc::new(Mutex::new(tasks)),
+            replies,
+            puller,
+            link,
+            local,
+        };
         for _ in 0..threads.slots {
             threads.counts.lock().alive += 1;
             executor
@@ -177,7 +189,7 @@ impl Executor {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => break,
             };
-            let reply = self.execute(task);
+            let Some(reply) = self.execute(task) else { continue };
             if self.replies.send(Message::TasksDone(vec![reply])).is_err() {
                 break;
             }
@@ -185,7 +197,9 @@ impl Executor {
         self.threads.counts.lock().alive -= 1;
     }
 
-    fn execute(&self, task: TaskRequest) -> TaskReply {
+    /// Runs `task`; its reply, or `None` if it comes later (the task returned a `Ref` to a
+    /// value not made yet).
+    fn execute(&self, task: TaskRequest) -> Option<TaskReply> {
         let task_id = task.task_id;
         let fail =
             |kind, message: String| TaskReply { task_id, result: Err(RemoteTaskError { kind, message }) };
@@ -193,27 +207,68 @@ impl Executor {
         for source in task.args {
             match self.puller.arg(source) {
                 Ok(arg) => args.push(arg),
-                Err(reason) => return fail(RemoteErrorKind::InputUnavailable, reason),
+                Err(reason) => return Some(fail(RemoteErrorKind::InputUnavailable, reason)),
             }
         }
         let Some(entry) = TaskEntry::find(&task.name) else {
-            return fail(
+            return Some(fail(
                 RemoteErrorKind::Failed,
                 format!("task `{}` is not registered in this node's binary", task.name),
-            );
-        };
-        let Some(run) = entry.run_on_node else {
-            return fail(RemoteErrorKind::Failed, format!("task `{}` cannot run on a node", task.name));
+            ));
         };
         let mut args = NodeArgs::new(entry.name, args);
         let reply = catch_unwind(AssertUnwindSafe(|| {
-            run(&mut args).and_then(|output| self.puller.task_reply_value(task_id, output))
+            let output = (entry.run_on_node)(&mut args)?;
+            match output.into_forwarded() {
+                Ok(source) => {
+                    self.reply_when_made(task_id, source);
+                    Ok(None)
+                }
+                Err(output) => self.puller.task_reply_value(task_id, output).map(Some),
+            }
         }));
-        match reply {
-            Ok(Ok(value)) => TaskReply { task_id, result: Ok(value) },
-            Ok(Err(Error::TaskFailed { message, .. })) => fail(RemoteErrorKind::Failed, message),
-            Ok(Err(error)) => fail(RemoteErrorKind::Failed, error.to_string()),
+        Some(match reply {
+            Ok(Ok(Some(value))) => TaskReply { task_id, result: Ok(value) },
+            Ok(Ok(None)) => return None,
+            Ok(Err(error)) => fail(RemoteErrorKind::Failed, failure_message(error)),
             Err(payload) => fail(RemoteErrorKind::Panicked, panic_message(&*payload)),
-        }
+        })
+    }
+
+    /// Replies for task `task_id`, which returned `source` (a `Ref` here), once its value is
+    /// made, without holding this thread meanwhile: the result of a spawn that the head
+    /// keeps goes back as its spawn id (the head forwards its own `Ref` to it); any other
+    /// value goes back as a task's result does.
+    fn reply_when_made(&self, task_id: u64, source: Dependency) {
+        let (link, puller, replies) = (self.link.clone(), self.puller.clone(), self.replies.clone());
+        let id = source.0.id;
+        self.local.core().table.subscribe(
+            id,
+            Box::new(move |outcome| {
+                let result = match outcome {
+                    Outcome::Ready(value) => match link.kept_spawn(id) {
+                        Some(spawn_id) => Ok(ReplyValue::Spawned(spawn_id)),
+                        None => puller.forwarded_reply(task_id, value, &*link),
+                    },
+                    Outcome::Failed(error) => Err((*error).clone()),
+                };
+                let result = result.map_err(|error| RemoteTaskError {
+                    kind: RemoteErrorKind::Failed,
+                    message: failure_message(error),
+                });
+                // Sent before `source` drops: the head reads this reply before the
+                // `Release` of the spawn that dropping it may send.
+                let _ = replies.send(Message::TasksDone(vec![TaskReply { task_id, result }]));
+                drop(source);
+            }),
+        );
+    }
+}
+
+/// What the head is told of a task's error: a failed task's own message, else the error.
+fn failure_message(error: Error) -> String {
+    match error {
+        Error::TaskFailed { message, .. } => message,
+        error => error.to_string(),
     }
 }
