@@ -23,6 +23,26 @@ pub(crate) const MAX_PEER_NAME: usize = 255;
 
 /// How long a client waits for the server's side of the handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How many handshakes a server runs at once; a connection beyond them is closed at once
+/// (each one not done holds a socket for up to `HANDSHAKE_TIMEOUT`).
+pub(crate) const MAX_PENDING_HANDSHAKES: usize = 256;
+
+/// A server's count of handshakes in progress.
+#[derive(Clone)]
+pub(crate) struct HandshakeGate(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl HandshakeGate {
+    pub(crate) fn new() -> Self {
+        HandshakeGate(std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES)))
+    }
+
+    /// A place for one more handshake (held until it is dropped), or `None` when
+    /// [`MAX_PENDING_HANDSHAKES`] are in progress.
+    pub(crate) fn admit(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.0.clone().try_acquire_owned().ok()
+    }
+}
 use super::wire::{Message, Role, MAGIC, PROTOCOL_VERSION};
 
 /// The key both sides derive from the cluster secret.

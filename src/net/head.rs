@@ -31,7 +31,7 @@ use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use super::auth::{server_handshake, ClusterKey};
+use super::auth::{server_handshake, ClusterKey, HandshakeGate};
 use super::data::{serve_data, DataClient, ObjectSource};
 use super::frame::{read_frame, write_frame, FrameError};
 use super::in_order::InOrder;
@@ -1119,6 +1119,7 @@ impl ObjectSource for Head {
 }
 
 async fn accept_loop(head: Arc<Head>, listener: TcpListener) {
+    let gate = HandshakeGate::new();
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -1128,12 +1129,17 @@ async fn accept_loop(head: Arc<Head>, listener: TcpListener) {
                 continue;
             }
         };
+        let Some(admitted) = gate.admit() else {
+            tracing::debug!(%peer, "closed: too many handshakes in progress");
+            continue;
+        };
         let head = head.clone();
         tokio::spawn(async move {
             let mut stream = stream;
             let _ = stream.set_nodelay(true);
             let handshake =
                 tokio::time::timeout(Duration::from_secs(10), server_handshake(&mut stream, &head.key)).await;
+            drop(admitted);
             match handshake {
                 Ok(Ok((Role::Node, name))) => serve_node(head, stream, name).await,
                 Ok(Ok((Role::Data, _))) => {

@@ -26,7 +26,7 @@ use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use super::auth::{client_handshake, server_handshake, ClusterKey};
+use super::auth::{client_handshake, server_handshake, ClusterKey, HandshakeGate};
 use super::data::{serve_data, DataClient, ObjectSource};
 use super::frame::{read_frame, write_frame};
 use super::head::{write_loop, INLINE_LIMIT, MESSAGE_INLINE_LIMIT};
@@ -360,16 +360,24 @@ async fn connect_head(config: &NodeConfig, key: &ClusterKey) -> Result<TcpStream
 }
 
 async fn accept_data(listener: TcpListener, key: ClusterKey, store: Arc<NodeStore>) {
+    let gate = HandshakeGate::new();
     loop {
         let Ok((mut stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let Some(admitted) = gate.admit() else {
+            tracing::debug!(%peer, "closed: too many handshakes in progress");
             continue;
         };
         let key = key.clone();
         let store = store.clone();
         tokio::spawn(async move {
             let _ = stream.set_nodelay(true);
-            match tokio::time::timeout(Duration::from_secs(10), server_handshake(&mut stream, &key)).await {
+            let handshake =
+                tokio::time::timeout(Duration::from_secs(10), server_handshake(&mut stream, &key)).await;
+            drop(admitted);
+            match handshake {
                 Ok(Ok((Role::Data, _))) => {
                     let source: Arc<dyn ObjectSource> = store;
                     let _ = serve_data(stream, source).await;

@@ -351,3 +351,23 @@ fn a_result_claiming_a_huge_length_is_an_error_not_an_abort() {
     }
     rt.shutdown();
 }
+
+/// Connections that never finish their handshake hold at most `MAX_PENDING_HANDSHAKES`
+/// sockets: one more is closed at once, and once they are gone a node joins as usual.
+#[test]
+fn connections_beyond_the_pending_handshakes_are_closed_at_once() {
+    use std::io::Read;
+    let (rt, cluster) = start_cluster();
+    let idle: Vec<std::net::TcpStream> = (0..super::auth::MAX_PENDING_HANDSHAKES)
+        .map(|_| std::net::TcpStream::connect(cluster.addr()).expect("connect"))
+        .collect();
+    // (The head accepts them in order, so this one comes after them all.)
+    let mut extra = std::net::TcpStream::connect(cluster.addr()).expect("connect");
+    extra.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let mut byte = [0u8; 1];
+    assert!(matches!(extra.read(&mut byte), Ok(0)), "the connection past the limit stays open");
+    drop(idle);
+    let net = net_runtime();
+    let _ran = serve_scripted_nodes(&net, &cluster, vec![("after", Vec::new(), None)]);
+    rt.shutdown();
+}
