@@ -507,6 +507,23 @@ fn tasks_returning_refs_run_on_the_nodes() -> Result<()> {
     c.wait_until_nothing_held()
 }
 
+/// The node holding a value that a task forwarded is lost: the value is made again from
+/// lineage, and the forwarding task's `Ref` reads the new copy.
+fn a_forwarded_value_lost_with_its_holder_is_made_again() -> Result<()> {
+    let c = TestCluster::with_slots(3, 1, ClusterConfig::default())?;
+    let len = 300_000;
+    let forwarded = blob_by_forwarding::spawn(&c.rt, len, 21);
+    ensure!(forwarded.blocking_get()?.as_slice() == blob(len, 21).as_slice(), "the first read differs");
+    let nodes = c.cluster.nodes();
+    let holder = nodes.iter().find(|n| n.values_held > 0).context("no node holds the blob")?;
+    kill9(holder.pid)?;
+    let again = forwarded.blocking_get().context("reading it after its holder was lost")?;
+    ensure!(again.as_slice() == blob(len, 21).as_slice(), "the value made again differs");
+    let lost: Vec<String> = c.cluster.nodes().into_iter().map(|n| n.name).collect();
+    ensure!(!lost.contains(&holder.name), "{} is still listed", holder.name);
+    Ok(())
+}
+
 /// The node holding the result of a node's spawn is lost before the spawner reads it: the
 /// head makes it again from lineage and tells the spawner where it is now.
 fn a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner() -> Result<()> {
@@ -981,6 +998,10 @@ fn main() {
         ("tasks_on_nodes_spawn_onto_the_cluster", tasks_on_nodes_spawn_onto_the_cluster),
         ("a_forwarded_value_held_by_a_node_stays_readable", a_forwarded_value_held_by_a_node_stays_readable),
         ("tasks_returning_refs_run_on_the_nodes", tasks_returning_refs_run_on_the_nodes),
+        (
+            "a_forwarded_value_lost_with_its_holder_is_made_again",
+            a_forwarded_value_lost_with_its_holder_is_made_again,
+        ),
         (
             "a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner",
             a_spawned_result_lost_with_its_holder_is_made_again_for_the_spawner,

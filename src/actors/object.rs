@@ -79,10 +79,10 @@ pub(crate) struct RemoteLocation {
 pub(crate) trait StoredValue: Send + Sync + 'static {
     fn view(&self) -> View<'_>;
     fn encode(&self) -> Result<Vec<u8>, Error>;
-    /// Whether releasing this entry frees the holder's copy of a value held elsewhere
-    /// (false for a forwarded value: its source entry owns the copy).
-    fn owns_location(&self) -> bool {
-        true
+    /// The entry this value was forwarded from (a task returned a `Ref` to it), if it is
+    /// held elsewhere: that entry owns the holder's copy, not this one.
+    fn forwarded_from(&self) -> Option<&super::reference::Dependency> {
+        None
     }
 }
 
@@ -115,7 +115,7 @@ impl StoredValue for RemoteValue {
 /// the holder's copy (freeing the entry frees the copy).
 pub(crate) struct ForwardedValue {
     pub(crate) value: Value,
-    pub(crate) _source: super::reference::Dependency,
+    pub(crate) source: super::reference::Dependency,
 }
 
 impl StoredValue for ForwardedValue {
@@ -125,8 +125,8 @@ impl StoredValue for ForwardedValue {
     fn encode(&self) -> Result<Vec<u8>, Error> {
         self.value.encode()
     }
-    fn owns_location(&self) -> bool {
-        false
+    fn forwarded_from(&self) -> Option<&super::reference::Dependency> {
+        Some(&self.source)
     }
 }
 
@@ -263,6 +263,25 @@ impl ObjectTable {
         }
     }
 
+    /// The done entries forwarded from one of `sources` (values held elsewhere), each with
+    /// its source.
+    pub(crate) fn forwarded_from(
+        &self,
+        sources: &std::collections::HashSet<ObjectId>,
+    ) -> Vec<(ObjectId, super::reference::Dependency)> {
+        let mut found = Vec::new();
+        for shard in self.shards.iter() {
+            for (id, entry) in shard.lock().iter() {
+                if let Slot::Done(Outcome::Ready(value)) = &entry.slot {
+                    if let Some(source) = value.forwarded_from().filter(|s| sources.contains(&s.0.id)) {
+                        found.push((ObjectId(*id), super::reference::Dependency(source.0.clone())));
+                    }
+                }
+            }
+        }
+        found
+    }
+
     /// Replaces a done entry's outcome (a value lost with its node becomes an error).
     pub(crate) fn replace_done(&self, id: ObjectId, outcome: Outcome) {
         let mut shard = self.shard(id).lock();
@@ -360,7 +379,7 @@ impl ObjectTable {
         if let Some(entry) = removed {
             self.stats.object_freed(entry.bytes);
             if let (Slot::Done(Outcome::Ready(value)), Some(remote)) = (&entry.slot, self.remote.get()) {
-                if let (View::Remote(location), true) = (value.view(), value.owns_location()) {
+                if let (View::Remote(location), None) = (value.view(), value.forwarded_from()) {
                     remote.released(id, location);
                 }
             }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use super::object::{ForwardedValue, ObjectId, Outcome, Value, View};
+use super::object::{ForwardedValue, ObjectId, ObjectTable, Outcome, Value, View};
 use super::reference::{store, Dependency, Payload, Ref, RemoteArg};
 use super::runtime::{Core, Runtime};
 use crate::error::panic_message;
@@ -317,22 +317,7 @@ impl Job {
         let Job { core, output, body, remote, inputs, .. } = *self;
         drop((body, remote, inputs));
         core.stats.task_finished();
-        let table = core.table.clone();
-        core.table.subscribe(
-            source.0.id,
-            Box::new(move |outcome| {
-                // The forwarded value is shared, so its bytes are counted once. One held by
-                // another node keeps its source entry alive: that entry owns the holder's
-                // copy.
-                let outcome = match outcome {
-                    Outcome::Ready(value) if matches!(value.view(), View::Remote(_)) => {
-                        Outcome::Ready(Arc::new(ForwardedValue { value, _source: source }))
-                    }
-                    other => other,
-                };
-                table.complete(output, outcome, 0);
-            }),
-        );
+        forward_into(&core.table, output, source);
     }
 
     /// Fails the job's output without running it.
@@ -429,6 +414,26 @@ fn arg_here(table: &super::object::ObjectTable, arg: &RemoteArg) -> Result<NodeA
             len: *len,
         }),
     }
+}
+
+/// Completes `output` with `source`'s outcome once it is done. A value held by another node
+/// keeps its source entry alive (that entry owns the holder's copy), and is followed if the
+/// holder is lost (see `ObjectTable::forwarded_from`).
+pub(crate) fn forward_into(table: &Arc<ObjectTable>, output: ObjectId, source: Dependency) {
+    let into = table.clone();
+    table.subscribe(
+        source.0.id,
+        Box::new(move |outcome| {
+            // The forwarded value is shared, so its bytes are counted once.
+            let outcome = match outcome {
+                Outcome::Ready(value) if matches!(value.view(), View::Remote(_)) => {
+                    Outcome::Ready(Arc::new(ForwardedValue { value, source }))
+                }
+                other => other,
+            };
+            into.complete(output, outcome, 0);
+        }),
+    );
 }
 
 /// Dispatches `job` once all its inputs are ready (now, if they are); fails it if one

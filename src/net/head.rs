@@ -43,7 +43,7 @@ use crate::actors::object::{
 };
 use crate::actors::reference::{Dependency, RefInner, RemoteArgKind};
 use crate::actors::runtime::{Core, NodeCounts, RemoteScheduler};
-use crate::actors::task::{submit_when_ready, Job};
+use crate::actors::task::{forward_into, submit_when_ready, Job};
 use crate::actors::user_actor::RemoteActorLink;
 use crate::devices::{GpuInfo, XlaInfo};
 use crate::{ActorHandle, Error, Payload, Ref, RemoteActor, Result, Runtime};
@@ -784,6 +784,29 @@ impl Head {
         }
     }
 
+    /// Values forwarded from `lost` ones (being made again, or failed) go back to pending and
+    /// follow their sources again, and so on down chains of forwards: they named the lost
+    /// holder's copy.
+    fn follow_forwarded(&self, mut lost: HashSet<ObjectId>) {
+        loop {
+            let follows: Vec<_> = self
+                .table
+                .forwarded_from(&lost)
+                .into_iter()
+                .filter(|(output, _)| !lost.contains(output))
+                .collect();
+            if follows.is_empty() {
+                return;
+            }
+            for (output, source) in follows {
+                lost.insert(output);
+                if self.table.reset_pending(output) {
+                    forward_into(&self.table, output, source);
+                }
+            }
+        }
+    }
+
     /// Records that `node` holds the output of `job`, keeping the job as its lineage.
     fn keep_lineage(&self, node_id: u64, job: Box<Job>) {
         let output = job.output();
@@ -837,6 +860,7 @@ impl Head {
         tracing::warn!(node = %node.name, %reason, running = node.in_flight.len(), held = node.held.len(), "node lost");
         self.data.forget(node.data_addr);
         let _ = node.sender.send(Message::Shutdown);
+        let lost_puts = no_lineage.clone();
         for id in no_lineage {
             let error = Error::ObjectLost {
                 object: id.as_u64(),
@@ -856,6 +880,7 @@ impl Head {
         }
         let rebuilt: Vec<ObjectId> = rebuild.iter().map(|job| job.output()).collect();
         self.follow_rebuilt_spawns(&rebuilt);
+        self.follow_forwarded(rebuilt.iter().chain(&lost_puts).copied().collect());
         for job in rebuild {
             submit_when_ready(job);
         }
