@@ -80,6 +80,27 @@ impl BlobStore for S3Store {
             .map_err(|e| backend_error("put", key, e))
     }
 
+    fn replace(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        // A conditional PUT (If-Match on the ETag just read): it fails if the object was
+        // deleted (or rewritten) since. Servers that ignore If-Match leave a window in
+        // which a concurrent delete is undone (SAFETY.md, "Tag races").
+        let etag = match self.blocking.block_on(self.operator.stat(key)) {
+            Ok(meta) => meta.etag().map(str::to_string),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(backend_error("stat", key, e)),
+        };
+        let Some(etag) = etag else {
+            self.put(key, bytes)?;
+            return Ok(true);
+        };
+        let write = self.operator.write_with(key, bytes.to_vec()).if_match(&etag).into_future();
+        match self.blocking.block_on(write) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.kind(), ErrorKind::ConditionNotMatch | ErrorKind::NotFound) => Ok(false),
+            Err(e) => Err(backend_error("put", key, e)),
+        }
+    }
+
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self.blocking.block_on(self.operator.read(key)) {
             Ok(buffer) => Ok(Some(buffer.to_vec())),

@@ -11,7 +11,12 @@
 //!    writes a new record key, so concurrent saves of one name all land.
 //! 4. Every chunk is hashed again when read; a mismatch is an error naming the entry.
 //! 5. gc deletes only chunks that no record names and that were not written or reused
-//!    within the grace period, so saves in flight keep their chunks.
+//!    within the grace period, so saves in flight keep their chunks. The last check is
+//!    made by the store in one step with the delete (`delete_if_untouched`), atomically
+//!    against a save's `touch`: a chunk reused after gc listed it is never deleted, and a
+//!    touch that comes too late reports the chunk missing, so the save writes it again.
+//! 6. A record is rewritten (tags) only while it exists (`replace`), so a deleted version
+//!    never comes back.
 use std::any::{Any, TypeId};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
@@ -627,9 +632,11 @@ impl Stash {
                 };
                 let chunk = ChunkRef { hash: *blake3::hash(&bytes).as_bytes(), len: bytes.len() as u32 };
                 let key = chunk.key();
+                // A chunk already stored is touched so that gc keeps it; if a gc took it
+                // away before the touch landed, it is written again.
                 let stored = self.blobs().has(&key, bytes.len() as u64).and_then(|present| {
-                    if present {
-                        self.blobs().touch(&key)
+                    if present && self.blobs().touch(&key)? {
+                        Ok(())
                     } else {
                         batch.put(&key, &bytes)
                     }
@@ -1177,17 +1184,22 @@ impl Stash {
 
     /// Sets tag `key=value` on one version (replacing that key's old value).
     ///
-    /// Tagging rewrites the version's record atomically. Two processes tagging the same
+    /// Tagging rewrites the version's record atomically, and only while it exists: a
+    /// version deleted meanwhile stays deleted (see SAFETY.md, "Tag races", for the
+    /// backends that cannot check and write in one step). Two processes tagging the same
     /// version at the same moment may lose one of the two tags (last writer wins).
     ///
     /// # Errors
-    /// [`StoreError::NotFound`], [`StoreError::Invalid`] for a bad tag, or I/O errors.
+    /// [`StoreError::NotFound`] if the version does not exist, or was deleted before the
+    /// tag landed; [`StoreError::Invalid`] for a bad tag; I/O errors.
     pub fn tag(&self, name: &str, version: Version, key: &str, value: &str) -> Result<(), StoreError> {
         validate(name, &[(key, value)])?;
         let mut record = self.record(name, version)?;
         record.tags.insert(key.to_string(), value.to_string());
         let prefix = record::record_prefix(name);
-        self.blobs().put(&format!("{prefix}{version}"), &record.encode())?;
+        if !self.blobs().replace(&format!("{prefix}{version}"), &record.encode())? {
+            return Err(StoreError::NotFound { name: name.to_string(), version: Some(version) });
+        }
         self.blobs().sync(&prefix)
     }
 
@@ -1255,10 +1267,15 @@ impl Stash {
                 report.chunks_live += 1;
             } else if meta.modified.is_some_and(|m| m > cutoff) {
                 report.chunks_young += 1;
-            } else {
-                self.blobs().delete(&meta.key)?;
+            } else if self.blobs().delete_if_untouched(&meta.key, cutoff)? {
+                // The listed time may be stale: a save may have reused (touched) the
+                // chunk since, and committed a record naming it that this gc never read.
+                // The store deletes it only if it still is untouched, atomically with
+                // `touch` (SAFETY.md, "gc while saves run").
                 report.chunks_deleted += 1;
                 report.bytes_freed += meta.size;
+            } else {
+                report.chunks_young += 1;
             }
         }
         self.blobs().sync("chunks/")?;
@@ -1506,6 +1523,161 @@ mod tests {
     }
 
     use super::*;
+
+    /// A directory store that runs a hook once, right after the first listing or read
+    /// under a prefix: to put one operation exactly inside another.
+    struct ListHook {
+        inner: LocalStore,
+        /// Fires after the first list or get of a key starting with this.
+        on: &'static str,
+        hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl ListHook {
+        fn new(root: &Path, on: &'static str, hook: impl FnOnce() + Send + 'static) -> ListHook {
+            ListHook {
+                inner: LocalStore::new(root.to_path_buf()),
+                on,
+                hook: Mutex::new(Some(Box::new(hook))),
+            }
+        }
+
+        fn run_hook(&self) {
+            let hook = lock(&self.hook).take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+    }
+
+    impl std::fmt::Debug for ListHook {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ListHook").field("inner", &self.inner).finish()
+        }
+    }
+
+    impl BlobStore for ListHook {
+        fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+            self.inner.put(key, bytes)
+        }
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            let got = self.inner.get(key)?;
+            if key.starts_with(self.on) {
+                self.run_hook();
+            }
+            Ok(got)
+        }
+        fn has(&self, key: &str, len: u64) -> Result<bool, StoreError> {
+            self.inner.has(key, len)
+        }
+        fn touch(&self, key: &str) -> Result<bool, StoreError> {
+            self.inner.touch(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+            let listed = self.inner.list(prefix)?;
+            if prefix.starts_with(self.on) {
+                self.run_hook();
+            }
+            Ok(listed)
+        }
+        fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.inner.delete(key)
+        }
+        fn delete_if_untouched(&self, key: &str, since: SystemTime) -> Result<bool, StoreError> {
+            self.inner.delete_if_untouched(key, since)
+        }
+        fn sync(&self, prefix: &str) -> Result<(), StoreError> {
+            self.inner.sync(prefix)
+        }
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+    }
+
+    /// A save that reuses old orphan chunks after gc listed them (with their old times)
+    /// keeps them: gc must not delete chunks that a record made after its listing names.
+    #[test]
+    fn gc_keeps_orphan_chunks_reused_by_a_save_after_its_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("stash");
+        let value: Vec<u8> = (0..CHUNK_SIZE * 2 + 5).map(|i| (i * 31 % 251) as u8).collect();
+        let first = Stash::open(&root).unwrap();
+        first.save("big", &value, &[]).unwrap();
+        first.delete("big", None).unwrap();
+        drop(first);
+        // The orphan chunks are three hours old: past the default grace.
+        let old = SystemTime::now() - Duration::from_secs(3 * 3600);
+        for entry in std::fs::read_dir(root.join("chunks")).unwrap() {
+            let file = std::fs::File::options().write(true).open(entry.unwrap().path()).unwrap();
+            file.set_modified(old).unwrap();
+        }
+        let saver = Stash::with_store(Box::new(LocalStore::new(root.clone())));
+        let saved = Arc::new(Mutex::new(None));
+        let hook = {
+            let (saver, value, saved) = (saver.clone(), value.clone(), saved.clone());
+            move || *lock(&saved) = Some(saver.save("big", &value, &[]))
+        };
+        let gc = Stash::with_store(Box::new(ListHook::new(&root, "chunks/", hook)));
+        let report = gc.gc().unwrap();
+        let version = lock(&saved).take().expect("the hook ran").unwrap();
+        assert_eq!(report.chunks_deleted, 0, "{report:?}");
+        let problems = saver.verify().unwrap().problems;
+        assert!(problems.is_empty(), "gc deleted chunks of the save it raced: {problems:?}");
+        assert_eq!(saver.load_version::<Vec<u8>>("big", version).unwrap(), value);
+    }
+
+    /// A version deleted while `tag` rewrites its record stays deleted: the tag fails
+    /// with `NotFound` instead of writing the record back.
+    #[test]
+    fn tag_racing_a_delete_does_not_bring_the_version_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("stash");
+        let other = Stash::open(&root).unwrap();
+        let version = other.save("n", &1u32, &[]).unwrap();
+        let deleted = Arc::new(Mutex::new(None));
+        let hook = {
+            let (other, deleted) = (other.clone(), deleted.clone());
+            // Runs right after `tag` has read the record.
+            move || *lock(&deleted) = Some(other.delete("n", Some(version)))
+        };
+        let tagger = Stash::with_store(Box::new(ListHook::new(&root, "records/", hook)));
+        let tagged = tagger.tag("n", version, "k", "v");
+        assert_eq!(lock(&deleted).take().expect("the hook ran").unwrap(), 1);
+        assert!(
+            matches!(tagged, Err(StoreError::NotFound { version: Some(v), .. }) if v == version),
+            "{tagged:?}"
+        );
+        assert!(other.history("n").unwrap().is_empty(), "the deleted version came back");
+        // A version that exists is tagged as before.
+        let kept = other.save("n", &2u32, &[]).unwrap();
+        tagger.tag("n", kept, "k", "w").unwrap();
+        assert_eq!(other.info("n", Some(kept)).unwrap().tags.get("k").map(String::as_str), Some("w"));
+    }
+
+    /// A chunk that gc has taken away between a save's `has` and its `touch` is written
+    /// again; a gc that stopped with a chunk set aside gives it back at the next gc.
+    #[test]
+    fn touch_after_gc_took_a_chunk_reports_it_missing_and_gc_leftovers_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        store.put("chunks/abc", b"bytes").unwrap();
+        assert!(store.touch("chunks/abc").unwrap());
+        let since = SystemTime::now() + Duration::from_secs(60);
+        assert!(store.delete_if_untouched("chunks/abc", since).unwrap());
+        assert!(!store.touch("chunks/abc").unwrap(), "a touch of a deleted chunk counts");
+        // Touched after `since`: kept, under its own name.
+        store.put("chunks/def", b"more").unwrap();
+        let past = SystemTime::now() - Duration::from_secs(60);
+        assert!(!store.delete_if_untouched("chunks/def", past).unwrap());
+        assert_eq!(store.get("chunks/def").unwrap().as_deref(), Some(&b"more"[..]));
+        // A gc that died after setting a chunk aside: the next gc's first step restores it.
+        std::fs::rename(dir.path().join("chunks/def"), dir.path().join("chunks/.gc-1-2-def")).unwrap();
+        assert!(store.list("chunks/").unwrap().is_empty());
+        store.remove_temporaries(SystemTime::now()).unwrap();
+        assert_eq!(store.get("chunks/def").unwrap().as_deref(), Some(&b"more"[..]));
+        let keys = store.list_keys("chunks/").unwrap();
+        assert_eq!(keys, ["chunks/def"]);
+    }
 
     /// The observer sees every chunk of a save and a load once, with the totals of the value.
     #[test]
