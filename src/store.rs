@@ -54,8 +54,8 @@ pub use array::{ArrayElement, Dtype};
 pub use blob::{BlobStore, ObjectMeta, PutBatch, RepairReport};
 pub use error::StoreError;
 pub use record::{Layout, VersionInfo};
-pub(crate) use stash::redact_url;
 pub use stash::{
-    GcReport, Stash, StoreStats, TransferKind, TransferProgress, VerifyReport, CHUNK_SIZE, DEFAULT_GC_GRACE,
+    redact_url, GcReport, Stash, StoreStats, TransferKind, TransferProgress, VerifyReport, CHUNK_SIZE,
+    DEFAULT_GC_GRACE,
 };
 pub use version::Version;

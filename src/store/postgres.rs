@@ -53,7 +53,7 @@ fn backend_error(op: &'static str, key: &str, e: tokio_postgres::Error) -> Store
 
 impl PostgresStore {
     pub(crate) fn open(url: &str) -> Result<PostgresStore, StoreError> {
-        let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
+        let invalid = |reason: String| StoreError::invalid_url(url, reason);
         let (base, query) = split_query(url)?;
         let mut table = "tessera_stash".to_string();
         let mut connections = DEFAULT_CONNECTIONS;

@@ -33,7 +33,7 @@ fn backend_error(op: &'static str, key: &str, e: opendal::Error) -> StoreError {
 
 impl S3Store {
     pub(crate) fn open(url: &str) -> Result<S3Store, StoreError> {
-        let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
+        let invalid = |reason: String| StoreError::invalid_url(url, reason);
         let (base, query) = split_query(url)?;
         let rest = base.strip_prefix("s3://").ok_or_else(|| invalid("expected s3://".into()))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));

@@ -149,22 +149,45 @@ pub struct StoreStats {
     pub chunk_bytes: u64,
 }
 
+/// Whether opening a stash may create it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Create {
+    /// Make the directory a stash if it is missing or empty (saves).
+    IfMissing,
+    /// The stash must exist already (reads and maintenance: a mistyped path is an error).
+    Never,
+}
+
 /// Makes `root` an embedded stash directory (creating it and its marker file), or checks
 /// that it is one.
-fn prepare_directory(root: &Path) -> Result<(), StoreError> {
+fn prepare_directory(root: &Path, create: Create) -> Result<(), StoreError> {
+    if root.as_os_str().is_empty() {
+        return Err(StoreError::invalid_url("", "the stash path is empty"));
+    }
     let marker = root.join(MARKER_FILE);
     if marker.exists() {
         return Ok(());
     }
+    let missing = || StoreError::NoStash { path: root.display().to_string() };
     match std::fs::read_dir(root) {
         Ok(mut entries) => {
             // Another process may be creating this stash right now: give its marker a
             // moment to appear before calling the directory foreign.
-            if entries.next().is_some() && !wait_for(&marker, std::time::Duration::from_secs(2)) {
+            let empty = entries.next().is_none();
+            if !empty && !wait_for(&marker, std::time::Duration::from_secs(2)) {
                 return Err(StoreError::NotAStash { path: root.display().to_string() });
+            }
+            if !empty {
+                return Ok(());
+            }
+            if create == Create::Never {
+                return Err(missing());
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if create == Create::Never {
+                return Err(missing());
+            }
             std::fs::create_dir_all(root).map_err(|e| StoreError::io("mkdir", root, e))?;
         }
         Err(e) => return Err(StoreError::io("list", root, e)),
@@ -176,7 +199,13 @@ fn prepare_directory(root: &Path) -> Result<(), StoreError> {
 
 /// A store URL fit for messages and logs: each URL's query (S3's keys) becomes `?…` and a
 /// password in its user part is dropped; a mirror's replicas are redacted one by one.
-pub(crate) fn redact_url(url: &str) -> String {
+///
+/// # Examples
+/// ```
+/// let url = "postgres://me:secret@db/x?table=t";
+/// assert_eq!(tessera::redact_url(url), "postgres://me@db/x?…");
+/// ```
+pub fn redact_url(url: &str) -> String {
     if let Some(list) = url.strip_prefix("mirror:") {
         let (list, options) = match list.split_once(';') {
             Some((list, options)) => (list, format!(";{options}")),
@@ -210,21 +239,18 @@ fn redact_one_url(url: &str) -> String {
 fn local_path(url: &str) -> Result<&str, StoreError> {
     match url.strip_prefix("file://") {
         Some(path) if path.starts_with('/') => Ok(path),
-        Some(_) => Err(StoreError::InvalidUrl {
-            url: url.to_string(),
-            reason: "file URLs need an absolute path (file:///dir)".into(),
-        }),
+        Some(_) => Err(StoreError::invalid_url(url, "file URLs need an absolute path (file:///dir)")),
         None => Ok(url),
     }
 }
 
 /// The blob store a URL names (a mirror's replica): an embedded-store directory is
 /// opened without its record index, which caches records for one process at a time.
-fn open_blob_store(url: &str) -> Result<Box<dyn BlobStore>, StoreError> {
+fn open_blob_store(url: &str, create: Create) -> Result<Box<dyn BlobStore>, StoreError> {
     match url.split_once("://").map_or("file", |(scheme, _)| scheme) {
         "file" => {
             let path = local_path(url)?;
-            prepare_directory(Path::new(path))?;
+            prepare_directory(Path::new(path), create)?;
             Ok(Box::new(LocalStore::new(path.into())))
         }
         #[cfg(feature = "s3")]
@@ -237,10 +263,10 @@ fn open_blob_store(url: &str) -> Result<Box<dyn BlobStore>, StoreError> {
         scheme @ ("postgres" | "postgresql") => {
             Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "postgres" })
         }
-        other => Err(StoreError::InvalidUrl {
-            url: url.to_string(),
-            reason: format!("unknown scheme `{other}` (known: file, s3, postgres, mirror)"),
-        }),
+        other => Err(StoreError::invalid_url(
+            url,
+            format!("unknown scheme `{other}` (known: file, s3, postgres, mirror)"),
+        )),
     }
 }
 
@@ -263,8 +289,22 @@ impl Stash {
     /// [`StoreError::NotAStash`] if the directory holds other files; [`StoreError::Io`]
     /// if it cannot be created; [`StoreError::IndexCorrupt`] if its index is damaged.
     pub fn open(path: impl AsRef<Path>) -> Result<Stash, StoreError> {
-        let root = path.as_ref();
-        prepare_directory(root)?;
+        Stash::open_directory(path.as_ref(), Create::IfMissing)
+    }
+
+    /// Opens the embedded stash in directory `path`, which must be one already: for
+    /// reading and maintenance, where creating an empty stash at a mistyped path would
+    /// hide the mistake.
+    ///
+    /// # Errors
+    /// [`StoreError::NoStash`] if the directory is missing or empty; as
+    /// [`open`](Stash::open).
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Stash, StoreError> {
+        Stash::open_directory(path.as_ref(), Create::Never)
+    }
+
+    fn open_directory(root: &Path, create: Create) -> Result<Stash, StoreError> {
+        prepare_directory(root, create)?;
         let index = RecordIndex::open(&root.join("index"))?;
         let mut stash = Stash::from_parts(Box::new(LocalStore::new(root.to_path_buf())), index);
         // Absolute, so that processes started elsewhere find the same directory.
@@ -286,11 +326,29 @@ impl Stash {
     /// (feature `postgres`), or `mirror:URL,URL[,...][;min_copies=N]`: a copy of every
     /// chunk and version on each of the listed stores (see [`Stash::mirrored`]).
     ///
+    /// A directory (or a mirror's directory replica) is made a stash if it is missing
+    /// or empty; [`open_url_existing`](Stash::open_url_existing) refuses that instead.
+    ///
     /// # Errors
-    /// [`StoreError::InvalidUrl`], [`StoreError::BackendNotCompiled`], or what opening
-    /// the backend reports.
+    /// [`StoreError::InvalidUrl`] (an empty path among them),
+    /// [`StoreError::BackendNotCompiled`], or what opening the backend reports.
     pub fn open_url(url: &str) -> Result<Stash, StoreError> {
-        let mut stash = Stash::open_url_unnamed(url)?;
+        Stash::open_url_with(url, Create::IfMissing)
+    }
+
+    /// [`open_url`](Stash::open_url) for reading and maintenance: a directory store (or
+    /// a mirror's directory replica) must already be a stash. S3 prefixes and PostgreSQL
+    /// tables are not checked (an empty one reads as an empty stash).
+    ///
+    /// # Errors
+    /// [`StoreError::NoStash`] if a directory is missing or empty; as
+    /// [`open_url`](Stash::open_url).
+    pub fn open_url_existing(url: &str) -> Result<Stash, StoreError> {
+        Stash::open_url_with(url, Create::Never)
+    }
+
+    fn open_url_with(url: &str, create: Create) -> Result<Stash, StoreError> {
+        let mut stash = Stash::open_url_unnamed(url, create)?;
         if url.starts_with("mirror:") || url.contains("://") {
             // A plain path was recorded, made absolute, by `open`.
             stash.set_url(url.to_string());
@@ -298,9 +356,9 @@ impl Stash {
         Ok(stash)
     }
 
-    fn open_url_unnamed(url: &str) -> Result<Stash, StoreError> {
+    fn open_url_unnamed(url: &str, create: Create) -> Result<Stash, StoreError> {
         if let Some(list) = url.strip_prefix("mirror:") {
-            let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
+            let invalid = |reason: String| StoreError::invalid_url(url, reason);
             let (list, options) = list.split_once(';').unwrap_or((list, ""));
             let urls: Vec<&str> = list.split(',').map(str::trim).collect();
             if urls.iter().any(|u| u.is_empty()) {
@@ -321,13 +379,13 @@ impl Stash {
                     _ => return Err(invalid(format!("unknown option `{option}` (known: min_copies=N)"))),
                 }
             }
-            let replicas = urls.iter().map(|u| open_blob_store(u)).collect::<Result<Vec<_>, _>>()?;
+            let replicas = urls.iter().map(|u| open_blob_store(u, create)).collect::<Result<Vec<_>, _>>()?;
             return Stash::mirrored(replicas, min_copies);
         }
         if url.contains("://") && !url.starts_with("file://") {
-            return Ok(Stash::with_store(open_blob_store(url)?));
+            return Ok(Stash::with_store(open_blob_store(url, create)?));
         }
-        Stash::open(local_path(url)?)
+        Stash::open_directory(Path::new(local_path(url)?), create)
     }
 
     /// A stash that keeps a copy of every chunk and version record on each of `replicas`

@@ -50,7 +50,7 @@ enum StashCommand {
         /// Only names that start with this.
         prefix: Option<String>,
     },
-    /// Show every version of an entry, oldest first.
+    /// Show every version of an entry, newest first.
     Log {
         /// The entry's name.
         name: String,
@@ -103,7 +103,13 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
     let Some(url) = args.store else {
         bail!("no stash given: pass --store PATH_OR_URL");
     };
-    let stash = Stash::open_url(&url).with_context(|| format!("opening stash {url}"))?;
+    // Only `put` may make a new stash: elsewhere a mistyped path must be an error, not an
+    // empty stash. Messages carry the URL without its keys or password.
+    let opened = match args.command {
+        StashCommand::Put { .. } => Stash::open_url(&url),
+        _ => Stash::open_url_existing(&url),
+    };
+    let stash = opened.with_context(|| format!("opening stash {}", tessera::redact_url(&url)))?;
     let stash = stash.with_progress(progress_printer());
     match args.command {
         StashCommand::Put { name, file, tags } => {
