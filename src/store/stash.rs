@@ -1094,6 +1094,7 @@ impl Stash {
     fn read_record(&self, meta: &ObjectMeta) -> Result<Record, StoreError> {
         if let Some(index) = &self.inner.index {
             if let Some(record) = index.get(meta)? {
+                record.check_key(&meta.key)?;
                 return Ok(record);
             }
         }
@@ -1101,7 +1102,7 @@ impl Stash {
             key: meta.key.clone(),
             reason: "listed but vanished (deleted concurrently?)".into(),
         })?;
-        let record = Record::decode(&meta.key, &bytes)?;
+        let record = Record::decode_at(&meta.key, &bytes)?;
         if let Some(index) = &self.inner.index {
             index.insert(meta, &bytes)?;
         }
@@ -1114,8 +1115,10 @@ impl Stash {
         let prefix = record::record_prefix(name);
         let mut out = Vec::new();
         for meta in self.blobs().list(&prefix)? {
-            let version = parse_version(&meta.key[prefix.len()..], &meta.key)?;
-            out.push((version, meta));
+            match parse_version(&meta.key[prefix.len()..], &meta.key) {
+                Ok(version) => out.push((version, meta)),
+                Err(stray) => skip_stray(&stray),
+            }
         }
         out.sort_by_key(|(v, _)| *v);
         Ok(out)
@@ -1128,7 +1131,13 @@ impl Stash {
         let prefix = record::record_prefix(name);
         let mut latest: Option<(Version, String)> = None;
         for key in self.blobs().list_keys(&prefix)? {
-            let version = parse_version(&key[prefix.len()..], &key)?;
+            let version = match parse_version(&key[prefix.len()..], &key) {
+                Ok(version) => version,
+                Err(stray) => {
+                    skip_stray(&stray);
+                    continue;
+                }
+            };
             if latest.as_ref().is_none_or(|(v, _)| version > *v) {
                 latest = Some((version, key));
             }
@@ -1140,7 +1149,7 @@ impl Stash {
             .blobs()
             .get(&key)?
             .ok_or(StoreError::NotFound { name: name.to_string(), version: Some(version) })?;
-        Record::decode(&key, &bytes)
+        Record::decode_at(&key, &bytes)
     }
 
     fn record(&self, name: &str, version: Version) -> Result<Record, StoreError> {
@@ -1150,7 +1159,7 @@ impl Stash {
             .blobs()
             .get(&key)?
             .ok_or_else(|| StoreError::NotFound { name: name.to_string(), version: Some(version) })?;
-        Record::decode(&key, &bytes)
+        Record::decode_at(&key, &bytes)
     }
 
     fn tagged_record(&self, name: &str, key: &str, value: &str) -> Result<Record, StoreError> {
@@ -1195,21 +1204,28 @@ impl Stash {
         self.versions_of(name)?.iter().map(|(_, meta)| self.read_record(meta).map(|r| r.info())).collect()
     }
 
-    /// The names that start with `prefix`, sorted.
+    /// The names that start with `prefix`, sorted. Files under `records/` that are not
+    /// records (`records/<escaped name>/<version id>`) are skipped, with a warning.
     ///
     /// # Errors
     /// The backend's listing error.
     pub fn names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self.all_records()?.into_keys().filter(|n| n.starts_with(prefix)).collect())
+        let (records, strays) = self.all_records()?;
+        strays.iter().for_each(skip_stray);
+        Ok(records.into_keys().filter(|n| n.starts_with(prefix)).collect())
     }
 
-    /// The latest version of every name that starts with `prefix`, sorted by name.
+    /// The latest version of every name that starts with `prefix`, sorted by name. Files
+    /// under `records/` that are not records are skipped, with a warning.
     ///
     /// # Errors
-    /// [`StoreError::CorruptRecord`] if a latest record is damaged.
+    /// [`StoreError::CorruptRecord`] if a latest record is damaged (or is another
+    /// version's record, copied to the wrong key).
     pub fn list(&self, prefix: &str) -> Result<Vec<VersionInfo>, StoreError> {
         let mut out = Vec::new();
-        for (name, mut versions) in self.all_records()? {
+        let (records, strays) = self.all_records()?;
+        strays.iter().for_each(skip_stray);
+        for (name, mut versions) in records {
             if !name.starts_with(prefix) {
                 continue;
             }
@@ -1221,21 +1237,35 @@ impl Stash {
         Ok(out)
     }
 
-    /// Every record key, grouped by entry name.
-    fn all_records(&self) -> Result<BTreeMap<String, Vec<(Version, ObjectMeta)>>, StoreError> {
+    /// Every record key, grouped by entry name; and a [`StoreError::CorruptRecord`] for
+    /// each key under `records/` that is not `records/<escaped name>/<version id>` (a
+    /// stray file: callers report or skip it).
+    #[allow(clippy::type_complexity)]
+    fn all_records(
+        &self,
+    ) -> Result<(BTreeMap<String, Vec<(Version, ObjectMeta)>>, Vec<StoreError>), StoreError> {
         let mut out: BTreeMap<String, Vec<(Version, ObjectMeta)>> = BTreeMap::new();
+        let mut strays = Vec::new();
         for meta in self.blobs().list("records/")? {
             let rest = &meta.key["records/".len()..];
             let bad = |reason: &str| StoreError::CorruptRecord {
                 key: meta.key.clone(),
                 reason: reason.to_string(),
             };
-            let (segment, version) = rest.split_once('/').ok_or_else(|| bad("key has no version part"))?;
-            let name = record::unescape_name(segment).ok_or_else(|| bad("key has a malformed name part"))?;
-            let version = parse_version(version, &meta.key)?;
-            out.entry(name).or_default().push((version, meta));
+            let parsed = rest
+                .split_once('/')
+                .ok_or_else(|| bad("not a record: the key has no version part"))
+                .and_then(|(segment, version)| {
+                    let name = record::unescape_name(segment)
+                        .ok_or_else(|| bad("not a record: the key has a malformed name part"))?;
+                    Ok((name, parse_version(version, &meta.key)?))
+                });
+            match parsed {
+                Ok((name, version)) => out.entry(name).or_default().push((version, meta)),
+                Err(stray) => strays.push(stray),
+            }
         }
-        Ok(out)
+        Ok((out, strays))
     }
 
     // ---------------------------------------------------------------- changing
@@ -1295,8 +1325,9 @@ impl Stash {
     /// last [`DEFAULT_GC_GRACE`] (a save in flight may be using them).
     ///
     /// # Errors
-    /// [`StoreError::CorruptRecord`] if any record is damaged: gc deletes nothing then,
-    /// since it cannot know what that record references.
+    /// [`StoreError::CorruptRecord`] if any record is damaged, or a file under
+    /// `records/` is not a record: gc deletes no chunk then, since it cannot know what
+    /// that file references.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         self.gc_with_grace(DEFAULT_GC_GRACE)
     }
@@ -1311,12 +1342,18 @@ impl Stash {
         let mut report =
             GcReport { temporaries_removed: self.blobs().remove_temporaries(cutoff)?, ..GcReport::default() };
         let mut live = HashSet::new();
-        for versions in self.all_records()?.values() {
+        let (records, mut strays) = self.all_records()?;
+        if !strays.is_empty() {
+            // A file under records/ that is not a record may still be one kept under the
+            // wrong name, naming chunks: refuse rather than guess.
+            return Err(strays.swap_remove(0));
+        }
+        for versions in records.values() {
             for (_, meta) in versions {
                 let bytes = self.blobs().get(&meta.key)?;
                 // A record deleted since the listing references nothing.
                 let Some(bytes) = bytes else { continue };
-                live.extend(Record::decode(&meta.key, &bytes)?.chunks.iter().map(|c| c.hash));
+                live.extend(Record::decode_at(&meta.key, &bytes)?.chunks.iter().map(|c| c.hash));
             }
         }
         for meta in self.blobs().list("chunks/")? {
@@ -1349,10 +1386,12 @@ impl Stash {
         let mut report = VerifyReport::default();
         let mut good: HashSet<[u8; 32]> = HashSet::new();
         let mut buf = Vec::new();
-        for versions in self.all_records()?.values() {
+        let (records, strays) = self.all_records()?;
+        report.problems.extend(strays);
+        for versions in records.values() {
             for (_, meta) in versions {
                 let record = match self.blobs().get(&meta.key).and_then(|bytes| match bytes {
-                    Some(bytes) => Record::decode(&meta.key, &bytes).map(Some),
+                    Some(bytes) => Record::decode_at(&meta.key, &bytes).map(Some),
                     None => Ok(None),
                 }) {
                     Ok(Some(record)) => record,
@@ -1523,8 +1562,14 @@ fn mismatch(record: &Record, requested: String) -> StoreError {
 fn parse_version(text: &str, key: &str) -> Result<Version, StoreError> {
     text.parse().map_err(|_| StoreError::CorruptRecord {
         key: key.to_string(),
-        reason: "key does not end in a version id".into(),
+        reason: "not a record: the key does not end in a version id".into(),
     })
+}
+
+/// Warns about a file under `records/` that is not a record, which a listing skips
+/// (`verify` reports it).
+fn skip_stray(stray: &StoreError) {
+    tracing::warn!("skipped: {stray} (tessera stash verify reports it; move the file away)");
 }
 
 fn parse_hash(hex: &str) -> Option<[u8; 32]> {
