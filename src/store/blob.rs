@@ -131,6 +131,13 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
         Ok(0)
     }
 
+    /// The longest `/`-separated segment of a key this store can hold, in bytes, if it
+    /// has a limit: an entry name's escaped form (`records/<escaped name>/…`) must fit
+    /// (the embedded store: 255, the longest file name).
+    fn key_segment_limit(&self) -> Option<usize> {
+        None
+    }
+
     /// How many blobs to move at once in one save or load.
     fn parallelism(&self) -> usize {
         4

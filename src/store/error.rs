@@ -145,6 +145,22 @@ pub enum StoreError {
         /// Why.
         reason: &'static str,
     },
+    /// An entry name does not fit this store's keys once escaped (bytes other than
+    /// `A-Z a-z 0-9 _ -` take three: `%XX`).
+    #[error(
+        "name `{name}` is too long for {location}: escaped for its keys it takes {escaped_len} bytes, \
+         at most {limit} fit (bytes other than A-Z a-z 0-9 _ - count 3)"
+    )]
+    NameTooLong {
+        /// The name.
+        name: String,
+        /// The length of its escaped form.
+        escaped_len: usize,
+        /// The most this store holds.
+        limit: usize,
+        /// The store.
+        location: String,
+    },
     /// A store URL could not be understood.
     #[error("invalid store URL `{url}`: {reason}")]
     InvalidUrl {

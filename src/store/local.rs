@@ -419,6 +419,12 @@ impl BlobStore for LocalStore {
         self.remove_tmp_in(&self.root, older_than)
     }
 
+    fn key_segment_limit(&self) -> Option<usize> {
+        // A file name's limit on Linux filesystems (NAME_MAX); the `.tmp-*` names that
+        // writes go through are in the parent directory, so only the segment counts.
+        Some(255)
+    }
+
     fn parallelism(&self) -> usize {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(2, 8) * 2
     }

@@ -367,6 +367,10 @@ impl BlobStore for MirrorStore {
         Ok(self.require("remove temporaries", "", self.replicas.len(), removed)?.into_iter().sum())
     }
 
+    fn key_segment_limit(&self) -> Option<usize> {
+        self.replicas.iter().filter_map(|r| r.key_segment_limit()).min()
+    }
+
     fn parallelism(&self) -> usize {
         self.replicas.iter().map(|r| r.parallelism()).max().unwrap_or(1)
     }

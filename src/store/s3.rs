@@ -142,6 +142,13 @@ impl BlobStore for S3Store {
         }
     }
 
+    fn key_segment_limit(&self) -> Option<usize> {
+        // S3 keys are at most 1024 bytes; a record key is `records/` + the segment + `/` +
+        // a 24-digit version (the prefix under the bucket counts too).
+        let prefix = self.location.splitn(4, '/').nth(3).filter(|p| !p.is_empty()).map_or(0, |p| p.len() + 1);
+        Some(1024usize.saturating_sub("records/".len() + 1 + 24 + prefix))
+    }
+
     fn parallelism(&self) -> usize {
         8
     }

@@ -463,6 +463,24 @@ impl Stash {
         &*self.inner.blobs
     }
 
+    /// Checks a name and tags ([`validate`]), and that the name's key segment fits this
+    /// store's keys.
+    fn validate(&self, name: &str, tags: &[(&str, &str)]) -> Result<(), StoreError> {
+        validate(name, tags)?;
+        if let Some(limit) = self.blobs().key_segment_limit() {
+            let escaped_len = record::escape_name(name).len();
+            if escaped_len > limit {
+                return Err(StoreError::NameTooLong {
+                    name: name.to_string(),
+                    escaped_len,
+                    limit,
+                    location: self.location(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- saving
 
     /// Saves `value` as a new version of `name`, with `tags` (`key=value` pairs).
@@ -483,7 +501,7 @@ impl Stash {
             return self.save_array_bytes(name, bytes, tags);
         }
         let type_name = std::any::type_name::<T>();
-        validate(name, tags)?;
+        self.validate(name, tags)?;
         let payload = bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
             StoreError::Encode {
                 name: name.to_string(),
@@ -521,7 +539,7 @@ impl Stash {
         payload: &[u8],
         tags: &[(&str, &str)],
     ) -> Result<Version, StoreError> {
-        validate(name, tags)?;
+        self.validate(name, tags)?;
         self.save_payload(name, type_name.to_string(), Layout::Bincode, &[], payload, tags)
     }
 
@@ -536,7 +554,7 @@ impl Stash {
         bytes: array::ArrayBytes<'_>,
         tags: &[(&str, &str)],
     ) -> Result<Version, StoreError> {
-        validate(name, tags)?;
+        self.validate(name, tags)?;
         let layout = Layout::Array {
             dtype: bytes.dtype,
             shape: bytes.shape.iter().map(|&d| d as u64).collect(),
@@ -612,7 +630,7 @@ impl Stash {
     ) -> Result<Version, StoreError> {
         use std::io::Read;
         let path = path.as_ref();
-        validate(name, tags)?;
+        self.validate(name, tags)?;
         let file = std::fs::File::open(path).map_err(|e| StoreError::io("open", path, e))?;
         let len = file.metadata().map_err(|e| StoreError::io("stat", path, e))?.len();
         // The value is a byte string: its bincode length prefix, then the file's bytes.
@@ -1111,7 +1129,7 @@ impl Stash {
 
     /// The record keys of `name`, oldest first, with their versions.
     fn versions_of(&self, name: &str) -> Result<Vec<(Version, ObjectMeta)>, StoreError> {
-        validate(name, &[])?;
+        self.validate(name, &[])?;
         let prefix = record::record_prefix(name);
         let mut out = Vec::new();
         for meta in self.blobs().list(&prefix)? {
@@ -1127,7 +1145,7 @@ impl Stash {
     /// The latest record of `name`: lists only the keys (no per-version metadata), then
     /// reads that one record.
     fn latest_record(&self, name: &str) -> Result<Record, StoreError> {
-        validate(name, &[])?;
+        self.validate(name, &[])?;
         let prefix = record::record_prefix(name);
         let mut latest: Option<(Version, String)> = None;
         for key in self.blobs().list_keys(&prefix)? {
@@ -1153,7 +1171,7 @@ impl Stash {
     }
 
     fn record(&self, name: &str, version: Version) -> Result<Record, StoreError> {
-        validate(name, &[])?;
+        self.validate(name, &[])?;
         let key = record::record_key(name, version);
         let bytes = self
             .blobs()
@@ -1281,7 +1299,7 @@ impl Stash {
     /// [`StoreError::NotFound`] if the version does not exist, or was deleted before the
     /// tag landed; [`StoreError::Invalid`] for a bad tag; I/O errors.
     pub fn tag(&self, name: &str, version: Version, key: &str, value: &str) -> Result<(), StoreError> {
-        validate(name, &[(key, value)])?;
+        self.validate(name, &[(key, value)])?;
         let mut record = self.record(name, version)?;
         record.tags.insert(key.to_string(), value.to_string());
         let prefix = record::record_prefix(name);
@@ -1300,7 +1318,7 @@ impl Stash {
         let keys: Vec<String> = match version {
             Some(v) => {
                 let key = record::record_key(name, v);
-                validate(name, &[])?;
+                self.validate(name, &[])?;
                 if self.blobs().get(&key)?.is_none() {
                     return Err(StoreError::NotFound { name: name.to_string(), version: Some(v) });
                 }
