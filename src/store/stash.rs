@@ -107,6 +107,15 @@ impl std::fmt::Debug for Stash {
     }
 }
 
+/// A byte-string version about to be read: its record, its first chunk, and where the
+/// string starts in it and how long it is.
+struct ByteString {
+    record: Record,
+    first: Vec<u8>,
+    prefix: usize,
+    len: u64,
+}
+
 /// What [`Stash::gc`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -620,8 +629,9 @@ impl Stash {
     /// `ByteBuf`, or back into a file with [`load_to_file`](Stash::load_to_file).
     ///
     /// # Errors
-    /// [`StoreError::Io`] if the file cannot be read or changes size while it is read;
-    /// as [`save`](Stash::save).
+    /// [`StoreError::Io`] if the file cannot be read, is not a regular file (a pipe or
+    /// a device, whose length is unknown), or changes size while it is read; as
+    /// [`save`](Stash::save).
     pub fn save_file(
         &self,
         name: &str,
@@ -632,7 +642,16 @@ impl Stash {
         let path = path.as_ref();
         self.validate(name, tags)?;
         let file = std::fs::File::open(path).map_err(|e| StoreError::io("open", path, e))?;
-        let len = file.metadata().map_err(|e| StoreError::io("stat", path, e))?.len();
+        let meta = file.metadata().map_err(|e| StoreError::io("stat", path, e))?;
+        if !meta.is_file() {
+            // A pipe or a device has no length to check the bytes read against.
+            let e = std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file (a pipe or device): copy it to a file first, or save its bytes",
+            );
+            return Err(StoreError::io("open", path, e));
+        }
+        let len = meta.len();
         // The value is a byte string: its bincode length prefix, then the file's bytes.
         let head = bincode::serde::encode_to_vec(len, bincode::config::standard()).map_err(|e| {
             StoreError::Encode {
@@ -811,6 +830,60 @@ impl Stash {
         path: impl AsRef<Path>,
     ) -> Result<u64, StoreError> {
         let path = path.as_ref();
+        let ByteString { record, first, prefix, len } = self.byte_string(name, version)?;
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| StoreError::io("write", path, std::io::Error::other("the path names no file")))?;
+        let mut temp_name = file_name.to_os_string();
+        temp_name.push(format!(".partial-{}", std::process::id()));
+        let temp = path.with_file_name(temp_name);
+        let written = self.write_chunks_to(&record, &temp, first, prefix);
+        let finished = written
+            .and_then(|()| std::fs::rename(&temp, path).map_err(|e| StoreError::io("rename", path, e)));
+        if finished.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        finished.map(|()| len)
+    }
+
+    /// Writes a byte-string version of `name` (the latest, or `version`) to `out` in
+    /// order, streamed: one chunk ([`CHUNK_SIZE`]) is in memory at a time, whatever the
+    /// size; each chunk is checked before it is written. For outputs that cannot be
+    /// renamed into place (standard output): if a chunk turns out damaged, what was
+    /// written before it stays written, and the error says so. Returns the number of
+    /// bytes written.
+    ///
+    /// # Errors
+    /// As [`load_to_file`](Stash::load_to_file); [`StoreError::Io`] (path `(output)`)
+    /// if `out` fails.
+    pub fn load_to_writer(
+        &self,
+        name: &str,
+        version: Option<Version>,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u64, StoreError> {
+        let ByteString { record, first, prefix, len } = self.byte_string(name, version)?;
+        let output = Path::new("(output)");
+        let write = |out: &mut dyn std::io::Write, bytes: &[u8]| {
+            out.write_all(bytes).map_err(|e| StoreError::io("write", output, e))
+        };
+        let done = AtomicU64::new(0);
+        write(out, &first[prefix..])?;
+        self.advance(TransferKind::Load, &record.name, &done, first.len(), record.size);
+        let mut buffer = first;
+        for chunk in &record.chunks[1..] {
+            buffer.resize(chunk.len as usize, 0);
+            self.read_chunk(&record, chunk, &mut buffer)?;
+            write(out, &buffer)?;
+            self.advance(TransferKind::Load, &record.name, &done, buffer.len(), record.size);
+        }
+        out.flush().map_err(|e| StoreError::io("write", output, e))?;
+        Ok(len)
+    }
+
+    /// The record of a byte-string version, checked, with its first chunk read and the
+    /// string's length decoded from it.
+    fn byte_string(&self, name: &str, version: Option<Version>) -> Result<ByteString, StoreError> {
         let record = match version {
             Some(version) => self.record(name, version)?,
             None => self.latest_record(name)?,
@@ -835,19 +908,7 @@ impl Stash {
         if prefix as u64 + len != record.size {
             return Err(corrupt(format!("a {len}-byte string in {} bytes", record.size)));
         }
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| StoreError::io("write", path, std::io::Error::other("the path names no file")))?;
-        let mut temp_name = file_name.to_os_string();
-        temp_name.push(format!(".partial-{}", std::process::id()));
-        let temp = path.with_file_name(temp_name);
-        let written = self.write_chunks_to(&record, &temp, first, prefix);
-        let finished = written
-            .and_then(|()| std::fs::rename(&temp, path).map_err(|e| StoreError::io("rename", path, e)));
-        if finished.is_err() {
-            let _ = std::fs::remove_file(&temp);
-        }
-        finished.map(|()| len)
+        Ok(ByteString { record, first, prefix, len })
     }
 
     /// Reads every chunk of `record` (the first one already read: `first`) and writes the
@@ -1847,6 +1908,9 @@ mod tests {
             let out = dir.join("out.bin");
             assert_eq!(stash.load_to_file("file", None, &out).unwrap(), len as u64);
             assert!(std::fs::read(&out).unwrap() == bytes, "save_file then load_to_file, {len} bytes");
+            let mut streamed = Vec::new();
+            assert_eq!(stash.load_to_writer("file", Some(version), &mut streamed).unwrap(), len as u64);
+            assert!(streamed == bytes, "save_file then load_to_writer, {len} bytes");
             let saved = stash.save("buf", &serde_bytes::ByteBuf::from(bytes.clone()), &[]).unwrap();
             stash.load_to_file("buf", Some(saved), &out).unwrap();
             assert!(std::fs::read(&out).unwrap() == bytes, "save then load_to_file, {len} bytes");
@@ -1863,6 +1927,8 @@ mod tests {
         bytes[100] ^= 1;
         std::fs::write(&damaged, bytes).unwrap();
         let broken = stash.load_to_file("file", None, &out);
+        assert!(matches!(broken, Err(StoreError::Checksum { .. })), "{broken:?}");
+        let broken = stash.load_to_writer("file", None, &mut Vec::new());
         assert!(matches!(broken, Err(StoreError::Checksum { .. })), "{broken:?}");
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(!out.exists() && left.iter().all(|n| !n.to_string_lossy().contains("partial")), "{left:?}");

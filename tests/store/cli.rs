@@ -229,3 +229,46 @@ fn cli_log_help_matches_its_order() {
     assert!(help.contains("newest first") && !help.contains("oldest"), "{help}");
     // (cli_lists_shows_tags_removes_gcs_and_verifies checks the order itself.)
 }
+
+/// `put NAME -` and `put NAME /dev/stdin` save standard input (a pipe: no length known in
+/// advance); `get NAME -o -` streams a version to standard output.
+#[test]
+fn cli_puts_from_standard_input_and_gets_to_standard_output() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stash");
+    // Three chunks and a bit.
+    let bytes: Vec<u8> = (0..(3 * tessera::CHUNK_SIZE + 1000) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    for source in ["-", "/dev/stdin"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["stash", "put", "piped", source, "--store"])
+            .arg(&root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = bytes.clone();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap().unwrap();
+        assert!(out.status.success(), "put {source}: {}", String::from_utf8_lossy(&out.stderr));
+        let version = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let got = tessera(&root, &["get", "piped", "-o", "-", "--version", &version]);
+        assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+        assert!(
+            got.stdout == bytes,
+            "get -o - gave {} bytes, not the {} put from {source}",
+            got.stdout.len(),
+            bytes.len()
+        );
+    }
+    assert_eq!(Stash::open(&root).unwrap().history("piped").unwrap().len(), 2);
+    // A missing name writes nothing to standard output.
+    let out = tessera(&root, &["get", "nothing", "-o", "-"]);
+    assert!(!out.status.success() && out.stdout.is_empty());
+}
