@@ -255,8 +255,8 @@ fn cli_puts_from_standard_input_and_gets_to_standard_output() {
         let input = bytes.clone();
         let writer = std::thread::spawn(move || stdin.write_all(&input));
         let out = child.wait_with_output().unwrap();
-        writer.join().unwrap().unwrap();
         assert!(out.status.success(), "put {source}: {}", String::from_utf8_lossy(&out.stderr));
+        writer.join().unwrap().unwrap();
         let version = String::from_utf8(out.stdout).unwrap().trim().to_string();
         let got = tessera(&root, &["get", "piped", "-o", "-", "--version", &version]);
         assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
