@@ -15,6 +15,11 @@
 //! - [`Stash::mirrored`] or `mirror:URL,URL` URLs: a copy on each of several stores, read
 //!   from the first intact copy and brought back whole by [`Stash::repair`].
 //!
+//! `open` and `open_url` make a missing or empty directory a new stash (saving needs
+//! nothing more); [`Stash::open_existing`] and [`Stash::open_url_existing`] refuse it
+//! with [`StoreError::NoStash`], for reading and maintenance at a path that may be
+//! mistyped.
+//!
 //! # Guarantees
 //! A version is listed only after all its chunks are durable; a process killed mid-save
 //! leaves earlier versions intact and lists no partial one. Concurrent saves (threads or
