@@ -24,8 +24,8 @@ pub use devices::*;
 pub use error::{Error, Result};
 pub use net::*;
 pub use store::{
-    ArrayElement, BlobStore, Dtype, GcReport, Layout, ObjectMeta, PutBatch, RepairReport, Stash, StoreError,
-    StoreStats, TransferKind, TransferProgress, VerifyReport, Version, VersionInfo, CHUNK_SIZE,
+    redact_url, ArrayElement, BlobStore, Dtype, GcReport, Layout, ObjectMeta, PutBatch, RepairReport, Stash,
+    StoreError, StoreStats, TransferKind, TransferProgress, VerifyReport, Version, VersionInfo, CHUNK_SIZE,
     DEFAULT_GC_GRACE,
 };
 

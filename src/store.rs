@@ -15,6 +15,11 @@
 //! - [`Stash::mirrored`] or `mirror:URL,URL` URLs: a copy on each of several stores, read
 //!   from the first intact copy and brought back whole by [`Stash::repair`].
 //!
+//! `open` and `open_url` make a missing or empty directory a new stash (saving needs
+//! nothing more); [`Stash::open_existing`] and [`Stash::open_url_existing`] refuse it
+//! with [`StoreError::NoStash`], for reading and maintenance at a path that may be
+//! mistyped.
+//!
 //! # Guarantees
 //! A version is listed only after all its chunks are durable; a process killed mid-save
 //! leaves earlier versions intact and lists no partial one. Concurrent saves (threads or
@@ -54,8 +59,8 @@ pub use array::{ArrayElement, Dtype};
 pub use blob::{BlobStore, ObjectMeta, PutBatch, RepairReport};
 pub use error::StoreError;
 pub use record::{Layout, VersionInfo};
-pub(crate) use stash::redact_url;
 pub use stash::{
-    GcReport, Stash, StoreStats, TransferKind, TransferProgress, VerifyReport, CHUNK_SIZE, DEFAULT_GC_GRACE,
+    redact_url, GcReport, Stash, StoreStats, TransferKind, TransferProgress, VerifyReport, CHUNK_SIZE,
+    DEFAULT_GC_GRACE,
 };
 pub use version::Version;

@@ -40,6 +40,18 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Stores `bytes` under `key`, replacing any old value.
     fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError>;
 
+    /// Replaces the blob under `key` with `bytes` only if one is stored there; returns
+    /// whether it did. Used to rewrite a version record (tags) without bringing back a
+    /// version deleted meanwhile. Backends make the check and the write one atomic step
+    /// where they can (SAFETY.md, "Tag races"); the default checks, then puts, so a
+    /// delete in between is undone.
+    fn replace(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        if self.get(key)?.is_none() {
+            return Ok(false);
+        }
+        self.put(key, bytes).map(|()| true)
+    }
+
     /// The blob under `key`, or `None` if there is none.
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
 
@@ -69,9 +81,25 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     fn has(&self, key: &str, len: u64) -> Result<bool, StoreError>;
 
     /// Marks `key` as recently used, so that a concurrent [`gc`](super::Stash::gc) with a
-    /// grace period keeps it. Backends that cannot do this cheaply do nothing.
-    fn touch(&self, _key: &str) -> Result<(), StoreError> {
-        Ok(())
+    /// grace period keeps it. Returns `Ok(false)` when the blob is no longer stored (a
+    /// gc took it away first): the caller must then write it again before naming it in a
+    /// record. A backend that can touch must make this atomic with
+    /// [`delete_if_untouched`](BlobStore::delete_if_untouched): either the touch lands
+    /// first and the delete keeps the blob, or the delete lands first and the touch
+    /// returns `Ok(false)`. Backends that cannot touch cheaply do nothing and return
+    /// `Ok(true)`.
+    fn touch(&self, _key: &str) -> Result<bool, StoreError> {
+        Ok(true)
+    }
+
+    /// Deletes `key` unless it was written or [touched](BlobStore::touch) after `since`;
+    /// returns whether it is gone. Used by gc on chunks that no record names: the check
+    /// and the delete are one atomic step against `touch`, so a save that reuses the
+    /// chunk either keeps it or learns that it must write it again. The default deletes
+    /// unconditionally (for backends that cannot touch: the caller has already checked
+    /// the listed time).
+    fn delete_if_untouched(&self, key: &str, _since: SystemTime) -> Result<bool, StoreError> {
+        self.delete(key).map(|()| true)
     }
 
     /// Every object whose key starts with `prefix`.
@@ -101,6 +129,13 @@ pub trait BlobStore: Send + Sync + fmt::Debug {
     /// Removes leftovers of interrupted writes older than `older_than`; returns how many.
     fn remove_temporaries(&self, _older_than: SystemTime) -> Result<usize, StoreError> {
         Ok(0)
+    }
+
+    /// The longest `/`-separated segment of a key this store can hold, in bytes, if it
+    /// has a limit: an entry name's escaped form (`records/<escaped name>/…`) must fit
+    /// (the embedded store: 255, the longest file name).
+    fn key_segment_limit(&self) -> Option<usize> {
+        None
     }
 
     /// How many blobs to move at once in one save or load.

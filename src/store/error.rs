@@ -145,10 +145,27 @@ pub enum StoreError {
         /// Why.
         reason: &'static str,
     },
+    /// An entry name does not fit this store's keys once escaped (bytes other than
+    /// `A-Z a-z 0-9 _ -` take three: `%XX`).
+    #[error(
+        "name `{name}` is too long for {location}: escaped for its keys it takes {escaped_len} bytes, \
+         at most {limit} fit (bytes other than A-Z a-z 0-9 _ - count 3)"
+    )]
+    NameTooLong {
+        /// The name.
+        name: String,
+        /// The length of its escaped form.
+        escaped_len: usize,
+        /// The most this store holds.
+        limit: usize,
+        /// The store.
+        location: String,
+    },
     /// A store URL could not be understood.
     #[error("invalid store URL `{url}`: {reason}")]
     InvalidUrl {
-        /// The URL as given.
+        /// The URL as given, credentials left out (each query becomes `?…`, a password
+        /// in the user part is dropped).
         url: String,
         /// Why it was rejected.
         reason: String,
@@ -164,6 +181,13 @@ pub enum StoreError {
     /// The directory exists, is not empty, and is not a stash.
     #[error("`{path}` is not empty and is not a stash (no STASH marker file)")]
     NotAStash {
+        /// The directory.
+        path: String,
+    },
+    /// There is no stash at this path (the directory is missing or empty), and it was
+    /// opened for reading ([`Stash::open_existing`](super::Stash::open_existing)).
+    #[error("no stash at `{path}` (missing or empty directory; saving into it creates one)")]
+    NoStash {
         /// The directory.
         path: String,
     },
@@ -197,6 +221,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// [`StoreError::InvalidUrl`] for `url`, redacted: error messages never carry keys or
+    /// passwords.
+    pub(crate) fn invalid_url(url: &str, reason: impl Into<String>) -> Self {
+        StoreError::InvalidUrl { url: super::redact_url(url), reason: reason.into() }
+    }
+
     pub(crate) fn io(op: &'static str, path: &std::path::Path, source: std::io::Error) -> Self {
         StoreError::Io { op, path: path.display().to_string(), source }
     }

@@ -8,6 +8,14 @@
 //!    removed by `remove_temporaries` (called by the stash's gc).
 //! 3. Directory entries become durable at [`sync`](BlobStore::sync), which fsyncs the
 //!    directory; the stash calls it before it commits a record that points at them.
+//! 4. gc deletes a blob only through [`delete_if_untouched`](BlobStore::delete_if_untouched):
+//!    it renames the file to a `.gc-*` name, reads its time there, and deletes it only if
+//!    no touch landed; otherwise it links it back under its name. A touch sets the time
+//!    through an open handle, then checks that the name still leads to that file: if gc
+//!    renamed it away first, the touch reports the blob missing (and the save writes it
+//!    again); if not, the rename came after the new time, which gc then sees.
+//! 5. A `.gc-*` file left by a gc that died between rename and delete is linked back
+//!    under its name by the next `remove_temporaries` (the start of every gc).
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read, Write};
 use std::path::{Path, PathBuf};
@@ -19,6 +27,9 @@ use super::blob::{BlobStore, ObjectMeta, PutBatch};
 use super::StoreError;
 
 const TMP_PREFIX: &str = ".tmp-";
+/// Blobs that gc has taken out of use while it decides whether to delete them
+/// (`.gc-<pid>-<n>-<name>`).
+const GC_PREFIX: &str = ".gc-";
 /// Bytes read per system call when reading and hashing a blob.
 const READ_PIECE: usize = 512 << 10;
 
@@ -102,7 +113,7 @@ impl LocalStore {
             let Some(name) = file_name.to_str() else {
                 continue;
             };
-            if name.starts_with(TMP_PREFIX) {
+            if name.starts_with(TMP_PREFIX) || name.starts_with(GC_PREFIX) {
                 continue;
             }
             let key = format!("{key_prefix}{name}");
@@ -130,8 +141,13 @@ impl LocalStore {
             let entry = entry.map_err(|e| StoreError::io("list", dir, e))?;
             let meta = entry.metadata().map_err(|e| StoreError::io("stat", &entry.path(), e))?;
             let is_tmp = entry.file_name().to_str().is_some_and(|n| n.starts_with(TMP_PREFIX));
+            let gc_name = entry.file_name().to_str().and_then(quarantined_name).map(str::to_string);
             if meta.is_dir() {
                 removed += self.remove_tmp_in(&entry.path(), older_than)?;
+            } else if let Some(name) = gc_name {
+                // Left by a gc that stopped midway: put it back (keeping an unreferenced
+                // blob is harmless; the next gc decides again).
+                restore(&entry.path(), &dir.join(name))?;
             } else if is_tmp && meta.modified().map(|m| m < older_than).unwrap_or(false) {
                 fs::remove_file(entry.path()).map_err(|e| StoreError::io("remove", &entry.path(), e))?;
                 removed += 1;
@@ -139,6 +155,88 @@ impl LocalStore {
         }
         Ok(removed)
     }
+}
+
+/// The blob name in a `.gc-<pid>-<n>-<name>` file name.
+fn quarantined_name(file_name: &str) -> Option<&str> {
+    let rest = file_name.strip_prefix(GC_PREFIX)?;
+    let (_pid, rest) = rest.split_once('-')?;
+    let (_n, name) = rest.split_once('-')?;
+    Some(name).filter(|n| !n.is_empty())
+}
+
+/// Links the blob that gc set aside at `quarantine` back under `path` (unless a new copy
+/// is there already) and removes the gc name. Another gc may have restored it first.
+fn restore(quarantine: &Path, path: &Path) -> Result<(), StoreError> {
+    match fs::hard_link(quarantine, path) {
+        Ok(()) => {}
+        Err(e) if matches!(e.kind(), ErrorKind::AlreadyExists | ErrorKind::NotFound) => {}
+        Err(e) => return Err(StoreError::io("link", path, e)),
+    }
+    match fs::remove_file(quarantine) {
+        Err(e) if e.kind() != ErrorKind::NotFound => Err(StoreError::io("remove", quarantine, e)),
+        _ => Ok(()),
+    }
+}
+
+/// Swaps the files at `new` and `old` in one step, only if `old` exists; returns whether
+/// it did (Linux `renameat2(RENAME_EXCHANGE)`, so that a delete of `old` either comes
+/// first and nothing is written, or comes after and deletes the new file). Where the
+/// filesystem cannot exchange, checks then renames (a delete in between is undone).
+fn exchange(new: &Path, old: &Path) -> Result<bool, StoreError> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let c_path = |p: &Path| {
+            CString::new(p.as_os_str().as_bytes())
+                .map_err(|e| StoreError::io("rename", p, std::io::Error::other(e)))
+        };
+        let (from, to) = (c_path(new)?, c_path(old)?);
+        // SAFETY: both pointers are NUL-terminated strings that live across the call;
+        // renameat2 only reads them.
+        let rc = unsafe {
+            libc::syscall(
+                libc::SYS_renameat2,
+                libc::AT_FDCWD,
+                from.as_ptr(),
+                libc::AT_FDCWD,
+                to.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if rc == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOENT) => return Ok(false),
+            // Not supported by this kernel or filesystem: fall through.
+            Some(libc::EINVAL | libc::ENOSYS | libc::EOPNOTSUPP) => {}
+            _ => return Err(StoreError::io("rename", old, e)),
+        }
+    }
+    if !old.exists() {
+        return Ok(false);
+    }
+    fs::rename(new, old).map_err(|e| StoreError::io("rename", old, e)).map(|()| true)
+}
+
+/// Whether `path` still names the file open as `file`.
+#[cfg(unix)]
+fn still_named(file: &File, path: &Path) -> Result<bool, StoreError> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata().map_err(|e| StoreError::io("stat", path, e))?;
+    match fs::metadata(path) {
+        Ok(named) => Ok(named.dev() == open.dev() && named.ino() == open.ino()),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(StoreError::io("stat", path, e)),
+    }
+}
+
+#[cfg(not(unix))]
+fn still_named(_file: &File, path: &Path) -> Result<bool, StoreError> {
+    Ok(path.exists())
 }
 
 /// Creates `dir` and its missing ancestors, fsyncing the parent of each directory it
@@ -182,6 +280,18 @@ impl BlobStore for LocalStore {
         self.write_new(&self.path(key), bytes)
     }
 
+    fn replace(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        let path = self.path(key);
+        let (tmp, file) = self.write_tmp(&path, bytes)?;
+        let swapped = file
+            .sync_all()
+            .map_err(|e| StoreError::io("fsync", &tmp, e))
+            .and_then(|()| exchange(&tmp, &path));
+        // After an exchange `tmp` holds the old blob; otherwise the unused new one.
+        let _ = fs::remove_file(&tmp);
+        swapped
+    }
+
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let path = self.path(key);
         match fs::read(&path) {
@@ -223,13 +333,51 @@ impl BlobStore for LocalStore {
         }
     }
 
-    fn touch(&self, key: &str) -> Result<(), StoreError> {
+    fn touch(&self, key: &str) -> Result<bool, StoreError> {
         let path = self.path(key);
-        File::options()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_modified(SystemTime::now()))
-            .map_err(|e| StoreError::io("touch", &path, e))
+        let file = match File::options().write(true).open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(StoreError::io("touch", &path, e)),
+        };
+        file.set_modified(SystemTime::now()).map_err(|e| StoreError::io("touch", &path, e))?;
+        // Invariant 4: if gc renamed the file away before the new time was set, the name
+        // leads elsewhere (or nowhere) now, and the touch does not count.
+        still_named(&file, &path)
+    }
+
+    fn delete_if_untouched(&self, key: &str, since: SystemTime) -> Result<bool, StoreError> {
+        let path = self.path(key);
+        let touched = |meta: &fs::Metadata| meta.modified().map(|m| m > since).unwrap_or(false);
+        match fs::metadata(&path) {
+            Ok(meta) if touched(&meta) => return Ok(false),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(StoreError::io("stat", &path, e)),
+        }
+        // Invariant 4: take the file out of use, then read its time where no touch can
+        // reach it any more.
+        let (dir, file_name) = match (path.parent(), path.file_name().and_then(|n| n.to_str())) {
+            (Some(dir), Some(name)) => (dir, name),
+            _ => return Err(StoreError::io("remove", &path, std::io::Error::other("not a blob path"))),
+        };
+        let n = self.tmp_counter.fetch_add(1, Ordering::Relaxed);
+        let quarantine = dir.join(format!("{GC_PREFIX}{}-{n}-{file_name}", std::process::id()));
+        match fs::rename(&path, &quarantine) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(true),
+            Err(e) => return Err(StoreError::io("rename", &path, e)),
+        }
+        match fs::metadata(&quarantine) {
+            Ok(meta) if !touched(&meta) => match fs::remove_file(&quarantine) {
+                Err(e) if e.kind() != ErrorKind::NotFound => Err(StoreError::io("remove", &quarantine, e)),
+                _ => Ok(true),
+            },
+            // Touched after all (or restored by another gc's recovery): put it back.
+            Ok(_) => restore(&quarantine, &path).map(|()| false),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(StoreError::io("stat", &quarantine, e)),
+        }
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
@@ -269,6 +417,12 @@ impl BlobStore for LocalStore {
 
     fn remove_temporaries(&self, older_than: SystemTime) -> Result<usize, StoreError> {
         self.remove_tmp_in(&self.root, older_than)
+    }
+
+    fn key_segment_limit(&self) -> Option<usize> {
+        // A file name's limit on Linux filesystems (NAME_MAX); the `.tmp-*` names that
+        // writes go through are in the parent directory, so only the segment counts.
+        Some(255)
     }
 
     fn parallelism(&self) -> usize {

@@ -244,6 +244,13 @@ impl BlobStore for MirrorStore {
         self.require("put", key, self.min_copies, self.on_each(|r| r.put(key, bytes))).map(drop)
     }
 
+    fn replace(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        // Each replica replaces only its own existing copy, so a delete is never undone
+        // on any of them; the blob was replaced if some replica still held it.
+        let replaced = self.require("put", key, self.min_copies, self.on_each(|r| r.replace(key, bytes)))?;
+        Ok(replaced.into_iter().any(|r| r))
+    }
+
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let mut lacking = Vec::new();
         let mut damaged = None;
@@ -322,8 +329,16 @@ impl BlobStore for MirrorStore {
         Ok(self.on_each(|r| r.has(key, len)).into_iter().all(|held| matches!(held, Ok(true))))
     }
 
-    fn touch(&self, key: &str) -> Result<(), StoreError> {
-        self.require("touch", key, self.min_copies, self.on_each(|r| r.touch(key))).map(drop)
+    fn touch(&self, key: &str) -> Result<bool, StoreError> {
+        // Missing from any replica that answered: the save writes it again everywhere.
+        let touched = self.require("touch", key, self.min_copies, self.on_each(|r| r.touch(key)))?;
+        Ok(touched.into_iter().all(|t| t))
+    }
+
+    fn delete_if_untouched(&self, key: &str, since: SystemTime) -> Result<bool, StoreError> {
+        // Every replica, as `delete`; each decides atomically with its own `touch`.
+        let gone = self.on_each(|r| r.delete_if_untouched(key, since));
+        Ok(self.require("delete", key, self.replicas.len(), gone)?.into_iter().all(|g| g))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
@@ -350,6 +365,10 @@ impl BlobStore for MirrorStore {
     fn remove_temporaries(&self, older_than: SystemTime) -> Result<usize, StoreError> {
         let removed = self.on_each(|r| r.remove_temporaries(older_than));
         Ok(self.require("remove temporaries", "", self.replicas.len(), removed)?.into_iter().sum())
+    }
+
+    fn key_segment_limit(&self) -> Option<usize> {
+        self.replicas.iter().filter_map(|r| r.key_segment_limit()).min()
     }
 
     fn parallelism(&self) -> usize {

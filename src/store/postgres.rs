@@ -53,7 +53,7 @@ fn backend_error(op: &'static str, key: &str, e: tokio_postgres::Error) -> Store
 
 impl PostgresStore {
     pub(crate) fn open(url: &str) -> Result<PostgresStore, StoreError> {
-        let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
+        let invalid = |reason: String| StoreError::invalid_url(url, reason);
         let (base, query) = split_query(url)?;
         let mut table = "tessera_stash".to_string();
         let mut connections = DEFAULT_CONNECTIONS;
@@ -126,6 +126,16 @@ impl BlobStore for PostgresStore {
             .map_err(|e| backend_error("put", key, e))
     }
 
+    fn replace(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        // One statement: a concurrent DELETE either comes first (no row to update) or
+        // waits for it and deletes the new value.
+        let sql = format!("UPDATE \"{}\" SET value = $2, modified = now() WHERE key = $1", self.table);
+        self.blocking
+            .block_on(self.client().execute(&sql, &[&key, &bytes]))
+            .map(|rows| rows > 0)
+            .map_err(|e| backend_error("put", key, e))
+    }
+
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         let sql = format!("SELECT value FROM \"{}\" WHERE key = $1", self.table);
         let row = self
@@ -144,12 +154,23 @@ impl BlobStore for PostgresStore {
         Ok(row.is_some_and(|r| r.get::<_, i64>(0) as u64 == len))
     }
 
-    fn touch(&self, key: &str) -> Result<(), StoreError> {
+    fn touch(&self, key: &str) -> Result<bool, StoreError> {
+        // One row-locking statement: it and gc's conditional DELETE run one after the
+        // other, so either this finds the row (and the DELETE then sees the new time) or
+        // it finds none.
         let sql = format!("UPDATE \"{}\" SET modified = now() WHERE key = $1", self.table);
         self.blocking
             .block_on(self.client().execute(&sql, &[&key]))
-            .map(|_| ())
+            .map(|rows| rows > 0)
             .map_err(|e| backend_error("touch", key, e))
+    }
+
+    fn delete_if_untouched(&self, key: &str, since: SystemTime) -> Result<bool, StoreError> {
+        let sql = format!("DELETE FROM \"{}\" WHERE key = $1 AND modified <= $2", self.table);
+        self.blocking
+            .block_on(self.client().execute(&sql, &[&key, &since]))
+            .map(|rows| rows > 0)
+            .map_err(|e| backend_error("delete", key, e))
     }
 
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {

@@ -125,6 +125,30 @@ impl Record {
         Ok(record)
     }
 
+    /// [`decode`](Record::decode), then checks that the record belongs under `key`: a
+    /// record copied under another name's or version's key (a backup restored to the
+    /// wrong place) is corrupt, not a second copy of that version.
+    pub(crate) fn decode_at(key: &str, bytes: &[u8]) -> Result<Record, StoreError> {
+        let record = Record::decode(key, bytes)?;
+        record.check_key(key)?;
+        Ok(record)
+    }
+
+    /// Whether this record's name and version are those its key says.
+    pub(crate) fn check_key(&self, key: &str) -> Result<(), StoreError> {
+        let own = record_key(&self.name, self.version);
+        if own == key {
+            return Ok(());
+        }
+        Err(StoreError::CorruptRecord {
+            key: key.to_string(),
+            reason: format!(
+                "it holds `{}` version {}, whose record belongs at `{own}`",
+                self.name, self.version
+            ),
+        })
+    }
+
     /// The version checksum: BLAKE3 over the size and every chunk's BLAKE3 hash in order.
     pub(crate) fn checksum_of(size: u64, chunks: &[ChunkRef]) -> [u8; 32] {
         let mut hasher = blake3::Hasher::new();

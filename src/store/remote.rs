@@ -82,10 +82,8 @@ pub(crate) fn split_query(url: &str) -> Result<(&str, QueryPairs), StoreError> {
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
         let decode = |s: &str| {
-            percent_decode(s).ok_or_else(|| StoreError::InvalidUrl {
-                url: url.to_string(),
-                reason: format!("bad percent-escape in `{s}`"),
-            })
+            // (The text is not quoted: it may be a key.)
+            percent_decode(s).ok_or_else(|| StoreError::invalid_url(url, "bad percent-escape in the query"))
         };
         pairs.push((decode(k)?, decode(v)?));
     }

@@ -33,7 +33,7 @@ fn backend_error(op: &'static str, key: &str, e: opendal::Error) -> StoreError {
 
 impl S3Store {
     pub(crate) fn open(url: &str) -> Result<S3Store, StoreError> {
-        let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
+        let invalid = |reason: String| StoreError::invalid_url(url, reason);
         let (base, query) = split_query(url)?;
         let rest = base.strip_prefix("s3://").ok_or_else(|| invalid("expected s3://".into()))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -80,6 +80,27 @@ impl BlobStore for S3Store {
             .map_err(|e| backend_error("put", key, e))
     }
 
+    fn replace(&self, key: &str, bytes: &[u8]) -> Result<bool, StoreError> {
+        // A conditional PUT (If-Match on the ETag just read): it fails if the object was
+        // deleted (or rewritten) since. Servers that ignore If-Match leave a window in
+        // which a concurrent delete is undone (SAFETY.md, "Tag races").
+        let etag = match self.blocking.block_on(self.operator.stat(key)) {
+            Ok(meta) => meta.etag().map(str::to_string),
+            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(backend_error("stat", key, e)),
+        };
+        let Some(etag) = etag else {
+            self.put(key, bytes)?;
+            return Ok(true);
+        };
+        let write = self.operator.write_with(key, bytes.to_vec()).if_match(&etag).into_future();
+        match self.blocking.block_on(write) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(e.kind(), ErrorKind::ConditionNotMatch | ErrorKind::NotFound) => Ok(false),
+            Err(e) => Err(backend_error("put", key, e)),
+        }
+    }
+
     fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         match self.blocking.block_on(self.operator.read(key)) {
             Ok(buffer) => Ok(Some(buffer.to_vec())),
@@ -119,6 +140,13 @@ impl BlobStore for S3Store {
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
             Err(e) => Err(backend_error("delete", key, e)),
         }
+    }
+
+    fn key_segment_limit(&self) -> Option<usize> {
+        // S3 keys are at most 1024 bytes; a record key is `records/` + the segment + `/` +
+        // a 24-digit version (the prefix under the bucket counts too).
+        let prefix = self.location.splitn(4, '/').nth(3).filter(|p| !p.is_empty()).map_or(0, |p| p.len() + 1);
+        Some(1024usize.saturating_sub("records/".len() + 1 + 24 + prefix))
     }
 
     fn parallelism(&self) -> usize {

@@ -11,7 +11,12 @@
 //!    writes a new record key, so concurrent saves of one name all land.
 //! 4. Every chunk is hashed again when read; a mismatch is an error naming the entry.
 //! 5. gc deletes only chunks that no record names and that were not written or reused
-//!    within the grace period, so saves in flight keep their chunks.
+//!    within the grace period, so saves in flight keep their chunks. The last check is
+//!    made by the store in one step with the delete (`delete_if_untouched`), atomically
+//!    against a save's `touch`: a chunk reused after gc listed it is never deleted, and a
+//!    touch that comes too late reports the chunk missing, so the save writes it again.
+//! 6. A record is rewritten (tags) only while it exists (`replace`), so a deleted version
+//!    never comes back.
 use std::any::{Any, TypeId};
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
@@ -102,6 +107,15 @@ impl std::fmt::Debug for Stash {
     }
 }
 
+/// A byte-string version about to be read: its record, its first chunk, and where the
+/// string starts in it and how long it is.
+struct ByteString {
+    record: Record,
+    first: Vec<u8>,
+    prefix: usize,
+    len: u64,
+}
+
 /// What [`Stash::gc`] did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -144,22 +158,45 @@ pub struct StoreStats {
     pub chunk_bytes: u64,
 }
 
+/// Whether opening a stash may create it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Create {
+    /// Make the directory a stash if it is missing or empty (saves).
+    IfMissing,
+    /// The stash must exist already (reads and maintenance: a mistyped path is an error).
+    Never,
+}
+
 /// Makes `root` an embedded stash directory (creating it and its marker file), or checks
 /// that it is one.
-fn prepare_directory(root: &Path) -> Result<(), StoreError> {
+fn prepare_directory(root: &Path, create: Create) -> Result<(), StoreError> {
+    if root.as_os_str().is_empty() {
+        return Err(StoreError::invalid_url("", "the stash path is empty"));
+    }
     let marker = root.join(MARKER_FILE);
     if marker.exists() {
         return Ok(());
     }
+    let missing = || StoreError::NoStash { path: root.display().to_string() };
     match std::fs::read_dir(root) {
         Ok(mut entries) => {
             // Another process may be creating this stash right now: give its marker a
             // moment to appear before calling the directory foreign.
-            if entries.next().is_some() && !wait_for(&marker, std::time::Duration::from_secs(2)) {
+            let empty = entries.next().is_none();
+            if !empty && !wait_for(&marker, std::time::Duration::from_secs(2)) {
                 return Err(StoreError::NotAStash { path: root.display().to_string() });
+            }
+            if !empty {
+                return Ok(());
+            }
+            if create == Create::Never {
+                return Err(missing());
             }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            if create == Create::Never {
+                return Err(missing());
+            }
             std::fs::create_dir_all(root).map_err(|e| StoreError::io("mkdir", root, e))?;
         }
         Err(e) => return Err(StoreError::io("list", root, e)),
@@ -171,7 +208,13 @@ fn prepare_directory(root: &Path) -> Result<(), StoreError> {
 
 /// A store URL fit for messages and logs: each URL's query (S3's keys) becomes `?…` and a
 /// password in its user part is dropped; a mirror's replicas are redacted one by one.
-pub(crate) fn redact_url(url: &str) -> String {
+///
+/// # Examples
+/// ```
+/// let url = "postgres://me:secret@db/x?table=t";
+/// assert_eq!(tessera::redact_url(url), "postgres://me@db/x?…");
+/// ```
+pub fn redact_url(url: &str) -> String {
     if let Some(list) = url.strip_prefix("mirror:") {
         let (list, options) = match list.split_once(';') {
             Some((list, options)) => (list, format!(";{options}")),
@@ -205,21 +248,18 @@ fn redact_one_url(url: &str) -> String {
 fn local_path(url: &str) -> Result<&str, StoreError> {
     match url.strip_prefix("file://") {
         Some(path) if path.starts_with('/') => Ok(path),
-        Some(_) => Err(StoreError::InvalidUrl {
-            url: url.to_string(),
-            reason: "file URLs need an absolute path (file:///dir)".into(),
-        }),
+        Some(_) => Err(StoreError::invalid_url(url, "file URLs need an absolute path (file:///dir)")),
         None => Ok(url),
     }
 }
 
 /// The blob store a URL names (a mirror's replica): an embedded-store directory is
 /// opened without its record index, which caches records for one process at a time.
-fn open_blob_store(url: &str) -> Result<Box<dyn BlobStore>, StoreError> {
+fn open_blob_store(url: &str, create: Create) -> Result<Box<dyn BlobStore>, StoreError> {
     match url.split_once("://").map_or("file", |(scheme, _)| scheme) {
         "file" => {
             let path = local_path(url)?;
-            prepare_directory(Path::new(path))?;
+            prepare_directory(Path::new(path), create)?;
             Ok(Box::new(LocalStore::new(path.into())))
         }
         #[cfg(feature = "s3")]
@@ -232,10 +272,10 @@ fn open_blob_store(url: &str) -> Result<Box<dyn BlobStore>, StoreError> {
         scheme @ ("postgres" | "postgresql") => {
             Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "postgres" })
         }
-        other => Err(StoreError::InvalidUrl {
-            url: url.to_string(),
-            reason: format!("unknown scheme `{other}` (known: file, s3, postgres, mirror)"),
-        }),
+        other => Err(StoreError::invalid_url(
+            url,
+            format!("unknown scheme `{other}` (known: file, s3, postgres, mirror)"),
+        )),
     }
 }
 
@@ -258,8 +298,22 @@ impl Stash {
     /// [`StoreError::NotAStash`] if the directory holds other files; [`StoreError::Io`]
     /// if it cannot be created; [`StoreError::IndexCorrupt`] if its index is damaged.
     pub fn open(path: impl AsRef<Path>) -> Result<Stash, StoreError> {
-        let root = path.as_ref();
-        prepare_directory(root)?;
+        Stash::open_directory(path.as_ref(), Create::IfMissing)
+    }
+
+    /// Opens the embedded stash in directory `path`, which must be one already: for
+    /// reading and maintenance, where creating an empty stash at a mistyped path would
+    /// hide the mistake.
+    ///
+    /// # Errors
+    /// [`StoreError::NoStash`] if the directory is missing or empty; as
+    /// [`open`](Stash::open).
+    pub fn open_existing(path: impl AsRef<Path>) -> Result<Stash, StoreError> {
+        Stash::open_directory(path.as_ref(), Create::Never)
+    }
+
+    fn open_directory(root: &Path, create: Create) -> Result<Stash, StoreError> {
+        prepare_directory(root, create)?;
         let index = RecordIndex::open(&root.join("index"))?;
         let mut stash = Stash::from_parts(Box::new(LocalStore::new(root.to_path_buf())), index);
         // Absolute, so that processes started elsewhere find the same directory.
@@ -281,11 +335,29 @@ impl Stash {
     /// (feature `postgres`), or `mirror:URL,URL[,...][;min_copies=N]`: a copy of every
     /// chunk and version on each of the listed stores (see [`Stash::mirrored`]).
     ///
+    /// A directory (or a mirror's directory replica) is made a stash if it is missing
+    /// or empty; [`open_url_existing`](Stash::open_url_existing) refuses that instead.
+    ///
     /// # Errors
-    /// [`StoreError::InvalidUrl`], [`StoreError::BackendNotCompiled`], or what opening
-    /// the backend reports.
+    /// [`StoreError::InvalidUrl`] (an empty path among them),
+    /// [`StoreError::BackendNotCompiled`], or what opening the backend reports.
     pub fn open_url(url: &str) -> Result<Stash, StoreError> {
-        let mut stash = Stash::open_url_unnamed(url)?;
+        Stash::open_url_with(url, Create::IfMissing)
+    }
+
+    /// [`open_url`](Stash::open_url) for reading and maintenance: a directory store (or
+    /// a mirror's directory replica) must already be a stash. S3 prefixes and PostgreSQL
+    /// tables are not checked (an empty one reads as an empty stash).
+    ///
+    /// # Errors
+    /// [`StoreError::NoStash`] if a directory is missing or empty; as
+    /// [`open_url`](Stash::open_url).
+    pub fn open_url_existing(url: &str) -> Result<Stash, StoreError> {
+        Stash::open_url_with(url, Create::Never)
+    }
+
+    fn open_url_with(url: &str, create: Create) -> Result<Stash, StoreError> {
+        let mut stash = Stash::open_url_unnamed(url, create)?;
         if url.starts_with("mirror:") || url.contains("://") {
             // A plain path was recorded, made absolute, by `open`.
             stash.set_url(url.to_string());
@@ -293,9 +365,9 @@ impl Stash {
         Ok(stash)
     }
 
-    fn open_url_unnamed(url: &str) -> Result<Stash, StoreError> {
+    fn open_url_unnamed(url: &str, create: Create) -> Result<Stash, StoreError> {
         if let Some(list) = url.strip_prefix("mirror:") {
-            let invalid = |reason: String| StoreError::InvalidUrl { url: url.to_string(), reason };
+            let invalid = |reason: String| StoreError::invalid_url(url, reason);
             let (list, options) = list.split_once(';').unwrap_or((list, ""));
             let urls: Vec<&str> = list.split(',').map(str::trim).collect();
             if urls.iter().any(|u| u.is_empty()) {
@@ -316,13 +388,13 @@ impl Stash {
                     _ => return Err(invalid(format!("unknown option `{option}` (known: min_copies=N)"))),
                 }
             }
-            let replicas = urls.iter().map(|u| open_blob_store(u)).collect::<Result<Vec<_>, _>>()?;
+            let replicas = urls.iter().map(|u| open_blob_store(u, create)).collect::<Result<Vec<_>, _>>()?;
             return Stash::mirrored(replicas, min_copies);
         }
         if url.contains("://") && !url.starts_with("file://") {
-            return Ok(Stash::with_store(open_blob_store(url)?));
+            return Ok(Stash::with_store(open_blob_store(url, create)?));
         }
-        Stash::open(local_path(url)?)
+        Stash::open_directory(Path::new(local_path(url)?), create)
     }
 
     /// A stash that keeps a copy of every chunk and version record on each of `replicas`
@@ -400,6 +472,24 @@ impl Stash {
         &*self.inner.blobs
     }
 
+    /// Checks a name and tags ([`validate`]), and that the name's key segment fits this
+    /// store's keys.
+    fn validate(&self, name: &str, tags: &[(&str, &str)]) -> Result<(), StoreError> {
+        validate(name, tags)?;
+        if let Some(limit) = self.blobs().key_segment_limit() {
+            let escaped_len = record::escape_name(name).len();
+            if escaped_len > limit {
+                return Err(StoreError::NameTooLong {
+                    name: name.to_string(),
+                    escaped_len,
+                    limit,
+                    location: self.location(),
+                });
+            }
+        }
+        Ok(())
+    }
+
     // ---------------------------------------------------------------- saving
 
     /// Saves `value` as a new version of `name`, with `tags` (`key=value` pairs).
@@ -420,7 +510,7 @@ impl Stash {
             return self.save_array_bytes(name, bytes, tags);
         }
         let type_name = std::any::type_name::<T>();
-        validate(name, tags)?;
+        self.validate(name, tags)?;
         let payload = bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| {
             StoreError::Encode {
                 name: name.to_string(),
@@ -458,7 +548,7 @@ impl Stash {
         payload: &[u8],
         tags: &[(&str, &str)],
     ) -> Result<Version, StoreError> {
-        validate(name, tags)?;
+        self.validate(name, tags)?;
         self.save_payload(name, type_name.to_string(), Layout::Bincode, &[], payload, tags)
     }
 
@@ -473,7 +563,7 @@ impl Stash {
         bytes: array::ArrayBytes<'_>,
         tags: &[(&str, &str)],
     ) -> Result<Version, StoreError> {
-        validate(name, tags)?;
+        self.validate(name, tags)?;
         let layout = Layout::Array {
             dtype: bytes.dtype,
             shape: bytes.shape.iter().map(|&d| d as u64).collect(),
@@ -539,8 +629,9 @@ impl Stash {
     /// `ByteBuf`, or back into a file with [`load_to_file`](Stash::load_to_file).
     ///
     /// # Errors
-    /// [`StoreError::Io`] if the file cannot be read or changes size while it is read;
-    /// as [`save`](Stash::save).
+    /// [`StoreError::Io`] if the file cannot be read, is not a regular file (a pipe or
+    /// a device, whose length is unknown), or changes size while it is read; as
+    /// [`save`](Stash::save).
     pub fn save_file(
         &self,
         name: &str,
@@ -549,9 +640,18 @@ impl Stash {
     ) -> Result<Version, StoreError> {
         use std::io::Read;
         let path = path.as_ref();
-        validate(name, tags)?;
+        self.validate(name, tags)?;
         let file = std::fs::File::open(path).map_err(|e| StoreError::io("open", path, e))?;
-        let len = file.metadata().map_err(|e| StoreError::io("stat", path, e))?.len();
+        let meta = file.metadata().map_err(|e| StoreError::io("stat", path, e))?;
+        if !meta.is_file() {
+            // A pipe or a device has no length to check the bytes read against.
+            let e = std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file (a pipe or device): copy it to a file first, or save its bytes",
+            );
+            return Err(StoreError::io("open", path, e));
+        }
+        let len = meta.len();
         // The value is a byte string: its bincode length prefix, then the file's bytes.
         let head = bincode::serde::encode_to_vec(len, bincode::config::standard()).map_err(|e| {
             StoreError::Encode {
@@ -627,9 +727,11 @@ impl Stash {
                 };
                 let chunk = ChunkRef { hash: *blake3::hash(&bytes).as_bytes(), len: bytes.len() as u32 };
                 let key = chunk.key();
+                // A chunk already stored is touched so that gc keeps it; if a gc took it
+                // away before the touch landed, it is written again.
                 let stored = self.blobs().has(&key, bytes.len() as u64).and_then(|present| {
-                    if present {
-                        self.blobs().touch(&key)
+                    if present && self.blobs().touch(&key)? {
+                        Ok(())
                     } else {
                         batch.put(&key, &bytes)
                     }
@@ -728,6 +830,60 @@ impl Stash {
         path: impl AsRef<Path>,
     ) -> Result<u64, StoreError> {
         let path = path.as_ref();
+        let ByteString { record, first, prefix, len } = self.byte_string(name, version)?;
+        let file_name = path
+            .file_name()
+            .ok_or_else(|| StoreError::io("write", path, std::io::Error::other("the path names no file")))?;
+        let mut temp_name = file_name.to_os_string();
+        temp_name.push(format!(".partial-{}", std::process::id()));
+        let temp = path.with_file_name(temp_name);
+        let written = self.write_chunks_to(&record, &temp, first, prefix);
+        let finished = written
+            .and_then(|()| std::fs::rename(&temp, path).map_err(|e| StoreError::io("rename", path, e)));
+        if finished.is_err() {
+            let _ = std::fs::remove_file(&temp);
+        }
+        finished.map(|()| len)
+    }
+
+    /// Writes a byte-string version of `name` (the latest, or `version`) to `out` in
+    /// order, streamed: one chunk ([`CHUNK_SIZE`]) is in memory at a time, whatever the
+    /// size; each chunk is checked before it is written. For outputs that cannot be
+    /// renamed into place (standard output): if a chunk turns out damaged, what was
+    /// written before it stays written, and the error says so. Returns the number of
+    /// bytes written.
+    ///
+    /// # Errors
+    /// As [`load_to_file`](Stash::load_to_file); [`StoreError::Io`] (path `(output)`)
+    /// if `out` fails.
+    pub fn load_to_writer(
+        &self,
+        name: &str,
+        version: Option<Version>,
+        out: &mut dyn std::io::Write,
+    ) -> Result<u64, StoreError> {
+        let ByteString { record, first, prefix, len } = self.byte_string(name, version)?;
+        let output = Path::new("(output)");
+        let write = |out: &mut dyn std::io::Write, bytes: &[u8]| {
+            out.write_all(bytes).map_err(|e| StoreError::io("write", output, e))
+        };
+        let done = AtomicU64::new(0);
+        write(out, &first[prefix..])?;
+        self.advance(TransferKind::Load, &record.name, &done, first.len(), record.size);
+        let mut buffer = first;
+        for chunk in &record.chunks[1..] {
+            buffer.resize(chunk.len as usize, 0);
+            self.read_chunk(&record, chunk, &mut buffer)?;
+            write(out, &buffer)?;
+            self.advance(TransferKind::Load, &record.name, &done, buffer.len(), record.size);
+        }
+        out.flush().map_err(|e| StoreError::io("write", output, e))?;
+        Ok(len)
+    }
+
+    /// The record of a byte-string version, checked, with its first chunk read and the
+    /// string's length decoded from it.
+    fn byte_string(&self, name: &str, version: Option<Version>) -> Result<ByteString, StoreError> {
         let record = match version {
             Some(version) => self.record(name, version)?,
             None => self.latest_record(name)?,
@@ -752,19 +908,7 @@ impl Stash {
         if prefix as u64 + len != record.size {
             return Err(corrupt(format!("a {len}-byte string in {} bytes", record.size)));
         }
-        let file_name = path
-            .file_name()
-            .ok_or_else(|| StoreError::io("write", path, std::io::Error::other("the path names no file")))?;
-        let mut temp_name = file_name.to_os_string();
-        temp_name.push(format!(".partial-{}", std::process::id()));
-        let temp = path.with_file_name(temp_name);
-        let written = self.write_chunks_to(&record, &temp, first, prefix);
-        let finished = written
-            .and_then(|()| std::fs::rename(&temp, path).map_err(|e| StoreError::io("rename", path, e)));
-        if finished.is_err() {
-            let _ = std::fs::remove_file(&temp);
-        }
-        finished.map(|()| len)
+        Ok(ByteString { record, first, prefix, len })
     }
 
     /// Reads every chunk of `record` (the first one already read: `first`) and writes the
@@ -1029,6 +1173,7 @@ impl Stash {
     fn read_record(&self, meta: &ObjectMeta) -> Result<Record, StoreError> {
         if let Some(index) = &self.inner.index {
             if let Some(record) = index.get(meta)? {
+                record.check_key(&meta.key)?;
                 return Ok(record);
             }
         }
@@ -1036,7 +1181,7 @@ impl Stash {
             key: meta.key.clone(),
             reason: "listed but vanished (deleted concurrently?)".into(),
         })?;
-        let record = Record::decode(&meta.key, &bytes)?;
+        let record = Record::decode_at(&meta.key, &bytes)?;
         if let Some(index) = &self.inner.index {
             index.insert(meta, &bytes)?;
         }
@@ -1045,12 +1190,14 @@ impl Stash {
 
     /// The record keys of `name`, oldest first, with their versions.
     fn versions_of(&self, name: &str) -> Result<Vec<(Version, ObjectMeta)>, StoreError> {
-        validate(name, &[])?;
+        self.validate(name, &[])?;
         let prefix = record::record_prefix(name);
         let mut out = Vec::new();
         for meta in self.blobs().list(&prefix)? {
-            let version = parse_version(&meta.key[prefix.len()..], &meta.key)?;
-            out.push((version, meta));
+            match parse_version(&meta.key[prefix.len()..], &meta.key) {
+                Ok(version) => out.push((version, meta)),
+                Err(stray) => skip_stray(&stray),
+            }
         }
         out.sort_by_key(|(v, _)| *v);
         Ok(out)
@@ -1059,11 +1206,17 @@ impl Stash {
     /// The latest record of `name`: lists only the keys (no per-version metadata), then
     /// reads that one record.
     fn latest_record(&self, name: &str) -> Result<Record, StoreError> {
-        validate(name, &[])?;
+        self.validate(name, &[])?;
         let prefix = record::record_prefix(name);
         let mut latest: Option<(Version, String)> = None;
         for key in self.blobs().list_keys(&prefix)? {
-            let version = parse_version(&key[prefix.len()..], &key)?;
+            let version = match parse_version(&key[prefix.len()..], &key) {
+                Ok(version) => version,
+                Err(stray) => {
+                    skip_stray(&stray);
+                    continue;
+                }
+            };
             if latest.as_ref().is_none_or(|(v, _)| version > *v) {
                 latest = Some((version, key));
             }
@@ -1075,17 +1228,17 @@ impl Stash {
             .blobs()
             .get(&key)?
             .ok_or(StoreError::NotFound { name: name.to_string(), version: Some(version) })?;
-        Record::decode(&key, &bytes)
+        Record::decode_at(&key, &bytes)
     }
 
     fn record(&self, name: &str, version: Version) -> Result<Record, StoreError> {
-        validate(name, &[])?;
+        self.validate(name, &[])?;
         let key = record::record_key(name, version);
         let bytes = self
             .blobs()
             .get(&key)?
             .ok_or_else(|| StoreError::NotFound { name: name.to_string(), version: Some(version) })?;
-        Record::decode(&key, &bytes)
+        Record::decode_at(&key, &bytes)
     }
 
     fn tagged_record(&self, name: &str, key: &str, value: &str) -> Result<Record, StoreError> {
@@ -1130,21 +1283,28 @@ impl Stash {
         self.versions_of(name)?.iter().map(|(_, meta)| self.read_record(meta).map(|r| r.info())).collect()
     }
 
-    /// The names that start with `prefix`, sorted.
+    /// The names that start with `prefix`, sorted. Files under `records/` that are not
+    /// records (`records/<escaped name>/<version id>`) are skipped, with a warning.
     ///
     /// # Errors
     /// The backend's listing error.
     pub fn names(&self, prefix: &str) -> Result<Vec<String>, StoreError> {
-        Ok(self.all_records()?.into_keys().filter(|n| n.starts_with(prefix)).collect())
+        let (records, strays) = self.all_records()?;
+        strays.iter().for_each(skip_stray);
+        Ok(records.into_keys().filter(|n| n.starts_with(prefix)).collect())
     }
 
-    /// The latest version of every name that starts with `prefix`, sorted by name.
+    /// The latest version of every name that starts with `prefix`, sorted by name. Files
+    /// under `records/` that are not records are skipped, with a warning.
     ///
     /// # Errors
-    /// [`StoreError::CorruptRecord`] if a latest record is damaged.
+    /// [`StoreError::CorruptRecord`] if a latest record is damaged (or is another
+    /// version's record, copied to the wrong key).
     pub fn list(&self, prefix: &str) -> Result<Vec<VersionInfo>, StoreError> {
         let mut out = Vec::new();
-        for (name, mut versions) in self.all_records()? {
+        let (records, strays) = self.all_records()?;
+        strays.iter().for_each(skip_stray);
+        for (name, mut versions) in records {
             if !name.starts_with(prefix) {
                 continue;
             }
@@ -1156,38 +1316,57 @@ impl Stash {
         Ok(out)
     }
 
-    /// Every record key, grouped by entry name.
-    fn all_records(&self) -> Result<BTreeMap<String, Vec<(Version, ObjectMeta)>>, StoreError> {
+    /// Every record key, grouped by entry name; and a [`StoreError::CorruptRecord`] for
+    /// each key under `records/` that is not `records/<escaped name>/<version id>` (a
+    /// stray file: callers report or skip it).
+    #[allow(clippy::type_complexity)]
+    fn all_records(
+        &self,
+    ) -> Result<(BTreeMap<String, Vec<(Version, ObjectMeta)>>, Vec<StoreError>), StoreError> {
         let mut out: BTreeMap<String, Vec<(Version, ObjectMeta)>> = BTreeMap::new();
+        let mut strays = Vec::new();
         for meta in self.blobs().list("records/")? {
             let rest = &meta.key["records/".len()..];
             let bad = |reason: &str| StoreError::CorruptRecord {
                 key: meta.key.clone(),
                 reason: reason.to_string(),
             };
-            let (segment, version) = rest.split_once('/').ok_or_else(|| bad("key has no version part"))?;
-            let name = record::unescape_name(segment).ok_or_else(|| bad("key has a malformed name part"))?;
-            let version = parse_version(version, &meta.key)?;
-            out.entry(name).or_default().push((version, meta));
+            let parsed = rest
+                .split_once('/')
+                .ok_or_else(|| bad("not a record: the key has no version part"))
+                .and_then(|(segment, version)| {
+                    let name = record::unescape_name(segment)
+                        .ok_or_else(|| bad("not a record: the key has a malformed name part"))?;
+                    Ok((name, parse_version(version, &meta.key)?))
+                });
+            match parsed {
+                Ok((name, version)) => out.entry(name).or_default().push((version, meta)),
+                Err(stray) => strays.push(stray),
+            }
         }
-        Ok(out)
+        Ok((out, strays))
     }
 
     // ---------------------------------------------------------------- changing
 
     /// Sets tag `key=value` on one version (replacing that key's old value).
     ///
-    /// Tagging rewrites the version's record atomically. Two processes tagging the same
+    /// Tagging rewrites the version's record atomically, and only while it exists: a
+    /// version deleted meanwhile stays deleted (see SAFETY.md, "Tag races", for the
+    /// backends that cannot check and write in one step). Two processes tagging the same
     /// version at the same moment may lose one of the two tags (last writer wins).
     ///
     /// # Errors
-    /// [`StoreError::NotFound`], [`StoreError::Invalid`] for a bad tag, or I/O errors.
+    /// [`StoreError::NotFound`] if the version does not exist, or was deleted before the
+    /// tag landed; [`StoreError::Invalid`] for a bad tag; I/O errors.
     pub fn tag(&self, name: &str, version: Version, key: &str, value: &str) -> Result<(), StoreError> {
-        validate(name, &[(key, value)])?;
+        self.validate(name, &[(key, value)])?;
         let mut record = self.record(name, version)?;
         record.tags.insert(key.to_string(), value.to_string());
         let prefix = record::record_prefix(name);
-        self.blobs().put(&format!("{prefix}{version}"), &record.encode())?;
+        if !self.blobs().replace(&format!("{prefix}{version}"), &record.encode())? {
+            return Err(StoreError::NotFound { name: name.to_string(), version: Some(version) });
+        }
         self.blobs().sync(&prefix)
     }
 
@@ -1200,7 +1379,7 @@ impl Stash {
         let keys: Vec<String> = match version {
             Some(v) => {
                 let key = record::record_key(name, v);
-                validate(name, &[])?;
+                self.validate(name, &[])?;
                 if self.blobs().get(&key)?.is_none() {
                     return Err(StoreError::NotFound { name: name.to_string(), version: Some(v) });
                 }
@@ -1225,8 +1404,9 @@ impl Stash {
     /// last [`DEFAULT_GC_GRACE`] (a save in flight may be using them).
     ///
     /// # Errors
-    /// [`StoreError::CorruptRecord`] if any record is damaged: gc deletes nothing then,
-    /// since it cannot know what that record references.
+    /// [`StoreError::CorruptRecord`] if any record is damaged, or a file under
+    /// `records/` is not a record: gc deletes no chunk then, since it cannot know what
+    /// that file references.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         self.gc_with_grace(DEFAULT_GC_GRACE)
     }
@@ -1241,12 +1421,18 @@ impl Stash {
         let mut report =
             GcReport { temporaries_removed: self.blobs().remove_temporaries(cutoff)?, ..GcReport::default() };
         let mut live = HashSet::new();
-        for versions in self.all_records()?.values() {
+        let (records, mut strays) = self.all_records()?;
+        if !strays.is_empty() {
+            // A file under records/ that is not a record may still be one kept under the
+            // wrong name, naming chunks: refuse rather than guess.
+            return Err(strays.swap_remove(0));
+        }
+        for versions in records.values() {
             for (_, meta) in versions {
                 let bytes = self.blobs().get(&meta.key)?;
                 // A record deleted since the listing references nothing.
                 let Some(bytes) = bytes else { continue };
-                live.extend(Record::decode(&meta.key, &bytes)?.chunks.iter().map(|c| c.hash));
+                live.extend(Record::decode_at(&meta.key, &bytes)?.chunks.iter().map(|c| c.hash));
             }
         }
         for meta in self.blobs().list("chunks/")? {
@@ -1255,10 +1441,15 @@ impl Stash {
                 report.chunks_live += 1;
             } else if meta.modified.is_some_and(|m| m > cutoff) {
                 report.chunks_young += 1;
-            } else {
-                self.blobs().delete(&meta.key)?;
+            } else if self.blobs().delete_if_untouched(&meta.key, cutoff)? {
+                // The listed time may be stale: a save may have reused (touched) the
+                // chunk since, and committed a record naming it that this gc never read.
+                // The store deletes it only if it still is untouched, atomically with
+                // `touch` (SAFETY.md, "gc while saves run").
                 report.chunks_deleted += 1;
                 report.bytes_freed += meta.size;
+            } else {
+                report.chunks_young += 1;
             }
         }
         self.blobs().sync("chunks/")?;
@@ -1274,10 +1465,12 @@ impl Stash {
         let mut report = VerifyReport::default();
         let mut good: HashSet<[u8; 32]> = HashSet::new();
         let mut buf = Vec::new();
-        for versions in self.all_records()?.values() {
+        let (records, strays) = self.all_records()?;
+        report.problems.extend(strays);
+        for versions in records.values() {
             for (_, meta) in versions {
                 let record = match self.blobs().get(&meta.key).and_then(|bytes| match bytes {
-                    Some(bytes) => Record::decode(&meta.key, &bytes).map(Some),
+                    Some(bytes) => Record::decode_at(&meta.key, &bytes).map(Some),
                     None => Ok(None),
                 }) {
                     Ok(Some(record)) => record,
@@ -1448,8 +1641,14 @@ fn mismatch(record: &Record, requested: String) -> StoreError {
 fn parse_version(text: &str, key: &str) -> Result<Version, StoreError> {
     text.parse().map_err(|_| StoreError::CorruptRecord {
         key: key.to_string(),
-        reason: "key does not end in a version id".into(),
+        reason: "not a record: the key does not end in a version id".into(),
     })
+}
+
+/// Warns about a file under `records/` that is not a record, which a listing skips
+/// (`verify` reports it).
+fn skip_stray(stray: &StoreError) {
+    tracing::warn!("skipped: {stray} (tessera stash verify reports it; move the file away)");
 }
 
 fn parse_hash(hex: &str) -> Option<[u8; 32]> {
@@ -1507,6 +1706,161 @@ mod tests {
 
     use super::*;
 
+    /// A directory store that runs a hook once, right after the first listing or read
+    /// under a prefix: to put one operation exactly inside another.
+    struct ListHook {
+        inner: LocalStore,
+        /// Fires after the first list or get of a key starting with this.
+        on: &'static str,
+        hook: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    }
+
+    impl ListHook {
+        fn new(root: &Path, on: &'static str, hook: impl FnOnce() + Send + 'static) -> ListHook {
+            ListHook {
+                inner: LocalStore::new(root.to_path_buf()),
+                on,
+                hook: Mutex::new(Some(Box::new(hook))),
+            }
+        }
+
+        fn run_hook(&self) {
+            let hook = lock(&self.hook).take();
+            if let Some(hook) = hook {
+                hook();
+            }
+        }
+    }
+
+    impl std::fmt::Debug for ListHook {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("ListHook").field("inner", &self.inner).finish()
+        }
+    }
+
+    impl BlobStore for ListHook {
+        fn put(&self, key: &str, bytes: &[u8]) -> Result<(), StoreError> {
+            self.inner.put(key, bytes)
+        }
+        fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+            let got = self.inner.get(key)?;
+            if key.starts_with(self.on) {
+                self.run_hook();
+            }
+            Ok(got)
+        }
+        fn has(&self, key: &str, len: u64) -> Result<bool, StoreError> {
+            self.inner.has(key, len)
+        }
+        fn touch(&self, key: &str) -> Result<bool, StoreError> {
+            self.inner.touch(key)
+        }
+        fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>, StoreError> {
+            let listed = self.inner.list(prefix)?;
+            if prefix.starts_with(self.on) {
+                self.run_hook();
+            }
+            Ok(listed)
+        }
+        fn delete(&self, key: &str) -> Result<(), StoreError> {
+            self.inner.delete(key)
+        }
+        fn delete_if_untouched(&self, key: &str, since: SystemTime) -> Result<bool, StoreError> {
+            self.inner.delete_if_untouched(key, since)
+        }
+        fn sync(&self, prefix: &str) -> Result<(), StoreError> {
+            self.inner.sync(prefix)
+        }
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+    }
+
+    /// A save that reuses old orphan chunks after gc listed them (with their old times)
+    /// keeps them: gc must not delete chunks that a record made after its listing names.
+    #[test]
+    fn gc_keeps_orphan_chunks_reused_by_a_save_after_its_listing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("stash");
+        let value: Vec<u8> = (0..CHUNK_SIZE * 2 + 5).map(|i| (i * 31 % 251) as u8).collect();
+        let first = Stash::open(&root).unwrap();
+        first.save("big", &value, &[]).unwrap();
+        first.delete("big", None).unwrap();
+        drop(first);
+        // The orphan chunks are three hours old: past the default grace.
+        let old = SystemTime::now() - Duration::from_secs(3 * 3600);
+        for entry in std::fs::read_dir(root.join("chunks")).unwrap() {
+            let file = std::fs::File::options().write(true).open(entry.unwrap().path()).unwrap();
+            file.set_modified(old).unwrap();
+        }
+        let saver = Stash::with_store(Box::new(LocalStore::new(root.clone())));
+        let saved = Arc::new(Mutex::new(None));
+        let hook = {
+            let (saver, value, saved) = (saver.clone(), value.clone(), saved.clone());
+            move || *lock(&saved) = Some(saver.save("big", &value, &[]))
+        };
+        let gc = Stash::with_store(Box::new(ListHook::new(&root, "chunks/", hook)));
+        let report = gc.gc().unwrap();
+        let version = lock(&saved).take().expect("the hook ran").unwrap();
+        assert_eq!(report.chunks_deleted, 0, "{report:?}");
+        let problems = saver.verify().unwrap().problems;
+        assert!(problems.is_empty(), "gc deleted chunks of the save it raced: {problems:?}");
+        assert_eq!(saver.load_version::<Vec<u8>>("big", version).unwrap(), value);
+    }
+
+    /// A version deleted while `tag` rewrites its record stays deleted: the tag fails
+    /// with `NotFound` instead of writing the record back.
+    #[test]
+    fn tag_racing_a_delete_does_not_bring_the_version_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("stash");
+        let other = Stash::open(&root).unwrap();
+        let version = other.save("n", &1u32, &[]).unwrap();
+        let deleted = Arc::new(Mutex::new(None));
+        let hook = {
+            let (other, deleted) = (other.clone(), deleted.clone());
+            // Runs right after `tag` has read the record.
+            move || *lock(&deleted) = Some(other.delete("n", Some(version)))
+        };
+        let tagger = Stash::with_store(Box::new(ListHook::new(&root, "records/", hook)));
+        let tagged = tagger.tag("n", version, "k", "v");
+        assert_eq!(lock(&deleted).take().expect("the hook ran").unwrap(), 1);
+        assert!(
+            matches!(tagged, Err(StoreError::NotFound { version: Some(v), .. }) if v == version),
+            "{tagged:?}"
+        );
+        assert!(other.history("n").unwrap().is_empty(), "the deleted version came back");
+        // A version that exists is tagged as before.
+        let kept = other.save("n", &2u32, &[]).unwrap();
+        tagger.tag("n", kept, "k", "w").unwrap();
+        assert_eq!(other.info("n", Some(kept)).unwrap().tags.get("k").map(String::as_str), Some("w"));
+    }
+
+    /// A chunk that gc has taken away between a save's `has` and its `touch` is written
+    /// again; a gc that stopped with a chunk set aside gives it back at the next gc.
+    #[test]
+    fn touch_after_gc_took_a_chunk_reports_it_missing_and_gc_leftovers_come_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LocalStore::new(dir.path().to_path_buf());
+        store.put("chunks/abc", b"bytes").unwrap();
+        assert!(store.touch("chunks/abc").unwrap());
+        let since = SystemTime::now() + Duration::from_secs(60);
+        assert!(store.delete_if_untouched("chunks/abc", since).unwrap());
+        assert!(!store.touch("chunks/abc").unwrap(), "a touch of a deleted chunk counts");
+        // Touched after `since`: kept, under its own name.
+        store.put("chunks/def", b"more").unwrap();
+        let past = SystemTime::now() - Duration::from_secs(60);
+        assert!(!store.delete_if_untouched("chunks/def", past).unwrap());
+        assert_eq!(store.get("chunks/def").unwrap().as_deref(), Some(&b"more"[..]));
+        // A gc that died after setting a chunk aside: the next gc's first step restores it.
+        std::fs::rename(dir.path().join("chunks/def"), dir.path().join("chunks/.gc-1-2-def")).unwrap();
+        assert!(store.list("chunks/").unwrap().is_empty());
+        store.remove_temporaries(SystemTime::now()).unwrap();
+        assert_eq!(store.get("chunks/def").unwrap().as_deref(), Some(&b"more"[..]));
+        let keys = store.list_keys("chunks/").unwrap();
+        assert_eq!(keys, ["chunks/def"]);
+    }
+
     /// The observer sees every chunk of a save and a load once, with the totals of the value.
     #[test]
     fn progress_counts_every_chunk_of_saves_and_loads() {
@@ -1554,6 +1908,9 @@ mod tests {
             let out = dir.join("out.bin");
             assert_eq!(stash.load_to_file("file", None, &out).unwrap(), len as u64);
             assert!(std::fs::read(&out).unwrap() == bytes, "save_file then load_to_file, {len} bytes");
+            let mut streamed = Vec::new();
+            assert_eq!(stash.load_to_writer("file", Some(version), &mut streamed).unwrap(), len as u64);
+            assert!(streamed == bytes, "save_file then load_to_writer, {len} bytes");
             let saved = stash.save("buf", &serde_bytes::ByteBuf::from(bytes.clone()), &[]).unwrap();
             stash.load_to_file("buf", Some(saved), &out).unwrap();
             assert!(std::fs::read(&out).unwrap() == bytes, "save then load_to_file, {len} bytes");
@@ -1570,6 +1927,8 @@ mod tests {
         bytes[100] ^= 1;
         std::fs::write(&damaged, bytes).unwrap();
         let broken = stash.load_to_file("file", None, &out);
+        assert!(matches!(broken, Err(StoreError::Checksum { .. })), "{broken:?}");
+        let broken = stash.load_to_writer("file", None, &mut Vec::new());
         assert!(matches!(broken, Err(StoreError::Checksum { .. })), "{broken:?}");
         let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert!(!out.exists() && left.iter().all(|n| !n.to_string_lossy().contains("partial")), "{left:?}");

@@ -139,3 +139,136 @@ fn cli_puts_and_gets_files_by_name_version_and_tag_with_progress() {
     let out = tessera(&root, &["put", "x", dir.path().join("absent.bin").to_str().unwrap()]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("absent.bin"));
 }
+
+/// `tessera stash ARGS --store STORE` run in `cwd`.
+fn tessera_in(cwd: &Path, store: &str, args: &[&str]) -> Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .current_dir(cwd)
+        .arg("stash")
+        .args(args)
+        .arg("--store")
+        .arg(store)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn cli_errors_never_print_store_keys_or_passwords() {
+    let dir = tempfile::tempdir().unwrap();
+    for store in [
+        "s3://bucket/p?endpoint=http://127.0.0.1:1&access_key_id=a&secret_access_key=S3CRET",
+        "postgres://u:S3CRET@127.0.0.1:1/db?table=t",
+        "mirror:/nowhere/a,s3://bucket/p?secret_access_key=S3CRET;min_copies=x",
+        "s3://bucket/p?secret_access_key=S3CRET&bad=%zz",
+    ] {
+        let out = tessera_in(dir.path(), store, &["list"]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{store}: {stderr}");
+        assert!(!stderr.contains("S3CRET"), "{store}: {stderr}");
+        assert!(stderr.contains("opening stash"), "{store}: {stderr}");
+    }
+    let out = tessera_in(dir.path(), "postgres://u:S3CRET@127.0.0.1:1/db?table=t", &["list"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("postgres://u@127.0.0.1:1/db?…"));
+}
+
+#[test]
+fn cli_refuses_an_empty_store_path() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "mine").unwrap();
+    let file = dir.path().join("notes.txt");
+    for args in [vec!["list"], vec!["put", "n", file.to_str().unwrap()]] {
+        let out = tessera_in(dir.path(), "", &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("empty"), "{args:?}: {stderr}");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, ["notes.txt"], "the current directory was made a stash");
+}
+
+#[test]
+fn cli_read_commands_refuse_a_missing_stash_and_put_creates_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("nothere");
+    let out_file = dir.path().join("out.bin");
+    let version = "0000000000000000000000ab";
+    let commands: [&[&str]; 10] = [
+        &["list"],
+        &["log", "n"],
+        &["get", "n", "-o", out_file.to_str().unwrap()],
+        &["show", "n"],
+        &["verify"],
+        &["gc"],
+        &["repair"],
+        &["tag", "n", version, "k=v"],
+        &["rm", "n"],
+        &["rm", "n", "--version", version],
+    ];
+    for args in commands {
+        let out = tessera(&root, args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("no stash at"), "{args:?}: {stderr}");
+        assert!(!root.exists(), "{args:?} created a stash");
+    }
+    // An empty directory is no stash either (and stays as it was).
+    std::fs::create_dir(&root).unwrap();
+    assert!(!tessera(&root, &["verify"]).status.success());
+    assert_eq!(std::fs::read_dir(&root).unwrap().count(), 0);
+    let file = dir.path().join("in.bin");
+    std::fs::write(&file, b"bytes").unwrap();
+    ok(&root, &["put", "n", file.to_str().unwrap()]);
+    assert!(ok(&root, &["verify"]).contains("ok"));
+}
+
+#[test]
+fn cli_log_help_matches_its_order() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["stash", "log", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("newest first") && !help.contains("oldest"), "{help}");
+    // (cli_lists_shows_tags_removes_gcs_and_verifies checks the order itself.)
+}
+
+/// `put NAME -` and `put NAME /dev/stdin` save standard input (a pipe: no length known in
+/// advance); `get NAME -o -` streams a version to standard output.
+#[test]
+fn cli_puts_from_standard_input_and_gets_to_standard_output() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("stash");
+    // Three chunks and a bit.
+    let bytes: Vec<u8> = (0..(3 * tessera::CHUNK_SIZE + 1000) as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    for source in ["-", "/dev/stdin"] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["stash", "put", "piped", source, "--store"])
+            .arg(&root)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        let input = bytes.clone();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "put {source}: {}", String::from_utf8_lossy(&out.stderr));
+        writer.join().unwrap().unwrap();
+        let version = String::from_utf8(out.stdout).unwrap().trim().to_string();
+        let got = tessera(&root, &["get", "piped", "-o", "-", "--version", &version]);
+        assert!(got.status.success(), "{}", String::from_utf8_lossy(&got.stderr));
+        assert!(
+            got.stdout == bytes,
+            "get -o - gave {} bytes, not the {} put from {source}",
+            got.stdout.len(),
+            bytes.len()
+        );
+    }
+    assert_eq!(Stash::open(&root).unwrap().history("piped").unwrap().len(), 2);
+    // A missing name writes nothing to standard output.
+    let out = tessera(&root, &["get", "nothing", "-o", "-"]);
+    assert!(!out.status.success() && out.stdout.is_empty());
+}

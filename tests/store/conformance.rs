@@ -242,3 +242,27 @@ fn urls_are_checked() {
     std::fs::write(dir.path().join("precious.txt"), b"not a stash").unwrap();
     assert!(matches!(Stash::open(dir.path()), Err(StoreError::NotAStash { .. })));
 }
+
+/// Names whose escaped form does not fit a file name (255 bytes) fail with a clear error
+/// naming the limit, before anything is written; names that fit work, on a directory
+/// stash and on a mirror of directories alike.
+#[test]
+fn names_too_long_for_the_directory_store_fail_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mirror = format!("mirror:{},{}", dir.path().join("a").display(), dir.path().join("b").display());
+    for stash in [Stash::open(dir.path().join("stash")).unwrap(), Stash::open_url(&mirror).unwrap()] {
+        let longest = "n".repeat(255);
+        stash.save(&longest, &1u8, &[]).unwrap();
+        assert_eq!(stash.load::<u8>(&longest).unwrap(), 1);
+        // 256 plain bytes, and 100 bytes that escape to 300 (`/` is `%2F`).
+        for name in ["n".repeat(256), "/".repeat(100), "x".repeat(1024)] {
+            let err = stash.save(&name, &1u8, &[]).unwrap_err();
+            assert!(!matches!(err, StoreError::Io { .. }), "{err:?}");
+            assert!(err.to_string().contains("at most 255"), "{err}");
+            let err = stash.load::<u8>(&name).unwrap_err();
+            assert!(err.to_string().contains("at most 255"), "{err}");
+        }
+        assert_eq!(stash.names("").unwrap(), [longest]);
+        assert!(stash.verify().unwrap().problems.is_empty());
+    }
+}

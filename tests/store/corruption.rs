@@ -104,9 +104,74 @@ fn truncated_or_garbled_records_are_clear_errors() {
         // The older version is still readable by id.
         assert_eq!(stash.load_version::<Array1<f32>>("weights/layer1", v1).unwrap(), a);
     }
-    // A stray file in the records directory is reported too, not ignored or panicked on.
+    // A stray file in the records directory is reported too, not ignored or panicked on
+    // (stray_files_in_records_are_reported_by_verify_and_skipped_by_list goes on).
     std::fs::write(root.join("records/other/not-a-version"), b"x").unwrap();
-    assert!(matches!(stash.list(""), Err(StoreError::CorruptRecord { .. })));
+    let problems = stash.verify().unwrap().problems;
+    assert!(problems.iter().any(|p| p.to_string().contains("not-a-version")), "{problems:?}");
+}
+
+/// Files under records/ that are not records (notes, a backup's leftovers) are each one
+/// problem for verify, which goes on to check everything else; list, names, history and
+/// load skip them; gc refuses to run (it cannot tell what they reference).
+#[test]
+fn stray_files_in_records_are_reported_by_verify_and_skipped_by_list() {
+    let (_dir, root, stash, a) = setup();
+    std::fs::write(root.join("records/weights%2Flayer1/notes.txt"), b"junk").unwrap();
+    std::fs::write(root.join("records/README"), b"junk").unwrap();
+    // And real damage elsewhere, which verify must still find.
+    let chunk = &chunk_files(&root, &stash, "weights/layer1")[0];
+    let mut bytes = std::fs::read(chunk).unwrap();
+    bytes[10] ^= 1;
+    std::fs::write(chunk, bytes).unwrap();
+
+    let report = stash.verify().unwrap();
+    let problems: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
+    assert_eq!(problems.len(), 3, "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("notes.txt")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("records/README")), "{problems:?}");
+    assert!(problems.iter().any(|p| p.contains("checksum mismatch")), "{problems:?}");
+    assert_eq!(report.versions, 2);
+
+    let names: Vec<String> = stash.list("").unwrap().into_iter().map(|i| i.name).collect();
+    assert_eq!(names, ["other", "weights/layer1"]);
+    assert_eq!(stash.names("").unwrap(), names);
+    assert_eq!(stash.history("weights/layer1").unwrap().len(), 1);
+    stash.load::<String>("other").unwrap();
+    assert!(matches!(stash.gc(), Err(StoreError::CorruptRecord { .. })));
+    drop(a);
+}
+
+/// A record copied under another name's or version's key (a backup restored to the
+/// wrong place) is a corrupt record, not a second listing of the version it holds.
+#[test]
+fn a_record_under_the_wrong_name_or_version_is_corrupt() {
+    let (_dir, root, stash, _) = setup();
+    let other = stash.info("other", None).unwrap().version;
+    let weights = stash.info("weights/layer1", None).unwrap().version;
+    let later = stash.save("weights/layer1", &vec![1u8], &[]).unwrap();
+    drop(stash);
+    let record_of_other = root.join("records/other").join(other.to_string());
+    // Over the latest version of another name (as if restored to the wrong directory),
+    let wrong = root.join("records/weights%2Flayer1").join(later.to_string());
+    std::fs::copy(&record_of_other, &wrong).unwrap();
+    // and under another version id of its own name.
+    let misdated = root.join("records/other/0000000000000000000000ab");
+    std::fs::copy(&record_of_other, &misdated).unwrap();
+
+    let stash = Stash::open(&root).unwrap();
+    let problems: Vec<String> = stash.verify().unwrap().problems.iter().map(ToString::to_string).collect();
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert!(problems.iter().all(|p| p.contains("corrupt") && p.contains("`other`")), "{problems:?}");
+    let listed = stash.list("");
+    assert!(matches!(listed, Err(StoreError::CorruptRecord { .. })), "{listed:?}");
+    let load = stash.load::<Vec<u8>>("weights/layer1");
+    assert!(matches!(load, Err(StoreError::CorruptRecord { .. })), "{load:?}");
+    // The versions stored where they belong still load.
+    assert_eq!(stash.info("weights/layer1", Some(weights)).unwrap().version, weights);
+    assert_eq!(stash.load_version::<String>("other", other).unwrap(), "fine");
+    let misdated_version = "0000000000000000000000ab".parse().unwrap();
+    assert!(matches!(stash.info("other", Some(misdated_version)), Err(StoreError::CorruptRecord { .. })));
 }
 
 #[test]

@@ -6,7 +6,6 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use serde_bytes::ByteBuf;
 use tessera::{Stash, TransferKind, TransferProgress, Version, VersionInfo};
 
 #[derive(Args)]
@@ -25,7 +24,8 @@ enum StashCommand {
     Put {
         /// The entry's name.
         name: String,
-        /// The file to save.
+        /// The file to save; `-` for standard input. Standard input and other pipes are
+        /// copied to a temporary file first (in $TMPDIR), since a save needs the length.
         file: std::path::PathBuf,
         /// A tag for the new version, as key=value (repeatable).
         #[arg(long = "tag")]
@@ -50,7 +50,7 @@ enum StashCommand {
         /// Only names that start with this.
         prefix: Option<String>,
     },
-    /// Show every version of an entry, oldest first.
+    /// Show every version of an entry, newest first.
     Log {
         /// The entry's name.
         name: String,
@@ -103,13 +103,25 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
     let Some(url) = args.store else {
         bail!("no stash given: pass --store PATH_OR_URL");
     };
-    let stash = Stash::open_url(&url).with_context(|| format!("opening stash {url}"))?;
+    // Only `put` may make a new stash: elsewhere a mistyped path must be an error, not an
+    // empty stash. Messages carry the URL without its keys or password.
+    let opened = match args.command {
+        StashCommand::Put { .. } => Stash::open_url(&url),
+        _ => Stash::open_url_existing(&url),
+    };
+    let stash = opened.with_context(|| format!("opening stash {}", tessera::redact_url(&url)))?;
     let stash = stash.with_progress(progress_printer());
     match args.command {
         StashCommand::Put { name, file, tags } => {
             let pairs = tags.iter().map(|t| split_tag(t)).collect::<Result<Vec<_>>>()?;
             let started = Instant::now();
-            let version = stash.save_file(&name, &file, &pairs)?;
+            let spooled = if file.as_os_str() == "-" || std::fs::metadata(&file).is_ok_and(|m| !m.is_file()) {
+                Some(spool(&file)?)
+            } else {
+                None
+            };
+            let version = stash.save_file(&name, spooled.as_ref().map_or(&file, |s| &s.0), &pairs)?;
+            drop(spooled);
             let size = stash.info(&name, Some(version))?.size;
             eprintln!(
                 "saved {} as {name} {version} in {:.1} s",
@@ -128,12 +140,9 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
                 (None, None) => None,
             };
             if output.as_os_str() == "-" {
-                use std::io::Write;
-                let bytes: ByteBuf = match version {
-                    Some(version) => stash.load_version(&name, version)?,
-                    None => stash.load(&name)?,
-                };
-                std::io::stdout().write_all(&bytes)?;
+                // Streamed, a chunk at a time; a damaged chunk stops it with an error
+                // (and a non-zero exit) after the bytes before it.
+                stash.load_to_writer(&name, version, &mut std::io::stdout().lock())?;
             } else {
                 let written = stash.load_to_file(&name, version, &output)?;
                 eprintln!("wrote {} of {name} to {}", human_size(written), output.display());
@@ -264,6 +273,38 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// A temporary copy of standard input or a pipe, removed when dropped.
+struct Spooled(std::path::PathBuf);
+
+impl Drop for Spooled {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Copies `source` (`-`: standard input) to a new temporary file, for `save_file`, which
+/// reads a regular file of known length.
+fn spool(source: &std::path::Path) -> Result<Spooled> {
+    let nanos =
+        std::time::SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let spooled =
+        Spooled(std::env::temp_dir().join(format!("tessera-stash-put-{}-{nanos:x}", std::process::id())));
+    let mut out = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&spooled.0)
+        .with_context(|| format!("creating {}", spooled.0.display()))?;
+    let copied = if source.as_os_str() == "-" {
+        std::io::copy(&mut std::io::stdin().lock(), &mut out)
+    } else {
+        let mut input =
+            std::fs::File::open(source).with_context(|| format!("opening {}", source.display()))?;
+        std::io::copy(&mut input, &mut out)
+    };
+    copied.with_context(|| format!("copying {} to {}", source.display(), spooled.0.display()))?;
+    Ok(spooled)
 }
 
 fn parse_version(text: &str) -> Result<Version> {
