@@ -117,8 +117,7 @@ impl Record {
             return Err(corrupt("checksum mismatch (truncated or garbled)".into()));
         }
         let (record, used): (Record, usize) =
-            bincode::serde::decode_from_slice(body, bincode::config::standard())
-                .map_err(|e| corrupt(format!("undecodable body: {e}")))?;
+            crate::codec::decode_slice(body).map_err(|e| corrupt(format!("undecodable body: {e}")))?;
         if used != body.len() {
             return Err(corrupt("trailing bytes after the body".into()));
         }

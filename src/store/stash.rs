@@ -902,9 +902,8 @@ impl Stash {
         // The first chunk starts with the byte string's length prefix.
         let mut first = vec![0u8; record.chunks[0].len as usize];
         self.read_chunk(&record, &record.chunks[0], &mut first)?;
-        let (len, prefix): (u64, usize) =
-            bincode::serde::decode_from_slice(&first, bincode::config::standard())
-                .map_err(|e| corrupt(format!("no byte-string length at the start: {e}")))?;
+        let (len, prefix): (u64, usize) = crate::codec::decode_slice(&first)
+            .map_err(|e| corrupt(format!("no byte-string length at the start: {e}")))?;
         if prefix as u64 + len != record.size {
             return Err(corrupt(format!("a {len}-byte string in {} bytes", record.size)));
         }
@@ -1005,15 +1004,12 @@ impl Stash {
         }
         let mut bytes = vec![0u8; record.size as usize];
         self.read_payload(record, &mut [], &mut bytes)?;
-        let (value, _) =
-            bincode::serde::decode_from_slice(&bytes, bincode::config::standard()).map_err(|e| {
-                StoreError::Decode {
-                    name: record.name.clone(),
-                    version: record.version,
-                    type_name: requested.to_string(),
-                    message: e.to_string(),
-                }
-            })?;
+        let (value, _) = crate::codec::decode_slice(&bytes).map_err(|e| StoreError::Decode {
+            name: record.name.clone(),
+            version: record.version,
+            type_name: requested.to_string(),
+            message: e.to_string(),
+        })?;
         Ok(value)
     }
 
