@@ -6,13 +6,7 @@ use ndarray::Array1;
 use tessera::Stash;
 
 fn tessera(store: &Path, args: &[&str]) -> Output {
-    std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .arg("stash")
-        .args(args)
-        .arg("--store")
-        .arg(store)
-        .output()
-        .unwrap()
+    tessera_in(Path::new("."), store, args)
 }
 
 fn ok(store: &Path, args: &[&str]) -> String {
@@ -141,7 +135,7 @@ fn cli_puts_and_gets_files_by_name_version_and_tag_with_progress() {
 }
 
 /// `tessera stash ARGS --store STORE` run in `cwd`.
-fn tessera_in(cwd: &Path, store: &str, args: &[&str]) -> Output {
+fn tessera_in(cwd: &Path, store: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
         .current_dir(cwd)
         .arg("stash")
