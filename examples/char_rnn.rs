@@ -42,6 +42,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let text = text::Text::load(&args.files)?;
+    text.check_batch(args.batch, args.steps)?;
     let (train, valid) = (text.train(), text.valid());
     let (v, e, h) = (text.corpus.vocab_size(), args.embed, args.hidden);
     let model = char_gru(args.batch, args.steps, v, e, h)?;

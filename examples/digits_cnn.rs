@@ -31,6 +31,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let (train, test) = digits::load(&args.data)?;
+    digits::check_batch(args.batch, &train)?;
     println!("digits: {} train, {} test", train.len(), test.len());
     let model = lenet(args.batch, 8, 10)?;
     let config = OptimizerConfig::adamw(args.lr, 1e-4);

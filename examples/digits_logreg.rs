@@ -33,6 +33,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let (train, test) = digits::load(&args.data)?;
+    digits::check_batch(args.batch, &train)?;
     println!("digits: {} train, {} test", train.len(), test.len());
     let model = logistic_regression(args.batch, 64, 10)?;
     let config = OptimizerConfig::sgd(args.lr, args.momentum);

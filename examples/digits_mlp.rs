@@ -30,6 +30,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let (train, test) = digits::load(&args.data)?;
+    digits::check_batch(args.batch, &train)?;
     println!("digits: {} train, {} test", train.len(), test.len());
     let sizes = [64, 128, 64, 10];
     let model = mlp(args.batch, &sizes)?;

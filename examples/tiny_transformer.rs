@@ -47,6 +47,7 @@ struct Args {
 fn main() -> Result<()> {
     let args = Args::parse();
     let text = text::Text::load(&args.files)?;
+    text.check_batch(args.batch, args.steps)?;
     let (train, valid) = (text.train(), text.valid());
     let cfg =
         TransformerConfig { width: args.width, heads: args.heads, layers: args.layers, ff: 4 * args.width };

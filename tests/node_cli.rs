@@ -18,7 +18,17 @@ fn the_tessera_binary_joins_as_a_node() -> Result<()> {
     let cluster =
         Cluster::start(&rt, ClusterConfig { secret: Some("cli-secret".into()), ..ClusterConfig::default() })?;
     let mut node = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["node", "--join", &cluster.addr().to_string(), "--name", "cli-node", "--slots", "1"])
+        // A name, not only an IP address: `localhost` resolves to the loopback address the
+        // head listens on.
+        .args([
+            "node",
+            "--join",
+            &format!("localhost:{}", cluster.addr().port()),
+            "--name",
+            "cli-node",
+            "--slots",
+            "1",
+        ])
         .env("TESSERA_SECRET", "cli-secret")
         .stdout(Stdio::null())
         .spawn()?;
@@ -53,6 +63,84 @@ fn a_node_without_the_secret_says_what_is_missing() -> Result<()> {
     ensure!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     ensure!(stderr.contains("TESSERA_SECRET"), "{stderr}");
+    Ok(())
+}
+
+/// Arguments a node cannot run with are refused at once, each with a message naming it.
+#[test]
+fn a_node_refuses_arguments_it_cannot_run_with() -> Result<()> {
+    let node = |secret: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .arg("node")
+            .args(args)
+            .env("TESSERA_SECRET", secret)
+            .output()
+    };
+    let cases: [(&str, &[&str], &str); 4] = [
+        ("", &["--join", "127.0.0.1:9"], "TESSERA_SECRET is empty"),
+        ("s", &["--join", "127.0.0.1:9", "--slots", "0"], "--slots"),
+        ("s", &["--join", "no-such-host.invalid:9"], "no-such-host.invalid:9"),
+        ("s", &["--join", "127.0.0.1"], "HOST:PORT"),
+    ];
+    for (secret, args, says) in cases {
+        let output = node(secret, args)?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(!output.status.success(), "{args:?} succeeded");
+        ensure!(output.status.code() != Some(101), "{args:?} panicked: {stderr}");
+        ensure!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    Ok(())
+}
+
+/// Output to a reader that went away ends quietly (exit 0, as `… | head` expects); output
+/// to a full disk is an error message, exit 1; neither is a panic.
+#[test]
+fn listings_into_a_closed_pipe_or_a_full_disk_do_not_panic() -> Result<()> {
+    use std::os::fd::FromRawFd;
+    let dir = tempfile::tempdir()?;
+    let figures = dir.path().join("figures.json");
+    std::fs::write(&figures, "{\"bench\":\"x\",\"value\":1.0,\"unit\":\"s\",\"higher_is_better\":false}\n")?;
+    let figures = figures.to_str().unwrap_or_default().to_string();
+    let store = dir.path().join("stash");
+    let store = store.to_str().unwrap_or_default().to_string();
+    let put = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["stash", "put", "figures", &figures, "--store", &store])
+        .output()?;
+    ensure!(put.status.success(), "{put:?}");
+    let commands: [&[&str]; 4] = [
+        &["devices"],
+        &["devices", "--json"],
+        &["bench-compare", &figures, &figures],
+        &["stash", "list", "--store", &store],
+    ];
+    for args in commands {
+        let mut ends = [0; 2];
+        // SAFETY: `pipe` fills `ends` with two new descriptors, each owned once below.
+        ensure!(unsafe { libc::pipe(ends.as_mut_ptr()) } == 0, "pipe failed");
+        // SAFETY: both descriptors were just made and are owned by nothing else.
+        let (reader, writer) =
+            unsafe { (std::fs::File::from_raw_fd(ends[0]), std::fs::File::from_raw_fd(ends[1])) };
+        drop(reader);
+        let closed = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .spawn()?
+            .wait_with_output()?;
+        let stderr = String::from_utf8_lossy(&closed.stderr);
+        ensure!(closed.status.success(), "{args:?} into a closed pipe: {:?} {stderr}", closed.status);
+        if std::path::Path::new("/dev/full").exists() {
+            let full = Command::new(env!("CARGO_BIN_EXE_tessera"))
+                .args(args)
+                .stdout(std::fs::OpenOptions::new().write(true).open("/dev/full")?)
+                .stderr(Stdio::piped())
+                .spawn()?
+                .wait_with_output()?;
+            let stderr = String::from_utf8_lossy(&full.stderr);
+            ensure!(full.status.code() == Some(1), "{args:?} into /dev/full: {:?} {stderr}", full.status);
+            ensure!(stderr.contains("cannot write to standard output"), "{args:?}: {stderr}");
+        }
+    }
     Ok(())
 }
 

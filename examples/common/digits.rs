@@ -21,6 +21,17 @@ pub fn load(data: &DataArg) -> Result<(Dataset, Dataset)> {
     Ok(Dataset::digits(&data.data)?.split(0.2, 42))
 }
 
+/// Checks `--batch` against the training set before a model is built: at least 1, and no
+/// more than the training examples (else an epoch would train nothing).
+pub fn check_batch(batch: usize, train: &Dataset) -> Result<()> {
+    anyhow::ensure!(
+        (1..=train.len()).contains(&batch),
+        "--batch must be between 1 and the {} training examples (got {batch})",
+        train.len()
+    );
+    Ok(())
+}
+
 /// `peak` decayed to zero on a cosine over `epochs` (epoch counted from 0).
 pub fn cosine_lr(peak: f32, epoch: usize, epochs: usize) -> f32 {
     peak * 0.5 * (1.0 + (std::f32::consts::PI * epoch as f32 / epochs as f32).cos())

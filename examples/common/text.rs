@@ -3,8 +3,10 @@
 //! language model.
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
-use tessera::nn::{CpuExecutor, EpochStats, Evaluation, Executor, Model, Params, Rng, TextCorpus};
+use anyhow::{bail, ensure, Result};
+use tessera::nn::{
+    window_count, CpuExecutor, EpochStats, Evaluation, Executor, Model, Params, Rng, TextCorpus,
+};
 
 /// A corpus split 90/10 into training and validation text.
 pub struct Text {
@@ -29,6 +31,21 @@ impl Text {
             corpus.vocab_size()
         );
         Ok(Text { corpus, split, baseline })
+    }
+
+    /// Checks, before a model is built, that `batch` and `steps` are at least 1 and that
+    /// the training text holds at least one batch of windows of `steps` characters (a model
+    /// unrolled over more steps than the text has would only cost memory).
+    pub fn check_batch(&self, batch: usize, steps: usize) -> Result<()> {
+        ensure!(batch >= 1 && steps >= 1, "--batch and --steps must be at least 1 (got {batch} and {steps})");
+        let windows = window_count(self.train().len(), steps);
+        ensure!(
+            windows >= batch,
+            "the training text ({} characters) holds {windows} windows of {steps}, fewer than one batch of \
+             {batch}: give more text, or a smaller --batch or --steps",
+            self.train().len()
+        );
+        Ok(())
     }
 
     /// The training ids.

@@ -81,6 +81,38 @@ impl OptimizerConfig {
         OptimizerConfig::AdamW { lr, beta1: 0.9, beta2: 0.999, eps: 1e-8, weight_decay }
     }
 
+    /// Checks that every setting is one an update can use: a finite, non-negative learning
+    /// rate and weight decay, momentum and betas in `[0, 1)`, and a finite, positive eps (a
+    /// NaN learning rate would turn every parameter into NaN at the first step, silently).
+    ///
+    /// # Errors
+    /// [`NnError::Argument`] naming `op` and the first setting out of range.
+    pub(crate) fn check(&self, op: &'static str) -> Result<(), NnError> {
+        let (lr, weight_decay, decays, eps) = match *self {
+            OptimizerConfig::Sgd { lr, momentum, weight_decay } => (lr, weight_decay, [momentum, 0.0], 1.0),
+            OptimizerConfig::Adam { lr, beta1, beta2, eps, weight_decay }
+            | OptimizerConfig::AdamW { lr, beta1, beta2, eps, weight_decay } => {
+                (lr, weight_decay, [beta1, beta2], eps)
+            }
+        };
+        let bad = if !(lr.is_finite() && lr >= 0.0) {
+            Some(format!("the learning rate is {lr}; it must be finite and at least 0"))
+        } else if !(weight_decay.is_finite() && weight_decay >= 0.0) {
+            Some(format!("the weight decay is {weight_decay}; it must be finite and at least 0"))
+        } else if let Some(decay) = decays.iter().find(|d| !(0.0..1.0).contains(*d)) {
+            let what = if matches!(self, OptimizerConfig::Sgd { .. }) { "the momentum" } else { "a beta" };
+            Some(format!("{what} is {decay}; it must be at least 0 and below 1"))
+        } else if !(eps.is_finite() && eps > 0.0) {
+            Some(format!("eps is {eps}; it must be finite and above 0"))
+        } else {
+            None
+        };
+        match bad {
+            Some(what) => Err(NnError::Argument { op, what: format!("optimizer: {what}") }),
+            None => Ok(()),
+        }
+    }
+
     /// The learning rate.
     pub fn lr(&self) -> f32 {
         match *self {
@@ -145,6 +177,7 @@ impl Optimizer {
     /// [`NnError::Argument`] naming `op` and the sizes that do not fit.
     pub(crate) fn check_fits(&self, params: &Params, op: &'static str) -> Result<(), NnError> {
         // Allocation-free unless it fails: it runs on every training step.
+        self.config.check(op)?;
         let adam = !matches!(self.config, OptimizerConfig::Sgd { .. });
         let fits = |slots: &[Vec<f32>]| {
             slots.len() == params.tensors.len()
@@ -322,5 +355,41 @@ mod tests {
         let mut mixed = adam.optimizer.clone();
         mixed.config = sgd.optimizer.config.clone();
         assert!(mixed.check_fits(&sgd.params, "test").is_err());
+    }
+
+    #[test]
+    fn settings_an_update_cannot_use_are_errors() {
+        let model = mlp(4, &[6, 5, 3]).unwrap();
+        for good in
+            [OptimizerConfig::sgd(0.1, 0.9), OptimizerConfig::adam(0.0), OptimizerConfig::adamw(1e-3, 1e-4)]
+        {
+            good.check("test").unwrap();
+        }
+        let bad = [
+            (OptimizerConfig::adam(f32::NAN), "learning rate is NaN"),
+            (OptimizerConfig::sgd(f32::INFINITY, 0.0), "learning rate is inf"),
+            (OptimizerConfig::adam(-1e-3), "learning rate is -0.001"),
+            (OptimizerConfig::sgd(0.1, 1.0), "momentum is 1"),
+            (OptimizerConfig::adamw(1e-3, -1.0), "weight decay is -1"),
+            (
+                OptimizerConfig::Adam { lr: 1e-3, beta1: 0.9, beta2: 0.999, eps: 0.0, weight_decay: 0.0 },
+                "eps is 0",
+            ),
+            (
+                OptimizerConfig::AdamW { lr: 1e-3, beta1: -0.1, beta2: 0.999, eps: 1e-8, weight_decay: 0.0 },
+                "a beta is -0.1",
+            ),
+        ];
+        for (config, says) in bad {
+            let error = config.check("test").unwrap_err().to_string();
+            assert!(error.contains(says), "{config:?}: {error}");
+            // Every trainer checks the state's optimizer through `check_fits`.
+            let state = TrainState::new(&model, config.clone(), 16, 4, 1);
+            assert!(state.optimizer.check_fits(&state.params, "test").is_err(), "{config:?}");
+        }
+        // A schedule that sets a NaN rate mid-training is caught at the next step too.
+        let mut state = TrainState::new(&model, OptimizerConfig::adam(1e-3), 16, 4, 1);
+        state.optimizer.set_lr(f32::NAN);
+        assert!(state.optimizer.check_fits(&state.params, "test").is_err());
     }
 }

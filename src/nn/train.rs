@@ -236,7 +236,25 @@ pub(crate) fn check_classifier_epoch(
             loader.examples(),
         )));
     }
+    check_one_batch(op, loader, "examples")?;
     Ok(logits[1])
+}
+
+/// Checks that an epoch of `loader` holds at least one batch: a data set smaller than one
+/// batch would train nothing, and an epoch that trains nothing is a mistake to report,
+/// not a result.
+fn check_one_batch(op: &'static str, loader: &DataLoader, what: &str) -> Result<(), NnError> {
+    if loader.batches_per_epoch() > 0 {
+        return Ok(());
+    }
+    Err(NnError::Argument {
+        op,
+        what: format!(
+            "{} {what} make no batch of {}: an epoch would train nothing (use a smaller batch or more data)",
+            loader.examples(),
+            loader.batch_size()
+        ),
+    })
 }
 
 /// Checks, before an epoch of a language model over `ids_len` ids in windows of `steps`,
@@ -270,7 +288,7 @@ pub(crate) fn check_text_epoch(
             ),
         });
     }
-    Ok(())
+    check_one_batch(op, loader, &format!("windows of {steps} ids"))
 }
 
 /// Copies the examples at `batch` of `data` into the (preallocated) input and target
@@ -594,8 +612,8 @@ impl Evaluator {
 
 #[cfg(test)]
 mod tests {
-    use super::check_text_epoch;
-    use crate::nn::{char_gru, window_count, DataLoader};
+    use super::{check_classifier_epoch, check_text_epoch};
+    use crate::nn::{char_gru, mlp, window_count, DataLoader};
 
     #[test]
     fn a_text_epoch_fits_a_loader_of_the_models_batch_times_the_replicas() {
@@ -615,5 +633,26 @@ mod tests {
         // Every window of the text, not fewer.
         let loader = DataLoader::new(windows - 1, 4, 1);
         assert!(check_text_epoch("test", &model, &loader, 1, ids, steps).is_err());
+    }
+
+    #[test]
+    fn an_epoch_without_one_full_batch_is_an_error() {
+        // A text of fewer windows than one batch.
+        let (steps, ids) = (12, 40);
+        let windows = window_count(ids, steps);
+        let model = char_gru(64, steps, 9, 8, 16).unwrap();
+        let loader = DataLoader::new(windows, 64, 1);
+        let error = check_text_epoch("test", &model, &loader, 1, ids, steps).unwrap_err().to_string();
+        assert!(error.contains("no batch of 64") && error.contains("train nothing"), "{error}");
+        // A data set of fewer examples than one batch; one batch exactly is fine.
+        let model = mlp(64, &[4, 5, 3]).unwrap();
+        let error = check_classifier_epoch("test", &model, &DataLoader::new(63, 64, 1), 64, (63, 4))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("63 examples make no batch of 64"), "{error}");
+        assert_eq!(
+            check_classifier_epoch("test", &model, &DataLoader::new(64, 64, 1), 64, (64, 4)).unwrap(),
+            3
+        );
     }
 }

@@ -459,6 +459,7 @@ impl XlaTrainer {
     /// As [`Executor::forward`]; [`NnError::Xla`].
     pub fn step(&mut self, state: &mut TrainState) -> Result<f32, NnError> {
         let optimizer = &mut state.optimizer;
+        optimizer.config.check("XlaTrainer::step")?;
         let scalars: Vec<f32> = match (&optimizer.config, self.update) {
             (&OptimizerConfig::Sgd { lr, momentum, weight_decay }, Update::Sgd) => {
                 vec![lr, momentum, weight_decay]

@@ -1,9 +1,21 @@
 //! The `tessera` command line: node processes, the stash, benchmark suites, and what devices
 //! this machine gives Tessera.
+/// `println!` through [`write_stdout`]: `out!(...)?` (a closed pipe ends the output
+/// quietly, a full disk is an error; neither panics).
+macro_rules! out {
+    ($($arg:tt)*) => {
+        crate::write_stdout(&format!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod bench;
 mod stash;
 
-use anyhow::Result;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::net::{SocketAddr, ToSocketAddrs};
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -37,9 +49,9 @@ enum Command {
 
 #[derive(clap::Args)]
 struct NodeArgs {
-    /// The head's address, HOST:PORT.
+    /// The head's address, HOST:PORT (a name or an IP address).
     #[arg(long)]
-    join: std::net::SocketAddr,
+    join: String,
     /// The name this node reports (default: `TESSERA_NODE_NAME`, else the Slurm node name
     /// under `srun`, else node-PID).
     #[arg(long)]
@@ -48,9 +60,9 @@ struct NodeArgs {
     /// other machines: the node tells them the address through which it reaches the head).
     #[arg(long)]
     listen: Option<std::net::SocketAddr>,
-    /// Tasks run at once (default: the number of cores).
+    /// Tasks run at once, at least 1 (default: the number of cores).
     #[arg(long)]
-    slots: Option<usize>,
+    slots: Option<std::num::NonZeroUsize>,
 }
 
 #[derive(clap::Args)]
@@ -79,26 +91,23 @@ fn list_devices(args: DevicesArgs) -> Result<()> {
             "xla": xla,
             "no_xla_reason": no_xla,
         });
-        println!("{listing}");
+        write_stdout(&format!("{listing}\n"))?;
     } else {
-        println!("cpu: {cores} cores");
+        let mut text = format!("cpu: {cores} cores\n");
         for gpu in &gpus {
-            println!(
-                "gpu {}: {}, {:.1} GiB",
-                gpu.ordinal,
-                gpu.name,
-                gpu.total_memory as f64 / (1u64 << 30) as f64
-            );
+            let gib = gpu.total_memory as f64 / (1u64 << 30) as f64;
+            let _ = writeln!(text, "gpu {}: {}, {gib:.1} GiB", gpu.ordinal, gpu.name);
         }
-        if let Some(reason) = reason {
-            println!("no GPU: {reason}");
+        if let Some(reason) = &reason {
+            let _ = writeln!(text, "no GPU: {reason}");
         }
         if let Some(xla) = &xla {
-            println!("xla: {} (PJRT C API {}.{})", xla.plugin, xla.pjrt_api.0, xla.pjrt_api.1);
+            let _ = writeln!(text, "xla: {} (PJRT C API {}.{})", xla.plugin, xla.pjrt_api.0, xla.pjrt_api.1);
         }
         if let Some(reason) = no_xla {
-            println!("no XLA: {reason}");
+            let _ = writeln!(text, "no XLA: {reason}");
         }
+        write_stdout(&text)?;
     }
     match reason {
         Some(reason) if args.expect_gpu => anyhow::bail!("a GPU was expected: {reason}"),
@@ -106,10 +115,37 @@ fn list_devices(args: DevicesArgs) -> Result<()> {
     }
 }
 
+/// Writes `text` to standard output. A reader that went away (`tessera devices | head -1`)
+/// ends the output quietly, as it does for other command-line tools; any other failure
+/// (a full disk) is an error, not a panic.
+pub(crate) fn write_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => other.context("cannot write to standard output"),
+    }
+}
+
+/// The head's address from `--join HOST:PORT`: an IP address, or a name resolved here
+/// (its first IPv4 address, where it has one: heads listen on IPv4 by default).
+fn head_address(join: &str) -> Result<SocketAddr> {
+    let addresses: Vec<SocketAddr> = join
+        .to_socket_addrs()
+        .with_context(|| format!("--join {join:?}: not a HOST:PORT address that resolves here"))?
+        .collect();
+    addresses
+        .iter()
+        .find(|address| address.is_ipv4())
+        .or(addresses.first())
+        .copied()
+        .with_context(|| format!("--join {join:?}: the name resolves to no address"))
+}
+
 fn run_node(args: NodeArgs) -> Result<()> {
     let secret = std::env::var("TESSERA_SECRET")
         .map_err(|_| anyhow::anyhow!("set TESSERA_SECRET to the cluster secret before starting a node"))?;
-    let mut config = tessera::NodeConfig::new(args.join, secret);
+    anyhow::ensure!(!secret.is_empty(), "TESSERA_SECRET is empty: set it to the cluster secret");
+    let mut config = tessera::NodeConfig::new(head_address(&args.join)?, secret);
     if let Some(name) = args.name {
         config.name = name;
     }
@@ -117,7 +153,7 @@ fn run_node(args: NodeArgs) -> Result<()> {
         config.listen = listen;
     }
     if let Some(slots) = args.slots {
-        config.slots = slots.max(1);
+        config.slots = slots.get();
     }
     tessera::run_node(config)?;
     Ok(())

@@ -128,7 +128,7 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
                 human_size(size),
                 started.elapsed().as_secs_f64()
             );
-            println!("{version}");
+            out!("{version}")?;
         }
         StashCommand::Get { name, output, version, tag } => {
             let version = match (version, tag) {
@@ -150,10 +150,10 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
         }
         StashCommand::List { prefix } => {
             let entries = stash.list(prefix.as_deref().unwrap_or(""))?;
-            println!("{:<32} {:<24} {:>12} {:>8}  {:<24} TAGS", "NAME", "LATEST", "SIZE", "VERSIONS", "TYPE");
+            out!("{:<32} {:<24} {:>12} {:>8}  {:<24} TAGS", "NAME", "LATEST", "SIZE", "VERSIONS", "TYPE")?;
             for info in entries {
                 let count = stash.history(&info.name)?.len();
-                println!(
+                out!(
                     "{:<32} {:<24} {:>12} {:>8}  {:<24} {}",
                     info.name,
                     info.version,
@@ -161,7 +161,7 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
                     count,
                     info.type_name,
                     tags(&info)
-                );
+                )?;
             }
         }
         StashCommand::Log { name } => {
@@ -170,14 +170,14 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
                 bail!("no entry `{name}` in {}", stash.location());
             }
             for info in history.iter().rev() {
-                println!(
+                out!(
                     "{}  {}  {:>10}  {}  {}",
                     info.version,
                     timestamp(info),
                     human_size(info.size),
                     info.type_name,
                     tags(info)
-                );
+                )?;
             }
         }
         StashCommand::Show { name, version, tag } => {
@@ -189,44 +189,44 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
                 }
                 (None, None) => stash.info(&name, None)?,
             };
-            println!("name:        {}", info.name);
-            println!("version:     {}", info.version);
-            println!("created:     {}", timestamp(&info));
-            println!("type:        {}", info.type_name);
-            println!("fingerprint: {}", info.fingerprint);
-            println!("layout:      {}", info.layout);
-            println!("size:        {} ({} bytes)", human_size(info.size), info.size);
-            println!("chunks:      {}", info.chunks);
-            println!("checksum:    blake3:{}", info.checksum);
-            println!("tags:        {}", tags(&info));
+            out!("name:        {}", info.name)?;
+            out!("version:     {}", info.version)?;
+            out!("created:     {}", timestamp(&info))?;
+            out!("type:        {}", info.type_name)?;
+            out!("fingerprint: {}", info.fingerprint)?;
+            out!("layout:      {}", info.layout)?;
+            out!("size:        {} ({} bytes)", human_size(info.size), info.size)?;
+            out!("chunks:      {}", info.chunks)?;
+            out!("checksum:    blake3:{}", info.checksum)?;
+            out!("tags:        {}", tags(&info))?;
         }
         StashCommand::Tag { name, version, tag } => {
             let (k, v) = split_tag(&tag)?;
             stash.tag(&name, parse_version(&version)?, k, v)?;
-            println!("tagged {name} {version} {k}={v}");
+            out!("tagged {name} {version} {k}={v}")?;
         }
         StashCommand::Rm { name, version } => {
             let version = version.as_deref().map(parse_version).transpose()?;
             let n = stash.delete(&name, version)?;
-            println!("deleted {n} version(s) of {name}; run `tessera stash gc` to reclaim space");
+            out!("deleted {n} version(s) of {name}; run `tessera stash gc` to reclaim space")?;
         }
         StashCommand::Gc { grace_secs } => {
             let r = stash.gc_with_grace(Duration::from_secs(grace_secs))?;
-            println!(
+            out!(
                 "deleted {} chunks ({}), kept {} live and {} younger than {grace_secs} s, removed {} temporary files",
                 r.chunks_deleted,
                 human_size(r.bytes_freed),
                 r.chunks_live,
                 r.chunks_young,
                 r.temporaries_removed
-            );
+            )?;
         }
         StashCommand::Verify => {
             let r = stash.verify()?;
             for problem in &r.problems {
-                println!("DAMAGED: {problem}");
+                out!("DAMAGED: {problem}")?;
             }
-            println!(
+            out!(
                 "checked {} versions, {} chunks, {}: {}",
                 r.versions,
                 r.chunks,
@@ -236,7 +236,7 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
                 } else {
                     format!("{} problem(s)", r.problems.len())
                 }
-            );
+            )?;
             if !r.problems.is_empty() {
                 std::process::exit(1);
             }
@@ -245,16 +245,16 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
             let started = Instant::now();
             let r = stash.repair()?;
             if r.replicas < 2 {
-                println!("{} keeps one copy: nothing to repair (use `verify` to check it)", stash.location());
+                out!("{} keeps one copy: nothing to repair (use `verify` to check it)", stash.location())?;
                 return Ok(());
             }
             for problem in &r.unrecoverable {
-                println!("UNRECOVERABLE: {problem}");
+                out!("UNRECOVERABLE: {problem}")?;
             }
             for problem in &r.problems {
-                println!("FAILED: {problem}");
+                out!("FAILED: {problem}")?;
             }
-            println!(
+            out!(
                 "checked {} blobs on {} replicas in {:.1} s, wrote {} copies ({}): {}",
                 r.blobs_checked,
                 r.replicas,
@@ -266,7 +266,7 @@ pub(crate) fn run(args: StashArgs) -> Result<()> {
                 } else {
                     format!("{} unrecoverable, {} failed", r.unrecoverable.len(), r.problems.len())
                 }
-            );
+            )?;
             if !r.is_complete() {
                 std::process::exit(1);
             }

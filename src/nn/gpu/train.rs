@@ -262,6 +262,7 @@ impl GpuTrainer {
     /// [`Optimizer::step`](crate::nn::Optimizer::step).
     fn update(&mut self, state: &mut TrainState) -> Result<(), NnError> {
         let optimizer = &mut state.optimizer;
+        optimizer.config.check("GpuTrainer::step")?;
         optimizer.steps += 1;
         let gpu = self.exec.gpu().clone();
         let gpu = &*gpu;

@@ -6,6 +6,14 @@
 //! unrounded and infinities need no special spelling.
 use std::fmt::Write as _;
 
+/// The precision of every product and convolution: full f32. XLA's default lets a GPU
+/// multiply in TF32 (10 bits of mantissa): on an H200 the model zoo's values and gradients
+/// then differed from the CPU executor's by about 1e-3 (2026-12-04, JAX's CUDA plugin),
+/// where the CUDA executor (cuBLAS with TF32 off) matches it. One model definition gives
+/// the same numbers on each device.
+pub(crate) const FULL_F32: &str =
+    "precision_config = [#stablehlo<precision HIGHEST>, #stablehlo<precision HIGHEST>]";
+
 /// Element types of the values written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Elem {
@@ -220,7 +228,7 @@ impl Hlo {
         let shape = [a.shape[1 - ca], b.shape[1 - cb]];
         let attrs = format!(
             "dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [{ca}], \
-             rhs_contracting_dimensions = [{cb}]>"
+             rhs_contracting_dimensions = [{cb}]>, {FULL_F32}"
         );
         self.op("dot_general", &[a, b], &attrs, &shape, Elem::F32)
     }
@@ -238,7 +246,7 @@ impl Hlo {
         let attrs = format!(
             "dot_dimension_numbers = #stablehlo.dot<lhs_batching_dimensions = [{b}], \
              rhs_batching_dimensions = [{b}], lhs_contracting_dimensions = [{ca}], \
-             rhs_contracting_dimensions = [{cb}]>",
+             rhs_contracting_dimensions = [{cb}]>, {FULL_F32}",
             b = list(batch)
         );
         self.op("dot_general", &[a, b], &attrs, &shape, Elem::F32)
@@ -330,7 +338,7 @@ impl Hlo {
         let attrs = format!(
             "dimension_numbers = #stablehlo.conv<{}>, window_strides = {}, \
              padding = dense<[[{pl0}, {ph0}], [{pl1}, {ph1}]]> : tensor<2x2xi64>, lhs_dilation = {}, \
-             rhs_dilation = {}, feature_group_count = 1 : i64, batch_group_count = 1 : i64",
+             rhs_dilation = {}, feature_group_count = 1 : i64, batch_group_count = 1 : i64, {FULL_F32}",
             spec.dims,
             i64_array(&spec.strides),
             i64_array(&spec.lhs_dilation),

@@ -176,8 +176,13 @@ fn judge_one(base: &Runs, head: &Runs, threshold: f64) -> (Option<f64>, Verdict)
         return (None, Verdict::Incomparable(why));
     }
     let (base_median, head_median) = (base.median(), head.median());
+    // A ratio needs two positive figures: a zero or negative one is a broken measurement,
+    // on either side (a head of 0 is not an infinite improvement).
     if base_median <= 0.0 {
         return (None, Verdict::Incomparable(format!("the base's median is {base_median}")));
+    }
+    if head_median <= 0.0 {
+        return (None, Verdict::Incomparable(format!("the head's median is {head_median}")));
     }
     let change = head_median / base_median - 1.0;
     // How much worse the head is, in the bench's own direction (negative: better).
@@ -298,8 +303,7 @@ pub(crate) fn run(args: CompareArgs) -> Result<()> {
         args.head.display()
     );
     let summary = summary(&rows, args.threshold);
-    print!("{}", table(&rows));
-    println!("{summary}");
+    crate::write_stdout(&format!("{}{summary}\n", table(&rows)))?;
     if let Some(path) = &args.markdown {
         std::fs::write(path, markdown(&rows, &summary))
             .with_context(|| format!("cannot write {}", path.display()))?;
@@ -395,8 +399,17 @@ mod tests {
     }
 
     #[test]
-    fn a_zero_base_is_not_compared() {
+    fn a_zero_or_negative_figure_on_either_side_is_not_compared() {
         assert!(matches!(verdict(&[0.0], &[1.0], true), Verdict::Incomparable(_)));
+        for head in [0.0, -1.0] {
+            for higher_is_better in [true, false] {
+                let judged = verdict(&[1.0], &[head], higher_is_better);
+                assert!(
+                    matches!(&judged, Verdict::Incomparable(why) if why.contains("head's median")),
+                    "head {head}: {judged:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -37,7 +37,8 @@ fn gemm_gflops(device: &XlaDevice, n: usize) -> Result<f64> {
     let program = format!(
         "func.func @main(%a: {t}, %b: {t}) -> {t} {{\n  %c = \"stablehlo.dot_general\"(%a, %b) \
          {{dot_dimension_numbers = #stablehlo.dot<lhs_contracting_dimensions = [1], \
-         rhs_contracting_dimensions = [0]>}} : ({t}, {t}) -> {t}\n  return %c : {t}\n}}\n"
+         rhs_contracting_dimensions = [0]>, precision_config = [#stablehlo<precision HIGHEST>, \
+         #stablehlo<precision HIGHEST>]}} : ({t}, {t}) -> {t}\n  return %c : {t}\n}}\n"
     );
     let exe = device.compile(&program)?;
     let data: Vec<f32> = (0..n * n).map(|i| (i % 17) as f32 * 0.01).collect();
