@@ -7,7 +7,8 @@
 //! Reads are cold when the page cache can be dropped (`/proc/sys/vm/drop_caches`,
 //! needs root); otherwise both the raw read and the stash load are warm, and the suite
 //! says so on stderr. Environment: `TESSERA_BENCH_DIR` (default: the temp dir) and
-//! `TESSERA_BENCH_STORE_MIB` (default 512). Everything written is removed at the end.
+//! `TESSERA_BENCH_STORE_MIB` (default 512). Everything written is removed at the end, and a
+//! run removes what runs that were killed left behind.
 //!
 //! Remote stores: `TESSERA_BENCH_STORE_URLS` (stash URLs separated by spaces, say an
 //! `s3://` and a `postgres://` one; the binary needs the backends' features) adds the same
@@ -21,7 +22,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{ensure, Context, Result};
 use ndarray::Array1;
 use tessera::Stash;
 
@@ -35,6 +36,29 @@ struct Scratch(PathBuf);
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Removes the scratch directories of earlier runs that were killed before they could
+/// (Ctrl-C, `kill`): `tessera-bench-store-PID` under `base` whose process is gone. Each
+/// holds up to twice the array's size.
+fn remove_abandoned_scratch(base: &Path) {
+    // Whether a process lives is read from /proc: without it, leave everything.
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(base) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix("tessera-bench-store-")) else { continue };
+        let Ok(pid) = pid.parse::<u32>() else { continue };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!(
+                "bench store: removing {} (left by an earlier run that was stopped)",
+                entry.path().display()
+            );
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -53,7 +77,13 @@ pub(crate) fn run(reporter: &Reporter) -> Result<()> {
         Ok(v) => v.parse().context("TESSERA_BENCH_STORE_MIB must be a number of MiB")?,
         Err(_) => 512,
     };
+    // An array of at least one chunk's worth and small enough to hold in memory twice.
+    ensure!(
+        (1..=65_536).contains(&mib),
+        "TESSERA_BENCH_STORE_MIB must be between 1 and 65536 MiB, not {mib}"
+    );
     let base = std::env::var_os("TESSERA_BENCH_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
+    remove_abandoned_scratch(&base);
     let scratch = Scratch(base.join(format!("tessera-bench-store-{}", std::process::id())));
     std::fs::create_dir_all(&scratch.0).with_context(|| format!("creating {}", scratch.0.display()))?;
     let bytes = mib << 20;
