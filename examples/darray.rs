@@ -17,9 +17,16 @@ const ROWS: usize = 200_000;
 const FEATURES: usize = 64;
 const CHUNK_ROWS: usize = 12_500;
 
+/// Distributed arrays: a least-squares fit over 2 local node processes, its product saved to
+/// the stash and loaded back. Takes no arguments.
+#[derive(clap::Parser)]
+struct Args {}
+
 fn main() -> Result<()> {
     // A copy of this program started as a cluster node runs as one and exits here.
     tessera::init();
+    // `--help` says what this runs; any argument is an error, not silently ignored.
+    <Args as clap::Parser>::parse();
     let rt = Runtime::local()?;
     let cluster = Cluster::start(&rt, ClusterConfig::default())?;
     cluster.launch(&LocalProcesses::new(2))?;

@@ -88,9 +88,17 @@ impl Actor for Counter {
     }
 }
 
+/// Tessera's main job end to end on the embedded defaults: tasks and an actor here, then
+/// tasks and data-parallel CNN training on 2 local node processes, checkpointed into the
+/// embedded stash and loaded back. Takes no arguments.
+#[derive(clap::Parser)]
+struct Args {}
+
 fn main() -> Result<()> {
     // A copy of this program started as a cluster node runs as one and exits here.
     tessera::init();
+    // `--help` says what this runs; any argument is an error, not silently ignored.
+    <Args as clap::Parser>::parse();
     let started = Instant::now();
     let rt = Runtime::local()?;
     println!("tessera quickstart: {} workers, policy {}", rt.workers(), rt.policy_name());

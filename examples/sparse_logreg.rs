@@ -33,9 +33,16 @@ fn score(p: &DArray<f64>, y: &DArray<f64>) -> Result<(f64, f64)> {
     Ok((loss / p.len() as f64, right as f64 / p.len() as f64))
 }
 
+/// Sparse logistic regression over 2 local node processes (fails below 95 % accuracy).
+/// Takes no arguments.
+#[derive(clap::Parser)]
+struct Args {}
+
 fn main() -> Result<()> {
     // A copy of this program started as a cluster node runs as one and exits here.
     tessera::init();
+    // `--help` says what this runs; any argument is an error, not silently ignored.
+    <Args as clap::Parser>::parse();
     let rt = Runtime::local()?;
     let cluster = Cluster::start(&rt, ClusterConfig::default())?;
     cluster.launch(&LocalProcesses::new(2))?;

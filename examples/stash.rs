@@ -53,7 +53,15 @@ fn chunk_files(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
+/// The stash end to end: versions, tags, a 256 MiB array with progress, and a mirror that
+/// survives a damaged and a deleted replica. Takes no arguments (`TESSERA_EXAMPLE_DIR`:
+/// where to write, default the temp dir).
+#[derive(clap::Parser)]
+struct Args {}
+
 fn main() -> Result<()> {
+    // `--help` says what this runs; any argument is an error, not silently ignored.
+    <Args as clap::Parser>::parse();
     let base = std::env::var_os("TESSERA_EXAMPLE_DIR").map(PathBuf::from).unwrap_or_else(std::env::temp_dir);
     let scratch = Scratch(base.join(format!("tessera-stash-example-{}", std::process::id())));
 
