@@ -7,7 +7,7 @@
 //! time.
 //!
 //! Run it: `cargo run --release --example cluster -- [OPTIONS] [FILES...]`, with
-//! - `--local N`: N local node processes (the default, 3);
+//! - `--local N`: N local node processes (the default, 3; at most 256);
 //! - `--ssh HOST,HOST,...`: one node per host, over SSH with key-based login; the program
 //!   must be at the same path there (`--ssh-option OPT` passes an option to `ssh`, once
 //!   per option);
@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tessera::{Cluster, ClusterConfig, ClusterManager, LocalProcesses, Ref, Runtime, Slurm, Ssh};
 
 type Counts = Vec<(String, u64)>;
@@ -112,7 +112,13 @@ fn parse_options() -> Result<Options> {
     while let Some(arg) = args.next() {
         let mut value = |name: &str| args.next().with_context(|| format!("{name} needs a value"));
         match arg.as_str() {
-            "--local" => options.nodes = Nodes::Local(value("--local")?.parse().context("--local N")?),
+            "--local" => {
+                let count: usize = value("--local")?.parse().context("--local N")?;
+                // Each node is a process with its own threads: thousands would only exhaust
+                // the machine, not count words faster.
+                ensure!((1..=256).contains(&count), "--local N takes 1 to 256 node processes, not {count}");
+                options.nodes = Nodes::Local(count);
+            }
             "--ssh" => {
                 let hosts: Vec<String> =
                     value("--ssh")?.split(',').filter(|h| !h.is_empty()).map(String::from).collect();
