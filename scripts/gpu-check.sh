@@ -13,6 +13,9 @@
 #   bench      `tessera bench cuda --json`
 #   peers      scripts/gpu_peers.py: the same figures measured with PyTorch, each beside
 #              the bench's with the ratio (the bench's from this run, if it ran)
+#   xla        (only when named) the XLA tests and `tessera bench xla --json` on the PJRT
+#              plugin TESSERA_PJRT_PLUGIN names, else JAX's CUDA plugin found in Python's
+#              site-packages (xla_cuda_plugin.so)
 # It prints everything to record in BENCHMARKS.md and exits non-zero if any step failed.
 # Every step has a time limit (570 s in all), so one run fits the device tool's 600 s
 # command limit even if a step hangs. Where $OUT is set (the device tool), the bench's and
@@ -27,7 +30,7 @@ build)
     # The executable of integration test $1 (cargo also lists the `tessera` binary it builds
     # for the tests among the artifacts: pick the test target by kind and name).
     test_executable() {
-        cargo test --release --features cuda --test "$1" --no-run --message-format=json 2>/dev/null |
+        cargo test --release --features "${features:-cuda}" --test "$1" --no-run --message-format=json 2>/dev/null |
             python3 -c '
 import json, sys
 name = sys.argv[1]
@@ -45,8 +48,15 @@ print(found[0])' "$1"
     cp "$placement_bin" gpu-carry/placement-tests
     cp target/release/examples/gpu gpu-carry/gpu-example
     cp target/release/tessera gpu-carry/tessera
-    # Without debug symbols the four fit the device tool's 64 MiB carry limit (~10 MB).
-    strip gpu-carry/gpu-tests gpu-carry/placement-tests gpu-carry/gpu-example gpu-carry/tessera
+    # The `xla` step's binaries: XLA (through a GPU's PJRT plugin) beside CUDA. Built last:
+    # they replace target/release/tessera with a build of both features.
+    cargo build --release --features cuda,xla --bin tessera
+    xla_bin=$(features=cuda,xla test_executable xla)
+    cp "$xla_bin" gpu-carry/xla-tests
+    cp target/release/tessera gpu-carry/tessera-xla
+    # Without debug symbols the six fit the device tool's 64 MiB carry limit (~50 MB).
+    strip gpu-carry/gpu-tests gpu-carry/placement-tests gpu-carry/gpu-example gpu-carry/tessera \
+        gpu-carry/xla-tests gpu-carry/tessera-xla
     echo "built: $(ls gpu-carry)"
     ;;
 run)
@@ -54,7 +64,7 @@ run)
     steps=("${@:2}")
     ((${#steps[@]})) || steps=("${all_steps[@]}")
     for name in "${steps[@]}"; do
-        [[ " ${all_steps[*]} " == *" $name "* ]] || { echo "gpu-check: unknown step $name (steps: ${all_steps[*]})" >&2; exit 2; }
+        [[ " ${all_steps[*]} xla " == *" $name "* ]] || { echo "gpu-check: unknown step $name (steps: ${all_steps[*]} xla)" >&2; exit 2; }
     done
     wanted() { [[ " ${steps[*]} " == *" $1 "* ]]; }
     libs=()
@@ -120,6 +130,21 @@ PY
     ours=()
     [[ -s $out/bench-cuda.json ]] && ours=(--ours "$out/bench-cuda.json")
     wanted peers && step "PyTorch on the same GPU" 90 python3 scripts/gpu_peers.py "${ours[@]}" --json "$out/peers-torch.json"
+    if wanted xla; then
+        plugin=${TESSERA_PJRT_PLUGIN:-$(python3 -c '
+import glob, site
+roots = site.getsitepackages() + [site.getusersitepackages()]
+print(next(iter(sorted(p for r in roots for p in glob.glob(r + "/jax_plugins/*/xla_cuda_plugin.so"))), ""))' 2>/dev/null || true)}
+        if [[ -z $plugin ]]; then
+            echo "--- xla: no PJRT plugin: set TESSERA_PJRT_PLUGIN, or install JAX's CUDA plugin"
+            failed+=("xla (no plugin)")
+        else
+            echo "--- xla on the PJRT plugin $plugin"
+            step "XLA tests" 150 env TESSERA_PJRT_PLUGIN="$plugin" gpu-carry/xla-tests --test-threads=1
+            step "tessera bench xla --json" 150 env TESSERA_PJRT_PLUGIN="$plugin" \
+                bash -c 'set -o pipefail; gpu-carry/tessera-xla bench xla --json | tee "$1"' bash "$out/bench-xla.json"
+        fi
+    fi
     if ((${#failed[@]})); then
         printf 'gpu-check: FAILED: %s\n' "${failed[@]}"
         exit 1
