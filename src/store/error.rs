@@ -184,11 +184,13 @@ pub enum StoreError {
         /// The directory.
         path: String,
     },
-    /// There is no stash at this path (the directory is missing or empty), and it was
-    /// opened for reading ([`Stash::open_existing`](super::Stash::open_existing)).
-    #[error("no stash at `{path}` (missing or empty directory; saving into it creates one)")]
+    /// There is no stash at this path (the directory is missing or empty, a remote store
+    /// holds no version, or no replica of a mirror holds a stash), and it was opened for
+    /// reading ([`Stash::open_existing`](super::Stash::open_existing),
+    /// [`Stash::open_url_existing`](super::Stash::open_url_existing)).
+    #[error("no stash at `{path}` (a missing or empty directory, or a store without versions; saving into it creates one)")]
     NoStash {
-        /// The directory.
+        /// The directory or (redacted) URL.
         path: String,
     },
     /// A mirrored store could not reach enough of its replicas.

@@ -263,11 +263,13 @@ fn open_blob_store(url: &str, create: Create) -> Result<Box<dyn BlobStore>, Stor
             Ok(Box::new(LocalStore::new(path.into())))
         }
         #[cfg(feature = "s3")]
-        "s3" => Ok(Box::new(super::s3::S3Store::open(url)?)),
+        "s3" => remote_store(Box::new(super::s3::S3Store::open(url)?), url, create),
         #[cfg(not(feature = "s3"))]
         scheme @ "s3" => Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "s3" }),
         #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => Ok(Box::new(super::postgres::PostgresStore::open(url)?)),
+        "postgres" | "postgresql" => {
+            remote_store(Box::new(super::postgres::PostgresStore::open(url)?), url, create)
+        }
         #[cfg(not(feature = "postgres"))]
         scheme @ ("postgres" | "postgresql") => {
             Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "postgres" })
@@ -277,6 +279,22 @@ fn open_blob_store(url: &str, create: Create) -> Result<Box<dyn BlobStore>, Stor
             format!("unknown scheme `{other}` (known: file, s3, postgres, mirror)"),
         )),
     }
+}
+
+/// A remote store, checked when it must hold a stash already: it is reachable (an
+/// unreachable server is an error when opening, not at the first command) and holds at
+/// least one version record (a remote stash has no marker: an empty prefix or table is
+/// no stash, as an empty directory is none).
+#[cfg(any(feature = "s3", feature = "postgres"))]
+fn remote_store(
+    store: Box<dyn BlobStore>,
+    url: &str,
+    create: Create,
+) -> Result<Box<dyn BlobStore>, StoreError> {
+    if create == Create::Never && store.list("records/")?.is_empty() {
+        return Err(StoreError::NoStash { path: redact_url(url) });
+    }
+    Ok(store)
 }
 
 /// Waits up to `limit` for `path` to exist.
@@ -345,13 +363,16 @@ impl Stash {
         Stash::open_url_with(url, Create::IfMissing)
     }
 
-    /// [`open_url`](Stash::open_url) for reading and maintenance: a directory store (or
-    /// a mirror's directory replica) must already be a stash. S3 prefixes and PostgreSQL
-    /// tables are not checked (an empty one reads as an empty stash).
+    /// [`open_url`](Stash::open_url) for reading and maintenance: the stash must exist
+    /// already, so that a mistyped path or prefix is an error, not an empty stash. A
+    /// directory must be a stash; an S3 prefix or PostgreSQL table must hold a version
+    /// (which also checks, at once, that the server answers); a mirror needs one replica
+    /// that is a stash, and makes the missing others again (empty) for
+    /// [`repair`](Stash::repair) to fill.
     ///
     /// # Errors
-    /// [`StoreError::NoStash`] if a directory is missing or empty; as
-    /// [`open_url`](Stash::open_url).
+    /// [`StoreError::NoStash`] if there is no stash there; what listing a remote store
+    /// reports (an unreachable server); as [`open_url`](Stash::open_url).
     pub fn open_url_existing(url: &str) -> Result<Stash, StoreError> {
         Stash::open_url_with(url, Create::Never)
     }
@@ -388,7 +409,31 @@ impl Stash {
                     _ => return Err(invalid(format!("unknown option `{option}` (known: min_copies=N)"))),
                 }
             }
-            let replicas = urls.iter().map(|u| open_blob_store(u, create)).collect::<Result<Vec<_>, _>>()?;
+            let replicas = match create {
+                Create::IfMissing => {
+                    urls.iter().map(|u| open_blob_store(u, create)).collect::<Result<Vec<_>, _>>()?
+                }
+                // The mirror exists when one of its replicas does: the others (deleted,
+                // replaced by an empty disk) are made again, for `repair` to fill.
+                Create::Never => {
+                    let mut found = Vec::with_capacity(urls.len());
+                    for u in &urls {
+                        match open_blob_store(u, Create::Never) {
+                            Ok(store) => found.push(Some(store)),
+                            Err(StoreError::NoStash { .. }) => found.push(None),
+                            Err(other) => return Err(other),
+                        }
+                    }
+                    if found.iter().all(Option::is_none) {
+                        return Err(StoreError::NoStash { path: redact_url(url) });
+                    }
+                    let made = |(store, u): (Option<Box<dyn BlobStore>>, &&str)| match store {
+                        Some(store) => Ok(store),
+                        None => open_blob_store(u, Create::IfMissing),
+                    };
+                    found.into_iter().zip(&urls).map(made).collect::<Result<Vec<_>, _>>()?
+                }
+            };
             return Stash::mirrored(replicas, min_copies);
         }
         if url.contains("://") && !url.starts_with("file://") {

@@ -266,3 +266,47 @@ fn cli_puts_from_standard_input_and_gets_to_standard_output() {
     let out = tessera(&root, &["get", "nothing", "-o", "-"]);
     assert!(!out.status.success() && out.stdout.is_empty());
 }
+
+/// A mirror exists when one of its replicas does: `repair` refills a replica whose
+/// directory was deleted (it refused with "no stash" before), and a mirror with no replica
+/// left is no stash.
+#[test]
+fn cli_repair_refills_a_deleted_mirror_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+    let mirror = format!("mirror:{},{}", a.display(), b.display());
+    let file = dir.path().join("in.bin");
+    std::fs::write(&file, vec![7u8; 300_000]).unwrap();
+    let put = tessera_in(dir.path(), &mirror, &["put", "n", file.to_str().unwrap()]);
+    assert!(put.status.success(), "{put:?}");
+    std::fs::remove_dir_all(&b).unwrap();
+    let repair = tessera_in(dir.path(), &mirror, &["repair"]);
+    assert!(repair.status.success(), "{}", String::from_utf8_lossy(&repair.stderr));
+    let mut copy = Vec::new();
+    Stash::open_existing(&b).unwrap().load_to_writer("n", None, &mut copy).unwrap();
+    assert_eq!(copy, std::fs::read(&file).unwrap(), "the refilled replica holds the version");
+    std::fs::remove_dir_all(&a).unwrap();
+    std::fs::remove_dir_all(&b).unwrap();
+    let gone = tessera_in(dir.path(), &mirror, &["verify"]);
+    assert!(String::from_utf8_lossy(&gone.stderr).contains("no stash at"), "{gone:?}");
+    assert!(!a.exists() && !b.exists(), "a read of a missing mirror made its replicas");
+}
+
+/// A remote store read by the CLI must hold a stash: an empty S3 prefix (a mistyped one)
+/// is "no stash", without the keys in the message; a prefix with a version lists it.
+#[cfg(feature = "s3")]
+#[test]
+fn cli_read_commands_refuse_an_empty_s3_prefix() {
+    let server = super::servers::S3Server::start("cli");
+    let dir = tempfile::tempdir().unwrap();
+    let empty = tessera_in(dir.path(), server.url("cli", "typo"), &["list"]);
+    let stderr = String::from_utf8_lossy(&empty.stderr);
+    assert!(!empty.status.success() && stderr.contains("no stash at"), "{stderr}");
+    assert!(!stderr.contains("SKTEST"), "{stderr}");
+    let file = dir.path().join("in.bin");
+    std::fs::write(&file, b"bytes").unwrap();
+    let url = server.url("cli", "real");
+    assert!(tessera_in(dir.path(), &url, &["put", "n", file.to_str().unwrap()]).status.success());
+    let list = tessera_in(dir.path(), &url, &["list"]);
+    assert!(list.status.success() && String::from_utf8_lossy(&list.stdout).contains("n "), "{list:?}");
+}
