@@ -459,3 +459,38 @@ impl Hlo {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{ConvSpec, Elem, Hlo, FULL_F32};
+
+    /// Every product and convolution asks for full f32: on a GPU, XLA's default precision
+    /// multiplies in TF32 and the results drift from the CPU executor's by about 1e-3.
+    #[test]
+    fn products_and_convolutions_ask_for_full_f32() {
+        let mut hlo = Hlo::new();
+        let a = hlo.param(&[4, 3], Elem::F32);
+        let b = hlo.param(&[3, 5], Elem::F32);
+        let ab = hlo.dot(&a, &b, 1, 0);
+        let x = hlo.param(&[2, 4, 3], Elem::F32);
+        let y = hlo.param(&[2, 3, 6], Elem::F32);
+        let xy = hlo.dot_batched(&x, &y, &[0], 2, 1);
+        let image = hlo.param(&[1, 1, 5, 5], Elem::F32);
+        let kernel = hlo.param(&[2, 1, 3, 3], Elem::F32);
+        let spec = ConvSpec {
+            dims: "[b, f, 0, 1]x[o, i, 0, 1]->[b, f, 0, 1]",
+            strides: [1, 1],
+            padding: [(0, 0), (0, 0)],
+            lhs_dilation: [1, 1],
+            rhs_dilation: [1, 1],
+        };
+        let conv = hlo.conv(&image, &kernel, &spec, &[1, 2, 3, 3]);
+        let text = hlo.finish(&[ab, xy, conv]);
+        let ops: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("stablehlo.dot_general") || l.contains("stablehlo.convolution"))
+            .collect();
+        assert_eq!(ops.len(), 3, "{text}");
+        assert!(ops.iter().all(|line| line.contains(FULL_F32)), "{text}");
+    }
+}
