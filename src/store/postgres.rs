@@ -52,7 +52,10 @@ fn backend_error(op: &'static str, key: &str, e: tokio_postgres::Error) -> Store
 }
 
 impl PostgresStore {
-    pub(crate) fn open(url: &str) -> Result<PostgresStore, StoreError> {
+    /// Connects to the table the URL names; `create_table`: make it if it is missing,
+    /// else a missing table is [`StoreError::NoStash`] (a read must not leave a table
+    /// behind for a mistyped name).
+    pub(crate) fn open(url: &str, create_table: bool) -> Result<PostgresStore, StoreError> {
         let invalid = |reason: String| StoreError::invalid_url(url, reason);
         let (base, query) = split_query(url)?;
         let mut table = "tessera_stash".to_string();
@@ -93,6 +96,15 @@ impl PostgresStore {
                     }
                 });
                 clients.push(client);
+            }
+            if !create_table {
+                let found = clients[0]
+                    .query_one("SELECT to_regclass($1) IS NOT NULL", &[&format!("\"{table}\"")])
+                    .await
+                    .map_err(|e| backend_error("find table", &table, e))?;
+                if !found.get::<_, bool>(0) {
+                    return Err(StoreError::NoStash { path: super::redact_url(url) });
+                }
             }
             clients[0]
                 .batch_execute(&format!(

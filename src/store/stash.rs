@@ -267,9 +267,11 @@ fn open_blob_store(url: &str, create: Create) -> Result<Box<dyn BlobStore>, Stor
         #[cfg(not(feature = "s3"))]
         scheme @ "s3" => Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "s3" }),
         #[cfg(feature = "postgres")]
-        "postgres" | "postgresql" => {
-            remote_store(Box::new(super::postgres::PostgresStore::open(url)?), url, create)
-        }
+        "postgres" | "postgresql" => remote_store(
+            Box::new(super::postgres::PostgresStore::open(url, create == Create::IfMissing)?),
+            url,
+            create,
+        ),
         #[cfg(not(feature = "postgres"))]
         scheme @ ("postgres" | "postgresql") => {
             Err(StoreError::BackendNotCompiled { scheme: scheme.into(), feature: "postgres" })

@@ -310,3 +310,22 @@ fn cli_read_commands_refuse_an_empty_s3_prefix() {
     let list = tessera_in(dir.path(), &url, &["list"]);
     assert!(list.status.success() && String::from_utf8_lossy(&list.stdout).contains("n "), "{list:?}");
 }
+
+/// Likewise a PostgreSQL table: a missing one is "no stash", and the read does not make it
+/// (it used to create an empty table for a mistyped name before saying so).
+#[cfg(feature = "postgres")]
+#[test]
+fn cli_read_commands_refuse_a_missing_postgres_table_without_making_it() {
+    let server = super::servers::PgServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let missing = tessera_in(dir.path(), server.url("typo"), &["list"]);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && stderr.contains("no stash at"), "{stderr}");
+    assert_eq!(server.query("SELECT to_regclass('typo') IS NULL"), "t", "the read made the table");
+    let file = dir.path().join("in.bin");
+    std::fs::write(&file, b"bytes").unwrap();
+    let url = server.url("real");
+    assert!(tessera_in(dir.path(), &url, &["put", "n", file.to_str().unwrap()]).status.success());
+    let list = tessera_in(dir.path(), &url, &["list"]);
+    assert!(list.status.success() && String::from_utf8_lossy(&list.stdout).contains("n "), "{list:?}");
+}

@@ -184,6 +184,18 @@ impl PgServer {
     pub(crate) fn dir(&self) -> &Path {
         &self.dir
     }
+
+    /// The answer of one SQL query, through `psql` (unaligned, tuples only).
+    #[allow(dead_code)] // (used by the CLI tests only)
+    pub(crate) fn query(&self, sql: &str) -> String {
+        let port = self.port.to_string();
+        let output = Command::new(self.bin.join("psql"))
+            .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-d", "postgres", "-Atc", sql])
+            .output()
+            .unwrap_or_else(|e| panic!("run psql: {e}"));
+        assert!(output.status.success(), "psql {sql}: {}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).trim().to_string()
+    }
 }
 
 impl Drop for PgServer {
