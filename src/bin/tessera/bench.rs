@@ -78,15 +78,15 @@ impl Reporter {
                 direction(higher_is_better)
             )
         };
-        let mut out = std::io::stdout().lock();
-        if let Err(error) = writeln!(out, "{text}").and_then(|()| out.flush()) {
+        match crate::write_stdout(&format!("{text}\n")) {
+            Ok(true) => {}
             // The reader went away (`tessera bench … | head`): nobody wants the remaining
-            // figures, so stop quietly, as command-line tools do, instead of panicking.
-            if error.kind() == std::io::ErrorKind::BrokenPipe {
-                std::process::exit(0);
+            // figures, so stop quietly instead of measuring on.
+            Ok(false) => std::process::exit(0),
+            Err(error) => {
+                eprintln!("tessera bench: cannot write a result: {error:#}");
+                std::process::exit(1);
             }
-            eprintln!("tessera bench: cannot write a result: {error}");
-            std::process::exit(1);
         }
     }
 }

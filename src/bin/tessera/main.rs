@@ -115,14 +115,16 @@ fn list_devices(args: DevicesArgs) -> Result<()> {
     }
 }
 
-/// Writes `text` to standard output. A reader that went away (`tessera devices | head -1`)
-/// ends the output quietly, as it does for other command-line tools; any other failure
+/// Writes `text` to standard output; returns whether a reader is still there. A reader
+/// that went away (`tessera devices | head -1`) ends the output quietly, as it does for
+/// other command-line tools (`Ok(false)`: the caller may stop early); any other failure
 /// (a full disk) is an error, not a panic.
-pub(crate) fn write_stdout(text: &str) -> Result<()> {
+pub(crate) fn write_stdout(text: &str) -> Result<bool> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.context("cannot write to standard output"),
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(error) => Err(error).context("cannot write to standard output"),
     }
 }
 
