@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::frame::{read_frame_within, write_frame, FrameError};
+use super::wire::{Message, Role, MAGIC, PROTOCOL_VERSION};
 
 /// The largest handshake frame: a `Hello` with a name of `MAX_PEER_NAME` bytes fits.
 const HANDSHAKE_FRAME_LIMIT: usize = 1024;
@@ -43,7 +44,6 @@ impl HandshakeGate {
         self.0.clone().try_acquire_owned().ok()
     }
 }
-use super::wire::{Message, Role, MAGIC, PROTOCOL_VERSION};
 
 /// The key both sides derive from the cluster secret.
 #[derive(Clone)]
