@@ -367,6 +367,18 @@ fn connections_beyond_the_pending_handshakes_are_closed_at_once() {
     let mut byte = [0u8; 1];
     assert!(matches!(extra.read(&mut byte), Ok(0)), "the connection past the limit stays open");
     drop(idle);
+    // The head frees their places as it sees them close, which takes a moment under load:
+    // wait until a connection is admitted again (not closed at once), then join.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut probe = std::net::TcpStream::connect(cluster.addr()).expect("connect");
+        probe.set_read_timeout(Some(Duration::from_millis(200))).expect("timeout");
+        if !matches!(probe.read(&mut byte), Ok(0)) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the places of closed connections were never freed");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let net = net_runtime();
     let _ran = serve_scripted_nodes(&net, &cluster, vec![("after", Vec::new(), None)]);
     rt.shutdown();
